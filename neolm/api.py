@@ -1,0 +1,207 @@
+"""The library's front door: `neolm.load()` and `neolm.pipeline()`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from neolm import checkpoint, hub
+from neolm.config import Config
+from neolm.errors import NeolmError
+from neolm.generate import GenerationConfig, generate, iter_generate
+from neolm.model import GPT
+from neolm.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}  # fmt: skip
+
+
+def parse_dtype(dtype: str | torch.dtype | None, device: torch.device, checkpoint_dtype: str | None) -> torch.dtype:
+    """The compute dtype: as asked, else float32 on CPU and the checkpoint's half type (or bf16) on GPU."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise NeolmError(f"dtype {dtype} is not supported; use float32, bfloat16 or float16")
+        return dtype
+    if dtype is None or dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        return torch.float16 if checkpoint_dtype == "float16" else torch.bfloat16
+    if dtype not in DTYPES:
+        raise NeolmError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
+    return DTYPES[dtype]
+
+
+def parse_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise NeolmError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise NeolmError("device cuda was asked for, but PyTorch sees no CUDA GPU here")
+    return device
+
+
+class LanguageModel:
+    """A loaded model with its tokenizer: generate text, stream it, or call the model directly (`.model`)."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, source: str, load_seconds: float = 0.0):
+        self.model, self.tokenizer, self.source = model, tokenizer, source
+        self.load_seconds = load_seconds
+
+    @property
+    def config(self) -> Config:
+        return self.model.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.lm_head.weight.device
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def _generation_config(self, kwargs) -> GenerationConfig:
+        gc = GenerationConfig.from_kwargs(**kwargs)
+        if gc.eos_token_id is None:
+            gc.eos_token_id = self.config.eos_token_id if self.config.eos_token_id is not None else self.tokenizer.eos_token_id
+        return gc
+
+    def generate_ids(self, prompts: list[list[int]], **kwargs) -> list[list[int]]:
+        """New token ids for each prompt's token ids (x num_return_sequences, prompt-major)."""
+        return generate(self.model, prompts, self._generation_config(kwargs), self.tokenizer.decode)
+
+    def generate(self, prompt: str | list[str], **kwargs) -> str | list[str] | list[list[str]]:
+        """The continuation of `prompt` (without the prompt itself).
+
+        Keyword arguments are those of `transformers.generate`: max_new_tokens, max_length, min_length,
+        min_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, num_return_sequences,
+        eos_token_id, pad_token_id, stop_strings; plus seed (reproducible sampling) and truncate_prompt.
+        A string gives a string (a list of them with num_return_sequences > 1); a list of prompts is
+        generated as one batch and gives a list.
+        """
+        single = isinstance(prompt, str)
+        prompts = [prompt] if single else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise NeolmError("prompt must be a string or a non-empty list of strings")
+        gc = self._generation_config(kwargs)
+        new = generate(self.model, [self.encode(p) for p in prompts], gc, self.tokenizer.decode)
+        texts = [self.decode(ids) for ids in new]
+        k = gc.num_return_sequences
+        grouped = [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
+        if k == 1:
+            return texts[0] if single else texts
+        return grouped[0] if single else grouped
+
+    def stream(self, prompt: str, **kwargs) -> Iterator[str]:
+        """Text pieces of the continuation as tokens are produced (never half a UTF-8 character)."""
+        gc = self._generation_config(kwargs)
+        if gc.num_return_sequences != 1:
+            raise NeolmError("streaming produces one sequence; num_return_sequences must be 1")
+        decoder = StreamDecoder(self.tokenizer)
+        for (token,) in iter_generate(self.model, [self.encode(prompt)], gc, self.tokenizer.decode):
+            if token is not None:
+                piece = decoder.push(token)
+                if piece:
+                    yield piece
+        rest = decoder.flush()
+        if rest:
+            yield rest
+
+    def info(self) -> dict:
+        c = self.config
+        windows = sorted({w for w in c.layer_windows if w})
+        return {
+            "source": self.source,
+            "family": c.family,
+            "parameters": c.n_params(),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+            "context": c.n_positions,
+            "layers": c.n_layer,
+            "hidden size": c.d_model,
+            "heads": c.n_head,
+            "vocabulary": c.vocab_size,
+            "position embedding": c.pos_embedding
+            + (f" ({c.rotary_dims}/{c.head_dim} dims, base {c.rotary_base:g})" if c.rotary_dims else ""),
+            "attention": "global" + (f" + local (window {', '.join(map(str, windows))})" if windows else ""),
+            "residual": "parallel" if c.parallel_residual else "sequential",
+            "tokenizer": self.tokenizer.name,
+        }
+
+
+def _default_model() -> Path:
+    if (DEFAULT_MODEL_DIR / "config.json").exists():
+        return DEFAULT_MODEL_DIR
+    raise NeolmError(
+        "neolm does not ship a default model yet: pass a model, a local checkpoint folder or a hub id "
+        "such as EleutherAI/gpt-neo-125M or EleutherAI/pythia-160m"
+    )
+
+
+def load(
+    model: str | os.PathLike | None = None,
+    revision: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> LanguageModel:
+    """Load a GPT-Neo or GPT-NeoX checkpoint: a local folder, a hub id, or `modelscope:ID`.
+
+    revision: a hub branch, tag or commit (Pythia's training checkpoints are "step1000", ...).
+    dtype: float32 | bfloat16 | float16 (default float32 on CPU, half precision on GPU).
+    device: cpu | cuda | cuda:N (default: cuda when available).
+    """
+    start = time.perf_counter()
+    folder = _default_model() if model is None else hub.resolve(model, revision)
+    raw_config = checkpoint.read_hf_config(folder)
+    config = Config.from_hf(raw_config, source=str(folder / "config.json"))
+    device = parse_device(device)
+    dtype = parse_dtype(dtype, device, raw_config.get("torch_dtype") or raw_config.get("dtype"))
+    state = checkpoint.load_state_dict(folder, config, dtype)
+    net = checkpoint.build_model(config, state, device)
+    tokenizer = load_tokenizer(folder, default=config.tokenizer)
+    seconds = time.perf_counter() - start
+    log.info("loaded %s (%s, %s) in %.1fs", folder, config.family, dtype, seconds)
+    return LanguageModel(net, tokenizer, str(model if model is not None else folder), seconds)
+
+
+class TextGenerationPipeline:
+    """`transformers.pipeline("text-generation")`'s call shape: text(s) in, [{"generated_text": ...}] out."""
+
+    def __init__(self, lm: LanguageModel):
+        self.lm = lm
+
+    def __call__(self, text_inputs: str | list[str], return_full_text: bool = True, **kwargs):
+        single = isinstance(text_inputs, str)
+        prompts = [text_inputs] if single else list(text_inputs)
+        outputs = self.lm.generate(prompts, **kwargs)
+        results = []
+        for prompt, out in zip(prompts, outputs):
+            texts = [out] if isinstance(out, str) else out
+            results.append([{"generated_text": (prompt if return_full_text else "") + t} for t in texts])
+        return results[0] if single else results
+
+
+def pipeline(task: str, model: str | os.PathLike | None = None, **load_kwargs) -> TextGenerationPipeline:
+    """`neolm.pipeline("text-generation", model=...)`, as on the GPT-Neo model cards."""
+    if task != "text-generation":
+        raise NeolmError(f"unknown pipeline task {task!r}; neolm has 'text-generation'")
+    return TextGenerationPipeline(load(model, **load_kwargs))

@@ -1,0 +1,200 @@
+"""The `neolm` command: thin subcommands over the library. Only this module prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from neolm.errors import NeolmError
+
+MODEL_HELP = (
+    "a local checkpoint folder (config.json + weights), a Hugging Face hub id such as "
+    "EleutherAI/gpt-neo-125M or EleutherAI/pythia-160m, or modelscope:ID"
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit code 2), as every other neolm error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
+    if required:
+        p.add_argument("model", help=MODEL_HELP)
+    else:
+        p.add_argument("-m", "--model", help=MODEL_HELP + " (default: neolm's bundled model)")
+    p.add_argument("--revision", help="hub branch, tag or commit, e.g. step143000 for a Pythia training checkpoint")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default float32 on CPU, bf16 on GPU")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p.add_argument("--threads", type=_non_negative, help="CPU threads for PyTorch (default: PyTorch's choice)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="neolm", description="GPT-Neo and GPT-NeoX (Pythia) in plain PyTorch.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what neolm does to stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    g = sub.add_parser(
+        "generate",
+        help="continue a prompt",
+        description="Continue a prompt. Greedy by default; --do-sample samples (with --temperature, --top-k, "
+        "--top-p). The prompt comes from the argument, or from standard input when it is omitted or '-'.",
+    )
+    g.add_argument("prompt", nargs="?", help="the text to continue ('-' or omitted: read standard input)")
+    _add_model_args(g, required=False)
+    knobs = g.add_argument_group("generation (names and meaning as in transformers.generate)")
+    knobs.add_argument("--max-new-tokens", type=_non_negative, help="new tokens at most (default 100)")
+    knobs.add_argument("--max-length", type=_non_negative, help="prompt + new tokens at most")
+    knobs.add_argument("--min-length", type=_non_negative, default=0, help="prompt + new tokens before eos may end it")
+    knobs.add_argument("--min-new-tokens", type=_non_negative, default=0, help="new tokens before eos may end it")
+    knobs.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    knobs.add_argument("--temperature", type=_positive_float, default=1.0, help="sampling temperature (default 1)")
+    knobs.add_argument("--top-k", type=_non_negative, default=50, help="sample from the k likeliest (0: all; default 50)")
+    knobs.add_argument("--top-p", type=_positive_float, default=1.0, help="nucleus sampling mass (default 1: off)")
+    knobs.add_argument("--repetition-penalty", type=_positive_float, default=1.0, help=">1 discourages repeats")
+    knobs.add_argument("--num-return-sequences", type=_non_negative, default=1, help="samples per prompt")
+    knobs.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    knobs.add_argument("--stop", action="append", metavar="TEXT", help="stop once the text ends in TEXT (repeatable)")
+    knobs.add_argument(
+        "--truncate", action="store_true", help="drop the oldest prompt tokens when prompt + new tokens overflow"
+    )
+    out = g.add_argument_group("output")
+    out.add_argument(
+        "--stream",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="print tokens as they come (default: on in a terminal)",
+    )
+    out.add_argument("--no-echo", action="store_true", help="print only the continuation, not the prompt")
+
+    i = sub.add_parser("info", help="describe a model", description="Describe a model: family, size, dtype, context.")
+    _add_model_args(i, required=True)
+    i.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def _read_prompt(args) -> str:
+    if args.prompt is not None and args.prompt != "-":
+        prompt = args.prompt
+    elif sys.stdin is None or (sys.stdin.isatty() and args.prompt is None):
+        raise NeolmError("no prompt: pass it as an argument or on standard input")
+    else:
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise NeolmError("the prompt is empty")
+    return prompt
+
+
+def _load(args):
+    import neolm
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return neolm.load(args.model, revision=args.revision, dtype=args.dtype, device=args.device)
+
+
+def cmd_generate(args) -> int:
+    prompt = _read_prompt(args)
+    if args.num_return_sequences < 1:
+        raise NeolmError("--num-return-sequences must be at least 1")
+    knobs = dict(
+        max_new_tokens=args.max_new_tokens,
+        max_length=args.max_length,
+        min_length=args.min_length,
+        min_new_tokens=args.min_new_tokens,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        num_return_sequences=args.num_return_sequences,
+        seed=args.seed,
+        stop_strings=args.stop,
+        truncate_prompt=args.truncate,
+    )
+    from neolm.generate import GenerationConfig
+
+    GenerationConfig.from_kwargs(**knobs)  # reject bad combinations before the (slow) load
+    lm = _load(args)
+    echo = "" if args.no_echo else prompt
+    stream = sys.stdout.isatty() if args.stream is None else args.stream
+    if stream and args.num_return_sequences == 1:
+        sys.stdout.write(echo)
+        sys.stdout.flush()
+        for piece in lm.stream(prompt, **knobs):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        return 0
+    texts = lm.generate(prompt, **knobs)
+    texts = [texts] if isinstance(texts, str) else texts
+    for n, text in enumerate(texts):
+        if n:
+            print("-" * 40)
+        print(echo + text)
+    return 0
+
+
+def cmd_info(args) -> int:
+    lm = _load(args)
+    info = lm.info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        width = max(len(k) for k in info)
+        for key, value in info.items():
+            print(f"{key + ':':<{width + 1}} {value:,}" if isinstance(value, int) else f"{key + ':':<{width + 1}} {value}")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "info": cmd_info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="neolm: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except NeolmError as e:
+        print(f"neolm {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `neolm generate ... | head`
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""GPT-Neo and GPT-NeoX as one model, driven by `Config`.
+
+The model knows nothing of files, Hugging Face tensor names or quantization. Shapes in comments:
+B batch, T new tokens, S cached + new tokens, H heads, D head dim, C model dim, V vocabulary.
+
+The fused qkv projection is laid out per head, [H, 3, D] along its output (GPT-NeoX's layout);
+checkpoint.py fuses GPT-Neo's separate q/k/v into it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neolm.config import Config
+
+_ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for `max_len` tokens.
+
+    k, v: (L, B, H, max_len, D). `length` counts the filled slots. `valid` (B, max_len), when set,
+    is False at left-padding slots, which no query may attend to.
+    """
+
+    def __init__(self, config: Config, batch_size: int, max_len: int, dtype: torch.dtype, device=None):
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.valid: torch.Tensor | None = None
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep batch rows `index` (e.g. to repeat prompts for several samples)."""
+        self.k, self.v = self.k[:, index], self.v[:, index]
+        if self.valid is not None:
+            self.valid = self.valid[index]
+
+
+def rotary_cos_sin(positions: torch.Tensor, dims: int, base: float, dtype: torch.dtype):
+    """cos, sin of shape (B, 1, T, 2 * ceil(dims / 2)) for integer positions (B, T), computed in fp32."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, dims, 2, device=positions.device, dtype=torch.float32) / dims))
+    freqs = positions[..., None].float() * inv_freq  # (B, T, dims/2)
+    angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, dims)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary embedding on the first cos.shape[-1] dims of x (B, H, T, D)."""
+    dims = cos.shape[-1]
+    rot, rest = x[..., :dims], x[..., dims:]
+    half1, half2 = rot.chunk(2, dim=-1)
+    rotated = rot * cos + torch.cat((-half2, half1), dim=-1) * sin
+    return torch.cat((rotated, rest), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.n_head, self.head_dim = config.n_head, config.head_dim
+        self.scale = config.attn_scale
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.qkv_bias)
+        self.proj = nn.Linear(config.d_model, config.d_model, bias=config.out_bias)
+
+    def forward(self, x, rope, mask, kv: tuple[torch.Tensor, torch.Tensor] | None, start: int):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, self.n_head, 3, self.head_dim).permute(3, 0, 2, 1, 4)  # 3 x (B, H, T, D)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if kv is not None:  # write this step into the cache, attend over everything so far
+            cache_k, cache_v = kv
+            cache_k[:, :, start : start + T] = k
+            cache_v[:, :, start : start + T] = v
+            k, v = cache_k[:, :, : start + T], cache_v[:, :, : start + T]  # (B, H, S, D)
+        if isinstance(mask, str):  # "causal": no padding, no window, no cache offset
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.fc = nn.Linear(config.d_model, config.d_ff)
+        self.act = _ACTIVATIONS[config.activation]
+        self.proj = nn.Linear(config.d_ff, config.d_model)
+
+    def forward(self, x):
+        return self.proj(self.act(self.fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: Config, window: int | None):
+        super().__init__()
+        self.window = window  # None: global attention; w: each query sees the last w keys
+        self.parallel = config.parallel_residual
+        self.ln1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.attn = Attention(config)
+        self.ln2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope, mask, kv, start):
+        a = self.attn(self.ln1(x), rope, mask, kv, start)
+        if self.parallel:  # GPT-NeoX: x + attn(ln1 x) + mlp(ln2 x)
+            return self.mlp(self.ln2(x)) + a + x
+        x = x + a
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+        self.wpe = nn.Embedding(config.n_positions, config.d_model) if config.pos_embedding == "learned" else None
+        self.blocks = nn.ModuleList(Block(config, w) for w in config.layer_windows)
+        self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+
+    def init_weights(self, std: float = 0.02) -> None:
+        """Fresh random weights (GPT-2 style): N(0, std) matrices and embeddings, zero biases, unit LayerNorms."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        self.tie_weights()
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        key_valid: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits (B, T, V) for tokens idx (B, T), or (B, 1, V) with last_only.
+
+        With a cache, idx continues the cached sequence at slot cache.length and the cache advances.
+        positions (B, T): position ids, default the slot numbers. key_valid (B, S): False marks padding
+        keys (default: the cache's `valid`, else all valid).
+        """
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if cache is not None and start + T > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} tokens; {start + T} requested")
+        if positions is None:
+            positions = torch.arange(start, start + T, device=idx.device).expand(B, T)
+        if key_valid is None and cache is not None:
+            key_valid = cache.valid
+        x = self.wte(idx)  # (B, T, C)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(positions)
+        if self.config.rotary_dims:
+            rope = rotary_cos_sin(positions, self.config.rotary_dims, self.config.rotary_base, x.dtype)
+        masks = self._masks(T, start, key_valid, idx.device)
+        for i, block in enumerate(self.blocks):
+            kv = (cache.k[i], cache.v[i]) if cache is not None else None
+            x = block(x, rope, masks[block.window], kv, start)
+        if cache is not None:
+            cache.length = start + T
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.ln_f(x))
+
+    def _masks(self, T: int, start: int, key_valid: torch.Tensor | None, device) -> dict:
+        """Attention mask per window kind: True where query i (slot start+i) may see key slot j.
+
+        A query sees j <= i, and for a window w also j > i - w; padding keys are hidden, except each
+        query's own slot, so that a padding row stays finite.
+        """
+        windows = set(self.config.layer_windows)
+        if key_valid is None and start == 0 and windows == {None}:
+            return {None: "causal"}
+        end = start + T
+        q = torch.arange(start, end, device=device)[:, None]  # (T, 1)
+        j = torch.arange(end, device=device)[None, :]  # (1, S)
+        masks = {}
+        for w in windows:
+            m = j <= q if w is None else (j <= q) & (j > q - w)  # (T, S)
+            if key_valid is not None:
+                m = (m & key_valid[:, None, None, :end]) | (j == q)  # (B, 1, T, S)
+            masks[w] = m
+        return masks
