@@ -194,6 +194,15 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `neolm generate ... | head`
         sys.stderr.close()
         return 0
+    except MemoryError:
+        print(f"neolm {args.command}: error: out of memory (try --dtype bfloat16 or a smaller model)", file=sys.stderr)
+        return 1
+    except Exception as e:  # a bug: one line by default, the traceback with -v
+        if args.verbose:
+            raise
+        print(f"neolm {args.command}: internal error: {type(e).__name__}: {e} (rerun with -v for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -86,13 +86,18 @@ class GenerationConfig:
         return max(DEFAULT_MAX_NEW_TOKENS, self.min_new_tokens, self.min_length - prompt_len)
 
 
-def fit_prompts(prompts: Sequence[Sequence[int]], gc: GenerationConfig, n_ctx: int) -> list[list[int]]:
+def fit_prompts(prompts: Sequence[Sequence[int]], gc: GenerationConfig, n_ctx: int, vocab: int) -> list[list[int]]:
     """Check each prompt plus its new tokens against the context; truncate from the left if asked."""
     fitted = []
     for i, prompt in enumerate(prompts):
         prompt = list(prompt)
         if not prompt:
             raise NeolmError("empty prompt: give at least one token (for unconditional text, start from <|endoftext|>)")
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise NeolmError(
+                f"token id {bad[0]} is outside the model's vocabulary of {vocab}: do tokenizer and model match?"
+            )
         budget = gc.new_token_budget(len(prompt))
         if len(prompt) + budget > n_ctx:
             keep = n_ctx - budget
@@ -171,7 +176,7 @@ def iter_generate(
             raise NeolmError("stop_strings need a tokenizer to decode the text")
         stops = StopStrings(gc.stop_strings, decode)
 
-    prompts = [p for p in fit_prompts(prompts, gc, config.n_positions) for _ in range(gc.num_return_sequences)]
+    prompts = [p for p in fit_prompts(prompts, gc, config.n_positions, config.vocab_size) for _ in range(gc.num_return_sequences)]
     budgets = torch.tensor([gc.new_token_budget(len(p)) for p in prompts])
     if int(budgets.max()) == 0:
         return

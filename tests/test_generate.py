@@ -1,0 +1,184 @@
+"""Generation against transformers.generate, and neolm's own guarantees (batching, seeds, streaming)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import neolm
+from conftest import REAL, hf_model, save_hf
+from neolm.errors import NeolmError
+from neolm.generate import GenerationConfig, process_logits
+
+NEOX_TOKENIZER = Path(neolm.__file__).parent / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
+
+
+def hf_generate(hf, prompt: list[int], **kwargs) -> list[int]:
+    ids = torch.tensor([prompt])
+    kwargs.setdefault("pad_token_id", hf.config.eos_token_id)
+    with torch.no_grad():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, **kwargs)
+    return out[0, len(prompt) :].tolist()
+
+
+def hf_tokenizer():
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_file=str(NEOX_TOKENIZER), eos_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="module")
+def neo125m(tmp_path_factory):
+    hf = hf_model(REAL["gpt-neo-125M"], seed=5)
+    return hf, neolm.load(save_hf(hf, tmp_path_factory.mktemp("neo125m")), dtype="float32")
+
+
+def test_greedy_300_tokens_cross_the_local_window(neo125m):
+    hf, lm = neo125m
+    prompt = [464, 3290, 373, 257, 922]  # 5 tokens; 300 new ones cross window 256
+    ours = lm.generate_ids([prompt], max_new_tokens=300, min_new_tokens=300)[0]
+    assert len(ours) == 300
+    assert ours == hf_generate(hf, prompt, max_new_tokens=300, min_new_tokens=300)
+
+
+@pytest.mark.parametrize("name", ["neo", "neox-parallel-pct25", "neox-sequential-pct100"])
+def test_greedy_matches_transformers_tiny(tiny_checkpoints, name):
+    hf, folder = tiny_checkpoints[name]
+    lm = neolm.load(folder)
+    prompt = [11, 22, 33, 44, 55, 66, 77]
+    ours = lm.generate_ids([prompt], max_new_tokens=40, min_new_tokens=40)[0]
+    assert ours == hf_generate(hf, prompt, max_new_tokens=40, min_new_tokens=40)
+
+
+@pytest.mark.parametrize("name", ["neo", "neox-parallel-pct25"])
+def test_batched_equals_unbatched(tiny_checkpoints, name):
+    lm = neolm.load(tiny_checkpoints[name][1])
+    prompts = [[5, 6, 7], list(range(100, 117)), [9] * 9, [42]]
+    batched = lm.generate_ids(prompts, max_new_tokens=24, min_new_tokens=24)
+    alone = [lm.generate_ids([p], max_new_tokens=24, min_new_tokens=24)[0] for p in prompts]
+    assert batched == alone
+
+
+def test_batched_text_api(tiny_checkpoints):
+    lm = neolm.load(tiny_checkpoints["neox-parallel-pct25"][1])
+    texts = lm.generate(["Hello", "A much longer prompt than the first one"], max_new_tokens=5)
+    assert isinstance(texts, list) and len(texts) == 2
+    assert texts[0] == lm.generate("Hello", max_new_tokens=5)
+
+
+def test_seeded_sampling_is_reproducible(tiny_checkpoints):
+    lm = neolm.load(tiny_checkpoints["neo"][1])
+    kw = dict(do_sample=True, max_new_tokens=30, temperature=1.5, top_k=0)
+    a = lm.generate_ids([[1, 2, 3]], seed=7, **kw)
+    assert a == lm.generate_ids([[1, 2, 3]], seed=7, **kw)
+    assert a != lm.generate_ids([[1, 2, 3]], seed=8, **kw)
+    three = lm.generate_ids([[1, 2, 3]], seed=7, num_return_sequences=3, **kw)
+    assert len(three) == 3 and len({tuple(s) for s in three}) == 3
+
+
+def test_repetition_penalty_matches_transformers(tiny_checkpoints):
+    hf, folder = tiny_checkpoints["neox-parallel-pct25"]
+    lm = neolm.load(folder)
+    prompt = [3, 3, 4, 5, 3, 9]
+    kw = dict(max_new_tokens=40, min_new_tokens=40, repetition_penalty=1.8)
+    ours = lm.generate_ids([prompt], **kw)[0]
+    assert ours == hf_generate(hf, prompt, **kw)
+    assert ours != lm.generate_ids([prompt], max_new_tokens=40, min_new_tokens=40)[0]
+
+
+@pytest.mark.parametrize("knob", ["min_new_tokens", "min_length"])
+def test_min_length_and_eos_match_transformers(tiny_checkpoints, knob):
+    hf, folder = tiny_checkpoints["neo"]
+    lm = neolm.load(folder)
+    prompt = [10, 20, 30]
+    free = lm.generate_ids([prompt], max_new_tokens=12, min_new_tokens=12)[0]
+    eos = free[3]  # pretend the 4th greedy token is eos: generation stops there...
+    stopped = lm.generate_ids([prompt], max_new_tokens=12, eos_token_id=eos)[0]
+    assert stopped == free[:4] == hf_generate(hf, prompt, max_new_tokens=12, eos_token_id=eos)
+    value = 8 if knob == "min_new_tokens" else 8 + len(prompt)  # ...unless a minimum length forbids it
+    ours = lm.generate_ids([prompt], max_new_tokens=12, eos_token_id=eos, **{knob: value})[0]
+    assert len(ours) >= 8 and eos not in ours[:8]
+    assert ours == hf_generate(hf, prompt, max_new_tokens=12, eos_token_id=eos, **{knob: value})
+
+
+def test_stop_strings_match_transformers(tiny_checkpoints):
+    hf, folder = tiny_checkpoints["neox-parallel-pct25"]
+    lm = neolm.load(folder)
+    prompt = lm.encode("The quick brown fox")
+    free = lm.generate_ids([prompt], max_new_tokens=30, min_new_tokens=30)[0]
+    one_token = lm.decode(free[12:13]).strip() or lm.decode(free[12:13])
+    two_tokens = lm.decode(free[12:14])[1:]  # starts inside token 12, ends with token 13
+    for stop in (one_token, two_tokens):
+        ours = lm.generate_ids([prompt], max_new_tokens=30, stop_strings=[stop])[0]
+        ref = hf_generate(hf, prompt, max_new_tokens=30, stop_strings=[stop], tokenizer=hf_tokenizer())
+        assert ours == ref
+        assert len(ours) <= 14 and stop in lm.decode(prompt + ours)
+
+
+def test_warpers_match_transformers():
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    logits = torch.randn(4, 1000, generator=torch.Generator().manual_seed(0)) * 3
+    gc = GenerationConfig(do_sample=True, temperature=0.7, top_k=40, top_p=0.8)
+    ref = LogitsProcessorList([TemperatureLogitsWarper(0.7), TopKLogitsWarper(40), TopPLogitsWarper(0.8)])(
+        None, logits.clone()
+    )
+    none = torch.zeros(4, dtype=torch.long)
+    ours = process_logits(logits.clone(), gc, None, none, none, [])
+    assert torch.equal(torch.isinf(ours), torch.isinf(ref))
+    assert torch.allclose(ours[~torch.isinf(ours)], ref[~torch.isinf(ref)])
+
+
+def test_stream_pieces_join_to_the_generated_text(tiny_checkpoints):
+    lm = neolm.load(tiny_checkpoints["neox-parallel-pct25"][1])
+    pieces = list(lm.stream("Once upon", max_new_tokens=25))
+    assert "".join(pieces) == lm.generate("Once upon", max_new_tokens=25)
+    assert all("\ufffd" not in p for p in pieces) or "\ufffd" in lm.generate("Once upon", max_new_tokens=25)
+
+
+def test_pipeline_call_shape(tiny_checkpoints):
+    generator = neolm.pipeline("text-generation", model=tiny_checkpoints["neo"][1])
+    out = generator("EleutherAI has", do_sample=True, min_length=10, max_new_tokens=12, seed=0)
+    assert isinstance(out, list) and list(out[0]) == ["generated_text"]
+    assert out[0]["generated_text"].startswith("EleutherAI has")
+    two = generator(["a", "b"], max_new_tokens=3)
+    assert len(two) == 2 and all(len(x) == 1 for x in two)
+
+
+def test_context_overflow_is_an_error_or_truncated_on_request(tiny_checkpoints):
+    lm = neolm.load(tiny_checkpoints["neo"][1])  # context 512
+    prompt = list(range(1, 501))
+    with pytest.raises(NeolmError, match="more than the model's context of 512"):
+        lm.generate_ids([prompt], max_new_tokens=20)
+    out = lm.generate_ids([prompt], max_new_tokens=20, min_new_tokens=20, truncate_prompt=True)[0]
+    assert out == lm.generate_ids([prompt[-492:]], max_new_tokens=20, min_new_tokens=20)[0]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(max_new_tokens=-1), "max_new_tokens must be >= 0"),
+        (dict(temperature=0), "temperature must be > 0"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(num_return_sequences=2), "needs do_sample"),
+        (dict(min_new_tokens=5, max_new_tokens=2), "exceeds max_new_tokens"),
+        (dict(bogus=1), "unknown generation argument"),
+    ],
+)
+def test_bad_generation_arguments(tiny_checkpoints, kwargs, message):
+    lm = neolm.load(tiny_checkpoints["neo"][1])
+    with pytest.raises(NeolmError, match=message):
+        lm.generate("hi", **kwargs)
+
+
+def test_empty_prompt_is_an_error(tiny_checkpoints):
+    lm = neolm.load(tiny_checkpoints["neo"][1])
+    with pytest.raises(NeolmError, match="empty prompt"):
+        lm.generate("")
