@@ -253,7 +253,7 @@ def load_state_dict(folder: Path, config: Config, dtype: torch.dtype) -> dict[st
     H, D, C = config.n_head, config.head_dim, config.d_model
     state: dict[str, torch.Tensor] = {}
     parts_seen: dict[str, set[str]] = {}
-    unexpected, misshaped = [], []
+    unexpected, misshaped, wrong = [], [], set()
     for path in weight_files(folder):
         reader = open_weights(path)
         log.debug("reading %s (%d tensors)", path, len(reader.keys()))
@@ -270,6 +270,7 @@ def load_state_dict(folder: Path, config: Config, dtype: torch.dtype) -> dict[st
             want = expected[name] if part is None else torch.Size((C, C))
             if tensor.shape != want or not tensor.is_floating_point():
                 misshaped.append(f"{hf_name} {tuple(tensor.shape)} {tensor.dtype} (expected {tuple(want)})")
+                wrong.add(name)
                 continue
             if part is None:
                 converted = tensor.to(dtype)
@@ -282,7 +283,7 @@ def load_state_dict(folder: Path, config: Config, dtype: torch.dtype) -> dict[st
                 converted = None
             if converted is None or converted.data_ptr() != tensor.data_ptr():
                 reader.release(hf_name)
-    missing = set(expected) - set(state)
+    missing = set(expected) - set(state) - wrong
     missing |= {f"{name} (parts {''.join(sorted(set(QKV_PARTS) - p))})" for name, p in parts_seen.items() if len(p) < 3}
     problems = []
     if missing:

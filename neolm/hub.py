@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from neolm.errors import NeolmError
 
@@ -68,6 +70,8 @@ def _from_hf_hub(repo_id: str, revision: str | None) -> Path:
         raise NeolmError("huggingface_hub is not installed: pip install huggingface_hub") from None
     where = f"{repo_id}" + (f" (revision {revision})" if revision else "")
     try:
+        if not _reachable(huggingface_hub.constants.ENDPOINT):
+            raise ConnectionError(f"{huggingface_hub.constants.ENDPOINT} is unreachable")
         files = huggingface_hub.list_repo_files(repo_id, revision=revision)
         patterns = [CONFIG_FILE, *OPTIONAL_FILES, *_weight_patterns(files)]
         log.info("downloading %s from the Hugging Face hub: %s", where, ", ".join(patterns))
@@ -85,6 +89,18 @@ def _from_hf_hub(repo_id: str, revision: str | None) -> Path:
             f"cannot reach the Hugging Face hub to download {where}, and it is not in the local cache; "
             f"it needs {_describe_needs()}. Connect to the network, or pass a local folder with these files"
         ) from None
+
+
+def _reachable(endpoint: str, timeout: float = 3.0) -> bool:
+    """A quick TCP probe, so that an offline machine fails at once instead of after the client's retries."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY")):
+        return True  # the proxy decides; let the client try
+    url = urlsplit(endpoint)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _from_modelscope(model_id: str, revision: str | None) -> Path:
