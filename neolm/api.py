@@ -112,12 +112,21 @@ class LanguageModel:
         return grouped[0] if single else grouped
 
     def stream(self, prompt: str, **kwargs) -> Iterator[str]:
-        """Text pieces of the continuation as tokens are produced (never half a UTF-8 character)."""
+        """Text pieces of the continuation as tokens are produced (never half a UTF-8 character).
+
+        The request is checked when stream() is called; the pieces come as the iterator is consumed.
+        """
         gc = self._generation_config(kwargs)
         if gc.num_return_sequences != 1:
             raise NeolmError("streaming produces one sequence; num_return_sequences must be 1")
+        if not isinstance(prompt, str):
+            raise NeolmError("stream() takes one prompt string")
+        steps = iter_generate(self.model, [self.encode(prompt)], gc, self.tokenizer.decode)
+        return self._pieces(steps)
+
+    def _pieces(self, steps) -> Iterator[str]:
         decoder = StreamDecoder(self.tokenizer)
-        for (token,) in iter_generate(self.model, [self.encode(prompt)], gc, self.tokenizer.decode):
+        for (token,) in steps:
             if token is not None:
                 piece = decoder.push(token)
                 if piece:

@@ -32,6 +32,16 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2**63 - 1, got {text}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -77,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     knobs.add_argument("--top-p", type=_positive_float, default=1.0, help="nucleus sampling mass (default 1: off)")
     knobs.add_argument("--repetition-penalty", type=_positive_float, default=1.0, help=">1 discourages repeats")
     knobs.add_argument("--num-return-sequences", type=_non_negative, default=1, help="samples per prompt")
-    knobs.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    knobs.add_argument("--seed", type=_seed, help="seed for reproducible sampling")
     knobs.add_argument("--stop", action="append", metavar="TEXT", help="stop once the text ends in TEXT (repeatable)")
     knobs.add_argument(
         "--truncate", action="store_true", help="drop the oldest prompt tokens when prompt + new tokens overflow"
@@ -145,9 +155,10 @@ def cmd_generate(args) -> int:
     echo = "" if args.no_echo else prompt
     stream = sys.stdout.isatty() if args.stream is None else args.stream
     if stream and args.num_return_sequences == 1:
+        pieces = lm.stream(prompt, **knobs)  # checks the request before anything is printed
         sys.stdout.write(echo)
         sys.stdout.flush()
-        for piece in lm.stream(prompt, **knobs):
+        for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")

@@ -153,7 +153,6 @@ class StopStrings:
         return any(text.find(s, max(before - len(s) + 1, 0)) != -1 for s in self.stop_strings)
 
 
-@torch.inference_mode()
 def iter_generate(
     model: GPT,
     prompts: Sequence[Sequence[int]],
@@ -164,7 +163,8 @@ def iter_generate(
 
     Sequences are the prompts, each repeated num_return_sequences times (prompt-major). Prompts of
     different lengths are left-padded; positions and masks make each one's tokens equal to what it
-    gets alone. `decode` (token ids -> text) is needed for stop_strings.
+    gets alone. `decode` (token ids -> text) is needed for stop_strings. Bad arguments raise here,
+    before the first step.
     """
     config = model.config
     eos = gc.eos_token_id if gc.eos_token_id is not None else config.eos_token_id
@@ -176,7 +176,13 @@ def iter_generate(
             raise NeolmError("stop_strings need a tokenizer to decode the text")
         stops = StopStrings(gc.stop_strings, decode)
 
-    prompts = [p for p in fit_prompts(prompts, gc, config.n_positions, config.vocab_size) for _ in range(gc.num_return_sequences)]
+    prompts = fit_prompts(prompts, gc, config.n_positions, config.vocab_size)
+    return _steps(model, [p for p in prompts for _ in range(gc.num_return_sequences)], gc, eos_ids, pad, stops)
+
+
+@torch.inference_mode()
+def _steps(model: GPT, prompts: list[list[int]], gc: GenerationConfig, eos_ids, pad, stops):
+    config = model.config
     budgets = torch.tensor([gc.new_token_budget(len(p)) for p in prompts])
     if int(budgets.max()) == 0:
         return

@@ -37,6 +37,16 @@ def _one_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+def _check_text(text) -> None:
+    """Text must be a str of real characters: lone surrogates (undecodable bytes) cannot be encoded."""
+    if not isinstance(text, str):
+        raise NeolmError(f"text to encode must be a string, not {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise NeolmError(f"the text is not valid Unicode (undecodable bytes at position {e.start})") from None
+
+
 class Tokenizer:
     """A loaded tokenizer: text <-> token ids. Build it with one of the class methods."""
 
@@ -112,10 +122,13 @@ class Tokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`. No special tokens are added (GPT-2 and NeoX add none)."""
+        _check_text(text)
         return self._backend.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """`encode` for many texts at once (parallel batch encoding)."""
+        for text in texts:
+            _check_text(text)
         return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:

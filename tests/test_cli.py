@@ -261,31 +261,18 @@ def test_overflowing_context(folder, capsys):
     assert out == ""
 
 
-@pytest.mark.xfail(
-    reason="library bug: cli.cmd_generate writes the echoed prompt to stdout (neolm/cli.py:148) before lm.stream() "
-    "checks the prompt against the context lazily, so a failed --stream run leaves the prompt on stdout without a "
-    "newline and, in a terminal, the error line is glued to it"
-)
 def test_overflowing_context_when_streaming(folder, capsys):
     code, out, err = cli(capsys, "generate", "-m", folder, PROMPT, "--max-new-tokens", "600", "--stream")
     assert_one_line_error(code, err, "context", "512", exit_code=1)
     assert out == ""
 
 
-@pytest.mark.xfail(
-    reason="library bug: a prompt that is not valid UTF-8 (lone surrogates from surrogateescape in argv or stdin) "
-    "makes tokenizers raise TypeError in Tokenizer.encode (neolm/tokenizer.py:115), reported as an internal error"
-)
 def test_prompt_that_is_not_utf8(folder, capsys):
     code, out, err = cli(capsys, "generate", "-m", folder, "\udcff\udcfe hello", "--max-new-tokens", "2")
     assert_one_line_error(code, err, exit_code=1)
     assert "internal error" not in err
 
 
-@pytest.mark.xfail(
-    reason="library bug: --seed is type=int with no range check (neolm/cli.py:80); a seed beyond 64 bits makes "
-    "torch.Generator.manual_seed raise ValueError, reported as an internal error"
-)
 def test_seed_out_of_range(folder, capsys):
     code, out, err = cli(capsys, "generate", "-m", folder, PROMPT, "--do-sample", "--seed", str(2**70))
     assert_one_line_error(code, err, "seed")
