@@ -323,10 +323,14 @@ def hf_name(family: str, name: str, part: str | None = None) -> str:
 
 def hf_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """The model's weights under Hugging Face names (q/k/v split again where the family stores them so)."""
-    config = model.config
+    return to_hf_names(model.config, model.state_dict())
+
+
+def to_hf_names(config: Config, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename neolm tensors (weights, or their gradients) to Hugging Face names."""
     H, D, C = config.n_head, config.head_dim, config.d_model
     out = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in tensors.items():
         if name == "lm_head.weight" and config.tie_embeddings:
             continue
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from neolm.config import Config
 
@@ -129,6 +130,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(config, w) for w in config.layer_windows)
         self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.gradient_checkpointing = False  # recompute each block in backward (training memory)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -178,7 +180,10 @@ class GPT(nn.Module):
         masks = self._masks(T, start, key_valid, idx.device)
         for i, block in enumerate(self.blocks):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
-            x = block(x, rope, masks[block.window], kv, start)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, rope, masks[block.window], kv, start, use_reentrant=False)
+            else:
+                x = block(x, rope, masks[block.window], kv, start)
         if cache is not None:
             cache.length = start + T
         if last_only:

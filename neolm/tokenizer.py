@@ -136,6 +136,16 @@ class Tokenizer:
         byte sequences that are not valid UTF-8 come out as U+FFFD."""
         return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+    def save(self, folder) -> None:
+        """Write tokenizer.json (+ a minimal tokenizer_config.json) so neolm and transformers load it."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self._backend.save(str(folder / "tokenizer.json"))
+        eos = _EOS if self.eos_token_id is not None else None
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "bos_token": eos, "unk_token": eos,
+                  "model_max_length": 1_000_000, "add_prefix_space": False}  # fmt: skip
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
     def token_to_id(self, token: str) -> int | None:
         """Id of a vocabulary entry (in its byte-level spelling, e.g. "Ġworld"), or None."""
         return self._backend.token_to_id(token)

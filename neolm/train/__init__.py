@@ -1,0 +1,1 @@
+"""Training: data preparation, architecture presets, and the training loop (one CPU to many GPUs)."""

