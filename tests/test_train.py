@@ -226,3 +226,35 @@ if __name__ == "__main__" and "--write-golden" in sys.argv:
         GOLDEN.write_text(json.dumps({"command": "python tests/test_train.py --write-golden",
                                       "torch": torch.__version__, "losses": losses(out)}, indent=2) + "\n")  # fmt: skip
         print(GOLDEN.read_text())
+
+
+def test_activation_checkpointing_gives_the_same_gradients(tiny_checkpoints):
+    model = neolm.load(tiny_checkpoints["neox-parallel-pct25"][1]).model
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    model.requires_grad_(True).train()
+    windows = torch.randint(0, 50000, (2, 17), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for flag in (False, True):
+        model.gradient_checkpointing = flag
+        model.zero_grad()
+        F.cross_entropy(model(windows[:, :-1]).flatten(0, 1), windows[:, 1:].flatten()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-7) for n in grads[0])
+
+
+def test_a_batch_that_does_not_fit_is_a_clear_error(tiny_data, tmp_path, monkeypatch):
+    from neolm.train import loop
+
+    def no_memory(self):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1099511627776 bytes")
+
+    monkeypatch.setattr(loop.Run, "train_step", no_memory)
+    with pytest.raises(NeolmError, match="does not fit in memory: lower --micro-batch-size"):
+        train(run_args(tiny_data, tmp_path))
+
+
+def test_loss_curves_are_drawn(tiny_data, tmp_path):
+    pytest.importorskip("matplotlib", reason="the plot extra (matplotlib) is not installed")
+    summary = train(run_args(tiny_data, tmp_path, max_steps=3, plot=True))
+    png = Path(summary["plot"])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000

