@@ -342,12 +342,28 @@ def to_hf_names(config: Config, tensors: dict[str, torch.Tensor]) -> dict[str, t
     return {k: v.detach().contiguous() for k, v in out.items()}
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Write a .safetensors file atomically (temporary file, then rename)."""
-    from safetensors.torch import save_file
+def save_safetensors(
+    tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None, dtype: torch.dtype | None = None
+) -> None:
+    """Write a .safetensors file one tensor at a time (no second copy of the model in memory), atomically:
+    a temporary file, then a rename. `dtype` converts floating-point tensors as they are written."""
+    def target(t: torch.Tensor) -> torch.dtype:
+        return dtype if dtype is not None and t.is_floating_point() else t.dtype
 
+    header: dict = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for name, t in tensors.items():
+        size = t.numel() * target(t).itemsize
+        header[name] = {"dtype": _ST_NAMES[target(t)], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # data starts 8-byte aligned
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata or {"format": "pt"})
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for t in tensors.values():
+            if t.numel():
+                f.write(t.detach().cpu().to(target(t)).contiguous().view(-1).view(torch.uint8).numpy().data)
     os.replace(tmp, path)
 
 
@@ -356,11 +372,9 @@ def save_checkpoint(model: GPT, folder: str | Path, dtype: torch.dtype | None = 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = hf_state_dict(model)
-    if dtype is not None:
-        tensors = {k: v.to(dtype) for k, v in tensors.items()}
-    some = next(iter(tensors.values()))
-    hf_config = model.config.to_hf() | {"torch_dtype": str(some.dtype).removeprefix("torch.")}
-    save_safetensors(tensors, folder / "model.safetensors")
+    dtype = dtype or next(iter(tensors.values())).dtype
+    hf_config = model.config.to_hf() | {"torch_dtype": str(dtype).removeprefix("torch.")}
+    save_safetensors(tensors, folder / "model.safetensors", dtype=dtype)
     tmp = folder / "config.json.tmp"
     tmp.write_text(json.dumps(hf_config, indent=2) + "\n")
     os.replace(tmp, folder / "config.json")
