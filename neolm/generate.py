@@ -211,6 +211,7 @@ def _steps(model: GPT, prompts: list[list[int]], gc: GenerationConfig, eos_ids, 
             generator.seed()
     histories = [list(p) for p in prompts] if stops else None
     budgets = budgets.to(device)
+    eos = torch.tensor(eos_ids, device=device)
     done = budgets == 0
     new_counts = torch.zeros(n, dtype=torch.long, device=device)
 
@@ -227,7 +228,7 @@ def _steps(model: GPT, prompts: list[list[int]], gc: GenerationConfig, eos_ids, 
         step = [None if d else t for t, d in zip(out, done.tolist())]
         finished = done | (new_counts >= budgets)
         if eos_ids:
-            finished |= torch.isin(token, torch.tensor(eos_ids, device=device))
+            finished |= torch.isin(token, eos)
         if stops:
             for row, t in enumerate(step):
                 if t is not None:

@@ -68,8 +68,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, window: int | None = None):
         super().__init__()
+        self.window = window  # None: global attention; w: each query sees the last w keys
         self.n_head, self.head_dim = config.n_head, config.head_dim
         self.scale = config.attn_scale
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.qkv_bias)
@@ -85,6 +86,8 @@ class Attention(nn.Module):
             cache_k[:, :, start : start + T] = k
             cache_v[:, :, start : start + T] = v
             k, v = cache_k[:, :, : start + T], cache_v[:, :, : start + T]  # (B, H, S, D)
+        if mask is None and self.window is not None and T == 1:  # decoding: a local layer's last w keys
+            k, v = k[:, :, -self.window :], v[:, :, -self.window :]
         if isinstance(mask, str):  # "causal": no padding, no window, no cache offset
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         else:
@@ -106,10 +109,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: Config, window: int | None):
         super().__init__()
-        self.window = window  # None: global attention; w: each query sees the last w keys
+        self.window = window
         self.parallel = config.parallel_residual
         self.ln1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.attn = Attention(config)
+        self.attn = Attention(config, window)
         self.ln2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 
@@ -199,6 +202,8 @@ class GPT(nn.Module):
         windows = set(self.config.layer_windows)
         if key_valid is None and start == 0 and windows == {None}:
             return {None: "causal"}
+        if key_valid is None and T == 1:  # one new token sees every cached key (local layers slice theirs)
+            return dict.fromkeys(windows)
         end = start + T
         q = torch.arange(start, end, device=device)[:, None]  # (T, 1)
         j = torch.arange(end, device=device)[None, :]  # (1, S)
