@@ -57,9 +57,11 @@ def parse_device(device: str | torch.device | None) -> torch.device:
 class LanguageModel:
     """A loaded model with its tokenizer: generate text, stream it, or call the model directly (`.model`)."""
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, source: str, load_seconds: float = 0.0):
+    def __init__(self, model: GPT, tokenizer: Tokenizer, source: str, load_seconds: float = 0.0,
+                 generation_defaults: dict | None = None):  # fmt: skip
         self.model, self.tokenizer, self.source = model, tokenizer, source
         self.load_seconds = load_seconds
+        self.generation_defaults = generation_defaults or {}  # from the checkpoint's generation_config.json
 
     @property
     def config(self) -> Config:
@@ -67,11 +69,11 @@ class LanguageModel:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.lm_head.weight.dtype
+        return self.model.ln_f.weight.dtype  # not lm_head: a quantized head holds integer codes
 
     @property
     def device(self) -> torch.device:
-        return self.model.lm_head.weight.device
+        return self.model.ln_f.weight.device
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
@@ -80,7 +82,7 @@ class LanguageModel:
         return self.tokenizer.decode(ids)
 
     def _generation_config(self, kwargs) -> GenerationConfig:
-        gc = GenerationConfig.from_kwargs(**kwargs)
+        gc = GenerationConfig.from_kwargs(**(self.generation_defaults | kwargs))
         if gc.eos_token_id is None:
             gc.eos_token_id = self.config.eos_token_id if self.config.eos_token_id is not None else self.tokenizer.eos_token_id
         return gc
@@ -154,7 +156,15 @@ class LanguageModel:
             "attention": "global" + (f" + local (window {', '.join(map(str, windows))})" if windows else ""),
             "residual": "parallel" if c.parallel_residual else "sequential",
             "tokenizer": self.tokenizer.name,
-        }
+        } | self._quantization()
+
+    def _quantization(self) -> dict:
+        quant = getattr(self.model, "quant_config", None)
+        if not quant:
+            return {}
+        from neolm.quant.load import describe
+
+        return {"quantization": describe(quant)}
 
 
 def _default_model() -> Path:
@@ -171,25 +181,40 @@ def load(
     revision: str | None = None,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
+    quantize: str | None = None,
+    group_size: int = 64,
 ) -> LanguageModel:
     """Load a GPT-Neo or GPT-NeoX checkpoint: a local folder, a hub id, or `modelscope:ID`.
 
     revision: a hub branch, tag or commit (Pythia's training checkpoints are "step1000", ...).
     dtype: float32 | bfloat16 | float16 (default float32 on CPU, half precision on GPU).
     device: cpu | cuda | cuda:N (default: cuda when available).
+    quantize: None | "int8" | "int4": quantize the weights while loading (group_size for int4: 32, 64,
+    128 or 256). Quantized folders (`neolm quantize`, bitsandbytes 4-bit) load as such without it.
     """
     start = time.perf_counter()
+    if quantize is not None:
+        from neolm.quant.linear import check_group_size, parse_quantize
+
+        parse_quantize(quantize)
+        check_group_size(group_size)
     folder = _default_model() if model is None else hub.resolve(model, revision)
     raw_config = checkpoint.read_hf_config(folder)
     config = Config.from_hf(raw_config, source=str(folder / "config.json"))
     device = parse_device(device)
     dtype = parse_dtype(dtype, device, raw_config.get("torch_dtype") or raw_config.get("dtype"))
-    state = checkpoint.load_state_dict(folder, config, dtype)
-    net = checkpoint.build_model(config, state, device)
+    if quantize is not None or raw_config.get("quantization_config"):
+        from neolm.quant.load import load_model
+
+        net = load_model(folder, raw_config, config, dtype, device, quantize, group_size)
+    else:
+        state = checkpoint.load_state_dict(folder, config, dtype)
+        net = checkpoint.build_model(config, state, device)
     tokenizer = load_tokenizer(folder, default=config.tokenizer)
+    defaults = checkpoint.read_generation_defaults(folder, GenerationConfig.field_names())
     seconds = time.perf_counter() - start
     log.info("loaded %s (%s, %s) in %.1fs", folder, config.family, dtype, seconds)
-    return LanguageModel(net, tokenizer, str(model if model is not None else folder), seconds)
+    return LanguageModel(net, tokenizer, str(model if model is not None else folder), seconds, defaults)
 
 
 class TextGenerationPipeline:

@@ -190,8 +190,12 @@ class PickleFile:
         self._state.pop(name, None)
 
 
+# Quantized checkpoints neolm reads (neolm.quant): bitsandbytes 4-bit, and neolm's own int8/int4.
+QUANT_METHODS = ("bitsandbytes", "neolm")
+
+
 def read_hf_config(folder: Path) -> dict:
-    """config.json of a checkpoint folder as a dict (quantized checkpoints are refused for now)."""
+    """config.json of a checkpoint folder as a dict; a quantization_config of an unknown method is refused."""
     path = folder / "config.json"
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -204,8 +208,24 @@ def read_hf_config(folder: Path) -> dict:
     quant = data.get("quantization_config")
     if quant:
         method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
-        raise NeolmError(f"{path}: {method} quantized checkpoints are not supported yet")
+        if method not in QUANT_METHODS:
+            raise NeolmError(f"{path}: {method} quantized checkpoints are not supported (neolm reads "
+                             "bitsandbytes 4-bit and its own int8/int4 checkpoints)")  # fmt: skip
     return data
+
+
+def read_generation_defaults(folder: Path, known: set[str]) -> dict:
+    """Generation defaults from a checkpoint's generation_config.json (the keys neolm knows), else {}."""
+    path = folder / "generation_config.json"
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise NeolmError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise NeolmError(f"{path} does not hold a JSON object")
+    return {k: v for k, v in data.items() if k in known and k not in ("eos_token_id", "pad_token_id")}
 
 
 def weight_files(folder: Path) -> list[Path]:

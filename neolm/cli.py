@@ -43,9 +43,12 @@ positive_float = _checked(float, lambda v: v > 0, "> 0")
 seed_type = _checked(int, lambda v: 0 <= v < 2**63, "between 0 and 2**63 - 1")
 
 
-def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
+def _add_model_args(p: argparse.ArgumentParser, required: bool = False, positional: bool = False) -> None:
+    """The model argument (positional when required or asked for; else --model) and loading options."""
     if required:
         p.add_argument("model", help=MODEL_HELP)
+    elif positional:
+        p.add_argument("model", nargs="?", help=MODEL_HELP + " (default: neolm's bundled model)")
     else:
         p.add_argument("-m", "--model", help=MODEL_HELP + " (default: neolm's bundled model)")
     p.add_argument("--revision", help="hub branch, tag or commit, e.g. step143000 for a Pythia training checkpoint")
@@ -66,18 +69,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--top-p). The prompt comes from the argument, or from standard input when it is omitted or '-'.",
     )
     g.add_argument("prompt", nargs="?", help="the text to continue ('-' or omitted: read standard input)")
-    _add_model_args(g, required=False)
+    _add_model_args(g, positional=False)
     knobs = g.add_argument_group("generation (names and meaning as in transformers.generate)")
     knobs.add_argument("--max-new-tokens", type=non_negative, help="new tokens at most (default 100)")
     knobs.add_argument("--max-length", type=non_negative, help="prompt + new tokens at most")
-    knobs.add_argument("--min-length", type=non_negative, default=0, help="prompt + new tokens before eos may end it")
-    knobs.add_argument("--min-new-tokens", type=non_negative, default=0, help="new tokens before eos may end it")
-    knobs.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    knobs.add_argument("--temperature", type=positive_float, default=1.0, help="sampling temperature (default 1)")
-    knobs.add_argument("--top-k", type=non_negative, default=50, help="sample from the k likeliest (0: all; default 50)")
-    knobs.add_argument("--top-p", type=positive_float, default=1.0, help="nucleus sampling mass (default 1: off)")
-    knobs.add_argument("--repetition-penalty", type=positive_float, default=1.0, help=">1 discourages repeats")
-    knobs.add_argument("--num-return-sequences", type=non_negative, default=1, help="samples per prompt")
+    knobs.add_argument("--min-length", type=non_negative, help="prompt + new tokens before eos may end it")
+    knobs.add_argument("--min-new-tokens", type=non_negative, help="new tokens before eos may end it")
+    knobs.add_argument("--do-sample", action=argparse.BooleanOptionalAction, help="sample (--no-do-sample: greedy)")
+    knobs.add_argument("--temperature", type=positive_float, help="sampling temperature (default 1)")
+    knobs.add_argument("--top-k", type=non_negative, help="sample from the k likeliest (0: all; default 50)")
+    knobs.add_argument("--top-p", type=positive_float, help="nucleus sampling mass (default 1: off)")
+    knobs.add_argument("--repetition-penalty", type=positive_float, help=">1 discourages repeats")
+    knobs.add_argument("--num-return-sequences", type=non_negative, help="samples per prompt")
     knobs.add_argument("--seed", type=seed_type, help="seed for reproducible sampling")
     knobs.add_argument("--stop", action="append", metavar="TEXT", help="stop once the text ends in TEXT (repeatable)")
     knobs.add_argument(
@@ -96,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         COMMANDS.update(importlib.import_module(module).register(sub))
 
     i = sub.add_parser("info", help="describe a model", description="Describe a model: family, size, dtype, context.")
-    _add_model_args(i, required=True)
+    _add_model_args(i, positional=True)
     i.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
@@ -125,9 +128,9 @@ def _load(args):
 
 def cmd_generate(args) -> int:
     prompt = _read_prompt(args)
-    if args.num_return_sequences < 1:
+    if args.num_return_sequences is not None and args.num_return_sequences < 1:
         raise NeolmError("--num-return-sequences must be at least 1")
-    knobs = dict(
+    given = dict(
         max_new_tokens=args.max_new_tokens,
         max_length=args.max_length,
         min_length=args.min_length,
@@ -140,15 +143,16 @@ def cmd_generate(args) -> int:
         num_return_sequences=args.num_return_sequences,
         seed=args.seed,
         stop_strings=args.stop,
-        truncate_prompt=args.truncate,
+        truncate_prompt=args.truncate or None,
     )
+    knobs = {k: v for k, v in given.items() if v is not None}  # the rest: the model's generation defaults
     from neolm.generate import GenerationConfig
 
     GenerationConfig.from_kwargs(**knobs)  # reject bad combinations before the (slow) load
     lm = _load(args)
     echo = "" if args.no_echo else prompt
     stream = sys.stdout.isatty() if args.stream is None else args.stream
-    if stream and args.num_return_sequences == 1:
+    if stream and knobs.get("num_return_sequences", 1) == 1:
         pieces = lm.stream(prompt, **knobs)  # checks the request before anything is printed
         sys.stdout.write(echo)
         sys.stdout.flush()
@@ -180,7 +184,7 @@ def cmd_info(args) -> int:
 
 COMMANDS = {"generate": cmd_generate, "info": cmd_info}
 # Larger subsystems add their own subcommands: each module has register(sub) -> {name: handler}.
-SUBSYSTEMS = ("neolm.train.cli",)
+SUBSYSTEMS = ("neolm.train.cli", "neolm.eval.cli", "neolm.quant.cli")
 
 
 def main(argv: list[str] | None = None) -> int:

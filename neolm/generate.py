@@ -43,8 +43,12 @@ class GenerationConfig:
     truncate_prompt: bool = False  # drop the oldest prompt tokens instead of failing on overflow
 
     @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    @classmethod
     def from_kwargs(cls, **kwargs) -> GenerationConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = cls.field_names()
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise NeolmError(f"unknown generation argument(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
@@ -186,13 +190,13 @@ def _steps(model: GPT, prompts: list[list[int]], gc: GenerationConfig, eos_ids, 
     budgets = torch.tensor([gc.new_token_budget(len(p)) for p in prompts])
     if int(budgets.max()) == 0:
         return
-    device = model.lm_head.weight.device
+    device = model.ln_f.weight.device
     n, width = len(prompts), max(len(p) for p in prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     ids = torch.full((n, width), pad, dtype=torch.long, device=device)
     for row, p in enumerate(prompts):
         ids[row, width - len(p) :] = torch.tensor(p)
-    cache = KVCache(config, n, width + int(budgets.max()), model.lm_head.weight.dtype, device)
+    cache = KVCache(config, n, width + int(budgets.max()), model.ln_f.weight.dtype, device)
     if int(lengths.min()) < width:  # left padding: hide pad slots, count positions from each prompt's start
         cache.valid = torch.ones(n, cache.max_len, dtype=torch.bool, device=device)
         cache.valid[:, :width] = torch.arange(width, device=device) >= (width - lengths)[:, None]

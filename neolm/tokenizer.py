@@ -137,7 +137,7 @@ class Tokenizer:
         return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def save(self, folder) -> None:
-        """Write tokenizer.json (+ a minimal tokenizer_config.json) so neolm and transformers load it."""
+        """Write tokenizer.json (+ a minimal tokenizer_config.json) that neolm and Hugging Face tools load."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self._backend.save(str(folder / "tokenizer.json"))

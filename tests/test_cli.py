@@ -279,10 +279,19 @@ def test_seed_out_of_range(folder, capsys):
     assert "internal error" not in err
 
 
-@pytest.mark.skipif(
-    (DEFAULT_MODEL_DIR / "config.json").exists(), reason="neolm ships a default model now (neolm/default_model)"
-)
-def test_no_model_and_no_default_model(capsys):
+def test_default_model_generates_offline(capsys):
+    assert (DEFAULT_MODEL_DIR / "config.json").exists()
+    code, out, err = cli(capsys, "generate", "KING.", "--max-new-tokens", "12", "--seed", "3", "--no-stream")
+    assert code == 0 and err == "" and out.startswith("KING.") and len(out) > len("KING.\n")
+    again = cli(capsys, "generate", "KING.", "--max-new-tokens", "12", "--seed", "3", "--no-stream")[1]
+    assert again == out  # the bundled generation defaults sample, reproducibly with a seed
+    lm = neolm.load()
+    assert lm.generation_defaults["do_sample"] is True
+    assert out.rstrip("\n") == "KING." + lm.generate("KING.", max_new_tokens=12, seed=3)
+
+
+def test_no_model_and_no_default_model(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(neolm.api, "DEFAULT_MODEL_DIR", tmp_path / "none")
     code, out, err = cli(capsys, "generate", PROMPT, "--max-new-tokens", "2")
     assert_one_line_error(code, err, "default model", exit_code=1)
     assert "does not ship a default model yet" in err

@@ -19,6 +19,9 @@ import neolm
 from neolm.eval.perplexity import perplexity
 
 PROMPTS = ["Rom.\n", "KING.\nMy lords,", "Enter a Messenger.\n\nMess.\n", "Of Man's first disobedience"]
+# What `neolm generate` does with this model unless told otherwise (greedy text of a model this small loops).
+GENERATION_DEFAULTS = {"do_sample": True, "temperature": 0.8, "top_k": 40, "repetition_penalty": 1.1,
+                       "max_new_tokens": 100}  # fmt: skip
 
 
 def unigram(train_tokens: np.ndarray, vocab: int, eval_tokens: list[list[int]]) -> float:
@@ -41,6 +44,7 @@ def main() -> None:
     for name in ("config.json", "model.safetensors"):
         shutil.copy(args.run / "final" / name, args.out / name)
     shutil.copy(args.run / "loss.png", args.out / "loss.png")
+    (args.out / "generation_config.json").write_text(json.dumps(GENERATION_DEFAULTS, indent=2) + "\n")
     lm = neolm.load(args.out, dtype="float32")
     meta = json.loads((args.data / "meta.json").read_text())
     train_args = json.loads((args.run / "train_args.json").read_text())
@@ -58,8 +62,8 @@ def main() -> None:
 
     samples = []
     for prompt in PROMPTS:
-        greedy = lm.generate(prompt, max_new_tokens=60, repetition_penalty=1.2)
-        sampled = lm.generate(prompt, max_new_tokens=60, do_sample=True, temperature=0.8, top_k=40, seed=1)
+        greedy = lm.generate(prompt, max_new_tokens=60, do_sample=False, repetition_penalty=1.2)
+        sampled = lm.generate(prompt, max_new_tokens=60, seed=1)  # the model's generation defaults
         samples.append((prompt, greedy, sampled))
 
     c, size = lm.config, (args.out / "model.safetensors").stat().st_size
@@ -68,8 +72,9 @@ def main() -> None:
     curve = "\n".join(f"| {s} | {v:.3f} | {math.exp(v):.1f} |" for s, v in vals)
     sample_text = "\n\n".join(
         f"Prompt `{json.dumps(prompt)}`:\n\n"
-        f"- greedy, `repetition_penalty=1.2`:\n\n```\n{prompt}{g}\n```\n\n"
-        f"- sampled, `do_sample=True, temperature=0.8, top_k=40, seed=1`:\n\n```\n{prompt}{s}\n```"
+        f"- `neolm generate {json.dumps(prompt)} --seed 1 --max-new-tokens 60` (the defaults: sampling):\n\n"
+        f"```\n{prompt}{s}\n```\n\n"
+        f"- `... --no-do-sample --repetition-penalty 1.2` (greedy):\n\n```\n{prompt}{g}\n```"
         for prompt, g, s in samples
     )
     card = f"""# neolm default model: `neo-shakespeare`
@@ -143,8 +148,9 @@ same tokens. Produced by `tools/model_card.py` (numbers also in `eval_results.js
 
 ## Samples
 
-Made with `neolm.load()` (the default model) and the arguments shown; `neolm generate PROMPT` gives the
-greedy text for `--repetition-penalty 1.2`.
+`generation_config.json` makes `neolm generate` sample by default with this model
+(`{json.dumps(GENERATION_DEFAULTS)}`); any option on the command line or argument to `generate()` wins.
+Each sample below is what the command shown prints (in bash, write the prompt with `$'...'` for `\\n`).
 
 {sample_text}
 

@@ -1,0 +1,83 @@
+"""transformers: AutoModelForCausalLM + generate (greedy, min_new_tokens = max_new_tokens).
+
+variant: "eager" or "default" (what from_pretrained picks: sdpa where the model supports it).
+A streamer records the time of each step; its first put() is the prompt.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import transformers
+from common import Unavailable, module_stream_bytes
+from transformers import AutoModelForCausalLM
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class _Clock:
+    def __init__(self):
+        self.t0, self.times, self.tokens, self.prompt_seen = time.perf_counter(), [], [], False
+
+    def put(self, value):
+        if not self.prompt_seen:
+            self.prompt_seen = True
+        else:
+            self.times.append(time.perf_counter() - self.t0)
+            self.tokens.append(int(value.reshape(-1)[0]))
+
+    def end(self):
+        pass
+
+
+class Engine:
+    def __init__(self, variant: str):
+        self.variant = variant or "default"
+        self.model = None
+
+    def load(self, model_dir, precision, threads):
+        if precision not in DTYPES:
+            raise Unavailable(f"not measured: no {precision} CPU path compared here")
+        torch.set_num_threads(threads)
+        kwargs = {"attn_implementation": "eager"} if self.variant == "eager" else {}
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[precision], **kwargs).eval()
+        self.eos = self.model.config.eos_token_id
+
+    def _steps(self, prompts, n):
+        ids = torch.tensor(prompts)  # same length: no padding needed
+        clock = _Clock()
+        with torch.inference_mode():
+            self.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                pad_token_id=self.eos,
+                streamer=clock,
+            )
+        self.tokens = clock.tokens
+        return clock.times
+
+    def single(self, ids, n):
+        return self._steps([ids], n)
+
+    def batch(self, prompts, n):
+        return self._steps(prompts, n)
+
+    def prefill(self, ids):
+        with torch.inference_mode():
+            self.model(torch.tensor([ids]), logits_to_keep=1)
+
+    def unload(self):
+        self.model = None
+
+    def info(self):
+        return {
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "stream_bytes": module_stream_bytes(self.model),
+            "attn_implementation": self.model.config._attn_implementation,
+        }

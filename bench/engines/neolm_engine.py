@@ -1,0 +1,64 @@
+"""neolm: `neolm.load`, then `iter_generate` (one yield per step, the first right after prefill)."""
+
+from __future__ import annotations
+
+import inspect
+import time
+
+import torch
+from common import Unavailable, module_stream_bytes
+
+import neolm
+from neolm.generate import GenerationConfig, iter_generate
+
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "int8": "float32", "int4": "float32"}
+
+
+class Engine:
+    def __init__(self, variant: str):
+        self.lm = None
+
+    def load(self, model_dir, precision, threads):
+        torch.set_num_threads(threads)
+        kwargs = {"dtype": DTYPES[precision], "device": "cpu"}
+        if precision in ("int8", "int4"):
+            if "quantize" not in inspect.signature(neolm.load).parameters:
+                raise Unavailable("not available yet: neolm.load has no quantize= argument")
+            kwargs["quantize"] = precision
+        try:
+            self.lm = neolm.load(model_dir, **kwargs)
+        except (TypeError, neolm.NeolmError) as e:
+            if "quantiz" in str(e) and precision in ("int8", "int4"):
+                raise Unavailable(f"not available yet: {e}") from e
+            raise
+
+    def _steps(self, prompts, n):
+        gc = GenerationConfig(max_new_tokens=n, min_new_tokens=n)
+        times, self.tokens = [], []
+        t0 = time.perf_counter()
+        for step in iter_generate(self.lm.model, prompts, gc):
+            times.append(time.perf_counter() - t0)
+            self.tokens.append(step[0])
+        return times
+
+    def single(self, ids, n):
+        return self._steps([ids], n)
+
+    def batch(self, prompts, n):
+        return self._steps(prompts, n)
+
+    def prefill(self, ids):
+        with torch.inference_mode():
+            self.lm.model(torch.tensor([ids]), last_only=True)
+
+    def unload(self):
+        self.lm = None
+
+    def info(self):
+        return {
+            "neolm": neolm.__version__,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "stream_bytes": module_stream_bytes(self.lm.model),
+            "dtype": str(self.lm.dtype),
+        }

@@ -1,0 +1,270 @@
+"""bench.py's results JSON -> bench/RESULTS.md: tables (median [min-max]), ratios, roofline, targets."""
+
+from __future__ import annotations
+
+import statistics
+
+ENGINE_NAMES = {"neolm": "neolm", "transformers": "transformers", "ctranslate2": "CTranslate2", "llamacpp": "llama.cpp"}
+PACKAGES = {"ctranslate2": "ctranslate2", "llamacpp": "llama-cpp-python (its vendored llama.cpp)"}
+LLAMA_TYPES = {"fp32": "F32", "bf16": "BF16", "int8": "Q8_0", "int4": "Q4_0"}
+NOISY_CORES = 0.1  # other processes' CPU use during a row (cores) above which the row is marked †
+NOMINAL_BYTES = {"fp32": 4, "bf16": 2, "int8": 1, "int4": 0.5}  # per weight, when an engine does not say
+# (key, column, higher is better, scale, format)
+FIGURES = [
+    ("decode_tps", "decode tok/s", True, 1, "{:.1f}"),
+    ("ttft_s", "TTFT ms", False, 1000, "{:.0f}"),
+    ("prefill_tps", "prefill-512 tok/s", True, 1, "{:.0f}"),
+    ("batch_tps", "batch-8 decode tok/s", True, 1, "{:.1f}"),
+    ("load_s", "load s", False, 1, "{:.2f}"),
+]
+
+
+def row_name(r: dict) -> str:
+    name = ENGINE_NAMES[r["engine"]]
+    if r["engine"] == "transformers":
+        attn = (r.get("info") or {}).get("attn_implementation")
+        name += f" {r['variant']}" + (f" ({attn})" if attn and attn != r["variant"] else "")
+    if r["engine"] == "llamacpp":
+        return f"{name} {LLAMA_TYPES[r['precision']]}"
+    ct = (r.get("info") or {}).get("compute_type")
+    return f"{name} {r['precision']}" + (f" ({ct})" if ct and r["engine"] == "ctranslate2" else "")
+
+
+def med(r: dict, key: str) -> float | None:
+    values = (r.get("figures") or {}).get(key)
+    return statistics.median(values) if values else None
+
+
+def cell(values, scale=1, fmt="{:.1f}") -> str:
+    if not values:
+        return "–"
+    values = [v * scale for v in values]
+    m = fmt.format(statistics.median(values))
+    if len(values) == 1:
+        return m
+    return f"{m} [{fmt.format(min(values))}–{fmt.format(max(values))}]"
+
+
+def stream_bytes(r: dict, results: list[dict]) -> tuple[float | None, str]:
+    """Weight bytes one decode step reads, and how they were obtained."""
+    info = r.get("info") or {}
+    if info.get("stream_bytes"):
+        return info["stream_bytes"], "exact"
+    for ref in results:  # nominal: the fp32 weight count at this precision's bytes per weight
+        if (
+            ref["model"] == r["model"]
+            and ref["precision"] == "fp32"
+            and (ref.get("info") or {}).get("stream_bytes")
+            and ref["engine"] in ("neolm", "transformers")
+        ):
+            return ref["info"]["stream_bytes"] / 4 * NOMINAL_BYTES[r["precision"]], "nominal"
+    return None, ""
+
+
+def roofline(r: dict, doc: dict) -> float | None:
+    """Measured decode rate / (read bandwidth / weight bytes per token)."""
+    b, _ = stream_bytes(r, doc["results"])
+    d = med(r, "decode_tps")
+    if not b or not d:
+        return None
+    return d / (doc["bandwidth_start"]["read_gbs"] * 1e9 / b)
+
+
+def brief(r: dict) -> str:
+    if r.get("status") != "ok":
+        return r.get("reason", "")
+    parts = [f"{col} {fmt.format(med(r, k) * s)}" for k, col, _, s, fmt in FIGURES if med(r, k) is not None]
+    return ", ".join(parts + [f"RSS {r.get('peak_rss_mb', 0):.0f} MB"])
+
+
+def agreement(r: dict, rows: list[dict]) -> str:
+    """Leading greedy tokens equal to the reference's (neolm fp32, else transformers eager fp32)."""
+    for engine, variant in (("neolm", ""), ("transformers", "eager")):
+        ref = [
+            x
+            for x in rows
+            if x["engine"] == engine and x["variant"] == variant and x["precision"] == "fp32" and x.get("greedy_tokens")
+        ]
+        if ref:
+            a, b = r.get("greedy_tokens") or [], ref[0]["greedy_tokens"]
+            same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            return f"{same}/{len(b)}" if a else "–"
+    return "–"
+
+
+def model_table(model: str, doc: dict) -> list[str]:
+    rows = [r for r in doc["results"] if r["model"] == model]
+    s = doc["settings"]
+    names = [c.replace("512", str(s["prefill_len"])).replace("batch-8", f"batch-{s['batch']}") for _, c, *_ in FIGURES]
+    out = [
+        f"### {model}",
+        "",
+        f"| engine | {names[0]} | % roofline | "
+        + " | ".join(names[1:])
+        + " | batch/single | peak RSS MB | greedy = ref |",
+        "|---" * (len(FIGURES) + 5) + "|",
+    ]
+    for r in rows:
+        if r.get("status") != "ok":
+            out.append(f"| {row_name(r)} | {r.get('reason', r.get('status'))} |" + " |" * (len(FIGURES) + 3))
+            continue
+        f = r["figures"]
+        roof = roofline(r, doc)
+        _b, how = stream_bytes(r, doc["results"])
+        roof_cell = f"{100 * roof:.0f}%" + ("*" if how == "nominal" else "") if roof else "–"
+        ratio = med(r, "batch_tps") / med(r, "decode_tps") if med(r, "batch_tps") and med(r, "decode_tps") else None
+        cells = [cell(f.get(k), s, fmt) for k, _, _, s, fmt in FIGURES]
+        noisy = " †" if (r.get("other_cpu_cores") or 0) > NOISY_CORES else ""
+        noisy += " (stopped at the time limit: missing cells not measured)" if r.get("incomplete") else ""
+        out.append(
+            f"| {row_name(r)}{noisy} | {cells[0]} | {roof_cell} | "
+            + " | ".join(cells[1:])
+            + f" | {f'{ratio:.1f}×' if ratio else '–'} | {r.get('peak_rss_mb') or 0:.0f} | {agreement(r, rows)} |"
+        )
+    return out + [""]
+
+
+def ratio_table(doc: dict) -> list[str]:
+    res = [r for r in doc["results"] if r.get("status") == "ok"]
+    keys = [
+        ("decode_tps", "decode ↑"),
+        ("prefill_tps", "prefill ↑"),
+        ("batch_tps", "batch-8 ↑"),
+        ("ttft_s", "TTFT ↓"),
+        ("load_s", "load ↓"),
+        ("peak_rss_mb", "RSS ↓"),
+    ]
+    out = [
+        "| model | precision | neolm / peer | " + " | ".join(c for _, c in keys) + " |",
+        "|---" * (len(keys) + 3) + "|",
+    ]
+    for n in [r for r in res if r["engine"] == "neolm"]:
+        for peer in [
+            r for r in res if r["engine"] != "neolm" and r["model"] == n["model"] and r["precision"] == n["precision"]
+        ]:
+            cells = []
+            for k, _ in keys:
+                a, b = (x.get("peak_rss_mb") if k == "peak_rss_mb" else med(x, k) for x in (n, peer))
+                cells.append(f"{a / b:.2f}" if a and b else "–")
+            out.append(f"| {n['model']} | {n['precision']} | {row_name(peer)} | " + " | ".join(cells) + " |")
+    return out + [
+        "",
+        "Ratios are neolm's median over the peer's: above 1 is better for ↑ figures, below 1 for ↓ ones.",
+        "",
+    ]
+
+
+def targets(doc: dict) -> list[str]:
+    res = [r for r in doc["results"] if r.get("status") == "ok"]
+    out = ["| target | model | neolm | reference | met |", "|---|---|---|---|---|"]
+
+    def find(model, engine, precision):
+        return [r for r in res if r["model"] == model and r["engine"] == engine and r["precision"] == precision]
+
+    def line(what, model, mine, ref, ok):
+        out.append(f"| {what} | {model} | {mine} | {ref} | {'yes' if ok else '**no**'} |")
+
+    for model in dict.fromkeys(r["model"] for r in doc["results"]):
+        neo = {p: (find(model, "neolm", p) or [None])[0] for p in ("fp32", "bf16", "int8", "int4")}
+        if neo["fp32"] and med(neo["fp32"], "decode_tps"):
+            d = med(neo["fp32"], "decode_tps")
+            hf = [med(r, "decode_tps") for r in find(model, "transformers", "fp32")]
+            if hf:
+                line(
+                    "fp32 decode ≥ 2× transformers (best attention)",
+                    model,
+                    f"{d:.1f} tok/s",
+                    f"2 × {max(hf):.1f}",
+                    d >= 2 * max(hf),
+                )
+            for r in find(model, "llamacpp", "fp32"):
+                line(
+                    "fp32 decode ≥ llama.cpp F32",
+                    model,
+                    f"{d:.1f} tok/s",
+                    f"{med(r, 'decode_tps'):.1f}",
+                    d >= med(r, "decode_tps"),
+                )
+            if model in ("gpt-neo-125M", "pythia-160m"):
+                roof = roofline(neo["fp32"], doc)
+                line("fp32 decode ≥ 70% of roofline (125M shape)", model, f"{100 * roof:.0f}%", "70%", roof >= 0.7)
+        for p, n in neo.items():
+            if not n:
+                continue
+            peers = [r for r in res if r["model"] == model and r["precision"] == p and r["engine"] != "neolm"]
+            for key, what in (
+                ("prefill_tps", "prefill-512 ≥ best peer"),
+                ("decode_tps", "decode ≥ best peer (fastest)"),
+            ):
+                vals = [(med(r, key), row_name(r)) for r in peers if med(r, key)]
+                if vals and med(n, key):
+                    best = max(vals)
+                    line(
+                        f"{p} {what}", model, f"{med(n, key):.1f}", f"{best[0]:.1f} ({best[1]})", med(n, key) >= best[0]
+                    )
+            if med(n, "batch_tps") and med(n, "decode_tps"):
+                ratio = med(n, "batch_tps") / med(n, "decode_tps")
+                line(f"{p} batch-8 ≥ 4× own single stream", model, f"{ratio:.1f}×", "4×", ratio >= 4)
+    return out + [""]
+
+
+def other_cpu(doc: dict) -> str:
+    """How quiet the machine stayed: other processes' CPU use during each measured row."""
+    vals = sorted((r["other_cpu_cores"], row_name(r), r["model"]) for r in doc["results"] if "other_cpu_cores" in r)
+    if not vals:
+        return "- Other processes' CPU use during the rows: not recorded"
+    noisy = [v for v in vals if v[0] > NOISY_CORES]
+    return (
+        f"- Other processes' CPU use while each row ran (cores, from /proc/stat minus the worker's own): median "
+        f"{statistics.median(v[0] for v in vals):.2f}, max {vals[-1][0]:.2f} ({vals[-1][2]} {vals[-1][1]}); "
+        + (
+            f"{len(noisy)} row(s) above {NOISY_CORES} cores are marked †"
+            if noisy
+            else f"no row above {NOISY_CORES} cores"
+        )
+    )
+
+
+def render(doc: dict) -> str:
+    m, s = doc["machine"], doc["settings"]
+    q0, q1 = doc["quiet_start"], doc.get("quiet_end", {})
+    bw0, bw1 = doc["bandwidth_start"], doc.get("bandwidth_end", {})
+    lines = [
+        "# neolm benchmark results", "",
+        "Generated by `bench/bench.py` (see `bench/README.md`); raw per-run numbers in `RESULTS.json` beside this file.", "",
+        "```", doc["command"], "```", "",
+        "## Machine and conditions", "",
+        (f"- CPU: {m['cpu']}, {m['cpus']} CPUs ({m['cores_per_socket']} cores/socket × {m['sockets']} socket, "
+        f"{m['threads_per_core']} thread/core), L2 {m['l2']}, L3 {m['l3']}; {m['simd']}; {m['memory_gib']} GiB RAM; Linux {m['kernel']}"),
+        f"- Python {m['python']}, torch {m.get('torch')}, transformers {m.get('transformers')}; neolm at commit {m.get('neolm_commit')}; "
+        + "peers: " + ", ".join(f"{PACKAGES[k]} {v}" for k, v in doc["peers"]["versions"].items()),
+        f"- Threads: {s['threads']} (torch.set_num_threads, OMP/MKL_NUM_THREADS, CTranslate2 intra_threads, llama.cpp n_threads)",
+        f"- Started {q0['time']}, load average {q0['loadavg']}, training run active: {q0['neolm_train_running']}"
+        + (f", other busy processes: {'; '.join(q0['busy'])}" if q0["busy"] else ", no other busy process"),
+        f"- Ended {q1.get('time')}, load average {q1.get('loadavg')}; total wall time {doc.get('wall_s', 0) / 60:.0f} min",
+        other_cpu(doc),
+        f"- Memory bandwidth ({s['threads']} threads, 1 GiB fp32): read (sum) {bw0['read_gbs']:.1f} GB/s, copy {bw0['copy_gbs']:.1f} GB/s"
+        + (f" at the start; {bw1['read_gbs']:.1f} / {bw1['copy_gbs']:.1f} GB/s at the end" if bw1 else ""), "",
+        "## Method", "",
+        (f"Random weights of the real shapes (saved by transformers, real tokenizers), the same token ids for every engine. "
+        f"Decode: {s['prompt_len']}-token prompt, {s['new_tokens']} new tokens, greedy, eos banned so every engine makes all "
+        f"{s['new_tokens']}; decode tok/s = (n−1)/(time of token n − time of token 1); TTFT = time to the first new token "
+        f"(prefill + one step). Prefill: a {s['prefill_len']}-token prompt to last-token logits. Batch: {s['batch']} different "
+        f"{s['prompt_len']}-token prompts at once, decode tokens/s over all sequences after the first step. Load: from a warm "
+        f"page cache. Peak RSS: VmHWM of the engine's own process after load and all measurements. Each cell: median "
+        f"[min–max] of {s['runs']} runs ({s['big_runs'] or s['runs']} on {s['big_models']}), after an untimed warm-up; every "
+        f"engine × model × precision in its own process."), "",
+        ("% roofline = decode tok/s ÷ (read bandwidth ÷ weight bytes a step reads); the bytes are the engine's own "
+        "(neolm, transformers: its tensors; llama.cpp: the GGUF tensor table), or, marked *, the fp32 weight count × "
+        "nominal bytes per weight (CTranslate2). Embedding tables count one row; a tied output head counts in full. "
+        "greedy = ref: how many leading greedy tokens equal neolm fp32's (random weights give near-flat logits, so "
+        "lower precisions drift early; fp32 engines should agree for long)."), "",
+    ]  # fmt: skip
+    if s.get("big_skip"):
+        lines += [f"Skipped on {s['big_models']} for time: {', '.join(s['big_skip'])}.", ""]
+    lines += ["## Results (CPU)", ""]
+    for model in dict.fromkeys(r["model"] for r in doc["results"]):
+        lines += model_table(model, doc)
+    lines += ["## neolm / peer", ""] + ratio_table(doc) + ["## Targets (issue 6)", ""] + targets(doc)
+    lines += ["## CUDA", "", doc.get("cuda_note", "Not run: this run had no NVIDIA GPU."), ""]
+    return "\n".join(lines)

@@ -1,0 +1,199 @@
+"""`neolm eval` (lm-evaluation-harness tasks on neolm's backend) and `neolm perplexity` (rolling perplexity)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from neolm.cli import MODEL_HELP, _add_model_args, non_negative, seed_type
+from neolm.errors import NeolmError
+
+MODEL_ARG_HELP = MODEL_HELP + ", or 'default' for neolm's bundled model"
+
+
+def register(sub) -> dict:
+    e = sub.add_parser(
+        "eval",
+        help="score a model on lm-evaluation-harness tasks",
+        description="Run lm-evaluation-harness tasks (zero-shot by default, as the model cards report them) on "
+        "neolm's harness backend; print a table of task, metric, value and stderr, and write the harness's JSON "
+        "results. Tasks load from the Hugging Face hub as the harness does, or with --data-dir from local JSONL "
+        "files DIR/<task>_<split>.jsonl (offline: lambada_openai_test, hellaswag_validation, piqa_validation, "
+        "winogrande_validation, arc_easy_test, arc_challenge_test, sciq_test, wikitext_test). --text adds a "
+        "rolling perplexity over text files (word/byte perplexity, bits per byte). Needs `pip install 'neolm[eval]'`.",
+    )
+    _add_model_args(e, required=True)
+    _model_help(e)
+    e.add_argument("--tasks", default="", help="comma-separated task names, e.g. lambada_openai,hellaswag")
+    e.add_argument("--data-dir", help="read tasks from DIR/<task>_<split>.jsonl instead of the hub")
+    e.add_argument("--text", nargs="+", metavar="FILE", help="also score the rolling perplexity of these text files")
+    e.add_argument("--batch-size", type=non_negative, default=8, help="sequences per forward pass (default 8)")
+    e.add_argument("--max-length", type=non_negative, help="context the model may read (default: the model's)")
+    e.add_argument("--limit", type=float, help="score only the first N documents of each task (or a fraction < 1)")
+    e.add_argument("--num-fewshot", type=non_negative, help="few-shot examples (default: the task's, usually 0)")
+    e.add_argument("--seed", type=seed_type, default=0, help="seed for few-shot sampling and generation")
+    e.add_argument("--bootstrap-iters", type=non_negative, default=100000, help="bootstrap resamples for stderr")
+    e.add_argument("--output", default="eval_results.json", help="where to write the JSON results")
+    e.add_argument("--no-share-context", action="store_true", help="score each answer with its own context pass")
+
+    p = sub.add_parser(
+        "perplexity",
+        help="rolling-window perplexity of text files",
+        description="Rolling-window perplexity of each FILE as one document, with lm-evaluation-harness's windows "
+        "(the first conditioned on the end-of-text token, later ones predicting disjoint chunks with the most "
+        "context that fits). Prints token, word and byte perplexity, bits per byte and tokens/s.",
+    )
+    _add_model_args(p, required=True)
+    _model_help(p)
+    p.add_argument("files", nargs="+", metavar="FILE", help="UTF-8 text files")
+    p.add_argument("--batch-size", type=non_negative, default=8, help="windows per forward pass (default 8)")
+    p.add_argument("--max-length", type=non_negative, help="window length (default: the model's context)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    return {"eval": cmd_eval, "perplexity": cmd_perplexity}
+
+
+def _model_help(parser) -> None:
+    for action in parser._actions:
+        if action.dest == "model":
+            action.help = MODEL_ARG_HELP
+
+
+def _load(args):
+    import neolm
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model = None if args.model == "default" and not Path("default").exists() else args.model
+    quant = {"quantize": args.quantize} if getattr(args, "quantize", None) else {}
+    return neolm.load(model, revision=args.revision, dtype=args.dtype, device=args.device, **quant)
+
+
+def _max_length(args, lm) -> int:
+    n_ctx = lm.config.n_positions
+    if args.max_length is not None and not 1 <= args.max_length <= n_ctx:
+        raise NeolmError(f"--max-length must be between 1 and the model's context of {n_ctx}, got {args.max_length}")
+    return args.max_length or n_ctx
+
+
+def _read_texts(files) -> list[str]:
+    texts = []
+    for f in map(Path, files):
+        if not f.is_file():
+            raise NeolmError(f"text file {f} not found")
+        try:
+            texts.append(f.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise NeolmError(f"text file {f} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return texts
+
+
+def cmd_perplexity(args) -> int:
+    from tqdm import tqdm
+
+    from neolm.eval.perplexity import perplexity
+
+    if args.batch_size < 1:
+        raise NeolmError("--batch-size must be at least 1")
+    texts = _read_texts(args.files)
+    lm = _load(args)
+    max_len = _max_length(args, lm)
+    total = sum(len(lm.encode(t)) for t in texts)
+    if not total:
+        raise NeolmError("the files hold no text to score")
+    with tqdm(total=total, unit="tok", desc="perplexity", disable=not sys.stderr.isatty() or args.json) as bar:
+        result = perplexity(lm.model, lm.encode, texts, lm.tokenizer.eos_token_id, max_len, args.batch_size, bar.update)
+    out = {"model": lm.source, "files": [str(f) for f in args.files], "max_length": max_len, **result.as_dict()}
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"{len(texts)} file(s), {result.tokens:,} tokens, {result.words:,} words, {result.bytes:,} bytes "
+          f"(window {max_len} tokens)")  # fmt: skip
+    print(f"token perplexity  {result.token_perplexity:.4f}")
+    print(f"word perplexity   {result.word_perplexity:.4f}")
+    print(f"byte perplexity   {result.byte_perplexity:.4f}")
+    print(f"bits per byte     {result.bits_per_byte:.4f}")
+    print(f"{out['tokens_per_second']:,.0f} tokens/s ({result.seconds:.1f}s)")
+    return 0
+
+
+def results_table(results: dict) -> list[tuple[str, str, float, float | None]]:
+    """(task, metric, value, stderr) rows from the harness's results, in task order."""
+    rows = []
+    for task, metrics in results["results"].items():
+        for key, value in metrics.items():
+            if "," not in key or "_stderr," in key or not isinstance(value, (int, float)):
+                continue
+            metric, filt = key.split(",", 1)
+            stderr = metrics.get(f"{metric}_stderr,{filt}")
+            rows.append((metrics.get("alias", task), metric, float(value),
+                         float(stderr) if isinstance(stderr, (int, float)) else None))  # fmt: skip
+    return rows
+
+
+def format_table(rows) -> str:
+    lines = ["| Task | Metric | Value | Stderr |", "| --- | --- | ---: | ---: |"]
+    for task, metric, value, stderr in rows:
+        err = "" if stderr is None or math.isnan(stderr) else f"{stderr:.4f}"
+        lines.append(f"| {task} | {metric} | {value:.4f} | {err} |")
+    return "\n".join(lines)
+
+
+def cmd_eval(args) -> int:
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager  # noqa: F401
+    except ImportError:
+        raise NeolmError("neolm eval needs lm-evaluation-harness: pip install 'neolm[eval]'") from None
+    from neolm.eval import tasks
+    from neolm.eval.harness import NeolmLM
+
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not names and not args.text:
+        raise NeolmError("no tasks: pass --tasks (e.g. lambada_openai,hellaswag) and/or --text FILE...")
+    if args.batch_size < 1:
+        raise NeolmError("--batch-size must be at least 1")
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        raise NeolmError(f"--data-dir {args.data_dir} is not a folder")
+    for name in ("lm_eval", "datasets", "huggingface_hub"):  # their notes and retries; errors come as ours
+        logging.getLogger(name).setLevel(logging.INFO if args.verbose else logging.ERROR)
+    with tempfile.TemporaryDirectory(prefix="neolm-eval-") as tmp:
+        manager = tasks.task_manager()
+        specs = tasks.build(names, args.data_dir, args.text, Path(tmp), manager=manager)
+        try:
+            loaded = manager.load(specs)
+        except NeolmError:
+            raise
+        except Exception as e:  # noqa: BLE001  (the datasets library: no network, a bad file, ...)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            hint = "" if args.data_dir else "; offline, pass --data-dir DIR with <task>_<split>.jsonl files"
+            raise NeolmError(f"could not load the task data: {first}{hint}") from None
+        lm = _load(args)
+        backend = NeolmLM(lm=lm, batch_size=args.batch_size, max_length=_max_length(args, lm),
+                          share_context=not args.no_share_context)  # fmt: skip
+        start = time.perf_counter()
+        with contextlib.redirect_stdout(sys.stderr):  # the harness prints progress notes; stdout is the table
+            results = lm_eval.simple_evaluate(
+                model=backend, tasks=list(loaded["tasks"].values()), task_manager=manager, limit=args.limit,
+                num_fewshot=args.num_fewshot, bootstrap_iters=args.bootstrap_iters, random_seed=args.seed,
+                numpy_random_seed=args.seed, torch_random_seed=args.seed, fewshot_random_seed=args.seed,
+            )  # fmt: skip
+    seconds = time.perf_counter() - start
+    stats = backend.stats
+    results["config"]["model"] = lm.source
+    results["neolm"] = {**stats, "requests_per_second": stats["requests"] / max(stats["seconds"], 1e-9),
+                        "tokens_per_second": stats["tokens"] / max(stats["seconds"], 1e-9),
+                        "wall_seconds": seconds, "batch_size": args.batch_size}  # fmt: skip
+    Path(args.output).write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(format_table(results_table(results)))
+    print(f"\n{stats['requests']:,} requests, {stats['tokens']:,} scored tokens in {stats['seconds']:.1f}s "
+          f"({results['neolm']['requests_per_second']:.1f} requests/s, {results['neolm']['tokens_per_second']:,.0f} "
+          f"tokens/s); results in {args.output}")  # fmt: skip
+    return 0

@@ -1,0 +1,288 @@
+"""neolm's quantized Linear layers (int8, int4) and the module swap that installs them.
+
+Weight-only quantization; activations stay in floating point. Shapes: N out-features, K in-features,
+G group size.
+
+int8  per-output-channel symmetric: q = round(w / s) in [-127, 127], s = max|w_row| / 127.   w ~ q * s
+int4  group-wise asymmetric over G consecutive in-features: s = (max - min) / 15, zero = min + 8 s,
+      q = round((w - min) / s) in [0, 15].                                          w ~ (q - 8) * s + zero
+Scales and zeros are bfloat16 (what the packed kernels consume); the codes are computed against those
+rounded values, so the kernels and the dequantized weight describe the same matrix.
+
+The swap happens after the model is built (gpt-fast style): `quantize_model` replaces nn.Linear layers in
+place; `swap_empty` installs empty ones on the meta device for loading a quantized checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neolm.errors import NeolmError
+from neolm.quant import kernels
+
+log = logging.getLogger(__name__)
+
+GROUP_SIZES = (32, 64, 128, 256)
+BITS = {"int8": 8, "int4": 4}
+DEFAULT_SKIP = ("lm_head",)  # the output head stays in floating point unless asked
+SCALE_DTYPE = torch.bfloat16
+_TINY = 1e-8  # scale of an all-equal row or group
+ALIGN = 64  # bytes: aten's int8 CPU kernel crashes on codes that are not 32-byte aligned (e.g. memory-mapped)
+
+
+class QuantLinear(nn.Module):
+    """Base class: bias, dispatch between the packed kernel and dequantize-then-matmul.
+
+    `weight` is the dequantized matrix (computed on access, for code that inspects it); the stored
+    codes are `qweight`.
+    """
+
+    bits = 0
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.dtype = dtype  # the model's float dtype: of the bias, and of `weight`
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), False) if bias else None
+        self.use_kernel = False
+        self._prepared_on: torch.device | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.dequantize(self.dtype)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """The packed kernel: x (M, K) -> (M, N), no bias."""
+        raise NotImplementedError
+
+    def prepare(self, name: str = "") -> None:
+        """Pack the codes for the kernel of the device they are on, and check the kernel once."""
+        if self.qweight.data_ptr() % ALIGN:
+            self.qweight = self.qweight.clone()
+        self._prepared_on = self.qweight.device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._prepared_on != x.device:
+            self.prepare()
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        if self.use_kernel:
+            y = self.matmul(x2)
+            if self.bias is not None:
+                y = y + self.bias.to(y.dtype)
+        else:
+            bias = self.bias.to(x.dtype) if self.bias is not None else None
+            y = F.linear(x2, self.dequantize(x.dtype), bias)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        kernel = "packed kernel" if self.use_kernel else "dequantize per call"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {kernel}"
+        )
+
+
+class Int8Linear(QuantLinear):
+    bits = 8
+
+    def __init__(self, in_features, out_features, bias, dtype, device=None):
+        super().__init__(in_features, out_features, bias, dtype, device)
+        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.empty(out_features, dtype=SCALE_DTYPE, device=device))  # (N,)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        w = linear.weight.detach()
+        module = cls(w.shape[1], w.shape[0], linear.bias is not None, w.dtype, "meta")
+        module.qweight, module.scale = quantize_int8(w)
+        if linear.bias is not None:
+            module.bias = nn.Parameter(linear.bias.detach(), False)
+        return module
+
+    def dequantize(self, dtype=None):
+        return (self.qweight.float() * self.scale.float()[:, None]).to(dtype or self.dtype)  # (N, K)
+
+    def matmul(self, x):
+        return kernels.int8_mm(x, self.qweight, self.scale)
+
+    def prepare(self, name=""):
+        super().prepare(name)
+        self.use_kernel = kernels.agrees(self.matmul, self.dequantize(torch.float32), name or "int8 layer")
+
+    def export(self) -> dict[str, torch.Tensor]:
+        out = {"qweight": self.qweight, "scale": self.scale}
+        return out | ({"bias": self.bias.detach()} if self.bias is not None else {})
+
+
+class Int4Linear(QuantLinear):
+    bits = 4
+
+    def __init__(self, in_features, out_features, bias, dtype, group_size: int = 64, device=None):
+        super().__init__(in_features, out_features, bias, dtype, device)
+        check_group_size(group_size, in_features)
+        self.group_size = group_size
+        groups = in_features // group_size
+        self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scale", torch.empty(out_features, groups, dtype=SCALE_DTYPE, device=device))
+        self.register_buffer("zero", torch.empty(out_features, groups, dtype=SCALE_DTYPE, device=device))
+        self.layout = "canonical"  # of qweight: "canonical" (saved form) or "cpu" (aten's CPU kernel layout)
+        self._kweight: torch.Tensor | None = None  # CUDA, or CPU when the layout is not invertible
+        self._sz: torch.Tensor | None = None  # (K/G, N, 2) scales and zeros for the kernels
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 64) -> Int4Linear:
+        w = linear.weight.detach()
+        module = cls(w.shape[1], w.shape[0], linear.bias is not None, w.dtype, group_size, "meta")
+        codes, module.scale, module.zero = quantize_int4(w, group_size)
+        module.qweight = kernels.pack_int4(codes)
+        if linear.bias is not None:
+            module.bias = nn.Parameter(linear.bias.detach(), False)
+        return module
+
+    def codes(self) -> torch.Tensor:
+        """(N, K) codes in [0, 15], whatever the layout."""
+        unpack = kernels.unpack_int4_cpu if self.layout == "cpu" else kernels.unpack_int4
+        return unpack(self.qweight)
+
+    def dequantize(self, dtype=None):
+        N, K, G = self.out_features, self.in_features, self.group_size
+        q = self.codes().view(N, K // G, G).float()
+        w = (q - 8) * self.scale.float()[..., None] + self.zero.float()[..., None]
+        return w.view(N, K).to(dtype or self.dtype)
+
+    def matmul(self, x):
+        packed = self._kweight if self._kweight is not None else self.qweight
+        return kernels.int4_mm(x, packed, self.group_size, self._sz)
+
+    def prepare(self, name=""):
+        super().prepare(name)
+        name = name or "int4 layer"
+        codes = self.codes()  # (N, K)
+        device = codes.device
+        self.qweight, self.layout, self._kweight = kernels.pack_int4(codes), "canonical", None
+        try:
+            if device.type == "cpu":
+                if self.out_features % kernels.CPU_BLOCK_N == 0 and kernels.cpu_int4_layout_known():
+                    self.qweight, self.layout = kernels.pack_int4_cpu(codes), "cpu"  # one copy of the codes
+                else:
+                    self._kweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), 2)
+            else:
+                self._kweight = torch.ops.aten._convert_weight_to_int4pack(kernels.pack_int4(codes), 8)
+        except Exception as e:  # noqa: BLE001 (an optional op: missing, or refusing this shape or device)
+            log.info("%s: int4 packing unavailable (%s)", name, str(e).splitlines()[0][:120])
+            self.use_kernel = False
+            return
+        self._sz = kernels.scales_and_zeros(self.scale, self.zero, kernels.kernel_dtype(device, self.dtype))
+        self.use_kernel = kernels.agrees(self.matmul, self.dequantize(torch.float32), name)
+        if not self.use_kernel:
+            self._kweight = self._sz = None
+
+    def export(self) -> dict[str, torch.Tensor]:
+        qweight = self.qweight if self.layout == "canonical" else kernels.pack_int4(self.codes())
+        out = {"qweight": qweight, "scale": self.scale, "zero": self.zero}
+        return out | ({"bias": self.bias.detach()} if self.bias is not None else {})
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", group_size={self.group_size}"
+
+
+# ---- quantization math ------------------------------------------------------------------------
+@torch.no_grad()
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (N, K) -> codes int8 (N, K), scales bf16 (N,)."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=_TINY).to(SCALE_DTYPE)
+    q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+@torch.no_grad()
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w (N, K) -> codes uint8 (N, K) in [0, 15], scales and zeros bf16 (N, K/G)."""
+    N, K = w.shape
+    check_group_size(group_size, K)
+    g = w.float().view(N, K // group_size, group_size)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)  # (N, K/G)
+    scale = ((hi - lo) / 15).clamp(min=_TINY).to(SCALE_DTYPE)
+    zero = (lo + 8 * scale.float()).to(SCALE_DTYPE)
+    base = zero.float() - 8 * scale.float()  # the rounded min
+    q = torch.round((g - base[..., None]) / scale.float()[..., None]).clamp(0, 15).to(torch.uint8)
+    return q.view(N, K), scale, zero
+
+
+def check_group_size(group_size: int, in_features: int | None = None, where: str = "") -> None:
+    if group_size not in GROUP_SIZES:
+        raise NeolmError(f"group size {group_size} is not supported; use one of {', '.join(map(str, GROUP_SIZES))}")
+    if in_features is not None and in_features % group_size:
+        raise NeolmError(f"group size {group_size} does not divide the {in_features} in-features{where}; "
+                         "choose a smaller group size")  # fmt: skip
+
+
+def parse_quantize(quantize) -> int:
+    """'int8' / 'int4' -> bits."""
+    if quantize not in BITS:
+        raise NeolmError(f"unknown quantization {quantize!r}; use int8 or int4")
+    return BITS[quantize]
+
+
+# ---- the module swap ------------------------------------------------------------------------------
+def targets(model: nn.Module, skip=DEFAULT_SKIP) -> list[str]:
+    """Names of the Linear layers that quantization replaces."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in skip]
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, bits: int, group_size: int = 64, skip=DEFAULT_SKIP) -> nn.Module:
+    """Replace the model's Linear layers (but `skip`) by quantized ones, in place; returns the model."""
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise NeolmError("the model is already quantized")
+    if bits not in (4, 8):
+        raise NeolmError(f"{bits}-bit quantization is not supported; use 8 or 4")
+    names = targets(model, skip)
+    if bits == 4:
+        check_group_size(group_size)
+        for name in names:
+            check_group_size(group_size, model.get_submodule(name).in_features, f" of layer {name}")
+    for name in names:
+        linear = model.get_submodule(name)
+        q = Int8Linear.from_linear(linear) if bits == 8 else Int4Linear.from_linear(linear, group_size)
+        q.prepare(name)
+        _set(model, name, q)
+    model.quant_config = quant_config(bits, group_size, skip, model)
+    log.info("quantized %d layers to int%d%s", len(names), bits, f" (group size {group_size})" if bits == 4 else "")
+    return model
+
+
+def swap_empty(model: nn.Module, bits: int, group_size: int, skip, dtype: torch.dtype) -> None:
+    """Replace the Linear layers of a meta-device model by empty quantized ones (to be loaded into)."""
+    for name in targets(model, skip):
+        linear = model.get_submodule(name)
+        args = (linear.in_features, linear.out_features, linear.bias is not None, dtype)
+        with torch.device("meta"):
+            q = Int8Linear(*args) if bits == 8 else Int4Linear(*args, group_size=group_size)
+        _set(model, name, q)
+
+
+def quant_config(bits: int, group_size: int, skip, model: nn.Module) -> dict:
+    """The `quantization_config` that config.json records."""
+    linear = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantLinear))]
+    return {
+        "quant_method": "neolm",
+        "format_version": 1,
+        "bits": bits,
+        "scheme": "int8 per-output-channel symmetric" if bits == 8 else "int4 group-wise asymmetric",
+        "group_size": group_size if bits == 4 else None,
+        "scale_dtype": str(SCALE_DTYPE).removeprefix("torch."),
+        "modules_not_to_convert": sorted(n for n in linear if n in set(skip)),
+    }
