@@ -13,6 +13,7 @@ bench/report.py. Checkpoints and converted files are cached under --cache.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import shlex
@@ -237,13 +238,15 @@ def plan(args, peers: Peers, notes: dict) -> list[dict]:
                 for precision in args.precisions:
                     if precision not in PRECISIONS[engine]:
                         continue
+                    batch = precision in args.batch_precisions
                     job = {"model": model, "engine": engine, "variant": variant, "precision": precision,
-                           "runs": args.runs, "figures": "single,prefill,batch,load"}  # fmt: skip
+                           "runs": args.runs, "figures": "single,prefill,load" + (",batch" if batch else "")}  # fmt: skip
+                    key = f"{model}/{engine}{'-' + variant if variant else ''}:{precision}"
                     reason = peers.missing.get(engine)
                     if engine in ("ctranslate2", "llamacpp") and family(model) == "neo":
                         reason = f"unsupported: {report.ENGINE_NAMES[engine]} has no GPT-Neo architecture"
-                    elif model in big and f"{engine}{'-' + variant if variant else ''}:{precision}" in args.big_skip:
-                        reason = "skipped on the 1B+ shapes to fit the time budget (see the small shapes)"
+                    elif any(fnmatch.fnmatchcase(key, pattern) for pattern in args.skip):
+                        reason = "not run, to fit the time budget (see Method)"
                     reason = (
                         reason
                         or notes.get(model, {}).get(engine)
@@ -267,9 +270,10 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prefill-len", type=int, default=512)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--big-models", default="gpt-neo-1.3B,pythia-1.4b", help="shapes that get --big-runs and --big-skip")
+    p.add_argument("--big-models", default="gpt-neo-1.3B,pythia-1.4b", help="shapes that get --big-runs")
     p.add_argument("--big-runs", type=int, default=0, help="runs on the big shapes (0: --runs)")
-    p.add_argument("--big-skip", default="", help="engine[-variant]:precision pairs not run on the big shapes")
+    p.add_argument("--skip", default="", help="rows not run: MODEL/ENGINE[-VARIANT]:PRECISION patterns (fnmatch)")
+    p.add_argument("--batch-precisions", default="fp32,bf16,int8,int4", help="precisions that get the batch figure")
     p.add_argument("--out", default=str(HERE / "RESULTS.md"))
     p.add_argument("--cache", default="/tmp/neolm-bench")
     p.add_argument("--ct2-python", default="/tmp/neolm-bench/ct2-venv/bin/python")
@@ -298,7 +302,8 @@ def main() -> None:
         if "--out" not in sys.argv:
             args.out = str(Path(args.cache) / "QUICK.md")
     args.models, args.engines, args.precisions = (s.split(",") for s in (args.models, args.engines, args.precisions))
-    args.big_skip = set(filter(None, args.big_skip.split(",")))
+    args.skip = sorted(filter(None, args.skip.split(",")))
+    args.batch_precisions = args.batch_precisions.split(",")
     started = time.time()
     doc = {
         "command": command,
@@ -308,7 +313,9 @@ def main() -> None:
             k: getattr(args, k) for k in ("threads", "runs", "big_runs", "new_tokens", "prefill_len", "batch", "quick")
         },
     }
-    doc["settings"].update(prompt_len=32, big_models=args.big_models, big_skip=sorted(args.big_skip))
+    doc["settings"].update(
+        prompt_len=32, big_models=args.big_models, skip=args.skip, batch_precisions=args.batch_precisions
+    )
     log(f"machine: {doc['machine']['cpu']}; load {doc['quiet_start']['loadavg']}")
     peers = Peers(args)
     doc["peers"] = {"versions": peers.versions, "missing": peers.missing, "python": peers.python}

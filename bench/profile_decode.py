@@ -205,6 +205,31 @@ def experiments(model) -> list[str]:
     finally:
         GPT._masks = masks
         nm.F.scaled_dot_product_attention = original
+    mlps = [b.mlp for b in model.blocks]
+    acts = [m.act for m in mlps]
+    threads = torch.get_num_threads()
+
+    def one_thread(act):
+        def run(x):  # MKL's vector erf (exact GELU) opens a thread team even for one token's 3072 values
+            if x.numel() > 65536:
+                return act(x)
+            torch.set_num_threads(1)
+            try:
+                return act(x)
+            finally:
+                torch.set_num_threads(threads)
+
+        return run
+
+    try:
+        for m, act in zip(mlps, acts, strict=True):
+            m.act = one_thread(act)
+        rows.append(
+            ("activation of a decode step on 1 thread (set_num_threads(1) around it)", step_ms(model, repeats=2))
+        )
+    finally:
+        for m, act in zip(mlps, acts, strict=True):
+            m.act = act
     return [f"| {what} | {ms:.2f} |" for what, ms in rows]
 
 

@@ -260,8 +260,10 @@ def render(doc: dict) -> str:
         "greedy = ref: how many leading greedy tokens equal neolm fp32's (random weights give near-flat logits, so "
         "lower precisions drift early; fp32 engines should agree for long)."), "",
     ]  # fmt: skip
-    if s.get("big_skip"):
-        lines += [f"Skipped on {s['big_models']} for time: {', '.join(s['big_skip'])}.", ""]
+    if s.get("skip"):
+        lines += [f"Rows not run, to fit the time budget: `{', '.join(s['skip'])}`.", ""]
+    if s.get("batch_precisions") and set(s["batch_precisions"]) != {"fp32", "bf16", "int8", "int4"}:
+        lines += [f"The batch figure was measured for {', '.join(s['batch_precisions'])} only (time budget).", ""]
     lines += ["## Results (CPU)", ""]
     for model in dict.fromkeys(r["model"] for r in doc["results"]):
         lines += model_table(model, doc)
