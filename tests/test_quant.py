@@ -490,3 +490,14 @@ def test_default_model_quality_bars():
     lm = neolm.load(DEFAULT_MODEL, dtype="float32", device="cpu", quantize="int4", group_size=64)
     int4 = quality.compare(full, measure())
     assert int4["perplexity_change"] < 0.05, int4
+
+
+def test_int8_on_a_width_the_cpu_kernel_cannot_take(tiny_checkpoints):
+    """Width 60: aten's int8 CPU kernel would crash the process; neolm falls back to dequantize-per-call."""
+    lm = neolm.load(tiny_checkpoints["neox-parallel-pct25"][1], quantize="int8")
+    layer = lm.model.blocks[0].attn.qkv
+    x = torch.randn(2, 60)
+    y = layer(x)
+    assert not layer.use_kernel
+    assert torch.allclose(y, torch.nn.functional.linear(x, layer.dequantize(torch.float32), layer.bias), atol=1e-5)
+    assert len(lm.generate_ids([[1, 2, 3]], max_new_tokens=4, min_new_tokens=4)[0]) == 4

@@ -182,7 +182,8 @@ def cmd_eval(args) -> int:
         with contextlib.redirect_stdout(sys.stderr):  # the harness prints progress notes; stdout is the table
             results = lm_eval.simple_evaluate(
                 model=backend, tasks=list(loaded["tasks"].values()), task_manager=manager, limit=args.limit,
-                num_fewshot=args.num_fewshot, bootstrap_iters=args.bootstrap_iters, random_seed=args.seed,
+                num_fewshot=args.num_fewshot, bootstrap_iters=args.bootstrap_iters, log_samples=False,
+                random_seed=args.seed,
                 numpy_random_seed=args.seed, torch_random_seed=args.seed, fewshot_random_seed=args.seed,
             )  # fmt: skip
     seconds = time.perf_counter() - start
@@ -191,6 +192,7 @@ def cmd_eval(args) -> int:
     results["neolm"] = {**stats, "requests_per_second": stats["requests"] / max(stats["seconds"], 1e-9),
                         "tokens_per_second": stats["tokens"] / max(stats["seconds"], 1e-9),
                         "wall_seconds": seconds, "batch_size": args.batch_size}  # fmt: skip
+    results.pop("samples", None)  # per-document records: tens of MB for a full task
     Path(args.output).write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(format_table(results_table(results)))
     print(f"\n{stats['requests']:,} requests, {stats['tokens']:,} scored tokens in {stats['seconds']:.1f}s "

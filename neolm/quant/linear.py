@@ -113,6 +113,9 @@ class Int8Linear(QuantLinear):
 
     def prepare(self, name=""):
         super().prepare(name)
+        if self.in_features % 32:  # aten's CPU int8 kernel crashes (not fails) on such widths, e.g. 60
+            self.use_kernel = False
+            return
         self.use_kernel = kernels.agrees(self.matmul, self.dequantize(torch.float32), name or "int8 layer")
 
     def export(self) -> dict[str, torch.Tensor]:
