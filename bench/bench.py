@@ -28,7 +28,7 @@ sys.path.insert(0, str(HERE))
 import machine
 import report
 
-ENGINE_VARIANTS = {"neolm": [""], "transformers": ["eager", "default"], "ctranslate2": [""], "llamacpp": [""]}
+ENGINE_VARIANTS = {"neolm": ["", "compile"], "transformers": ["eager", "default"], "ctranslate2": [""], "llamacpp": [""]}
 PRECISIONS = {  # which precisions each engine has (others are not rows)
     "neolm": ["fp32", "bf16", "int8", "int4"], "transformers": ["fp32", "bf16"],
     "ctranslate2": ["fp32", "bf16", "int8"], "llamacpp": ["fp32", "bf16", "int8", "int4"],

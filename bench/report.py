@@ -21,6 +21,8 @@ FIGURES = [
 
 def row_name(r: dict) -> str:
     name = ENGINE_NAMES[r["engine"]]
+    if r["engine"] == "neolm" and r.get("variant"):
+        name += f" {r['variant']}"
     if r["engine"] == "transformers":
         attn = (r.get("info") or {}).get("attn_implementation")
         name += f" {r['variant']}" + (f" ({attn})" if attn and attn != r["variant"] else "")
@@ -67,7 +69,16 @@ def roofline(r: dict, doc: dict) -> float | None:
     d = med(r, "decode_tps")
     if not b or not d:
         return None
-    return d / (doc["bandwidth_start"]["read_gbs"] * 1e9 / b)
+    return d / (read_bandwidth(doc) * 1e9 / b)
+
+
+def read_bandwidth(doc: dict) -> float:
+    """The highest read bandwidth measured in the run (start, end, re-runs): the quietest, so the roofline
+    is not lowered by a busy moment."""
+    runs = [doc.get("bandwidth_start"), doc.get("bandwidth_end")] + [
+        r.get("bandwidth_start") for r in doc.get("reruns", [])
+    ]
+    return max(b["read_gbs"] for b in runs if b)
 
 
 def brief(r: dict) -> str:
@@ -146,7 +157,7 @@ def ratio_table(doc: dict) -> list[str]:
             for k, _ in keys:
                 a, b = (x.get("peak_rss_mb") if k == "peak_rss_mb" else med(x, k) for x in (n, peer))
                 cells.append(f"{a / b:.2f}" if a and b else "–")
-            out.append(f"| {n['model']} | {n['precision']} | {row_name(peer)} | " + " | ".join(cells) + " |")
+            out.append(f"| {n['model']} | {n['precision']} | {row_name(n)} / {row_name(peer)} | " + " | ".join(cells) + " |")
     return out + [
         "",
         "Ratios are neolm's median over the peer's: above 1 is better for ↑ figures, below 1 for ↓ ones.",
@@ -158,14 +169,19 @@ def targets(doc: dict) -> list[str]:
     res = [r for r in doc["results"] if r.get("status") == "ok"]
     out = ["| target | model | neolm | reference | met |", "|---|---|---|---|---|"]
 
-    def find(model, engine, precision):
-        return [r for r in res if r["model"] == model and r["engine"] == engine and r["precision"] == precision]
+    def find(model, engine, precision, variant=None):
+        return [r for r in res if r["model"] == model and r["engine"] == engine and r["precision"] == precision
+                and (variant is None or r.get("variant", "") == variant)]  # fmt: skip
+
+    variant = ""  # of the neolm rows being checked
 
     def line(what, model, mine, ref, ok):
-        out.append(f"| {what} | {model} | {mine} | {ref} | {'yes' if ok else '**no**'} |")
+        who = f" (neolm {variant})" if variant else ""
+        out.append(f"| {what}{who} | {model} | {mine} | {ref} | {'yes' if ok else '**no**'} |")
 
-    for model in dict.fromkeys(r["model"] for r in doc["results"]):
-        neo = {p: (find(model, "neolm", p) or [None])[0] for p in ("fp32", "bf16", "int8", "int4")}
+    variants = dict.fromkeys(r.get("variant", "") for r in res if r["engine"] == "neolm")
+    for model, variant in [(m, v) for m in dict.fromkeys(r["model"] for r in doc["results"]) for v in variants]:
+        neo = {p: (find(model, "neolm", p, variant) or [None])[0] for p in ("fp32", "bf16", "int8", "int4")}
         if neo["fp32"] and med(neo["fp32"], "decode_tps"):
             d = med(neo["fp32"], "decode_tps")
             hf = [med(r, "decode_tps") for r in find(model, "transformers", "fp32")]
@@ -243,6 +259,12 @@ def render(doc: dict) -> str:
         + (f", other busy processes: {'; '.join(q0['busy'])}" if q0["busy"] else ", no other busy process"),
         f"- Ended {q1.get('time')}, load average {q1.get('loadavg')}; total wall time {doc.get('wall_s', 0) / 60:.0f} min",
         other_cpu(doc),
+        *[
+            f"- Re-measured {', '.join(r['models'])} (these rows replace the first pass's): started "
+            f"{r['quiet_start']['time']}, load average {r['quiet_start']['loadavg']}, read bandwidth "
+            f"{r['bandwidth_start']['read_gbs']:.1f} GB/s"
+            for r in doc.get("reruns", [])
+        ],
         f"- Memory bandwidth ({s['threads']} threads, 1 GiB fp32): read (sum) {bw0['read_gbs']:.1f} GB/s, copy {bw0['copy_gbs']:.1f} GB/s"
         + (f" at the start; {bw1['read_gbs']:.1f} / {bw1['copy_gbs']:.1f} GB/s at the end" if bw1 else ""), "",
         "## Method", "",
@@ -254,7 +276,8 @@ def render(doc: dict) -> str:
         f"page cache. Peak RSS: VmHWM of the engine's own process after load and all measurements. Each cell: median "
         f"[min–max] of {s['runs']} runs ({s['big_runs'] or s['runs']} on {s['big_models']}), after an untimed warm-up; every "
         f"engine × model × precision in its own process."), "",
-        ("% roofline = decode tok/s ÷ (read bandwidth ÷ weight bytes a step reads); the bytes are the engine's own "
+        (f"% roofline = decode tok/s ÷ (read bandwidth ÷ weight bytes a step reads), with the highest read bandwidth "
+            f"measured in the run ({read_bandwidth(doc):.1f} GB/s); the bytes are the engine's own "
         "(neolm, transformers: its tensors; llama.cpp: the GGUF tensor table), or, marked *, the fp32 weight count × "
         "nominal bytes per weight (CTranslate2). Embedding tables count one row; a tied output head counts in full. "
         "greedy = ref: how many leading greedy tokens equal neolm fp32's (random weights give near-flat logits, so "

@@ -1,9 +1,10 @@
 """Reading and writing Hugging Face checkpoints.
 
-Per-family tensor-name maps are data (`NAME_MAPS`). Weights are memory-mapped and assigned into a
-model built on the meta device: a tensor whose dtype already matches is used in place (no copy);
-one that must be converted is copied and its pages of the mapping are released at once, so peak
-memory stays near the size of the model being built.
+Per-family tensor-name maps are data (`NAME_MAPS`). Weights are memory-mapped, each tensor copied
+(converted if asked) into process memory and its pages of the mapping released at once, then assigned
+into a model built on the meta device: peak memory stays near the size of the model being built.
+The copy is deliberate even when dtypes match: matrices streamed from page-cache pages decode ~30%
+slower than from the process's own memory (bench/PROFILE.md).
 
 Pickle files (`pytorch_model.bin`) are read with `torch.load(weights_only=True)`: a checkpoint
 never runs code.
@@ -293,16 +294,13 @@ def load_state_dict(folder: Path, config: Config, dtype: torch.dtype) -> dict[st
                 wrong.add(name)
                 continue
             if part is None:
-                converted = tensor.to(dtype)
-                state[name] = converted
+                state[name] = tensor.to(dtype=dtype, copy=True)
             else:  # one of q/k/v into the fused per-head [H, 3, D] projection
                 if name not in state:
                     state[name] = torch.empty(expected[name], dtype=dtype)
                 state[name].view(H, 3, D, C)[:, QKV_PARTS.index(part)] = tensor.view(H, D, C)
                 parts_seen.setdefault(name, set()).add(part)
-                converted = None
-            if converted is None or converted.data_ptr() != tensor.data_ptr():
-                reader.release(hf_name)
+            reader.release(hf_name)
     missing = set(expected) - set(state) - wrong
     missing |= {f"{name} (parts {''.join(sorted(set(QKV_PARTS) - p))})" for name, p in parts_seen.items() if len(p) < 3}
     problems = []

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from neolm.config import Config
+from neolm.ops import Linear
 
 _ACTIVATIONS = {
     "gelu": F.gelu,
@@ -50,16 +51,17 @@ class KVCache:
             self.valid = self.valid[index]
 
 
-def rotary_cos_sin(positions: torch.Tensor, dims: int, base: float, dtype: torch.dtype):
-    """cos, sin of shape (B, 1, T, 2 * ceil(dims / 2)) for integer positions (B, T), computed in fp32."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, dims, 2, device=positions.device, dtype=torch.float32) / dims))
-    freqs = positions[..., None].float() * inv_freq  # (B, T, dims/2)
-    angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, dims)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+def rotary_table(n_positions: int, dims: int, base: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (n_positions, 2 * ceil(dims / 2)) of every position, in fp32 (rotate-half layout)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, dims, 2, device=device, dtype=torch.float32) / dims))
+    freqs = torch.arange(n_positions, device=device, dtype=torch.float32)[:, None] * inv_freq  # (P, dims/2)
+    angles = torch.cat((freqs, freqs), dim=-1)  # (P, dims)
+    return angles.cos(), angles.sin()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half rotary embedding on the first cos.shape[-1] dims of x (B, H, T, D)."""
+    """Rotate-half rotary embedding on the first cos.shape[-1] dims of x (B, ..., T, D); cos, sin broadcast
+    against x[..., :dims]."""
     dims = cos.shape[-1]
     rot, rest = x[..., :dims], x[..., dims:]
     half1, half2 = rot.chunk(2, dim=-1)
@@ -73,14 +75,21 @@ class Attention(nn.Module):
         self.window = window  # None: global attention; w: each query sees the last w keys
         self.n_head, self.head_dim = config.n_head, config.head_dim
         self.scale = config.attn_scale
-        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.qkv_bias)
-        self.proj = nn.Linear(config.d_model, config.d_model, bias=config.out_bias)
+        self.qkv = Linear(config.d_model, 3 * config.d_model, bias=config.qkv_bias)
+        self.proj = Linear(config.d_model, config.d_model, bias=config.out_bias)
 
-    def forward(self, x, rope, mask, kv: tuple[torch.Tensor, torch.Tensor] | None, start: int):
+    def project(self, x, rope):
+        """q, k, v (B, H, T, D) of x (B, T, C), q and k rotated when rope is given."""
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, self.n_head, 3, self.head_dim).permute(3, 0, 2, 1, 4)  # 3 x (B, H, T, D)
-        if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        qkv = self.qkv(x).view(B, T, self.n_head, 3, self.head_dim).permute(3, 0, 2, 1, 4)  # (3, B, H, T, D)
+        if rope is None:
+            return qkv.unbind(0)
+        q, k = apply_rotary(qkv[:2], *rope)  # q and k rotated together
+        return q, k, qkv[2]
+
+    def attend(self, q, k, v, mask, kv: tuple[torch.Tensor, torch.Tensor] | None, start: int):
+        """Attention output (B, T, C), before the output projection; writes k, v into the cache if given."""
+        B, H, T, D = q.shape
         if kv is not None:  # write this step into the cache, attend over everything so far
             cache_k, cache_v = kv
             cache_k[:, :, start : start + T] = k
@@ -92,15 +101,18 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return y.transpose(1, 2).reshape(B, T, H * D)
+
+    def forward(self, x, rope, mask, kv: tuple[torch.Tensor, torch.Tensor] | None, start: int):
+        return self.proj(self.attend(*self.project(x, rope), mask, kv, start))
 
 
 class MLP(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
-        self.fc = nn.Linear(config.d_model, config.d_ff)
+        self.fc = Linear(config.d_model, config.d_ff)
         self.act = _ACTIVATIONS[config.activation]
-        self.proj = nn.Linear(config.d_ff, config.d_model)
+        self.proj = Linear(config.d_ff, config.d_model)
 
     def forward(self, x):
         return self.proj(self.act(self.fc(x)))
@@ -132,8 +144,9 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(config.n_positions, config.d_model) if config.pos_embedding == "learned" else None
         self.blocks = nn.ModuleList(Block(config, w) for w in config.layer_windows)
         self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
         self.gradient_checkpointing = False  # recompute each block in backward (training memory)
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # rotary cos/sin table, made on first use
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -179,7 +192,8 @@ class GPT(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(positions)
         if self.config.rotary_dims:
-            rope = rotary_cos_sin(positions, self.config.rotary_dims, self.config.rotary_base, x.dtype)
+            cos, sin = self._rotary_table(x.device)
+            rope = cos[positions][:, None].to(x.dtype), sin[positions][:, None].to(x.dtype)  # (B, 1, T, dims)
         masks = self._masks(T, start, key_valid, idx.device)
         for i, block in enumerate(self.blocks):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
@@ -192,6 +206,13 @@ class GPT(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.ln_f(x))
+
+    def _rotary_table(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fp32 cos/sin table of every position, computed once per device."""
+        if self._rope is None or self._rope[0].device != device:
+            c = self.config
+            self._rope = rotary_table(c.n_positions, c.rotary_dims, c.rotary_base, device)
+        return self._rope
 
     def _masks(self, T: int, start: int, key_valid: torch.Tensor | None, device) -> dict:
         """Attention mask per window kind: True where query i (slot start+i) may see key slot j.

@@ -72,17 +72,17 @@ def test_half_precision_checkpoints(tmp_path, stored):
     assert lm.dtype == stored and lm.model.blocks[0].attn.qkv.weight.dtype == stored
 
 
-def test_fp32_tensors_are_used_in_place(tiny_checkpoints):
-    """A tensor whose dtype already matches is the memory-mapped file itself, not a copy."""
+def test_tensors_are_copied_out_of_the_mapping(tiny_checkpoints):
+    """Even when dtypes match, each tensor is copied into process memory (decoding streams matrices from
+    anonymous memory ~30% faster than from page-cache pages) with the file's exact values."""
     folder = tiny_checkpoints["neox-parallel-pct25"][1]
     reader = checkpoint.SafetensorsFile(folder / "model.safetensors")
     config = Config.from_hf(checkpoint.read_hf_config(folder))
     state = checkpoint.load_state_dict(folder, config, torch.float32)
     mapped = reader.get("gpt_neox.layers.0.mlp.dense_h_to_4h.weight")
     assert torch.equal(state["blocks.0.mlp.fc.weight"], mapped)
-    # both tensors sit in one mapping of the file, at the distance their file offsets have
-    gap = reader.entries["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"][2] - reader.entries["gpt_neox.embed_in.weight"][2]
-    assert state["blocks.0.mlp.fc.weight"].data_ptr() - state["wte.weight"].data_ptr() == gap
+    assert state["blocks.0.mlp.fc.weight"].untyped_storage().data_ptr() != mapped.untyped_storage().data_ptr()
+    assert state["blocks.0.mlp.fc.weight"].untyped_storage().nbytes() == mapped.numel() * 4  # its own storage
 
 
 def test_legacy_buffers_are_ignored(tmp_path):

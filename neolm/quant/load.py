@@ -14,9 +14,10 @@ from neolm.quant import io, linear
 
 
 def load_model(folder: Path, raw: dict, config: Config, dtype: torch.dtype, device: torch.device,
-               quantize: str | None = None, group_size: int = 64) -> GPT:  # fmt: skip
+               quantize: str | None = None, group_size: int = 64, quantize_head: bool = False) -> GPT:  # fmt: skip
     """The model of `folder`: a bitsandbytes 4-bit or neolm-quantized folder as stored, or a float one
-    quantized to `quantize` ("int8" | "int4") once its weights are in place."""
+    quantized to `quantize` ("int8" | "int4") once its weights are in place (the output head too with
+    quantize_head; a tied head then gets its own quantized copy, the embedding stays as it is)."""
     quant = raw.get("quantization_config") or {}
     method = quant.get("quant_method") if isinstance(quant, dict) else None
     if method == "bitsandbytes":
@@ -35,7 +36,7 @@ def load_model(folder: Path, raw: dict, config: Config, dtype: torch.dtype, devi
     bits = linear.parse_quantize(quantize)
     state = checkpoint.load_state_dict(folder, config, dtype)
     model = checkpoint.build_model(config, state, device)
-    return linear.quantize_model(model, bits, group_size)
+    return linear.quantize_model(model, bits, group_size, skip=() if quantize_head else linear.DEFAULT_SKIP)
 
 
 def describe(quant: dict) -> str:

@@ -1,0 +1,106 @@
+"""The one dense layer the model uses: nn.Linear with faster CPU kernels for inference.
+
+On CPU, torch's F.linear goes to MKL, whose fp32 GEMM/GEMV runs at a fraction of the memory bandwidth
+on some CPUs (on an AMD EPYC: ~20 GB/s at one token against the ~60 GB/s the hardware streams). oneDNN's
+linear (the kernel `torch.compile` itself picks for CPU linears) reaches 1.3-2.5x that from 1 to 512 rows
+(bench/PROFILE.md). It has no autograd, so it only runs where no gradient is wanted; training, other
+devices and other dtypes use F.linear.
+
+Opt-in (`compile_gemv`, `neolm.load(..., compile=True)`): one-row products (single-stream decoding) go
+to a GEMV that `torch.compile` generates per weight shape, a fused vectorised reduction that streams the
+weights at close to the memory bandwidth. It needs a C++ compiler at run time, as torch.compile does.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neolm.errors import NeolmError
+
+log = logging.getLogger(__name__)
+
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _no_grad_wanted(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.linear(x, weight, bias), through oneDNN for CPU inference in fp32/bf16."""
+    if (
+        _ONEDNN
+        and x.device.type == "cpu"
+        and x.dtype in _ONEDNN_DTYPES
+        and weight.dtype == x.dtype
+        and _no_grad_wanted(x, weight)
+    ):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (..., K) one row @ weight (N, K).T (+ bias), products and sums in fp32; written for torch.compile,
+    which turns it into one fused, vectorised pass over the weight."""
+    y = (x.float()[..., None, :] * weight.float()).sum(-1)  # (..., 1, K) * (N, K) -> (..., N)
+    y = y if bias is None else y + bias.float()
+    return y.to(x.dtype)
+
+
+_compiled: dict[tuple, object] = {}  # (function, shapes and dtypes) -> its torch.compile'd version
+
+
+def compiled(fn, *tensors: torch.Tensor | None):
+    """fn compiled for these tensors' shapes and dtypes (once per process; static shapes, whole graph)."""
+    key = (fn, *((None if t is None else (*t.shape, t.dtype)) for t in tensors))
+    if key not in _compiled:
+        # a copy of fn with its own code object: dynamo caches (and limits) compilations per code object,
+        # so each shape gets its own cache instead of all shapes sharing, and overflowing, one
+        copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+        _compiled[key] = torch.compile(copy, dynamic=False, fullgraph=True)
+    return _compiled[key]
+
+
+class Linear(nn.Linear):
+    gemv = None  # set by enable_gemv: the compiled kernel for one-row inputs at inference
+
+    def enable_gemv(self) -> bool:
+        if self.weight.device.type != "cpu" or self.weight.dtype not in _ONEDNN_DTYPES:
+            return False
+        self.gemv = compiled(_gemv, self.weight, self.bias)
+        return True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gemv is not None and x.shape[:-1].numel() == 1 and _no_grad_wanted(x, self.weight):
+            y = self.gemv(x.reshape(1, self.in_features).contiguous(), self.weight, self.bias)  # (1, N)
+            return y.view(*x.shape[:-1], self.out_features)
+        return linear(x, self.weight, self.bias)
+
+
+def compile_gemv(model: nn.Module) -> int:
+    """Route one-row products of every layer that offers it (`enable_gemv`) to a compiled GEMV, compiling
+    each distinct shape now (seconds each) with one warm-up call. Returns how many layers."""
+    count = 0
+    for name, module in model.named_modules():
+        enable = getattr(module, "enable_gemv", None)
+        if enable is None or not enable():
+            continue
+        count += 1
+        dtype = module.dtype if isinstance(getattr(module, "dtype", None), torch.dtype) else module.weight.dtype
+        x = torch.zeros(1, module.in_features, dtype=dtype)
+        try:
+            with torch.inference_mode():
+                module(x)
+        except Exception as e:  # torch.compile's errors: no C++ compiler, unsupported platform, ...
+            raise NeolmError(
+                f"compiling the one-token matmul of {name} failed; --compile / compile=True needs torch.compile "
+                f"with a working C++ compiler ({str(e).strip().splitlines()[0][:300]})"
+            ) from None
+    log.info("compiled one-token GEMV kernels for %d linear layers", count)
+    return count
