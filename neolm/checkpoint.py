@@ -4,7 +4,7 @@ Per-family tensor-name maps are data (`NAME_MAPS`). Weights are memory-mapped, e
 (converted if asked) into process memory and its pages of the mapping released at once, then assigned
 into a model built on the meta device: peak memory stays near the size of the model being built.
 The copy is deliberate even when dtypes match: matrices streamed from page-cache pages decode ~30%
-slower than from the process's own memory (bench/PROFILE.md).
+slower than from the process's own memory, which is also advised into huge pages (neolm.memory).
 
 Pickle files (`pytorch_model.bin`) are read with `torch.load(weights_only=True)`: a checkpoint
 never runs code.
@@ -26,6 +26,7 @@ import torch
 
 from neolm.config import Config
 from neolm.errors import NeolmError
+from neolm.memory import huge_copy, huge_empty
 from neolm.model import GPT
 
 log = logging.getLogger(__name__)
@@ -294,10 +295,10 @@ def load_state_dict(folder: Path, config: Config, dtype: torch.dtype) -> dict[st
                 wrong.add(name)
                 continue
             if part is None:
-                state[name] = tensor.to(dtype=dtype, copy=True)
+                state[name] = huge_copy(tensor, dtype)
             else:  # one of q/k/v into the fused per-head [H, 3, D] projection
                 if name not in state:
-                    state[name] = torch.empty(expected[name], dtype=dtype)
+                    state[name] = huge_empty(expected[name], dtype)
                 state[name].view(H, 3, D, C)[:, QKV_PARTS.index(part)] = tensor.view(H, D, C)
                 parts_seen.setdefault(name, set()).add(part)
             reader.release(hf_name)

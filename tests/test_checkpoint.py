@@ -265,3 +265,13 @@ def test_frugal_loading_peak_rss(tmp_path, dtype, bound):
         f"after load, +{(used - before) / 2**20:.0f} MiB after a forward = {ratio:.2f}x the checkpoint"
     )
     assert ratio < bound
+
+
+def test_huge_page_advice_keeps_values():
+    """neolm.memory: the advised copy equals the source (whether or not the OS grants huge pages)."""
+    from neolm import memory
+
+    src = torch.randn(3_000_000)
+    out = memory.huge_copy(src, torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, src.bfloat16())
+    assert memory.advise_huge_pages(torch.empty(10)) is False  # too small to be worth it

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from neolm.errors import NeolmError
+from neolm.memory import huge_copy
 from neolm.ops import compiled, linear
 from neolm.quant import kernels
 
@@ -66,7 +67,9 @@ class QuantLinear(nn.Module):
 
     def prepare(self, name: str = "") -> None:
         """Pack the codes for the kernel of the device they are on, and check the kernel once."""
-        if self.qweight.data_ptr() % ALIGN:
+        if self.qweight.device.type == "cpu":  # own memory, aligned, in huge pages where the OS allows
+            self.qweight = huge_copy(self.qweight)
+        elif self.qweight.data_ptr() % ALIGN:
             self.qweight = self.qweight.clone()
         self._prepared_on = self.qweight.device
 
@@ -187,11 +190,11 @@ class Int4Linear(QuantLinear):
             pad = 0
             if device.type == "cpu":
                 if self.out_features % kernels.CPU_BLOCK_N == 0 and kernels.cpu_int4_layout_known():
-                    self.qweight, self.layout = kernels.pack_int4_cpu(codes), "cpu"  # one copy of the codes
+                    self.qweight, self.layout = huge_copy(kernels.pack_int4_cpu(codes)), "cpu"  # one copy of the codes
                 else:  # the op wants whole blocks of rows: pad with zero rows (e.g. a 50257-token head)
                     pad = -self.out_features % kernels.CPU_BLOCK_N
                     padded = F.pad(codes, (0, 0, 0, pad))
-                    self._kweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(padded.int(), 2)
+                    self._kweight = huge_copy(torch.ops.aten._convert_weight_to_int4pack_for_cpu(padded.int(), 2))
             else:
                 self._kweight = torch.ops.aten._convert_weight_to_int4pack(kernels.pack_int4(codes), 8)
         except Exception as e:  # noqa: BLE001 (an optional op: missing, or refusing this shape or device)
