@@ -14,6 +14,7 @@ weights at close to the memory bandwidth. It needs a C++ compiler at run time, a
 from __future__ import annotations
 
 import logging
+import time
 import types
 
 import torch
@@ -83,24 +84,52 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+def _seconds_per_pass(modules: list[nn.Module], x: torch.Tensor, passes: int = 3) -> float:
+    """Fastest of `passes` passes of x through every module (weights streamed as in a decode step)."""
+    best = float("inf")
+    with torch.inference_mode():
+        for module in modules:
+            module(x)
+        for _ in range(passes):
+            start = time.perf_counter()
+            for module in modules:
+                module(x)
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
 def compile_gemv(model: nn.Module) -> int:
     """Route one-row products of every layer that offers it (`enable_gemv`) to a compiled GEMV, compiling
-    each distinct shape now (seconds each) with one warm-up call. Returns how many layers."""
-    count = 0
+    each distinct shape now (seconds each). Each shape's layers are timed together (so that their weights
+    stream from memory as in a decode step) against their own kernel, and keep the GEMV only where it is
+    faster (aten's int8 kernel, for one, wins on large matrices on some CPUs). Returns how many layers use it."""
+    groups: dict[tuple, list[tuple[str, nn.Module]]] = {}  # (layer type, shape, dtype) -> its layers
     for name, module in model.named_modules():
         enable = getattr(module, "enable_gemv", None)
-        if enable is None or not enable():
-            continue
-        count += 1
-        dtype = module.dtype if isinstance(getattr(module, "dtype", None), torch.dtype) else module.weight.dtype
-        x = torch.zeros(1, module.in_features, dtype=dtype)
+        if enable is not None and enable():
+            dtype = module.dtype if isinstance(getattr(module, "dtype", None), torch.dtype) else module.weight.dtype
+            groups.setdefault((type(module), module.in_features, module.out_features, dtype), []).append((name, module))
+    count = 0
+    for (kind, k, n, dtype), members in groups.items():
+        modules = [m for _, m in members]
+        x = torch.zeros(1, k, dtype=dtype)
         try:
-            with torch.inference_mode():
-                module(x)
+            compiled_s = _seconds_per_pass(modules, x)
         except Exception as e:  # torch.compile's errors: no C++ compiler, unsupported platform, ...
             raise NeolmError(
-                f"compiling the one-token matmul of {name} failed; --compile / compile=True needs torch.compile "
-                f"with a working C++ compiler ({str(e).strip().splitlines()[0][:300]})"
+                f"compiling the one-token matmul of {members[0][0]} failed; --compile / compile=True needs "
+                f"torch.compile with a working C++ compiler ({str(e).strip().splitlines()[0][:300]})"
             ) from None
-    log.info("compiled one-token GEMV kernels for %d linear layers", count)
+        gemvs = [m.gemv for m in modules]
+        for m in modules:
+            m.gemv = None
+        own_s = _seconds_per_pass(modules, x)
+        keep = compiled_s < own_s
+        if keep:
+            for m, gemv in zip(modules, gemvs):
+                m.gemv = gemv
+            count += len(modules)
+        log.debug("%s %dx%d %s: compiled GEMV %.0f us vs %.0f us a layer: %s", kind.__name__, n, k, dtype,
+                  1e6 * compiled_s / len(modules), 1e6 * own_s / len(modules), "kept" if keep else "not used")  # fmt: skip
+    log.info("compiled one-token GEMV kernels: %d linear layers use them", count)
     return count

@@ -261,6 +261,20 @@ def test_cli_perplexity_prints_metrics_and_speed(folders, text_file, capsys):
         assert needle in stdout
 
 
+def test_cli_perplexity_of_a_model_quantized_while_loading(folders, text_file, capsys):
+    """--quantize works on every command that loads a model: int8 costs little perplexity even here."""
+    args = ("perplexity", folders["neo"], text_file, "--max-length", "64")
+
+    def token_ppl(*extra):
+        code, stdout, err = cli(capsys, *args, *extra)
+        assert code == 0, err
+        line = next(line for line in stdout.splitlines() if "token perplexity" in line)
+        return float(line.split()[-1].replace(",", ""))
+
+    full, int8 = token_ppl(), token_ppl("--quantize", "int8", "--quantize-head")
+    assert full != int8 and abs(int8 - full) / full < 0.02
+
+
 def test_cli_unknown_task_lists_the_known_ones(folders, tmp_path, capsys):
     code, _, err = cli(capsys, "eval", folders["neo"], "--tasks", "lambada_opnai")
     assert_one_line_error(code, err, "unknown task 'lambada_opnai'", "did you mean", "lambada_openai", "hellaswag",

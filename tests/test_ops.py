@@ -51,8 +51,10 @@ def test_compiled_gemv_decodes_the_same(tiny, name, quantize):
     activations, hence the looser bound and no token-for-token comparison on near-flat random logits.)"""
     eager = neolm.load(tiny[name], quantize=quantize)
     fast = neolm.load(tiny[name], quantize=quantize, compile=True)
-    layers = [m for m in fast.model.modules() if getattr(m, "gemv", None) is not None]
-    assert len(layers) == sum(1 for m in fast.model.modules() if isinstance(m, (ops.Linear, Int8Linear)))
+    kept = ops.compile_gemv(fast.model)  # again: the count is of the layers left on the GEMV
+    assert kept == sum(1 for m in fast.model.modules() if getattr(m, "gemv", None) is not None)
+    linears = [m for m in fast.model.modules() if isinstance(m, (ops.Linear, Int8Linear))]
+    assert all(m.enable_gemv() for m in linears)  # every layer on the GEMV, whatever the timing chose
     ids = torch.randint(0, 50000, (1, 1), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         a, b = eager.model(ids), fast.model(ids)
@@ -63,6 +65,22 @@ def test_compiled_gemv_decodes_the_same(tiny, name, quantize):
     assert len(out[0]) == 12
     if quantize is None:
         assert out == eager.generate_ids(prompt, **kw)
+
+
+@needs_compiler
+@pytest.mark.parametrize("compiled_wins", [True, False])
+def test_compile_keeps_the_gemv_only_where_it_is_faster(monkeypatch, tiny, compiled_wins):
+    def fake_timing(modules, x, passes=3):
+        modules[0](x)  # still runs (and compiles) the layers
+        if modules[0].gemv is None:  # the layers' own kernel
+            return 1.5
+        return 1.0 if compiled_wins else 2.0
+
+    monkeypatch.setattr(ops, "_seconds_per_pass", fake_timing)
+    lm = neolm.load(tiny["neo"])
+    n = ops.compile_gemv(lm.model)
+    with_gemv = [m for m in lm.model.modules() if isinstance(m, ops.Linear) and m.gemv is not None]
+    assert n == len(with_gemv) == (sum(isinstance(m, ops.Linear) for m in lm.model.modules()) if compiled_wins else 0)
 
 
 def test_compile_errors_are_clear(monkeypatch, tiny):

@@ -34,8 +34,8 @@ def load_model(folder: Path, raw: dict, config: Config, dtype: torch.dtype, devi
                              "(or re-quantize its float source)")  # fmt: skip
         return model
     bits = linear.parse_quantize(quantize)
-    state = checkpoint.load_state_dict(folder, config, dtype)
-    model = checkpoint.build_model(config, state, device)
+    model = checkpoint.build_model(config, checkpoint.load_state_dict(folder, config, dtype), device)
+    # no other reference to the float weights: each layer's are freed as soon as it is swapped
     return linear.quantize_model(model, bits, group_size, skip=() if quantize_head else linear.DEFAULT_SKIP)
 
 
