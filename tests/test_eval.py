@@ -1,7 +1,8 @@
 """neolm eval: the lm-evaluation-harness backend gives the `hf` backend's numbers; CLI, offline tasks, bad input.
 
-Fast versions of bench/eval_parity.py: a few dozen LAMBADA and HellaSwag documents and a rolling
-perplexity text, on tiny random models of both families, scored by both backends in fp32.
+Fast versions of bench/eval_parity.py: a few dozen LAMBADA and HellaSwag documents, a rolling perplexity
+text and a few made-up PIQA, WinoGrande, ARC and SciQ documents, on tiny random models of both
+families, scored by both backends in fp32.
 """
 
 from __future__ import annotations
@@ -37,6 +38,73 @@ FAMILIES = {"neo": "gpt2", "neox-parallel-pct25": "gpt-neox-20b"}
 DOCS = 24  # documents per task
 REL = 1e-4  # perplexities: relative tolerance (fp32)
 
+# A few made-up documents for each multiple-choice task that has no data here, in the fields of the Hugging
+# Face datasets the harness reads (baber/piqa, allenai/winogrande, allenai/ai2_arc, allenai/sciq).
+SYNTHETIC = {
+    "piqa": [
+        {"goal": "How do you keep bread from going stale?", "sol1": "Store it in a sealed bag at room temperature.",
+         "sol2": "Leave it uncovered on the counter overnight.", "label": 0},
+        {"goal": "To loosen a stuck jar lid,", "sol1": "run the lid under cold water and twist.",
+         "sol2": "run the lid under hot water and twist.", "label": 1},
+        {"goal": "How can I dry wet shoes quickly?", "sol1": "Stuff them with newspaper and set them by a fan.",
+         "sol2": "Put them in the freezer for an hour.", "label": 0},
+        {"goal": "To clean a cast iron pan after cooking,", "sol1": "soak it in soapy water for a day.",
+         "sol2": "wipe it out, rinse it with hot water and dry it on the stove.", "label": 1},
+    ],
+    "winogrande": [
+        {"sentence": "The trophy doesn't fit into the brown suitcase because the _ is too large.",
+         "option1": "trophy", "option2": "suitcase", "answer": "1"},
+        {"sentence": "Sarah lent Maria her umbrella because _ had forgotten her own at home.",
+         "option1": "Sarah", "option2": "Maria", "answer": "2"},
+        {"sentence": "The cat chased the mouse under the couch, but the _ was too big to follow it.",
+         "option1": "cat", "option2": "mouse", "answer": "1"},
+        {"sentence": "Kevin always beat Ian at chess, since _ had studied the openings for years.",
+         "option1": "Kevin", "option2": "Ian", "answer": "1"},
+    ],
+    "arc_easy": [
+        {"id": "Mercury_7175875", "question": "Which of these is a renewable source of energy?",
+         "choices": {"text": ["coal", "natural gas", "wind", "oil"], "label": ["A", "B", "C", "D"]}, "answerKey": "C"},
+        {"id": "Mercury_7220990", "question": "Which tool is best for measuring the mass of a rock?",
+         "choices": {"text": ["a ruler", "a balance", "a thermometer", "a graduated cylinder"],
+                     "label": ["A", "B", "C", "D"]}, "answerKey": "B"},
+        {"id": "NYSEDREGENTS_2015_4_12", "question": "What do plants take from the air to make their own food?",
+         "choices": {"text": ["oxygen", "carbon dioxide", "nitrogen", "water vapor"], "label": ["1", "2", "3", "4"]},
+         "answerKey": "2"},
+        {"id": "MCAS_2004_5_3", "question": "Which state of matter has a definite shape?",
+         "choices": {"text": ["solid", "liquid", "gas"], "label": ["A", "B", "C"]}, "answerKey": "A"},
+    ],
+    "arc_challenge": [
+        {"id": "Mercury_SC_400987", "question": "A ball is dropped from a height of 2 meters. Which form of energy "
+         "does the ball have just before it hits the ground?",
+         "choices": {"text": ["chemical energy", "kinetic energy", "nuclear energy", "sound energy"],
+                     "label": ["A", "B", "C", "D"]}, "answerKey": "B"},
+        {"id": "Mercury_7029558", "question": "Which change to a forest would most likely decrease the number of deer?",
+         "choices": {"text": ["more rainfall", "fewer wolves", "more wolves", "more grass"],
+                     "label": ["A", "B", "C", "D"]}, "answerKey": "C"},
+        {"id": "Mercury_7001234", "question": "Which process in the water cycle turns liquid water into water vapor?",
+         "choices": {"text": ["condensation", "precipitation", "evaporation", "runoff", "infiltration"],
+                     "label": ["A", "B", "C", "D", "E"]}, "answerKey": "C"},
+        {"id": "NYSEDREGENTS_2010_8_20", "question": "Why does the Moon appear to change shape during a month?",
+         "choices": {"text": ["Clouds cover parts of it.", "Earth's shadow falls on it.",
+                              "Different amounts of its lit side face Earth.", "It gives off less light."],
+                     "label": ["1", "2", "3", "4"]}, "answerKey": "3"},
+    ],
+    "sciq": [
+        {"question": "What type of organism grows best at moderate temperatures?", "distractor3": "hyperthermophiles",
+         "distractor1": "thermophiles", "distractor2": "psychrophiles", "correct_answer": "mesophiles",
+         "support": "Mesophiles grow best in moderate temperature, typically between 25\u00b0C and 40\u00b0C."},
+        {"question": "What is the process by which plants make food from sunlight?", "distractor3": "digestion",
+         "distractor1": "respiration", "distractor2": "fermentation", "correct_answer": "photosynthesis",
+         "support": ""},
+        {"question": "Which organ pumps blood through the body?", "distractor3": "kidney", "distractor1": "lungs",
+         "distractor2": "liver", "correct_answer": "heart",
+         "support": " The heart pumps blood through the arteries to the rest of the body."},
+        {"question": "At sea level, water boils at what temperature in degrees Celsius?", "distractor3": "212",
+         "distractor1": "50", "distractor2": "0", "correct_answer": "100",
+         "support": "Water boils at 100 degrees Celsius at sea level and freezes at 0 degrees."},
+    ],
+}  # fmt: skip
+
 
 @pytest.fixture(scope="module")
 def folders(tiny_checkpoints, tmp_path_factory) -> dict[str, Path]:
@@ -69,6 +137,15 @@ def data_dir(tmp_path_factory) -> Path:
     for name in ("lambada_openai_test.jsonl", "hellaswag_validation.jsonl"):
         with open(EVAL / name, encoding="utf-8") as f:
             (folder / name).write_text("".join(next(f) for _ in range(DOCS)), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def synthetic_dir(tmp_path_factory) -> Path:
+    """The SYNTHETIC documents in --data-dir layout (DIR/<task>_<split>.jsonl)."""
+    folder = tmp_path_factory.mktemp("eval-synthetic")
+    for task, docs in SYNTHETIC.items():
+        tasks.data_file(task, folder).write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
     return folder
 
 
@@ -135,6 +212,46 @@ def test_lambada_hellaswag_and_rolling_perplexity_match_hf_backend(folders, data
     assert len(ours["samples"]["hellaswag"]) == DOCS
     assert 0 < ours["results"]["hellaswag"]["acc,none"] < 1  # the random model's choices are not all alike
     assert_same_results(ours, theirs)
+
+
+def expected_requests(task: str, doc: dict) -> tuple[list[tuple[str, str]], int]:
+    """The (context, continuation) pairs the harness's prompts make of one SYNTHETIC document, and its answer."""
+    if task == "piqa":
+        return [(f"Question: {doc['goal']}\nAnswer:", f" {sol}") for sol in (doc["sol1"], doc["sol2"])], doc["label"]
+    if task == "winogrande":  # one context per option (the text up to the blank), the rest of the sentence scored
+        blank = doc["sentence"].index("_")
+        rest = " " + doc["sentence"][blank + 1 :].strip()
+        pairs = [(doc["sentence"][:blank] + option, rest) for option in (doc["option1"], doc["option2"])]
+        return pairs, int(doc["answer"]) - 1
+    if task == "sciq":
+        prompt = f"{doc['support'].lstrip()}\nQuestion: {doc['question']}\nAnswer:"
+        answers = [doc["distractor1"], doc["distractor2"], doc["distractor3"], doc["correct_answer"]]
+        return [(prompt, f" {a}") for a in answers], 3
+    choices = doc["choices"]  # arc_easy, arc_challenge
+    pairs = [(f"Question: {doc['question']}\nAnswer:", f" {text}") for text in choices["text"]]
+    return pairs, choices["label"].index(doc["answerKey"])
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_piqa_winogrande_arc_sciq_from_local_files_match_hf_backend(folders, synthetic_dir, manager, name):
+    """The five offline tasks without real data here, on a few made-up documents each: the harness builds the
+    prompts and answers from the local files' fields, and both backends give the same scores."""
+    specs = tasks.build(list(SYNTHETIC), synthetic_dir, manager=manager)
+    ours = evaluate(NeolmLM(pretrained=str(folders[name]), batch_size=8), specs, manager)
+    theirs = evaluate(hflm(folders[name]), specs, manager)
+    assert set(ours["results"]) == set(SYNTHETIC)
+    assert_same_results(ours, theirs)
+    for task, docs in SYNTHETIC.items():
+        metrics = ours["results"][task]
+        assert "acc,none" in metrics and ("acc_norm,none" in metrics) == (task != "winogrande"), (task, metrics)
+        assert sorted(s["doc_id"] for s in ours["samples"][task]) == list(range(len(docs)))
+        for sample in ours["samples"][task]:
+            doc = docs[sample["doc_id"]]
+            pairs, gold = expected_requests(task, doc)
+            assert sample["doc"] == doc, task  # every field read back as written
+            assert [tuple(a) for a in sample["arguments"]] == pairs, (task, sample["doc_id"])
+            lls = [float(r[0][0]) for r in sample["resps"]]
+            assert sample["acc"] == float(lls.index(max(lls)) == gold), (task, sample["doc_id"])  # the right answer
 
 
 @needs_data
