@@ -78,18 +78,13 @@ class Attention(nn.Module):
         self.qkv = Linear(config.d_model, 3 * config.d_model, bias=config.qkv_bias)
         self.proj = Linear(config.d_model, config.d_model, bias=config.out_bias)
 
-    def project(self, x, rope):
-        """q, k, v (B, H, T, D) of x (B, T, C), q and k rotated when rope is given."""
+    def forward(self, x, rope, mask, kv: tuple[torch.Tensor, torch.Tensor] | None, start: int):
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, self.n_head, 3, self.head_dim).permute(3, 0, 2, 1, 4)  # (3, B, H, T, D)
         if rope is None:
-            return qkv.unbind(0)
-        q, k = apply_rotary(qkv[:2], *rope)  # q and k rotated together
-        return q, k, qkv[2]
-
-    def attend(self, q, k, v, mask, kv: tuple[torch.Tensor, torch.Tensor] | None, start: int):
-        """Attention output (B, T, C), before the output projection; writes k, v into the cache if given."""
-        B, H, T, D = q.shape
+            q, k, v = qkv
+        else:
+            (q, k), v = apply_rotary(qkv[:2], *rope), qkv[2]  # q and k rotated together
         if kv is not None:  # write this step into the cache, attend over everything so far
             cache_k, cache_v = kv
             cache_k[:, :, start : start + T] = k
@@ -101,10 +96,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        return y.transpose(1, 2).reshape(B, T, H * D)
-
-    def forward(self, x, rope, mask, kv: tuple[torch.Tensor, torch.Tensor] | None, start: int):
-        return self.proj(self.attend(*self.project(x, rope), mask, kv, start))
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
 
 
 class MLP(nn.Module):

@@ -30,6 +30,7 @@ from torch import nn
 from neolm import checkpoint
 from neolm.config import Config
 from neolm.errors import NeolmError
+from neolm.memory import huge_copy
 from neolm.model import GPT
 from neolm.quant import linear
 from neolm.quant.linear import QuantLinear
@@ -104,7 +105,8 @@ def parse_config(quant: dict, source: str) -> tuple[int, int, tuple[str, ...]]:
 
 
 def load_quantized(folder: Path, raw: dict, config: Config, dtype: torch.dtype, device=None) -> GPT:
-    """A model from a neolm-quantized folder: memory-mapped, assigned into a meta-device model."""
+    """A model from a neolm-quantized folder: codes memory-mapped (until the kernels repack them), float
+    tensors copied into process memory as checkpoint.load_state_dict does; assigned into a meta-device model."""
     source = str(folder / "config.json")
     bits, group_size, skip = parse_config(raw["quantization_config"], source)
     with torch.device("meta"):
@@ -134,7 +136,7 @@ def load_quantized(folder: Path, raw: dict, config: Config, dtype: torch.dtype, 
                 wrong.append(f"{name} is {str(tensor.dtype).removeprefix('torch.')} {tuple(tensor.shape)}, "
                              f"expected {kind} {tuple(want.shape)}")  # fmt: skip
                 continue
-            state[name] = tensor if quantized else tensor.to(dtype)
+            state[name] = tensor if quantized else huge_copy(tensor, dtype)  # as checkpoint.load_state_dict
             if quantized and tensor.data_ptr() % linear.ALIGN:  # the packed kernels read aligned memory
                 state[name] = tensor.clone()
             if state[name].data_ptr() != tensor.data_ptr():
