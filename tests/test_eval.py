@@ -407,17 +407,42 @@ def test_cli_missing_data_file_names_the_path(folders, tmp_path, capsys):
     assert_one_line_error(code, err, str(tmp_path / "nope.txt"))
 
 
+def _lm_eval_script() -> str:
+    script = Path(sys.executable).with_name("lm_eval")  # the console script of this environment's harness
+    assert script.exists(), f"{script}: the test extras install lm-evaluation-harness and its command"
+    return str(script)
+
+
 @needs_data
-def test_lm_eval_command_line_runs_the_neolm_backend(folders, data_dir, manager, tmp_path):
-    """`python -m neolm.eval.harness` is the harness's own CLI (what `neolm-lm-eval` runs)."""
+@pytest.mark.parametrize("how", ["lm_eval", "neolm-lm-eval"])
+def test_lm_eval_command_line_runs_the_neolm_backend(folders, data_dir, manager, tmp_path, how):
+    """`lm_eval --model neolm` (the hook installed by neolm-lm-eval.pth registers the name) and
+    `python -m neolm.eval.harness` (what `neolm-lm-eval` runs): the harness's own CLI, scoring with neolm."""
     import yaml
 
     task = tasks.local_config(manager, "lambada_openai", data_dir)
     (tmp_path / "lambada_local.yaml").write_text(yaml.safe_dump({**task, "task": "lambada_local"}))
-    command = [sys.executable, "-m", "neolm.eval.harness", "run", "--model", "neolm", "--model_args",
+    launcher = [_lm_eval_script()] if how == "lm_eval" else [sys.executable, "-m", "neolm.eval.harness"]
+    command = [*launcher, "run", "--model", "neolm", "--model_args",
                f"pretrained={folders['neo']},batch_size=4", "--tasks", str(tmp_path / "lambada_local.yaml"),
                "--limit", "3", "--output_path", str(tmp_path / "out")]  # fmt: skip
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(command, check=False, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "lambada_local" in done.stdout and "neolm" in done.stdout
+    (written,) = (tmp_path / "out").rglob("results_*.json")
+    result = json.loads(written.read_text())
+    assert result["config"]["model"] == "neolm"
+    metrics = result["results"]["lambada_local"]
+    assert 0.0 <= metrics["acc,none"] <= 1.0 and math.isfinite(metrics["perplexity,none"])
+
+
+def test_the_start_up_hook_is_installed_and_imports_nothing_heavy():
+    """neolm-lm-eval.pth runs at every interpreter start: it must be installed and stay light."""
+    code = "import sys; assert '_neolm_lm_eval' in sys.modules; print([m for m in ('torch', 'neolm', 'lm_eval') if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, "neolm-lm-eval.pth is not installed: " + done.stderr[-500:]
+    assert done.stdout.strip() == "[]"
+    code = "from lm_eval.api.registry import get_model; print(get_model('neolm').__module__, get_model('hf').__name__)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.stdout.split() == ["neolm.eval.harness", "HFLM"], done.stderr[-1000:]

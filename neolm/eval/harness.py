@@ -6,10 +6,11 @@ continuation are split by encoding context + continuation and the context alone,
 the end-of-text token, long requests are left-truncated to max_length, rolling log-likelihoods use the
 harness's disjoint windows. Scoring runs on neolm.eval.scoring (sorted, batched, shared contexts).
 
-Registration: `import neolm.eval.harness` registers the name "neolm" with the harness, and the
-`lm_eval.models` entry point in neolm's pyproject names this class for harness versions that discover
-plugins. lm-eval 0.4.13 does not: there, run `neolm-lm-eval` (the harness's own CLI with this backend
-registered) or `python -m neolm.eval.harness`.
+Registration: lm-eval 0.4.x has no plugin discovery. The `neolm-lm-eval.pth` that neolm installs
+imports `_neolm_lm_eval` at start-up, which adds "neolm" to the harness's model names (a lazy
+placeholder for this class) when the harness loads `lm_eval.models`: `lm_eval --model neolm` works.
+Importing this module registers the name too, `neolm-lm-eval` is the harness's CLI with it registered,
+and pyproject declares an `lm_eval.models` entry point for harness versions that read them.
 """
 
 from __future__ import annotations
