@@ -7,8 +7,9 @@ linear (the kernel `torch.compile` itself picks for CPU linears) reaches 1.3-2.5
 devices and other dtypes use F.linear.
 
 Opt-in (`compile_gemv`, `neolm.load(..., compile=True)`): one-row products (single-stream decoding) go
-to a GEMV that `torch.compile` generates per weight shape, a fused vectorised reduction that streams the
-weights at close to the memory bandwidth. It needs a C++ compiler at run time, as torch.compile does.
+to a one-row kernel (GEMV) compiled for this machine: neolm's own AVX-512 kernels (`neolm.native`), or,
+on CPUs without them, a GEMV that `torch.compile` generates per weight shape. Each layer shape keeps the
+kernel that is fastest on this machine. It needs a C++ compiler at run time, as torch.compile does.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from neolm import native
 from neolm.errors import NeolmError
 
 log = logging.getLogger(__name__)
@@ -68,17 +70,29 @@ def compiled(fn, *tensors: torch.Tensor | None):
     return _compiled[key]
 
 
-class Linear(nn.Linear):
-    gemv = None  # set by enable_gemv: the compiled kernel for one-row inputs at inference
+def gemv_kernels(weight: torch.Tensor, bias: torch.Tensor | None) -> dict:
+    """One-row kernels for a CPU fp32/bf16 weight: name -> fn(x (1, K), weight, bias) -> (1, N)."""
+    if weight.device.type != "cpu" or weight.dtype not in _ONEDNN_DTYPES or (bias is not None and bias.dtype != weight.dtype):
+        return {}
+    if ("bf16" if weight.dtype == torch.bfloat16 else "f32") in native.available()[0] and weight.is_contiguous():
+        return {"native": native.float_gemv}
+    return {"inductor": compiled(_gemv, weight, bias)}
 
-    def enable_gemv(self) -> bool:
-        if self.weight.device.type != "cpu" or self.weight.dtype not in _ONEDNN_DTYPES:
-            return False
-        self.gemv = compiled(_gemv, self.weight, self.bias)
-        return True
+
+class Linear(nn.Linear):
+    gemv = None  # set by compile_gemv: fn(x, weight, bias), the kernel for one-row inputs at inference
+
+    def gemv_kernels(self) -> dict:
+        return gemv_kernels(self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gemv is not None and x.shape[:-1].numel() == 1 and _no_grad_wanted(x, self.weight):
+        if (
+            self.gemv is not None
+            and x.shape[:-1].numel() == 1
+            and x.device.type == "cpu"
+            and x.dtype == self.weight.dtype
+            and _no_grad_wanted(x, self.weight)
+        ):
             y = self.gemv(x.reshape(1, self.in_features).contiguous(), self.weight, self.bias)  # (1, N)
             return y.view(*x.shape[:-1], self.out_features)
         return linear(x, self.weight, self.bias)
@@ -99,37 +113,41 @@ def _seconds_per_pass(modules: list[nn.Module], x: torch.Tensor, passes: int = 3
 
 
 def compile_gemv(model: nn.Module) -> int:
-    """Route one-row products of every layer that offers it (`enable_gemv`) to a compiled GEMV, compiling
-    each distinct shape now (seconds each). Each shape's layers are timed together (so that their weights
-    stream from memory as in a decode step) against their own kernel, and keep the GEMV only where it is
-    faster (aten's int8 kernel, for one, wins on large matrices on some CPUs). Returns how many layers use it."""
+    """Give one-row products of every layer that offers kernels (`gemv_kernels()`) the fastest of them:
+    neolm's native kernels, or torch.compile'd GEMVs (compiled now, seconds per shape), or the layer's own
+    kernel. The layers of each (type, shape, dtype) are timed together, so that their weights stream from
+    memory as in a decode step. Returns how many layers use a one-row kernel."""
     groups: dict[tuple, list[tuple[str, nn.Module]]] = {}  # (layer type, shape, dtype) -> its layers
     for name, module in model.named_modules():
-        enable = getattr(module, "enable_gemv", None)
-        if enable is not None and enable():
+        if callable(getattr(module, "gemv_kernels", None)):
+            module.gemv = None
             dtype = module.dtype if isinstance(getattr(module, "dtype", None), torch.dtype) else module.weight.dtype
             groups.setdefault((type(module), module.in_features, module.out_features, dtype), []).append((name, module))
     count = 0
     for (kind, k, n, dtype), members in groups.items():
         modules = [m for _, m in members]
+        offers = [m.gemv_kernels() for m in modules]
+        names = set.intersection(*(set(o) for o in offers))
+        if not names:
+            continue
         x = torch.zeros(1, k, dtype=dtype)
-        try:
-            compiled_s = _seconds_per_pass(modules, x)
-        except Exception as e:  # torch.compile's errors: no C++ compiler, unsupported platform, ...
-            raise NeolmError(
-                f"compiling the one-token matmul of {members[0][0]} failed; --compile / compile=True needs "
-                f"torch.compile with a working C++ compiler ({str(e).strip().splitlines()[0][:300]})"
-            ) from None
-        gemvs = [m.gemv for m in modules]
-        for m in modules:
-            m.gemv = None
-        own_s = _seconds_per_pass(modules, x)
-        keep = compiled_s < own_s
-        if keep:
-            for m, gemv in zip(modules, gemvs):
-                m.gemv = gemv
-            count += len(modules)
-        log.debug("%s %dx%d %s: compiled GEMV %.0f us vs %.0f us a layer: %s", kind.__name__, n, k, dtype,
-                  1e6 * compiled_s / len(modules), 1e6 * own_s / len(modules), "kept" if keep else "not used")  # fmt: skip
-    log.info("compiled one-token GEMV kernels: %d linear layers use them", count)
+        timings = {"own": _seconds_per_pass(modules, x)}
+        for kernel in sorted(names):
+            for m, offer in zip(modules, offers):
+                m.gemv = offer[kernel]
+            try:
+                timings[kernel] = _seconds_per_pass(modules, x)
+            except Exception as e:  # torch.compile's errors: no C++ compiler, unsupported platform, ...
+                raise NeolmError(
+                    f"compiling the one-token matmul of {members[0][0]} failed; --compile / compile=True needs "
+                    f"torch.compile with a working C++ compiler ({str(e).strip().splitlines()[0][:300]})"
+                ) from None
+        best = min(timings, key=timings.get)
+        for m, offer in zip(modules, offers):
+            m.gemv = offer.get(best)
+        count += len(modules) if best != "own" else 0
+        log.debug("%s %dx%d %s: %s; using %s", kind.__name__, n, k, dtype,
+                  ", ".join(f"{name} {1e6 * t / len(modules):.0f} us" for name, t in timings.items()), best)  # fmt: skip
+    log.info("one-token kernels: %d linear layers use them (%s)", count,
+             "native AVX-512" if native.available()[0] else "torch.compile; " + native.available()[1])  # fmt: skip
     return count

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from neolm import native
 from neolm.errors import NeolmError
 from neolm.memory import huge_copy
 from neolm.ops import compiled, linear
@@ -51,7 +52,7 @@ class QuantLinear(nn.Module):
         self.dtype = dtype  # the model's float dtype: of the bias, and of `weight`
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), False) if bias else None
         self.use_kernel = False
-        self.gemv = None  # enable_gemv: a compiled kernel for one-row inputs at inference (CPU)
+        self.gemv = None  # set by neolm.ops.compile_gemv: fn(x, qweight, scale, bias) for one-row inputs (CPU)
         self._prepared_on: torch.device | None = None
 
     @property
@@ -73,15 +74,15 @@ class QuantLinear(nn.Module):
             self.qweight = self.qweight.clone()
         self._prepared_on = self.qweight.device
 
-    def enable_gemv(self) -> bool:
-        """Use a compiled GEMV for one-row inputs where this layer has one (see neolm.ops.compile_gemv)."""
-        return False
+    def gemv_kernels(self) -> dict:
+        """One-row kernels this layer can use on CPU: name -> fn(x, qweight, scale, bias) (neolm.ops.compile_gemv)."""
+        return {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._prepared_on != x.device:
             self.prepare()
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if self.gemv is not None and x2.shape[0] == 1 and x.device.type == "cpu" and not torch.is_grad_enabled():
+        if self.gemv is not None and x2.shape[0] == 1 and x.device.type == "cpu" and self._cpu_float(x):
             y = self.gemv(x2.contiguous(), self.qweight, self.scale, self.bias)
         elif self.use_kernel:
             y = self.matmul(x2)
@@ -91,6 +92,9 @@ class QuantLinear(nn.Module):
             bias = self.bias.to(x.dtype) if self.bias is not None else None
             y = linear(x2, self.dequantize(x.dtype), bias)
         return y.view(*x.shape[:-1], self.out_features)
+
+    def _cpu_float(self, x: torch.Tensor) -> bool:
+        return x.dtype in (torch.float32, torch.bfloat16) and not torch.is_grad_enabled()
 
     def extra_repr(self) -> str:
         kernel = "packed kernel" if self.use_kernel else "dequantize per call"
@@ -122,11 +126,12 @@ class Int8Linear(QuantLinear):
     def matmul(self, x):
         return kernels.int8_mm(x, self.qweight, self.scale)
 
-    def enable_gemv(self):
-        if self.qweight.device.type != "cpu":
-            return False
-        self.gemv = compiled(kernels.int8_gemv, self.qweight, self.scale, self.bias)
-        return True
+    def gemv_kernels(self):
+        if self.qweight.device.type != "cpu" or self.dtype not in (torch.float32, torch.bfloat16):
+            return {}
+        if "int8" in native.available()[0]:
+            return {"native": native.int8_gemv}
+        return {"inductor": compiled(kernels.int8_gemv, self.qweight, self.scale, self.bias)}
 
     def prepare(self, name=""):
         super().prepare(name)
@@ -206,6 +211,17 @@ class Int4Linear(QuantLinear):
         self.use_kernel = kernels.agrees(self.matmul, self.dequantize(torch.float32), name)
         if not self.use_kernel:
             self._kweight = self._sz = None
+
+    def gemv_kernels(self):
+        if (
+            self.qweight.device.type != "cpu"
+            or self.dtype not in (torch.float32, torch.bfloat16)
+            or "int4" not in native.available()[0]
+            or not native.int4_supported(self.in_features, self.group_size)
+        ):
+            return {}
+        kernel = native.Int4Gemv(self.codes(), self.scale, self.zero, self.group_size)  # its own copy of the codes
+        return {"native": lambda x, qweight, scale, bias: kernel(x, bias)}
 
     def export(self) -> dict[str, torch.Tensor]:
         qweight = self.qweight if self.layout == "canonical" else kernels.pack_int4(self.codes())

@@ -1,0 +1,163 @@
+"""Hand-written AVX-512 one-row matmuls for CPU decoding (gemv.cpp), compiled on first use.
+
+`neolm.ops.compile_gemv` offers these kernels to each layer next to the inductor-generated GEMV and the
+layer's own kernel, and keeps whichever is fastest for that layer shape. They stream fp32, bf16, int8 and
+int4 weights at one activation row without torch's per-op dispatch, and (int4, int8) without converting
+through a packed layout made for many rows (bench/PROFILE.md has the numbers).
+
+The source is compiled once per machine with the C++ compiler torch.compile uses (`$CXX`, else `g++`)
+into `$XDG_CACHE_HOME/neolm/native` (default `~/.cache/neolm/native`), keyed by the source, the compiler
+and the CPU's flags; the library is called through ctypes. Without a compiler, or on a CPU without
+AVX-512, `available()` says which kernels exist (none) and why, and nothing else changes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from neolm.memory import huge_copy
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("gemv.cpp")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+FEATURES = {"f32": 1, "bf16": 2, "int8": 4, "int4": 8}
+INT4_BLOCK = 64  # in-features per 32 bytes of the int4 layout
+
+_p, _i64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_SIGNATURES = {
+    "neolm_gemv_f32": [_p, _p, _p, _int, _p, _int, _i64, _i64],
+    "neolm_gemv_bf16": [_p, _p, _p, _int, _p, _int, _i64, _i64],
+    "neolm_gemv_int8": [_p, _p, _p, _p, _int, _p, _int, _i64, _i64],
+    "neolm_gemv_int4": [_p, _p, _p, _p, _p, _int, _p, _int, _i64, _i64, _i64],
+}
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "neolm" / "native"
+
+
+@functools.cache
+def _library() -> tuple[ctypes.CDLL | None, str]:
+    """(the compiled library, "") or (None, why not)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None, f"no kernels for {platform.machine()}"
+    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    if cxx is None:
+        return None, f"no C++ compiler ({os.environ.get('CXX', 'g++')}) found"
+    key = hashlib.sha256(SOURCE.read_bytes() + cxx.encode() + " ".join(FLAGS).encode() + _cpu_flags().encode())
+    path = _cache_dir() / f"gemv-{key.hexdigest()[:16]}.so"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # compile aside, then one atomic rename
+            out = Path(tmp) / path.name
+            done = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                return None, f"compiling {SOURCE.name} failed: {done.stderr.strip()[-300:]}"
+            os.replace(out, path)
+        log.info("compiled neolm's CPU kernels into %s", path)
+    lib = ctypes.CDLL(str(path))
+    lib.neolm_features.restype = ctypes.c_int
+    for name, argtypes in _SIGNATURES.items():
+        if hasattr(lib, name):
+            getattr(lib, name).argtypes = argtypes
+            getattr(lib, name).restype = None
+    return lib, ""
+
+
+def available() -> tuple[set[str], str]:
+    """The kernels this machine has ({"f32", "bf16", "int8", "int4"} with AVX-512 and bf16), and why none."""
+    lib, why = _library()
+    if lib is None:
+        return set(), why
+    have = {name for name, bit in FEATURES.items() if lib.neolm_features() & bit}
+    return have, "" if have else "this CPU has no AVX-512"
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def _bias(bias: torch.Tensor | None) -> tuple[int | None, int]:
+    if bias is None:
+        return None, 0
+    assert bias.dtype in (torch.float32, torch.bfloat16) and bias.is_contiguous()
+    return bias.data_ptr(), int(bias.dtype == torch.bfloat16)
+
+
+def _out(x: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
+    return torch.empty(1, n, dtype=x.dtype), int(x.dtype == torch.bfloat16)
+
+
+# The kernels: x (1, K) contiguous -> (1, N) in x's dtype. Weights, scales and biases are read in place
+# (no copies; callers pass them at each call, so a layer whose tensors change stays correct).
+def float_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """weight (N, K) fp32 or bf16, contiguous, x of the same dtype; bias (N,) fp32/bf16 or None."""
+    n, k = weight.shape
+    assert x.dtype == weight.dtype and weight.is_contiguous() and x.is_contiguous()
+    lib = _library()[0]
+    fn = lib.neolm_gemv_bf16 if weight.dtype == torch.bfloat16 else lib.neolm_gemv_f32
+    y, y_bf16 = _out(x, n)
+    fn(x.data_ptr(), weight.data_ptr(), *_bias(bias), y.data_ptr(), y_bf16, n, k)
+    return y
+
+
+def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """qweight (N, K) int8, scale (N,) bf16: y = (x @ qweight.T) * scale (+ bias), fp32 activations."""
+    n, k = qweight.shape
+    assert qweight.dtype == torch.int8 and scale.dtype == torch.bfloat16 and qweight.is_contiguous()
+    xf = x if x.dtype == torch.float32 else x.float()
+    y, y_bf16 = _out(x, n)
+    _library()[0].neolm_gemv_int8(xf.data_ptr(), qweight.data_ptr(), scale.data_ptr(), *_bias(bias), y.data_ptr(),
+                                  y_bf16, n, k)  # fmt: skip
+    return y
+
+
+def pack_int4_gemv(codes: torch.Tensor) -> torch.Tensor:
+    """codes (N, K) in [0, 15] -> (N, K/2) uint8: per 64 in-features, byte j = code j | code (j + 32) << 4."""
+    n, k = codes.shape
+    c = codes.to(torch.uint8).view(n, k // INT4_BLOCK, 2, INT4_BLOCK // 2)
+    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+
+
+def int4_supported(in_features: int, group_size: int) -> bool:
+    return group_size % INT4_BLOCK == 0 and in_features % group_size == 0
+
+
+class Int4Gemv:
+    """int4 codes (N, K), scales and zeros (N, K/G) with w = (q - 8) * scale + zero, repacked for the kernel
+    (pack_int4_gemv; a copy of half a byte per weight). Activations are rounded to bf16, as for torch's int4
+    kernel. Call with x (1, K) and the layer's bias."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int):
+        self.n, self.k = codes.shape
+        self.group_size = group_size
+        self.q = huge_copy(pack_int4_gemv(codes))
+        self.s = scale.float().contiguous()
+        self.c = (zero.float() - 136 * self.s).contiguous()  # see gemv.cpp: sum w x = s A + (z - 136 s) X
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        xb = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
+        y, y_bf16 = _out(x, self.n)
+        _library()[0].neolm_gemv_int4(xb.data_ptr(), self.q.data_ptr(), self.s.data_ptr(), self.c.data_ptr(),
+                                      *_bias(bias), y.data_ptr(), y_bf16, self.n, self.k, self.group_size)  # fmt: skip
+        return y

@@ -1,0 +1,228 @@
+// One-row matmuls (GEMV) for CPU decoding: y (N) = W (N, K) @ x (K) [+ bias], AVX-512.
+//
+// Built by neolm/native/__init__.py with the machine's C++ compiler (-O3 -march=native -fopenmp) on first
+// use and called through ctypes. OpenMP here is the runtime torch already loaded (same soname), so these
+// loops share torch's thread pool. Each thread takes a contiguous range of rows, ROWS rows at a time,
+// sharing every load of x among them; the weights stream once from memory.
+//
+// Kernels, by weight format (x, y and bias pointers are contiguous; `out_bf16` selects bf16 or fp32 y):
+//   f32   W fp32,                x fp32, fp32 FMA.
+//   bf16  W bf16,                x bf16, vdpbf16ps (bf16 pairs, fp32 accumulation).
+//   int8  W int8 (N, K), scale bf16 (N,): y = scale * (W @ x); x fp32, int8 -> fp32 convert + FMA.
+//   int4  codes q in [0, 15], w = (q - 8) * s + z per group of G in-features (G a multiple of 64), laid out
+//         by pack_int4_gemv: per row, per 64 in-features, 32 bytes; byte j holds in-feature j in its low
+//         nibble and j + 32 in its high nibble. x bf16. A nibble q or'ed into 0x4300 is the bf16 number
+//         128 + q exactly, so vdpbf16ps gives A = sum (128 + q) x per group; then
+//         sum w x = s A + (z - 136 s) X with X = sum x over the group (c = z - 136 s, computed at packing).
+// neolm_features() says which kernels this build has (bit 0 f32, 1 bf16, 2 int8, 3 int4): none without
+// AVX-512 (the Python side then keeps torch's kernels).
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include <immintrin.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define NEOLM_AVX512 1
+#endif
+
+namespace {
+
+#ifndef NEOLM_ROWS
+#define NEOLM_ROWS 4
+#endif
+constexpr int ROWS = NEOLM_ROWS;
+#ifndef NEOLM_PREFETCH
+#define NEOLM_PREFETCH 512   // bytes ahead of each row's stream: without it, the kernels that compute more per
+#endif                       // byte (int8, int4) stream from memory at half the speed they reach from cache
+inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p) + NEOLM_PREFETCH, _MM_HINT_T0); }
+
+inline float bf16_to_float(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch does
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline void store(void* y, int64_t i, float v, int out_bf16) {
+  if (out_bf16)
+    static_cast<uint16_t*>(y)[i] = float_to_bf16(v);
+  else
+    static_cast<float*>(y)[i] = v;
+}
+
+inline float bias_at(const void* bias, int bias_bf16, int64_t i) {
+  if (!bias) return 0.0f;
+  return bias_bf16 ? bf16_to_float(static_cast<const uint16_t*>(bias)[i]) : static_cast<const float*>(bias)[i];
+}
+
+}  // namespace
+
+extern "C" {
+
+int neolm_features() {
+  int f = 0;
+#ifdef NEOLM_AVX512
+  f |= 1 | 4;
+#ifdef __AVX512BF16__
+  f |= 2 | 8;
+#endif
+#endif
+  return f;
+}
+
+#ifdef NEOLM_AVX512
+
+void neolm_gemv_f32(const float* x, const float* w, const void* bias, int bias_bf16, void* y, int out_bf16,
+                    int64_t n, int64_t k) {
+  const int64_t kv = k & ~int64_t(15);
+  const __mmask16 tail = static_cast<__mmask16>((1u << (k - kv)) - 1u);
+#pragma omp parallel for schedule(static)
+  for (int64_t r0 = 0; r0 < n; r0 += ROWS) {
+    const float* wr[ROWS];
+    __m512 acc[ROWS];
+    for (int i = 0; i < ROWS; i++) {
+      wr[i] = w + (r0 + i < n ? r0 + i : r0) * k;  // past the last row: recompute row r0, discarded
+      acc[i] = _mm512_setzero_ps();
+    }
+    for (int64_t j = 0; j < kv; j += 16) {
+      const __m512 xv = _mm512_loadu_ps(x + j);
+      for (int i = 0; i < ROWS; i++) {
+        prefetch(wr[i] + j);
+        acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(wr[i] + j), xv, acc[i]);
+      }
+    }
+    if (tail) {
+      const __m512 xv = _mm512_maskz_loadu_ps(tail, x + kv);
+      for (int i = 0; i < ROWS; i++) acc[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, wr[i] + kv), xv, acc[i]);
+    }
+    for (int i = 0; i < ROWS && r0 + i < n; i++)
+      store(y, r0 + i, _mm512_reduce_add_ps(acc[i]) + bias_at(bias, bias_bf16, r0 + i), out_bf16);
+  }
+}
+
+void neolm_gemv_int8(const float* x, const int8_t* q, const uint16_t* scale, const void* bias, int bias_bf16, void* y,
+                     int out_bf16, int64_t n, int64_t k) {
+  const int64_t kv = k & ~int64_t(15);
+  const __mmask16 tail = static_cast<__mmask16>((1u << (k - kv)) - 1u);
+#pragma omp parallel for schedule(static)
+  for (int64_t r0 = 0; r0 < n; r0 += ROWS) {
+    const int8_t* qr[ROWS];
+    __m512 acc[ROWS];
+    for (int i = 0; i < ROWS; i++) {
+      qr[i] = q + (r0 + i < n ? r0 + i : r0) * k;
+      acc[i] = _mm512_setzero_ps();
+    }
+    for (int64_t j = 0; j < kv; j += 16) {
+      const __m512 xv = _mm512_loadu_ps(x + j);
+      for (int i = 0; i < ROWS; i++) {
+        if ((j & 63) == 0) prefetch(qr[i] + j);
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qr[i] + j));
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), xv, acc[i]);
+      }
+    }
+    if (tail) {
+      const __m512 xv = _mm512_maskz_loadu_ps(tail, x + kv);
+      for (int i = 0; i < ROWS; i++) {
+        const __m128i b = _mm_maskz_loadu_epi8(tail, qr[i] + kv);
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), xv, acc[i]);
+      }
+    }
+    for (int i = 0; i < ROWS && r0 + i < n; i++)
+      store(y, r0 + i, _mm512_reduce_add_ps(acc[i]) * bf16_to_float(scale[r0 + i]) + bias_at(bias, bias_bf16, r0 + i), out_bf16);
+  }
+}
+
+#ifdef __AVX512BF16__
+
+void neolm_gemv_bf16(const uint16_t* x, const uint16_t* w, const void* bias, int bias_bf16, void* y, int out_bf16,
+                     int64_t n, int64_t k) {
+  const int64_t kv = k & ~int64_t(31);
+  const __mmask32 tail = static_cast<__mmask32>((uint64_t(1) << (k - kv)) - 1u);
+#pragma omp parallel for schedule(static)
+  for (int64_t r0 = 0; r0 < n; r0 += ROWS) {
+    const uint16_t* wr[ROWS];
+    __m512 acc[ROWS];
+    for (int i = 0; i < ROWS; i++) {
+      wr[i] = w + (r0 + i < n ? r0 + i : r0) * k;
+      acc[i] = _mm512_setzero_ps();
+    }
+    for (int64_t j = 0; j < kv; j += 32) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + j);
+      for (int i = 0; i < ROWS; i++) {
+        prefetch(wr[i] + j);
+        acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_loadu_si512(wr[i] + j), xv);
+      }
+    }
+    if (tail) {
+      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(tail, x + kv);
+      for (int i = 0; i < ROWS; i++)
+        acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_maskz_loadu_epi16(tail, wr[i] + kv), xv);
+    }
+    for (int i = 0; i < ROWS && r0 + i < n; i++)
+      store(y, r0 + i, _mm512_reduce_add_ps(acc[i]) + bias_at(bias, bias_bf16, r0 + i), out_bf16);
+  }
+}
+
+// q (N, K/2) in the layout above; s, c (N, K/G) fp32; k % 64 == 0, g % 64 == 0
+void neolm_gemv_int4(const uint16_t* x, const uint8_t* q, const float* s, const float* c, const void* bias,
+                     int bias_bf16, void* y, int out_bf16, int64_t n, int64_t k, int64_t g) {
+  const int64_t groups = k / g, blocks = g / 64;
+  std::vector<float> xsum(groups);
+  for (int64_t t = 0; t < groups; t++) {
+    float sum = 0.0f;
+    for (int64_t j = t * g; j < (t + 1) * g; j++) sum += bf16_to_float(x[j]);
+    xsum[t] = sum;
+  }
+  const __m256i low = _mm256_set1_epi8(0x0f);
+  const __m512i magic = _mm512_set1_epi16(0x4300);
+#pragma omp parallel for schedule(static)
+  for (int64_t r0 = 0; r0 < n; r0 += ROWS) {
+    int64_t row[ROWS];
+    __m512 total[ROWS];
+    for (int i = 0; i < ROWS; i++) {
+      row[i] = r0 + i < n ? r0 + i : r0;
+      total[i] = _mm512_setzero_ps();
+    }
+    for (int64_t t = 0; t < groups; t++) {
+      __m512 acc[ROWS];
+      for (int i = 0; i < ROWS; i++) acc[i] = _mm512_setzero_ps();
+      for (int64_t b = t * blocks; b < (t + 1) * blocks; b++) {
+        const __m512bh xlo = (__m512bh)_mm512_loadu_si512(x + 64 * b);
+        const __m512bh xhi = (__m512bh)_mm512_loadu_si512(x + 64 * b + 32);
+        for (int i = 0; i < ROWS; i++) {
+          const uint8_t* p = q + row[i] * (k / 2) + 32 * b;
+          if ((b & 1) == 0) prefetch(p);
+          const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+          const __m256i lo = _mm256_and_si256(bytes, low);
+          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
+          const __m512i wlo = _mm512_or_si512(_mm512_cvtepu8_epi16(lo), magic);
+          const __m512i whi = _mm512_or_si512(_mm512_cvtepu8_epi16(hi), magic);
+          acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)wlo, xlo);
+          acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)whi, xhi);
+        }
+      }
+      for (int i = 0; i < ROWS; i++) total[i] = _mm512_fmadd_ps(acc[i], _mm512_set1_ps(s[row[i] * groups + t]), total[i]);
+    }
+    for (int i = 0; i < ROWS && r0 + i < n; i++) {
+      float v = _mm512_reduce_add_ps(total[i]);
+      const float* cr = c + row[i] * groups;
+      for (int64_t t = 0; t < groups; t++) v += cr[t] * xsum[t];
+      store(y, r0 + i, v + bias_at(bias, bias_bf16, r0 + i), out_bf16);
+    }
+  }
+}
+
+#endif  // __AVX512BF16__
+#endif  // NEOLM_AVX512
+
+}  // extern "C"

@@ -1,0 +1,97 @@
+"""neolm.native: the AVX-512 one-row kernels equal torch's matmul on the same (dequantized) weights."""
+
+from __future__ import annotations
+
+import platform
+
+import pytest
+import torch
+
+from neolm import native
+from neolm.quant.linear import quantize_int4, quantize_int8
+
+HAVE, WHY = native.available()
+needs = {name: pytest.mark.skipif(name not in HAVE, reason=f"no native {name} kernel here: {WHY or 'no AVX512-BF16'}")
+         for name in native.FEATURES}  # fmt: skip
+SHAPES = [(1, 16), (37, 100), (130, 64), (333, 768)]  # rows not a multiple of 4, widths with and without tails
+
+
+def _data(n, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, generator=g), torch.randn(1, k, generator=g), torch.randn(n, generator=g)
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, tol: float):
+    assert got.shape == want.shape
+    err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+    assert err < tol, err
+
+
+@needs["f32"]
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_f32(n, k, with_bias):
+    w, x, b = _data(n, k)
+    b = b if with_bias else None
+    _close(native.float_gemv(x, w, b), torch.nn.functional.linear(x, w, b), 1e-5)
+
+
+@needs["bf16"]
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_bf16(n, k):
+    w, x, b = (t.bfloat16() for t in _data(n, k))
+    y = native.float_gemv(x, w, b)
+    assert y.dtype == torch.bfloat16
+    _close(y, x.float() @ w.float().t() + b.float(), 1e-2)  # one bf16 rounding of the fp32 sum
+
+
+@needs["int8"]
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8(n, k, dtype):
+    w, x, b = _data(n, k)
+    q, scale = quantize_int8(w)
+    x, b = x.to(dtype), b.to(dtype)
+    y = native.int8_gemv(x, q, scale, b)
+    assert y.dtype == dtype
+    want = x.float() @ (q.float() * scale.float()[:, None]).t() + b.float()
+    _close(y, want, 1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_int4_layout():
+    codes = torch.arange(2 * 128).remainder(16).view(2, 128)
+    packed = native.pack_int4_gemv(codes)
+    assert packed.shape == (2, 64) and packed.dtype == torch.uint8
+    block = packed[0, :32]  # in-features 0..63: byte j holds j (low nibble) and j + 32 (high nibble)
+    assert torch.equal(block & 15, codes[0, :32].to(torch.uint8))
+    assert torch.equal(block >> 4, codes[0, 32:64].to(torch.uint8))
+
+
+@needs["int4"]
+@pytest.mark.parametrize("n,k,group", [(1, 64, 64), (37, 256, 64), (130, 256, 128), (333, 768, 256)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4(n, k, group, dtype):
+    w, x, b = _data(n, k)
+    codes, scale, zero = quantize_int4(w, group)
+    w_dq = ((codes.view(n, k // group, group).float() - 8) * scale.float()[..., None] + zero.float()[..., None]).view(n, k)
+    x, b = x.to(dtype), b.to(dtype)
+    y = native.Int4Gemv(codes, scale, zero, group)(x, b)
+    assert y.dtype == dtype
+    want = x.bfloat16().float() @ w_dq.t() + b.float()  # activations in bf16, as torch's int4 kernel has them
+    _close(y, want, 1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_int4_supported_shapes():
+    assert native.int4_supported(768, 64) and native.int4_supported(2048, 128)
+    assert not native.int4_supported(768, 32) and not native.int4_supported(96, 64)
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="the kernels are for x86-64")
+def test_available_says_why_not(monkeypatch):
+    native._library.cache_clear()
+    monkeypatch.setenv("CXX", "no-such-compiler-anywhere")
+    try:
+        have, why = native.available()
+        assert have == set() and "no-such-compiler-anywhere" in why
+    finally:
+        native._library.cache_clear()
