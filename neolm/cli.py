@@ -61,8 +61,9 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = False, position
     p.add_argument(
         "--compile",
         action="store_true",
-        help="CPU: compile fast one-token matmuls with torch.compile (needs a C++ compiler; "
-        "a few seconds per layer shape at start-up; speeds up single-stream decoding up to ~2x)",
+        help="CPU: fast one-token matmuls for single-stream decoding: neolm's AVX-512 kernels, compiled once "
+        "with the system's C++ compiler (torch.compile's on CPUs without AVX-512); each layer shape keeps the "
+        "fastest kernel, timed at start-up (bench/RESULTS.md has the gains)",
     )
 
 

@@ -59,16 +59,20 @@ def test_int8(n, k, dtype):
 
 
 def test_int4_layout():
-    codes = torch.arange(2 * 128).remainder(16).view(2, 128)
+    n, k = 6, 256  # 6 rows: one block of 4, one padded with 2 zero rows
+    codes = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(0))
     packed = native.pack_int4_gemv(codes)
-    assert packed.shape == (2, 64) and packed.dtype == torch.uint8
-    block = packed[0, :32]  # in-features 0..63: byte j holds j (low nibble) and j + 32 (high nibble)
-    assert torch.equal(block & 15, codes[0, :32].to(torch.uint8))
-    assert torch.equal(block >> 4, codes[0, 32:64].to(torch.uint8))
+    assert packed.shape == (8, k // 2) and packed.dtype == torch.uint8
+    blocks = packed.view(2, k // 128, 4, 64)  # (row block, 128 in-features, row in block, byte)
+    row = blocks[0, 1, 2]  # row 2, in-features 128..255
+    assert torch.equal(row[:8] & 15, codes[2, 128:136].to(torch.uint8))  # lane 0: in-features 0..7 and 32..39
+    assert torch.equal(row[8:16] & 15, codes[2, 160:168].to(torch.uint8))
+    assert torch.equal(row[16:24] >> 4, codes[2, 128 + 72 : 128 + 80].to(torch.uint8))  # lane 1, high: 8..15 + 64
+    assert torch.equal(blocks[1, :, 2:], torch.zeros_like(blocks[1, :, 2:]))  # the padding rows
 
 
 @needs["int4"]
-@pytest.mark.parametrize("n,k,group", [(1, 64, 64), (37, 256, 64), (130, 256, 128), (333, 768, 256)])
+@pytest.mark.parametrize("n,k,group", [(1, 128, 64), (37, 256, 64), (130, 256, 128), (333, 768, 256), (5, 1024, 128)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int4(n, k, group, dtype):
     w, x, b = _data(n, k)
@@ -82,8 +86,8 @@ def test_int4(n, k, group, dtype):
 
 
 def test_int4_supported_shapes():
-    assert native.int4_supported(768, 64) and native.int4_supported(2048, 128)
-    assert not native.int4_supported(768, 32) and not native.int4_supported(96, 64)
+    assert native.int4_supported(768, 64) and native.int4_supported(2048, 128) and native.int4_supported(768, 256)
+    assert not native.int4_supported(768, 32) and not native.int4_supported(192, 64)  # K: a multiple of 128
 
 
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="the kernels are for x86-64")

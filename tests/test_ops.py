@@ -37,9 +37,9 @@ def test_linear_keeps_autograd():
     assert x.grad is not None and layer.weight.grad is not None
 
 
-WIDE = {  # widths that int4's group size of 64 divides
-    "neo-64": {**TINY["neo"], "hidden_size": 64, "num_heads": 4},
-    "neox-sequential-pct100": TINY["neox-sequential-pct100"],
+WIDE = {  # widths the native int4 kernel takes (multiples of 128)
+    "neo-128": {**TINY["neo"], "hidden_size": 128, "num_heads": 4},
+    "neox-128": {**TINY["neox-sequential-pct100"], "hidden_size": 128, "intermediate_size": 256},
 }
 
 

@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from neolm.memory import huge_copy
 
@@ -33,7 +34,8 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("gemv.cpp")
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 FEATURES = {"f32": 1, "bf16": 2, "int8": 4, "int4": 8}
-INT4_BLOCK = 64  # in-features per 32 bytes of the int4 layout
+INT4_BLOCK = 128  # in-features per 64 bytes of the int4 layout
+ROWS = 4  # rows per block of the int4 layout (gemv.cpp ROWS)
 
 _p, _i64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
@@ -133,14 +135,22 @@ def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias:
 
 
 def pack_int4_gemv(codes: torch.Tensor) -> torch.Tensor:
-    """codes (N, K) in [0, 15] -> (N, K/2) uint8: per 64 in-features, byte j = code j | code (j + 32) << 4."""
+    """codes (N, K) in [0, 15] -> (ceil(N/4)*4, K/2) uint8, gemv.cpp's int4 layout: blocks of 4 rows (zero rows
+    pad the last), each stored as K/128 groups of 4 x 64 bytes; in a row's 64 bytes, byte p = 16 L + i
+    holds in-feature f = 8 L + i (i < 8) or 32 + 8 L + i - 8 (i >= 8) in its low nibble and f + 64 in its
+    high nibble."""
     n, k = codes.shape
-    c = codes.to(torch.uint8).view(n, k // INT4_BLOCK, 2, INT4_BLOCK // 2)
-    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+    pad = -n % ROWS
+    c = F.pad(codes.to(torch.uint8), (0, 0, 0, pad)).view((n + pad) // ROWS, ROWS, k // INT4_BLOCK, INT4_BLOCK)
+    p = torch.arange(INT4_BLOCK // 2)
+    lane, i = p // 16, p % 16
+    f = torch.where(i < 8, 8 * lane + i, 32 + 8 * lane + i - 8)  # (64,) low-nibble in-feature of each byte
+    packed = c[..., f] | (c[..., f + 64] << 4)  # (N/4, 4, K/128, 64)
+    return packed.transpose(1, 2).contiguous().view(n + pad, k // 2)
 
 
 def int4_supported(in_features: int, group_size: int) -> bool:
-    return group_size % INT4_BLOCK == 0 and in_features % group_size == 0
+    return group_size % 64 == 0 and in_features % group_size == 0 and in_features % INT4_BLOCK == 0
 
 
 class Int4Gemv:
@@ -151,9 +161,11 @@ class Int4Gemv:
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int):
         self.n, self.k = codes.shape
         self.group_size = group_size
+        pad = -self.n % ROWS
         self.q = huge_copy(pack_int4_gemv(codes))
-        self.s = scale.float().contiguous()
-        self.c = (zero.float() - 136 * self.s).contiguous()  # see gemv.cpp: sum w x = s A + (z - 136 s) X
+        s = scale.float()
+        self.s = F.pad(s, (0, 0, 0, pad)).contiguous()
+        self.c = F.pad(zero.float() - 136 * s, (0, 0, 0, pad)).contiguous()  # gemv.cpp: sum w x = s A + (z - 136 s) X
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         xb = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)

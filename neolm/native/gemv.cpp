@@ -9,10 +9,9 @@
 //   f32   W fp32,                x fp32, fp32 FMA.
 //   bf16  W bf16,                x bf16, vdpbf16ps (bf16 pairs, fp32 accumulation).
 //   int8  W int8 (N, K), scale bf16 (N,): y = scale * (W @ x); x fp32, int8 -> fp32 convert + FMA.
-//   int4  codes q in [0, 15], w = (q - 8) * s + z per group of G in-features (G a multiple of 64), laid out
-//         by pack_int4_gemv: per row, per 64 in-features, 32 bytes; byte j holds in-feature j in its low
-//         nibble and j + 32 in its high nibble. x bf16. A nibble q or'ed into 0x4300 is the bf16 number
-//         128 + q exactly, so vdpbf16ps gives A = sum (128 + q) x per group; then
+//   int4  codes q in [0, 15], w = (q - 8) * s + z per group of G in-features (G a multiple of 64, K of
+//         128), laid out by pack_int4_gemv (below). x bf16. The 16-bit word 0x43 << 8 | q is the bf16
+//         number 128 + q exactly, so vdpbf16ps gives A = sum (128 + q) x per 64 in-features; then
 //         sum w x = s A + (z - 136 s) X with X = sum x over the group (c = z - 136 s, computed at packing).
 // neolm_features() says which kernels this build has (bit 0 f32, 1 bf16, 2 int8, 3 int4): none without
 // AVX-512 (the Python side then keeps torch's kernels).
@@ -29,10 +28,7 @@
 
 namespace {
 
-#ifndef NEOLM_ROWS
-#define NEOLM_ROWS 4
-#endif
-constexpr int ROWS = NEOLM_ROWS;
+constexpr int ROWS = 4;  // also the int4 layout's row block (neolm/native/__init__.py ROWS)
 #ifndef NEOLM_PREFETCH
 #define NEOLM_PREFETCH 512   // bytes ahead of each row's stream: without it, the kernels that compute more per
 #endif                       // byte (int8, int4) stream from memory at half the speed they reach from cache
@@ -173,49 +169,50 @@ void neolm_gemv_bf16(const uint16_t* x, const uint16_t* w, const void* bias, int
   }
 }
 
-// q (N, K/2) in the layout above; s, c (N, K/G) fp32; k % 64 == 0, g % 64 == 0
+// int4, from the layout of pack_int4_gemv: rows in blocks of 4 (zero rows pad the last),
+// each block one contiguous stream of 4 x 64 bytes per 128 in-features (short per-row streams read from
+// memory far below bandwidth). Within a row's 64 bytes, byte p = 16 L + i holds in-feature
+// f = 8 L + i (i < 8) or 32 + 8 L + i - 8 (i >= 8) in its low nibble and f + 64 in its high nibble, so that
+// interleaving the nibbles with 0x43 bytes (unpacklo/hi) yields the bf16 numbers 128 + q of in-features
+// 0-31, 32-63, 64-95, 96-127 in order. s, c: (N padded to 4, K/G).
 void neolm_gemv_int4(const uint16_t* x, const uint8_t* q, const float* s, const float* c, const void* bias,
                      int bias_bf16, void* y, int out_bf16, int64_t n, int64_t k, int64_t g) {
-  const int64_t groups = k / g, blocks = g / 64;
+  const int64_t groups = k / g, blocks = k / 128;
   std::vector<float> xsum(groups);
   for (int64_t t = 0; t < groups; t++) {
     float sum = 0.0f;
     for (int64_t j = t * g; j < (t + 1) * g; j++) sum += bf16_to_float(x[j]);
     xsum[t] = sum;
   }
-  const __m256i low = _mm256_set1_epi8(0x0f);
-  const __m512i magic = _mm512_set1_epi16(0x4300);
+  const __m512i low = _mm512_set1_epi8(0x0f);
+  const __m512i magic = _mm512_set1_epi8(0x43);
 #pragma omp parallel for schedule(static)
   for (int64_t r0 = 0; r0 < n; r0 += ROWS) {
-    int64_t row[ROWS];
+    const uint8_t* qb = q + r0 * (k / 2);  // this block of rows: blocks x ROWS x 64 bytes
     __m512 total[ROWS];
-    for (int i = 0; i < ROWS; i++) {
-      row[i] = r0 + i < n ? r0 + i : r0;
-      total[i] = _mm512_setzero_ps();
-    }
-    for (int64_t t = 0; t < groups; t++) {
-      __m512 acc[ROWS];
-      for (int i = 0; i < ROWS; i++) acc[i] = _mm512_setzero_ps();
-      for (int64_t b = t * blocks; b < (t + 1) * blocks; b++) {
-        const __m512bh xlo = (__m512bh)_mm512_loadu_si512(x + 64 * b);
-        const __m512bh xhi = (__m512bh)_mm512_loadu_si512(x + 64 * b + 32);
-        for (int i = 0; i < ROWS; i++) {
-          const uint8_t* p = q + row[i] * (k / 2) + 32 * b;
-          if ((b & 1) == 0) prefetch(p);
-          const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-          const __m256i lo = _mm256_and_si256(bytes, low);
-          const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low);
-          const __m512i wlo = _mm512_or_si512(_mm512_cvtepu8_epi16(lo), magic);
-          const __m512i whi = _mm512_or_si512(_mm512_cvtepu8_epi16(hi), magic);
-          acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)wlo, xlo);
-          acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)whi, xhi);
-        }
+    for (int i = 0; i < ROWS; i++) total[i] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < blocks; b++) {
+      const uint16_t* xb = x + 128 * b;
+      const __m512bh x0 = (__m512bh)_mm512_loadu_si512(xb), x1 = (__m512bh)_mm512_loadu_si512(xb + 32);
+      const __m512bh x2 = (__m512bh)_mm512_loadu_si512(xb + 64), x3 = (__m512bh)_mm512_loadu_si512(xb + 96);
+      const int64_t g0 = 128 * b / g, g1 = (128 * b + 64) / g;
+      for (int i = 0; i < ROWS; i++) {
+        const uint8_t* p = qb + (b * ROWS + i) * 64;
+        prefetch(p);
+        const __m512i bytes = _mm512_loadu_si512(p);
+        const __m512i lo = _mm512_and_si512(bytes, low);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low);
+        __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)_mm512_unpacklo_epi8(lo, magic), x0);
+        a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_unpackhi_epi8(lo, magic), x1);
+        __m512 h = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)_mm512_unpacklo_epi8(hi, magic), x2);
+        h = _mm512_dpbf16_ps(h, (__m512bh)_mm512_unpackhi_epi8(hi, magic), x3);
+        total[i] = _mm512_fmadd_ps(a, _mm512_set1_ps(s[(r0 + i) * groups + g0]), total[i]);
+        total[i] = _mm512_fmadd_ps(h, _mm512_set1_ps(s[(r0 + i) * groups + g1]), total[i]);
       }
-      for (int i = 0; i < ROWS; i++) total[i] = _mm512_fmadd_ps(acc[i], _mm512_set1_ps(s[row[i] * groups + t]), total[i]);
     }
     for (int i = 0; i < ROWS && r0 + i < n; i++) {
       float v = _mm512_reduce_add_ps(total[i]);
-      const float* cr = c + row[i] * groups;
+      const float* cr = c + (r0 + i) * groups;
       for (int64_t t = 0; t < groups; t++) v += cr[t] * xsum[t];
       store(y, r0 + i, v + bias_at(bias, bias_bf16, r0 + i), out_bf16);
     }
