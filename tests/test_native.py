@@ -99,3 +99,15 @@ def test_available_says_why_not(monkeypatch):
         assert have == set() and "no-such-compiler-anywhere" in why
     finally:
         native._library.cache_clear()
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="the kernels are for x86-64")
+def test_an_unusable_cache_folder_means_no_kernels_not_a_crash(monkeypatch, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    native._library.cache_clear()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))
+    try:
+        have, why = native.available()
+        assert have == set() and "cannot build or load" in why
+    finally:
+        native._library.cache_clear()

@@ -68,16 +68,20 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
         return None, f"no C++ compiler ({os.environ.get('CXX', 'g++')}) found"
     key = hashlib.sha256(SOURCE.read_bytes() + cxx.encode() + " ".join(FLAGS).encode() + _cpu_flags().encode())
     path = _cache_dir() / f"gemv-{key.hexdigest()[:16]}.so"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # compile aside, then one atomic rename
-            out = Path(tmp) / path.name
-            done = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(out)], capture_output=True, text=True, check=False)
-            if done.returncode != 0:
-                return None, f"compiling {SOURCE.name} failed: {done.stderr.strip()[-300:]}"
-            os.replace(out, path)
-        log.info("compiled neolm's CPU kernels into %s", path)
-    lib = ctypes.CDLL(str(path))
+    try:
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # compile aside, then one atomic rename
+                out = Path(tmp) / path.name
+                command = [cxx, *FLAGS, str(SOURCE), "-o", str(out)]
+                done = subprocess.run(command, capture_output=True, text=True, check=False)
+                if done.returncode != 0:
+                    return None, f"compiling {SOURCE.name} failed: {done.stderr.strip()[-300:]}"
+                os.replace(out, path)
+            log.info("compiled neolm's CPU kernels into %s", path)
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:  # an unwritable cache folder, a library the loader refuses, ...
+        return None, f"cannot build or load {path}: {e}"
     lib.neolm_features.restype = ctypes.c_int
     for name, argtypes in _SIGNATURES.items():
         if hasattr(lib, name):
