@@ -70,20 +70,17 @@ def compiled(fn, *tensors: torch.Tensor | None):
     return _compiled[key]
 
 
-def gemv_kernels(weight: torch.Tensor, bias: torch.Tensor | None) -> dict:
-    """One-row kernels for a CPU fp32/bf16 weight: name -> fn(x (1, K), weight, bias) -> (1, N)."""
-    if weight.device.type != "cpu" or weight.dtype not in _ONEDNN_DTYPES or (bias is not None and bias.dtype != weight.dtype):
-        return {}
-    if ("bf16" if weight.dtype == torch.bfloat16 else "f32") in native.available()[0] and weight.is_contiguous():
-        return {"native": native.float_gemv}
-    return {"inductor": compiled(_gemv, weight, bias)}
-
-
 class Linear(nn.Linear):
     gemv = None  # set by compile_gemv: fn(x, weight, bias), the kernel for one-row inputs at inference
 
     def gemv_kernels(self) -> dict:
-        return gemv_kernels(self.weight, self.bias)
+        """One-row kernels for a CPU fp32/bf16 weight: name -> fn(x (1, K), weight, bias) -> (1, N)."""
+        w, b = self.weight, self.bias
+        if w.device.type != "cpu" or w.dtype not in _ONEDNN_DTYPES or (b is not None and b.dtype != w.dtype):
+            return {}
+        if ("bf16" if w.dtype == torch.bfloat16 else "f32") in native.available()[0] and w.is_contiguous():
+            return {"native": native.float_gemv}
+        return {"inductor": compiled(_gemv, w, b)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (

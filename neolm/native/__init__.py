@@ -99,10 +99,6 @@ def available() -> tuple[set[str], str]:
     return have, "" if have else "this CPU has no AVX-512"
 
 
-def _ptr(t: torch.Tensor | None):
-    return None if t is None else t.data_ptr()
-
-
 def _bias(bias: torch.Tensor | None) -> tuple[int | None, int]:
     if bias is None:
         return None, 0

@@ -82,7 +82,13 @@ class QuantLinear(nn.Module):
         if self._prepared_on != x.device:
             self.prepare()
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if self.gemv is not None and x2.shape[0] == 1 and x.device.type == "cpu" and self._cpu_float(x):
+        if (
+            self.gemv is not None
+            and x2.shape[0] == 1
+            and x.device.type == "cpu"
+            and x.dtype in (torch.float32, torch.bfloat16)
+            and not torch.is_grad_enabled()
+        ):
             y = self.gemv(x2.contiguous(), self.qweight, self.scale, self.bias)
         elif self.use_kernel:
             y = self.matmul(x2)
@@ -92,9 +98,6 @@ class QuantLinear(nn.Module):
             bias = self.bias.to(x.dtype) if self.bias is not None else None
             y = linear(x2, self.dequantize(x.dtype), bias)
         return y.view(*x.shape[:-1], self.out_features)
-
-    def _cpu_float(self, x: torch.Tensor) -> bool:
-        return x.dtype in (torch.float32, torch.bfloat16) and not torch.is_grad_enabled()
 
     def extra_repr(self) -> str:
         kernel = "packed kernel" if self.use_kernel else "dequantize per call"
