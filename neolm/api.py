@@ -15,6 +15,7 @@ from neolm.config import Config
 from neolm.errors import NeolmError
 from neolm.generate import GenerationConfig, generate, iter_generate
 from neolm.model import GPT
+from neolm.native import decode
 from neolm.ops import compile_gemv
 from neolm.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 
@@ -197,7 +198,8 @@ def load(
     stays in floating point). Quantized folders (`neolm quantize`, bitsandbytes 4-bit) load as such without it.
     compile: on CPU, route one-token matmuls (single-stream decoding) to one-row kernels built for this
     machine (neolm.native's AVX-512 kernels, else torch.compile's; needs a C++ compiler), each layer
-    shape keeping the fastest kernel, timed here (neolm.ops.compile_gemv).
+    shape keeping the fastest kernel, timed here (neolm.ops.compile_gemv); and, with those kernels, run each
+    single-sequence decode step through every block in one native call (neolm.native.decode).
     """
     start = time.perf_counter()
     if quantize_head and quantize is None:
@@ -221,6 +223,8 @@ def load(
         net = checkpoint.build_model(config, state, device)
     if compile:
         compile_gemv(net)
+        why_not = decode.attach(net)
+        log.info("single-sequence decode steps: %s", f"in torch ({why_not})" if why_not else "native (one call per step)")
     tokenizer = load_tokenizer(folder, default=config.tokenizer)
     defaults = checkpoint.read_generation_defaults(folder, GenerationConfig.field_names())
     seconds = time.perf_counter() - start

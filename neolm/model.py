@@ -139,6 +139,9 @@ class GPT(nn.Module):
         self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
         self.gradient_checkpointing = False  # recompute each block in backward (training memory)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # rotary cos/sin table, made on first use
+        # fn(x (1, 1, C), positions (1, 1), cache) -> every block's output for one token of one sequence, or None
+        # to decline the call; it writes into x and the cache (neolm.native.decode sets it)
+        self.decode_step = None
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -183,6 +186,11 @@ class GPT(nn.Module):
         rope = None
         if self.wpe is not None:
             x = x + self.wpe(positions)
+        if self.decode_step is not None and T == 1 and cache is not None and key_valid is None:
+            y = self.decode_step(x, positions, cache)
+            if y is not None:
+                cache.length = start + 1
+                return self.lm_head(self.ln_f(y))
         if self.config.rotary_dims:
             cos, sin = self._rotary_table(x.device)
             rope = cos[positions][:, None].to(x.dtype), sin[positions][:, None].to(x.dtype)  # (B, 1, T, dims)

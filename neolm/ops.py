@@ -82,6 +82,16 @@ class Linear(nn.Linear):
             return {"native": native.float_gemv}
         return {"inductor": compiled(_gemv, w, b)}
 
+    def native_weights(self):
+        """This layer's tensors for neolm's native kernels (neolm.native.decode), or None."""
+        w, b = self.weight, self.bias
+        if w.device.type != "cpu" or w.dtype not in _ONEDNN_DTYPES or not w.is_contiguous():
+            return None
+        if b is not None and (b.dtype != w.dtype or not b.is_contiguous()):
+            return None
+        kind = "bf16" if w.dtype == torch.bfloat16 else "f32"
+        return native.Weights(kind, w.detach(), bias=None if b is None else b.detach(), n=w.shape[0], k=w.shape[1])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
             self.gemv is not None

@@ -22,6 +22,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,7 +32,8 @@ from neolm.memory import huge_copy
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("gemv.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("gemv.cpp", "decode.cpp")]
+HEADERS = [Path(__file__).with_name("gemv.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 FEATURES = {"f32": 1, "bf16": 2, "int8": 4, "int4": 8}
 INT4_BLOCK = 128  # in-features per 64 bytes of the int4 layout
@@ -43,6 +45,8 @@ _SIGNATURES = {
     "neolm_gemv_bf16": [_p, _p, _p, _int, _p, _int, _i64, _i64],
     "neolm_gemv_int8": [_p, _p, _p, _p, _int, _p, _int, _i64, _i64],
     "neolm_gemv_int4": [_p, _p, _p, _p, _p, _int, _p, _int, _i64, _i64, _i64],
+    "neolm_decode_step": [_p, _p, _i64, _p, _p, _p, _p, _i64, _p],  # neolm/native/decode.py
+    "neolm_decode_scratch_bytes": [_p],
 }
 
 
@@ -66,17 +70,18 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     cxx = shutil.which(os.environ.get("CXX", "g++"))
     if cxx is None:
         return None, f"no C++ compiler ({os.environ.get('CXX', 'g++')}) found"
-    key = hashlib.sha256(SOURCE.read_bytes() + cxx.encode() + " ".join(FLAGS).encode() + _cpu_flags().encode())
+    code = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
+    key = hashlib.sha256(code + cxx.encode() + " ".join(FLAGS).encode() + _cpu_flags().encode())
     path = _cache_dir() / f"gemv-{key.hexdigest()[:16]}.so"
     try:
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=path.parent) as tmp:  # compile aside, then one atomic rename
                 out = Path(tmp) / path.name
-                command = [cxx, *FLAGS, str(SOURCE), "-o", str(out)]
+                command = [cxx, *FLAGS, *map(str, SOURCES), "-o", str(out)]
                 done = subprocess.run(command, capture_output=True, text=True, check=False)
                 if done.returncode != 0:
-                    return None, f"compiling {SOURCE.name} failed: {done.stderr.strip()[-300:]}"
+                    return None, f"compiling {', '.join(p.name for p in SOURCES)} failed: {done.stderr.strip()[-300:]}"
                 os.replace(out, path)
             log.info("compiled neolm's CPU kernels into %s", path)
         lib = ctypes.CDLL(str(path))
@@ -86,7 +91,7 @@ def _library() -> tuple[ctypes.CDLL | None, str]:
     for name, argtypes in _SIGNATURES.items():
         if hasattr(lib, name):
             getattr(lib, name).argtypes = argtypes
-            getattr(lib, name).restype = None
+            getattr(lib, name).restype = ctypes.c_int64 if name.endswith("_bytes") else None
     return lib, ""
 
 
@@ -108,6 +113,20 @@ def _bias(bias: torch.Tensor | None) -> tuple[int | None, int]:
 
 def _out(x: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
     return torch.empty(1, n, dtype=x.dtype), int(x.dtype == torch.bfloat16)
+
+
+@dataclass
+class Weights:
+    """A linear layer's tensors in one of the native kernels' formats (gemv.cpp), as decode.cpp's `Lin`."""
+
+    kind: str  # f32, bf16, int8, int4 (FEATURES)
+    w: torch.Tensor  # f32/bf16 (N, K); int8 codes (N, K); int4 codes in pack_int4_gemv's layout
+    s: torch.Tensor | None = None  # int8: bf16 scales (N,); int4: fp32 scales (N, K/G)
+    c: torch.Tensor | None = None  # int4: fp32 offsets (N, K/G)
+    bias: torch.Tensor | None = None
+    n: int = 0
+    k: int = 0
+    g: int = 0  # int4 group size
 
 
 # The kernels: x (1, K) contiguous -> (1, N) in x's dtype. Weights, scales and biases are read in place
@@ -166,6 +185,10 @@ class Int4Gemv:
         s = scale.float()
         self.s = F.pad(s, (0, 0, 0, pad)).contiguous()
         self.c = F.pad(zero.float() - 136 * s, (0, 0, 0, pad)).contiguous()  # gemv.cpp: sum w x = s A + (z - 136 s) X
+
+    def weights(self, bias: torch.Tensor | None):
+        """These tensors as `Weights` (for neolm.native.decode)."""
+        return Weights("int4", self.q, self.s, self.c, bias, self.n, self.k, self.group_size)
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         xb = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)

@@ -16,73 +16,20 @@
 // neolm_features() says which kernels this build has (bit 0 f32, 1 bf16, 2 int8, 3 int4): none without
 // AVX-512 (the Python side then keeps torch's kernels).
 
-#include <cstdint>
-#include <cstring>
 #include <vector>
 
-#include <immintrin.h>
+#include "gemv.h"
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#define NEOLM_AVX512 1
-#endif
 
-namespace {
-
-constexpr int ROWS = 4;  // also the int4 layout's row block (neolm/native/__init__.py ROWS)
-#ifndef NEOLM_PREFETCH
-#define NEOLM_PREFETCH 512   // bytes ahead of each row's stream: without it, the kernels that compute more per
-#endif                       // byte (int8, int4) stream from memory at half the speed they reach from cache
-inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p) + NEOLM_PREFETCH, _MM_HINT_T0); }
-
-inline float bf16_to_float(uint16_t h) {
-  uint32_t u = static_cast<uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch does
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN stays NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-
-inline void store(void* y, int64_t i, float v, int out_bf16) {
-  if (out_bf16)
-    static_cast<uint16_t*>(y)[i] = float_to_bf16(v);
-  else
-    static_cast<float*>(y)[i] = v;
-}
-
-inline float bias_at(const void* bias, int bias_bf16, int64_t i) {
-  if (!bias) return 0.0f;
-  return bias_bf16 ? bf16_to_float(static_cast<const uint16_t*>(bias)[i]) : static_cast<const float*>(bias)[i];
-}
-
-}  // namespace
-
-extern "C" {
-
-int neolm_features() {
-  int f = 0;
-#ifdef NEOLM_AVX512
-  f |= 1 | 4;
-#ifdef __AVX512BF16__
-  f |= 2 | 8;
-#endif
-#endif
-  return f;
-}
+namespace neolm {
 
 #ifdef NEOLM_AVX512
 
-void neolm_gemv_f32(const float* x, const float* w, const void* bias, int bias_bf16, void* y, int out_bf16,
+void gemv_f32(const float* x, const float* w, const void* bias, int bias_bf16, void* y, int out_bf16,
                     int64_t n, int64_t k) {
   const int64_t kv = k & ~int64_t(15);
   const __mmask16 tail = static_cast<__mmask16>((1u << (k - kv)) - 1u);
-#pragma omp parallel for schedule(static)
+#pragma omp for schedule(static)
   for (int64_t r0 = 0; r0 < n; r0 += ROWS) {
     const float* wr[ROWS];
     __m512 acc[ROWS];
@@ -106,11 +53,11 @@ void neolm_gemv_f32(const float* x, const float* w, const void* bias, int bias_b
   }
 }
 
-void neolm_gemv_int8(const float* x, const int8_t* q, const uint16_t* scale, const void* bias, int bias_bf16, void* y,
+void gemv_int8(const float* x, const int8_t* q, const uint16_t* scale, const void* bias, int bias_bf16, void* y,
                      int out_bf16, int64_t n, int64_t k) {
   const int64_t kv = k & ~int64_t(15);
   const __mmask16 tail = static_cast<__mmask16>((1u << (k - kv)) - 1u);
-#pragma omp parallel for schedule(static)
+#pragma omp for schedule(static)
   for (int64_t r0 = 0; r0 < n; r0 += ROWS) {
     const int8_t* qr[ROWS];
     __m512 acc[ROWS];
@@ -140,11 +87,11 @@ void neolm_gemv_int8(const float* x, const int8_t* q, const uint16_t* scale, con
 
 #ifdef __AVX512BF16__
 
-void neolm_gemv_bf16(const uint16_t* x, const uint16_t* w, const void* bias, int bias_bf16, void* y, int out_bf16,
+void gemv_bf16(const uint16_t* x, const uint16_t* w, const void* bias, int bias_bf16, void* y, int out_bf16,
                      int64_t n, int64_t k) {
   const int64_t kv = k & ~int64_t(31);
   const __mmask32 tail = static_cast<__mmask32>((uint64_t(1) << (k - kv)) - 1u);
-#pragma omp parallel for schedule(static)
+#pragma omp for schedule(static)
   for (int64_t r0 = 0; r0 < n; r0 += ROWS) {
     const uint16_t* wr[ROWS];
     __m512 acc[ROWS];
@@ -175,7 +122,7 @@ void neolm_gemv_bf16(const uint16_t* x, const uint16_t* w, const void* bias, int
 // f = 8 L + i (i < 8) or 32 + 8 L + i - 8 (i >= 8) in its low nibble and f + 64 in its high nibble, so that
 // interleaving the nibbles with 0x43 bytes (unpacklo/hi) yields the bf16 numbers 128 + q of in-features
 // 0-31, 32-63, 64-95, 96-127 in order. s, c: (N padded to 4, K/G).
-void neolm_gemv_int4(const uint16_t* x, const uint8_t* q, const float* s, const float* c, const void* bias,
+void gemv_int4(const uint16_t* x, const uint8_t* q, const float* s, const float* c, const void* bias,
                      int bias_bf16, void* y, int out_bf16, int64_t n, int64_t k, int64_t g) {
   const int64_t groups = k / g, blocks = k / 128;
   std::vector<float> xsum(groups);
@@ -186,7 +133,7 @@ void neolm_gemv_int4(const uint16_t* x, const uint8_t* q, const float* s, const 
   }
   const __m512i low = _mm512_set1_epi8(0x0f);
   const __m512i magic = _mm512_set1_epi8(0x43);
-#pragma omp parallel for schedule(static)
+#pragma omp for schedule(static)
   for (int64_t r0 = 0; r0 < n; r0 += ROWS) {
     const uint8_t* qb = q + r0 * (k / 2);  // this block of rows: blocks x ROWS x 64 bytes
     __m512 total[ROWS];
@@ -219,6 +166,50 @@ void neolm_gemv_int4(const uint16_t* x, const uint8_t* q, const float* s, const 
   }
 }
 
+#endif  // __AVX512BF16__
+#endif  // NEOLM_AVX512
+
+}  // namespace neolm
+
+// The exported kernels: one parallel region around a body.
+extern "C" {
+
+int neolm_features() {
+  int f = 0;
+#ifdef NEOLM_AVX512
+  f |= 1 | 4;
+#ifdef __AVX512BF16__
+  f |= 2 | 8;
+#endif
+#endif
+  return f;
+}
+
+#ifdef NEOLM_AVX512
+void neolm_gemv_f32(const float* x, const float* w, const void* bias, int bias_bf16, void* y, int out_bf16, int64_t n,
+                    int64_t k) {
+#pragma omp parallel
+  neolm::gemv_f32(x, w, bias, bias_bf16, y, out_bf16, n, k);
+}
+
+void neolm_gemv_int8(const float* x, const int8_t* q, const uint16_t* scale, const void* bias, int bias_bf16, void* y,
+                     int out_bf16, int64_t n, int64_t k) {
+#pragma omp parallel
+  neolm::gemv_int8(x, q, scale, bias, bias_bf16, y, out_bf16, n, k);
+}
+
+#ifdef __AVX512BF16__
+void neolm_gemv_bf16(const uint16_t* x, const uint16_t* w, const void* bias, int bias_bf16, void* y, int out_bf16,
+                     int64_t n, int64_t k) {
+#pragma omp parallel
+  neolm::gemv_bf16(x, w, bias, bias_bf16, y, out_bf16, n, k);
+}
+
+void neolm_gemv_int4(const uint16_t* x, const uint8_t* q, const float* s, const float* c, const void* bias,
+                     int bias_bf16, void* y, int out_bf16, int64_t n, int64_t k, int64_t g) {
+#pragma omp parallel
+  neolm::gemv_int4(x, q, s, c, bias, bias_bf16, y, out_bf16, n, k, g);
+}
 #endif  // __AVX512BF16__
 #endif  // NEOLM_AVX512
 

@@ -136,6 +136,12 @@ class Int8Linear(QuantLinear):
             return {"native": native.int8_gemv}
         return {"inductor": compiled(kernels.int8_gemv, self.qweight, self.scale, self.bias)}
 
+    def native_weights(self):
+        if self.qweight.device.type != "cpu" or self.dtype not in (torch.float32, torch.bfloat16):
+            return None
+        bias = None if self.bias is None else self.bias.detach()
+        return native.Weights("int8", self.qweight, self.scale, bias=bias, n=self.out_features, k=self.in_features)
+
     def prepare(self, name=""):
         super().prepare(name)
         if self.in_features % 32:  # aten's CPU int8 kernel crashes (not fails) on such widths, e.g. 60
@@ -225,6 +231,16 @@ class Int4Linear(QuantLinear):
             return {}
         kernel = native.Int4Gemv(self.codes(), self.scale, self.zero, self.group_size)  # its own copy of the codes
         return {"native": lambda x, qweight, scale, bias: kernel(x, bias)}
+
+    def native_weights(self):
+        if (
+            self.qweight.device.type != "cpu"
+            or self.dtype not in (torch.float32, torch.bfloat16)
+            or not native.int4_supported(self.in_features, self.group_size)
+        ):
+            return None
+        gemv = native.Int4Gemv(self.codes(), self.scale, self.zero, self.group_size)  # its own copy of the codes
+        return gemv.weights(None if self.bias is None else self.bias.detach())
 
     def export(self) -> dict[str, torch.Tensor]:
         qweight = self.qweight if self.layout == "canonical" else kernels.pack_int4(self.codes())

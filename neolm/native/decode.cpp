@@ -1,0 +1,304 @@
+// One decode step of GPT-Neo / GPT-NeoX: one new token of one sequence through every block, in one call.
+//
+// At 125M-1.4B sizes a step written as torch ops costs ~120 op dispatches per layer (2-5 ms per step on
+// top of streaming the weights); here a step is one call, one OpenMP parallel region, and about eight
+// barriers per layer. The matmuls are gemv.cpp's bodies; LayerNorm, rotary, attention over the KV cache,
+// the activation and the residuals are done here. Built and driven by neolm/native/decode.py, which fills
+// the structs below from the model's tensors (they must match its ctypes mirrors field for field).
+//
+// Numbers follow the torch path: activations are stored in the model's dtype (fp32 or bf16) wherever the
+// torch path stores a tensor (after each LayerNorm, matmul, attention, activation and residual), and each
+// op computes in fp32 in between.
+
+#include <cmath>
+#include <vector>
+
+#include "gemv.h"
+
+namespace {
+
+using namespace neolm;
+
+struct Lin {  // a linear layer in one of gemv.cpp's formats
+  int32_t kind;  // 0 f32, 1 bf16, 2 int8, 3 int4
+  int32_t bias_bf16;
+  int64_t n, k, g;  // out-features, in-features, int4 group size
+  const void* w;  // weights: fp32 / bf16 (n, k), int8 codes (n, k), int4 codes in gemv.cpp's layout
+  const void* s;  // int8: bf16 scales (n,); int4: fp32 scales (n, k / g)
+  const void* c;  // int4: fp32 offsets (n, k / g)
+  const void* bias;  // (n,) or null
+};
+
+struct Layer {
+  const void *ln1_w, *ln1_b, *ln2_w, *ln2_b;  // (c,) in the model's dtype
+  Lin qkv, proj, fc, out;  // qkv's output is laid out per head: [heads, 3, d]
+  int64_t window;  // local attention over the last `window` keys; 0: global
+};
+
+struct Model {
+  int64_t n_layer, c, heads, d, f, rot;  // rot: rotary dims per head (0: none)
+  int32_t act_bf16;  // the model's dtype: 1 bf16, 0 fp32
+  int32_t parallel;  // 1: x + attn(ln1 x) + mlp(ln2 x) (GPT-NeoX); 0: sequential (GPT-Neo)
+  int32_t act;  // 0 gelu (erf), 1 gelu (tanh approximation), 2 relu
+  float eps, scale;  // LayerNorm epsilon, attention score scale
+  const Layer* layers;
+};
+
+#ifdef NEOLM_AVX512
+
+inline __mmask16 first(int64_t count) { return count >= 16 ? __mmask16(0xffff) : __mmask16((1u << count) - 1u); }
+
+inline __m512 load(const void* p, int bf16, int64_t i, __mmask16 m = 0xffff) {
+  if (bf16) {
+    const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(p) + i);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  return _mm512_maskz_loadu_ps(m, static_cast<const float*>(p) + i);
+}
+
+inline __m256i to_bf16(__m512 v) {  // round to nearest even, NaN kept (as float_to_bf16)
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd)), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  return _mm512_cvtepi32_epi16(r);
+}
+
+inline void put(void* p, int bf16, int64_t i, __m512 v, __mmask16 m = 0xffff) {
+  if (bf16)
+    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p) + i, m, to_bf16(v));
+  else
+    _mm512_mask_storeu_ps(static_cast<float*>(p) + i, m, v);
+}
+
+inline __m512 round_to(int bf16, __m512 v) {  // v as stored in the model's dtype
+  return bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(v)), 16)) : v;
+}
+
+inline __m512 exp16(__m512 x) {  // e^x, Cephes' expf polynomial after x = n ln2 + r, |r| <= ln2 / 2
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7f)), _mm512_set1_ps(-103.9f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __m512 activation(int kind, __m512 x) {
+  const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
+  if (kind == 2) return _mm512_max_ps(x, _mm512_setzero_ps());
+  if (kind == 1) {  // 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), tanh u = sign(u) (1 - e) / (1 + e), e = e^-2|u|
+    const __m512 x3 = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
+    const __m512 u = _mm512_mul_ps(_mm512_set1_ps(0.7978845608f), _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), x3, x));
+    const __m512 e = exp16(_mm512_mul_ps(_mm512_set1_ps(-2.0f), _mm512_abs_ps(u)));
+    __m512 t = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
+    t = _mm512_or_ps(t, _mm512_and_ps(u, _mm512_set1_ps(-0.0f)));  // sign of u
+    return _mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, t));
+  }
+  // 0.5 x (1 + erf(x / sqrt 2)); erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), as ATen's vectorised erf
+  const __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(0.70710678f));
+  const __m512 a = _mm512_abs_ps(z);
+  const __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), a, one));
+  __m512 r = _mm512_set1_ps(1.061405429f);
+  r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(-1.453152027f));
+  r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(1.421413741f));
+  r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(-0.284496736f));
+  r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(0.254829592f));
+  __m512 erf = _mm512_fnmadd_ps(_mm512_mul_ps(r, t), exp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(z, z))), one);
+  erf = _mm512_or_ps(erf, _mm512_and_ps(z, _mm512_set1_ps(-0.0f)));
+  return _mm512_mul_ps(_mm512_mul_ps(half, x), _mm512_add_ps(one, erf));
+}
+
+// y = LayerNorm(x) * w + b over n values (two passes: mean, then variance).
+void layer_norm(const void* x, const void* w, const void* b, void* y, int64_t n, float eps, int bf16) {
+  __m512 s = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) s = _mm512_add_ps(s, load(x, bf16, i, first(n - i)));
+  const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(s) / n);
+  __m512 v = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = first(n - i);
+    const __m512 d = _mm512_maskz_sub_ps(m, load(x, bf16, i, m), mean);
+    v = _mm512_fmadd_ps(d, d, v);
+  }
+  const __m512 rstd = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(v) / n + eps));
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = first(n - i);
+    const __m512 normed = _mm512_mul_ps(_mm512_sub_ps(load(x, bf16, i, m), mean), rstd);
+    put(y, bf16, i, _mm512_fmadd_ps(normed, load(w, bf16, i, m), load(b, bf16, i, m)), m);
+  }
+}
+
+// y = a + b (+ c), each sum rounded to the model's dtype, in the torch path's order.
+void add(const void* a, const void* b, const void* c, void* y, int64_t n, int bf16) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = first(n - i);
+    __m512 s = round_to(bf16, _mm512_add_ps(load(a, bf16, i, m), load(b, bf16, i, m)));
+    if (c) s = _mm512_add_ps(s, load(c, bf16, i, m));
+    put(y, bf16, i, s, m);
+  }
+}
+
+// The input a matmul reads: int8 takes fp32 x, bf16 and int4 take bf16 x; `in` holds x in the model's dtype.
+inline int wants_bf16(const Lin& l) { return l.kind == 1 || l.kind == 3; }
+
+const void* input(const Lin& l, const void* in, int bf16, float* xf, uint16_t* xb) {
+  if (wants_bf16(l) == bf16) return in;
+  return wants_bf16(l) ? static_cast<const void*>(xb) : static_cast<const void*>(xf);
+}
+
+void convert(const Lin& l, const void* in, int bf16, float* xf, uint16_t* xb, int64_t i0, int64_t i1) {
+  if (wants_bf16(l) == bf16) return;
+  for (int64_t i = i0; i < i1; i += 16) put(wants_bf16(l) ? static_cast<void*>(xb) : xf, !bf16, i, load(in, bf16, i, first(i1 - i)), first(i1 - i));
+}
+
+void linear(const Lin& l, const void* x, void* y, int bf16) {  // inside the parallel region: rows split over threads
+  switch (l.kind) {
+    case 0: gemv_f32(static_cast<const float*>(x), static_cast<const float*>(l.w), l.bias, l.bias_bf16, y, bf16, l.n, l.k); break;
+    case 2: gemv_int8(static_cast<const float*>(x), static_cast<const int8_t*>(l.w), static_cast<const uint16_t*>(l.s), l.bias,
+                      l.bias_bf16, y, bf16, l.n, l.k); break;
+#ifdef __AVX512BF16__
+    case 1: gemv_bf16(static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(l.w), l.bias, l.bias_bf16, y, bf16, l.n, l.k); break;
+    case 3: gemv_int4(static_cast<const uint16_t*>(x), static_cast<const uint8_t*>(l.w), static_cast<const float*>(l.s),
+                      static_cast<const float*>(l.c), l.bias, l.bias_bf16, y, bf16, l.n, l.k, l.g); break;
+#endif
+  }
+}
+
+// One head: rotate q and k, append k and v to the cache at slot `pos`, attend over the cached keys.
+// qkv: this token's [heads, 3, d]; kc, vc: the layer's cache (heads, max_len, d); att: (heads, d).
+void attend(const Model& m, const Layer& layer, int64_t h, const void* qkv, void* kc, void* vc, int64_t pos, int64_t max_len,
+            const float* cos, const float* sin, void* att, float* q, float* k, float* scores) {
+  const int bf16 = m.act_bf16;
+  const int64_t d = m.d, half = m.rot / 2, es = bf16 ? 2 : 4;
+  for (int64_t i = 0; i < d; i += 16) {
+    const __mmask16 mk = first(d - i);
+    _mm512_mask_storeu_ps(q + i, mk, load(qkv, bf16, h * 3 * d + i, mk));
+    _mm512_mask_storeu_ps(k + i, mk, load(qkv, bf16, h * 3 * d + d + i, mk));
+  }
+  for (int64_t i = 0; i < half; i++) {  // rotate-half on the first `rot` dims
+    const float q1 = q[i], q2 = q[i + half], k1 = k[i], k2 = k[i + half];
+    q[i] = q1 * cos[i] - q2 * sin[i], q[i + half] = q2 * cos[i + half] + q1 * sin[i + half];
+    k[i] = k1 * cos[i] - k2 * sin[i], k[i + half] = k2 * cos[i + half] + k1 * sin[i + half];
+  }
+  char* krow = static_cast<char*>(kc) + (h * max_len + pos) * d * es;
+  char* vrow = static_cast<char*>(vc) + (h * max_len + pos) * d * es;
+  for (int64_t i = 0; i < d; i += 16) {
+    const __mmask16 mk = first(d - i);
+    const __m512 qv = round_to(bf16, _mm512_maskz_loadu_ps(mk, q + i));
+    _mm512_mask_storeu_ps(q + i, mk, qv);
+    put(krow, bf16, i, _mm512_maskz_loadu_ps(mk, k + i), mk);
+  }
+  std::memcpy(vrow, static_cast<const char*>(qkv) + (h * 3 * d + 2 * d) * es, d * es);
+
+  const int64_t lo = layer.window && pos + 1 > layer.window ? pos + 1 - layer.window : 0, count = pos + 1 - lo;
+  const char* keys = static_cast<const char*>(kc) + (h * max_len + lo) * d * es;
+  const char* values = static_cast<const char*>(vc) + (h * max_len + lo) * d * es;
+  float top = -INFINITY;
+  for (int64_t j = 0; j < count; j++) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < d; i += 16) {
+      const __mmask16 mk = first(d - i);
+      acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q + i), load(keys + j * d * es, bf16, i, mk), acc);
+    }
+    scores[j] = _mm512_reduce_add_ps(acc) * m.scale;
+    top = scores[j] > top ? scores[j] : top;
+  }
+  __m512 total = _mm512_setzero_ps();
+  for (int64_t j = 0; j < count; j += 16) {
+    const __mmask16 mk = first(count - j);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, scores + j), _mm512_set1_ps(top)));
+    _mm512_mask_storeu_ps(scores + j, mk, e);
+    total = _mm512_add_ps(total, _mm512_maskz_mov_ps(mk, e));
+  }
+  const float inv = 1.0f / _mm512_reduce_add_ps(total);
+  for (int64_t i = 0; i < d; i += 16) {
+    const __mmask16 mk = first(d - i);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t j = 0; j < count; j++) acc = _mm512_fmadd_ps(_mm512_set1_ps(scores[j]), load(values + j * d * es, bf16, i, mk), acc);
+    put(att, bf16, h * d + i, _mm512_mul_ps(acc, _mm512_set1_ps(inv)), mk);
+  }
+}
+
+#endif  // NEOLM_AVX512
+
+}  // namespace
+
+extern "C" {
+
+// Bytes of scratch memory neolm_decode_step needs for this model.
+int64_t neolm_decode_scratch_bytes(const Model* m) {
+  const int64_t es = m->act_bf16 ? 2 : 4, wide = m->f > m->c ? m->f : m->c;
+  return (7 * m->c + m->f) * es + wide * 6 + 64;
+}
+
+#ifdef NEOLM_AVX512
+// x (c) in the model's dtype: the token's embedding in, the last block's output out. pos: the cache slot
+// this token fills (the cache holds pos tokens before it); cos, sin: the rotary table's row for the token's
+// position (m.rot fp32 values; unused without rotary). cache_k, cache_v: (n_layer, heads, max_len, d).
+void neolm_decode_step(const Model* m, void* x, int64_t pos, const float* cos, const float* sin, void* cache_k,
+                       void* cache_v, int64_t max_len, void* scratch) {
+  const int bf16 = m->act_bf16;
+  const int64_t c = m->c, f = m->f, es = bf16 ? 2 : 4, wide = f > c ? f : c;
+  char* p = static_cast<char*>(scratch);
+  void* h = p;            p += c * es;      // LayerNorm output
+  void* qkv = p;          p += 3 * c * es;  // [heads, 3, d]
+  void* att = p;          p += c * es;      // attention output, [heads, d]
+  void* a = p;            p += c * es;      // attention block output
+  void* ff = p;           p += f * es;      // MLP hidden
+  void* mo = p;           p += c * es;      // MLP output
+  float* xf = reinterpret_cast<float*>(p);  p += wide * 4;  // a matmul's input in the other dtype
+  uint16_t* xb = reinterpret_cast<uint16_t*>(p);
+  const int64_t layer_bytes = m->heads * max_len * m->d * es;
+#pragma omp parallel
+  {
+    std::vector<float> q(m->d), k(m->d), scores(pos + 1);
+    for (int64_t l = 0; l < m->n_layer; l++) {
+      const Layer& L = m->layers[l];
+      void* kc = static_cast<char*>(cache_k) + l * layer_bytes;
+      void* vc = static_cast<char*>(cache_v) + l * layer_bytes;
+#pragma omp single
+      {
+        layer_norm(x, L.ln1_w, L.ln1_b, h, c, m->eps, bf16);
+        convert(L.qkv, h, bf16, xf, xb, 0, c);
+      }
+      linear(L.qkv, input(L.qkv, h, bf16, xf, xb), qkv, bf16);
+#pragma omp for schedule(static)
+      for (int64_t head = 0; head < m->heads; head++)
+        attend(*m, L, head, qkv, kc, vc, pos, max_len, cos, sin, att, q.data(), k.data(), scores.data());
+#pragma omp single
+      convert(L.proj, att, bf16, xf, xb, 0, c);
+      linear(L.proj, input(L.proj, att, bf16, xf, xb), a, bf16);
+#pragma omp single
+      {
+        if (!m->parallel) add(x, a, nullptr, x, c, bf16);  // GPT-Neo: x + attn, then the MLP on it
+        layer_norm(x, L.ln2_w, L.ln2_b, h, c, m->eps, bf16);
+        convert(L.fc, h, bf16, xf, xb, 0, c);
+      }
+      linear(L.fc, input(L.fc, h, bf16, xf, xb), ff, bf16);
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < f; i += 256) {
+        const int64_t end = i + 256 < f ? i + 256 : f;
+        for (int64_t j = i; j < end; j += 16) put(ff, bf16, j, activation(m->act, load(ff, bf16, j, first(end - j))), first(end - j));
+        convert(L.out, ff, bf16, xf, xb, i, end);
+      }
+      linear(L.out, input(L.out, ff, bf16, xf, xb), mo, bf16);
+#pragma omp single
+      {
+        if (m->parallel)
+          add(mo, a, x, x, c, bf16);  // GPT-NeoX: (mlp + attn) + x
+        else
+          add(x, mo, nullptr, x, c, bf16);
+      }
+    }
+  }
+}
+#endif  // NEOLM_AVX512
+
+}  // extern "C"

@@ -1,0 +1,124 @@
+"""A whole decode step in one native call (decode.cpp): one new token of one sequence through every block.
+
+`attach(model)` (done by `neolm.load(..., compile=True)`) sets `model.decode_step` when every block's
+layers have a native kernel; `GPT.forward` then sends single-token, single-sequence steps with a KV cache
+here and everything else (prefill, batches, padding, training) through torch. The step reads the model's
+tensors in place: after replacing them (`load_state_dict` copies in place and is fine; `.to(...)` is not),
+call `attach` again.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+
+import torch
+
+from neolm import native
+
+log = logging.getLogger(__name__)
+
+KINDS = {"f32": 0, "bf16": 1, "int8": 2, "int4": 3}
+ACTIVATIONS = {"gelu": 0, "gelu_new": 1, "gelu_fast": 1, "gelu_pytorch_tanh": 1, "relu": 2}  # decode.cpp `act`
+
+
+_p = ctypes.c_void_p
+
+
+class _Lin(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int32), ("bias_bf16", ctypes.c_int32), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
+                ("g", ctypes.c_int64), ("w", _p), ("s", _p), ("c", _p), ("bias", _p)]  # fmt: skip
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("ln1_w", _p), ("ln1_b", _p), ("ln2_w", _p), ("ln2_b", _p),
+                ("qkv", _Lin), ("proj", _Lin), ("fc", _Lin), ("out", _Lin), ("window", ctypes.c_int64)]  # fmt: skip
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [("n_layer", ctypes.c_int64), ("c", ctypes.c_int64), ("heads", ctypes.c_int64), ("d", ctypes.c_int64),
+                ("f", ctypes.c_int64), ("rot", ctypes.c_int64), ("act_bf16", ctypes.c_int32),
+                ("parallel", ctypes.c_int32), ("act", ctypes.c_int32), ("eps", ctypes.c_float),
+                ("scale", ctypes.c_float), ("layers", ctypes.POINTER(_Layer))]  # fmt: skip
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _lin(weights: native.Weights) -> _Lin:
+    bias = weights.bias
+    return _Lin(KINDS[weights.kind], int(bias is not None and bias.dtype == torch.bfloat16), weights.n, weights.k,
+                weights.g, _ptr(weights.w), _ptr(weights.s), _ptr(weights.c), _ptr(bias))  # fmt: skip
+
+
+class DecodeStep:
+    """Every block of `model` for one token; built by `attach`. Call: (x (1, 1, C), positions (1, 1), cache)
+    -> the last block's output (1, 1, C), or None when this call is not one it takes."""
+
+    def __init__(self, model, weights: list[list[native.Weights]]):
+        from neolm.model import rotary_table  # the model imports neolm.ops, which imports neolm.native
+
+        config = model.config
+        self.dtype = model.ln_f.weight.dtype
+        self.lib = native._library()[0]
+        keep: list = []  # every tensor the structs point into, alive as long as the step
+        layers = (_Layer * config.n_layer)()
+        for layer, block, lins in zip(layers, model.blocks, weights):
+            norms = (block.ln1.weight, block.ln1.bias, block.ln2.weight, block.ln2.bias)
+            layer.ln1_w, layer.ln1_b, layer.ln2_w, layer.ln2_b = map(_ptr, norms)
+            layer.qkv, layer.proj, layer.fc, layer.out = map(_lin, lins)
+            layer.window = block.window or 0
+            keep += [*norms, *(t for w in lins for t in (w.w, w.s, w.c, w.bias))]
+        self.rope = None
+        if config.rotary_dims:
+            self.rope = rotary_table(config.n_positions, config.rotary_dims, config.rotary_base)  # fp32 (P, rot)
+        rot = 0 if self.rope is None else self.rope[0].shape[1]
+        scale = config.attn_scale if config.attn_scale is not None else config.head_dim**-0.5
+        self.spec = _Model(config.n_layer, config.d_model, config.n_head, config.head_dim, config.d_ff, rot,
+                           int(self.dtype == torch.bfloat16), int(config.parallel_residual),
+                           ACTIVATIONS[config.activation], config.layer_norm_eps, scale, layers)  # fmt: skip
+        self.layers, self.keep = layers, keep
+        self.scratch = torch.empty(self.lib.neolm_decode_scratch_bytes(ctypes.byref(self.spec)), dtype=torch.uint8)
+        self.n_positions = config.n_positions
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor | None:
+        k, v = cache.k, cache.v  # (L, B, H, max_len, D)
+        if (
+            x.shape[0] != 1
+            or x.dtype != self.dtype
+            or x.device.type != "cpu"
+            or k.dtype != self.dtype
+            or not (k.is_contiguous() and v.is_contiguous())
+            or torch.is_grad_enabled()
+        ):
+            return None
+        position = int(positions)
+        if not 0 <= position < self.n_positions:
+            return None  # the torch path says what is wrong
+        x = x.contiguous()
+        cos = sin = None
+        if self.rope is not None:
+            cos, sin = (t[position].data_ptr() for t in self.rope)
+        self.lib.neolm_decode_step(ctypes.byref(self.spec), x.data_ptr(), cache.length, cos, sin, k.data_ptr(),
+                                   v.data_ptr(), k.shape[3], self.scratch.data_ptr())  # fmt: skip
+        return x
+
+
+def attach(model) -> str:
+    """Set model.decode_step to a native step when this machine and every layer allow it; returns "" or why not."""
+    model.decode_step = None
+    have, why = native.available()
+    if not have:
+        return why
+    if model.config.activation not in ACTIVATIONS:
+        return f"no native {model.config.activation} activation"
+    weights = []
+    for i, block in enumerate(model.blocks):
+        lins = [layer.native_weights() for layer in (block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj)]
+        missing = [name for name, w in zip(("qkv", "proj", "fc", "out"), lins) if w is None or w.kind not in have]
+        if missing:
+            return f"block {i}'s {', '.join(missing)} layer has no native kernel"
+        weights.append(lins)
+    model.decode_step = DecodeStep(model, weights)
+    return ""

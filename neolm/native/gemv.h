@@ -1,0 +1,64 @@
+// Shared by gemv.cpp (the one-row matmuls) and decode.cpp (a whole decode step): AVX-512 helpers and the
+// matmul bodies. A body splits its rows over the threads of the enclosing OpenMP parallel region with an
+// orphaned `omp for` (ending in a barrier); called outside any region, one thread does all rows.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include <immintrin.h>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define NEOLM_AVX512 1
+#endif
+
+namespace neolm {
+
+constexpr int ROWS = 4;  // also the int4 layout's row block (neolm/native/__init__.py ROWS)
+#ifndef NEOLM_PREFETCH
+#define NEOLM_PREFETCH 512   // bytes ahead of each row's stream: without it, the kernels that compute more per
+#endif                       // byte (int8, int4) stream from memory at half the speed they reach from cache
+inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p) + NEOLM_PREFETCH, _MM_HINT_T0); }
+
+inline float bf16_to_float(uint16_t h) {
+  uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, as torch does
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline void store(void* y, int64_t i, float v, int out_bf16) {
+  if (out_bf16)
+    static_cast<uint16_t*>(y)[i] = float_to_bf16(v);
+  else
+    static_cast<float*>(y)[i] = v;
+}
+
+inline float bias_at(const void* bias, int bias_bf16, int64_t i) {
+  if (!bias) return 0.0f;
+  return bias_bf16 ? bf16_to_float(static_cast<const uint16_t*>(bias)[i]) : static_cast<const float*>(bias)[i];
+}
+
+#ifdef NEOLM_AVX512
+// y (n) = W (n, k) @ x (k) + bias, formats as described in gemv.cpp.
+void gemv_f32(const float* x, const float* w, const void* bias, int bias_bf16, void* y, int out_bf16, int64_t n,
+              int64_t k);
+void gemv_int8(const float* x, const int8_t* q, const uint16_t* scale, const void* bias, int bias_bf16, void* y,
+               int out_bf16, int64_t n, int64_t k);
+#ifdef __AVX512BF16__
+void gemv_bf16(const uint16_t* x, const uint16_t* w, const void* bias, int bias_bf16, void* y, int out_bf16,
+               int64_t n, int64_t k);
+void gemv_int4(const uint16_t* x, const uint8_t* q, const float* s, const float* c, const void* bias, int bias_bf16,
+               void* y, int out_bf16, int64_t n, int64_t k, int64_t g);
+#endif
+#endif
+
+}  // namespace neolm

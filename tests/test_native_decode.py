@@ -1,0 +1,124 @@
+"""neolm.native.decode: a whole single-sequence decode step in one native call, against the torch path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY, hf_model, save_hf
+
+import neolm
+from neolm import native
+from neolm.model import KVCache
+from neolm.native import decode
+
+pytestmark = pytest.mark.skipif(not native.available()[0], reason=f"no native kernels: {native.available()[1]}")
+
+WIDE = {  # widths the native int4 kernel takes (multiples of 128)
+    "neo-128": {**TINY["neo"], "hidden_size": 128, "num_heads": 4},
+    "neox-128": {**TINY["neox-parallel-pct25"], "hidden_size": 128, "num_attention_heads": 2, "intermediate_size": 256},
+}
+CASES = [(name, dtype, None) for name in TINY for dtype in ("float32", "bfloat16")]
+CASES += [(name, "float32", "int8") for name in ("neo", "neox-parallel-pct25")] + [("neox-parallel-pct25", "bfloat16", "int8")]
+CASES += [(name, dtype, "int4") for name in WIDE for dtype in ("float32", "bfloat16")]
+TOLERANCE = {None: 1e-5, "int8": 1e-5, "int4": 2e-2}  # relative to the largest logit; bf16 models: 2e-2
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    configs = TINY | WIDE
+    return {name: save_hf(hf_model(spec, seed=i, std=0.2), tmp_path_factory.mktemp(name))
+            for i, (name, spec) in enumerate(configs.items())}  # fmt: skip
+
+
+def _twin_runs(model, ids: torch.Tensor, prefill: int):
+    """Logits and caches of the same steps with the native step and with the torch path."""
+    step, dtype = model.decode_step, model.ln_f.weight.dtype
+    caches = [KVCache(model.config, 1, ids.shape[1] + 1, dtype) for _ in range(2)]
+    logits = [[], []]
+    with torch.inference_mode():
+        for run, (cache, use) in enumerate(zip(caches, (step, None))):
+            model.decode_step = use
+            model(ids[:, :prefill], cache=cache)
+            for t in range(prefill, ids.shape[1]):
+                logits[run].append(model(ids[:, t : t + 1], cache=cache).float())
+    model.decode_step = step
+    return [torch.cat(x, 1) for x in logits], caches
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("name,dtype,quantize", CASES)
+def test_native_step_equals_the_torch_path(folders, name, dtype, quantize):
+    """Logits of every step and the cache each path fills agree: past the local window (GPT-Neo's is 8
+    here), with partial rotary, parallel and sequential residuals, tanh and erf GELU, odd widths. In bf16
+    both paths round differently: the native one must be as close to the fp32 model as the torch one."""
+    lm = neolm.load(folders[name], dtype=dtype, quantize=quantize, compile=True)
+    assert isinstance(lm.model.decode_step, decode.DecodeStep)
+    for layer in lm.model.modules():  # the torch path's one-row matmuls: the same native kernels
+        if hasattr(layer, "gemv_kernels"):
+            layer.gemv = layer.gemv_kernels().get("native")
+    ids = torch.randint(0, 50000, (1, 24), generator=torch.Generator().manual_seed(3))
+    (fast, slow), (c_fast, c_slow) = _twin_runs(lm.model, ids, prefill=5)
+    assert c_fast.length == c_slow.length == 24
+    if dtype == "float32":
+        tol = TOLERANCE[quantize]
+        assert _rel(fast, slow) < tol
+        assert _rel(c_fast.k, c_slow.k) < tol and _rel(c_fast.v, c_slow.v) < tol
+    else:
+        reference = neolm.load(folders[name], dtype="float32")
+        reference.model.decode_step = None
+        (exact, _), (c_exact, _) = _twin_runs(reference.model, ids, prefill=5)
+        assert _rel(fast, exact) <= 1.5 * _rel(slow, exact) + 1e-3
+        for kv in ("k", "v"):
+            mine, theirs, truth = (getattr(c, kv).float() for c in (c_fast, c_slow, c_exact))
+            assert _rel(mine, truth) <= 1.5 * _rel(theirs, truth) + 1e-3
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_greedy_text_is_the_same(folders, name):
+    lm = neolm.load(folders[name], compile=True)
+    prompt, kw = [[11, 22, 33, 44]], dict(max_new_tokens=20, min_new_tokens=20)
+    fast = lm.generate_ids(prompt, **kw)
+    lm.model.decode_step = None
+    assert fast == lm.generate_ids(prompt, **kw)
+
+
+def test_it_declines_what_it_does_not_take(folders):
+    """Batches, padding and gradients stay on the torch path (and give its results)."""
+    lm = neolm.load(folders["neo"], compile=True)
+    calls = []
+    step = lm.model.decode_step
+
+    def counting(x, positions, cache):
+        out = step(x, positions, cache)
+        calls.append(out is not None)
+        return out
+
+    lm.model.decode_step = counting
+    batch = lm.generate_ids([[1, 2, 3], [4, 5, 6, 7]], max_new_tokens=4, min_new_tokens=4)  # batch 2, padded
+    assert not any(calls)
+    lm.model.decode_step = None
+    assert batch == lm.generate_ids([[1, 2, 3], [4, 5, 6, 7]], max_new_tokens=4, min_new_tokens=4)
+    lm.model.decode_step = counting
+    cache = KVCache(lm.model.config, 1, 8, torch.float32)
+    lm.model(torch.tensor([[1, 2]]), cache=cache)
+    with torch.enable_grad():
+        lm.model(torch.tensor([[3]]), cache=cache)
+    assert calls and not any(calls)
+    with torch.inference_mode():
+        lm.model(torch.tensor([[4]]), cache=cache)
+    assert calls[-1] is True and cache.length == 4
+
+
+def test_attach_says_why_not(monkeypatch, folders):
+    lm = neolm.load(folders["neo"])
+    assert lm.model.decode_step is None  # only with compile=True
+    monkeypatch.setattr(native, "available", lambda: (set(), "no AVX-512 (test)"))
+    assert decode.attach(lm.model) == "no AVX-512 (test)" and lm.model.decode_step is None
+    monkeypatch.undo()
+    int4 = neolm.load(folders["neo-128"], quantize="int4", group_size=32)  # the native int4 kernel needs G % 64 == 0
+    assert "block 0's qkv, proj, fc, out layer has no native kernel" in decode.attach(int4.model)
+    assert int4.model.decode_step is None
+    assert decode.attach(neolm.load(folders["neo-128"], quantize="int4").model) == ""
