@@ -168,6 +168,7 @@ class Int4Linear(QuantLinear):
         self.layout = "canonical"  # of qweight: "canonical" (saved form) or "cpu" (aten's CPU kernel layout)
         self._kweight: torch.Tensor | None = None  # CUDA, or CPU when the layout is not invertible
         self._sz: torch.Tensor | None = None  # (K/G, N, 2) scales and zeros for the kernels
+        self._native: native.Int4Gemv | None = None  # the native one-row kernel's copy of the codes, made on demand
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 64) -> Int4Linear:
@@ -196,6 +197,7 @@ class Int4Linear(QuantLinear):
 
     def prepare(self, name=""):
         super().prepare(name)
+        self._native = None
         name = name or "int4 layer"
         codes = self.codes()  # (N, K)
         device = codes.device
@@ -229,8 +231,14 @@ class Int4Linear(QuantLinear):
             or not native.int4_supported(self.in_features, self.group_size)
         ):
             return {}
-        kernel = native.Int4Gemv(self.codes(), self.scale, self.zero, self.group_size)  # its own copy of the codes
+        kernel = self._native_gemv()
         return {"native": lambda x, qweight, scale, bias: kernel(x, bias)}
+
+    def _native_gemv(self) -> native.Int4Gemv:
+        """The native kernel with its own copy of the codes (half a byte per weight), one per layer."""
+        if self._native is None:
+            self._native = native.Int4Gemv(self.codes(), self.scale, self.zero, self.group_size)
+        return self._native
 
     def native_weights(self):
         if (
@@ -239,8 +247,7 @@ class Int4Linear(QuantLinear):
             or not native.int4_supported(self.in_features, self.group_size)
         ):
             return None
-        gemv = native.Int4Gemv(self.codes(), self.scale, self.zero, self.group_size)  # its own copy of the codes
-        return gemv.weights(None if self.bias is None else self.bias.detach())
+        return self._native_gemv().weights(None if self.bias is None else self.bias.detach())
 
     def export(self) -> dict[str, torch.Tensor]:
         qweight = self.qweight if self.layout == "canonical" else kernels.pack_int4(self.codes())
