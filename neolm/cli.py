@@ -61,9 +61,10 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = False, position
     p.add_argument(
         "--compile",
         action="store_true",
-        help="CPU: fast one-token matmuls for single-stream decoding: neolm's AVX-512 kernels, compiled once "
-        "with the system's C++ compiler (torch.compile's on CPUs without AVX-512); each layer shape keeps the "
-        "fastest kernel, timed at start-up (bench/RESULTS.md has the gains)",
+        help="CPU: fast single-stream decoding. neolm's AVX-512 kernels, compiled once with the system's C++ "
+        "compiler, run each new token through every block in one native call; one-token matmuls use the fastest "
+        "kernel per layer shape, timed at start-up (torch.compile's on CPUs without AVX-512). "
+        "bench/README.md has the gains",
     )
 
 

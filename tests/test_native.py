@@ -85,6 +85,43 @@ def test_int4(n, k, group, dtype):
     _close(y, want, 1e-5 if dtype == torch.float32 else 1e-2)
 
 
+@needs["int4"]
+@pytest.mark.parametrize("n,k,group", [(6, 128, 64), (37, 256, 128), (333, 768, 256)])
+def test_int4_to_bf16(n, k, group):
+    """The native copy of int4 codes back to weights: (q - 8) s + z rounded to bf16, any block of rows."""
+    w, _, _ = _data(n, k)
+    codes, scale, zero = quantize_int4(w, group)
+    w_dq = ((codes.view(n, k // group, group).float() - 8) * scale.float()[..., None] + zero.float()[..., None]).view(n, k)
+    gemv = native.Int4Gemv(codes, scale, zero, group)
+    full = gemv.to_bf16(0, n)
+    assert full.dtype == torch.bfloat16 and full.shape == (n, k)
+    assert torch.allclose(full.float(), w_dq, rtol=2 ** -8, atol=1e-6)  # within bf16 rounding
+    assert torch.equal(gemv.to_bf16(4, n), full[4:])  # from a later block of rows
+    with pytest.raises(AssertionError):
+        gemv.to_bf16(2, n)  # not at a block of rows
+
+
+@needs["int4"]
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_layer_prefill_through_bf16_weights(dtype):
+    """With the native copy (compile=True), many-row int4 products go through bf16 weights and the GEMM,
+    a block of rows at a time; they equal the dequantized product on bf16 activations."""
+    from neolm.quant.linear import PREFILL_ROWS, Int4Linear
+
+    linear = torch.nn.Linear(1024, 8200)  # in-features x 8200 rows: two blocks of rows of 8192
+    layer = Int4Linear.from_linear(linear.to(dtype), group_size=128)
+    layer.prepare()
+    layer.gemv_kernels()  # makes the native copy, as compile=True does
+    x = torch.randn(2, PREFILL_ROWS // 2 + 3, 1024).to(dtype)
+    with torch.inference_mode():
+        got = layer(x)
+        want = x.bfloat16().float() @ layer.dequantize(torch.float32).t() + layer.bias.float()
+    assert got.dtype == dtype and got.shape == (2, PREFILL_ROWS // 2 + 3, 8200)
+    _close(got, want, 2e-2)
+    with torch.inference_mode():
+        _close(layer(x[:, :2]), want[:, :2], 2e-2)  # fewer rows: the packed kernel, the same product
+
+
 def test_int4_supported_shapes():
     assert native.int4_supported(768, 64) and native.int4_supported(2048, 128) and native.int4_supported(768, 256)
     assert not native.int4_supported(768, 32) and not native.int4_supported(192, 64)  # K: a multiple of 128

@@ -1,15 +1,16 @@
-"""Hand-written AVX-512 one-row matmuls for CPU decoding (gemv.cpp), compiled on first use.
+"""Hand-written AVX-512 kernels for CPU decoding, compiled on first use.
 
-`neolm.ops.compile_gemv` offers these kernels to each layer next to the inductor-generated GEMV and the
-layer's own kernel, and keeps whichever is fastest for that layer shape. They stream fp32, bf16, int8 and
-int4 weights at one activation row without torch's per-op dispatch, and (int4, int8) without converting
-through a packed layout made for many rows (bench/PROFILE.md has the numbers).
+- gemv.cpp: one-row matmuls (fp32, bf16, int8, int4 weights). `neolm.ops.compile_gemv` offers them to each
+  layer next to the inductor-generated GEMV and the layer's own kernel, and keeps whichever is fastest for
+  that layer shape. They stream weights at one activation row without torch's per-op dispatch, and (int4,
+  int8) without a packed layout made for many rows (bench/PROFILE.md has the numbers).
+- decode.cpp (driven by neolm/native/decode.py): a whole single-sequence decode step through every block
+  in one call, on those matmuls.
 
-The source is compiled once per machine with the C++ compiler torch.compile uses (`$CXX`, else `g++`)
-into `$XDG_CACHE_HOME/neolm/native` (default `~/.cache/neolm/native`), keyed by the source, the compiler
+The sources are compiled once per machine with the C++ compiler torch.compile uses (`$CXX`, else `g++`)
+into `$XDG_CACHE_HOME/neolm/native` (default `~/.cache/neolm/native`), keyed by the sources, the compiler
 and the CPU's flags; the library is called through ctypes. Without a compiler, or on a CPU without
-AVX-512, `available()` says which kernels exist (none) and why, and nothing else changes.
-"""
+AVX-512, `available()` says which kernels exist (none) and why, and nothing else changes."""
 
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ _SIGNATURES = {
     "neolm_gemv_bf16": [_p, _p, _p, _int, _p, _int, _i64, _i64],
     "neolm_gemv_int8": [_p, _p, _p, _p, _int, _p, _int, _i64, _i64],
     "neolm_gemv_int4": [_p, _p, _p, _p, _p, _int, _p, _int, _i64, _i64, _i64],
+    "neolm_int4_to_bf16": [_p, _p, _p, _p, _i64, _i64, _i64, _i64],
     "neolm_decode_step": [_p, _p, _i64, _p, _p, _p, _p, _i64, _p],  # neolm/native/decode.py
     "neolm_decode_scratch_bytes": [_p],
 }
@@ -189,6 +191,14 @@ class Int4Gemv:
     def weights(self, bias: torch.Tensor | None):
         """These tensors as `Weights` (for neolm.native.decode)."""
         return Weights("int4", self.q, self.s, self.c, bias, self.n, self.k, self.group_size)
+
+    def to_bf16(self, start: int, end: int) -> torch.Tensor:
+        """Rows [start, end) of the weight matrix in bf16, (end - start, K); start a multiple of ROWS."""
+        assert start % ROWS == 0 and 0 <= start <= end <= self.n
+        out = torch.empty(end - start, self.k, dtype=torch.bfloat16)
+        _library()[0].neolm_int4_to_bf16(self.q.data_ptr(), self.s.data_ptr(), self.c.data_ptr(), out.data_ptr(),
+                                         start, end, self.k, self.group_size)  # fmt: skip
+        return out
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         xb = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)

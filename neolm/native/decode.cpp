@@ -56,15 +56,6 @@ inline __m512 load(const void* p, int bf16, int64_t i, __mmask16 m = 0xffff) {
   return _mm512_maskz_loadu_ps(m, static_cast<const float*>(p) + i);
 }
 
-inline __m256i to_bf16(__m512 v) {  // round to nearest even, NaN kept (as float_to_bf16)
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd)), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-  return _mm512_cvtepi32_epi16(r);
-}
-
 inline void put(void* p, int bf16, int64_t i, __m512 v, __mmask16 m = 0xffff) {
   if (bf16)
     _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p) + i, m, to_bf16(v));

@@ -3,7 +3,9 @@
 // Built by neolm/native/__init__.py with the machine's C++ compiler (-O3 -march=native -fopenmp) on first
 // use and called through ctypes. OpenMP here is the runtime torch already loaded (same soname), so these
 // loops share torch's thread pool. Each thread takes a contiguous range of rows, ROWS rows at a time,
-// sharing every load of x among them; the weights stream once from memory.
+// sharing every load of x among them; the weights stream once from memory. The bodies (namespace neolm,
+// declared in gemv.h) split rows with an orphaned `omp for`, so that decode.cpp runs them inside its own
+// parallel region; the exported neolm_gemv_* open a region around them.
 //
 // Kernels, by weight format (x, y and bias pointers are contiguous; `out_bf16` selects bf16 or fp32 y):
 //   f32   W fp32,                x fp32, fp32 FMA.
@@ -166,6 +168,41 @@ void gemv_int4(const uint16_t* x, const uint8_t* q, const float* s, const float*
   }
 }
 
+
+// int4 codes in the layout above -> bf16 weights w = s (128 + q) + c = (q - 8) s + z, rows [r0, r1) of the
+// matrix (r0 a multiple of ROWS) into out (r1 - r0, k) row-major: for many-row products (prefill), which
+// multiply the result with oneDNN's bf16 GEMM.
+void int4_to_bf16(const uint8_t* q, const float* s, const float* c, uint16_t* out, int64_t r0, int64_t r1,
+                        int64_t k, int64_t g) {
+  const int64_t groups = k / g, blocks = k / 128;
+  const __m512i low = _mm512_set1_epi8(0x0f), magic = _mm512_set1_epi8(0x43);
+#pragma omp for schedule(static)
+  for (int64_t rb = r0; rb < r1; rb += ROWS) {
+    const uint8_t* qb = q + rb * (k / 2);
+    for (int64_t i = 0; i < ROWS && rb + i < r1; i++) {
+      const float* sr = s + (rb + i) * groups;
+      const float* cr = c + (rb + i) * groups;
+      uint16_t* row = out + (rb + i - r0) * k;
+      for (int64_t b = 0; b < blocks; b++) {
+        const __m512i bytes = _mm512_loadu_si512(qb + (b * ROWS + i) * 64);
+        const __m512i nibbles[2] = {_mm512_and_si512(bytes, low), _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low)};
+        for (int half = 0; half < 2; half++) {  // in-features 128 b + 64 half + [0, 64)
+          const int64_t t = (128 * b + 64 * half) / g;
+          const __m512 scale = _mm512_set1_ps(sr[t]), offset = _mm512_set1_ps(cr[t]);
+          const __m512i words[2] = {_mm512_unpacklo_epi8(nibbles[half], magic), _mm512_unpackhi_epi8(nibbles[half], magic)};
+          for (int w = 0; w < 2; w++)
+            for (int part = 0; part < 2; part++) {  // 16 of the 32 bf16 numbers 128 + q
+              const __m256i h = part ? _mm512_extracti64x4_epi64(words[w], 1) : _mm512_castsi512_si256(words[w]);
+              const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+              const __m512 wv = _mm512_fmadd_ps(v, scale, offset);
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + 128 * b + 64 * half + 32 * w + 16 * part), to_bf16(wv));
+            }
+        }
+      }
+    }
+  }
+}
+
 #endif  // __AVX512BF16__
 #endif  // NEOLM_AVX512
 
@@ -209,6 +246,12 @@ void neolm_gemv_int4(const uint16_t* x, const uint8_t* q, const float* s, const 
                      int bias_bf16, void* y, int out_bf16, int64_t n, int64_t k, int64_t g) {
 #pragma omp parallel
   neolm::gemv_int4(x, q, s, c, bias, bias_bf16, y, out_bf16, n, k, g);
+}
+
+void neolm_int4_to_bf16(const uint8_t* q, const float* s, const float* c, uint16_t* out, int64_t r0, int64_t r1,
+                        int64_t k, int64_t g) {
+#pragma omp parallel
+  neolm::int4_to_bf16(q, s, c, out, r0, r1, k, g);
 }
 #endif  // __AVX512BF16__
 #endif  // NEOLM_AVX512

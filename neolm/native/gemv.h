@@ -48,6 +48,15 @@ inline float bias_at(const void* bias, int bias_bf16, int64_t i) {
 }
 
 #ifdef NEOLM_AVX512
+inline __m256i to_bf16(__m512 v) {  // 16 floats to bf16, round to nearest even, NaN kept (as float_to_bf16)
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd)), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  return _mm512_cvtepi32_epi16(r);
+}
+
 // y (n) = W (n, k) @ x (k) + bias, formats as described in gemv.cpp.
 void gemv_f32(const float* x, const float* w, const void* bias, int bias_bf16, void* y, int out_bf16, int64_t n,
               int64_t k);

@@ -30,6 +30,7 @@ from neolm.quant import kernels
 log = logging.getLogger(__name__)
 
 GROUP_SIZES = (32, 64, 128, 256)
+PREFILL_ROWS = 32  # int4 products of this many rows or more: through bf16 weights (Int4Linear._prefill)
 BITS = {"int8": 8, "int4": 4}
 DEFAULT_SKIP = ("lm_head",)  # the output head stays in floating point unless asked
 SCALE_DTYPE = torch.bfloat16
@@ -233,6 +234,30 @@ class Int4Linear(QuantLinear):
             return {}
         kernel = self._native_gemv()
         return {"native": lambda x, qweight, scale, bias: kernel(x, bias)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            self._native is not None
+            and x.shape[:-1].numel() >= PREFILL_ROWS
+            and x.device.type == "cpu"
+            and not torch.is_grad_enabled()
+        ):
+            return self._prefill(x)
+        return super().forward(x)
+
+    def _prefill(self, x: torch.Tensor) -> torch.Tensor:
+        """Many rows on CPU, with the native copy of the codes (compile=True): bf16 weights a block of rows at a
+        time into oneDNN's bf16 GEMM, which outruns the int4 kernels made for few rows. Activations in bf16,
+        as in those kernels."""
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (M, K)
+        y = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype)  # (M, N)
+        step = max(native.ROWS, (1 << 23) // self.in_features // native.ROWS * native.ROWS)  # 16 MiB of bf16 weights
+        for start in range(0, self.out_features, step):
+            end = min(start + step, self.out_features)
+            y[:, start:end] = linear(x2, self._native.to_bf16(start, end), None)
+        if self.bias is not None:
+            y += self.bias.to(y.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def _native_gemv(self) -> native.Int4Gemv:
         """The native kernel with its own copy of the codes (half a byte per weight), one per layer."""
