@@ -117,6 +117,11 @@ def test_attach_says_why_not(monkeypatch, folders):
     assert lm.model.decode_step is None  # only with compile=True
     monkeypatch.setattr(native, "available", lambda: (set(), "no AVX-512 (test)"))
     assert decode.attach(lm.model) == "no AVX-512 (test)" and lm.model.decode_step is None
+    int4 = neolm.load(folders["neo-128"], quantize="int4")
+    monkeypatch.setattr(native, "available", lambda: ({"f32", "int8"}, ""))  # AVX-512 without BF16: no int4 kernel
+    assert "has no native kernel" in decode.attach(int4.model)
+    layer = int4.model.blocks[0].mlp.fc
+    assert layer.gemv_kernels() == {} and layer._native is None  # no copy of the codes for kernels it cannot run
     monkeypatch.undo()
     int4 = neolm.load(folders["neo-128"], quantize="int4", group_size=32)  # the native int4 kernel needs G % 64 == 0
     assert "block 0's qkv, proj, fc, out layer has no native kernel" in decode.attach(int4.model)

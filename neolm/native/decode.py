@@ -86,6 +86,7 @@ class DecodeStep:
         k, v = cache.k, cache.v  # (L, B, H, max_len, D)
         if (
             x.shape[0] != 1
+            or k.shape[1] != 1
             or x.dtype != self.dtype
             or x.device.type != "cpu"
             or k.dtype != self.dtype

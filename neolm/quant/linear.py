@@ -131,7 +131,7 @@ class Int8Linear(QuantLinear):
         return kernels.int8_mm(x, self.qweight, self.scale)
 
     def gemv_kernels(self):
-        if self.qweight.device.type != "cpu" or self.dtype not in (torch.float32, torch.bfloat16):
+        if self.native_weights() is None:  # not on CPU, or not a float model
             return {}
         if "int8" in native.available()[0]:
             return {"native": native.int8_gemv}
@@ -225,12 +225,7 @@ class Int4Linear(QuantLinear):
             self._kweight = self._sz = None
 
     def gemv_kernels(self):
-        if (
-            self.qweight.device.type != "cpu"
-            or self.dtype not in (torch.float32, torch.bfloat16)
-            or "int4" not in native.available()[0]
-            or not native.int4_supported(self.in_features, self.group_size)
-        ):
+        if self.native_weights() is None:
             return {}
         kernel = self._native_gemv()
         return {"native": lambda x, qweight, scale, bias: kernel(x, bias)}
@@ -270,6 +265,7 @@ class Int4Linear(QuantLinear):
             self.qweight.device.type != "cpu"
             or self.dtype not in (torch.float32, torch.bfloat16)
             or not native.int4_supported(self.in_features, self.group_size)
+            or "int4" not in native.available()[0]  # before making the copy of the codes, which needs the kernels
         ):
             return None
         return self._native_gemv().weights(None if self.bias is None else self.bias.detach())
