@@ -187,6 +187,7 @@ def load(
     group_size: int = 64,
     quantize_head: bool = False,
     compile: bool = False,
+    native: bool = True,
 ) -> LanguageModel:
     """Load a GPT-Neo or GPT-NeoX checkpoint: a local folder, a hub id, or `modelscope:ID`.
 
@@ -196,10 +197,12 @@ def load(
     quantize: None | "int8" | "int4": quantize the weights while loading (group_size for int4: 32, 64,
     128 or 256); quantize_head: the output head too (faster decoding, a little less exact; by default it
     stays in floating point). Quantized folders (`neolm quantize`, bitsandbytes 4-bit) load as such without it.
-    compile: on CPU, route one-token matmuls (single-stream decoding) to one-row kernels built for this
-    machine (neolm.native's AVX-512 kernels, else torch.compile's; needs a C++ compiler), each layer
-    shape keeping the fastest kernel, timed here (neolm.ops.compile_gemv); and, with those kernels, run each
-    single-sequence decode step through every block in one native call (neolm.native.decode).
+    native: on CPU, run each single-sequence decode step through every block in one call of neolm's AVX-512
+    kernels (neolm.native.decode; built with the system's C++ compiler on first use, cached), where this
+    machine can build them; prompts, batches and training stay in torch. False: every step in torch.
+    compile: on CPU, also route the remaining one-token matmuls (the output head; every block's too when no
+    native step runs) to one-row kernels built for this machine (neolm.native's, else torch.compile's;
+    needs a C++ compiler), each layer shape keeping the fastest kernel, timed here (neolm.ops.compile_gemv).
     """
     start = time.perf_counter()
     if quantize_head and quantize is None:
@@ -223,6 +226,7 @@ def load(
         net = checkpoint.build_model(config, state, device)
     if compile:
         compile_gemv(net)
+    if native:
         why_not = decode.attach(net)
         log.info("single-sequence decode steps: %s", f"in torch ({why_not})" if why_not else "native (one call per step)")
     tokenizer = load_tokenizer(folder, default=config.tokenizer)

@@ -61,10 +61,17 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = False, position
     p.add_argument(
         "--compile",
         action="store_true",
-        help="CPU: fast single-stream decoding. neolm's AVX-512 kernels, compiled once with the system's C++ "
-        "compiler, run each new token through every block in one native call; one-token matmuls use the fastest "
-        "kernel per layer shape, timed at start-up (torch.compile's on CPUs without AVX-512). "
-        "bench/README.md has the gains",
+        help="CPU: one-token matmuls outside the native decode step (the output head; every layer without it) "
+        "use the fastest kernel for their shape, timed at start-up: neolm's AVX-512 kernels, torch.compile's on "
+        "CPUs without them, or oneDNN's (bench/README.md has the gains)",
+    )
+    p.add_argument(
+        "--no-native",
+        dest="native",
+        action="store_false",
+        help="keep every decode step in torch. By default on CPU each new token of a single sequence goes through "
+        "every block in one call of neolm's AVX-512 kernels (built once with the system's C++ compiler, cached "
+        "in ~/.cache/neolm/native), where the machine can build them",
     )
 
 
@@ -144,6 +151,7 @@ def load_model(args):
         group_size=args.group_size,
         quantize_head=args.quantize_head,
         compile=args.compile,
+        native=args.native,
     )
 
 

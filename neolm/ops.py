@@ -90,7 +90,7 @@ class Linear(nn.Linear):
         if b is not None and (b.dtype != w.dtype or not b.is_contiguous()):
             return None
         kind = "bf16" if w.dtype == torch.bfloat16 else "f32"
-        return native.Weights(kind, w.detach(), bias=None if b is None else b.detach(), n=w.shape[0], k=w.shape[1])
+        return native.Weights(kind, w, bias=b, n=w.shape[0], k=w.shape[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (

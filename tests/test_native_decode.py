@@ -113,17 +113,50 @@ def test_it_declines_what_it_does_not_take(folders):
 
 
 def test_attach_says_why_not(monkeypatch, folders):
-    lm = neolm.load(folders["neo"])
-    assert lm.model.decode_step is None  # only with compile=True
+    assert isinstance(neolm.load(folders["neo"]).model.decode_step, decode.DecodeStep)  # on by default
+    lm = neolm.load(folders["neo"], native=False)
+    assert lm.model.decode_step is None
     monkeypatch.setattr(native, "available", lambda: (set(), "no AVX-512 (test)"))
     assert decode.attach(lm.model) == "no AVX-512 (test)" and lm.model.decode_step is None
-    int4 = neolm.load(folders["neo-128"], quantize="int4")
+    int4 = neolm.load(folders["neo-128"], quantize="int4", native=False)
     monkeypatch.setattr(native, "available", lambda: ({"f32", "int8"}, ""))  # AVX-512 without BF16: no int4 kernel
     assert "has no native kernel" in decode.attach(int4.model)
     layer = int4.model.blocks[0].mlp.fc
     assert layer.gemv_kernels() == {} and layer._native is None  # no copy of the codes for kernels it cannot run
     monkeypatch.undo()
-    int4 = neolm.load(folders["neo-128"], quantize="int4", group_size=32)  # the native int4 kernel needs G % 64 == 0
+    int4 = neolm.load(folders["neo-128"], quantize="int4", group_size=32, native=False)  # the native int4 kernel needs G % 64 == 0
     assert "block 0's qkv, proj, fc, out layer has no native kernel" in decode.attach(int4.model)
     assert int4.model.decode_step is None
-    assert decode.attach(neolm.load(folders["neo-128"], quantize="int4").model) == ""
+    assert decode.attach(neolm.load(folders["neo-128"], quantize="int4", native=False).model) == ""
+
+
+def test_cli_no_native(folders, capsys):
+    from neolm.cli import main
+
+    for flags in ([], ["--no-native"]):
+        main(["generate", "-m", str(folders["neo"]), "--max-new-tokens", "6", "--seed", "0", *flags, "Hello"])
+    default, torch_only = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert default == torch_only  # greedy: the same text either way
+
+
+def test_a_changed_model_gets_a_new_step(folders):
+    """Swapping layers (quantize_model) or replacing a tensor's data after load rebuilds the step from the
+    model as it is now, so decoding never runs on the old weights."""
+    from neolm.quant.linear import quantize_model
+
+    lm = neolm.load(folders["neo"])
+    first = lm.model.decode_step
+    quantize_model(lm.model, 8)
+    kw = dict(max_new_tokens=8, min_new_tokens=8)
+    out = lm.generate_ids([[1, 2, 3]], **kw)
+    assert lm.model.decode_step is not first and isinstance(lm.model.decode_step, decode.DecodeStep)
+    torch_path = lm.model.decode_step
+    lm.model.decode_step = None
+    assert out == lm.generate_ids([[1, 2, 3]], **kw)  # the int8 model's text, not the fp32 one's
+    lm.model.decode_step = torch_path
+    norm = lm.model.blocks[1].ln2
+    norm.weight.data = norm.weight.data * 0.5  # new memory under the same parameter
+    halved = lm.generate_ids([[1, 2, 3]], **kw)
+    assert lm.model.decode_step is not torch_path
+    lm.model.decode_step = None
+    assert halved == lm.generate_ids([[1, 2, 3]], **kw)

@@ -1,7 +1,8 @@
 """neolm: `neolm.load`, then `iter_generate` (one yield per step, the first right after prefill).
 
-Variants: "" (the defaults) and "compile" (`compile=True`: compiled one-token GEMVs; their compilation
-happens in `load`, so it counts in the load time, not in any decode figure). int8/int4 rows quantize the
+Variants: "" (the defaults: since session 4 they include the native decode step) and "compile"
+(`compile=True`: the other one-token matmuls timed against one-row kernels; that happens in `load`, so it
+counts in the load time, not in any decode figure). int8/int4 rows quantize the
 output head too (`quantize_head=True`), as llama.cpp's Q8_0/Q4_0 files and CTranslate2's int8 do.
 """
 

@@ -1,16 +1,16 @@
 """A whole decode step in one native call (decode.cpp): one new token of one sequence through every block.
 
-`attach(model)` (done by `neolm.load(..., compile=True)`) sets `model.decode_step` when every block's
+`attach(model)` (done by `neolm.load` unless native=False) sets `model.decode_step` when every block's
 layers have a native kernel; `GPT.forward` then sends single-token, single-sequence steps with a KV cache
-here and everything else (prefill, batches, padding, training) through torch. The step reads the model's
-tensors in place: after replacing them (`load_state_dict` copies in place and is fine; `.to(...)` is not),
-call `attach` again.
-"""
+here, and everything else (prefill, batches, padding, training, GPUs) through torch. The step reads the
+model's tensors in place; before each step it checks that the model's layers and the tensors it points
+into are still the ones it was built from, and builds itself anew when they are not."""
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import weakref
 
 import torch
 
@@ -79,6 +79,8 @@ class DecodeStep:
                            int(self.dtype == torch.bfloat16), int(config.parallel_residual),
                            ACTIVATIONS[config.activation], config.layer_norm_eps, scale, layers)  # fmt: skip
         self.layers, self.keep = layers, keep
+        self.model = weakref.ref(model)
+        self.watch = _snapshot(model, keep)
         self.scratch = torch.empty(self.lib.neolm_decode_scratch_bytes(ctypes.byref(self.spec)), dtype=torch.uint8)
         self.n_positions = config.n_positions
 
@@ -94,6 +96,8 @@ class DecodeStep:
             or torch.is_grad_enabled()
         ):
             return None
+        if not all(d.get(key) is obj and (not ptr or obj.data_ptr() == ptr) for d, key, obj, ptr in self.watch):
+            return self._rebuilt(x, positions, cache)
         position = int(positions)
         if not 0 <= position < self.n_positions:
             return None  # the torch path says what is wrong
@@ -106,6 +110,32 @@ class DecodeStep:
         return x
 
 
+    def _rebuilt(self, x, positions, cache):
+        """The model changed since this step was built (a layer swapped, e.g. quantize_model; a tensor moved or
+        replaced): build a new step for it and run that, or decline when none can be built."""
+        model = self.model()
+        if model is None:
+            return None
+        why_not = attach(model)
+        log.info("the model changed since its native decode step was built: %s", why_not or "rebuilt")
+        return None if model.decode_step is None else model.decode_step(x, positions, cache)
+
+
+def _snapshot(model, pointed: list) -> list[tuple[dict, str, object, int]]:
+    """What a step is built from, as (table, key, object, data pointer or 0): every submodule of the blocks in
+    its parent's table, each parameter or buffer the step points into with its data pointer, and int4's
+    native copy of the codes."""
+    ids = {id(t) for t in pointed if t is not None}
+    snap = [(model._modules, "blocks", model.blocks, 0)]
+    for module in model.blocks.modules():
+        snap += [(module._modules, key, child, 0) for key, child in module._modules.items()]
+        for table in (module._parameters, module._buffers):
+            snap += [(table, key, t, t.data_ptr()) for key, t in table.items() if id(t) in ids]
+        if "_native" in module.__dict__:
+            snap.append((module.__dict__, "_native", module.__dict__["_native"], 0))
+    return snap
+
+
 def attach(model) -> str:
     """Set model.decode_step to a native step when this machine and every layer allow it; returns "" or why not."""
     model.decode_step = None
@@ -116,7 +146,8 @@ def attach(model) -> str:
         return f"no native {model.config.activation} activation"
     weights = []
     for i, block in enumerate(model.blocks):
-        lins = [layer.native_weights() for layer in (block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj)]
+        layers = (block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj)
+        lins = [layer.native_weights() if hasattr(layer, "native_weights") else None for layer in layers]
         missing = [name for name, w in zip(("qkv", "proj", "fc", "out"), lins) if w is None or w.kind not in have]
         if missing:
             return f"block {i}'s {', '.join(missing)} layer has no native kernel"

@@ -140,8 +140,7 @@ class Int8Linear(QuantLinear):
     def native_weights(self):
         if self.qweight.device.type != "cpu" or self.dtype not in (torch.float32, torch.bfloat16):
             return None
-        bias = None if self.bias is None else self.bias.detach()
-        return native.Weights("int8", self.qweight, self.scale, bias=bias, n=self.out_features, k=self.in_features)
+        return native.Weights("int8", self.qweight, self.scale, bias=self.bias, n=self.out_features, k=self.in_features)
 
     def prepare(self, name=""):
         super().prepare(name)
@@ -241,9 +240,9 @@ class Int4Linear(QuantLinear):
         return super().forward(x)
 
     def _prefill(self, x: torch.Tensor) -> torch.Tensor:
-        """Many rows on CPU, with the native copy of the codes (compile=True): bf16 weights a block of rows at a
-        time into oneDNN's bf16 GEMM, which outruns the int4 kernels made for few rows. Activations in bf16,
-        as in those kernels."""
+        """Many rows on CPU, once the native copy of the codes exists (made for the native kernels): bf16
+        weights a block of rows at a time into oneDNN's bf16 GEMM, which outruns the int4 kernels made for few
+        rows. Activations in bf16, as in those kernels."""
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (M, K)
         y = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype)  # (M, N)
         step = max(native.ROWS, (1 << 23) // self.in_features // native.ROWS * native.ROWS)  # 16 MiB of bf16 weights
@@ -268,7 +267,7 @@ class Int4Linear(QuantLinear):
             or "int4" not in native.available()[0]  # before making the copy of the codes, which needs the kernels
         ):
             return None
-        return self._native_gemv().weights(None if self.bias is None else self.bias.detach())
+        return self._native_gemv().weights(self.bias)
 
     def export(self) -> dict[str, torch.Tensor]:
         qweight = self.qweight if self.layout == "canonical" else kernels.pack_int4(self.codes())
