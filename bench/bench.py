@@ -350,8 +350,10 @@ def main() -> None:
             results.append(job)
             continue
         log(f"[{i + 1}/{len(jobs)}] {job['model']} {job['engine']} {job['variant']} {job['precision']}")
+        before = bw()  # this VM's memory moves between slow and fast phases within minutes: note the row's
         result = run_job(job, peers, args, dirs[job["model"]], workdir)
-        log(f"    {result['status']} in {result['wall_s']:.0f}s {report.brief(result)}")
+        result["bandwidth_before"] = before
+        log(f"    {result['status']} in {result['wall_s']:.0f}s (read {before['read_gbs']:.0f} GB/s before) {report.brief(result)}")
         results.append(result)
         doc["results"] = results
         json_path.write_text(json.dumps(doc, indent=1))  # partial results survive an interruption

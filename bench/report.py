@@ -112,12 +112,12 @@ def model_table(model: str, doc: dict) -> list[str]:
         "",
         f"| engine | {names[0]} | % roofline | "
         + " | ".join(names[1:])
-        + " | batch/single | peak RSS MB | greedy = ref |",
-        "|---" * (len(FIGURES) + 5) + "|",
+        + " | batch/single | peak RSS MB | greedy = ref | read GB/s before |",
+        "|---" * (len(FIGURES) + 6) + "|",
     ]
     for r in rows:
         if r.get("status") != "ok":
-            out.append(f"| {row_name(r)} | {r.get('reason', r.get('status'))} |" + " |" * (len(FIGURES) + 3))
+            out.append(f"| {row_name(r)} | {r.get('reason', r.get('status'))} |" + " |" * (len(FIGURES) + 4))
             continue
         f = r["figures"]
         roof = roofline(r, doc)
@@ -130,7 +130,8 @@ def model_table(model: str, doc: dict) -> list[str]:
         out.append(
             f"| {row_name(r)}{noisy} | {cells[0]} | {roof_cell} | "
             + " | ".join(cells[1:])
-            + f" | {f'{ratio:.1f}×' if ratio else '–'} | {r.get('peak_rss_mb') or 0:.0f} | {agreement(r, rows)} |"
+            + f" | {f'{ratio:.1f}×' if ratio else '–'} | {r.get('peak_rss_mb') or 0:.0f} | {agreement(r, rows)} | "
+            + (f"{r['bandwidth_before']['read_gbs']:.0f} |" if r.get("bandwidth_before") else "– |")
         )
     return out + [""]
 
@@ -281,7 +282,9 @@ def render(doc: dict) -> str:
         "(neolm, transformers: its tensors; llama.cpp: the GGUF tensor table), or, marked *, the fp32 weight count × "
         "nominal bytes per weight (CTranslate2). Embedding tables count one row; a tied output head counts in full. "
         "greedy = ref: how many leading greedy tokens equal neolm fp32's (random weights give near-flat logits, so "
-        "lower precisions drift early; fp32 engines should agree for long)."), "",
+        "lower precisions drift early; fp32 engines should agree for long). read GB/s before: the read bandwidth "
+        "measured just before the row's job (a VM's memory can move between slow and fast phases within minutes: "
+        "compare rows measured at similar bandwidth)."), "",
     ]  # fmt: skip
     if s.get("skip"):
         lines += [f"Rows not run, to fit the time budget: `{', '.join(s['skip'])}`.", ""]
