@@ -78,7 +78,8 @@ class Linear(nn.Linear):
         w, b = self.weight, self.bias
         if w.device.type != "cpu" or w.dtype not in _ONEDNN_DTYPES or (b is not None and b.dtype != w.dtype):
             return {}
-        if ("bf16" if w.dtype == torch.bfloat16 else "f32") in native.available()[0] and w.is_contiguous():
+        weights = self.native_weights()
+        if weights is not None and weights.kind in native.available()[0]:
             return {"native": native.float_gemv}
         return {"inductor": compiled(_gemv, w, b)}
 
@@ -106,17 +107,22 @@ class Linear(nn.Linear):
 
 
 def _seconds_per_pass(modules: list[nn.Module], x: torch.Tensor, passes: int = 3) -> float:
-    """Fastest of `passes` passes of x through every module (weights streamed as in a decode step)."""
+    """Fastest of `passes` passes of x through every module (weights streamed as in a decode step); the
+    caller has run them once already (compilation, first-touch)."""
     best = float("inf")
     with torch.inference_mode():
-        for module in modules:
-            module(x)
         for _ in range(passes):
             start = time.perf_counter()
             for module in modules:
                 module(x)
             best = min(best, time.perf_counter() - start)
     return best
+
+
+def _use(modules: list[nn.Module], offers: list[dict], kernel: str) -> None:
+    """Give each layer its offer of `kernel` (None, its own kernel, for "own")."""
+    for module, offer in zip(modules, offers):
+        module.gemv = offer.get(kernel)
 
 
 ROUNDS = 3  # timed passes per kernel in compile_gemv
@@ -147,23 +153,27 @@ def compile_gemv(model: nn.Module) -> int:
             continue
         x = torch.zeros(1, k, dtype=dtype)
         timings = dict.fromkeys(["own", *sorted(names)], float("inf"))
+
+        for kernel in timings:  # one warm-up pass each, which compiles torch.compile's kernels
+            _use(modules, offers, kernel)
+            try:
+                with torch.inference_mode():
+                    for m in modules:
+                        m(x)
+            except Exception as e:  # torch.compile's errors: no C++ compiler, unsupported platform, ...
+                raise NeolmError(
+                    f"compiling the one-token matmul of {members[0][0]} failed; --compile / compile=True needs "
+                    f"torch.compile with a working C++ compiler ({str(e).strip().splitlines()[0][:300]})"
+                ) from None
         for _ in range(ROUNDS):  # interleaved: a change in the machine's speed meets every kernel alike
             for kernel in timings:
-                for m, offer in zip(modules, offers):
-                    m.gemv = offer.get(kernel)
-                try:
-                    timings[kernel] = min(timings[kernel], _seconds_per_pass(modules, x, passes=1))
-                except Exception as e:  # torch.compile's errors: no C++ compiler, unsupported platform, ...
-                    raise NeolmError(
-                        f"compiling the one-token matmul of {members[0][0]} failed; --compile / compile=True needs "
-                        f"torch.compile with a working C++ compiler ({str(e).strip().splitlines()[0][:300]})"
-                    ) from None
+                _use(modules, offers, kernel)
+                timings[kernel] = min(timings[kernel], _seconds_per_pass(modules, x, passes=1))
         best = min(timings, key=timings.get)
         offered = min((t, kernel) for kernel, t in timings.items() if kernel != "own")
         if best == "own" and timings["own"] > OWN_MARGIN * offered[0]:
             best = offered[1]  # a tie within the noise: the one-row kernel
-        for m, offer in zip(modules, offers):
-            m.gemv = offer.get(best)
+        _use(modules, offers, best)
         count += len(modules) if best != "own" else 0
         log.debug("%s %dx%d %s: %s; using %s", kind.__name__, n, k, dtype,
                   ", ".join(f"{name} {1e6 * t / len(modules):.0f} us" for name, t in timings.items()), best)  # fmt: skip

@@ -109,7 +109,6 @@ class DecodeStep:
                                    v.data_ptr(), k.shape[3], self.scratch.data_ptr())  # fmt: skip
         return x
 
-
     def _rebuilt(self, x, positions, cache):
         """The model changed since this step was built (a layer swapped, e.g. quantize_model; a tensor moved or
         replaced): build a new step for it and run that, or decline when none can be built."""
