@@ -139,8 +139,8 @@ class GPT(nn.Module):
         self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
         self.gradient_checkpointing = False  # recompute each block in backward (training memory)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None  # rotary cos/sin table, made on first use
-        # fn(x (1, 1, C), positions (1, 1), cache) -> every block's output for one token of one sequence, or None
-        # to decline the call; it writes into x and the cache (neolm.native.decode sets it)
+        # fn(x (B, 1, C), positions (B, 1), cache, key_valid) -> every block's output for one token per sequence,
+        # or None to decline the call; it writes into x and the cache (neolm.native.decode sets it)
         self.decode_step = None
         self.tie_weights()
 
@@ -186,8 +186,8 @@ class GPT(nn.Module):
         rope = None
         if self.wpe is not None:
             x = x + self.wpe(positions)
-        if self.decode_step is not None and T == 1 and cache is not None and key_valid is None:
-            y = self.decode_step(x, positions, cache)
+        if self.decode_step is not None and T == 1 and cache is not None:
+            y = self.decode_step(x, positions, cache, key_valid)
             if y is not None:
                 cache.length = start + 1
                 return self.lm_head(self.ln_f(y))

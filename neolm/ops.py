@@ -9,7 +9,9 @@ devices and other dtypes use F.linear.
 Opt-in (`compile_gemv`, `neolm.load(..., compile=True)`): one-row products (single-stream decoding) go
 to a one-row kernel (GEMV) compiled for this machine: neolm's own AVX-512 kernels (`neolm.native`), or,
 on CPUs without them, a GEMV that `torch.compile` generates per weight shape. Each layer shape keeps the
-kernel that is fastest on this machine. It needs a C++ compiler at run time, as torch.compile does.
+kernel that is fastest on this machine. A layer on the native kernels also sends products of up to
+`native.FEW_ROWS` rows (a decode step of a batch) to them. It needs a C++ compiler at run time, as
+torch.compile does.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ def compiled(fn, *tensors: torch.Tensor | None):
 
 class Linear(nn.Linear):
     gemv = None  # set by compile_gemv: fn(x, weight, bias), the kernel for one-row inputs at inference
+    gemv_rows = 1  # the most rows `gemv` takes (native.FEW_ROWS for the native kernels)
 
     def gemv_kernels(self) -> dict:
         """One-row kernels for a CPU fp32/bf16 weight: name -> fn(x (1, K), weight, bias) -> (1, N)."""
@@ -96,12 +99,12 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
             self.gemv is not None
-            and x.shape[:-1].numel() == 1
+            and 0 < x.shape[:-1].numel() <= self.gemv_rows
             and x.device.type == "cpu"
             and x.dtype == self.weight.dtype
             and _no_grad_wanted(x, self.weight)
         ):
-            y = self.gemv(x.reshape(1, self.in_features).contiguous(), self.weight, self.bias)  # (1, N)
+            y = self.gemv(x.reshape(-1, self.in_features).contiguous(), self.weight, self.bias)  # (M, N)
             return y.view(*x.shape[:-1], self.out_features)
         return linear(x, self.weight, self.bias)
 
@@ -120,9 +123,11 @@ def _seconds_per_pass(modules: list[nn.Module], x: torch.Tensor, passes: int = 3
 
 
 def _use(modules: list[nn.Module], offers: list[dict], kernel: str) -> None:
-    """Give each layer its offer of `kernel` (None, its own kernel, for "own")."""
+    """Give each layer its offer of `kernel` (None, its own kernel, for "own"). The native kernels also take
+    products of a few rows (a decode step of a batch); the others one row."""
     for module, offer in zip(modules, offers):
         module.gemv = offer.get(kernel)
+        module.gemv_rows = native.FEW_ROWS if kernel == "native" else 1
 
 
 ROUNDS = 3  # timed passes per kernel in compile_gemv
@@ -141,7 +146,7 @@ def compile_gemv(model: nn.Module) -> int:
     groups: dict[tuple, list[tuple[str, nn.Module]]] = {}  # (layer type, shape, dtype) -> its layers
     for name, module in model.named_modules():
         if callable(getattr(module, "gemv_kernels", None)):
-            module.gemv = None
+            module.gemv, module.gemv_rows = None, 1
             dtype = module.dtype if isinstance(getattr(module, "dtype", None), torch.dtype) else module.weight.dtype
             groups.setdefault((type(module), module.in_features, module.out_features, dtype), []).append((name, module))
     count = 0

@@ -1,4 +1,5 @@
-"""neolm.native: the AVX-512 one-row kernels equal torch's matmul on the same (dequantized) weights."""
+"""neolm.native: the AVX-512 one-row (gemv.cpp) and few-row (gemm.cpp) kernels equal torch's matmul on the
+same (dequantized) weights."""
 
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ HAVE, WHY = native.available()
 needs = {name: pytest.mark.skipif(name not in HAVE, reason=f"no native {name} kernel here: {WHY or 'no AVX512-BF16'}")
          for name in native.FEATURES}  # fmt: skip
 SHAPES = [(1, 16), (37, 100), (130, 64), (333, 768)]  # rows not a multiple of 4, widths with and without tails
+ROWS_OF_X = [1, 3, 8, 13]  # one row (gemv), a tile of 4 or 8 and less, more than a tile (gemm)
 
 
-def _data(n, k, seed=0):
+def _data(n, k, seed=0, m=1):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, k, generator=g), torch.randn(1, k, generator=g), torch.randn(n, generator=g)
+    return torch.randn(n, k, generator=g), torch.randn(m, k, generator=g), torch.randn(n, generator=g)
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, tol: float):
@@ -30,16 +32,18 @@ def _close(got: torch.Tensor, want: torch.Tensor, tol: float):
 @needs["f32"]
 @pytest.mark.parametrize("n,k", SHAPES)
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_f32(n, k, with_bias):
-    w, x, b = _data(n, k)
+@pytest.mark.parametrize("m", ROWS_OF_X)
+def test_f32(n, k, with_bias, m):
+    w, x, b = _data(n, k, m=m)
     b = b if with_bias else None
     _close(native.float_gemv(x, w, b), torch.nn.functional.linear(x, w, b), 1e-5)
 
 
 @needs["bf16"]
 @pytest.mark.parametrize("n,k", SHAPES)
-def test_bf16(n, k):
-    w, x, b = (t.bfloat16() for t in _data(n, k))
+@pytest.mark.parametrize("m", ROWS_OF_X)
+def test_bf16(n, k, m):
+    w, x, b = (t.bfloat16() for t in _data(n, k, m=m))
     y = native.float_gemv(x, w, b)
     assert y.dtype == torch.bfloat16
     _close(y, x.float() @ w.float().t() + b.float(), 1e-2)  # one bf16 rounding of the fp32 sum
@@ -48,8 +52,9 @@ def test_bf16(n, k):
 @needs["int8"]
 @pytest.mark.parametrize("n,k", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8(n, k, dtype):
-    w, x, b = _data(n, k)
+@pytest.mark.parametrize("m", ROWS_OF_X)
+def test_int8(n, k, dtype, m):
+    w, x, b = _data(n, k, m=m)
     q, scale = quantize_int8(w)
     x, b = x.to(dtype), b.to(dtype)
     y = native.int8_gemv(x, q, scale, b)
@@ -74,8 +79,9 @@ def test_int4_layout():
 @needs["int4"]
 @pytest.mark.parametrize("n,k,group", [(1, 128, 64), (37, 256, 64), (130, 256, 128), (333, 768, 256), (5, 1024, 128)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int4(n, k, group, dtype):
-    w, x, b = _data(n, k)
+@pytest.mark.parametrize("m", ROWS_OF_X)
+def test_int4(n, k, group, dtype, m):
+    w, x, b = _data(n, k, m=m)
     codes, scale, zero = quantize_int4(w, group)
     w_dq = ((codes.view(n, k // group, group).float() - 8) * scale.float()[..., None] + zero.float()[..., None]).view(n, k)
     x, b = x.to(dtype), b.to(dtype)

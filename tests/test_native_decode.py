@@ -1,4 +1,5 @@
-"""neolm.native.decode: a whole single-sequence decode step in one native call, against the torch path."""
+"""neolm.native.decode: a whole decode step (one sequence or a padded batch) in one native call, against the
+torch path."""
 
 from __future__ import annotations
 
@@ -30,17 +31,28 @@ def folders(tmp_path_factory):
             for i, (name, spec) in enumerate(configs.items())}  # fmt: skip
 
 
+PADS = [0, 3, 1]  # left padding of each row of a batch, as generate() lays prompts of different lengths out
+
+
 def _twin_runs(model, ids: torch.Tensor, prefill: int):
-    """Logits and caches of the same steps with the native step and with the torch path."""
+    """Logits and caches of the same steps with the native step and with the torch path. A batch (B > 1) is
+    left-padded by PADS, with positions counted from each row's first real token, as in generate()."""
     step, dtype = model.decode_step, model.ln_f.weight.dtype
-    caches = [KVCache(model.config, 1, ids.shape[1] + 1, dtype) for _ in range(2)]
+    B, S = ids.shape
+    pads = torch.tensor(PADS[:B])[:, None] if B > 1 else torch.zeros(1, 1, dtype=torch.long)
+    slots = torch.arange(S)[None]
+    positions = (slots - pads).clamp(min=0)  # (B, S)
+    caches = [KVCache(model.config, B, S + 1, dtype) for _ in range(2)]
     logits = [[], []]
     with torch.inference_mode():
         for run, (cache, use) in enumerate(zip(caches, (step, None))):
+            if B > 1:
+                cache.valid = torch.ones(B, cache.max_len, dtype=torch.bool)
+                cache.valid[:, :S] = slots >= pads
             model.decode_step = use
-            model(ids[:, :prefill], cache=cache)
-            for t in range(prefill, ids.shape[1]):
-                logits[run].append(model(ids[:, t : t + 1], cache=cache).float())
+            model(ids[:, :prefill], positions[:, :prefill], cache)
+            for t in range(prefill, S):
+                logits[run].append(model(ids[:, t : t + 1], positions[:, t : t + 1], cache).float())
     model.decode_step = step
     return [torch.cat(x, 1) for x in logits], caches
 
@@ -49,20 +61,35 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+@pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("name,dtype,quantize", CASES)
-def test_native_step_equals_the_torch_path(folders, name, dtype, quantize):
-    """Logits of every step and the cache each path fills agree: past the local window (GPT-Neo's is 8
-    here), with partial rotary, parallel and sequential residuals, tanh and erf GELU, odd widths. In bf16
-    both paths round differently: the native one must be as close to the fp32 model as the torch one."""
+def test_native_step_equals_the_torch_path(folders, name, dtype, quantize, rows):
+    """Logits of every step and the cache each path fills agree, for one sequence and for a left-padded
+    batch: past the local window (GPT-Neo's is 8 here), with partial rotary, parallel and sequential
+    residuals, tanh and erf GELU, odd widths. In bf16 both paths round differently: the native one must be as
+    close to the fp32 model as the torch one."""
     lm = neolm.load(folders[name], dtype=dtype, quantize=quantize, compile=True)
     assert isinstance(lm.model.decode_step, decode.DecodeStep)
-    for layer in lm.model.modules():  # the torch path's one-row matmuls: the same native kernels
+    for layer in lm.model.modules():  # the torch path's one-row matmuls: the same native kernels; more rows: torch's
         if hasattr(layer, "gemv_kernels"):
-            layer.gemv = layer.gemv_kernels().get("native")
-    ids = torch.randint(0, 50000, (1, 24), generator=torch.Generator().manual_seed(3))
+            layer.gemv, layer.gemv_rows = layer.gemv_kernels().get("native"), 1
+        if quantize and rows > 1:  # many rows: the dequantized matrix, not aten's kernels (bf16 activations)
+            layer.use_kernel = False
+    ids = torch.randint(0, 50000, (rows, 24), generator=torch.Generator().manual_seed(3))
     (fast, slow), (c_fast, c_slow) = _twin_runs(lm.model, ids, prefill=5)
     assert c_fast.length == c_slow.length == 24
-    if dtype == "float32":
+    if dtype == "float32" and quantize == "int4" and rows > 1:
+        # bf16 activations, as in aten's int4 kernel, against the exact product of the dequantized weights (slow):
+        # the native batch must be as close to it as the torch path with aten's kernel
+        for layer in lm.model.modules():
+            if hasattr(layer, "use_kernel"):
+                layer.use_kernel = True
+        (_, aten), (_, c_aten) = _twin_runs(lm.model, ids, prefill=5)
+        assert _rel(fast, slow) <= 1.5 * _rel(aten, slow) + 1e-3
+        for kv in ("k", "v"):
+            mine, theirs, truth = (getattr(c, kv) for c in (c_fast, c_aten, c_slow))
+            assert _rel(mine, truth) <= 1.5 * _rel(theirs, truth) + 1e-3
+    elif dtype == "float32":
         tol = TOLERANCE[quantize]
         assert _rel(fast, slow) < tol
         assert _rel(c_fast.k, c_slow.k) < tol and _rel(c_fast.v, c_slow.v) < tol
@@ -85,31 +112,43 @@ def test_greedy_text_is_the_same(folders, name):
     assert fast == lm.generate_ids(prompt, **kw)
 
 
-def test_it_declines_what_it_does_not_take(folders):
-    """Batches, padding and gradients stay on the torch path (and give its results)."""
+def test_it_takes_padded_batches_and_declines_what_it_does_not_take(folders):
+    """A padded batch runs natively and gives the torch path's text; gradients, and padding flags that do not
+    fit the batch, stay on the torch path."""
     lm = neolm.load(folders["neo"], compile=True)
     calls = []
     step = lm.model.decode_step
 
-    def counting(x, positions, cache):
-        out = step(x, positions, cache)
+    def counting(x, positions, cache, key_valid):
+        out = step(x, positions, cache, key_valid)
         calls.append(out is not None)
         return out
 
     lm.model.decode_step = counting
-    batch = lm.generate_ids([[1, 2, 3], [4, 5, 6, 7]], max_new_tokens=4, min_new_tokens=4)  # batch 2, padded
-    assert not any(calls)
+    prompts, kw = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]], dict(max_new_tokens=12, min_new_tokens=12)
+    batch = lm.generate_ids(prompts, **kw)  # batch 3, padded
+    assert calls and all(calls)
     lm.model.decode_step = None
-    assert batch == lm.generate_ids([[1, 2, 3], [4, 5, 6, 7]], max_new_tokens=4, min_new_tokens=4)
+    assert batch == lm.generate_ids(prompts, **kw)
+    assert batch == [lm.generate_ids([p], **kw)[0] for p in prompts]  # each as if alone
     lm.model.decode_step = counting
+    calls.clear()
     cache = KVCache(lm.model.config, 1, 8, torch.float32)
     lm.model(torch.tensor([[1, 2]]), cache=cache)
     with torch.enable_grad():
         lm.model(torch.tensor([[3]]), cache=cache)
-    assert calls and not any(calls)
+    assert calls == [False]
     with torch.inference_mode():
         lm.model(torch.tensor([[4]]), cache=cache)
     assert calls[-1] is True and cache.length == 4
+    valid = torch.tensor([[False, True, True, True, True, True, True, True]])  # explicit padding flags
+    outputs = []
+    for use in (counting, None):
+        lm.model.decode_step = use
+        cache.length = 4
+        with torch.inference_mode():
+            outputs.append(lm.model(torch.tensor([[5]]), cache=cache, key_valid=valid))
+    assert calls[-1] is True and torch.allclose(*outputs, atol=1e-5)
 
 
 def test_attach_says_why_not(monkeypatch, folders):

@@ -95,6 +95,28 @@ def test_compile_keeps_the_gemv_only_where_it_is_faster(monkeypatch, tiny, compi
     assert n == len(with_gemv) == (sum(isinstance(m, ops.Linear) for m in lm.model.modules()) if compiled_wins else 0)
 
 
+@pytest.mark.skipif(not native.available()[0], reason=f"no native kernels: {native.available()[1]}")
+@pytest.mark.parametrize("name,quantize", [("neo", None), ("neo", "int8"), ("neo-128", "int4")])
+def test_native_kernels_take_a_few_rows(monkeypatch, tiny, name, quantize):
+    """A layer on the native kernel also sends products of up to FEW_ROWS rows (a decode step of a batch) to
+    it (gemm.cpp), with the same results as its own kernel; more rows go to its own kernel."""
+    monkeypatch.setattr(ops, "_seconds_per_pass", lambda modules, x, passes=3: 2.0 if modules[0].gemv is None else 1.0)
+    lm = neolm.load(tiny[name], quantize=quantize, quantize_head=quantize is not None, compile=True)
+    linears = [m for m in lm.model.modules() if isinstance(m, (ops.Linear, QuantLinear))]
+    assert all(m.gemv_rows == native.FEW_ROWS for m in linears)
+    for layer in linears:
+        calls = []
+        kernel = layer.gemv
+        layer.gemv = lambda *args, kernel=kernel: calls.append(args[0].shape[0]) or kernel(*args)
+        x = torch.randn(2, native.FEW_ROWS // 2 + 1, layer.in_features)  # 2 x 9 rows: more than FEW_ROWS
+        with torch.inference_mode():
+            own = layer(x)
+            few = torch.cat([layer(x[i]) for i in range(2)])  # 9 rows each
+        assert calls == [native.FEW_ROWS // 2 + 1] * 2
+        tol = 1e-5 if quantize is None else 2e-2  # aten's int8/int4 kernels take bf16 activations, the native int8 fp32
+        assert ((few - own.flatten(0, 1)).abs().max() / own.abs().max()).item() < tol
+
+
 def test_compile_errors_are_clear(monkeypatch, tiny):
     def broken(fn, *tensors):
         def call(*args):

@@ -4,8 +4,9 @@
   layer next to the inductor-generated GEMV and the layer's own kernel, and keeps whichever is fastest for
   that layer shape. They stream weights at one activation row without torch's per-op dispatch, and (int4,
   int8) without a packed layout made for many rows (bench/PROFILE.md has the numbers).
-- decode.cpp (driven by neolm/native/decode.py): a whole single-sequence decode step through every block
-  in one call, on those matmuls.
+- gemm.cpp: few-row matmuls (a decode step of a batch: every weight read once for all the rows).
+- decode.cpp (driven by neolm/native/decode.py): a whole decode step of one sequence or a batch through
+  every block in one call, on those matmuls.
 
 The sources are compiled once per machine with the C++ compiler torch.compile uses (`$CXX`, else `g++`)
 into `$XDG_CACHE_HOME/neolm/native` (default `~/.cache/neolm/native`), keyed by the sources, the compiler
@@ -33,12 +34,16 @@ from neolm.memory import huge_copy
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("gemv.cpp", "decode.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("gemv.cpp", "gemm.cpp", "decode.cpp")]
 HEADERS = [Path(__file__).with_name("gemv.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 FEATURES = {"f32": 1, "bf16": 2, "int8": 4, "int4": 8}
 INT4_BLOCK = 128  # in-features per 64 bytes of the int4 layout
 ROWS = 4  # rows per block of the int4 layout (gemv.cpp ROWS)
+# Products of up to this many rows go to the native kernels (gemm.cpp past one row) in layers that use them,
+# and batches of up to this many sequences to the native decode step: beyond, oneDNN's GEMM catches up
+# (at ~24 rows on an AVX-512 EPYC, bench/PROFILE.md).
+FEW_ROWS = 16
 
 _p, _i64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
@@ -47,8 +52,12 @@ _SIGNATURES = {
     "neolm_gemv_int8": [_p, _p, _p, _p, _int, _p, _int, _i64, _i64],
     "neolm_gemv_int4": [_p, _p, _p, _p, _p, _int, _p, _int, _i64, _i64, _i64],
     "neolm_int4_to_bf16": [_p, _p, _p, _p, _i64, _i64, _i64, _i64],
-    "neolm_decode_step": [_p, _p, _i64, _p, _p, _p, _p, _i64, _p],  # neolm/native/decode.py
-    "neolm_decode_scratch_bytes": [_p],
+    "neolm_gemm_f32": [_p, _i64, _p, _p, _int, _p, _int, _i64, _i64],
+    "neolm_gemm_bf16": [_p, _i64, _p, _p, _int, _p, _int, _i64, _i64],
+    "neolm_gemm_int8": [_p, _i64, _p, _p, _p, _int, _p, _int, _i64, _i64],
+    "neolm_gemm_int4": [_p, _i64, _p, _p, _p, _p, _int, _p, _int, _i64, _i64, _i64],
+    "neolm_decode_step": [_p, _i64, _p, _i64, _p, _p, _p, _p, _i64, _p, _p, _i64, _p],  # neolm/native/decode.py
+    "neolm_decode_scratch_bytes": [_p, _i64],
 }
 
 
@@ -114,7 +123,7 @@ def _bias(bias: torch.Tensor | None) -> tuple[int | None, int]:
 
 
 def _out(x: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
-    return torch.empty(1, n, dtype=x.dtype), int(x.dtype == torch.bfloat16)
+    return torch.empty(x.shape[0], n, dtype=x.dtype), int(x.dtype == torch.bfloat16)
 
 
 @dataclass
@@ -131,16 +140,21 @@ class Weights:
     g: int = 0  # int4 group size
 
 
-# The kernels: x (1, K) contiguous -> (1, N) in x's dtype. Weights, scales and biases are read in place
-# (no copies; callers pass them at each call, so a layer whose tensors change stays correct).
+# The kernels: x (M, K) contiguous -> (M, N) in x's dtype; one row goes to gemv.cpp, more to gemm.cpp (made
+# for a handful of rows: a decode step of a batch). Weights, scales and biases are read in place (no copies;
+# callers pass them at each call, so a layer whose tensors change stays correct).
 def float_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """weight (N, K) fp32 or bf16, contiguous, x of the same dtype; bias (N,) fp32/bf16 or None."""
     n, k = weight.shape
     assert x.dtype == weight.dtype and weight.is_contiguous() and x.is_contiguous()
-    lib = _library()[0]
-    fn = lib.neolm_gemv_bf16 if weight.dtype == torch.bfloat16 else lib.neolm_gemv_f32
+    lib, bf16 = _library()[0], weight.dtype == torch.bfloat16
     y, y_bf16 = _out(x, n)
-    fn(x.data_ptr(), weight.data_ptr(), *_bias(bias), y.data_ptr(), y_bf16, n, k)
+    if x.shape[0] == 1:
+        fn = lib.neolm_gemv_bf16 if bf16 else lib.neolm_gemv_f32
+        fn(x.data_ptr(), weight.data_ptr(), *_bias(bias), y.data_ptr(), y_bf16, n, k)
+    else:
+        fn = lib.neolm_gemm_bf16 if bf16 else lib.neolm_gemm_f32
+        fn(x.data_ptr(), x.shape[0], weight.data_ptr(), *_bias(bias), y.data_ptr(), y_bf16, n, k)
     return y
 
 
@@ -148,10 +162,13 @@ def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias:
     """qweight (N, K) int8, scale (N,) bf16: y = (x @ qweight.T) * scale (+ bias), fp32 activations."""
     n, k = qweight.shape
     assert qweight.dtype == torch.int8 and scale.dtype == torch.bfloat16 and qweight.is_contiguous()
-    xf = x if x.dtype == torch.float32 else x.float()
+    xf = (x if x.dtype == torch.float32 else x.float()).contiguous()
     y, y_bf16 = _out(x, n)
-    _library()[0].neolm_gemv_int8(xf.data_ptr(), qweight.data_ptr(), scale.data_ptr(), *_bias(bias), y.data_ptr(),
-                                  y_bf16, n, k)  # fmt: skip
+    lib, pointers = _library()[0], (qweight.data_ptr(), scale.data_ptr(), *_bias(bias), y.data_ptr(), y_bf16, n, k)
+    if x.shape[0] == 1:
+        lib.neolm_gemv_int8(xf.data_ptr(), *pointers)
+    else:
+        lib.neolm_gemm_int8(xf.data_ptr(), x.shape[0], *pointers)
     return y
 
 
@@ -177,7 +194,7 @@ def int4_supported(in_features: int, group_size: int) -> bool:
 class Int4Gemv:
     """int4 codes (N, K), scales and zeros (N, K/G) with w = (q - 8) * scale + zero, repacked for the kernel
     (pack_int4_gemv; a copy of half a byte per weight). Activations are rounded to bf16, as for torch's int4
-    kernel. Call with x (1, K) and the layer's bias."""
+    kernel. Call with x (M, K) and the layer's bias."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int):
         self.n, self.k = codes.shape
@@ -201,8 +218,13 @@ class Int4Gemv:
         return out
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        xb = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
+        xb = (x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)).contiguous()
         y, y_bf16 = _out(x, self.n)
-        _library()[0].neolm_gemv_int4(xb.data_ptr(), self.q.data_ptr(), self.s.data_ptr(), self.c.data_ptr(),
-                                      *_bias(bias), y.data_ptr(), y_bf16, self.n, self.k, self.group_size)  # fmt: skip
+        lib = _library()[0]
+        pointers = (self.q.data_ptr(), self.s.data_ptr(), self.c.data_ptr(), *_bias(bias), y.data_ptr(), y_bf16,
+                    self.n, self.k, self.group_size)  # fmt: skip
+        if x.shape[0] == 1:
+            lib.neolm_gemv_int4(xb.data_ptr(), *pointers)
+        else:
+            lib.neolm_gemm_int4(xb.data_ptr(), x.shape[0], *pointers)
         return y

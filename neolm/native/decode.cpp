@@ -1,8 +1,11 @@
-// One decode step of GPT-Neo / GPT-NeoX: one new token of one sequence through every block, in one call.
+// One decode step of GPT-Neo / GPT-NeoX: one new token of each sequence of a batch through every block, in
+// one call.
 //
 // At 125M-1.4B sizes a step written as torch ops costs ~120 op dispatches per layer (2-5 ms per step on
 // top of streaming the weights); here a step is one call, one OpenMP parallel region, and about eight
-// barriers per layer. The matmuls are gemv.cpp's bodies; LayerNorm, rotary, attention over the KV cache,
+// barriers per layer. The matmuls are gemv.cpp's bodies for one sequence and gemm.cpp's for a batch (every
+// weight read once for all its rows); LayerNorm, rotary, attention over the KV cache (each sequence its own
+// position and padding),
 // the activation and the residuals are done here. Built and driven by neolm/native/decode.py, which fills
 // the structs below from the model's tensors (they must match its ctypes mirrors field for field).
 //
@@ -149,7 +152,21 @@ void convert(const Lin& l, const void* in, int bf16, float* xf, uint16_t* xb, in
   for (int64_t i = i0; i < i1; i += 16) put(wants_bf16(l) ? static_cast<void*>(xb) : xf, !bf16, i, load(in, bf16, i, first(i1 - i)), first(i1 - i));
 }
 
-void linear(const Lin& l, const void* x, void* y, int bf16) {  // inside the parallel region: rows split over threads
+// y (rows, n) = x (rows, k) @ W^T + bias, inside the parallel region: W's rows split over the threads.
+void linear(const Lin& l, const void* x, void* y, int bf16, int64_t rows) {
+  if (rows > 1) {
+    switch (l.kind) {
+      case 0: gemm_f32(static_cast<const float*>(x), rows, static_cast<const float*>(l.w), l.bias, l.bias_bf16, y, bf16, l.n, l.k); break;
+      case 2: gemm_int8(static_cast<const float*>(x), rows, static_cast<const int8_t*>(l.w), static_cast<const uint16_t*>(l.s), l.bias,
+                        l.bias_bf16, y, bf16, l.n, l.k); break;
+#ifdef __AVX512BF16__
+      case 1: gemm_bf16(static_cast<const uint16_t*>(x), rows, static_cast<const uint16_t*>(l.w), l.bias, l.bias_bf16, y, bf16, l.n, l.k); break;
+      case 3: gemm_int4(static_cast<const uint16_t*>(x), rows, static_cast<const uint8_t*>(l.w), static_cast<const float*>(l.s),
+                        static_cast<const float*>(l.c), l.bias, l.bias_bf16, y, bf16, l.n, l.k, l.g); break;
+#endif
+    }
+    return;
+  }
   switch (l.kind) {
     case 0: gemv_f32(static_cast<const float*>(x), static_cast<const float*>(l.w), l.bias, l.bias_bf16, y, bf16, l.n, l.k); break;
     case 2: gemv_int8(static_cast<const float*>(x), static_cast<const int8_t*>(l.w), static_cast<const uint16_t*>(l.s), l.bias,
@@ -162,10 +179,11 @@ void linear(const Lin& l, const void* x, void* y, int bf16) {  // inside the par
   }
 }
 
-// One head: rotate q and k, append k and v to the cache at slot `pos`, attend over the cached keys.
-// qkv: this token's [heads, 3, d]; kc, vc: the layer's cache (heads, max_len, d); att: (heads, d).
+// One head of one sequence: rotate q and k, append k and v to the cache at slot `pos`, attend over the cached
+// keys that `valid` (max_len flags, or null: all) marks, and the token's own. qkv: this token's [heads, 3, d];
+// kc, vc: the sequence's cache of this layer (heads, max_len, d); att: (heads, d).
 void attend(const Model& m, const Layer& layer, int64_t h, const void* qkv, void* kc, void* vc, int64_t pos, int64_t max_len,
-            const float* cos, const float* sin, void* att, float* q, float* k, float* scores) {
+            const uint8_t* valid, const float* cos, const float* sin, void* att, float* q, float* k, float* scores) {
   const int bf16 = m.act_bf16;
   const int64_t d = m.d, half = m.rot / 2, es = bf16 ? 2 : 4;
   for (int64_t i = 0; i < d; i += 16) {
@@ -193,6 +211,10 @@ void attend(const Model& m, const Layer& layer, int64_t h, const void* qkv, void
   const char* values = static_cast<const char*>(vc) + (h * max_len + lo) * d * es;
   float top = -INFINITY;
   for (int64_t j = 0; j < count; j++) {
+    if (valid && lo + j != pos && !valid[lo + j]) {  // a padding slot
+      scores[j] = -INFINITY;
+      continue;
+    }
     __m512 acc = _mm512_setzero_ps();
     for (int64_t i = 0; i < d; i += 16) {
       const __mmask16 mk = first(d - i);
@@ -204,9 +226,11 @@ void attend(const Model& m, const Layer& layer, int64_t h, const void* qkv, void
   __m512 total = _mm512_setzero_ps();
   for (int64_t j = 0; j < count; j += 16) {
     const __mmask16 mk = first(count - j);
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, scores + j), _mm512_set1_ps(top)));
+    const __m512 score = _mm512_maskz_loadu_ps(mk, scores + j);
+    const __mmask16 seen = _mm512_mask_cmp_ps_mask(mk, score, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+    const __m512 e = _mm512_maskz_mov_ps(seen, exp16(_mm512_sub_ps(score, _mm512_set1_ps(top))));
     _mm512_mask_storeu_ps(scores + j, mk, e);
-    total = _mm512_add_ps(total, _mm512_maskz_mov_ps(mk, e));
+    total = _mm512_add_ps(total, e);
   }
   const float inv = 1.0f / _mm512_reduce_add_ps(total);
   for (int64_t i = 0; i < d; i += 16) {
@@ -223,69 +247,78 @@ void attend(const Model& m, const Layer& layer, int64_t h, const void* qkv, void
 
 extern "C" {
 
-// Bytes of scratch memory neolm_decode_step needs for this model.
-int64_t neolm_decode_scratch_bytes(const Model* m) {
+// Bytes of scratch memory neolm_decode_step needs for this model and `rows` sequences.
+int64_t neolm_decode_scratch_bytes(const Model* m, int64_t rows) {
   const int64_t es = m->act_bf16 ? 2 : 4, wide = m->f > m->c ? m->f : m->c;
-  return (7 * m->c + m->f) * es + wide * 6 + 64;
+  return rows * ((7 * m->c + m->f) * es + wide * 6) + 64;
 }
 
 #ifdef NEOLM_AVX512
-// x (c) in the model's dtype: the token's embedding in, the last block's output out. pos: the cache slot
-// this token fills (the cache holds pos tokens before it); cos, sin: the rotary table's row for the token's
-// position (m.rot fp32 values; unused without rotary). cache_k, cache_v: (n_layer, heads, max_len, d).
-void neolm_decode_step(const Model* m, void* x, int64_t pos, const float* cos, const float* sin, void* cache_k,
-                       void* cache_v, int64_t max_len, void* scratch) {
+// x (rows, c) in the model's dtype: each sequence's new token's embedding in, the last block's output out.
+// pos: the cache slot the tokens fill (the cache holds pos tokens before them); positions (rows,): their
+// position ids, rows of the rotary tables cos, sin (n_positions, m.rot), fp32; unused without rotary.
+// valid: (rows, valid_stride) flags, 0 at padding slots no token may attend to, or null (none).
+// cache_k, cache_v: (n_layer, rows, heads, max_len, d).
+void neolm_decode_step(const Model* m, int64_t rows, void* x, int64_t pos, const int64_t* positions, const float* cos,
+                       const float* sin, const uint8_t* valid, int64_t valid_stride, void* cache_k, void* cache_v,
+                       int64_t max_len, void* scratch) {
   const int bf16 = m->act_bf16;
   const int64_t c = m->c, f = m->f, es = bf16 ? 2 : 4, wide = f > c ? f : c;
-  char* p = static_cast<char*>(scratch);
-  void* h = p;            p += c * es;      // LayerNorm output
-  void* qkv = p;          p += 3 * c * es;  // [heads, 3, d]
-  void* att = p;          p += c * es;      // attention output, [heads, d]
-  void* a = p;            p += c * es;      // attention block output
-  void* ff = p;           p += f * es;      // MLP hidden
-  void* mo = p;           p += c * es;      // MLP output
-  float* xf = reinterpret_cast<float*>(p);  p += wide * 4;  // a matmul's input in the other dtype
+  char* p = static_cast<char*>(scratch);  // each buffer holds `rows` rows
+  void* h = p;            p += rows * c * es;      // LayerNorm output
+  void* qkv = p;          p += rows * 3 * c * es;  // [heads, 3, d] per row
+  void* att = p;          p += rows * c * es;      // attention output, [heads, d] per row
+  void* a = p;            p += rows * c * es;      // attention block output
+  void* ff = p;           p += rows * f * es;      // MLP hidden
+  void* mo = p;           p += rows * c * es;      // MLP output
+  float* xf = reinterpret_cast<float*>(p);  p += rows * wide * 4;  // a matmul's input in the other dtype
   uint16_t* xb = reinterpret_cast<uint16_t*>(p);
-  const int64_t layer_bytes = m->heads * max_len * m->d * es;
+  const int64_t seq_bytes = m->heads * max_len * m->d * es;  // one sequence's cache of one layer
+  const auto row = [es](void* base, int64_t i, int64_t width) { return static_cast<char*>(base) + i * width * es; };
 #pragma omp parallel
   {
     std::vector<float> q(m->d), k(m->d), scores(pos + 1);
     for (int64_t l = 0; l < m->n_layer; l++) {
       const Layer& L = m->layers[l];
-      void* kc = static_cast<char*>(cache_k) + l * layer_bytes;
-      void* vc = static_cast<char*>(cache_v) + l * layer_bytes;
-#pragma omp single
-      {
-        layer_norm(x, L.ln1_w, L.ln1_b, h, c, m->eps, bf16);
-        convert(L.qkv, h, bf16, xf, xb, 0, c);
-      }
-      linear(L.qkv, input(L.qkv, h, bf16, xf, xb), qkv, bf16);
 #pragma omp for schedule(static)
-      for (int64_t head = 0; head < m->heads; head++)
-        attend(*m, L, head, qkv, kc, vc, pos, max_len, cos, sin, att, q.data(), k.data(), scores.data());
+      for (int64_t i = 0; i < rows; i++) layer_norm(row(x, i, c), L.ln1_w, L.ln1_b, row(h, i, c), c, m->eps, bf16);
 #pragma omp single
-      convert(L.proj, att, bf16, xf, xb, 0, c);
-      linear(L.proj, input(L.proj, att, bf16, xf, xb), a, bf16);
-#pragma omp single
-      {
-        if (!m->parallel) add(x, a, nullptr, x, c, bf16);  // GPT-Neo: x + attn, then the MLP on it
-        layer_norm(x, L.ln2_w, L.ln2_b, h, c, m->eps, bf16);
-        convert(L.fc, h, bf16, xf, xb, 0, c);
-      }
-      linear(L.fc, input(L.fc, h, bf16, xf, xb), ff, bf16);
+      convert(L.qkv, h, bf16, xf, xb, 0, rows * c);
+      linear(L.qkv, input(L.qkv, h, bf16, xf, xb), qkv, bf16, rows);
 #pragma omp for schedule(static)
-      for (int64_t i = 0; i < f; i += 256) {
-        const int64_t end = i + 256 < f ? i + 256 : f;
+      for (int64_t t = 0; t < rows * m->heads; t++) {
+        const int64_t i = t / m->heads, head = t % m->heads;
+        char* kc = static_cast<char*>(cache_k) + (l * rows + i) * seq_bytes;
+        char* vc = static_cast<char*>(cache_v) + (l * rows + i) * seq_bytes;
+        const float* cs = cos ? cos + positions[i] * m->rot : nullptr;
+        const float* sn = sin ? sin + positions[i] * m->rot : nullptr;
+        attend(*m, L, head, row(qkv, i, 3 * c), kc, vc, pos, max_len, valid ? valid + i * valid_stride : nullptr, cs, sn,
+               row(att, i, c), q.data(), k.data(), scores.data());
+      }
+#pragma omp single
+      convert(L.proj, att, bf16, xf, xb, 0, rows * c);
+      linear(L.proj, input(L.proj, att, bf16, xf, xb), a, bf16, rows);
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < rows; i++) {
+        if (!m->parallel) add(row(x, i, c), row(a, i, c), nullptr, row(x, i, c), c, bf16);  // GPT-Neo: x + attn, then the MLP on it
+        layer_norm(row(x, i, c), L.ln2_w, L.ln2_b, row(h, i, c), c, m->eps, bf16);
+      }
+#pragma omp single
+      convert(L.fc, h, bf16, xf, xb, 0, rows * c);
+      linear(L.fc, input(L.fc, h, bf16, xf, xb), ff, bf16, rows);
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < rows * f; i += 256) {
+        const int64_t end = i + 256 < rows * f ? i + 256 : rows * f;
         for (int64_t j = i; j < end; j += 16) put(ff, bf16, j, activation(m->act, load(ff, bf16, j, first(end - j))), first(end - j));
         convert(L.out, ff, bf16, xf, xb, i, end);
       }
-      linear(L.out, input(L.out, ff, bf16, xf, xb), mo, bf16);
-#pragma omp single
-      {
+      linear(L.out, input(L.out, ff, bf16, xf, xb), mo, bf16, rows);
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < rows; i++) {
         if (m->parallel)
-          add(mo, a, x, x, c, bf16);  // GPT-NeoX: (mlp + attn) + x
+          add(row(mo, i, c), row(a, i, c), row(x, i, c), row(x, i, c), c, bf16);  // GPT-NeoX: (mlp + attn) + x
         else
-          add(x, mo, nullptr, x, c, bf16);
+          add(row(x, i, c), row(mo, i, c), nullptr, row(x, i, c), c, bf16);
       }
     }
   }

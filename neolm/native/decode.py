@@ -1,8 +1,8 @@
-"""A whole decode step in one native call (decode.cpp): one new token of one sequence through every block.
+"""A whole decode step in one native call (decode.cpp): one new token of each sequence through every block.
 
 `attach(model)` (done by `neolm.load` unless native=False) sets `model.decode_step` when every block's
-layers have a native kernel; `GPT.forward` then sends single-token, single-sequence steps with a KV cache
-here, and everything else (prefill, batches, padding, training, GPUs) through torch. The step reads the
+layers have a native kernel; `GPT.forward` then sends one-token steps with a KV cache here (one sequence or
+a batch, left padding included), and everything else (prefill, training, GPUs) through torch. The step reads the
 model's tensors in place; before each step it checks that the model's layers and the tensors it points
 into are still the ones it was built from, and builds itself anew when they are not."""
 
@@ -53,8 +53,9 @@ def _lin(weights: native.Weights) -> _Lin:
 
 
 class DecodeStep:
-    """Every block of `model` for one token; built by `attach`. Call: (x (1, 1, C), positions (1, 1), cache)
-    -> the last block's output (1, 1, C), or None when this call is not one it takes."""
+    """Every block of `model` for one token per sequence; built by `attach`. Call: (x (B, 1, C), positions
+    (B, 1), cache, key_valid (B, S) or None) -> the last block's output (B, 1, C), or None when this call is
+    not one it takes."""
 
     def __init__(self, model, weights: list[list[native.Weights]]):
         from neolm.model import rotary_table  # the model imports neolm.ops, which imports neolm.native
@@ -81,14 +82,16 @@ class DecodeStep:
         self.layers, self.keep = layers, keep
         self.model = weakref.ref(model)
         self.watch = _snapshot(model, keep)
-        self.scratch = torch.empty(self.lib.neolm_decode_scratch_bytes(ctypes.byref(self.spec)), dtype=torch.uint8)
+        self.scratch = torch.empty(0, dtype=torch.uint8)  # grown to the largest batch seen
         self.n_positions = config.n_positions
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor | None:
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor, cache, key_valid=None) -> torch.Tensor | None:
         k, v = cache.k, cache.v  # (L, B, H, max_len, D)
+        rows, start = x.shape[0], cache.length
         if (
-            x.shape[0] != 1
-            or k.shape[1] != 1
+            k.shape[1] != rows
+            or rows > native.FEW_ROWS
+            or tuple(positions.shape) != (rows, 1)
             or x.dtype != self.dtype
             or x.device.type != "cpu"
             or k.dtype != self.dtype
@@ -97,19 +100,31 @@ class DecodeStep:
         ):
             return None
         if not all(d.get(key) is obj and (not ptr or obj.data_ptr() == ptr) for d, key, obj, ptr in self.watch):
-            return self._rebuilt(x, positions, cache)
-        position = int(positions)
-        if not 0 <= position < self.n_positions:
+            return self._rebuilt(x, positions, cache, key_valid)
+        valid, valid_stride = None, 0
+        if key_valid is not None:  # (B, S) bool, False at padding slots
+            if key_valid.dtype != torch.bool or key_valid.shape[0] != rows or key_valid.shape[1] <= start:
+                return None
+            if key_valid.stride(1) != 1:
+                key_valid = key_valid.contiguous()
+            valid, valid_stride = key_valid.data_ptr(), key_valid.stride(0)
+        positions = positions.to(torch.int64).contiguous()
+        low, high = (int(positions), int(positions)) if rows == 1 else map(int, positions.aminmax())
+        if low < 0 or high >= self.n_positions:
             return None  # the torch path says what is wrong
         x = x.contiguous()
         cos = sin = None
         if self.rope is not None:
-            cos, sin = (t[position].data_ptr() for t in self.rope)
-        self.lib.neolm_decode_step(ctypes.byref(self.spec), x.data_ptr(), cache.length, cos, sin, k.data_ptr(),
-                                   v.data_ptr(), k.shape[3], self.scratch.data_ptr())  # fmt: skip
+            cos, sin = (t.data_ptr() for t in self.rope)
+        need = self.lib.neolm_decode_scratch_bytes(ctypes.byref(self.spec), rows)
+        if self.scratch.numel() < need:
+            self.scratch = torch.empty(need, dtype=torch.uint8)
+        self.lib.neolm_decode_step(ctypes.byref(self.spec), rows, x.data_ptr(), start, positions.data_ptr(), cos, sin,
+                                   valid, valid_stride, k.data_ptr(), v.data_ptr(), k.shape[3],
+                                   self.scratch.data_ptr())  # fmt: skip
         return x
 
-    def _rebuilt(self, x, positions, cache):
+    def _rebuilt(self, x, positions, cache, key_valid):
         """The model changed since this step was built (a layer swapped, e.g. quantize_model; a tensor moved or
         replaced): build a new step for it and run that, or decline when none can be built."""
         model = self.model()
@@ -117,7 +132,7 @@ class DecodeStep:
             return None
         why_not = attach(model)
         log.info("the model changed since its native decode step was built: %s", why_not or "rebuilt")
-        return None if model.decode_step is None else model.decode_step(x, positions, cache)
+        return None if model.decode_step is None else model.decode_step(x, positions, cache, key_valid)
 
 
 def _snapshot(model, pointed: list) -> list[tuple[dict, str, object, int]]:

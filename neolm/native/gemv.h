@@ -1,6 +1,7 @@
-// Shared by gemv.cpp (the one-row matmuls) and decode.cpp (a whole decode step): AVX-512 helpers and the
-// matmul bodies. A body splits its rows over the threads of the enclosing OpenMP parallel region with an
-// orphaned `omp for` (ending in a barrier); called outside any region, one thread does all rows.
+// Shared by gemv.cpp (one-row matmuls), gemm.cpp (few-row matmuls) and decode.cpp (a whole decode step):
+// AVX-512 helpers and the matmul bodies. A body splits its rows over the threads of the enclosing OpenMP
+// parallel region with an orphaned `omp for` (ending in a barrier); called outside any region, one thread
+// does all rows.
 #pragma once
 
 #include <cstdint>
@@ -67,6 +68,18 @@ void gemv_bf16(const uint16_t* x, const uint16_t* w, const void* bias, int bias_
                int64_t n, int64_t k);
 void gemv_int4(const uint16_t* x, const uint8_t* q, const float* s, const float* c, const void* bias, int bias_bf16,
                void* y, int out_bf16, int64_t n, int64_t k, int64_t g);
+#endif
+
+// Y (m, n) = X (m, k) @ W (n, k)^T + bias for a few rows of X (gemm.cpp), same formats.
+void gemm_f32(const float* x, int64_t m, const float* w, const void* bias, int bias_bf16, void* y, int out_bf16,
+              int64_t n, int64_t k);
+void gemm_int8(const float* x, int64_t m, const int8_t* q, const uint16_t* scale, const void* bias, int bias_bf16,
+               void* y, int out_bf16, int64_t n, int64_t k);
+#ifdef __AVX512BF16__
+void gemm_bf16(const uint16_t* x, int64_t m, const uint16_t* w, const void* bias, int bias_bf16, void* y,
+               int out_bf16, int64_t n, int64_t k);
+void gemm_int4(const uint16_t* x, int64_t m, const uint8_t* q, const float* s, const float* c, const void* bias,
+               int bias_bf16, void* y, int out_bf16, int64_t n, int64_t k, int64_t g);
 #endif
 #endif
 

@@ -53,7 +53,8 @@ class QuantLinear(nn.Module):
         self.dtype = dtype  # the model's float dtype: of the bias, and of `weight`
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), False) if bias else None
         self.use_kernel = False
-        self.gemv = None  # set by neolm.ops.compile_gemv: fn(x, qweight, scale, bias) for one-row inputs (CPU)
+        self.gemv = None  # set by neolm.ops.compile_gemv: fn(x, qweight, scale, bias) for one-row (or few-row) inputs
+        self.gemv_rows = 1  # the most rows `gemv` takes (neolm.ops._use)
         self._prepared_on: torch.device | None = None
 
     @property
@@ -85,7 +86,7 @@ class QuantLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         if (
             self.gemv is not None
-            and x2.shape[0] == 1
+            and 0 < x2.shape[0] <= self.gemv_rows
             and x.device.type == "cpu"
             and x.dtype in (torch.float32, torch.bfloat16)
             and not torch.is_grad_enabled()

@@ -1,0 +1,265 @@
+// Few-row matmuls for batched decoding: Y (m, n) = X (m, k) @ W (n, k)^T [+ bias], m a handful of rows (one
+// per sequence of a batch), in the weight formats of gemv.cpp.
+//
+// A decode step of a batch is still a pass over every weight; what changes from one row is the arithmetic:
+// m multiply-adds per weight instead of one. Calling the one-row kernel m times would stream the weights m
+// times. Here each thread takes R rows of W at a time and runs them against up to TILE rows of X held in
+// registers (R x TILE accumulators): every weight is loaded (and, for int8/int4, converted) once per TILE
+// rows of X. Past TILE rows, the next tile of X meets the same R rows of W again, by then in cache.
+// The weight formats, the int4 layout and its arithmetic are gemv.cpp's; as there, the bodies split the
+// rows of W over the threads of the enclosing parallel region (orphaned `omp for`) and the exported
+// neolm_gemm_* open a region around them. X and Y are row-major and contiguous.
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "gemv.h"
+
+namespace neolm {
+
+#ifdef NEOLM_AVX512
+
+namespace {
+
+template <int NB>
+using Rows = std::integral_constant<int, NB>;
+
+// For every R rows of W (split over threads) and every TILE (4 or 8) rows of X: tile(r0, t0, Rows<nb>{}).
+// R x TILE accumulators: R and TILE per kernel, as measured fastest on an AVX-512 EPYC (bench/PROFILE.md).
+template <int R, int TILE, class Tile>
+void for_tiles(int64_t m, int64_t n, const Tile& tile) {
+  static_assert(TILE == 4 || TILE == 8, "tiles of 4 or 8 rows");
+#pragma omp for schedule(static)
+  for (int64_t r0 = 0; r0 < n; r0 += R)
+    for (int64_t t0 = 0; t0 < m; t0 += TILE) {
+      switch (std::min<int64_t>(TILE, m - t0)) {
+        case 1: tile(r0, t0, Rows<1>{}); break;
+        case 2: tile(r0, t0, Rows<2>{}); break;
+        case 3: tile(r0, t0, Rows<3>{}); break;
+        case 4: tile(r0, t0, Rows<4>{}); break;
+        case 5: tile(r0, t0, Rows<TILE == 8 ? 5 : 4>{}); break;  // (unreachable for TILE 4)
+        case 6: tile(r0, t0, Rows<TILE == 8 ? 6 : 4>{}); break;
+        case 7: tile(r0, t0, Rows<TILE == 8 ? 7 : 4>{}); break;
+        default: tile(r0, t0, Rows<TILE>{}); break;
+      }
+    }
+}
+
+// Y[t0 + b, r0 + r] = sum(acc[r][b]) * scale(r) + extra(r, b) + bias, for the rows of W that exist.
+template <int R, int NB, class Scale, class Extra>
+inline void finish(__m512 (&acc)[R][NB], int64_t r0, int64_t t0, int64_t n, const void* bias, int bias_bf16, void* y,
+                   int out_bf16, const Scale& scale, const Extra& extra) {
+  for (int r = 0; r < R && r0 + r < n; r++)
+    for (int b = 0; b < NB; b++) {
+      const float v = _mm512_reduce_add_ps(acc[r][b]) * scale(r0 + r) + extra(r0 + r, b);
+      store(y, (t0 + b) * n + r0 + r, v + bias_at(bias, bias_bf16, r0 + r), out_bf16);
+    }
+}
+
+inline float one(int64_t) { return 1.0f; }
+inline float none(int64_t, int) { return 0.0f; }
+
+template <int R, int NB>
+inline void zero(__m512 (&acc)[R][NB]) {
+  for (int r = 0; r < R; r++)
+    for (int b = 0; b < NB; b++) acc[r][b] = _mm512_setzero_ps();
+}
+
+}  // namespace
+
+void gemm_f32(const float* x, int64_t m, const float* w, const void* bias, int bias_bf16, void* y, int out_bf16, int64_t n,
+              int64_t k) {
+  constexpr int R = 4, TILE = 4;
+  const int64_t kv = k & ~int64_t(15);
+  const __mmask16 tail = static_cast<__mmask16>((1u << (k - kv)) - 1u);
+  for_tiles<R, TILE>(m, n, [&](int64_t r0, int64_t t0, auto rows) {
+    constexpr int NB = decltype(rows)::value;
+    const float* wr[R];
+    for (int r = 0; r < R; r++) wr[r] = w + (r0 + r < n ? r0 + r : r0) * k;  // past the last row: row r0 again, discarded
+    const float* xt = x + t0 * k;
+    __m512 acc[R][NB];
+    zero(acc);
+    for (int64_t j = 0; j < kv; j += 16) {
+      __m512 wv[R];
+      for (int r = 0; r < R; r++) {
+        prefetch(wr[r] + j);
+        wv[r] = _mm512_loadu_ps(wr[r] + j);
+      }
+      for (int b = 0; b < NB; b++) {
+        const __m512 xv = _mm512_loadu_ps(xt + b * k + j);
+        for (int r = 0; r < R; r++) acc[r][b] = _mm512_fmadd_ps(wv[r], xv, acc[r][b]);
+      }
+    }
+    if (tail)
+      for (int b = 0; b < NB; b++) {
+        const __m512 xv = _mm512_maskz_loadu_ps(tail, xt + b * k + kv);
+        for (int r = 0; r < R; r++) acc[r][b] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, wr[r] + kv), xv, acc[r][b]);
+      }
+    finish(acc, r0, t0, n, bias, bias_bf16, y, out_bf16, one, none);
+  });
+}
+
+void gemm_int8(const float* x, int64_t m, const int8_t* q, const uint16_t* scale, const void* bias, int bias_bf16, void* y,
+               int out_bf16, int64_t n, int64_t k) {
+  constexpr int R = 3, TILE = 8;
+  const int64_t kv = k & ~int64_t(15);
+  const __mmask16 tail = static_cast<__mmask16>((1u << (k - kv)) - 1u);
+  const auto row_scale = [scale](int64_t row) { return bf16_to_float(scale[row]); };
+  for_tiles<R, TILE>(m, n, [&](int64_t r0, int64_t t0, auto rows) {
+    constexpr int NB = decltype(rows)::value;
+    const int8_t* qr[R];
+    for (int r = 0; r < R; r++) qr[r] = q + (r0 + r < n ? r0 + r : r0) * k;
+    const float* xt = x + t0 * k;
+    __m512 acc[R][NB];
+    zero(acc);
+    for (int64_t j = 0; j < kv; j += 16) {
+      __m512 wv[R];
+      for (int r = 0; r < R; r++) {
+        if ((j & 63) == 0) prefetch(qr[r] + j);
+        wv[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qr[r] + j))));
+      }
+      for (int b = 0; b < NB; b++) {
+        const __m512 xv = _mm512_loadu_ps(xt + b * k + j);
+        for (int r = 0; r < R; r++) acc[r][b] = _mm512_fmadd_ps(wv[r], xv, acc[r][b]);
+      }
+    }
+    if (tail)
+      for (int b = 0; b < NB; b++) {
+        const __m512 xv = _mm512_maskz_loadu_ps(tail, xt + b * k + kv);
+        for (int r = 0; r < R; r++) {
+          const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(tail, qr[r] + kv)));
+          acc[r][b] = _mm512_fmadd_ps(wv, xv, acc[r][b]);
+        }
+      }
+    finish(acc, r0, t0, n, bias, bias_bf16, y, out_bf16, row_scale, none);
+  });
+}
+
+#ifdef __AVX512BF16__
+
+void gemm_bf16(const uint16_t* x, int64_t m, const uint16_t* w, const void* bias, int bias_bf16, void* y, int out_bf16,
+               int64_t n, int64_t k) {
+  constexpr int R = 3, TILE = 8;
+  const int64_t kv = k & ~int64_t(31);
+  const __mmask32 tail = static_cast<__mmask32>((uint64_t(1) << (k - kv)) - 1u);
+  for_tiles<R, TILE>(m, n, [&](int64_t r0, int64_t t0, auto rows) {
+    constexpr int NB = decltype(rows)::value;
+    const uint16_t* wr[R];
+    for (int r = 0; r < R; r++) wr[r] = w + (r0 + r < n ? r0 + r : r0) * k;
+    const uint16_t* xt = x + t0 * k;
+    __m512 acc[R][NB];
+    zero(acc);
+    for (int64_t j = 0; j < kv; j += 32) {
+      __m512bh wv[R];
+      for (int r = 0; r < R; r++) {
+        prefetch(wr[r] + j);
+        wv[r] = (__m512bh)_mm512_loadu_si512(wr[r] + j);
+      }
+      for (int b = 0; b < NB; b++) {
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512(xt + b * k + j);
+        for (int r = 0; r < R; r++) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], wv[r], xv);
+      }
+    }
+    if (tail)
+      for (int b = 0; b < NB; b++) {
+        const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(tail, xt + b * k + kv);
+        for (int r = 0; r < R; r++)
+          acc[r][b] = _mm512_dpbf16_ps(acc[r][b], (__m512bh)_mm512_maskz_loadu_epi16(tail, wr[r] + kv), xv);
+      }
+    finish(acc, r0, t0, n, bias, bias_bf16, y, out_bf16, one, none);
+  });
+}
+
+// int4 in gemv.cpp's layout and arithmetic: per 64 in-features A = sum (128 + q) x by vdpbf16ps, then
+// sum w x = s A + c X with X = sum x over the group. R divides the layout's row block (ROWS).
+void gemm_int4(const uint16_t* x, int64_t m, const uint8_t* q, const float* s, const float* c, const void* bias,
+               int bias_bf16, void* y, int out_bf16, int64_t n, int64_t k, int64_t g) {
+  constexpr int R = 2, TILE = 8;
+  static_assert(ROWS % R == 0, "R rows must lie in one block of the layout");
+  const int64_t groups = k / g, blocks = k / 128;
+  std::vector<float> xsum(m * groups);  // X of every row of x and group
+  for (int64_t i = 0; i < m; i++)
+    for (int64_t t = 0; t < groups; t++) {
+      float sum = 0.0f;
+      for (int64_t j = t * g; j < (t + 1) * g; j++) sum += bf16_to_float(x[i * k + j]);
+      xsum[i * groups + t] = sum;
+    }
+  const __m512i low = _mm512_set1_epi8(0x0f), magic = _mm512_set1_epi8(0x43);
+  for_tiles<R, TILE>(m, n, [&](int64_t r0, int64_t t0, auto rows) {
+    constexpr int NB = decltype(rows)::value;
+    const uint8_t* qb = q + (r0 - r0 % ROWS) * (k / 2);  // the layout's block of rows holding r0 .. r0 + R - 1
+    const uint16_t* xt = x + t0 * k;
+    __m512 acc[R][NB];
+    zero(acc);
+    for (int64_t blk = 0; blk < blocks; blk++) {
+      __m512bh words[R][4];  // 128 + q of in-features 128 blk + [0, 32), [32, 64), [64, 96), [96, 128)
+      __m512 sa[R], sh[R];   // the scales of the two 64-feature halves
+      for (int r = 0; r < R; r++) {
+        const uint8_t* p = qb + (blk * ROWS + r0 % ROWS + r) * 64;
+        prefetch(p);
+        const __m512i bytes = _mm512_loadu_si512(p);
+        const __m512i lo = _mm512_and_si512(bytes, low), hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low);
+        words[r][0] = (__m512bh)_mm512_unpacklo_epi8(lo, magic);
+        words[r][1] = (__m512bh)_mm512_unpackhi_epi8(lo, magic);
+        words[r][2] = (__m512bh)_mm512_unpacklo_epi8(hi, magic);
+        words[r][3] = (__m512bh)_mm512_unpackhi_epi8(hi, magic);
+        sa[r] = _mm512_set1_ps(s[(r0 + r) * groups + 128 * blk / g]);
+        sh[r] = _mm512_set1_ps(s[(r0 + r) * groups + (128 * blk + 64) / g]);
+      }
+      for (int b = 0; b < NB; b++) {
+        const uint16_t* xb = xt + b * k + 128 * blk;
+        const __m512bh x0 = (__m512bh)_mm512_loadu_si512(xb), x1 = (__m512bh)_mm512_loadu_si512(xb + 32);
+        const __m512bh x2 = (__m512bh)_mm512_loadu_si512(xb + 64), x3 = (__m512bh)_mm512_loadu_si512(xb + 96);
+        for (int r = 0; r < R; r++) {
+          const __m512 a = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), words[r][0], x0), words[r][1], x1);
+          const __m512 h = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), words[r][2], x2), words[r][3], x3);
+          acc[r][b] = _mm512_fmadd_ps(h, sh[r], _mm512_fmadd_ps(a, sa[r], acc[r][b]));
+        }
+      }
+    }
+    const auto offsets = [&](int64_t row, int b) {
+      float v = 0.0f;
+      for (int64_t t = 0; t < groups; t++) v += c[row * groups + t] * xsum[(t0 + b) * groups + t];
+      return v;
+    };
+    finish(acc, r0, t0, n, bias, bias_bf16, y, out_bf16, one, offsets);
+  });
+}
+
+#endif  // __AVX512BF16__
+#endif  // NEOLM_AVX512
+
+}  // namespace neolm
+
+extern "C" {
+
+#ifdef NEOLM_AVX512
+void neolm_gemm_f32(const float* x, int64_t m, const float* w, const void* bias, int bias_bf16, void* y, int out_bf16,
+                    int64_t n, int64_t k) {
+#pragma omp parallel
+  neolm::gemm_f32(x, m, w, bias, bias_bf16, y, out_bf16, n, k);
+}
+
+void neolm_gemm_int8(const float* x, int64_t m, const int8_t* q, const uint16_t* scale, const void* bias, int bias_bf16,
+                     void* y, int out_bf16, int64_t n, int64_t k) {
+#pragma omp parallel
+  neolm::gemm_int8(x, m, q, scale, bias, bias_bf16, y, out_bf16, n, k);
+}
+
+#ifdef __AVX512BF16__
+void neolm_gemm_bf16(const uint16_t* x, int64_t m, const uint16_t* w, const void* bias, int bias_bf16, void* y,
+                     int out_bf16, int64_t n, int64_t k) {
+#pragma omp parallel
+  neolm::gemm_bf16(x, m, w, bias, bias_bf16, y, out_bf16, n, k);
+}
+
+void neolm_gemm_int4(const uint16_t* x, int64_t m, const uint8_t* q, const float* s, const float* c, const void* bias,
+                     int bias_bf16, void* y, int out_bf16, int64_t n, int64_t k, int64_t g) {
+#pragma omp parallel
+  neolm::gemm_int4(x, m, q, s, c, bias, bias_bf16, y, out_bf16, n, k, g);
+}
+#endif  // __AVX512BF16__
+#endif  // NEOLM_AVX512
+
+}  // extern "C"
