@@ -342,20 +342,26 @@ def main() -> None:
     )
     workdir = Path(args.cache) / "runs" / time.strftime("%Y%m%d-%H%M%S")
     workdir.mkdir(parents=True)
-    jobs = plan(args, peers, notes)
-    results = []
+    jobs = plan(args, peers, notes)  # in table order: per model, engine by engine
+    # Run order: per model, precision by precision, every engine's row of a precision right after the other,
+    # so that the rows a ratio compares run within a minute or two of each other: this VM's memory moves
+    # between a slow and a fast phase within minutes, which a run engine by engine turned into ratios.
+    order = sorted(range(len(jobs)), key=lambda i: (args.models.index(jobs[i]["model"]),
+                                                    args.precisions.index(jobs[i]["precision"]), i))  # fmt: skip
+    results: list = [None] * len(jobs)
     json_path = Path(args.out).with_suffix(".json")
-    for i, job in enumerate(jobs):
+    for n, i in enumerate(order):
+        job = jobs[i]
         if job.get("status") == "unavailable":
-            results.append(job)
+            results[i] = job
             continue
-        log(f"[{i + 1}/{len(jobs)}] {job['model']} {job['engine']} {job['variant']} {job['precision']}")
+        log(f"[{n + 1}/{len(jobs)}] {job['model']} {job['engine']} {job['variant']} {job['precision']}")
         before = bw()  # this VM's memory moves between slow and fast phases within minutes: note the row's
         result = run_job(job, peers, args, dirs[job["model"]], workdir)
         result["bandwidth_before"] = before
         log(f"    {result['status']} in {result['wall_s']:.0f}s (read {before['read_gbs']:.0f} GB/s before) {report.brief(result)}")
-        results.append(result)
-        doc["results"] = results
+        results[i] = result
+        doc["results"] = [r for r in results if r is not None]
         json_path.write_text(json.dumps(doc, indent=1))  # partial results survive an interruption
     doc.update(bandwidth_end=bw(), quiet_end=machine.quietness(), wall_s=time.time() - started, results=results)
     json_path.write_text(json.dumps(doc, indent=1))

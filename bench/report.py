@@ -276,7 +276,8 @@ def render(doc: dict) -> str:
         f"{s['prompt_len']}-token prompts at once, decode tokens/s over all sequences after the first step. Load: from a warm "
         f"page cache. Peak RSS: VmHWM of the engine's own process after load and all measurements. Each cell: median "
         f"[min–max] of {s['runs']} runs ({s['big_runs'] or s['runs']} on {s['big_models']}), after an untimed warm-up; every "
-        f"engine × model × precision in its own process."), "",
+        f"engine × model × precision in its own process, run model by model and precision by precision, each "
+        f"precision's rows back to back (this VM's memory speed drifts within minutes)."), "",
         (f"% roofline = decode tok/s ÷ (read bandwidth ÷ weight bytes a step reads), with the highest read bandwidth "
             f"measured in the run ({read_bandwidth(doc):.1f} GB/s); the bytes are the engine's own "
         "(neolm, transformers: its tensors; llama.cpp: the GGUF tensor table), or, marked *, the fp32 weight count × "
