@@ -16,7 +16,7 @@ from neolm.errors import NeolmError
 from neolm.generate import GenerationConfig, generate, iter_generate
 from neolm.model import GPT
 from neolm.native import decode
-from neolm.ops import compile_gemv
+from neolm.ops import compile_gemv, use_native
 from neolm.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -197,12 +197,13 @@ def load(
     quantize: None | "int8" | "int4": quantize the weights while loading (group_size for int4: 32, 64,
     128 or 256); quantize_head: the output head too (faster decoding, a little less exact; by default it
     stays in floating point). Quantized folders (`neolm quantize`, bitsandbytes 4-bit) load as such without it.
-    native: on CPU, run each single-sequence decode step through every block in one call of neolm's AVX-512
-    kernels (neolm.native.decode; built with the system's C++ compiler on first use, cached), where this
-    machine can build them; prompts, batches and training stay in torch. False: every step in torch.
-    compile: on CPU, also route the remaining one-token matmuls (the output head; every block's too when no
-    native step runs) to one-row kernels built for this machine (neolm.native's, else torch.compile's;
-    needs a C++ compiler), each layer shape keeping the fastest kernel, timed here (neolm.ops.compile_gemv).
+    native: on CPU, run each decode step (one sequence, or a batch of up to 16) through every block in one
+    call of neolm's AVX-512 kernels (neolm.native.decode; built with the system's C++ compiler on first use,
+    cached), and the output head's products of up to 16 rows on them, where this machine can build them;
+    prompts and training stay in torch. False: every step in torch.
+    compile: on CPU, instead time every kernel each layer shape can use for one-token products (the output
+    head's; every block's too when no native step runs) and keep the fastest (neolm.native's, torch.compile's
+    or the layer's own; needs a C++ compiler; neolm.ops.compile_gemv).
     """
     start = time.perf_counter()
     if quantize_head and quantize is None:
@@ -228,7 +229,9 @@ def load(
         compile_gemv(net)
     if native:
         why_not = decode.attach(net)
-        log.info("single-sequence decode steps: %s", f"in torch ({why_not})" if why_not else "native (one call per step)")
+        log.info("decode steps: %s", f"in torch ({why_not})" if why_not else "native (one call per step)")
+        if not compile:
+            use_native([net.lm_head])
     tokenizer = load_tokenizer(folder, default=config.tokenizer)
     defaults = checkpoint.read_generation_defaults(folder, GenerationConfig.field_names())
     seconds = time.perf_counter() - start

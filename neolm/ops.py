@@ -130,6 +130,18 @@ def _use(modules: list[nn.Module], offers: list[dict], kernel: str) -> None:
         module.gemv_rows = native.FEW_ROWS if kernel == "native" else 1
 
 
+def use_native(modules: list[nn.Module]) -> int:
+    """Give these layers neolm's native kernels for products of one to native.FEW_ROWS rows, untimed (what
+    compile_gemv picks for the output head on AVX-512 CPUs: bench/PROFILE.md); returns how many took them."""
+    count = 0
+    for module in modules:
+        offer = module.gemv_kernels().get("native") if callable(getattr(module, "gemv_kernels", None)) else None
+        if offer is not None:
+            module.gemv, module.gemv_rows = offer, native.FEW_ROWS
+            count += 1
+    return count
+
+
 ROUNDS = 3  # timed passes per kernel in compile_gemv
 # The layer's own kernel is kept only when it beats the best one-row kernel by more than this factor's
 # inverse: when the machine's memory is in a slow phase both stream at that speed and tie, and which wins is

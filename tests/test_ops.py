@@ -117,6 +117,16 @@ def test_native_kernels_take_a_few_rows(monkeypatch, tiny, name, quantize):
         assert ((few - own.flatten(0, 1)).abs().max() / own.abs().max()).item() < tol
 
 
+@pytest.mark.skipif(not native.available()[0], reason=f"no native kernels: {native.available()[1]}")
+def test_the_head_is_native_by_default(tiny):
+    """Without compile, the output head still takes the native kernels (one to FEW_ROWS rows); native=False
+    leaves it on its own kernel."""
+    head = neolm.load(tiny["neo"]).model.lm_head
+    assert head.gemv is native.float_gemv and head.gemv_rows == native.FEW_ROWS
+    head = neolm.load(tiny["neo"], native=False).model.lm_head
+    assert head.gemv is None and head.gemv_rows == 1
+
+
 def test_compile_errors_are_clear(monkeypatch, tiny):
     def broken(fn, *tensors):
         def call(*args):
