@@ -197,9 +197,9 @@ def load(
     quantize: None | "int8" | "int4": quantize the weights while loading (group_size for int4: 32, 64,
     128 or 256); quantize_head: the output head too (faster decoding, a little less exact; by default it
     stays in floating point). Quantized folders (`neolm quantize`, bitsandbytes 4-bit) load as such without it.
-    native: on CPU, run each decode step (one sequence, or a batch of up to 16) through every block in one
+    native: on CPU, run each decode step (one sequence, or a batch of up to 12) through every block in one
     call of neolm's AVX-512 kernels (neolm.native.decode; built with the system's C++ compiler on first use,
-    cached), and the output head's products of up to 16 rows on them, where this machine can build them;
+    cached), and the output head's products of up to 12 rows on them, where this machine can build them;
     prompts and training stay in torch. False: every step in torch.
     compile: on CPU, instead time every kernel each layer shape can use for one-token products (the output
     head's; every block's too when no native step runs) and keep the fastest (neolm.native's, torch.compile's

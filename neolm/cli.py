@@ -70,7 +70,7 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = False, position
         dest="native",
         action="store_false",
         help="keep every decode step in torch. By default on CPU each new token (of one sequence, or of each of "
-        "up to 16 prompts) goes through every block in one call of neolm's AVX-512 kernels, and the output head "
+        "up to 12 prompts) goes through every block in one call of neolm's AVX-512 kernels, and the output head "
         "runs on them too (built once with the system's C++ compiler, cached in ~/.cache/neolm/native), where "
         "the machine can build them",
     )

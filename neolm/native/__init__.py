@@ -42,8 +42,8 @@ INT4_BLOCK = 128  # in-features per 64 bytes of the int4 layout
 ROWS = 4  # rows per block of the int4 layout (gemv.cpp ROWS)
 # Products of up to this many rows go to the native kernels (gemm.cpp past one row) in layers that use them,
 # and batches of up to this many sequences to the native decode step: beyond, oneDNN's GEMM catches up
-# (at ~24 rows on an AVX-512 EPYC, bench/PROFILE.md).
-FEW_ROWS = 16
+# (between 12 and 24 rows on an AVX-512 EPYC, depending on its memory's phase: bench/PROFILE.md).
+FEW_ROWS = 12
 
 _p, _i64, _int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {
