@@ -154,3 +154,15 @@ def test_an_unusable_cache_folder_means_no_kernels_not_a_crash(monkeypatch, tmp_
         assert have == set() and "cannot build or load" in why
     finally:
         native._library.cache_clear()
+
+
+def test_every_source_is_packaged():
+    """Wheels carry every file the kernels are compiled from (a missing header broke non-editable installs)."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["neolm"]
+    for path in native.SOURCES + native.HEADERS:
+        assert any(fnmatch.fnmatch(f"native/{path.name}", p) for p in patterns), path.name
