@@ -66,109 +66,104 @@ inline void zero(__m512 (&acc)[R][NB]) {
     for (int b = 0; b < NB; b++) acc[r][b] = _mm512_setzero_ps();
 }
 
-}  // namespace
+// The dense formats, as policies of one kernel: STEP in-features per vector, how a vector of weights is
+// loaded (and converted) and multiplied into an accumulator, and how often a row's stream is prefetched.
+struct F32 {  // fp32 weights and x, FMA
+  using W = float;
+  using X = float;
+  using Mask = __mmask16;
+  static constexpr int STEP = 16;
+  static __m512 weights(const W* p) { return _mm512_loadu_ps(p); }
+  static __m512 weights(const W* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
+  static __m512 input(const X* p) { return _mm512_loadu_ps(p); }
+  static __m512 input(const X* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
+  static __m512 madd(__m512 acc, __m512 w, __m512 x) { return _mm512_fmadd_ps(w, x, acc); }
+  static bool prefetch_at(int64_t) { return true; }
+};
 
-void gemm_f32(const float* x, int64_t m, const float* w, const void* bias, int bias_bf16, void* y, int out_bf16, int64_t n,
-              int64_t k) {
-  constexpr int R = 4, TILE = 4;
-  const int64_t kv = k & ~int64_t(15);
-  const __mmask16 tail = static_cast<__mmask16>((1u << (k - kv)) - 1u);
+struct Int8 {  // int8 codes converted to fp32, fp32 x, FMA (the row scale is applied at the end)
+  using W = int8_t;
+  using X = float;
+  using Mask = __mmask16;
+  static constexpr int STEP = 16;
+  static __m512 weights(const W* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+  static __m512 weights(const W* p, Mask m) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p))); }
+  static __m512 input(const X* p) { return _mm512_loadu_ps(p); }
+  static __m512 input(const X* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
+  static __m512 madd(__m512 acc, __m512 w, __m512 x) { return _mm512_fmadd_ps(w, x, acc); }
+  static bool prefetch_at(int64_t j) { return (j & 63) == 0; }  // once per 64-byte line
+};
+
+// y (m, n) = x (m, k) @ W^T * scale(row) + bias for a dense format: R rows of W against TILE rows of x.
+template <int R, int TILE, class Format, class Scale>
+void gemm_dense(const typename Format::X* x, int64_t m, const typename Format::W* w, const void* bias, int bias_bf16,
+                void* y, int out_bf16, int64_t n, int64_t k, const Scale& scale) {
+  using Mask = typename Format::Mask;
+  const int64_t kv = k & ~int64_t(Format::STEP - 1);
+  const Mask tail = static_cast<Mask>((uint64_t(1) << (k - kv)) - 1u);
   for_tiles<R, TILE>(m, n, [&](int64_t r0, int64_t t0, auto rows) {
     constexpr int NB = decltype(rows)::value;
-    const float* wr[R];
+    const typename Format::W* wr[R];
     for (int r = 0; r < R; r++) wr[r] = w + (r0 + r < n ? r0 + r : r0) * k;  // past the last row: row r0 again, discarded
-    const float* xt = x + t0 * k;
+    const typename Format::X* xt = x + t0 * k;
     __m512 acc[R][NB];
     zero(acc);
-    for (int64_t j = 0; j < kv; j += 16) {
-      __m512 wv[R];
+    for (int64_t j = 0; j < kv; j += Format::STEP) {
+      decltype(Format::weights(w)) wv[R];
       for (int r = 0; r < R; r++) {
-        prefetch(wr[r] + j);
-        wv[r] = _mm512_loadu_ps(wr[r] + j);
+        if (Format::prefetch_at(j)) prefetch(wr[r] + j);
+        wv[r] = Format::weights(wr[r] + j);
       }
       for (int b = 0; b < NB; b++) {
-        const __m512 xv = _mm512_loadu_ps(xt + b * k + j);
-        for (int r = 0; r < R; r++) acc[r][b] = _mm512_fmadd_ps(wv[r], xv, acc[r][b]);
+        const auto xv = Format::input(xt + b * k + j);
+        for (int r = 0; r < R; r++) acc[r][b] = Format::madd(acc[r][b], wv[r], xv);
       }
     }
     if (tail)
       for (int b = 0; b < NB; b++) {
-        const __m512 xv = _mm512_maskz_loadu_ps(tail, xt + b * k + kv);
-        for (int r = 0; r < R; r++) acc[r][b] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, wr[r] + kv), xv, acc[r][b]);
+        const auto xv = Format::input(xt + b * k + kv, tail);
+        for (int r = 0; r < R; r++) acc[r][b] = Format::madd(acc[r][b], Format::weights(wr[r] + kv, tail), xv);
       }
-    finish(acc, r0, t0, n, bias, bias_bf16, y, out_bf16, one, none);
+    finish(acc, r0, t0, n, bias, bias_bf16, y, out_bf16, scale, none);
   });
+}
+
+#ifdef __AVX512BF16__
+struct Bf16 {  // bf16 weights and x, vdpbf16ps (pairs, fp32 accumulation)
+  using W = uint16_t;
+  using X = uint16_t;
+  using Mask = __mmask32;
+  static constexpr int STEP = 32;
+  static __m512bh weights(const W* p) { return (__m512bh)_mm512_loadu_si512(p); }
+  static __m512bh weights(const W* p, Mask m) { return (__m512bh)_mm512_maskz_loadu_epi16(m, p); }
+  static __m512bh input(const X* p) { return (__m512bh)_mm512_loadu_si512(p); }
+  static __m512bh input(const X* p, Mask m) { return (__m512bh)_mm512_maskz_loadu_epi16(m, p); }
+  static __m512 madd(__m512 acc, __m512bh w, __m512bh x) { return _mm512_dpbf16_ps(acc, w, x); }
+  static bool prefetch_at(int64_t) { return true; }
+};
+#endif
+
+}  // namespace
+
+// R x TILE per format, as measured fastest (bench/PROFILE.md): f32 4 x 4, int8 and bf16 3 x 8, int4 2 x 8.
+void gemm_f32(const float* x, int64_t m, const float* w, const void* bias, int bias_bf16, void* y, int out_bf16, int64_t n,
+              int64_t k) {
+  gemm_dense<4, 4, F32>(x, m, w, bias, bias_bf16, y, out_bf16, n, k, one);
 }
 
 void gemm_int8(const float* x, int64_t m, const int8_t* q, const uint16_t* scale, const void* bias, int bias_bf16, void* y,
                int out_bf16, int64_t n, int64_t k) {
-  constexpr int R = 3, TILE = 8;
-  const int64_t kv = k & ~int64_t(15);
-  const __mmask16 tail = static_cast<__mmask16>((1u << (k - kv)) - 1u);
   const auto row_scale = [scale](int64_t row) { return bf16_to_float(scale[row]); };
-  for_tiles<R, TILE>(m, n, [&](int64_t r0, int64_t t0, auto rows) {
-    constexpr int NB = decltype(rows)::value;
-    const int8_t* qr[R];
-    for (int r = 0; r < R; r++) qr[r] = q + (r0 + r < n ? r0 + r : r0) * k;
-    const float* xt = x + t0 * k;
-    __m512 acc[R][NB];
-    zero(acc);
-    for (int64_t j = 0; j < kv; j += 16) {
-      __m512 wv[R];
-      for (int r = 0; r < R; r++) {
-        if ((j & 63) == 0) prefetch(qr[r] + j);
-        wv[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qr[r] + j))));
-      }
-      for (int b = 0; b < NB; b++) {
-        const __m512 xv = _mm512_loadu_ps(xt + b * k + j);
-        for (int r = 0; r < R; r++) acc[r][b] = _mm512_fmadd_ps(wv[r], xv, acc[r][b]);
-      }
-    }
-    if (tail)
-      for (int b = 0; b < NB; b++) {
-        const __m512 xv = _mm512_maskz_loadu_ps(tail, xt + b * k + kv);
-        for (int r = 0; r < R; r++) {
-          const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(tail, qr[r] + kv)));
-          acc[r][b] = _mm512_fmadd_ps(wv, xv, acc[r][b]);
-        }
-      }
-    finish(acc, r0, t0, n, bias, bias_bf16, y, out_bf16, row_scale, none);
-  });
+  gemm_dense<3, 8, Int8>(x, m, q, bias, bias_bf16, y, out_bf16, n, k, row_scale);
 }
 
 #ifdef __AVX512BF16__
 
 void gemm_bf16(const uint16_t* x, int64_t m, const uint16_t* w, const void* bias, int bias_bf16, void* y, int out_bf16,
                int64_t n, int64_t k) {
-  constexpr int R = 3, TILE = 8;
-  const int64_t kv = k & ~int64_t(31);
-  const __mmask32 tail = static_cast<__mmask32>((uint64_t(1) << (k - kv)) - 1u);
-  for_tiles<R, TILE>(m, n, [&](int64_t r0, int64_t t0, auto rows) {
-    constexpr int NB = decltype(rows)::value;
-    const uint16_t* wr[R];
-    for (int r = 0; r < R; r++) wr[r] = w + (r0 + r < n ? r0 + r : r0) * k;
-    const uint16_t* xt = x + t0 * k;
-    __m512 acc[R][NB];
-    zero(acc);
-    for (int64_t j = 0; j < kv; j += 32) {
-      __m512bh wv[R];
-      for (int r = 0; r < R; r++) {
-        prefetch(wr[r] + j);
-        wv[r] = (__m512bh)_mm512_loadu_si512(wr[r] + j);
-      }
-      for (int b = 0; b < NB; b++) {
-        const __m512bh xv = (__m512bh)_mm512_loadu_si512(xt + b * k + j);
-        for (int r = 0; r < R; r++) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], wv[r], xv);
-      }
-    }
-    if (tail)
-      for (int b = 0; b < NB; b++) {
-        const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(tail, xt + b * k + kv);
-        for (int r = 0; r < R; r++)
-          acc[r][b] = _mm512_dpbf16_ps(acc[r][b], (__m512bh)_mm512_maskz_loadu_epi16(tail, wr[r] + kv), xv);
-      }
-    finish(acc, r0, t0, n, bias, bias_bf16, y, out_bf16, one, none);
-  });
+  gemm_dense<3, 8, Bf16>(x, m, w, bias, bias_bf16, y, out_bf16, n, k, one);
 }
 
 // int4 in gemv.cpp's layout and arithmetic: per 64 in-features A = sum (128 + q) x by vdpbf16ps, then
