@@ -133,13 +133,10 @@ def _use(modules: list[nn.Module], offers: list[dict], kernel: str) -> None:
 def use_native(modules: list[nn.Module]) -> int:
     """Give these layers neolm's native kernels for products of one to native.FEW_ROWS rows, untimed (what
     compile_gemv picks for the output head on AVX-512 CPUs: bench/PROFILE.md); returns how many took them."""
-    count = 0
-    for module in modules:
-        offer = module.gemv_kernels().get("native") if callable(getattr(module, "gemv_kernels", None)) else None
-        if offer is not None:
-            module.gemv, module.gemv_rows = offer, native.FEW_ROWS
-            count += 1
-    return count
+    offers = [m.gemv_kernels() if callable(getattr(m, "gemv_kernels", None)) else {} for m in modules]
+    taking = [(m, offer) for m, offer in zip(modules, offers) if "native" in offer]
+    _use([m for m, _ in taking], [offer for _, offer in taking], "native")
+    return len(taking)
 
 
 ROUNDS = 3  # timed passes per kernel in compile_gemv
