@@ -263,9 +263,11 @@ def _list(names, limit: int = 8) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def load_state_dict(folder: Path, config: Config, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def load_state_dict(folder: Path, config: Config, dtype: torch.dtype, finish=None) -> dict[str, torch.Tensor]:
     """neolm's state dict from the weight files in `folder`, converted to `dtype`.
 
+    finish(name, tensor) -> {name: tensor, ...}: what to keep of each tensor once it is complete (e.g. its
+    quantized form, so that the float weights are never all in memory at once); by default the tensor.
     Missing, unexpected and mis-shaped tensors are one error that lists them.
     """
     with torch.device("meta"):
@@ -274,7 +276,13 @@ def load_state_dict(folder: Path, config: Config, dtype: torch.dtype) -> dict[st
         expected.pop("lm_head.weight")
     H, D, C = config.n_head, config.head_dim, config.d_model
     state: dict[str, torch.Tensor] = {}
+    complete: set[str] = set()
+    fused: dict[str, torch.Tensor] = {}  # q/k/v projections still waiting for a part
     parts_seen: dict[str, set[str]] = {}
+
+    def done(name: str, tensor: torch.Tensor) -> None:
+        complete.add(name)
+        state.update(finish(name, tensor) if finish is not None else {name: tensor})
     unexpected, misshaped, wrong = [], [], set()
     for path in weight_files(folder):
         reader = open_weights(path)
@@ -295,14 +303,16 @@ def load_state_dict(folder: Path, config: Config, dtype: torch.dtype) -> dict[st
                 wrong.add(name)
                 continue
             if part is None:
-                state[name] = huge_copy(tensor, dtype)
+                done(name, huge_copy(tensor, dtype))
             else:  # one of q/k/v into the fused per-head [H, 3, D] projection
-                if name not in state:
-                    state[name] = huge_empty(expected[name], dtype)
-                state[name].view(H, 3, D, C)[:, QKV_PARTS.index(part)] = tensor.view(H, D, C)
+                if name not in fused:
+                    fused[name] = huge_empty(expected[name], dtype)
+                fused[name].view(H, 3, D, C)[:, QKV_PARTS.index(part)] = tensor.view(H, D, C)
                 parts_seen.setdefault(name, set()).add(part)
+                if len(parts_seen[name]) == len(QKV_PARTS):
+                    done(name, fused.pop(name))
             reader.release(hf_name)
-    missing = set(expected) - set(state) - wrong
+    missing = set(expected) - complete - wrong - set(fused)  # (an incomplete q/k/v is listed by its parts)
     missing |= {f"{name} (parts {''.join(sorted(set(QKV_PARTS) - p))})" for name, p in parts_seen.items() if len(p) < 3}
     problems = []
     if missing:

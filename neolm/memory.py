@@ -53,11 +53,47 @@ def advise_huge_pages(t: torch.Tensor) -> bool:
     return True
 
 
+@functools.cache
+def _malloc_trim():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim  # glibc's
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = (ctypes.c_size_t,), ctypes.c_int
+    return fn
+
+
+def release_freed() -> None:
+    """Give the allocator's freed pages back to the OS (glibc; a no-op elsewhere). Between steps that free
+    large temporaries among long-lived tensors (quantizing a model layer by layer), the heap otherwise keeps
+    the holes: pythia-1.4b quantized to int8 while loading peaked anywhere from 2.5 to 3.6 GB."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def huge_empty(shape, dtype: torch.dtype) -> torch.Tensor:
-    """torch.empty on CPU, advised into huge pages before anything is written to it."""
-    t = torch.empty(shape, dtype=dtype)
-    advise_huge_pages(t)
-    return t
+    """torch.empty on CPU, advised into huge pages before anything is written to it.
+
+    A tensor of MIN_BYTES or more gets a private anonymous mapping of its own (Linux), aligned to a huge
+    page and unmapped when the tensor is freed. From the allocator's heap, weights that live only for a
+    while (a float matrix read to be quantized) left their pages behind between long-lived ones, and with
+    huge pages advised the freed holes stayed resident (pythia-160m quantized while loading: 1.15 GB
+    resident instead of 0.73).
+    """
+    shape = torch.Size(shape)
+    nbytes = shape.numel() * dtype.itemsize
+    if nbytes < MIN_BYTES or _madvise() is None:
+        t = torch.empty(shape, dtype=dtype)
+        advise_huge_pages(t)
+        return t
+    region = mmap.mmap(-1, nbytes + HUGE, flags=mmap.MAP_PRIVATE)  # untouched pages cost nothing
+    region.madvise(mmap.MADV_HUGEPAGE)
+    raw = torch.frombuffer(region, dtype=torch.uint8)  # holds the mapping until the last view is freed
+    offset = -raw.data_ptr() % HUGE
+    return raw[offset : offset + nbytes].view(dtype).view(shape)
 
 
 def huge_copy(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:

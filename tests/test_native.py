@@ -105,6 +105,31 @@ def test_int4_to_bf16(n, k, group):
     assert torch.equal(gemv.to_bf16(4, n), full[4:])  # from a later block of rows
     with pytest.raises(AssertionError):
         gemv.to_bf16(2, n)  # not at a block of rows
+    assert torch.equal(gemv.codes(), codes)  # the layout inverts (rows padded to blocks of 4 dropped)
+
+
+@needs["int4"]
+@pytest.mark.parametrize("n", [256, 250])
+def test_int4_layer_keeps_one_copy_once_native(n):
+    """Once the native kernels take an int4 layer, their copy of the codes is the layer's only one: aten's
+    packed copy goes, and every number of rows gets the same products as before, from the native copy."""
+    from neolm.quant.linear import PREFILL_ROWS, Int4Linear
+
+    layer = Int4Linear.from_linear(torch.nn.Linear(256, n), group_size=64)
+    layer.prepare()
+    codes, saved, weight = layer.codes().clone(), layer.export(), layer.dequantize()
+    xs = [torch.randn(m, 256) for m in (1, 5, native.FEW_ROWS + 3, PREFILL_ROWS + 1)]
+    with torch.inference_mode():
+        before = [layer(x) for x in xs]
+    layer.gemv_kernels()  # makes the native copy, as neolm.load and compile=True do
+    assert layer.layout == "native" and layer.qweight is layer._native.q and layer._kweight is None
+    assert torch.equal(layer.codes(), codes) and torch.equal(layer.dequantize(), weight)
+    assert all(torch.equal(a, b) for a, b in zip(layer.export().values(), saved.values()))
+    with torch.inference_mode():
+        for x, want in zip(xs, before):
+            _close(layer(x), want, 2e-2)  # aten's kernel before, the native ones (or bf16 weights) now
+    layer.prepare()  # (as after a move to another device) back to a layout of its own
+    assert layer.layout != "native" and layer._native is None and torch.equal(layer.codes(), codes)
 
 
 @needs["int4"]
@@ -126,6 +151,27 @@ def test_int4_layer_prefill_through_bf16_weights(dtype):
     _close(got, want, 2e-2)
     with torch.inference_mode():
         _close(layer(x[:, :2]), want[:, :2], 2e-2)  # fewer rows: the packed kernel, the same product
+
+
+@needs["bf16"]
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_layer_prefill_through_bf16_weights(dtype):
+    """Many-row int8 products go through the codes in bf16 (exact) and the GEMM, a block of rows at a time,
+    the row scales applied to the fp32 result: the dequantized product on bf16 activations, to bf16 rounding."""
+    from neolm.quant.linear import PREFILL_ROWS, Int8Linear
+
+    linear = torch.nn.Linear(1024, 8200)  # in-features x 8200 rows: two blocks of rows of 8192
+    layer = Int8Linear.from_linear(linear.to(dtype))
+    layer.prepare()
+    assert layer.prefills()
+    x = torch.randn(2, PREFILL_ROWS // 2 + 3, 1024).to(dtype)
+    with torch.inference_mode():
+        got = layer(x)
+        want = x.bfloat16().float() @ layer.dequantize(torch.float32).t() + layer.bias.float()
+    assert got.dtype == dtype and got.shape == (2, PREFILL_ROWS // 2 + 3, 8200)
+    _close(got, want, 4e-3 if dtype == torch.float32 else 8e-3)
+    with torch.inference_mode():
+        _close(layer(x[:, :2]), want[:, :2], 8e-3)  # fewer rows: the packed kernel, the same product
 
 
 def test_int4_supported_shapes():

@@ -15,7 +15,7 @@ import neolm
 from neolm import cli
 from neolm.errors import NeolmError
 from neolm.quant import bnb, kernels, linear
-from neolm.quant.io import save_quantized
+from neolm.quant.io import quantized_tensors, save_quantized
 from neolm.quant.linear import Int4Linear, Int8Linear, quantize_int4, quantize_int8, quantize_model
 
 # Tiny shapes whose in-features every group size and bnb blocksize up to 64 divides.
@@ -143,6 +143,25 @@ def test_quantized_tiny_model_stays_close(tiny64, name, bits, tolerance):
     assert isinstance(quant.model.lm_head, nn.Linear) and isinstance(quant.model.wte, nn.Embedding)
     assert rel(logits(quant.model), logits(full.model)) < tolerance
     assert quant.dtype == torch.float32 and quant.generate("Hello", max_new_tokens=3) is not None
+
+
+@pytest.mark.parametrize("name", ["neo", "neox"])
+@pytest.mark.parametrize("bits,head", [(8, False), (4, False), (8, True), (4, True)])
+def test_quantizing_while_loading_equals_quantizing_the_loaded_model(tiny64, name, bits, head):
+    """neolm.load(quantize=) quantizes each layer as its weights are read; the result is quantize_model's on
+    the whole float model, tensor for tensor (the GPT-Neo head is tied: with the head, a quantized copy)."""
+    streamed = neolm.load(tiny64[name], quantize=f"int{bits}", group_size=32, quantize_head=head).model
+    whole = neolm.load(tiny64[name]).model
+    quantize_model(whole, bits, 32, skip=() if head else linear.DEFAULT_SKIP)
+    assert isinstance(streamed.lm_head, Int8Linear if bits == 8 else Int4Linear) == head
+    if not head and name == "neo":
+        assert streamed.lm_head.weight is streamed.wte.weight
+    a, b = quantized_tensors(streamed), quantized_tensors(whole)  # (int4 codes in their saved layout)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+    assert streamed.quant_config == whole.quant_config
+    assert torch.equal(logits(streamed), logits(whole))
 
 
 @pytest.mark.parametrize("bits", [8, 4])

@@ -187,6 +187,19 @@ def pack_int4_gemv(codes: torch.Tensor) -> torch.Tensor:
     return packed.transpose(1, 2).contiguous().view(n + pad, k // 2)
 
 
+def unpack_int4_gemv(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of pack_int4_gemv: (ceil(N/4)*4, K/2) -> codes (N, K) uint8."""
+    rows, half = packed.shape
+    k = 2 * half
+    b = packed.view(rows // ROWS, k // INT4_BLOCK, ROWS, INT4_BLOCK // 2).transpose(1, 2)  # (N/4, 4, K/128, 64)
+    p = torch.arange(INT4_BLOCK // 2)
+    lane, i = p // 16, p % 16
+    f = torch.where(i < 8, 8 * lane + i, 32 + 8 * lane + i - 8)
+    c = torch.empty(rows // ROWS, ROWS, k // INT4_BLOCK, INT4_BLOCK, dtype=torch.uint8)
+    c[..., f], c[..., f + 64] = b & 15, b >> 4
+    return c.view(rows, k)[:n]
+
+
 def int4_supported(in_features: int, group_size: int) -> bool:
     return group_size % 64 == 0 and in_features % group_size == 0 and in_features % INT4_BLOCK == 0
 
@@ -208,6 +221,10 @@ class Int4Gemv:
     def weights(self, bias: torch.Tensor | None):
         """These tensors as `Weights` (for neolm.native.decode)."""
         return Weights("int4", self.q, self.s, self.c, bias, self.n, self.k, self.group_size)
+
+    def codes(self) -> torch.Tensor:
+        """The codes (N, K) this copy holds."""
+        return unpack_int4_gemv(self.q, self.n)
 
     def to_bf16(self, start: int, end: int) -> torch.Tensor:
         """Rows [start, end) of the weight matrix in bf16, (end - start, K); start a multiple of ROWS."""

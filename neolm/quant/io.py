@@ -173,7 +173,9 @@ def load_quantized(folder: Path, raw: dict, config: Config, dtype: torch.dtype, 
     return model
 
 
-def prepare(model: nn.Module) -> None:
+def prepare(model: nn.Module, after_each=None) -> None:
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
             module.prepare(name)
+            if after_each is not None:
+                after_each()

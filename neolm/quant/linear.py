@@ -30,7 +30,7 @@ from neolm.quant import kernels
 log = logging.getLogger(__name__)
 
 GROUP_SIZES = (32, 64, 128, 256)
-PREFILL_ROWS = 32  # int4 products of this many rows or more: through bf16 weights (Int4Linear._prefill)
+PREFILL_ROWS = 32  # products of this many rows or more on CPU: through bf16 weights (QuantLinear._prefill)
 BITS = {"int8": 8, "int4": 4}
 DEFAULT_SKIP = ("lm_head",)  # the output head stays in floating point unless asked
 SCALE_DTYPE = torch.bfloat16
@@ -80,9 +80,27 @@ class QuantLinear(nn.Module):
         """One-row kernels this layer can use on CPU: name -> fn(x, qweight, scale, bias) (neolm.ops.compile_gemv)."""
         return {}
 
+    row_block = 1  # `bf16_rows` starts at multiples of this
+
+    def prefills(self) -> bool:
+        """Whether `_prefill` takes this layer's products of many rows."""
+        return False
+
+    def bf16_rows(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """For `_prefill`: rows [start, end) of the weight as bf16 (end - start, K) and a factor for each output
+        column (or None)."""
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._prepared_on != x.device:
             self.prepare()
+        if (
+            x.shape[:-1].numel() >= PREFILL_ROWS
+            and x.device.type == "cpu"
+            and not torch.is_grad_enabled()
+            and self.prefills()
+        ):
+            return self._prefill(x)
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         if (
             self.gemv is not None
@@ -100,6 +118,27 @@ class QuantLinear(nn.Module):
             bias = self.bias.to(x.dtype) if self.bias is not None else None
             y = linear(x2, self.dequantize(x.dtype), bias)
         return y.view(*x.shape[:-1], self.out_features)
+
+    def _prefill(self, x: torch.Tensor) -> torch.Tensor:
+        y = self._bf16_matmul(x.reshape(-1, self.in_features))
+        if self.bias is not None:
+            y += self.bias.to(y.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _bf16_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, K) @ W^T -> (M, N) in x's dtype, for many rows on CPU: the weights in bf16 a block of rows at a
+        time (16 MiB, made in cache) into oneDNN's bf16 GEMM, which outruns the integer kernels at many rows
+        (2.5x at 512). Activations in bf16, as in those kernels; accumulation in fp32."""
+        xb = x.to(torch.bfloat16)
+        y = torch.empty(x.shape[0], self.out_features, dtype=x.dtype)  # (M, N)
+        block = self.row_block
+        step = max(block, (1 << 23) // self.in_features // block * block)
+        for start in range(0, self.out_features, step):
+            end = min(start + step, self.out_features)
+            w, factor = self.bf16_rows(start, end)
+            part = linear(xb, w, None)  # (M, end - start)
+            y[:, start:end] = part if factor is None else part.float() * factor
+        return y
 
     def extra_repr(self) -> str:
         kernel = "packed kernel" if self.use_kernel else "dequantize per call"
@@ -120,7 +159,8 @@ class Int8Linear(QuantLinear):
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
         w = linear.weight.detach()
         module = cls(w.shape[1], w.shape[0], linear.bias is not None, w.dtype, "meta")
-        module.qweight, module.scale = quantize_int8(w)
+        for key, t in quantized_weight(w, 8).items():
+            setattr(module, key, t)
         if linear.bias is not None:
             module.bias = nn.Parameter(linear.bias.detach(), False)
         return module
@@ -137,6 +177,12 @@ class Int8Linear(QuantLinear):
         if "int8" in native.available()[0]:
             return {"native": native.int8_gemv}
         return {"inductor": compiled(kernels.int8_gemv, self.qweight, self.scale, self.bias)}
+
+    def prefills(self):
+        return self.qweight.device.type == "cpu" and "bf16" in native.available()[0]  # (bf16 GEMMs slow without)
+
+    def bf16_rows(self, start, end):
+        return self.qweight[start:end].to(torch.bfloat16), self.scale[start:end].float()  # codes exact in bf16
 
     def native_weights(self):
         if self.qweight.device.type != "cpu" or self.dtype not in (torch.float32, torch.bfloat16):
@@ -166,23 +212,26 @@ class Int4Linear(QuantLinear):
         self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
         self.register_buffer("scale", torch.empty(out_features, groups, dtype=SCALE_DTYPE, device=device))
         self.register_buffer("zero", torch.empty(out_features, groups, dtype=SCALE_DTYPE, device=device))
-        self.layout = "canonical"  # of qweight: "canonical" (saved form) or "cpu" (aten's CPU kernel layout)
+        # of qweight: "canonical" (saved form), "cpu" (aten's CPU kernel layout) or "native" (the native kernels')
+        self.layout = "canonical"
         self._kweight: torch.Tensor | None = None  # CUDA, or CPU when the layout is not invertible
         self._sz: torch.Tensor | None = None  # (K/G, N, 2) scales and zeros for the kernels
-        self._native: native.Int4Gemv | None = None  # the native one-row kernel's copy of the codes, made on demand
+        self._native: native.Int4Gemv | None = None  # the native kernels' codes, made on demand (then the only copy)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 64) -> Int4Linear:
         w = linear.weight.detach()
         module = cls(w.shape[1], w.shape[0], linear.bias is not None, w.dtype, group_size, "meta")
-        codes, module.scale, module.zero = quantize_int4(w, group_size)
-        module.qweight = kernels.pack_int4(codes)
+        for key, t in quantized_weight(w, 4, group_size).items():
+            setattr(module, key, t)
         if linear.bias is not None:
             module.bias = nn.Parameter(linear.bias.detach(), False)
         return module
 
     def codes(self) -> torch.Tensor:
         """(N, K) codes in [0, 15], whatever the layout."""
+        if self.layout == "native":
+            return self._native.codes().to(self.qweight.device)  # (moved with the model: prepare repacks them)
         unpack = kernels.unpack_int4_cpu if self.layout == "cpu" else kernels.unpack_int4
         return unpack(self.qweight)
 
@@ -193,14 +242,16 @@ class Int4Linear(QuantLinear):
         return w.view(N, K).to(dtype or self.dtype)
 
     def matmul(self, x):
+        if self.layout == "native":
+            return self._native(x, None) if x.shape[0] <= native.FEW_ROWS else self._bf16_matmul(x)
         packed = self._kweight if self._kweight is not None else self.qweight
         return kernels.int4_mm(x, packed, self.group_size, self._sz)[:, : self.out_features]  # less row padding
 
     def prepare(self, name=""):
         super().prepare(name)
-        self._native = None
         name = name or "int4 layer"
         codes = self.codes()  # (N, K)
+        self._native = None
         device = codes.device
         self.qweight, self.layout, self._kweight = kernels.pack_int4(codes), "canonical", None
         try:
@@ -230,34 +281,21 @@ class Int4Linear(QuantLinear):
         kernel = self._native_gemv()
         return {"native": lambda x, qweight, scale, bias: kernel(x, bias)}
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            self._native is not None
-            and x.shape[:-1].numel() >= PREFILL_ROWS
-            and x.device.type == "cpu"
-            and not torch.is_grad_enabled()
-        ):
-            return self._prefill(x)
-        return super().forward(x)
+    row_block = native.ROWS
 
-    def _prefill(self, x: torch.Tensor) -> torch.Tensor:
-        """Many rows on CPU, once the native copy of the codes exists (made for the native kernels): bf16
-        weights a block of rows at a time into oneDNN's bf16 GEMM, which outruns the int4 kernels made for few
-        rows. Activations in bf16, as in those kernels."""
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (M, K)
-        y = torch.empty(x2.shape[0], self.out_features, dtype=x.dtype)  # (M, N)
-        step = max(native.ROWS, (1 << 23) // self.in_features // native.ROWS * native.ROWS)  # 16 MiB of bf16 weights
-        for start in range(0, self.out_features, step):
-            end = min(start + step, self.out_features)
-            y[:, start:end] = linear(x2, self._native.to_bf16(start, end), None)
-        if self.bias is not None:
-            y += self.bias.to(y.dtype)
-        return y.view(*x.shape[:-1], self.out_features)
+    def prefills(self):
+        return self._native is not None  # once the native copy of the codes exists (made for the native kernels)
+
+    def bf16_rows(self, start, end):
+        return self._native.to_bf16(start, end), None
 
     def _native_gemv(self) -> native.Int4Gemv:
-        """The native kernel with its own copy of the codes (half a byte per weight), one per layer."""
+        """The native kernels with their copy of the codes, which from then on is the layer's only one: every
+        product goes to them (up to native.FEW_ROWS rows) or to `_bf16_matmul`, fed from it."""
         if self._native is None:
             self._native = native.Int4Gemv(self.codes(), self.scale, self.zero, self.group_size)
+            self.qweight, self.layout, self._kweight, self._sz = self._native.q, "native", None, None
+            self.use_kernel = True
         return self._native
 
     def native_weights(self):
@@ -303,6 +341,16 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     return q.view(N, K), scale, zero
 
 
+def quantized_weight(w: torch.Tensor, bits: int, group_size: int = 64) -> dict[str, torch.Tensor]:
+    """The tensors a quantized layer stores for weight w (N, K), by buffer name: int8 qweight and scale;
+    int4 qweight (the canonical packing of the codes), scale and zero."""
+    if bits == 8:
+        q, scale = quantize_int8(w)
+        return {"qweight": q, "scale": scale}
+    codes, scale, zero = quantize_int4(w, group_size)
+    return {"qweight": kernels.pack_int4(codes), "scale": scale, "zero": zero}
+
+
 def check_group_size(group_size: int, in_features: int | None = None, where: str = "") -> None:
     if group_size not in GROUP_SIZES:
         raise NeolmError(f"group size {group_size} is not supported; use one of {', '.join(map(str, GROUP_SIZES))}")
@@ -324,6 +372,16 @@ def targets(model: nn.Module, skip=DEFAULT_SKIP) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in skip]
 
 
+def checked_targets(model: nn.Module, bits: int, group_size: int, skip=DEFAULT_SKIP) -> list[str]:
+    """`targets`, once the group size is known to divide each one's in-features (int4)."""
+    names = targets(model, skip)
+    if bits == 4:
+        check_group_size(group_size)
+        for name in names:
+            check_group_size(group_size, model.get_submodule(name).in_features, f" of layer {name}")
+    return names
+
+
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
@@ -336,11 +394,7 @@ def quantize_model(model: nn.Module, bits: int, group_size: int = 64, skip=DEFAU
         raise NeolmError("the model is already quantized")
     if bits not in (4, 8):
         raise NeolmError(f"{bits}-bit quantization is not supported; use 8 or 4")
-    names = targets(model, skip)
-    if bits == 4:
-        check_group_size(group_size)
-        for name in names:
-            check_group_size(group_size, model.get_submodule(name).in_features, f" of layer {name}")
+    names = checked_targets(model, bits, group_size, skip)
     for name in names:
         linear = model.get_submodule(name)
         q = Int8Linear.from_linear(linear) if bits == 8 else Int4Linear.from_linear(linear, group_size)

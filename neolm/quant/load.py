@@ -9,6 +9,7 @@ import torch
 from neolm import checkpoint
 from neolm.config import Config
 from neolm.errors import NeolmError
+from neolm.memory import huge_copy, release_freed
 from neolm.model import GPT
 from neolm.quant import io, linear
 
@@ -33,10 +34,45 @@ def load_model(folder: Path, raw: dict, config: Config, dtype: torch.dtype, devi
             raise NeolmError(f"{folder} is quantized to int{bits} already; load it without quantize= "
                              "(or re-quantize its float source)")  # fmt: skip
         return model
-    bits = linear.parse_quantize(quantize)
-    model = checkpoint.build_model(config, checkpoint.load_state_dict(folder, config, dtype), device)
-    # no other reference to the float weights: each layer's are freed as soon as it is swapped
-    return linear.quantize_model(model, bits, group_size, skip=() if quantize_head else linear.DEFAULT_SKIP)
+    return _quantizing_load(folder, config, dtype, device, linear.parse_quantize(quantize), group_size,
+                            skip=() if quantize_head else linear.DEFAULT_SKIP)  # fmt: skip
+
+
+def _quantizing_load(folder: Path, config: Config, dtype: torch.dtype, device, bits: int, group_size: int, skip) -> GPT:
+    """A float checkpoint quantized layer by layer as its weights are read: each float matrix lives only until
+    its codes are made, so the peak memory is about the quantized model's, not the float one's. The same
+    layers as `linear.quantize_model` on the loaded float model."""
+    with torch.device("meta"):
+        model = GPT(config)
+    names = set(linear.checked_targets(model, bits, group_size, skip))
+    tied_head = config.tie_embeddings and "lm_head" in names  # quantized from the embedding, which stays float
+
+    def quantized(layer: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        # out of the allocator's heap (huge_copy): codes kept there would pin the holes of the float temporaries
+        out = {f"{layer}.{key}": huge_copy(t) for key, t in linear.quantized_weight(w, bits, group_size).items()}
+        release_freed()
+        return out
+
+    def finish(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        layer, _, kind = name.rpartition(".")
+        if kind == "weight" and layer in names:
+            return quantized(layer, tensor)
+        if tied_head and name == "wte.weight":
+            return {name: tensor} | quantized("lm_head", tensor)
+        return {name: tensor}
+
+    state = checkpoint.load_state_dict(folder, config, dtype, finish)
+    linear.swap_empty(model, bits, group_size, skip, dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    del state  # the layers' `prepare` replaces the codes by kernel copies: let the originals go one by one
+    if config.tie_embeddings and not tied_head:
+        model.lm_head.weight = model.wte.weight
+    model.eval().requires_grad_(False)
+    if device is not None:
+        model.to(device)
+    io.prepare(model, release_freed)
+    model.quant_config = linear.quant_config(bits, group_size, skip, model)
+    return model
 
 
 def describe(quant: dict) -> str:
