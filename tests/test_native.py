@@ -110,39 +110,41 @@ def test_int4_to_bf16(n, k, group):
 
 @needs["int4"]
 @pytest.mark.parametrize("n", [256, 250])
-def test_int4_layer_keeps_one_copy_once_native(n):
-    """Once the native kernels take an int4 layer, their copy of the codes is the layer's only one: aten's
-    packed copy goes, and every number of rows gets the same products as before, from the native copy."""
+def test_int4_layer_keeps_one_copy_on_native_kernels(n, monkeypatch):
+    """Where the native kernels fit, an int4 layer's codes live only in their layout (no aten packed copy), and
+    every number of rows gets the products aten's kernel gives elsewhere."""
     from neolm.quant.linear import PREFILL_ROWS, Int4Linear
 
-    layer = Int4Linear.from_linear(torch.nn.Linear(256, n), group_size=64)
+    linear = torch.nn.Linear(256, n)
+    layer, aten = (Int4Linear.from_linear(linear, group_size=64) for _ in range(2))
+    with monkeypatch.context() as m:
+        m.setattr(native, "available", lambda: (set(), "switched off"))
+        aten.prepare()
+    assert aten.layout != "native" and aten._native is None
     layer.prepare()
-    codes, saved, weight = layer.codes().clone(), layer.export(), layer.dequantize()
-    xs = [torch.randn(m, 256) for m in (1, 5, native.FEW_ROWS + 3, PREFILL_ROWS + 1)]
-    with torch.inference_mode():
-        before = [layer(x) for x in xs]
-    layer.gemv_kernels()  # makes the native copy, as neolm.load and compile=True do
     assert layer.layout == "native" and layer.qweight is layer._native.q and layer._kweight is None
-    assert torch.equal(layer.codes(), codes) and torch.equal(layer.dequantize(), weight)
-    assert all(torch.equal(a, b) for a, b in zip(layer.export().values(), saved.values()))
+    assert torch.equal(layer.codes(), aten.codes()) and torch.equal(layer.dequantize(), aten.dequantize())
+    assert all(torch.equal(a, b) for a, b in zip(layer.export().values(), aten.export().values()))
     with torch.inference_mode():
-        for x, want in zip(xs, before):
-            _close(layer(x), want, 2e-2)  # aten's kernel before, the native ones (or bf16 weights) now
-    layer.prepare()  # (as after a move to another device) back to a layout of its own
-    assert layer.layout != "native" and layer._native is None and torch.equal(layer.codes(), codes)
+        for m in (1, 5, native.FEW_ROWS + 3, PREFILL_ROWS + 1):  # native kernels, bf16 weights and GEMM
+            x = torch.randn(m, 256)
+            _close(layer(x), aten(x), 2e-2)
+    codes = layer.codes()
+    layer.prepare()  # again (as after a move): from its own layout
+    assert layer.layout == "native" and torch.equal(layer.codes(), codes)
 
 
 @needs["int4"]
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int4_layer_prefill_through_bf16_weights(dtype):
-    """With the native copy (compile=True), many-row int4 products go through bf16 weights and the GEMM,
+    """On the native kernels' copy of the codes, many-row int4 products go through bf16 weights and the GEMM,
     a block of rows at a time; they equal the dequantized product on bf16 activations."""
     from neolm.quant.linear import PREFILL_ROWS, Int4Linear
 
     linear = torch.nn.Linear(1024, 8200)  # in-features x 8200 rows: two blocks of rows of 8192
     layer = Int4Linear.from_linear(linear.to(dtype), group_size=128)
-    layer.prepare()
-    layer.gemv_kernels()  # makes the native copy, as compile=True does
+    layer.prepare()  # makes the native copy
+    assert layer.prefills()
     x = torch.randn(2, PREFILL_ROWS // 2 + 3, 1024).to(dtype)
     with torch.inference_mode():
         got = layer(x)
@@ -150,7 +152,7 @@ def test_int4_layer_prefill_through_bf16_weights(dtype):
     assert got.dtype == dtype and got.shape == (2, PREFILL_ROWS // 2 + 3, 8200)
     _close(got, want, 2e-2)
     with torch.inference_mode():
-        _close(layer(x[:, :2]), want[:, :2], 2e-2)  # fewer rows: the packed kernel, the same product
+        _close(layer(x[:, :2]), want[:, :2], 2e-2)  # fewer rows: the native kernels, the same product
 
 
 @needs["bf16"]

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import neolm
-from neolm import cli
+from neolm import cli, native
 from neolm.errors import NeolmError
 from neolm.quant import bnb, kernels, linear
 from neolm.quant.io import quantized_tensors, save_quantized
@@ -115,6 +115,7 @@ def test_int4_cpu_layout_keeps_one_copy_of_the_codes():
     q = Int4Linear.from_linear(layer, 32)
     codes = q.codes().clone()
     q.prepare("test")
+    assert not native.int4_supported(64, 32)  # a shape for aten's kernel (tests/test_native.py: the native layout)
     if kernels.cpu_int4_layout_known():
         assert q.layout == "cpu" and q._kweight is None
     assert torch.equal(q.codes(), codes)

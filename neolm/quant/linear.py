@@ -252,6 +252,9 @@ class Int4Linear(QuantLinear):
         name = name or "int4 layer"
         codes = self.codes()  # (N, K)
         self._native = None
+        if self._native_fits():  # the native kernels take it: their copy of the codes is the only one
+            self._native_gemv(codes)
+            return
         device = codes.device
         self.qweight, self.layout, self._kweight = kernels.pack_int4(codes), "canonical", None
         try:
@@ -289,24 +292,28 @@ class Int4Linear(QuantLinear):
     def bf16_rows(self, start, end):
         return self._native.to_bf16(start, end), None
 
-    def _native_gemv(self) -> native.Int4Gemv:
-        """The native kernels with their copy of the codes, which from then on is the layer's only one: every
-        product goes to them (up to native.FEW_ROWS rows) or to `_bf16_matmul`, fed from it."""
+    def _native_gemv(self, codes: torch.Tensor | None = None) -> native.Int4Gemv:
+        """The native kernels with their copy of the codes (made by `prepare` where they fit), which is then the
+        layer's only one: every product goes to them (up to native.FEW_ROWS rows) or to `_bf16_matmul`, fed
+        from it. aten's int4 kernel is for the other devices and CPUs."""
         if self._native is None:
-            self._native = native.Int4Gemv(self.codes(), self.scale, self.zero, self.group_size)
+            codes = self.codes() if codes is None else codes
+            self._native = native.Int4Gemv(codes, self.scale, self.zero, self.group_size)
             self.qweight, self.layout, self._kweight, self._sz = self._native.q, "native", None, None
             self.use_kernel = True
         return self._native
 
+    def _native_fits(self) -> bool:
+        """Whether the native kernels take this layer: on CPU, in a float model, a shape they support."""
+        return (
+            self.qweight.device.type == "cpu"
+            and self.dtype in (torch.float32, torch.bfloat16)
+            and native.int4_supported(self.in_features, self.group_size)
+            and "int4" in native.available()[0]
+        )
+
     def native_weights(self):
-        if (
-            self.qweight.device.type != "cpu"
-            or self.dtype not in (torch.float32, torch.bfloat16)
-            or not native.int4_supported(self.in_features, self.group_size)
-            or "int4" not in native.available()[0]  # before making the copy of the codes, which needs the kernels
-        ):
-            return None
-        return self._native_gemv().weights(self.bias)
+        return self._native_gemv().weights(self.bias) if self._native_fits() else None
 
     def export(self) -> dict[str, torch.Tensor]:
         qweight = self.qweight if self.layout == "canonical" else kernels.pack_int4(self.codes())
