@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import TINY, hf_model, save_hf
 
 import neolm
@@ -21,7 +22,9 @@ WIDE = {  # widths the native int4 kernel takes (multiples of 128)
 CASES = [(name, dtype, None) for name in TINY for dtype in ("float32", "bfloat16")]
 CASES += [(name, "float32", "int8") for name in ("neo", "neox-parallel-pct25")] + [("neox-parallel-pct25", "bfloat16", "int8")]
 CASES += [(name, dtype, "int4") for name in WIDE for dtype in ("float32", "bfloat16")]
-TOLERANCE = {None: 1e-5, "int8": 1e-5, "int4": 2e-2}  # relative to the largest logit; bf16 models: 2e-2
+# relative to the largest logit. int8 and int4 round activations to bf16: an fp32 difference of 1e-7 between the
+# paths flips a rounding now and then, and the flips add up over the steps
+TOLERANCE = {None: 1e-5, "int8": 2e-2, "int4": 2e-2}
 
 
 @pytest.fixture(scope="module")
@@ -70,24 +73,26 @@ def test_native_step_equals_the_torch_path(folders, name, dtype, quantize, rows)
     close to the fp32 model as the torch one."""
     lm = neolm.load(folders[name], dtype=dtype, quantize=quantize, compile=True)
     assert isinstance(lm.model.decode_step, decode.DecodeStep)
+    chosen = {}  # each quantized layer's kernel choice at load (aten's int8 kernel crashes on some widths)
     for layer in lm.model.modules():  # the torch path's one-row matmuls: the same native kernels; more rows: torch's
         if hasattr(layer, "gemv_kernels"):
             layer.gemv, layer.gemv_rows = layer.gemv_kernels().get("native"), 1
-        if quantize and rows > 1:  # many rows: the dequantized matrix, not aten's kernels (bf16 activations)
-            layer.use_kernel = False
+        if quantize and rows > 1 and hasattr(layer, "use_kernel"):  # many rows: the dequantized matrix, not aten's
+            chosen[layer], layer.use_kernel = layer.use_kernel, False  # kernels (bf16 activations)
     ids = torch.randint(0, 50000, (rows, 24), generator=torch.Generator().manual_seed(3))
     (fast, slow), (c_fast, c_slow) = _twin_runs(lm.model, ids, prefill=5)
     assert c_fast.length == c_slow.length == 24
-    if dtype == "float32" and quantize == "int4" and rows > 1:
-        # bf16 activations, as in aten's int4 kernel, against the exact product of the dequantized weights (slow):
-        # the native batch must be as close to it as the torch path with aten's kernel
-        for layer in lm.model.modules():
-            if hasattr(layer, "use_kernel"):
-                layer.use_kernel = True
-        (_, aten), (_, c_aten) = _twin_runs(lm.model, ids, prefill=5)
-        assert _rel(fast, slow) <= 1.5 * _rel(aten, slow) + 1e-3
+    if dtype == "float32" and quantize and rows > 1:
+        # bf16 activations, as in aten's int8/int4 kernels, against the exact product of the dequantized weights
+        # (slow): the native batch must be as close to it as torch with the same rounding of the activations
+        for layer in chosen:
+            weight = layer.dequantize(torch.float32)
+            layer.gemv = lambda x, q, s, b, w=weight: F.linear(x.bfloat16().float(), w, b)
+            layer.gemv_rows = 10**6
+        (_, rounded), (_, c_rounded) = _twin_runs(lm.model, ids, prefill=5)
+        assert _rel(fast, slow) <= 1.5 * _rel(rounded, slow) + 1e-3
         for kv in ("k", "v"):
-            mine, theirs, truth = (getattr(c, kv) for c in (c_fast, c_aten, c_slow))
+            mine, theirs, truth = (getattr(c, kv) for c in (c_fast, c_rounded, c_slow))
             assert _rel(mine, truth) <= 1.5 * _rel(theirs, truth) + 1e-3
     elif dtype == "float32":
         tol = TOLERANCE[quantize]

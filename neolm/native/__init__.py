@@ -159,10 +159,11 @@ def float_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None)
 
 
 def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """qweight (N, K) int8, scale (N,) bf16: y = (x @ qweight.T) * scale (+ bias), fp32 activations."""
+    """qweight (N, K) int8, scale (N,) bf16: y = (x @ qweight.T) * scale (+ bias), activations rounded to bf16
+    (as for torch's int8 kernel), fp32 accumulation."""
     n, k = qweight.shape
     assert qweight.dtype == torch.int8 and scale.dtype == torch.bfloat16 and qweight.is_contiguous()
-    xf = (x if x.dtype == torch.float32 else x.float()).contiguous()
+    xf = (x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)).contiguous()
     y, y_bf16 = _out(x, n)
     lib, pointers = _library()[0], (qweight.data_ptr(), scale.data_ptr(), *_bias(bias), y.data_ptr(), y_bf16, n, k)
     if x.shape[0] == 1:

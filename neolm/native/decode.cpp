@@ -139,8 +139,8 @@ void add(const void* a, const void* b, const void* c, void* y, int64_t n, int bf
   }
 }
 
-// The input a matmul reads: int8 takes fp32 x, bf16 and int4 take bf16 x; `in` holds x in the model's dtype.
-inline int wants_bf16(const Lin& l) { return l.kind == 1 || l.kind == 3; }
+// The input a matmul reads: f32 takes fp32 x, bf16, int8 and int4 take bf16 x; `in` holds x in the model's dtype.
+inline int wants_bf16(const Lin& l) { return l.kind != 0; }
 
 const void* input(const Lin& l, const void* in, int bf16, float* xf, uint16_t* xb) {
   if (wants_bf16(l) == bf16) return in;
@@ -157,9 +157,9 @@ void linear(const Lin& l, const void* x, void* y, int bf16, int64_t rows) {
   if (rows > 1) {
     switch (l.kind) {
       case 0: gemm_f32(static_cast<const float*>(x), rows, static_cast<const float*>(l.w), l.bias, l.bias_bf16, y, bf16, l.n, l.k); break;
-      case 2: gemm_int8(static_cast<const float*>(x), rows, static_cast<const int8_t*>(l.w), static_cast<const uint16_t*>(l.s), l.bias,
-                        l.bias_bf16, y, bf16, l.n, l.k); break;
 #ifdef __AVX512BF16__
+      case 2: gemm_int8(static_cast<const uint16_t*>(x), rows, static_cast<const int8_t*>(l.w), static_cast<const uint16_t*>(l.s),
+                        l.bias, l.bias_bf16, y, bf16, l.n, l.k); break;
       case 1: gemm_bf16(static_cast<const uint16_t*>(x), rows, static_cast<const uint16_t*>(l.w), l.bias, l.bias_bf16, y, bf16, l.n, l.k); break;
       case 3: gemm_int4(static_cast<const uint16_t*>(x), rows, static_cast<const uint8_t*>(l.w), static_cast<const float*>(l.s),
                         static_cast<const float*>(l.c), l.bias, l.bias_bf16, y, bf16, l.n, l.k, l.g); break;
@@ -169,9 +169,9 @@ void linear(const Lin& l, const void* x, void* y, int bf16, int64_t rows) {
   }
   switch (l.kind) {
     case 0: gemv_f32(static_cast<const float*>(x), static_cast<const float*>(l.w), l.bias, l.bias_bf16, y, bf16, l.n, l.k); break;
-    case 2: gemv_int8(static_cast<const float*>(x), static_cast<const int8_t*>(l.w), static_cast<const uint16_t*>(l.s), l.bias,
-                      l.bias_bf16, y, bf16, l.n, l.k); break;
 #ifdef __AVX512BF16__
+    case 2: gemv_int8(static_cast<const uint16_t*>(x), static_cast<const int8_t*>(l.w), static_cast<const uint16_t*>(l.s),
+                      l.bias, l.bias_bf16, y, bf16, l.n, l.k); break;
     case 1: gemv_bf16(static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(l.w), l.bias, l.bias_bf16, y, bf16, l.n, l.k); break;
     case 3: gemv_int4(static_cast<const uint16_t*>(x), static_cast<const uint8_t*>(l.w), static_cast<const float*>(l.s),
                       static_cast<const float*>(l.c), l.bias, l.bias_bf16, y, bf16, l.n, l.k, l.g); break;

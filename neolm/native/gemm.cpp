@@ -81,21 +81,6 @@ struct F32 {  // fp32 weights and x, FMA
   static bool prefetch_at(int64_t) { return true; }
 };
 
-struct Int8 {  // int8 codes converted to fp32, fp32 x, FMA (the row scale is applied at the end)
-  using W = int8_t;
-  using X = float;
-  using Mask = __mmask16;
-  static constexpr int STEP = 16;
-  static __m512 weights(const W* p) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-  }
-  static __m512 weights(const W* p, Mask m) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p))); }
-  static __m512 input(const X* p) { return _mm512_loadu_ps(p); }
-  static __m512 input(const X* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
-  static __m512 madd(__m512 acc, __m512 w, __m512 x) { return _mm512_fmadd_ps(w, x, acc); }
-  static bool prefetch_at(int64_t j) { return (j & 63) == 0; }  // once per 64-byte line
-};
-
 // y (m, n) = x (m, k) @ W^T * scale(row) + bias for a dense format: R rows of W against TILE rows of x.
 template <int R, int TILE, class Format, class Scale>
 void gemm_dense(const typename Format::X* x, int64_t m, const typename Format::W* w, const void* bias, int bias_bf16,
@@ -143,23 +128,52 @@ struct Bf16 {  // bf16 weights and x, vdpbf16ps (pairs, fp32 accumulation)
   static __m512 madd(__m512 acc, __m512bh w, __m512bh x) { return _mm512_dpbf16_ps(acc, w, x); }
   static bool prefetch_at(int64_t) { return true; }
 };
+
+struct Int8 {  // int8 codes converted to bf16 (exact: 8 significant bits), bf16 x, vdpbf16ps; row scale at the end
+  using W = int8_t;
+  using X = uint16_t;
+  using Mask = __mmask32;
+  static constexpr int STEP = 32;
+  static __m512bh convert(__m256i b) {  // 32 codes -> 32 bf16 numbers, in order
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(b)));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(b, 1)));
+    return _mm512_cvtne2ps_pbh(hi, lo);
+  }
+  static __m512bh weights(const W* p) { return convert(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static __m512bh weights(const W* p, Mask m) { return convert(_mm256_maskz_loadu_epi8(m, p)); }
+  static __m512bh input(const X* p) { return (__m512bh)_mm512_loadu_si512(p); }
+  static __m512bh input(const X* p, Mask m) { return (__m512bh)_mm512_maskz_loadu_epi16(m, p); }
+  static __m512 madd(__m512 acc, __m512bh w, __m512bh x) { return _mm512_dpbf16_ps(acc, w, x); }
+  static bool prefetch_at(int64_t j) { return (j & 63) == 0; }  // once per 64-byte line
+};
 #endif
 
 }  // namespace
 
-// R x TILE per format, as measured fastest (bench/PROFILE.md): f32 4 x 4, int8 and bf16 3 x 8, int4 2 x 8.
+// R x TILE per format, as measured fastest (bench/PROFILE.md): f32 4 x 4, bf16 3 x 8, int4 2 x 8.
 void gemm_f32(const float* x, int64_t m, const float* w, const void* bias, int bias_bf16, void* y, int out_bf16, int64_t n,
               int64_t k) {
   gemm_dense<4, 4, F32>(x, m, w, bias, bias_bf16, y, out_bf16, n, k, one);
 }
 
-void gemm_int8(const float* x, int64_t m, const int8_t* q, const uint16_t* scale, const void* bias, int bias_bf16, void* y,
-               int out_bf16, int64_t n, int64_t k) {
+#ifdef __AVX512BF16__
+
+// int8: R x TILE 3 x 8 for few rows, 4 x 4 for one row (as fast as gemv.cpp's one-row bodies). Each output is
+// one accumulator's sum over the in-features in order, whatever R and TILE: a row alone gets the numbers it
+// gets in a batch.
+void gemm_int8(const uint16_t* x, int64_t m, const int8_t* q, const uint16_t* scale, const void* bias, int bias_bf16,
+               void* y, int out_bf16, int64_t n, int64_t k) {
   const auto row_scale = [scale](int64_t row) { return bf16_to_float(scale[row]); };
-  gemm_dense<3, 8, Int8>(x, m, q, bias, bias_bf16, y, out_bf16, n, k, row_scale);
+  if (m == 1)
+    gemm_dense<4, 4, Int8>(x, 1, q, bias, bias_bf16, y, out_bf16, n, k, row_scale);
+  else
+    gemm_dense<3, 8, Int8>(x, m, q, bias, bias_bf16, y, out_bf16, n, k, row_scale);
 }
 
-#ifdef __AVX512BF16__
+void gemv_int8(const uint16_t* x, const int8_t* q, const uint16_t* scale, const void* bias, int bias_bf16, void* y,
+               int out_bf16, int64_t n, int64_t k) {
+  gemm_int8(x, 1, q, scale, bias, bias_bf16, y, out_bf16, n, k);
+}
 
 void gemm_bf16(const uint16_t* x, int64_t m, const uint16_t* w, const void* bias, int bias_bf16, void* y, int out_bf16,
                int64_t n, int64_t k) {
@@ -236,13 +250,13 @@ void neolm_gemm_f32(const float* x, int64_t m, const float* w, const void* bias,
   neolm::gemm_f32(x, m, w, bias, bias_bf16, y, out_bf16, n, k);
 }
 
-void neolm_gemm_int8(const float* x, int64_t m, const int8_t* q, const uint16_t* scale, const void* bias, int bias_bf16,
-                     void* y, int out_bf16, int64_t n, int64_t k) {
+#ifdef __AVX512BF16__
+void neolm_gemm_int8(const uint16_t* x, int64_t m, const int8_t* q, const uint16_t* scale, const void* bias,
+                     int bias_bf16, void* y, int out_bf16, int64_t n, int64_t k) {
 #pragma omp parallel
   neolm::gemm_int8(x, m, q, scale, bias, bias_bf16, y, out_bf16, n, k);
 }
 
-#ifdef __AVX512BF16__
 void neolm_gemm_bf16(const uint16_t* x, int64_t m, const uint16_t* w, const void* bias, int bias_bf16, void* y,
                      int out_bf16, int64_t n, int64_t k) {
 #pragma omp parallel

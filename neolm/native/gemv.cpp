@@ -10,7 +10,9 @@
 // Kernels, by weight format (x, y and bias pointers are contiguous; `out_bf16` selects bf16 or fp32 y):
 //   f32   W fp32,                x fp32, fp32 FMA.
 //   bf16  W bf16,                x bf16, vdpbf16ps (bf16 pairs, fp32 accumulation).
-//   int8  W int8 (N, K), scale bf16 (N,): y = scale * (W @ x); x fp32, int8 -> fp32 convert + FMA.
+//   int8  W int8 (N, K), scale bf16 (N,): y = scale * (W @ x); x bf16, the codes converted to bf16 (exact)
+//         and vdpbf16ps. Its body is gemm.cpp's few-row kernel with one row: the same numbers alone or in
+//         a batch, and as fast at one row as a body of its own.
 //   int4  codes q in [0, 15], w = (q - 8) * s + z per group of G in-features (G a multiple of 64, K of
 //         128), laid out by pack_int4_gemv (below). x bf16. The 16-bit word 0x43 << 8 | q is the bf16
 //         number 128 + q exactly, so vdpbf16ps gives A = sum (128 + q) x per 64 in-features; then
@@ -52,38 +54,6 @@ void gemv_f32(const float* x, const float* w, const void* bias, int bias_bf16, v
     }
     for (int i = 0; i < ROWS && r0 + i < n; i++)
       store(y, r0 + i, _mm512_reduce_add_ps(acc[i]) + bias_at(bias, bias_bf16, r0 + i), out_bf16);
-  }
-}
-
-void gemv_int8(const float* x, const int8_t* q, const uint16_t* scale, const void* bias, int bias_bf16, void* y,
-                     int out_bf16, int64_t n, int64_t k) {
-  const int64_t kv = k & ~int64_t(15);
-  const __mmask16 tail = static_cast<__mmask16>((1u << (k - kv)) - 1u);
-#pragma omp for schedule(static)
-  for (int64_t r0 = 0; r0 < n; r0 += ROWS) {
-    const int8_t* qr[ROWS];
-    __m512 acc[ROWS];
-    for (int i = 0; i < ROWS; i++) {
-      qr[i] = q + (r0 + i < n ? r0 + i : r0) * k;
-      acc[i] = _mm512_setzero_ps();
-    }
-    for (int64_t j = 0; j < kv; j += 16) {
-      const __m512 xv = _mm512_loadu_ps(x + j);
-      for (int i = 0; i < ROWS; i++) {
-        if ((j & 63) == 0) prefetch(qr[i] + j);
-        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qr[i] + j));
-        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), xv, acc[i]);
-      }
-    }
-    if (tail) {
-      const __m512 xv = _mm512_maskz_loadu_ps(tail, x + kv);
-      for (int i = 0; i < ROWS; i++) {
-        const __m128i b = _mm_maskz_loadu_epi8(tail, qr[i] + kv);
-        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), xv, acc[i]);
-      }
-    }
-    for (int i = 0; i < ROWS && r0 + i < n; i++)
-      store(y, r0 + i, _mm512_reduce_add_ps(acc[i]) * bf16_to_float(scale[r0 + i]) + bias_at(bias, bias_bf16, r0 + i), out_bf16);
   }
 }
 
@@ -214,9 +184,9 @@ extern "C" {
 int neolm_features() {
   int f = 0;
 #ifdef NEOLM_AVX512
-  f |= 1 | 4;
+  f |= 1;
 #ifdef __AVX512BF16__
-  f |= 2 | 8;
+  f |= 2 | 4 | 8;
 #endif
 #endif
   return f;
@@ -229,13 +199,13 @@ void neolm_gemv_f32(const float* x, const float* w, const void* bias, int bias_b
   neolm::gemv_f32(x, w, bias, bias_bf16, y, out_bf16, n, k);
 }
 
-void neolm_gemv_int8(const float* x, const int8_t* q, const uint16_t* scale, const void* bias, int bias_bf16, void* y,
-                     int out_bf16, int64_t n, int64_t k) {
+#ifdef __AVX512BF16__
+void neolm_gemv_int8(const uint16_t* x, const int8_t* q, const uint16_t* scale, const void* bias, int bias_bf16,
+                     void* y, int out_bf16, int64_t n, int64_t k) {
 #pragma omp parallel
   neolm::gemv_int8(x, q, scale, bias, bias_bf16, y, out_bf16, n, k);
 }
 
-#ifdef __AVX512BF16__
 void neolm_gemv_bf16(const uint16_t* x, const uint16_t* w, const void* bias, int bias_bf16, void* y, int out_bf16,
                      int64_t n, int64_t k) {
 #pragma omp parallel
