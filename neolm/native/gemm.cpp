@@ -150,7 +150,14 @@ struct Int8 {  // int8 codes converted to bf16 (exact: 8 significant bits), bf16
 
 }  // namespace
 
-// R x TILE per format, as measured fastest (bench/PROFILE.md): f32 4 x 4, bf16 3 x 8, int4 2 x 8.
+// R x TILE per format, as measured fastest (bench/PROFILE.md): f32 4 x 4, bf16 3 x 8, int8 3 x 8, int4 2 x 8;
+// one row (gemv_*): 4 x 4. Each output is one accumulator's sum over the in-features in order, whatever R and
+// TILE: a row alone gets the numbers it gets in a batch.
+void gemv_f32(const float* x, const float* w, const void* bias, int bias_bf16, void* y, int out_bf16, int64_t n,
+              int64_t k) {
+  gemm_dense<4, 4, F32>(x, 1, w, bias, bias_bf16, y, out_bf16, n, k, one);
+}
+
 void gemm_f32(const float* x, int64_t m, const float* w, const void* bias, int bias_bf16, void* y, int out_bf16, int64_t n,
               int64_t k) {
   gemm_dense<4, 4, F32>(x, m, w, bias, bias_bf16, y, out_bf16, n, k, one);
@@ -158,21 +165,21 @@ void gemm_f32(const float* x, int64_t m, const float* w, const void* bias, int b
 
 #ifdef __AVX512BF16__
 
-// int8: R x TILE 3 x 8 for few rows, 4 x 4 for one row (as fast as gemv.cpp's one-row bodies). Each output is
-// one accumulator's sum over the in-features in order, whatever R and TILE: a row alone gets the numbers it
-// gets in a batch.
+void gemv_bf16(const uint16_t* x, const uint16_t* w, const void* bias, int bias_bf16, void* y, int out_bf16,
+               int64_t n, int64_t k) {
+  gemm_dense<4, 4, Bf16>(x, 1, w, bias, bias_bf16, y, out_bf16, n, k, one);
+}
+
 void gemm_int8(const uint16_t* x, int64_t m, const int8_t* q, const uint16_t* scale, const void* bias, int bias_bf16,
                void* y, int out_bf16, int64_t n, int64_t k) {
   const auto row_scale = [scale](int64_t row) { return bf16_to_float(scale[row]); };
-  if (m == 1)
-    gemm_dense<4, 4, Int8>(x, 1, q, bias, bias_bf16, y, out_bf16, n, k, row_scale);
-  else
-    gemm_dense<3, 8, Int8>(x, m, q, bias, bias_bf16, y, out_bf16, n, k, row_scale);
+  gemm_dense<3, 8, Int8>(x, m, q, bias, bias_bf16, y, out_bf16, n, k, row_scale);
 }
 
 void gemv_int8(const uint16_t* x, const int8_t* q, const uint16_t* scale, const void* bias, int bias_bf16, void* y,
                int out_bf16, int64_t n, int64_t k) {
-  gemm_int8(x, 1, q, scale, bias, bias_bf16, y, out_bf16, n, k);
+  const auto row_scale = [scale](int64_t row) { return bf16_to_float(scale[row]); };
+  gemm_dense<4, 4, Int8>(x, 1, q, bias, bias_bf16, y, out_bf16, n, k, row_scale);
 }
 
 void gemm_bf16(const uint16_t* x, int64_t m, const uint16_t* w, const void* bias, int bias_bf16, void* y, int out_bf16,

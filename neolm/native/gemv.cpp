@@ -11,8 +11,9 @@
 //   f32   W fp32,                x fp32, fp32 FMA.
 //   bf16  W bf16,                x bf16, vdpbf16ps (bf16 pairs, fp32 accumulation).
 //   int8  W int8 (N, K), scale bf16 (N,): y = scale * (W @ x); x bf16, the codes converted to bf16 (exact)
-//         and vdpbf16ps. Its body is gemm.cpp's few-row kernel with one row: the same numbers alone or in
-//         a batch, and as fast at one row as a body of its own.
+//         and vdpbf16ps.
+//   The bodies of these three are gemm.cpp's few-row kernels with one row (R x TILE = 4 x 4): as fast at one
+//   row as bodies of their own, and a row gets the same numbers alone or in a batch.
 //   int4  codes q in [0, 15], w = (q - 8) * s + z per group of G in-features (G a multiple of 64, K of
 //         128), laid out by pack_int4_gemv (below). x bf16. The 16-bit word 0x43 << 8 | q is the bf16
 //         number 128 + q exactly, so vdpbf16ps gives A = sum (128 + q) x per 64 in-features; then
@@ -29,64 +30,7 @@ namespace neolm {
 
 #ifdef NEOLM_AVX512
 
-void gemv_f32(const float* x, const float* w, const void* bias, int bias_bf16, void* y, int out_bf16,
-                    int64_t n, int64_t k) {
-  const int64_t kv = k & ~int64_t(15);
-  const __mmask16 tail = static_cast<__mmask16>((1u << (k - kv)) - 1u);
-#pragma omp for schedule(static)
-  for (int64_t r0 = 0; r0 < n; r0 += ROWS) {
-    const float* wr[ROWS];
-    __m512 acc[ROWS];
-    for (int i = 0; i < ROWS; i++) {
-      wr[i] = w + (r0 + i < n ? r0 + i : r0) * k;  // past the last row: recompute row r0, discarded
-      acc[i] = _mm512_setzero_ps();
-    }
-    for (int64_t j = 0; j < kv; j += 16) {
-      const __m512 xv = _mm512_loadu_ps(x + j);
-      for (int i = 0; i < ROWS; i++) {
-        prefetch(wr[i] + j);
-        acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(wr[i] + j), xv, acc[i]);
-      }
-    }
-    if (tail) {
-      const __m512 xv = _mm512_maskz_loadu_ps(tail, x + kv);
-      for (int i = 0; i < ROWS; i++) acc[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, wr[i] + kv), xv, acc[i]);
-    }
-    for (int i = 0; i < ROWS && r0 + i < n; i++)
-      store(y, r0 + i, _mm512_reduce_add_ps(acc[i]) + bias_at(bias, bias_bf16, r0 + i), out_bf16);
-  }
-}
-
 #ifdef __AVX512BF16__
-
-void gemv_bf16(const uint16_t* x, const uint16_t* w, const void* bias, int bias_bf16, void* y, int out_bf16,
-                     int64_t n, int64_t k) {
-  const int64_t kv = k & ~int64_t(31);
-  const __mmask32 tail = static_cast<__mmask32>((uint64_t(1) << (k - kv)) - 1u);
-#pragma omp for schedule(static)
-  for (int64_t r0 = 0; r0 < n; r0 += ROWS) {
-    const uint16_t* wr[ROWS];
-    __m512 acc[ROWS];
-    for (int i = 0; i < ROWS; i++) {
-      wr[i] = w + (r0 + i < n ? r0 + i : r0) * k;
-      acc[i] = _mm512_setzero_ps();
-    }
-    for (int64_t j = 0; j < kv; j += 32) {
-      const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + j);
-      for (int i = 0; i < ROWS; i++) {
-        prefetch(wr[i] + j);
-        acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_loadu_si512(wr[i] + j), xv);
-      }
-    }
-    if (tail) {
-      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(tail, x + kv);
-      for (int i = 0; i < ROWS; i++)
-        acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_maskz_loadu_epi16(tail, wr[i] + kv), xv);
-    }
-    for (int i = 0; i < ROWS && r0 + i < n; i++)
-      store(y, r0 + i, _mm512_reduce_add_ps(acc[i]) + bias_at(bias, bias_bf16, r0 + i), out_bf16);
-  }
-}
 
 // int4, from the layout of pack_int4_gemv: rows in blocks of 4 (zero rows pad the last),
 // each block one contiguous stream of 4 x 64 bytes per 128 in-features (short per-row streams read from

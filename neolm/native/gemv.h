@@ -58,12 +58,13 @@ inline __m256i to_bf16(__m512 v) {  // 16 floats to bf16, round to nearest even,
   return _mm512_cvtepi32_epi16(r);
 }
 
-// y (n) = W (n, k) @ x (k) + bias, formats as described in gemv.cpp.
+// y (n) = W (n, k) @ x (k) + bias, formats as described in gemv.cpp (f32, bf16 and int8 defined in gemm.cpp:
+// its few-row kernels with one row).
 void gemv_f32(const float* x, const float* w, const void* bias, int bias_bf16, void* y, int out_bf16, int64_t n,
               int64_t k);
 #ifdef __AVX512BF16__
 void gemv_int8(const uint16_t* x, const int8_t* q, const uint16_t* scale, const void* bias, int bias_bf16, void* y,
-               int out_bf16, int64_t n, int64_t k);  // (in gemm.cpp: its few-row kernel with one row)
+               int out_bf16, int64_t n, int64_t k);
 void gemv_bf16(const uint16_t* x, const uint16_t* w, const void* bias, int bias_bf16, void* y, int out_bf16,
                int64_t n, int64_t k);
 void gemv_int4(const uint16_t* x, const uint8_t* q, const float* s, const float* c, const void* bias, int bias_bf16,
