@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import operator
 import weakref
 
 import torch
@@ -81,7 +82,7 @@ class DecodeStep:
                            ACTIVATIONS[config.activation], config.layer_norm_eps, scale, layers)  # fmt: skip
         self.layers, self.keep = layers, keep
         self.model = weakref.ref(model)
-        self.watch = _snapshot(model, keep)
+        self.watch = _Watch(_snapshot(model, keep))
         self.scratch = torch.empty(0, dtype=torch.uint8)  # grown to the largest batch seen
         self.n_positions = config.n_positions
 
@@ -99,7 +100,7 @@ class DecodeStep:
             or torch.is_grad_enabled()
         ):
             return None
-        if not all(d.get(key) is obj and (not ptr or obj.data_ptr() == ptr) for d, key, obj, ptr in self.watch):
+        if not self.watch.unchanged():
             return self._rebuilt(x, positions, cache, key_valid)
         valid, valid_stride = None, 0
         if key_valid is not None:  # (B, S) bool, False at padding slots
@@ -133,6 +134,21 @@ class DecodeStep:
         why_not = attach(model)
         log.info("the model changed since its native decode step was built: %s", why_not or "rebuilt")
         return None if model.decode_step is None else model.decode_step(x, positions, cache, key_valid)
+
+
+class _Watch:
+    """`unchanged()`: every (table, key) still holds its object and every watched tensor its data pointer.
+    Checked before each step, so it runs as C-level maps: a generator over the ~250 entries of pythia-160m
+    cost 0.26 ms a step (4% of its single-stream step)."""
+
+    def __init__(self, snapshot: list[tuple[dict, str, object, int]]):
+        self.tables, self.keys, self.objects, _ = (list(column) for column in zip(*snapshot))
+        self.tensors = [obj for _, _, obj, ptr in snapshot if ptr]
+        self.pointers = [ptr for *_, ptr in snapshot if ptr]
+
+    def unchanged(self) -> bool:
+        held = map(dict.get, self.tables, self.keys)
+        return all(map(operator.is_, held, self.objects)) and list(map(torch.Tensor.data_ptr, self.tensors)) == self.pointers
 
 
 def _snapshot(model, pointed: list) -> list[tuple[dict, str, object, int]]:
