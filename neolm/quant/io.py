@@ -30,7 +30,7 @@ from torch import nn
 from neolm import checkpoint
 from neolm.config import Config
 from neolm.errors import NeolmError
-from neolm.memory import huge_copy
+from neolm.memory import huge_copy, release_freed
 from neolm.model import GPT
 from neolm.quant import linear
 from neolm.quant.linear import QuantLinear
@@ -137,7 +137,8 @@ def load_quantized(folder: Path, raw: dict, config: Config, dtype: torch.dtype, 
                              f"expected {kind} {tuple(want.shape)}")  # fmt: skip
                 continue
             state[name] = tensor if quantized else huge_copy(tensor, dtype)  # as checkpoint.load_state_dict
-            if quantized and tensor.data_ptr() % linear.ALIGN:  # the packed kernels read aligned memory
+            codes = name.endswith(".qweight")  # (copied by the layer's `prepare`, which aligns them)
+            if quantized and not codes and tensor.data_ptr() % linear.ALIGN:  # the kernels read aligned memory
                 state[name] = tensor.clone()
             if state[name].data_ptr() != tensor.data_ptr():
                 reader.release(name)
@@ -164,18 +165,27 @@ def load_quantized(folder: Path, raw: dict, config: Config, dtype: torch.dtype, 
     model.eval().requires_grad_(False)
     if device is not None:
         model.to(device)
-    prepare(model)
-    kept = {t.data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    for reader, name in in_place:  # e.g. int4 codes repacked for the kernel: drop the mapped originals
-        if state[name].data_ptr() not in kept:
-            reader.release(name)
+    mapped: dict[str, list] = {}  # layer -> (reader, name, address) of its tensors still backed by the file mapping
+    for reader, name in in_place:
+        mapped.setdefault(name.rpartition(".")[0], []).append((reader, name, state[name].data_ptr()))
+    del state  # the model holds what it uses: what `prepare` replaces is freed layer by layer
+
+    def release(layer: str) -> None:  # e.g. codes copied or repacked for the kernels: drop the mapped originals
+        kept = {t.data_ptr() for t in model.get_submodule(layer).buffers()}
+        for reader, name, address in mapped.pop(layer, []):
+            if address not in kept:
+                reader.release(name)
+        release_freed()  # and the allocator's pages of the layer's temporaries (its kernel check, a repacking)
+
+    prepare(model, release)  # layer by layer: the mapped and the prepared codes are never all resident at once
     model.quant_config = raw["quantization_config"]
     return model
 
 
 def prepare(model: nn.Module, after_each=None) -> None:
+    """Each quantized layer's `prepare`, then after_each(its name)."""
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
             module.prepare(name)
             if after_each is not None:
-                after_each()
+                after_each(name)

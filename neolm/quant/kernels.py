@@ -113,12 +113,21 @@ def int4_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, sz: torch.Te
     return y.to(x.dtype)
 
 
-def agrees(kernel, weight: torch.Tensor, name: str) -> bool:
-    """Whether `kernel(x)` matches F.linear(x, weight) on a few random rows (any error means no)."""
+def check_rows(n: int, device=None) -> torch.Tensor:
+    """The output rows `agrees` compares: up to 512 spread over the n (both ends included)."""
+    return torch.linspace(0, n - 1, min(n, 512), device=device).round().long().unique()
+
+
+def agrees(kernel, weight: torch.Tensor, name: str, rows: torch.Tensor | None = None) -> bool:
+    """Whether `kernel(x)` matches F.linear(x, weight) on a few random rows of x (any error means no);
+    weight holds only the output rows `rows` (check_rows) where given, so that a 50k-row head's check does not
+    dequantize the whole matrix in fp32."""
     K = weight.shape[1]
     x = torch.randn(3, K, generator=torch.Generator().manual_seed(0)).to(weight.device)
     try:
         got = kernel(x.to(kernel_dtype(x.device, torch.float32))).float()
+        if rows is not None:
+            got = got[:, rows]
     except Exception as e:  # noqa: BLE001 (an optional op: missing, or refusing this shape, dtype or device)
         log.info("%s: packed kernel unavailable (%s); dequantizing on each call", name, str(e).splitlines()[0][:120])
         return False

@@ -165,8 +165,9 @@ class Int8Linear(QuantLinear):
             module.bias = nn.Parameter(linear.bias.detach(), False)
         return module
 
-    def dequantize(self, dtype=None):
-        return (self.qweight.float() * self.scale.float()[:, None]).to(dtype or self.dtype)  # (N, K)
+    def dequantize(self, dtype=None, rows: torch.Tensor | None = None):
+        q, scale = (self.qweight, self.scale) if rows is None else (self.qweight[rows], self.scale[rows])
+        return (q.float() * scale.float()[:, None]).to(dtype or self.dtype)  # (N, K), or (len(rows), K)
 
     def matmul(self, x):
         return kernels.int8_mm(x, self.qweight, self.scale)
@@ -194,7 +195,8 @@ class Int8Linear(QuantLinear):
         if self.in_features % 32:  # aten's CPU int8 kernel crashes (not fails) on such widths, e.g. 60
             self.use_kernel = False
             return
-        self.use_kernel = kernels.agrees(self.matmul, self.dequantize(torch.float32), name or "int8 layer")
+        rows = kernels.check_rows(self.out_features, self.qweight.device)
+        self.use_kernel = kernels.agrees(self.matmul, self.dequantize(torch.float32, rows), name or "int8 layer", rows)
 
     def export(self) -> dict[str, torch.Tensor]:
         out = {"qweight": self.qweight, "scale": self.scale}
@@ -235,11 +237,13 @@ class Int4Linear(QuantLinear):
         unpack = kernels.unpack_int4_cpu if self.layout == "cpu" else kernels.unpack_int4
         return unpack(self.qweight)
 
-    def dequantize(self, dtype=None):
-        N, K, G = self.out_features, self.in_features, self.group_size
-        q = self.codes().view(N, K // G, G).float()
-        w = (q - 8) * self.scale.float()[..., None] + self.zero.float()[..., None]
-        return w.view(N, K).to(dtype or self.dtype)
+    def dequantize(self, dtype=None, rows: torch.Tensor | None = None):
+        scale, zero, codes = self.scale, self.zero, self.codes()
+        if rows is not None:
+            scale, zero, codes = scale[rows], zero[rows], codes[rows]
+        (N, K), G = codes.shape, self.group_size
+        w = (codes.view(N, K // G, G).float() - 8) * scale.float()[..., None] + zero.float()[..., None]
+        return w.view(N, K).to(dtype or self.dtype)  # (N, K), or (len(rows), K)
 
     def matmul(self, x):
         if self.layout == "native":
@@ -274,7 +278,8 @@ class Int4Linear(QuantLinear):
             return
         scale, zero = (F.pad(t, (0, 0, 0, pad)) for t in (self.scale, self.zero))
         self._sz = kernels.scales_and_zeros(scale, zero, kernels.kernel_dtype(device, self.dtype))
-        self.use_kernel = kernels.agrees(self.matmul, self.dequantize(torch.float32), name)
+        rows = kernels.check_rows(self.out_features, device)
+        self.use_kernel = kernels.agrees(self.matmul, self.dequantize(torch.float32, rows), name, rows)
         if not self.use_kernel:
             self._kweight = self._sz = None
 

@@ -70,7 +70,7 @@ def _quantizing_load(folder: Path, config: Config, dtype: torch.dtype, device, b
     model.eval().requires_grad_(False)
     if device is not None:
         model.to(device)
-    io.prepare(model, release_freed)
+    io.prepare(model, lambda _: release_freed())
     model.quant_config = linear.quant_config(bits, group_size, skip, model)
     return model
 
