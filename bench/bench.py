@@ -17,6 +17,7 @@ import fnmatch
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -114,6 +115,16 @@ def prepare(model: str, engines: list[str], peers: Peers, args, notes: dict) -> 
         log(f"{model}: random checkpoint")
         if not sh([sys.executable, str(HERE / "prepare.py"), "checkpoint", model, str(hf)], logfile, 3600):
             raise SystemExit(f"could not build the {model} checkpoint: see {logfile}")
+    if "neolm" in engines:
+        for precision in ("int8", "int4"):
+            out = root / f"neolm-{precision}"
+            shutil.rmtree(out, ignore_errors=True)  # made afresh: by the neolm this run measures
+            if precision in args.precisions:
+                log(f"{model}: neolm {precision} folder")
+                cmd = [sys.executable, str(HERE / "prepare.py"), "neolm-quantized", str(hf), str(out), precision]
+                if not sh(cmd, logfile, 3600):
+                    shutil.rmtree(out, ignore_errors=True)
+                    log(f"{model}: neolm {precision} folder failed (see {logfile}); its rows quantize while loading")
     if family(model) == "neo":
         return hf
     if "ctranslate2" in engines and peers.ct2_converter and not (root / "ct2" / "model.bin").exists():

@@ -4,11 +4,14 @@
   ct2/             CTranslate2 float32 model (ct2-transformers-converter, needs transformers < 5)
   f32.gguf ...     GGUF by llama.cpp's own convert_hf_to_gguf.py (f32, bf16), llama_model_quantize (q8_0, q4_0)
   <file>.json      bytes of the weights each decode step streams (GGUF: from the file's tensor table)
+  neolm-int8/ ...  neolm's own quantized folders (output head included), made afresh by each run with the neolm
+                   it measures: its int8/int4 rows load them, as llama.cpp's rows load its GGUF files
 
 Run as a script by bench.py, each step with the interpreter that has the tools:
   python bench/prepare.py checkpoint NAME OUT_DIR        (main environment: torch, transformers 5, neolm)
   python bench/prepare.py quantize IN.gguf OUT.gguf TYPE (llama-cpp-python's environment)
   python bench/prepare.py gguf-bytes FILE.gguf SRC_DIR   (any environment with numpy; gguf-py from SRC_DIR)
+  python bench/prepare.py neolm-quantized HF_DIR OUT_DIR int8|int4   (main environment)
 """
 
 from __future__ import annotations
@@ -97,6 +100,18 @@ def gguf_bytes(path: str, src_dir: str) -> None:
     print(json.dumps(info))
 
 
+def neolm_quantized(src: str, dst: str, precision: str) -> None:
+    """What `neolm quantize SRC --to PRECISION --quantize-head --out DST` writes, without its quality report."""
+    import neolm
+    from neolm.quant import save_quantized
+
+    lm = neolm.load(src, quantize=precision, quantize_head=True, native=False)
+    shutil.rmtree(dst, ignore_errors=True)
+    save_quantized(lm.model, dst, lm.tokenizer)
+
+
 if __name__ == "__main__":
     command, *rest = sys.argv[1:]
-    {"checkpoint": make_checkpoint, "quantize": quantize, "gguf-bytes": gguf_bytes}[command](*rest)
+    commands = {"checkpoint": make_checkpoint, "quantize": quantize, "gguf-bytes": gguf_bytes,
+                "neolm-quantized": neolm_quantized}  # fmt: skip
+    commands[command](*rest)

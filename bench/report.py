@@ -274,7 +274,8 @@ def render(doc: dict) -> str:
         f"{s['new_tokens']}; decode tok/s = (n−1)/(time of token n − time of token 1); TTFT = time to the first new token "
         f"(prefill + one step). Prefill: a {s['prefill_len']}-token prompt to last-token logits. Batch: {s['batch']} different "
         f"{s['prompt_len']}-token prompts at once, decode tokens/s over all sequences after the first step. Load: from a warm "
-        f"page cache. Peak RSS: VmHWM of the engine's own process after load and all measurements. Each cell: median "
+        f"page cache; quantized rows load each engine's own quantized files, made before the run (neolm: a folder as "
+        f"`neolm quantize` writes it, output head included; llama.cpp: GGUF; CTranslate2 quantizes its converted float model as it loads). Peak RSS: VmHWM of the engine's own process after load and all measurements. Each cell: median "
         f"[min–max] of {s['runs']} runs ({s['big_runs'] or s['runs']} on {s['big_models']}), after an untimed warm-up; every "
         f"engine × model × precision in its own process, run model by model and precision by precision, each "
         f"precision's rows back to back (this VM's memory speed drifts within minutes)."), "",

@@ -3,13 +3,16 @@
 Variants: "" (the defaults: since session 4 they include the native decode step) and "compile"
 (`compile=True`: the other one-token matmuls timed against one-row kernels; that happens in `load`, so it
 counts in the load time, not in any decode figure). int8/int4 rows quantize the
-output head too (`quantize_head=True`), as llama.cpp's Q8_0/Q4_0 files and CTranslate2's int8 do.
+output head too (`quantize_head=True`), as llama.cpp's Q8_0/Q4_0 files and CTranslate2's int8 do, and load
+neolm's quantized folder beside the checkpoint (`neolm-int8/`, made by bench/prepare.py for each run), as
+llama.cpp loads its GGUF files and CTranslate2 its converted model; without one, they quantize while loading.
 """
 
 from __future__ import annotations
 
 import inspect
 import time
+from pathlib import Path
 
 import torch
 from common import Unavailable, module_stream_bytes
@@ -28,6 +31,10 @@ class Engine:
     def load(self, model_dir, precision, threads):
         torch.set_num_threads(threads)
         kwargs = {"dtype": DTYPES[precision], "device": "cpu", "compile": self.compile}
+        quantized = Path(model_dir).parent / f"neolm-{precision}"
+        if precision in ("int8", "int4") and (quantized / "config.json").exists():
+            self.lm = neolm.load(quantized, **kwargs)
+            return
         if precision in ("int8", "int4"):
             kwargs["quantize_head"] = True
             if "quantize" not in inspect.signature(neolm.load).parameters:
