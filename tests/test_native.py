@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from neolm import native
+from neolm.quant.kernels import pack_int4
 from neolm.quant.linear import quantize_int4, quantize_int8
 
 HAVE, WHY = native.available()
@@ -108,6 +109,8 @@ def test_int4_to_bf16(n, k, group):
     with pytest.raises(AssertionError):
         gemv.to_bf16(2, n)  # not at a block of rows
     assert torch.equal(gemv.codes(), codes)  # the layout inverts (rows padded to blocks of 4 dropped)
+    from_saved = native.Int4Gemv(None, scale, zero, group, canonical=pack_int4(codes))  # the native repacking
+    assert torch.equal(from_saved.q, gemv.q) and torch.equal(from_saved.c, gemv.c)
 
 
 @needs["int4"]

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from neolm.memory import huge_copy
+from neolm.memory import huge_copy, huge_empty
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ _SIGNATURES = {
     "neolm_gemv_int8": [_p, _p, _p, _p, _int, _p, _int, _i64, _i64],
     "neolm_gemv_int4": [_p, _p, _p, _p, _p, _int, _p, _int, _i64, _i64, _i64],
     "neolm_int4_to_bf16": [_p, _p, _p, _p, _i64, _i64, _i64, _i64],
+    "neolm_int4_pack": [_p, _p, _i64, _i64],
     "neolm_gemm_f32": [_p, _i64, _p, _p, _int, _p, _int, _i64, _i64],
     "neolm_gemm_bf16": [_p, _i64, _p, _p, _int, _p, _int, _i64, _i64],
     "neolm_gemm_int8": [_p, _i64, _p, _p, _p, _int, _p, _int, _i64, _i64],
@@ -210,11 +211,19 @@ class Int4Gemv:
     (pack_int4_gemv; a copy of half a byte per weight). Activations are rounded to bf16, as for torch's int4
     kernel. Call with x (M, K) and the layer's bias."""
 
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int):
-        self.n, self.k = codes.shape
+    def __init__(self, codes: torch.Tensor | None, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
+                 canonical: torch.Tensor | None = None):  # fmt: skip
+        """From the codes (N, K), or from their canonical packing (N, K/2) (neolm.quant.kernels.pack_int4) in one
+        native pass: canonical=, codes=None."""
+        self.n, self.k = codes.shape if codes is not None else (canonical.shape[0], 2 * canonical.shape[1])
         self.group_size = group_size
         pad = -self.n % ROWS
-        self.q = huge_copy(pack_int4_gemv(codes))
+        if codes is not None:
+            self.q = huge_copy(pack_int4_gemv(codes))
+        else:
+            assert canonical.dtype == torch.uint8 and canonical.is_contiguous()
+            self.q = huge_empty((self.n + pad, self.k // 2), torch.uint8)
+            _library()[0].neolm_int4_pack(canonical.data_ptr(), self.q.data_ptr(), self.n, self.k)
         s = scale.float()
         self.s = F.pad(s, (0, 0, 0, pad)).contiguous()
         self.c = F.pad(zero.float() - 136 * s, (0, 0, 0, pad)).contiguous()  # gemv.cpp: sum w x = s A + (z - 136 s) X

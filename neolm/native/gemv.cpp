@@ -120,10 +120,35 @@ void int4_to_bf16(const uint8_t* q, const float* s, const float* c, uint16_t* ou
 #endif  // __AVX512BF16__
 #endif  // NEOLM_AVX512
 
+// int4 codes in the canonical (saved) packing, (n, k/2) bytes with column 2j in the high nibble of byte j and
+// 2j + 1 in the low one, into the layout above (rows padded to ROWS with zero codes): what pack_int4_gemv
+// computes from the codes, in one pass (loading an int4 model repacks every matrix).
+void int4_pack(const uint8_t* canon, uint8_t* out, int64_t n, int64_t k) {
+  const int64_t blocks = k / 128, rows = (n + ROWS - 1) / ROWS * ROWS;
+  const auto code = [](const uint8_t* row, int64_t f) { return (row[f / 2] >> (f % 2 ? 0 : 4)) & 15; };
+#pragma omp for schedule(static)
+  for (int64_t r = 0; r < rows; r++) {
+    const uint8_t* src = canon + r * (k / 2);
+    for (int64_t b = 0; b < blocks; b++) {
+      uint8_t* dst = out + ((r / ROWS * blocks + b) * ROWS + r % ROWS) * 64;
+      for (int p = 0; p < 64; p++) {
+        const int lane = p / 16, i = p % 16;
+        const int64_t f = 128 * b + (i < 8 ? 8 * lane + i : 32 + 8 * lane + i - 8);
+        dst[p] = r < n ? static_cast<uint8_t>(code(src, f) | code(src, f + 64) << 4) : 0;
+      }
+    }
+  }
+}
+
 }  // namespace neolm
 
 // The exported kernels: one parallel region around a body.
 extern "C" {
+
+void neolm_int4_pack(const uint8_t* canon, uint8_t* out, int64_t n, int64_t k) {
+#pragma omp parallel
+  neolm::int4_pack(canon, out, n, k);
+}
 
 int neolm_features() {
   int f = 0;

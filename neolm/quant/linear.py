@@ -254,11 +254,13 @@ class Int4Linear(QuantLinear):
     def prepare(self, name=""):
         super().prepare(name)
         name = name or "int4 layer"
-        codes = self.codes()  # (N, K)
-        self._native = None
         if self._native_fits():  # the native kernels take it: their copy of the codes is the only one
-            self._native_gemv(codes)
+            if self.layout == "native":  # prepared before: keep that copy (not the one super() just made)
+                self.qweight = self._native.q
+            self._native_gemv()
             return
+        codes = self.codes()  # (N, K), from whatever layout (the native one included)
+        self._native = None
         device = codes.device
         self.qweight, self.layout, self._kweight = kernels.pack_int4(codes), "canonical", None
         try:
@@ -297,13 +299,16 @@ class Int4Linear(QuantLinear):
     def bf16_rows(self, start, end):
         return self._native.to_bf16(start, end), None
 
-    def _native_gemv(self, codes: torch.Tensor | None = None) -> native.Int4Gemv:
+    def _native_gemv(self) -> native.Int4Gemv:
         """The native kernels with their copy of the codes (made by `prepare` where they fit), which is then the
         layer's only one: every product goes to them (up to native.FEW_ROWS rows) or to `_bf16_matmul`, fed
         from it. aten's int4 kernel is for the other devices and CPUs."""
         if self._native is None:
-            codes = self.codes() if codes is None else codes
-            self._native = native.Int4Gemv(codes, self.scale, self.zero, self.group_size)
+            if self.layout == "canonical":  # as saved or just quantized: repacked in one native pass
+                canonical = self.qweight.contiguous()
+                self._native = native.Int4Gemv(None, self.scale, self.zero, self.group_size, canonical=canonical)
+            else:
+                self._native = native.Int4Gemv(self.codes(), self.scale, self.zero, self.group_size)
             self.qweight, self.layout, self._kweight, self._sz = self._native.q, "native", None, None
             self.use_kernel = True
         return self._native
