@@ -65,6 +65,21 @@ def test_int4_error_bound_and_range(group_size):
     assert (err <= 0.55 * scale.float()).all()  # half a step, plus bf16 rounding of scale and zero
 
 
+def test_quantizing_by_blocks_of_rows_equals_the_whole_matrix():
+    """quantize_int8/int4 go through a CPU matrix ~1 MiB of rows at a time: the same numbers as whole-matrix ops."""
+    w = torch.randn(1100, 768, generator=torch.Generator().manual_seed(2)) * 0.05  # 341 rows a block: 4 blocks
+    assert len(linear._row_chunks(w)) == 4
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-8).to(torch.bfloat16)
+    q = torch.round(w / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+    assert all(torch.equal(a, b) for a, b in zip(quantize_int8(w), (q, scale)))
+    g = w.view(1100, 12, 64)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+    s = ((hi - lo) / 15).clamp(min=1e-8).to(torch.bfloat16)
+    z = (lo + 8 * s.float()).to(torch.bfloat16)
+    codes = torch.round((g - (z.float() - 8 * s.float())[..., None]) / s.float()[..., None]).clamp(0, 15)
+    assert all(torch.equal(a, b) for a, b in zip(quantize_int4(w, 64), (codes.to(torch.uint8).view(1100, 768), s, z)))
+
+
 def test_bad_group_size_and_bits_are_clear():
     with pytest.raises(NeolmError, match="group size 48 is not supported; use one of 32, 64, 128, 256"):
         quantize_int4(torch.randn(4, 96), 48)
