@@ -163,6 +163,13 @@ def test_quantized_layer_prefill_through_bf16_weights(dtype, bits):
         _close(layer(x[:, :2]), want[:, :2], max(tol, 8e-3))  # fewer rows: the native kernels, the same product
 
 
+@needs["int8"]
+@pytest.mark.parametrize("shape", [(1, 5), (37, 33), (64, 256)])
+def test_int8_to_bf16(shape):
+    q = torch.randint(-128, 128, shape, dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(native.int8_to_bf16(q), q.to(torch.bfloat16))  # exact: at most 8 significant bits
+
+
 def test_int4_supported_shapes():
     assert native.int4_supported(768, 64) and native.int4_supported(2048, 128) and native.int4_supported(768, 256)
     assert not native.int4_supported(768, 32) and not native.int4_supported(192, 64)  # K: a multiple of 128

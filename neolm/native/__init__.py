@@ -53,6 +53,7 @@ _SIGNATURES = {
     "neolm_gemv_int4": [_p, _p, _p, _p, _p, _int, _p, _int, _i64, _i64, _i64],
     "neolm_int4_to_bf16": [_p, _p, _p, _p, _i64, _i64, _i64, _i64],
     "neolm_int4_pack": [_p, _p, _i64, _i64],
+    "neolm_int8_to_bf16": [_p, _p, _i64],
     "neolm_gemm_f32": [_p, _i64, _p, _p, _int, _p, _int, _i64, _i64],
     "neolm_gemm_bf16": [_p, _i64, _p, _p, _int, _p, _int, _i64, _i64],
     "neolm_gemm_int8": [_p, _i64, _p, _p, _p, _int, _p, _int, _i64, _i64],
@@ -172,6 +173,14 @@ def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias:
     else:
         lib.neolm_gemm_int8(xf.data_ptr(), x.shape[0], *pointers)
     return y
+
+
+def int8_to_bf16(q: torch.Tensor) -> torch.Tensor:
+    """int8 codes (contiguous) as bf16 numbers (exact), in one vectorised pass (torch's .to() is ~5x slower)."""
+    assert q.dtype == torch.int8 and q.is_contiguous()
+    out = torch.empty(q.shape, dtype=torch.bfloat16)
+    _library()[0].neolm_int8_to_bf16(q.data_ptr(), out.data_ptr(), q.numel())
+    return out
 
 
 def pack_int4_gemv(codes: torch.Tensor) -> torch.Tensor:

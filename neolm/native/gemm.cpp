@@ -182,6 +182,15 @@ void gemv_int8(const uint16_t* x, const int8_t* q, const uint16_t* scale, const 
   gemm_dense<4, 4, Int8>(x, 1, q, bias, bias_bf16, y, out_bf16, n, k, row_scale);
 }
 
+// count int8 codes to bf16 numbers (exact), for many-row products that multiply them with oneDNN's bf16 GEMM.
+void int8_to_bf16(const int8_t* q, uint16_t* out, int64_t count) {
+  const int64_t chunks = count / 32;
+#pragma omp for schedule(static)
+  for (int64_t c = 0; c < chunks; c++) _mm512_storeu_si512(out + 32 * c, (__m512i)Int8::weights(q + 32 * c));
+#pragma omp single
+  for (int64_t i = 32 * chunks; i < count; i++) out[i] = float_to_bf16(static_cast<float>(q[i]));
+}
+
 void gemm_bf16(const uint16_t* x, int64_t m, const uint16_t* w, const void* bias, int bias_bf16, void* y, int out_bf16,
                int64_t n, int64_t k) {
   gemm_dense<3, 8, Bf16>(x, m, w, bias, bias_bf16, y, out_bf16, n, k, one);
@@ -258,6 +267,11 @@ void neolm_gemm_f32(const float* x, int64_t m, const float* w, const void* bias,
 }
 
 #ifdef __AVX512BF16__
+void neolm_int8_to_bf16(const int8_t* q, uint16_t* out, int64_t count) {
+#pragma omp parallel
+  neolm::int8_to_bf16(q, out, count);
+}
+
 void neolm_gemm_int8(const uint16_t* x, int64_t m, const int8_t* q, const uint16_t* scale, const void* bias,
                      int bias_bf16, void* y, int out_bf16, int64_t n, int64_t k) {
 #pragma omp parallel
