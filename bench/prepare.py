@@ -105,7 +105,7 @@ def neolm_quantized(src: str, dst: str, precision: str) -> None:
     import neolm
     from neolm.quant import save_quantized
 
-    lm = neolm.load(src, quantize=precision, quantize_head=True, native=False)
+    lm = neolm.load(src, quantize=precision, quantize_head=True)
     shutil.rmtree(dst, ignore_errors=True)
     save_quantized(lm.model, dst, lm.tokenizer)
 

@@ -200,7 +200,8 @@ def load(
     native: on CPU, run each decode step (one sequence, or a batch of up to 12) through every block in one
     call of neolm's AVX-512 kernels (neolm.native.decode; built with the system's C++ compiler on first use,
     cached), and the output head's products of up to 12 rows on them, where this machine can build them;
-    prompts and training stay in torch. False: every step in torch.
+    quantized layers take them for products of any size (int8/int4 codes converted for oneDNN's bf16 GEMM
+    from 32 rows on). Prompts and training stay in torch. False: every step and layer in torch and aten.
     compile: on CPU, instead time every kernel each layer shape can use for one-token products (the output
     head's; every block's too when no native step runs) and keep the fastest (neolm.native's, torch.compile's
     or the layer's own; needs a C++ compiler; neolm.ops.compile_gemv).
@@ -221,7 +222,7 @@ def load(
     if quantize is not None or raw_config.get("quantization_config"):
         from neolm.quant.load import load_model
 
-        net = load_model(folder, raw_config, config, dtype, device, quantize, group_size, quantize_head)
+        net = load_model(folder, raw_config, config, dtype, device, quantize, group_size, quantize_head, native)
     else:
         state = checkpoint.load_state_dict(folder, config, dtype)
         net = checkpoint.build_model(config, state, device)

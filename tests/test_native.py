@@ -170,6 +170,27 @@ def test_int8_to_bf16(shape):
     assert torch.equal(native.int8_to_bf16(q), q.to(torch.bfloat16))  # exact: at most 8 significant bits
 
 
+@needs["int4"]
+def test_native_false_keeps_quantized_layers_on_aten(tmp_path):
+    """neolm.load(native=False): quantized layers keep aten's kernels and layouts, for every number of rows."""
+    import neolm
+    from conftest import TINY, hf_model, save_hf
+    from neolm.quant.linear import Int4Linear, Int8Linear
+
+    folder = save_hf(hf_model(dict(TINY["neox-sequential-pct100"], hidden_size=128, num_attention_heads=4,
+                                   intermediate_size=256)), tmp_path)  # fmt: skip
+    for quantize, kind in (("int8", Int8Linear), ("int4", Int4Linear)):
+        lm = neolm.load(folder, quantize=quantize, group_size=64, native=False)
+        layers = [m for m in lm.model.modules() if isinstance(m, kind)]
+        assert layers and not any(m.native or m.prefills() for m in layers)
+        assert all(getattr(m, "layout", "cpu") != "native" for m in layers) and lm.model.decode_step is None
+        on = neolm.load(folder, quantize=quantize, group_size=64)
+        assert all(m.native and m.prefills() for m in on.model.modules() if isinstance(m, kind))
+        ids = torch.randint(0, 1000, (1, 40))
+        with torch.inference_mode():  # 40 rows: aten's kernel vs the bf16 blocks, the same product
+            _close(lm.model(ids), on.model(ids), 3e-2)
+
+
 def test_int4_supported_shapes():
     assert native.int4_supported(768, 64) and native.int4_supported(2048, 128) and native.int4_supported(768, 256)
     assert not native.int4_supported(768, 32) and not native.int4_supported(192, 64)  # K: a multiple of 128

@@ -104,7 +104,7 @@ def parse_config(quant: dict, source: str) -> tuple[int, int, tuple[str, ...]]:
     return bits, group_size, tuple(skip)
 
 
-def load_quantized(folder: Path, raw: dict, config: Config, dtype: torch.dtype, device=None) -> GPT:
+def load_quantized(folder: Path, raw: dict, config: Config, dtype: torch.dtype, device=None, native: bool = True) -> GPT:
     """A model from a neolm-quantized folder: codes memory-mapped (until the kernels repack them), float
     tensors copied into process memory as checkpoint.load_state_dict does; assigned into a meta-device model."""
     source = str(folder / "config.json")
@@ -115,7 +115,7 @@ def load_quantized(folder: Path, raw: dict, config: Config, dtype: torch.dtype, 
         where = f" of layer {name} ({source})"
         if bits == 4:
             linear.check_group_size(group_size, model.get_submodule(name).in_features, where)
-    linear.swap_empty(model, bits, group_size, skip, dtype)
+    linear.swap_empty(model, bits, group_size, skip, dtype, native)
     expected = dict(model.state_dict())
     tied = config.tie_embeddings and isinstance(model.lm_head, nn.Linear)
     if tied:

@@ -53,6 +53,7 @@ class QuantLinear(nn.Module):
         self.dtype = dtype  # the model's float dtype: of the bias, and of `weight`
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), False) if bias else None
         self.use_kernel = False
+        self.native = True  # neolm's native kernels may take this layer where they fit (neolm.load(native=False): no)
         self.gemv = None  # set by neolm.ops.compile_gemv: fn(x, qweight, scale, bias) for one-row (or few-row) inputs
         self.gemv_rows = 1  # the most rows `gemv` takes (neolm.ops._use)
         self._prepared_on: torch.device | None = None
@@ -183,8 +184,8 @@ class Int8Linear(QuantLinear):
             return {"native": native.int8_gemv}
         return {"inductor": compiled(kernels.int8_gemv, self.qweight, self.scale, self.bias)}
 
-    def prefills(self):
-        return self.qweight.device.type == "cpu" and "bf16" in native.available()[0]  # (bf16 GEMMs slow without)
+    def prefills(self):  # (bf16 GEMMs are slow without bf16 hardware; the codes convert natively)
+        return self.native and self.qweight.device.type == "cpu" and "bf16" in native.available()[0]
 
     def bf16_rows(self, start, end):
         return native.int8_to_bf16(self.qweight[start:end]), self.scale[start:end].float()  # codes exact in bf16
@@ -320,7 +321,8 @@ class Int4Linear(QuantLinear):
     def _native_fits(self) -> bool:
         """Whether the native kernels take this layer: on CPU, in a float model, a shape they support."""
         return (
-            self.qweight.device.type == "cpu"
+            self.native
+            and self.qweight.device.type == "cpu"
             and self.dtype in (torch.float32, torch.bfloat16)
             and native.int4_supported(self.in_features, self.group_size)
             and "int4" in native.available()[0]
@@ -441,13 +443,15 @@ def quantize_model(model: nn.Module, bits: int, group_size: int = 64, skip=DEFAU
     return model
 
 
-def swap_empty(model: nn.Module, bits: int, group_size: int, skip, dtype: torch.dtype) -> None:
-    """Replace the Linear layers of a meta-device model by empty quantized ones (to be loaded into)."""
+def swap_empty(model: nn.Module, bits: int, group_size: int, skip, dtype: torch.dtype, native: bool = True) -> None:
+    """Replace the Linear layers of a meta-device model by empty quantized ones (to be loaded into); native:
+    whether neolm's native kernels may take them."""
     for name in targets(model, skip):
         linear = model.get_submodule(name)
         args = (linear.in_features, linear.out_features, linear.bias is not None, dtype)
         with torch.device("meta"):
             q = Int8Linear(*args) if bits == 8 else Int4Linear(*args, group_size=group_size)
+        q.native = native
         _set(model, name, q)
 
 
