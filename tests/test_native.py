@@ -182,7 +182,8 @@ def test_native_false_keeps_quantized_layers_on_aten(tmp_path):
     for quantize, kind in (("int8", Int8Linear), ("int4", Int4Linear)):
         lm = neolm.load(folder, quantize=quantize, group_size=64, native=False)
         layers = [m for m in lm.model.modules() if isinstance(m, kind)]
-        assert layers and not any(m.native or m.prefills() for m in layers)
+        assert layers and not any(m.native or m.prefills() or m.native_weights() is not None for m in layers)
+        assert all("native" not in m.gemv_kernels() for m in layers)  # nor offered to compile=True
         assert all(getattr(m, "layout", "cpu") != "native" for m in layers) and lm.model.decode_step is None
         on = neolm.load(folder, quantize=quantize, group_size=64)
         assert all(m.native and m.prefills() for m in on.model.modules() if isinstance(m, kind))

@@ -81,6 +81,10 @@ class QuantLinear(nn.Module):
         """One-row kernels this layer can use on CPU: name -> fn(x, qweight, scale, bias) (neolm.ops.compile_gemv)."""
         return {}
 
+    def _on_cpu_in_float(self) -> bool:
+        """Whether the codes are on CPU in a float model: where the one-row kernels can take this layer."""
+        return self.qweight.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16)
+
     row_block = 1  # `bf16_rows` starts at multiples of this
     block_weights = 1 << 21  # weights per block of `_bf16_matmul`: 4 MiB in bf16 (faster than 16 at 16-512 rows)
 
@@ -178,9 +182,9 @@ class Int8Linear(QuantLinear):
         return kernels.int8_mm(x, self.qweight, self.scale)
 
     def gemv_kernels(self):
-        if self.native_weights() is None:  # not on CPU, or not a float model
+        if not self._on_cpu_in_float():
             return {}
-        if "int8" in native.available()[0]:
+        if self.native_weights() is not None and "int8" in native.available()[0]:
             return {"native": native.int8_gemv}
         return {"inductor": compiled(kernels.int8_gemv, self.qweight, self.scale, self.bias)}
 
@@ -191,7 +195,7 @@ class Int8Linear(QuantLinear):
         return native.int8_to_bf16(self.qweight[start:end]), self.scale[start:end].float()  # codes exact in bf16
 
     def native_weights(self):
-        if self.qweight.device.type != "cpu" or self.dtype not in (torch.float32, torch.bfloat16):
+        if not (self.native and self._on_cpu_in_float()):
             return None
         return native.Weights("int8", self.qweight, self.scale, bias=self.bias, n=self.out_features, k=self.in_features)
 
@@ -322,8 +326,7 @@ class Int4Linear(QuantLinear):
         """Whether the native kernels take this layer: on CPU, in a float model, a shape they support."""
         return (
             self.native
-            and self.qweight.device.type == "cpu"
-            and self.dtype in (torch.float32, torch.bfloat16)
+            and self._on_cpu_in_float()
             and native.int4_supported(self.in_features, self.group_size)
             and "int4" in native.available()[0]
         )
