@@ -111,10 +111,7 @@ def load_quantized(folder: Path, raw: dict, config: Config, dtype: torch.dtype, 
     bits, group_size, skip = parse_config(raw["quantization_config"], source)
     with torch.device("meta"):
         model = GPT(config)
-    for name in linear.targets(model, skip):
-        where = f" of layer {name} ({source})"
-        if bits == 4:
-            linear.check_group_size(group_size, model.get_submodule(name).in_features, where)
+    linear.checked_targets(model, bits, group_size, skip, source)
     linear.swap_empty(model, bits, group_size, skip, dtype, native)
     expected = dict(model.state_dict())
     tied = config.tie_embeddings and isinstance(model.lm_head, nn.Linear)

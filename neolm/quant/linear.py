@@ -413,13 +413,15 @@ def targets(model: nn.Module, skip=DEFAULT_SKIP) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name not in skip]
 
 
-def checked_targets(model: nn.Module, bits: int, group_size: int, skip=DEFAULT_SKIP) -> list[str]:
-    """`targets`, once the group size is known to divide each one's in-features (int4)."""
+def checked_targets(model: nn.Module, bits: int, group_size: int, skip=DEFAULT_SKIP, source: str = "") -> list[str]:
+    """`targets`, once the group size is known to divide each one's in-features (int4); source: the file the
+    quantization comes from, for the error."""
     names = targets(model, skip)
     if bits == 4:
         check_group_size(group_size)
         for name in names:
-            check_group_size(group_size, model.get_submodule(name).in_features, f" of layer {name}")
+            where = f" of layer {name}" + (f" ({source})" if source else "")
+            check_group_size(group_size, model.get_submodule(name).in_features, where)
     return names
 
 
