@@ -9,7 +9,7 @@ import torch
 from neolm import checkpoint
 from neolm.config import Config
 from neolm.errors import NeolmError
-from neolm.memory import huge_copy, release_freed
+from neolm.memory import release_freed
 from neolm.model import GPT
 from neolm.quant import io, linear
 
@@ -51,8 +51,7 @@ def _quantizing_load(folder: Path, config: Config, dtype: torch.dtype, device, b
     tied_head = config.tie_embeddings and "lm_head" in names  # quantized from the embedding, which stays float
 
     def quantized(layer: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
-        # out of the allocator's heap (huge_copy): codes kept there would pin the holes of the float temporaries
-        out = {f"{layer}.{key}": huge_copy(t) for key, t in linear.quantized_weight(w, bits, group_size).items()}
+        out = {f"{layer}.{key}": t for key, t in linear.quantized_weight(w, bits, group_size).items()}
         release_freed()
         return out
 
