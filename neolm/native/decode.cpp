@@ -3,10 +3,9 @@
 //
 // At 125M-1.4B sizes a step written as torch ops costs ~120 op dispatches per layer (2-5 ms per step on
 // top of streaming the weights); here a step is one call, one OpenMP parallel region, and about eight
-// barriers per layer. The matmuls are gemv.cpp's bodies for one sequence and gemm.cpp's for a batch (every
-// weight read once for all its rows); LayerNorm, rotary, attention over the KV cache (each sequence its own
-// position and padding),
-// the activation and the residuals are done here. Built and driven by neolm/native/decode.py, which fills
+// barriers per layer. The matmuls are the bodies declared in gemv.h, one-row for one sequence and few-row for
+// a batch (every weight read once for all its rows); LayerNorm, rotary, attention over the KV cache (each
+// sequence its own position and padding), the activation and the residuals are done here. Built and driven by neolm/native/decode.py, which fills
 // the structs below from the model's tensors (they must match its ctypes mirrors field for field).
 //
 // Numbers follow the torch path: activations are stored in the model's dtype (fp32 or bf16) wherever the
