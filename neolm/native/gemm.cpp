@@ -88,6 +88,7 @@ void gemm_dense(const typename Format::X* x, int64_t m, const typename Format::W
   using Mask = typename Format::Mask;
   const int64_t kv = k & ~int64_t(Format::STEP - 1);
   const Mask tail = static_cast<Mask>((uint64_t(1) << (k - kv)) - 1u);
+  const int64_t ahead = prefetch_ahead(m);
   for_tiles<R, TILE>(m, n, [&](int64_t r0, int64_t t0, auto rows) {
     constexpr int NB = decltype(rows)::value;
     const typename Format::W* wr[R];
@@ -98,7 +99,7 @@ void gemm_dense(const typename Format::X* x, int64_t m, const typename Format::W
     for (int64_t j = 0; j < kv; j += Format::STEP) {
       decltype(Format::weights(w)) wv[R];
       for (int r = 0; r < R; r++) {
-        if (Format::prefetch_at(j)) prefetch(wr[r] + j);
+        if (Format::prefetch_at(j)) prefetch(wr[r] + j, ahead);
         wv[r] = Format::weights(wr[r] + j);
       }
       for (int b = 0; b < NB; b++) {
@@ -211,6 +212,7 @@ void gemm_int4(const uint16_t* x, int64_t m, const uint8_t* q, const float* s, c
       xsum[i * groups + t] = sum;
     }
   const __m512i low = _mm512_set1_epi8(0x0f), magic = _mm512_set1_epi8(0x43);
+  const int64_t ahead = prefetch_ahead(m);
   for_tiles<R, TILE>(m, n, [&](int64_t r0, int64_t t0, auto rows) {
     constexpr int NB = decltype(rows)::value;
     const uint8_t* qb = q + (r0 - r0 % ROWS) * (k / 2);  // the layout's block of rows holding r0 .. r0 + R - 1
@@ -222,7 +224,7 @@ void gemm_int4(const uint16_t* x, int64_t m, const uint8_t* q, const float* s, c
       __m512 sa[R], sh[R];   // the scales of the two 64-feature halves
       for (int r = 0; r < R; r++) {
         const uint8_t* p = qb + (blk * ROWS + r0 % ROWS + r) * 64;
-        prefetch(p);
+        prefetch(p, ahead);
         const __m512i bytes = _mm512_loadu_si512(p);
         const __m512i lo = _mm512_and_si512(bytes, low), hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low);
         words[r][0] = (__m512bh)_mm512_unpacklo_epi8(lo, magic);

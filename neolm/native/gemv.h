@@ -16,10 +16,18 @@
 namespace neolm {
 
 constexpr int ROWS = 4;  // also the int4 layout's row block (neolm/native/__init__.py ROWS)
-#ifndef NEOLM_PREFETCH
-#define NEOLM_PREFETCH 512   // bytes ahead of each row's stream: without it, the kernels that compute more per
-#endif                       // byte (int8, int4) stream from memory at half the speed they reach from cache
-inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p) + NEOLM_PREFETCH, _MM_HINT_T0); }
+// Software prefetch, `ahead` bytes past p in a row's stream. One row: 512 bytes; without it, the kernels that
+// compute more per byte (int8, int4) stream from memory at half the speed they reach from cache. Few rows
+// (gemm.cpp): 32 KiB, several rows of W ahead. There each byte of W meets m rows of x, so a loop iteration
+// takes m times longer and a prefetch 512 bytes ahead still misses when the load comes: the core then
+// computes and waits for memory in turn (8 rows cost the one-row time *plus* their arithmetic). 32 KiB ahead,
+// pythia-1.4b's blocks at 8 rows took 11-18% less time (int8, int4, fp32, bf16; bench/PROFILE.md), one
+// row is slower that far ahead.
+constexpr int64_t AHEAD_ONE_ROW = 512, AHEAD_FEW_ROWS = 32768;
+inline void prefetch(const void* p, int64_t ahead = AHEAD_ONE_ROW) {
+  _mm_prefetch(static_cast<const char*>(p) + ahead, _MM_HINT_T0);
+}
+inline int64_t prefetch_ahead(int64_t rows) { return rows > 1 ? AHEAD_FEW_ROWS : AHEAD_ONE_ROW; }
 
 inline float bf16_to_float(uint16_t h) {
   uint32_t u = static_cast<uint32_t>(h) << 16;
