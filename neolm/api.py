@@ -15,7 +15,7 @@ from neolm.config import Config
 from neolm.errors import NeolmError
 from neolm.generate import GenerationConfig, generate, iter_generate
 from neolm.model import GPT
-from neolm.native import decode
+from neolm.native import attention, decode
 from neolm.ops import compile_gemv, use_native
 from neolm.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 
@@ -201,7 +201,8 @@ def load(
     call of neolm's AVX-512 kernels (neolm.native.decode; built with the system's C++ compiler on first use,
     cached), and the output head's products of up to 12 rows on them, where this machine can build them;
     quantized layers take them for products of any size (int8/int4 codes converted for oneDNN's bf16 GEMM
-    from 32 rows on). Prompts and training stay in torch. False: every step and layer in torch and aten.
+    from 32 rows on), and the attention of prompts (neolm.native.attention). Training stays in torch. False:
+    every step and layer in torch and aten.
     compile: on CPU, instead time every kernel each layer shape can use for one-token products (the output
     head's; every block's too when no native step runs) and keep the fastest (neolm.native's, torch.compile's
     or the layer's own; needs a C++ compiler; neolm.ops.compile_gemv).
@@ -231,6 +232,8 @@ def load(
     if native:
         why_not = decode.attach(net)
         log.info("decode steps: %s", f"in torch ({why_not})" if why_not else "native (one call per step)")
+        why_not = attention.attach(net)
+        log.info("prompt attention: %s", f"in torch ({why_not})" if why_not else "native")
         if not compile:
             use_native([net.lm_head])
     tokenizer = load_tokenizer(folder, default=config.tokenizer)

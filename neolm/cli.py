@@ -71,7 +71,7 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = False, position
         action="store_false",
         help="keep every decode step and layer in torch. By default on CPU each new token (of one sequence, or of "
         "each of up to 12 prompts) goes through every block in one call of neolm's AVX-512 kernels, and the output "
-        "head and quantized layers run on them too (built once with the system's C++ compiler, cached in "
+        "head, quantized layers and the attention of prompts run on them too (built once with the system's C++ compiler, cached in "
         "~/.cache/neolm/native), where the machine can build them",
     )
 

@@ -9,6 +9,8 @@ checkpoint.py fuses GPT-Neo's separate q/k/v into it.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,12 +19,14 @@ from torch.utils.checkpoint import checkpoint
 from neolm.config import Config
 from neolm.ops import Linear
 
+_TANH_GELU = (partial(F.gelu, approximate="tanh"), partial(torch.ops.aten.gelu_, approximate="tanh"))
+# name -> (the activation, the same in place: for inference, where no fresh (B, T, d_ff) tensor is needed)
 _ACTIVATIONS = {
-    "gelu": F.gelu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
+    "gelu": (F.gelu, torch.ops.aten.gelu_),
+    "gelu_new": _TANH_GELU,
+    "gelu_fast": _TANH_GELU,
+    "gelu_pytorch_tanh": _TANH_GELU,
+    "relu": (F.relu, torch.relu_),
 }
 
 
@@ -70,6 +74,10 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
+    # fn(q (B, H, T, D), k, v (B, H, S, D), mask, scale) -> (B, T, H, D), or None to decline the call: a faster
+    # kernel for the attention of prompts (neolm.native.attention sets it); None: scaled_dot_product_attention
+    attend = None
+
     def __init__(self, config: Config, window: int | None = None):
         super().__init__()
         self.window = window  # None: global attention; w: each query sees the last w keys
@@ -92,22 +100,24 @@ class Attention(nn.Module):
             k, v = cache_k[:, :, : start + T], cache_v[:, :, : start + T]  # (B, H, S, D)
         if mask is None and self.window is not None and T == 1:  # decoding: a local layer's last w keys
             k, v = k[:, :, -self.window :], v[:, :, -self.window :]
-        if isinstance(mask, str):  # "causal": no padding, no window, no cache offset
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+        y = self.attend(q, k, v, mask, self.scale) if self.attend is not None else None  # (B, T, H, D)
+        if y is None and isinstance(mask, str):  # "causal": no padding, no window, no cache offset
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale).transpose(1, 2)
+        elif y is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale).transpose(1, 2)
+        return self.proj(y.reshape(B, T, C))
 
 
 class MLP(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
         self.fc = Linear(config.d_model, config.d_ff)
-        self.act = _ACTIVATIONS[config.activation]
+        self.act, self.act_ = _ACTIVATIONS[config.activation]
         self.proj = Linear(config.d_ff, config.d_model)
 
     def forward(self, x):
-        return self.proj(self.act(self.fc(x)))
+        h = self.fc(x)  # (B, T, d_ff)
+        return self.proj(self.act(h) if h.requires_grad else self.act_(h))
 
 
 class Block(nn.Module):

@@ -7,6 +7,8 @@
 - gemm.cpp: few-row matmuls (a decode step of a batch: every weight read once for all the rows).
 - decode.cpp (driven by neolm/native/decode.py): a whole decode step of one sequence or a batch through
   every block in one call, on those matmuls.
+- attention.cpp (driven by neolm/native/attention.py): the attention of prompts (prefill), 2-4x faster than
+  torch's fused CPU kernel.
 
 The sources are compiled once per machine with the C++ compiler torch.compile uses (`$CXX`, else `g++`)
 into `$XDG_CACHE_HOME/neolm/native` (default `~/.cache/neolm/native`), keyed by the sources, the compiler
@@ -34,7 +36,7 @@ from neolm.memory import huge_copy, huge_empty
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("gemv.cpp", "gemm.cpp", "decode.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("gemv.cpp", "gemm.cpp", "decode.cpp", "attention.cpp")]
 HEADERS = [Path(__file__).with_name("gemv.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 FEATURES = {"f32": 1, "bf16": 2, "int8": 4, "int4": 8}
@@ -60,6 +62,7 @@ _SIGNATURES = {
     "neolm_gemm_int4": [_p, _i64, _p, _p, _p, _p, _int, _p, _int, _i64, _i64, _i64],
     "neolm_decode_step": [_p, _i64, _p, _i64, _p, _p, _p, _p, _i64, _p, _p, _i64, _p],  # neolm/native/decode.py
     "neolm_decode_scratch_bytes": [_p, _i64],
+    "neolm_attention": [_p, _p, _p, _p, _p, _p, _p, _int, _i64, _i64, _i64, _i64, _i64, _p, _i64, _i64, ctypes.c_float],
 }
 
 

@@ -66,6 +66,39 @@ inline __m256i to_bf16(__m512 v) {  // 16 floats to bf16, round to nearest even,
   return _mm512_cvtepi32_epi16(r);
 }
 
+// Elementwise helpers of decode.cpp and attention.cpp: `bf16` says whether p holds bf16 or fp32 values.
+inline __mmask16 first(int64_t count) { return count >= 16 ? __mmask16(0xffff) : __mmask16((1u << count) - 1u); }
+
+inline __m512 load(const void* p, int bf16, int64_t i, __mmask16 m = 0xffff) {
+  if (bf16) {
+    const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(p) + i);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+  return _mm512_maskz_loadu_ps(m, static_cast<const float*>(p) + i);
+}
+
+inline void put(void* p, int bf16, int64_t i, __m512 v, __mmask16 m = 0xffff) {
+  if (bf16)
+    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p) + i, m, to_bf16(v));
+  else
+    _mm512_mask_storeu_ps(static_cast<float*>(p) + i, m, v);
+}
+
+inline __m512 exp16(__m512 x) {  // e^x, Cephes' expf polynomial after x = n ln2 + r, |r| <= ln2 / 2
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7f)), _mm512_set1_ps(-103.9f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
 // y (n) = W (n, k) @ x (k) + bias, formats as described in gemv.cpp (f32, bf16 and int8 defined in gemm.cpp:
 // its few-row kernels with one row).
 void gemv_f32(const float* x, const float* w, const void* bias, int bias_bf16, void* y, int out_bf16, int64_t n,
