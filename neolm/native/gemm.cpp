@@ -245,12 +245,9 @@ void gemm_int4(const uint16_t* x, int64_t m, const uint8_t* q, const float* s, c
         }
       }
     }
-    const auto offsets = [&](int64_t row, int b) {
-      float v = 0.0f;
-      for (int64_t t = 0; t < groups; t++) v += c[row * groups + t] * xsum[(t0 + b) * groups + t];
-      return v;
-    };
-    finish(acc, r0, t0, n, bias, bias_bf16, y, out_bf16, one, offsets);
+    for (int r = 0; r < R; r++)  // c is padded to whole blocks of rows: rows past n read zeros
+      for (int b = 0; b < NB; b++) acc[r][b] = add_offsets(acc[r][b], c + (r0 + r) * groups, xsum.data() + (t0 + b) * groups, groups);
+    finish(acc, r0, t0, n, bias, bias_bf16, y, out_bf16, one, none);
   });
 }
 

@@ -74,9 +74,7 @@ void gemv_int4(const uint16_t* x, const uint8_t* q, const float* s, const float*
       }
     }
     for (int i = 0; i < ROWS && r0 + i < n; i++) {
-      float v = _mm512_reduce_add_ps(total[i]);
-      const float* cr = c + (r0 + i) * groups;
-      for (int64_t t = 0; t < groups; t++) v += cr[t] * xsum[t];
+      const float v = _mm512_reduce_add_ps(add_offsets(total[i], c + (r0 + i) * groups, xsum.data(), groups));
       store(y, r0 + i, v + bias_at(bias, bias_bf16, r0 + i), out_bf16);
     }
   }

@@ -99,6 +99,16 @@ inline __m512 exp16(__m512 x) {  // e^x, Cephes' expf polynomial after x = n ln2
   return _mm512_scalef_ps(p, n);
 }
 
+// acc + c[t] * xs[t] over t < groups, lane-wise (16 groups a vector): the int4 kernels' offset term sum c X,
+// added before acc's lanes are summed (a scalar loop here cost a third of a few-row int4 product at K/G = 32).
+inline __m512 add_offsets(__m512 acc, const float* c, const float* xs, int64_t groups) {
+  for (int64_t t = 0; t < groups; t += 16) {
+    const __mmask16 m = first(groups - t);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, c + t), _mm512_maskz_loadu_ps(m, xs + t), acc);
+  }
+  return acc;
+}
+
 // y (n) = W (n, k) @ x (k) + bias, formats as described in gemv.cpp (f32, bf16 and int8 defined in gemm.cpp:
 // its few-row kernels with one row).
 void gemv_f32(const float* x, const float* w, const void* bias, int bias_bf16, void* y, int out_bf16, int64_t n,
