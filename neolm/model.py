@@ -9,8 +9,6 @@ checkpoint.py fuses GPT-Neo's separate q/k/v into it.
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,13 +17,25 @@ from torch.utils.checkpoint import checkpoint
 from neolm.config import Config
 from neolm.ops import Linear
 
-_TANH_GELU = (partial(F.gelu, approximate="tanh"), partial(torch.ops.aten.gelu_, approximate="tanh"))
-# name -> (the activation, the same in place: for inference, where no fresh (B, T, d_ff) tensor is needed)
+def _gelu_tanh(x):
+    return F.gelu(x, approximate="tanh")
+
+
+def _gelu_in_place(x):
+    return torch.ops.aten.gelu_(x)
+
+
+def _gelu_tanh_in_place(x):
+    return torch.ops.aten.gelu_(x, approximate="tanh")
+
+
+# name -> (the activation, the same in place: for inference, where no fresh (B, T, d_ff) tensor is needed);
+# module-level functions, so that a model pickles
 _ACTIVATIONS = {
-    "gelu": (F.gelu, torch.ops.aten.gelu_),
-    "gelu_new": _TANH_GELU,
-    "gelu_fast": _TANH_GELU,
-    "gelu_pytorch_tanh": _TANH_GELU,
+    "gelu": (F.gelu, _gelu_in_place),
+    "gelu_new": (_gelu_tanh, _gelu_tanh_in_place),
+    "gelu_fast": (_gelu_tanh, _gelu_tanh_in_place),
+    "gelu_pytorch_tanh": (_gelu_tanh, _gelu_tanh_in_place),
     "relu": (F.relu, torch.relu_),
 }
 

@@ -59,3 +59,17 @@ def test_bf16_close_to_fp32(tiny_checkpoints):
         half = neolm.load(folder, dtype="bfloat16").model(ids).float()
     assert half.dtype == torch.float32
     assert torch.allclose(half, full, atol=0.15 * full.abs().max().item())
+
+
+def test_in_place_activations_equal_the_activations():
+    """MLP runs its activation in place at inference (no fresh (B, T, d_ff) tensor): the same numbers, and
+    the functions pickle (a whole model does, as torch.save(model) needs)."""
+    import pickle
+
+    from neolm.model import _ACTIVATIONS
+
+    x = torch.randn(4, 96, generator=torch.Generator().manual_seed(6))
+    for name, (act, in_place) in _ACTIVATIONS.items():
+        y = x.clone()
+        assert in_place(y) is y and torch.equal(y, act(x)), name
+        assert pickle.loads(pickle.dumps((act, in_place)))[0](x).equal(act(x)), name
