@@ -201,7 +201,7 @@ def load(
     call of neolm's AVX-512 kernels (neolm.native.decode; built with the system's C++ compiler on first use,
     cached), and the output head's products of up to 12 rows on them, where this machine can build them;
     quantized layers take them for products of any size (int8/int4 codes converted for oneDNN's bf16 GEMM
-    from 32 rows on), and the attention of prompts (neolm.native.attention). Training stays in torch. False:
+    from 48/24 rows on), and the attention of prompts (neolm.native.attention). Training stays in torch. False:
     every step and layer in torch and aten.
     compile: on CPU, instead time every kernel each layer shape can use for one-token products (the output
     head's; every block's too when no native step runs) and keep the fastest (neolm.native's, torch.compile's

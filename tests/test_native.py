@@ -118,7 +118,7 @@ def test_int4_to_bf16(n, k, group):
 def test_int4_layer_keeps_one_copy_on_native_kernels(n, monkeypatch):
     """Where the native kernels fit, an int4 layer's codes live only in their layout (no aten packed copy), and
     every number of rows gets the products aten's kernel gives elsewhere."""
-    from neolm.quant.linear import PREFILL_ROWS, Int4Linear
+    from neolm.quant.linear import Int4Linear
 
     linear = torch.nn.Linear(256, n)
     layer, aten = (Int4Linear.from_linear(linear, group_size=64) for _ in range(2))
@@ -131,7 +131,7 @@ def test_int4_layer_keeps_one_copy_on_native_kernels(n, monkeypatch):
     assert torch.equal(layer.codes(), aten.codes()) and torch.equal(layer.dequantize(), aten.dequantize())
     assert all(torch.equal(a, b) for a, b in zip(layer.export().values(), aten.export().values()))
     with torch.inference_mode():
-        for m in (1, 5, native.FEW_ROWS + 3, PREFILL_ROWS + 1):  # native kernels, bf16 weights and GEMM
+        for m in (1, 5, native.FEW_ROWS + 3, layer.prefill_rows + 1):  # native kernels, bf16 weights and GEMM
             x = torch.randn(m, 256)
             _close(layer(x), aten(x), 2e-2)
     codes = layer.codes()
@@ -146,17 +146,17 @@ def test_quantized_layer_prefill_through_bf16_weights(dtype, bits):
     """Many-row int8/int4 products go through bf16 weights and the GEMM, a block of rows at a time (int8: the
     codes, exact in bf16, with the row scales applied to the fp32 result; int4: the weights from the native
     kernels' copy of the codes, rounded to bf16): the dequantized product on bf16 activations."""
-    from neolm.quant.linear import PREFILL_ROWS, Int4Linear, Int8Linear
+    from neolm.quant.linear import Int4Linear, Int8Linear
 
     linear = torch.nn.Linear(1024, 8200).to(dtype)  # in-features x 8200 rows: two blocks of rows of 8192
     layer = Int8Linear.from_linear(linear) if bits == 8 else Int4Linear.from_linear(linear, group_size=128)
     layer.prepare()
     assert layer.prefills()
-    x = torch.randn(2, PREFILL_ROWS // 2 + 3, 1024).to(dtype)
+    x = torch.randn(2, layer.prefill_rows // 2 + 3, 1024).to(dtype)
     with torch.inference_mode():
         got = layer(x)
         want = x.bfloat16().float() @ layer.dequantize(torch.float32).t() + layer.bias.float()
-    assert got.dtype == dtype and got.shape == (2, PREFILL_ROWS // 2 + 3, 8200)
+    assert got.dtype == dtype and got.shape == (2, layer.prefill_rows // 2 + 3, 8200)
     tol = 4e-3 if bits == 8 and dtype == torch.float32 else 8e-3 if bits == 8 else 2e-2
     _close(got, want, tol)
     with torch.inference_mode():

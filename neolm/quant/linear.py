@@ -30,7 +30,6 @@ from neolm.quant import kernels
 log = logging.getLogger(__name__)
 
 GROUP_SIZES = (32, 64, 128, 256)
-PREFILL_ROWS = 32  # products of this many rows or more on CPU: through bf16 weights (QuantLinear._prefill)
 BITS = {"int8": 8, "int4": 4}
 DEFAULT_SKIP = ("lm_head",)  # the output head stays in floating point unless asked
 SCALE_DTYPE = torch.bfloat16
@@ -86,6 +85,9 @@ class QuantLinear(nn.Module):
         return self.qweight.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16)
 
     row_block = 1  # `bf16_rows` starts at multiples of this
+    # Products of this many rows or more on CPU go through bf16 weights (`_prefill`), fewer to the native
+    # kernels: where the two cross on pythia-1.4b's matrices (bench/PROFILE.md, session 7)
+    prefill_rows = 32
     block_weights = 1 << 21  # weights per block of `_bf16_matmul`: 4 MiB in bf16 (faster than 16 at 16-512 rows)
 
     def prefills(self) -> bool:
@@ -101,7 +103,7 @@ class QuantLinear(nn.Module):
         if self._prepared_on != x.device:
             self.prepare()
         if (
-            x.shape[:-1].numel() >= PREFILL_ROWS
+            x.shape[:-1].numel() >= self.prefill_rows
             and x.device.type == "cpu"
             and not torch.is_grad_enabled()
             and self.prefills()
@@ -133,7 +135,7 @@ class QuantLinear(nn.Module):
 
     def _bf16_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, K) @ W^T -> (M, N) in x's dtype, for many rows on CPU: the weights in bf16 a block of rows at a
-        time (4 MiB, made in cache) into oneDNN's bf16 GEMM, which outruns the integer kernels from ~32 rows on
+        time (4 MiB, made in cache) into oneDNN's bf16 GEMM, which outruns the integer kernels from `prefill_rows` on
         (1.8x the native int8 kernel at 512 rows, 3.5x native int4). Activations in bf16, as in those kernels;
         accumulation in fp32."""
         xb = x.to(torch.bfloat16)
@@ -176,8 +178,10 @@ class Int8Linear(QuantLinear):
         q, scale = (self.qweight, self.scale) if rows is None else (self.qweight[rows], self.scale[rows])
         return (q.float() * scale.float()[:, None]).to(dtype or self.dtype)  # (N, K), or (len(rows), K)
 
+    prefill_rows = 48  # 32 rows: native 78 ms, bf16 weights 95 ms over 48 of pythia-1.4b's matrices; 48: equal
+
     def matmul(self, x):
-        if self.prefills() and x.dtype in (torch.float32, torch.bfloat16):  # native: ~1.5x aten's at 13-31 rows
+        if self.prefills() and x.dtype in (torch.float32, torch.bfloat16):  # native: ~1.5x aten's at 13-47 rows
             return native.int8_gemv(x.contiguous(), self.qweight, self.scale, None)
         return kernels.int8_mm(x, self.qweight, self.scale)
 
@@ -256,7 +260,7 @@ class Int4Linear(QuantLinear):
 
     def matmul(self, x):
         if self.layout == "native":
-            return self._native(x, None) if x.shape[0] <= native.FEW_ROWS else self._bf16_matmul(x)
+            return self._native(x, None) if x.shape[0] < self.prefill_rows else self._bf16_matmul(x)
         packed = self._kweight if self._kweight is not None else self.qweight
         return kernels.int4_mm(x, packed, self.group_size, self._sz)[:, : self.out_features]  # less row padding
 
@@ -301,6 +305,7 @@ class Int4Linear(QuantLinear):
         return {"native": lambda x, qweight, scale, bias: kernel(x, bias)}
 
     row_block = native.ROWS
+    prefill_rows = 24  # 16 rows: native 56 ms, bf16 weights 79 ms over 48 of pythia-1.4b's matrices; 24: equal
 
     def prefills(self):
         return self._native is not None  # once the native copy of the codes exists (made for the native kernels)
@@ -310,7 +315,7 @@ class Int4Linear(QuantLinear):
 
     def _native_gemv(self) -> native.Int4Gemv:
         """The native kernels with their copy of the codes (made by `prepare` where they fit), which is then the
-        layer's only one: every product goes to them (up to native.FEW_ROWS rows) or to `_bf16_matmul`, fed
+        layer's only one: every product goes to them (fewer than `prefill_rows` rows) or to `_bf16_matmul`, fed
         from it. aten's int4 kernel is for the other devices and CPUs."""
         if self._native is None:
             if self.layout == "canonical":  # as saved or just quantized: repacked in one native pass
