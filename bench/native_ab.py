@@ -75,7 +75,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         libs = {"old": build(args.old_tree, Path(tmp) / "old.so"),
                 "new": build(Path(__file__).resolve().parents[1], Path(tmp) / "new.so")}  # fmt: skip
-        print(f"| model | dtype | batch | old tok/s | new tok/s | new / old (per-round range) |\n|---|---|---|---|---|---|")
+        print("| model | dtype | batch | old tok/s | new tok/s | new / old (per-round range) |\n|---|---|---|---|---|---|")
         for name in args.models.split(","):
             folder = MODELS / name if "/" in name else MODELS / name / "hf"
             model = neolm.load(folder, dtype=args.dtype).model

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 from neolm.config import Config
 from neolm.ops import Linear
 
+
 def _gelu_tanh(x):
     return F.gelu(x, approximate="tanh")
 
