@@ -39,8 +39,9 @@ def _masks(B, T, S, g):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("d", [8, 64, 80, 256])  # one vector with a tail, whole vectors, a tail, two passes
-@pytest.mark.parametrize("B,H,T,S", [(1, 3, 5, 5), (2, 2, 37, 37), (3, 2, 9, 40), (2, 1, 70, 130)])
+@pytest.mark.parametrize("B,H,T,S", [(1, 3, 5, 5), (2, 2, 37, 37), (3, 2, 9, 40), (2, 1, 70, 130), (1, 2, 300, 300), (2, 1, 40, 600)])
 def test_equals_sdpa(dtype, tol, d, B, H, T, S):
+    """(300 and 600 keys: a key table of several pages, many blocks of queries.)"""
     g = torch.Generator().manual_seed(d + T)
     if T == S:  # q, k, v as the model has them: strided views of the fused projection
         q, k, v = torch.randn(B, T, H, 3, d, generator=g).to(dtype).permute(3, 0, 2, 1, 4)
