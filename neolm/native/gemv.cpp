@@ -102,13 +102,12 @@ void int4_to_bf16(const uint8_t* q, const float* s, const float* c, uint16_t* ou
           const int64_t t = (128 * b + 64 * half) / g;
           const __m512 scale = _mm512_set1_ps(sr[t]), offset = _mm512_set1_ps(cr[t]);
           const __m512i words[2] = {_mm512_unpacklo_epi8(nibbles[half], magic), _mm512_unpackhi_epi8(nibbles[half], magic)};
-          for (int w = 0; w < 2; w++)
-            for (int part = 0; part < 2; part++) {  // 16 of the 32 bf16 numbers 128 + q
-              const __m256i h = part ? _mm512_extracti64x4_epi64(words[w], 1) : _mm512_castsi512_si256(words[w]);
-              const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-              const __m512 wv = _mm512_fmadd_ps(v, scale, offset);
-              _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + 128 * b + 64 * half + 32 * w + 16 * part), to_bf16(wv));
-            }
+          for (int w = 0; w < 2; w++) {  // 32 bf16 numbers 128 + q -> 32 weights, rounded to bf16 (vcvtne2ps2bf16)
+            const __m512 v0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(words[w])), 16));
+            const __m512 v1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(words[w], 1)), 16));
+            const __m512bh both = _mm512_cvtne2ps_pbh(_mm512_fmadd_ps(v1, scale, offset), _mm512_fmadd_ps(v0, scale, offset));
+            _mm512_storeu_si512(row + 128 * b + 64 * half + 32 * w, (__m512i)both);
+          }
         }
       }
     }
