@@ -76,22 +76,24 @@ class Linear(nn.Linear):
     gemv = None  # set by compile_gemv: fn(x, weight, bias), the kernel for one-row inputs at inference
     gemv_rows = 1  # the most rows `gemv` takes (native.FEW_ROWS for the native kernels)
 
+    def _cpu_float(self) -> bool:
+        """A CPU fp32/bf16 weight, and a bias (if any) of its dtype: what the one-row kernels take."""
+        w, b = self.weight, self.bias
+        return w.device.type == "cpu" and w.dtype in _ONEDNN_DTYPES and (b is None or b.dtype == w.dtype)
+
     def gemv_kernels(self) -> dict:
         """One-row kernels for a CPU fp32/bf16 weight: name -> fn(x (1, K), weight, bias) -> (1, N)."""
-        w, b = self.weight, self.bias
-        if w.device.type != "cpu" or w.dtype not in _ONEDNN_DTYPES or (b is not None and b.dtype != w.dtype):
+        if not self._cpu_float():
             return {}
         weights = self.native_weights()
         if weights is not None and weights.kind in native.available()[0]:
             return {"native": native.float_gemv}
-        return {"inductor": compiled(_gemv, w, b)}
+        return {"inductor": compiled(_gemv, self.weight, self.bias)}
 
     def native_weights(self):
         """This layer's tensors for neolm's native kernels (neolm.native.decode), or None."""
         w, b = self.weight, self.bias
-        if w.device.type != "cpu" or w.dtype not in _ONEDNN_DTYPES or not w.is_contiguous():
-            return None
-        if b is not None and (b.dtype != w.dtype or not b.is_contiguous()):
+        if not (self._cpu_float() and w.is_contiguous() and (b is None or b.is_contiguous())):
             return None
         kind = "bf16" if w.dtype == torch.bfloat16 else "f32"
         return native.Weights(kind, w, bias=b, n=w.shape[0], k=w.shape[1])
