@@ -85,8 +85,8 @@ class QuantLinear(nn.Module):
         return self.qweight.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16)
 
     row_block = 1  # `bf16_rows` starts at multiples of this
-    # Products of this many rows or more on CPU go through bf16 weights (`_prefill`), fewer to the native
-    # kernels: where the two cross on pythia-1.4b's matrices (bench/PROFILE.md, session 7)
+    # Products of this many rows or more on CPU go through bf16 weights (`_prefill`, where `prefills()`), fewer
+    # to the layer's kernels; each kind that prefills sets it where the two cross (bench/PROFILE.md, session 7)
     prefill_rows = 32
     block_weights = 1 << 21  # weights per block of `_bf16_matmul`: 4 MiB in bf16 (faster than 16 at 16-512 rows)
 
