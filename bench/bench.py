@@ -18,6 +18,7 @@ import json
 import os
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -206,9 +207,9 @@ def llama_source(peers: Peers, args, logfile: Path) -> Path | None:
     return src
 
 
-def run_job(job: dict, peers: Peers, args, hf: Path, workdir: Path) -> dict:
+def run_job(job: dict, peers: Peers, args, hf: Path, workdir: Path, suffix: str = "") -> dict:
     engine, variant, precision = job["engine"], job["variant"], job["precision"]
-    name = f"{job['model']}-{engine}{'-' + variant if variant else ''}-{precision}"
+    name = f"{job['model']}-{engine}{'-' + variant if variant else ''}-{precision}{suffix}"
     out = workdir / f"{name}.json"
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                OPENBLAS_NUM_THREADS=str(args.threads), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
@@ -237,6 +238,29 @@ def run_job(job: dict, peers: Peers, args, hf: Path, workdir: Path) -> dict:
     result.update(model=job["model"], engine=engine, variant=variant, precision=precision, wall_s=wall)
     result["other_cpu_cores"] = round(max(foreign, 0.0), 3)
     return result
+
+
+def merge_rounds(results: list[dict]) -> dict:
+    """One row from its rounds: every run's figures pooled; per round, its medians and conditions (the
+    pairing report.py does). Rounds that failed are counted; the row is an error only if all failed."""
+    ok = [r for r in results if r.get("status") == "ok"]
+    if len(results) == 1 or not ok:
+        return results[0] if len(results) == 1 else dict(results[-1], rounds_failed=len(results))
+    row = dict(ok[0])
+    row["figures"] = {k: [v for r in ok for v in r["figures"].get(k, [])] for k in ok[0]["figures"]}
+    row["peak_rss_mb"] = max(r.get("peak_rss_mb") or 0 for r in ok)
+    row["wall_s"] = sum(r["wall_s"] for r in ok)
+    row["other_cpu_cores"] = max(r["other_cpu_cores"] for r in ok)
+    row["incomplete"] = any(r.get("incomplete") for r in ok)
+    row["rounds"] = [
+        {"round": r["round"], "figures": {k: statistics.median(v) for k, v in r["figures"].items() if v},
+         "bandwidth_before": r["bandwidth_before"], "other_cpu_cores": r["other_cpu_cores"]}
+        for r in results if r.get("status") == "ok"
+    ]  # fmt: skip
+    row["rounds_failed"] = len(results) - len(ok)
+    row.pop("bandwidth_before", None)
+    row.pop("round", None)
+    return row
 
 
 def plan(args, peers: Peers, notes: dict) -> list[dict]:
@@ -278,6 +302,13 @@ def main() -> None:
     p.add_argument("--precisions", default="fp32,bf16,int8,int4")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run each model x precision's rows this many times, the engines' order reversed every other "
+        "round; ratios and targets then pair the rows round by round (use with --runs 1)",
+    )
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prefill-len", type=int, default=512)
     p.add_argument("--batch", type=int, default=8)
@@ -321,7 +352,7 @@ def main() -> None:
         "machine": machine.describe(),
         "quiet_start": machine.quietness(),
         "settings": {
-            k: getattr(args, k) for k in ("threads", "runs", "big_runs", "new_tokens", "prefill_len", "batch", "quick")
+            k: getattr(args, k) for k in ("threads", "runs", "rounds", "big_runs", "new_tokens", "prefill_len", "batch", "quick")
         },
     }
     doc["settings"].update(
@@ -357,23 +388,32 @@ def main() -> None:
     # Run order: per model, precision by precision, every engine's row of a precision right after the other,
     # so that the rows a ratio compares run within a minute or two of each other: this VM's memory moves
     # between a slow and a fast phase within minutes, which a run engine by engine turned into ratios.
-    order = sorted(range(len(jobs)), key=lambda i: (args.models.index(jobs[i]["model"]),
-                                                    args.precisions.index(jobs[i]["precision"]), i))  # fmt: skip
-    results: list = [None] * len(jobs)
+    # With --rounds N, a precision's rows run N times over, the engines' order reversed every other round,
+    # and report.py pairs the rows round by round (a ratio per round, from rows run back to back).
+    groups: dict = {}
+    for i, job in enumerate(jobs):
+        groups.setdefault((args.models.index(job["model"]), args.precisions.index(job["precision"])), []).append(i)
+    rounds: list[list] = [[] for _ in jobs]  # each job's result per round
     json_path = Path(args.out).with_suffix(".json")
-    for n, i in enumerate(order):
-        job = jobs[i]
-        if job.get("status") == "unavailable":
-            results[i] = job
-            continue
-        log(f"[{n + 1}/{len(jobs)}] {job['model']} {job['engine']} {job['variant']} {job['precision']}")
-        before = bw()  # this VM's memory moves between slow and fast phases within minutes: note the row's
-        result = run_job(job, peers, args, dirs[job["model"]], workdir)
-        result["bandwidth_before"] = before
-        log(f"    {result['status']} in {result['wall_s']:.0f}s (read {before['read_gbs']:.0f} GB/s before) {report.brief(result)}")
-        results[i] = result
-        doc["results"] = [r for r in results if r is not None]
-        json_path.write_text(json.dumps(doc, indent=1))  # partial results survive an interruption
+    total = sum(job.get("status") != "unavailable" for job in jobs) * args.rounds
+    n = 0
+    for key in sorted(groups):
+        for rnd in range(args.rounds):
+            for i in groups[key][:: -1 if rnd % 2 else 1]:
+                job = jobs[i]
+                if job.get("status") == "unavailable":
+                    continue
+                n += 1
+                log(f"[{n}/{total}] {job['model']} {job['engine']} {job['variant']} {job['precision']}"
+                    + (f" (round {rnd + 1}/{args.rounds})" if args.rounds > 1 else ""))  # fmt: skip
+                before = bw()  # this VM's memory moves between slow and fast phases within minutes: note the row's
+                result = run_job(job, peers, args, dirs[job["model"]], workdir, f"-r{rnd + 1}" if args.rounds > 1 else "")
+                result.update(bandwidth_before=before, round=rnd + 1)
+                log(f"    {result['status']} in {result['wall_s']:.0f}s (read {before['read_gbs']:.0f} GB/s before) {report.brief(result)}")
+                rounds[i].append(result)
+                doc["results"] = [merge_rounds(r) if r else job for job, r in zip(jobs, rounds) if r or job.get("status")]
+                json_path.write_text(json.dumps(doc, indent=1))  # partial results survive an interruption
+    results = [merge_rounds(r) if r else job for job, r in zip(jobs, rounds)]
     doc.update(bandwidth_end=bw(), quiet_end=machine.quietness(), wall_s=time.time() - started, results=results)
     json_path.write_text(json.dumps(doc, indent=1))
     Path(args.out).write_text(report.render(doc))

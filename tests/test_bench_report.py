@@ -1,0 +1,75 @@
+"""bench/bench.py --rounds: rows merged from their rounds, and report.py's ratios paired round by round."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))  # bench.py imports its neighbours (machine, report) by name
+
+
+def load(name):  # by path: the repository's bench/ folder would otherwise shadow bench.py as a package
+    spec = importlib.util.spec_from_file_location(f"neolm_bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench, report = load("bench"), load("report")
+
+
+def round_result(engine, rnd, decode, batch=None, gbs=50.0):
+    figures = {"decode_tps": [decode], "prefill_tps": [decode * 10]}
+    if batch:
+        figures["batch_tps"] = [batch]
+    return {"status": "ok", "model": "m", "engine": engine, "variant": "", "precision": "fp32", "figures": figures,
+            "wall_s": 1.0, "other_cpu_cores": 0.0, "bandwidth_before": {"read_gbs": gbs}, "round": rnd}  # fmt: skip
+
+
+def test_merge_rounds_pools_runs_and_keeps_each_round():
+    row = bench.merge_rounds([round_result("neolm", 1, 10.0, 40.0, 40), round_result("neolm", 2, 20.0, 100.0, 80)])
+    assert row["figures"]["decode_tps"] == [10.0, 20.0]
+    assert [r["round"] for r in row["rounds"]] == [1, 2]
+    assert row["rounds"][1]["figures"]["batch_tps"] == 100.0
+    assert row["rounds_failed"] == 0 and "round" not in row and "bandwidth_before" not in row
+    assert report.bandwidth_cell(row) == "40–80"
+    # batch over single per round (4x and 5x), not of the pooled medians (70 / 15)
+    assert report.batch_over_single(row) == pytest.approx(4.5)
+
+
+def test_merge_rounds_counts_failed_rounds():
+    failed = {"status": "error", "reason": "worker failed", "round": 2}
+    row = bench.merge_rounds([round_result("neolm", 1, 10.0), failed, round_result("neolm", 3, 30.0)])
+    assert row["status"] == "ok" and row["rounds_failed"] == 1
+    assert [r["round"] for r in row["rounds"]] == [1, 3]
+    assert bench.merge_rounds([failed, failed])["status"] == "error"
+    single = round_result("neolm", 1, 10.0)
+    assert bench.merge_rounds([single]) is single
+
+
+def test_ratios_pair_rounds_not_medians():
+    # neolm fast in round 1 only when the peer is fast too: per-round ratios are 1.0, 1.0, 1.2
+    neo = bench.merge_rounds([round_result("neolm", i + 1, v) for i, v in enumerate([100.0, 50.0, 60.0])])
+    peer = bench.merge_rounds([round_result("llamacpp", i + 1, v) for i, v in enumerate([100.0, 50.0, 50.0])])
+    value, shown = report.ratio(neo, peer, "decode_tps")
+    assert value == pytest.approx(1.0) and shown == "1.00 [1.00–1.20]"
+    # a round missing on one side is left out, not misaligned
+    peer["rounds"] = peer["rounds"][1:]
+    assert report.paired(neo, peer, "decode_tps") == pytest.approx([1.0, 1.2])
+    # rows measured once: the ratio of the medians
+    one, other = round_result("neolm", 1, 30.0), round_result("llamacpp", 1, 20.0)
+    assert report.ratio(one, other, "decode_tps") == (pytest.approx(1.5), "1.50")
+
+
+def test_targets_judge_by_the_paired_ratio():
+    neo = bench.merge_rounds([round_result("neolm", i + 1, v) for i, v in enumerate([100.0, 48.0, 60.0])])
+    peer = bench.merge_rounds([round_result("llamacpp", i + 1, v) for i, v in enumerate([100.0, 50.0, 50.0])])
+    # medians 60 vs 50 would say met; the rounds say neolm was slower in one and equal in another
+    lines = report.targets({"results": [neo, peer]})
+    decode = next(line for line in lines if line.startswith("| fp32 decode ≥ llama.cpp F32"))
+    assert decode.endswith("| 1.00 [0.96–1.20] | yes |")
+    neo["rounds"][0]["figures"]["decode_tps"] = 90.0  # now 0.90, 0.96, 1.20: median below 1
+    lines = report.targets({"results": [neo, peer]})
+    assert any(line.startswith("| fp32 decode ≥ llama.cpp F32") and line.endswith("| **no** |") for line in lines)
