@@ -67,20 +67,25 @@ def test_int8(n, k, dtype, m):
 
 
 def test_int4_layout():
-    n, k = 6, 256  # 6 rows: one block of 4, one padded with 2 zero rows
+    n, k = 20, 32  # 20 rows: one block of 16, one padded with 12 zero rows; 4 chunks of 8 in-features
     codes = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(0))
     packed = native.pack_int4_gemv(codes)
-    assert packed.shape == (8, k // 2) and packed.dtype == torch.uint8
-    blocks = packed.view(2, k // 128, 4, 64)  # (row block, 128 in-features, row in block, byte)
-    row = blocks[0, 1, 2]  # row 2, in-features 128..255
-    assert torch.equal(row[:8] & 15, codes[2, 128:136].to(torch.uint8))  # lane 0: in-features 0..7 and 32..39
-    assert torch.equal(row[8:16] & 15, codes[2, 160:168].to(torch.uint8))
-    assert torch.equal(row[16:24] >> 4, codes[2, 128 + 72 : 128 + 80].to(torch.uint8))  # lane 1, high: 8..15 + 64
-    assert torch.equal(blocks[1, :, 2:], torch.zeros_like(blocks[1, :, 2:]))  # the padding rows
+    assert packed.shape == (32, k // 2) and packed.dtype == torch.uint8
+    chunks = packed.view(2, k // 8, 64)  # (block of 16 rows, chunk of 8 in-features, byte)
+    c = codes.to(torch.uint8)
+    # byte 16 L + i of chunk j: row 4 L + (i % 8) / 2, in-feature 8 j + 2 (i / 8) + i % 2 low, + 4 high
+    for block, j, lane, i in [(0, 0, 0, 0), (0, 1, 2, 5), (0, 3, 3, 15), (1, 2, 0, 9), (1, 2, 0, 3)]:
+        row, f = 16 * block + 4 * lane + (i % 8) // 2, 8 * j + 2 * (i // 8) + i % 2
+        byte = chunks[block, j, 16 * lane + i].item()
+        assert (byte & 15, byte >> 4) == (c[row, f].item(), c[row, f + 4].item())
+    assert torch.equal(chunks[1].view(k // 8, 4, 16)[:, 1:], torch.zeros(k // 8, 3, 16, dtype=torch.uint8))  # pad
+    assert torch.equal(native.unpack_int4_gemv(packed, n), c)
 
 
 @needs["int4"]
-@pytest.mark.parametrize("n,k,group", [(1, 128, 64), (37, 256, 64), (130, 256, 128), (333, 768, 256), (5, 1024, 128)])
+@pytest.mark.parametrize(
+    "n,k,group", [(1, 128, 64), (37, 256, 64), (130, 256, 128), (333, 768, 256), (5, 1024, 128), (70, 96, 32)]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m", ROWS_OF_X)
 def test_int4(n, k, group, dtype, m):
@@ -92,10 +97,12 @@ def test_int4(n, k, group, dtype, m):
     assert y.dtype == dtype
     want = x.bfloat16().float() @ w_dq.t() + b.float()  # activations in bf16, as torch's int4 kernel has them
     _close(y, want, 1e-5 if dtype == torch.float32 else 1e-2)
+    if m > 1:  # each row gets the numbers it gets alone
+        assert torch.equal(y[m - 1 :], native.Int4Gemv(codes, scale, zero, group)(x[m - 1 :], b))
 
 
 @needs["int4"]
-@pytest.mark.parametrize("n,k,group", [(6, 128, 64), (37, 256, 128), (333, 768, 256)])
+@pytest.mark.parametrize("n,k,group", [(6, 128, 64), (37, 256, 128), (333, 768, 256), (40, 96, 32)])
 def test_int4_to_bf16(n, k, group):
     """The native copy of int4 codes back to weights: (q - 8) s + z rounded to bf16, any block of rows."""
     w, _, _ = _data(n, k)
@@ -105,10 +112,12 @@ def test_int4_to_bf16(n, k, group):
     full = gemv.to_bf16(0, n)
     assert full.dtype == torch.bfloat16 and full.shape == (n, k)
     assert torch.allclose(full.float(), w_dq, rtol=2 ** -8, atol=1e-6)  # within bf16 rounding
-    assert torch.equal(gemv.to_bf16(4, n), full[4:])  # from a later block of rows
+    assert torch.equal(gemv.to_bf16(0, n - 1), full[: n - 1])  # ending inside a block of rows
+    if n > 16:
+        assert torch.equal(gemv.to_bf16(16, n), full[16:])  # from a later block of rows
     with pytest.raises(AssertionError):
         gemv.to_bf16(2, n)  # not at a block of rows
-    assert torch.equal(gemv.codes(), codes)  # the layout inverts (rows padded to blocks of 4 dropped)
+    assert torch.equal(gemv.codes(), codes)  # the layout inverts (rows padded to blocks of 16 dropped)
     from_saved = native.Int4Gemv(None, scale, zero, group, canonical=pack_int4(codes))  # the native repacking
     assert torch.equal(from_saved.q, gemv.q) and torch.equal(from_saved.c, gemv.c)
 
@@ -194,7 +203,8 @@ def test_native_false_keeps_quantized_layers_on_aten(tmp_path):
 
 def test_int4_supported_shapes():
     assert native.int4_supported(768, 64) and native.int4_supported(2048, 128) and native.int4_supported(768, 256)
-    assert not native.int4_supported(768, 32) and not native.int4_supported(192, 64)  # K: a multiple of 128
+    assert native.int4_supported(768, 32) and native.int4_supported(96, 32)  # any group of 8s dividing K
+    assert not native.int4_supported(100, 20) and not native.int4_supported(96, 64)
 
 
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="the kernels are for x86-64")

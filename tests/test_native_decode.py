@@ -168,9 +168,12 @@ def test_attach_says_why_not(monkeypatch, folders):
     layer = int4.model.blocks[0].mlp.fc
     assert layer.gemv_kernels() == {} and layer._native is None  # no copy of the codes for kernels it cannot run
     monkeypatch.undo()
-    int4 = neolm.load(folders["neo-128"], quantize="int4", group_size=32, native=False)  # the native int4 kernel needs G % 64 == 0
+    assert isinstance(neolm.load(folders["neo-128"], quantize="int4", group_size=32).model.decode_step, decode.DecodeStep)
+    monkeypatch.setattr(native, "int4_supported", lambda in_features, group_size: False)  # a shape it cannot take
+    int4 = neolm.load(folders["neo-128"], quantize="int4", native=False)
     assert "block 0's qkv, proj, fc, out layer has no native kernel" in decode.attach(int4.model)
     assert int4.model.decode_step is None
+    monkeypatch.undo()
     off = neolm.load(folders["neo-128"], quantize="int4", native=False)  # its layers stay off the native kernels
     assert "has no native kernel" in decode.attach(off.model) and off.model.decode_step is None
     assert isinstance(neolm.load(folders["neo-128"], quantize="int4").model.decode_step, decode.DecodeStep)

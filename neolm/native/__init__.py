@@ -5,6 +5,8 @@
   that layer shape. They stream weights at one activation row without torch's per-op dispatch, and (int4,
   int8) without a packed layout made for many rows (bench/PROFILE.md has the numbers).
 - gemm.cpp: few-row matmuls (a decode step of a batch: every weight read once for all the rows).
+- int4.cpp: int4 weights in a layout of their own: one- and few-row matmuls, and the conversion to bf16
+  weights for prompts.
 - decode.cpp (driven by neolm/native/decode.py): a whole decode step of one sequence or a batch through
   every block in one call, on those matmuls.
 - attention.cpp (driven by neolm/native/attention.py): the attention of prompts (prefill), 2-4x faster than
@@ -36,12 +38,11 @@ from neolm.memory import huge_copy, huge_empty
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("gemv.cpp", "gemm.cpp", "decode.cpp", "attention.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("gemv.cpp", "gemm.cpp", "int4.cpp", "decode.cpp", "attention.cpp")]
 HEADERS = [Path(__file__).with_name("gemv.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 FEATURES = {"f32": 1, "bf16": 2, "int8": 4, "int4": 8}
-INT4_BLOCK = 128  # in-features per 64 bytes of the int4 layout
-ROWS = 4  # rows per block of the int4 layout (gemv.cpp ROWS)
+INT4_ROWS = 16  # out-features per block of the int4 layout (int4.cpp INT4_ROWS)
 # Products of up to this many rows go to the native kernels (gemm.cpp past one row) in layers that use them,
 # and batches of up to this many sequences to the native decode step: beyond, oneDNN's GEMM catches up
 # (between 12 and 24 rows on an AVX-512 EPYC, depending on its memory's phase: bench/PROFILE.md).
@@ -137,8 +138,8 @@ class Weights:
 
     kind: str  # f32, bf16, int8, int4 (FEATURES)
     w: torch.Tensor  # f32/bf16 (N, K); int8 codes (N, K); int4 codes in pack_int4_gemv's layout
-    s: torch.Tensor | None = None  # int8: bf16 scales (N,); int4: fp32 scales (N, K/G)
-    c: torch.Tensor | None = None  # int4: fp32 offsets (N, K/G)
+    s: torch.Tensor | None = None  # int8: bf16 scales (N,); int4: fp32 scales (N/16, K/G, 16)
+    c: torch.Tensor | None = None  # int4: fp32 offsets (N/16, K/G, 16)
     bias: torch.Tensor | None = None
     n: int = 0
     k: int = 0
@@ -187,35 +188,28 @@ def int8_to_bf16(q: torch.Tensor) -> torch.Tensor:
 
 
 def pack_int4_gemv(codes: torch.Tensor) -> torch.Tensor:
-    """codes (N, K) in [0, 15] -> (ceil(N/4)*4, K/2) uint8, gemv.cpp's int4 layout: blocks of 4 rows (zero rows
-    pad the last), each stored as K/128 groups of 4 x 64 bytes; in a row's 64 bytes, byte p = 16 L + i
-    holds in-feature f = 8 L + i (i < 8) or 32 + 8 L + i - 8 (i >= 8) in its low nibble and f + 64 in its
-    high nibble."""
+    """codes (N, K) in [0, 15] -> (ceil(N/16)*16, K/2) uint8, int4.cpp's layout: blocks of 16 rows (zero rows pad
+    the last), each K/8 chunks of 64 bytes, chunk j holding in-features 8j..8j+7; byte 16 L + i of a chunk holds
+    row 4 L + (i % 8) / 2 and in-feature f = 8 j + 2 (i / 8) + i % 2 in its low nibble, f + 4 in its high one."""
     n, k = codes.shape
-    pad = -n % ROWS
-    c = F.pad(codes.to(torch.uint8), (0, 0, 0, pad)).view((n + pad) // ROWS, ROWS, k // INT4_BLOCK, INT4_BLOCK)
-    p = torch.arange(INT4_BLOCK // 2)
-    lane, i = p // 16, p % 16
-    f = torch.where(i < 8, 8 * lane + i, 32 + 8 * lane + i - 8)  # (64,) low-nibble in-feature of each byte
-    packed = c[..., f] | (c[..., f + 64] << 4)  # (N/4, 4, K/128, 64)
-    return packed.transpose(1, 2).contiguous().view(n + pad, k // 2)
+    pad = -n % INT4_ROWS
+    c = F.pad(codes.to(torch.uint8), (0, 0, 0, pad))
+    # (block, lane L, row in lane, chunk, nibble, i / 8, i % 2) -> (block, chunk, L, i / 8, row in lane, i % 2, nibble)
+    t = c.view(-1, 4, 4, k // 8, 2, 2, 2).permute(0, 3, 1, 5, 2, 6, 4)
+    return (t[..., 0] | (t[..., 1] << 4)).contiguous().view(n + pad, k // 2)
 
 
 def unpack_int4_gemv(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """Inverse of pack_int4_gemv: (ceil(N/4)*4, K/2) -> codes (N, K) uint8."""
+    """Inverse of pack_int4_gemv: (ceil(N/16)*16, K/2) -> codes (N, K) uint8."""
     rows, half = packed.shape
     k = 2 * half
-    b = packed.view(rows // ROWS, k // INT4_BLOCK, ROWS, INT4_BLOCK // 2).transpose(1, 2)  # (N/4, 4, K/128, 64)
-    p = torch.arange(INT4_BLOCK // 2)
-    lane, i = p // 16, p % 16
-    f = torch.where(i < 8, 8 * lane + i, 32 + 8 * lane + i - 8)
-    c = torch.empty(rows // ROWS, ROWS, k // INT4_BLOCK, INT4_BLOCK, dtype=torch.uint8)
-    c[..., f], c[..., f + 64] = b & 15, b >> 4
-    return c.view(rows, k)[:n]
+    b = packed.view(rows // INT4_ROWS, k // 8, 4, 2, 4, 2)  # (block, chunk, L, i / 8, row in lane, i % 2)
+    t = torch.stack([b & 15, b >> 4], dim=-1)  # (..., nibble)
+    return t.permute(0, 2, 4, 1, 6, 3, 5).reshape(rows, k)[:n]
 
 
 def int4_supported(in_features: int, group_size: int) -> bool:
-    return group_size % 64 == 0 and in_features % group_size == 0 and in_features % INT4_BLOCK == 0
+    return group_size % 8 == 0 and in_features % group_size == 0
 
 
 class Int4Gemv:
@@ -229,7 +223,7 @@ class Int4Gemv:
         native pass: canonical=, codes=None."""
         self.n, self.k = codes.shape if codes is not None else (canonical.shape[0], 2 * canonical.shape[1])
         self.group_size = group_size
-        pad = -self.n % ROWS
+        pad = -self.n % INT4_ROWS
         if codes is not None:
             self.q = huge_copy(pack_int4_gemv(codes))
         else:
@@ -237,8 +231,9 @@ class Int4Gemv:
             self.q = huge_empty((self.n + pad, self.k // 2), torch.uint8)
             _library()[0].neolm_int4_pack(canonical.data_ptr(), self.q.data_ptr(), self.n, self.k)
         s = scale.float()
-        self.s = F.pad(s, (0, 0, 0, pad)).contiguous()
-        self.c = F.pad(zero.float() - 136 * s, (0, 0, 0, pad)).contiguous()  # gemv.cpp: sum w x = s A + (z - 136 s) X
+        # int4.cpp: sum w x = s A + (z - 136 s) X; both (N/16, K/G, 16), a block's rows side by side
+        self.s, self.c = (F.pad(t, (0, 0, 0, pad)).view(-1, INT4_ROWS, t.shape[1]).transpose(1, 2).contiguous()
+                          for t in (s, zero.float() - 136 * s))  # fmt: skip
 
     def weights(self, bias: torch.Tensor | None):
         """These tensors as `Weights` (for neolm.native.decode)."""
@@ -249,8 +244,8 @@ class Int4Gemv:
         return unpack_int4_gemv(self.q, self.n)
 
     def to_bf16(self, start: int, end: int) -> torch.Tensor:
-        """Rows [start, end) of the weight matrix in bf16, (end - start, K); start a multiple of ROWS."""
-        assert start % ROWS == 0 and 0 <= start <= end <= self.n
+        """Rows [start, end) of the weight matrix in bf16, (end - start, K); start a multiple of INT4_ROWS."""
+        assert start % INT4_ROWS == 0 and 0 <= start <= end <= self.n
         out = torch.empty(end - start, self.k, dtype=torch.bfloat16)
         _library()[0].neolm_int4_to_bf16(self.q.data_ptr(), self.s.data_ptr(), self.c.data_ptr(), out.data_ptr(),
                                          start, end, self.k, self.group_size)  # fmt: skip

@@ -25,9 +25,9 @@ struct Lin {  // a linear layer in one of gemv.cpp's formats
   int32_t kind;  // 0 f32, 1 bf16, 2 int8, 3 int4
   int32_t bias_bf16;
   int64_t n, k, g;  // out-features, in-features, int4 group size
-  const void* w;  // weights: fp32 / bf16 (n, k), int8 codes (n, k), int4 codes in gemv.cpp's layout
-  const void* s;  // int8: bf16 scales (n,); int4: fp32 scales (n, k / g)
-  const void* c;  // int4: fp32 offsets (n, k / g)
+  const void* w;  // weights: fp32 / bf16 (n, k), int8 codes (n, k), int4 codes in int4.cpp's layout
+  const void* s;  // int8: bf16 scales (n,); int4: fp32 scales (n / 16, k / g, 16)
+  const void* c;  // int4: fp32 offsets (n / 16, k / g, 16)
   const void* bias;  // (n,) or null
 };
 

@@ -6,13 +6,12 @@
 // times. Here each thread takes R rows of W at a time and runs them against up to TILE rows of X held in
 // registers (R x TILE accumulators): every weight is loaded (and, for int8/int4, converted) once per TILE
 // rows of X. Past TILE rows, the next tile of X meets the same R rows of W again, by then in cache.
-// The weight formats, the int4 layout and its arithmetic are gemv.cpp's; as there, the bodies split the
+// The weight formats are gemv.cpp's (int4: int4.cpp, which has its own); as there, the bodies split the
 // rows of W over the threads of the enclosing parallel region (orphaned `omp for`) and the exported
 // neolm_gemm_* open a region around them. X and Y are row-major and contiguous.
 
 #include <algorithm>
 #include <type_traits>
-#include <vector>
 
 #include "gemv.h"
 
@@ -151,7 +150,7 @@ struct Int8 {  // int8 codes converted to bf16 (exact: 8 significant bits), bf16
 
 }  // namespace
 
-// R x TILE per format, as measured fastest (bench/PROFILE.md): f32 4 x 4, bf16 3 x 8, int8 3 x 8, int4 2 x 8;
+// R x TILE per format, as measured fastest (bench/PROFILE.md): f32 4 x 4, bf16 3 x 8, int8 3 x 8;
 // one row (gemv_*): 4 x 4. Each output is one accumulator's sum over the in-features in order, whatever R and
 // TILE: a row alone gets the numbers it gets in a batch.
 void gemv_f32(const float* x, const float* w, const void* bias, int bias_bf16, void* y, int out_bf16, int64_t n,
@@ -197,60 +196,6 @@ void gemm_bf16(const uint16_t* x, int64_t m, const uint16_t* w, const void* bias
   gemm_dense<3, 8, Bf16>(x, m, w, bias, bias_bf16, y, out_bf16, n, k, one);
 }
 
-// int4 in gemv.cpp's layout and arithmetic: per 64 in-features A = sum (128 + q) x by vdpbf16ps, then
-// sum w x = s A + c X with X = sum x over the group. R divides the layout's row block (ROWS).
-void gemm_int4(const uint16_t* x, int64_t m, const uint8_t* q, const float* s, const float* c, const void* bias,
-               int bias_bf16, void* y, int out_bf16, int64_t n, int64_t k, int64_t g) {
-  constexpr int R = 2, TILE = 8;
-  static_assert(ROWS % R == 0, "R rows must lie in one block of the layout");
-  const int64_t groups = k / g, blocks = k / 128;
-  std::vector<float> xsum(m * groups);  // X of every row of x and group
-  for (int64_t i = 0; i < m; i++)
-    for (int64_t t = 0; t < groups; t++) {
-      float sum = 0.0f;
-      for (int64_t j = t * g; j < (t + 1) * g; j++) sum += bf16_to_float(x[i * k + j]);
-      xsum[i * groups + t] = sum;
-    }
-  const __m512i low = _mm512_set1_epi8(0x0f), magic = _mm512_set1_epi8(0x43);
-  const int64_t ahead = prefetch_ahead(m);
-  for_tiles<R, TILE>(m, n, [&](int64_t r0, int64_t t0, auto rows) {
-    constexpr int NB = decltype(rows)::value;
-    const uint8_t* qb = q + (r0 - r0 % ROWS) * (k / 2);  // the layout's block of rows holding r0 .. r0 + R - 1
-    const uint16_t* xt = x + t0 * k;
-    __m512 acc[R][NB];
-    zero(acc);
-    for (int64_t blk = 0; blk < blocks; blk++) {
-      __m512bh words[R][4];  // 128 + q of in-features 128 blk + [0, 32), [32, 64), [64, 96), [96, 128)
-      __m512 sa[R], sh[R];   // the scales of the two 64-feature halves
-      for (int r = 0; r < R; r++) {
-        const uint8_t* p = qb + (blk * ROWS + r0 % ROWS + r) * 64;
-        prefetch(p, ahead);
-        const __m512i bytes = _mm512_loadu_si512(p);
-        const __m512i lo = _mm512_and_si512(bytes, low), hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low);
-        words[r][0] = (__m512bh)_mm512_unpacklo_epi8(lo, magic);
-        words[r][1] = (__m512bh)_mm512_unpackhi_epi8(lo, magic);
-        words[r][2] = (__m512bh)_mm512_unpacklo_epi8(hi, magic);
-        words[r][3] = (__m512bh)_mm512_unpackhi_epi8(hi, magic);
-        sa[r] = _mm512_set1_ps(s[(r0 + r) * groups + 128 * blk / g]);
-        sh[r] = _mm512_set1_ps(s[(r0 + r) * groups + (128 * blk + 64) / g]);
-      }
-      for (int b = 0; b < NB; b++) {
-        const uint16_t* xb = xt + b * k + 128 * blk;
-        const __m512bh x0 = (__m512bh)_mm512_loadu_si512(xb), x1 = (__m512bh)_mm512_loadu_si512(xb + 32);
-        const __m512bh x2 = (__m512bh)_mm512_loadu_si512(xb + 64), x3 = (__m512bh)_mm512_loadu_si512(xb + 96);
-        for (int r = 0; r < R; r++) {
-          const __m512 a = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), words[r][0], x0), words[r][1], x1);
-          const __m512 h = _mm512_dpbf16_ps(_mm512_dpbf16_ps(_mm512_setzero_ps(), words[r][2], x2), words[r][3], x3);
-          acc[r][b] = _mm512_fmadd_ps(h, sh[r], _mm512_fmadd_ps(a, sa[r], acc[r][b]));
-        }
-      }
-    }
-    for (int r = 0; r < R; r++)  // c is padded to whole blocks of rows: rows past n read zeros
-      for (int b = 0; b < NB; b++) acc[r][b] = add_offsets(acc[r][b], c + (r0 + r) * groups, xsum.data() + (t0 + b) * groups, groups);
-    finish(acc, r0, t0, n, bias, bias_bf16, y, out_bf16, one, none);
-  });
-}
-
 #endif  // __AVX512BF16__
 #endif  // NEOLM_AVX512
 
@@ -283,11 +228,6 @@ void neolm_gemm_bf16(const uint16_t* x, int64_t m, const uint16_t* w, const void
   neolm::gemm_bf16(x, m, w, bias, bias_bf16, y, out_bf16, n, k);
 }
 
-void neolm_gemm_int4(const uint16_t* x, int64_t m, const uint8_t* q, const float* s, const float* c, const void* bias,
-                     int bias_bf16, void* y, int out_bf16, int64_t n, int64_t k, int64_t g) {
-#pragma omp parallel
-  neolm::gemm_int4(x, m, q, s, c, bias, bias_bf16, y, out_bf16, n, k, g);
-}
 #endif  // __AVX512BF16__
 #endif  // NEOLM_AVX512
 

@@ -1,4 +1,5 @@
-// Shared by gemv.cpp (one-row matmuls), gemm.cpp (few-row matmuls) and decode.cpp (a whole decode step):
+// Shared by gemv.cpp (one-row matmuls), gemm.cpp (few-row matmuls), int4.cpp (int4 matmuls), decode.cpp (a
+// whole decode step) and attention.cpp:
 // AVX-512 helpers and the matmul bodies. A body splits its rows over the threads of the enclosing OpenMP
 // parallel region with an orphaned `omp for` (ending in a barrier); called outside any region, one thread
 // does all rows.
@@ -15,7 +16,6 @@
 
 namespace neolm {
 
-constexpr int ROWS = 4;  // also the int4 layout's row block (neolm/native/__init__.py ROWS)
 // Software prefetch, `ahead` bytes past p in a row's stream. One row: 512 bytes; without it, the kernels that
 // compute more per byte (int8, int4) stream from memory at half the speed they reach from cache. Few rows
 // (gemm.cpp): 32 KiB, several rows of W ahead. There each byte of W meets m rows of x, so a loop iteration
@@ -99,18 +99,8 @@ inline __m512 exp16(__m512 x) {  // e^x, Cephes' expf polynomial after x = n ln2
   return _mm512_scalef_ps(p, n);
 }
 
-// acc + c[t] * xs[t] over t < groups, lane-wise (16 groups a vector): the int4 kernels' offset term sum c X,
-// added before acc's lanes are summed (a scalar loop here cost a third of a few-row int4 product at K/G = 32).
-inline __m512 add_offsets(__m512 acc, const float* c, const float* xs, int64_t groups) {
-  for (int64_t t = 0; t < groups; t += 16) {
-    const __mmask16 m = first(groups - t);
-    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, c + t), _mm512_maskz_loadu_ps(m, xs + t), acc);
-  }
-  return acc;
-}
-
-// y (n) = W (n, k) @ x (k) + bias, formats as described in gemv.cpp (f32, bf16 and int8 defined in gemm.cpp:
-// its few-row kernels with one row).
+// y (n) = W (n, k) @ x (k) + bias, formats as described in gemv.cpp (f32, bf16 and int8 defined in gemm.cpp,
+// int4 in int4.cpp: their few-row kernels with one row).
 void gemv_f32(const float* x, const float* w, const void* bias, int bias_bf16, void* y, int out_bf16, int64_t n,
               int64_t k);
 #ifdef __AVX512BF16__
@@ -122,7 +112,7 @@ void gemv_int4(const uint16_t* x, const uint8_t* q, const float* s, const float*
                void* y, int out_bf16, int64_t n, int64_t k, int64_t g);
 #endif
 
-// Y (m, n) = X (m, k) @ W (n, k)^T + bias for a few rows of X (gemm.cpp), same formats.
+// Y (m, n) = X (m, k) @ W (n, k)^T + bias for a few rows of X (gemm.cpp; int4: int4.cpp), same formats.
 void gemm_f32(const float* x, int64_t m, const float* w, const void* bias, int bias_bf16, void* y, int out_bf16,
               int64_t n, int64_t k);
 #ifdef __AVX512BF16__

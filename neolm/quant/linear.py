@@ -304,8 +304,10 @@ class Int4Linear(QuantLinear):
         kernel = self._native_gemv()
         return {"native": lambda x, qweight, scale, bias: kernel(x, bias)}
 
-    row_block = native.ROWS
-    prefill_rows = 24  # 16 rows: native 56 ms, bf16 weights 79 ms over 48 of pythia-1.4b's matrices; 24: equal
+    row_block = native.INT4_ROWS
+    # pythia-1.4b prompts, native / bf16 weights: 0.47 at 24 tokens, 0.76 at 64, 0.89 at 128, 1.00 at 160, 1.14
+    # at 256 (int4.cpp's few-row kernel, lanes over out-features: bench/PROFILE.md, session 8)
+    prefill_rows = 160
 
     def prefills(self):
         return self._native is not None  # once the native copy of the codes exists (made for the native kernels)
