@@ -252,6 +252,11 @@ def targets(doc: dict) -> list[str]:
             if model in ("gpt-neo-125M", "pythia-160m"):
                 roof = roofline(neo["fp32"], doc)
                 line("fp32 decode ≥ 70% of roofline (125M shape)", model, f"{100 * roof:.0f}%", "70%", "–", roof >= 0.7)
+        if neo["int8"]:
+            against(neo["int8"], find(model, "llamacpp", "int8"), "decode_tps", "int8 decode ≥ 1.2× llama.cpp Q8_0",
+                    model, times=1.2)  # fmt: skip
+            against(neo["int8"], find(model, "ctranslate2", "int8"), "decode_tps",
+                    "int8 decode ≥ 2× CTranslate2 int8", model, times=2.0)  # fmt: skip
         for p, n in neo.items():
             if not n:
                 continue

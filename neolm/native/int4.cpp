@@ -29,6 +29,10 @@ constexpr int64_t INT4_ROWS = 16;  // neolm/native/__init__.py INT4_ROWS
 // Rows of x per tile. 8 rows x 1 block (24 accumulators) ran at 277 G multiply-adds/s on 8 rows of pythia-1.4b's
 // matrices, 4 rows x 2 blocks (another 8 rows: the block's codes again, from L1) at 365 (bench/PROFILE.md).
 constexpr int TILE = 4;
+// Software prefetch distances in bytes. One row: the codes 1 KiB ahead (gemv.h's 512 for the other formats),
+// the scales and offsets 2 KiB ahead; without the latter, one row ran 15% slower than with the old layout,
+// whose 4 rows shared one stream of codes and read their scales as scalars (bench/PROFILE.md, session 8).
+constexpr int64_t Q_AHEAD_ONE_ROW = 1024, SC_AHEAD = 2048;
 
 #if defined(NEOLM_AVX512) && defined(__AVX512BF16__)
 
@@ -66,8 +70,11 @@ void tile(const uint16_t* x, int64_t k, int64_t t0, const uint8_t* q, const floa
     for (int b = 0; b < NB; b++) total[r][b] = _mm512_setzero_ps();
   for (int64_t t = 0; t < groups; t++) {
     __m512 even[R][NB], odd[R][NB];
-    for (int r = 0; r < R; r++)
+    for (int r = 0; r < R; r++) {
       for (int b = 0; b < NB; b++) even[r][b] = odd[r][b] = _mm512_setzero_ps();
+      prefetch(s + ((ob + r) * groups + t) * 16, SC_AHEAD);  // their own streams, beside the codes'
+      prefetch(c + ((ob + r) * groups + t) * 16, SC_AHEAD);
+    }
     for (int64_t j = t * per_group; j < (t + 1) * per_group; j++) {
       for (int r = 0; r < R; r++) {
         const uint8_t* p = q + (ob + r) * stride + 64 * j;
@@ -122,7 +129,7 @@ void tile_rows(const uint16_t* x, int64_t m, int64_t k, int64_t t0, const uint8_
 template <int R>
 void int4_blocks(const uint16_t* x, int64_t m, const uint8_t* q, const float* s, const float* c, const float* xsum,
                  const void* bias, int bias_bf16, void* y, int out_bf16, int64_t n, int64_t k, int64_t g) {
-  const int64_t blocks = (n + INT4_ROWS - 1) / INT4_ROWS, ahead = prefetch_ahead(m);
+  const int64_t blocks = (n + INT4_ROWS - 1) / INT4_ROWS, ahead = m == 1 ? Q_AHEAD_ONE_ROW : prefetch_ahead(m);
 #pragma omp for schedule(static)
   for (int64_t ob = 0; ob < blocks; ob += R)
     for (int64_t t0 = 0; t0 < m; t0 += TILE) {
