@@ -27,7 +27,7 @@ namespace neolm {
 
 constexpr int64_t INT4_ROWS = 16;  // neolm/native/__init__.py INT4_ROWS
 // Rows of x per tile. 8 rows x 1 block (24 accumulators) ran at 277 G multiply-adds/s on 8 rows of pythia-1.4b's
-// matrices, 4 rows x 2 blocks (another 8 rows: the block's codes again, from L1) at 365 (bench/PROFILE.md).
+// matrices, 4 rows x 2 blocks (the next 4 rows meet the blocks' codes again, from L2) at 365 (bench/PROFILE.md).
 constexpr int TILE = 4;
 // Software prefetch distances in bytes. One row: the codes 1 KiB ahead (gemv.h's 512 for the other formats),
 // the scales and offsets 2 KiB ahead; without the latter, one row ran 15% slower than with the old layout,
