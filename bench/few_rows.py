@@ -51,7 +51,7 @@ def kernel(kind: str, n: int, k: int, copies: int):
         return lambda x: [native.int8_gemv(x, q, scale, None) for q in codes]
     group = 64
     layers = [
-        native.Int4Gemv(torch.randint(0, 16, (n, k), generator=g), (torch.rand(n, k // group, generator=g) * 0.01).bfloat16(),
+        native.Int4Gemv.from_codes(torch.randint(0, 16, (n, k), generator=g), (torch.rand(n, k // group, generator=g) * 0.01).bfloat16(),
                         (torch.randn(n, k // group, generator=g) * 0.01).bfloat16(), group)
         for _ in range(copies)
     ]  # fmt: skip

@@ -93,12 +93,12 @@ def test_int4(n, k, group, dtype, m):
     codes, scale, zero = quantize_int4(w, group)
     w_dq = ((codes.view(n, k // group, group).float() - 8) * scale.float()[..., None] + zero.float()[..., None]).view(n, k)
     x, b = x.to(dtype), b.to(dtype)
-    y = native.Int4Gemv(codes, scale, zero, group)(x, b)
+    y = native.Int4Gemv.from_codes(codes, scale, zero, group)(x, b)
     assert y.dtype == dtype
     want = x.bfloat16().float() @ w_dq.t() + b.float()  # activations in bf16, as torch's int4 kernel has them
     _close(y, want, 1e-5 if dtype == torch.float32 else 1e-2)
     if m > 1:  # each row gets the numbers it gets alone
-        assert torch.equal(y[m - 1 :], native.Int4Gemv(codes, scale, zero, group)(x[m - 1 :], b))
+        assert torch.equal(y[m - 1 :], native.Int4Gemv.from_codes(codes, scale, zero, group)(x[m - 1 :], b))
 
 
 @needs["int4"]
@@ -108,7 +108,7 @@ def test_int4_to_bf16(n, k, group):
     w, _, _ = _data(n, k)
     codes, scale, zero = quantize_int4(w, group)
     w_dq = ((codes.view(n, k // group, group).float() - 8) * scale.float()[..., None] + zero.float()[..., None]).view(n, k)
-    gemv = native.Int4Gemv(codes, scale, zero, group)
+    gemv = native.Int4Gemv.from_codes(codes, scale, zero, group)
     full = gemv.to_bf16(0, n)
     assert full.dtype == torch.bfloat16 and full.shape == (n, k)
     assert torch.allclose(full.float(), w_dq, rtol=2 ** -8, atol=1e-6)  # within bf16 rounding
@@ -118,8 +118,9 @@ def test_int4_to_bf16(n, k, group):
     with pytest.raises(AssertionError):
         gemv.to_bf16(2, n)  # not at a block of rows
     assert torch.equal(gemv.codes(), codes)  # the layout inverts (rows padded to blocks of 16 dropped)
-    from_saved = native.Int4Gemv(None, scale, zero, group, canonical=pack_int4(codes))  # the native repacking
+    from_saved = native.Int4Gemv(pack_int4(codes), scale, zero, group)
     assert torch.equal(from_saved.q, gemv.q) and torch.equal(from_saved.c, gemv.c)
+    assert torch.equal(gemv.q, native.pack_int4_gemv(codes))  # the native repacking lays out as the reference
 
 
 @needs["int4"]

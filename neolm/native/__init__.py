@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from neolm.memory import huge_copy, huge_empty
+from neolm.memory import huge_empty
 
 log = logging.getLogger(__name__)
 
@@ -214,26 +214,29 @@ def int4_supported(in_features: int, group_size: int) -> bool:
 
 class Int4Gemv:
     """int4 codes (N, K), scales and zeros (N, K/G) with w = (q - 8) * scale + zero, repacked for the kernel
-    (pack_int4_gemv; a copy of half a byte per weight). Activations are rounded to bf16, as for torch's int4
+    (int4.cpp's layout, as pack_int4_gemv computes it; a copy of half a byte per weight). Activations are rounded to bf16, as for torch's int4
     kernel. Call with x (M, K) and the layer's bias."""
 
-    def __init__(self, codes: torch.Tensor | None, scale: torch.Tensor, zero: torch.Tensor, group_size: int,
-                 canonical: torch.Tensor | None = None):  # fmt: skip
-        """From the codes (N, K), or from their canonical packing (N, K/2) (neolm.quant.kernels.pack_int4) in one
-        native pass: canonical=, codes=None."""
-        self.n, self.k = codes.shape if codes is not None else (canonical.shape[0], 2 * canonical.shape[1])
+    def __init__(self, canonical: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int):
+        """From the codes' canonical packing (N, K/2) (neolm.quant.kernels.pack_int4, as saved), repacked in one
+        native pass; `from_codes` takes the codes."""
+        assert canonical.dtype == torch.uint8 and canonical.is_contiguous()
+        self.n, self.k = canonical.shape[0], 2 * canonical.shape[1]
         self.group_size = group_size
         pad = -self.n % INT4_ROWS
-        if codes is not None:
-            self.q = huge_copy(pack_int4_gemv(codes))
-        else:
-            assert canonical.dtype == torch.uint8 and canonical.is_contiguous()
-            self.q = huge_empty((self.n + pad, self.k // 2), torch.uint8)
-            _library()[0].neolm_int4_pack(canonical.data_ptr(), self.q.data_ptr(), self.n, self.k)
+        self.q = huge_empty((self.n + pad, self.k // 2), torch.uint8)
+        _library()[0].neolm_int4_pack(canonical.data_ptr(), self.q.data_ptr(), self.n, self.k)
         s = scale.float()
         # int4.cpp: sum w x = s A + (z - 136 s) X; both (N/16, K/G, 16), a block's rows side by side
         self.s, self.c = (F.pad(t, (0, 0, 0, pad)).view(-1, INT4_ROWS, t.shape[1]).transpose(1, 2).contiguous()
                           for t in (s, zero.float() - 136 * s))  # fmt: skip
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> Int4Gemv:
+        """From the codes (N, K) in [0, 15]."""
+        from neolm.quant.kernels import pack_int4  # (neolm.quant imports this module)
+
+        return cls(pack_int4(codes), scale, zero, group_size)
 
     def weights(self, bias: torch.Tensor | None):
         """These tensors as `Weights` (for neolm.native.decode)."""

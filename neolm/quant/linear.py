@@ -322,9 +322,9 @@ class Int4Linear(QuantLinear):
         if self._native is None:
             if self.layout == "canonical":  # as saved or just quantized: repacked in one native pass
                 canonical = self.qweight.contiguous()
-                self._native = native.Int4Gemv(None, self.scale, self.zero, self.group_size, canonical=canonical)
+                self._native = native.Int4Gemv(canonical, self.scale, self.zero, self.group_size)
             else:
-                self._native = native.Int4Gemv(self.codes(), self.scale, self.zero, self.group_size)
+                self._native = native.Int4Gemv.from_codes(self.codes(), self.scale, self.zero, self.group_size)
             self.qweight, self.layout, self._kweight, self._sz = self._native.q, "native", None, None
             self.use_kernel = True
         return self._native
