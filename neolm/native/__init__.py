@@ -214,8 +214,8 @@ def int4_supported(in_features: int, group_size: int) -> bool:
 
 class Int4Gemv:
     """int4 codes (N, K), scales and zeros (N, K/G) with w = (q - 8) * scale + zero, repacked for the kernel
-    (int4.cpp's layout, as pack_int4_gemv computes it; a copy of half a byte per weight). Activations are rounded to bf16, as for torch's int4
-    kernel. Call with x (M, K) and the layer's bias."""
+    (int4.cpp's layout, as pack_int4_gemv computes it; a copy of half a byte per weight). Activations are
+    rounded to bf16, as for torch's int4 kernel. Call with x (M, K) and the layer's bias."""
 
     def __init__(self, canonical: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int):
         """From the codes' canonical packing (N, K/2) (neolm.quant.kernels.pack_int4, as saved), repacked in one

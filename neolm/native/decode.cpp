@@ -5,8 +5,9 @@
 // top of streaming the weights); here a step is one call, one OpenMP parallel region, and about eight
 // barriers per layer. The matmuls are the bodies declared in gemv.h, one-row for one sequence and few-row for
 // a batch (every weight read once for all its rows); LayerNorm, rotary, attention over the KV cache (each
-// sequence its own position and padding), the activation and the residuals are done here. Built and driven by neolm/native/decode.py, which fills
-// the structs below from the model's tensors (they must match its ctypes mirrors field for field).
+// sequence its own position and padding), the activation and the residuals are done here. Built and driven
+// by neolm/native/decode.py, which fills the structs below from the model's tensors (they must match its
+// ctypes mirrors field for field).
 //
 // Numbers follow the torch path: activations are stored in the model's dtype (fp32 or bf16) wherever the
 // torch path stores a tensor (after each LayerNorm, matmul, attention, activation and residual), and each
@@ -49,7 +50,7 @@ struct Model {
 #ifdef NEOLM_AVX512
 
 inline __m512 round_to(int bf16, __m512 v) {  // v as stored in the model's dtype
-  return bf16 ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16(v)), 16)) : v;
+  return bf16 ? widen(to_bf16(v)) : v;
 }
 
 inline __m512 activation(int kind, __m512 x) {

@@ -66,13 +66,17 @@ inline __m256i to_bf16(__m512 v) {  // 16 floats to bf16, round to nearest even,
   return _mm512_cvtepi32_epi16(r);
 }
 
-// Elementwise helpers of decode.cpp and attention.cpp: `bf16` says whether p holds bf16 or fp32 values.
+inline __m512 widen(__m256i h) {  // 16 bf16 numbers to fp32 (exact)
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// Elementwise helpers of decode.cpp, attention.cpp and int4.cpp: `bf16` says whether p holds bf16 or fp32
+// values.
 inline __mmask16 first(int64_t count) { return count >= 16 ? __mmask16(0xffff) : __mmask16((1u << count) - 1u); }
 
 inline __m512 load(const void* p, int bf16, int64_t i, __mmask16 m = 0xffff) {
   if (bf16) {
-    const __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(p) + i);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return widen(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(p) + i));
   }
   return _mm512_maskz_loadu_ps(m, static_cast<const float*>(p) + i);
 }

@@ -200,8 +200,7 @@ void int4_to_bf16(const uint8_t* q, const float* s, const float* c, uint16_t* ou
         __m512i v[4];
         for (int i = 0; i < 4; i++) {  // rows 0-7 in the lower 16 words, 8-15 in the upper
           const __m512i words = (__m512i)w.w[i];
-          const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(words)), 16));
-          const __m512 hi = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(words, 1)), 16));
+          const __m512 lo = widen(_mm512_castsi512_si256(words)), hi = widen(_mm512_extracti64x4_epi64(words, 1));
           v[i] = (__m512i)_mm512_cvtne2ps_pbh(_mm512_fmadd_ps(hi, s_hi, c_hi), _mm512_fmadd_ps(lo, s_lo, c_lo));
         }
         const __m512i t0 = _mm512_unpacklo_epi32(v[0], v[1]), t1 = _mm512_unpackhi_epi32(v[0], v[1]);
