@@ -62,8 +62,24 @@ def test_int8(n, k, dtype, m):
     assert y.dtype == dtype
     want = x.bfloat16().float() @ (q.float() * scale.float()[:, None]).t() + b.float()  # bf16 activations
     _close(y, want, 1e-5 if dtype == torch.float32 else 1e-2)
-    if m > 1:  # each row gets the numbers it gets alone
-        assert torch.equal(y[m - 1 :], native.int8_gemv(x[m - 1 :], q, scale, b))
+    if m > 1:  # a row gets the numbers it gets in any other batch; alone (a kernel of its own), the same up to
+        # the rounding of fp32 sums
+        assert torch.equal(y[m - 2 :], native.int8_gemv(x[m - 2 :], q, scale, b))
+        _close(native.int8_gemv(x[m - 1 :], q, scale, b), y[m - 1 :], 1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@needs["int8"]
+@pytest.mark.parametrize("k", [1, 16, 63, 64, 100, 200])
+def test_int8_one_row_takes_every_code(k):
+    """The one-row kernel splits each code into two bf16 numbers by its bits: every byte value (-128 included),
+    in-feature counts with and without a tail of the 64 a step takes, and large activations."""
+    gen = torch.Generator().manual_seed(k)
+    q = (torch.arange(256)[:, None] + torch.arange(k)).remainder(256).sub(128).to(torch.int8)  # every value in a column
+    x = torch.randn(1, k, generator=gen) * torch.tensor([1.0, 300.0]).repeat(k)[:k]
+    scale = torch.rand(256, generator=gen).bfloat16()
+    y = native.int8_gemv(x, q, scale, None)
+    want = (x.bfloat16().double() @ q.double().t()) * scale.double()
+    assert (y.double() - want).abs().max() <= 1e-6 * want.abs().max()
 
 
 def test_int4_layout():

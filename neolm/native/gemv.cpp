@@ -10,10 +10,11 @@
 // Kernels, by weight format (x, y and bias pointers are contiguous; `out_bf16` selects bf16 or fp32 y):
 //   f32   W fp32,                x fp32, fp32 FMA.
 //   bf16  W bf16,                x bf16, vdpbf16ps (bf16 pairs, fp32 accumulation).
-//   int8  W int8 (N, K), scale bf16 (N,): y = scale * (W @ x); x bf16, the codes converted to bf16 (exact)
-//         and vdpbf16ps.
-//   The bodies of these three are gemm.cpp's few-row kernels with one row (R x TILE = 4 x 4): as fast at one
-//   row as bodies of their own, and a row gets the same numbers alone or in a batch.
+//   int8  W int8 (N, K), scale bf16 (N,): y = scale * (W @ x); x bf16, each code split into two bf16
+//         numbers by bit operations (exact products), vdpbf16ps; gemm.cpp's gemv_int8 has the arithmetic.
+//   The bodies of f32 and bf16 are gemm.cpp's few-row kernels with one row (R x TILE = 4 x 4): as fast at one
+//   row as bodies of their own, and a row gets the same numbers alone or in a batch. int8's one-row kernel is
+//   its own (twice the speed of the few-row kernel's conversion at one row); its sums round differently.
 //   int4  codes q in [0, 15] with per-group scales and offsets, in a layout of their own: int4.cpp (its
 //         one-row kernel is its few-row kernel with one row, too).
 // neolm_features() says which kernels this build has (bit 0 f32, 1 bf16, 2 int8, 3 int4): none without
