@@ -95,11 +95,14 @@ def roofline(r: dict, doc: dict) -> float | None:
 
 
 def read_bandwidth(doc: dict) -> float:
-    """The highest read bandwidth measured in the run (start, end, re-runs): the quietest, so the roofline
-    is not lowered by a busy moment."""
+    """The highest read bandwidth measured in the run (start, end, re-runs, and the reading before each row or
+    round, the same measurement): the quietest, so the roofline is not lowered by a busy moment or by a slow
+    phase of the memory at the start and end."""
     runs = [doc.get("bandwidth_start"), doc.get("bandwidth_end")] + [
         r.get("bandwidth_start") for r in doc.get("reruns", [])
     ]
+    for r in doc.get("results", []):
+        runs += [r.get("bandwidth_before")] + [x.get("bandwidth_before") for x in r.get("rounds", [])]
     return max(b["read_gbs"] for b in runs if b)
 
 
@@ -334,7 +337,7 @@ def render(doc: dict) -> str:
         f"warm-up; every engine × model × precision in its own process, run model by model and precision by precision, "
         f"each precision's rows back to back (this VM's memory speed drifts within minutes)."), "",
         (f"% roofline = decode tok/s ÷ (read bandwidth ÷ weight bytes a step reads), with the highest read bandwidth "
-            f"measured in the run ({read_bandwidth(doc):.1f} GB/s); the bytes are the engine's own "
+            f"measured in the run, start, end and before each row ({read_bandwidth(doc):.1f} GB/s); the bytes are the engine's own "
         "(neolm, transformers: its tensors; llama.cpp: the GGUF tensor table), or, marked *, the fp32 weight count × "
         "nominal bytes per weight (CTranslate2). Embedding tables count one row; a tied output head counts in full. "
         "greedy = ref: how many leading greedy tokens equal neolm fp32's (random weights give near-flat logits, so "

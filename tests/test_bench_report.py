@@ -73,3 +73,13 @@ def test_targets_judge_by_the_paired_ratio():
     neo["rounds"][0]["figures"]["decode_tps"] = 90.0  # now 0.90, 0.96, 1.20: median below 1
     lines = report.targets({"results": [neo, peer]})
     assert any(line.startswith("| fp32 decode ≥ llama.cpp F32") and line.endswith("| **no** |") for line in lines)
+
+
+def test_roofline_takes_the_highest_reading_of_the_run_rows_included():
+    """The start and end readings can both fall in a slow phase of a VM's memory: the reading before a row (or
+    a round of it) counts too, and the fastest of all sets the roofline."""
+    row = bench.merge_rounds([round_result("neolm", 1, 10.0, gbs=85.0), round_result("neolm", 2, 20.0, gbs=40.0)])
+    single = dict(round_result("llamacpp", 1, 12.0, gbs=70.0), bandwidth_before={"read_gbs": 70.0})
+    doc = {"bandwidth_start": {"read_gbs": 35.0}, "bandwidth_end": {"read_gbs": 50.0}, "results": [row, single]}
+    assert report.read_bandwidth(doc) == 85.0
+    assert report.read_bandwidth({"bandwidth_start": {"read_gbs": 35.0}, "results": [single]}) == 70.0

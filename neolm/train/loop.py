@@ -32,10 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from neolm import checkpoint
-from neolm.config import Config
 from neolm.errors import NeolmError
 from neolm.model import GPT
-from neolm.tokenizer import Tokenizer, load_tokenizer
+from neolm.tokenizer import Tokenizer
 from neolm.train.data import TokenData
 from neolm.train.presets import preset
 
