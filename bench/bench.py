@@ -254,11 +254,13 @@ def merge_rounds(results: list[dict]) -> dict:
     row["incomplete"] = any(r.get("incomplete") for r in ok)
     row["rounds"] = [
         {"round": r["round"], "figures": {k: statistics.median(v) for k, v in r["figures"].items() if v},
-         "bandwidth_before": r["bandwidth_before"], "other_cpu_cores": r["other_cpu_cores"]}
+         "bandwidth_before": r["bandwidth_before"], "bandwidth_after": r.get("bandwidth_after"),
+         "other_cpu_cores": r["other_cpu_cores"]}
         for r in results if r.get("status") == "ok"
     ]  # fmt: skip
     row["rounds_failed"] = len(results) - len(ok)
     row.pop("bandwidth_before", None)
+    row.pop("bandwidth_after", None)
     row.pop("round", None)
     return row
 
@@ -408,7 +410,7 @@ def main() -> None:
                     + (f" (round {rnd + 1}/{args.rounds})" if args.rounds > 1 else ""))  # fmt: skip
                 before = bw()  # this VM's memory moves between slow and fast phases within minutes: note the row's
                 result = run_job(job, peers, args, dirs[job["model"]], workdir, f"-r{rnd + 1}" if args.rounds > 1 else "")
-                result.update(bandwidth_before=before, round=rnd + 1)
+                result.update(bandwidth_before=before, bandwidth_after=bw(), round=rnd + 1)  # (the row's roofline)
                 log(f"    {result['status']} in {result['wall_s']:.0f}s (read {before['read_gbs']:.0f} GB/s before) {report.brief(result)}")
                 rounds[i].append(result)
                 doc["results"] = [merge_rounds(r) if r else job for job, r in zip(jobs, rounds) if r or job.get("status")]

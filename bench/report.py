@@ -94,6 +94,23 @@ def roofline(r: dict, doc: dict) -> float | None:
     return d / (read_bandwidth(doc) * 1e9 / b)
 
 
+def readings(x: dict) -> list[float]:
+    """The read bandwidth measured just before and just after a row (or one round of it), where recorded."""
+    return [x[k]["read_gbs"] for k in ("bandwidth_before", "bandwidth_after") if x.get(k)]
+
+
+def roofline_then(r: dict, doc: dict) -> float | None:
+    """Measured decode rate / (read bandwidth / weight bytes per token) with the bandwidth of the row's own time:
+    per round, the higher of the readings just before and just after it (the lower fraction), then the median
+    over rounds. None without readings."""
+    b, _ = stream_bytes(r, doc["results"])
+    per_round = [(x["figures"].get("decode_tps"), readings(x)) for x in r.get("rounds", [])] or [
+        (med(r, "decode_tps"), readings(r))
+    ]
+    fractions = [d / (max(gbs) * 1e9 / b) for d, gbs in per_round if d and gbs]
+    return statistics.median(fractions) if b and fractions else None
+
+
 def read_bandwidth(doc: dict) -> float:
     """The highest read bandwidth measured in the run (start, end, re-runs, and the reading before each row or
     round, the same measurement): the quietest, so the roofline is not lowered by a busy moment or by a slow
@@ -102,7 +119,8 @@ def read_bandwidth(doc: dict) -> float:
         r.get("bandwidth_start") for r in doc.get("reruns", [])
     ]
     for r in doc.get("results", []):
-        runs += [r.get("bandwidth_before")] + [x.get("bandwidth_before") for x in r.get("rounds", [])]
+        for x in [r, *r.get("rounds", [])]:
+            runs += [x.get("bandwidth_before"), x.get("bandwidth_after")]
     return max(b["read_gbs"] for b in runs if b)
 
 
@@ -148,6 +166,8 @@ def model_table(model: str, doc: dict) -> list[str]:
         roof = roofline(r, doc)
         _b, how = stream_bytes(r, doc["results"])
         roof_cell = f"{100 * roof:.0f}%" + ("*" if how == "nominal" else "") if roof else "–"
+        then = roofline_then(r, doc)
+        roof_cell += f" ({100 * then:.0f}%)" if roof and then else ""
         own = batch_over_single(r)
         cells = [cell(f.get(k), s, fmt) for k, _, _, s, fmt in FIGURES]
         noisy = " †" if (r.get("other_cpu_cores") or 0) > NOISY_CORES else ""
@@ -253,8 +273,9 @@ def targets(doc: dict) -> list[str]:
                     "fp32 decode ≥ 2× transformers (best attention)", model, times=2.0)  # fmt: skip
             against(neo["fp32"], find(model, "llamacpp", "fp32"), "decode_tps", "fp32 decode ≥ llama.cpp F32", model)
             if model in ("gpt-neo-125M", "pythia-160m"):
-                roof = roofline(neo["fp32"], doc)
-                line("fp32 decode ≥ 70% of roofline (125M shape)", model, f"{100 * roof:.0f}%", "70%", "–", roof >= 0.7)
+                roof, then = roofline(neo["fp32"], doc), roofline_then(neo["fp32"], doc)
+                shown = f"{100 * roof:.0f}% of the run's best bandwidth" + (f"; {100 * then:.0f}% of the row's" if then else "")
+                line("fp32 decode ≥ 70% of roofline (125M shape)", model, shown, "70%", "–", (then or roof) >= 0.7)
         if neo["int8"]:
             against(neo["int8"], find(model, "llamacpp", "int8"), "decode_tps", "int8 decode ≥ 1.2× llama.cpp Q8_0",
                     model, times=1.2)  # fmt: skip
@@ -337,7 +358,9 @@ def render(doc: dict) -> str:
         f"warm-up; every engine × model × precision in its own process, run model by model and precision by precision, "
         f"each precision's rows back to back (this VM's memory speed drifts within minutes)."), "",
         (f"% roofline = decode tok/s ÷ (read bandwidth ÷ weight bytes a step reads), with the highest read bandwidth "
-            f"measured in the run, start, end and before each row ({read_bandwidth(doc):.1f} GB/s); the bytes are the engine's own "
+            f"measured in the run, start, end and before each row ({read_bandwidth(doc):.1f} GB/s), and in parentheses with the "
+            "row's own: per round, the higher of the readings just before and just after it, median over the rounds (the "
+            "70% target is judged on this one where it exists: the VM's bandwidth moves between ~35 and ~88 GB/s); the bytes are the engine's own "
         "(neolm, transformers: its tensors; llama.cpp: the GGUF tensor table), or, marked *, the fp32 weight count × "
         "nominal bytes per weight (CTranslate2). Embedding tables count one row; a tied output head counts in full. "
         "greedy = ref: how many leading greedy tokens equal neolm fp32's (random weights give near-flat logits, so "

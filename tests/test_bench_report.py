@@ -1,6 +1,7 @@
 """bench/bench.py --rounds: rows merged from their rounds, and report.py's ratios paired round by round."""
 
 import importlib.util
+import statistics
 import sys
 from pathlib import Path
 
@@ -83,3 +84,20 @@ def test_roofline_takes_the_highest_reading_of_the_run_rows_included():
     doc = {"bandwidth_start": {"read_gbs": 35.0}, "bandwidth_end": {"read_gbs": 50.0}, "results": [row, single]}
     assert report.read_bandwidth(doc) == 85.0
     assert report.read_bandwidth({"bandwidth_start": {"read_gbs": 35.0}, "results": [single]}) == 70.0
+
+
+def test_roofline_of_the_rows_own_time():
+    """Each round's decode rate against the higher of the readings just before and after it; median over rounds."""
+    rounds = [round_result("neolm", 1, 80.0, gbs=40.0), round_result("neolm", 2, 160.0, gbs=85.0),
+              round_result("neolm", 3, 150.0, gbs=60.0)]  # fmt: skip
+    for r, after in zip(rounds, (50.0, 80.0, 90.0)):
+        r["bandwidth_after"] = {"read_gbs": after}
+    row = bench.merge_rounds(rounds)
+    row["info"] = {"stream_bytes": 0.5e9}  # 0.5 GB a token: 100 tok/s at 50 GB/s
+    doc = {"bandwidth_start": {"read_gbs": 35.0}, "results": [row]}
+    assert report.read_bandwidth(doc) == 90.0  # after-readings count for the run's best too
+    assert report.roofline_then(row, doc) == pytest.approx(statistics.median([80 / 100, 160 / 170, 150 / 180]))
+    assert report.roofline(row, doc) == pytest.approx(150 / 180)  # the pooled median at the run's best
+    del row["rounds"]
+    row["bandwidth_before"] = {"read_gbs": 60.0}  # a row without rounds: its own readings
+    assert report.roofline_then(row, doc) == pytest.approx(150 / 120)
