@@ -104,11 +104,13 @@ def roofline_then(r: dict, doc: dict) -> float | None:
     per round, the higher of the readings just before and just after it (the lower fraction), then the median
     over rounds. None without readings."""
     b, _ = stream_bytes(r, doc["results"])
+    if not b:
+        return None
     per_round = [(x["figures"].get("decode_tps"), readings(x)) for x in r.get("rounds", [])] or [
         (med(r, "decode_tps"), readings(r))
     ]
     fractions = [d / (max(gbs) * 1e9 / b) for d, gbs in per_round if d and gbs]
-    return statistics.median(fractions) if b and fractions else None
+    return statistics.median(fractions) if fractions else None
 
 
 def read_bandwidth(doc: dict) -> float:

@@ -101,3 +101,5 @@ def test_roofline_of_the_rows_own_time():
     del row["rounds"]
     row["bandwidth_before"] = {"read_gbs": 60.0}  # a row without rounds: its own readings
     assert report.roofline_then(row, doc) == pytest.approx(150 / 120)
+    row["info"] = {}  # no byte count (a peer without one): no roofline, no error
+    assert report.roofline_then(row, {"results": [row]}) is None
