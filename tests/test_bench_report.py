@@ -70,7 +70,8 @@ def test_targets_judge_by_the_paired_ratio():
     # medians 60 vs 50 would say met; the rounds say neolm was slower in one and equal in another
     lines = report.targets({"results": [neo, peer]})
     decode = next(line for line in lines if line.startswith("| fp32 decode ≥ llama.cpp F32"))
-    assert decode.endswith("| 1.00 [0.96–1.20] | yes |")
+    # (every round read the same bandwidth here: at equal bandwidth, the same ratios)
+    assert decode.endswith("| 1.00 [0.96–1.20]; at equal bandwidth 1.00 [0.96–1.20] | yes |")
     neo["rounds"][0]["figures"]["decode_tps"] = 90.0  # now 0.90, 0.96, 1.20: median below 1
     lines = report.targets({"results": [neo, peer]})
     assert any(line.startswith("| fp32 decode ≥ llama.cpp F32") and line.endswith("| **no** |") for line in lines)
@@ -103,3 +104,17 @@ def test_roofline_of_the_rows_own_time():
     assert report.roofline_then(row, doc) == pytest.approx(150 / 120)
     row["info"] = {}  # no byte count (a peer without one): no roofline, no error
     assert report.roofline_then(row, {"results": [row]}) is None
+
+
+def test_ratio_at_equal_bandwidth():
+    """A memory-bound figure over its round's bandwidth, paired round by round: the engine that met the slower
+    phase is not taken for the slower engine."""
+    mine = [round_result("neolm", 1, 60.0, gbs=40.0), round_result("neolm", 2, 120.0, gbs=80.0)]
+    peer = [round_result("llamacpp", 1, 110.0, gbs=80.0), round_result("llamacpp", 2, 100.0, gbs=80.0)]
+    for r in mine + peer:
+        r["bandwidth_after"] = dict(r["bandwidth_before"])
+    n, p = bench.merge_rounds(mine), bench.merge_rounds(peer)
+    assert report.paired(n, p, "decode_tps") == pytest.approx([60 / 110, 120 / 100])
+    assert report.paired_per_bandwidth(n, p) == pytest.approx([(60 / 40) / (110 / 80), (120 / 80) / (100 / 80)])
+    n["rounds"][0]["bandwidth_before"] = n["rounds"][0]["bandwidth_after"] = None  # a round without readings
+    assert report.paired_per_bandwidth(n, p) == pytest.approx([(120 / 80) / (100 / 80)])
