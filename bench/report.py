@@ -303,7 +303,8 @@ def targets(doc: dict) -> list[str]:
             against(neo["fp32"], find(model, "llamacpp", "fp32"), "decode_tps", "fp32 decode ≥ llama.cpp F32", model)
             if model in ("gpt-neo-125M", "pythia-160m"):
                 roof, then = roofline(neo["fp32"], doc), roofline_then(neo["fp32"], doc)
-                shown = f"{100 * roof:.0f}% of the run's best bandwidth" + (f"; {100 * then:.0f}% of the row's" if then else "")
+                shown = f"{100 * roof:.0f}% of the run's best bandwidth"
+                shown += f"; {100 * then:.0f}% of the row's" if then else ""
                 line("fp32 decode ≥ 70% of roofline (125M shape)", model, shown, "70%", "–", (then or roof) >= 0.7)
         if neo["int8"]:
             against(neo["int8"], find(model, "llamacpp", "int8"), "decode_tps", "int8 decode ≥ 1.2× llama.cpp Q8_0",
