@@ -83,19 +83,25 @@ def test_int8_one_row_takes_every_code(k):
 
 
 def test_int4_layout():
-    n, k = 20, 32  # 20 rows: one block of 16, one padded with 12 zero rows; 4 chunks of 8 in-features
+    n, k = 20, 32  # 20 rows: one block of 16, one of 4 rows and 12 zero rows, two zero blocks (a band of 4)
     codes = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(0))
     packed = native.pack_int4_gemv(codes)
-    assert packed.shape == (32, k // 2) and packed.dtype == torch.uint8
-    chunks = packed.view(2, k // 8, 64)  # (block of 16 rows, chunk of 8 in-features, byte)
+    assert packed.shape == (64, k // 2) and packed.dtype == torch.uint8
+    chunks = packed.view(k // 8, 4, 64)  # (chunk, block of the band, byte)
     c = codes.to(torch.uint8)
     # byte 16 L + i of chunk j: row 4 L + (i % 8) / 2, in-feature 8 j + 2 (i / 8) + i % 2 low, + 4 high
     for block, j, lane, i in [(0, 0, 0, 0), (0, 1, 2, 5), (0, 3, 3, 15), (1, 2, 0, 9), (1, 2, 0, 3)]:
         row, f = 16 * block + 4 * lane + (i % 8) // 2, 8 * j + 2 * (i // 8) + i % 2
-        byte = chunks[block, j, 16 * lane + i].item()
+        byte = chunks[j, block, 16 * lane + i].item()
         assert (byte & 15, byte >> 4) == (c[row, f].item(), c[row, f + 4].item())
-    assert torch.equal(chunks[1].view(k // 8, 4, 16)[:, 1:], torch.zeros(k // 8, 3, 16, dtype=torch.uint8))  # pad
+    assert torch.equal(chunks[:, 1].reshape(k // 8, 4, 16)[:, 1:], torch.zeros(k // 8, 3, 16, dtype=torch.uint8))
+    assert not chunks[:, 2:].any()  # the padding blocks of the band
     assert torch.equal(native.unpack_int4_gemv(packed, n), c)
+    # two bands: block 5 (rows 80-95) is the second block of the second band
+    codes = torch.randint(0, 16, (96, k), generator=torch.Generator().manual_seed(1))
+    chunks = native.pack_int4_gemv(codes).view(2, k // 8, 4, 64)
+    byte = chunks[1, 2, 1, 16 * 3 + 4].item()  # chunk 2, lane 3, i = 4: row 80 + 12 + 2, in-feature 16 + 0
+    assert (byte & 15, byte >> 4) == (codes[94, 16].item(), codes[94, 20].item())
 
 
 @needs["int4"]

@@ -42,7 +42,7 @@ SOURCES = [Path(__file__).with_name(name) for name in ("gemv.cpp", "gemm.cpp", "
 HEADERS = [Path(__file__).with_name("gemv.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 FEATURES = {"f32": 1, "bf16": 2, "int8": 4, "int4": 8}
-INT4_ROWS = 16  # out-features per block of the int4 layout (int4.cpp INT4_ROWS)
+INT4_ROWS, INT4_BAND = 16, 4  # int4 layout (int4.cpp): out-features per block, blocks per band (side by side)
 # Products of up to this many rows go to the native kernels (gemm.cpp past one row) in layers that use them,
 # and batches of up to this many sequences to the native decode step: beyond, oneDNN's GEMM catches up
 # (between 12 and 24 rows on an AVX-512 EPYC, depending on its memory's phase: bench/PROFILE.md).
@@ -188,24 +188,27 @@ def int8_to_bf16(q: torch.Tensor) -> torch.Tensor:
 
 
 def pack_int4_gemv(codes: torch.Tensor) -> torch.Tensor:
-    """codes (N, K) in [0, 15] -> (ceil(N/16)*16, K/2) uint8, int4.cpp's layout: blocks of 16 rows (zero rows pad
-    the last), each K/8 chunks of 64 bytes, chunk j holding in-features 8j..8j+7; byte 16 L + i of a chunk holds
-    row 4 L + (i % 8) / 2 and in-feature f = 8 j + 2 (i / 8) + i % 2 in its low nibble, f + 4 in its high one."""
+    """codes (N, K) in [0, 15] -> (ceil(N/64)*64, K/2) uint8, int4.cpp's layout: blocks of 16 rows in bands of 4
+    (zero rows pad the last band); a band holds K/8 chunk groups, chunk group j the 64-byte chunks j of its 4
+    blocks in turn, chunk j holding in-features 8j..8j+7; byte 16 L + i of a chunk holds row 4 L + (i % 8) / 2
+    of its block and in-feature f = 8 j + 2 (i / 8) + i % 2 in its low nibble, f + 4 in its high one."""
     n, k = codes.shape
-    pad = -n % INT4_ROWS
+    pad = -n % (INT4_ROWS * INT4_BAND)
     c = F.pad(codes.to(torch.uint8), (0, 0, 0, pad))
-    # (block, lane L, row in lane, chunk, nibble, i / 8, i % 2) -> (block, chunk, L, i / 8, row in lane, i % 2, nibble)
-    t = c.view(-1, 4, 4, k // 8, 2, 2, 2).permute(0, 3, 1, 5, 2, 6, 4)
+    # (band, block, lane L, row in lane, chunk, nibble, i / 8, i % 2)
+    #   -> (band, chunk, block, L, i / 8, row in lane, i % 2, nibble)
+    t = c.view(-1, INT4_BAND, 4, 4, k // 8, 2, 2, 2).permute(0, 4, 1, 2, 6, 3, 7, 5)
     return (t[..., 0] | (t[..., 1] << 4)).contiguous().view(n + pad, k // 2)
 
 
 def unpack_int4_gemv(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """Inverse of pack_int4_gemv: (ceil(N/16)*16, K/2) -> codes (N, K) uint8."""
+    """Inverse of pack_int4_gemv: (ceil(N/64)*64, K/2) -> codes (N, K) uint8."""
     rows, half = packed.shape
     k = 2 * half
-    b = packed.view(rows // INT4_ROWS, k // 8, 4, 2, 4, 2)  # (block, chunk, L, i / 8, row in lane, i % 2)
+    # (band, chunk, block, L, i / 8, row in lane, i % 2)
+    b = packed.view(rows // (INT4_ROWS * INT4_BAND), k // 8, INT4_BAND, 4, 2, 4, 2)
     t = torch.stack([b & 15, b >> 4], dim=-1)  # (..., nibble)
-    return t.permute(0, 2, 4, 1, 6, 3, 5).reshape(rows, k)[:n]
+    return t.permute(0, 2, 3, 5, 1, 7, 4, 6).reshape(rows, k)[:n]
 
 
 def int4_supported(in_features: int, group_size: int) -> bool:
@@ -223,13 +226,15 @@ class Int4Gemv:
         assert canonical.dtype == torch.uint8 and canonical.is_contiguous()
         self.n, self.k = canonical.shape[0], 2 * canonical.shape[1]
         self.group_size = group_size
-        pad = -self.n % INT4_ROWS
+        pad = -self.n % (INT4_ROWS * INT4_BAND)
         self.q = huge_empty((self.n + pad, self.k // 2), torch.uint8)
         _library()[0].neolm_int4_pack(canonical.data_ptr(), self.q.data_ptr(), self.n, self.k)
         s = scale.float()
-        # int4.cpp: sum w x = s A + (z - 136 s) X; both (N/16, K/G, 16), a block's rows side by side
-        self.s, self.c = (F.pad(t, (0, 0, 0, pad)).view(-1, INT4_ROWS, t.shape[1]).transpose(1, 2).contiguous()
-                          for t in (s, zero.float() - 136 * s))  # fmt: skip
+        # int4.cpp: sum w x = s A + (z - 136 s) X; both (N/64, K/G, 4, 16), a band's rows side by side
+        self.s, self.c = (
+            F.pad(t, (0, 0, 0, pad)).view(-1, INT4_BAND, INT4_ROWS, t.shape[1]).permute(0, 3, 1, 2).contiguous()
+            for t in (s, zero.float() - 136 * s)
+        )
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> Int4Gemv:

@@ -7,8 +7,11 @@
 // (x bf16); over a group, sum w x = s A + (z - 136 s) X with A = sum (128 + q) x and X = sum x
 // (c = z - 136 s, computed at packing).
 //
-// Layout: the out-features in blocks of INT4_ROWS = 16 (zero codes pad the last block), each block one
-// contiguous stream of K/8 chunks of 64 bytes, chunk j holding in-features 8j .. 8j + 7 of the block's 16 rows.
+// Layout: the out-features in blocks of INT4_ROWS = 16, each block K/8 chunks of 64 bytes, chunk j holding
+// in-features 8j .. 8j + 7 of the block's 16 rows; the blocks in bands of INT4_BAND = 4 (64 rows; zero codes
+// pad the last band), whose chunks j lie side by side (4 x 64 bytes), so that the one-row kernel, which reads
+// the 4 blocks of a band at once, reads one stream (4 streams, one a block, ran at ~80% of fp32's speed from
+// memory: bench/PROFILE.md, session 9).
 // Byte 16 L + i of a chunk (128-bit lane L, i < 16) holds row 4 L + (i % 8) / 2 of the block and in-feature
 // f = 8 j + 2 (i / 8) + i % 2 in its low nibble, f + 4 in its high one. Interleaving the low nibbles with 0x43
 // bytes (unpacklo/hi_epi8) gives the words of in-features (8j, 8j+1) and (8j+2, 8j+3) for the 16 rows, row o
@@ -16,7 +19,7 @@
 // broadcast to every lane, adds to all 16 rows' sums at once ("lanes over out-features"): a group's scale
 // costs one FMA per 16 rows and G/2 products. With lanes over in-features (sessions <= 7) it cost one per two
 // products, and the few-row kernel ran at half the bf16 peak.
-// s, c: fp32 (N/16, K/G, 16): the 16 rows of a block side by side, group by group.
+// s, c: fp32 (N/64, K/G, 4, 16): a band's 64 rows side by side, group by group.
 
 #include <algorithm>
 #include <vector>
@@ -25,7 +28,15 @@
 
 namespace neolm {
 
-constexpr int64_t INT4_ROWS = 16;  // neolm/native/__init__.py INT4_ROWS
+constexpr int64_t INT4_ROWS = 16, INT4_BAND = 4;  // neolm/native/__init__.py INT4_ROWS, INT4_BAND
+
+// Where block b's chunk j starts (bytes from q), and its scales' or offsets' group t (floats from s or c).
+inline int64_t chunk_at(int64_t b, int64_t j, int64_t k) {
+  return ((b / INT4_BAND * (k / 8) + j) * INT4_BAND + b % INT4_BAND) * 64;
+}
+inline int64_t group_at(int64_t b, int64_t t, int64_t groups) {
+  return ((b / INT4_BAND * groups + t) * INT4_BAND + b % INT4_BAND) * INT4_ROWS;
+}
 // Rows of x per tile. 8 rows x 1 block (24 accumulators) ran at 277 G multiply-adds/s on 8 rows of pythia-1.4b's
 // matrices, 4 rows x 2 blocks (the next 4 rows meet the blocks' codes again, from L2) at 365 (bench/PROFILE.md).
 constexpr int TILE = 4;
@@ -64,7 +75,7 @@ template <int R, int NB>
 void tile(const uint16_t* x, int64_t k, int64_t t0, const uint8_t* q, const float* s, const float* c,
           const float* xsum, int64_t g, int64_t ob, int64_t n, const void* bias, int bias_bf16, void* y, int out_bf16,
           int64_t ahead) {
-  const int64_t groups = k / g, per_group = g / 8, stride = INT4_ROWS * k / 2;
+  const int64_t groups = k / g, per_group = g / 8;
   __m512 total[R][NB];
   for (int r = 0; r < R; r++)
     for (int b = 0; b < NB; b++) total[r][b] = _mm512_setzero_ps();
@@ -72,12 +83,12 @@ void tile(const uint16_t* x, int64_t k, int64_t t0, const uint8_t* q, const floa
     __m512 even[R][NB], odd[R][NB];
     for (int r = 0; r < R; r++) {
       for (int b = 0; b < NB; b++) even[r][b] = odd[r][b] = _mm512_setzero_ps();
-      prefetch(s + ((ob + r) * groups + t) * 16, SC_AHEAD);  // their own streams, beside the codes'
-      prefetch(c + ((ob + r) * groups + t) * 16, SC_AHEAD);
+      prefetch(s + group_at(ob + r, t, groups), SC_AHEAD);  // their own streams, beside the codes'
+      prefetch(c + group_at(ob + r, t, groups), SC_AHEAD);
     }
     for (int64_t j = t * per_group; j < (t + 1) * per_group; j++) {
       for (int r = 0; r < R; r++) {
-        const uint8_t* p = q + (ob + r) * stride + 64 * j;
+        const uint8_t* p = q + chunk_at(ob + r, j, k);
         prefetch(p, ahead);
         const Chunk w(p);
         for (int b = 0; b < NB; b++) {
@@ -90,8 +101,8 @@ void tile(const uint16_t* x, int64_t k, int64_t t0, const uint8_t* q, const floa
       }
     }
     for (int r = 0; r < R; r++) {
-      const __m512 sv = _mm512_loadu_ps(s + ((ob + r) * groups + t) * 16);
-      const __m512 cv = _mm512_loadu_ps(c + ((ob + r) * groups + t) * 16);
+      const __m512 sv = _mm512_loadu_ps(s + group_at(ob + r, t, groups));
+      const __m512 cv = _mm512_loadu_ps(c + group_at(ob + r, t, groups));
       for (int b = 0; b < NB; b++) {
         total[r][b] = _mm512_fmadd_ps(_mm512_add_ps(even[r][b], odd[r][b]), sv, total[r][b]);
         total[r][b] = _mm512_fmadd_ps(cv, _mm512_set1_ps(xsum[(t0 + b) * groups + t]), total[r][b]);
@@ -175,7 +186,7 @@ void gemv_int4(const uint16_t* x, const uint8_t* q, const float* s, const float*
 // instead of 198.
 void int4_to_bf16(const uint8_t* q, const float* s, const float* c, uint16_t* out, int64_t r0, int64_t r1, int64_t k,
                   int64_t g) {
-  const int64_t groups = k / g, chunks = k / 8, stride = INT4_ROWS * k / 2;
+  const int64_t groups = k / g, chunks = k / 8;
   const __m512i lower = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
   const __m512i upper = _mm512_add_epi32(lower, _mm512_set1_epi32(8));
 #pragma omp for schedule(static)
@@ -191,12 +202,12 @@ void int4_to_bf16(const uint8_t* q, const float* s, const float* c, uint16_t* ou
         const int64_t j = j0 + jj;
         if (8 * j / g != group) {
           group = 8 * j / g;
-          const __m512 sv = _mm512_loadu_ps(s + (ob * groups + group) * 16);
-          const __m512 cv = _mm512_loadu_ps(c + (ob * groups + group) * 16);
+          const __m512 sv = _mm512_loadu_ps(s + group_at(ob, group, groups));
+          const __m512 cv = _mm512_loadu_ps(c + group_at(ob, group, groups));
           s_lo = _mm512_permutexvar_ps(lower, sv), s_hi = _mm512_permutexvar_ps(upper, sv);
           c_lo = _mm512_permutexvar_ps(lower, cv), c_hi = _mm512_permutexvar_ps(upper, cv);
         }
-        const Chunk w(q + ob * stride + 64 * j);
+        const Chunk w(q + chunk_at(ob, j, k));
         __m512i v[4];
         for (int i = 0; i < 4; i++) {  // rows 0-7 in the lower 16 words, 8-15 in the upper
           const __m512i words = (__m512i)w.w[i];
@@ -233,11 +244,11 @@ void int4_to_bf16(const uint8_t* q, const float* s, const float* c, uint16_t* ou
 // 2j + 1 in the low one, into the layout above: what pack_int4_gemv computes from the codes, in one pass
 // (loading an int4 model repacks every matrix). Each output byte takes two input nibbles of one row.
 void int4_pack(const uint8_t* canon, uint8_t* out, int64_t n, int64_t k) {
-  const int64_t blocks = (n + INT4_ROWS - 1) / INT4_ROWS, chunks = k / 8;
+  const int64_t bands = (n + INT4_BAND * INT4_ROWS - 1) / (INT4_BAND * INT4_ROWS), chunks = k / 8;
 #pragma omp for schedule(static)
-  for (int64_t ob = 0; ob < blocks; ob++)
+  for (int64_t ob = 0; ob < bands * INT4_BAND; ob++)  // the padding blocks of the last band too (zeros)
     for (int64_t j = 0; j < chunks; j++) {
-      uint8_t* dst = out + (ob * chunks + j) * 64;
+      uint8_t* dst = out + chunk_at(ob, j, k);
       for (int p = 0; p < 64; p++) {
         const int lane = p / 16, i = p % 16;
         const int64_t row = ob * INT4_ROWS + 4 * lane + (i % 8) / 2;
