@@ -138,8 +138,8 @@ class Weights:
 
     kind: str  # f32, bf16, int8, int4 (FEATURES)
     w: torch.Tensor  # f32/bf16 (N, K); int8 codes (N, K); int4 codes in pack_int4_gemv's layout
-    s: torch.Tensor | None = None  # int8: bf16 scales (N,); int4: fp32 scales (N/16, K/G, 16)
-    c: torch.Tensor | None = None  # int4: fp32 offsets (N/16, K/G, 16)
+    s: torch.Tensor | None = None  # int8: bf16 scales (N,); int4: fp32 scales (N/64, K/G, 4, 16)
+    c: torch.Tensor | None = None  # int4: fp32 offsets (N/64, K/G, 4, 16)
     bias: torch.Tensor | None = None
     n: int = 0
     k: int = 0

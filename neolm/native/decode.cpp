@@ -27,8 +27,8 @@ struct Lin {  // a linear layer in one of gemv.cpp's formats
   int32_t bias_bf16;
   int64_t n, k, g;  // out-features, in-features, int4 group size
   const void* w;  // weights: fp32 / bf16 (n, k), int8 codes (n, k), int4 codes in int4.cpp's layout
-  const void* s;  // int8: bf16 scales (n,); int4: fp32 scales (n / 16, k / g, 16)
-  const void* c;  // int4: fp32 offsets (n / 16, k / g, 16)
+  const void* s;  // int8: bf16 scales (n,); int4: fp32 scales (n / 64, k / g, 4, 16)
+  const void* c;  // int4: fp32 offsets (n / 64, k / g, 4, 16)
   const void* bias;  // (n,) or null
 };
 
