@@ -5,7 +5,7 @@ engine installed. Needs only the standard library plus the engine's own packages
 peers' virtual environments too. Each engine module defines `Engine(variant)` with
 `load(model_dir, precision, threads)`, `single(ids, n)` and `batch(prompts, n)` (both return the
 time of each generation step since the call, in seconds, and leave the first sequence's tokens in
-`.tokens`), `prefill(ids)`, `unload()` and `info()`.
+`.tokens`), `prefill(ids)`, `unload()` and `info()`. With --serve it decodes on request instead (serve()).
 
 Figures (raw per-run values; bench.py takes median/min/max):
   ttft_s         time to the first new token, 32-token prompt (prefill + one step)
@@ -112,6 +112,22 @@ def measure(engine, args, result: dict, save) -> None:
             save()
 
 
+def serve(engine, args) -> None:
+    """bench/duel.py's side: load and warm up, print {"ready": ...}, then one single-stream decode per "single"
+    line on stdin, each answered by a JSON line; "quit" (or the end of stdin) ends it. Idle while it waits, so
+    that two of these processes can be alternated on one machine."""
+    engine.load(args.model_dir, args.precision, args.threads)
+    short, n = prompt_ids(args.prompt_len, 0), args.new_tokens
+    check_steps(engine.single(short, min(4, n)), min(4, n), "warm-up")
+    print(json.dumps({"ready": True, "info": engine.info()}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "single":
+            break
+        steps = engine.single(short, n)
+        check_steps(steps, n, "single stream")
+        print(json.dumps({"decode_tps": (n - 1) / (steps[-1] - steps[0])}), flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--engine", required=True, choices=sorted(MODULES))
@@ -125,8 +141,14 @@ def main() -> None:
     p.add_argument("--prefill-len", type=int, default=512)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--figures", default="single,prefill,batch,load")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", help="where the JSON result goes (not with --serve)")
+    p.add_argument("--serve", action="store_true", help="decode on request from stdin (bench/duel.py)")
     args = p.parse_args()
+    if args.serve:
+        serve(importlib.import_module(MODULES[args.engine]).Engine(args.variant), args)
+        os._exit(0)
+    if not args.out:
+        p.error("--out is required")
     result = {"engine": args.engine, "variant": args.variant, "precision": args.precision, "python": sys.executable}
 
     def save():

@@ -1,0 +1,134 @@
+"""Two engines' single-stream decode, alternated run by run, each in its own process loaded once.
+
+    python bench/duel.py --model pythia-1.4b --precision fp32 --engines neolm,llamacpp --pairs 10 \\
+        [--out bench/results/DUEL.md]
+
+bench.py runs each engine × model × precision in a process of its own, one after the other, so the two rows
+of a paired ratio lie a minute or more apart; this VM's memory bandwidth can change by 2x within that time
+(bench/README.md), and a memory-bound figure such as single-stream decoding changes with it. Here both engines
+load once (their own interpreters and quantized files, as in bench.py: run bench.py for the model and
+precision first), warm up, and then decode the same 32-token prompt for 128 tokens in turn, A B B A A B ...,
+each waiting idle while the other runs; each pair of runs lies seconds apart. The ratio of a pair is A's rate
+over B's; the result is the median [min-max] of the pairs' ratios. Engines: neolm, neolm:compile,
+transformers, transformers:eager, ctranslate2, llamacpp (the bench's variants).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+MODELS = Path("/tmp/neolm-bench/models")
+
+
+def python_for(engine: str, args) -> str:
+    """The interpreter bench.py would use: this one if it has the engine's package, else the peer's venv."""
+    module = {"ctranslate2": "ctranslate2", "llamacpp": "llama_cpp"}.get(engine)
+    if module is None:
+        return sys.executable
+    for python in (sys.executable, args.ct2_python if engine == "ctranslate2" else args.llama_python):
+        if subprocess.run([python, "-c", f"import {module}"], capture_output=True, check=False).returncode == 0:
+            return python
+    raise SystemExit(f"{engine}: not installed (see bench/README.md, Installing the peers)")
+
+
+class Contender:
+    def __init__(self, spec: str, args):
+        self.name = spec
+        engine, _, variant = spec.partition(":")
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
+                   TRANSFORMERS_VERBOSITY="error", PYTHONPATH=str(REPO))  # fmt: skip
+        cmd = [python_for(engine, args), str(HERE / "engines" / "worker.py"), "--serve", "--engine", engine,
+               "--variant", variant, "--model-dir", str(MODELS / args.model / "hf"), "--precision", args.precision,
+               "--threads", str(args.threads), "--new-tokens", str(args.new_tokens)]  # fmt: skip
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                                     cwd=HERE / "engines")  # fmt: skip
+        ready = self._answer()
+        if not ready.get("ready"):
+            raise SystemExit(f"{spec}: did not start ({ready})")
+        self.rates: list[float] = []
+
+    def _answer(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"{self.name}: the worker ended (exit code {self.proc.wait()}); its stderr is above")
+        return json.loads(line)
+
+    def run(self) -> float:
+        self.proc.stdin.write("single\n")
+        self.proc.stdin.flush()
+        rate = self._answer()["decode_tps"]
+        self.rates.append(rate)
+        return rate
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def spread(values: list[float], fmt: str = "{:.2f}") -> str:
+    return f"{fmt.format(statistics.median(values))} [{fmt.format(min(values))}–{fmt.format(max(values))}]"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="a shape bench.py prepared, e.g. pythia-1.4b")
+    p.add_argument("--precision", default="fp32")
+    p.add_argument("--engines", default="neolm,llamacpp", help="A,B: the ratio is A over B")
+    p.add_argument("--pairs", type=int, default=10)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--llama-python", default="/tmp/neolm-bench/llama-venv/bin/python")
+    p.add_argument("--ct2-python", default="/tmp/neolm-bench/ct2-venv/bin/python")
+    p.add_argument("--out", help="append the result (markdown) to this file, and its JSON beside it")
+    args = p.parse_args()
+    a_spec, b_spec = args.engines.split(",")
+    started = time.time()
+    a, b = Contender(a_spec, args), Contender(b_spec, args)
+    ratios = []
+    try:
+        for i in range(args.pairs):
+            first, second = (a, b) if i % 2 == 0 else (b, a)  # A B, B A, ...: a drift favours neither
+            first.run()
+            second.run()
+            ratios.append(a.rates[-1] / b.rates[-1])
+            print(f"pair {i + 1}/{args.pairs}: {a.name} {a.rates[-1]:.1f}, {b.name} {b.rates[-1]:.1f} tok/s, "
+                  f"ratio {ratios[-1]:.2f}", flush=True)  # fmt: skip
+    finally:
+        a.close()
+        b.close()
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            check=False).stdout.strip()  # fmt: skip
+    row = (f"| {args.model} | {args.precision} | {a.name} / {b.name} | {spread(ratios)} | "
+           f"{spread(a.rates, '{:.1f}')} | {spread(b.rates, '{:.1f}')} | {args.pairs} | {commit} |")  # fmt: skip
+    print("\n| model | precision | A / B | ratio, median [min–max] of the pairs | A tok/s | B tok/s | pairs | commit |")
+    print("|---|---|---|---|---|---|---|---|")
+    print(row)
+    if args.out:
+        out = Path(args.out)
+        if not out.exists():
+            out.write_text(
+                "# Single-stream decode, two engines alternated run by run (`bench/duel.py`)\n\n"
+                f"{__doc__.split(chr(10) + chr(10))[1]}\n\n"
+                "| model | precision | A / B | ratio, median [min–max] of the pairs | A tok/s | B tok/s | pairs | commit |\n"
+                "|---|---|---|---|---|---|---|---|\n"
+            )
+        with out.open("a") as f:
+            f.write(row + "\n")
+        record = {"model": args.model, "precision": args.precision, "a": a.name, "b": b.name, "ratios": ratios,
+                  "a_tps": a.rates, "b_tps": b.rates, "commit": commit, "threads": args.threads,
+                  "new_tokens": args.new_tokens, "started": started, "wall_s": time.time() - started}  # fmt: skip
+        with out.with_suffix(".jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+if __name__ == "__main__":
+    main()
