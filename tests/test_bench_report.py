@@ -1,4 +1,4 @@
-"""bench/bench.py --rounds: rows merged from their rounds, and report.py's ratios paired round by round."""
+"""bench/: rows merged from their rounds (bench.py --rounds), report.py's paired ratios and rooflines, and worker.py's serve mode (duel.py)."""
 
 import importlib.util
 import statistics
@@ -118,3 +118,20 @@ def test_ratio_at_equal_bandwidth():
     assert report.paired_per_bandwidth(n, p) == pytest.approx([(60 / 40) / (110 / 80), (120 / 80) / (100 / 80)])
     n["rounds"][0]["bandwidth_before"] = n["rounds"][0]["bandwidth_after"] = None  # a round without readings
     assert report.paired_per_bandwidth(n, p) == pytest.approx([(120 / 80) / (100 / 80)])
+
+
+def test_worker_serves_decodes_on_request(tiny_checkpoints):
+    """bench/duel.py's side of worker.py: load and warm up once, then one timed decode per "single" line."""
+    import json
+    import os
+    import subprocess
+
+    folder = tiny_checkpoints[next(iter(tiny_checkpoints))][1]
+    env = dict(os.environ, PYTHONPATH=str(BENCH.parent), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(BENCH / "engines" / "worker.py"), "--serve", "--engine", "neolm", "--model-dir",
+           str(folder), "--precision", "fp32", "--threads", "1", "--new-tokens", "8"]  # fmt: skip
+    out = subprocess.run(cmd, input="single\nsingle\nquit\n", capture_output=True, text=True, env=env,
+                         cwd=BENCH / "engines", timeout=300, check=True).stdout.splitlines()  # fmt: skip
+    answers = [json.loads(line) for line in out]
+    assert answers[0]["ready"] and answers[0]["info"]["neolm"]
+    assert len(answers) == 3 and all(a["decode_tps"] > 0 for a in answers[1:])
