@@ -1,4 +1,5 @@
-"""bench/: rows merged from their rounds (bench.py --rounds), report.py's paired ratios and rooflines, and worker.py's serve mode (duel.py)."""
+"""bench/: rows merged from their rounds (bench.py --rounds), report.py's paired ratios and rooflines, and
+worker.py's serve mode (duel.py)."""
 
 import importlib.util
 import statistics
