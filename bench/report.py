@@ -37,28 +37,26 @@ def med(r: dict, key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
-def paired(a: dict, b: dict, key: str) -> list[float]:
+def paired(a: dict, b: dict, key: str, per_bandwidth: bool = False) -> list[float]:
     """a's figure over b's, round by round (bench.py --rounds): each ratio from two rows run back to back.
-    Empty when the rows were measured once."""
-    theirs = {x["round"]: x["figures"].get(key) for x in b.get("rounds", [])}
-    return [
-        x["figures"][key] / theirs[x["round"]]
-        for x in a.get("rounds", [])
-        if x["figures"].get(key) and theirs.get(x["round"])
-    ]
+    Empty when the rows were measured once. per_bandwidth: each round's figure first divided by that round's
+    bandwidth (`own_bandwidth`), the ratio at equal bandwidth, for memory-bound figures (decoding) whose two
+    rows met different phases of the VM's memory; rounds without readings are left out."""
+
+    def value(x: dict) -> float | None:
+        v = x["figures"].get(key)
+        if not per_bandwidth or not v:
+            return v
+        gbs = own_bandwidth(x)
+        return v / gbs if gbs else None
+
+    theirs = {x["round"]: value(x) for x in b.get("rounds", [])}
+    return [value(x) / theirs[x["round"]] for x in a.get("rounds", []) if value(x) and theirs.get(x["round"])]
 
 
-def paired_per_bandwidth(a: dict, b: dict, key: str = "decode_tps") -> list[float]:
-    """`paired`, each row's figure first divided by its round's bandwidth (the higher of the readings just before
-    and after it): the ratio at equal bandwidth, for memory-bound figures (decoding) whose two rows met
-    different phases of the VM's memory. Empty without rounds or readings."""
-    theirs = {x["round"]: x for x in b.get("rounds", [])}
-    out = []
-    for x in a.get("rounds", []):
-        y = theirs.get(x["round"])
-        if y and x["figures"].get(key) and y["figures"].get(key) and readings(x) and readings(y):
-            out.append((x["figures"][key] / max(readings(x))) / (y["figures"][key] / max(readings(y))))
-    return out
+def spread(values: list[float], fmt: str = "{:.2f}") -> str:
+    """median [min–max]"""
+    return f"{fmt.format(statistics.median(values))} [{fmt.format(min(values))}–{fmt.format(max(values))}]"
 
 
 def ratio(a: dict, b: dict, key: str) -> tuple[float | None, str]:
@@ -66,8 +64,7 @@ def ratio(a: dict, b: dict, key: str) -> tuple[float | None, str]:
     how to print it (with the rounds' min-max)."""
     pairs = paired(a, b, key)
     if len(pairs) >= 2:
-        m = statistics.median(pairs)
-        return m, f"{m:.2f} [{min(pairs):.2f}–{max(pairs):.2f}]"
+        return statistics.median(pairs), spread(pairs)
     x, y = med(a, key), med(b, key)
     return (x / y, f"{x / y:.2f}") if x and y else (None, "–")
 
@@ -107,9 +104,11 @@ def roofline(r: dict, doc: dict) -> float | None:
     return d / (read_bandwidth(doc) * 1e9 / b)
 
 
-def readings(x: dict) -> list[float]:
-    """The read bandwidth measured just before and just after a row (or one round of it), where recorded."""
-    return [x[k]["read_gbs"] for k in ("bandwidth_before", "bandwidth_after") if x.get(k)]
+def own_bandwidth(x: dict) -> float | None:
+    """The higher of the read bandwidths measured just before and just after a row (or one round of it), where
+    recorded (the lower roofline fraction)."""
+    gbs = [x[k]["read_gbs"] for k in ("bandwidth_before", "bandwidth_after") if x.get(k)]
+    return max(gbs) if gbs else None
 
 
 def roofline_then(r: dict, doc: dict) -> float | None:
@@ -119,10 +118,10 @@ def roofline_then(r: dict, doc: dict) -> float | None:
     b, _ = stream_bytes(r, doc["results"])
     if not b:
         return None
-    per_round = [(x["figures"].get("decode_tps"), readings(x)) for x in r.get("rounds", [])] or [
-        (med(r, "decode_tps"), readings(r))
+    per_round = [(x["figures"].get("decode_tps"), own_bandwidth(x)) for x in r.get("rounds", [])] or [
+        (med(r, "decode_tps"), own_bandwidth(r))
     ]
-    fractions = [d / (max(gbs) * 1e9 / b) for d, gbs in per_round if d and gbs]
+    fractions = [d / (gbs * 1e9 / b) for d, gbs in per_round if d and gbs]
     return statistics.median(fractions) if fractions else None
 
 
@@ -287,10 +286,9 @@ def targets(doc: dict) -> list[str]:
         if not pairs or not med(n, key):
             return
         (x, shown), r = min(pairs, key=lambda p: p[0][0])
-        per_bandwidth = paired_per_bandwidth(n, r, key) if key == "decode_tps" else []
+        per_bandwidth = paired(n, r, key, per_bandwidth=True) if key == "decode_tps" else []
         if len(per_bandwidth) >= 2:  # shown, not judged: the target stays on the plain paired ratio
-            m = statistics.median(per_bandwidth)
-            shown += f"; at equal bandwidth {m:.2f} [{min(per_bandwidth):.2f}–{max(per_bandwidth):.2f}]"
+            shown += f"; at equal bandwidth {spread(per_bandwidth)}"
         ref = f"{med(r, key):.1f} ({row_name(r)})"
         line(what, model, f"{med(n, key):.1f}", ref if times == 1 else f"{times:g} × {ref}", shown, x >= times)
 

@@ -116,9 +116,9 @@ def test_ratio_at_equal_bandwidth():
         r["bandwidth_after"] = dict(r["bandwidth_before"])
     n, p = bench.merge_rounds(mine), bench.merge_rounds(peer)
     assert report.paired(n, p, "decode_tps") == pytest.approx([60 / 110, 120 / 100])
-    assert report.paired_per_bandwidth(n, p) == pytest.approx([(60 / 40) / (110 / 80), (120 / 80) / (100 / 80)])
+    assert report.paired(n, p, "decode_tps", per_bandwidth=True) == pytest.approx([(60 / 40) / (110 / 80), (120 / 80) / (100 / 80)])
     n["rounds"][0]["bandwidth_before"] = n["rounds"][0]["bandwidth_after"] = None  # a round without readings
-    assert report.paired_per_bandwidth(n, p) == pytest.approx([(120 / 80) / (100 / 80)])
+    assert report.paired(n, p, "decode_tps", per_bandwidth=True) == pytest.approx([(120 / 80) / (100 / 80)])
 
 
 def test_worker_serves_decodes_on_request(tiny_checkpoints):
