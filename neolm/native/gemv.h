@@ -104,7 +104,7 @@ inline __m512 exp16(__m512 x) {  // e^x, Cephes' expf polynomial after x = n ln2
 }
 
 // y (n) = W (n, k) @ x (k) + bias, formats as described in gemv.cpp (f32, bf16 and int8 defined in gemm.cpp,
-// int4 in int4.cpp: their few-row kernels with one row).
+// int4 in int4.cpp: their few-row kernels with one row, but int8's, which is a kernel of its own).
 void gemv_f32(const float* x, const float* w, const void* bias, int bias_bf16, void* y, int out_bf16, int64_t n,
               int64_t k);
 #ifdef __AVX512BF16__
