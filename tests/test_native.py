@@ -68,6 +68,48 @@ def test_int8(n, k, dtype, m):
         _close(native.int8_gemv(x[m - 1 :], q, scale, b), y[m - 1 :], 1e-5 if dtype == torch.float32 else 1e-2)
 
 
+def _int8a8_reference(x, q, scale, b):
+    """The W8A8 product in float64: each row of x to int8 with scale max |x| / 127 (round half to even)."""
+    amax = x.float().abs().amax(1, keepdim=True)
+    xq = torch.round(x.float() * torch.where(amax > 0, 127 / amax, torch.zeros_like(amax)))
+    y = (xq.double() @ q.double().t()) * (amax.double() / 127) * scale.double()
+    return y + (b.double() if b is not None else 0)
+
+
+@needs["int8a8"]
+@pytest.mark.parametrize("n,k", SHAPES + [(9, 777)])
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 17, 40])  # few rows (3 rows of W at a time), many (tiles of 8 x 3)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8a8(n, k, m, dtype):
+    """int8 x int8: integer sums are exact, so the kernel equals the float64 reference up to the fp32 rounding
+    of the scaling, and every row gets the same numbers alone as in any batch (any path)."""
+    w, x, b = _data(n, k, m=m)
+    q, scale = quantize_int8(w)
+    x, b = (x * torch.linspace(0.1, 10, m)[:, None]).to(dtype), b.to(dtype)
+    x[0, : k // 2] = 0  # a row with zeros, and (m > 1) a row of zeros only
+    if m > 1:
+        x[1] = 0
+    wsum = q.sum(1, dtype=torch.int32)
+    y = native.int8a8_matmul(x, q, scale, wsum, b)
+    assert y.dtype == dtype
+    want = _int8a8_reference(x, q, scale, b)
+    _close(y, want, 1e-6 if dtype == torch.float32 else 1e-2)
+    for i in {0, m - 1}:
+        assert torch.equal(native.int8a8_matmul(x[i : i + 1], q, scale, wsum, b), y[i : i + 1])
+
+
+@needs["int8a8"]
+@pytest.mark.parametrize("k", [1, 63, 64, 100])
+def test_int8a8_takes_every_code(k):
+    gen = torch.Generator().manual_seed(k)
+    q = (torch.arange(255)[:, None] + torch.arange(k)).remainder(255).sub(127).to(torch.int8)  # -127..127
+    x = torch.randn(20, k, generator=gen) * 1e3
+    scale = torch.rand(255, generator=gen).bfloat16()
+    y = native.int8a8_matmul(x, q, scale, q.sum(1, dtype=torch.int32), None)
+    want = _int8a8_reference(x, q, scale, None)
+    assert (y.double() - want).abs().max() <= 1e-6 * want.abs().max()
+
+
 @needs["int8"]
 @pytest.mark.parametrize("k", [1, 16, 63, 64, 100, 200])
 def test_int8_one_row_takes_every_code(k):

@@ -209,3 +209,30 @@ def test_a_changed_model_gets_a_new_step(folders):
     assert lm.model.decode_step is not torch_path
     lm.model.decode_step = None
     assert halved == lm.generate_ids([[1, 2, 3]], **kw)
+
+
+@pytest.mark.skipif("int8a8" not in native.available()[0], reason="no int8 x int8 kernel here (AVX-512 VNNI)")
+@pytest.mark.parametrize("rows", [1, 3])
+def test_int8_activations(folders, rows):
+    """quantize_activations: every int8 layer and the native step take the int8 x int8 kernel; the step equals
+    the torch path (the same kernel for each layer), and both stay near the weight-only int8 model."""
+    lm = neolm.load(folders["neox-parallel-pct25"], quantize="int8", quantize_activations=True)
+    assert lm.model.blocks[0].mlp.fc.native_weights().kind == "int8a8"
+    assert isinstance(lm.model.decode_step, decode.DecodeStep)
+    ids = torch.randint(0, 50000, (rows, 24), generator=torch.Generator().manual_seed(3))
+    (fast, slow), (c_fast, c_slow) = _twin_runs(lm.model, ids, prefill=5)
+    # ~2e-7 here; 1e-3 leaves room for an activation whose int8 rounding flips between the paths
+    assert _rel(fast, slow) < 1e-3
+    assert _rel(c_fast.k, c_slow.k) < 1e-3 and _rel(c_fast.v, c_slow.v) < 1e-3
+    weights_only = neolm.load(folders["neox-parallel-pct25"], quantize="int8")
+    (w8, _), _ = _twin_runs(weights_only.model, ids, prefill=5)
+    assert 0 < _rel(fast, w8) < 0.1  # ~0.02
+
+
+def test_int8_activations_need_int8_weights(folders):
+    with pytest.raises(neolm.NeolmError, match="int8 weights"):
+        neolm.load(folders["neo"], quantize_activations=True)
+    with pytest.raises(neolm.NeolmError, match="int8 weights"):
+        neolm.load(folders["neox-128"], quantize="int4", quantize_activations=True)
+    with pytest.raises(neolm.NeolmError, match="native"):
+        neolm.load(folders["neo"], quantize="int8", quantize_activations=True, native=False)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import neolm
-from neolm import cli
+from neolm import cli, native
 from neolm.errors import NeolmError
 from neolm.quant import bnb, kernels, linear
 from neolm.quant.io import quantized_tensors, save_quantized
@@ -554,3 +554,26 @@ def test_quantize_head_needs_quantize(tiny64):
         neolm.load(tiny64["neo"], quantize_head=True)
     lm = neolm.load(tiny64["neo"], quantize="int8", quantize_head=True)
     assert isinstance(lm.model.lm_head, Int8Linear) and isinstance(lm.model.wte, nn.Embedding)
+
+
+@pytest.mark.skipif("int8a8" not in native.available()[0], reason="no int8 x int8 kernel here (AVX-512 VNNI)")
+def test_cli_int8_activations(tiny64, tmp_path, capsys):
+    """`neolm quantize --quantize-activations` measures the W8A8 model (the folder is the plain int8 one), and
+    `neolm generate --quantize-activations` runs on it; both refuse what is not int8."""
+    text = tmp_path / "eval.txt"
+    text.write_text("To be, or not to be, that is the question. " * 20)
+    out = tmp_path / "q"
+    argv = ["quantize", str(tiny64["neox"]), "--to", "int8", "--out", str(out), "--eval-text", str(text),
+            "--prompts", "4", "--quantize-activations"]  # fmt: skip
+    assert cli.main(argv) == 0
+    report = json.loads((out / "quantization_report.json").read_text())
+    assert report["greedy_prompts"] == 4 and 0 < report["perplexity_quantized"]
+    assert report["perplexity_quantized"] != report["perplexity_full"]
+    assert neolm.load(out).model.quant_config["bits"] == 8
+    capsys.readouterr()
+    gen = ["generate", "--model", str(out), "To be", "--max-new-tokens", "5", "--quantize-activations"]
+    assert cli.main(gen) == 0
+    assert capsys.readouterr().out.strip()
+    argv[argv.index("int8")], argv[argv.index(str(out))] = "int4", str(tmp_path / "q4")
+    assert cli.main(argv) == 1
+    assert "--quantize-activations goes with --to int8" in capsys.readouterr().err

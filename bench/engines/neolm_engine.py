@@ -2,7 +2,8 @@
 
 Variants: "" (the defaults: since session 4 they include the native decode step) and "compile"
 (`compile=True`: the other one-token matmuls timed against one-row kernels; that happens in `load`, so it
-counts in the load time, not in any decode figure). int8/int4 rows quantize the
+counts in the load time, not in any decode figure), and "W8A8" (int8 only: `quantize_activations=True`, each
+matmul's input rows quantized to int8 too, as CTranslate2's int8 and llama.cpp's Q8_0 do). int8/int4 rows quantize the
 output head too (`quantize_head=True`), as llama.cpp's Q8_0/Q4_0 files and CTranslate2's int8 do, and load
 neolm's quantized folder beside the checkpoint (`neolm-int8/`, made by bench/prepare.py for each run), as
 llama.cpp loads its GGUF files and CTranslate2 its converted model; without one, they quantize while loading.
@@ -27,10 +28,15 @@ class Engine:
     def __init__(self, variant: str):
         self.lm = None
         self.compile = variant == "compile"
+        self.w8a8 = variant == "W8A8"  # int8 weights and activations (neolm.load(quantize_activations=True))
 
     def load(self, model_dir, precision, threads):
         torch.set_num_threads(threads)
         kwargs = {"dtype": DTYPES[precision], "device": "cpu", "compile": self.compile}
+        if self.w8a8:
+            if "quantize_activations" not in inspect.signature(neolm.load).parameters:
+                raise Unavailable("not available yet: neolm.load has no quantize_activations= argument")
+            kwargs["quantize_activations"] = True
         quantized = Path(model_dir).parent / f"neolm-{precision}"
         if precision in ("int8", "int4") and (quantized / "config.json").exists():
             self.lm = neolm.load(quantized, **kwargs)

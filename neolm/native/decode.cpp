@@ -23,12 +23,12 @@ namespace {
 using namespace neolm;
 
 struct Lin {  // a linear layer in one of gemv.cpp's formats
-  int32_t kind;  // 0 f32, 1 bf16, 2 int8, 3 int4
+  int32_t kind;  // 0 f32, 1 bf16, 2 int8, 3 int4, 4 int8 against int8 activations (int8a8.cpp)
   int32_t bias_bf16;
   int64_t n, k, g;  // out-features, in-features, int4 group size
   const void* w;  // weights: fp32 / bf16 (n, k), int8 codes (n, k), int4 codes in int4.cpp's layout
   const void* s;  // int8: bf16 scales (n,); int4: fp32 scales (n / 64, k / g, 4, 16)
-  const void* c;  // int4: fp32 offsets (n / 64, k / g, 4, 16)
+  const void* c;  // int4: fp32 offsets (n / 64, k / g, 4, 16); int8a8: the codes' int32 row sums (n,)
   const void* bias;  // (n,) or null
 };
 
@@ -107,8 +107,9 @@ void add(const void* a, const void* b, const void* c, void* y, int64_t n, int bf
   }
 }
 
-// The input a matmul reads: f32 takes fp32 x, bf16, int8 and int4 take bf16 x; `in` holds x in the model's dtype.
-inline int wants_bf16(const Lin& l) { return l.kind != 0; }
+// The input a matmul reads: f32 and int8a8 take fp32 x, bf16, int8 and int4 take bf16 x; `in` holds x in the
+// model's dtype.
+inline int wants_bf16(const Lin& l) { return l.kind != 0 && l.kind != 4; }
 
 const void* input(const Lin& l, const void* in, int bf16, float* xf, uint16_t* xb) {
   if (wants_bf16(l) == bf16) return in;
@@ -120,8 +121,16 @@ void convert(const Lin& l, const void* in, int bf16, float* xf, uint16_t* xb, in
   for (int64_t i = i0; i < i1; i += 16) put(wants_bf16(l) ? static_cast<void*>(xb) : xf, !bf16, i, load(in, bf16, i, first(i1 - i)), first(i1 - i));
 }
 
-// y (rows, n) = x (rows, k) @ W^T + bias, inside the parallel region: W's rows split over the threads.
-void linear(const Lin& l, const void* x, void* y, int bf16, int64_t rows) {
+// y (rows, n) = x (rows, k) @ W^T + bias, inside the parallel region: W's rows split over the threads. work:
+// int8a8's quantized rows.
+void linear(const Lin& l, const void* x, void* y, int bf16, int64_t rows, uint8_t* work) {
+#if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
+  if (l.kind == 4) {
+    gemm_int8a8(static_cast<const float*>(x), rows, static_cast<const int8_t*>(l.w), static_cast<const uint16_t*>(l.s),
+                static_cast<const int32_t*>(l.c), l.bias, l.bias_bf16, y, bf16, l.n, l.k, work);
+    return;
+  }
+#endif
   if (rows > 1) {
     switch (l.kind) {
       case 0: gemm_f32(static_cast<const float*>(x), rows, static_cast<const float*>(l.w), l.bias, l.bias_bf16, y, bf16, l.n, l.k); break;
@@ -218,7 +227,7 @@ extern "C" {
 // Bytes of scratch memory neolm_decode_step needs for this model and `rows` sequences.
 int64_t neolm_decode_scratch_bytes(const Model* m, int64_t rows) {
   const int64_t es = m->act_bf16 ? 2 : 4, wide = m->f > m->c ? m->f : m->c;
-  return rows * ((7 * m->c + m->f) * es + wide * 6) + 64;
+  return rows * ((7 * m->c + m->f) * es + wide * 6) + 64 + rows * (wide + 64 + 4) + 64;  // (the last: int8a8's work)
 }
 
 #ifdef NEOLM_AVX512
@@ -240,7 +249,8 @@ void neolm_decode_step(const Model* m, int64_t rows, void* x, int64_t pos, const
   void* ff = p;           p += rows * f * es;      // MLP hidden
   void* mo = p;           p += rows * c * es;      // MLP output
   float* xf = reinterpret_cast<float*>(p);  p += rows * wide * 4;  // a matmul's input in the other dtype
-  uint16_t* xb = reinterpret_cast<uint16_t*>(p);
+  uint16_t* xb = reinterpret_cast<uint16_t*>(p);  p += rows * wide * 2;
+  uint8_t* work = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));  // int8a8's
   const int64_t seq_bytes = m->heads * max_len * m->d * es;  // one sequence's cache of one layer
   const auto row = [es](void* base, int64_t i, int64_t width) { return static_cast<char*>(base) + i * width * es; };
 #pragma omp parallel
@@ -252,7 +262,7 @@ void neolm_decode_step(const Model* m, int64_t rows, void* x, int64_t pos, const
       for (int64_t i = 0; i < rows; i++) layer_norm(row(x, i, c), L.ln1_w, L.ln1_b, row(h, i, c), c, m->eps, bf16);
 #pragma omp single
       convert(L.qkv, h, bf16, xf, xb, 0, rows * c);
-      linear(L.qkv, input(L.qkv, h, bf16, xf, xb), qkv, bf16, rows);
+      linear(L.qkv, input(L.qkv, h, bf16, xf, xb), qkv, bf16, rows, work);
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < rows * m->heads; t++) {
         const int64_t i = t / m->heads, head = t % m->heads;
@@ -265,7 +275,7 @@ void neolm_decode_step(const Model* m, int64_t rows, void* x, int64_t pos, const
       }
 #pragma omp single
       convert(L.proj, att, bf16, xf, xb, 0, rows * c);
-      linear(L.proj, input(L.proj, att, bf16, xf, xb), a, bf16, rows);
+      linear(L.proj, input(L.proj, att, bf16, xf, xb), a, bf16, rows, work);
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < rows; i++) {
         if (!m->parallel) add(row(x, i, c), row(a, i, c), nullptr, row(x, i, c), c, bf16);  // GPT-Neo: x + attn, then the MLP on it
@@ -273,14 +283,14 @@ void neolm_decode_step(const Model* m, int64_t rows, void* x, int64_t pos, const
       }
 #pragma omp single
       convert(L.fc, h, bf16, xf, xb, 0, rows * c);
-      linear(L.fc, input(L.fc, h, bf16, xf, xb), ff, bf16, rows);
+      linear(L.fc, input(L.fc, h, bf16, xf, xb), ff, bf16, rows, work);
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < rows * f; i += 256) {
         const int64_t end = i + 256 < rows * f ? i + 256 : rows * f;
         for (int64_t j = i; j < end; j += 16) put(ff, bf16, j, activation(m->act, load(ff, bf16, j, first(end - j))), first(end - j));
         convert(L.out, ff, bf16, xf, xb, i, end);
       }
-      linear(L.out, input(L.out, ff, bf16, xf, xb), mo, bf16, rows);
+      linear(L.out, input(L.out, ff, bf16, xf, xb), mo, bf16, rows, work);
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < rows; i++) {
         if (m->parallel)

@@ -127,6 +127,12 @@ void gemm_bf16(const uint16_t* x, int64_t m, const uint16_t* w, const void* bias
 void gemm_int4(const uint16_t* x, int64_t m, const uint8_t* q, const float* s, const float* c, const void* bias,
                int bias_bf16, void* y, int out_bf16, int64_t n, int64_t k, int64_t g);
 #endif
+#ifdef __AVX512VNNI__
+// int8 codes against rows of X quantized to int8 on the fly (int8a8.cpp); `work`: int8a8_work_bytes(m, k).
+int64_t int8a8_work_bytes(int64_t m, int64_t k);
+void gemm_int8a8(const float* x, int64_t m, const int8_t* q, const uint16_t* scale, const int32_t* wsum,
+                 const void* bias, int bias_bf16, void* y, int out_bf16, int64_t n, int64_t k, uint8_t* work);
+#endif
 #endif
 
 }  // namespace neolm

@@ -179,8 +179,18 @@ class Int8Linear(QuantLinear):
         return (q.float() * scale.float()[:, None]).to(dtype or self.dtype)  # (N, K), or (len(rows), K)
 
     prefill_rows = 48  # 32 rows: native 78 ms, bf16 weights 95 ms over 48 of pythia-1.4b's matrices; 48: equal
+    wsum: torch.Tensor | None = None  # the codes' int32 row sums (N,) where the activations are quantized too
+
+    def int8_activations(self) -> bool:
+        """Whether every product quantizes its input rows to int8 first (`quantize_activations`)."""
+        return self.wsum is not None and self.native and self._on_cpu_in_float()
+
+    def _a8(self, x, qweight, scale, bias):  # the gemv interface of neolm.ops
+        return native.int8a8_matmul(x, qweight, scale, self.wsum, bias)
 
     def matmul(self, x):
+        if self.int8_activations():
+            return native.int8a8_matmul(x, self.qweight, self.scale, self.wsum, None)
         if self.prefills() and x.dtype in (torch.float32, torch.bfloat16):  # native: ~1.5x aten's at 13-47 rows
             return native.int8_gemv(x.contiguous(), self.qweight, self.scale, None)
         return kernels.int8_mm(x, self.qweight, self.scale)
@@ -188,12 +198,15 @@ class Int8Linear(QuantLinear):
     def gemv_kernels(self):
         if not self._on_cpu_in_float():
             return {}
+        if self.int8_activations():
+            return {"native int8 x int8": self._a8}
         if self.native_weights() is not None and "int8" in native.available()[0]:
             return {"native": native.int8_gemv}
         return {"inductor": compiled(kernels.int8_gemv, self.qweight, self.scale, self.bias)}
 
     def prefills(self):  # (bf16 GEMMs are slow without bf16 hardware; the codes convert natively)
-        return self.native and self.qweight.device.type == "cpu" and "bf16" in native.available()[0]
+        return (self.native and self.qweight.device.type == "cpu" and "bf16" in native.available()[0]
+                and not self.int8_activations())  # fmt: skip
 
     def bf16_rows(self, start, end):
         return native.int8_to_bf16(self.qweight[start:end]), self.scale[start:end].float()  # codes exact in bf16
@@ -201,6 +214,9 @@ class Int8Linear(QuantLinear):
     def native_weights(self):
         if not (self.native and self._on_cpu_in_float()):
             return None
+        if self.int8_activations():
+            return native.Weights("int8a8", self.qweight, self.scale, self.wsum, self.bias, self.out_features,
+                                  self.in_features)  # fmt: skip
         return native.Weights("int8", self.qweight, self.scale, bias=self.bias, n=self.out_features, k=self.in_features)
 
     def prepare(self, name=""):
@@ -438,6 +454,24 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 @torch.no_grad()
+def quantize_activations(model: nn.Module) -> None:
+    """Make every int8 layer of `model` quantize its input rows to int8 too (W8A8, symmetric, a scale per row
+    from its largest magnitude) and multiply in integers (neolm/native/int8a8.cpp): prompts and batches ~1.5x
+    faster on CPUs with AVX-512 VNNI, at some of the activations' precision (bench/QUANT_QUALITY.md). Before
+    `neolm.native.decode.attach`, whose step then takes the same kernel."""
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    if not layers:
+        raise NeolmError("quantize_activations needs int8 weights (quantize='int8', or a folder quantized to int8)")
+    have, why = native.available()
+    if "int8a8" not in have:
+        raise NeolmError(f"quantize_activations needs neolm's int8 x int8 CPU kernel: {why or 'this CPU has no AVX-512 VNNI'}")
+    for m in layers:
+        if not (m.native and m._on_cpu_in_float()):
+            raise NeolmError("quantize_activations needs the model on CPU in float32 or bfloat16, with native kernels")
+        m.wsum = m.qweight.sum(1, dtype=torch.int32)
+        m.use_kernel = True  # (int8a8.cpp takes any width)
+
+
 def quantize_model(model: nn.Module, bits: int, group_size: int = 64, skip=DEFAULT_SKIP) -> nn.Module:
     """Replace the model's Linear layers (but `skip`) by quantized ones, in place; returns the model."""
     if any(isinstance(m, QuantLinear) for m in model.modules()):
