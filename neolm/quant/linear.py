@@ -453,7 +453,6 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-@torch.no_grad()
 def quantize_activations(model: nn.Module) -> None:
     """Make every int8 layer of `model` quantize its input rows to int8 too (W8A8, symmetric, a scale per row
     from its largest magnitude) and multiply in integers (neolm/native/int8a8.cpp): prompts and batches ~1.5x
@@ -472,6 +471,7 @@ def quantize_activations(model: nn.Module) -> None:
         m.use_kernel = True  # (int8a8.cpp takes any width)
 
 
+@torch.no_grad()
 def quantize_model(model: nn.Module, bits: int, group_size: int = 64, skip=DEFAULT_SKIP) -> nn.Module:
     """Replace the model's Linear layers (but `skip`) by quantized ones, in place; returns the model."""
     if any(isinstance(m, QuantLinear) for m in model.modules()):
