@@ -124,7 +124,7 @@ void convert(const Lin& l, const void* in, int bf16, float* xf, uint16_t* xb, in
 // y (rows, n) = x (rows, k) @ W^T + bias, inside the parallel region: W's rows split over the threads. work:
 // int8a8's quantized rows.
 void linear(const Lin& l, const void* x, void* y, int bf16, int64_t rows, uint8_t* work) {
-#if defined(__AVX512BF16__) && defined(__AVX512VNNI__)
+#ifdef __AVX512VNNI__  // (neolm_features offers int8a8 with VNNI, bf16 or not)
   if (l.kind == 4) {
     gemm_int8a8(static_cast<const float*>(x), rows, static_cast<const int8_t*>(l.w), static_cast<const uint16_t*>(l.s),
                 static_cast<const int32_t*>(l.c), l.bias, l.bias_bf16, y, bf16, l.n, l.k, work);
@@ -227,7 +227,7 @@ extern "C" {
 // Bytes of scratch memory neolm_decode_step needs for this model and `rows` sequences.
 int64_t neolm_decode_scratch_bytes(const Model* m, int64_t rows) {
   const int64_t es = m->act_bf16 ? 2 : 4, wide = m->f > m->c ? m->f : m->c;
-  return rows * ((7 * m->c + m->f) * es + wide * 6) + 64 + rows * (wide + 64 + 4) + 64;  // (the last: int8a8's work)
+  return rows * ((7 * m->c + m->f) * es + wide * 6) + 64 + int8a8_work_bytes(rows, wide) + 64;  // (64: alignment)
 }
 
 #ifdef NEOLM_AVX512

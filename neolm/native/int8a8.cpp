@@ -153,8 +153,6 @@ constexpr FewFn FEWS[9] = {nullptr, few<1>, few<2>, few<3>, few<4>, few<5>, few<
 
 }  // namespace
 
-int64_t int8a8_work_bytes(int64_t m, int64_t k) { return m * padded(k) + m * int64_t(sizeof(float)); }
-
 void gemm_int8a8(const float* x, int64_t m, const int8_t* q, const uint16_t* scale, const int32_t* wsum,
                  const void* bias, int bias_bf16, void* y, int out_bf16, int64_t n, int64_t k, uint8_t* work) {
   const int64_t kp = padded(k);
