@@ -190,7 +190,7 @@ class Int8Linear(QuantLinear):
 
     def matmul(self, x):
         if self.int8_activations():
-            return native.int8a8_matmul(x, self.qweight, self.scale, self.wsum, None)
+            return self._a8(x, self.qweight, self.scale, None)
         if self.prefills() and x.dtype in (torch.float32, torch.bfloat16):  # native: ~1.5x aten's at 13-47 rows
             return native.int8_gemv(x.contiguous(), self.qweight, self.scale, None)
         return kernels.int8_mm(x, self.qweight, self.scale)
