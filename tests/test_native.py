@@ -78,7 +78,7 @@ def _int8a8_reference(x, q, scale, b):
 
 @needs["int8a8"]
 @pytest.mark.parametrize("n,k", SHAPES + [(9, 777)])
-@pytest.mark.parametrize("m", [1, 3, 8, 9, 17, 40])  # few rows (3 rows of W at a time), many (tiles of 8 x 3)
+@pytest.mark.parametrize("m", [1, 3, 6, 8, 13, 40])  # tiles of up to 6 rows of X x 64 out-features
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8a8(n, k, m, dtype):
     """int8 x int8: integer sums are exact, so the kernel equals the float64 reference up to the fp32 rounding
@@ -89,13 +89,14 @@ def test_int8a8(n, k, m, dtype):
     x[0, : k // 2] = 0  # a row with zeros, and (m > 1) a row of zeros only
     if m > 1:
         x[1] = 0
-    wsum = q.sum(1, dtype=torch.int32)
-    y = native.int8a8_matmul(x, q, scale, wsum, b)
+    packed = native.int8a8_pack(q)
+    assert torch.equal(native.int8a8_unpack(packed, n, k), q)
+    y = native.int8a8_matmul(x, packed, scale, b, n, k)
     assert y.dtype == dtype
     want = _int8a8_reference(x, q, scale, b)
     _close(y, want, 1e-6 if dtype == torch.float32 else 1e-2)
     for i in {0, m - 1}:
-        assert torch.equal(native.int8a8_matmul(x[i : i + 1], q, scale, wsum, b), y[i : i + 1])
+        assert torch.equal(native.int8a8_matmul(x[i : i + 1], packed, scale, b, n, k), y[i : i + 1])
 
 
 @needs["int8a8"]
@@ -105,7 +106,7 @@ def test_int8a8_takes_every_code(k):
     q = (torch.arange(255)[:, None] + torch.arange(k)).remainder(255).sub(127).to(torch.int8)  # -127..127
     x = torch.randn(20, k, generator=gen) * 1e3
     scale = torch.rand(255, generator=gen).bfloat16()
-    y = native.int8a8_matmul(x, q, scale, q.sum(1, dtype=torch.int32), None)
+    y = native.int8a8_matmul(x, native.int8a8_pack(q), scale, None, 255, k)
     want = _int8a8_reference(x, q, scale, None)
     assert (y.double() - want).abs().max() <= 1e-6 * want.abs().max()
 

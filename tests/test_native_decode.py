@@ -227,6 +227,10 @@ def test_int8_activations(folders, rows):
     weights_only = neolm.load(folders["neox-parallel-pct25"], quantize="int8")
     (w8, _), _ = _twin_runs(weights_only.model, ids, prefill=5)
     assert 0 < _rel(fast, w8) < 0.1  # ~0.02
+    fc, plain = lm.model.blocks[0].mlp.fc, weights_only.model.blocks[0].mlp.fc
+    assert fc.layout == "a8" and plain.layout == "rows"  # the kernel's layout is the only copy of the codes,
+    assert torch.equal(fc.export()["qweight"], plain.qweight)  # saved as rows
+    assert torch.equal(fc.dequantize(), plain.dequantize())
 
 
 def test_int8_activations_need_int8_weights(folders):

@@ -60,7 +60,7 @@ _SIGNATURES = {
     "neolm_gemm_f32": [_p, _i64, _p, _p, _int, _p, _int, _i64, _i64],
     "neolm_gemm_bf16": [_p, _i64, _p, _p, _int, _p, _int, _i64, _i64],
     "neolm_gemm_int8": [_p, _i64, _p, _p, _p, _int, _p, _int, _i64, _i64],
-    "neolm_gemm_int8a8": [_p, _i64, _p, _p, _p, _p, _int, _p, _int, _i64, _i64, _p],
+    "neolm_gemm_int8a8": [_p, _i64, _p, _p, _p, _int, _p, _int, _i64, _i64, _p],
     "neolm_int8a8_work_bytes": [_i64, _i64],
     "neolm_gemm_int4": [_p, _i64, _p, _p, _p, _p, _int, _p, _int, _i64, _i64, _i64],
     "neolm_decode_step": [_p, _i64, _p, _i64, _p, _p, _p, _p, _i64, _p, _p, _i64, _p],  # neolm/native/decode.py
@@ -139,9 +139,9 @@ class Weights:
     """A linear layer's tensors in one of the native kernels' formats (gemv.cpp), as decode.cpp's `Lin`."""
 
     kind: str  # f32, bf16, int8, int4, int8a8 (FEATURES)
-    w: torch.Tensor  # f32/bf16 (N, K); int8 codes (N, K); int4 codes in pack_int4_gemv's layout
+    w: torch.Tensor  # f32/bf16 (N, K); int8 codes (N, K); int4 codes in pack_int4_gemv's layout; int8a8: int8a8_pack's
     s: torch.Tensor | None = None  # int8: bf16 scales (N,); int4: fp32 scales (N/64, K/G, 4, 16)
-    c: torch.Tensor | None = None  # int4: fp32 offsets (N/64, K/G, 4, 16); int8a8: int32 row sums of the codes (N,)
+    c: torch.Tensor | None = None  # int4: fp32 offsets (N/64, K/G, 4, 16)
     bias: torch.Tensor | None = None
     n: int = 0
     k: int = 0
@@ -181,20 +181,39 @@ def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias:
     return y
 
 
-def int8a8_matmul(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, wsum: torch.Tensor,
-                  bias: torch.Tensor | None) -> torch.Tensor:
-    """qweight (N, K) int8, scale (N,) bf16, wsum (N,) int32 = qweight's row sums: y = (x_q @ qweight.T) * s_x *
-    scale (+ bias), each row of x quantized to int8 first with its own scale s_x = max |x| / 127 (int8a8.cpp),
-    int32 sums; any number of rows."""
-    n, k = qweight.shape
-    assert qweight.dtype == torch.int8 and scale.dtype == torch.bfloat16 and wsum.dtype == torch.int32
-    assert qweight.is_contiguous()
+A8_PANEL = 64  # int8a8.cpp's layout: out-features per panel, in-features per quad
+A8_QUAD = 4
+
+
+def int8a8_pack(q: torch.Tensor) -> torch.Tensor:
+    """int8 codes (N, K) -> int8a8.cpp's layout, uint8 (N/64 panels, K/4 quads, 64, 4) (rounded up, padded
+    with zero codes): code + 128 for feature 64 p + f, in-feature 4 j + b at [p, j, f, b]."""
+    n, k = q.shape
+    panels, quads = -(-n // A8_PANEL), -(-k // A8_QUAD)
+    u = F.pad(q, (0, quads * A8_QUAD - k, 0, panels * A8_PANEL - n)).view(torch.uint8) ^ 128  # q + 128
+    return u.view(panels, A8_PANEL, quads, A8_QUAD).transpose(1, 2).contiguous()
+
+
+def int8a8_unpack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """int8a8_pack's inverse: the int8 codes (N, K)."""
+    panels, quads = packed.shape[:2]
+    rows = (packed.transpose(1, 2) ^ 128).reshape(panels * A8_PANEL, quads * A8_QUAD)[:n, :k]
+    return rows.contiguous().view(torch.int8)
+
+
+def int8a8_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                  n: int, k: int) -> torch.Tensor:
+    """packed: int8 codes (N, K) in int8a8_pack's layout, scale (N,) bf16: y = (x_q @ codes.T) * s_x * scale
+    (+ bias), each row of x quantized to int8 first with its own scale s_x = max |x| / 127 (int8a8.cpp), int32
+    sums; any number of rows."""
+    assert packed.dtype == torch.uint8 and packed.is_contiguous() and scale.dtype == torch.bfloat16
+    assert packed.shape == (-(-n // A8_PANEL), -(-k // A8_QUAD), A8_PANEL, A8_QUAD) and x.shape[-1] == k
     xf = x.float().contiguous()
     y, y_bf16 = _out(x, n)
     lib = _library()[0]
     work = torch.empty(lib.neolm_int8a8_work_bytes(x.shape[0], k), dtype=torch.uint8)
-    lib.neolm_gemm_int8a8(xf.data_ptr(), x.shape[0], qweight.data_ptr(), scale.data_ptr(), wsum.data_ptr(),
-                          *_bias(bias), y.data_ptr(), y_bf16, n, k, work.data_ptr())  # fmt: skip
+    lib.neolm_gemm_int8a8(xf.data_ptr(), x.shape[0], packed.data_ptr(), scale.data_ptr(), *_bias(bias),
+                          y.data_ptr(), y_bf16, n, k, work.data_ptr())  # fmt: skip
     return y
 
 

@@ -28,7 +28,7 @@ struct Lin {  // a linear layer in one of gemv.cpp's formats
   int64_t n, k, g;  // out-features, in-features, int4 group size
   const void* w;  // weights: fp32 / bf16 (n, k), int8 codes (n, k), int4 codes in int4.cpp's layout
   const void* s;  // int8: bf16 scales (n,); int4: fp32 scales (n / 64, k / g, 4, 16)
-  const void* c;  // int4: fp32 offsets (n / 64, k / g, 4, 16); int8a8: the codes' int32 row sums (n,)
+  const void* c;  // int4: fp32 offsets (n / 64, k / g, 4, 16)
   const void* bias;  // (n,) or null
 };
 
@@ -126,8 +126,8 @@ void convert(const Lin& l, const void* in, int bf16, float* xf, uint16_t* xb, in
 void linear(const Lin& l, const void* x, void* y, int bf16, int64_t rows, uint8_t* work) {
 #ifdef __AVX512VNNI__  // (neolm_features offers int8a8 with VNNI, bf16 or not)
   if (l.kind == 4) {
-    gemm_int8a8(static_cast<const float*>(x), rows, static_cast<const int8_t*>(l.w), static_cast<const uint16_t*>(l.s),
-                static_cast<const int32_t*>(l.c), l.bias, l.bias_bf16, y, bf16, l.n, l.k, work);
+    gemm_int8a8(static_cast<const float*>(x), rows, static_cast<const uint8_t*>(l.w), static_cast<const uint16_t*>(l.s),
+                l.bias, l.bias_bf16, y, bf16, l.n, l.k, work);
     return;
   }
 #endif

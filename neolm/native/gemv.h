@@ -56,9 +56,10 @@ inline float bias_at(const void* bias, int bias_bf16, int64_t i) {
   return bias_bf16 ? bf16_to_float(static_cast<const uint16_t*>(bias)[i]) : static_cast<const float*>(bias)[i];
 }
 
-// Bytes of gemm_int8a8's work memory for m rows of k in-features: the rows quantized (64-byte padded) and
-// their scales.
-inline int64_t int8a8_work_bytes(int64_t m, int64_t k) { return m * ((k + 63) & ~int64_t(63)) + m * int64_t(sizeof(float)); }
+// Bytes of a row of X quantized for gemm_int8a8 (k codes, 64-byte padded), and of its work memory for m rows:
+// the rows quantized, their scales and their sums.
+inline int64_t int8a8_row_bytes(int64_t k) { return (k + 63) & ~int64_t(63); }
+inline int64_t int8a8_work_bytes(int64_t m, int64_t k) { return m * int8a8_row_bytes(k) + m * int64_t(2 * 4); }
 
 #ifdef NEOLM_AVX512
 inline __m256i to_bf16(__m512 v) {  // 16 floats to bf16, round to nearest even, NaN kept (as float_to_bf16)
@@ -132,9 +133,9 @@ void gemm_int4(const uint16_t* x, int64_t m, const uint8_t* q, const float* s, c
                int bias_bf16, void* y, int out_bf16, int64_t n, int64_t k, int64_t g);
 #endif
 #ifdef __AVX512VNNI__
-// int8 codes against rows of X quantized to int8 on the fly (int8a8.cpp); `work`: int8a8_work_bytes(m, k).
-void gemm_int8a8(const float* x, int64_t m, const int8_t* q, const uint16_t* scale, const int32_t* wsum,
-                 const void* bias, int bias_bf16, void* y, int out_bf16, int64_t n, int64_t k, uint8_t* work);
+// int8 codes (int8a8.cpp's layout) against rows of X quantized to int8 on the fly; `work`: int8a8_work_bytes(m, k).
+void gemm_int8a8(const float* x, int64_t m, const uint8_t* w, const uint16_t* scale, const void* bias, int bias_bf16,
+                 void* y, int out_bf16, int64_t n, int64_t k, uint8_t* work);
 #endif
 #endif
 

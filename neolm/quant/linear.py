@@ -163,6 +163,9 @@ class Int8Linear(QuantLinear):
         super().__init__(in_features, out_features, bias, dtype, device)
         self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scale", torch.empty(out_features, dtype=SCALE_DTYPE, device=device))  # (N,)
+        # of qweight: "rows" (N, K), or "a8" (neolm.native.int8a8_pack's, the only copy of the codes while the
+        # activations are quantized too: `quantize_activations`)
+        self.layout = "rows"
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -174,19 +177,30 @@ class Int8Linear(QuantLinear):
             module.bias = nn.Parameter(linear.bias.detach(), False)
         return module
 
+    def codes(self) -> torch.Tensor:
+        """(N, K) int8 codes, whatever the layout."""
+        if self.layout == "a8":
+            return native.int8a8_unpack(self.qweight, self.out_features, self.in_features)
+        return self.qweight
+
     def dequantize(self, dtype=None, rows: torch.Tensor | None = None):
-        q, scale = (self.qweight, self.scale) if rows is None else (self.qweight[rows], self.scale[rows])
+        q, scale = (self.codes(), self.scale) if rows is None else (self.codes()[rows], self.scale[rows])
         return (q.float() * scale.float()[:, None]).to(dtype or self.dtype)  # (N, K), or (len(rows), K)
 
     prefill_rows = 48  # 32 rows: native 78 ms, bf16 weights 95 ms over 48 of pythia-1.4b's matrices; 48: equal
-    wsum: torch.Tensor | None = None  # the codes' int32 row sums (N,) where the activations are quantized too
 
     def int8_activations(self) -> bool:
         """Whether every product quantizes its input rows to int8 first (`quantize_activations`)."""
-        return self.wsum is not None and self.native and self._on_cpu_in_float()
+        return self.layout == "a8" and self.native and self._on_cpu_in_float()
+
+    def quantize_activations(self) -> None:
+        """From now on, quantize the input rows to int8 too: the codes go to int8a8.cpp's layout."""
+        if self.layout != "a8":
+            self.qweight, self.layout = huge_copy(native.int8a8_pack(self.qweight)), "a8"
+        self.use_kernel = True  # (int8a8.cpp takes any width)
 
     def _a8(self, x, qweight, scale, bias):  # the gemv interface of neolm.ops
-        return native.int8a8_matmul(x, qweight, scale, self.wsum, bias)
+        return native.int8a8_matmul(x, qweight, scale, bias, self.out_features, self.in_features)
 
     def matmul(self, x):
         if self.int8_activations():
@@ -215,12 +229,17 @@ class Int8Linear(QuantLinear):
         if not (self.native and self._on_cpu_in_float()):
             return None
         if self.int8_activations():
-            return native.Weights("int8a8", self.qweight, self.scale, self.wsum, self.bias, self.out_features,
-                                  self.in_features)  # fmt: skip
+            return native.Weights("int8a8", self.qweight, self.scale, None, self.bias, self.out_features, self.in_features)
         return native.Weights("int8", self.qweight, self.scale, bias=self.bias, n=self.out_features, k=self.in_features)
 
     def prepare(self, name=""):
+        if self.layout == "a8" and not (self.native and self._on_cpu_in_float()):  # (moved off CPU, or to fp16)
+            self.qweight, self.layout = self.codes(), "rows"
         super().prepare(name)
+        if self.int8_activations():
+            rows = kernels.check_rows(self.out_features, self.qweight.device)
+            self.use_kernel = kernels.agrees(self.matmul, self.dequantize(torch.float32, rows), name or "int8 layer", rows)
+            return
         if self.in_features % 32:  # aten's CPU int8 kernel crashes (not fails) on such widths, e.g. 60
             self.use_kernel = False
             return
@@ -228,7 +247,7 @@ class Int8Linear(QuantLinear):
         self.use_kernel = kernels.agrees(self.matmul, self.dequantize(torch.float32, rows), name or "int8 layer", rows)
 
     def export(self) -> dict[str, torch.Tensor]:
-        out = {"qweight": self.qweight, "scale": self.scale}
+        out = {"qweight": self.codes(), "scale": self.scale}
         return out | ({"bias": self.bias.detach()} if self.bias is not None else {})
 
 
@@ -467,8 +486,7 @@ def quantize_activations(model: nn.Module) -> None:
     for m in layers:
         if not (m.native and m._on_cpu_in_float()):
             raise NeolmError("quantize_activations needs the model on CPU in float32 or bfloat16, with native kernels")
-        m.wsum = m.qweight.sum(1, dtype=torch.int32)
-        m.use_kernel = True  # (int8a8.cpp takes any width)
+        m.quantize_activations()
 
 
 @torch.no_grad()
