@@ -30,7 +30,8 @@ sys.path.insert(0, str(HERE))
 import machine
 import report
 
-ENGINE_VARIANTS = {"neolm": ["", "compile", "W8A8"], "transformers": ["eager", "default"], "ctranslate2": [""], "llamacpp": [""]}
+A8_PRECISION = {"W8A8": "int8", "W4A8": "int4"}  # neolm's int8-activation variants, each for its precision
+ENGINE_VARIANTS = {"neolm": ["", "compile", "W8A8", "W4A8"], "transformers": ["eager", "default"], "ctranslate2": [""], "llamacpp": [""]}
 PRECISIONS = {  # which precisions each engine has (others are not rows)
     "neolm": ["fp32", "bf16", "int8", "int4"], "transformers": ["fp32", "bf16"],
     "ctranslate2": ["fp32", "bf16", "int8"], "llamacpp": ["fp32", "bf16", "int8", "int4"],
@@ -273,8 +274,8 @@ def plan(args, peers: Peers, notes: dict) -> list[dict]:
         for engine in args.engines:
             for variant in ENGINE_VARIANTS[engine]:
                 for precision in args.precisions:
-                    if precision not in PRECISIONS[engine] or (variant == "W8A8" and precision != "int8"):
-                        continue  # (W8A8: neolm int8 with quantize_activations)
+                    if precision not in PRECISIONS[engine] or A8_PRECISION.get(variant, precision) != precision:
+                        continue  # (W8A8, W4A8: neolm int8, int4 with quantize_activations)
                     batch = precision in args.batch_precisions
                     job = {"model": model, "engine": engine, "variant": variant, "precision": precision,
                            "runs": args.runs, "figures": "single,prefill,load" + (",batch" if batch else "")}  # fmt: skip

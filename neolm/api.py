@@ -198,9 +198,10 @@ def load(
     quantize: None | "int8" | "int4": quantize the weights while loading (group_size for int4: 32, 64,
     128 or 256); quantize_head: the output head too (faster decoding, a little less exact; by default it
     stays in floating point). Quantized folders (`neolm quantize`, bitsandbytes 4-bit) load as such without it.
-    quantize_activations: with int8 weights on CPU, quantize each matmul's input rows to int8 as well (W8A8, a
-    scale per row, as CTranslate2's and llama.cpp's int8 types do) and multiply in integers with AVX-512 VNNI:
-    prompts ~1.5x faster, at some of the activations' precision (bench/QUANT_QUALITY.md).
+    quantize_activations: with int8 or int4 weights on CPU, quantize each matmul's input rows to int8 as well
+    (W8A8 / W4A8, a scale per row, as CTranslate2's int8 and llama.cpp's Q8_0 and Q4_0 types do) and multiply in
+    integers with AVX-512 VNNI: prompts and batches faster, at some of the activations' precision
+    (bench/QUANT_QUALITY.md).
     native: on CPU, run each decode step (one sequence, or a batch of up to 12) through every block in one
     call of neolm's AVX-512 kernels (neolm.native.decode; built with the system's C++ compiler on first use,
     cached), and the output head's products of up to 12 rows on them, where this machine can build them;

@@ -61,8 +61,9 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = False, position
     p.add_argument(
         "--quantize-activations",
         action="store_true",
-        help="with int8 weights on CPU: quantize each matmul's input rows to int8 too (W8A8, as CTranslate2 and "
-        "llama.cpp's Q8_0 do) and multiply in integers (AVX-512 VNNI): prompts ~1.5x faster, a little less exact",
+        help="with int8 or int4 weights on CPU: quantize each matmul's input rows to int8 too (W8A8 / W4A8, as "
+        "CTranslate2 and llama.cpp's Q8_0 / Q4_0 do) and multiply in integers (AVX-512 VNNI): prompts and batches "
+        "faster, a little less exact",
     )
     p.add_argument(
         "--compile",

@@ -166,6 +166,31 @@ def test_int4(n, k, group, dtype, m):
         assert torch.equal(y[m - 1 :], native.Int4Gemv.from_codes(codes, scale, zero, group)(x[m - 1 :], b))
 
 
+@needs["int4a8"]
+@pytest.mark.parametrize("n,k,group", [(1, 128, 64), (37, 256, 64), (130, 256, 128), (70, 96, 32), (65, 512, 256)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 3, 4, 9])  # tiles of up to 4 rows of X x 64 out-features
+def test_int4a8(n, k, group, dtype, m):
+    """int4 x int8: each group's integer sum is exact, so the kernel equals the float64 reference on the same
+    int8 rows up to fp32 roundings, and every row gets the same numbers alone as in any batch."""
+    w, x, b = _data(n, k, m=m)
+    codes, scale, zero = quantize_int4(w, group)
+    w_dq = ((codes.view(n, k // group, group).double() - 8) * scale.double()[..., None] + zero.double()[..., None])
+    x, b = (x * torch.linspace(0.1, 10, m)[:, None]).to(dtype), b.to(dtype)
+    if m > 1:
+        x[1] = 0  # a row of zeros only
+    gemv = native.Int4Gemv.from_codes(codes, scale, zero, group)
+    y = gemv.a8(x, b)
+    assert y.dtype == dtype
+    amax = x.float().abs().amax(1, keepdim=True)
+    xq = torch.round(x.float() * torch.where(amax > 0, 127 / amax, torch.zeros_like(amax)))
+    want = (xq.double() @ w_dq.view(n, k).t()) * (amax.double() / 127) + b.double()
+    _close(y, want, 1e-5 if dtype == torch.float32 else 1e-2)
+    for i in {0, m - 1}:
+        assert torch.equal(gemv.a8(x[i : i + 1], b), y[i : i + 1])
+    _close(gemv.a8(x, None), want - b.double(), 1e-5 if dtype == torch.float32 else 1e-2)
+
+
 @needs["int4"]
 @pytest.mark.parametrize("n,k,group", [(6, 128, 64), (37, 256, 128), (333, 768, 256), (40, 96, 32)])
 def test_int4_to_bf16(n, k, group):

@@ -3,6 +3,8 @@ torch path."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,6 +34,27 @@ def folders(tmp_path_factory):
     configs = TINY | WIDE
     return {name: save_hf(hf_model(spec, seed=i, std=0.2), tmp_path_factory.mktemp(name))
             for i, (name, spec) in enumerate(configs.items())}  # fmt: skip
+
+
+def _step_by_step(model, ids: torch.Tensor, prefill: int) -> list[float]:
+    """Each step once with the native step and once with the torch path from the same cache (the torch path's):
+    the relative differences of the logits and of the caches after it."""
+    step, dtype = model.decode_step, model.ln_f.weight.dtype
+    B, S = ids.shape
+    positions = torch.arange(S)[None].expand(B, S)
+    cache, errors = KVCache(model.config, B, S + 1, dtype), []
+    with torch.inference_mode():
+        model.decode_step = None
+        model(ids[:, :prefill], positions[:, :prefill], cache)
+        for t in range(prefill, S):
+            twin = copy.deepcopy(cache)
+            model.decode_step = step
+            fast = model(ids[:, t : t + 1], positions[:, t : t + 1], twin)
+            model.decode_step = None
+            slow = model(ids[:, t : t + 1], positions[:, t : t + 1], cache)
+            errors += [_rel(fast.float(), slow.float()), _rel(twin.k, cache.k), _rel(twin.v, cache.v)]
+    model.decode_step = step
+    return errors
 
 
 PADS = [0, 3, 1]  # left padding of each row of a batch, as generate() lays prompts of different lengths out
@@ -211,32 +234,34 @@ def test_a_changed_model_gets_a_new_step(folders):
     assert halved == lm.generate_ids([[1, 2, 3]], **kw)
 
 
-@pytest.mark.skipif("int8a8" not in native.available()[0], reason="no int8 x int8 kernel here (AVX-512 VNNI)")
 @pytest.mark.parametrize("rows", [1, 3])
-def test_int8_activations(folders, rows):
-    """quantize_activations: every int8 layer and the native step take the int8 x int8 kernel; the step equals
-    the torch path (the same kernel for each layer), and both stay near the weight-only int8 model."""
-    lm = neolm.load(folders["neox-parallel-pct25"], quantize="int8", quantize_activations=True)
-    assert lm.model.blocks[0].mlp.fc.native_weights().kind == "int8a8"
+@pytest.mark.parametrize(("name", "quantize", "kernel"), [("neox-parallel-pct25", "int8", "int8a8"), ("neox-128", "int4", "int4a8")])
+def test_int8_activations(folders, rows, name, quantize, kernel):
+    """quantize_activations: every quantized layer and the native step take the int8-activation kernel; the step
+    equals the torch path (the same kernel for each layer), and both stay near the weight-only model."""
+    if kernel not in native.available()[0]:
+        pytest.skip(f"no {kernel} kernel here (AVX-512 VNNI)")
+    lm = neolm.load(folders[name], quantize=quantize, quantize_activations=True)
+    assert lm.model.blocks[0].mlp.fc.native_weights().kind == kernel
     assert isinstance(lm.model.decode_step, decode.DecodeStep)
     ids = torch.randint(0, 50000, (rows, 24), generator=torch.Generator().manual_seed(3))
-    (fast, slow), (c_fast, c_slow) = _twin_runs(lm.model, ids, prefill=5)
-    # ~2e-7 here; 1e-3 leaves room for an activation whose int8 rounding flips between the paths
-    assert _rel(fast, slow) < 1e-3
-    assert _rel(c_fast.k, c_slow.k) < 1e-3 and _rel(c_fast.v, c_slow.v) < 1e-3
-    weights_only = neolm.load(folders["neox-parallel-pct25"], quantize="int8")
-    (w8, _), _ = _twin_runs(weights_only.model, ids, prefill=5)
-    assert 0 < _rel(fast, w8) < 0.1  # ~0.02
+    errors = sorted(_step_by_step(lm.model, ids, prefill=5))
+    # ~2e-7 at most steps; a step where an activation's int8 rounding flips between the paths (their fp32
+    # LayerNorms differ in the last bit) differs by ~1e-2 in these random models, and the paths then part ways
+    assert errors[len(errors) // 2] < 1e-5 and errors[-1] < 0.05, errors
+    (fast, _), _ = _twin_runs(lm.model, ids, prefill=5)
+    weights_only = neolm.load(folders[name], quantize=quantize)
+    (w_only, _), _ = _twin_runs(weights_only.model, ids, prefill=5)
+    assert 0 < _rel(fast, w_only) < 0.1  # ~0.02
     fc, plain = lm.model.blocks[0].mlp.fc, weights_only.model.blocks[0].mlp.fc
-    assert fc.layout == "a8" and plain.layout == "rows"  # the kernel's layout is the only copy of the codes,
-    assert torch.equal(fc.export()["qweight"], plain.qweight)  # saved as rows
+    assert torch.equal(fc.export()["qweight"], plain.export()["qweight"])  # saved as the weight-only model
     assert torch.equal(fc.dequantize(), plain.dequantize())
+    if quantize == "int8":  # the kernel's layout is the only copy of the codes
+        assert fc.layout == "a8" and plain.layout == "rows"
 
 
-def test_int8_activations_need_int8_weights(folders):
-    with pytest.raises(neolm.NeolmError, match="int8 weights"):
+def test_int8_activations_need_quantized_weights(folders):
+    with pytest.raises(neolm.NeolmError, match="int8 or int4 weights"):
         neolm.load(folders["neo"], quantize_activations=True)
-    with pytest.raises(neolm.NeolmError, match="int8 weights"):
-        neolm.load(folders["neox-128"], quantize="int4", quantize_activations=True)
     with pytest.raises(neolm.NeolmError, match="native"):
         neolm.load(folders["neo"], quantize="int8", quantize_activations=True, native=False)

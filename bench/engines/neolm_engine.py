@@ -2,8 +2,9 @@
 
 Variants: "" (the defaults: since session 4 they include the native decode step) and "compile"
 (`compile=True`: the other one-token matmuls timed against one-row kernels; that happens in `load`, so it
-counts in the load time, not in any decode figure), and "W8A8" (int8 only: `quantize_activations=True`, each
-matmul's input rows quantized to int8 too, as CTranslate2's int8 and llama.cpp's Q8_0 do). int8/int4 rows quantize the
+counts in the load time, not in any decode figure), and "W8A8" / "W4A8" (int8 / int4 only:
+`quantize_activations=True`, each matmul's input rows quantized to int8 too, as CTranslate2's int8 and llama.cpp's
+Q8_0 / Q4_0 do). int8/int4 rows quantize the
 output head too (`quantize_head=True`), as llama.cpp's Q8_0/Q4_0 files and CTranslate2's int8 do, and load
 neolm's quantized folder beside the checkpoint (`neolm-int8/`, made by bench/prepare.py for each run), as
 llama.cpp loads its GGUF files and CTranslate2 its converted model; without one, they quantize while loading.
@@ -28,7 +29,7 @@ class Engine:
     def __init__(self, variant: str):
         self.lm = None
         self.compile = variant == "compile"
-        self.w8a8 = variant == "W8A8"  # int8 weights and activations (neolm.load(quantize_activations=True))
+        self.w8a8 = variant in ("W8A8", "W4A8")  # int8 activations (neolm.load(quantize_activations=True))
 
     def load(self, model_dir, precision, threads):
         torch.set_num_threads(threads)

@@ -38,10 +38,10 @@ from neolm.memory import huge_empty
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("gemv.cpp", "gemm.cpp", "int4.cpp", "int8a8.cpp", "decode.cpp", "attention.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("gemv.cpp", "gemm.cpp", "int4.cpp", "int8a8.cpp", "int4a8.cpp", "decode.cpp", "attention.cpp")]
 HEADERS = [Path(__file__).with_name("gemv.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-FEATURES = {"f32": 1, "bf16": 2, "int8": 4, "int4": 8, "int8a8": 16}
+FEATURES = {"f32": 1, "bf16": 2, "int8": 4, "int4": 8, "int8a8": 16, "int4a8": 32}
 INT4_ROWS, INT4_BAND = 16, 4  # int4 layout (int4.cpp): out-features per block, blocks per band (side by side)
 # Products of up to this many rows go to the native kernels (gemm.cpp past one row) in layers that use them,
 # and batches of up to this many sequences to the native decode step: beyond, oneDNN's GEMM catches up
@@ -61,7 +61,8 @@ _SIGNATURES = {
     "neolm_gemm_bf16": [_p, _i64, _p, _p, _int, _p, _int, _i64, _i64],
     "neolm_gemm_int8": [_p, _i64, _p, _p, _p, _int, _p, _int, _i64, _i64],
     "neolm_gemm_int8a8": [_p, _i64, _p, _p, _p, _int, _p, _int, _i64, _i64, _p],
-    "neolm_int8a8_work_bytes": [_i64, _i64],
+    "neolm_gemm_int4a8": [_p, _i64, _p, _p, _p, _p, _int, _p, _int, _i64, _i64, _i64, _p],
+    "neolm_a8_work_bytes": [_i64, _i64],
     "neolm_gemm_int4": [_p, _i64, _p, _p, _p, _p, _int, _p, _int, _i64, _i64, _i64],
     "neolm_decode_step": [_p, _i64, _p, _i64, _p, _p, _p, _p, _i64, _p, _p, _i64, _p],  # neolm/native/decode.py
     "neolm_decode_scratch_bytes": [_p, _i64],
@@ -138,7 +139,7 @@ def _out(x: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
 class Weights:
     """A linear layer's tensors in one of the native kernels' formats (gemv.cpp), as decode.cpp's `Lin`."""
 
-    kind: str  # f32, bf16, int8, int4, int8a8 (FEATURES)
+    kind: str  # f32, bf16, int8, int4, int8a8, int4a8 (FEATURES)
     w: torch.Tensor  # f32/bf16 (N, K); int8 codes (N, K); int4 codes in pack_int4_gemv's layout; int8a8: int8a8_pack's
     s: torch.Tensor | None = None  # int8: bf16 scales (N,); int4: fp32 scales (N/64, K/G, 4, 16)
     c: torch.Tensor | None = None  # int4: fp32 offsets (N/64, K/G, 4, 16)
@@ -211,7 +212,7 @@ def int8a8_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bi
     xf = x.float().contiguous()
     y, y_bf16 = _out(x, n)
     lib = _library()[0]
-    work = torch.empty(lib.neolm_int8a8_work_bytes(x.shape[0], k), dtype=torch.uint8)
+    work = torch.empty(lib.neolm_a8_work_bytes(x.shape[0], k), dtype=torch.uint8)
     lib.neolm_gemm_int8a8(xf.data_ptr(), x.shape[0], packed.data_ptr(), scale.data_ptr(), *_bias(bias),
                           y.data_ptr(), y_bf16, n, k, work.data_ptr())  # fmt: skip
     return y
@@ -281,9 +282,20 @@ class Int4Gemv:
 
         return cls(pack_int4(codes), scale, zero, group_size)
 
-    def weights(self, bias: torch.Tensor | None):
-        """These tensors as `Weights` (for neolm.native.decode)."""
-        return Weights("int4", self.q, self.s, self.c, bias, self.n, self.k, self.group_size)
+    def weights(self, bias: torch.Tensor | None, a8: bool = False):
+        """These tensors as `Weights` (for neolm.native.decode); a8: for int4a8.cpp (activations to int8)."""
+        return Weights("int4a8" if a8 else "int4", self.q, self.s, self.c, bias, self.n, self.k, self.group_size)
+
+    def a8(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x (M, K) @ W^T (+ bias), each row of x quantized to int8 first with its own scale s_x = max |x| / 127
+        (int4a8.cpp); any number of rows."""
+        xf = x.float().contiguous()
+        y, y_bf16 = _out(x, self.n)
+        lib = _library()[0]
+        work = torch.empty(lib.neolm_a8_work_bytes(x.shape[0], self.k), dtype=torch.uint8)
+        lib.neolm_gemm_int4a8(xf.data_ptr(), x.shape[0], self.q.data_ptr(), self.s.data_ptr(), self.c.data_ptr(),
+                              *_bias(bias), y.data_ptr(), y_bf16, self.n, self.k, self.group_size, work.data_ptr())  # fmt: skip
+        return y
 
     def codes(self) -> torch.Tensor:
         """The codes (N, K) this copy holds."""

@@ -23,7 +23,7 @@ namespace {
 using namespace neolm;
 
 struct Lin {  // a linear layer in one of gemv.cpp's formats
-  int32_t kind;  // 0 f32, 1 bf16, 2 int8, 3 int4, 4 int8 against int8 activations (int8a8.cpp)
+  int32_t kind;  // 0 f32, 1 bf16, 2 int8, 3 int4; against int8 activations: 4 int8 (int8a8.cpp), 5 int4 (int4a8.cpp)
   int32_t bias_bf16;
   int64_t n, k, g;  // out-features, in-features, int4 group size
   const void* w;  // weights: fp32 / bf16 (n, k), int8 codes (n, k), int4 codes in int4.cpp's layout
@@ -107,9 +107,9 @@ void add(const void* a, const void* b, const void* c, void* y, int64_t n, int bf
   }
 }
 
-// The input a matmul reads: f32 and int8a8 take fp32 x, bf16, int8 and int4 take bf16 x; `in` holds x in the
-// model's dtype.
-inline int wants_bf16(const Lin& l) { return l.kind != 0 && l.kind != 4; }
+// The input a matmul reads: f32, int8a8 and int4a8 take fp32 x, bf16, int8 and int4 take bf16 x; `in` holds x
+// in the model's dtype.
+inline int wants_bf16(const Lin& l) { return l.kind == 1 || l.kind == 2 || l.kind == 3; }
 
 const void* input(const Lin& l, const void* in, int bf16, float* xf, uint16_t* xb) {
   if (wants_bf16(l) == bf16) return in;
@@ -128,6 +128,11 @@ void linear(const Lin& l, const void* x, void* y, int bf16, int64_t rows, uint8_
   if (l.kind == 4) {
     gemm_int8a8(static_cast<const float*>(x), rows, static_cast<const uint8_t*>(l.w), static_cast<const uint16_t*>(l.s),
                 l.bias, l.bias_bf16, y, bf16, l.n, l.k, work);
+    return;
+  }
+  if (l.kind == 5) {
+    gemm_int4a8(static_cast<const float*>(x), rows, static_cast<const uint8_t*>(l.w), static_cast<const float*>(l.s),
+                static_cast<const float*>(l.c), l.bias, l.bias_bf16, y, bf16, l.n, l.k, l.g, work);
     return;
   }
 #endif
@@ -227,7 +232,7 @@ extern "C" {
 // Bytes of scratch memory neolm_decode_step needs for this model and `rows` sequences.
 int64_t neolm_decode_scratch_bytes(const Model* m, int64_t rows) {
   const int64_t es = m->act_bf16 ? 2 : 4, wide = m->f > m->c ? m->f : m->c;
-  return rows * ((7 * m->c + m->f) * es + wide * 6) + 64 + int8a8_work_bytes(rows, wide) + 64;  // (64: alignment)
+  return rows * ((7 * m->c + m->f) * es + wide * 6) + 64 + a8_work_bytes(rows, wide) + 64;  // (64: alignment)
 }
 
 #ifdef NEOLM_AVX512

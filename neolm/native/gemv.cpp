@@ -17,8 +17,8 @@
 //   its own (twice the speed of the few-row kernel's conversion at one row); its sums round differently.
 //   int4  codes q in [0, 15] with per-group scales and offsets, in a layout of their own: int4.cpp (its
 //         one-row kernel is its few-row kernel with one row, too).
-// neolm_features() says which kernels this build has (bit 0 f32, 1 bf16, 2 int8, 3 int4, 4 int8a8: int8a8.cpp's
-// int8 x int8, AVX-512 VNNI): none without
+// neolm_features() says which kernels this build has (bit 0 f32, 1 bf16, 2 int8, 3 int4, 4 int8a8 and 5 int4a8:
+// int8a8.cpp's int8 x int8 and int4a8.cpp's int4 x int8, AVX-512 VNNI): none without
 // AVX-512 (the Python side then keeps torch's kernels).
 
 #include "gemv.h"
@@ -34,7 +34,7 @@ int neolm_features() {
   f |= 2 | 4 | 8;
 #endif
 #ifdef __AVX512VNNI__
-  f |= 16;
+  f |= 16 | 32;
 #endif
 #endif
   return f;

@@ -56,10 +56,21 @@ inline float bias_at(const void* bias, int bias_bf16, int64_t i) {
   return bias_bf16 ? bf16_to_float(static_cast<const uint16_t*>(bias)[i]) : static_cast<const float*>(bias)[i];
 }
 
-// Bytes of a row of X quantized for gemm_int8a8 (k codes, 64-byte padded), and of its work memory for m rows:
-// the rows quantized, their scales and their sums.
-inline int64_t int8a8_row_bytes(int64_t k) { return (k + 63) & ~int64_t(63); }
-inline int64_t int8a8_work_bytes(int64_t m, int64_t k) { return m * int8a8_row_bytes(k) + m * int64_t(2 * 4); }
+// The int8-activation kernels (int8a8.cpp, int4a8.cpp): bytes of a row of X quantized (k codes, 64-byte
+// padded), and of their work memory for m rows: the rows quantized, their scales, and their sums (one a row
+// in int8a8.cpp, one a group of at least 8 in-features in int4a8.cpp).
+inline int64_t a8_row_bytes(int64_t k) { return (k + 63) & ~int64_t(63); }
+inline int64_t a8_work_bytes(int64_t m, int64_t k) { return m * a8_row_bytes(k) + m * (2 + k / 8) * int64_t(4); }
+
+// int4.cpp's layout (described there), shared by int4a8.cpp: where block b's chunk j starts (bytes from the
+// codes), and its scales' or offsets' group t (floats from s or c).
+constexpr int64_t INT4_ROWS = 16, INT4_BAND = 4;  // neolm/native/__init__.py INT4_ROWS, INT4_BAND
+inline int64_t chunk_at(int64_t b, int64_t j, int64_t k) {
+  return ((b / INT4_BAND * (k / 8) + j) * INT4_BAND + b % INT4_BAND) * 64;
+}
+inline int64_t group_at(int64_t b, int64_t t, int64_t groups) {
+  return ((b / INT4_BAND * groups + t) * INT4_BAND + b % INT4_BAND) * INT4_ROWS;
+}
 
 #ifdef NEOLM_AVX512
 inline __m256i to_bf16(__m512 v) {  // 16 floats to bf16, round to nearest even, NaN kept (as float_to_bf16)
@@ -133,9 +144,12 @@ void gemm_int4(const uint16_t* x, int64_t m, const uint8_t* q, const float* s, c
                int bias_bf16, void* y, int out_bf16, int64_t n, int64_t k, int64_t g);
 #endif
 #ifdef __AVX512VNNI__
-// int8 codes (int8a8.cpp's layout) against rows of X quantized to int8 on the fly; `work`: int8a8_work_bytes(m, k).
+// int8 codes (int8a8.cpp's layout) against rows of X quantized to int8 on the fly; `work`: a8_work_bytes(m, k).
 void gemm_int8a8(const float* x, int64_t m, const uint8_t* w, const uint16_t* scale, const void* bias, int bias_bf16,
                  void* y, int out_bf16, int64_t n, int64_t k, uint8_t* work);
+// int4 codes (int4.cpp's layout) against rows of X quantized to int8 on the fly (int4a8.cpp); `work` as above.
+void gemm_int4a8(const float* x, int64_t m, const uint8_t* w, const float* s, const float* c, const void* bias,
+                 int bias_bf16, void* y, int out_bf16, int64_t n, int64_t k, int64_t g, uint8_t* work);
 #endif
 #endif
 

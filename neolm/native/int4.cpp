@@ -28,15 +28,6 @@
 
 namespace neolm {
 
-constexpr int64_t INT4_ROWS = 16, INT4_BAND = 4;  // neolm/native/__init__.py INT4_ROWS, INT4_BAND
-
-// Where block b's chunk j starts (bytes from q), and its scales' or offsets' group t (floats from s or c).
-inline int64_t chunk_at(int64_t b, int64_t j, int64_t k) {
-  return ((b / INT4_BAND * (k / 8) + j) * INT4_BAND + b % INT4_BAND) * 64;
-}
-inline int64_t group_at(int64_t b, int64_t t, int64_t groups) {
-  return ((b / INT4_BAND * groups + t) * INT4_BAND + b % INT4_BAND) * INT4_ROWS;
-}
 // Rows of x per tile. 8 rows x 1 block (24 accumulators) ran at 277 G multiply-adds/s on 8 rows of pythia-1.4b's
 // matrices, 4 rows x 2 blocks (the next 4 rows meet the blocks' codes again, from L2) at 365 (bench/PROFILE.md).
 constexpr int TILE = 4;

@@ -42,7 +42,7 @@ constexpr int64_t AHEAD = 2048;
 // Rows [0, m) of x (fp32) to q = round(x / s) (int8, kp bytes a row, zeros past k), s and the sums of q (omp
 // for over rows).
 void quantize_rows(const float* x, int64_t m, int64_t k, int8_t* q, float* s, int32_t* xsum) {
-  const int64_t kp = int8a8_row_bytes(k);
+  const int64_t kp = a8_row_bytes(k);
 #pragma omp for schedule(static)
   for (int64_t i = 0; i < m; i++) {
     const float* row = x + i * k;
@@ -107,7 +107,7 @@ constexpr TileFn TILES[X_ROWS + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4
 
 void gemm_int8a8(const float* x, int64_t m, const uint8_t* w, const uint16_t* scale, const void* bias, int bias_bf16,
                  void* y, int out_bf16, int64_t n, int64_t k, uint8_t* work) {
-  const int64_t kp = int8a8_row_bytes(k), quads = (k + 3) / 4, panels = (n + PANEL - 1) / PANEL;
+  const int64_t kp = a8_row_bytes(k), quads = (k + 3) / 4, panels = (n + PANEL - 1) / PANEL;
   int8_t* q = reinterpret_cast<int8_t*>(work);
   float* xs = reinterpret_cast<float*>(work + m * kp);
   int32_t* xsum = reinterpret_cast<int32_t*>(xs + m);
@@ -148,7 +148,7 @@ void gemm_int8a8(const float* x, int64_t m, const uint8_t* w, const uint16_t* sc
 extern "C" {
 
 #if defined(NEOLM_AVX512) && defined(__AVX512VNNI__)
-int64_t neolm_int8a8_work_bytes(int64_t m, int64_t k) { return neolm::int8a8_work_bytes(m, k); }
+int64_t neolm_a8_work_bytes(int64_t m, int64_t k) { return neolm::a8_work_bytes(m, k); }  // (int4a8.cpp's too)
 
 void neolm_gemm_int8a8(const float* x, int64_t m, const uint8_t* w, const uint16_t* scale, const void* bias,
                        int bias_bf16, void* y, int out_bf16, int64_t n, int64_t k, uint8_t* work) {

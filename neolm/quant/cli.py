@@ -28,8 +28,8 @@ def register(sub) -> dict:
     )
     q.add_argument("--quantize-head", action="store_true", help="also quantize the output head (lm_head)")
     q.add_argument("--quantize-activations", action="store_true",
-                   help="int8: measure the quality with each matmul's input rows quantized to int8 too, as "
-                   "`neolm generate --quantize-activations` runs (W8A8; the folder is the same)")  # fmt: skip
+                   help="measure the quality with each matmul's input rows quantized to int8 too, as "
+                   "`neolm generate --quantize-activations` runs (W8A8 / W4A8; the folder is the same)")  # fmt: skip
     q.add_argument("--revision", help="hub branch, tag or commit")
     q.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="float dtype of the unquantized parts")
     q.add_argument("--device", help="cpu or cuda (default: cuda when available)")
@@ -94,8 +94,6 @@ def cmd_quantize(args) -> int:
 
         print(f"measuring full precision on {source} ...", file=sys.stderr)
         full = measure()
-    if args.quantize_activations and bits != 8:
-        raise NeolmError("--quantize-activations goes with --to int8")
     skip = () if args.quantize_head else linear.DEFAULT_SKIP
     linear.quantize_model(lm.model, bits, args.group_size, skip)
     if args.quantize_activations:

@@ -267,6 +267,7 @@ class Int4Linear(QuantLinear):
         self._kweight: torch.Tensor | None = None  # CUDA, or CPU when the layout is not invertible
         self._sz: torch.Tensor | None = None  # (K/G, N, 2) scales and zeros for the kernels
         self._native: native.Int4Gemv | None = None  # the native kernels' codes, made on demand (then the only copy)
+        self.a8 = False  # `quantize_activations`: every product through int4a8.cpp
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int = 64) -> Int4Linear:
@@ -293,8 +294,19 @@ class Int4Linear(QuantLinear):
         w = (codes.view(N, K // G, G).float() - 8) * scale.float()[..., None] + zero.float()[..., None]
         return w.view(N, K).to(dtype or self.dtype)  # (N, K), or (len(rows), K)
 
+    def int8_activations(self) -> bool:
+        """Whether every product quantizes its input rows to int8 first (`quantize_activations`)."""
+        return self.a8 and self._native_fits()
+
+    def quantize_activations(self) -> None:
+        """From now on, quantize the input rows to int8 too (int4a8.cpp, on the native kernels' codes)."""
+        self._native_gemv()
+        self.a8 = True
+
     def matmul(self, x):
         if self.layout == "native":
+            if self.int8_activations():
+                return self._native.a8(x, None)
             return self._native(x, None) if x.shape[0] < self.prefill_rows else self._bf16_matmul(x)
         packed = self._kweight if self._kweight is not None else self.qweight
         return kernels.int4_mm(x, packed, self.group_size, self._sz)[:, : self.out_features]  # less row padding
@@ -337,6 +349,8 @@ class Int4Linear(QuantLinear):
         if self.native_weights() is None:
             return {}
         kernel = self._native_gemv()
+        if self.int8_activations():
+            return {"native int4 x int8": lambda x, qweight, scale, bias: kernel.a8(x, bias)}
         return {"native": lambda x, qweight, scale, bias: kernel(x, bias)}
 
     row_block = native.INT4_ROWS
@@ -344,8 +358,8 @@ class Int4Linear(QuantLinear):
     # at 256 (int4.cpp's few-row kernel, lanes over out-features: bench/PROFILE.md, session 8)
     prefill_rows = 160
 
-    def prefills(self):
-        return self._native is not None  # once the native copy of the codes exists (made for the native kernels)
+    def prefills(self):  # once the native copy of the codes exists (made for the native kernels)
+        return self._native is not None and not self.int8_activations()
 
     def bf16_rows(self, start, end):
         return self._native.to_bf16(start, end), None
@@ -374,7 +388,7 @@ class Int4Linear(QuantLinear):
         )
 
     def native_weights(self):
-        return self._native_gemv().weights(self.bias) if self._native_fits() else None
+        return self._native_gemv().weights(self.bias, self.a8) if self._native_fits() else None
 
     def export(self) -> dict[str, torch.Tensor]:
         qweight = self.qweight if self.layout == "canonical" else kernels.pack_int4(self.codes())
@@ -473,19 +487,24 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def quantize_activations(model: nn.Module) -> None:
-    """Make every int8 layer of `model` quantize its input rows to int8 too (W8A8, symmetric, a scale per row
-    from its largest magnitude) and multiply in integers (neolm/native/int8a8.cpp): prompts and batches ~1.5x
-    faster on CPUs with AVX-512 VNNI, at some of the activations' precision (bench/QUANT_QUALITY.md). Before
-    `neolm.native.decode.attach`, whose step then takes the same kernel."""
-    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    """Make every int8 or int4 layer of `model` quantize its input rows to int8 too (W8A8 / W4A8, symmetric, a
+    scale per row from its largest magnitude) and multiply in integers (neolm/native/int8a8.cpp, int4a8.cpp):
+    prompts and batches faster on CPUs with AVX-512 VNNI, at some of the activations' precision
+    (bench/QUANT_QUALITY.md). Before `neolm.native.decode.attach`, whose step then takes the same kernels."""
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear | Int4Linear)]
     if not layers:
-        raise NeolmError("quantize_activations needs int8 weights (quantize='int8', or a folder quantized to int8)")
+        raise NeolmError("quantize_activations needs int8 or int4 weights (quantize='int8' or 'int4', or a folder "
+                         "quantized to one of them)")  # fmt: skip
     have, why = native.available()
-    if "int8a8" not in have:
-        raise NeolmError(f"quantize_activations needs neolm's int8 x int8 CPU kernel: {why or 'this CPU has no AVX-512 VNNI'}")
+    kernel = "int8a8" if isinstance(layers[0], Int8Linear) else "int4a8"
+    if kernel not in have:
+        raise NeolmError(f"quantize_activations needs neolm's {kernel} CPU kernel: {why or 'this CPU has no AVX-512 VNNI'}")
     for m in layers:
         if not (m.native and m._on_cpu_in_float()):
             raise NeolmError("quantize_activations needs the model on CPU in float32 or bfloat16, with native kernels")
+        if isinstance(m, Int4Linear) and not m._native_fits():
+            raise NeolmError(f"quantize_activations: no native int4 kernel for a layer of {m.in_features} "
+                             f"in-features in groups of {m.group_size}")  # fmt: skip
         m.quantize_activations()
 
 
