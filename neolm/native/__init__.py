@@ -191,8 +191,15 @@ def int8a8_pack(q: torch.Tensor) -> torch.Tensor:
     with zero codes): code + 128 for feature 64 p + f, in-feature 4 j + b at [p, j, f, b]."""
     n, k = q.shape
     panels, quads = -(-n // A8_PANEL), -(-k // A8_QUAD)
-    u = F.pad(q, (0, quads * A8_QUAD - k, 0, panels * A8_PANEL - n)).view(torch.uint8) ^ 128  # q + 128
-    return u.view(panels, A8_PANEL, quads, A8_QUAD).transpose(1, 2).contiguous()
+    shape = (panels, quads, A8_PANEL, A8_QUAD)
+    out = huge_empty(shape, torch.uint8) if q.device.type == "cpu" else torch.empty(shape, dtype=torch.uint8, device=q.device)
+    step = max(1, (1 << 20) // (A8_PANEL * k))  # panels a block: ~1 MiB of temporaries (no heap holes left behind)
+    for p0 in range(0, panels, step):
+        p1 = min(panels, p0 + step)
+        rows = q[p0 * A8_PANEL : p1 * A8_PANEL]
+        u = F.pad(rows, (0, quads * A8_QUAD - k, 0, (p1 - p0) * A8_PANEL - rows.shape[0])).view(torch.uint8) ^ 128
+        out[p0:p1] = u.view(p1 - p0, A8_PANEL, quads, A8_QUAD).transpose(1, 2)  # q + 128
+    return out
 
 
 def int8a8_unpack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:

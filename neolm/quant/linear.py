@@ -196,7 +196,7 @@ class Int8Linear(QuantLinear):
     def quantize_activations(self) -> None:
         """From now on, quantize the input rows to int8 too: the codes go to int8a8.cpp's layout."""
         if self.layout != "a8":
-            self.qweight, self.layout = huge_copy(native.int8a8_pack(self.qweight)), "a8"
+            self.qweight, self.layout = native.int8a8_pack(self.qweight), "a8"
         self.use_kernel = True  # (int8a8.cpp takes any width)
 
     def _a8(self, x, qweight, scale, bias):  # the gemv interface of neolm.ops
