@@ -31,7 +31,11 @@ import machine
 import report
 
 A8_PRECISION = {"W8A8": "int8", "W4A8": "int4"}  # neolm's int8-activation variants, each for its precision
-ENGINE_VARIANTS = {"neolm": ["", "compile", "W8A8", "W4A8"], "transformers": ["eager", "default"], "ctranslate2": [""], "llamacpp": [""]}
+# neolm variants are options joined by "+" (neolm_engine.py); kv16: a bf16 KV cache (fp32 activations only)
+ENGINE_VARIANTS = {
+    "neolm": ["", "compile", "W8A8", "W4A8", "kv16", "W8A8+kv16", "W4A8+kv16"], "transformers": ["eager", "default"],
+    "ctranslate2": [""], "llamacpp": [""],
+}  # fmt: skip
 PRECISIONS = {  # which precisions each engine has (others are not rows)
     "neolm": ["fp32", "bf16", "int8", "int4"], "transformers": ["fp32", "bf16"],
     "ctranslate2": ["fp32", "bf16", "int8"], "llamacpp": ["fp32", "bf16", "int8", "int4"],
@@ -266,6 +270,14 @@ def merge_rounds(results: list[dict]) -> dict:
     return row
 
 
+def variant_fits(variant: str, precision: str) -> bool:
+    """W8A8, W4A8: neolm int8, int4 with quantize_activations; kv16: a bf16 cache beside fp32 activations."""
+    options = variant.split("+")
+    if "kv16" in options and precision == "bf16":
+        return False
+    return all(A8_PRECISION.get(option, precision) == precision for option in options)
+
+
 def plan(args, peers: Peers, notes: dict) -> list[dict]:
     """Every engine x model x precision: a job, or a row saying why not."""
     jobs = []
@@ -274,8 +286,8 @@ def plan(args, peers: Peers, notes: dict) -> list[dict]:
         for engine in args.engines:
             for variant in ENGINE_VARIANTS[engine]:
                 for precision in args.precisions:
-                    if precision not in PRECISIONS[engine] or A8_PRECISION.get(variant, precision) != precision:
-                        continue  # (W8A8, W4A8: neolm int8, int4 with quantize_activations)
+                    if precision not in PRECISIONS[engine] or not variant_fits(variant, precision):
+                        continue
                     batch = precision in args.batch_precisions
                     job = {"model": model, "engine": engine, "variant": variant, "precision": precision,
                            "runs": args.runs, "figures": "single,prefill,load" + (",batch" if batch else "")}  # fmt: skip

@@ -189,6 +189,7 @@ def load(
     compile: bool = False,
     native: bool = True,
     quantize_activations: bool = False,
+    kv_cache_dtype: str | torch.dtype | None = None,
 ) -> LanguageModel:
     """Load a GPT-Neo or GPT-NeoX checkpoint: a local folder, a hub id, or `modelscope:ID`.
 
@@ -202,6 +203,11 @@ def load(
     (W8A8 / W4A8, a scale per row, as CTranslate2's int8 and llama.cpp's Q8_0 and Q4_0 types do) and multiply in
     integers with AVX-512 VNNI: prompts and batches faster, at some of the activations' precision
     (bench/QUANT_QUALITY.md).
+    kv_cache_dtype: float32 | bfloat16 | float16: the dtype of the keys and values kept while generating and
+    scoring (default "auto": the model's dtype, exact). bfloat16 for a float32 model halves the cache's memory
+    and the bytes each decode step reads from it (what long contexts and batches spend their time on; llama.cpp
+    keeps f16 caches by default), at bf16's precision for keys and values; the native decode step takes
+    float32 and bfloat16 caches.
     native: on CPU, run each decode step (one sequence, or a batch of up to 12) through every block in one
     call of neolm's AVX-512 kernels (neolm.native.decode; built with the system's C++ compiler on first use,
     cached), and the output head's products of up to 12 rows on them, where this machine can build them;
@@ -217,6 +223,9 @@ def load(
         raise NeolmError("quantize_head needs quantize= (int8 or int4)")
     if quantize_activations and not native:
         raise NeolmError("quantize_activations needs neolm's native kernels (native=True)")
+    kv_dtype = None if kv_cache_dtype is None or kv_cache_dtype == "auto" else DTYPES.get(kv_cache_dtype, kv_cache_dtype)
+    if kv_dtype is not None and kv_dtype not in DTYPES.values():
+        raise NeolmError(f"unknown kv_cache_dtype {kv_cache_dtype!r}; use auto, float32, bfloat16 or float16")
     if quantize is not None:
         from neolm.quant.linear import check_group_size, parse_quantize
 
@@ -238,6 +247,7 @@ def load(
         from neolm.quant.linear import quantize_activations as quantize_inputs
 
         quantize_inputs(net)
+    net.kv_dtype = kv_dtype
     if compile:
         compile_gemv(net)
     if native:

@@ -66,6 +66,14 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = False, position
         "faster, a little less exact",
     )
     p.add_argument(
+        "--kv-cache-dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="dtype of the keys and values kept while generating (default auto: the model's, exact). bfloat16 with "
+        "a float32 model halves the cache's memory and what each step reads of it: faster batches and long "
+        "contexts, keys and values at bf16 precision",
+    )
+    p.add_argument(
         "--compile",
         action="store_true",
         help="CPU: one-token matmuls outside the native decode step (the output head; every layer without it) "
@@ -161,6 +169,7 @@ def load_model(args):
         compile=args.compile,
         native=args.native,
         quantize_activations=args.quantize_activations,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
 
 

@@ -196,7 +196,7 @@ def _steps(model: GPT, prompts: list[list[int]], gc: GenerationConfig, eos_ids, 
     ids = torch.full((n, width), pad, dtype=torch.long, device=device)
     for row, p in enumerate(prompts):
         ids[row, width - len(p) :] = torch.tensor(p)
-    cache = KVCache(config, n, width + int(budgets.max()), model.ln_f.weight.dtype, device)
+    cache = KVCache(config, n, width + int(budgets.max()), model.cache_dtype, device)
     if int(lengths.min()) < width:  # left padding: hide pad slots, count positions from each prompt's start
         cache.valid = torch.ones(n, cache.max_len, dtype=torch.bool, device=device)
         cache.valid[:, :width] = torch.arange(width, device=device) >= (width - lengths)[:, None]

@@ -109,6 +109,8 @@ class Attention(nn.Module):
             cache_k[:, :, start : start + T] = k
             cache_v[:, :, start : start + T] = v
             k, v = cache_k[:, :, : start + T], cache_v[:, :, : start + T]  # (B, H, S, D)
+            if k.dtype != q.dtype:  # a cache in another dtype (GPT.kv_dtype): its numbers, in q's dtype
+                k, v = k.to(q.dtype), v.to(q.dtype)
         if mask is None and self.window is not None and T == 1:  # decoding: a local layer's last w keys
             k, v = k[:, :, -self.window :], v[:, :, -self.window :]
         y = self.attend(q, k, v, mask, self.scale) if self.attend is not None else None  # (B, T, H, D)
@@ -163,7 +165,13 @@ class GPT(nn.Module):
         # fn(x (B, 1, C), positions (B, 1), cache, key_valid) -> every block's output for one token per sequence,
         # or None to decline the call; it writes into x and the cache (neolm.native.decode sets it)
         self.decode_step = None
+        self.kv_dtype: torch.dtype | None = None  # the dtype of KV caches made for it (None: the model's dtype)
         self.tie_weights()
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The dtype generation and scoring give this model's KV caches: kv_dtype, else the model's."""
+        return self.kv_dtype or self.ln_f.weight.dtype
 
     def tie_weights(self) -> None:
         if self.config.tie_embeddings:

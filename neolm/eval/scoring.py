@@ -139,13 +139,13 @@ def _plain_batch(model: GPT, batch: list[_Request], scorer: Scorer) -> None:
 
 def _context_cache(model: GPT, contexts: list[list[int]]) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
     """Run contexts (left-padded) into a KV cache: (cache, lengths, fp32 log-probs (G, V) after each)."""
-    (device, dtype), config = _place(model), model.config
+    device, config = _place(model)[0], model.config
     width = max(map(len, contexts))
     lengths = torch.tensor([len(c) for c in contexts], device=device)
     ids = torch.zeros(len(contexts), width, dtype=torch.long, device=device)
     for row, c in enumerate(contexts):
         ids[row, width - len(c) :] = torch.tensor(c)
-    cache = KVCache(config, len(contexts), width, dtype, device)
+    cache = KVCache(config, len(contexts), width, model.cache_dtype, device)
     if int(lengths.min()) < width:  # hide the left padding from every query
         cache.valid = torch.arange(width, device=device) >= (width - lengths)[:, None]
     positions = (torch.arange(width, device=device) - (width - lengths)[:, None]).clamp(min=0)

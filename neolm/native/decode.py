@@ -95,7 +95,8 @@ class DecodeStep:
             or tuple(positions.shape) != (rows, 1)
             or x.dtype != self.dtype
             or x.device.type != "cpu"
-            or k.dtype != self.dtype
+            or k.dtype not in (torch.float32, torch.bfloat16)
+            or v.dtype != k.dtype
             or not (k.is_contiguous() and v.is_contiguous())
             or torch.is_grad_enabled()
         ):
@@ -121,7 +122,7 @@ class DecodeStep:
         if self.scratch.numel() < need:
             self.scratch = torch.empty(need, dtype=torch.uint8)
         self.lib.neolm_decode_step(ctypes.byref(self.spec), rows, x.data_ptr(), start, positions.data_ptr(), cos, sin,
-                                   valid, valid_stride, k.data_ptr(), v.data_ptr(), k.shape[3],
+                                   valid, valid_stride, k.data_ptr(), v.data_ptr(), int(k.dtype == torch.bfloat16), k.shape[3],
                                    self.scratch.data_ptr())  # fmt: skip
         return x
 
