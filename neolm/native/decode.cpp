@@ -175,7 +175,7 @@ inline __m512 half_sums(__m512 u, __m512 v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(u, v, 0x88), _mm512_shuffle_f32x4(u, v, 0xdd));
 }
 
-// q . key j for the 16 keys from `keys` (rows of d, in the model's dtype), 0 past the first n.
+// q . key j for the 16 keys from `keys` (rows of d, bf16 or fp32 as `bf16` says), 0 past the first n.
 inline __m512 dot16(const float* q, const char* keys, int bf16, int64_t d, int64_t n) {
   const int64_t row = d * (bf16 ? 2 : 4);
   const auto dot = [&](int64_t j) {
