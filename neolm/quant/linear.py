@@ -236,12 +236,8 @@ class Int8Linear(QuantLinear):
         if self.layout == "a8" and not (self.native and self._on_cpu_in_float()):  # (moved off CPU, or to fp16)
             self.qweight, self.layout = self.codes(), "rows"
         super().prepare(name)
-        if self.int8_activations():
-            rows = kernels.check_rows(self.out_features, self.qweight.device)
-            self.use_kernel = kernels.agrees(self.matmul, self.dequantize(torch.float32, rows), name or "int8 layer", rows)
-            return
-        if self.in_features % 32:  # aten's CPU int8 kernel crashes (not fails) on such widths, e.g. 60
-            self.use_kernel = False
+        if self.in_features % 32 and not self.int8_activations():  # aten's CPU int8 kernel crashes (not fails) on
+            self.use_kernel = False  # such widths, e.g. 60; int8a8.cpp takes any width
             return
         rows = kernels.check_rows(self.out_features, self.qweight.device)
         self.use_kernel = kernels.agrees(self.matmul, self.dequantize(torch.float32, rows), name or "int8 layer", rows)
@@ -496,8 +492,9 @@ def quantize_activations(model: nn.Module) -> None:
         raise NeolmError("quantize_activations needs int8 or int4 weights (quantize='int8' or 'int4', or a folder "
                          "quantized to one of them)")  # fmt: skip
     have, why = native.available()
-    kernel = "int8a8" if isinstance(layers[0], Int8Linear) else "int4a8"
-    if kernel not in have:
+    missing = {"int8a8" if isinstance(m, Int8Linear) else "int4a8" for m in layers} - set(have)
+    if missing:
+        kernel = " and ".join(sorted(missing))
         raise NeolmError(f"quantize_activations needs neolm's {kernel} CPU kernel: {why or 'this CPU has no AVX-512 VNNI'}")
     for m in layers:
         if not (m.native and m._on_cpu_in_float()):
