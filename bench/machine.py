@@ -63,10 +63,13 @@ def describe() -> dict:
     flags = lscpu.get("Flags", "").split()
     info = {
         "cpu": lscpu.get("Model name", platform.processor()),
+        # a VM's model name can hide the maker ("Intel(R) Xeon(R) Processor" on an AMD host too): these do not
+        "cpu_id": " ".join(f"{k} {lscpu[key]}" for k, key in (("", "Vendor ID"), ("family", "CPU family"),
+                           ("model", "Model"), ("stepping", "Stepping")) if key in lscpu).strip(),
         "cpus": lscpu.get("CPU(s)"), "cores_per_socket": lscpu.get("Core(s) per socket"),
         "threads_per_core": lscpu.get("Thread(s) per core"), "sockets": lscpu.get("Socket(s)"),
         "l2": lscpu.get("L2 cache"), "l3": lscpu.get("L3 cache"),
-        "simd": " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16") if f in flags),
+        "simd": " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_bf16") if f in flags),
         "memory_gib": round(mem_kb / 2**20, 1), "kernel": platform.release(), "python": platform.python_version(),
     }  # fmt: skip
     try:

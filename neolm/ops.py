@@ -16,6 +16,7 @@ torch.compile does.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import types
@@ -48,6 +49,39 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
     ):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
+
+
+# Quantized layers multiply many rows (a prompt) with their weights dequantized a block at a time into oneDNN's
+# GEMM (neolm.quant.linear.QuantLinear._block_matmul), in bf16 unless fp32 runs faster by this factor.
+GEMM_FP32_MARGIN = 1.25
+
+
+@functools.cache
+def gemm_dtype() -> torch.dtype:
+    """The dtype, bf16 or fp32, in which oneDNN's CPU GEMM multiplies many rows faster on this machine: bf16
+    where the CPU has fast bf16 units (an AVX-512 Zen 5: ~2x fp32's rate), fp32 where bf16 runs slower (an
+    Intel Xeon with AVX512-BF16 but no AMX exposed: 85 against 150 G multiply-adds/s, bench/PROFILE.md,
+    session 13). Timed once per process, in interleaved rounds (~20 ms); bf16 unless fp32 wins by
+    GEMM_FP32_MARGIN, so that near-ties (where a coin could flip the choice, and the last bits of prompt
+    logits with it) keep the default. fp32 is the more exact of the two: activations are not rounded."""
+    if not _ONEDNN:
+        return torch.bfloat16
+    x, w = torch.randn(256, 1024), torch.randn(1024, 1024) / 32
+    best = {torch.bfloat16: float("inf"), torch.float32: float("inf")}
+    with torch.inference_mode():
+        operands = {dtype: (x.to(dtype), w.to(dtype)) for dtype in best}
+        for dtype, (a, b) in operands.items():  # warm-up: oneDNN makes its primitives on first use
+            linear(a, b, None)
+        for _ in range(3):
+            for dtype, (a, b) in operands.items():
+                start = time.perf_counter()
+                linear(a, b, None)
+                best[dtype] = min(best[dtype], time.perf_counter() - start)
+    bf16, fp32 = best[torch.bfloat16], best[torch.float32]
+    dtype = torch.float32 if fp32 * GEMM_FP32_MARGIN < bf16 else torch.bfloat16
+    log.info("many-row quantized products in %s (oneDNN GEMM 256x1024x1024: bf16 %.2f ms, fp32 %.2f ms)",
+             str(dtype).removeprefix("torch."), 1e3 * bf16, 1e3 * fp32)  # fmt: skip
+    return dtype
 
 
 def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -240,14 +240,18 @@ def test_int4_layer_keeps_one_copy_on_native_kernels(n, monkeypatch):
 
 
 @needs["int4"]
+@pytest.mark.parametrize("gemm", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_quantized_layer_prefill_through_bf16_weights(dtype, bits):
-    """Many-row int8/int4 products go through bf16 weights and the GEMM, a block of rows at a time (int8: the
-    codes, exact in bf16, with the row scales applied to the fp32 result; int4: the weights from the native
-    kernels' copy of the codes, rounded to bf16): the dequantized product on bf16 activations."""
+def test_quantized_layer_prefill_through_dequantized_blocks(dtype, bits, gemm, monkeypatch):
+    """Many-row int8/int4 products go through dequantized weights and the GEMM, a block of rows at a time, in
+    the GEMM dtype `ops.gemm_dtype` picks (both tried here; int8: the codes, exact in either, with the row
+    scales applied to the fp32 result; int4: the weights from the native kernels' copy of the codes, rounded to
+    bf16): the dequantized product on activations in the GEMM's dtype."""
+    from neolm.quant import linear as quant_linear
     from neolm.quant.linear import Int4Linear, Int8Linear
 
+    monkeypatch.setattr(quant_linear, "gemm_dtype", lambda: gemm)
     linear = torch.nn.Linear(1024, 8200).to(dtype)  # in-features x 8200 rows: two blocks of rows of 8192
     layer = Int8Linear.from_linear(linear) if bits == 8 else Int4Linear.from_linear(linear, group_size=128)
     layer.prepare()
@@ -255,9 +259,12 @@ def test_quantized_layer_prefill_through_bf16_weights(dtype, bits):
     x = torch.randn(2, layer.prefill_rows // 2 + 3, 1024).to(dtype)
     with torch.inference_mode():
         got = layer(x)
-        want = x.bfloat16().float() @ layer.dequantize(torch.float32).t() + layer.bias.float()
+        want = x.to(gemm).float() @ layer.dequantize(torch.float32).t() + layer.bias.float()
     assert got.dtype == dtype and got.shape == (2, layer.prefill_rows // 2 + 3, 8200)
-    tol = 4e-3 if bits == 8 and dtype == torch.float32 else 8e-3 if bits == 8 else 2e-2
+    if bits == 8 and dtype == gemm == torch.float32:  # fp32 codes, activations and sums: rounding order only
+        tol = 1e-5
+    else:
+        tol = 4e-3 if bits == 8 and dtype == torch.float32 else 8e-3 if bits == 8 else 2e-2
     _close(got, want, tol)
     with torch.inference_mode():
         _close(layer(x[:, :2]), want[:, :2], max(tol, 8e-3))  # fewer rows: the native kernels, the same product

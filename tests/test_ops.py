@@ -30,6 +30,22 @@ def test_linear_equals_f_linear(rows, dtype, tol):
             assert ((got - want).abs().max() / want.abs().max()).item() < tol
 
 
+@pytest.mark.parametrize("slow,want", [(None, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
+def test_gemm_dtype_is_the_faster_one_with_a_margin_for_fp32(monkeypatch, slow, want):
+    """ops.gemm_dtype times oneDNN's GEMM in both dtypes: fp32 only where it beats bf16 by the margin (a tie
+    keeps bf16); here the clock is faked so that each call of `slow` takes 2 units and the others 1."""
+    clock = [0.0]
+    real_linear = ops.linear
+
+    def timed_linear(x, w, bias):
+        clock[0] += 2.0 if x.dtype == slow else 1.0
+        return real_linear(x, w, bias)
+
+    monkeypatch.setattr(ops, "linear", timed_linear)
+    monkeypatch.setattr(ops.time, "perf_counter", lambda: clock[0])
+    assert ops.gemm_dtype.__wrapped__() == want
+
+
 def test_linear_keeps_autograd():
     layer = ops.Linear(8, 4)
     x = torch.randn(3, 8, requires_grad=True)

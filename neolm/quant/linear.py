@@ -24,7 +24,7 @@ from torch import nn
 from neolm import native
 from neolm.errors import NeolmError
 from neolm.memory import huge_copy
-from neolm.ops import compiled, linear
+from neolm.ops import compiled, gemm_dtype, linear
 from neolm.quant import kernels
 
 log = logging.getLogger(__name__)
@@ -84,19 +84,20 @@ class QuantLinear(nn.Module):
         """Whether the codes are on CPU in a float model: where the one-row kernels can take this layer."""
         return self.qweight.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16)
 
-    row_block = 1  # `bf16_rows` starts at multiples of this
-    # Products of this many rows or more on CPU go through bf16 weights (`_prefill`, where `prefills()`), fewer
-    # to the layer's kernels; each kind that prefills sets it where the two cross (bench/PROFILE.md, session 7)
+    row_block = 1  # `block_rows` starts at multiples of this
+    # Products of this many rows or more on CPU go through dequantized weights and oneDNN's GEMM (`_prefill`,
+    # where `prefills()`), fewer to the layer's kernels; each kind that prefills sets it where the two cross
+    # (bench/PROFILE.md, session 7, with bf16 GEMMs)
     prefill_rows = 32
-    block_weights = 1 << 21  # weights per block of `_bf16_matmul`: 4 MiB in bf16 (faster than 16 at 16-512 rows)
+    block_weights = 1 << 21  # weights per block of `_block_matmul`: 4 MiB in bf16 (faster than 16 at 16-512 rows)
 
     def prefills(self) -> bool:
         """Whether `_prefill` takes this layer's products of many rows."""
         return False
 
-    def bf16_rows(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """For `_prefill`: rows [start, end) of the weight as bf16 (end - start, K) and a factor for each output
-        column (or None)."""
+    def block_rows(self, start: int, end: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """For `_prefill`: rows [start, end) of the weight in `dtype` (bf16 or fp32), (end - start, K), and a
+        factor for each output column (or None)."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -128,23 +129,30 @@ class QuantLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
     def _prefill(self, x: torch.Tensor) -> torch.Tensor:
-        y = self._bf16_matmul(x.reshape(-1, self.in_features))
+        y = self._block_matmul(x.reshape(-1, self.in_features))
         if self.bias is not None:
             y += self.bias.to(y.dtype)
         return y.view(*x.shape[:-1], self.out_features)
 
-    def _bf16_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x (M, K) @ W^T -> (M, N) in x's dtype, for many rows on CPU: the weights in bf16 a block of rows at a
-        time (4 MiB, made in cache) into oneDNN's bf16 GEMM, which outruns the integer kernels from `prefill_rows` on
-        (1.8x the native int8 kernel at 512 rows, 3.5x native int4). Activations in bf16, as in those kernels;
+    def _block_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, K) @ W^T -> (M, N) in x's dtype, for many rows on CPU: the weights dequantized a block of rows
+        at a time (made in cache) into oneDNN's GEMM, which outruns the integer kernels from `prefill_rows` on
+        (in bf16 on a Zen 5: 1.8x the native int8 kernel at 512 rows, 3.5x native int4). In bf16 (activations
+        rounded to it, as in those kernels) or fp32, whichever GEMM this CPU runs faster (`ops.gemm_dtype`);
         accumulation in fp32."""
-        xb = x.to(torch.bfloat16)
+        dtype = gemm_dtype()
+        xb = x.to(dtype)
+        n, align = self.out_features, self.row_block
+        blocks = -(-n * self.in_features // self.block_weights)  # as few as fit, of equal sizes (no thin tail)
+        step = -(-n // blocks // align) * align  # rows a block: n / blocks, rounded up to a multiple of align
+        if step >= n:  # one block: its product is the output
+            w, factor = self.block_rows(0, n, dtype)
+            y = linear(xb, w, None)  # (M, N)
+            return (y if factor is None else y.float() * factor).to(x.dtype)
         y = torch.empty(x.shape[0], self.out_features, dtype=x.dtype)  # (M, N)
-        block = self.row_block
-        step = max(block, self.block_weights // self.in_features // block * block)
         for start in range(0, self.out_features, step):
             end = min(start + step, self.out_features)
-            w, factor = self.bf16_rows(start, end)
+            w, factor = self.block_rows(start, end, dtype)
             part = linear(xb, w, None)  # (M, end - start)
             y[:, start:end] = part if factor is None else part.float() * factor
         return y
@@ -222,8 +230,11 @@ class Int8Linear(QuantLinear):
         return (self.native and self.qweight.device.type == "cpu" and "bf16" in native.available()[0]
                 and not self.int8_activations())  # fmt: skip
 
-    def bf16_rows(self, start, end):
-        return native.int8_to_bf16(self.qweight[start:end]), self.scale[start:end].float()  # codes exact in bf16
+    def block_rows(self, start, end, dtype):
+        codes, scale = self.qweight[start:end], self.scale[start:end].float()
+        if dtype == torch.float32:  # the dequantized weights themselves
+            return codes.to(dtype).mul_(scale[:, None]), None
+        return native.int8_to_bf16(codes), scale  # codes, exact in bf16; the scales applied to the fp32 result
 
     def native_weights(self):
         if not (self.native and self._on_cpu_in_float()):
@@ -303,7 +314,7 @@ class Int4Linear(QuantLinear):
         if self.layout == "native":
             if self.int8_activations():
                 return self._native.a8(x, None)
-            return self._native(x, None) if x.shape[0] < self.prefill_rows else self._bf16_matmul(x)
+            return self._native(x, None) if x.shape[0] < self.prefill_rows else self._block_matmul(x)
         packed = self._kweight if self._kweight is not None else self.qweight
         return kernels.int4_mm(x, packed, self.group_size, self._sz)[:, : self.out_features]  # less row padding
 
@@ -357,12 +368,12 @@ class Int4Linear(QuantLinear):
     def prefills(self):  # once the native copy of the codes exists (made for the native kernels)
         return self._native is not None and not self.int8_activations()
 
-    def bf16_rows(self, start, end):
-        return self._native.to_bf16(start, end), None
+    def block_rows(self, start, end, dtype):
+        return self._native.to_bf16(start, end).to(dtype), None  # (the weights rounded to bf16 either way)
 
     def _native_gemv(self) -> native.Int4Gemv:
         """The native kernels with their copy of the codes (made by `prepare` where they fit), which is then the
-        layer's only one: every product goes to them (fewer than `prefill_rows` rows) or to `_bf16_matmul`, fed
+        layer's only one: every product goes to them (fewer than `prefill_rows` rows) or to `_block_matmul`, fed
         from it. aten's int4 kernel is for the other devices and CPUs."""
         if self._native is None:
             if self.layout == "canonical":  # as saved or just quantized: repacked in one native pass
