@@ -270,6 +270,25 @@ def test_quantized_layer_prefill_through_dequantized_blocks(dtype, bits, gemm, m
         _close(layer(x[:, :2]), want[:, :2], max(tol, 8e-3))  # fewer rows: the native kernels, the same product
 
 
+@needs["f32"]
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 50257])
+def test_argmax_is_torchs(n):
+    """First of equal maxima, first NaN, rows of -inf, tails past whole vectors: as torch.argmax."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(9, n, generator=g)
+    x[1] = -float("inf")
+    x[2] = 3.0  # all equal: index 0
+    x[3, n // 2 :] = 7.0  # equal maxima from the middle: the first of them
+    x[4, n - 1] = float("nan")
+    x[5, n // 3] = float("nan")
+    x[5, n - 1] = 99.0
+    x[6, n - 1] = float("inf")
+    x[7] = x[7].round()  # many ties in different lanes
+    x[8, 0] = float("nan")
+    assert torch.equal(native.argmax(x), x.argmax(dim=-1))
+    assert torch.equal(native.argmax(x[:1]), x[:1].argmax(dim=-1))
+
+
 @needs["int8"]
 @pytest.mark.parametrize("shape", [(1, 5), (37, 33), (64, 256)])
 def test_int8_to_bf16(shape):

@@ -57,6 +57,7 @@ _SIGNATURES = {
     "neolm_int4_to_bf16": [_p, _p, _p, _p, _i64, _i64, _i64, _i64],
     "neolm_int4_pack": [_p, _p, _i64, _i64],
     "neolm_int8_to_bf16": [_p, _p, _i64],
+    "neolm_argmax": [_p, _i64, _i64, _p],
     "neolm_gemm_f32": [_p, _i64, _p, _p, _int, _p, _int, _i64, _i64],
     "neolm_gemm_bf16": [_p, _i64, _p, _p, _int, _p, _int, _i64, _i64],
     "neolm_gemm_int8": [_p, _i64, _p, _p, _p, _int, _p, _int, _i64, _i64],
@@ -223,6 +224,15 @@ def int8a8_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bi
     lib.neolm_gemm_int8a8(xf.data_ptr(), x.shape[0], packed.data_ptr(), scale.data_ptr(), *_bias(bias),
                           y.data_ptr(), y_bf16, n, k, work.data_ptr())  # fmt: skip
     return y
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """x (rows, n) fp32, contiguous -> (rows,) int64: torch.argmax(x, -1) (first of equal maxima, first NaN),
+    ~15x faster on a 50k-token vocabulary ("f32" kernels)."""
+    assert x.dtype == torch.float32 and x.dim() == 2 and x.is_contiguous() and x.shape[1] < 2**31
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    _library()[0].neolm_argmax(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr())
+    return out
 
 
 def int8_to_bf16(q: torch.Tensor) -> torch.Tensor:

@@ -338,9 +338,10 @@ void neolm_decode_step(const Model* m, int64_t rows, void* x, int64_t pos, const
     for (int64_t l = 0; l < m->n_layer; l++) {
       const Layer& L = m->layers[l];
 #pragma omp for schedule(static)
-      for (int64_t i = 0; i < rows; i++) layer_norm(row(x, i, c), L.ln1_w, L.ln1_b, row(h, i, c), c, m->eps, bf16);
-#pragma omp single
-      convert(L.qkv, h, bf16, xf, xb, 0, rows * c);
+      for (int64_t i = 0; i < rows; i++) {  // (each row converted for the matmul where it wants the other dtype
+        layer_norm(row(x, i, c), L.ln1_w, L.ln1_b, row(h, i, c), c, m->eps, bf16);  // here, in the loop's barrier)
+        convert(L.qkv, h, bf16, xf, xb, i * c, (i + 1) * c);
+      }
       linear(L.qkv, input(L.qkv, h, bf16, xf, xb), qkv, bf16, rows, work);
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < rows * m->heads; t++) {
@@ -351,17 +352,15 @@ void neolm_decode_step(const Model* m, int64_t rows, void* x, int64_t pos, const
         const float* sn = sin ? sin + positions[i] * m->rot : nullptr;
         attend(*m, L, head, row(qkv, i, 3 * c), kc, vc, kv_bf16, pos, max_len, valid ? valid + i * valid_stride : nullptr, cs, sn,
                row(att, i, c), q.data(), k.data(), scores.data());
+        convert(L.proj, att, bf16, xf, xb, i * c + head * m->d, i * c + (head + 1) * m->d);
       }
-#pragma omp single
-      convert(L.proj, att, bf16, xf, xb, 0, rows * c);
       linear(L.proj, input(L.proj, att, bf16, xf, xb), a, bf16, rows, work);
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < rows; i++) {
         if (!m->parallel) add(row(x, i, c), row(a, i, c), nullptr, row(x, i, c), c, bf16);  // GPT-Neo: x + attn, then the MLP on it
         layer_norm(row(x, i, c), L.ln2_w, L.ln2_b, row(h, i, c), c, m->eps, bf16);
+        convert(L.fc, h, bf16, xf, xb, i * c, (i + 1) * c);
       }
-#pragma omp single
-      convert(L.fc, h, bf16, xf, xb, 0, rows * c);
       linear(L.fc, input(L.fc, h, bf16, xf, xb), ff, bf16, rows, work);
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < rows * f; i += 256) {
