@@ -39,7 +39,8 @@ def _no_grad_wanted(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """F.linear(x, weight, bias), through oneDNN for CPU inference in fp32/bf16."""
+    """F.linear(x, weight, bias), through oneDNN for CPU inference in fp32/bf16 (bf16 products of many rows
+    in fp32 where this CPU's fp32 GEMM is the faster one: `gemm_dtype`)."""
     if (
         _ONEDNN
         and x.device.type == "cpu"
@@ -47,13 +48,36 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> 
         and weight.dtype == x.dtype
         and _no_grad_wanted(x, weight)
     ):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        if x.dtype == torch.bfloat16 and x.shape[:-1].numel() >= FP32_ROWS and gemm_dtype() == torch.float32:
+            return _bf16_in_fp32(x, weight, bias)
+        return _onednn(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
-# Quantized layers multiply many rows (a prompt) with their weights dequantized a block at a time into oneDNN's
-# GEMM (neolm.quant.linear.QuantLinear._block_matmul), in bf16 unless fp32 runs faster by this factor.
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+# Products of many rows (prompts) multiply their weights in bf16 unless this CPU's fp32 GEMM runs faster by this
+# factor; then a bf16 model's products of FP32_ROWS rows or more upcast them (exact) a block at a time, and
+# quantized layers dequantize to fp32 (neolm.quant.linear.QuantLinear._block_matmul).
 GEMM_FP32_MARGIN = 1.25
+FP32_ROWS = 32  # (at 32 rows the upcast costs a quarter of what the fp32 GEMM saves; at 8, all of it)
+FP32_BLOCK = 1 << 21  # weights upcast at a time: 8 MiB in fp32
+
+
+def _bf16_in_fp32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A bf16 product through the fp32 GEMM: the same exact products (bf16 x bf16 fits fp32), fp32 sums (in
+    another order than the bf16 GEMM's), the bias added in fp32 and the output rounded to bf16 once."""
+    x2 = x.reshape(-1, x.shape[-1]).float()  # (M, K)
+    n, k = weight.shape
+    step = -(-n // -(-n * k // FP32_BLOCK))  # rows of W a block: as few equal blocks as fit FP32_BLOCK
+    y = torch.empty(x2.shape[0], n, dtype=torch.bfloat16)
+    for start in range(0, n, step):
+        end = min(start + step, n)
+        part = _onednn(x2, weight[start:end].float(), None if bias is None else bias[start:end].float())
+        y[:, start:end] = part  # (rounded to bf16)
+    return y.view(*x.shape[:-1], n)
 
 
 @functools.cache
@@ -71,15 +95,15 @@ def gemm_dtype() -> torch.dtype:
     with torch.inference_mode():
         operands = {dtype: (x.to(dtype), w.to(dtype)) for dtype in best}
         for dtype, (a, b) in operands.items():  # warm-up: oneDNN makes its primitives on first use
-            linear(a, b, None)
+            _onednn(a, b, None)
         for _ in range(3):
             for dtype, (a, b) in operands.items():
                 start = time.perf_counter()
-                linear(a, b, None)
+                _onednn(a, b, None)
                 best[dtype] = min(best[dtype], time.perf_counter() - start)
     bf16, fp32 = best[torch.bfloat16], best[torch.float32]
     dtype = torch.float32 if fp32 * GEMM_FP32_MARGIN < bf16 else torch.bfloat16
-    log.info("many-row quantized products in %s (oneDNN GEMM 256x1024x1024: bf16 %.2f ms, fp32 %.2f ms)",
+    log.info("many-row bf16 and quantized products in %s (oneDNN GEMM 256x1024x1024: bf16 %.2f ms, fp32 %.2f ms)",
              str(dtype).removeprefix("torch."), 1e3 * bf16, 1e3 * fp32)  # fmt: skip
     return dtype
 

@@ -35,15 +35,33 @@ def test_gemm_dtype_is_the_faster_one_with_a_margin_for_fp32(monkeypatch, slow, 
     """ops.gemm_dtype times oneDNN's GEMM in both dtypes: fp32 only where it beats bf16 by the margin (a tie
     keeps bf16); here the clock is faked so that each call of `slow` takes 2 units and the others 1."""
     clock = [0.0]
-    real_linear = ops.linear
+    real_onednn = ops._onednn
 
-    def timed_linear(x, w, bias):
+    def timed_onednn(x, w, bias):
         clock[0] += 2.0 if x.dtype == slow else 1.0
-        return real_linear(x, w, bias)
+        return real_onednn(x, w, bias)
 
-    monkeypatch.setattr(ops, "linear", timed_linear)
+    monkeypatch.setattr(ops, "_onednn", timed_onednn)
     monkeypatch.setattr(ops.time, "perf_counter", lambda: clock[0])
     assert ops.gemm_dtype.__wrapped__() == want
+
+
+@pytest.mark.parametrize("rows", [ops.FP32_ROWS, 70])
+def test_bf16_products_of_many_rows_in_fp32(monkeypatch, rows):
+    """Where the fp32 GEMM is the faster one, a bf16 product of many rows upcasts its weights a block at a time:
+    the bf16 product's numbers but for the order of the fp32 sums (here several blocks, a bias, 3-d input)."""
+    monkeypatch.setattr(ops, "gemm_dtype", lambda: torch.float32)
+    monkeypatch.setattr(ops, "FP32_BLOCK", 40 * 96)  # 130 rows of W: 4 blocks of 33 (the last 31)
+    g = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(*s, generator=g).bfloat16() for s in ((2, rows, 96), (130, 96), (130,)))
+    with torch.inference_mode():
+        got = ops.linear(x, w, b)
+        want = (x.double() @ w.double().t() + b.double()).bfloat16()
+        assert got.dtype == torch.bfloat16 and got.shape == (2, rows, 130)
+        assert (got.double() - want.double()).abs().max() <= 2 ** -7 * want.double().abs().max()
+        monkeypatch.setattr(ops, "gemm_dtype", lambda: torch.bfloat16)
+        plain = ops.linear(x, w, b)  # oneDNN's bf16 GEMM
+    assert (got.double() - plain.double()).abs().max() <= 2 ** -7 * plain.double().abs().max()
 
 
 def test_linear_keeps_autograd():
