@@ -270,6 +270,24 @@ def test_quantized_layer_prefill_through_dequantized_blocks(dtype, bits, gemm, m
         _close(layer(x[:, :2]), want[:, :2], max(tol, 8e-3))  # fewer rows: the native kernels, the same product
 
 
+@needs["int4"]
+@pytest.mark.parametrize("gemm,blocks", [(torch.bfloat16, False), (torch.float32, True)])
+def test_int4_prompts_go_to_the_gemm_sooner_where_it_runs_in_fp32(gemm, blocks, monkeypatch):
+    """70 rows: below int4's bf16 crossover (160), above its fp32 one (64)."""
+    from neolm.quant import linear as quant_linear
+
+    monkeypatch.setattr(quant_linear, "gemm_dtype", lambda: gemm)
+    layer = quant_linear.Int4Linear.from_linear(torch.nn.Linear(256, 128), group_size=64)
+    layer.prepare()
+    calls = []
+    block_matmul = layer._block_matmul
+    monkeypatch.setattr(layer, "_block_matmul", lambda x: calls.append(x.shape[0]) or block_matmul(x))
+    x = torch.randn(70, 256)
+    with torch.inference_mode():
+        _close(layer(x), x.bfloat16().float() @ layer.dequantize(torch.float32).t() + layer.bias, 2e-2)
+    assert calls == ([70] if blocks else [])
+
+
 @needs["f32"]
 @pytest.mark.parametrize("n", [1, 15, 16, 17, 50257])
 def test_argmax_is_torchs(n):

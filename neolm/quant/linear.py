@@ -89,11 +89,17 @@ class QuantLinear(nn.Module):
     # where `prefills()`), fewer to the layer's kernels; each kind that prefills sets it where the two cross
     # (bench/PROFILE.md, session 7, with bf16 GEMMs)
     prefill_rows = 32
+    prefill_rows_fp32: int | None = None  # the same where the GEMM runs in fp32 (`gemm_dtype`), if it differs
     block_weights = 1 << 21  # weights per block of `_block_matmul`: 4 MiB in bf16 (faster than 16 at 16-512 rows)
 
     def prefills(self) -> bool:
         """Whether `_prefill` takes this layer's products of many rows."""
         return False
+
+    def prefill_from(self) -> int:
+        """Rows from which `_prefill` takes a product: where the GEMM, in `gemm_dtype()`, overtakes the kernels."""
+        fp32 = self.prefill_rows_fp32 is not None and gemm_dtype() == torch.float32
+        return self.prefill_rows_fp32 if fp32 else self.prefill_rows
 
     def block_rows(self, start: int, end: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         """For `_prefill`: rows [start, end) of the weight in `dtype` (bf16 or fp32), (end - start, K), and a
@@ -103,8 +109,10 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._prepared_on != x.device:
             self.prepare()
+        rows = x.shape[:-1].numel()
         if (
-            x.shape[:-1].numel() >= self.prefill_rows
+            rows >= min(self.prefill_rows, self.prefill_rows_fp32 or self.prefill_rows)
+            and rows >= self.prefill_from()
             and x.device.type == "cpu"
             and not torch.is_grad_enabled()
             and self.prefills()
@@ -314,7 +322,7 @@ class Int4Linear(QuantLinear):
         if self.layout == "native":
             if self.int8_activations():
                 return self._native.a8(x, None)
-            return self._native(x, None) if x.shape[0] < self.prefill_rows else self._block_matmul(x)
+            return self._native(x, None) if x.shape[0] < self.prefill_from() else self._block_matmul(x)
         packed = self._kweight if self._kweight is not None else self.qweight
         return kernels.int4_mm(x, packed, self.group_size, self._sz)[:, : self.out_features]  # less row padding
 
@@ -364,6 +372,8 @@ class Int4Linear(QuantLinear):
     # pythia-1.4b prompts, native / bf16 weights: 0.47 at 24 tokens, 0.76 at 64, 0.89 at 128, 1.00 at 160, 1.14
     # at 256 (int4.cpp's few-row kernel, lanes over out-features: bench/PROFILE.md, session 8)
     prefill_rows = 160
+    # fp32 GEMMs (an Intel Xeon without AMX, session 13): native / blocks 0.86 at 48 tokens, 1.02 at 64, 1.25 at 96
+    prefill_rows_fp32 = 64
 
     def prefills(self):  # once the native copy of the codes exists (made for the native kernels)
         return self._native is not None and not self.int8_activations()
