@@ -109,11 +109,9 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._prepared_on != x.device:
             self.prepare()
-        rows = x.shape[:-1].numel()
         if (
-            rows >= min(self.prefill_rows, self.prefill_rows_fp32 or self.prefill_rows)
-            and rows >= self.prefill_from()
-            and x.device.type == "cpu"
+            x.device.type == "cpu"
+            and x.shape[:-1].numel() >= self.prefill_from()
             and not torch.is_grad_enabled()
             and self.prefills()
         ):
