@@ -66,12 +66,19 @@ FP32_ROWS = 32  # (at 32 rows the upcast costs a quarter of what the fp32 GEMM s
 FP32_BLOCK = 1 << 21  # weights upcast at a time: 8 MiB in fp32
 
 
+def rows_per_block(n: int, k: int, max_weights: int, align: int = 1) -> int:
+    """Rows of an (n, k) weight per block when it is made (dequantized, upcast) a block at a time: as few
+    blocks of at most ~max_weights as fit, of equal sizes (no thin tail), rounded up to a multiple of align."""
+    blocks = -(-n * k // max_weights)
+    return -(-n // blocks // align) * align
+
+
 def _bf16_in_fp32(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """A bf16 product through the fp32 GEMM: the same exact products (bf16 x bf16 fits fp32), fp32 sums (in
     another order than the bf16 GEMM's), the bias added in fp32 and the output rounded to bf16 once."""
     x2 = x.reshape(-1, x.shape[-1]).float()  # (M, K)
     n, k = weight.shape
-    step = -(-n // -(-n * k // FP32_BLOCK))  # rows of W a block: as few equal blocks as fit FP32_BLOCK
+    step = rows_per_block(n, k, FP32_BLOCK)
     y = torch.empty(x2.shape[0], n, dtype=torch.bfloat16)
     for start in range(0, n, step):
         end = min(start + step, n)

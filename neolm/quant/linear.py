@@ -24,7 +24,7 @@ from torch import nn
 from neolm import native
 from neolm.errors import NeolmError
 from neolm.memory import huge_copy
-from neolm.ops import compiled, gemm_dtype, linear
+from neolm.ops import compiled, gemm_dtype, linear, rows_per_block
 from neolm.quant import kernels
 
 log = logging.getLogger(__name__)
@@ -148,9 +148,8 @@ class QuantLinear(nn.Module):
         accumulation in fp32."""
         dtype = gemm_dtype()
         xb = x.to(dtype)
-        n, align = self.out_features, self.row_block
-        blocks = -(-n * self.in_features // self.block_weights)  # as few as fit, of equal sizes (no thin tail)
-        step = -(-n // blocks // align) * align  # rows a block: n / blocks, rounded up to a multiple of align
+        n = self.out_features
+        step = rows_per_block(n, self.in_features, self.block_weights, self.row_block)
         if step >= n:  # one block: its product is the output
             w, factor = self.block_rows(0, n, dtype)
             y = linear(xb, w, None)  # (M, N)
