@@ -31,9 +31,11 @@ import machine
 import report
 
 A8_PRECISION = {"W8A8": "int8", "W4A8": "int4"}  # neolm's int8-activation variants, each for its precision
-# neolm variants are options joined by "+" (neolm_engine.py); kv16: a bf16 KV cache (fp32 activations only)
+# neolm variants are options joined by "+" (neolm_engine.py); kv16: a bf16 KV cache (fp32 activations only);
+# kv8: an int8 KV cache
 ENGINE_VARIANTS = {
-    "neolm": ["", "compile", "W8A8", "W4A8", "kv16", "W8A8+kv16", "W4A8+kv16"], "transformers": ["eager", "default"],
+    "neolm": ["", "compile", "W8A8", "W4A8", "kv16", "W8A8+kv16", "W4A8+kv16", "kv8", "W8A8+kv8", "W4A8+kv8"],
+    "transformers": ["eager", "default"],
     "ctranslate2": [""], "llamacpp": [""],
 }  # fmt: skip
 PRECISIONS = {  # which precisions each engine has (others are not rows)
@@ -271,7 +273,8 @@ def merge_rounds(results: list[dict]) -> dict:
 
 
 def variant_fits(variant: str, precision: str) -> bool:
-    """W8A8, W4A8: neolm int8, int4 with quantize_activations; kv16: a bf16 cache beside fp32 activations."""
+    """W8A8, W4A8: neolm int8, int4 with quantize_activations; kv16: a bf16 cache beside fp32 activations; kv8: an
+    int8 cache (any precision)."""
     options = variant.split("+")
     if "kv16" in options and precision == "bf16":
         return False

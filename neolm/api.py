@@ -27,6 +27,7 @@ DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }  # fmt: skip
+KV_CACHE_DTYPES = {**DTYPES, "int8": torch.int8}  # int8: codes and a scale per key and value (neolm.model.quantize_kv)
 
 
 def parse_dtype(dtype: str | torch.dtype | None, device: torch.device, checkpoint_dtype: str | None) -> torch.dtype:
@@ -203,11 +204,13 @@ def load(
     (W8A8 / W4A8, a scale per row, as CTranslate2's int8 and llama.cpp's Q8_0 and Q4_0 types do) and multiply in
     integers with AVX-512 VNNI: prompts and batches faster, at some of the activations' precision
     (bench/QUANT_QUALITY.md).
-    kv_cache_dtype: float32 | bfloat16 | float16: the dtype of the keys and values kept while generating and
-    scoring (default "auto": the model's dtype, exact). bfloat16 for a float32 model halves the cache's memory
-    and the bytes each decode step reads from it (what long contexts and batches spend their time on; llama.cpp
-    keeps f16 caches by default), at bf16's precision for keys and values; the native decode step takes
-    float32 and bfloat16 caches.
+    kv_cache_dtype: float32 | bfloat16 | float16 | int8: the dtype of the keys and values kept while generating
+    and scoring (default "auto": the model's dtype, exact). bfloat16 for a float32 model halves the cache's
+    memory and the bytes each decode step reads from it (what long contexts and batches spend their time on;
+    llama.cpp keeps f16 caches by default), at bf16's precision for keys and values. int8 quarters them (plus
+    a scale per key and value, 4 bytes per head_dim numbers): each key and value row of each head as int8 codes
+    with an fp32 scale (max |x| / 127, as llama.cpp's q8_0 cache type, in one block per row); attention
+    computes in fp32 over them. The native decode step takes float32, bfloat16 and int8 caches.
     native: on CPU, run each decode step (one sequence, or a batch of up to 12) through every block in one
     call of neolm's AVX-512 kernels (neolm.native.decode; built with the system's C++ compiler on first use,
     cached), and the output head's products of up to 12 rows on them, where this machine can build them;
@@ -223,9 +226,10 @@ def load(
         raise NeolmError("quantize_head needs quantize= (int8 or int4)")
     if quantize_activations and not native:
         raise NeolmError("quantize_activations needs neolm's native kernels (native=True)")
-    kv_dtype = None if kv_cache_dtype is None or kv_cache_dtype == "auto" else DTYPES.get(kv_cache_dtype, kv_cache_dtype)
-    if kv_dtype is not None and kv_dtype not in DTYPES.values():
-        raise NeolmError(f"unknown kv_cache_dtype {kv_cache_dtype!r}; use auto, float32, bfloat16 or float16")
+    kv_dtype = kv_cache_dtype if kv_cache_dtype != "auto" else None
+    kv_dtype = KV_CACHE_DTYPES.get(kv_dtype, kv_dtype) if isinstance(kv_dtype, str) else kv_dtype
+    if kv_dtype is not None and kv_dtype not in KV_CACHE_DTYPES.values():
+        raise NeolmError(f"unknown kv_cache_dtype {kv_cache_dtype!r}; use auto, float32, bfloat16, float16 or int8")
     if quantize is not None:
         from neolm.quant.linear import check_group_size, parse_quantize
 

@@ -67,11 +67,12 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = False, position
     )
     p.add_argument(
         "--kv-cache-dtype",
-        choices=["auto", "float32", "bfloat16", "float16"],
+        choices=["auto", "float32", "bfloat16", "float16", "int8"],
         default="auto",
         help="dtype of the keys and values kept while generating (default auto: the model's, exact). bfloat16 with "
         "a float32 model halves the cache's memory and what each step reads of it: faster batches and long "
-        "contexts, keys and values at bf16 precision",
+        "contexts, keys and values at bf16 precision. int8 quarters it (int8 codes and a scale per key and per "
+        "value row of each head, as llama.cpp's q8_0 cache), a little less exact",
     )
     p.add_argument(
         "--compile",

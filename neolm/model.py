@@ -44,14 +44,19 @@ _ACTIVATIONS = {
 class KVCache:
     """Keys and values of every layer, preallocated for `max_len` tokens.
 
-    k, v: (L, B, H, max_len, D). `length` counts the filled slots. `valid` (B, max_len), when set,
-    is False at left-padding slots, which no query may attend to.
+    k, v: (L, B, H, max_len, D) in `dtype`: a float dtype, or int8 codes with a scale per key and per value
+    (k_scale, v_scale: (L, B, H, max_len) fp32; see quantize_kv). `length` counts the filled slots. `valid`
+    (B, max_len), when set, is False at left-padding slots, which no query may attend to.
     """
 
     def __init__(self, config: Config, batch_size: int, max_len: int, dtype: torch.dtype, device=None):
         shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k_scale = self.v_scale = None
+        if dtype == torch.int8:
+            self.k_scale = torch.zeros(shape[:-1], dtype=torch.float32, device=device)
+            self.v_scale = torch.zeros(shape[:-1], dtype=torch.float32, device=device)
         self.valid: torch.Tensor | None = None
         self.length = 0
 
@@ -59,11 +64,62 @@ class KVCache:
     def max_len(self) -> int:
         return self.k.shape[3]
 
+    def layer(self, i: int) -> tuple:
+        """Layer i's part, as Attention takes it: (k, v, k_scale, v_scale), the scales None for float caches."""
+        scales = (None, None) if self.k_scale is None else (self.k_scale[i], self.v_scale[i])
+        return self.k[i], self.v[i], *scales
+
+    def rows(self, index: torch.Tensor, extra: int = 0) -> KVCache:
+        """A new cache of batch rows `index` (their filled slots and `valid`), with room for `extra` more tokens."""
+        out = KVCache.__new__(KVCache)
+        end = self.length
+
+        def take(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
+                return None
+            taken = t.new_zeros(t.shape[0], len(index), *t.shape[2:3], end + extra, *t.shape[4:])
+            taken[:, :, :, :end] = t[:, index, :, :end]
+            return taken
+
+        out.k, out.v, out.k_scale, out.v_scale = map(take, (self.k, self.v, self.k_scale, self.v_scale))
+        out.valid = None
+        if self.valid is not None:
+            out.valid = torch.ones(len(index), end + extra, dtype=torch.bool, device=self.valid.device)
+            out.valid[:, :end] = self.valid[index, :end]
+        out.length = end
+        return out
+
     def reorder(self, index: torch.Tensor) -> None:
         """Keep batch rows `index` (e.g. to repeat prompts for several samples)."""
         self.k, self.v = self.k[:, index], self.v[:, index]
+        if self.k_scale is not None:
+            self.k_scale, self.v_scale = self.k_scale[:, index], self.v_scale[:, index]
         if self.valid is not None:
             self.valid = self.valid[index]
+
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows x (..., D) -> int8 codes (..., D) and fp32 scales (...), x ~ codes * scale: scale = max |x| / 127,
+    codes = x / scale rounded to nearest even (0 where a row is all 0). The native decode step's put_kv does
+    the same, number for number."""
+    x = x.float()
+    scale = x.abs().amax(dim=-1) * (1 / 127)
+    codes = (x / scale.clamp(min=torch.finfo(torch.float32).tiny)[..., None]).round()
+    return codes.to(torch.int8), scale
+
+
+def update_cache(kv: tuple, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write k, v (B, H, T, D) at slot `start` of a layer's cache (KVCache.layer); return its keys and values so
+    far (B, H, S, D): in the cache's dtype, or an int8 cache's dequantized to fp32."""
+    cache_k, cache_v, scale_k, scale_v = kv
+    end = start + k.shape[2]
+    if scale_k is None:
+        cache_k[:, :, start:end] = k
+        cache_v[:, :, start:end] = v
+        return cache_k[:, :, :end], cache_v[:, :, :end]
+    cache_k[:, :, start:end], scale_k[:, :, start:end] = quantize_kv(k)
+    cache_v[:, :, start:end], scale_v[:, :, start:end] = quantize_kv(v)
+    return cache_k[:, :, :end] * scale_k[:, :, :end, None], cache_v[:, :, :end] * scale_v[:, :, :end, None]
 
 
 def rotary_table(n_positions: int, dims: int, base: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +153,7 @@ class Attention(nn.Module):
         self.qkv = Linear(config.d_model, 3 * config.d_model, bias=config.qkv_bias)
         self.proj = Linear(config.d_model, config.d_model, bias=config.out_bias)
 
-    def forward(self, x, rope, mask, kv: tuple[torch.Tensor, torch.Tensor] | None, start: int):
+    def forward(self, x, rope, mask, kv: tuple | None, start: int):
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, self.n_head, 3, self.head_dim).permute(3, 0, 2, 1, 4)  # (3, B, H, T, D)
         if rope is None:
@@ -105,11 +161,10 @@ class Attention(nn.Module):
         else:
             (q, k), v = apply_rotary(qkv[:2], *rope), qkv[2]  # q and k rotated together
         if kv is not None:  # write this step into the cache, attend over everything so far
-            cache_k, cache_v = kv
-            cache_k[:, :, start : start + T] = k
-            cache_v[:, :, start : start + T] = v
-            k, v = cache_k[:, :, : start + T], cache_v[:, :, : start + T]  # (B, H, S, D)
-            if k.dtype != q.dtype:  # a cache in another dtype (GPT.kv_dtype): its numbers, in q's dtype
+            k, v = update_cache(kv, k, v, start)  # (B, H, S, D)
+            if kv[2] is not None:  # an int8 cache: attention in fp32 over its dequantized numbers (as the native step)
+                q = q.float()
+            elif k.dtype != q.dtype:  # a cache in another float dtype (GPT.kv_dtype): its numbers, in q's dtype
                 k, v = k.to(q.dtype), v.to(q.dtype)
         if mask is None and self.window is not None and T == 1:  # decoding: a local layer's last w keys
             k, v = k[:, :, -self.window :], v[:, :, -self.window :]
@@ -118,7 +173,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale).transpose(1, 2)
         elif y is None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale).transpose(1, 2)
-        return self.proj(y.reshape(B, T, C))
+        return self.proj(y.reshape(B, T, C).to(x.dtype))
 
 
 class MLP(nn.Module):
@@ -225,7 +280,7 @@ class GPT(nn.Module):
             rope = cos[positions][:, None].to(x.dtype), sin[positions][:, None].to(x.dtype)  # (B, 1, T, dims)
         masks = self._masks(T, start, key_valid, idx.device)
         for i, block in enumerate(self.blocks):
-            kv = (cache.k[i], cache.v[i]) if cache is not None else None
+            kv = cache.layer(i) if cache is not None else None
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, rope, masks[block.window], kv, start, use_reentrant=False)
             else:

@@ -84,7 +84,7 @@ def test_generate_with_a_bf16_kv_cache(folder, capsys):
     code, out, err = cli(capsys, "generate", "-m", folder, PROMPT, "--max-new-tokens", "5", "--kv-cache-dtype", "bfloat16")
     assert code == 0, err
     assert out == PROMPT + neolm.load(folder, kv_cache_dtype="bfloat16").generate(PROMPT, max_new_tokens=5) + "\n"
-    code, out, err = cli(capsys, "generate", "-m", folder, PROMPT, "--kv-cache-dtype", "int8")
+    code, out, err = cli(capsys, "generate", "-m", folder, PROMPT, "--kv-cache-dtype", "int4")
     assert code == 2 and "--kv-cache-dtype" in err
 
 

@@ -168,7 +168,7 @@ def test_a_bf16_cache_for_a_float32_model(folders, name, quantize, rows):
 
 def test_kv_cache_dtype_is_checked(folders):
     with pytest.raises(neolm.NeolmError, match="kv_cache_dtype"):
-        neolm.load(folders["neo"], kv_cache_dtype="int8")
+        neolm.load(folders["neo"], kv_cache_dtype="int4")
     assert neolm.load(folders["neo"], kv_cache_dtype="auto").model.cache_dtype == torch.float32
     lm = neolm.load(folders["neo"], dtype="bfloat16", kv_cache_dtype=torch.float32)
     assert lm.model.cache_dtype == torch.float32

@@ -5,7 +5,8 @@ Variants: "" (the defaults: since session 4 they include the native decode step)
 counts in the load time, not in any decode figure), and "W8A8" / "W4A8" (int8 / int4 only:
 `quantize_activations=True`, each matmul's input rows quantized to int8 too, as CTranslate2's int8 and llama.cpp's
 Q8_0 / Q4_0 do), and "kv16" (`kv_cache_dtype="bfloat16"`: keys and values kept in bf16 beside fp32 activations, as
-llama.cpp keeps f16 caches by default); options join with "+" ("W8A8+kv16"). int8/int4 rows quantize the
+llama.cpp keeps f16 caches by default), and "kv8" (`kv_cache_dtype="int8"`: int8 codes and a scale per key and value
+row, as llama.cpp's q8_0 cache type); options join with "+" ("W8A8+kv16"). int8/int4 rows quantize the
 output head too (`quantize_head=True`), as llama.cpp's Q8_0/Q4_0 files and CTranslate2's int8 do, and load
 neolm's quantized folder beside the checkpoint (`neolm-int8/`, made by bench/prepare.py for each run), as
 llama.cpp loads its GGUF files and CTranslate2 its converted model; without one, they quantize while loading.
@@ -32,7 +33,7 @@ class Engine:
         options = set(variant.split("+"))
         self.compile = "compile" in options
         self.w8a8 = bool(options & {"W8A8", "W4A8"})  # int8 activations (neolm.load(quantize_activations=True))
-        self.kv16 = "kv16" in options
+        self.kv_cache_dtype = "bfloat16" if "kv16" in options else "int8" if "kv8" in options else None
 
     def load(self, model_dir, precision, threads):
         torch.set_num_threads(threads)
@@ -41,10 +42,10 @@ class Engine:
             if "quantize_activations" not in inspect.signature(neolm.load).parameters:
                 raise Unavailable("not available yet: neolm.load has no quantize_activations= argument")
             kwargs["quantize_activations"] = True
-        if self.kv16:
+        if self.kv_cache_dtype:
             if "kv_cache_dtype" not in inspect.signature(neolm.load).parameters:
                 raise Unavailable("not available yet: neolm.load has no kv_cache_dtype= argument")
-            kwargs["kv_cache_dtype"] = "bfloat16"
+            kwargs["kv_cache_dtype"] = self.kv_cache_dtype
         quantized = Path(model_dir).parent / f"neolm-{precision}"
         if precision in ("int8", "int4") and (quantized / "config.json").exists():
             self.lm = neolm.load(quantized, **kwargs)

@@ -153,22 +153,6 @@ def _context_cache(model: GPT, contexts: list[list[int]]) -> tuple[KVCache, torc
     return cache, lengths, torch.log_softmax(logits.float(), dim=-1)
 
 
-def _rows_of(cache: KVCache, index: torch.Tensor, extra: int) -> KVCache:
-    """A cache holding rows `index` of `cache`, with room for `extra` more tokens."""
-    (n_layer, _, n_head, width, head_dim), n = cache.k.shape, len(index)
-    out = KVCache.__new__(KVCache)
-    out.k = cache.k.new_empty(n_layer, n, n_head, width + extra, head_dim)
-    out.v = torch.empty_like(out.k)
-    out.k[:, :, :, :width] = cache.k[:, index]
-    out.v[:, :, :, :width] = cache.v[:, index]
-    out.valid = None
-    if cache.valid is not None:
-        out.valid = torch.ones(n, width + extra, dtype=torch.bool, device=index.device)
-        out.valid[:, :width] = cache.valid[index]
-    out.length = width
-    return out
-
-
 @torch.inference_mode()
 def _shared_batch(model: GPT, groups: list[list[_Request]], scorer: Scorer, batch_size: int) -> None:
     """Each group's common context once (one forward for all groups, into a KV cache), then every
@@ -195,7 +179,7 @@ def _shared_batch(model: GPT, groups: list[list[_Request]], scorer: Scorer, batc
             owners += [r.index] * len(tail)
         # right padding may run past the last position; it is never scored, so clamp it into range
         positions = (lengths[index][:, None] + torch.arange(width, device=device)).clamp(max=n_positions - 1)
-        cache_rows = _rows_of(cache, index, width)
+        cache_rows = cache.rows(index, width)
         scorer.add(owners, *_score(model, rows, cols, targets, idx=ids, positions=positions, cache=cache_rows))
 
 

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "gemv.h"
@@ -175,15 +176,28 @@ inline __m512 half_sums(__m512 u, __m512 v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(u, v, 0x88), _mm512_shuffle_f32x4(u, v, 0xdd));
 }
 
-// q . key j for the 16 keys from `keys` (rows of d, bf16 or fp32 as `bf16` says), 0 past the first n.
-inline __m512 dot16(const float* q, const char* keys, int bf16, int64_t d, int64_t n) {
-  const int64_t row = d * (bf16 ? 2 : 4);
+// The KV cache's formats: a key or value row is d numbers in fp32, bf16, or int8 codes (with a scale per row,
+// kept beside the cache: the row is codes x scale).
+enum Kv { KV_F32 = 0, KV_BF16 = 1, KV_INT8 = 2 };
+constexpr int64_t kv_bytes(int kind) { return kind == KV_F32 ? 4 : kind == KV_BF16 ? 2 : 1; }
+
+// 16 numbers from dim i of a cached row (masked lanes 0); int8: the codes, unscaled.
+template <int KIND>
+inline __m512 load_kv(const char* row, int64_t i, __mmask16 m) {
+  if constexpr (KIND == KV_INT8) return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, row + i)));
+  else return load(row, KIND == KV_BF16, i, m);
+}
+
+// q . key j for the 16 keys from `keys` (rows of d in the cache's format; int8: unscaled), 0 past the first n.
+template <int KIND>
+inline __m512 dot16(const float* q, const char* keys, int64_t d, int64_t n) {
+  const int64_t row = d * kv_bytes(KIND);
   const auto dot = [&](int64_t j) {
     __m512 acc = _mm512_setzero_ps();
     if (j < n)
       for (int64_t i = 0; i < d; i += 16) {
         const __mmask16 mk = first(d - i);
-        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q + i), load(keys + j * row, bf16, i, mk), acc);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q + i), load_kv<KIND>(keys + j * row, i, mk), acc);
       }
     return acc;
   };
@@ -194,13 +208,13 @@ inline __m512 dot16(const float* q, const char* keys, int bf16, int64_t d, int64
   return half_sums(half_sums(a, b), half_sums(c, e));
 }
 
-// out[0 .. 16 NV) = inv * sum_j p[j] v_j over `count` rows of values (bf16 or fp32 as `bf16` says; stride d,
-// from this block's first dim; the last vector masked to `tail` dims), stored as out_bf16 says. Two keys a
-// pass, 2 NV accumulators.
-template <int NV>
-void weighted_sum(const float* p, const char* values, int bf16, int64_t d, int64_t count, __mmask16 tail, float inv,
-                  void* out, int out_bf16) {
-  const int64_t row = d * (bf16 ? 2 : 4);
+// out[0 .. 16 NV) = inv * sum_j p[j] v_j over `count` rows of values (in the cache's format; int8: p already
+// holds each row's scale; stride d, from this block's first dim; the last vector masked to `tail` dims), stored
+// as out_bf16 says. Two keys a pass, 2 NV accumulators.
+template <int KIND, int NV>
+void weighted_sum(const float* p, const char* values, int64_t d, int64_t count, __mmask16 tail, float inv, void* out,
+                  int out_bf16) {
+  const int64_t row = d * kv_bytes(KIND);
   __m512 a[NV], b[NV];
 #pragma GCC unroll 8
   for (int r = 0; r < NV; r++) a[r] = b[r] = _mm512_setzero_ps();
@@ -211,58 +225,83 @@ void weighted_sum(const float* p, const char* values, int bf16, int64_t d, int64
 #pragma GCC unroll 8
     for (int r = 0; r < NV; r++) {
       const __mmask16 mk = r == NV - 1 ? tail : __mmask16(0xffff);
-      a[r] = _mm512_fmadd_ps(p0, load(v0, bf16, 16 * r, mk), a[r]);
-      b[r] = _mm512_fmadd_ps(p1, load(v1, bf16, 16 * r, mk), b[r]);
+      a[r] = _mm512_fmadd_ps(p0, load_kv<KIND>(v0, 16 * r, mk), a[r]);
+      b[r] = _mm512_fmadd_ps(p1, load_kv<KIND>(v1, 16 * r, mk), b[r]);
     }
   }
   if (j < count) {
     const __m512 p0 = _mm512_set1_ps(p[j]);
 #pragma GCC unroll 8
-    for (int r = 0; r < NV; r++) a[r] = _mm512_fmadd_ps(p0, load(values + j * row, bf16, 16 * r, r == NV - 1 ? tail : __mmask16(0xffff)), a[r]);
+    for (int r = 0; r < NV; r++) a[r] = _mm512_fmadd_ps(p0, load_kv<KIND>(values + j * row, 16 * r, r == NV - 1 ? tail : __mmask16(0xffff)), a[r]);
   }
 #pragma GCC unroll 8
   for (int r = 0; r < NV; r++) put(out, out_bf16, 16 * r, _mm512_mul_ps(_mm512_add_ps(a[r], b[r]), _mm512_set1_ps(inv)), r == NV - 1 ? tail : __mmask16(0xffff));
 }
 
+// d numbers (fp32, in `x`) into the cache's row: as they are (fp32), rounded to bf16, or int8 codes and a scale:
+// scale = max |x| / 127 (times the fp32 number nearest 1/127), codes = x / scale rounded to nearest even (0 where
+// x is all 0), as neolm/model.py's quantize_kv.
+template <int KIND>
+void put_kv(const float* x, int64_t d, char* row, float* scale) {
+  if constexpr (KIND == KV_INT8) {
+    __m512 top = _mm512_setzero_ps();
+    for (int64_t i = 0; i < d; i += 16) top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_maskz_loadu_ps(first(d - i), x + i)));
+    const float s = _mm512_reduce_max_ps(top) * (1.0f / 127.0f);
+    *scale = s;
+    const __m512 by = _mm512_set1_ps(std::max(s, std::numeric_limits<float>::min()));
+    for (int64_t i = 0; i < d; i += 16) {
+      const __mmask16 mk = first(d - i);
+      const __m512i codes = _mm512_cvtps_epi32(_mm512_div_ps(_mm512_maskz_loadu_ps(mk, x + i), by));  // (nearest even)
+      _mm_mask_storeu_epi8(row + i, mk, _mm512_cvtsepi32_epi8(codes));
+    }
+  } else {
+    for (int64_t i = 0; i < d; i += 16) put(row, KIND == KV_BF16, i, _mm512_maskz_loadu_ps(first(d - i), x + i), first(d - i));
+  }
+}
+
 // One head of one sequence: rotate q and k, append k and v to the cache at slot `pos`, attend over the cached
 // keys that `valid` (max_len flags, or null: all) marks, and the token's own. qkv: this token's [heads, 3, d];
-// kc, vc: the sequence's cache of this layer (heads, max_len, d), bf16 or fp32 as kv_bf16 says, whatever the
-// model's dtype (k and v are rounded to it as the torch path's cache write rounds them); att: (heads, d).
-void attend(const Model& m, const Layer& layer, int64_t h, const void* qkv, void* kc, void* vc, int kv_bf16, int64_t pos,
-            int64_t max_len, const uint8_t* valid, const float* cos, const float* sin, void* att, float* q, float* k,
-            float* scores) {
+// kc, vc: the sequence's cache of this layer (heads, max_len, d) in the format KIND, whatever the model's dtype
+// (k and v are rounded to it first, as the torch path's cache write rounds them); ks, vs: int8's scales of
+// those rows (heads, max_len), else unused; att: (heads, d). q, k, v, scores: this thread's scratch.
+template <int KIND>
+void attend(const Model& m, const Layer& layer, int64_t h, const void* qkv, char* kc, char* vc, float* ks, float* vs,
+            int64_t pos, int64_t max_len, const uint8_t* valid, const float* cos, const float* sin, void* att, float* q,
+            float* k, float* v, float* scores) {
   const int bf16 = m.act_bf16;
-  const int64_t d = m.d, half = m.rot / 2, es = kv_bf16 ? 2 : 4;  // es: bytes of a cached number
+  const int64_t d = m.d, half = m.rot / 2, es = kv_bytes(KIND);  // es: bytes of a cached number
   for (int64_t i = 0; i < d; i += 16) {
     const __mmask16 mk = first(d - i);
     _mm512_mask_storeu_ps(q + i, mk, load(qkv, bf16, h * 3 * d + i, mk));
     _mm512_mask_storeu_ps(k + i, mk, load(qkv, bf16, h * 3 * d + d + i, mk));
+    _mm512_mask_storeu_ps(v + i, mk, load(qkv, bf16, h * 3 * d + 2 * d + i, mk));
   }
   for (int64_t i = 0; i < half; i++) {  // rotate-half on the first `rot` dims
     const float q1 = q[i], q2 = q[i + half], k1 = k[i], k2 = k[i + half];
     q[i] = q1 * cos[i] - q2 * sin[i], q[i + half] = q2 * cos[i + half] + q1 * sin[i + half];
     k[i] = k1 * cos[i] - k2 * sin[i], k[i + half] = k2 * cos[i + half] + k1 * sin[i + half];
   }
-  char* krow = static_cast<char*>(kc) + (h * max_len + pos) * d * es;
-  char* vrow = static_cast<char*>(vc) + (h * max_len + pos) * d * es;
-  for (int64_t i = 0; i < d; i += 16) {
+  for (int64_t i = 0; i < d; i += 16) {  // q and k as the model's dtype stores them
     const __mmask16 mk = first(d - i);
-    const __m512 qv = round_to(bf16, _mm512_maskz_loadu_ps(mk, q + i));
-    _mm512_mask_storeu_ps(q + i, mk, qv);
-    put(krow, kv_bf16, i, round_to(bf16, _mm512_maskz_loadu_ps(mk, k + i)), mk);  // k in the model's dtype, then the cache's
-    put(vrow, kv_bf16, i, load(qkv, bf16, h * 3 * d + 2 * d + i, mk), mk);
+    _mm512_mask_storeu_ps(q + i, mk, round_to(bf16, _mm512_maskz_loadu_ps(mk, q + i)));
+    _mm512_mask_storeu_ps(k + i, mk, round_to(bf16, _mm512_maskz_loadu_ps(mk, k + i)));
   }
+  const bool scaled = KIND == KV_INT8;
+  put_kv<KIND>(k, d, kc + (h * max_len + pos) * d * es, scaled ? ks + h * max_len + pos : nullptr);
+  put_kv<KIND>(v, d, vc + (h * max_len + pos) * d * es, scaled ? vs + h * max_len + pos : nullptr);
 
   const int64_t lo = layer.window && pos + 1 > layer.window ? pos + 1 - layer.window : 0, count = pos + 1 - lo;
-  const char* keys = static_cast<const char*>(kc) + (h * max_len + lo) * d * es;
-  const char* values = static_cast<const char*>(vc) + (h * max_len + lo) * d * es;
+  const char* keys = kc + (h * max_len + lo) * d * es;
+  const char* values = vc + (h * max_len + lo) * d * es;
+  const float* key_scales = scaled ? ks + h * max_len + lo : nullptr;
+  const float* value_scales = scaled ? vs + h * max_len + lo : nullptr;
   __m512 top = _mm512_set1_ps(-INFINITY);
   const int64_t block = 16 * d * es;  // bytes of 16 keys (or values)
   for (int64_t j = 0; j < count; j += 16) {  // scores[j] = scale q . key j, -inf at padding slots
     // A head's keys and values are short streams (a few KiB): the next block of keys and this block of
     // values are asked for a block ahead of their use. bf16 caches, pythia-160m's shapes at 8 rows: steps
     // 7-15% faster at 96-288 tokens; fp32 caches: 0.96-1.06x, not taken
-    for (int64_t b = 0; kv_bf16 && b < std::min<int64_t>(block, (count - j) * d * es); b += 64) {
+    for (int64_t b = 0; KIND != KV_F32 && b < std::min<int64_t>(block, (count - j) * d * es); b += 64) {
       prefetch(keys + j * d * es + b, block);
       prefetch(values + j * d * es + b, 0);
     }
@@ -272,27 +311,28 @@ void attend(const Model& m, const Layer& layer, int64_t h, const void* qkv, void
       seen = _mm_test_epi8_mask(flags, flags);
       if (pos - lo - j < 16) seen |= static_cast<__mmask16>(1u << (pos - lo - j));  // the token's own slot
     }
-    const __m512 s = _mm512_mul_ps(dot16(q, keys + j * d * es, kv_bf16, d, count - j), _mm512_set1_ps(m.scale));
+    __m512 s = _mm512_mul_ps(dot16<KIND>(q, keys + j * d * es, d, count - j), _mm512_set1_ps(m.scale));
+    if constexpr (KIND == KV_INT8) s = _mm512_mul_ps(s, _mm512_maskz_loadu_ps(first(count - j), key_scales + j));
     _mm512_storeu_ps(scores + j, _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), seen, s));
     top = _mm512_mask_max_ps(top, seen, top, s);
   }
   const __m512 highest = _mm512_set1_ps(_mm512_reduce_max_ps(top));
   __m512 total = _mm512_setzero_ps();
-  for (int64_t j = 0; j < count; j += 16) {
+  for (int64_t j = 0; j < count; j += 16) {  // scores[j] = e^(score - highest) (int8: times value j's scale)
     const __mmask16 mk = first(count - j);
     const __m512 score = _mm512_maskz_loadu_ps(mk, scores + j);
     const __mmask16 seen = _mm512_mask_cmp_ps_mask(mk, score, _mm512_set1_ps(-INFINITY), _CMP_NEQ_OQ);
     const __m512 e = _mm512_maskz_mov_ps(seen, exp16(_mm512_sub_ps(score, highest)));
-    _mm512_mask_storeu_ps(scores + j, mk, e);
     total = _mm512_add_ps(total, e);
+    _mm512_mask_storeu_ps(scores + j, mk, KIND == KV_INT8 ? _mm512_mul_ps(e, _mm512_maskz_loadu_ps(mk, value_scales + j)) : e);
   }
   const float inv = 1.0f / _mm512_reduce_add_ps(total);
-  static void (*const weighted[])(const float*, const char*, int, int64_t, int64_t, __mmask16, float, void*, int) = {
-      weighted_sum<1>, weighted_sum<2>, weighted_sum<3>, weighted_sum<4>,
-      weighted_sum<5>, weighted_sum<6>, weighted_sum<7>, weighted_sum<8>};
+  static void (*const weighted[])(const float*, const char*, int64_t, int64_t, __mmask16, float, void*, int) = {
+      weighted_sum<KIND, 1>, weighted_sum<KIND, 2>, weighted_sum<KIND, 3>, weighted_sum<KIND, 4>,
+      weighted_sum<KIND, 5>, weighted_sum<KIND, 6>, weighted_sum<KIND, 7>, weighted_sum<KIND, 8>};
   for (int64_t e0 = 0; e0 < d; e0 += 128) {  // 128 dims at a time: 16 accumulators
     const int64_t nv = std::min<int64_t>(8, (d - e0 + 15) / 16);
-    weighted[nv - 1](scores, values + e0 * es, kv_bf16, d, count, first(d - e0 - 16 * (nv - 1)), inv,
+    weighted[nv - 1](scores, values + e0 * es, d, count, first(d - e0 - 16 * (nv - 1)), inv,
                      static_cast<char*>(att) + (h * d + e0) * (bf16 ? 2 : 4), bf16);
   }
 }
@@ -314,10 +354,11 @@ int64_t neolm_decode_scratch_bytes(const Model* m, int64_t rows) {
 // pos: the cache slot the tokens fill (the cache holds pos tokens before them); positions (rows,): their
 // position ids, rows of the rotary tables cos, sin (n_positions, m.rot), fp32; unused without rotary.
 // valid: (rows, valid_stride) flags, 0 at padding slots no token may attend to, or null (none).
-// cache_k, cache_v: (n_layer, rows, heads, max_len, d), bf16 (kv_bf16 = 1) or fp32.
+// cache_k, cache_v: (n_layer, rows, heads, max_len, d) in the format kv_kind (enum Kv: fp32, bf16, int8);
+// int8: scale_k, scale_v (n_layer, rows, heads, max_len) fp32, the rows' scales (else null).
 void neolm_decode_step(const Model* m, int64_t rows, void* x, int64_t pos, const int64_t* positions, const float* cos,
                        const float* sin, const uint8_t* valid, int64_t valid_stride, void* cache_k, void* cache_v,
-                       int kv_bf16, int64_t max_len, void* scratch) {
+                       float* scale_k, float* scale_v, int kv_kind, int64_t max_len, void* scratch) {
   const int bf16 = m->act_bf16;
   const int64_t c = m->c, f = m->f, es = bf16 ? 2 : 4, wide = f > c ? f : c;
   char* p = static_cast<char*>(scratch);  // each buffer holds `rows` rows
@@ -330,11 +371,14 @@ void neolm_decode_step(const Model* m, int64_t rows, void* x, int64_t pos, const
   float* xf = reinterpret_cast<float*>(p);  p += rows * wide * 4;  // a matmul's input in the other dtype
   uint16_t* xb = reinterpret_cast<uint16_t*>(p);  p += rows * wide * 2;
   uint8_t* work = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));  // int8a8's
-  const int64_t seq_bytes = m->heads * max_len * m->d * (kv_bf16 ? 2 : 4);  // one sequence's cache of one layer
+  const int64_t seq_bytes = m->heads * max_len * m->d * kv_bytes(kv_kind);  // one sequence's cache of one layer
   const auto row = [es](void* base, int64_t i, int64_t width) { return static_cast<char*>(base) + i * width * es; };
 #pragma omp parallel
   {
-    std::vector<float> q(m->d), k(m->d), scores(pos + 16);  // (scores: whole vectors)
+    std::vector<float> q(m->d), k(m->d), v(m->d), scores(pos + 16);  // (scores: whole vectors)
+    static void (*const attends[])(const Model&, const Layer&, int64_t, const void*, char*, char*, float*, float*, int64_t,
+                                   int64_t, const uint8_t*, const float*, const float*, void*, float*, float*, float*,
+                                   float*) = {attend<KV_F32>, attend<KV_BF16>, attend<KV_INT8>};
     for (int64_t l = 0; l < m->n_layer; l++) {
       const Layer& L = m->layers[l];
 #pragma omp for schedule(static)
@@ -348,10 +392,12 @@ void neolm_decode_step(const Model* m, int64_t rows, void* x, int64_t pos, const
         const int64_t i = t / m->heads, head = t % m->heads;
         char* kc = static_cast<char*>(cache_k) + (l * rows + i) * seq_bytes;
         char* vc = static_cast<char*>(cache_v) + (l * rows + i) * seq_bytes;
+        const int64_t scales = (l * rows + i) * m->heads * max_len;  // this sequence's rows' scales (int8)
         const float* cs = cos ? cos + positions[i] * m->rot : nullptr;
         const float* sn = sin ? sin + positions[i] * m->rot : nullptr;
-        attend(*m, L, head, row(qkv, i, 3 * c), kc, vc, kv_bf16, pos, max_len, valid ? valid + i * valid_stride : nullptr, cs, sn,
-               row(att, i, c), q.data(), k.data(), scores.data());
+        attends[kv_kind](*m, L, head, row(qkv, i, 3 * c), kc, vc, scale_k ? scale_k + scales : nullptr,
+                         scale_v ? scale_v + scales : nullptr, pos, max_len, valid ? valid + i * valid_stride : nullptr, cs,
+                         sn, row(att, i, c), q.data(), k.data(), v.data(), scores.data());
         convert(L.proj, att, bf16, xf, xb, i * c + head * m->d, i * c + (head + 1) * m->d);
       }
       linear(L.proj, input(L.proj, att, bf16, xf, xb), a, bf16, rows, work);

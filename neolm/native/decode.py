@@ -20,6 +20,7 @@ from neolm import native
 log = logging.getLogger(__name__)
 
 KINDS = {"f32": 0, "bf16": 1, "int8": 2, "int4": 3, "int8a8": 4, "int4a8": 5}
+CACHE_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # decode.cpp `Kv`
 ACTIVATIONS = {"gelu": 0, "gelu_new": 1, "gelu_fast": 1, "gelu_pytorch_tanh": 1, "relu": 2}  # decode.cpp `act`
 
 
@@ -95,9 +96,10 @@ class DecodeStep:
             or tuple(positions.shape) != (rows, 1)
             or x.dtype != self.dtype
             or x.device.type != "cpu"
-            or k.dtype not in (torch.float32, torch.bfloat16)
+            or k.dtype not in CACHE_KINDS
             or v.dtype != k.dtype
             or not (k.is_contiguous() and v.is_contiguous())
+            or (k.dtype == torch.int8 and not (cache.k_scale.is_contiguous() and cache.v_scale.is_contiguous()))
             or torch.is_grad_enabled()
         ):
             return None
@@ -121,9 +123,10 @@ class DecodeStep:
         need = self.lib.neolm_decode_scratch_bytes(ctypes.byref(self.spec), rows)
         if self.scratch.numel() < need:
             self.scratch = torch.empty(need, dtype=torch.uint8)
+        scales = (None, None) if k.dtype != torch.int8 else (cache.k_scale.data_ptr(), cache.v_scale.data_ptr())
         self.lib.neolm_decode_step(ctypes.byref(self.spec), rows, x.data_ptr(), start, positions.data_ptr(), cos, sin,
-                                   valid, valid_stride, k.data_ptr(), v.data_ptr(), int(k.dtype == torch.bfloat16), k.shape[3],
-                                   self.scratch.data_ptr())  # fmt: skip
+                                   valid, valid_stride, k.data_ptr(), v.data_ptr(), *scales, CACHE_KINDS[k.dtype],
+                                   k.shape[3], self.scratch.data_ptr())  # fmt: skip
         return x
 
     def _rebuilt(self, x, positions, cache, key_valid):
