@@ -102,23 +102,33 @@ def main() -> None:
             gap = (logp - full).abs().max().item()
         rows.append((kv, math.exp(-logp.mean().item()), (top == reference).float().mean().item()))
         print(f"{kv}: perplexity {rows[-1][1]:.4f}, top token = exact cache's {100 * rows[-1][2]:.2f}%", flush=True)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    command = "python bench/kv_quality.py" + "".join(
-        f" --{k} {v}" for k, v in (("windows", args.windows), ("prompt", args.prompt), ("batch", args.batch)))
+    git = ["git", "rev-parse", "--short", "HEAD"]
+    commit = subprocess.run(git, capture_output=True, text=True, cwd=ROOT, check=False).stdout.strip()
+    shown = [("windows", args.windows), ("prompt", args.prompt), ("batch", args.batch)]
+    if args.model != p.get_default("model") or args.texts != p.get_default("texts"):
+        shown = [("model", args.model), ("texts", " ".join(args.texts))] + shown
+    command = "python bench/kv_quality.py" + "".join(f" --{k} {v}" for k, v in shown)
     exact_ppl = rows[0][1]
     lines = [
         "# KV cache dtype: quality",
         "",
-        f"`{command}` (model `{Path(args.model).name}`, texts {', '.join(t.name for t in texts)}; commit {commit}, "
-        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {time.perf_counter() - start:.0f} s).",
+        (
+            f"`{command}` (model `{Path(args.model).name}`, texts {', '.join(t.name for t in texts)}; commit {commit}, "
+            f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {time.perf_counter() - start:.0f} s)."
+        ),
         "",
-        f"{ids.shape[0]} windows of {ids.shape[1]} tokens: a prompt of {args.prompt}, then each following token of "
-        f"the text fed as the next decode step ({ids.shape[0] * (ids.shape[1] - args.prompt)} steps scored). "
-        f"The exact cache's log-probabilities equal one forward over each window (no cache) to {gap:.1e}.",
+        (
+            f"{ids.shape[0]} windows of {ids.shape[1]} tokens: a prompt of {args.prompt}, then each following token of "
+            f"the text fed as the next decode step ({ids.shape[0] * (ids.shape[1] - args.prompt)} steps scored). "
+            f"The exact cache's log-probabilities equal one forward over each window (no cache) to {gap:.1e}."
+        ),
         "",
         "| kv_cache_dtype | perplexity | vs exact | top token = exact cache's |",
         "|---|---|---|---|",
-        *(f"| {kv} | {ppl:.4f} | {100 * (ppl / exact_ppl - 1):+.3f}% | {100 * agree:.2f}% |" for kv, ppl, agree in rows),
+        *(
+            f"| {kv} | {ppl:.4f} | {100 * (ppl / exact_ppl - 1):+.3f}% | {100 * agree:.2f}% |"
+            for kv, ppl, agree in rows
+        ),
         "",
     ]
     Path(args.out).write_text("\n".join(lines), encoding="utf-8")

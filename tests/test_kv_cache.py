@@ -124,7 +124,9 @@ def test_the_native_step_reads_and_writes_an_int8_cache(folders, name, quantize,
     mid = len(steps) // 2
     if quantize is None:  # keys computed 1e-7 apart in fp32 (rotary, matmul order) now and then round to the
         # neighbouring code
-        assert codes[-1] <= 1 and codes[mid] == 0 and scales[-1] < 1e-5 and logits[mid] < 1e-5 and logits[-1] < 1e-3, steps
+        assert codes[-1] <= 1 and codes[mid] == 0 and scales[-1] < 1e-5 and logits[mid] < 1e-5 and logits[-1] < 1e-3, (
+            steps
+        )
     else:  # int4: the torch path rounds the activations to bf16 (2^-8) where the native kernel does not
         assert codes[-1] <= 1 and scales[-1] < 1e-2 and logits[mid] < 2e-2 and logits[-1] < 0.05, steps
 
@@ -156,7 +158,7 @@ def test_greedy_text_with_an_int8_cache(folders):
     text."""
     folder = folders["neo"]
     lm = neolm.load(folder, kv_cache_dtype="int8")
-    prompts, kw = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]], dict(max_new_tokens=12, min_new_tokens=12)
+    prompts, kw = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10]], {"max_new_tokens": 12, "min_new_tokens": 12}
     fast = lm.generate_ids(prompts, **kw)
     step, lm.model.decode_step = lm.model.decode_step, None
     assert fast == lm.generate_ids(prompts, **kw)
@@ -164,3 +166,25 @@ def test_greedy_text_with_an_int8_cache(folders):
     exact = neolm.load(folder).generate_ids(prompts, **kw)
     same = sum(a == b for x, y in zip(fast, exact) for a, b in zip(x, y))
     assert same >= len(prompts) * 12 // 2, (fast, exact)  # random weights: flat logits, so some tokens may flip
+
+
+def test_kv_quality_report(folders, tmp_path):
+    """bench/kv_quality.py: the exact cache's teacher-forced decoding equals one forward per window, and each
+    cache dtype gets a row."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"word{i} and more words" for i in range(200)), encoding="utf-8")
+    out = tmp_path / "KV.md"
+    script = Path(__file__).resolve().parents[1] / "bench" / "kv_quality.py"
+    cmd = [sys.executable, str(script), "--model", str(folders["neo"]), "--texts", str(text), "--windows", "3",
+           "--length", "24", "--prompt", "4", "--batch", "2", "--out", str(out)]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True)
+    report = out.read_text(encoding="utf-8")
+    gap = float(re.search(r"one forward over each window \(no cache\) to ([0-9.e+-]+)\.", report).group(1))
+    assert gap < 1e-4
+    rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| ") and "%" in line}
+    assert set(rows) == {"auto", "bfloat16", "int8"} and "+0.000% | 100.00%" in rows["auto"]
