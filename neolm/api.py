@@ -226,8 +226,7 @@ def load(
         raise NeolmError("quantize_head needs quantize= (int8 or int4)")
     if quantize_activations and not native:
         raise NeolmError("quantize_activations needs neolm's native kernels (native=True)")
-    kv_dtype = kv_cache_dtype if kv_cache_dtype != "auto" else None
-    kv_dtype = KV_CACHE_DTYPES.get(kv_dtype, kv_dtype) if isinstance(kv_dtype, str) else kv_dtype
+    kv_dtype = None if kv_cache_dtype in (None, "auto") else KV_CACHE_DTYPES.get(kv_cache_dtype, kv_cache_dtype)
     if kv_dtype is not None and kv_dtype not in KV_CACHE_DTYPES.values():
         raise NeolmError(f"unknown kv_cache_dtype {kv_cache_dtype!r}; use auto, float32, bfloat16, float16 or int8")
     if quantize is not None:

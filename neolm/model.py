@@ -77,7 +77,7 @@ class KVCache:
         def take(t: torch.Tensor | None) -> torch.Tensor | None:
             if t is None:
                 return None
-            taken = t.new_zeros(t.shape[0], len(index), *t.shape[2:3], end + extra, *t.shape[4:])
+            taken = t.new_zeros(t.shape[0], len(index), t.shape[2], end + extra, *t.shape[4:])  # (L, n, H, S[, D])
             taken[:, :, :, :end] = t[:, index, :, :end]
             return taken
 
