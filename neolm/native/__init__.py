@@ -183,13 +183,13 @@ def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias:
     return y
 
 
-A8_PANEL = 64  # int8a8.cpp's layout: out-features per panel, in-features per quad
+A8_PANEL = 32  # int8a8.cpp's layout: out-features per panel, in-features per quad
 A8_QUAD = 4
 
 
 def int8a8_pack(q: torch.Tensor) -> torch.Tensor:
-    """int8 codes (N, K) -> int8a8.cpp's layout, uint8 (N/64 panels, K/4 quads, 64, 4) (rounded up, padded
-    with zero codes): code + 128 for feature 64 p + f, in-feature 4 j + b at [p, j, f, b]."""
+    """int8 codes (N, K) -> int8a8.cpp's layout, uint8 (N/32 panels, K/4 quads, 32, 4) (rounded up, padded
+    with zero codes): code + 128 for feature 32 p + f, in-feature 4 j + b at [p, j, f, b]."""
     n, k = q.shape
     panels, quads = -(-n // A8_PANEL), -(-k // A8_QUAD)
     shape = (panels, quads, A8_PANEL, A8_QUAD)

@@ -8,14 +8,20 @@
 // significant bits per number, which is why it is an option (neolm.load(quantize_activations=True)), as in
 // CTranslate2's and llama.cpp's int8 types.
 //
-// The codes' layout (made by neolm.native.int8a8_pack): panels of 64 out-features; in a panel, for each group
-// of 4 in-features ("quad"), the 64 features' 4 codes side by side (256 bytes), quads one after the other:
-//   panel p, quad j, feature f, byte b  <-  W[64 p + f, 4 j + b] + 128   (u8; padding: 128, i.e. a zero code)
+// The codes' layout (made by neolm.native.int8a8_pack): panels of 32 out-features; in a panel, for each group
+// of 4 in-features ("quad"), the 32 features' 4 codes side by side (128 bytes), quads one after the other:
+//   panel p, quad j, feature f, byte b  <-  W[32 p + f, 4 j + b] + 128   (u8; padding: 128, i.e. a zero code)
 // One 64-byte load is then 16 features x 4 in-features, as vpdpbusd multiplies them: against 4 bytes of a row
-// of X broadcast to every lane, it adds 4 products into each of 16 per-feature sums. A tile of 6 rows of X x
-// one panel keeps 24 such sums in registers for the whole of k and needs no horizontal reduction at the end
+// of X broadcast to every lane, it adds 4 products into each of 16 per-feature sums. A tile of up to 12 rows of
+// X x one panel keeps 24 such sums in registers for the whole of k and needs no horizontal reduction at the end
 // (the earlier row-major kernel, 8 rows of W x 3 of X, reduced 24 vectors per tile and ran at 60% of the
-// instruction rate; this one at ~90%: bench/PROFILE.md, session 11).
+// instruction rate; a panel-major one at ~90%: bench/PROFILE.md, session 11).
+//
+// Why 32 features a panel and 12 rows a tile, not 64 and 6 (sessions 11-14): a decode batch of 8 sequences then
+// meets each panel in one pass while it streams from memory. With 6-row tiles the last 2 rows took a second
+// pass over every panel from L2, during which no weight came from memory; gpt-neo-125M's W8A8 linears and head
+// at 8 rows cost 1.33x one row's time, now 1.16x, and whole batch-8 decoding steps are ~1.2x faster (one row
+// 1.04x, prompts of 512 rows equal; bench/PROFILE.md, session 15).
 //
 // vpdpbusd multiplies unsigned bytes by signed ones: the codes go in as u = w + 128 and X's as they are
 // (q in [-127, 127]), so
@@ -34,10 +40,12 @@ namespace neolm {
 
 namespace {
 
-constexpr int PANEL = 64, X_ROWS = 6;
+constexpr int PANEL = 32, X_ROWS = 12;
 constexpr int64_t QUAD_BYTES = 4 * PANEL;
-// Prefetch distance in a panel's stream (one tile at a time reads it from memory): 8 quads.
-constexpr int64_t AHEAD = 2048;
+// Prefetch distance in a panel's stream (one tile at a time reads it from memory): 32 quads. At 8 rows a quad
+// takes ~8 cycles, so 2 KiB ahead (session 11's distance) asks for a line ~50 ns before its use, less than the
+// memory's latency: 4 KiB measured 1.05-1.07x faster at 6-8 rows, equal at 1.
+constexpr int64_t AHEAD = 4096;
 
 // Rows [0, m) of x (fp32) to q = round(x / s) (int8, kp bytes a row, zeros past k), s and the sums of q (omp
 // for over rows).
@@ -62,46 +70,43 @@ void quantize_rows(const float* x, int64_t m, int64_t k, int8_t* q, float* s, in
   }
 }
 
-// TB <= 6 rows of q (kp bytes apart) against one panel w (quads of its codes); out[64 i + f]: X row i, feature
+// TB <= 12 rows of q (kp bytes apart) against one panel w (quads of its codes); out[32 i + f]: X row i, feature
 // f. The sums are named variables (R below): GCC 12 keeps arrays of __m512i in memory, at half the speed; not
 // inlined, for the same reason.
 template <int TB>
 __attribute__((noinline)) void tile(const int8_t* q, int64_t kp, const uint8_t* w, int64_t quads, int32_t* out) {
   const __m512i zero = _mm512_setzero_si512();
-#define R(r) __m512i r##0 = zero, r##1 = zero, r##2 = zero, r##3 = zero;
-  R(a) R(b) R(c) R(d) R(e) R(f)
+#define R(r) __m512i r##0 = zero, r##1 = zero;
+  R(a) R(b) R(c) R(d) R(e) R(f) R(g) R(h) R(i) R(j) R(k) R(l)
 #undef R
-  for (int64_t j = 0; j < quads; j++) {
-    const uint8_t* p = w + j * QUAD_BYTES;
-    for (int line = 0; line < 4; line++) prefetch(p + 64 * line, AHEAD);
-    const __m512i w0 = _mm512_loadu_si512(p), w1 = _mm512_loadu_si512(p + 64), w2 = _mm512_loadu_si512(p + 128),
-                  w3 = _mm512_loadu_si512(p + 192);
+  for (int64_t jq = 0; jq < quads; jq++) {
+    const uint8_t* p = w + jq * QUAD_BYTES;
+    prefetch(p, AHEAD);
+    prefetch(p + 64, AHEAD);
+    const __m512i w0 = _mm512_loadu_si512(p), w1 = _mm512_loadu_si512(p + 64);
 #define R(r, i)                                    \
   if constexpr (TB > i) {                          \
     int32_t four;                                  \
-    std::memcpy(&four, q + i * kp + 4 * j, 4);     \
+    std::memcpy(&four, q + i * kp + 4 * jq, 4);    \
     const __m512i x = _mm512_set1_epi32(four);     \
     r##0 = _mm512_dpbusd_epi32(r##0, w0, x);       \
     r##1 = _mm512_dpbusd_epi32(r##1, w1, x);       \
-    r##2 = _mm512_dpbusd_epi32(r##2, w2, x);       \
-    r##3 = _mm512_dpbusd_epi32(r##3, w3, x);       \
   }
-    R(a, 0) R(b, 1) R(c, 2) R(d, 3) R(e, 4) R(f, 5)
+    R(a, 0) R(b, 1) R(c, 2) R(d, 3) R(e, 4) R(f, 5) R(g, 6) R(h, 7) R(i, 8) R(j, 9) R(k, 10) R(l, 11)
 #undef R
   }
-#define R(r, i)                                         \
-  if constexpr (TB > i) {                               \
-    _mm512_store_si512(out + i * PANEL, r##0);          \
-    _mm512_store_si512(out + i * PANEL + 16, r##1);     \
-    _mm512_store_si512(out + i * PANEL + 32, r##2);     \
-    _mm512_store_si512(out + i * PANEL + 48, r##3);     \
+#define R(r, i)                                     \
+  if constexpr (TB > i) {                           \
+    _mm512_store_si512(out + i * PANEL, r##0);      \
+    _mm512_store_si512(out + i * PANEL + 16, r##1); \
   }
-  R(a, 0) R(b, 1) R(c, 2) R(d, 3) R(e, 4) R(f, 5)
+  R(a, 0) R(b, 1) R(c, 2) R(d, 3) R(e, 4) R(f, 5) R(g, 6) R(h, 7) R(i, 8) R(j, 9) R(k, 10) R(l, 11)
 #undef R
 }
 
 using TileFn = void (*)(const int8_t*, int64_t, const uint8_t*, int64_t, int32_t*);
-constexpr TileFn TILES[X_ROWS + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>};
+constexpr TileFn TILES[X_ROWS + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>,  tile<5>,  tile<6>,
+                                      tile<7>, tile<8>, tile<9>, tile<10>, tile<11>, tile<12>};
 
 }  // namespace
 
@@ -112,13 +117,13 @@ void gemm_int8a8(const float* x, int64_t m, const uint8_t* w, const uint16_t* sc
   float* xs = reinterpret_cast<float*>(work + m * kp);
   int32_t* xsum = reinterpret_cast<int32_t*>(xs + m);
   quantize_rows(x, m, k, q, xs, xsum);  // (ends in the omp for's barrier)
-  // Each thread takes whole panels; a panel (k x 64 bytes, 128 KiB at k = 2048) meets every row of X from
-  // L2, 6 rows at a time, streamed from memory by the first tile.
+  // Each thread takes whole panels; a panel (k x 32 bytes, 64 KiB at k = 2048) meets every row of X from L2,
+  // 12 rows at a time, streamed from memory by the first tile.
 #pragma omp for schedule(static)
   for (int64_t p = 0; p < panels; p++) {
     const int64_t f0 = p * PANEL;
-    __m512 ws[4], bs[4];
-    for (int z = 0; z < 4; z++) {
+    __m512 ws[PANEL / 16], bs[PANEL / 16];
+    for (int z = 0; z < PANEL / 16; z++) {
       const int64_t c = f0 + 16 * z;
       const __mmask16 lanes = c < n ? first(n - c) : 0;
       ws[z] = widen(_mm256_maskz_loadu_epi16(lanes, scale + c));
@@ -131,7 +136,7 @@ void gemm_int8a8(const float* x, int64_t m, const uint8_t* w, const uint16_t* sc
       for (int i = 0; i < tb; i++) {
         const __m512 sx = _mm512_set1_ps(xs[t0 + i]);
         const __m512i offset = _mm512_set1_epi32(128 * xsum[t0 + i]);
-        for (int z = 0; z < 4 && f0 + 16 * z < n; z++) {
+        for (int z = 0; z < PANEL / 16 && f0 + 16 * z < n; z++) {
           const int64_t c = f0 + 16 * z;
           const __m512 sum = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(out + i * PANEL + 16 * z), offset));
           put(y, out_bf16, (t0 + i) * n + c, _mm512_fmadd_ps(sum, _mm512_mul_ps(sx, ws[z]), bs[z]), first(n - c));
