@@ -105,8 +105,11 @@ __attribute__((noinline)) void group_sums(const int8_t* q, int64_t kp, const uin
 #undef R
 }
 
-// TB <= 4 rows of q x band `band`: out[64 i + f] (fp32, X row i, feature f of the band) = the sum over groups of
-// s A + (c + 128 s) X.
+// TB <= 8 rows of q x band `band`: out[64 i + f] (fp32, X row i, feature f of the band) = the sum over groups of
+// s A + (c + 128 s) X. Above 4 rows (a decode batch), each group's sums of rows 4.. are taken right after those of
+// rows 0-3, while the group's codes are in L1: as two tiles of 4 rows, the second read the band's codes again
+// from L2 with nothing coming from memory meanwhile (batch-8 decoding steps of gpt-neo-125M W4A8 ~1.06x faster
+// this way). Prompts take tiles of 4 rows (in tiles of 8 they ran at 0.85x: bench/PROFILE.md, session 15).
 template <int TB>
 void tile(const int8_t* q, int64_t kp, const float* xg, const uint8_t* w, const float* s, const float* c,
           int64_t band, int64_t k, int64_t g, float* out) {
@@ -118,38 +121,10 @@ void tile(const int8_t* q, int64_t kp, const float* xg, const uint8_t* w, const 
     const float* cg = c + group_at(band * INT4_BAND, t, groups);
     prefetch(sg, SCALES_AHEAD);
     prefetch(cg, SCALES_AHEAD);
-    alignas(64) int32_t sums[X_ROWS * 64];
-    group_sums<TB>(q + t * g, kp, w + chunk_at(band * INT4_BAND, t * per_group, k), per_group, sums);
-    for (int z = 0; z < 4; z++) {
-      const __m512 sv = _mm512_loadu_ps(sg + 16 * z), cv = _mm512_fmadd_ps(k128, sv, _mm512_loadu_ps(cg + 16 * z));
-      for (int i = 0; i < TB; i++) {
-        float* o = out + 64 * i + 16 * z;
-        const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums + 64 * i + 16 * z)), sv, _mm512_load_ps(o));
-        _mm512_store_ps(o, _mm512_fmadd_ps(cv, _mm512_set1_ps(xg[i * groups + t]), v));
-      }
-    }
-  }
-}
-
-// 5-8 rows of q (a decode batch) x band `band`: tile<4>'s work for rows 0-3 and 4.. group by group, both halves'
-// sums of a group taken while its codes are in L1. As two tile<4>s, the second read the band's codes again from
-// L2 with nothing coming from memory meanwhile: batch-8 decoding steps of gpt-neo-125M W4A8 ~1.06x faster this
-// way. Not for prompts (512 rows: 0.85x, bench/PROFILE.md, session 15).
-template <int TB>
-void two_tiles(const int8_t* q, int64_t kp, const float* xg, const uint8_t* w, const float* s, const float* c,
-               int64_t band, int64_t k, int64_t g, float* out) {
-  const int64_t groups = k / g, per_group = g / 8;
-  const __m512 k128 = _mm512_set1_ps(128.0f);
-  for (int i = 0; i < TB * 64; i += 16) _mm512_store_ps(out + i, _mm512_setzero_ps());
-  for (int64_t t = 0; t < groups; t++) {
-    const float* sg = s + group_at(band * INT4_BAND, t, groups);
-    const float* cg = c + group_at(band * INT4_BAND, t, groups);
-    prefetch(sg, SCALES_AHEAD);
-    prefetch(cg, SCALES_AHEAD);
     alignas(64) int32_t sums[2 * X_ROWS * 64];
     const uint8_t* chunks = w + chunk_at(band * INT4_BAND, t * per_group, k);
-    group_sums<X_ROWS>(q + t * g, kp, chunks, per_group, sums);
-    group_sums<TB - X_ROWS>(q + X_ROWS * kp + t * g, kp, chunks, per_group, sums + X_ROWS * 64);
+    group_sums<std::min(TB, X_ROWS)>(q + t * g, kp, chunks, per_group, sums);
+    if constexpr (TB > X_ROWS) group_sums<TB - X_ROWS>(q + X_ROWS * kp + t * g, kp, chunks, per_group, sums + X_ROWS * 64);
     for (int z = 0; z < 4; z++) {
       const __m512 sv = _mm512_loadu_ps(sg + 16 * z), cv = _mm512_fmadd_ps(k128, sv, _mm512_loadu_ps(cg + 16 * z));
       for (int i = 0; i < TB; i++) {
@@ -163,9 +138,8 @@ void two_tiles(const int8_t* q, int64_t kp, const float* xg, const uint8_t* w, c
 
 using TileFn = void (*)(const int8_t*, int64_t, const float*, const uint8_t*, const float*, const float*, int64_t,
                         int64_t, int64_t, float*);
-constexpr int BATCH_ROWS = 2 * X_ROWS;  // at most this many rows: one tile (two_tiles above 4)
-constexpr TileFn TILES[BATCH_ROWS + 1] = {nullptr,      tile<1>,      tile<2>,      tile<3>,     tile<4>,
-                                          two_tiles<5>, two_tiles<6>, two_tiles<7>, two_tiles<8>};
+constexpr int BATCH_ROWS = 2 * X_ROWS;  // at most this many rows: one tile
+constexpr TileFn TILES[BATCH_ROWS + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>, tile<7>, tile<8>};
 
 }  // namespace
 
