@@ -169,7 +169,7 @@ def test_int4(n, k, group, dtype, m):
 @needs["int4a8"]
 @pytest.mark.parametrize("n,k,group", [(1, 128, 64), (37, 256, 64), (130, 256, 128), (70, 96, 32), (65, 512, 256)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("m", [1, 3, 4, 6, 8, 9])  # tiles of up to 4 rows of X x 64 out-features; 5-8 rows: one tile of both halves
+@pytest.mark.parametrize("m", [1, 3, 4, 6, 8, 9])  # 4-row tiles x 64 out-features; 5-8 rows: one tile
 def test_int4a8(n, k, group, dtype, m):
     """int4 x int8: each group's integer sum is exact, so the kernel equals the float64 reference on the same
     int8 rows up to fp32 roundings, and every row gets the same numbers alone as in any batch."""

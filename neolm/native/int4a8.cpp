@@ -121,10 +121,11 @@ void tile(const int8_t* q, int64_t kp, const float* xg, const uint8_t* w, const 
     const float* cg = c + group_at(band * INT4_BAND, t, groups);
     prefetch(sg, SCALES_AHEAD);
     prefetch(cg, SCALES_AHEAD);
-    alignas(64) int32_t sums[2 * X_ROWS * 64];
+    alignas(64) int32_t sums[TB * 64];
     const uint8_t* chunks = w + chunk_at(band * INT4_BAND, t * per_group, k);
     group_sums<std::min(TB, X_ROWS)>(q + t * g, kp, chunks, per_group, sums);
-    if constexpr (TB > X_ROWS) group_sums<TB - X_ROWS>(q + X_ROWS * kp + t * g, kp, chunks, per_group, sums + X_ROWS * 64);
+    if constexpr (TB > X_ROWS)
+      group_sums<TB - X_ROWS>(q + X_ROWS * kp + t * g, kp, chunks, per_group, sums + X_ROWS * 64);
     for (int z = 0; z < 4; z++) {
       const __m512 sv = _mm512_loadu_ps(sg + 16 * z), cv = _mm512_fmadd_ps(k128, sv, _mm512_loadu_ps(cg + 16 * z));
       for (int i = 0; i < TB; i++) {
@@ -139,7 +140,8 @@ void tile(const int8_t* q, int64_t kp, const float* xg, const uint8_t* w, const 
 using TileFn = void (*)(const int8_t*, int64_t, const float*, const uint8_t*, const float*, const float*, int64_t,
                         int64_t, int64_t, float*);
 constexpr int BATCH_ROWS = 2 * X_ROWS;  // at most this many rows: one tile
-constexpr TileFn TILES[BATCH_ROWS + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>, tile<7>, tile<8>};
+constexpr TileFn TILES[BATCH_ROWS + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>,
+                                          tile<5>, tile<6>, tile<7>, tile<8>};
 
 }  // namespace
 
