@@ -5,6 +5,7 @@
   that layer shape. They stream weights at one activation row without torch's per-op dispatch, and (int4,
   int8) without a packed layout made for many rows (bench/PROFILE.md has the numbers).
 - gemm.cpp: few-row matmuls (a decode step of a batch: every weight read once for all the rows).
+- int8f.cpp: int8 weights in fp32 arithmetic, for CPUs whose bf16 instructions are slow (one row or a few).
 - int4.cpp: int4 weights in a layout of their own: one- and few-row matmuls, and the conversion to bf16
   weights for prompts.
 - decode.cpp (driven by neolm/native/decode.py): a whole decode step of one sequence or a batch through
@@ -38,10 +39,11 @@ from neolm.memory import huge_empty
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("gemv.cpp", "gemm.cpp", "int4.cpp", "int8a8.cpp", "int4a8.cpp", "decode.cpp", "attention.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("gemv.cpp", "gemm.cpp", "int4.cpp", "int8f.cpp", "int8a8.cpp",
+                                                        "int4a8.cpp", "decode.cpp", "attention.cpp")]  # fmt: skip
 HEADERS = [Path(__file__).with_name("gemv.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-FEATURES = {"f32": 1, "bf16": 2, "int8": 4, "int4": 8, "int8a8": 16, "int4a8": 32}
+FEATURES = {"f32": 1, "bf16": 2, "int8": 4, "int4": 8, "int8a8": 16, "int4a8": 32, "int8f": 64}
 INT4_ROWS, INT4_BAND = 16, 4  # int4 layout (int4.cpp): out-features per block, blocks per band (side by side)
 # Products of up to this many rows go to the native kernels (gemm.cpp past one row) in layers that use them,
 # and batches of up to this many sequences to the native decode step: beyond, oneDNN's GEMM catches up
@@ -61,6 +63,7 @@ _SIGNATURES = {
     "neolm_gemm_f32": [_p, _i64, _p, _p, _int, _p, _int, _i64, _i64],
     "neolm_gemm_bf16": [_p, _i64, _p, _p, _int, _p, _int, _i64, _i64],
     "neolm_gemm_int8": [_p, _i64, _p, _p, _p, _int, _p, _int, _i64, _i64],
+    "neolm_gemm_int8f": [_p, _i64, _p, _p, _p, _int, _p, _int, _i64, _i64],
     "neolm_gemm_int8a8": [_p, _i64, _p, _p, _p, _int, _p, _int, _i64, _i64, _p],
     "neolm_gemm_int4a8": [_p, _i64, _p, _p, _p, _p, _int, _p, _int, _i64, _i64, _i64, _p],
     "neolm_a8_work_bytes": [_i64, _i64],
@@ -140,8 +143,9 @@ def _out(x: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
 class Weights:
     """A linear layer's tensors in one of the native kernels' formats (gemv.cpp), as decode.cpp's `Lin`."""
 
-    kind: str  # f32, bf16, int8, int4, int8a8, int4a8 (FEATURES)
-    w: torch.Tensor  # f32/bf16 (N, K); int8 codes (N, K); int4 codes in pack_int4_gemv's layout; int8a8: int8a8_pack's
+    kind: str  # f32, bf16, int8, int4, int8a8, int4a8, int8f (FEATURES)
+    w: torch.Tensor  # f32/bf16 (N, K); int8 codes (N, K); int4 codes in pack_int4_gemv's layout; int8a8: int8a8_pack's;
+    # int8f: int8f_pack's
     s: torch.Tensor | None = None  # int8: bf16 scales (N,); int4: fp32 scales (N/64, K/G, 4, 16)
     c: torch.Tensor | None = None  # int4: fp32 offsets (N/64, K/G, 4, 16)
     bias: torch.Tensor | None = None
@@ -180,6 +184,51 @@ def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias:
         lib.neolm_gemv_int8(xf.data_ptr(), *pointers)
     else:
         lib.neolm_gemm_int8(xf.data_ptr(), x.shape[0], *pointers)
+    return y
+
+
+F8_PANEL = 48  # int8f.cpp's layout: out-features per panel (the last one may be 16 or 32)
+
+
+def int8f_pack(q: torch.Tensor) -> torch.Tensor:
+    """int8 codes (N, K) -> int8f.cpp's layout, int8 (round_up(N, 16) * K,): panels of 48 out-features (the last
+    one 16 or 32 wide where N needs it), each in-feature by in-feature: W[48 p + f, j] at 48 p K + j width + f."""
+    n, k = q.shape
+    padded = -(-n // 16) * 16
+    assert q.device.type == "cpu" and q.dtype == torch.int8
+    out = huge_empty((padded * k,), torch.int8)
+    step = max(1, (1 << 20) // (F8_PANEL * k)) * F8_PANEL  # rows a block: ~1 MiB of temporaries
+    for r0 in range(0, padded, step):
+        r1 = min(padded, r0 + step)
+        rows = F.pad(q[r0:r1], (0, 0, 0, r1 - r0 - q[r0:r1].shape[0]))  # (zero codes past N)
+        full = (r1 - r0) // F8_PANEL * F8_PANEL
+        dst = out[r0 * k : r1 * k]
+        dst[: full * k].view(-1, k, F8_PANEL).copy_(rows[:full].view(-1, F8_PANEL, k).transpose(1, 2))
+        if full < r1 - r0:  # the last, narrower panel
+            dst[full * k :].view(k, r1 - r0 - full).copy_(rows[full:].T)
+    return out
+
+
+def int8f_rows(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """int8f_pack's inverse: the codes (N, K)."""
+    padded = -(-n // 16) * 16
+    full = padded // F8_PANEL * F8_PANEL  # rows in whole panels; then the last, narrower one (if any)
+    rows = packed[: full * k].view(-1, k, F8_PANEL).transpose(1, 2).reshape(full, k)
+    if full < padded:
+        rows = torch.cat([rows, packed[full * k :].view(k, padded - full).T])
+    return rows[:n].contiguous()
+
+
+def int8f_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                 n: int, k: int) -> torch.Tensor:
+    """packed: int8 codes (N, K) in int8f_pack's layout, scale (N,) bf16: y = (x @ codes.T) * scale (+ bias),
+    x in fp32 as it is, fp32 products and sums (int8f.cpp); any number of rows."""
+    assert packed.dtype == torch.int8 and packed.is_contiguous() and scale.dtype == torch.bfloat16
+    assert packed.numel() == -(-n // 16) * 16 * k and x.shape[-1] == k
+    xf = x.float().contiguous()
+    y, y_bf16 = _out(x, n)
+    _library()[0].neolm_gemm_int8f(xf.data_ptr(), x.shape[0], packed.data_ptr(), scale.data_ptr(), *_bias(bias),
+                                   y.data_ptr(), y_bf16, n, k)  # fmt: skip
     return y
 
 

@@ -25,7 +25,8 @@ namespace {
 using namespace neolm;
 
 struct Lin {  // a linear layer in one of gemv.cpp's formats
-  int32_t kind;  // 0 f32, 1 bf16, 2 int8, 3 int4; against int8 activations: 4 int8 (int8a8.cpp), 5 int4 (int4a8.cpp)
+  int32_t kind;  // 0 f32, 1 bf16, 2 int8, 3 int4; against int8 activations: 4 int8 (int8a8.cpp), 5 int4 (int4a8.cpp);
+                 // 6 int8 in fp32 arithmetic (int8f.cpp's panels)
   int32_t bias_bf16;
   int64_t n, k, g;  // out-features, in-features, int4 group size
   const void* w;  // weights: fp32 / bf16 (n, k), int8 codes (n, k), int4 codes in int4.cpp's layout
@@ -109,7 +110,7 @@ void add(const void* a, const void* b, const void* c, void* y, int64_t n, int bf
   }
 }
 
-// The input a matmul reads: f32, int8a8 and int4a8 take fp32 x, bf16, int8 and int4 take bf16 x; `in` holds x
+// The input a matmul reads: f32, int8f, int8a8 and int4a8 take fp32 x, bf16, int8 and int4 take bf16 x; `in` holds x
 // in the model's dtype.
 inline int wants_bf16(const Lin& l) { return l.kind == 1 || l.kind == 2 || l.kind == 3; }
 
@@ -138,6 +139,11 @@ void linear(const Lin& l, const void* x, void* y, int bf16, int64_t rows, uint8_
     return;
   }
 #endif
+  if (l.kind == 6) {
+    gemm_int8f(static_cast<const float*>(x), rows, static_cast<const int8_t*>(l.w), static_cast<const uint16_t*>(l.s),
+               l.bias, l.bias_bf16, y, bf16, l.n, l.k);
+    return;
+  }
   if (rows > 1) {
     switch (l.kind) {
       case 0: gemm_f32(static_cast<const float*>(x), rows, static_cast<const float*>(l.w), l.bias, l.bias_bf16, y, bf16, l.n, l.k); break;

@@ -18,7 +18,7 @@
 //   int4  codes q in [0, 15] with per-group scales and offsets, in a layout of their own: int4.cpp (its
 //         one-row kernel is its few-row kernel with one row, too).
 // neolm_features() says which kernels this build has (bit 0 f32, 1 bf16, 2 int8, 3 int4, 4 int8a8 and 5 int4a8:
-// int8a8.cpp's int8 x int8 and int4a8.cpp's int4 x int8, AVX-512 VNNI): none without
+// int8a8.cpp's int8 x int8 and int4a8.cpp's int4 x int8, AVX-512 VNNI; 6 int8f: int8f.cpp's int8 in fp32): none without
 // AVX-512 (the Python side then keeps torch's kernels).
 
 #include <cmath>
@@ -31,7 +31,7 @@ extern "C" {
 int neolm_features() {
   int f = 0;
 #ifdef NEOLM_AVX512
-  f |= 1;
+  f |= 1 | 64;
 #ifdef __AVX512BF16__
   f |= 2 | 4 | 8;
 #endif

@@ -143,6 +143,9 @@ void gemm_bf16(const uint16_t* x, int64_t m, const uint16_t* w, const void* bias
 void gemm_int4(const uint16_t* x, int64_t m, const uint8_t* q, const float* s, const float* c, const void* bias,
                int bias_bf16, void* y, int out_bf16, int64_t n, int64_t k, int64_t g);
 #endif
+// int8 codes in int8f.cpp's panels, scale bf16 (n,), x fp32, fp32 FMAs (no bf16 instructions); any m.
+void gemm_int8f(const float* x, int64_t m, const int8_t* w, const uint16_t* scale, const void* bias, int bias_bf16,
+                void* y, int out_bf16, int64_t n, int64_t k);
 #ifdef __AVX512VNNI__
 // int8 codes (int8a8.cpp's layout) against rows of X quantized to int8 on the fly; `work`: a8_work_bytes(m, k).
 void gemm_int8a8(const float* x, int64_t m, const uint8_t* w, const uint16_t* scale, const void* bias, int bias_bf16,

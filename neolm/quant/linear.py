@@ -176,8 +176,9 @@ class Int8Linear(QuantLinear):
         super().__init__(in_features, out_features, bias, dtype, device)
         self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scale", torch.empty(out_features, dtype=SCALE_DTYPE, device=device))  # (N,)
-        # of qweight: "rows" (N, K), or "a8" (neolm.native.int8a8_pack's, the only copy of the codes while the
-        # activations are quantized too: `quantize_activations`)
+        # of qweight: "rows" (N, K); "a8" (neolm.native.int8a8_pack's, the only copy of the codes while the
+        # activations are quantized too: `quantize_activations`); or "panels" (neolm.native.int8f_pack's, for
+        # int8f.cpp's fp32 arithmetic where this CPU's bf16 is slow: `prepare`)
         self.layout = "rows"
 
     @classmethod
@@ -194,6 +195,8 @@ class Int8Linear(QuantLinear):
         """(N, K) int8 codes, whatever the layout."""
         if self.layout == "a8":
             return native.int8a8_unpack(self.qweight, self.out_features, self.in_features)
+        if self.layout == "panels":
+            return native.int8f_rows(self.qweight, self.out_features, self.in_features)
         return self.qweight
 
     def dequantize(self, dtype=None, rows: torch.Tensor | None = None):
@@ -206,18 +209,31 @@ class Int8Linear(QuantLinear):
         """Whether every product quantizes its input rows to int8 first (`quantize_activations`)."""
         return self.layout == "a8" and self.native and self._on_cpu_in_float()
 
+    def in_fp32(self) -> bool:
+        """Whether the products run in int8f.cpp's fp32 arithmetic (codes in its panels): native kernels on CPU in
+        a float model, weight-only, where oneDNN's fp32 GEMM outruns its bf16 one (`gemm_dtype`: a CPU whose
+        bf16 instructions are slow, such as a Xeon without AMX; there whole decode steps ran 1.1-1.6x faster than
+        on gemm.cpp's bf16 kernels at one row and 1.9x at 8: bench/PROFILE.md, session 16)."""
+        return (self.native and self._on_cpu_in_float() and self.layout != "a8" and "int8f" in native.available()[0]
+                and gemm_dtype() == torch.float32)  # fmt: skip
+
     def quantize_activations(self) -> None:
         """From now on, quantize the input rows to int8 too: the codes go to int8a8.cpp's layout."""
         if self.layout != "a8":
-            self.qweight, self.layout = native.int8a8_pack(self.qweight), "a8"
+            self.qweight, self.layout = native.int8a8_pack(self.codes()), "a8"
         self.use_kernel = True  # (int8a8.cpp takes any width)
 
     def _a8(self, x, qweight, scale, bias):  # the gemv interface of neolm.ops
         return native.int8a8_matmul(x, qweight, scale, bias, self.out_features, self.in_features)
 
+    def _f8(self, x, qweight, scale, bias):  # the gemv interface of neolm.ops
+        return native.int8f_matmul(x, qweight, scale, bias, self.out_features, self.in_features)
+
     def matmul(self, x):
         if self.int8_activations():
             return self._a8(x, self.qweight, self.scale, None)
+        if self.layout == "panels":
+            return self._f8(x, self.qweight, self.scale, None)
         if self.prefills() and x.dtype in (torch.float32, torch.bfloat16):  # native: ~1.5x aten's at 13-47 rows
             return native.int8_gemv(x.contiguous(), self.qweight, self.scale, None)
         return kernels.int8_mm(x, self.qweight, self.scale)
@@ -227,13 +243,17 @@ class Int8Linear(QuantLinear):
             return {}
         if self.int8_activations():
             return {"native int8 x int8": self._a8}
+        if self.layout == "panels":
+            return {"native": self._f8}
         if self.native_weights() is not None and "int8" in native.available()[0]:
             return {"native": native.int8_gemv}
         return {"inductor": compiled(kernels.int8_gemv, self.qweight, self.scale, self.bias)}
 
-    def prefills(self):  # (bf16 GEMMs are slow without bf16 hardware; the codes convert natively)
+    def prefills(self):  # (bf16 GEMMs are slow without bf16 hardware; the codes convert natively). int8f.cpp takes
+        # prompts too: its linears at 512 rows 1.18x the GEMM's speed at gpt-neo-125M's shapes, 1.0x at
+        # pythia-1.4b's and at 1024-2048 rows (bench/PROFILE.md, session 16)
         return (self.native and self.qweight.device.type == "cpu" and "bf16" in native.available()[0]
-                and not self.int8_activations())  # fmt: skip
+                and self.layout == "rows")  # fmt: skip
 
     def block_rows(self, start, end, dtype):
         codes, scale = self.qweight[start:end], self.scale[start:end].float()
@@ -246,14 +266,23 @@ class Int8Linear(QuantLinear):
             return None
         if self.int8_activations():
             return native.Weights("int8a8", self.qweight, self.scale, None, self.bias, self.out_features, self.in_features)
+        if self.layout == "panels":
+            return native.Weights("int8f", self.qweight, self.scale, None, self.bias, self.out_features,
+                                  self.in_features)  # fmt: skip
         return native.Weights("int8", self.qweight, self.scale, bias=self.bias, n=self.out_features, k=self.in_features)
 
     def prepare(self, name=""):
         if self.layout == "a8" and not (self.native and self._on_cpu_in_float()):  # (moved off CPU, or to fp16)
             self.qweight, self.layout = self.codes(), "rows"
-        super().prepare(name)
-        if self.in_features % 32 and not self.int8_activations():  # aten's CPU int8 kernel crashes (not fails) on
-            self.use_kernel = False  # such widths, e.g. 60; int8a8.cpp takes any width
+        if self.layout == "panels" and not self.in_fp32():
+            self.qweight, self.layout = self.codes(), "rows"
+        if self.layout == "rows" and self.in_fp32():  # (a copy in huge pages: no second one below)
+            self.qweight, self.layout = native.int8f_pack(self.qweight), "panels"
+        else:
+            super().prepare(name)
+        self._prepared_on = self.qweight.device
+        if self.in_features % 32 and self.layout == "rows":  # aten's CPU int8 kernel crashes (not fails) on
+            self.use_kernel = False  # such widths, e.g. 60; int8a8.cpp and int8f.cpp take any width
             return
         rows = kernels.check_rows(self.out_features, self.qweight.device)
         self.use_kernel = kernels.agrees(self.matmul, self.dequantize(torch.float32, rows), name or "int8 layer", rows)

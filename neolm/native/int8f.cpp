@@ -1,0 +1,121 @@
+// Weight-only int8 in fp32 arithmetic: Y (m, n) = X (m, k) @ (W * scale)^T + bias, W int8 codes, X fp32 as it
+// is, fp32 FMAs; for CPUs whose bf16 instructions are slow.
+//
+// Why: gemm.cpp's int8 kernels convert the codes to bf16 and multiply with vdpbf16ps against X rounded to bf16.
+// That suits an AVX-512 EPYC (Zen 5), where vdpbf16ps runs at 2 per cycle per core. On a 5th-generation Xeon
+// without AMX it issues about once every 2.2 cycles: 14 multiply-adds a cycle, under half of fp32's 2 FMAs of 16
+// (a register-only loop, 12 accumulators: 1.3 against 5.5 G instructions/s per core; bench/PROFILE.md, session
+// 16). There, weight-only int8 decoding was bound by arithmetic even at one row (the codes streamed at ~60% of
+// the memory's speed) and 8 rows cost 3x one row. neolm.quant.linear.Int8Linear takes these kernels where
+// oneDNN's fp32 GEMM outruns its bf16 one (neolm.ops.gemm_dtype: the same cause, timed once per process).
+// Products are exact (codes and x in fp32); sums in fp32.
+//
+// The codes' layout (neolm.native.int8f_pack): panels of 48 out-features (the last one 16 or 32 wide where n
+// needs it, n rounded up to 16 with zero codes); in a panel, in-feature by in-feature, its features' codes
+// side by side:
+//   panel p (48 k bytes after panel p - 1), in-feature j, feature f  <-  W[48 p + f, j]
+// One 16-byte load is 16 features' codes of one in-feature; against that in-feature of a row of X broadcast to
+// every lane, one FMA adds a product to each of 16 per-feature sums. A tile of up to 8 rows of X x one panel
+// keeps 3 x 8 such sums in registers for the whole of k: every code is converted once per 8 rows, no
+// horizontal sums at the end, and a decode batch of 8 meets each panel once while it streams (the row-major
+// layout of gemm.cpp, 3 rows of W x 8 of X, ran at 0.7x: 8 rows of X reloaded per 3 vectors of codes, and 24
+// horizontal sums a tile). Each output is one lane's sum over the in-features in order: a row gets the same
+// numbers alone as in a batch of any size.
+
+#include <algorithm>
+
+#include "gemv.h"
+
+namespace neolm {
+
+#ifdef NEOLM_AVX512
+
+namespace {
+constexpr int64_t PANEL = 48;    // neolm/native/__init__.py F8_PANEL
+constexpr int64_t AHEAD = 4096;  // prefetch distance in a panel's stream (bytes)
+constexpr int TILE = 8;          // rows of X a tile
+
+inline __m512 codes(const int8_t* p) {  // 16 codes to fp32 (exact)
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+
+// Y[t0 + b, col + 16 v + lane] for b < NB, v < P: X's NB rows from x (stride k) against one panel of 16 P features.
+template <int P, int NB>
+void tile(const float* x, int64_t k, const int8_t* panel, const uint16_t* scale, const void* bias, int bias_bf16,
+          void* y, int out_bf16, int64_t n, int64_t col) {
+  constexpr int64_t WIDTH = 16 * P;
+  __m512 acc[P][NB];
+  for (int v = 0; v < P; v++)
+    for (int b = 0; b < NB; b++) acc[v][b] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < k; j++) {
+    const int8_t* wj = panel + j * WIDTH;
+    if ((j * WIDTH) % 64 < WIDTH) prefetch(wj, AHEAD);  // (at least) once per 64-byte line
+    __m512 w[P];
+    for (int v = 0; v < P; v++) w[v] = codes(wj + 16 * v);
+    for (int b = 0; b < NB; b++) {
+      const __m512 xb = _mm512_set1_ps(x[b * k + j]);
+      for (int v = 0; v < P; v++) acc[v][b] = _mm512_fmadd_ps(w[v], xb, acc[v][b]);
+    }
+  }
+  for (int v = 0; v < P && col + 16 * v < n; v++) {
+    const int64_t c = col + 16 * v;
+    const __mmask16 m = first(n - c);
+    const __m512 s = load(scale, 1, c, m);
+    const __m512 add = bias ? load(bias, bias_bf16, c, m) : _mm512_setzero_ps();
+    for (int b = 0; b < NB; b++) put(y, out_bf16, b * n + c, _mm512_fmadd_ps(acc[v][b], s, add), m);
+  }
+}
+
+template <int P>
+void panel_rows(const float* x, int64_t m, int64_t k, const int8_t* panel, const uint16_t* scale, const void* bias,
+                int bias_bf16, void* y, int out_bf16, int64_t n, int64_t col) {
+  for (int64_t t0 = 0; t0 < m; t0 += TILE) {
+    const float* xt = x + t0 * k;
+    void* yt = static_cast<char*>(y) + t0 * n * (out_bf16 ? 2 : 4);
+#define NEOLM_TILE(NB) tile<P, NB>(xt, k, panel, scale, bias, bias_bf16, yt, out_bf16, n, col)
+    switch (std::min<int64_t>(TILE, m - t0)) {
+      case 1: NEOLM_TILE(1); break;
+      case 2: NEOLM_TILE(2); break;
+      case 3: NEOLM_TILE(3); break;
+      case 4: NEOLM_TILE(4); break;
+      case 5: NEOLM_TILE(5); break;
+      case 6: NEOLM_TILE(6); break;
+      case 7: NEOLM_TILE(7); break;
+      default: NEOLM_TILE(8); break;
+    }
+#undef NEOLM_TILE
+  }
+}
+}  // namespace
+
+// The panels split over the threads of the enclosing parallel region (orphaned `omp for`), as gemv.h's bodies.
+void gemm_int8f(const float* x, int64_t m, const int8_t* w, const uint16_t* scale, const void* bias, int bias_bf16,
+                void* y, int out_bf16, int64_t n, int64_t k) {
+  const int64_t padded = (n + 15) & ~int64_t(15), panels = (padded + PANEL - 1) / PANEL;
+#pragma omp for schedule(static)
+  for (int64_t p = 0; p < panels; p++) {
+    const int64_t col = p * PANEL;
+    const int8_t* panel = w + col * k;
+    switch (std::min(PANEL, padded - col) / 16) {
+      case 1: panel_rows<1>(x, m, k, panel, scale, bias, bias_bf16, y, out_bf16, n, col); break;
+      case 2: panel_rows<2>(x, m, k, panel, scale, bias, bias_bf16, y, out_bf16, n, col); break;
+      default: panel_rows<3>(x, m, k, panel, scale, bias, bias_bf16, y, out_bf16, n, col); break;
+    }
+  }
+}
+
+#endif  // NEOLM_AVX512
+
+}  // namespace neolm
+
+extern "C" {
+
+#ifdef NEOLM_AVX512
+void neolm_gemm_int8f(const float* x, int64_t m, const int8_t* w, const uint16_t* scale, const void* bias,
+                      int bias_bf16, void* y, int out_bf16, int64_t n, int64_t k) {
+#pragma omp parallel
+  neolm::gemm_int8f(x, m, w, scale, bias, bias_bf16, y, out_bf16, n, k);
+}
+#endif
+
+}  // extern "C"
