@@ -64,6 +64,7 @@ _SIGNATURES = {
     "neolm_gemm_bf16": [_p, _i64, _p, _p, _int, _p, _int, _i64, _i64],
     "neolm_gemm_int8": [_p, _i64, _p, _p, _p, _int, _p, _int, _i64, _i64],
     "neolm_gemm_int8f": [_p, _i64, _p, _p, _p, _int, _p, _int, _i64, _i64],
+    "neolm_int8f_repack": [_p, _p, _i64, _i64, _int],
     "neolm_gemm_int8a8": [_p, _i64, _p, _p, _p, _int, _p, _int, _i64, _i64, _p],
     "neolm_gemm_int4a8": [_p, _i64, _p, _p, _p, _p, _int, _p, _int, _i64, _i64, _i64, _p],
     "neolm_a8_work_bytes": [_i64, _i64],
@@ -194,29 +195,18 @@ def int8f_pack(q: torch.Tensor) -> torch.Tensor:
     """int8 codes (N, K) -> int8f.cpp's layout, int8 (round_up(N, 16) * K,): panels of 48 out-features (the last
     one 16 or 32 wide where N needs it), each in-feature by in-feature: W[48 p + f, j] at 48 p K + j width + f."""
     n, k = q.shape
-    padded = -(-n // 16) * 16
     assert q.device.type == "cpu" and q.dtype == torch.int8
-    out = huge_empty((padded * k,), torch.int8)
-    step = max(1, (1 << 20) // (F8_PANEL * k)) * F8_PANEL  # rows a block: ~1 MiB of temporaries
-    for r0 in range(0, padded, step):
-        r1 = min(padded, r0 + step)
-        rows = F.pad(q[r0:r1], (0, 0, 0, r1 - r0 - q[r0:r1].shape[0]))  # (zero codes past N)
-        full = (r1 - r0) // F8_PANEL * F8_PANEL
-        dst = out[r0 * k : r1 * k]
-        dst[: full * k].view(-1, k, F8_PANEL).copy_(rows[:full].view(-1, F8_PANEL, k).transpose(1, 2))
-        if full < r1 - r0:  # the last, narrower panel
-            dst[full * k :].view(k, r1 - r0 - full).copy_(rows[full:].T)
+    q = q.contiguous()
+    out = huge_empty((-(-n // 16) * 16 * k,), torch.int8)
+    _library()[0].neolm_int8f_repack(q.data_ptr(), out.data_ptr(), n, k, 1)
     return out
 
 
 def int8f_rows(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
     """int8f_pack's inverse: the codes (N, K)."""
-    padded = -(-n // 16) * 16
-    full = padded // F8_PANEL * F8_PANEL  # rows in whole panels; then the last, narrower one (if any)
-    rows = packed[: full * k].view(-1, k, F8_PANEL).transpose(1, 2).reshape(full, k)
-    if full < padded:
-        rows = torch.cat([rows, packed[full * k :].view(k, padded - full).T])
-    return rows[:n].contiguous()
+    out = torch.empty(n, k, dtype=torch.int8)
+    _library()[0].neolm_int8f_repack(out.data_ptr(), packed.data_ptr(), n, k, 0)
+    return out
 
 
 def int8f_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,

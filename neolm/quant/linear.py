@@ -276,7 +276,10 @@ class Int8Linear(QuantLinear):
             self.qweight, self.layout = self.codes(), "rows"
         if self.layout == "panels" and not self.in_fp32():
             self.qweight, self.layout = self.codes(), "rows"
+        rows = kernels.check_rows(self.out_features, self.qweight.device)
+        want = None
         if self.layout == "rows" and self.in_fp32():  # (a copy in huge pages: no second one below)
+            want = self.dequantize(torch.float32, rows)  # (from the rows, before they go)
             self.qweight, self.layout = native.int8f_pack(self.qweight), "panels"
         else:
             super().prepare(name)
@@ -284,8 +287,8 @@ class Int8Linear(QuantLinear):
         if self.in_features % 32 and self.layout == "rows":  # aten's CPU int8 kernel crashes (not fails) on
             self.use_kernel = False  # such widths, e.g. 60; int8a8.cpp and int8f.cpp take any width
             return
-        rows = kernels.check_rows(self.out_features, self.qweight.device)
-        self.use_kernel = kernels.agrees(self.matmul, self.dequantize(torch.float32, rows), name or "int8 layer", rows)
+        want = self.dequantize(torch.float32, rows) if want is None else want
+        self.use_kernel = kernels.agrees(self.matmul, want, name or "int8 layer", rows)
 
     def export(self) -> dict[str, torch.Tensor]:
         out = {"qweight": self.codes(), "scale": self.scale}
