@@ -5,8 +5,8 @@
 // That suits an AVX-512 EPYC (Zen 5), where vdpbf16ps runs at 2 per cycle per core. On a 5th-generation Xeon
 // without AMX it issues about once every 2.2 cycles: 14 multiply-adds a cycle, under half of fp32's 2 FMAs of 16
 // (a register-only loop, 12 accumulators: 1.3 against 5.5 G instructions/s per core; bench/PROFILE.md, session
-// 16). There, weight-only int8 decoding was bound by arithmetic even at one row (the codes streamed at ~60% of
-// the memory's speed) and 8 rows cost 3x one row. neolm.quant.linear.Int8Linear takes these kernels where
+// 16). There, weight-only int8 decoding was bound by arithmetic even at one row (about half the W8A8 kernel's
+// speed over the same bytes) and 8 rows cost 3x one row. neolm.quant.linear.Int8Linear takes these kernels where
 // oneDNN's fp32 GEMM outruns its bf16 one (neolm.ops.gemm_dtype: the same cause, timed once per process).
 // Products are exact (codes and x in fp32); sums in fp32.
 //
