@@ -203,10 +203,10 @@ def int8f_pack(q: torch.Tensor) -> torch.Tensor:
 
 
 def int8f_rows(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """int8f_pack's inverse: the codes (N, K)."""
-    out = torch.empty(n, k, dtype=torch.int8)
-    _library()[0].neolm_int8f_repack(out.data_ptr(), packed.data_ptr(), n, k, 0)
-    return out
+    """int8f_pack's inverse: the codes (N, K), on packed's device (a layer moved off CPU unpacks them there)."""
+    host, out = packed.cpu(), torch.empty(n, k, dtype=torch.int8)
+    _library()[0].neolm_int8f_repack(out.data_ptr(), host.data_ptr(), n, k, 0)
+    return out.to(packed.device)
 
 
 def int8f_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
