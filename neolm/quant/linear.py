@@ -277,17 +277,16 @@ class Int8Linear(QuantLinear):
         if self.layout == "panels" and not self.in_fp32():
             self.qweight, self.layout = self.codes(), "rows"
         rows = kernels.check_rows(self.out_features, self.qweight.device)
-        want = None
-        if self.layout == "rows" and self.in_fp32():  # (a copy in huge pages: no second one below)
-            want = self.dequantize(torch.float32, rows)  # (from the rows, before they go)
-            self.qweight, self.layout = native.int8f_pack(self.qweight), "panels"
+        if self.layout == "rows" and self.in_fp32():
+            want = self.dequantize(torch.float32, rows)  # the check's reference, from the rows before they go
+            self.qweight, self.layout = native.int8f_pack(self.qweight), "panels"  # (a copy in huge pages)
+            self._prepared_on = self.qweight.device
         else:
             super().prepare(name)
-        self._prepared_on = self.qweight.device
-        if self.in_features % 32 and self.layout == "rows":  # aten's CPU int8 kernel crashes (not fails) on
-            self.use_kernel = False  # such widths, e.g. 60; int8a8.cpp and int8f.cpp take any width
-            return
-        want = self.dequantize(torch.float32, rows) if want is None else want
+            if self.in_features % 32 and self.layout == "rows":  # aten's CPU int8 kernel crashes (not fails) on
+                self.use_kernel = False  # such widths, e.g. 60; int8a8.cpp and int8f.cpp take any width
+                return
+            want = self.dequantize(torch.float32, rows)
         self.use_kernel = kernels.agrees(self.matmul, want, name or "int8 layer", rows)
 
     def export(self) -> dict[str, torch.Tensor]:
