@@ -527,14 +527,18 @@ def test_default_model_quality_bars():
     assert int4["perplexity_change"] < 0.05, int4
 
 
-def test_int8_on_a_width_the_cpu_kernel_cannot_take(tiny_checkpoints):
-    """Width 60: aten's int8 CPU kernel would crash the process; neolm falls back to dequantize-per-call (or takes
-    int8f.cpp's fp32 panels, which take any width, where it uses them)."""
+@pytest.mark.parametrize("gemm", [torch.bfloat16, torch.float32])
+def test_int8_on_a_width_the_cpu_kernel_cannot_take(tiny_checkpoints, monkeypatch, gemm):
+    """Width 60: aten's int8 CPU kernel would crash the process; neolm falls back to dequantize-per-call, or, where
+    the int8 arithmetic is fp32 (`gemm_dtype`), takes int8f.cpp's panels, which take any width."""
+    monkeypatch.setattr(linear, "gemm_dtype", lambda: gemm)
     lm = neolm.load(tiny_checkpoints["neox-parallel-pct25"][1], quantize="int8")
     layer = lm.model.blocks[0].attn.qkv
     x = torch.randn(2, 60)
     y = layer(x)
-    assert layer.use_kernel == (layer.layout == "panels")
+    panels = gemm == torch.float32 and "int8f" in native.available()[0]
+    assert layer.layout == ("panels" if panels else "rows")
+    assert layer.use_kernel == panels
     assert torch.allclose(y, torch.nn.functional.linear(x, layer.dequantize(torch.float32), layer.bias), atol=1e-5)
     assert len(lm.generate_ids([[1, 2, 3]], max_new_tokens=4, min_new_tokens=4)[0]) == 4
 

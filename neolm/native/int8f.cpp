@@ -29,6 +29,9 @@
 namespace neolm {
 
 constexpr int64_t PANEL = 48;  // neolm/native/__init__.py F8_PANEL
+// Panels of a matrix of n out-features (n rounded up to 16), and panel p's width (48, the last one 16-48).
+inline int64_t panel_count(int64_t n) { return (((n + 15) & ~int64_t(15)) + PANEL - 1) / PANEL; }
+inline int64_t panel_width(int64_t n, int64_t p) { return std::min(PANEL, ((n + 15) & ~int64_t(15)) - p * PANEL); }
 
 #ifdef NEOLM_AVX512
 
@@ -92,12 +95,12 @@ void panel_rows(const float* x, int64_t m, int64_t k, const int8_t* panel, const
 // The panels split over the threads of the enclosing parallel region (orphaned `omp for`), as gemv.h's bodies.
 void gemm_int8f(const float* x, int64_t m, const int8_t* w, const uint16_t* scale, const void* bias, int bias_bf16,
                 void* y, int out_bf16, int64_t n, int64_t k) {
-  const int64_t padded = (n + 15) & ~int64_t(15), panels = (padded + PANEL - 1) / PANEL;
+  const int64_t panels = panel_count(n);
 #pragma omp for schedule(static)
   for (int64_t p = 0; p < panels; p++) {
     const int64_t col = p * PANEL;
     const int8_t* panel = w + col * k;
-    switch (std::min(PANEL, padded - col) / 16) {
+    switch (panel_width(n, p) / 16) {
       case 1: panel_rows<1>(x, m, k, panel, scale, bias, bias_bf16, y, out_bf16, n, col); break;
       case 2: panel_rows<2>(x, m, k, panel, scale, bias, bias_bf16, y, out_bf16, n, col); break;
       default: panel_rows<3>(x, m, k, panel, scale, bias, bias_bf16, y, out_bf16, n, col); break;
@@ -111,14 +114,12 @@ void gemm_int8f(const float* x, int64_t m, const int8_t* w, const uint16_t* scal
 // (split over the threads), 64 in-features at a time so that both sides' lines stay in L1: ~2.6 GB/s on 2
 // cores; torch's strided byte copies made a gpt-neo-1.3B's load take twice as long.
 void int8f_repack(int8_t* rows, int8_t* panels, int64_t n, int64_t k, int to_panels) {
-  const int64_t padded = (n + 15) & ~int64_t(15), count = (padded + PANEL - 1) / PANEL;
 #pragma omp for schedule(static)
-  for (int64_t p = 0; p < count; p++) {
-    const int64_t col = p * PANEL, width = std::min(PANEL, padded - col);
+  for (int64_t p = 0; p < panel_count(n); p++) {
+    const int64_t col = p * PANEL, width = panel_width(n, p), real = std::min(width, n - col);  // past n: zero codes
     int8_t* panel = panels + col * k;
     for (int64_t j0 = 0; j0 < k; j0 += 64) {
       const int64_t j1 = std::min(k, j0 + 64);
-      const int64_t real = std::min(width, n - col);  // rows past n: zero codes in the panels
       if (to_panels) {
         for (int64_t j = j0; j < j1; j++) {
           int8_t* out = panel + j * width;
