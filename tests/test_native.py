@@ -99,6 +99,69 @@ def test_int8f_takes_every_code():
     assert (y.double() - want).abs().max() <= 1e-6 * want.abs().max()
 
 
+def _int4h(codes, scale, zero, g):
+    return native.Int4Panels(pack_int4(codes), scale, zero, g)
+
+
+@needs["int4h"]
+@pytest.mark.parametrize("n,k,g", [(64, 64, 64), (100, 256, 32), (200, 512, 128), (130, 768, 256), (1, 64, 32)])
+@pytest.mark.parametrize("m", [1, 3, 8, 9, 20])  # tiles of up to 8 rows of X
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4h(n, k, g, m, dtype):
+    """int4 codes in fp16 arithmetic (int4h.cpp): rows of x scaled by a power of two and rounded to fp16, fp16
+    sums over blocks of up to 64 in-features, fp32 beyond: each output within a few fp16 roundings (2^-11) of
+    the sum of its products' magnitudes, for rows of any magnitude (int4.cpp's rounding of x to bf16 allows
+    2^-9); every row gets the same numbers alone as in any batch; the panels give back the codes in their saved
+    packing. n: panels of 64 and a part of one."""
+    w, x, b = _data(n, k, m=m)
+    codes, scale, zero = quantize_int4(w, g)
+    x, b = (x * torch.logspace(-6, 4, m)[:, None]).to(dtype), b.to(dtype)  # 1e-6 .. 1e4
+    panels = _int4h(codes, scale, zero, g)
+    assert torch.equal(panels.canonical(), pack_int4(codes)) and torch.equal(panels.codes(), codes)
+    y = panels(x, b)
+    assert y.dtype == dtype
+    wd = ((codes.double().view(n, k // g, g) - 8) * scale.double()[..., None] + zero.double()[..., None]).view(n, k)
+    want, size = x.double() @ wd.t() + b.double(), x.double().abs() @ wd.abs().t() + b.double().abs()
+    err = ((y.double() - want).abs() / size).max().item()
+    assert err < (3e-3 if dtype == torch.float32 else 6e-3), err  # (bf16: the output's rounding too)
+    for i in {0, m - 1}:
+        assert torch.equal(panels(x[i : i + 1], b), y[i : i + 1])
+
+
+@needs["int4h"]
+def test_int4h_takes_every_code_exactly():
+    """Every code in every nibble position of a panel's words, against x whose fp16 products and sums are exact
+    (halves, sums of at most 64 of them): the kernel's sum is then the float64 one, up to fp32's rounding of the
+    group's scale and zero terms."""
+    n, k, g = 96, 256, 64
+    codes = (torch.arange(n)[:, None] + torch.arange(k) * 7).remainder(16).to(torch.uint8)  # 0..15 everywhere
+    gen = torch.Generator().manual_seed(0)
+    scale = torch.rand(n, k // g, generator=gen).add(0.5).bfloat16()
+    zero = torch.randn(n, k // g, generator=gen).bfloat16()
+    x = torch.randint(-1, 2, (5, k), generator=gen).float()  # -1, 0, 1: x' = x / 2 exactly
+    x[0] = 0  # a zero row
+    y = _int4h(codes, scale, zero, g)(x, None)
+    wd = ((codes.double().view(n, k // g, g) - 8) * scale.double()[..., None] + zero.double()[..., None]).view(n, k)
+    want = x.double() @ wd.t()
+    assert torch.equal(y[0], torch.zeros(n))
+    assert (y.double() - want).abs().max() <= 1e-6 * want.abs().max()
+
+
+@needs["int4h"]
+def test_int4h_passes_inf_and_nan_on():
+    codes, scale, zero = quantize_int4(torch.randn(64, 64), 32)
+    x = torch.randn(3, 64)
+    x[1, 5], x[2, 7] = float("inf"), float("nan")
+    y = _int4h(codes, scale, zero, 32)(x, None)
+    assert y[0].isfinite().all() and not y[1].isfinite().any() and y[2].isnan().all()
+
+
+def test_int4h_supported_shapes():
+    assert native.int4h_supported(768, 32) and native.int4h_supported(768, 64) and native.int4h_supported(2048, 256)
+    assert not native.int4h_supported(96, 16) and not native.int4h_supported(960, 96)  # blocks of 64 or one group
+    assert not native.int4h_supported(96, 64)
+
+
 def _int8a8_reference(x, q, scale, b):
     """The W8A8 product in float64: each row of x to int8 with scale max |x| / 127 (round half to even)."""
     amax = x.float().abs().amax(1, keepdim=True)
@@ -286,10 +349,9 @@ def test_quantized_layer_prefill_through_dequantized_blocks(dtype, bits, gemm, m
     linear = torch.nn.Linear(1024, 8200).to(dtype)  # in-features x 8200 rows: two blocks of rows of 8192
     layer = Int8Linear.from_linear(linear) if bits == 8 else Int4Linear.from_linear(linear, group_size=128)
     layer.prepare()
-    if bits == 8 and layer.layout == "panels":  # int8f.cpp's fp32 arithmetic (this CPU's bf16 is slow) takes
-        assert not layer.prefills()  # prompts itself
-    else:
-        assert layer.prefills()
+    # int8f.cpp's fp32 and int4h.cpp's fp16 arithmetic (this CPU's bf16 is slow) take prompts themselves
+    panels = layer.in_fp32() if bits == 8 else layer.in_fp16()
+    assert layer.prefills() != panels
     x = torch.randn(2, layer.prefill_rows // 2 + 3, 1024).to(dtype)
     with torch.inference_mode():
         got = layer(x)
@@ -307,10 +369,12 @@ def test_quantized_layer_prefill_through_dequantized_blocks(dtype, bits, gemm, m
 @needs["int4"]
 @pytest.mark.parametrize("gemm,blocks", [(torch.bfloat16, False), (torch.float32, True)])
 def test_int4_prompts_go_to_the_gemm_sooner_where_it_runs_in_fp32(gemm, blocks, monkeypatch):
-    """70 rows: below int4's bf16 crossover (160), above its fp32 one (64)."""
+    """70 rows: below int4's bf16 crossover (160), above its fp32 one (64); int4.cpp's layout (a CPU without
+    int4h.cpp's fp16, which takes prompts itself)."""
     from neolm.quant import linear as quant_linear
 
     monkeypatch.setattr(quant_linear, "gemm_dtype", lambda: gemm)
+    monkeypatch.setattr(quant_linear.Int4Linear, "in_fp16", lambda self: False)
     layer = quant_linear.Int4Linear.from_linear(torch.nn.Linear(256, 128), group_size=64)
     layer.prepare()
     calls = []
@@ -364,9 +428,9 @@ def test_native_false_keeps_quantized_layers_on_aten(tmp_path):
         assert all("native" not in m.gemv_kernels() for m in layers)  # nor offered to compile=True
         assert all(getattr(m, "layout", "cpu") != "native" for m in layers) and lm.model.decode_step is None
         on = neolm.load(folder, quantize=quantize, group_size=64)
-        # (int8 in int8f.cpp's fp32 panels, where this CPU's bf16 is slow, takes prompts itself)
-        assert all(m.native and (m.prefills() or getattr(m, "layout", "") == "panels") for m in on.model.modules()
-                   if isinstance(m, kind))  # fmt: skip
+        # (int8 in int8f.cpp's fp32 panels and int4 in int4h.cpp's, where this CPU's bf16 is slow, take prompts)
+        layers = [m for m in on.model.modules() if isinstance(m, kind)]
+        assert all(m.native and m.prefills() != (m.in_fp32() if kind is Int8Linear else m.in_fp16()) for m in layers)
         ids = torch.randint(0, 1000, (1, 40))
         with torch.inference_mode():  # 40 rows: aten's kernel vs the bf16 blocks, the same product
             _close(lm.model(ids), on.model(ids), 3e-2)

@@ -322,6 +322,34 @@ def test_int8_arithmetic_follows_the_faster_gemm(folders, monkeypatch, gemm, dty
         assert torch.equal(alone[0], batch[0])
 
 
+@pytest.mark.parametrize("gemm", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_int4_arithmetic_follows_the_faster_gemm(folders, monkeypatch, gemm, dtype):
+    """Weight-only int4 multiplies in fp16 (int4h.cpp's panels) where oneDNN's fp32 GEMM outruns its bf16 one
+    (`gemm_dtype`: this CPU's bf16 is slow), else in bf16 (int4.cpp); either way the native step equals the
+    torch path, which takes the same kernel for every product here, a batch's rows get their numbers alone,
+    and the codes are the ones saved."""
+    from neolm.quant import linear as quant_linear
+
+    if "int4h" not in native.available()[0]:
+        pytest.skip("no int4h kernel here (AVX512-FP16)")
+    monkeypatch.setattr(quant_linear, "gemm_dtype", lambda: gemm)
+    lm = neolm.load(folders["neox-128"], dtype=dtype, quantize="int4", group_size=32)
+    fc = lm.model.blocks[0].mlp.fc
+    fp16 = gemm == torch.float32
+    assert fc.in_fp16() == fp16 and isinstance(fc._native, native.Int4Panels if fp16 else native.Int4Gemv)
+    assert fc.native_weights().kind == ("int4h" if fp16 else "int4") and fc.prefills() != fp16
+    plain = neolm.load(folders["neox-128"], dtype=dtype, quantize="int4", group_size=32, native=False)
+    plain = plain.model.blocks[0].mlp.fc
+    assert torch.equal(fc.codes(), plain.codes()) and torch.equal(fc.export()["qweight"], plain.export()["qweight"])
+    ids = torch.randint(0, 50000, (3, 24), generator=torch.Generator().manual_seed(3))
+    errors = _step_by_step(lm.model, ids, prefill=5)  # (an activation's rounding to fp16 or bf16 flips where
+    assert max(errors) < TOLERANCE["int4"], max(errors)  # the paths' LayerNorms differ in the last bit: ~1e-3)
+    (batch, _), _ = _twin_runs(lm.model, ids, prefill=5)
+    (alone, _), _ = _twin_runs(lm.model, ids[:1], prefill=5)
+    assert torch.equal(alone[0], batch[0])
+
+
 def test_int8_activations_need_quantized_weights(folders):
     with pytest.raises(neolm.NeolmError, match="int8 or int4 weights"):
         neolm.load(folders["neo"], quantize_activations=True)

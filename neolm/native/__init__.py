@@ -8,6 +8,8 @@
 - int8f.cpp: int8 weights in fp32 arithmetic, for CPUs whose bf16 instructions are slow (one row or a few).
 - int4.cpp: int4 weights in a layout of their own: one- and few-row matmuls, and the conversion to bf16
   weights for prompts.
+- int4h.cpp: int4 weights in fp16 arithmetic, for CPUs with AVX512-FP16 whose bf16 instructions are slow (any
+  number of rows).
 - decode.cpp (driven by neolm/native/decode.py): a whole decode step of one sequence or a batch through
   every block in one call, on those matmuls.
 - attention.cpp (driven by neolm/native/attention.py): the attention of prompts (prefill), 2-4x faster than
@@ -39,11 +41,11 @@ from neolm.memory import huge_empty
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("gemv.cpp", "gemm.cpp", "int4.cpp", "int8f.cpp", "int8a8.cpp",
-                                                        "int4a8.cpp", "decode.cpp", "attention.cpp")]  # fmt: skip
+SOURCES = [Path(__file__).with_name(name) for name in ("gemv.cpp", "gemm.cpp", "int4.cpp", "int4h.cpp", "int8f.cpp",
+                                                        "int8a8.cpp", "int4a8.cpp", "decode.cpp", "attention.cpp")]  # fmt: skip
 HEADERS = [Path(__file__).with_name("gemv.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-FEATURES = {"f32": 1, "bf16": 2, "int8": 4, "int4": 8, "int8a8": 16, "int4a8": 32, "int8f": 64}
+FEATURES = {"f32": 1, "bf16": 2, "int8": 4, "int4": 8, "int8a8": 16, "int4a8": 32, "int8f": 64, "int4h": 128}
 INT4_ROWS, INT4_BAND = 16, 4  # int4 layout (int4.cpp): out-features per block, blocks per band (side by side)
 # Products of up to this many rows go to the native kernels (gemm.cpp past one row) in layers that use them,
 # and batches of up to this many sequences to the native decode step: beyond, oneDNN's GEMM catches up
@@ -69,6 +71,10 @@ _SIGNATURES = {
     "neolm_gemm_int4a8": [_p, _i64, _p, _p, _p, _p, _int, _p, _int, _i64, _i64, _i64, _p],
     "neolm_a8_work_bytes": [_i64, _i64],
     "neolm_gemm_int4": [_p, _i64, _p, _p, _p, _p, _int, _p, _int, _i64, _i64, _i64],
+    "neolm_gemm_int4h": [_p, _i64, _p, _p, _int, _p, _int, _i64, _i64, _i64, _p],
+    "neolm_int4h_repack": [_p, _p, _p, _p, _i64, _i64, _i64, _int],
+    "neolm_int4h_panel_bytes": [_i64, _i64, _i64],
+    "neolm_int4h_work_bytes": [_i64, _i64, _i64],
     "neolm_decode_step": [_p, _i64, _p, _i64, _p, _p, _p, _p, _i64, _p, _p, _p, _p, _int, _i64, _p],  # neolm/native/decode.py
     "neolm_decode_scratch_bytes": [_p, _i64],
     "neolm_attention": [_p, _p, _p, _p, _p, _p, _p, _int, _i64, _i64, _i64, _i64, _i64, _p, _i64, _i64, ctypes.c_float],
@@ -144,9 +150,9 @@ def _out(x: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
 class Weights:
     """A linear layer's tensors in one of the native kernels' formats (gemv.cpp), as decode.cpp's `Lin`."""
 
-    kind: str  # f32, bf16, int8, int4, int8a8, int4a8, int8f (FEATURES)
+    kind: str  # f32, bf16, int8, int4, int8a8, int4a8, int8f, int4h (FEATURES)
     w: torch.Tensor  # f32/bf16 (N, K); int8 codes (N, K); int4 codes in pack_int4_gemv's layout; int8a8: int8a8_pack's;
-    # int8f: int8f_pack's
+    # int8f: int8f_pack's; int4h: Int4Panels' (codes, scales and zeros)
     s: torch.Tensor | None = None  # int8: bf16 scales (N,); int4: fp32 scales (N/64, K/G, 4, 16)
     c: torch.Tensor | None = None  # int4: fp32 offsets (N/64, K/G, 4, 16)
     bias: torch.Tensor | None = None
@@ -357,6 +363,12 @@ class Int4Gemv:
         """The codes (N, K) this copy holds."""
         return unpack_int4_gemv(self.q, self.n)
 
+    def canonical(self) -> torch.Tensor:
+        """The codes in their canonical (saved) packing, (N, K/2)."""
+        from neolm.quant.kernels import pack_int4  # (neolm.quant imports this module)
+
+        return pack_int4(self.codes())
+
     def to_bf16(self, start: int, end: int) -> torch.Tensor:
         """Rows [start, end) of the weight matrix in bf16, (end - start, K); start a multiple of INT4_ROWS."""
         assert start % INT4_ROWS == 0 and 0 <= start <= end <= self.n
@@ -375,4 +387,60 @@ class Int4Gemv:
             lib.neolm_gemv_int4(xb.data_ptr(), *pointers)
         else:
             lib.neolm_gemm_int4(xb.data_ptr(), x.shape[0], *pointers)
+        return y
+
+
+H_PANEL = 64  # int4h.cpp's layout: out-features per panel
+
+
+def int4h_supported(in_features: int, group_size: int) -> bool:
+    """Whether int4h.cpp takes this shape: groups of 32 in-features or a multiple of 64 (its fp16 sums run over
+    blocks of up to 64), dividing the in-features."""
+    return group_size % 32 == 0 and (group_size <= 64 or group_size % 64 == 0) and in_features % group_size == 0
+
+
+class Int4Panels:
+    """int4 codes (N, K) with scales and zeros (N, K/G), w = (q - 8) * scale + zero, in int4h.cpp's panels: fp16
+    arithmetic, for CPUs whose bf16 instructions are slow. Activations are scaled by a power of two per row and
+    rounded to fp16. The interface of Int4Gemv, less its bf16 conversion (these kernels take prompts themselves)
+    and its int8 activations (int4a8.cpp reads Int4Gemv's layout)."""
+
+    def __init__(self, canonical: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int):
+        """From the codes' canonical packing (N, K/2) (neolm.quant.kernels.pack_int4, as saved) and the bf16 scales
+        and zeros, repacked in one native pass (the panels hold all three)."""
+        assert canonical.dtype == torch.uint8 and canonical.is_contiguous()
+        self.n, self.k, self.group_size = canonical.shape[0], 2 * canonical.shape[1], group_size
+        assert int4h_supported(self.k, group_size) and scale.shape == zero.shape == (self.n, self.k // group_size)
+        lib = _library()[0]
+        self.q = huge_empty((lib.neolm_int4h_panel_bytes(self.n, self.k, group_size),), torch.uint8)
+        s, z = (t.to(torch.bfloat16).contiguous() for t in (scale, zero))
+        lib.neolm_int4h_repack(canonical.data_ptr(), s.data_ptr(), z.data_ptr(), self.q.data_ptr(), self.n, self.k,
+                               group_size, 1)  # fmt: skip
+
+    def weights(self, bias: torch.Tensor | None, a8: bool = False):
+        """These tensors as `Weights` (for neolm.native.decode)."""
+        assert not a8, "int4a8.cpp reads Int4Gemv's layout"
+        return Weights("int4h", self.q, None, None, bias, self.n, self.k, self.group_size)
+
+    def canonical(self) -> torch.Tensor:
+        """The codes in their canonical (saved) packing, (N, K/2)."""
+        out = torch.empty(self.n, self.k // 2, dtype=torch.uint8)
+        _library()[0].neolm_int4h_repack(out.data_ptr(), None, None, self.q.data_ptr(), self.n, self.k,
+                                         self.group_size, 0)  # fmt: skip
+        return out
+
+    def codes(self) -> torch.Tensor:
+        """The codes (N, K) this copy holds."""
+        from neolm.quant.kernels import unpack_int4  # (neolm.quant imports this module)
+
+        return unpack_int4(self.canonical())
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x (M, K) @ W^T (+ bias), any number of rows."""
+        xf = x.float().contiguous()
+        y, y_bf16 = _out(x, self.n)
+        lib = _library()[0]
+        work = torch.empty(lib.neolm_int4h_work_bytes(x.shape[0], self.k, self.group_size), dtype=torch.uint8)
+        lib.neolm_gemm_int4h(xf.data_ptr(), x.shape[0], self.q.data_ptr(), *_bias(bias), y.data_ptr(), y_bf16, self.n,
+                             self.k, self.group_size, work.data_ptr())  # fmt: skip
         return y

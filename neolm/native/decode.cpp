@@ -26,7 +26,7 @@ using namespace neolm;
 
 struct Lin {  // a linear layer in one of gemv.cpp's formats
   int32_t kind;  // 0 f32, 1 bf16, 2 int8, 3 int4; against int8 activations: 4 int8 (int8a8.cpp), 5 int4 (int4a8.cpp);
-                 // 6 int8 in fp32 arithmetic (int8f.cpp's panels)
+                 // 6 int8 in fp32 arithmetic (int8f.cpp's panels); 7 int4 in fp16 arithmetic (int4h.cpp's panels)
   int32_t bias_bf16;
   int64_t n, k, g;  // out-features, in-features, int4 group size
   const void* w;  // weights: fp32 / bf16 (n, k), int8 codes (n, k), int4 codes in int4.cpp's layout
@@ -110,7 +110,7 @@ void add(const void* a, const void* b, const void* c, void* y, int64_t n, int bf
   }
 }
 
-// The input a matmul reads: f32, int8f, int8a8 and int4a8 take fp32 x, bf16, int8 and int4 take bf16 x; `in` holds x
+// The input a matmul reads: f32, int8f, int4h, int8a8 and int4a8 take fp32 x, bf16, int8 and int4 take bf16 x; `in` holds x
 // in the model's dtype.
 inline int wants_bf16(const Lin& l) { return l.kind == 1 || l.kind == 2 || l.kind == 3; }
 
@@ -125,7 +125,7 @@ void convert(const Lin& l, const void* in, int bf16, float* xf, uint16_t* xb, in
 }
 
 // y (rows, n) = x (rows, k) @ W^T + bias, inside the parallel region: W's rows split over the threads. work:
-// int8a8's quantized rows.
+// int8a8's quantized rows, int4h's rows in fp16.
 void linear(const Lin& l, const void* x, void* y, int bf16, int64_t rows, uint8_t* work) {
 #ifdef __AVX512VNNI__  // (neolm_features offers int8a8 with VNNI, bf16 or not)
   if (l.kind == 4) {
@@ -144,6 +144,13 @@ void linear(const Lin& l, const void* x, void* y, int bf16, int64_t rows, uint8_
                l.bias, l.bias_bf16, y, bf16, l.n, l.k);
     return;
   }
+#if defined(__AVX512FP16__) && defined(__AVX512VBMI__)  // (neolm_features offers int4h with both)
+  if (l.kind == 7) {
+    gemm_int4h(static_cast<const float*>(x), rows, static_cast<const uint8_t*>(l.w), l.bias, l.bias_bf16, y, bf16, l.n,
+               l.k, l.g, work);
+    return;
+  }
+#endif
   if (rows > 1) {
     switch (l.kind) {
       case 0: gemm_f32(static_cast<const float*>(x), rows, static_cast<const float*>(l.w), l.bias, l.bias_bf16, y, bf16, l.n, l.k); break;
@@ -250,9 +257,7 @@ void weighted_sum(const float* p, const char* values, int64_t d, int64_t count, 
 template <int KIND>
 void put_kv(const float* x, int64_t d, char* row, float* scale) {
   if constexpr (KIND == KV_INT8) {
-    __m512 top = _mm512_setzero_ps();
-    for (int64_t i = 0; i < d; i += 16) top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_maskz_loadu_ps(first(d - i), x + i)));
-    const float s = _mm512_reduce_max_ps(top) * (1.0f / 127.0f);
+    const float s = abs_max(x, d) * (1.0f / 127.0f);
     *scale = s;
     const __m512 by = _mm512_set1_ps(std::max(s, std::numeric_limits<float>::min()));
     for (int64_t i = 0; i < d; i += 16) {
@@ -352,7 +357,7 @@ extern "C" {
 // Bytes of scratch memory neolm_decode_step needs for this model and `rows` sequences.
 int64_t neolm_decode_scratch_bytes(const Model* m, int64_t rows) {
   const int64_t es = m->act_bf16 ? 2 : 4, wide = m->f > m->c ? m->f : m->c;
-  return rows * ((7 * m->c + m->f) * es + wide * 6) + 64 + a8_work_bytes(rows, wide) + 64;  // (64: alignment)
+  return rows * ((7 * m->c + m->f) * es + wide * 6) + 64 + work_bytes(rows, wide) + 64;  // (64: alignment)
 }
 
 #ifdef NEOLM_AVX512

@@ -22,28 +22,13 @@ namespace neolm {
 
 namespace {
 
-template <int NB>
-using Rows = std::integral_constant<int, NB>;
-
 // For every R rows of W (split over threads) and every TILE (4 or 8) rows of X: tile(r0, t0, Rows<nb>{}).
 // R x TILE accumulators: R and TILE per kernel, as measured fastest on an AVX-512 EPYC (bench/PROFILE.md).
 template <int R, int TILE, class Tile>
 void for_tiles(int64_t m, int64_t n, const Tile& tile) {
-  static_assert(TILE == 4 || TILE == 8, "tiles of 4 or 8 rows");
 #pragma omp for schedule(static)
   for (int64_t r0 = 0; r0 < n; r0 += R)
-    for (int64_t t0 = 0; t0 < m; t0 += TILE) {
-      switch (std::min<int64_t>(TILE, m - t0)) {
-        case 1: tile(r0, t0, Rows<1>{}); break;
-        case 2: tile(r0, t0, Rows<2>{}); break;
-        case 3: tile(r0, t0, Rows<3>{}); break;
-        case 4: tile(r0, t0, Rows<4>{}); break;
-        case 5: tile(r0, t0, Rows<TILE == 8 ? 5 : 4>{}); break;  // (unreachable for TILE 4)
-        case 6: tile(r0, t0, Rows<TILE == 8 ? 6 : 4>{}); break;
-        case 7: tile(r0, t0, Rows<TILE == 8 ? 7 : 4>{}); break;
-        default: tile(r0, t0, Rows<TILE>{}); break;
-      }
-    }
+    for (int64_t t0 = 0; t0 < m; t0 += TILE) with_rows<TILE>(m - t0, [&](auto rows) { tile(r0, t0, rows); });
 }
 
 // Y[t0 + b, r0 + r] = sum(acc[r][b]) * scale(r) + extra(r, b) + bias, for the rows of W that exist.

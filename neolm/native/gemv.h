@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include <immintrin.h>
 
@@ -62,6 +63,17 @@ inline float bias_at(const void* bias, int bias_bf16, int64_t i) {
 inline int64_t a8_row_bytes(int64_t k) { return (k + 63) & ~int64_t(63); }
 inline int64_t a8_work_bytes(int64_t m, int64_t k) { return m * a8_row_bytes(k) + m * (2 + k / 8) * int64_t(4); }
 
+// int4h.cpp's work memory for m rows of x against groups of g in-features: the rows scaled and rounded to fp16
+// (h_row_halves(k) numbers a row), their sums over each block of h_block(g) in-features, and their scales.
+inline int64_t h_row_halves(int64_t k) { return (k + 31) & ~int64_t(31); }  // a row of x' (fp16), 64-byte multiple
+inline int64_t h_block(int64_t g) { return g < 64 ? g : 64; }
+inline int64_t h_work_bytes(int64_t m, int64_t k, int64_t g) { return m * h_row_halves(k) * 2 + m * (k / h_block(g) + 1) * 4; }
+// What any of them needs (int4h.cpp's groups are at least 32 in-features): decode.cpp's scratch.
+inline int64_t work_bytes(int64_t m, int64_t k) {
+  const int64_t a = a8_work_bytes(m, k), h = h_work_bytes(m, k, 32);
+  return a > h ? a : h;
+}
+
 // int4.cpp's layout (described there), shared by int4a8.cpp: where block b's chunk j starts (bytes from the
 // codes), and its scales' or offsets' group t (floats from s or c).
 constexpr int64_t INT4_ROWS = 16, INT4_BAND = 4;  // neolm/native/__init__.py INT4_ROWS, INT4_BAND
@@ -102,6 +114,32 @@ inline void put(void* p, int bf16, int64_t i, __m512 v, __mmask16 m = 0xffff) {
     _mm256_mask_storeu_epi16(static_cast<uint16_t*>(p) + i, m, to_bf16(v));
   else
     _mm512_mask_storeu_ps(static_cast<float*>(p) + i, m, v);
+}
+
+inline float abs_max(const float* x, int64_t k) {  // max |x_j| over k numbers
+  __m512 top = _mm512_setzero_ps();
+  for (int64_t j = 0; j < k; j += 16) top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_maskz_loadu_ps(first(k - j), x + j)));
+  return _mm512_reduce_max_ps(top);
+}
+
+// A kernel's tile of NB rows of X as a type, and tile(Rows<nb>{}) for a tile of nb = min(count, MAX) rows
+// (MAX 4 or 8; count >= 1): each kernel instantiated for 1 .. MAX rows.
+template <int NB>
+using Rows = std::integral_constant<int, NB>;
+template <int MAX, class Tile>
+void with_rows(int64_t count, const Tile& tile) {
+  static_assert(MAX == 4 || MAX == 8, "tiles of 4 or 8 rows");
+  constexpr int a = MAX == 8 ? 5 : 4, b = MAX == 8 ? 6 : 4, c = MAX == 8 ? 7 : 4;  // (unreachable with MAX 4)
+  switch (count < MAX ? count : MAX) {
+    case 1: tile(Rows<1>{}); break;
+    case 2: tile(Rows<2>{}); break;
+    case 3: tile(Rows<3>{}); break;
+    case 4: tile(Rows<4>{}); break;
+    case 5: tile(Rows<a>{}); break;
+    case 6: tile(Rows<b>{}); break;
+    case 7: tile(Rows<c>{}); break;
+    default: tile(Rows<MAX>{}); break;
+  }
 }
 
 inline __m512 exp16(__m512 x) {  // e^x, Cephes' expf polynomial after x = n ln2 + r, |r| <= ln2 / 2
@@ -146,6 +184,12 @@ void gemm_int4(const uint16_t* x, int64_t m, const uint8_t* q, const float* s, c
 // int8 codes in int8f.cpp's panels, scale bf16 (n,), x fp32, fp32 FMAs (no bf16 instructions); any m.
 void gemm_int8f(const float* x, int64_t m, const int8_t* w, const uint16_t* scale, const void* bias, int bias_bf16,
                 void* y, int out_bf16, int64_t n, int64_t k);
+#if defined(__AVX512FP16__) && defined(__AVX512VBMI__)
+// int4 codes with their scales and zeros in int4h.cpp's panels, x fp32 rounded to fp16 after a power-of-two
+// scaling, fp16 FMAs; any m; `work`: h_work_bytes(m, k, g).
+void gemm_int4h(const float* x, int64_t m, const uint8_t* w, const void* bias, int bias_bf16, void* y, int out_bf16,
+                int64_t n, int64_t k, int64_t g, uint8_t* work);
+#endif
 #ifdef __AVX512VNNI__
 // int8 codes (int8a8.cpp's layout) against rows of X quantized to int8 on the fly; `work`: a8_work_bytes(m, k).
 void gemm_int8a8(const float* x, int64_t m, const uint8_t* w, const uint16_t* scale, const void* bias, int bias_bf16,

@@ -116,14 +116,9 @@ template <int R>
 void tile_rows(const uint16_t* x, int64_t m, int64_t k, int64_t t0, const uint8_t* q, const float* s, const float* c,
                const float* xsum, int64_t g, int64_t ob, int64_t n, const void* bias, int bias_bf16, void* y,
                int out_bf16, int64_t ahead) {
-#define NEOLM_TILE(NB) tile<R, NB>(x, k, t0, q, s, c, xsum, g, ob, n, bias, bias_bf16, y, out_bf16, ahead)
-  switch (std::min<int64_t>(TILE, m - t0)) {
-    case 1: NEOLM_TILE(1); break;
-    case 2: NEOLM_TILE(2); break;
-    case 3: NEOLM_TILE(3); break;
-    default: NEOLM_TILE(4); break;
-  }
-#undef NEOLM_TILE
+  with_rows<TILE>(m - t0, [&](auto rows) {
+    tile<R, rows>(x, k, t0, q, s, c, xsum, g, ob, n, bias, bias_bf16, y, out_bf16, ahead);
+  });
 }
 
 // Every R blocks of out-features (split over the threads), against every tile of up to TILE rows of x; a last

@@ -54,9 +54,7 @@ void quantize_rows(const float* x, int64_t m, int64_t k, int8_t* q, float* s, in
 #pragma omp for schedule(static)
   for (int64_t i = 0; i < m; i++) {
     const float* row = x + i * k;
-    __m512 top = _mm512_setzero_ps();
-    for (int64_t j = 0; j < k; j += 16) top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_maskz_loadu_ps(first(k - j), row + j)));
-    const float amax = _mm512_reduce_max_ps(top);
+    const float amax = abs_max(row, k);
     s[i] = amax / 127.0f;
     const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
     __m512i sum = _mm512_setzero_si512();

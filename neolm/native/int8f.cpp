@@ -76,18 +76,7 @@ void panel_rows(const float* x, int64_t m, int64_t k, const int8_t* panel, const
   for (int64_t t0 = 0; t0 < m; t0 += TILE) {
     const float* xt = x + t0 * k;
     void* yt = static_cast<char*>(y) + t0 * n * (out_bf16 ? 2 : 4);
-#define NEOLM_TILE(NB) tile<P, NB>(xt, k, panel, scale, bias, bias_bf16, yt, out_bf16, n, col)
-    switch (std::min<int64_t>(TILE, m - t0)) {
-      case 1: NEOLM_TILE(1); break;
-      case 2: NEOLM_TILE(2); break;
-      case 3: NEOLM_TILE(3); break;
-      case 4: NEOLM_TILE(4); break;
-      case 5: NEOLM_TILE(5); break;
-      case 6: NEOLM_TILE(6); break;
-      case 7: NEOLM_TILE(7); break;
-      default: NEOLM_TILE(8); break;
-    }
-#undef NEOLM_TILE
+    with_rows<TILE>(m - t0, [&](auto rows) { tile<P, rows>(xt, k, panel, scale, bias, bias_bf16, yt, out_bf16, n, col); });
   }
 }
 }  // namespace

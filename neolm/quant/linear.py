@@ -309,7 +309,9 @@ class Int4Linear(QuantLinear):
         self.layout = "canonical"
         self._kweight: torch.Tensor | None = None  # CUDA, or CPU when the layout is not invertible
         self._sz: torch.Tensor | None = None  # (K/G, N, 2) scales and zeros for the kernels
-        self._native: native.Int4Gemv | None = None  # the native kernels' codes, made on demand (then the only copy)
+        # the native kernels' codes, made on demand (then the only copy): int4.cpp's (bf16 arithmetic) or, where
+        # this CPU's bf16 is slow, int4h.cpp's panels (fp16 arithmetic; `in_fp16`)
+        self._native: native.Int4Gemv | native.Int4Panels | None = None
         self.a8 = False  # `quantize_activations`: every product through int4a8.cpp
 
     @classmethod
@@ -342,14 +344,24 @@ class Int4Linear(QuantLinear):
         return self.a8 and self._native_fits()
 
     def quantize_activations(self) -> None:
-        """From now on, quantize the input rows to int8 too (int4a8.cpp, on the native kernels' codes)."""
-        self._native_gemv()
+        """From now on, quantize the input rows to int8 too (int4a8.cpp, on int4.cpp's copy of the codes)."""
         self.a8 = True
+        self._native_gemv()
+
+    def in_fp16(self) -> bool:
+        """Whether the products run in int4h.cpp's fp16 arithmetic (codes in its panels): native kernels on CPU in a
+        float model, weight-only, where oneDNN's fp32 GEMM outruns its bf16 one (`gemm_dtype`: a CPU whose bf16
+        instructions are slow, such as a Xeon without AMX, where the fp16 FMA is 4x faster; at pythia-1.4b's shapes
+        its linears ran 1.6x int4.cpp's speed at one row and 3.5x at 8: bench/PROFILE.md, session 17)."""
+        return (self._native_fits() and not self.a8 and "int4h" in native.available()[0]
+                and native.int4h_supported(self.in_features, self.group_size) and gemm_dtype() == torch.float32)  # fmt: skip
 
     def matmul(self, x):
         if self.layout == "native":
             if self.int8_activations():
                 return self._native.a8(x, None)
+            if not self.prefills():  # int4h.cpp's panels: any number of rows
+                return self._native(x, None)
             return self._native(x, None) if x.shape[0] < self.prefill_from() else self._block_matmul(x)
         packed = self._kweight if self._kweight is not None else self.qweight
         return kernels.int4_mm(x, packed, self.group_size, self._sz)[:, : self.out_features]  # less row padding
@@ -403,22 +415,28 @@ class Int4Linear(QuantLinear):
     # fp32 GEMMs (an Intel Xeon without AMX, session 13): native / blocks 0.86 at 48 tokens, 1.02 at 64, 1.25 at 96
     prefill_rows_fp32 = 64
 
-    def prefills(self):  # once the native copy of the codes exists (made for the native kernels)
-        return self._native is not None and not self.int8_activations()
+    def prefills(self):  # once int4.cpp's copy of the codes exists (made for the native kernels). int4h.cpp takes
+        # prompts itself: its linears at 512 rows ran at 1.5x the speed of fp32 GEMMs on weights made from int4.cpp's
+        # (bench/PROFILE.md, session 17)
+        return isinstance(self._native, native.Int4Gemv) and not self.int8_activations()
 
     def block_rows(self, start, end, dtype):
         return self._native.to_bf16(start, end).to(dtype), None  # (the weights rounded to bf16 either way)
 
-    def _native_gemv(self) -> native.Int4Gemv:
+    def _native_gemv(self) -> native.Int4Gemv | native.Int4Panels:
         """The native kernels with their copy of the codes (made by `prepare` where they fit), which is then the
-        layer's only one: every product goes to them (fewer than `prefill_rows` rows) or to `_block_matmul`, fed
-        from it. aten's int4 kernel is for the other devices and CPUs."""
-        if self._native is None:
-            if self.layout == "canonical":  # as saved or just quantized: repacked in one native pass
+        layer's only one: every product goes to them (int4.cpp: fewer than `prefill_rows` rows) or to
+        `_block_matmul`, fed from it. int4h.cpp's panels where `in_fp16`, else int4.cpp's layout; a copy in the
+        other one is repacked. aten's int4 kernel is for the other devices and CPUs."""
+        kind = native.Int4Panels if self.in_fp16() else native.Int4Gemv
+        if not isinstance(self._native, kind):
+            if self._native is not None:  # (in the other native layout)
+                canonical = self._native.canonical()
+            elif self.layout == "canonical":  # as saved or just quantized: repacked in one native pass
                 canonical = self.qweight.contiguous()
-                self._native = native.Int4Gemv(canonical, self.scale, self.zero, self.group_size)
             else:
-                self._native = native.Int4Gemv.from_codes(self.codes(), self.scale, self.zero, self.group_size)
+                canonical = kernels.pack_int4(self.codes())
+            self._native = kind(canonical, self.scale, self.zero, self.group_size)
             self.qweight, self.layout, self._kweight, self._sz = self._native.q, "native", None, None
             self.use_kernel = True
         return self._native
@@ -436,7 +454,10 @@ class Int4Linear(QuantLinear):
         return self._native_gemv().weights(self.bias, self.a8) if self._native_fits() else None
 
     def export(self) -> dict[str, torch.Tensor]:
-        qweight = self.qweight if self.layout == "canonical" else kernels.pack_int4(self.codes())
+        if self.layout == "native":
+            qweight = self._native.canonical()
+        else:
+            qweight = self.qweight if self.layout == "canonical" else kernels.pack_int4(self.codes())
         out = {"qweight": qweight, "scale": self.scale, "zero": self.zero}
         return out | ({"bias": self.bias.detach()} if self.bias is not None else {})
 
