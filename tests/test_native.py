@@ -80,6 +80,8 @@ def test_int8f(n, k, m, dtype):
     x, b = (x * torch.linspace(0.1, 100, m)[:, None]).to(dtype), b.to(dtype)
     packed = native.int8f_pack(q)
     assert torch.equal(native.int8f_rows(packed, n, k), q)
+    some = torch.tensor([0, n - 1, n // 2, n // 3]).unique()  # the first and last panels' rows among them
+    assert torch.equal(native.int8f_rows(packed, n, k, some), q[some])
     y = native.int8f_matmul(x, packed, scale, b, n, k)
     assert y.dtype == dtype
     want = x.double() @ (q.double() * scale.double()[:, None]).t() + b.double()
@@ -185,6 +187,8 @@ def test_int8a8(n, k, m, dtype):
         x[1] = 0
     packed = native.int8a8_pack(q)
     assert torch.equal(native.int8a8_unpack(packed, n, k), q)
+    some = torch.tensor([0, n - 1, n // 2, n // 3]).unique()
+    assert torch.equal(native.int8a8_unpack(packed, n, k, some), q[some])
     y = native.int8a8_matmul(x, packed, scale, b, n, k)
     assert y.dtype == dtype
     want = _int8a8_reference(x, q, scale, b)

@@ -208,8 +208,14 @@ def int8f_pack(q: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def int8f_rows(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """int8f_pack's inverse: the codes (N, K), on packed's device (a layer moved off CPU unpacks them there)."""
+def int8f_rows(packed: torch.Tensor, n: int, k: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """int8f_pack's inverse: the codes (N, K), on packed's device (a layer moved off CPU unpacks them there); or
+    only those of the output rows `rows` (len(rows), K), gathered from their panels."""
+    if rows is not None:
+        panel = rows // F8_PANEL
+        width = (-(-n // 16) * 16 - panel * F8_PANEL).clamp(max=F8_PANEL)  # (the last panel's may be 16 or 32)
+        start = panel * F8_PANEL * k + rows % F8_PANEL  # W[r, j] at start + j * width
+        return packed[start[:, None] + torch.arange(k, device=packed.device) * width[:, None]]
     host, out = packed.cpu(), torch.empty(n, k, dtype=torch.int8)
     _library()[0].neolm_int8f_repack(out.data_ptr(), host.data_ptr(), n, k, 0)
     return out.to(packed.device)
@@ -248,8 +254,11 @@ def int8a8_pack(q: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def int8a8_unpack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
-    """int8a8_pack's inverse: the int8 codes (N, K)."""
+def int8a8_unpack(packed: torch.Tensor, n: int, k: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """int8a8_pack's inverse: the int8 codes (N, K); or only those of the output rows `rows` (len(rows), K)."""
+    if rows is not None:
+        picked = packed[rows // A8_PANEL, :, rows % A8_PANEL, :]  # (len(rows), K/4 quads, 4)
+        return (picked.reshape(len(rows), -1)[:, :k] ^ 128).contiguous().view(torch.int8)
     panels, quads = packed.shape[:2]
     rows = (packed.transpose(1, 2) ^ 128).reshape(panels * A8_PANEL, quads * A8_QUAD)[:n, :k]
     return rows.contiguous().view(torch.int8)

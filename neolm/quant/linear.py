@@ -191,16 +191,18 @@ class Int8Linear(QuantLinear):
             module.bias = nn.Parameter(linear.bias.detach(), False)
         return module
 
-    def codes(self) -> torch.Tensor:
-        """(N, K) int8 codes, whatever the layout."""
+    def codes(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """(N, K) int8 codes, whatever the layout; or those of the output rows `rows` (picked from the kernels'
+        layouts without unpacking the rest: the load-time check's 512 rows)."""
+        n, k = self.out_features, self.in_features
         if self.layout == "a8":
-            return native.int8a8_unpack(self.qweight, self.out_features, self.in_features)
+            return native.int8a8_unpack(self.qweight, n, k, rows)
         if self.layout == "panels":
-            return native.int8f_rows(self.qweight, self.out_features, self.in_features)
-        return self.qweight
+            return native.int8f_rows(self.qweight, n, k, rows)
+        return self.qweight if rows is None else self.qweight[rows]
 
     def dequantize(self, dtype=None, rows: torch.Tensor | None = None):
-        q, scale = (self.codes(), self.scale) if rows is None else (self.codes()[rows], self.scale[rows])
+        q, scale = (self.codes(), self.scale) if rows is None else (self.codes(rows), self.scale[rows])
         return (q.float() * scale.float()[:, None]).to(dtype or self.dtype)  # (N, K), or (len(rows), K)
 
     prefill_rows = 48  # 32 rows: native 78 ms, bf16 weights 95 ms over 48 of pythia-1.4b's matrices; 48: equal
