@@ -244,7 +244,8 @@ def load(
     if quantize is not None or raw_config.get("quantization_config"):
         from neolm.quant.load import load_model
 
-        net = load_model(folder, raw_config, config, dtype, device, quantize, group_size, quantize_head, native)
+        net = load_model(folder, raw_config, config, dtype, device, quantize, group_size, quantize_head, native,
+                         quantize_activations)  # fmt: skip
     else:
         state = checkpoint.load_state_dict(folder, config, dtype)
         net = checkpoint.build_model(config, state, device)

@@ -350,6 +350,25 @@ def test_int4_arithmetic_follows_the_faster_gemm(folders, monkeypatch, gemm, dty
     assert torch.equal(alone[0], batch[0])
 
 
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_int8_activations_pack_the_codes_once(folders, tmp_path, monkeypatch, quantize):
+    """neolm.load(quantize_activations=True), quantizing while loading or from a quantized folder: each layer packs
+    its codes straight into the int8-activation kernels' layout, never into the weight-only one first."""
+    from neolm.quant import io
+
+    if not {"int8a8", "int4a8"} <= native.available()[0]:
+        pytest.skip("no int8-activation kernels here (AVX-512 VNNI)")
+    saved = io.save_quantized(neolm.load(folders["neox-128"], quantize=quantize, group_size=64).model, tmp_path / "q")
+    weight_only = []
+    monkeypatch.setattr(native, "int8f_pack", lambda *a: weight_only.append("int8f") or pytest.fail("int8f_pack"))
+    monkeypatch.setattr(native.Int4Panels, "__init__", lambda *a: weight_only.append("int4h") or pytest.fail("panels"))
+    for source, kwargs in ((folders["neox-128"], {"quantize": quantize, "group_size": 64}), (saved, {})):
+        lm = neolm.load(source, quantize_activations=True, **kwargs)
+        layers = [m for m in lm.model.modules() if hasattr(m, "int8_activations")]
+        assert layers and all(m.int8_activations() for m in layers) and not weight_only
+        assert isinstance(lm.model.decode_step, decode.DecodeStep)
+
+
 def test_int8_activations_need_quantized_weights(folders):
     with pytest.raises(neolm.NeolmError, match="int8 or int4 weights"):
         neolm.load(folders["neo"], quantize_activations=True)

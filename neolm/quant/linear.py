@@ -80,6 +80,11 @@ class QuantLinear(nn.Module):
         """One-row kernels this layer can use on CPU: name -> fn(x, qweight, scale, bias) (neolm.ops.compile_gemv)."""
         return {}
 
+    def takes_int8_activations(self) -> bool:
+        """Whether `quantize_activations` can take this layer as it is (`neolm.quant.linear.quantize_activations`
+        says why not, where not)."""
+        return False
+
     def _on_cpu_in_float(self) -> bool:
         """Whether the codes are on CPU in a float model: where the one-row kernels can take this layer."""
         return self.qweight.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16)
@@ -219,6 +224,9 @@ class Int8Linear(QuantLinear):
         return (self.native and self._on_cpu_in_float() and self.layout != "a8" and "int8f" in native.available()[0]
                 and gemm_dtype() == torch.float32)  # fmt: skip
 
+    def takes_int8_activations(self) -> bool:
+        return self.native and self._on_cpu_in_float() and "int8a8" in native.available()[0]
+
     def quantize_activations(self) -> None:
         """From now on, quantize the input rows to int8 too: the codes go to int8a8.cpp's layout."""
         if self.layout != "a8":
@@ -283,6 +291,9 @@ class Int8Linear(QuantLinear):
             want = self.dequantize(torch.float32, rows)  # the check's reference, from the rows before they go
             self.qweight, self.layout = native.int8f_pack(self.qweight), "panels"  # (a copy in huge pages)
             self._prepared_on = self.qweight.device
+        elif self.layout == "a8":  # int8a8_pack's own copy (in huge pages): nothing to copy
+            self._prepared_on = self.qweight.device
+            want = self.dequantize(torch.float32, rows)
         else:
             super().prepare(name)
             if self.in_features % 32 and self.layout == "rows":  # aten's CPU int8 kernel crashes (not fails) on
@@ -344,6 +355,9 @@ class Int4Linear(QuantLinear):
     def int8_activations(self) -> bool:
         """Whether every product quantizes its input rows to int8 first (`quantize_activations`)."""
         return self.a8 and self._native_fits()
+
+    def takes_int8_activations(self) -> bool:
+        return self._native_fits() and "int4a8" in native.available()[0]
 
     def quantize_activations(self) -> None:
         """From now on, quantize the input rows to int8 too (int4a8.cpp, on int4.cpp's copy of the codes)."""

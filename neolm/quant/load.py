@@ -16,11 +16,12 @@ from neolm.quant import io, linear
 
 def load_model(folder: Path, raw: dict, config: Config, dtype: torch.dtype, device: torch.device,
                quantize: str | None = None, group_size: int = 64, quantize_head: bool = False,
-               native: bool = True) -> GPT:  # fmt: skip
+               native: bool = True, activations: bool = False) -> GPT:  # fmt: skip
     """The model of `folder`: a bitsandbytes 4-bit or neolm-quantized folder as stored, or a float one
     quantized to `quantize` ("int8" | "int4") as its weights are read (the output head too with
     quantize_head; a tied head then gets its own quantized copy, the embedding stays as it is). native:
-    whether neolm's native kernels may take the quantized layers."""
+    whether neolm's native kernels may take the quantized layers; activations: they will quantize their inputs too
+    (io.prepare packs their codes for that)."""
     quant = raw.get("quantization_config") or {}
     method = quant.get("quant_method") if isinstance(quant, dict) else None
     if method == "bitsandbytes":
@@ -30,18 +31,18 @@ def load_model(folder: Path, raw: dict, config: Config, dtype: torch.dtype, devi
 
         return bnb.load_bnb(folder, raw, config, dtype, device)
     if method == "neolm":
-        model = io.load_quantized(folder, raw, config, dtype, device, native)
+        model = io.load_quantized(folder, raw, config, dtype, device, native, activations)
         bits = model.quant_config["bits"]
         if quantize is not None and linear.parse_quantize(quantize) != bits:
             raise NeolmError(f"{folder} is quantized to int{bits} already; load it without quantize= "
                              "(or re-quantize its float source)")  # fmt: skip
         return model
     return _quantizing_load(folder, config, dtype, device, linear.parse_quantize(quantize), group_size,
-                            skip=() if quantize_head else linear.DEFAULT_SKIP, native=native)  # fmt: skip
+                            skip=() if quantize_head else linear.DEFAULT_SKIP, native=native, activations=activations)  # fmt: skip
 
 
 def _quantizing_load(folder: Path, config: Config, dtype: torch.dtype, device, bits: int, group_size: int, skip,
-                     native: bool = True) -> GPT:  # fmt: skip
+                     native: bool = True, activations: bool = False) -> GPT:  # fmt: skip
     """A float checkpoint quantized layer by layer as its weights are read: each float matrix lives only until
     its codes are made, so the peak memory is about the quantized model's, not the float one's. The same
     layers as `linear.quantize_model` on the loaded float model."""
@@ -72,7 +73,7 @@ def _quantizing_load(folder: Path, config: Config, dtype: torch.dtype, device, b
     model.eval().requires_grad_(False)
     if device is not None:
         model.to(device)
-    io.prepare(model, lambda _: release_freed())
+    io.prepare(model, lambda _: release_freed(), activations)
     model.quant_config = linear.quant_config(bits, group_size, skip, model)
     return model
 
