@@ -287,19 +287,17 @@ class Int8Linear(QuantLinear):
         if self.layout == "panels" and not self.in_fp32():
             self.qweight, self.layout = self.codes(), "rows"
         rows = kernels.check_rows(self.out_features, self.qweight.device)
+        want = self.dequantize(torch.float32, rows)  # the check's reference, from the codes as they are now
         if self.layout == "rows" and self.in_fp32():
-            want = self.dequantize(torch.float32, rows)  # the check's reference, from the rows before they go
             self.qweight, self.layout = native.int8f_pack(self.qweight), "panels"  # (a copy in huge pages)
             self._prepared_on = self.qweight.device
         elif self.layout == "a8":  # int8a8_pack's own copy (in huge pages): nothing to copy
             self._prepared_on = self.qweight.device
-            want = self.dequantize(torch.float32, rows)
         else:
             super().prepare(name)
             if self.in_features % 32 and self.layout == "rows":  # aten's CPU int8 kernel crashes (not fails) on
                 self.use_kernel = False  # such widths, e.g. 60; int8a8.cpp and int8f.cpp take any width
                 return
-            want = self.dequantize(torch.float32, rows)
         self.use_kernel = kernels.agrees(self.matmul, want, name or "int8 layer", rows)
 
     def export(self) -> dict[str, torch.Tensor]:
@@ -376,9 +374,9 @@ class Int4Linear(QuantLinear):
         if self.layout == "native":
             if self.int8_activations():
                 return self._native.a8(x, None)
-            if not self.prefills():  # int4h.cpp's panels: any number of rows
-                return self._native(x, None)
-            return self._native(x, None) if x.shape[0] < self.prefill_from() else self._block_matmul(x)
+            if self.prefills() and x.shape[0] >= self.prefill_from():  # (int4h.cpp's panels take any number of rows)
+                return self._block_matmul(x)
+            return self._native(x, None)
         packed = self._kweight if self._kweight is not None else self.qweight
         return kernels.int4_mm(x, packed, self.group_size, self._sz)[:, : self.out_features]  # less row padding
 
