@@ -215,8 +215,9 @@ def load(
     call of neolm's AVX-512 kernels (neolm.native.decode; built with the system's C++ compiler on first use,
     cached), and the output head's products of up to 12 rows on them, where this machine can build them;
     quantized layers take them for products of any size (codes converted for oneDNN's GEMM from 48 rows on,
-    int4 from 160, or 64 where the GEMM runs in fp32; on a CPU whose bf16 is slow, int8 in int8f.cpp's fp32
-    panels and int4 in int4h.cpp's fp16 panels at every size), and the attention of prompts
+    int4 from 160, or 64 where the GEMM runs in fp32; on a CPU whose bf16 is slow, int8 against activations in
+    16 bits a row (int8a8.cpp, VNNI; without it int8f.cpp's fp32 panels) and int4 in int4h.cpp's fp16 panels at
+    every size), and the attention of prompts
     (neolm.native.attention). Training stays in torch. False:
     every step and layer in torch and aten.
     compile: on CPU, instead time every kernel each layer shape can use for one-token products (the output

@@ -164,21 +164,27 @@ def test_int4h_supported_shapes():
     assert not native.int4h_supported(96, 64)
 
 
-def _int8a8_reference(x, q, scale, b):
-    """The W8A8 product in float64: each row of x to int8 with scale max |x| / 127 (round half to even)."""
+def _int8a8_reference(x, q, scale, b, bits=8):
+    """int8a8.cpp's product in float64: each row of x to int8 (bits 8) with scale max |x| / 127, or to 16 bits
+    with max |x| / 32639 (round half to even, after a multiplication in fp32 as the kernel's)."""
+    top = 127 if bits == 8 else 32639
     amax = x.float().abs().amax(1, keepdim=True)
-    xq = torch.round(x.float() * torch.where(amax > 0, 127 / amax, torch.zeros_like(amax)))
-    y = (xq.double() @ q.double().t()) * (amax.double() / 127) * scale.double()
+    inv = torch.full_like(amax, top) / amax  # (top / amax is top * (1 / amax) in torch, rounded twice)
+    xq = torch.round(x.float() * torch.where(amax > 0, inv, torch.zeros_like(amax)))
+    assert xq.abs().max() <= top
+    y = (xq.double() @ q.double().t()) * (amax.double() / top) * scale.double()
     return y + (b.double() if b is not None else 0)
 
 
-@needs["int8a8"]
+@needs["int8a16"]
+@pytest.mark.parametrize("bits", [8, 16])
 @pytest.mark.parametrize("n,k", SHAPES + [(9, 777)])
-@pytest.mark.parametrize("m", [1, 3, 8, 12, 13, 40])  # tiles of up to 12 rows of X x 32 out-features
+@pytest.mark.parametrize("m", [1, 3, 6, 7, 8, 12, 13, 40])  # tiles of up to 12 rows of q x 32 out-features
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8a8(n, k, m, dtype):
-    """int8 x int8: integer sums are exact, so the kernel equals the float64 reference up to the fp32 rounding
-    of the scaling, and every row gets the same numbers alone as in any batch (any path)."""
+def test_int8a8(n, k, m, dtype, bits):
+    """int8 codes against x quantized to 8 bits or 16 (two rows of bytes, tiles of 6 rows of x): integer sums are
+    exact, so the kernel equals the float64 reference up to the fp32 rounding of the scaling, and every row
+    gets the same numbers alone as in any batch (any path)."""
     w, x, b = _data(n, k, m=m)
     q, scale = quantize_int8(w)
     x, b = (x * torch.linspace(0.1, 10, m)[:, None]).to(dtype), b.to(dtype)
@@ -189,23 +195,31 @@ def test_int8a8(n, k, m, dtype):
     assert torch.equal(native.int8a8_unpack(packed, n, k), q)
     some = torch.tensor([0, n - 1, n // 2, n // 3]).unique()
     assert torch.equal(native.int8a8_unpack(packed, n, k, some), q[some])
-    y = native.int8a8_matmul(x, packed, scale, b, n, k)
+    y = native.int8a8_matmul(x, packed, scale, b, n, k, bits)
     assert y.dtype == dtype
-    want = _int8a8_reference(x, q, scale, b)
+    want = _int8a8_reference(x, q, scale, b, bits)
     _close(y, want, 1e-6 if dtype == torch.float32 else 1e-2)
     for i in {0, m - 1}:
-        assert torch.equal(native.int8a8_matmul(x[i : i + 1], packed, scale, b, n, k), y[i : i + 1])
+        assert torch.equal(native.int8a8_matmul(x[i : i + 1], packed, scale, b, n, k, bits), y[i : i + 1])
+    if bits == 16 and dtype == torch.float32:  # near the fp32 product: each number of x within max |x| / 65278
+        w8 = q.double() * scale.double()[:, None]
+        exact, bound = x.double() @ w8.t() + b.double(), x.double().abs().amax(1, keepdim=True) / 65278 @ w8.abs().sum(1)[None]
+        assert ((y - exact).abs() <= bound * 1.001 + 1e-6 * exact.abs().max()).all()
 
 
-@needs["int8a8"]
+@needs["int8a16"]
+@pytest.mark.parametrize("bits", [8, 16])
 @pytest.mark.parametrize("k", [1, 63, 64, 100])
-def test_int8a8_takes_every_code(k):
+def test_int8a8_takes_every_code(k, bits):
+    """Every code against every byte of x's quantized rows (16 bits: both bytes' extremes, +-32639 included)."""
     gen = torch.Generator().manual_seed(k)
     q = (torch.arange(255)[:, None] + torch.arange(k)).remainder(255).sub(127).to(torch.int8)  # -127..127
     x = torch.randn(20, k, generator=gen) * 1e3
+    x[1] = torch.linspace(-1, 1, k) if k > 1 else 1.0  # (16 bits: -32639 .. 32639 in steps, high and low bytes
+    x[2] = -x[1]  # through their ranges)
     scale = torch.rand(255, generator=gen).bfloat16()
-    y = native.int8a8_matmul(x, native.int8a8_pack(q), scale, None, 255, k)
-    want = _int8a8_reference(x, q, scale, None)
+    y = native.int8a8_matmul(x, native.int8a8_pack(q), scale, None, 255, k, bits)
+    want = _int8a8_reference(x, q, scale, None, bits)
     assert (y.double() - want).abs().max() <= 1e-6 * want.abs().max()
 
 
@@ -353,8 +367,8 @@ def test_quantized_layer_prefill_through_dequantized_blocks(dtype, bits, gemm, m
     linear = torch.nn.Linear(1024, 8200).to(dtype)  # in-features x 8200 rows: two blocks of rows of 8192
     layer = Int8Linear.from_linear(linear) if bits == 8 else Int4Linear.from_linear(linear, group_size=128)
     layer.prepare()
-    # int8f.cpp's fp32 and int4h.cpp's fp16 arithmetic (this CPU's bf16 is slow) take prompts themselves
-    panels = layer.in_fp32() if bits == 8 else layer.in_fp16()
+    # int8a8.cpp's 16-bit, int8f.cpp's fp32 and int4h.cpp's fp16 arithmetic (this CPU's bf16 is slow) take prompts
+    panels = layer.layout != "rows" if bits == 8 else layer.in_fp16()
     assert layer.prefills() != panels
     x = torch.randn(2, layer.prefill_rows // 2 + 3, 1024).to(dtype)
     with torch.inference_mode():
@@ -362,7 +376,7 @@ def test_quantized_layer_prefill_through_dequantized_blocks(dtype, bits, gemm, m
         want = x.to(gemm).float() @ layer.dequantize(torch.float32).t() + layer.bias.float()
     assert got.dtype == dtype and got.shape == (2, layer.prefill_rows // 2 + 3, 8200)
     if bits == 8 and dtype == gemm == torch.float32:  # fp32 codes, activations and sums: rounding order only
-        tol = 1e-5
+        tol = 1e-4 if layer.layout == "a8" else 1e-5  # (or x in 16 bits a row)
     else:
         tol = 4e-3 if bits == 8 and dtype == torch.float32 else 8e-3 if bits == 8 else 2e-2
     _close(got, want, tol)
@@ -432,9 +446,10 @@ def test_native_false_keeps_quantized_layers_on_aten(tmp_path):
         assert all("native" not in m.gemv_kernels() for m in layers)  # nor offered to compile=True
         assert all(getattr(m, "layout", "cpu") != "native" for m in layers) and lm.model.decode_step is None
         on = neolm.load(folder, quantize=quantize, group_size=64)
-        # (int8 in int8f.cpp's fp32 panels and int4 in int4h.cpp's, where this CPU's bf16 is slow, take prompts)
+        # (int8 in int8a8.cpp's or int8f.cpp's layout and int4 in int4h.cpp's, where this CPU's bf16 is slow, take
+        # prompts)
         layers = [m for m in on.model.modules() if isinstance(m, kind)]
-        assert all(m.native and m.prefills() != (m.in_fp32() if kind is Int8Linear else m.in_fp16()) for m in layers)
+        assert all(m.native and m.prefills() != (m.layout != "rows" if kind is Int8Linear else m.in_fp16()) for m in layers)
         ids = torch.randint(0, 1000, (1, 40))
         with torch.inference_mode():  # 40 rows: aten's kernel vs the bf16 blocks, the same product
             _close(lm.model(ids), on.model(ids), 3e-2)

@@ -291,31 +291,37 @@ def test_int8_activations(folders, rows, name, quantize, kernel):
     assert torch.equal(fc.export()["qweight"], plain.export()["qweight"])  # saved as the weight-only model
     assert torch.equal(fc.dequantize(), plain.dequantize())
     if quantize == "int8":  # the kernel's layout is the only copy of the codes
-        assert fc.layout == "a8" and plain.layout == ("panels" if plain.in_fp32() else "rows")
+        assert fc.layout == "a8" and fc.a8 and plain.layout == plain.wanted_layout() and not plain.a8
 
 
-@pytest.mark.parametrize("gemm", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("arithmetic", ["int8a16", "int8f", "int8"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_int8_arithmetic_follows_the_faster_gemm(folders, monkeypatch, gemm, dtype):
-    """Weight-only int8 multiplies in fp32 (int8f.cpp's panels, the activations as they are) where oneDNN's fp32
-    GEMM outruns its bf16 one (`gemm_dtype`), else in bf16 (gemm.cpp); either way the native step equals the
-    torch path, which takes the same kernel for every product here, and a batch's rows get their numbers alone."""
+def test_int8_arithmetic_follows_the_faster_gemm(folders, monkeypatch, arithmetic, dtype):
+    """Weight-only int8 multiplies in integers against x in 16 bits a row (int8a8.cpp's layout; with VNNI) or in
+    fp32 (int8f.cpp's panels, the activations as they are; without) where oneDNN's fp32 GEMM outruns its bf16
+    one (`gemm_dtype`), else in bf16 (gemm.cpp); either way the native step equals the torch path, which takes
+    the same kernel for every product here, and a batch's rows get their numbers alone."""
     from neolm.quant import linear as quant_linear
 
-    if "int8f" not in native.available()[0]:
-        pytest.skip("no int8f kernel here (AVX-512)")
-    monkeypatch.setattr(quant_linear, "gemm_dtype", lambda: gemm)
+    have = native.available()[0]
+    if arithmetic not in have or "int8f" not in have:
+        pytest.skip(f"no {arithmetic} kernel here")
+    fp32 = arithmetic != "int8"
+    monkeypatch.setattr(quant_linear, "gemm_dtype", lambda: torch.float32 if fp32 else torch.bfloat16)
+    if arithmetic == "int8f":  # a CPU without VNNI
+        monkeypatch.setattr(native, "available", lambda: (have - {"int8a16"}, ""))
     lm = neolm.load(folders["neox-parallel-pct25"], dtype=dtype, quantize="int8")
     fc = lm.model.blocks[0].mlp.fc
-    fp32 = gemm == torch.float32
-    assert fc.layout == ("panels" if fp32 else "rows") and fc.in_fp32() == fp32
-    assert fc.native_weights().kind == ("int8f" if fp32 else "int8")
+    assert fc.layout == {"int8a16": "a8", "int8f": "panels", "int8": "rows"}[arithmetic] and not fc.a8
+    assert fc.native_weights().kind == arithmetic and fc.prefills() != fp32
     plain = neolm.load(folders["neox-parallel-pct25"], dtype=dtype, quantize="int8", native=False)
     plain = plain.model.blocks[0].mlp.fc
     assert plain.layout == "rows" and torch.equal(fc.codes(), plain.codes())
     ids = torch.randint(0, 50000, (3, 24), generator=torch.Generator().manual_seed(3))
     errors = _step_by_step(lm.model, ids, prefill=5)
-    assert max(errors) < (1e-5 if fp32 and dtype == "float32" else 2e-2), max(errors)
+    # (int8a16: an activation's rounding to 16 bits flips where the paths' LayerNorms differ in the last bit)
+    tol = {"int8a16": 2e-4, "int8f": 1e-5}.get(arithmetic, 2e-2) if dtype == "float32" else 2e-2
+    assert max(errors) < tol, max(errors)
     if fp32:  # one sequence alone gets the batch's numbers (in fp32 the row's own sums in order, any tile)
         (batch, _), _ = _twin_runs(lm.model, ids, prefill=5)
         (alone, _), _ = _twin_runs(lm.model, ids[:1], prefill=5)

@@ -530,16 +530,18 @@ def test_default_model_quality_bars():
 @pytest.mark.parametrize("gemm", [torch.bfloat16, torch.float32])
 def test_int8_on_a_width_the_cpu_kernel_cannot_take(tiny_checkpoints, monkeypatch, gemm):
     """Width 60: aten's int8 CPU kernel would crash the process; neolm falls back to dequantize-per-call, or, where
-    the int8 arithmetic is fp32 (`gemm_dtype`), takes int8f.cpp's panels, which take any width."""
+    the int8 arithmetic is fp32 (`gemm_dtype`), takes int8a8.cpp's or int8f.cpp's layout, which take any width."""
     monkeypatch.setattr(linear, "gemm_dtype", lambda: gemm)
     lm = neolm.load(tiny_checkpoints["neox-parallel-pct25"][1], quantize="int8")
     layer = lm.model.blocks[0].attn.qkv
     x = torch.randn(2, 60)
     y = layer(x)
-    panels = gemm == torch.float32 and "int8f" in native.available()[0]
-    assert layer.layout == ("panels" if panels else "rows")
+    have = native.available()[0]
+    panels = gemm == torch.float32 and bool({"int8f", "int8a16"} & have)
+    assert layer.layout == ("a8" if "int8a16" in have else "panels") if panels else "rows"
     assert layer.use_kernel == panels
-    assert torch.allclose(y, torch.nn.functional.linear(x, layer.dequantize(torch.float32), layer.bias), atol=1e-5)
+    tol = 2e-4 if layer.layout == "a8" else 1e-5  # (x in 16 bits a row: within 2^-16 of its largest number)
+    assert torch.allclose(y, torch.nn.functional.linear(x, layer.dequantize(torch.float32), layer.bias), atol=tol)
     assert len(lm.generate_ids([[1, 2, 3]], max_new_tokens=4, min_new_tokens=4)[0]) == 4
 
 

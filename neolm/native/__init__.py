@@ -5,7 +5,9 @@
   that layer shape. They stream weights at one activation row without torch's per-op dispatch, and (int4,
   int8) without a packed layout made for many rows (bench/PROFILE.md has the numbers).
 - gemm.cpp: few-row matmuls (a decode step of a batch: every weight read once for all the rows).
-- int8f.cpp: int8 weights in fp32 arithmetic, for CPUs whose bf16 instructions are slow (one row or a few).
+- int8a8.cpp: int8 weights against rows of x quantized on the fly (AVX-512 VNNI, any number of rows): to 16
+  bits, the weight-only int8 of CPUs whose bf16 instructions are slow; or to 8 (W8A8, an option).
+- int8f.cpp: int8 weights in fp32 arithmetic, for CPUs whose bf16 instructions are slow and that lack VNNI.
 - int4.cpp: int4 weights in a layout of their own: one- and few-row matmuls, and the conversion to bf16
   weights for prompts.
 - int4h.cpp: int4 weights in fp16 arithmetic, for CPUs with AVX512-FP16 whose bf16 instructions are slow (any
@@ -45,7 +47,7 @@ SOURCES = [Path(__file__).with_name(name) for name in ("gemv.cpp", "gemm.cpp", "
                                                         "int8a8.cpp", "int4a8.cpp", "decode.cpp", "attention.cpp")]  # fmt: skip
 HEADERS = [Path(__file__).with_name("gemv.h")]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-FEATURES = {"f32": 1, "bf16": 2, "int8": 4, "int4": 8, "int8a8": 16, "int4a8": 32, "int8f": 64, "int4h": 128}
+FEATURES = {"f32": 1, "bf16": 2, "int8": 4, "int4": 8, "int8a8": 16, "int4a8": 32, "int8f": 64, "int4h": 128, "int8a16": 256}
 INT4_ROWS, INT4_BAND = 16, 4  # int4 layout (int4.cpp): out-features per block, blocks per band (side by side)
 # Products of up to this many rows go to the native kernels (gemm.cpp past one row) in layers that use them,
 # and batches of up to this many sequences to the native decode step: beyond, oneDNN's GEMM catches up
@@ -70,6 +72,8 @@ _SIGNATURES = {
     "neolm_gemm_int8a8": [_p, _i64, _p, _p, _p, _int, _p, _int, _i64, _i64, _p],
     "neolm_gemm_int4a8": [_p, _i64, _p, _p, _p, _p, _int, _p, _int, _i64, _i64, _i64, _p],
     "neolm_a8_work_bytes": [_i64, _i64],
+    "neolm_gemm_int8a16": [_p, _i64, _p, _p, _p, _int, _p, _int, _i64, _i64, _p],
+    "neolm_a16_work_bytes": [_i64, _i64],
     "neolm_gemm_int4": [_p, _i64, _p, _p, _p, _p, _int, _p, _int, _i64, _i64, _i64],
     "neolm_gemm_int4h": [_p, _i64, _p, _p, _int, _p, _int, _i64, _i64, _i64, _p],
     "neolm_int4h_repack": [_p, _p, _p, _p, _i64, _i64, _i64, _int],
@@ -150,9 +154,9 @@ def _out(x: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
 class Weights:
     """A linear layer's tensors in one of the native kernels' formats (gemv.cpp), as decode.cpp's `Lin`."""
 
-    kind: str  # f32, bf16, int8, int4, int8a8, int4a8, int8f, int4h (FEATURES)
-    w: torch.Tensor  # f32/bf16 (N, K); int8 codes (N, K); int4 codes in pack_int4_gemv's layout; int8a8: int8a8_pack's;
-    # int8f: int8f_pack's; int4h: Int4Panels' (codes, scales and zeros)
+    kind: str  # f32, bf16, int8, int4, int8a8, int4a8, int8f, int4h, int8a16 (FEATURES)
+    w: torch.Tensor  # f32/bf16 (N, K); int8 codes (N, K); int4 codes in pack_int4_gemv's layout; int8a8 and int8a16:
+    # int8a8_pack's; int8f: int8f_pack's; int4h: Int4Panels' (codes, scales and zeros)
     s: torch.Tensor | None = None  # int8: bf16 scales (N,); int4: fp32 scales (N/64, K/G, 4, 16)
     c: torch.Tensor | None = None  # int4: fp32 offsets (N/64, K/G, 4, 16)
     bias: torch.Tensor | None = None
@@ -265,18 +269,22 @@ def int8a8_unpack(packed: torch.Tensor, n: int, k: int, rows: torch.Tensor | Non
 
 
 def int8a8_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-                  n: int, k: int) -> torch.Tensor:
+                  n: int, k: int, bits: int = 8) -> torch.Tensor:
     """packed: int8 codes (N, K) in int8a8_pack's layout, scale (N,) bf16: y = (x_q @ codes.T) * s_x * scale
-    (+ bias), each row of x quantized to int8 first with its own scale s_x = max |x| / 127 (int8a8.cpp), int32
-    sums; any number of rows."""
+    (+ bias), each row of x quantized first with its own scale (int8a8.cpp): to int8 (`bits` 8, s_x = max |x| /
+    127) or to 16 bits (`bits` 16, s_x = max |x| / 32639, the weight-only int8 of CPUs with VNNI); int32 sums;
+    any number of rows."""
     assert packed.dtype == torch.uint8 and packed.is_contiguous() and scale.dtype == torch.bfloat16
     assert packed.shape == (-(-n // A8_PANEL), -(-k // A8_QUAD), A8_PANEL, A8_QUAD) and x.shape[-1] == k
+    assert bits in (8, 16)
     xf = x.float().contiguous()
     y, y_bf16 = _out(x, n)
     lib = _library()[0]
-    work = torch.empty(lib.neolm_a8_work_bytes(x.shape[0], k), dtype=torch.uint8)
-    lib.neolm_gemm_int8a8(xf.data_ptr(), x.shape[0], packed.data_ptr(), scale.data_ptr(), *_bias(bias),
-                          y.data_ptr(), y_bf16, n, k, work.data_ptr())  # fmt: skip
+    work_bytes, gemm = ((lib.neolm_a8_work_bytes, lib.neolm_gemm_int8a8) if bits == 8 else
+                        (lib.neolm_a16_work_bytes, lib.neolm_gemm_int8a16))  # fmt: skip
+    work = torch.empty(work_bytes(x.shape[0], k), dtype=torch.uint8)
+    gemm(xf.data_ptr(), x.shape[0], packed.data_ptr(), scale.data_ptr(), *_bias(bias), y.data_ptr(), y_bf16, n, k,
+         work.data_ptr())  # fmt: skip
     return y
 
 

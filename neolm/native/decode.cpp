@@ -26,7 +26,8 @@ using namespace neolm;
 
 struct Lin {  // a linear layer in one of gemv.cpp's formats
   int32_t kind;  // 0 f32, 1 bf16, 2 int8, 3 int4; against int8 activations: 4 int8 (int8a8.cpp), 5 int4 (int4a8.cpp);
-                 // 6 int8 in fp32 arithmetic (int8f.cpp's panels); 7 int4 in fp16 arithmetic (int4h.cpp's panels)
+                 // 6 int8 in fp32 arithmetic (int8f.cpp's panels); 7 int4 in fp16 arithmetic (int4h.cpp's panels);
+                 // 8 int8 against activations in 16 bits (int8a8.cpp's layout and kernel)
   int32_t bias_bf16;
   int64_t n, k, g;  // out-features, in-features, int4 group size
   const void* w;  // weights: fp32 / bf16 (n, k), int8 codes (n, k), int4 codes in int4.cpp's layout
@@ -110,7 +111,7 @@ void add(const void* a, const void* b, const void* c, void* y, int64_t n, int bf
   }
 }
 
-// The input a matmul reads: f32, int8f, int4h, int8a8 and int4a8 take fp32 x, bf16, int8 and int4 take bf16 x; `in` holds x
+// The input a matmul reads: f32, int8f, int4h, int8a8 (both forms) and int4a8 take fp32 x, bf16, int8 and int4 take bf16 x; `in` holds x
 // in the model's dtype.
 inline int wants_bf16(const Lin& l) { return l.kind == 1 || l.kind == 2 || l.kind == 3; }
 
@@ -125,12 +126,12 @@ void convert(const Lin& l, const void* in, int bf16, float* xf, uint16_t* xb, in
 }
 
 // y (rows, n) = x (rows, k) @ W^T + bias, inside the parallel region: W's rows split over the threads. work:
-// int8a8's quantized rows, int4h's rows in fp16.
+// int8a8's quantized rows (work_bytes: its 16-bit form's two rows of bytes a row included), int4h's rows in fp16.
 void linear(const Lin& l, const void* x, void* y, int bf16, int64_t rows, uint8_t* work) {
 #ifdef __AVX512VNNI__  // (neolm_features offers int8a8 with VNNI, bf16 or not)
-  if (l.kind == 4) {
-    gemm_int8a8(static_cast<const float*>(x), rows, static_cast<const uint8_t*>(l.w), static_cast<const uint16_t*>(l.s),
-                l.bias, l.bias_bf16, y, bf16, l.n, l.k, work);
+  if (l.kind == 4 || l.kind == 8) {
+    (l.kind == 4 ? gemm_int8a8 : gemm_int8a16)(static_cast<const float*>(x), rows, static_cast<const uint8_t*>(l.w),
+                                               static_cast<const uint16_t*>(l.s), l.bias, l.bias_bf16, y, bf16, l.n, l.k, work);
     return;
   }
   if (l.kind == 5) {

@@ -19,7 +19,7 @@ from neolm import native
 
 log = logging.getLogger(__name__)
 
-KINDS = {"f32": 0, "bf16": 1, "int8": 2, "int4": 3, "int8a8": 4, "int4a8": 5, "int8f": 6, "int4h": 7}
+KINDS = {"f32": 0, "bf16": 1, "int8": 2, "int4": 3, "int8a8": 4, "int4a8": 5, "int8f": 6, "int4h": 7, "int8a16": 8}
 CACHE_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # decode.cpp `Kv`
 ACTIVATIONS = {"gelu": 0, "gelu_new": 1, "gelu_fast": 1, "gelu_pytorch_tanh": 1, "relu": 2}  # decode.cpp `act`
 

@@ -17,9 +17,10 @@
 //   its own (twice the speed of the few-row kernel's conversion at one row); its sums round differently.
 //   int4  codes q in [0, 15] with per-group scales and offsets, in a layout of their own: int4.cpp (its
 //         one-row kernel is its few-row kernel with one row, too).
-// neolm_features() says which kernels this build has (bit 0 f32, 1 bf16, 2 int8, 3 int4, 4 int8a8 and 5 int4a8:
-// int8a8.cpp's int8 x int8 and int4a8.cpp's int4 x int8, AVX-512 VNNI; 6 int8f: int8f.cpp's int8 in fp32; 7 int4h:
-// int4h.cpp's int4 in fp16, AVX512-FP16 and VBMI): none without AVX-512 (the Python side then keeps torch's kernels).
+// neolm_features() says which kernels this build has (bit 0 f32, 1 bf16, 2 int8, 3 int4, 4 int8a8, 5 int4a8 and
+// 8 int8a16: int8a8.cpp's int8 x int8 and int8 x 16 bits, int4a8.cpp's int4 x int8, AVX-512 VNNI; 6 int8f:
+// int8f.cpp's int8 in fp32; 7 int4h: int4h.cpp's int4 in fp16, AVX512-FP16 and VBMI): none without AVX-512 (the
+// Python side then keeps torch's kernels).
 
 #include <cmath>
 
@@ -36,7 +37,7 @@ int neolm_features() {
   f |= 2 | 4 | 8;
 #endif
 #ifdef __AVX512VNNI__
-  f |= 16 | 32;
+  f |= 16 | 32 | 256;
 #endif
 #if defined(__AVX512FP16__) && defined(__AVX512VBMI__)
   f |= 128;

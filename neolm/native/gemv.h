@@ -68,9 +68,11 @@ inline int64_t a8_work_bytes(int64_t m, int64_t k) { return m * a8_row_bytes(k) 
 inline int64_t h_row_halves(int64_t k) { return (k + 31) & ~int64_t(31); }  // a row of x' (fp16), 64-byte multiple
 inline int64_t h_block(int64_t g) { return g < 64 ? g : 64; }
 inline int64_t h_work_bytes(int64_t m, int64_t k, int64_t g) { return m * h_row_halves(k) * 2 + m * (k / h_block(g) + 1) * 4; }
+// int8a8.cpp's 16-bit form quantizes each row of X into two rows of bytes: a8_work_bytes(2 m, k) holds them.
+inline int64_t a16_work_bytes(int64_t m, int64_t k) { return a8_work_bytes(2 * m, k); }
 // What any of them needs (int4h.cpp's groups are at least 32 in-features): decode.cpp's scratch.
 inline int64_t work_bytes(int64_t m, int64_t k) {
-  const int64_t a = a8_work_bytes(m, k), h = h_work_bytes(m, k, 32);
+  const int64_t a = a16_work_bytes(m, k), h = h_work_bytes(m, k, 32);
   return a > h ? a : h;
 }
 
@@ -194,6 +196,9 @@ void gemm_int4h(const float* x, int64_t m, const uint8_t* w, const void* bias, i
 // int8 codes (int8a8.cpp's layout) against rows of X quantized to int8 on the fly; `work`: a8_work_bytes(m, k).
 void gemm_int8a8(const float* x, int64_t m, const uint8_t* w, const uint16_t* scale, const void* bias, int bias_bf16,
                  void* y, int out_bf16, int64_t n, int64_t k, uint8_t* work);
+// The same codes against rows of X quantized to 16 bits on the fly (int8a8.cpp); `work`: a16_work_bytes(m, k).
+void gemm_int8a16(const float* x, int64_t m, const uint8_t* w, const uint16_t* scale, const void* bias, int bias_bf16,
+                  void* y, int out_bf16, int64_t n, int64_t k, uint8_t* work);
 // int4 codes (int4.cpp's layout) against rows of X quantized to int8 on the fly (int4a8.cpp); `work` as above.
 void gemm_int4a8(const float* x, int64_t m, const uint8_t* w, const float* s, const float* c, const void* bias,
                  int bias_bf16, void* y, int out_bf16, int64_t n, int64_t k, int64_t g, uint8_t* work);

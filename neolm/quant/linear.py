@@ -181,10 +181,12 @@ class Int8Linear(QuantLinear):
         super().__init__(in_features, out_features, bias, dtype, device)
         self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scale", torch.empty(out_features, dtype=SCALE_DTYPE, device=device))  # (N,)
-        # of qweight: "rows" (N, K); "a8" (neolm.native.int8a8_pack's, the only copy of the codes while the
-        # activations are quantized too: `quantize_activations`); or "panels" (neolm.native.int8f_pack's, for
-        # int8f.cpp's fp32 arithmetic where this CPU's bf16 is slow: `prepare`)
+        # of qweight (`prepare` picks it: `wanted_layout`): "rows" (N, K); "a8" (neolm.native.int8a8_pack's, for
+        # int8a8.cpp's integer arithmetic: x in 16 bits where this CPU's bf16 is slow, or in 8 bits once
+        # `quantize_activations`); or "panels" (neolm.native.int8f_pack's, for int8f.cpp's fp32 arithmetic where
+        # this CPU's bf16 is slow and it has no VNNI)
         self.layout = "rows"
+        self.a8 = False  # `quantize_activations`: every product quantizes its input rows to int8
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -214,33 +216,48 @@ class Int8Linear(QuantLinear):
 
     def int8_activations(self) -> bool:
         """Whether every product quantizes its input rows to int8 first (`quantize_activations`)."""
-        return self.layout == "a8" and self.native and self._on_cpu_in_float()
+        return self.a8 and self.layout == "a8" and self.native and self._on_cpu_in_float()
 
-    def in_fp32(self) -> bool:
-        """Whether the products run in int8f.cpp's fp32 arithmetic (codes in its panels): native kernels on CPU in
-        a float model, weight-only, where oneDNN's fp32 GEMM outruns its bf16 one (`gemm_dtype`: a CPU whose
-        bf16 instructions are slow, such as a Xeon without AMX; there whole decode steps ran 1.1-1.6x faster than
-        on gemm.cpp's bf16 kernels at one row and 1.9x at 8: bench/PROFILE.md, session 16)."""
-        return (self.native and self._on_cpu_in_float() and self.layout != "a8" and "int8f" in native.available()[0]
-                and gemm_dtype() == torch.float32)  # fmt: skip
+    def wanted_layout(self) -> str:
+        """The codes' layout for this CPU's kernels (as the layer is now: device, dtype, `quantize_activations`).
+
+        Where oneDNN's fp32 GEMM outruns its bf16 one (`gemm_dtype`: a CPU whose bf16 instructions are slow, such
+        as a Xeon without AMX), weight-only int8 goes to int8a8.cpp with x quantized to 16 bits a row (VNNI, two
+        int8 passes, exact int32 sums: at pythia-1.4b's shapes 1.2x int8f.cpp's speed at one row and 8, 2.4x at
+        512; bench/PROFILE.md, session 18), or without VNNI to int8f.cpp's fp32 arithmetic (1.1-1.6x gemm.cpp's
+        bf16 kernels at one row, 1.9x at 8: session 16). Elsewhere the codes stay rows, for gemm.cpp's bf16
+        kernels and oneDNN's bf16 GEMM."""
+        if not (self.native and self._on_cpu_in_float()):
+            return "rows"
+        have = native.available()[0]
+        if self.a8:
+            return "a8"  # (`quantize_activations` checked int8a8)
+        if gemm_dtype() == torch.float32:
+            if "int8a16" in have:
+                return "a8"
+            if "int8f" in have:
+                return "panels"
+        return "rows"
 
     def takes_int8_activations(self) -> bool:
         return self.native and self._on_cpu_in_float() and "int8a8" in native.available()[0]
 
     def quantize_activations(self) -> None:
         """From now on, quantize the input rows to int8 too: the codes go to int8a8.cpp's layout."""
+        self.a8 = True
         if self.layout != "a8":
             self.qweight, self.layout = native.int8a8_pack(self.codes()), "a8"
         self.use_kernel = True  # (int8a8.cpp takes any width)
 
     def _a8(self, x, qweight, scale, bias):  # the gemv interface of neolm.ops
-        return native.int8a8_matmul(x, qweight, scale, bias, self.out_features, self.in_features)
+        bits = 8 if self.a8 else 16
+        return native.int8a8_matmul(x, qweight, scale, bias, self.out_features, self.in_features, bits)
 
     def _f8(self, x, qweight, scale, bias):  # the gemv interface of neolm.ops
         return native.int8f_matmul(x, qweight, scale, bias, self.out_features, self.in_features)
 
     def matmul(self, x):
-        if self.int8_activations():
+        if self.layout == "a8":
             return self._a8(x, self.qweight, self.scale, None)
         if self.layout == "panels":
             return self._f8(x, self.qweight, self.scale, None)
@@ -253,15 +270,18 @@ class Int8Linear(QuantLinear):
             return {}
         if self.int8_activations():
             return {"native int8 x int8": self._a8}
+        if self.layout == "a8":
+            return {"native": self._a8}
         if self.layout == "panels":
             return {"native": self._f8}
         if self.native_weights() is not None and "int8" in native.available()[0]:
             return {"native": native.int8_gemv}
         return {"inductor": compiled(kernels.int8_gemv, self.qweight, self.scale, self.bias)}
 
-    def prefills(self):  # (bf16 GEMMs are slow without bf16 hardware; the codes convert natively). int8f.cpp takes
-        # prompts too: its linears at 512 rows 1.18x the GEMM's speed at gpt-neo-125M's shapes, 1.0x at
-        # pythia-1.4b's and at 1024-2048 rows (bench/PROFILE.md, session 16)
+    def prefills(self):  # (bf16 GEMMs are slow without bf16 hardware; the codes convert natively). int8a8.cpp and
+        # int8f.cpp take prompts too: int8f.cpp's linears at 512 rows 1.18x the GEMM's speed at gpt-neo-125M's
+        # shapes, 1.0x at pythia-1.4b's and at 1024-2048 rows (bench/PROFILE.md, session 16); int8a8.cpp's 16-bit
+        # form 2.4x int8f.cpp's at pythia-1.4b's (session 18)
         return (self.native and self.qweight.device.type == "cpu" and "bf16" in native.available()[0]
                 and self.layout == "rows")  # fmt: skip
 
@@ -274,29 +294,29 @@ class Int8Linear(QuantLinear):
     def native_weights(self):
         if not (self.native and self._on_cpu_in_float()):
             return None
-        if self.int8_activations():
-            return native.Weights("int8a8", self.qweight, self.scale, None, self.bias, self.out_features, self.in_features)
+        if self.layout == "a8":
+            kind = "int8a8" if self.a8 else "int8a16"
+            return native.Weights(kind, self.qweight, self.scale, None, self.bias, self.out_features, self.in_features)
         if self.layout == "panels":
             return native.Weights("int8f", self.qweight, self.scale, None, self.bias, self.out_features,
                                   self.in_features)  # fmt: skip
         return native.Weights("int8", self.qweight, self.scale, bias=self.bias, n=self.out_features, k=self.in_features)
 
     def prepare(self, name=""):
-        if self.layout == "a8" and not (self.native and self._on_cpu_in_float()):  # (moved off CPU, or to fp16)
-            self.qweight, self.layout = self.codes(), "rows"
-        if self.layout == "panels" and not self.in_fp32():
+        layout = self.wanted_layout()
+        if self.layout not in ("rows", layout):  # (moved off CPU or to fp16, or a layout this CPU does not take)
             self.qweight, self.layout = self.codes(), "rows"
         rows = kernels.check_rows(self.out_features, self.qweight.device)
         want = self.dequantize(torch.float32, rows)  # the check's reference, from the codes as they are now
-        if self.layout == "rows" and self.in_fp32():
-            self.qweight, self.layout = native.int8f_pack(self.qweight), "panels"  # (a copy in huge pages)
-            self._prepared_on = self.qweight.device
-        elif self.layout == "a8":  # int8a8_pack's own copy (in huge pages): nothing to copy
+        if self.layout != layout:  # rows to one of the kernels' layouts: a copy in huge pages
+            pack = native.int8a8_pack if layout == "a8" else native.int8f_pack
+            self.qweight, self.layout, self._prepared_on = pack(self.qweight), layout, self.qweight.device
+        elif self.layout != "rows":  # packed before: their own copy, nothing to copy
             self._prepared_on = self.qweight.device
         else:
             super().prepare(name)
-            if self.in_features % 32 and self.layout == "rows":  # aten's CPU int8 kernel crashes (not fails) on
-                self.use_kernel = False  # such widths, e.g. 60; int8a8.cpp and int8f.cpp take any width
+            if self.in_features % 32:  # aten's CPU int8 kernel crashes (not fails) on such widths, e.g. 60;
+                self.use_kernel = False  # int8a8.cpp and int8f.cpp take any width
                 return
         self.use_kernel = kernels.agrees(self.matmul, want, name or "int8 layer", rows)
 
