@@ -73,6 +73,7 @@ _SIGNATURES = {
     "neolm_gemm_int4a8": [_p, _i64, _p, _p, _p, _p, _int, _p, _int, _i64, _i64, _i64, _p],
     "neolm_a8_work_bytes": [_i64, _i64],
     "neolm_gemm_int8a16": [_p, _i64, _p, _p, _p, _int, _p, _int, _i64, _i64, _p],
+    "neolm_int8a8_repack": [_p, _p, _i64, _i64, _int],
     "neolm_a16_work_bytes": [_i64, _i64],
     "neolm_gemm_int4": [_p, _i64, _p, _p, _p, _p, _int, _p, _int, _i64, _i64, _i64],
     "neolm_gemm_int4h": [_p, _i64, _p, _p, _int, _p, _int, _i64, _i64, _i64, _p],
@@ -246,26 +247,22 @@ def int8a8_pack(q: torch.Tensor) -> torch.Tensor:
     """int8 codes (N, K) -> int8a8.cpp's layout, uint8 (N/32 panels, K/4 quads, 32, 4) (rounded up, padded
     with zero codes): code + 128 for feature 32 p + f, in-feature 4 j + b at [p, j, f, b]."""
     n, k = q.shape
-    panels, quads = -(-n // A8_PANEL), -(-k // A8_QUAD)
-    shape = (panels, quads, A8_PANEL, A8_QUAD)
-    out = huge_empty(shape, torch.uint8) if q.device.type == "cpu" else torch.empty(shape, dtype=torch.uint8, device=q.device)
-    step = max(1, (1 << 20) // (A8_PANEL * k))  # panels a block: ~1 MiB of temporaries (no heap holes left behind)
-    for p0 in range(0, panels, step):
-        p1 = min(panels, p0 + step)
-        rows = q[p0 * A8_PANEL : p1 * A8_PANEL]
-        u = F.pad(rows, (0, quads * A8_QUAD - k, 0, (p1 - p0) * A8_PANEL - rows.shape[0])).view(torch.uint8) ^ 128
-        out[p0:p1] = u.view(p1 - p0, A8_PANEL, quads, A8_QUAD).transpose(1, 2)  # q + 128
+    assert q.device.type == "cpu" and q.dtype == torch.int8
+    q = q.contiguous()
+    out = huge_empty((-(-n // A8_PANEL), -(-k // A8_QUAD), A8_PANEL, A8_QUAD), torch.uint8)
+    _library()[0].neolm_int8a8_repack(q.data_ptr(), out.data_ptr(), n, k, 1)
     return out
 
 
 def int8a8_unpack(packed: torch.Tensor, n: int, k: int, rows: torch.Tensor | None = None) -> torch.Tensor:
-    """int8a8_pack's inverse: the int8 codes (N, K); or only those of the output rows `rows` (len(rows), K)."""
+    """int8a8_pack's inverse: the int8 codes (N, K), on packed's device; or only those of the output rows `rows`
+    (len(rows), K)."""
     if rows is not None:
         picked = packed[rows // A8_PANEL, :, rows % A8_PANEL, :]  # (len(rows), K/4 quads, 4)
         return (picked.reshape(len(rows), -1)[:, :k] ^ 128).contiguous().view(torch.int8)
-    panels, quads = packed.shape[:2]
-    rows = (packed.transpose(1, 2) ^ 128).reshape(panels * A8_PANEL, quads * A8_QUAD)[:n, :k]
-    return rows.contiguous().view(torch.int8)
+    host, out = packed.cpu().contiguous(), torch.empty(n, k, dtype=torch.int8)
+    _library()[0].neolm_int8a8_repack(out.data_ptr(), host.data_ptr(), n, k, 0)
+    return out.to(packed.device)
 
 
 def int8a8_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
