@@ -148,6 +148,9 @@ def _bias(bias: torch.Tensor | None) -> tuple[int | None, int]:
 
 
 def _out(x: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
+    """The output (M, N) of a product of x, in x's dtype, and whether it is bf16 (the kernels write fp32 or bf16)."""
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"neolm's native kernels take float32 or bfloat16 inputs, not {x.dtype}")
     return torch.empty(x.shape[0], n, dtype=x.dtype), int(x.dtype == torch.bfloat16)
 
 
