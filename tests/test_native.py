@@ -494,3 +494,12 @@ def test_every_source_is_packaged():
     patterns = pyproject["tool"]["setuptools"]["package-data"]["neolm"]
     for path in native.SOURCES + native.HEADERS:
         assert any(fnmatch.fnmatch(f"native/{path.name}", p) for p in patterns), path.name
+
+
+@needs["int8a16"]
+def test_native_matmuls_refuse_other_input_dtypes():
+    """The kernels write fp32 or bf16: an fp16 input is refused, not given an fp32 result in its buffer."""
+    q = torch.randint(-127, 128, (40, 64), dtype=torch.int8)
+    scale = torch.rand(40).bfloat16()
+    with pytest.raises(TypeError, match="float16"):
+        native.int8a8_matmul(torch.randn(2, 64).half(), native.int8a8_pack(q), scale, None, 40, 64, 16)
