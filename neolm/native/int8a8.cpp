@@ -45,12 +45,14 @@
 
 namespace neolm {
 
+constexpr int PANEL = 32;  // out-features a panel (neolm/native/__init__.py A8_PANEL)
+constexpr int64_t QUAD_BYTES = 4 * PANEL;
+
 #if defined(NEOLM_AVX512) && defined(__AVX512VNNI__)
 
 namespace {
 
-constexpr int PANEL = 32, X_ROWS = 12;
-constexpr int64_t QUAD_BYTES = 4 * PANEL;
+constexpr int X_ROWS = 12;
 // Prefetch distance in a panel's stream (one tile at a time reads it from memory): 32 quads. At 8 rows a quad
 // takes ~8 cycles, so 2 KiB ahead (session 11's distance) asks for a line ~50 ns before its use, less than the
 // memory's latency: 4 KiB measured 1.05-1.07x faster at 6-8 rows, equal at 1.
@@ -181,13 +183,13 @@ void gemm_a8(const float* x, int64_t m, const uint8_t* w, const uint16_t* scale,
         const __m512 sx = _mm512_set1_ps(xs[r]);
         for (int z = 0; z < PANEL / 16 && f0 + 16 * z < n; z++) {
           const int64_t c = f0 + 16 * z;
-          const __m512i at = _mm512_load_si512(out + i * PANEL + 16 * z);
-          __m512 sum = _mm512_cvtepi32_ps(_mm512_sub_epi32(at, _mm512_set1_epi32(128 * xsum[t0 + i])));
-          if constexpr (BITS == 16) {  // (each part exact in int32; 256 hi + lo would not fit)
-            const __m512i lo = _mm512_load_si512(out + (i + 1) * PANEL + 16 * z);
-            const __m512 lsum = _mm512_cvtepi32_ps(_mm512_sub_epi32(lo, _mm512_set1_epi32(128 * xsum[t0 + i + 1])));
-            sum = _mm512_fmadd_ps(sum, _mm512_set1_ps(256.0f), lsum);
-          }
+          const auto part = [&](int row) {  // a row of q's sums for these 16 features: sum - 128 xsum, exact
+            const __m512i at = _mm512_load_si512(out + row * PANEL + 16 * z);
+            return _mm512_cvtepi32_ps(_mm512_sub_epi32(at, _mm512_set1_epi32(128 * xsum[t0 + row])));
+          };
+          __m512 sum = part(i);
+          if constexpr (BITS == 16) sum = _mm512_fmadd_ps(sum, _mm512_set1_ps(256.0f), part(i + 1));  // (256 hi + lo
+          // would not fit in int32: each part rounded once to fp32)
           put(y, out_bf16, r * n + c, _mm512_fmadd_ps(sum, _mm512_mul_ps(sx, ws[z]), bs[z]), first(n - c));
         }
       }
@@ -213,19 +215,18 @@ void gemm_int8a16(const float* x, int64_t m, const uint8_t* w, const uint16_t* s
 // at a time split over the threads, 16 quads at a time so that both sides' lines stay in L1, 4 bytes (one
 // feature's quad) a move: torch's strided byte copies took ~1.7 s of a pythia-1.4b's load.
 void int8a8_repack(int8_t* rows, uint8_t* panels, int64_t n, int64_t k, int to_panels) {
-  constexpr int64_t P = 32, QB = 4 * P;  // (PANEL, QUAD_BYTES: also without AVX-512)
   constexpr uint32_t FLIP = 0x80808080u;  // code + 128, byte by byte
-  const int64_t quads = (k + 3) / 4, count = (n + P - 1) / P, whole = k / 4;
+  const int64_t quads = (k + 3) / 4, count = (n + PANEL - 1) / PANEL, whole = k / 4;
 #pragma omp for schedule(static)
   for (int64_t p = 0; p < count; p++) {
-    uint8_t* panel = panels + p * quads * QB;
+    uint8_t* panel = panels + p * quads * QUAD_BYTES;
     for (int64_t j0 = 0; j0 < quads; j0 += 16) {
       const int64_t j1 = std::min(quads, j0 + 16);
-      for (int64_t f = 0; f < P; f++) {
-        const int64_t row = p * P + f;
+      for (int64_t f = 0; f < PANEL; f++) {
+        const int64_t row = p * PANEL + f;
         int8_t* src = rows + row * k;
         for (int64_t j = j0; j < j1; j++) {
-          uint8_t* at = panel + j * QB + 4 * f;
+          uint8_t* at = panel + j * QUAD_BYTES + 4 * f;
           if (row < n && j < whole) {
             uint32_t v;
             if (to_panels) {
