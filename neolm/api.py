@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from neolm import checkpoint, hub
+from neolm import checkpoint, hub, memory
 from neolm.config import Config
 from neolm.errors import NeolmError
 from neolm.generate import GenerationConfig, generate, iter_generate
@@ -217,9 +217,9 @@ def load(
     quantized layers take them for products of any size (codes converted for oneDNN's GEMM from 48 rows on,
     int4 from 160, or 64 where the GEMM runs in fp32; on a CPU whose bf16 is slow, int8 against activations in
     16 bits a row (int8a8.cpp, VNNI; without it int8f.cpp's fp32 panels) and int4 in int4h.cpp's fp16 panels at
-    every size), and the attention of prompts
-    (neolm.native.attention). Training stays in torch. False:
-    every step and layer in torch and aten.
+    every size), the attention of prompts and their rotary embedding (neolm.native.attention); and glibc's
+    malloc keeps freed memory for the next pass instead of faulting it in again (neolm.memory.reuse_freed,
+    process-wide). Training stays in torch. False: every step and layer in torch and aten.
     compile: on CPU, instead time every kernel each layer shape can use for one-token products (the output
     head's; every block's too when no native step runs) and keep the fastest (neolm.native's, torch.compile's
     or the layer's own; needs a C++ compiler; neolm.ops.compile_gemv).
@@ -264,6 +264,8 @@ def load(
         log.info("prompt attention: %s", f"in torch ({why_not})" if why_not else "native")
         if not compile:
             use_native([net.lm_head])
+        if device.type == "cpu":
+            memory.reuse_freed()
     tokenizer = load_tokenizer(folder, default=config.tokenizer)
     defaults = checkpoint.read_generation_defaults(folder, GenerationConfig.field_names())
     seconds = time.perf_counter() - start

@@ -279,3 +279,23 @@ def test_huge_page_advice_keeps_values():
     out = memory.huge_copy(src, torch.bfloat16)
     assert out.dtype == torch.bfloat16 and torch.equal(out, src.bfloat16())
     assert memory.advise_huge_pages(torch.empty(10)) is False  # too small to be worth it
+
+
+def test_freed_activations_are_reused_not_faulted_in_again():
+    """neolm.memory.reuse_freed (neolm.load on CPU): a block as large as a prompt's activations, freed and asked
+    for again, comes back from the heap: no fresh pages for the kernel to fault in and zero."""
+    import resource
+
+    from neolm import memory
+
+    if not memory.reuse_freed():
+        pytest.skip("the C library is not glibc")
+
+    def faults_of_a_filled_block():
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        block = torch.empty(5 << 20).fill_(1.0)  # 20 MiB: 5k pages
+        del block
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    faults_of_a_filled_block()
+    assert faults_of_a_filled_block() < 500

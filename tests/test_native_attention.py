@@ -1,6 +1,6 @@
 """neolm.native.attention: prompt attention on the AVX-512 kernels equals F.scaled_dot_product_attention for
-every mask the model makes (causal, sliding window, padding, a cache offset), and the model uses it only where
-it should."""
+every mask the model makes (causal, sliding window, padding, a cache offset), the native rotary embedding equals
+the model's bit for bit, and the model uses them only where it should."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import torch.nn.functional as F
 import neolm
 from conftest import TINY, hf_model, save_hf
 from neolm import native
-from neolm.native.attention import prompt_attention
+from neolm.model import apply_rotary, apply_rotary_, rotary_table
+from neolm.native.attention import prompt_attention, rotate
 
 HAVE, WHY = native.available()
 pytestmark = pytest.mark.skipif("f32" not in HAVE, reason=f"no native kernels here: {WHY}")
@@ -38,7 +39,7 @@ def _masks(B, T, S, g):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-@pytest.mark.parametrize("d", [8, 64, 80, 256])  # one vector with a tail, whole vectors, a tail, two passes
+@pytest.mark.parametrize("d", [8, 64, 80, 256])  # a vector with a tail; one pass; two, with a tail; four
 @pytest.mark.parametrize("B,H,T,S", [(1, 3, 5, 5), (2, 2, 37, 37), (3, 2, 9, 40), (2, 1, 70, 130), (1, 2, 300, 300), (2, 1, 40, 600)])
 def test_equals_sdpa(dtype, tol, d, B, H, T, S):
     """(300 and 600 keys: a key table of several pages, many blocks of queries.)"""
@@ -83,8 +84,8 @@ def test_the_model_uses_it_only_when_native(tmp_path, name, monkeypatch):
     """neolm.load gives every block the kernel (native=False: none), and a padded batch's logits agree."""
     folder = save_hf(hf_model(TINY[name]), tmp_path)
     on, off = neolm.load(folder).model, neolm.load(folder, native=False).model
-    assert all(b.attn.attend is prompt_attention for b in on.blocks)
-    assert all(b.attn.attend is None for b in off.blocks)
+    assert all(b.attn.attend is prompt_attention and b.attn.rotate is rotate for b in on.blocks)
+    assert all(b.attn.attend is None and b.attn.rotate is None for b in off.blocks)
     calls = []
     for block in on.blocks:
         monkeypatch.setattr(block.attn, "attend", lambda *a: calls.append(1) or prompt_attention(*a))
@@ -95,3 +96,42 @@ def test_the_model_uses_it_only_when_native(tmp_path, name, monkeypatch):
         got, want = on(ids, key_valid=valid), off(ids, key_valid=valid)
     assert len(calls) == len(on.blocks)
     assert (got - want).abs().max().item() < 1e-4
+
+
+def _qkv_and_rope(dtype, B, T, H, D, dims, seed=0):
+    """A fused projection's q, k, v (3, B, H, T, D) as the model views it, and the cos, sin rows (B, 1, T, dims)
+    of each sequence's own positions (a padded batch: they differ)."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(B, T, H, 3, D, generator=g).to(dtype).permute(3, 0, 2, 1, 4)
+    cos, sin = rotary_table(4 * T, dims, 10000.0)
+    positions = torch.randint(0, 3 * T, (B, 1), generator=g) + torch.arange(T)  # (B, T)
+    return qkv, (cos[positions][:, None].to(dtype), sin[positions][:, None].to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("D,dims", [(64, 16), (128, 32), (80, 80), (256, 64), (96, 24)])  # pythia's quarter, all dims,
+def test_rotate_equals_apply_rotary_bit_for_bit(dtype, D, dims):  # half-vectors (8, 12 pairs), several vectors
+    """The native kernel and the model's in-place rotation give apply_rotary's numbers exactly (each product
+    rounded to the dtype, then their sum), touch only q and k's rotated dims, and leave v alone."""
+    qkv, rope = _qkv_and_rope(dtype, 2, 19, 3, D, dims)
+    want = apply_rotary(qkv[:2], *rope)
+    native_, torch_ = qkv.clone(), qkv.clone()
+    assert rotate(native_[:2], *rope)
+    apply_rotary_(torch_[:2], *rope)
+    for got in (native_, torch_):
+        assert torch.equal(got[:2], want)
+        assert torch.equal(got[2], qkv[2])
+        assert torch.equal(got[:2, ..., dims:], qkv[:2, ..., dims:])
+
+
+def test_rotate_declines_what_it_does_not_take():
+    qkv, (cos, sin) = _qkv_and_rope(torch.float32, 1, 6, 2, 16, 8)
+    x = qkv[:2]
+    assert not rotate(x.half(), cos.half(), sin.half())
+    assert not rotate(x, cos.double(), sin.double())  # (the model gives the table in x's dtype)
+    assert not rotate(x, cos[..., :3], sin[..., :3])  # an odd number of dims
+    assert not rotate(x, cos[:, :, :4], sin[:, :, :4])  # rows for other positions
+    assert not rotate(x.transpose(-1, -2).contiguous().transpose(-1, -2), cos, sin)
+    with torch.enable_grad():
+        assert not rotate(x.clone().requires_grad_(), cos, sin)  # training: apply_rotary's autograd
+    assert torch.equal(x, qkv[:2])  # none of them touched it

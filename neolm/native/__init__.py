@@ -83,6 +83,7 @@ _SIGNATURES = {
     "neolm_decode_step": [_p, _i64, _p, _i64, _p, _p, _p, _p, _i64, _p, _p, _p, _p, _int, _i64, _p],  # neolm/native/decode.py
     "neolm_decode_scratch_bytes": [_p, _i64],
     "neolm_attention": [_p, _p, _p, _p, _p, _p, _p, _int, _i64, _i64, _i64, _i64, _i64, _p, _i64, _i64, ctypes.c_float],
+    "neolm_rotary": [_p, _p, _int, _i64, _i64, _i64, _i64, _i64, _p, _p],
 }
 
 

@@ -15,7 +15,7 @@ import torch
 
 from neolm import native
 
-MAX_HEAD_DIM = 256  # attention.cpp's value kernel: 8 vectors of 16 dims a pass, any number of passes; kept to
+MAX_HEAD_DIM = 256  # attention.cpp's value kernel: 64 dims a pass, any number of passes; kept to
 # the head sizes of GPT-Neo and Pythia (64-256)
 
 
@@ -66,10 +66,35 @@ def prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, sc
     return y
 
 
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """neolm.model.apply_rotary_ (the rotary embedding of q and k in place, same roundings) on x (2, B, H, T, D)
+    with cos, sin (B, 1, T, dims); False: not a call this kernel takes (gradients, another device or dtype,
+    other shapes)."""
+    n, B, H, T, D = x.shape
+    dims = cos.shape[-1]
+    if (
+        x.dtype not in (torch.float32, torch.bfloat16)
+        or x.device.type != "cpu"
+        or x.stride(-1) != 1
+        or (torch.is_grad_enabled() and x.requires_grad)
+        or dims % 2
+        or dims > D
+        or any(t.dtype != x.dtype or t.shape != (B, 1, T, dims) for t in (cos, sin))
+    ):
+        return False
+    cos, sin = cos.contiguous(), sin.contiguous()
+    native._library()[0].neolm_rotary(
+        x.data_ptr(), (ctypes.c_int64 * 4)(*x.stride()[:4]), int(x.dtype == torch.bfloat16), n, B, H, T, dims,
+        cos.data_ptr(), sin.data_ptr(),
+    )  # fmt: skip
+    return True
+
+
 def attach(model) -> str:
-    """Set every block's `attn.attend` to `prompt_attention` where this machine has the kernels (else None);
-    returns "" or why not."""
+    """Set every block's `attn.attend` to `prompt_attention` and `attn.rotate` to `rotate` where this machine has
+    the kernels (else None); returns "" or why not."""
     have, why = native.available()
     for block in model.blocks:
         block.attn.attend = prompt_attention if have else None
+        block.attn.rotate = rotate if have else None
     return why if not have else ""
