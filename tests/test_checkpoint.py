@@ -281,21 +281,21 @@ def test_huge_page_advice_keeps_values():
     assert memory.advise_huge_pages(torch.empty(10)) is False  # too small to be worth it
 
 
-def test_freed_activations_are_reused_not_faulted_in_again():
-    """neolm.memory.reuse_freed (neolm.load on CPU): a block as large as a prompt's activations, freed and asked
-    for again, comes back from the heap: no fresh pages for the kernel to fault in and zero."""
-    import resource
+def test_reuse_freed_sets_malloc_thresholds_and_load_asks_for_it(tmp_path, monkeypatch):
+    """neolm.memory.reuse_freed: glibc's malloc takes both thresholds (mallopt returns 1 for each); neolm.load
+    asks for it on CPU with the native kernels, not with native=False. (Its effect, 89k page faults a 512-token
+    pythia-1.4b prompt -> 0, depends on the sequence of a real pass's allocations: bench/PROFILE.md, session 19.)"""
+    import platform
 
-    from neolm import memory
+    from neolm import api, memory
 
-    if not memory.reuse_freed():
+    if platform.libc_ver()[0] != "glibc":
         pytest.skip("the C library is not glibc")
-
-    def faults_of_a_filled_block():
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        block = torch.empty(5 << 20).fill_(1.0)  # 20 MiB: 5k pages
-        del block
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-
-    faults_of_a_filled_block()
-    assert faults_of_a_filled_block() < 500
+    assert memory.reuse_freed() is True
+    calls = []
+    monkeypatch.setattr(memory, "reuse_freed", lambda: calls.append(1))
+    folder = save_hf(hf_model(TINY["neo"]), tmp_path)
+    api.load(folder, device="cpu", native=False)
+    assert calls == []
+    api.load(folder, device="cpu")
+    assert calls == [1]

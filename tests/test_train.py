@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -119,6 +120,20 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tiny_data, tmp_path):
     assert losses(killed) == losses(straight)  # exactly
     a, b = (neolm.load(p / "final").model.state_dict() for p in (straight, killed))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_drops_a_metrics_line_cut_short(tiny_data, tmp_path):
+    """A crash while a line of metrics.jsonl was being written leaves half a line: resuming drops it (with the
+    lines after the checkpoint) instead of failing on it, and the run reads as the uninterrupted one."""
+    run = tmp_path / "run"
+    train(run_args(tiny_data, run, max_steps=6, save_every=3))
+    straight = losses(run)
+    (run / "checkpoints" / "latest").write_text("step-00000003")  # as if it had died after step 3's checkpoint
+    shutil.rmtree(run / "final")
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "lo')
+    train(run_args(tiny_data, run, max_steps=6, save_every=3, resume=True))
+    assert losses(run) == straight
 
 
 def test_two_gloo_ranks_equal_one_process(tiny_data, tmp_path):

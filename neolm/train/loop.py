@@ -291,7 +291,7 @@ class Run:
         if self.rank == 0:  # drop metrics written after the checkpoint, so the log reads as one run
             metrics = self.out / "metrics.jsonl"
             if metrics.exists():
-                kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+                kept = [line for line in metrics.read_text().splitlines() if _step_of(line) <= self.step]
                 _atomic_write(metrics, "".join(line + "\n" for line in kept))
         log.info("resumed from %s at step %d", source, self.step)
 
@@ -392,6 +392,15 @@ def _mean_over_ranks(value: torch.Tensor, world: int) -> float:
         dist.all_reduce(value)
         value /= world
     return float(value)
+
+
+def _step_of(line: str) -> float:
+    """The step of a metrics.jsonl line; infinity for a line cut short (a crash while writing it), so that a
+    resume drops it."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
 
 
 def _atomic_write(path: Path, text: str) -> None:
