@@ -140,23 +140,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((rotated, rest), dim=-1)
 
 
-def apply_rotary_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    """apply_rotary in place, for inference: the same roundings (each product rounded, then their sum), touching
-    only the rotated dims (a quarter of Pythia's heads) where apply_rotary copies all of q and k."""
-    half = cos.shape[-1] // 2
-    c, s = cos[..., :half], sin[..., :half]  # (the table's two halves are equal)
-    half1, half2 = x[..., :half], x[..., half : 2 * half]
-    s1, s2 = half2 * s, half1 * s
-    half1.mul_(c).sub_(s1)
-    half2.mul_(c).add_(s2)
-
-
 class Attention(nn.Module):
     # fn(q (B, H, T, D), k, v (B, H, S, D), mask, scale) -> (B, T, H, D), or None to decline the call: a faster
     # kernel for the attention of prompts (neolm.native.attention sets it); None: scaled_dot_product_attention
     attend = None
-    # fn(x (2, B, H, T, D), cos, sin (B, 1, T, dims)) -> whether it rotated q and k (x) in place as apply_rotary_
-    # does: a faster kernel for inference (neolm.native.attention sets it); None, or False back: apply_rotary_
+    # fn(x (2, B, H, T, D), cos, sin (B, 1, T, dims)) -> whether it rotated q and k (x) in place, with apply_rotary's
+    # numbers: a faster kernel for inference (neolm.native.attention sets it); None, or False back: apply_rotary
     rotate = None
 
     def __init__(self, config: Config, window: int | None = None):
@@ -170,12 +159,8 @@ class Attention(nn.Module):
     def forward(self, x, rope, mask, kv: tuple | None, start: int):
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, self.n_head, 3, self.head_dim).permute(3, 0, 2, 1, 4)  # (3, B, H, T, D)
-        if rope is not None and qkv.requires_grad:
-            (q, k), v = apply_rotary(qkv[:2], *rope), qkv[2]  # q and k rotated together
-        else:
-            if rope is not None and not (self.rotate is not None and self.rotate(qkv[:2], *rope)):
-                apply_rotary_(qkv[:2], *rope)
-            q, k, v = qkv
+        rotated = rope is None or (self.rotate is not None and self.rotate(qkv[:2], *rope))
+        (q, k), v = qkv[:2] if rotated else apply_rotary(qkv[:2], *rope), qkv[2]  # q and k rotated together
         if kv is not None:  # write this step into the cache, attend over everything so far
             k, v = update_cache(kv, k, v, start)  # (B, H, S, D)
             if kv[2] is not None:  # an int8 cache: attention in fp32 over its dequantized numbers (as the native step)

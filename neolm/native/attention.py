@@ -67,9 +67,9 @@ def prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, sc
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
-    """neolm.model.apply_rotary_ (the rotary embedding of q and k in place, same roundings) on x (2, B, H, T, D)
-    with cos, sin (B, 1, T, dims); False: not a call this kernel takes (gradients, another device or dtype,
-    other shapes)."""
+    """The rotary embedding of q and k, x (2, B, H, T, D), in place, with neolm.model.apply_rotary's numbers (each
+    product rounded to x's dtype, then their sum), cos, sin (B, 1, T, dims); False: not a call this kernel takes
+    (gradients, another device or dtype, other shapes)."""
     n, B, H, T, D = x.shape
     dims = cos.shape[-1]
     if (
