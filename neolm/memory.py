@@ -24,12 +24,20 @@ MIN_BYTES = 4 * HUGE  # smaller tensors are not worth it
 
 
 @functools.cache
-def _madvise():
-    if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_HUGEPAGE"):
+def _libc() -> ctypes.CDLL | None:
+    """The C library (Linux), for madvise and glibc's malloc_trim and mallopt; None elsewhere or if it will not load."""
+    if not sys.platform.startswith("linux"):
         return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     except OSError:
+        return None
+
+
+@functools.cache
+def _madvise():
+    libc = _libc()
+    if libc is None or not hasattr(mmap, "MADV_HUGEPAGE"):
         return None
     fn = libc.madvise
     fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
@@ -55,11 +63,8 @@ def advise_huge_pages(t: torch.Tensor) -> bool:
 
 @functools.cache
 def _malloc_trim():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim  # glibc's
-    except (OSError, AttributeError):
+    fn = getattr(_libc(), "malloc_trim", None)  # glibc's
+    if fn is None:
         return None
     fn.argtypes, fn.restype = (ctypes.c_size_t,), ctypes.c_int
     return fn
@@ -78,11 +83,8 @@ def reuse_freed() -> bool:
     prompt through pythia-1.4b gave ~350 MB back to the OS and faulted it in again (89k page faults, each page
     zeroed by the kernel: 7% of the prompt's time; none with these settings, and no higher peak). Process-wide,
     once; `release_freed` still trims on demand. False where the C library is not glibc."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
-    except (OSError, AttributeError):
+    mallopt = getattr(_libc(), "mallopt", None)  # glibc's
+    if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     done = mallopt(M_MMAP_THRESHOLD, HEAP_BLOCKS) == 1 and mallopt(M_TRIM_THRESHOLD, KEEP_FREE) == 1
