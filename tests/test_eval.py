@@ -446,3 +446,15 @@ def test_the_start_up_hook_is_installed_and_imports_nothing_heavy():
     code = "from lm_eval.api.registry import get_model; print(get_model('neolm').__module__, get_model('hf').__name__)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert done.stdout.split() == ["neolm.eval.harness", "HFLM"], done.stderr[-1000:]
+
+
+def test_the_start_up_hook_is_silent_once_neolm_is_gone(tmp_path):
+    """An editable install whose source moved, or a .pth left by an uninstall, must not print a traceback
+    at every interpreter start: the hook imports _neolm_lm_eval only where it can be found."""
+    line = (Path(__file__).parents[1] / "neolm-lm-eval.pth").read_text()
+    (tmp_path / "neolm-lm-eval.pth").write_text(line)
+    code = f"import site, sys; site.addsitedir({str(tmp_path)!r}); print('_neolm_lm_eval' in sys.modules)"
+    done = subprocess.run([sys.executable, "-S", "-c", code], capture_output=True, text=True, timeout=60,
+                          check=False, cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr[-500:]
+    assert done.stderr == ""
