@@ -191,6 +191,7 @@ def load(
     native: bool = True,
     quantize_activations: bool = False,
     kv_cache_dtype: str | torch.dtype | None = None,
+    mmap: bool = False,
 ) -> LanguageModel:
     """Load a GPT-Neo or GPT-NeoX checkpoint: a local folder, a hub id, or `modelscope:ID`.
 
@@ -220,6 +221,11 @@ def load(
     every size), the attention of prompts and their rotary embedding (neolm.native.attention); and glibc's
     malloc keeps freed memory for the next pass instead of faulting it in again (neolm.memory.reuse_freed,
     process-wide). Training stays in torch. False: every step and layer in torch and aten.
+    mmap: on CPU, weights stored in the dtype asked for stay in the file's pages (copy-on-write, shared with
+    the page cache and with every process mapping the same file) instead of being copied into the process's
+    memory, as llama.cpp does by default: the load takes next to no time or new memory. Decoding from them was
+    2-4% slower (bench/PROFILE.md, session 20). Converted, fused (GPT-Neo's q/k/v) and quantized weights are
+    copied either way.
     compile: on CPU, instead time every kernel each layer shape can use for one-token products (the output
     head's; every block's too when no native step runs) and keep the fastest (neolm.native's, torch.compile's
     or the layer's own; needs a C++ compiler; neolm.ops.compile_gemv).
@@ -248,7 +254,7 @@ def load(
         net = load_model(folder, raw_config, config, dtype, device, quantize, group_size, quantize_head, native,
                          quantize_activations)  # fmt: skip
     else:
-        state = checkpoint.load_state_dict(folder, config, dtype)
+        state = checkpoint.load_state_dict(folder, config, dtype, mmap=mmap and device.type == "cpu")
         net = checkpoint.build_model(config, state, device)
     if quantize_activations:
         from neolm.quant.linear import quantize_activations as quantize_inputs

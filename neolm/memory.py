@@ -1,9 +1,9 @@
-"""Weights in transparent huge pages (Linux): decoding streams every weight once per token, and with 4 KiB
-pages the TLB misses cost ~20% of the bandwidth on a 1.4B model (bench/PROFILE.md).
+"""Process memory for weights and the C allocator's handling of freed activations (Linux, glibc).
 
-PyTorch asks for huge pages only when THP_MEM_ALLOC_ENABLE=1 is set before it starts; `huge_empty`
-advises them for one tensor's memory before it is first written, which works wherever the kernel's THP
-mode is `always` or `madvise` and is a no-op elsewhere.
+Weights of 8 MiB or more get a private anonymous mapping of their own (`weight_empty`), page-aligned and
+returned to the OS when freed. Huge pages are not asked for: with the native kernels prefetching 4 KiB ahead,
+decoding and prompts ran as fast from 4 KiB pages (bench/PROFILE.md, session 20), while on a VM the kernel's
+huge-page faults made loads 1.5-4x slower.
 """
 
 from __future__ import annotations
@@ -19,46 +19,18 @@ import torch
 
 log = logging.getLogger(__name__)
 
-HUGE = 2 << 20  # bytes in a huge page (x86-64, aarch64 with 4 KiB base pages)
-MIN_BYTES = 4 * HUGE  # smaller tensors are not worth it
+MIN_BYTES = 8 << 20  # smaller tensors come from the allocator's heap
 
 
 @functools.cache
 def _libc() -> ctypes.CDLL | None:
-    """The C library (Linux), for madvise and glibc's malloc_trim and mallopt; None elsewhere or if it will not load."""
+    """The C library (Linux), for glibc's malloc_trim and mallopt; None elsewhere or if it will not load."""
     if not sys.platform.startswith("linux"):
         return None
     try:
         return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     except OSError:
         return None
-
-
-@functools.cache
-def _madvise():
-    libc = _libc()
-    if libc is None or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return None
-    fn = libc.madvise
-    fn.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    fn.restype = ctypes.c_int
-    return fn
-
-
-def advise_huge_pages(t: torch.Tensor) -> bool:
-    """Ask the kernel to back t's (not yet touched) CPU memory with huge pages; False where it cannot."""
-    madvise = _madvise()
-    nbytes = t.untyped_storage().nbytes()
-    if madvise is None or t.device.type != "cpu" or nbytes < MIN_BYTES:
-        return False
-    start = t.untyped_storage().data_ptr()
-    lo, hi = -(-start // HUGE) * HUGE, (start + nbytes) // HUGE * HUGE  # whole huge pages inside
-    if hi <= lo:
-        return False
-    if madvise(lo, hi - lo, mmap.MADV_HUGEPAGE) != 0:
-        log.debug("madvise(MADV_HUGEPAGE) failed: errno %d", ctypes.get_errno())
-        return False
-    return True
 
 
 @functools.cache
@@ -101,29 +73,23 @@ def release_freed() -> None:
         trim(0)
 
 
-def huge_empty(shape, dtype: torch.dtype) -> torch.Tensor:
-    """torch.empty on CPU, advised into huge pages before anything is written to it.
+def weight_empty(shape, dtype: torch.dtype) -> torch.Tensor:
+    """torch.empty on CPU for a long-lived weight.
 
-    A tensor of MIN_BYTES or more gets a private anonymous mapping of its own (Linux), aligned to a huge
-    page and unmapped when the tensor is freed. From the allocator's heap, weights that live only for a
-    while (a float matrix read to be quantized) left their pages behind between long-lived ones, and with
-    huge pages advised the freed holes stayed resident (pythia-160m quantized while loading: 1.15 GB
+    A tensor of MIN_BYTES or more gets a private anonymous mapping of its own (Linux), unmapped when the
+    tensor is freed. From the allocator's heap, weights that live only for a while (a float matrix read to be
+    quantized) left their pages behind between long-lived ones (pythia-160m quantized while loading: 1.15 GB
     resident instead of 0.73).
     """
     shape = torch.Size(shape)
     nbytes = shape.numel() * dtype.itemsize
-    if nbytes < MIN_BYTES or _madvise() is None:
-        t = torch.empty(shape, dtype=dtype)
-        advise_huge_pages(t)
-        return t
-    region = mmap.mmap(-1, nbytes + HUGE, flags=mmap.MAP_PRIVATE)  # untouched pages cost nothing
-    region.madvise(mmap.MADV_HUGEPAGE)
-    raw = torch.frombuffer(region, dtype=torch.uint8)  # holds the mapping until the last view is freed
-    offset = -raw.data_ptr() % HUGE
-    return raw[offset : offset + nbytes].view(dtype).view(shape)
+    if nbytes < MIN_BYTES or not sys.platform.startswith("linux"):
+        return torch.empty(shape, dtype=dtype)
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)  # untouched pages cost nothing
+    return torch.frombuffer(region, dtype=dtype).view(shape)  # holds the mapping until the last view is freed
 
 
-def huge_copy(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """A copy of CPU tensor t (converted to dtype) in memory advised into huge pages."""
-    out = huge_empty(t.shape, dtype or t.dtype)
+def weight_copy(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A copy of CPU tensor t (converted to dtype) in memory of its own (`weight_empty`)."""
+    out = weight_empty(t.shape, dtype or t.dtype)
     return out.copy_(t)

@@ -80,6 +80,16 @@ def test_generate_no_echo_prints_only_the_continuation(folder, lm, capsys):
     assert out == lm.generate(PROMPT, max_new_tokens=5) + "\n"
 
 
+def test_generate_mmap_loads_in_place_with_the_same_text(folder, lm, capsys, monkeypatch):
+    """--mmap reaches neolm.load (weights left in the file's pages) and changes nothing in the text."""
+    seen = []
+    real = neolm.load
+    monkeypatch.setattr(neolm, "load", lambda *a, **k: seen.append(k["mmap"]) or real(*a, **k))
+    code, out, err = cli(capsys, "generate", "-m", folder, PROMPT, "--max-new-tokens", "5", "--mmap")
+    assert code == 0, err
+    assert seen == [True] and out == PROMPT + lm.generate(PROMPT, max_new_tokens=5) + "\n"
+
+
 def test_generate_with_a_bf16_kv_cache(folder, capsys):
     code, out, err = cli(capsys, "generate", "-m", folder, PROMPT, "--max-new-tokens", "5", "--kv-cache-dtype", "bfloat16")
     assert code == 0, err

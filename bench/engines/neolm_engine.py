@@ -6,7 +6,8 @@ counts in the load time, not in any decode figure), and "W8A8" / "W4A8" (int8 / 
 `quantize_activations=True`, each matmul's input rows quantized to int8 too, as CTranslate2's int8 and llama.cpp's
 Q8_0 / Q4_0 do), and "kv16" (`kv_cache_dtype="bfloat16"`: keys and values kept in bf16 beside fp32 activations, as
 llama.cpp keeps f16 caches by default), and "kv8" (`kv_cache_dtype="int8"`: int8 codes and a scale per key and value
-row, as llama.cpp's q8_0 cache type); options join with "+" ("W8A8+kv16"). int8/int4 rows quantize the
+row, as llama.cpp's q8_0 cache type), and "mmap" (fp32/bf16: `mmap=True`, weights stored in the dtype asked for
+left in the checkpoint file's pages, as llama.cpp's default); options join with "+" ("W8A8+kv16"). int8/int4 rows quantize the
 output head too (`quantize_head=True`), as llama.cpp's Q8_0/Q4_0 files and CTranslate2's int8 do, and load
 neolm's quantized folder beside the checkpoint (`neolm-int8/`, made by bench/prepare.py for each run), as
 llama.cpp loads its GGUF files and CTranslate2 its converted model; without one, they quantize while loading.
@@ -34,6 +35,7 @@ class Engine:
         self.compile = "compile" in options
         self.w8a8 = bool(options & {"W8A8", "W4A8"})  # int8 activations (neolm.load(quantize_activations=True))
         self.kv_cache_dtype = "bfloat16" if "kv16" in options else "int8" if "kv8" in options else None
+        self.mmap = "mmap" in options
 
     def load(self, model_dir, precision, threads):
         torch.set_num_threads(threads)
@@ -46,6 +48,10 @@ class Engine:
             if "kv_cache_dtype" not in inspect.signature(neolm.load).parameters:
                 raise Unavailable("not available yet: neolm.load has no kv_cache_dtype= argument")
             kwargs["kv_cache_dtype"] = self.kv_cache_dtype
+        if self.mmap:
+            if "mmap" not in inspect.signature(neolm.load).parameters:
+                raise Unavailable("not available yet: neolm.load has no mmap= argument")
+            kwargs["mmap"] = True
         quantized = Path(model_dir).parent / f"neolm-{precision}"
         if precision in ("int8", "int4") and (quantized / "config.json").exists():
             self.lm = neolm.load(quantized, **kwargs)

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from neolm.memory import huge_empty
+from neolm.memory import weight_empty
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ def int8f_pack(q: torch.Tensor) -> torch.Tensor:
     n, k = q.shape
     assert q.device.type == "cpu" and q.dtype == torch.int8
     q = q.contiguous()
-    out = huge_empty((-(-n // 16) * 16 * k,), torch.int8)
+    out = weight_empty((-(-n // 16) * 16 * k,), torch.int8)
     _library()[0].neolm_int8f_repack(q.data_ptr(), out.data_ptr(), n, k, 1)
     return out
 
@@ -253,7 +253,7 @@ def int8a8_pack(q: torch.Tensor) -> torch.Tensor:
     n, k = q.shape
     assert q.device.type == "cpu" and q.dtype == torch.int8
     q = q.contiguous()
-    out = huge_empty((-(-n // A8_PANEL), -(-k // A8_QUAD), A8_PANEL, A8_QUAD), torch.uint8)
+    out = weight_empty((-(-n // A8_PANEL), -(-k // A8_QUAD), A8_PANEL, A8_QUAD), torch.uint8)
     _library()[0].neolm_int8a8_repack(q.data_ptr(), out.data_ptr(), n, k, 1)
     return out
 
@@ -346,7 +346,7 @@ class Int4Gemv:
         self.n, self.k = canonical.shape[0], 2 * canonical.shape[1]
         self.group_size = group_size
         pad = -self.n % (INT4_ROWS * INT4_BAND)
-        self.q = huge_empty((self.n + pad, self.k // 2), torch.uint8)
+        self.q = weight_empty((self.n + pad, self.k // 2), torch.uint8)
         _library()[0].neolm_int4_pack(canonical.data_ptr(), self.q.data_ptr(), self.n, self.k)
         s = scale.float()
         # int4.cpp: sum w x = s A + (z - 136 s) X; both (N/64, K/G, 4, 16), a band's rows side by side
@@ -430,7 +430,7 @@ class Int4Panels:
         self.n, self.k, self.group_size = canonical.shape[0], 2 * canonical.shape[1], group_size
         assert int4h_supported(self.k, group_size) and scale.shape == zero.shape == (self.n, self.k // group_size)
         lib = _library()[0]
-        self.q = huge_empty((lib.neolm_int4h_panel_bytes(self.n, self.k, group_size),), torch.uint8)
+        self.q = weight_empty((lib.neolm_int4h_panel_bytes(self.n, self.k, group_size),), torch.uint8)
         s, z = (t.to(torch.bfloat16).contiguous() for t in (scale, zero))
         lib.neolm_int4h_repack(canonical.data_ptr(), s.data_ptr(), z.data_ptr(), self.q.data_ptr(), self.n, self.k,
                                group_size, 1)  # fmt: skip

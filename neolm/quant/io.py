@@ -30,7 +30,7 @@ from torch import nn
 from neolm import checkpoint
 from neolm.config import Config
 from neolm.errors import NeolmError
-from neolm.memory import huge_copy, release_freed
+from neolm.memory import release_freed, weight_copy
 from neolm.model import GPT
 from neolm.quant import linear
 from neolm.quant.linear import QuantLinear
@@ -134,7 +134,7 @@ def load_quantized(folder: Path, raw: dict, config: Config, dtype: torch.dtype, 
                 wrong.append(f"{name} is {str(tensor.dtype).removeprefix('torch.')} {tuple(tensor.shape)}, "
                              f"expected {kind} {tuple(want.shape)}")  # fmt: skip
                 continue
-            state[name] = tensor if quantized else huge_copy(tensor, dtype)  # as checkpoint.load_state_dict
+            state[name] = tensor if quantized else weight_copy(tensor, dtype)  # as checkpoint.load_state_dict
             codes = name.endswith(".qweight")  # (copied by the layer's `prepare`, which aligns them)
             if quantized and not codes and tensor.data_ptr() % linear.ALIGN:  # the kernels read aligned memory
                 state[name] = tensor.clone()

@@ -23,7 +23,7 @@ from torch import nn
 
 from neolm import native
 from neolm.errors import NeolmError
-from neolm.memory import huge_copy
+from neolm.memory import weight_copy
 from neolm.ops import compiled, gemm_dtype, linear, rows_per_block
 from neolm.quant import kernels
 
@@ -76,8 +76,8 @@ class QuantLinear(nn.Module):
 
     def prepare(self, name: str = "") -> None:
         """Pack the codes for the kernel of the device they are on, and check the kernel once."""
-        if self.qweight.device.type == "cpu":  # own memory, aligned, in huge pages where the OS allows
-            self.qweight = huge_copy(self.qweight)
+        if self.qweight.device.type == "cpu":  # own memory, page-aligned
+            self.qweight = weight_copy(self.qweight)
         elif self.qweight.data_ptr() % ALIGN:
             self.qweight = self.qweight.clone()
         self._prepared_on = self.qweight.device
@@ -312,7 +312,7 @@ class Int8Linear(QuantLinear):
             self.qweight, self.layout = self.codes(), "rows"
         rows = kernels.check_rows(self.out_features, self.qweight.device)
         want = self.dequantize(torch.float32, rows)  # the check's reference, from the codes as they are now
-        if self.layout != layout:  # rows to one of the kernels' layouts: a copy in huge pages
+        if self.layout != layout:  # rows to one of the kernels' layouts: a copy of its own
             pack = native.int8a8_pack if layout == "a8" else native.int8f_pack
             self.qweight, self.layout, self._prepared_on = pack(self.qweight), layout, self.qweight.device
         elif self.layout != "rows":  # packed before: their own copy, nothing to copy
@@ -421,11 +421,11 @@ class Int4Linear(QuantLinear):
             pad = 0
             if device.type == "cpu":
                 if self.out_features % kernels.CPU_BLOCK_N == 0 and kernels.cpu_int4_layout_known():
-                    self.qweight, self.layout = huge_copy(kernels.pack_int4_cpu(codes)), "cpu"  # one copy of the codes
+                    self.qweight, self.layout = weight_copy(kernels.pack_int4_cpu(codes)), "cpu"  # one copy of the codes
                 else:  # the op wants whole blocks of rows: pad with zero rows (e.g. a 50257-token head)
                     pad = -self.out_features % kernels.CPU_BLOCK_N
                     padded = F.pad(codes, (0, 0, 0, pad))
-                    self._kweight = huge_copy(torch.ops.aten._convert_weight_to_int4pack_for_cpu(padded.int(), 2))
+                    self._kweight = weight_copy(torch.ops.aten._convert_weight_to_int4pack_for_cpu(padded.int(), 2))
             else:
                 self._kweight = torch.ops.aten._convert_weight_to_int4pack(kernels.pack_int4(codes), 8)
         except Exception as e:  # noqa: BLE001 (an optional op: missing, or refusing this shape or device)
