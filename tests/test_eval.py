@@ -340,6 +340,19 @@ def test_quantized_model_works_through_the_backend(quant_folder, quantize, toler
         assert math.isfinite(a) and abs(a - b) < tolerance * abs(b), (a, b)
 
 
+def test_mmap_model_arg_reaches_load_and_scores_alike(quant_folder, monkeypatch):
+    """model_args mmap=true (a string, as lm_eval passes it) loads with neolm.load(mmap=True): same scores."""
+    import neolm
+
+    seen, real = [], neolm.load
+    monkeypatch.setattr(neolm, "load", lambda *a, **k: seen.append(k["mmap"]) or real(*a, **k))
+    requests = [Instance("loglikelihood", {}, ("The king said", " no"), 0),
+                Instance("loglikelihood", {}, ("Once", " upon a time"), 1)]  # fmt: skip
+    mapped = NeolmLM(pretrained=str(quant_folder), mmap="true").loglikelihood(requests)
+    assert mapped == NeolmLM(pretrained=str(quant_folder)).loglikelihood(requests)
+    assert seen == [True, False]
+
+
 def test_harness_finds_the_backend_by_name():
     from lm_eval.api.registry import get_model
 

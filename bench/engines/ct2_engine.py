@@ -11,7 +11,7 @@ import os
 import time
 
 import ctranslate2
-from common import Unavailable
+from common import Unavailable, folder_files
 
 COMPUTE = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8"}
 
@@ -19,6 +19,9 @@ COMPUTE = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8"}
 class Engine:
     def __init__(self, variant: str):
         self.generator = None
+
+    def files(self, model_dir, precision):
+        return folder_files(os.path.join(os.path.dirname(model_dir.rstrip("/")), "ct2"))
 
     def load(self, model_dir, precision, threads):
         ct2_dir = os.path.join(os.path.dirname(model_dir.rstrip("/")), "ct2")

@@ -10,7 +10,7 @@ import time
 
 import torch
 import transformers
-from common import Unavailable, module_stream_bytes
+from common import Unavailable, folder_files, module_stream_bytes
 from transformers import AutoModelForCausalLM
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -35,6 +35,9 @@ class Engine:
     def __init__(self, variant: str):
         self.variant = variant or "default"
         self.model = None
+
+    def files(self, model_dir, precision):
+        return folder_files(model_dir)
 
     def load(self, model_dir, precision, threads):
         if precision not in DTYPES:

@@ -23,6 +23,10 @@ class Engine:
     def __init__(self, variant: str):
         self.model = None
 
+    def files(self, model_dir, precision):
+        path = os.path.join(os.path.dirname(model_dir.rstrip("/")), FILES.get(precision, ""))
+        return [path] if os.path.isfile(path) else []
+
     def load(self, model_dir, precision, threads):
         self.L, self.np = L, np
         path = os.path.join(os.path.dirname(model_dir.rstrip("/")), FILES[precision])

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import Unavailable, module_stream_bytes
+from common import Unavailable, folder_files, module_stream_bytes
 
 import neolm
 from neolm.generate import GenerationConfig, iter_generate
@@ -36,6 +36,12 @@ class Engine:
         self.w8a8 = bool(options & {"W8A8", "W4A8"})  # int8 activations (neolm.load(quantize_activations=True))
         self.kv_cache_dtype = "bfloat16" if "kv16" in options else "int8" if "kv8" in options else None
         self.mmap = "mmap" in options
+
+    def files(self, model_dir, precision):
+        quantized = Path(model_dir).parent / f"neolm-{precision}"
+        if precision in ("int8", "int4") and (quantized / "config.json").exists():
+            return folder_files(quantized)
+        return folder_files(model_dir)
 
     def load(self, model_dir, precision, threads):
         torch.set_num_threads(threads)
