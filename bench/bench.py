@@ -361,6 +361,7 @@ def main() -> None:
             args.models = "gpt-neo-125M,pythia-160m"
         if "--out" not in sys.argv:
             args.out = str(Path(args.cache) / "QUICK.md")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # (before the first job, not after it)
     args.models, args.engines, args.precisions = (s.split(",") for s in (args.models, args.engines, args.precisions))
     args.skip = sorted(filter(None, args.skip.split(",")))
     args.batch_precisions = args.batch_precisions.split(",")

@@ -75,7 +75,7 @@ def test_half_precision_checkpoints(tmp_path, stored):
 
 def test_tensors_are_copied_out_of_the_mapping(tiny_checkpoints):
     """Even when dtypes match, each tensor is copied into process memory by default (decoding from the file's
-    pages was 2-4% slower) with the file's exact values."""
+    pages was 2-8% slower) with the file's exact values."""
     folder = tiny_checkpoints["neox-parallel-pct25"][1]
     reader = checkpoint.SafetensorsFile(folder / "model.safetensors")
     config = Config.from_hf(checkpoint.read_hf_config(folder))
