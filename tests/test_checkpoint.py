@@ -86,15 +86,19 @@ def test_tensors_are_copied_out_of_the_mapping(tiny_checkpoints):
     assert state["blocks.0.mlp.fc.weight"].untyped_storage().nbytes() == mapped.numel() * 4  # its own storage
 
 
-def _mapped_files(t: torch.Tensor) -> set[str]:
-    """Paths of the file mappings (/proc/self/maps) that hold t's first byte."""
-    address, files = t.untyped_storage().data_ptr(), set()
+def _mapping(address: int) -> str | None:
+    """The line of /proc/self/maps whose range holds address."""
     for line in Path("/proc/self/maps").read_text().splitlines():
-        fields = line.split()
-        lo, hi = (int(x, 16) for x in fields[0].split("-"))
-        if lo <= address < hi and len(fields) > 5:
-            files.add(fields[5])
-    return files
+        lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+        if lo <= address < hi:
+            return line
+    return None
+
+
+def _mapped_file(t: torch.Tensor) -> str | None:
+    """The path of the file mapping that holds t's first byte; None for anonymous memory."""
+    fields = (_mapping(t.untyped_storage().data_ptr()) or "").split()
+    return fields[5] if len(fields) > 5 else None
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
@@ -109,15 +113,15 @@ def test_mmap_keeps_weights_in_the_files_pages(tmp_path, tiny_checkpoints, name)
     copied, mapped = neolm.load(folder, device="cpu"), neolm.load(folder, device="cpu", mmap=True)
     assert torch.equal(logits(mapped.model, IDS), logits(copied.model, IDS))
     fc = mapped.model.blocks[0].mlp.fc.weight
-    assert path in _mapped_files(fc) and path not in _mapped_files(copied.model.blocks[0].mlp.fc.weight)
-    assert (path in _mapped_files(mapped.model.blocks[0].attn.qkv.weight)) == (name != "neo")
+    assert _mapped_file(fc) == path and _mapped_file(copied.model.blocks[0].mlp.fc.weight) != path
+    assert (_mapped_file(mapped.model.blocks[0].attn.qkv.weight) == path) == (name != "neo")
     with torch.no_grad():
         fc.zero_()  # a private page now
     assert (folder / "model.safetensors").read_bytes() == file_bytes
     again = neolm.load(folder, device="cpu", mmap=True)
     assert torch.equal(logits(again.model, IDS), logits(copied.model, IDS))
     as_bf16 = neolm.load(folder, device="cpu", dtype="bfloat16", mmap=True).model.blocks[0].mlp.fc.weight
-    assert as_bf16.dtype == torch.bfloat16 and path not in _mapped_files(as_bf16)
+    assert as_bf16.dtype == torch.bfloat16 and _mapped_file(as_bf16) != path
 
 
 def test_saved_safetensors_data_is_cache_line_aligned(tmp_path):
@@ -330,9 +334,9 @@ def test_weight_memory_keeps_values_and_large_tensors_get_a_mapping_of_their_own
     assert out.dtype == torch.bfloat16 and torch.equal(out, src.bfloat16())
     big = memory.weight_empty((memory.MIN_BYTES // 4,), torch.float32)
     if sys.platform.startswith("linux"):
-        assert big.data_ptr() % 4096 == 0 and _mapped_files(big) == set()
-        maps = Path("/proc/self/maps").read_text().splitlines()
-        line = next(x for x in maps if int(x.split("-")[0], 16) == big.data_ptr())
+        assert big.data_ptr() % 4096 == 0 and _mapped_file(big) is None
+        line = _mapping(big.data_ptr())
+        assert line.startswith(f"{big.data_ptr():x}-")  # a mapping of its own, starting with the tensor
         del big
         assert line not in Path("/proc/self/maps").read_text()  # unmapped with the tensor
 

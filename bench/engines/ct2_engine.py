@@ -20,11 +20,15 @@ class Engine:
     def __init__(self, variant: str):
         self.generator = None
 
+    @staticmethod
+    def _dir(model_dir):  # the converted model beside the checkpoint (bench/prepare.py)
+        return os.path.join(os.path.dirname(model_dir.rstrip("/")), "ct2")
+
     def files(self, model_dir, precision):
-        return folder_files(os.path.join(os.path.dirname(model_dir.rstrip("/")), "ct2"))
+        return folder_files(self._dir(model_dir))
 
     def load(self, model_dir, precision, threads):
-        ct2_dir = os.path.join(os.path.dirname(model_dir.rstrip("/")), "ct2")
+        ct2_dir = self._dir(model_dir)
         if precision not in COMPUTE:
             raise Unavailable(f"unsupported: CTranslate2 has no {precision} compute type")
         supported = ctranslate2.get_supported_compute_types("cpu")

@@ -23,13 +23,17 @@ class Engine:
     def __init__(self, variant: str):
         self.model = None
 
+    @staticmethod
+    def _gguf(model_dir, precision):  # the GGUF file beside the checkpoint (bench/prepare.py)
+        return os.path.join(os.path.dirname(model_dir.rstrip("/")), FILES[precision])
+
     def files(self, model_dir, precision):
-        path = os.path.join(os.path.dirname(model_dir.rstrip("/")), FILES.get(precision, ""))
+        path = self._gguf(model_dir, precision)
         return [path] if os.path.isfile(path) else []
 
     def load(self, model_dir, precision, threads):
         self.L, self.np = L, np
-        path = os.path.join(os.path.dirname(model_dir.rstrip("/")), FILES[precision])
+        path = self._gguf(model_dir, precision)
         if not os.path.exists(path):
             raise Unavailable(f"no GGUF file {path} (conversion failed or was skipped)")
         self.path, self.threads = path, threads

@@ -28,6 +28,13 @@ from neolm.generate import GenerationConfig, iter_generate
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "int8": "float32", "int4": "float32"}
 
 
+def _argument(name: str) -> str:
+    """name, where neolm.load takes it; Unavailable where this neolm predates it."""
+    if name not in inspect.signature(neolm.load).parameters:
+        raise Unavailable(f"not available yet: neolm.load has no {name}= argument")
+    return name
+
+
 class Engine:
     def __init__(self, variant: str):
         self.lm = None
@@ -37,36 +44,31 @@ class Engine:
         self.kv_cache_dtype = "bfloat16" if "kv16" in options else "int8" if "kv8" in options else None
         self.mmap = "mmap" in options
 
+    @staticmethod
+    def _quantized(model_dir, precision) -> Path | None:
+        """neolm's quantized folder beside the checkpoint (bench/prepare.py), where there is one."""
+        folder = Path(model_dir).parent / f"neolm-{precision}"
+        return folder if precision in ("int8", "int4") and (folder / "config.json").exists() else None
+
     def files(self, model_dir, precision):
-        quantized = Path(model_dir).parent / f"neolm-{precision}"
-        if precision in ("int8", "int4") and (quantized / "config.json").exists():
-            return folder_files(quantized)
-        return folder_files(model_dir)
+        return folder_files(self._quantized(model_dir, precision) or model_dir)
 
     def load(self, model_dir, precision, threads):
         torch.set_num_threads(threads)
         kwargs = {"dtype": DTYPES[precision], "device": "cpu", "compile": self.compile}
         if self.w8a8:
-            if "quantize_activations" not in inspect.signature(neolm.load).parameters:
-                raise Unavailable("not available yet: neolm.load has no quantize_activations= argument")
-            kwargs["quantize_activations"] = True
+            kwargs[_argument("quantize_activations")] = True
         if self.kv_cache_dtype:
-            if "kv_cache_dtype" not in inspect.signature(neolm.load).parameters:
-                raise Unavailable("not available yet: neolm.load has no kv_cache_dtype= argument")
-            kwargs["kv_cache_dtype"] = self.kv_cache_dtype
+            kwargs[_argument("kv_cache_dtype")] = self.kv_cache_dtype
         if self.mmap:
-            if "mmap" not in inspect.signature(neolm.load).parameters:
-                raise Unavailable("not available yet: neolm.load has no mmap= argument")
-            kwargs["mmap"] = True
-        quantized = Path(model_dir).parent / f"neolm-{precision}"
-        if precision in ("int8", "int4") and (quantized / "config.json").exists():
+            kwargs[_argument("mmap")] = True
+        quantized = self._quantized(model_dir, precision)
+        if quantized is not None:
             self.lm = neolm.load(quantized, **kwargs)
             return
         if precision in ("int8", "int4"):
             kwargs["quantize_head"] = True
-            if "quantize" not in inspect.signature(neolm.load).parameters:
-                raise Unavailable("not available yet: neolm.load has no quantize= argument")
-            kwargs["quantize"] = precision
+            kwargs[_argument("quantize")] = precision
         try:
             self.lm = neolm.load(model_dir, **kwargs)
         except (TypeError, neolm.NeolmError) as e:

@@ -3,9 +3,10 @@
 Run by bench/bench.py (which also sets OMP/MKL thread variables), with the interpreter that has the
 engine installed. Needs only the standard library plus the engine's own packages, so it runs in the
 peers' virtual environments too. Each engine module defines `Engine(variant)` with
-`load(model_dir, precision, threads)`, `single(ids, n)` and `batch(prompts, n)` (both return the
-time of each generation step since the call, in seconds, and leave the first sequence's tokens in
-`.tokens`), `prefill(ids)`, `unload()` and `info()`. With --serve it decodes on request instead (serve()).
+`files(model_dir, precision)` (the paths `load` reads), `load(model_dir, precision, threads)`,
+`single(ids, n)` and `batch(prompts, n)` (both return the time of each generation step since the call, in
+seconds, and leave the first sequence's tokens in `.tokens`), `prefill(ids)`, `unload()` and `info()`. With
+--serve it decodes on request instead (serve()).
 
 Figures (raw per-run values; bench.py takes median/min/max):
   ttft_s         time to the first new token, 32-token prompt (prefill + one step)
@@ -67,10 +68,9 @@ def measure(engine, args, result: dict, save) -> None:
     figures = result["figures"] = {
         k: [] for k in ("ttft_s", "decode_tps", "prefill_tps", "batch_tps", "batch_e2e_tps", "load_s")
     }
-    if hasattr(engine, "files"):
-        t0 = time.perf_counter()
-        result["warmed_bytes"] = read_through(engine.files(args.model_dir, args.precision))
-        result["warm_s"] = round(time.perf_counter() - t0, 2)
+    t0 = time.perf_counter()
+    result["warmed_bytes"] = read_through(engine.files(args.model_dir, args.precision))
+    result["warm_s"] = round(time.perf_counter() - t0, 2)
     t0 = time.perf_counter()
     engine.load(args.model_dir, args.precision, args.threads)
     figures["load_s"].append(time.perf_counter() - t0)
