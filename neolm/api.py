@@ -224,8 +224,8 @@ def load(
     mmap: on CPU, weights stored in the dtype asked for stay in the file's pages (copy-on-write, shared with
     the page cache and with every process mapping the same file) instead of being copied into the process's
     memory, as llama.cpp does by default: the load takes next to no time or new memory. Decoding from them was
-    2-8% slower for Hugging Face files, whose tensors are not 64-byte aligned, and as fast as the copy for files
-    neolm saved (aligned; bench/PROFILE.md, session 20). Converted, fused (GPT-Neo's q/k/v) and quantized weights are
+    3-12% slower for Hugging Face files and as fast as the copy for files neolm saved (64-byte aligned;
+    bench/PROFILE.md, sessions 20-21). Converted, fused (GPT-Neo's q/k/v) and quantized weights are
     copied either way.
     compile: on CPU, instead time every kernel each layer shape can use for one-token products (the output
     head's; every block's too when no native step runs) and keep the fastest (neolm.native's, torch.compile's

@@ -3,9 +3,8 @@
 Per-family tensor-name maps are data (`NAME_MAPS`). Weights are memory-mapped, each tensor copied
 (converted if asked) into process memory and its pages of the mapping released at once, then assigned
 into a model built on the meta device: peak memory stays near the size of the model being built.
-The copy is the default even when dtypes match: matrices streamed from the file's pages decoded 2-8% slower
-(page-cache pages, and tensors of Hugging Face files are not 64-byte aligned), and the model no longer
-depends on the file. `mmap=True` keeps them in the file's pages instead: loads take no new memory and
+The copy is the default even when dtypes match: matrices streamed from the pages of Hugging Face files decoded
+3-12% slower (bench/PROFILE.md, sessions 20-21), and the model no longer depends on the file. `mmap=True` keeps them in the file's pages instead: loads take no new memory and
 next to no time, and processes mapping the same file share its pages (as llama.cpp does by default).
 
 Pickle files (`pytorch_model.bin`) are read with `torch.load(weights_only=True)`: a checkpoint

@@ -85,7 +85,7 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = False, position
         "--mmap",
         action="store_true",
         help="CPU: leave the weights in the checkpoint file's pages (shared with the page cache and other processes) "
-        "instead of copying them: loads take next to no time or memory, decoding was up to ~8%% slower at pythia-1.4b",
+        "instead of copying them: loads take next to no time or memory, decoding was 3-12%% slower at pythia-1.4b",
     )
     p.add_argument(
         "--no-native",

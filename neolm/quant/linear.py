@@ -76,7 +76,7 @@ class QuantLinear(nn.Module):
 
     def prepare(self, name: str = "") -> None:
         """Pack the codes for the kernel of the device they are on, and check the kernel once."""
-        if self.qweight.device.type == "cpu":  # own memory, page-aligned
+        if self.qweight.device.type == "cpu":  # own memory, aligned (neolm.memory.weight_copy)
             self.qweight = weight_copy(self.qweight)
         elif self.qweight.data_ptr() % ALIGN:
             self.qweight = self.qweight.clone()
