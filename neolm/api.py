@@ -22,6 +22,7 @@ from neolm.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "default_model"
+DEFAULT_MODEL_NAME = "neo-shakespeare"  # the bundled model's name (its model card: default_model/README.md)
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -84,7 +85,9 @@ class LanguageModel:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
 
-    def _generation_config(self, kwargs) -> GenerationConfig:
+    def generation_config(self, **kwargs) -> GenerationConfig:
+        """What a call with these generation arguments runs: the checkpoint's defaults (its
+        generation_config.json), then the arguments; eos from the model's config, else the tokenizer's."""
         gc = GenerationConfig.from_kwargs(**(self.generation_defaults | kwargs))
         if gc.eos_token_id is None:
             gc.eos_token_id = self.config.eos_token_id if self.config.eos_token_id is not None else self.tokenizer.eos_token_id
@@ -92,7 +95,7 @@ class LanguageModel:
 
     def generate_ids(self, prompts: list[list[int]], **kwargs) -> list[list[int]]:
         """New token ids for each prompt's token ids (x num_return_sequences, prompt-major)."""
-        return generate(self.model, prompts, self._generation_config(kwargs), self.tokenizer.decode)
+        return generate(self.model, prompts, self.generation_config(**kwargs), self.tokenizer.decode)
 
     def generate(self, prompt: str | list[str], **kwargs) -> str | list[str] | list[list[str]]:
         """The continuation of `prompt` (without the prompt itself).
@@ -107,7 +110,7 @@ class LanguageModel:
         prompts = [prompt] if single else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise NeolmError("prompt must be a string or a non-empty list of strings")
-        gc = self._generation_config(kwargs)
+        gc = self.generation_config(**kwargs)
         new = generate(self.model, [self.encode(p) for p in prompts], gc, self.tokenizer.decode)
         texts = [self.decode(ids) for ids in new]
         k = gc.num_return_sequences
@@ -121,7 +124,7 @@ class LanguageModel:
 
         The request is checked when stream() is called; the pieces come as the iterator is consumed.
         """
-        gc = self._generation_config(kwargs)
+        gc = self.generation_config(**kwargs)
         if gc.num_return_sequences != 1:
             raise NeolmError("streaming produces one sequence; num_return_sequences must be 1")
         if not isinstance(prompt, str):

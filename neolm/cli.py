@@ -39,6 +39,7 @@ def _checked(convert, ok, requirement: str):
 
 
 non_negative = _checked(int, lambda v: v >= 0, ">= 0")
+positive = _checked(int, lambda v: v >= 1, ">= 1")
 positive_float = _checked(float, lambda v: v > 0, "> 0")
 seed_type = _checked(int, lambda v: 0 <= v < 2**63, "between 0 and 2**63 - 1")
 
@@ -239,7 +240,7 @@ def cmd_info(args) -> int:
 
 COMMANDS = {"generate": cmd_generate, "info": cmd_info}
 # Larger subsystems add their own subcommands: each module has register(sub) -> {name: handler}.
-SUBSYSTEMS = ("neolm.train.cli", "neolm.eval.cli", "neolm.quant.cli")
+SUBSYSTEMS = ("neolm.train.cli", "neolm.eval.cli", "neolm.quant.cli", "neolm.serve.cli")
 
 
 def main(argv: list[str] | None = None) -> int:

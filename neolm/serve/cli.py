@@ -1,0 +1,49 @@
+"""`neolm serve`: a thin subcommand over neolm.serve."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from neolm.cli import _add_model_args, load_model, non_negative, positive
+
+
+def register(sub) -> dict:
+    s = sub.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve MODEL over HTTP with OpenAI's API: POST /v1/completions and /v1/chat/completions "
+        "(stream: server-sent events), GET /v1/models and /health. Any OpenAI client works, e.g. "
+        "OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='none'). Sampling fields are OpenAI's (temperature "
+        "0: greedy) plus vLLM's top_k, min_tokens and repetition_penalty; those a request leaves out take the "
+        "checkpoint's generation_config.json values, else OpenAI's defaults (temperature 1: sampling). Requests that are "
+        "waiting together with the same settings decode as one batch. A chat is written as a plain 'User: ... / "
+        "Assistant: ...' transcript, since base models have no chat format.",
+    )
+    _add_model_args(s, positional=True)
+    net = s.add_argument_group("server")
+    net.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
+    net.add_argument("--port", type=non_negative, default=8000, help="port (default 8000; 0: any free one)")
+    net.add_argument("--served-model-name", help="the model's name in the API (default: MODEL as given)")
+    net.add_argument("--api-key", default=os.environ.get("NEOLM_API_KEY"),
+                     help="require 'Authorization: Bearer KEY' (default: $NEOLM_API_KEY; unset: no key)")  # fmt: skip
+    net.add_argument("--max-batch", type=positive, default=8, help="sequences decoded together at most (default 8)")
+    return {"serve": cmd_serve}
+
+
+def cmd_serve(args) -> int:
+    from neolm.api import DEFAULT_MODEL_NAME
+    from neolm.serve.http import Server
+
+    lm = load_model(args)
+    name = args.served_model_name or args.model or DEFAULT_MODEL_NAME
+    server = Server(lm, args.host, args.port, name, args.api_key, args.max_batch)
+    host, port = server.server_address[:2]
+    print(f"neolm serve: {server.model_name} on http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("neolm serve: stopping", file=sys.stderr)
+    finally:
+        server.close()
+    return 0

@@ -1,0 +1,172 @@
+"""The server's scheduler: one thread owns the model and runs every request's generation.
+
+Requests become `Job`s (their prompts as token ids, already fitted to the context, and one GenerationConfig).
+The engine thread takes the oldest waiting job and, unless it has a seed (a seeded request gets what it would
+get alone), every other waiting job with the same settings, up to `max_batch` sequences: they decode as one
+batch (neolm.generate.iter_generate, left-padded, so each sequence gets exactly the tokens it would get alone).
+A job that arrives while a batch runs waits for the next one. Each job's tokens go to its own queue as they
+are produced; the HTTP threads read them from there.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from neolm.errors import NeolmError
+from neolm.generate import GenerationConfig, fit_prompts, iter_generate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Token:
+    sequence: int  # index among the job's sequences (prompt-major: prompt i, sample j -> i * n + j)
+    token: int
+
+
+@dataclass(frozen=True)
+class End:
+    sequence: int
+    reason: str  # "stop" (eos, or a stop string) or "length" (the token budget)
+
+
+class Job:
+    """One request's sequences: each prompt x gc.num_return_sequences. Iterate it for Token and End events
+    (each sequence ends exactly once); it raises NeolmError if the generation failed."""
+
+    def __init__(self, prompts: list[list[int]], gc: GenerationConfig):
+        self.prompts, self.gc = prompts, gc
+        self.sequences = len(prompts) * gc.num_return_sequences
+        self.cancelled = threading.Event()  # set by a client that went away: its sequences stop early
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def __iter__(self) -> Iterator[Token | End]:
+        while True:
+            event = self._events.get()
+            if event is None:
+                return
+            if isinstance(event, Exception):
+                raise NeolmError(f"generation failed: {event}")
+            yield event
+
+
+class Engine:
+    """Runs jobs on `lm` (a neolm.LanguageModel) in one background thread. submit() checks a request and
+    queues it; close() lets the running batch finish and ends the thread."""
+
+    def __init__(self, lm, max_batch: int = 8):
+        if max_batch < 1:
+            raise NeolmError(f"max_batch must be at least 1, got {max_batch}")
+        self.lm, self.max_batch = lm, max_batch
+        self._waiting: deque[Job] = deque()
+        self._wake = threading.Condition()
+        self._closed = False
+        self.batches = self.generated = 0  # counters for /health and the log
+        self.largest_batch = 0  # the most requests decoded together
+        self._thread = threading.Thread(target=self._run, name="neolm-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, prompts: list[list[int]], gc: GenerationConfig) -> Job:
+        """Queue the generation of `prompts` (token ids) with `gc`. Raises NeolmError, before anything is
+        queued, for a prompt that is empty, out of the vocabulary or too long for the context."""
+        config = self.lm.config
+        job = Job(fit_prompts(prompts, gc, config.n_positions, config.vocab_size), gc)
+        with self._wake:
+            if self._closed:
+                raise NeolmError("the server is shutting down")
+            self._waiting.append(job)
+            self._wake.notify()
+        return job
+
+    def close(self, timeout: float | None = None) -> None:
+        with self._wake:
+            self._closed = True
+            for job in self._waiting:  # never started: end them
+                job._events.put(NeolmError("the server is shutting down"))
+                job._events.put(None)
+            self._waiting.clear()
+            self._wake.notify()
+        self._thread.join(timeout)
+
+    def _next_batch(self) -> list[Job]:
+        with self._wake:
+            while not self._waiting and not self._closed:
+                self._wake.wait()
+            if self._closed:
+                return []
+            first = self._waiting.popleft()
+            batch, rows = [first], first.sequences
+            if first.gc.seed is None:
+                for job in list(self._waiting):
+                    if job.gc.seed is None and job.gc == first.gc and rows + job.sequences <= self.max_batch:
+                        self._waiting.remove(job)
+                        batch.append(job)
+                        rows += job.sequences
+            return batch
+
+    def _run(self) -> None:
+        while batch := self._next_batch():
+            live = [job for job in batch if not job.cancelled.is_set()]
+            try:
+                if live:
+                    self._generate(live)
+            except Exception as error:  # a bug or out of memory: fail these requests, keep serving
+                log.exception("generation failed")
+                for job in live:
+                    job._events.put(error)
+            finally:
+                for job in batch:
+                    job._events.put(None)
+
+    def _generate(self, batch: list[Job]) -> None:
+        gc = batch[0].gc
+        n = gc.num_return_sequences
+        prompts = [p for job in batch for p in job.prompts]
+        owners = [(job, i) for job in batch for i in range(job.sequences)]  # iter_generate's order, prompt-major
+        budgets = [gc.new_token_budget(len(p)) for p in prompts for _ in range(n)]
+        eos = gc.eos_token_id
+        eos_ids = set([eos] if isinstance(eos, int) else eos or [])
+        counts, last = [0] * len(owners), [None] * len(owners)
+        ended = [False] * len(owners)
+
+        def end(s: int) -> None:
+            ended[s] = True
+            job, i = owners[s]
+            stopped = last[s] in eos_ids or counts[s] < budgets[s]  # eos, or a stop string before the budget
+            job._events.put(End(i, "stop" if stopped else "length"))
+
+        start = time.perf_counter()
+        self.batches += 1
+        self.largest_batch = max(self.largest_batch, len(batch))
+        steps = iter_generate(self.lm.model, prompts, gc, self.lm.tokenizer.decode)
+        try:
+            for step in steps:
+                for s, token in enumerate(step):
+                    if token is None:
+                        if not ended[s]:
+                            end(s)
+                        continue
+                    counts[s] += 1
+                    last[s] = token
+                    job, i = owners[s]
+                    job._events.put(Token(i, token))
+                if all(job.cancelled.is_set() for job in batch):
+                    log.info("every request of the batch went away: stopped")
+                    break
+        finally:
+            steps.close()
+        for s in range(len(owners)):
+            if not ended[s]:
+                end(s)
+        self.generated += sum(counts)
+        log.info("batch of %d sequences (%d requests): %d tokens in %.2fs", len(owners), len(batch), sum(counts),
+                 time.perf_counter() - start)  # fmt: skip

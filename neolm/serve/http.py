@@ -1,0 +1,229 @@
+"""The HTTP side of `neolm serve`: OpenAI's routes on Python's threading HTTP server, no dependencies.
+
+  GET  /v1/models             the one model served
+  POST /v1/completions        text completion (stream: server-sent events, as OpenAI)
+  POST /v1/chat/completions   chat completion (protocol.py's transcript format)
+  GET  /health                200 while the engine runs, with its counters
+
+Each connection gets a thread that parses its request, hands it to the engine (engine.py) and writes what the
+engine produces; a client that goes away while its answer streams stops its sequences.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+import time
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import neolm
+from neolm.errors import NeolmError
+from neolm.serve import protocol
+from neolm.serve.engine import End, Engine, Token
+from neolm.serve.protocol import ApiError
+from neolm.tokenizer import StreamDecoder
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 32 * 2**20  # bytes of a request body
+
+
+class Server(ThreadingHTTPServer):
+    """Serves `lm` (a neolm.LanguageModel) as `model_name` on (host, port); port 0 picks a free one
+    (`server_address` says which). serve_forever() answers; close() stops the engine and the socket."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, lm, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
+                 api_key: str | None = None, max_batch: int = 8):  # fmt: skip
+        self.lm = lm
+        self.model_name = model_name or lm.source
+        self.api_key = api_key
+        self.started = int(time.time())
+        self.engine = Engine(lm, max_batch)
+        try:
+            super().__init__((host, port), Handler)
+        except OSError as e:
+            self.engine.close()
+            raise NeolmError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+    _serving = False
+
+    def close(self) -> None:
+        if self._serving:
+            self.shutdown()
+        self.server_close()
+        self.engine.close(timeout=30)
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        self._serving = True
+        try:
+            super().serve_forever(poll_interval)
+        finally:
+            self._serving = False
+
+    def models(self) -> dict:
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.started,
+                "owned_by": "neolm", "max_model_len": self.lm.config.n_positions}]}  # fmt: skip
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: Server
+    protocol_version = "HTTP/1.1"  # keep-alive for clients that reuse connections (OpenAI's does)
+    server_version = f"neolm/{neolm.__version__}"
+
+    def log_message(self, format, *args):
+        log.info("%s %s", self.address_string(), format % args)
+
+    def do_GET(self):
+        self._answer(self._get)
+
+    def do_POST(self):
+        self._answer(self._post)
+
+    def _answer(self, route) -> None:
+        try:
+            self._authorize()
+            route()
+        except ApiError as e:
+            self.close_connection = True  # the body may be unread: a new connection starts clean
+            self._json(e.status, e.body())
+        except Exception:  # a bug: say so, keep serving
+            self.close_connection = True
+            log.exception("error answering %s %s", self.command, self.path)
+            self._json(500, ApiError(500, "internal server error (see the server's log)", kind="server_error").body())
+
+    def _authorize(self) -> None:
+        if self.server.api_key is None:
+            return
+        given = self.headers.get("Authorization", "")
+        if not secrets.compare_digest(given.encode(), f"Bearer {self.server.api_key}".encode()):
+            raise ApiError(
+                401, "missing or wrong API key: send 'Authorization: Bearer KEY'", kind="authentication_error"
+            )
+
+    def _get(self) -> None:
+        path = self.path.split("?")[0].rstrip("/")
+        if path == "/v1/models":
+            return self._json(200, self.server.models())
+        if path.startswith("/v1/models/"):
+            name = path.removeprefix("/v1/models/")
+            if name != self.server.model_name:
+                raise ApiError(404, f"the model '{name}' does not exist; this server has '{self.server.model_name}'")
+            return self._json(200, self.server.models()["data"][0])
+        if path == "/health":
+            engine = self.server.engine
+            return self._json(200, {"status": "ok", "model": self.server.model_name, "batches": engine.batches,
+                                    "largest_batch_requests": engine.largest_batch, "generated_tokens": engine.generated})  # fmt: skip
+        raise ApiError(404, f"no route GET {path}: try GET /v1/models or POST /v1/completions, /v1/chat/completions")
+
+    def _post(self) -> None:
+        path = self.path.split("?")[0].rstrip("/")
+        kinds = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
+        if path not in kinds:
+            raise ApiError(404, f"no route POST {path}: try /v1/completions or /v1/chat/completions")
+        body = self._body()
+        model = body.get("model") if isinstance(body, dict) else None
+        if model is not None and model != self.server.model_name:
+            raise ApiError(404, f"the model '{model}' does not exist; this server has '{self.server.model_name}'",
+                           "model")  # fmt: skip
+        request = protocol.parse(kinds[path], body, self.server.lm)
+        try:
+            job = self.server.engine.submit(request.prompts, request.gc)
+        except NeolmError as e:  # a prompt too long for the context, or out of the vocabulary
+            raise ApiError(400, str(e).replace("max_new_tokens", "max_tokens")) from None
+        (self._stream if request.stream else self._whole)(request, job)
+
+    def _body(self):
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            raise ApiError(411, "send the body with a Content-Length")
+        if int(length) > MAX_BODY:
+            raise ApiError(413, f"the body is {int(length):,} bytes; at most {MAX_BODY:,}")
+        data = self.rfile.read(int(length))
+        try:
+            return json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the body is not JSON: {e}") from None
+
+    def _choices(self, request, job):
+        """Yield (choice index, text, finish reason or None) as the job produces them."""
+        n = request.gc.num_return_sequences
+        strip = request.kind == "chat"
+        choices = [protocol.Choice(request.stop, strip) for _ in range(job.sequences)]
+        decoders = [StreamDecoder(self.server.lm.tokenizer) for _ in range(job.sequences)]
+        for i in range(job.sequences):
+            if request.echo:
+                yield i, request.echo[i // n], None
+        for event in job:
+            choice = choices[event.sequence]
+            if isinstance(event, Token):
+                choice.tokens += 1
+                text = choice.push(decoders[event.sequence].push(event.token))
+                if text:
+                    yield event.sequence, text, None
+            elif isinstance(event, End):
+                text = choice.finish(decoders[event.sequence].flush())
+                yield event.sequence, text, "stop" if choice.stopped else event.reason
+        self.completion_tokens = sum(c.tokens for c in choices)
+
+    def _whole(self, request, job) -> None:
+        texts, reasons = [""] * job.sequences, ["length"] * job.sequences
+        try:
+            for i, text, reason in self._choices(request, job):
+                texts[i] += text
+                if reason:
+                    reasons[i] = reason
+        except NeolmError as e:
+            raise ApiError(500, str(e), kind="server_error") from None
+        self._json(200, protocol.response(request, self.server.model_name, texts, reasons, self.completion_tokens))
+
+    def _stream(self, request, job) -> None:
+        name = self.server.model_name
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")  # the stream ends when the connection does
+        self.end_headers()
+        self.close_connection = True
+        try:
+            if request.kind == "chat":
+                for i in range(job.sequences):
+                    self._event(protocol.chunk(request, name, i, None))
+            try:
+                for i, text, reason in self._choices(request, job):
+                    if text or reason:
+                        self._event(protocol.chunk(request, name, i, text, reason))
+            except NeolmError as e:
+                self._event(ApiError(500, str(e), kind="server_error").body())
+            else:
+                if request.include_usage:
+                    self._event(protocol.usage_chunk(request, name, self.completion_tokens))
+            self.wfile.write(b"data: [DONE]\n\n")
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            log.info("client went away: request %s stopped", request.id)
+            job.cancel()
+
+    def _event(self, data: dict) -> None:
+        self.wfile.write(b"data: " + json.dumps(data).encode() + b"\n\n")
+        self.wfile.flush()
+
+    def _json(self, status: int, data: dict) -> None:
+        payload = json.dumps(data).encode()
+        self.send_response(status, HTTPStatus(status).phrase)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+
+def serve_in_thread(server: Server) -> threading.Thread:
+    """Run `server` in a daemon thread (tests, notebooks); server.close() stops it."""
+    thread = threading.Thread(target=server.serve_forever, name="neolm-http", daemon=True)
+    thread.start()
+    return thread

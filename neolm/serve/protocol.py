@@ -1,0 +1,303 @@
+"""OpenAI's completion and chat completion requests, read into neolm's terms, and the responses written back.
+
+What the fields mean is OpenAI's: `temperature` 0 is greedy (default 1: sampling), `top_p`, `n`, `stop`
+(kept out of the text, as OpenAI does), `seed`, `max_tokens` (completions: default 16; chat: up to the end
+of the context; `max_completion_tokens` is its newer name), `echo` (completions), `stream` with
+`stream_options.include_usage`. vLLM's extra sampling fields are taken too: `top_k`, `min_tokens`,
+`repetition_penalty`. Fields neolm cannot honour (logprobs, penalties other than repetition_penalty,
+logit_bias, tools, ...) are refused with a 400 that says so rather than ignored; unknown fields likewise.
+Fields sent as null count as absent. Sampling fields left out take the checkpoint's generation_config.json
+values where it has them (as vLLM does), else OpenAI's defaults.
+
+Base models have no chat format, so a chat is written as a plain transcript that they continue well:
+the system message, then one "User: ..." / "Assistant: ..." line per message, then "Assistant:"; the reply
+stops where the model starts a new "User:" line.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from neolm.errors import NeolmError
+from neolm.generate import GenerationConfig
+
+DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's (and vLLM's) default max_tokens for /v1/completions
+CHAT_ROLES = {"system": None, "developer": None, "user": "User", "assistant": "Assistant"}
+CHAT_STOP = "\nUser:"
+
+SAMPLING = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
+            "top_k", "min_tokens", "repetition_penalty", "user", "presence_penalty", "frequency_penalty",
+            "logprobs", "logit_bias"}  # fmt: skip
+FIELDS = {
+    "completion": SAMPLING | {"prompt", "echo", "best_of", "suffix"},
+    "chat": SAMPLING | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "functions",
+                        "function_call", "response_format", "parallel_tool_calls"},
+}  # fmt: skip
+
+
+class ApiError(Exception):
+    """An error answered as OpenAI does: HTTP status and {"error": {message, type, param, code}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}}
+
+
+@dataclass
+class Request:
+    """A request in neolm's terms: prompts as token ids, generation arguments, and how to answer."""
+
+    kind: str  # "completion" or "chat"
+    prompts: list[list[int]]
+    gc: GenerationConfig | None = None
+    stream: bool = False
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the token counts
+    echo: list[str] = field(default_factory=list)  # completions with echo: each prompt's text, put before its choices
+    stop: list[str] = field(default_factory=list)  # cut from the text (OpenAI leaves stop strings out)
+    id: str = ""
+    created: int = 0
+
+
+def _field(body: dict, name: str, kinds: tuple, default=None, check=None, requirement: str = ""):
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        names = " or ".join(k.__name__.replace("str", "string").replace("int", "integer").replace("float", "number")
+                            for k in kinds)  # fmt: skip
+        raise ApiError(400, f"'{name}' must be {'an' if names[0] in 'aeiou' else 'a'} {names}, got {value!r}", name)
+    if check is not None and not check(value):
+        raise ApiError(400, f"'{name}' must be {requirement}, got {value!r}", name)
+    return value
+
+
+def _refuse(body: dict, kind: str) -> None:
+    unknown = sorted(k for k, v in body.items() if k not in FIELDS[kind] and v is not None)
+    if unknown:
+        raise ApiError(400, f"unrecognized request argument(s): {', '.join(unknown)}", unknown[0])
+    unsupported = {
+        "logprobs": "log probabilities are not returned by neolm's server",
+        "top_logprobs": "log probabilities are not returned by neolm's server",
+        "presence_penalty": "not supported: use repetition_penalty",
+        "frequency_penalty": "not supported: use repetition_penalty",
+        "logit_bias": "not supported",
+        "suffix": "not supported (no insertion)",
+        "tools": "tools are not supported",
+        "tool_choice": "tools are not supported",
+        "functions": "functions are not supported",
+        "function_call": "functions are not supported",
+    }
+    for name, why in unsupported.items():
+        if body.get(name) not in (None, False, 0, 0.0, {}, [], "none"):
+            raise ApiError(400, f"'{name}': {why}", name)
+    response_format = body.get("response_format")
+    if response_format not in (None, {"type": "text"}):
+        raise ApiError(400, '\'response_format\': only {"type": "text"} is supported', "response_format")
+    best_of = body.get("best_of")
+    if best_of not in (None, 1) and best_of != body.get("n", 1):
+        raise ApiError(400, "'best_of' is not supported (it needs log probabilities)", "best_of")
+
+
+def _sampling(body: dict, max_tokens: int | None, defaults: dict) -> dict:
+    """GenerationConfig arguments. A sampling field the request leaves out takes the checkpoint's value (its
+    generation_config.json, as vLLM does), else OpenAI's default: sampling at temperature 1, no top-k."""
+    temperature = _field(body, "temperature", (int, float), None, lambda v: v >= 0, ">= 0 (0: greedy)")
+    if temperature is None:
+        sample = defaults.get("do_sample", True)
+        temperature = defaults.get("temperature", 1.0) if sample else 0
+    sample = temperature > 0
+    top_p = _field(body, "top_p", (int, float), defaults.get("top_p", 1.0), lambda v: 0 < v <= 1, "in (0, 1]")
+    top_k = _field(body, "top_k", (int,), defaults.get("top_k") or 0, lambda v: v >= -1, ">= 0 (0 or -1: off)")
+    n = _field(body, "n", (int,), 1, lambda v: 1 <= v <= 128, "between 1 and 128")
+    seed = _field(body, "seed", (int,), None, lambda v: 0 <= v < 2**63, "between 0 and 2**63 - 1")
+    penalty = _field(body, "repetition_penalty", (int, float), defaults.get("repetition_penalty", 1.0),
+                     lambda v: v > 0, "> 0")  # fmt: skip
+    min_tokens = _field(body, "min_tokens", (int,), 0, lambda v: v >= 0, ">= 0")
+    if n > 1 and not sample:
+        raise ApiError(400, "'n' > 1 needs sampling: greedy decoding (temperature 0) gives n identical choices", "n")
+    return dict(
+        max_new_tokens=max_tokens, min_new_tokens=min_tokens, do_sample=sample,
+        temperature=float(temperature) if sample else 1.0, top_p=float(top_p) if sample else 1.0,
+        top_k=max(top_k, 0) if sample else None, num_return_sequences=n, seed=seed,
+        repetition_penalty=float(penalty),
+    )  # fmt: skip
+
+
+def _stops(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise ApiError(400, f"'stop' must be a non-empty string or a list of them, got {stop!r}", "stop")
+    return stops
+
+
+def _max_tokens(body: dict, name: str, default):
+    return _field(body, name, (int,), default, lambda v: v >= 0, ">= 0")
+
+
+def _stream(body: dict) -> tuple[bool, bool]:
+    stream = _field(body, "stream", (bool,), False)
+    options = _field(body, "stream_options", (dict,), {})
+    if options and not stream:
+        raise ApiError(400, "'stream_options' needs 'stream': true", "stream_options")
+    return stream, bool(options.get("include_usage"))
+
+
+def _prompts(body: dict, encode) -> tuple[list[list[int]], list[str] | None]:
+    """OpenAI's prompt forms: a string, a list of strings, a list of token ids, or a list of such lists."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        texts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        texts = prompt
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return [prompt], None
+    elif (
+        isinstance(prompt, list) and prompt
+        and all(isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p) for p in prompt)
+    ):  # fmt: skip
+        return prompt, None
+    else:
+        raise ApiError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of "
+                       f"such lists, got {prompt!r}"[:300], "prompt")  # fmt: skip
+    return [encode(t) for t in texts], texts
+
+
+def _chat_text(body: dict) -> str:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list of {role, content}", "messages")
+    lines = []
+    for i, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in CHAT_ROLES:
+            raise ApiError(400, f"messages[{i}]: role must be one of {', '.join(CHAT_ROLES)}, got {role!r}", "messages")
+        content = message.get("content")
+        if isinstance(content, list):  # content parts: text only
+            if not all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+            ):
+                raise ApiError(400, f"messages[{i}]: only text content parts are supported", "messages")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise ApiError(400, f"messages[{i}]: content must be a string, got {content!r}"[:300], "messages")
+        speaker = CHAT_ROLES[role]
+        lines.append(f"{content.strip()}\n" if speaker is None else f"{speaker}: {content.strip()}\n")
+    return "".join(lines) + "Assistant:"
+
+
+def parse(kind: str, body, lm) -> Request:
+    """Read an OpenAI request body (parsed JSON) of `kind` ("completion" or "chat") for `lm`; ApiError if bad."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    _refuse(body, kind)
+    stream, include_usage = _stream(body)
+    stops = _stops(body)
+    request = Request(kind, [], None, stream, include_usage, stop=stops, id=f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-"
+                      f"{uuid.uuid4().hex}", created=int(time.time()))  # fmt: skip
+    context = lm.config.n_positions
+    if kind == "chat":
+        prompt = lm.encode(_chat_text(body))
+        max_tokens = _max_tokens(body, "max_completion_tokens", _max_tokens(body, "max_tokens", None))
+        if max_tokens is None:
+            max_tokens = max(context - len(prompt), 0)  # to the end of the context, as OpenAI's default
+            if max_tokens == 0:
+                raise ApiError(400, f"the conversation is {len(prompt)} tokens, the model's whole context of "
+                               f"{context}: no room for a reply", "messages")  # fmt: skip
+        request.prompts = [prompt]
+        request.stop = stops + [CHAT_STOP]
+    else:
+        request.prompts, texts = _prompts(body, lm.encode)
+        max_tokens = _max_tokens(body, "max_tokens", DEFAULT_COMPLETION_TOKENS)
+        if _field(body, "echo", (bool,), False):
+            request.echo = texts if texts is not None else [lm.decode(p) for p in request.prompts]
+    generation = _sampling(body, max_tokens, lm.generation_defaults)
+    generation["stop_strings"] = request.stop or None
+    try:
+        request.gc = lm.generation_config(**generation)
+    except NeolmError as e:
+        raise ApiError(400, str(e)) from None
+    return request
+
+
+class Choice:
+    """One sequence's text as it grows: decoded tokens with stop strings cut out (text that may begin a stop
+    string is held back until it is clear), chat replies without leading whitespace."""
+
+    def __init__(self, stops: list[str], strip_leading: bool):
+        self.stops, self.strip = stops, strip_leading
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.text, self.sent = "", 0
+        self.stopped = False  # a stop string was found: nothing after it counts
+        self.tokens = 0
+
+    def push(self, piece: str) -> str:
+        """Add decoded text; return the part that can be sent now."""
+        if self.stopped:
+            return ""
+        self.text += piece
+        if self.strip:
+            self.text = self.text.lstrip()
+            self.strip = not self.text
+        cuts = [i for s in self.stops if (i := self.text.find(s, max(self.sent - len(s) + 1, 0))) != -1]
+        if cuts:
+            self.stopped = True
+            self.text = self.text[: min(cuts)]
+            return self._take(len(self.text))
+        return self._take(len(self.text) - self.hold)
+
+    def finish(self, rest: str) -> str:
+        """The decoder's last text; return everything not sent yet."""
+        out = self.push(rest) if rest else ""
+        return out + self._take(len(self.text))
+
+    def _take(self, upto: int) -> str:
+        if upto <= self.sent:
+            return ""
+        out, self.sent = self.text[self.sent : upto], upto
+        return out
+
+
+def usage(request: Request, completion_tokens: int) -> dict:
+    prompt_tokens = sum(len(p) for p in request.prompts)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+
+
+def response(request: Request, model: str, texts: list[str], reasons: list[str], completion_tokens: int) -> dict:
+    """The whole (non-streamed) answer."""
+    if request.kind == "chat":
+        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                    "finish_reason": reason} for i, (text, reason) in enumerate(zip(texts, reasons))]  # fmt: skip
+        kind = "chat.completion"
+    else:
+        choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
+                   for i, (text, reason) in enumerate(zip(texts, reasons))]  # fmt: skip
+        kind = "text_completion"
+    return {"id": request.id, "object": kind, "created": request.created, "model": model, "choices": choices,
+            "usage": usage(request, completion_tokens)}  # fmt: skip
+
+
+def chunk(request: Request, model: str, index: int, text: str | None, reason: str | None = None) -> dict:
+    """One streamed event: text for choice `index` (chat: None opens the choice with its role), or its end."""
+    if request.kind == "chat":
+        delta = {"role": "assistant", "content": ""} if text is None else ({"content": text} if text else {})
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+        kind = "chat.completion.chunk"
+    else:
+        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}
+        kind = "text_completion"
+    return {"id": request.id, "object": kind, "created": request.created, "model": model, "choices": [choice]}
+
+
+def usage_chunk(request: Request, model: str, completion_tokens: int) -> dict:
+    kind = "chat.completion.chunk" if request.kind == "chat" else "text_completion"
+    return {"id": request.id, "object": kind, "created": request.created, "model": model, "choices": [],
+            "usage": usage(request, completion_tokens)}  # fmt: skip

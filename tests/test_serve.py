@@ -1,0 +1,286 @@
+"""`neolm serve`: OpenAI's API over the bundled model, through urllib and through the `openai` client."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+import neolm
+from neolm.serve import protocol
+from neolm.serve.http import Server, serve_in_thread
+
+NAME = "neo-shakespeare"
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return neolm.load()
+
+
+@pytest.fixture(scope="module")
+def server(lm):
+    server = Server(lm, port=0, model_name=NAME, max_batch=8)
+    serve_in_thread(server)
+    yield server
+    server.close()
+
+
+def url(server, path: str) -> str:
+    return f"http://127.0.0.1:{server.server_address[1]}{path}"
+
+
+def call(server, path: str, body=None, headers: dict | None = None) -> tuple[int, dict | str]:
+    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    request = urllib.request.Request(url(server, path), data, {"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            status, text, kind = response.status, response.read().decode(), response.headers["Content-Type"]
+    except urllib.error.HTTPError as e:
+        status, text, kind = e.code, e.read().decode(), e.headers["Content-Type"]
+    return status, json.loads(text) if kind == "application/json" else text
+
+
+def events(text: str) -> list:
+    """Server-sent events -> their JSON payloads; the stream must end with [DONE]."""
+    payloads = [line.removeprefix("data: ") for line in text.split("\n\n") if line]
+    assert payloads[-1] == "[DONE]"
+    return [json.loads(p) for p in payloads[:-1]]
+
+
+def greedy(lm, prompt: str, n: int) -> str:
+    return lm.generate(prompt, max_new_tokens=n, do_sample=False)
+
+
+def test_models_and_health(server):
+    status, body = call(server, "/v1/models")
+    assert status == 200 and body["object"] == "list"
+    assert [(m["id"], m["object"], m["max_model_len"]) for m in body["data"]] == [(NAME, "model", 512)]
+    assert call(server, f"/v1/models/{NAME}")[1]["id"] == NAME
+    status, body = call(server, "/health")
+    assert status == 200 and body["status"] == "ok" and body["model"] == NAME
+
+
+def test_completion_is_the_library_greedy_text(server, lm):
+    status, body = call(
+        server, "/v1/completions", {"model": NAME, "prompt": "KING.", "max_tokens": 24, "temperature": 0}
+    )
+    assert status == 200
+    assert body["object"] == "text_completion" and body["model"] == NAME and body["id"].startswith("cmpl-")
+    (choice,) = body["choices"]
+    assert choice["text"] == greedy(lm, "KING.", 24)
+    assert choice["finish_reason"] == "length" and choice["index"] == 0
+    prompt_tokens = len(lm.encode("KING."))
+    assert body["usage"] == {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": 24,
+        "total_tokens": prompt_tokens + 24,
+    }
+
+
+def test_stream_joins_to_the_whole_text(server, lm):
+    body = {"prompt": "HAMLET.", "max_tokens": 30, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    status, text = call(server, "/v1/completions", body)
+    assert status == 200
+    chunks = events(text)
+    assert len(chunks) > 3  # token by token, not one piece
+    usage = chunks.pop()
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 30
+    assert "".join(c["choices"][0]["text"] for c in chunks) == greedy(lm, "HAMLET.", 30)
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "length"
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1])
+
+
+def test_prompt_forms_echo_and_choice_order(server, lm):
+    ids = lm.encode("ROMEO.")
+    for prompt in ("ROMEO.", ["ROMEO."], ids, [ids]):
+        status, body = call(server, "/v1/completions", {"prompt": prompt, "max_tokens": 8, "temperature": 0})
+        assert status == 200 and body["choices"][0]["text"] == greedy(lm, "ROMEO.", 8), prompt
+    status, body = call(server, "/v1/completions", {"prompt": ["ROMEO.", "JULIET."], "max_tokens": 8, "temperature": 0,
+                                                    "echo": True})  # fmt: skip
+    assert [c["text"] for c in body["choices"]] == [
+        "ROMEO." + greedy(lm, "ROMEO.", 8),
+        "JULIET." + greedy(lm, "JULIET.", 8),
+    ]
+    status, body = call(server, "/v1/completions", {"prompt": ["A", "B"], "n": 3, "max_tokens": 4, "seed": 5})
+    assert [c["index"] for c in body["choices"]] == list(range(6)) and body["usage"]["completion_tokens"] == 24
+
+
+def test_seeded_sampling_is_reproducible(server):
+    body = {"prompt": "KING.", "max_tokens": 20, "temperature": 0.9, "top_p": 0.95, "top_k": 40, "seed": 7}
+    first, second = call(server, "/v1/completions", body)[1], call(server, "/v1/completions", body)[1]
+    assert first["choices"][0]["text"] == second["choices"][0]["text"]
+
+
+def test_stop_strings_are_left_out(server, lm):
+    full = greedy(lm, "KING.", 40)
+    stop = full.strip()[2:5]  # text the greedy continuation contains
+    cut = full[: full.index(stop)]
+    status, body = call(
+        server, "/v1/completions", {"prompt": "KING.", "max_tokens": 40, "temperature": 0, "stop": stop}
+    )
+    assert status == 200
+    assert body["choices"][0] == {"index": 0, "text": cut, "logprobs": None, "finish_reason": "stop"}
+    _, text = call(server, "/v1/completions", {"prompt": "KING.", "max_tokens": 40, "temperature": 0,
+                                                    "stop": [stop, "zzz"], "stream": True})  # fmt: skip
+    chunks = events(text)
+    assert "".join(c["choices"][0]["text"] for c in chunks) == cut
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize(
+    "pieces, stops, sent",
+    [
+        (["Hello", " wor", "ld"], ["world"], "Hello "),  # a stop string over three pieces
+        (["ab", "cXY", "Zd"], ["XYZ", "Q"], "abc"),
+        (["ab", "c"], ["cd"], "abc"),  # held back, then released at the end
+        (["  Hi", "!"], [], "Hi!"),  # chat replies lose their leading space
+    ],
+)
+def test_choice_text(pieces, stops, sent):
+    choice = protocol.Choice(stops, strip_leading=not stops)
+    out = "".join(choice.push(p) for p in pieces)
+    assert out + choice.finish("") == sent
+
+
+def test_chat(server, lm):
+    messages = [{"role": "system", "content": "A play."}, {"role": "user", "content": "Who art thou?"}]
+    status, body = call(server, "/v1/chat/completions", {"model": NAME, "messages": messages, "max_tokens": 20,
+                                                         "temperature": 0})  # fmt: skip
+    assert status == 200 and body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    (choice,) = body["choices"]
+    assert choice["message"]["role"] == "assistant"
+    transcript = "A play.\nUser: Who art thou?\nAssistant:"
+    expected = lm.generate(transcript, max_new_tokens=20, do_sample=False, stop_strings=["\nUser:"])
+    expected = expected.split("\nUser:")[0].lstrip()
+    assert choice["message"]["content"] == expected
+    assert body["usage"]["prompt_tokens"] == len(lm.encode(transcript))
+    status, text = call(server, "/v1/chat/completions", {"messages": messages, "max_tokens": 20, "temperature": 0,
+                                                         "stream": True})  # fmt: skip
+    chunks = events(text)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == expected
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_concurrent_requests_share_a_batch_and_match_solo(server, lm):
+    """Requests that wait while a batch runs decode together in the next one, each as it would alone."""
+    batches = server.engine.batches
+    blocker = threading.Thread(target=call, args=(server, "/v1/completions", {"prompt": "A", "max_tokens": 400,
+                                                                               "temperature": 0}))  # fmt: skip
+    blocker.start()
+    while server.engine.batches == batches:  # the engine is busy with the blocker
+        time.sleep(0.001)
+    prompts = [f"{name}." for name in ("KING", "QUEEN", "HAMLET", "OPHELIA", "GHOST", "LAERTES")]
+    results = {}
+
+    def ask(prompt):
+        results[prompt] = call(server, "/v1/completions", {"prompt": prompt, "max_tokens": 48, "temperature": 0})[1]
+
+    threads = [threading.Thread(target=ask, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in [*threads, blocker]:
+        t.join()
+    for prompt in prompts:
+        assert results[prompt]["choices"][0]["text"] == greedy(lm, prompt, 48), prompt
+    assert server.engine.largest_batch >= 2  # some of them decoded together
+    assert call(server, "/health")[1]["largest_batch_requests"] >= 2
+
+
+def test_client_gone_stops_its_sequences(server):
+    """A streaming client that disconnects stops its generation (the engine serves the next request at once)."""
+    body = json.dumps({"prompt": "KING.", "max_tokens": 500, "temperature": 0, "stream": True}).encode()
+    with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=60) as client:
+        client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+        assert b"data: " in client.recv(4096) or b"data: " in client.recv(4096)  # generation has started
+        generated = server.engine.generated
+    status, body = call(server, "/v1/completions", {"prompt": "KING.", "max_tokens": 3, "temperature": 0})
+    assert status == 200 and body["usage"]["completion_tokens"] == 3
+    assert server.engine.generated - generated < 500  # the 500-token stream did not run to its end
+
+
+@pytest.mark.parametrize(
+    "path, body, status, words",
+    [
+        ("/v1/completions", b"{not json", 400, ["not JSON"]),
+        ("/v1/completions", [1, 2], 400, ["JSON object"]),
+        ("/v1/completions", {"prompt": "a", "max_tokens": 5000}, 400, ["context of 512", "max_tokens"]),
+        ("/v1/completions", {"prompt": "a", "max_tokens": -1}, 400, ["'max_tokens' must be >= 0"]),
+        ("/v1/completions", {"prompt": "a", "temperature": "hot"}, 400, ["'temperature' must be"]),
+        ("/v1/completions", {"prompt": "a", "logprobs": 2}, 400, ["log probabilities"]),
+        ("/v1/completions", {"prompt": "a", "presence_penalty": 0.5}, 400, ["repetition_penalty"]),
+        ("/v1/completions", {"prompt": "a", "n": 2, "temperature": 0}, 400, ["needs sampling"]),
+        ("/v1/completions", {"prompt": "a", "bogus": 1}, 400, ["unrecognized", "bogus"]),
+        ("/v1/completions", {"prompt": [[1, 99999999]]}, 400, ["outside the model's vocabulary"]),
+        ("/v1/completions", {"prompt": ""}, 400, ["empty prompt"]),
+        ("/v1/completions", {"prompt": "a", "model": "gpt-4"}, 404, ["'gpt-4' does not exist", NAME]),
+        ("/v1/chat/completions", {"messages": []}, 400, ["'messages'"]),
+        ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, ["role must be"]),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{}]}, 400, ["tools"]),
+        ("/v1/embeddings", {"input": "a"}, 404, ["no route"]),
+    ],
+)
+def test_bad_requests_get_openai_errors(server, path, body, status, words):
+    got, answer = call(server, path, body)
+    assert got == status, answer
+    assert set(answer) == {"error"} and set(answer["error"]) == {"message", "type", "param", "code"}
+    for word in words:
+        assert word in answer["error"]["message"], answer
+    assert call(server, "/health")[0] == 200  # still serving
+
+
+def test_openai_client(server, lm):
+    openai = pytest.importorskip("openai", reason="the openai client is a test extra")
+    client = openai.OpenAI(base_url=url(server, "/v1"), api_key="unused")
+    assert [m.id for m in client.models.list()] == [NAME]
+    completion = client.completions.create(model=NAME, prompt="KING.", max_tokens=16, temperature=0)
+    assert completion.choices[0].text == greedy(lm, "KING.", 16)
+    pieces = client.completions.create(model=NAME, prompt="KING.", max_tokens=16, temperature=0, stream=True)
+    assert "".join(chunk.choices[0].text for chunk in pieces) == greedy(lm, "KING.", 16)
+    chat = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Speak."}], max_tokens=12,
+                                          seed=3)  # fmt: skip
+    assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens <= 12
+    with pytest.raises(openai.BadRequestError, match="context of 512"):
+        client.completions.create(model=NAME, prompt="KING.", max_tokens=4096)
+
+
+def test_api_key(lm):
+    server = Server(lm, port=0, model_name=NAME, api_key="sesame")
+    serve_in_thread(server)
+    try:
+        status, answer = call(server, "/v1/models")
+        assert status == 401 and "API key" in answer["error"]["message"]
+        assert call(server, "/v1/models", headers={"Authorization": "Bearer wrong"})[0] == 401
+        assert call(server, "/v1/models", headers={"Authorization": "Bearer sesame"})[0] == 200
+    finally:
+        server.close()
+
+
+def test_serve_command(tmp_path):
+    """`neolm serve --port 0` starts, says where, answers, and stops on SIGINT."""
+    process = subprocess.Popen([sys.executable, "-m", "neolm.cli", "serve", "--port", "0", "--max-batch", "4"],
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        line = process.stderr.readline()
+        match = re.search(r"neo-shakespeare on http://127\.0\.0\.1:(\d+)/v1", line)
+        assert match, line
+        request = urllib.request.Request(f"http://127.0.0.1:{match[1]}/v1/completions",
+                                         json.dumps({"prompt": "KING.", "max_tokens": 5}).encode(),
+                                         {"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert json.loads(response.read())["usage"]["completion_tokens"] == 5
+        process.send_signal(2)
+        assert process.wait(timeout=60) == 0
+    finally:
+        process.kill()
