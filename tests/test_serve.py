@@ -16,7 +16,7 @@ import pytest
 
 import neolm
 from neolm.serve import protocol
-from neolm.serve.http import Server, serve_in_thread
+from neolm.serve.http import Server
 
 NAME = "neo-shakespeare"
 
@@ -29,7 +29,7 @@ def lm():
 @pytest.fixture(scope="module")
 def server(lm):
     server = Server(lm, port=0, model_name=NAME, max_batch=8)
-    serve_in_thread(server)
+    server.start()
     yield server
     server.close()
 
@@ -257,7 +257,7 @@ def test_openai_client(server, lm):
 
 def test_api_key(lm):
     server = Server(lm, port=0, model_name=NAME, api_key="sesame")
-    serve_in_thread(server)
+    server.start()
     try:
         status, answer = call(server, "/v1/models")
         assert status == 401 and "API key" in answer["error"]["message"]

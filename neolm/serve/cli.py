@@ -41,9 +41,7 @@ def cmd_serve(args) -> int:
     host, port = server.server_address[:2]
     print(f"neolm serve: {server.model_name} on http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
     try:
-        server.serve_forever()
+        server.run()
     except KeyboardInterrupt:
-        print("neolm serve: stopping", file=sys.stderr)
-    finally:
-        server.close()
+        print("neolm serve: stopped", file=sys.stderr)
     return 0

@@ -60,8 +60,14 @@ class Job:
 
 
 class Engine:
-    """Runs jobs on `lm` (a neolm.LanguageModel) in one background thread. submit() checks a request and
-    queues it; close() lets the running batch finish and ends the thread."""
+    """Runs jobs on `lm` (a neolm.LanguageModel): run() in the thread that loaded the model (it returns after
+    close()), or start() for a thread of its own. submit() checks a request and queues it; close() lets the
+    running batch finish and ends run().
+
+    Where the model runs matters: OpenMP (torch's and neolm's kernels) keeps a team of threads per thread that
+    starts parallel work, and once the teams outnumber the cores its idle threads sleep at once instead of
+    spinning, so every parallel region pays a wake-up. Decoding in a second thread after loading in the first
+    ran the bundled model ~3x slower here (2 cores); run() in the loading thread keeps one team."""
 
     def __init__(self, lm, max_batch: int = 8):
         if max_batch < 1:
@@ -72,7 +78,11 @@ class Engine:
         self._closed = False
         self.batches = self.generated = 0  # counters for /health and the log
         self.largest_batch = 0  # the most requests decoded together
-        self._thread = threading.Thread(target=self._run, name="neolm-engine", daemon=True)
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """run() in a daemon thread of its own (tests, notebooks; slower decoding, see the class doc)."""
+        self._thread = threading.Thread(target=self.run, name="neolm-engine", daemon=True)
         self._thread.start()
 
     def submit(self, prompts: list[list[int]], gc: GenerationConfig) -> Job:
@@ -88,6 +98,7 @@ class Engine:
         return job
 
     def close(self, timeout: float | None = None) -> None:
+        """Refuse new jobs, end the waiting ones, and wait (at most `timeout` s) for run() to return."""
         with self._wake:
             self._closed = True
             for job in self._waiting:  # never started: end them
@@ -95,7 +106,8 @@ class Engine:
                 job._events.put(None)
             self._waiting.clear()
             self._wake.notify()
-        self._thread.join(timeout)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
 
     def _next_batch(self) -> list[Job]:
         with self._wake:
@@ -113,7 +125,8 @@ class Engine:
                         rows += job.sequences
             return batch
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """Serve jobs until close()."""
         while batch := self._next_batch():
             live = [job for job in batch if not job.cancelled.is_set()]
             try:

@@ -33,7 +33,8 @@ MAX_BODY = 32 * 2**20  # bytes of a request body
 
 class Server(ThreadingHTTPServer):
     """Serves `lm` (a neolm.LanguageModel) as `model_name` on (host, port); port 0 picks a free one
-    (`server_address` says which). serve_forever() answers; close() stops the engine and the socket."""
+    (`server_address` says which). run() answers until close() or Ctrl-C, decoding in the calling thread (the
+    one that loaded the model: engine.Engine says why); start() answers from background threads and returns."""
 
     daemon_threads = True
     allow_reuse_address = True
@@ -51,20 +52,31 @@ class Server(ThreadingHTTPServer):
             self.engine.close()
             raise NeolmError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
-    _serving = False
+    _http: threading.Thread | None = None
+
+    def run(self) -> None:
+        """HTTP in a background thread, the model in this one, until close() (from another thread) or Ctrl-C."""
+        self._listen()
+        try:
+            self.engine.run()
+        finally:
+            self.close()
+
+    def start(self) -> None:
+        """HTTP and the model each in a daemon thread; returns at once (tests, notebooks). close() stops both."""
+        self._listen()
+        self.engine.start()
+
+    def _listen(self) -> None:
+        self._http = threading.Thread(target=self.serve_forever, name="neolm-http", daemon=True)
+        self._http.start()
 
     def close(self) -> None:
-        if self._serving:
+        if self._http is not None:
             self.shutdown()
+            self._http = None
         self.server_close()
         self.engine.close(timeout=30)
-
-    def serve_forever(self, poll_interval: float = 0.5) -> None:
-        self._serving = True
-        try:
-            super().serve_forever(poll_interval)
-        finally:
-            self._serving = False
 
     def models(self) -> dict:
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.started,
@@ -220,10 +232,3 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)
-
-
-def serve_in_thread(server: Server) -> threading.Thread:
-    """Run `server` in a daemon thread (tests, notebooks); server.close() stops it."""
-    thread = threading.Thread(target=server.serve_forever, name="neolm-http", daemon=True)
-    thread.start()
-    return thread

@@ -1,0 +1,111 @@
+"""Throughput of `neolm serve` under concurrent clients, with and without batching.
+
+    python bench/serve_load.py --model /tmp/neolm-bench/models/pythia-160m/hf --clients 8 --requests 4 \\
+        --max-tokens 64 --max-batch 1,8 --threads 2 --out bench/SERVE.md
+
+For each --max-batch value: start `neolm serve` (a fresh process, --port 0), send --requests completions from
+each of --clients threads at once (greedy, distinct prompts, --max-tokens each, ignoring eos via min_tokens), and
+report generated tokens per second over the whole run and the median request latency. Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+
+def start(args, max_batch: int) -> tuple[subprocess.Popen, str]:
+    command = [sys.executable, "-m", "neolm.cli", "serve", "--port", "0", "--max-batch", str(max_batch),
+               "--threads", str(args.threads)] + ([args.model] if args.model else []) + args.load  # fmt: skip
+    server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    line = server.stderr.readline()
+    match = re.search(r"on (http://\S+/v1)", line)
+    if not match:
+        server.kill()
+        raise SystemExit(f"the server did not start: {line}{server.stderr.read()}")
+    return server, match[1]
+
+
+def complete(base: str, prompt: str, max_tokens: int) -> tuple[float, int]:
+    body = {"prompt": prompt, "max_tokens": max_tokens, "min_tokens": max_tokens, "temperature": 0}
+    request = urllib.request.Request(
+        f"{base}/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    start = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=600) as response:
+        tokens = json.loads(response.read())["usage"]["completion_tokens"]
+    return time.perf_counter() - start, tokens
+
+
+def run(args, max_batch: int) -> dict:
+    server, base = start(args, max_batch)
+    try:
+        complete(base, "Warm-up", 8)
+        latencies, tokens = [], []
+
+        def client(c: int) -> None:
+            for r in range(args.requests):
+                seconds, n = complete(base, f"Client {c} asks, request {r}:", args.max_tokens)
+                latencies.append(seconds)
+                tokens.append(n)
+
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(args.clients)]
+        began = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - began
+        with urllib.request.urlopen(f"{base.removesuffix('/v1')}/health") as response:
+            health = json.loads(response.read())
+    finally:
+        server.send_signal(2)
+        server.wait(timeout=60)
+    return {"max_batch": max_batch, "tok_s": sum(tokens) / wall, "wall_s": wall,
+            "latency_s": statistics.median(latencies), "batches": health["batches"],
+            "largest_batch_requests": health["largest_batch_requests"]}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="checkpoint folder or hub id (default: the bundled model)")
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--requests", type=int, default=4, help="requests per client, one after another")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-batch", default="1,8", help="comma-separated values to compare")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--load", nargs=argparse.REMAINDER, default=[], help="more `neolm serve` options, e.g. --quantize int8"
+    )
+    p.add_argument("--out", help="append the table to this markdown file")
+    args = p.parse_args()
+    rows = [run(args, int(b)) for b in args.max_batch.split(",")]
+    base = rows[0]["tok_s"]
+    lines = [
+        f"`python {' '.join(sys.argv)}`",
+        "",
+        (
+            f"{platform.processor() or platform.machine()}, {args.threads} threads; {args.clients} clients x "
+            f"{args.requests} requests of {args.max_tokens} greedy tokens"
+        ),
+        "",
+        "| --max-batch | tokens/s | vs first row | median latency, s | batches | most requests in a batch |",
+        "|---|---|---|---|---|---|",
+    ] + [f"| {r['max_batch']} | {r['tok_s']:.1f} | {r['tok_s'] / base:.2f}x | {r['latency_s']:.2f} | {r['batches']} | "
+         f"{r['largest_batch_requests']} |" for r in rows]  # fmt: skip
+    print("\n".join(lines))
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write("\n".join(lines) + "\n\n")
+
+
+if __name__ == "__main__":
+    main()
