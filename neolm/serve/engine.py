@@ -112,7 +112,9 @@ class Engine:
     def _next_batch(self) -> list[Job]:
         with self._wake:
             while not self._waiting and not self._closed:
-                self._wake.wait()
+                # with a timeout: a Ctrl-C that the OS hands to another thread reaches a main thread waiting here
+                # only when it returns to Python
+                self._wake.wait(timeout=0.25)
             if self._closed:
                 return []
             first = self._waiting.popleft()
