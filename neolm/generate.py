@@ -82,6 +82,11 @@ class GenerationConfig:
         check(all(self.stop_strings or []), "stop strings must not be empty")
         return self
 
+    def eos_ids(self, default: int | None) -> list[int]:
+        """The ids that end a sequence: eos_token_id (one or a list), else `default` (the model's)."""
+        eos = self.eos_token_id if self.eos_token_id is not None else default
+        return [eos] if isinstance(eos, int) else list(eos or [])
+
     def new_token_budget(self, prompt_len: int) -> int:
         """How many tokens a prompt of this length may get (max_new_tokens wins over max_length)."""
         if self.max_new_tokens is not None:
@@ -172,8 +177,7 @@ def iter_generate(
     before the first step.
     """
     config = model.config
-    eos = gc.eos_token_id if gc.eos_token_id is not None else config.eos_token_id
-    eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+    eos_ids = gc.eos_ids(config.eos_token_id)
     pad = gc.pad_token_id if gc.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
     stops = None
     if gc.stop_strings:

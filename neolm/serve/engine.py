@@ -34,6 +34,7 @@ class Token:
 class End:
     sequence: int
     reason: str  # "stop" (eos, or a stop string) or "length" (the token budget)
+    tokens: int  # how many the sequence generated
 
 
 class Job:
@@ -148,8 +149,7 @@ class Engine:
         prompts = [p for job in batch for p in job.prompts]
         owners = [(job, i) for job in batch for i in range(job.sequences)]  # iter_generate's order, prompt-major
         budgets = [gc.new_token_budget(len(p)) for p in prompts for _ in range(n)]
-        eos = gc.eos_token_id
-        eos_ids = set([eos] if isinstance(eos, int) else eos or [])
+        eos_ids = set(gc.eos_ids(self.lm.config.eos_token_id))
         counts, last = [0] * len(owners), [None] * len(owners)
         ended = [False] * len(owners)
 
@@ -157,7 +157,7 @@ class Engine:
             ended[s] = True
             job, i = owners[s]
             stopped = last[s] in eos_ids or counts[s] < budgets[s]  # eos, or a stop string before the budget
-            job._events.put(End(i, "stop" if stopped else "length"))
+            job._events.put(End(i, "stop" if stopped else "length", counts[s]))
 
         start = time.perf_counter()
         self.batches += 1

@@ -100,7 +100,7 @@ class Handler(BaseHTTPRequestHandler):
     def _answer(self, route) -> None:
         try:
             self._authorize()
-            route()
+            route(self.path.split("?")[0].rstrip("/"))
         except ApiError as e:
             self.close_connection = True  # the body may be unread: a new connection starts clean
             self._json(e.status, e.body())
@@ -118,14 +118,16 @@ class Handler(BaseHTTPRequestHandler):
                 401, "missing or wrong API key: send 'Authorization: Bearer KEY'", kind="authentication_error"
             )
 
-    def _get(self) -> None:
-        path = self.path.split("?")[0].rstrip("/")
+    def _served(self, name: str | None, param: str | None = None) -> None:
+        """404 unless `name` (when given) is the served model's."""
+        if name is not None and name != self.server.model_name:
+            raise ApiError(404, f"the model '{name}' does not exist; this server has '{self.server.model_name}'", param)
+
+    def _get(self, path: str) -> None:
         if path == "/v1/models":
             return self._json(200, self.server.models())
         if path.startswith("/v1/models/"):
-            name = path.removeprefix("/v1/models/")
-            if name != self.server.model_name:
-                raise ApiError(404, f"the model '{name}' does not exist; this server has '{self.server.model_name}'")
+            self._served(path.removeprefix("/v1/models/"))
             return self._json(200, self.server.models()["data"][0])
         if path == "/health":
             engine = self.server.engine
@@ -133,16 +135,12 @@ class Handler(BaseHTTPRequestHandler):
                                     "largest_batch_requests": engine.largest_batch, "generated_tokens": engine.generated})  # fmt: skip
         raise ApiError(404, f"no route GET {path}: try GET /v1/models or POST /v1/completions, /v1/chat/completions")
 
-    def _post(self) -> None:
-        path = self.path.split("?")[0].rstrip("/")
+    def _post(self, path: str) -> None:
         kinds = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
         if path not in kinds:
             raise ApiError(404, f"no route POST {path}: try /v1/completions or /v1/chat/completions")
         body = self._body()
-        model = body.get("model") if isinstance(body, dict) else None
-        if model is not None and model != self.server.model_name:
-            raise ApiError(404, f"the model '{model}' does not exist; this server has '{self.server.model_name}'",
-                           "model")  # fmt: skip
+        self._served(body.get("model") if isinstance(body, dict) else None, "model")
         request = protocol.parse(kinds[path], body, self.server.lm)
         try:
             job = self.server.engine.submit(request.prompts, request.gc)
@@ -163,36 +161,36 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(400, f"the body is not JSON: {e}") from None
 
     def _choices(self, request, job):
-        """Yield (choice index, text, finish reason or None) as the job produces them."""
+        """Yield (choice index, text, finish reason or None, tokens generated: at its end, else 0) as the job
+        produces them."""
         n = request.gc.num_return_sequences
         strip = request.kind == "chat"
         choices = [protocol.Choice(request.stop, strip) for _ in range(job.sequences)]
         decoders = [StreamDecoder(self.server.lm.tokenizer) for _ in range(job.sequences)]
         for i in range(job.sequences):
             if request.echo:
-                yield i, request.echo[i // n], None
+                yield i, request.echo[i // n], None, 0
         for event in job:
             choice = choices[event.sequence]
             if isinstance(event, Token):
-                choice.tokens += 1
                 text = choice.push(decoders[event.sequence].push(event.token))
                 if text:
-                    yield event.sequence, text, None
+                    yield event.sequence, text, None, 0
             elif isinstance(event, End):
                 text = choice.finish(decoders[event.sequence].flush())
-                yield event.sequence, text, "stop" if choice.stopped else event.reason
-        self.completion_tokens = sum(c.tokens for c in choices)
+                yield event.sequence, text, "stop" if choice.stopped else event.reason, event.tokens
 
     def _whole(self, request, job) -> None:
-        texts, reasons = [""] * job.sequences, ["length"] * job.sequences
+        texts, reasons, generated = [""] * job.sequences, ["length"] * job.sequences, 0
         try:
-            for i, text, reason in self._choices(request, job):
+            for i, text, reason, tokens in self._choices(request, job):
                 texts[i] += text
+                generated += tokens
                 if reason:
                     reasons[i] = reason
         except NeolmError as e:
             raise ApiError(500, str(e), kind="server_error") from None
-        self._json(200, protocol.response(request, self.server.model_name, texts, reasons, self.completion_tokens))
+        self._json(200, protocol.response(request, self.server.model_name, texts, reasons, generated))
 
     def _stream(self, request, job) -> None:
         name = self.server.model_name
@@ -206,15 +204,17 @@ class Handler(BaseHTTPRequestHandler):
             if request.kind == "chat":
                 for i in range(job.sequences):
                     self._event(protocol.chunk(request, name, i, None))
+            generated = 0
             try:
-                for i, text, reason in self._choices(request, job):
+                for i, text, reason, tokens in self._choices(request, job):
+                    generated += tokens
                     if text or reason:
                         self._event(protocol.chunk(request, name, i, text, reason))
             except NeolmError as e:
                 self._event(ApiError(500, str(e), kind="server_error").body())
             else:
                 if request.include_usage:
-                    self._event(protocol.usage_chunk(request, name, self.completion_tokens))
+                    self._event(protocol.usage_chunk(request, name, generated))
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):

@@ -236,7 +236,6 @@ class Choice:
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.text, self.sent = "", 0
         self.stopped = False  # a stop string was found: nothing after it counts
-        self.tokens = 0
 
     def push(self, piece: str) -> str:
         """Add decoded text; return the part that can be sent now."""
