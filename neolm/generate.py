@@ -163,19 +163,34 @@ class StopStrings:
         return any(text.find(s, max(before - len(s) + 1, 0)) != -1 for s in self.stop_strings)
 
 
+@dataclass
+class TokenLogprobs:
+    """Log-probabilities of tokens under the model (a step's, one per sequence; or a prompt's, one per position):
+    the fp32 log-softmax of the raw logits, before any processing (repetition penalty, temperature,
+    top-k/top-p), as vLLM reports them by default. In a step, the rows of finished sequences are filler."""
+
+    chosen: list[float]  # of the token each sequence got (each position holds)
+    top_ids: list[list[int]]  # the `logprobs` most likely tokens, most likely first
+    top: list[list[float]]  # and their log-probabilities
+
+
 def iter_generate(
     model: GPT,
     prompts: Sequence[Sequence[int]],
     gc: GenerationConfig,
     decode: Callable[[list[int]], str] | None = None,
-) -> Iterator[list[int | None]]:
-    """Yield, per step, the new token of each sequence, or None for one that has finished.
+    logprobs: int | None = None,
+) -> Iterator[list[int | None]] | Iterator[tuple[list[int | None], TokenLogprobs]]:
+    """Yield, per step, the new token of each sequence, or None for one that has finished; with `logprobs`
+    (k >= 0), (tokens, TokenLogprobs with the top k) instead.
 
     Sequences are the prompts, each repeated num_return_sequences times (prompt-major). Prompts of
     different lengths are left-padded; positions and masks make each one's tokens equal to what it
     gets alone. `decode` (token ids -> text) is needed for stop_strings. Bad arguments raise here,
     before the first step.
     """
+    if logprobs is not None and not 0 <= logprobs <= model.config.vocab_size:
+        raise NeolmError(f"logprobs must be between 0 and the vocabulary size, got {logprobs}")
     config = model.config
     eos_ids = gc.eos_ids(config.eos_token_id)
     pad = gc.pad_token_id if gc.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
@@ -186,11 +201,12 @@ def iter_generate(
         stops = StopStrings(gc.stop_strings, decode)
 
     prompts = fit_prompts(prompts, gc, config.n_positions, config.vocab_size)
-    return _steps(model, [p for p in prompts for _ in range(gc.num_return_sequences)], gc, eos_ids, pad, stops)
+    return _steps(model, [p for p in prompts for _ in range(gc.num_return_sequences)], gc, eos_ids, pad, stops,
+                  logprobs)  # fmt: skip
 
 
 @torch.inference_mode()
-def _steps(model: GPT, prompts: list[list[int]], gc: GenerationConfig, eos_ids, pad, stops):
+def _steps(model: GPT, prompts: list[list[int]], gc: GenerationConfig, eos_ids, pad, stops, logprobs):
     config = model.config
     budgets = torch.tensor([gc.new_token_budget(len(p)) for p in prompts])
     if int(budgets.max()) == 0:
@@ -226,6 +242,7 @@ def _steps(model: GPT, prompts: list[list[int]], gc: GenerationConfig, eos_ids, 
 
     logits = model(ids, positions, cache, last_only=True)[:, -1].float()  # (N, V)
     while True:
+        raw = torch.log_softmax(logits, dim=-1) if logprobs is not None else None  # before processing touches logits
         logits = process_logits(logits, gc, seen, lengths + new_counts, new_counts, eos_ids)
         if gc.do_sample:
             token = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
@@ -244,7 +261,12 @@ def _steps(model: GPT, prompts: list[list[int]], gc: GenerationConfig, eos_ids, 
                     histories[row].append(t)
                     if stops.hit(histories[row]):
                         finished[row] = True
-        yield step
+        if raw is None:
+            yield step
+        else:
+            top = torch.topk(raw, logprobs) if logprobs else None
+            yield step, TokenLogprobs(raw.gather(1, token[:, None])[:, 0].tolist(),
+                                     top.indices.tolist() if top else [[]] * n, top.values.tolist() if top else [[]] * n)  # fmt: skip
         done = finished
         if bool(done.all()):
             return

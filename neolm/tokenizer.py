@@ -31,6 +31,17 @@ _BUILTIN_DIR = Path(__file__).resolve().parent / "tokenizers"
 _EOS = "<|endoftext|>"
 
 
+def _byte_alphabet() -> dict[str, int]:
+    """Byte-level BPE's spelling of bytes as characters (GPT-2's): printable Latin-1 bytes stand for
+    themselves, the other bytes, in order, for U+0100 onwards. Returns character -> byte."""
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), 256)]
+    others = [b for b in range(256) if b not in kept]
+    return {chr(b): b for b in kept} | {chr(256 + i): b for i, b in enumerate(others)}
+
+
+_BYTE_OF = _byte_alphabet()
+
+
 def _one_line(error: BaseException) -> str:
     """The first line of an exception's message (library errors can span several lines)."""
     lines = str(error).strip().splitlines()
@@ -145,6 +156,16 @@ class Tokenizer:
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "bos_token": eos, "unk_token": eos,
                   "model_max_length": 1_000_000, "add_prefix_space": False}  # fmt: skip
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for: with a byte-level vocabulary, possibly part of a UTF-8 character.
+        Special tokens come as spelled ("<|endoftext|>"); an id outside the vocabulary as b""."""
+        token = self._backend.id_to_token(int(token_id))
+        if token is None:
+            return b""
+        if isinstance(self._backend.decoder, decoders.ByteLevel) and all(c in _BYTE_OF for c in token):
+            return bytes(_BYTE_OF[c] for c in token)
+        return token.encode()
 
     def token_to_id(self, token: str) -> int | None:
         """Id of a vocabulary entry (in its byte-level spelling, e.g. "Ġworld"), or None."""

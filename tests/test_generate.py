@@ -10,7 +10,7 @@ import torch
 import neolm
 from conftest import REAL, hf_model, save_hf
 from neolm.errors import NeolmError
-from neolm.generate import GenerationConfig, process_logits
+from neolm.generate import GenerationConfig, iter_generate, process_logits
 
 NEOX_TOKENIZER = Path(neolm.__file__).parent / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
 
@@ -59,6 +59,28 @@ def test_batched_equals_unbatched(tiny_checkpoints, name):
     batched = lm.generate_ids(prompts, max_new_tokens=24, min_new_tokens=24)
     alone = [lm.generate_ids([p], max_new_tokens=24, min_new_tokens=24)[0] for p in prompts]
     assert batched == alone
+
+
+@pytest.mark.parametrize("name", ["neo", "neox-parallel-pct25"])
+def test_step_logprobs_are_transformers_raw_log_softmax(tiny_checkpoints, name):
+    """iter_generate(logprobs=k) changes no token (sampling with a penalty, left-padded batch) and reports the
+    log-softmax of the raw logits, as transformers' forward over the whole sequence gives it."""
+    hf, folder = tiny_checkpoints[name]
+    lm = neolm.load(folder)
+    prompts = [[5, 6, 7], list(range(100, 113))]
+    gc = lm.generation_config(max_new_tokens=10, do_sample=True, seed=3, temperature=0.7, repetition_penalty=1.3)
+    plain = list(iter_generate(lm.model, prompts, gc))
+    scored = list(iter_generate(lm.model, prompts, gc, logprobs=3))
+    assert [tokens for tokens, _ in scored] == plain
+    for row, prompt in enumerate(prompts):
+        new = [step[row] for step in plain]
+        with torch.no_grad():
+            reference = torch.log_softmax(hf(torch.tensor([prompt + new])).logits[0].float(), dim=-1)[len(prompt) - 1 : -1]
+        chosen = [lp.chosen[row] for _, lp in scored]
+        assert chosen == pytest.approx(reference.gather(1, torch.tensor(new)[:, None])[:, 0].tolist(), abs=1e-4)
+        assert [lp.top_ids[row] for _, lp in scored] == reference.topk(3).indices.tolist()
+    with pytest.raises(NeolmError, match="logprobs must be"):
+        iter_generate(lm.model, prompts, gc, logprobs=-1)
 
 
 def test_batched_text_api(tiny_checkpoints):

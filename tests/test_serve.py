@@ -15,7 +15,9 @@ import urllib.request
 import pytest
 
 import neolm
+from neolm.eval.scoring import loglikelihoods, token_logprobs
 from neolm.serve import protocol
+from neolm.serve.engine import Engine, Prompt, Token
 from neolm.serve.http import Server
 
 NAME = "neo-shakespeare"
@@ -210,6 +212,119 @@ def test_client_gone_stops_its_sequences(server):
     assert server.engine.generated - generated < 500  # the 500-token stream did not run to its end
 
 
+def test_completion_logprobs_are_the_model_s(server, lm):
+    prompt = "KING. What say you?"
+    status, body = call(server, "/v1/completions", {"prompt": prompt, "max_tokens": 12, "temperature": 0,
+                                                    "repetition_penalty": 1.0, "logprobs": 3})  # fmt: skip
+    assert status == 200
+    (choice,) = body["choices"]
+    lp = choice["logprobs"]
+    ids, new = lm.encode(prompt), lm.generate_ids([lm.encode(prompt)], max_new_tokens=12, do_sample=False,
+                                                  repetition_penalty=1.0)[0]  # fmt: skip
+    assert len(lp["tokens"]) == len(new) == body["usage"]["completion_tokens"] == 12
+    assert "".join(lp["tokens"]) == choice["text"] == lm.decode(new)
+    assert lp["text_offset"] == [len(lm.decode(new[:i])) for i in range(len(new))]
+    reference = token_logprobs(lm.model, ids + new, 3)
+    assert lp["token_logprobs"] == pytest.approx(reference.chosen[len(ids) - 1 :], abs=1e-4)
+    for token, logprob, top, best in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], reference.top_ids[len(ids) - 1 :]):
+        assert list(top) == [lm.decode([t]) for t in best]  # the 3 most likely, most likely first; greedy: the chosen
+        assert top[token] == logprob == max(top.values())
+    assert sum(lp["token_logprobs"]) == pytest.approx(loglikelihoods(lm.model, [(ids, new)])[0][0], abs=1e-3)
+
+
+def test_echo_logprobs_score_the_prompt(server, lm):
+    """max_tokens 0 with echo: the prompt scored, its first token without a log-probability."""
+    prompt = "To be, or not to be, that is the question"
+    status, body = call(server, "/v1/completions", {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 0})
+    (choice,) = body["choices"]
+    lp, ids = choice["logprobs"], lm.encode(prompt)
+    assert status == 200 and choice["text"] == prompt and body["usage"]["completion_tokens"] == 0
+    assert lp["tokens"] == [lm.decode([t]) for t in ids] and lp["top_logprobs"][0] is None
+    assert lp["token_logprobs"][0] is None
+    assert lp["token_logprobs"][1:] == pytest.approx(token_logprobs(lm.model, ids).chosen, abs=1e-5)
+    assert [list(top) for top in lp["top_logprobs"][1:]] == [[t] for t in lp["tokens"][1:]]  # k=0: the token itself
+    assert lp["text_offset"] == [len(lm.decode(ids[:i])) for i in range(len(ids))]
+
+
+def test_streamed_logprobs_join_to_the_whole(server):
+    body = {"prompt": ["KING.", "QUEEN. Speak"], "max_tokens": 10, "temperature": 0, "logprobs": 2, "echo": True}
+    whole = call(server, "/v1/completions", body)[1]["choices"]
+    joined = {}
+    for event in events(call(server, "/v1/completions", {**body, "stream": True})[1]):
+        (choice,) = event["choices"]
+        part = joined.setdefault(choice["index"], {"tokens": [], "token_logprobs": [], "top_logprobs": [],
+                                                   "text_offset": []})  # fmt: skip
+        for key in part:
+            part[key] += choice["logprobs"][key]
+    assert [joined[c["index"]] for c in whole] == [c["logprobs"] for c in whole]
+
+
+def test_chat_logprobs(server, lm):
+    status, body = call(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Speak."}],
+                        "max_tokens": 8, "temperature": 0, "logprobs": True, "top_logprobs": 2})  # fmt: skip
+    (choice,) = body["choices"]
+    content = choice["logprobs"]["content"]
+    assert status == 200 and len(content) == body["usage"]["completion_tokens"]
+    assert choice["message"]["content"] in bytes(b for item in content for b in item["bytes"]).decode().lstrip()
+    assert all(len(item["top_logprobs"]) == 2 and item["logprob"] <= 0 for item in content)
+    assert all(item["top_logprobs"][0]["logprob"] >= item["top_logprobs"][1]["logprob"] for item in content)
+    status, body = call(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Speak."}],
+                        "max_tokens": 2, "logprobs": False})  # fmt: skip
+    assert status == 200 and body["choices"][0]["logprobs"] is None
+
+
+def test_engine_batches_jobs_with_and_without_logprobs(lm):
+    """Log-probabilities change no token, and a job gets exactly the alternatives it asked for."""
+    engine = Engine(lm, max_batch=8)
+    gc = lm.generation_config(max_new_tokens=6, do_sample=False)
+    prompts = [lm.encode("KING."), lm.encode("Good morrow, sir")]
+    jobs = [engine.submit(prompts, gc), engine.submit(prompts, gc, logprobs=4, prompt_logprobs=True),
+            engine.submit(prompts, gc, logprobs=1)]  # fmt: skip
+    engine.start()
+    try:
+        got = [list(job) for job in jobs]
+    finally:
+        engine.close()
+    assert engine.batches == 1
+    tokens = [[[e.token for e in events if isinstance(e, Token) and e.sequence == s] for s in range(2)] for events in got]
+    assert tokens[0] == tokens[1] == tokens[2] == lm.generate_ids(prompts, max_new_tokens=6, do_sample=False)
+    assert all(e.logprob is None and e.top == () for e in got[0] if isinstance(e, Token))
+    assert all(len(e.top) == 4 for e in got[1] if isinstance(e, Token))
+    assert all(len(e.top) == 1 and e.logprob <= 0 for e in got[2] if isinstance(e, Token))
+    scored = [e for e in got[1] if isinstance(e, Prompt)]
+    assert [e.prompt for e in scored] == [0, 1] and [len(e.logprobs.chosen) for e in scored] == [len(p) - 1 for p in prompts]
+    assert not any(isinstance(e, Prompt) for e in got[0] + got[2])
+
+
+def test_tokenizer_routes(server, lm):
+    status, body = call(server, "/tokenize", {"prompt": "Hello, world", "return_token_strs": True})
+    assert status == 200 and body["tokens"] == lm.encode("Hello, world") and body["count"] == len(body["tokens"])
+    assert "".join(body["token_strs"]) == "Hello, world" and body["max_model_len"] == 512
+    assert call(server, "/detokenize", {"tokens": body["tokens"]})[1] == {"prompt": "Hello, world"}
+    messages = [{"role": "user", "content": "Speak."}]
+    chat = call(server, "/v1/chat/completions", {"messages": messages, "max_tokens": 1})[1]
+    assert call(server, "/tokenize", {"messages": messages})[1]["count"] == chat["usage"]["prompt_tokens"]
+    status, info = call(server, "/tokenizer_info")
+    assert status == 200 and info["eos_token"] == "<|endoftext|>" and info["model_max_length"] == 512
+
+
+def test_lm_eval_scores_through_the_server(server, lm):
+    """lm-evaluation-harness's `local-completions` backend, with the tokenizer it finds on the server, gives
+    neolm's own log-likelihoods and greedy text."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    api = LocalCompletionsAPI(base_url=url(server, "/v1/completions"), model=NAME, max_retries=1)
+    assert api.tokenizer_backend == "remote"
+    requests = [("To be, or not to be,", " that is the question"), ("KING.", " Speak"), ("Good", " morrow, my lord")]
+    got = api.loglikelihood([Instance("loglikelihood", {}, r, i) for i, r in enumerate(requests)])
+    want = loglikelihoods(lm.model, [(lm.encode(c), lm.encode(x)) for c, x in requests])
+    assert [g for _, g in got] == [g for _, g in want]
+    assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in want], abs=1e-4)
+    (text,) = api.generate_until([Instance("generate_until", {}, ("KING.", {"until": ["QUEEN"], "max_gen_toks": 24}), 0)])
+    assert text == greedy(lm, "KING.", 24).split("QUEEN")[0]
+
+
 @pytest.mark.parametrize(
     "path, body, status, words",
     [
@@ -218,7 +333,12 @@ def test_client_gone_stops_its_sequences(server):
         ("/v1/completions", {"prompt": "a", "max_tokens": 5000}, 400, ["context of 512", "max_tokens"]),
         ("/v1/completions", {"prompt": "a", "max_tokens": -1}, 400, ["'max_tokens' must be >= 0"]),
         ("/v1/completions", {"prompt": "a", "temperature": "hot"}, 400, ["'temperature' must be"]),
-        ("/v1/completions", {"prompt": "a", "logprobs": 2}, 400, ["log probabilities"]),
+        ("/v1/completions", {"prompt": "a", "logprobs": 21}, 400, ["'logprobs' must be between 0 and 20"]),
+        ("/v1/completions", {"prompt": "a", "logprobs": True}, 400, ["'logprobs' must be an integer"]),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400,
+         ["needs 'logprobs': true"]),
+        ("/tokenize", {"text": "a"}, 400, ["unrecognized", "text"]),
+        ("/detokenize", {"tokens": [1, -5]}, 400, ["outside the model's vocabulary"]),
         ("/v1/completions", {"prompt": "a", "presence_penalty": 0.5}, 400, ["repetition_penalty"]),
         ("/v1/completions", {"prompt": "a", "n": 2, "temperature": 0}, 400, ["needs sampling"]),
         ("/v1/completions", {"prompt": "a", "bogus": 1}, 400, ["unrecognized", "bogus"]),
@@ -251,6 +371,11 @@ def test_openai_client(server, lm):
     chat = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Speak."}], max_tokens=12,
                                           seed=3)  # fmt: skip
     assert chat.choices[0].message.role == "assistant" and chat.usage.completion_tokens <= 12
+    scored = client.completions.create(model=NAME, prompt="KING.", max_tokens=4, temperature=0, logprobs=2)
+    assert len(scored.choices[0].logprobs.token_logprobs) == 4 and len(scored.choices[0].logprobs.top_logprobs[0]) >= 2
+    chat = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Speak."}], max_tokens=3,
+                                          logprobs=True, top_logprobs=1)  # fmt: skip
+    assert len(chat.choices[0].logprobs.content) == chat.usage.completion_tokens
     with pytest.raises(openai.BadRequestError, match="context of 512"):
         client.completions.create(model=NAME, prompt="KING.", max_tokens=4096)
 

@@ -432,3 +432,15 @@ def test_stream_decoder_random_ids_and_small_window():
         decoder.push(i)
     assert decoder.flush() == ""
     assert "".join(decoder.push(i) for i in tok.encode(" again")) + decoder.flush() == " again"
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_token_bytes_join_to_the_text(name):
+    """Each token's bytes (byte-level BPE splits characters between tokens) join to the text's UTF-8."""
+    tokenizer = Tokenizer.builtin(name)
+    text = "Héllo wörld — 日本語 😀<|endoftext|> ok\n\t end"
+    ids = tokenizer.encode(text)
+    pieces = [tokenizer.token_bytes(i) for i in ids]
+    assert b"".join(pieces) == text.encode()
+    assert b"<|endoftext|>" in pieces and any(len(p) == 1 and p[0] >= 0x80 for p in pieces)  # a lone UTF-8 byte
+    assert tokenizer.token_bytes(10**7) == b""

@@ -5,7 +5,9 @@ The engine thread takes the oldest waiting job and, unless it has a seed (a seed
 get alone), every other waiting job with the same settings, up to `max_batch` sequences: they decode as one
 batch (neolm.generate.iter_generate, left-padded, so each sequence gets exactly the tokens it would get alone).
 A job that arrives while a batch runs waits for the next one. Each job's tokens go to its own queue as they
-are produced; the HTTP threads read them from there.
+are produced; the HTTP threads read them from there. A job may ask for log-probabilities: of each token it
+gets, with the k most likely alternatives (the batch computes the largest k any of its jobs asks for), and of
+its prompt's tokens (one forward over each prompt before the batch decodes).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from neolm.errors import NeolmError
-from neolm.generate import GenerationConfig, fit_prompts, iter_generate
+from neolm.eval.scoring import token_logprobs
+from neolm.generate import GenerationConfig, TokenLogprobs, fit_prompts, iter_generate
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +31,16 @@ log = logging.getLogger(__name__)
 class Token:
     sequence: int  # index among the job's sequences (prompt-major: prompt i, sample j -> i * n + j)
     token: int
+    logprob: float | None = None  # with the job's logprobs: log p(token) under the model
+    top: tuple[tuple[int, float], ...] = ()  # and its `logprobs` most likely (token, log p), most likely first
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt's own log-probabilities (jobs with prompt_logprobs), sent before any of its tokens."""
+
+    prompt: int  # index among the job's prompts
+    logprobs: TokenLogprobs  # of its tokens 1 .. n-1
 
 
 @dataclass(frozen=True)
@@ -38,11 +51,15 @@ class End:
 
 
 class Job:
-    """One request's sequences: each prompt x gc.num_return_sequences. Iterate it for Token and End events
-    (each sequence ends exactly once); it raises NeolmError if the generation failed."""
+    """One request's sequences: each prompt x gc.num_return_sequences. Iterate it for Prompt, Token and End
+    events (each sequence ends exactly once); it raises NeolmError if the generation failed. `logprobs` (k):
+    each Token carries its log-probability and the k most likely tokens; `prompt_logprobs`: a Prompt event
+    per prompt, with the same k."""
 
-    def __init__(self, prompts: list[list[int]], gc: GenerationConfig):
+    def __init__(self, prompts: list[list[int]], gc: GenerationConfig, logprobs: int | None = None,
+                 prompt_logprobs: bool = False):  # fmt: skip
         self.prompts, self.gc = prompts, gc
+        self.logprobs, self.prompt_logprobs = logprobs, prompt_logprobs
         self.sequences = len(prompts) * gc.num_return_sequences
         self.cancelled = threading.Event()  # set by a client that went away: its sequences stop early
         self._events: queue.SimpleQueue = queue.SimpleQueue()
@@ -86,11 +103,15 @@ class Engine:
         self._thread = threading.Thread(target=self.run, name="neolm-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, prompts: list[list[int]], gc: GenerationConfig) -> Job:
-        """Queue the generation of `prompts` (token ids) with `gc`. Raises NeolmError, before anything is
-        queued, for a prompt that is empty, out of the vocabulary or too long for the context."""
+    def submit(self, prompts: list[list[int]], gc: GenerationConfig, logprobs: int | None = None,
+               prompt_logprobs: bool = False) -> Job:  # fmt: skip
+        """Queue the generation of `prompts` (token ids) with `gc` (and log-probabilities: see Job). Raises
+        NeolmError, before anything is queued, for a prompt that is empty, out of the vocabulary or too long
+        for the context."""
         config = self.lm.config
-        job = Job(fit_prompts(prompts, gc, config.n_positions, config.vocab_size), gc)
+        if prompt_logprobs and logprobs is None:
+            raise NeolmError("prompt_logprobs needs logprobs (how many alternatives per position)")
+        job = Job(fit_prompts(prompts, gc, config.n_positions, config.vocab_size), gc, logprobs, prompt_logprobs)
         with self._wake:
             if self._closed:
                 raise NeolmError("the server is shutting down")
@@ -162,9 +183,16 @@ class Engine:
         start = time.perf_counter()
         self.batches += 1
         self.largest_batch = max(self.largest_batch, len(batch))
-        steps = iter_generate(self.lm.model, prompts, gc, self.lm.tokenizer.decode)
+        for job in batch:
+            if job.prompt_logprobs:
+                for i, prompt in enumerate(job.prompts):
+                    job._events.put(Prompt(i, token_logprobs(self.lm.model, prompt, job.logprobs)))
+        wanted = [job.logprobs for job in batch if job.logprobs is not None]
+        k = max(wanted) if wanted else None
+        steps = iter_generate(self.lm.model, prompts, gc, self.lm.tokenizer.decode, logprobs=k)
         try:
             for step in steps:
+                step, scores = step if k is not None else (step, None)
                 for s, token in enumerate(step):
                     if token is None:
                         if not ended[s]:
@@ -173,7 +201,11 @@ class Engine:
                     counts[s] += 1
                     last[s] = token
                     job, i = owners[s]
-                    job._events.put(Token(i, token))
+                    if job.logprobs is None:
+                        job._events.put(Token(i, token))
+                    else:
+                        top = tuple(zip(scores.top_ids[s][: job.logprobs], scores.top[s][: job.logprobs]))
+                        job._events.put(Token(i, token, scores.chosen[s], top))
                 if all(job.cancelled.is_set() for job in batch):
                     log.info("every request of the batch went away: stopped")
                     break

@@ -4,6 +4,7 @@
   POST /v1/completions        text completion (stream: server-sent events, as OpenAI)
   POST /v1/chat/completions   chat completion (protocol.py's transcript format)
   GET  /health                200 while the engine runs, with its counters
+  POST /tokenize, /detokenize, GET /tokenizer_info   vLLM's tokenizer routes (lm-eval's remote tokenizer uses them)
 
 Each connection gets a thread that parses its request, hands it to the engine (engine.py) and writes what the
 engine produces; a client that goes away while its answer streams stops its sequences.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import socket
 import threading
 import time
 from http import HTTPStatus
@@ -22,7 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import neolm
 from neolm.errors import NeolmError
 from neolm.serve import protocol
-from neolm.serve.engine import End, Engine, Token
+from neolm.serve.engine import End, Engine, Prompt, Token
 from neolm.serve.protocol import ApiError
 from neolm.tokenizer import StreamDecoder
 
@@ -88,6 +90,12 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive for clients that reuse connections (OpenAI's does)
     server_version = f"neolm/{neolm.__version__}"
 
+    def setup(self):
+        super().setup()
+        # headers and body (and each streamed event) are separate small writes: with Nagle's algorithm on, the
+        # second waits for the client's delayed ACK, ~40 ms per response on Linux
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def log_message(self, format, *args):
         log.info("%s %s", self.address_string(), format % args)
 
@@ -129,6 +137,8 @@ class Handler(BaseHTTPRequestHandler):
         if path.startswith("/v1/models/"):
             self._served(path.removeprefix("/v1/models/"))
             return self._json(200, self.server.models()["data"][0])
+        if path == "/tokenizer_info":
+            return self._json(200, protocol.tokenizer_info(self.server.lm))
         if path == "/health":
             engine = self.server.engine
             return self._json(200, {"status": "ok", "model": self.server.model_name, "batches": engine.batches,
@@ -137,13 +147,17 @@ class Handler(BaseHTTPRequestHandler):
 
     def _post(self, path: str) -> None:
         kinds = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
-        if path not in kinds:
-            raise ApiError(404, f"no route POST {path}: try /v1/completions or /v1/chat/completions")
+        tools = {"/tokenize": protocol.tokenize, "/detokenize": protocol.detokenize}
+        if path not in kinds and path not in tools:
+            raise ApiError(404, f"no route POST {path}: try /v1/completions, /v1/chat/completions, /tokenize or "
+                           "/detokenize")  # fmt: skip
         body = self._body()
         self._served(body.get("model") if isinstance(body, dict) else None, "model")
+        if path in tools:
+            return self._json(200, tools[path](body, self.server.lm))
         request = protocol.parse(kinds[path], body, self.server.lm)
         try:
-            job = self.server.engine.submit(request.prompts, request.gc)
+            job = self.server.engine.submit(request.prompts, request.gc, request.logprobs, request.prompt_logprobs)
         except NeolmError as e:  # a prompt too long for the context, or out of the vocabulary
             raise ApiError(400, str(e).replace("max_new_tokens", "max_tokens")) from None
         (self._stream if request.stream else self._whole)(request, job)
@@ -161,39 +175,59 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(400, f"the body is not JSON: {e}") from None
 
     def _choices(self, request, job):
-        """Yield (choice index, text, finish reason or None, tokens generated: at its end, else 0) as the job
-        produces them."""
+        """Yield (choice index, text, finish reason or None, tokens generated: at its end, else 0, the choice's
+        protocol.Logprob entries since the last yield) as the job produces them."""
+        tokenizer = self.server.lm.tokenizer
         n = request.gc.num_return_sequences
         strip = request.kind == "chat"
         choices = [protocol.Choice(request.stop, strip) for _ in range(job.sequences)]
-        decoders = [StreamDecoder(self.server.lm.tokenizer) for _ in range(job.sequences)]
-        for i in range(job.sequences):
-            if request.echo:
-                yield i, request.echo[i // n], None, 0
+        decoders = [StreamDecoder(tokenizer) for _ in range(job.sequences)]
+        offsets = [0] * job.sequences  # characters of each choice decoded so far, echo included: a token's text_offset
+        pending: list[list[protocol.Logprob]] = [[] for _ in range(job.sequences)]
+        if request.echo and not request.prompt_logprobs:  # else with the prompt's log-probabilities, below
+            for i in range(job.sequences):
+                offsets[i] = len(request.echo[i // n])
+                yield i, request.echo[i // n], None, 0, []
         for event in job:
-            choice = choices[event.sequence]
+            if isinstance(event, Prompt):
+                entries = protocol.prompt_logprobs(job.prompts[event.prompt], event.logprobs, tokenizer)
+                for i in range(event.prompt * n, (event.prompt + 1) * n):
+                    offsets[i] = len(request.echo[event.prompt])
+                    yield i, request.echo[event.prompt], None, 0, entries
+                continue
+            s, choice = event.sequence, choices[event.sequence]
             if isinstance(event, Token):
-                text = choice.push(decoders[event.sequence].push(event.token))
+                piece = decoders[s].push(event.token)
+                if request.logprobs is not None:
+                    pending[s].append(protocol.Logprob(event.token, event.logprob, event.top, offsets[s]))
+                offsets[s] += len(piece)
+                text = choice.push(piece)
                 if text:
-                    yield event.sequence, text, None, 0
+                    yield s, text, None, 0, pending[s]
+                    pending[s] = []
             elif isinstance(event, End):
-                text = choice.finish(decoders[event.sequence].flush())
-                yield event.sequence, text, "stop" if choice.stopped else event.reason, event.tokens
+                text = choice.finish(decoders[s].flush())
+                yield s, text, "stop" if choice.stopped else event.reason, event.tokens, pending[s]
+                pending[s] = []
 
     def _whole(self, request, job) -> None:
         texts, reasons, generated = [""] * job.sequences, ["length"] * job.sequences, 0
+        entries: list[list[protocol.Logprob]] = [[] for _ in range(job.sequences)]
         try:
-            for i, text, reason, tokens in self._choices(request, job):
+            for i, text, reason, tokens, logprobs in self._choices(request, job):
                 texts[i] += text
+                entries[i] += logprobs
                 generated += tokens
                 if reason:
                     reasons[i] = reason
         except NeolmError as e:
             raise ApiError(500, str(e), kind="server_error") from None
-        self._json(200, protocol.response(request, self.server.model_name, texts, reasons, generated))
+        tokenizer = self.server.lm.tokenizer
+        choice_logprobs = [protocol.logprobs(request, e, tokenizer) for e in entries]
+        self._json(200, protocol.response(request, self.server.model_name, texts, reasons, generated, choice_logprobs))
 
     def _stream(self, request, job) -> None:
-        name = self.server.model_name
+        name, tokenizer = self.server.model_name, self.server.lm.tokenizer
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -206,10 +240,11 @@ class Handler(BaseHTTPRequestHandler):
                     self._event(protocol.chunk(request, name, i, None))
             generated = 0
             try:
-                for i, text, reason, tokens in self._choices(request, job):
+                for i, text, reason, tokens, logprobs in self._choices(request, job):
                     generated += tokens
-                    if text or reason:
-                        self._event(protocol.chunk(request, name, i, text, reason))
+                    if text or reason or logprobs:
+                        self._event(protocol.chunk(request, name, i, text, reason,
+                                                   protocol.logprobs(request, logprobs, tokenizer)))  # fmt: skip
             except NeolmError as e:
                 self._event(ApiError(500, str(e), kind="server_error").body())
             else:

@@ -4,8 +4,15 @@ What the fields mean is OpenAI's: `temperature` 0 is greedy (default 1: sampling
 (kept out of the text, as OpenAI does), `seed`, `max_tokens` (completions: default 16; chat: up to the end
 of the context; `max_completion_tokens` is its newer name), `echo` (completions), `stream` with
 `stream_options.include_usage`. vLLM's extra sampling fields are taken too: `top_k`, `min_tokens`,
-`repetition_penalty`. Fields neolm cannot honour (logprobs, penalties other than repetition_penalty,
-logit_bias, tools, ...) are refused with a 400 that says so rather than ignored; unknown fields likewise.
+`repetition_penalty`. Fields neolm cannot honour (penalties other than repetition_penalty, logit_bias,
+tools, ...) are refused with a 400 that says so rather than ignored; unknown fields likewise.
+
+Log-probabilities: completions' `logprobs` (k, at most 20) gives each token's log-probability, its text
+offset and the k most likely tokens plus the chosen one (as vLLM); with `echo`, the prompt's tokens too, the
+first with none (the scoring request lm-evaluation-harness's `local-completions` sends). Chat's `logprobs`
+true with `top_logprobs` (k) gives OpenAI's `content` list. They are the model's own (the log-softmax of its
+logits before temperature, top-k/top-p and repetition penalty, as vLLM reports by default) and cover every
+generated token, a stop string's included.
 Fields sent as null count as absent. Sampling fields left out take the checkpoint's generation_config.json
 values where it has them (as vLLM does), else OpenAI's defaults.
 
@@ -22,7 +29,9 @@ from dataclasses import dataclass, field
 
 from neolm.errors import NeolmError
 from neolm.generate import GenerationConfig
+from neolm.tokenizer import StreamDecoder
 
+MAX_LOGPROBS = 20  # the most alternatives per token a request may ask for (vLLM's default limit; OpenAI: 5 and 20)
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's (and vLLM's) default max_tokens for /v1/completions
 CHAT_ROLES = {"system": None, "developer": None, "user": "User", "assistant": "Assistant"}
 CHAT_STOP = "\nUser:"
@@ -59,6 +68,8 @@ class Request:
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the token counts
     echo: list[str] = field(default_factory=list)  # completions with echo: each prompt's text, put before its choices
     stop: list[str] = field(default_factory=list)  # cut from the text (OpenAI leaves stop strings out)
+    logprobs: int | None = None  # alternatives per token when log-probabilities are asked for
+    prompt_logprobs: bool = False  # and of the prompt's tokens too (completions with echo)
     id: str = ""
     created: int = 0
 
@@ -81,8 +92,6 @@ def _refuse(body: dict, kind: str) -> None:
     if unknown:
         raise ApiError(400, f"unrecognized request argument(s): {', '.join(unknown)}", unknown[0])
     unsupported = {
-        "logprobs": "log probabilities are not returned by neolm's server",
-        "top_logprobs": "log probabilities are not returned by neolm's server",
         "presence_penalty": "not supported: use repetition_penalty",
         "frequency_penalty": "not supported: use repetition_penalty",
         "logit_bias": "not supported",
@@ -100,7 +109,7 @@ def _refuse(body: dict, kind: str) -> None:
         raise ApiError(400, '\'response_format\': only {"type": "text"} is supported', "response_format")
     best_of = body.get("best_of")
     if best_of not in (None, 1) and best_of != body.get("n", 1):
-        raise ApiError(400, "'best_of' is not supported (it needs log probabilities)", "best_of")
+        raise ApiError(400, "'best_of' is not supported", "best_of")
 
 
 def _sampling(body: dict, max_tokens: int | None, defaults: dict) -> dict:
@@ -213,11 +222,19 @@ def parse(kind: str, body, lm) -> Request:
                                f"{context}: no room for a reply", "messages")  # fmt: skip
         request.prompts = [prompt]
         request.stop = stops + [CHAT_STOP]
+        top = _field(body, "top_logprobs", (int,), None, lambda v: 0 <= v <= MAX_LOGPROBS, f"between 0 and {MAX_LOGPROBS}")
+        if _field(body, "logprobs", (bool,), False):
+            request.logprobs = top or 0
+        elif top is not None:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
     else:
         request.prompts, texts = _prompts(body, lm.encode)
         max_tokens = _max_tokens(body, "max_tokens", DEFAULT_COMPLETION_TOKENS)
+        request.logprobs = _field(body, "logprobs", (int,), None, lambda v: 0 <= v <= MAX_LOGPROBS,
+                                  f"between 0 and {MAX_LOGPROBS}")  # fmt: skip
         if _field(body, "echo", (bool,), False):
             request.echo = texts if texts is not None else [lm.decode(p) for p in request.prompts]
+            request.prompt_logprobs = request.logprobs is not None
     generation = _sampling(body, max_tokens, lm.generation_defaults)
     generation["stop_strings"] = request.stop or None
     try:
@@ -225,6 +242,50 @@ def parse(kind: str, body, lm) -> Request:
     except NeolmError as e:
         raise ApiError(400, str(e)) from None
     return request
+
+
+def tokenize(body, lm) -> dict:
+    """vLLM's POST /tokenize: {"prompt": text} or {"messages": [...]} (the chat transcript) -> token ids.
+    GPT-2 and NeoX tokenizers add no special tokens, so add_special_tokens changes nothing."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    unknown = sorted(set(body) - {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt",
+                                  "return_token_strs"})  # fmt: skip
+    if unknown:
+        raise ApiError(400, f"unrecognized request argument(s): {', '.join(unknown)}", unknown[0])
+    if "messages" in body:
+        text = _chat_text(body)
+    else:
+        text = _field(body, "prompt", (str,), None)
+        if text is None:
+            raise ApiError(400, "give 'prompt' (a string) or 'messages'", "prompt")
+    tokens = lm.encode(text)
+    out = {"count": len(tokens), "max_model_len": lm.config.n_positions, "tokens": tokens, "token_strs": None}
+    if _field(body, "return_token_strs", (bool,), False):
+        out["token_strs"] = [_token_text(lm.tokenizer, t)[0] for t in tokens]
+    return out
+
+
+def detokenize(body, lm) -> dict:
+    """vLLM's POST /detokenize: {"tokens": [ids]} -> {"prompt": text}."""
+    tokens = body.get("tokens") if isinstance(body, dict) else None
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        raise ApiError(400, f"'tokens' must be a list of token ids, got {tokens!r}"[:300], "tokens")
+    vocab = lm.config.vocab_size
+    bad = [t for t in tokens if not 0 <= t < vocab]
+    if bad:
+        raise ApiError(400, f"token id {bad[0]} is outside the model's vocabulary of {vocab}", "tokens")
+    return {"prompt": lm.decode(tokens)}
+
+
+def tokenizer_info(lm) -> dict:
+    """vLLM's GET /tokenizer_info (what lm-evaluation-harness's remote tokenizer reads)."""
+    tokenizer = lm.tokenizer
+    eos = tokenizer.eos_token_id
+    eos_text = tokenizer.token_bytes(eos).decode("utf-8", "replace") if eos is not None else None
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos_text, "bos_token": eos_text,
+            "pad_token": None, "model_max_length": lm.config.n_positions, "vocab_size": tokenizer.vocab_size,
+            "add_prefix_space": False, "chat_template": None}  # fmt: skip
 
 
 class Choice:
@@ -264,34 +325,95 @@ class Choice:
         return out
 
 
+@dataclass(frozen=True)
+class Logprob:
+    """One token's entry: its log-probability (None for a prompt's first token), its most likely alternatives
+    as (token id, log p), and where its text starts in the choice's text (echoed prompt included)."""
+
+    token: int
+    logprob: float | None
+    top: tuple[tuple[int, float], ...]
+    offset: int
+
+
+def _token_text(tokenizer, token: int) -> tuple[str, list[int]]:
+    """A token's text as OpenAI writes it (bytes that are not whole UTF-8 characters as "bytes:\\xNN..."),
+    and its bytes."""
+    raw = tokenizer.token_bytes(token)
+    try:
+        return raw.decode("utf-8"), list(raw)
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), list(raw)
+
+
+def logprobs(request: Request, entries: list[Logprob], tokenizer) -> dict | None:
+    """A choice's (or a streamed chunk's) `logprobs` object: completions' legacy form (tokens, token_logprobs,
+    top_logprobs with the chosen token among them, text_offset) or chat's `content` list."""
+    if request.logprobs is None:
+        return None
+    if request.kind == "chat":
+        def item(token: int, logprob: float) -> dict:
+            text, raw = _token_text(tokenizer, token)
+            return {"token": text, "logprob": logprob, "bytes": raw}
+
+        content = [item(e.token, e.logprob) | {"top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries]
+        return {"content": content, "refusal": None}
+    tops = []
+    for e in entries:
+        top = None
+        if e.logprob is not None:
+            top = {_token_text(tokenizer, t)[0]: lp for t, lp in e.top}
+            top.setdefault(_token_text(tokenizer, e.token)[0], e.logprob)
+        tops.append(top)
+    return {"tokens": [_token_text(tokenizer, e.token)[0] for e in entries],
+            "token_logprobs": [e.logprob for e in entries], "top_logprobs": tops,
+            "text_offset": [e.offset for e in entries]}  # fmt: skip
+
+
+def prompt_logprobs(prompt: list[int], scores, tokenizer) -> list[Logprob]:
+    """A prompt's entries from its TokenLogprobs (positions 1 ..): the first token has no log-probability."""
+    decoder, offset, entries = StreamDecoder(tokenizer), 0, []
+    for j, token in enumerate(prompt):
+        if j == 0:
+            entries.append(Logprob(token, None, (), 0))
+        else:
+            entries.append(Logprob(token, scores.chosen[j - 1], tuple(zip(scores.top_ids[j - 1], scores.top[j - 1])),
+                                   offset))  # fmt: skip
+        offset += len(decoder.push(token))
+    return entries
+
+
 def usage(request: Request, completion_tokens: int) -> dict:
     prompt_tokens = sum(len(p) for p in request.prompts)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
 
 
-def response(request: Request, model: str, texts: list[str], reasons: list[str], completion_tokens: int) -> dict:
+def response(request: Request, model: str, texts: list[str], reasons: list[str], completion_tokens: int,
+             choice_logprobs: list[dict | None]) -> dict:  # fmt: skip
     """The whole (non-streamed) answer."""
+    rows = zip(texts, reasons, choice_logprobs)
     if request.kind == "chat":
-        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                    "finish_reason": reason} for i, (text, reason) in enumerate(zip(texts, reasons))]  # fmt: skip
+        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp,
+                    "finish_reason": reason} for i, (text, reason, lp) in enumerate(rows)]  # fmt: skip
         kind = "chat.completion"
     else:
-        choices = [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
-                   for i, (text, reason) in enumerate(zip(texts, reasons))]  # fmt: skip
+        choices = [{"index": i, "text": text, "logprobs": lp, "finish_reason": reason}
+                   for i, (text, reason, lp) in enumerate(rows)]  # fmt: skip
         kind = "text_completion"
     return {"id": request.id, "object": kind, "created": request.created, "model": model, "choices": choices,
             "usage": usage(request, completion_tokens)}  # fmt: skip
 
 
-def chunk(request: Request, model: str, index: int, text: str | None, reason: str | None = None) -> dict:
+def chunk(request: Request, model: str, index: int, text: str | None, reason: str | None = None,
+          choice_logprobs: dict | None = None) -> dict:  # fmt: skip
     """One streamed event: text for choice `index` (chat: None opens the choice with its role), or its end."""
     if request.kind == "chat":
         delta = {"role": "assistant", "content": ""} if text is None else ({"content": text} if text else {})
-        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+        choice = {"index": index, "delta": delta, "logprobs": choice_logprobs, "finish_reason": reason}
         kind = "chat.completion.chunk"
     else:
-        choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}
+        choice = {"index": index, "text": text or "", "logprobs": choice_logprobs, "finish_reason": reason}
         kind = "text_completion"
     return {"id": request.id, "object": kind, "created": request.created, "model": model, "choices": [choice]}
 
