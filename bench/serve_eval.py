@@ -23,8 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-
-from serve_load import start
+from serve_load import start  # bench/serve_load.py, beside this script
 
 
 def direct(args, out: Path) -> dict:
@@ -85,7 +84,9 @@ def main() -> None:
     p.add_argument("--concurrent", default="1,4", help="comma-separated num_concurrent values for the server runs")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", help="append the table to this markdown file")
-    p.add_argument("--load", nargs=argparse.REMAINDER, default=[], help="loading options for both (e.g. --quantize int8)")
+    p.add_argument(
+        "--load", nargs=argparse.REMAINDER, default=[], help="loading options for both (e.g. --quantize int8)"
+    )
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:

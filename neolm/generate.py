@@ -180,9 +180,12 @@ def iter_generate(
     gc: GenerationConfig,
     decode: Callable[[list[int]], str] | None = None,
     logprobs: int | None = None,
+    on_prompt: Callable[[int, TokenLogprobs], None] | None = None,
 ) -> Iterator[list[int | None]] | Iterator[tuple[list[int | None], TokenLogprobs]]:
     """Yield, per step, the new token of each sequence, or None for one that has finished; with `logprobs`
-    (k >= 0), (tokens, TokenLogprobs with the top k) instead.
+    (k >= 0), (tokens, TokenLogprobs with the top k) instead. on_prompt(i, TokenLogprobs), if given, gets the
+    log-probabilities of prompt i's tokens 1 .. n-1 (with the top `logprobs`, if any), from the same forward
+    that reads the prompts into the cache, before the first step.
 
     Sequences are the prompts, each repeated num_return_sequences times (prompt-major). Prompts of
     different lengths are left-padded; positions and masks make each one's tokens equal to what it
@@ -202,14 +205,14 @@ def iter_generate(
 
     prompts = fit_prompts(prompts, gc, config.n_positions, config.vocab_size)
     return _steps(model, [p for p in prompts for _ in range(gc.num_return_sequences)], gc, eos_ids, pad, stops,
-                  logprobs)  # fmt: skip
+                  logprobs, on_prompt)  # fmt: skip
 
 
 @torch.inference_mode()
-def _steps(model: GPT, prompts: list[list[int]], gc: GenerationConfig, eos_ids, pad, stops, logprobs):
+def _steps(model: GPT, prompts: list[list[int]], gc: GenerationConfig, eos_ids, pad, stops, logprobs, on_prompt):
     config = model.config
     budgets = torch.tensor([gc.new_token_budget(len(p)) for p in prompts])
-    if int(budgets.max()) == 0:
+    if int(budgets.max()) == 0 and on_prompt is None:
         return
     device = model.ln_f.weight.device
     n, width = len(prompts), max(len(p) for p in prompts)
@@ -240,7 +243,18 @@ def _steps(model: GPT, prompts: list[list[int]], gc: GenerationConfig, eos_ids, 
     done = budgets == 0
     new_counts = torch.zeros(n, dtype=torch.long, device=device)
 
-    logits = model(ids, positions, cache, last_only=True)[:, -1].float()  # (N, V)
+    if on_prompt is None:
+        logits = model(ids, positions, cache, last_only=True)[:, -1].float()  # (N, V)
+    else:
+        hidden = model(ids, positions, cache, head=False)  # (N, T, C)
+        for i in range(0, n, gc.num_return_sequences):  # each prompt's first sequence
+            p = prompts[i]
+            on_prompt(
+                i // gc.num_return_sequences, project_logprobs(model, hidden[i, width - len(p) : -1], p[1:], logprobs)
+            )
+        if int(budgets.max()) == 0:
+            return
+        logits = model.lm_head(hidden[:, -1]).float()
     while True:
         raw = torch.log_softmax(logits, dim=-1) if logprobs is not None else None  # before processing touches logits
         logits = process_logits(logits, gc, seen, lengths + new_counts, new_counts, eos_ids)
@@ -274,6 +288,23 @@ def _steps(model: GPT, prompts: list[list[int]], gc: GenerationConfig, eos_ids, 
             seen[torch.arange(n, device=device), token] = True
         positions = positions[:, -1:] + 1
         logits = model(token[:, None], positions, cache)[:, -1].float()
+
+
+PROJECT_CHUNK = 1024  # positions per vocabulary projection: bounds the (positions, vocabulary) fp32 log-probs
+
+
+def project_logprobs(model: GPT, hidden: torch.Tensor, targets: Sequence[int], top: int | None) -> TokenLogprobs:
+    """TokenLogprobs of `targets` (P,) from final hidden states (P, C) (model(..., head=False)), with the `top`
+    most likely tokens at each position; PROJECT_CHUNK positions at a time."""
+    out = TokenLogprobs([], [], [])
+    targets = torch.as_tensor(targets, dtype=torch.long, device=hidden.device)
+    for i in range(0, len(hidden), PROJECT_CHUNK):
+        logprobs = torch.log_softmax(model.lm_head(hidden[i : i + PROJECT_CHUNK]).float(), dim=-1)
+        out.chosen += logprobs.gather(1, targets[i : i + PROJECT_CHUNK, None])[:, 0].tolist()
+        best = torch.topk(logprobs, top) if top else None
+        out.top_ids += best.indices.tolist() if best else [[] for _ in range(len(logprobs))]
+        out.top += best.values.tolist() if best else [[] for _ in range(len(logprobs))]
+    return out
 
 
 def _argmax(logits: torch.Tensor) -> torch.Tensor:

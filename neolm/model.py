@@ -254,8 +254,10 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         key_valid: torch.Tensor | None = None,
         last_only: bool = False,
+        head: bool = True,
     ) -> torch.Tensor:
-        """Logits (B, T, V) for tokens idx (B, T), or (B, 1, V) with last_only.
+        """Logits (B, T, V) for tokens idx (B, T), or (B, 1, V) with last_only; head=False: the final hidden
+        states (after ln_f) instead, (B, T, C), for callers that project only some positions.
 
         With a cache, idx continues the cached sequence at slot cache.length and the cache advances.
         positions (B, T): position ids, default the slot numbers. key_valid (B, S): False marks padding
@@ -292,7 +294,7 @@ class GPT(nn.Module):
             cache.length = start + T
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.ln_f(x))
+        return self.lm_head(self.ln_f(x)) if head else self.ln_f(x)
 
     def _rotary_table(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """The fp32 cos/sin table of every position, computed once per device."""

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REAL, hf_model, save_hf
 
 import neolm
-from conftest import REAL, hf_model, save_hf
 from neolm.errors import NeolmError
 from neolm.generate import GenerationConfig, iter_generate, process_logits
 
@@ -63,22 +63,25 @@ def test_batched_equals_unbatched(tiny_checkpoints, name):
 
 @pytest.mark.parametrize("name", ["neo", "neox-parallel-pct25"])
 def test_step_logprobs_are_transformers_raw_log_softmax(tiny_checkpoints, name):
-    """iter_generate(logprobs=k) changes no token (sampling with a penalty, left-padded batch) and reports the
-    log-softmax of the raw logits, as transformers' forward over the whole sequence gives it."""
+    """iter_generate(logprobs=k, on_prompt=...) changes no token (sampling with a penalty, left-padded batch) and
+    reports the log-softmax of the raw logits, of the prompts' tokens and the new ones, as transformers' forward
+    over the whole sequence gives it."""
     hf, folder = tiny_checkpoints[name]
     lm = neolm.load(folder)
     prompts = [[5, 6, 7], list(range(100, 113))]
     gc = lm.generation_config(max_new_tokens=10, do_sample=True, seed=3, temperature=0.7, repetition_penalty=1.3)
     plain = list(iter_generate(lm.model, prompts, gc))
-    scored = list(iter_generate(lm.model, prompts, gc, logprobs=3))
+    prompt_scores = {}
+    scored = list(iter_generate(lm.model, prompts, gc, logprobs=3, on_prompt=prompt_scores.__setitem__))
     assert [tokens for tokens, _ in scored] == plain
     for row, prompt in enumerate(prompts):
         new = [step[row] for step in plain]
         with torch.no_grad():
-            reference = torch.log_softmax(hf(torch.tensor([prompt + new])).logits[0].float(), dim=-1)[len(prompt) - 1 : -1]
-        chosen = [lp.chosen[row] for _, lp in scored]
-        assert chosen == pytest.approx(reference.gather(1, torch.tensor(new)[:, None])[:, 0].tolist(), abs=1e-4)
-        assert [lp.top_ids[row] for _, lp in scored] == reference.topk(3).indices.tolist()
+            reference = torch.log_softmax(hf(torch.tensor([prompt + new])).logits[0].float(), dim=-1)[:-1]
+        chosen = prompt_scores[row].chosen + [lp.chosen[row] for _, lp in scored]
+        assert chosen == pytest.approx(reference.gather(1, torch.tensor(prompt[1:] + new)[:, None])[:, 0].tolist(), abs=1e-4)
+        top = prompt_scores[row].top_ids + [lp.top_ids[row] for _, lp in scored]
+        assert top == reference.topk(3).indices.tolist()
     with pytest.raises(NeolmError, match="logprobs must be"):
         iter_generate(lm.model, prompts, gc, logprobs=-1)
 

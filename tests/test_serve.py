@@ -13,9 +13,10 @@ import urllib.error
 import urllib.request
 
 import pytest
+import torch
 
 import neolm
-from neolm.eval.scoring import loglikelihoods, token_logprobs
+from neolm.eval.scoring import loglikelihoods
 from neolm.serve import protocol
 from neolm.serve.engine import Engine, Prompt, Token
 from neolm.serve.http import Server
@@ -56,6 +57,12 @@ def events(text: str) -> list:
     payloads = [line.removeprefix("data: ") for line in text.split("\n\n") if line]
     assert payloads[-1] == "[DONE]"
     return [json.loads(p) for p in payloads[:-1]]
+
+
+def reference_logprobs(lm, ids: list[int]) -> torch.Tensor:
+    """(len(ids) - 1, V): the log-probabilities of each next token, from one plain forward."""
+    with torch.no_grad():
+        return torch.log_softmax(lm.model(torch.tensor([ids]))[0, :-1].float(), dim=-1)
 
 
 def greedy(lm, prompt: str, n: int) -> str:
@@ -224,9 +231,9 @@ def test_completion_logprobs_are_the_model_s(server, lm):
     assert len(lp["tokens"]) == len(new) == body["usage"]["completion_tokens"] == 12
     assert "".join(lp["tokens"]) == choice["text"] == lm.decode(new)
     assert lp["text_offset"] == [len(lm.decode(new[:i])) for i in range(len(new))]
-    reference = token_logprobs(lm.model, ids + new, 3)
-    assert lp["token_logprobs"] == pytest.approx(reference.chosen[len(ids) - 1 :], abs=1e-4)
-    for token, logprob, top, best in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], reference.top_ids[len(ids) - 1 :]):
+    reference = reference_logprobs(lm, ids + new)[len(ids) - 1 :]
+    assert lp["token_logprobs"] == pytest.approx(reference.gather(1, torch.tensor(new)[:, None])[:, 0].tolist(), abs=1e-4)
+    for token, logprob, top, best in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], reference.topk(3).indices.tolist()):
         assert list(top) == [lm.decode([t]) for t in best]  # the 3 most likely, most likely first; greedy: the chosen
         assert top[token] == logprob == max(top.values())
     assert sum(lp["token_logprobs"]) == pytest.approx(loglikelihoods(lm.model, [(ids, new)])[0][0], abs=1e-3)
@@ -241,7 +248,8 @@ def test_echo_logprobs_score_the_prompt(server, lm):
     assert status == 200 and choice["text"] == prompt and body["usage"]["completion_tokens"] == 0
     assert lp["tokens"] == [lm.decode([t]) for t in ids] and lp["top_logprobs"][0] is None
     assert lp["token_logprobs"][0] is None
-    assert lp["token_logprobs"][1:] == pytest.approx(token_logprobs(lm.model, ids).chosen, abs=1e-5)
+    reference = reference_logprobs(lm, ids).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    assert lp["token_logprobs"][1:] == pytest.approx(reference.tolist(), abs=1e-4)
     assert [list(top) for top in lp["top_logprobs"][1:]] == [[t] for t in lp["tokens"][1:]]  # k=0: the token itself
     assert lp["text_offset"] == [len(lm.decode(ids[:i])) for i in range(len(ids))]
 
@@ -285,7 +293,7 @@ def test_engine_batches_jobs_with_and_without_logprobs(lm):
         got = [list(job) for job in jobs]
     finally:
         engine.close()
-    assert engine.batches == 1
+    assert engine.batches == 2  # jobs that want their prompts scored batch apart
     tokens = [[[e.token for e in events if isinstance(e, Token) and e.sequence == s] for s in range(2)] for events in got]
     assert tokens[0] == tokens[1] == tokens[2] == lm.generate_ids(prompts, max_new_tokens=6, do_sample=False)
     assert all(e.logprob is None and e.top == () for e in got[0] if isinstance(e, Token))

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import torch
 
 from neolm.errors import NeolmError
-from neolm.generate import TokenLogprobs
 from neolm.model import GPT, KVCache
 
 log = logging.getLogger(__name__)
@@ -106,28 +105,6 @@ def _score(model: GPT, rows, cols, targets, **forward) -> tuple[torch.Tensor, to
     with _scored_hidden(model, rows, cols) as kept:
         model(**forward)
     return _project(model, kept[0], targets)
-
-
-@torch.inference_mode()
-def token_logprobs(model: GPT, ids: Sequence[int], top: int = 0) -> TokenLogprobs:
-    """log p(ids[i] | ids[:i]) for i = 1 .. len(ids) - 1 in one forward, and the `top` most likely tokens
-    (and their log-probabilities) at each of those positions."""
-    device = _place(model)[0]
-    positions = len(ids) - 1
-    out = TokenLogprobs([], [], [])
-    if positions < 1:
-        return out
-    targets = torch.tensor(ids[1:], device=device)
-    rows = torch.zeros(positions, dtype=torch.long, device=device)
-    with _scored_hidden(model, rows, torch.arange(positions, device=device)) as kept:
-        model(torch.tensor([ids[:-1]], device=device))
-    for i in range(0, positions, CHUNK):
-        logprobs = torch.log_softmax(model.lm_head(model.ln_f(kept[0][i : i + CHUNK])).float(), dim=-1)
-        out.chosen += logprobs.gather(1, targets[i : i + CHUNK, None])[:, 0].tolist()
-        best = torch.topk(logprobs, top) if top else None
-        out.top_ids += best.indices.tolist() if best else [[] for _ in range(len(logprobs))]
-        out.top += best.values.tolist() if best else [[] for _ in range(len(logprobs))]
-    return out
 
 
 class Scorer:

@@ -7,7 +7,7 @@ batch (neolm.generate.iter_generate, left-padded, so each sequence gets exactly 
 A job that arrives while a batch runs waits for the next one. Each job's tokens go to its own queue as they
 are produced; the HTTP threads read them from there. A job may ask for log-probabilities: of each token it
 gets, with the k most likely alternatives (the batch computes the largest k any of its jobs asks for), and of
-its prompt's tokens (one forward over each prompt before the batch decodes).
+its prompt's tokens (from the forward that reads the prompts; jobs that want them batch only with each other).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from neolm.errors import NeolmError
-from neolm.eval.scoring import token_logprobs
 from neolm.generate import GenerationConfig, TokenLogprobs, fit_prompts, iter_generate
 
 log = logging.getLogger(__name__)
@@ -143,7 +142,8 @@ class Engine:
             batch, rows = [first], first.sequences
             if first.gc.seed is None:
                 for job in list(self._waiting):
-                    if job.gc.seed is None and job.gc == first.gc and rows + job.sequences <= self.max_batch:
+                    if (job.gc.seed is None and job.gc == first.gc and job.prompt_logprobs == first.prompt_logprobs
+                            and rows + job.sequences <= self.max_batch):  # fmt: skip
                         self._waiting.remove(job)
                         batch.append(job)
                         rows += job.sequences
@@ -183,13 +183,18 @@ class Engine:
         start = time.perf_counter()
         self.batches += 1
         self.largest_batch = max(self.largest_batch, len(batch))
-        for job in batch:
-            if job.prompt_logprobs:
-                for i, prompt in enumerate(job.prompts):
-                    job._events.put(Prompt(i, token_logprobs(self.lm.model, prompt, job.logprobs)))
         wanted = [job.logprobs for job in batch if job.logprobs is not None]
         k = max(wanted) if wanted else None
-        steps = iter_generate(self.lm.model, prompts, gc, self.lm.tokenizer.decode, logprobs=k)
+        firsts = [(job, i) for job in batch for i in range(len(job.prompts))]  # whose prompt each one is
+
+        def on_prompt(p: int, scores: TokenLogprobs) -> None:
+            job, i = firsts[p]
+            top = job.logprobs
+            job._events.put(Prompt(i, TokenLogprobs(scores.chosen, [t[:top] for t in scores.top_ids],
+                                                    [t[:top] for t in scores.top])))  # fmt: skip
+
+        steps = iter_generate(self.lm.model, prompts, gc, self.lm.tokenizer.decode, logprobs=k,
+                              on_prompt=on_prompt if batch[0].prompt_logprobs else None)  # fmt: skip
         try:
             for step in steps:
                 step, scores = step if k is not None else (step, None)

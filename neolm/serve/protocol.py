@@ -222,7 +222,9 @@ def parse(kind: str, body, lm) -> Request:
                                f"{context}: no room for a reply", "messages")  # fmt: skip
         request.prompts = [prompt]
         request.stop = stops + [CHAT_STOP]
-        top = _field(body, "top_logprobs", (int,), None, lambda v: 0 <= v <= MAX_LOGPROBS, f"between 0 and {MAX_LOGPROBS}")
+        top = _field(
+            body, "top_logprobs", (int,), None, lambda v: 0 <= v <= MAX_LOGPROBS, f"between 0 and {MAX_LOGPROBS}"
+        )
         if _field(body, "logprobs", (bool,), False):
             request.logprobs = top or 0
         elif top is not None:
@@ -352,6 +354,7 @@ def logprobs(request: Request, entries: list[Logprob], tokenizer) -> dict | None
     if request.logprobs is None:
         return None
     if request.kind == "chat":
+
         def item(token: int, logprob: float) -> dict:
             text, raw = _token_text(tokenizer, token)
             return {"token": text, "logprob": logprob, "bytes": raw}
