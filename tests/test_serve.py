@@ -276,6 +276,9 @@ def test_chat_logprobs(server, lm):
     assert choice["message"]["content"] in bytes(b for item in content for b in item["bytes"]).decode().lstrip()
     assert all(len(item["top_logprobs"]) == 2 and item["logprob"] <= 0 for item in content)
     assert all(item["top_logprobs"][0]["logprob"] >= item["top_logprobs"][1]["logprob"] for item in content)
+    streamed = call(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Speak."}],
+                    "max_tokens": 8, "temperature": 0, "logprobs": True, "top_logprobs": 2, "stream": True})[1]  # fmt: skip
+    assert [item for e in events(streamed) for item in (e["choices"][0]["logprobs"] or {}).get("content", [])] == content
     status, body = call(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Speak."}],
                         "max_tokens": 2, "logprobs": False})  # fmt: skip
     assert status == 200 and body["choices"][0]["logprobs"] is None
