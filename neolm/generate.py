@@ -173,6 +173,10 @@ class TokenLogprobs:
     top_ids: list[list[int]]  # the `logprobs` most likely tokens, most likely first
     top: list[list[float]]  # and their log-probabilities
 
+    def pairs(self, row: int, k: int | None = None) -> tuple[tuple[int, float], ...]:
+        """Row `row`'s k (default: all) most likely (token id, log p), most likely first."""
+        return tuple(zip(self.top_ids[row][:k], self.top[row][:k]))
+
 
 def iter_generate(
     model: GPT,
@@ -293,14 +297,20 @@ def _steps(model: GPT, prompts: list[list[int]], gc: GenerationConfig, eos_ids, 
 PROJECT_CHUNK = 1024  # positions per vocabulary projection: bounds the (positions, vocabulary) fp32 log-probs
 
 
+def vocab_logprobs(model: GPT, hidden: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first position, fp32 log-softmax over the vocabulary) for final hidden states (P, C), after ln_f
+    (model(..., head=False)), PROJECT_CHUNK positions at a time."""
+    for i in range(0, len(hidden), PROJECT_CHUNK):
+        yield i, torch.log_softmax(model.lm_head(hidden[i : i + PROJECT_CHUNK]).float(), dim=-1)
+
+
 def project_logprobs(model: GPT, hidden: torch.Tensor, targets: Sequence[int], top: int | None) -> TokenLogprobs:
-    """TokenLogprobs of `targets` (P,) from final hidden states (P, C) (model(..., head=False)), with the `top`
-    most likely tokens at each position; PROJECT_CHUNK positions at a time."""
+    """TokenLogprobs of `targets` (P,) from final hidden states (P, C), with the `top` most likely tokens at
+    each position."""
     out = TokenLogprobs([], [], [])
     targets = torch.as_tensor(targets, dtype=torch.long, device=hidden.device)
-    for i in range(0, len(hidden), PROJECT_CHUNK):
-        logprobs = torch.log_softmax(model.lm_head(hidden[i : i + PROJECT_CHUNK]).float(), dim=-1)
-        out.chosen += logprobs.gather(1, targets[i : i + PROJECT_CHUNK, None])[:, 0].tolist()
+    for i, logprobs in vocab_logprobs(model, hidden):
+        out.chosen += logprobs.gather(1, targets[i : i + len(logprobs), None])[:, 0].tolist()
         best = torch.topk(logprobs, top) if top else None
         out.top_ids += best.indices.tolist() if best else [[] for _ in range(len(logprobs))]
         out.top += best.values.tolist() if best else [[] for _ in range(len(logprobs))]

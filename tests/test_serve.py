@@ -303,7 +303,8 @@ def test_engine_batches_jobs_with_and_without_logprobs(lm):
     assert all(len(e.top) == 4 for e in got[1] if isinstance(e, Token))
     assert all(len(e.top) == 1 and e.logprob <= 0 for e in got[2] if isinstance(e, Token))
     scored = [e for e in got[1] if isinstance(e, Prompt)]
-    assert [e.prompt for e in scored] == [0, 1] and [len(e.logprobs.chosen) for e in scored] == [len(p) - 1 for p in prompts]
+    assert [e.prompt for e in scored] == [0, 1] and [len(e.logprobs) for e in scored] == [len(p) - 1 for p in prompts]
+    assert all(len(top) == 4 for e in scored for top in e.top)
     assert not any(isinstance(e, Prompt) for e in got[0] + got[2])
 
 

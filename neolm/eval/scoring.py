@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from neolm.errors import NeolmError
+from neolm.generate import vocab_logprobs
 from neolm.model import GPT, KVCache
 
 log = logging.getLogger(__name__)
@@ -58,9 +59,6 @@ def prepare(requests: Sequence[tuple[Sequence[int], Sequence[int]]], max_len: in
     return out
 
 
-CHUNK = 1024  # positions per vocabulary projection: bounds the (positions, vocabulary) fp32 log-probs
-
-
 @contextmanager
 def _scored_hidden(model: GPT, rows: torch.Tensor, cols: torch.Tensor):
     """Within the block, a forward keeps the final hidden states at positions (rows[i], cols[i]) in the
@@ -90,9 +88,10 @@ def _pick(logprobs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def _project(model: GPT, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log p(target) and greedy hit for final hidden states (N, C), CHUNK positions at a time, in fp32."""
-    picked = [_pick(torch.log_softmax(model.lm_head(model.ln_f(hidden[i : i + CHUNK])).float(), dim=-1),
-                    targets[i : i + CHUNK]) for i in range(0, len(hidden), CHUNK)]  # fmt: skip
+    """log p(target) and greedy hit for the kept hidden states (N, C) (before the final LayerNorm), in fp32."""
+    picked = [
+        _pick(logprobs, targets[i : i + len(logprobs)]) for i, logprobs in vocab_logprobs(model, model.ln_f(hidden))
+    ]
     return torch.cat([p for p, _ in picked]), torch.cat([h for _, h in picked])
 
 

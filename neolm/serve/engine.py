@@ -39,7 +39,8 @@ class Prompt:
     """A prompt's own log-probabilities (jobs with prompt_logprobs), sent before any of its tokens."""
 
     prompt: int  # index among the job's prompts
-    logprobs: TokenLogprobs  # of its tokens 1 .. n-1
+    logprobs: list[float]  # of its tokens 1 .. n-1
+    top: list[tuple[tuple[int, float], ...]]  # at each of them, the job's `logprobs` most likely (token, log p)
 
 
 @dataclass(frozen=True)
@@ -189,9 +190,8 @@ class Engine:
 
         def on_prompt(p: int, scores: TokenLogprobs) -> None:
             job, i = firsts[p]
-            top = job.logprobs
-            job._events.put(Prompt(i, TokenLogprobs(scores.chosen, [t[:top] for t in scores.top_ids],
-                                                    [t[:top] for t in scores.top])))  # fmt: skip
+            top = [scores.pairs(j, job.logprobs) for j in range(len(scores.chosen))]
+            job._events.put(Prompt(i, scores.chosen, top))
 
         steps = iter_generate(self.lm.model, prompts, gc, self.lm.tokenizer.decode, logprobs=k,
                               on_prompt=on_prompt if batch[0].prompt_logprobs else None)  # fmt: skip
@@ -209,8 +209,7 @@ class Engine:
                     if job.logprobs is None:
                         job._events.put(Token(i, token))
                     else:
-                        top = tuple(zip(scores.top_ids[s][: job.logprobs], scores.top[s][: job.logprobs]))
-                        job._events.put(Token(i, token, scores.chosen[s], top))
+                        job._events.put(Token(i, token, scores.chosen[s], scores.pairs(s, job.logprobs)))
                 if all(job.cancelled.is_set() for job in batch):
                     log.info("every request of the batch went away: stopped")
                     break

@@ -184,16 +184,19 @@ class Handler(BaseHTTPRequestHandler):
         decoders = [StreamDecoder(tokenizer) for _ in range(job.sequences)]
         offsets = [0] * job.sequences  # characters of each choice decoded so far, echo included: a token's text_offset
         pending: list[list[protocol.Logprob]] = [[] for _ in range(job.sequences)]
+
+        def echo(p: int, entries: list[protocol.Logprob]):  # prompt p's text at the start of each of its choices
+            for i in range(p * n, (p + 1) * n):
+                offsets[i] = len(request.echo[p])
+                yield i, request.echo[p], None, 0, entries
+
         if request.echo and not request.prompt_logprobs:  # else with the prompt's log-probabilities, below
-            for i in range(job.sequences):
-                offsets[i] = len(request.echo[i // n])
-                yield i, request.echo[i // n], None, 0, []
+            for p in range(len(job.prompts)):
+                yield from echo(p, [])
         for event in job:
             if isinstance(event, Prompt):
-                entries = protocol.prompt_logprobs(job.prompts[event.prompt], event.logprobs, tokenizer)
-                for i in range(event.prompt * n, (event.prompt + 1) * n):
-                    offsets[i] = len(request.echo[event.prompt])
-                    yield i, request.echo[event.prompt], None, 0, entries
+                prompt = job.prompts[event.prompt]
+                yield from echo(event.prompt, protocol.prompt_logprobs(prompt, event.logprobs, event.top, tokenizer))
                 continue
             s, choice = event.sequence, choices[event.sequence]
             if isinstance(event, Token):

@@ -361,27 +361,23 @@ def logprobs(request: Request, entries: list[Logprob], tokenizer) -> dict | None
 
         content = [item(e.token, e.logprob) | {"top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries]
         return {"content": content, "refusal": None}
-    tops = []
-    for e in entries:
+    texts, tops = [_token_text(tokenizer, e.token)[0] for e in entries], []
+    for e, text in zip(entries, texts):
         top = None
         if e.logprob is not None:
             top = {_token_text(tokenizer, t)[0]: lp for t, lp in e.top}
-            top.setdefault(_token_text(tokenizer, e.token)[0], e.logprob)
+            top.setdefault(text, e.logprob)
         tops.append(top)
-    return {"tokens": [_token_text(tokenizer, e.token)[0] for e in entries],
-            "token_logprobs": [e.logprob for e in entries], "top_logprobs": tops,
+    return {"tokens": texts, "token_logprobs": [e.logprob for e in entries], "top_logprobs": tops,
             "text_offset": [e.offset for e in entries]}  # fmt: skip
 
 
-def prompt_logprobs(prompt: list[int], scores, tokenizer) -> list[Logprob]:
-    """A prompt's entries from its TokenLogprobs (positions 1 ..): the first token has no log-probability."""
+def prompt_logprobs(prompt: list[int], logprobs: list[float], top: list, tokenizer) -> list[Logprob]:
+    """A prompt's entries from the log-probabilities of its tokens 1 .. n-1 and their alternatives (an
+    engine.Prompt's): the first token has none."""
     decoder, offset, entries = StreamDecoder(tokenizer), 0, []
-    for j, token in enumerate(prompt):
-        if j == 0:
-            entries.append(Logprob(token, None, (), 0))
-        else:
-            entries.append(Logprob(token, scores.chosen[j - 1], tuple(zip(scores.top_ids[j - 1], scores.top[j - 1])),
-                                   offset))  # fmt: skip
+    for token, logprob, best in zip(prompt, [None, *logprobs], [(), *top]):
+        entries.append(Logprob(token, logprob, best, offset))
         offset += len(decoder.push(token))
     return entries
 
