@@ -5,14 +5,19 @@
 
 For each --max-batch value: start `neolm serve` (a fresh process, --port 0), send --requests completions from
 each of --clients threads at once (greedy, distinct prompts, --max-tokens each, ignoring eos via min_tokens), and
-report generated tokens per second over the whole run and the median request latency. Not a test.
+report generated tokens per second over the whole run and the median and 90th-percentile request latency.
+--max-tokens LOW-HIGH gives each request a length drawn between the two (the same draws in every row).
+--source LABEL=DIR,...: rows for each checkout of neolm (its folder put first on PYTHONPATH), e.g. to compare
+two versions of the engine in one run; --rounds repeats every row, alternating. Not a test.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import random
 import re
 import statistics
 import subprocess
@@ -22,10 +27,13 @@ import time
 import urllib.request
 
 
-def start(args, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start(args, max_batch: int, source: str | None) -> tuple[subprocess.Popen, str]:
     command = [sys.executable, "-m", "neolm.cli", "serve", "--port", "0", "--max-batch", str(max_batch),
                "--threads", str(args.threads)] + ([args.model] if args.model else []) + args.load  # fmt: skip
-    server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    env = dict(os.environ)
+    if source:  # (python -m puts the working directory first on the path: run it there)
+        env["PYTHONPATH"] = os.pathsep.join([source, *filter(None, [env.get("PYTHONPATH")])])
+    server = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env, cwd=source)
     line = server.stderr.readline()
     match = re.search(r"on (http://\S+/v1)", line)
     if not match:
@@ -45,15 +53,23 @@ def complete(base: str, prompt: str, max_tokens: int) -> tuple[float, int]:
     return time.perf_counter() - start, tokens
 
 
-def run(args, max_batch: int) -> dict:
-    server, base = start(args, max_batch)
+def lengths(args) -> list[list[int]]:
+    """Each client's requests' max_tokens: --max-tokens, or draws from its LOW-HIGH range (seeded)."""
+    low, _, high = args.max_tokens.partition("-")
+    draw = random.Random(0)
+    return [[draw.randint(int(low), int(high or low)) for _ in range(args.requests)] for _ in range(args.clients)]
+
+
+def run(args, max_batch: int, label: str, source: str | None) -> dict:
+    server, base = start(args, max_batch, source)
     try:
         complete(base, "Warm-up", 8)
         latencies, tokens = [], []
+        plan = lengths(args)
 
         def client(c: int) -> None:
             for r in range(args.requests):
-                seconds, n = complete(base, f"Client {c} asks, request {r}:", args.max_tokens)
+                seconds, n = complete(base, f"Client {c} asks, request {r}:", plan[c][r])
                 latencies.append(seconds)
                 tokens.append(n)
 
@@ -69,8 +85,9 @@ def run(args, max_batch: int) -> dict:
     finally:
         server.send_signal(2)
         server.wait(timeout=60)
-    return {"max_batch": max_batch, "tok_s": sum(tokens) / wall, "wall_s": wall,
-            "latency_s": statistics.median(latencies), "batches": health["batches"],
+    return {"source": label, "max_batch": max_batch, "tok_s": sum(tokens) / wall, "wall_s": wall,
+            "latency_s": statistics.median(latencies), "p90_s": statistics.quantiles(latencies, n=10)[-1],
+            "batches": health["batches"],
             "largest_batch_requests": health["largest_batch_requests"]}  # fmt: skip
 
 
@@ -79,27 +96,46 @@ def main() -> None:
     p.add_argument("--model", help="checkpoint folder or hub id (default: the bundled model)")
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--requests", type=int, default=4, help="requests per client, one after another")
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--max-tokens", default="64", help="tokens per request: N, or LOW-HIGH for a random length each")
     p.add_argument("--max-batch", default="1,8", help="comma-separated values to compare")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--source", help="LABEL=DIR,...: a row per neolm checkout (default: the installed neolm)")
+    p.add_argument("--rounds", type=int, default=1, help="run every row this many times, alternating")
     p.add_argument(
         "--load", nargs=argparse.REMAINDER, default=[], help="more `neolm serve` options, e.g. --quantize int8"
     )
     p.add_argument("--out", help="append the table to this markdown file")
     args = p.parse_args()
-    rows = [run(args, int(b)) for b in args.max_batch.split(",")]
+    if args.model and os.path.exists(args.model):  # the servers may run in another directory
+        args.model = os.path.abspath(args.model)
+    sources = [tuple(item.split("=", 1)) for item in args.source.split(",")] if args.source else [("", None)]
+    plan = [(source, int(b)) for source in sources for b in args.max_batch.split(",")]
+    runs = []
+    for round_ in range(args.rounds):
+        for (label, folder), max_batch in plan if round_ % 2 == 0 else plan[::-1]:
+            runs.append(run(args, max_batch, label, folder))
+            print(runs[-1], file=sys.stderr)
+    rows = []
+    for (label, _), max_batch in plan:  # the median of each row's rounds
+        mine = [r for r in runs if r["source"] == label and r["max_batch"] == max_batch]
+        rows.append({key: statistics.median(r[key] for r in mine) if isinstance(mine[0][key], float) else mine[0][key]
+                     for key in mine[0]} | {"range": [min(r["tok_s"] for r in mine), max(r["tok_s"] for r in mine)]})  # fmt: skip
     base = rows[0]["tok_s"]
     lines = [
         f"`python {' '.join(sys.argv)}`",
         "",
         (
             f"{platform.processor() or platform.machine()}, {args.threads} threads; {args.clients} clients x "
-            f"{args.requests} requests of {args.max_tokens} greedy tokens"
+            f"{args.requests} requests of {args.max_tokens} greedy tokens; median of {args.rounds} round(s)"
         ),
         "",
-        "| --max-batch | tokens/s | vs first row | median latency, s | batches | most requests in a batch |",
-        "|---|---|---|---|---|---|",
-    ] + [f"| {r['max_batch']} | {r['tok_s']:.1f} | {r['tok_s'] / base:.2f}x | {r['latency_s']:.2f} | {r['batches']} | "
+        (
+            "| source | --max-batch | tokens/s [min-max] | vs first row | median latency, s | p90 latency, s | prompt "
+            "forwards | most requests at once |"
+        ),
+        "|---|---|---|---|---|---|---|---|",
+    ] + [f"| {r['source'] or 'installed'} | {r['max_batch']} | {r['tok_s']:.1f} [{r['range'][0]:.0f}-{r['range'][1]:.0f}] | "
+         f"{r['tok_s'] / base:.2f}x | {r['latency_s']:.2f} | {r['p90_s']:.2f} | {r['batches']} | "
          f"{r['largest_batch_requests']} |" for r in rows]  # fmt: skip
     print("\n".join(lines))
     if args.out:

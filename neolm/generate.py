@@ -10,15 +10,16 @@ prompt's output never depends on what it is batched with; and the default length
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from neolm import native
 from neolm.errors import NeolmError
 from neolm.model import GPT, KVCache
+from neolm.sampling import StopStrings, TokenLogprobs, argmax, process_logits, project_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -124,58 +125,295 @@ def fit_prompts(prompts: Sequence[Sequence[int]], gc: GenerationConfig, n_ctx: i
     return fitted
 
 
-def process_logits(logits, gc: GenerationConfig, seen, lengths, new_counts, eos_ids) -> torch.Tensor:
-    """Apply transformers' logits processors and warpers, in its order, to fp32 logits (N, V). Blocking eos
-    writes into `logits` itself (the caller's own tensor: a copy of 8 x 50k logits took ~0.15 ms a step in cProfile)."""
-    if gc.repetition_penalty != 1.0:
-        penalized = torch.where(logits < 0, logits * gc.repetition_penalty, logits / gc.repetition_penalty)
-        logits = torch.where(seen, penalized, logits)
-    if eos_ids:
-        block = (lengths < gc.min_length) | (new_counts < gc.min_new_tokens)  # (N,)
-        if block.any():
-            logits[block.nonzero()[:, :1], torch.tensor(eos_ids, device=logits.device)] = -float("inf")
-    if not gc.do_sample:
-        return logits
-    if gc.temperature != 1.0:
-        logits = logits / gc.temperature
-    if gc.top_k:
-        kth = torch.topk(logits, min(gc.top_k, logits.shape[-1])).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, -float("inf"))
-    if gc.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=False)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        remove = cumulative <= 1 - gc.top_p
-        remove[..., -1:] = False  # keep at least one token
-        logits = logits.masked_fill(remove.scatter(1, order, remove), -float("inf"))
-    return logits
+@dataclass
+class Step:
+    """One step of a DecodeBatch, by row: each sequence's id, its new token (None for one that had finished
+    before this step), why it finished with this token ("stop": an eos token or a stop string; "length": its
+    token budget; None: it goes on), and, when some sequence wants them, the log-probabilities (rows as here)."""
 
-
-class StopStrings:
-    """transformers' rule: stop when a stop string ends within the text of the newest token."""
-
-    def __init__(self, stop_strings: list[str], decode: Callable[[list[int]], str]):
-        self.stop_strings, self.decode = stop_strings, decode
-        self.window = max(len(s) for s in stop_strings) + 2  # tokens; each decodes to >= 1 character
-
-    def hit(self, tokens: list[int]) -> bool:
-        tail = tokens[-self.window :]
-        before, text = len(self.decode(tail[:-1])), self.decode(tail)
-        return any(text.find(s, max(before - len(s) + 1, 0)) != -1 for s in self.stop_strings)
+    ids: list[int]
+    tokens: list[int | None]
+    ends: list[str | None]
+    scores: TokenLogprobs | None
 
 
 @dataclass
-class TokenLogprobs:
-    """Log-probabilities of tokens under the model (a step's, one per sequence; or a prompt's, one per position):
-    the fp32 log-softmax of the raw logits, before any processing (repetition penalty, temperature,
-    top-k/top-p), as vLLM reports them by default. In a step, the rows of finished sequences are filler."""
+class _Group:
+    """The settings that sequences added with equal GenerationConfigs share: they are processed and picked together."""
 
-    chosen: list[float]  # of the token each sequence got (each position holds)
-    top_ids: list[list[int]]  # the `logprobs` most likely tokens, most likely first
-    top: list[list[float]]  # and their log-probabilities
+    gc: GenerationConfig
+    eos_ids: list[int]
+    pad: int  # fed after a sequence ends
+    stops: StopStrings | None
 
-    def pairs(self, row: int, k: int | None = None) -> tuple[tuple[int, float], ...]:
-        """Row `row`'s k (default: all) most likely (token id, log p), most likely first."""
-        return tuple(zip(self.top_ids[row][:k], self.top[row][:k]))
+
+@dataclass
+class _Rows:
+    """The per-sequence state of a DecodeBatch: lists and tensors (N, ...) on the model's device, a row each."""
+
+    ids: list[int]
+    group: list[int]  # index into DecodeBatch.groups
+    k: list[int | None]  # log-probabilities wanted: how many alternatives (None: none)
+    histories: list[list[int] | None]  # prompt + new tokens, where stop strings are watched
+    lengths: list[int]  # prompt lengths
+    budgets: list[int]  # new tokens allowed
+    counts: list[int]  # new tokens so far
+    done: list[bool]
+    positions: torch.Tensor  # (N, 1) the position of the last token fed
+    logits: torch.Tensor | None  # (N, V) fp32 logits of the next token; None while the last step's tokens wait
+    seen: torch.Tensor | None  # (N, V) bool: the tokens each sequence holds (for repetition_penalty)
+
+    def select(self, index: list[int]) -> _Rows:
+        """Rows `index`, in that order."""
+        picked = torch.tensor(index, dtype=torch.long, device=self.positions.device)
+
+        def take(v):
+            return None if v is None else [v[i] for i in index] if isinstance(v, list) else v[picked]
+
+        return _Rows(**{f.name: take(getattr(self, f.name)) for f in dataclasses.fields(self)})
+
+    def cat(self, other: _Rows) -> _Rows:
+        """These rows, then other's."""
+        merged = {}
+        for field in dataclasses.fields(self):
+            a, b = getattr(self, field.name), getattr(other, field.name)
+            if isinstance(a, list):
+                merged[field.name] = a + b
+                continue
+            if field.name == "seen" and (a is None) != (b is None):  # rows without a penalty: nothing seen
+                shape, device = (
+                    (len(self.ids) if a is None else len(other.ids), (a if b is None else b).shape[1]),
+                    self.positions.device,
+                )
+                a, b = (torch.zeros(shape, dtype=torch.bool, device=device) if t is None else t for t in (a, b))
+            merged[field.name] = None if a is None else torch.cat((a, b))
+        return _Rows(**merged)
+
+
+class DecodeBatch:
+    """Sequences decoding together in one preallocated KV cache, a token each per step, which sequences join
+    (add) and leave between steps. iter_generate runs one batch of fixed sequences; the server keeps one
+    running and adds requests as they arrive (continuous batching).
+
+    Sequences may differ in prompt, length and settings; each gets the tokens it would get alone. Sequences
+    added with equal GenerationConfigs form a group, whose logits are processed and picked together; sampling
+    groups share one generator, so a seeded GenerationConfig must be the batch's first and only one.
+
+    The cache's slots are shared: each step writes slot `cache.length` of every row. A sequence's tokens fill a
+    contiguous run of slots that ends at the current one (its positions count from its own first slot; the
+    cache's `valid` hides the slots before it), so slot distance is position distance, as local attention
+    windows need. A joining sequence is prefilled in a cache of its own and copied in, right-aligned to the
+    current slot: the batch's cache is rebuilt (KVCache.aligned), rows that finished are dropped, and all
+    move right when the new prompt is longer than the slots in use. With `compact`, finished rows also leave
+    once they are as many as the live ones, so that no step computes more dead rows than live ones.
+    """
+
+    def __init__(self, model: GPT, decode: Callable[[list[int]], str] | None = None, compact: bool = True):
+        self.model, self.decode, self.compact = model, decode, compact
+        self.device = model.ln_f.weight.device
+        self.groups: list[_Group] = []
+        self.rows: _Rows | None = None
+        self.cache: KVCache | None = None
+        self.generator: torch.Generator | None = None
+        self._fed: torch.Tensor | None = None  # the last step's tokens (N,), fed to the model before the next
+        self._ids = itertools.count()
+
+    @property
+    def live(self) -> int:
+        """How many sequences are still generating."""
+        return 0 if self.rows is None else self.rows.done.count(False)
+
+    def validate(self, gc: GenerationConfig, logprobs) -> None:
+        """Raise NeolmError for settings this batch cannot run (before anything is computed)."""
+        vocab = self.model.config.vocab_size
+        for k in logprobs if isinstance(logprobs, Sequence) else [logprobs]:
+            if k is not None and not 0 <= k <= vocab:
+                raise NeolmError(f"logprobs must be between 0 and the vocabulary size, got {k}")
+        if gc.stop_strings and self.decode is None:
+            raise NeolmError("stop_strings need a tokenizer to decode the text")
+        if gc.seed is not None and gc.do_sample and (self.generator is not None or self.rows is not None):
+            raise NeolmError("a seeded generation must be the only one in its batch")
+
+    def _group(self, gc: GenerationConfig) -> int:
+        for i, group in enumerate(self.groups):
+            if group.gc == gc:
+                return i
+        eos_ids = gc.eos_ids(self.model.config.eos_token_id)
+        pad = gc.pad_token_id if gc.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+        stops = StopStrings(gc.stop_strings, self.decode) if gc.stop_strings else None
+        if gc.do_sample and self.generator is None:
+            self.generator = torch.Generator(device=self.device)
+            if gc.seed is not None:
+                self.generator.manual_seed(gc.seed)
+            else:
+                self.generator.seed()
+        self.groups.append(_Group(gc, eos_ids, pad, stops))
+        return len(self.groups) - 1
+
+    @torch.inference_mode()
+    def add(
+        self,
+        prompts: Sequence[Sequence[int]],
+        gc: GenerationConfig,
+        logprobs: int | None | Sequence[int | None] = None,
+        on_prompt: Callable[[int, TokenLogprobs], None] | None = None,
+    ) -> list[int]:
+        """Add each prompt num_return_sequences times (prompt-major); returns the new sequences' ids. The prompts
+        are read in one forward (left-padded), from which on_prompt(i, TokenLogprobs), if given, gets prompt i's
+        tokens 1 .. n-1 scored, with its `logprobs` (one k, or one per prompt) most likely alternatives. Each
+        step gives a sequence wanting logprobs its token's log-probability and k alternatives. A sequence
+        with no token budget never appears in a step (with no budget at all, no row is made)."""
+        self.validate(gc, logprobs)
+        config, device = self.model.config, self.device
+        prompts = fit_prompts(prompts, gc, config.n_positions, config.vocab_size)
+        n = gc.num_return_sequences
+        wanted = list(logprobs) if isinstance(logprobs, Sequence) else [logprobs] * len(prompts)
+        seqs = [p for p in prompts for _ in range(n)]
+        ids = [next(self._ids) for _ in seqs]
+        budgets = [gc.new_token_budget(len(p)) for p in seqs]
+        if not seqs or (max(budgets) == 0 and on_prompt is None):
+            return ids
+        group = self._group(gc)
+        self._flush()  # the rows already here reach the current slot before new ones align to it
+        joining = self.rows is not None and (not self.compact or self.live > 0)
+        width = max(len(p) for p in seqs)
+        lengths = torch.tensor([len(p) for p in seqs], device=device)
+        tokens = torch.full((len(seqs), width), self.groups[group].pad, dtype=torch.long, device=device)
+        for row, p in enumerate(seqs):
+            tokens[row, width - len(p) :] = torch.tensor(p)
+        cache = KVCache(config, len(seqs), width + (0 if joining else max(budgets)), self.model.cache_dtype, device)
+        if int(lengths.min()) < width:  # left padding: hide pad slots, count positions from each prompt's start
+            cache.valid = torch.ones(len(seqs), cache.max_len, dtype=torch.bool, device=device)
+            cache.valid[:, :width] = torch.arange(width, device=device) >= (width - lengths)[:, None]
+        positions = (torch.arange(width, device=device) - (width - lengths)[:, None]).clamp(min=0)  # (N, T)
+        if on_prompt is None:
+            logits = self.model(tokens, positions, cache, last_only=True)[:, -1].float()  # (N, V)
+        else:
+            hidden = self.model(tokens, positions, cache, head=False)  # (N, T, C)
+            for i in range(0, len(seqs), n):  # each prompt's first sequence
+                p = seqs[i]
+                scores = project_logprobs(self.model, hidden[i, width - len(p) : -1], p[1:], wanted[i // n])
+                on_prompt(i // n, scores)
+            if max(budgets) == 0:
+                return ids
+            logits = self.model.lm_head(hidden[:, -1]).float()
+        seen = None
+        if gc.repetition_penalty != 1.0:
+            seen = torch.zeros(len(seqs), config.vocab_size, dtype=torch.bool, device=device)
+            for row, p in enumerate(seqs):
+                seen[row, torch.tensor(p)] = True
+        new = _Rows(
+            ids, [group] * len(seqs), [k for k in wanted for _ in range(n)],
+            [list(p) for p in seqs] if gc.stop_strings else [None] * len(seqs),
+            [len(p) for p in seqs], budgets, [0] * len(seqs), [b == 0 for b in budgets], positions[:, -1:], logits, seen,
+        )  # fmt: skip
+        if not joining:
+            self.rows, self.cache = new, cache
+            return ids
+        keep = self._live_rows()
+        old = self.rows.select(keep)
+        room = max(b - c for b, c in zip(old.budgets + budgets, old.counts + [0] * len(seqs)))
+        index = torch.tensor(keep, device=device)
+        self.cache = KVCache.aligned([(self.cache, index), (cache, torch.arange(len(seqs), device=device))], room)
+        self.rows = old.cat(new)
+        return ids
+
+    def _live_rows(self) -> list[int]:
+        return [row for row, done in enumerate(self.rows.done) if not done or not self.compact]
+
+    def cancel(self, ids) -> None:
+        """End these sequences now (they appear in no later step)."""
+        if self.rows is not None:
+            gone = set(ids)
+            for row, i in enumerate(self.rows.ids):
+                if i in gone:
+                    self.rows.done[row] = True
+
+    @property
+    def finished(self) -> bool:
+        """No sequence has a token to come."""
+        return self.rows is None or all(self.rows.done)
+
+    @torch.inference_mode()
+    def step(self) -> Step:
+        """Choose every sequence's next token."""
+        self._flush()
+        r = self.rows
+        k = max((k for k in r.k if k is not None), default=None)
+        raw = torch.log_softmax(r.logits, dim=-1) if k is not None else None  # before processing touches the logits
+        chosen = self._choose()
+        tokens, ends, fed = [], [], []
+        for row, token in enumerate(chosen.tolist()):
+            group = self.groups[r.group[row]]
+            if r.done[row]:
+                tokens.append(None)
+                ends.append(None)
+                fed.append(group.pad)
+                continue
+            r.counts[row] += 1
+            history = r.histories[row]
+            if history is not None:
+                history.append(token)
+            if token in group.eos_ids or (history is not None and group.stops.hit(history)):
+                ends.append("stop")
+            else:
+                ends.append("length" if r.counts[row] >= r.budgets[row] else None)
+            r.done[row] = ends[-1] is not None
+            tokens.append(token)
+            fed.append(token)
+        scores = None
+        if raw is not None:
+            top = torch.topk(raw, k) if k else None
+            empty = [[] for _ in tokens]
+            scores = TokenLogprobs(raw.gather(1, chosen[:, None])[:, 0].tolist(),  # (done rows: filler)
+                                   top.indices.tolist() if top else empty, top.values.tolist() if top else empty)  # fmt: skip
+        r.logits = None
+        if not all(r.done):
+            self._fed = torch.tensor(fed, device=self.device)
+        return Step(r.ids, tokens, ends, scores)
+
+    def _choose(self) -> torch.Tensor:
+        """Each row's next token (N,), from its group's processing and pick (rows that are done: anything)."""
+        r = self.rows
+        groups = set(r.group)
+        if len(groups) == 1:
+            return self._pick(self.groups[r.group[0]], r.logits, r.seen, range(len(r.ids)))
+        token = torch.empty(len(r.ids), dtype=torch.long, device=self.device)
+        for g in sorted(groups):
+            rows = [row for row, x in enumerate(r.group) if x == g]
+            index = torch.tensor(rows, device=self.device)
+            seen = None if r.seen is None else r.seen[index]
+            token[index] = self._pick(self.groups[g], r.logits[index], seen, rows)
+        return token
+
+    def _pick(self, group: _Group, logits, seen, rows) -> torch.Tensor:
+        gc, r = group.gc, self.rows
+        counts = lengths = None
+        if gc.min_length or gc.min_new_tokens:  # eos may be blocked
+            counts = torch.tensor([r.counts[row] for row in rows], device=self.device)
+            lengths = counts + torch.tensor([r.lengths[row] for row in rows], device=self.device)
+        logits = process_logits(logits, gc, seen, lengths, counts, group.eos_ids)
+        if gc.do_sample:
+            return torch.multinomial(logits.softmax(dim=-1), 1, generator=self.generator).squeeze(1)
+        return argmax(logits)
+
+    def _flush(self) -> None:
+        """Feed the last step's tokens: the cache advances a slot and every row gets its next logits."""
+        if self._fed is None:
+            return
+        token, self._fed = self._fed, None
+        r = self.rows
+        if r.seen is not None:
+            r.seen[torch.arange(len(token), device=self.device), token] = True
+        dead = r.done.count(True) if self.compact else 0
+        if dead and dead >= len(r.done) - dead:  # as many finished rows as live ones: drop them
+            keep = self._live_rows()
+            index = torch.tensor(keep, device=self.device)
+            r = self.rows = r.select(keep)
+            self.cache = KVCache.aligned([(self.cache, index)], max(b - c for b, c in zip(r.budgets, r.counts)))
+            token = token[index]
+        r.positions = r.positions + 1
+        r.logits = self.model(token[:, None], r.positions, self.cache)[:, -1].float()
 
 
 def iter_generate(
@@ -196,132 +434,17 @@ def iter_generate(
     gets alone. `decode` (token ids -> text) is needed for stop_strings. Bad arguments raise here,
     before the first step.
     """
-    if logprobs is not None and not 0 <= logprobs <= model.config.vocab_size:
-        raise NeolmError(f"logprobs must be between 0 and the vocabulary size, got {logprobs}")
-    config = model.config
-    eos_ids = gc.eos_ids(config.eos_token_id)
-    pad = gc.pad_token_id if gc.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
-    stops = None
-    if gc.stop_strings:
-        if decode is None:
-            raise NeolmError("stop_strings need a tokenizer to decode the text")
-        stops = StopStrings(gc.stop_strings, decode)
-
-    prompts = fit_prompts(prompts, gc, config.n_positions, config.vocab_size)
-    return _steps(model, [p for p in prompts for _ in range(gc.num_return_sequences)], gc, eos_ids, pad, stops,
-                  logprobs, on_prompt)  # fmt: skip
+    batch = DecodeBatch(model, decode, compact=False)
+    batch.validate(gc, logprobs)
+    prompts = fit_prompts(prompts, gc, model.config.n_positions, model.config.vocab_size)
+    return _steps(batch, prompts, gc, logprobs, on_prompt)
 
 
-@torch.inference_mode()
-def _steps(model: GPT, prompts: list[list[int]], gc: GenerationConfig, eos_ids, pad, stops, logprobs, on_prompt):
-    config = model.config
-    budgets = torch.tensor([gc.new_token_budget(len(p)) for p in prompts])
-    if int(budgets.max()) == 0 and on_prompt is None:
-        return
-    device = model.ln_f.weight.device
-    n, width = len(prompts), max(len(p) for p in prompts)
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    ids = torch.full((n, width), pad, dtype=torch.long, device=device)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p) :] = torch.tensor(p)
-    cache = KVCache(config, n, width + int(budgets.max()), model.cache_dtype, device)
-    if int(lengths.min()) < width:  # left padding: hide pad slots, count positions from each prompt's start
-        cache.valid = torch.ones(n, cache.max_len, dtype=torch.bool, device=device)
-        cache.valid[:, :width] = torch.arange(width, device=device) >= (width - lengths)[:, None]
-    positions = (torch.arange(width, device=device) - (width - lengths)[:, None]).clamp(min=0)  # (N, T)
-    seen = None
-    if gc.repetition_penalty != 1.0:
-        seen = torch.zeros(n, config.vocab_size, dtype=torch.bool, device=device)
-        for row, p in enumerate(prompts):
-            seen[row, torch.tensor(p)] = True
-    generator = None
-    if gc.do_sample:
-        generator = torch.Generator(device=device)
-        if gc.seed is not None:
-            generator.manual_seed(gc.seed)
-        else:
-            generator.seed()
-    histories = [list(p) for p in prompts] if stops else None
-    budgets = budgets.to(device)
-    eos = torch.tensor(eos_ids, device=device)
-    done = budgets == 0
-    new_counts = torch.zeros(n, dtype=torch.long, device=device)
-
-    if on_prompt is None:
-        logits = model(ids, positions, cache, last_only=True)[:, -1].float()  # (N, V)
-    else:
-        hidden = model(ids, positions, cache, head=False)  # (N, T, C)
-        for i in range(0, n, gc.num_return_sequences):  # each prompt's first sequence
-            p = prompts[i]
-            on_prompt(
-                i // gc.num_return_sequences, project_logprobs(model, hidden[i, width - len(p) : -1], p[1:], logprobs)
-            )
-        if int(budgets.max()) == 0:
-            return
-        logits = model.lm_head(hidden[:, -1]).float()
-    while True:
-        raw = torch.log_softmax(logits, dim=-1) if logprobs is not None else None  # before processing touches logits
-        logits = process_logits(logits, gc, seen, lengths + new_counts, new_counts, eos_ids)
-        if gc.do_sample:
-            token = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(1)
-        else:
-            token = _argmax(logits)
-        token = token.masked_fill(done, pad)
-        new_counts += ~done
-        out = token.tolist()
-        step = [None if d else t for t, d in zip(out, done.tolist())]
-        finished = done | (new_counts >= budgets)
-        if eos_ids:
-            finished |= torch.isin(token, eos)
-        if stops:
-            for row, t in enumerate(step):
-                if t is not None:
-                    histories[row].append(t)
-                    if stops.hit(histories[row]):
-                        finished[row] = True
-        if raw is None:
-            yield step
-        else:
-            top = torch.topk(raw, logprobs) if logprobs else None
-            yield step, TokenLogprobs(raw.gather(1, token[:, None])[:, 0].tolist(),
-                                     top.indices.tolist() if top else [[]] * n, top.values.tolist() if top else [[]] * n)  # fmt: skip
-        done = finished
-        if bool(done.all()):
-            return
-        if seen is not None:
-            seen[torch.arange(n, device=device), token] = True
-        positions = positions[:, -1:] + 1
-        logits = model(token[:, None], positions, cache)[:, -1].float()
-
-
-PROJECT_CHUNK = 1024  # positions per vocabulary projection: bounds the (positions, vocabulary) fp32 log-probs
-
-
-def vocab_logprobs(model: GPT, hidden: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-    """(first position, fp32 log-softmax over the vocabulary) for final hidden states (P, C), after ln_f
-    (model(..., head=False)), PROJECT_CHUNK positions at a time."""
-    for i in range(0, len(hidden), PROJECT_CHUNK):
-        yield i, torch.log_softmax(model.lm_head(hidden[i : i + PROJECT_CHUNK]).float(), dim=-1)
-
-
-def project_logprobs(model: GPT, hidden: torch.Tensor, targets: Sequence[int], top: int | None) -> TokenLogprobs:
-    """TokenLogprobs of `targets` (P,) from final hidden states (P, C), with the `top` most likely tokens at
-    each position."""
-    out = TokenLogprobs([], [], [])
-    targets = torch.as_tensor(targets, dtype=torch.long, device=hidden.device)
-    for i, logprobs in vocab_logprobs(model, hidden):
-        out.chosen += logprobs.gather(1, targets[i : i + len(logprobs), None])[:, 0].tolist()
-        best = torch.topk(logprobs, top) if top else None
-        out.top_ids += best.indices.tolist() if best else [[] for _ in range(len(logprobs))]
-        out.top += best.values.tolist() if best else [[] for _ in range(len(logprobs))]
-    return out
-
-
-def _argmax(logits: torch.Tensor) -> torch.Tensor:
-    """logits (N, V) -> (N,) token ids, as torch.argmax (neolm's native one on CPU: ~0.3 ms less a step at 8 rows)."""
-    if logits.device.type == "cpu" and logits.dtype == torch.float32 and "f32" in native.available()[0]:
-        return native.argmax(logits.contiguous())
-    return logits.argmax(dim=-1)
+def _steps(batch: DecodeBatch, prompts, gc, logprobs, on_prompt):
+    batch.add(prompts, gc, logprobs, on_prompt)
+    while not batch.finished:
+        step = batch.step()
+        yield step.tokens if logprobs is None else (step.tokens, step.scores)
 
 
 def generate(

@@ -89,6 +89,44 @@ class KVCache:
         out.length = end
         return out
 
+    @staticmethod
+    def aligned(parts: list[tuple[KVCache, torch.Tensor]], room: int) -> KVCache:
+        """One cache of rows `index` of each (cache, index), their filled slots right-aligned to one current
+        slot, with room for `room` more tokens: each part's slots before the first that any of its rows uses
+        are dropped, and `valid` hides every slot before each row's own. Rows keep their tokens in contiguous
+        slots, so a local window (slot distance) stays a distance in positions."""
+        spans = []
+        for cache, index in parts:
+            first = 0
+            if cache.valid is not None:  # the first slot any of these rows uses
+                first = int(cache.valid[index, : cache.length].any(0).int().argmax())
+            spans.append((first, cache.length))
+        length = max(end - first for first, end in spans)
+        rows = sum(len(index) for _, index in parts)
+        base = parts[0][0]
+        out = KVCache.__new__(KVCache)
+
+        def empty(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.new_zeros(t.shape[0], rows, t.shape[2], length + room, *t.shape[4:])
+
+        out.k, out.v, out.k_scale, out.v_scale = map(empty, (base.k, base.v, base.k_scale, base.v_scale))
+        out.valid = torch.ones(rows, length + room, dtype=torch.bool, device=base.k.device)
+        out.length = length
+        row = 0
+        for (cache, index), (first, end) in zip(parts, spans):
+            to = length - (end - first)  # where this part's first slot lands
+            rows_out = slice(row, row + len(index))
+            for dst, src in zip(
+                (out.k, out.v, out.k_scale, out.v_scale), (cache.k, cache.v, cache.k_scale, cache.v_scale)
+            ):
+                if dst is not None:
+                    dst[:, rows_out, :, to:length] = src[:, index, :, first:end]
+            out.valid[rows_out, :to] = False
+            if cache.valid is not None:
+                out.valid[rows_out, to:length] = cache.valid[index, first:end]
+            row += len(index)
+        return out
+
     def reorder(self, index: torch.Tensor) -> None:
         """Keep batch rows `index` (e.g. to repeat prompts for several samples)."""
         self.k, self.v = self.k[:, index], self.v[:, index]

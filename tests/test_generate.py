@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ from conftest import REAL, hf_model, save_hf
 
 import neolm
 from neolm.errors import NeolmError
-from neolm.generate import GenerationConfig, iter_generate, process_logits
+from neolm.generate import DecodeBatch, GenerationConfig, iter_generate
+from neolm.sampling import process_logits
 
 NEOX_TOKENIZER = Path(neolm.__file__).parent / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
 
@@ -207,3 +209,51 @@ def test_empty_prompt_is_an_error(tiny_checkpoints):
     lm = neolm.load(tiny_checkpoints["neo"][1])
     with pytest.raises(NeolmError, match="empty prompt"):
         lm.generate("")
+
+
+@pytest.mark.parametrize("name, kv", [("neo", None), ("neox-parallel-pct25", None), ("neo", "int8")])
+def test_sequences_joining_a_running_batch_get_their_solo_tokens(tiny_checkpoints, name, kv):
+    """Continuous batching: sequences added between steps (longer and shorter than the slots in use, with other
+    settings), and finished ones dropped, each get what they get alone, across GPT-Neo's local window (8)."""
+    lm = neolm.load(tiny_checkpoints[name][1], kv_cache_dtype=kv)
+    greedy = GenerationConfig(max_new_tokens=30, do_sample=False)
+    short = GenerationConfig(max_new_tokens=6, do_sample=False)
+    penalty = GenerationConfig(max_new_tokens=20, do_sample=False, repetition_penalty=1.5)
+    plan = {  # step at which it joins -> (prompt, settings)
+        0: ([5, 6, 7, 8, 9], greedy),
+        3: ([11, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13, 14, 15, 16], short),  # longer than the 7 slots in use: all move right
+        4: ([2, 2, 2], penalty),
+        12: ([40, 41], greedy),  # after `short` ended (dropped once the finished rows are as many as the live)
+    }
+    batch = DecodeBatch(lm.model)
+    got, settings, step = {}, {}, 0
+    while step in plan or not batch.finished:
+        if step in plan:
+            prompt, gc = plan[step]
+            (i,) = batch.add([prompt], gc)
+            got[i], settings[i] = [], (prompt, gc)
+        out = batch.step()
+        for i, token, end in zip(out.ids, out.tokens, out.ends):
+            if token is not None:
+                got[i].append(token)
+        step += 1
+    assert len(got) == 4
+    for i, (prompt, gc) in settings.items():
+        assert got[i] == lm.generate_ids([prompt], **dataclasses.asdict(gc))[0], (i, prompt)
+
+
+def test_decode_batch_ends_and_cancels(tiny_checkpoints):
+    lm = neolm.load(tiny_checkpoints["neox-parallel-pct25"][1])
+    batch = DecodeBatch(lm.model)
+    a, b = batch.add([[1, 2, 3], [4, 5]], GenerationConfig(max_new_tokens=4, do_sample=False))
+    assert batch.add([[7]], GenerationConfig(max_new_tokens=0)) == [2]  # nothing to generate: no row
+    ends = {}
+    batch.step()
+    batch.cancel([b])
+    while not batch.finished:
+        out = batch.step()
+        assert b not in [i for i, t in zip(out.ids, out.tokens) if t is not None]
+        ends.update({i: e for i, e in zip(out.ids, out.ends) if e})
+    assert ends == {a: "length"}
+    with pytest.raises(NeolmError, match="seeded"):
+        batch.add([[1]], GenerationConfig(do_sample=True, seed=3))

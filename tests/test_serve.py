@@ -18,7 +18,7 @@ import torch
 import neolm
 from neolm.eval.scoring import loglikelihoods
 from neolm.serve import protocol
-from neolm.serve.engine import Engine, Prompt, Token
+from neolm.serve.engine import End, Engine, Prompt, Token
 from neolm.serve.http import Server
 
 NAME = "neo-shakespeare"
@@ -204,6 +204,36 @@ def test_concurrent_requests_share_a_batch_and_match_solo(server, lm):
         assert results[prompt]["choices"][0]["text"] == greedy(lm, prompt, 48), prompt
     assert server.engine.largest_batch >= 2  # some of them decoded together
     assert call(server, "/health")[1]["largest_batch_requests"] >= 2
+
+
+def test_a_request_joins_the_running_batch(lm):
+    """Continuous batching: a request that arrives while a long generation runs joins it at the next step and
+    finishes first, with its solo tokens; so do requests with other settings. A seeded one waits and runs alone."""
+    engine = Engine(lm, max_batch=8)
+    engine.start()
+    try:
+        long = engine.submit([lm.encode("KING.")], lm.generation_config(max_new_tokens=300, min_new_tokens=300,
+                                                                        do_sample=False))  # fmt: skip
+        events = iter(long)
+        next(events)  # it is decoding
+        prompts = [lm.encode("QUEEN. Good morrow, my lord, how fares"), lm.encode("Ay")]
+        settings = [dict(max_new_tokens=12, do_sample=False), dict(max_new_tokens=9, do_sample=False,
+                                                                    repetition_penalty=1.3)]  # fmt: skip
+        jobs = [engine.submit([p], lm.generation_config(**kw)) for p, kw in zip(prompts, settings)]
+        sampled = engine.submit([prompts[1]], lm.generation_config(max_new_tokens=5, do_sample=True))
+        seeded = engine.submit([prompts[1]], lm.generation_config(max_new_tokens=5, do_sample=True, seed=11))
+        got = [[e.token for e in job if isinstance(e, Token)] for job in jobs]
+        assert sum(isinstance(e, Token) for e in sampled) == 5
+        rest = list(events)
+        assert sum(isinstance(e, Token) for e in rest) == 299  # the long one was still going
+        assert [e for e in rest if isinstance(e, End)] == [End(0, "length", 300)]
+        seeded_tokens = [e.token for e in seeded if isinstance(e, Token)]
+    finally:
+        engine.close()
+    for p, kw, tokens in zip(prompts, settings, got):
+        assert tokens == lm.generate_ids([p], **kw)[0]
+    assert seeded_tokens == lm.generate_ids([prompts[1]], max_new_tokens=5, do_sample=True, seed=11)[0]
+    assert engine.largest_batch == 4  # the long one, the two greedy ones and the sampled one; not the seeded one
 
 
 def test_client_gone_stops_its_sequences(server):

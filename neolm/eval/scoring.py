@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from neolm.errors import NeolmError
-from neolm.generate import vocab_logprobs
 from neolm.model import GPT, KVCache
+from neolm.sampling import vocab_logprobs
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,9 @@ def register(sub) -> dict:
         "client works, e.g. "
         "OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='none'). Sampling fields are OpenAI's (temperature "
         "0: greedy) plus vLLM's top_k, min_tokens and repetition_penalty; those a request leaves out take the "
-        "checkpoint's generation_config.json values, else OpenAI's defaults (temperature 1: sampling). Requests that are "
-        "waiting together with the same settings decode as one batch. A chat is written as a plain 'User: ... / "
+        "checkpoint's generation_config.json values, else OpenAI's defaults (temperature 1: sampling). Requests are "
+        "batched continuously: one that arrives while others decode joins them at the next step, whatever its "
+        "settings, and gets the tokens it would get alone. A chat is written as a plain 'User: ... / "
         "Assistant: ...' transcript, since base models have no chat format.",
     )
     _add_model_args(s, positional=True)

@@ -1,13 +1,15 @@
 """The server's scheduler: one thread owns the model and runs every request's generation.
 
 Requests become `Job`s (their prompts as token ids, already fitted to the context, and one GenerationConfig).
-The engine thread takes the oldest waiting job and, unless it has a seed (a seeded request gets what it would
-get alone), every other waiting job with the same settings, up to `max_batch` sequences: they decode as one
-batch (neolm.generate.iter_generate, left-padded, so each sequence gets exactly the tokens it would get alone).
-A job that arrives while a batch runs waits for the next one. Each job's tokens go to its own queue as they
-are produced; the HTTP threads read them from there. A job may ask for log-probabilities: of each token it
-gets, with the k most likely alternatives (the batch computes the largest k any of its jobs asks for), and of
-its prompt's tokens (from the forward that reads the prompts; jobs that want them batch only with each other).
+The engine thread keeps one neolm.generate.DecodeBatch running (continuous batching): before each step it
+adds the jobs that have arrived, as long as the batch holds fewer than `max_batch` sequences, and a
+sequence leaves the batch when it ends. Each prompt joins after one forward that reads it (jobs that arrive
+together with equal settings share it), and then decodes a token per step with every other sequence,
+whatever their settings; each sequence gets exactly the tokens it would get alone. A seeded request (which
+must get what it would get alone with that seed) runs in a batch of its own. Each job's tokens go to its own
+queue as they are produced; the HTTP threads read them from there. A job may ask for log-probabilities: of
+each token it gets, with the k most likely alternatives, and of its prompt's tokens (from the forward that
+reads the prompt).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from neolm.errors import NeolmError
-from neolm.generate import GenerationConfig, TokenLogprobs, fit_prompts, iter_generate
+from neolm.generate import DecodeBatch, GenerationConfig, fit_prompts
+from neolm.sampling import TokenLogprobs
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,13 @@ class Job:
         self.sequences = len(prompts) * gc.num_return_sequences
         self.cancelled = threading.Event()  # set by a client that went away: its sequences stop early
         self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._counts = [0] * self.sequences  # tokens each sequence has got (the engine's)
+        self._left = self.sequences  # sequences not yet ended (the engine's)
+
+    @property
+    def alone(self) -> bool:
+        """Seeded sampling: it gets what it would get alone, so it runs alone."""
+        return self.gc.do_sample and self.gc.seed is not None
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -94,7 +104,7 @@ class Engine:
         self._waiting: deque[Job] = deque()
         self._wake = threading.Condition()
         self._closed = False
-        self.batches = self.generated = 0  # counters for /health and the log
+        self.batches = self.generated = 0  # counters for /health and the log: prompt forwards, tokens
         self.largest_batch = 0  # the most requests decoded together
         self._thread: threading.Thread | None = None
 
@@ -131,93 +141,116 @@ class Engine:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
-    def _next_batch(self) -> list[Job]:
+    def _admit(self, busy: bool, room: int) -> list[Job] | None:
+        """The waiting jobs to add before the next step, oldest first, while they fit in `room` sequences. When
+        the engine is idle (not `busy`), waits for one, and the oldest comes in whatever its size; a job that
+        runs alone comes in only then, and nothing with it. None: closed, and idle."""
         with self._wake:
-            while not self._waiting and not self._closed:
+            while not busy and not self._waiting and not self._closed:
                 # with a timeout: a Ctrl-C that the OS hands to another thread reaches a main thread waiting here
                 # only when it returns to Python
                 self._wake.wait(timeout=0.25)
             if self._closed:
-                return []
-            first = self._waiting.popleft()
-            batch, rows = [first], first.sequences
-            if first.gc.seed is None:
-                for job in list(self._waiting):
-                    if (job.gc.seed is None and job.gc == first.gc and job.prompt_logprobs == first.prompt_logprobs
-                            and rows + job.sequences <= self.max_batch):  # fmt: skip
-                        self._waiting.remove(job)
-                        batch.append(job)
-                        rows += job.sequences
-            return batch
+                return [] if busy else None
+            taken: list[Job] = []
+            while self._waiting:
+                job = self._waiting[0]
+                if (busy or taken) and (job.alone or job.sequences > room):  # first come, first served
+                    break
+                taken.append(self._waiting.popleft())
+                room -= job.sequences
+                if job.alone:
+                    break
+            return taken
 
     def run(self) -> None:
-        """Serve jobs until close()."""
-        while batch := self._next_batch():
-            live = [job for job in batch if not job.cancelled.is_set()]
+        """Serve jobs until close() (the running sequences finish first)."""
+        batch, owners, running = None, {}, []  # owners: sequence id -> (job, its index among the job's sequences)
+        while True:
+            busy = batch is not None and not batch.finished
+            if busy and any(job.alone for job in running):  # nothing joins it
+                admitted = []
+            else:
+                admitted = self._admit(busy, self.max_batch - batch.live if busy else self.max_batch)
+            if admitted is None:
+                return
             try:
-                if live:
-                    self._generate(live)
+                if not busy:
+                    batch, owners, running = DecodeBatch(self.lm.model, self.lm.tokenizer.decode), {}, []
+                    start, generated = time.perf_counter(), self.generated
+                live = [job for job in admitted if not job.cancelled.is_set()]
+                for job in admitted:
+                    if job.cancelled.is_set():
+                        job._events.put(None)
+                self._add(batch, live, owners, running)
+                if not batch.finished:
+                    self._step(batch, owners, running)
             except Exception as error:  # a bug or out of memory: fail these requests, keep serving
                 log.exception("generation failed")
-                for job in live:
+                for job in {*running, *(job for job in admitted if job._left and not job.cancelled.is_set())}:
                     job._events.put(error)
-            finally:
-                for job in batch:
                     job._events.put(None)
+                batch = None
+                continue
+            if batch.finished and (admitted or busy):
+                log.info("batch done: %d tokens in %.2fs; the most requests at once so far: %d",
+                         self.generated - generated, time.perf_counter() - start, self.largest_batch)  # fmt: skip
 
-    def _generate(self, batch: list[Job]) -> None:
-        gc = batch[0].gc
-        n = gc.num_return_sequences
-        prompts = [p for job in batch for p in job.prompts]
-        owners = [(job, i) for job in batch for i in range(job.sequences)]  # iter_generate's order, prompt-major
-        budgets = [gc.new_token_budget(len(p)) for p in prompts for _ in range(n)]
-        eos_ids = set(gc.eos_ids(self.lm.config.eos_token_id))
-        counts, last = [0] * len(owners), [None] * len(owners)
-        ended = [False] * len(owners)
+    def _add(self, batch: DecodeBatch, jobs: list[Job], owners: dict, running: list[Job]) -> None:
+        """Add jobs to the batch; those with equal settings share the forward that reads their prompts."""
+        while jobs:
+            first = jobs[0]
+            same = [job for job in jobs if job.gc == first.gc and job.prompt_logprobs == first.prompt_logprobs]
+            jobs = [job for job in jobs if job not in same]
+            firsts = [(job, i) for job in same for i in range(len(job.prompts))]  # whose prompt each one is
 
-        def end(s: int) -> None:
-            ended[s] = True
-            job, i = owners[s]
-            stopped = last[s] in eos_ids or counts[s] < budgets[s]  # eos, or a stop string before the budget
-            job._events.put(End(i, "stop" if stopped else "length", counts[s]))
+            def on_prompt(p: int, scores: TokenLogprobs, firsts=firsts) -> None:
+                job, i = firsts[p]
+                top = [scores.pairs(j, job.logprobs) for j in range(len(scores.chosen))]
+                job._events.put(Prompt(i, scores.chosen, top))
 
-        start = time.perf_counter()
-        self.batches += 1
-        self.largest_batch = max(self.largest_batch, len(batch))
-        wanted = [job.logprobs for job in batch if job.logprobs is not None]
-        k = max(wanted) if wanted else None
-        firsts = [(job, i) for job in batch for i in range(len(job.prompts))]  # whose prompt each one is
-
-        def on_prompt(p: int, scores: TokenLogprobs) -> None:
-            job, i = firsts[p]
-            top = [scores.pairs(j, job.logprobs) for j in range(len(scores.chosen))]
-            job._events.put(Prompt(i, scores.chosen, top))
-
-        steps = iter_generate(self.lm.model, prompts, gc, self.lm.tokenizer.decode, logprobs=k,
-                              on_prompt=on_prompt if batch[0].prompt_logprobs else None)  # fmt: skip
-        try:
-            for step in steps:
-                step, scores = step if k is not None else (step, None)
-                for s, token in enumerate(step):
-                    if token is None:
-                        if not ended[s]:
-                            end(s)
-                        continue
-                    counts[s] += 1
-                    last[s] = token
-                    job, i = owners[s]
-                    if job.logprobs is None:
-                        job._events.put(Token(i, token))
+            ids = batch.add([job.prompts[i] for job, i in firsts], first.gc,
+                            [job.logprobs for job, _ in firsts], on_prompt if first.prompt_logprobs else None)  # fmt: skip
+            self.batches += 1
+            running += same
+            n = first.gc.num_return_sequences
+            for (job, i), p in zip(firsts, range(0, len(ids), n)):
+                for j in range(n):
+                    if first.gc.new_token_budget(len(job.prompts[i])) == 0:  # no token to make: ended already
+                        self._end(job, End(i * n + j, "length", 0), running)
                     else:
-                        job._events.put(Token(i, token, scores.chosen[s], scores.pairs(s, job.logprobs)))
-                if all(job.cancelled.is_set() for job in batch):
-                    log.info("every request of the batch went away: stopped")
-                    break
-        finally:
-            steps.close()
-        for s in range(len(owners)):
-            if not ended[s]:
-                end(s)
-        self.generated += sum(counts)
-        log.info("batch of %d sequences (%d requests): %d tokens in %.2fs", len(owners), len(batch), sum(counts),
-                 time.perf_counter() - start)  # fmt: skip
+                        owners[ids[p + j]] = (job, i * n + j)
+        self.largest_batch = max(self.largest_batch, len(running))
+
+    def _step(self, batch: DecodeBatch, owners: dict, running: list[Job]) -> None:
+        """One token for every sequence of the batch, sent to its job."""
+        step = batch.step()
+        for row, (sequence, token, end) in enumerate(zip(step.ids, step.tokens, step.ends)):
+            if token is None:
+                continue
+            job, s = owners[sequence]
+            job._counts[s] += 1
+            if job.logprobs is None:
+                job._events.put(Token(s, token))
+            else:
+                job._events.put(Token(s, token, step.scores.chosen[row], step.scores.pairs(row, job.logprobs)))
+            self.generated += 1
+            if end is not None:
+                del owners[sequence]
+                self._end(job, End(s, end, job._counts[s]), running)
+        for job in [job for job in running if job.cancelled.is_set()]:  # its client went away
+            gone = [i for i, (owner, _) in owners.items() if owner is job]
+            batch.cancel(gone)
+            for i in gone:
+                del owners[i]
+            running.remove(job)
+            job._events.put(None)
+            log.info("a request went away: its sequences stopped")
+
+    @staticmethod
+    def _end(job: Job, event: End, running: list[Job]) -> None:
+        job._events.put(event)
+        job._left -= 1
+        if job._left == 0:
+            running.remove(job)
+            job._events.put(None)
