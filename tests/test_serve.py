@@ -451,3 +451,35 @@ def test_serve_command(tmp_path):
         assert process.wait(timeout=60) == 0
     finally:
         process.kill()
+
+
+def test_metrics_count_tokens_requests_and_latencies(server, lm):
+    """GET /metrics: Prometheus' text format with vLLM's names (neolm: for vllm:), counting what was served."""
+
+    def scrape() -> dict[str, float]:
+        status, text = call(server, "/metrics")
+        assert status == 200
+        samples = {}
+        for line in text.splitlines():
+            if not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                samples[re.sub(r'model_name="[^"]*",?', "", name).replace("{}", "")] = float(value)
+        return samples
+
+    before = scrape()
+    prompt = "KING. Speak"
+    status, body = call(server, "/v1/completions", {"prompt": [prompt, "Ay"], "max_tokens": 5, "min_tokens": 5,
+                                                    "temperature": 0})  # fmt: skip
+    after = scrape()
+    assert status == 200
+
+    def grew(name: str) -> float:
+        return after[name] - before.get(name, 0)
+
+    assert grew("neolm:generation_tokens_total") == 10 == body["usage"]["completion_tokens"]
+    assert grew("neolm:prompt_tokens_total") == len(lm.encode(prompt)) + len(lm.encode("Ay"))
+    assert grew('neolm:request_success_total{finished_reason="length"}') == 2
+    assert grew("neolm:time_to_first_token_seconds_count") == grew("neolm:e2e_request_latency_seconds_count") == 1
+    assert grew('neolm:e2e_request_latency_seconds_bucket{le="+Inf"}') == 1
+    assert 0 < grew("neolm:time_to_first_token_seconds_sum") <= grew("neolm:e2e_request_latency_seconds_sum")
+    assert after["neolm:num_requests_running"] == after["neolm:num_requests_waiting"] == 0

@@ -13,9 +13,9 @@ def register(sub) -> dict:
         "serve",
         help="serve a model over an OpenAI-compatible HTTP API",
         description="Serve MODEL over HTTP with OpenAI's API: POST /v1/completions and /v1/chat/completions "
-        "(stream: server-sent events; logprobs, and with echo the prompt's), GET /v1/models and /health, and vLLM's "
-        "/tokenize, /detokenize and /tokenizer_info (lm-eval's local-completions scores through them). Any OpenAI "
-        "client works, e.g. "
+        "(stream: server-sent events; logprobs, and with echo the prompt's), GET /v1/models, /health and /metrics "
+        "(Prometheus), and vLLM's /tokenize, /detokenize and /tokenizer_info (lm-eval's local-completions scores "
+        "through them). Any OpenAI client works, e.g. "
         "OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='none'). Sampling fields are OpenAI's (temperature "
         "0: greedy) plus vLLM's top_k, min_tokens and repetition_penalty; those a request leaves out take the "
         "checkpoint's generation_config.json values, else OpenAI's defaults (temperature 1: sampling). Requests are "

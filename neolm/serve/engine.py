@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from neolm.errors import NeolmError
 from neolm.generate import DecodeBatch, GenerationConfig, fit_prompts
 from neolm.sampling import TokenLogprobs
+from neolm.serve.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,8 @@ class Job:
         self.sequences = len(prompts) * gc.num_return_sequences
         self.cancelled = threading.Event()  # set by a client that went away: its sequences stop early
         self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self.submitted = time.perf_counter()
+        self._first: float | None = None  # when its first token came (the engine's)
         self._counts = [0] * self.sequences  # tokens each sequence has got (the engine's)
         self._left = self.sequences  # sequences not yet ended (the engine's)
 
@@ -106,7 +109,13 @@ class Engine:
         self._closed = False
         self.batches = self.generated = 0  # counters for /health and the log: prompt forwards, tokens
         self.largest_batch = 0  # the most requests decoded together
+        self.metrics = Metrics()  # for GET /metrics
         self._thread: threading.Thread | None = None
+
+    @property
+    def waiting(self) -> int:
+        """Requests not yet in the batch."""
+        return len(self._waiting)
 
     def start(self) -> None:
         """run() in a daemon thread of its own (tests, notebooks; slower decoding, see the class doc)."""
@@ -190,7 +199,7 @@ class Engine:
                 for job in {*running, *(job for job in admitted if job._left and not job.cancelled.is_set())}:
                     job._events.put(error)
                     job._events.put(None)
-                batch = None
+                batch, self.metrics.running = None, 0
                 continue
             if batch.finished and (admitted or busy):
                 log.info("batch done: %d tokens in %.2fs; the most requests at once so far: %d",
@@ -212,6 +221,7 @@ class Engine:
             ids = batch.add([job.prompts[i] for job, i in firsts], first.gc,
                             [job.logprobs for job, _ in firsts], on_prompt if first.prompt_logprobs else None)  # fmt: skip
             self.batches += 1
+            self.metrics.prompt_tokens += sum(len(job.prompts[i]) for job, i in firsts)
             running += same
             n = first.gc.num_return_sequences
             for (job, i), p in zip(firsts, range(0, len(ids), n)):
@@ -221,20 +231,26 @@ class Engine:
                     else:
                         owners[ids[p + j]] = (job, i * n + j)
         self.largest_batch = max(self.largest_batch, len(running))
+        self.metrics.running = len(running)
 
     def _step(self, batch: DecodeBatch, owners: dict, running: list[Job]) -> None:
         """One token for every sequence of the batch, sent to its job."""
         step = batch.step()
+        now = time.perf_counter()
         for row, (sequence, token, end) in enumerate(zip(step.ids, step.tokens, step.ends)):
             if token is None:
                 continue
             job, s = owners[sequence]
             job._counts[s] += 1
+            if job._first is None:
+                job._first = now
+                self.metrics.ttft.observe(now - job.submitted)
             if job.logprobs is None:
                 job._events.put(Token(s, token))
             else:
                 job._events.put(Token(s, token, step.scores.chosen[row], step.scores.pairs(row, job.logprobs)))
             self.generated += 1
+            self.metrics.generation_tokens += 1
             if end is not None:
                 del owners[sequence]
                 self._end(job, End(s, end, job._counts[s]), running)
@@ -245,12 +261,16 @@ class Engine:
                 del owners[i]
             running.remove(job)
             job._events.put(None)
+            self.metrics.finished["abort"] += len(gone)
+            self.metrics.running = len(running)
             log.info("a request went away: its sequences stopped")
 
-    @staticmethod
-    def _end(job: Job, event: End, running: list[Job]) -> None:
+    def _end(self, job: Job, event: End, running: list[Job]) -> None:
         job._events.put(event)
         job._left -= 1
+        self.metrics.finished[event.reason] += 1
         if job._left == 0:
             running.remove(job)
             job._events.put(None)
+            self.metrics.latency.observe(time.perf_counter() - job.submitted)
+            self.metrics.running = len(running)

@@ -139,11 +139,21 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(200, self.server.models()["data"][0])
         if path == "/tokenizer_info":
             return self._json(200, protocol.tokenizer_info(self.server.lm))
+        if path == "/metrics":
+            engine = self.server.engine
+            return self._send(
+                200,
+                engine.metrics.render(self.server.model_name, engine.waiting),
+                "text/plain; version=0.0.4; charset=utf-8",
+            )
         if path == "/health":
             engine = self.server.engine
             return self._json(200, {"status": "ok", "model": self.server.model_name, "batches": engine.batches,
                                     "largest_batch_requests": engine.largest_batch, "generated_tokens": engine.generated})  # fmt: skip
-        raise ApiError(404, f"no route GET {path}: try GET /v1/models or POST /v1/completions, /v1/chat/completions")
+        raise ApiError(
+            404,
+            f"no route GET {path}: try GET /v1/models, /health, /metrics or POST /v1/completions, /v1/chat/completions",
+        )
 
     def _post(self, path: str) -> None:
         kinds = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
@@ -264,9 +274,12 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def _json(self, status: int, data: dict) -> None:
-        payload = json.dumps(data).encode()
+        self._send(status, json.dumps(data), "application/json")
+
+    def _send(self, status: int, text: str, content_type: str) -> None:
+        payload = text.encode()
         self.send_response(status, HTTPStatus(status).phrase)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)
