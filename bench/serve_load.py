@@ -27,7 +27,7 @@ import time
 import urllib.request
 
 
-def start(args, max_batch: int, source: str | None) -> tuple[subprocess.Popen, str]:
+def start(args, max_batch: int, source: str | None = None) -> tuple[subprocess.Popen, str]:
     command = [sys.executable, "-m", "neolm.cli", "serve", "--port", "0", "--max-batch", str(max_batch),
                "--threads", str(args.threads)] + ([args.model] if args.model else []) + args.load  # fmt: skip
     env = dict(os.environ)
