@@ -181,11 +181,9 @@ class _Rows:
                 merged[field.name] = a + b
                 continue
             if field.name == "seen" and (a is None) != (b is None):  # rows without a penalty: nothing seen
-                shape, device = (
-                    (len(self.ids) if a is None else len(other.ids), (a if b is None else b).shape[1]),
-                    self.positions.device,
-                )
-                a, b = (torch.zeros(shape, dtype=torch.bool, device=device) if t is None else t for t in (a, b))
+                vocab = (a if b is None else b).shape[1]
+                a = a if a is not None else torch.zeros(len(self.ids), vocab, dtype=torch.bool, device=b.device)
+                b = b if b is not None else torch.zeros(len(other.ids), vocab, dtype=torch.bool, device=a.device)
             merged[field.name] = None if a is None else torch.cat((a, b))
         return _Rows(**merged)
 
@@ -307,19 +305,25 @@ class DecodeBatch:
             [list(p) for p in seqs] if gc.stop_strings else [None] * len(seqs),
             [len(p) for p in seqs], budgets, [0] * len(seqs), [b == 0 for b in budgets], positions[:, -1:], logits, seen,
         )  # fmt: skip
-        if not joining:
+        if joining:
+            self._rebuild(new, cache)
+        else:
             self.rows, self.cache = new, cache
-            return ids
-        keep = self._live_rows()
-        old = self.rows.select(keep)
-        room = max(b - c for b, c in zip(old.budgets + budgets, old.counts + [0] * len(seqs)))
-        index = torch.tensor(keep, device=device)
-        self.cache = KVCache.aligned([(self.cache, index), (cache, torch.arange(len(seqs), device=device))], room)
-        self.rows = old.cat(new)
         return ids
 
-    def _live_rows(self) -> list[int]:
-        return [row for row, done in enumerate(self.rows.done) if not done or not self.compact]
+    def _rebuild(self, new: _Rows | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        """A new cache of the rows kept (the live ones with `compact`, else all), then `new`'s (prefilled in
+        `cache`), right-aligned to one current slot, with room for the most tokens any of them has left. Returns
+        the index of the rows kept."""
+        keep = [row for row, done in enumerate(self.rows.done) if not done or not self.compact]
+        index = torch.tensor(keep, device=self.device)
+        rows, parts = self.rows.select(keep), [(self.cache, index)]
+        if new is not None:
+            rows = rows.cat(new)
+            parts.append((cache, torch.arange(len(new.ids), device=self.device)))
+        self.cache = KVCache.aligned(parts, max(b - c for b, c in zip(rows.budgets, rows.counts)))
+        self.rows = rows
+        return index
 
     def cancel(self, ids) -> None:
         """End these sequences now (they appear in no later step)."""
@@ -407,11 +411,8 @@ class DecodeBatch:
             r.seen[torch.arange(len(token), device=self.device), token] = True
         dead = r.done.count(True) if self.compact else 0
         if dead and dead >= len(r.done) - dead:  # as many finished rows as live ones: drop them
-            keep = self._live_rows()
-            index = torch.tensor(keep, device=self.device)
-            r = self.rows = r.select(keep)
-            self.cache = KVCache.aligned([(self.cache, index)], max(b - c for b, c in zip(r.budgets, r.counts)))
-            token = token[index]
+            token = token[self._rebuild()]
+            r = self.rows
         r.positions = r.positions + 1
         r.logits = self.model(token[:, None], r.positions, self.cache)[:, -1].float()
 

@@ -107,10 +107,15 @@ class Engine:
         self._waiting: deque[Job] = deque()
         self._wake = threading.Condition()
         self._closed = False
-        self.batches = self.generated = 0  # counters for /health and the log: prompt forwards, tokens
+        self.batches = 0  # prompt forwards (for /health)
         self.largest_batch = 0  # the most requests decoded together
         self.metrics = Metrics()  # for GET /metrics
         self._thread: threading.Thread | None = None
+
+    @property
+    def generated(self) -> int:
+        """Tokens generated so far (for /health and the log)."""
+        return self.metrics.generation_tokens
 
     @property
     def waiting(self) -> int:
@@ -249,7 +254,6 @@ class Engine:
                 job._events.put(Token(s, token))
             else:
                 job._events.put(Token(s, token, step.scores.chosen[row], step.scores.pairs(row, job.logprobs)))
-            self.generated += 1
             self.metrics.generation_tokens += 1
             if end is not None:
                 del owners[sequence]
