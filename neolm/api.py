@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from neolm import checkpoint, hub, memory
+from neolm.chat import Template, Transcript, load_chat_format
 from neolm.config import Config
 from neolm.errors import NeolmError
 from neolm.generate import GenerationConfig, generate, iter_generate
@@ -62,10 +63,11 @@ class LanguageModel:
     """A loaded model with its tokenizer: generate text, stream it, or call the model directly (`.model`)."""
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, source: str, load_seconds: float = 0.0,
-                 generation_defaults: dict | None = None):  # fmt: skip
+                 generation_defaults: dict | None = None, chat_format: Transcript | Template | None = None):  # fmt: skip
         self.model, self.tokenizer, self.source = model, tokenizer, source
         self.load_seconds = load_seconds
         self.generation_defaults = generation_defaults or {}  # from the checkpoint's generation_config.json
+        self.chat_format = chat_format or Transcript()  # the checkpoint's chat template, or the plain transcript
 
     @property
     def config(self) -> Config:
@@ -85,12 +87,23 @@ class LanguageModel:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
 
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, tokenize: bool = True,
+                            **kwargs) -> list[int] | str:  # fmt: skip
+        """A conversation ([{"role", "content"}, ...]) as a prompt, in the checkpoint's chat format (its chat
+        template, else a plain "User: / Assistant:" transcript; neolm.chat): token ids, or the text with
+        tokenize=False. As transformers' method of that name: add_generation_prompt ends it with the
+        assistant's turn opening, other keyword arguments go to the template."""
+        text = self.chat_format.render(messages, add_generation_prompt=add_generation_prompt, **kwargs)
+        return self.encode(text) if tokenize else text
+
     def generation_config(self, **kwargs) -> GenerationConfig:
         """What a call with these generation arguments runs: the checkpoint's defaults (its
         generation_config.json), then the arguments; eos from the model's config, else the tokenizer's."""
         gc = GenerationConfig.from_kwargs(**(self.generation_defaults | kwargs))
         if gc.eos_token_id is None:
-            gc.eos_token_id = self.config.eos_token_id if self.config.eos_token_id is not None else self.tokenizer.eos_token_id
+            gc.eos_token_id = (
+                self.config.eos_token_id if self.config.eos_token_id is not None else self.tokenizer.eos_token_id
+            )
         return gc
 
     def generate_ids(self, prompts: list[list[int]], **kwargs) -> list[list[int]]:
@@ -195,6 +208,7 @@ def load(
     quantize_activations: bool = False,
     kv_cache_dtype: str | torch.dtype | None = None,
     mmap: bool = False,
+    chat_template: str | None = None,
 ) -> LanguageModel:
     """Load a GPT-Neo or GPT-NeoX checkpoint: a local folder, a hub id, or `modelscope:ID`.
 
@@ -233,6 +247,9 @@ def load(
     compile: on CPU, instead time every kernel each layer shape can use for one-token products (the output
     head's; every block's too when no native step runs) and keep the fastest (neolm.native's, torch.compile's
     or the layer's own; needs a C++ compiler; neolm.ops.compile_gemv).
+    chat_template: a Jinja chat template (a file's path, or the template itself) to use instead of the
+    checkpoint's own (its chat_template.jinja or tokenizer_config.json's chat_template; without one, chats are
+    written as a plain transcript; neolm.chat).
     """
     start = time.perf_counter()
     if quantize_head and quantize is None:
@@ -250,6 +267,7 @@ def load(
     folder = _default_model() if model is None else hub.resolve(model, revision)
     raw_config = checkpoint.read_hf_config(folder)
     config = Config.from_hf(raw_config, source=str(folder / "config.json"))
+    chat_format = load_chat_format(folder, chat_template)  # before the weights: a bad template fails at once
     device = parse_device(device)
     dtype = parse_dtype(dtype, device, raw_config.get("torch_dtype") or raw_config.get("dtype"))
     if quantize is not None or raw_config.get("quantization_config"):
@@ -280,7 +298,7 @@ def load(
     defaults = checkpoint.read_generation_defaults(folder, GenerationConfig.field_names())
     seconds = time.perf_counter() - start
     log.info("loaded %s (%s, %s) in %.1fs", folder, config.family, dtype, seconds)
-    return LanguageModel(net, tokenizer, str(model if model is not None else folder), seconds, defaults)
+    return LanguageModel(net, tokenizer, str(model if model is not None else folder), seconds, defaults, chat_format)
 
 
 class TextGenerationPipeline:

@@ -179,6 +179,7 @@ def load_model(args):
         quantize_activations=args.quantize_activations,
         kv_cache_dtype=args.kv_cache_dtype,
         mmap=args.mmap,
+        chat_template=getattr(args, "chat_template", None),  # the commands that chat declare it
     )
 
 

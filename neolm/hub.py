@@ -27,7 +27,8 @@ WEIGHT_LAYOUTS = (
     ("pytorch_model.bin.index.json", "*.bin"),
     ("pytorch_model.bin", None),
 )
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja")  # fmt: skip
 OPTIONAL_FILES = ("generation_config.json",) + TOKENIZER_FILES
 MODELSCOPE_PREFIX = "modelscope:"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

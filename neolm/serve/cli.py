@@ -20,8 +20,10 @@ def register(sub) -> dict:
         "0: greedy) plus vLLM's top_k, min_tokens and repetition_penalty; those a request leaves out take the "
         "checkpoint's generation_config.json values, else OpenAI's defaults (temperature 1: sampling). Requests are "
         "batched continuously: one that arrives while others decode joins them at the next step, whatever its "
-        "settings, and gets the tokens it would get alone. A chat is written as a plain 'User: ... / "
-        "Assistant: ...' transcript, since base models have no chat format.",
+        "settings, and gets the tokens it would get alone. A chat is written in the checkpoint's chat template "
+        "(chat_template.jinja or tokenizer_config.json's chat_template, rendered as transformers' "
+        "apply_chat_template does) or --chat-template's; base models have none, and their chats are written as a "
+        "plain 'User: ... / Assistant: ...' transcript.",
     )
     _add_model_args(s, positional=True)
     net = s.add_argument_group("server")
@@ -30,6 +32,9 @@ def register(sub) -> dict:
     net.add_argument("--served-model-name", help="the model's name in the API (default: MODEL as given)")
     net.add_argument("--api-key", default=os.environ.get("NEOLM_API_KEY"),
                      help="require 'Authorization: Bearer KEY' (default: $NEOLM_API_KEY; unset: no key)")  # fmt: skip
+    net.add_argument("--chat-template", metavar="FILE_OR_TEMPLATE",
+                     help="a Jinja chat template (a file, or the template itself) to use instead of the checkpoint's "
+                     "own; without either, chats are a plain 'User: / Assistant:' transcript")  # fmt: skip
     net.add_argument("--max-batch", type=positive, default=8, help="sequences decoded together at most (default 8)")
     return {"serve": cmd_serve}
 

@@ -189,8 +189,7 @@ class Handler(BaseHTTPRequestHandler):
         protocol.Logprob entries since the last yield) as the job produces them."""
         tokenizer = self.server.lm.tokenizer
         n = request.gc.num_return_sequences
-        strip = request.kind == "chat"
-        choices = [protocol.Choice(request.stop, strip) for _ in range(job.sequences)]
+        choices = [protocol.Choice(request.stop, request.lstrip) for _ in range(job.sequences)]
         decoders = [StreamDecoder(tokenizer) for _ in range(job.sequences)]
         offsets = [0] * job.sequences  # characters of each choice decoded so far, echo included: a token's text_offset
         pending: list[list[protocol.Logprob]] = [[] for _ in range(job.sequences)]

@@ -16,9 +16,11 @@ generated token, a stop string's included.
 Fields sent as null count as absent. Sampling fields left out take the checkpoint's generation_config.json
 values where it has them (as vLLM does), else OpenAI's defaults.
 
-Base models have no chat format, so a chat is written as a plain transcript that they continue well:
-the system message, then one "User: ..." / "Assistant: ..." line per message, then "Assistant:"; the reply
-stops where the model starts a new "User:" line.
+A chat is written in the model's chat format (neolm.chat): its chat template where the checkpoint has one
+(or `neolm serve --chat-template`), rendered as transformers' apply_chat_template does, with vLLM's
+`add_generation_prompt` (default true) and `chat_template_kwargs` fields; else, for base models, a plain
+transcript that they continue well: the system message, then one "User: ..." / "Assistant: ..." line per
+message, then "Assistant:"; the reply stops where the model starts a new "User:" line.
 """
 
 from __future__ import annotations
@@ -33,8 +35,6 @@ from neolm.tokenizer import StreamDecoder
 
 MAX_LOGPROBS = 20  # the most alternatives per token a request may ask for (vLLM's default limit; OpenAI: 5 and 20)
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's (and vLLM's) default max_tokens for /v1/completions
-CHAT_ROLES = {"system": None, "developer": None, "user": "User", "assistant": "Assistant"}
-CHAT_STOP = "\nUser:"
 
 SAMPLING = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
             "top_k", "min_tokens", "repetition_penalty", "user", "presence_penalty", "frequency_penalty",
@@ -42,7 +42,8 @@ SAMPLING = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "strea
 FIELDS = {
     "completion": SAMPLING | {"prompt", "echo", "best_of", "suffix"},
     "chat": SAMPLING | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "functions",
-                        "function_call", "response_format", "parallel_tool_calls"},
+                        "function_call", "response_format", "parallel_tool_calls", "add_generation_prompt",
+             "chat_template_kwargs"},
 }  # fmt: skip
 
 
@@ -68,6 +69,7 @@ class Request:
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the token counts
     echo: list[str] = field(default_factory=list)  # completions with echo: each prompt's text, put before its choices
     stop: list[str] = field(default_factory=list)  # cut from the text (OpenAI leaves stop strings out)
+    lstrip: bool = False  # leave out the reply's leading whitespace (chats in the plain transcript)
     logprobs: int | None = None  # alternatives per token when log-probabilities are asked for
     prompt_logprobs: bool = False  # and of the prompt's tokens too (completions with echo)
     id: str = ""
@@ -179,27 +181,14 @@ def _prompts(body: dict, encode) -> tuple[list[list[int]], list[str] | None]:
     return [encode(t) for t in texts], texts
 
 
-def _chat_text(body: dict) -> str:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "'messages' must be a non-empty list of {role, content}", "messages")
-    lines = []
-    for i, message in enumerate(messages):
-        role = message.get("role") if isinstance(message, dict) else None
-        if role not in CHAT_ROLES:
-            raise ApiError(400, f"messages[{i}]: role must be one of {', '.join(CHAT_ROLES)}, got {role!r}", "messages")
-        content = message.get("content")
-        if isinstance(content, list):  # content parts: text only
-            if not all(
-                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
-            ):
-                raise ApiError(400, f"messages[{i}]: only text content parts are supported", "messages")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
-            raise ApiError(400, f"messages[{i}]: content must be a string, got {content!r}"[:300], "messages")
-        speaker = CHAT_ROLES[role]
-        lines.append(f"{content.strip()}\n" if speaker is None else f"{speaker}: {content.strip()}\n")
-    return "".join(lines) + "Assistant:"
+def _chat_text(body: dict, lm) -> str:
+    """The conversation in the model's chat format (its template, else the plain transcript)."""
+    kwargs = _field(body, "chat_template_kwargs", (dict,), {})
+    add = _field(body, "add_generation_prompt", (bool,), True)
+    try:
+        return lm.chat_format.render(body.get("messages"), add_generation_prompt=add, **kwargs)
+    except NeolmError as e:
+        raise ApiError(400, str(e), "messages") from None
 
 
 def parse(kind: str, body, lm) -> Request:
@@ -213,7 +202,7 @@ def parse(kind: str, body, lm) -> Request:
                       f"{uuid.uuid4().hex}", created=int(time.time()))  # fmt: skip
     context = lm.config.n_positions
     if kind == "chat":
-        prompt = lm.encode(_chat_text(body))
+        prompt = lm.encode(_chat_text(body, lm))
         max_tokens = _max_tokens(body, "max_completion_tokens", _max_tokens(body, "max_tokens", None))
         if max_tokens is None:
             max_tokens = max(context - len(prompt), 0)  # to the end of the context, as OpenAI's default
@@ -221,7 +210,8 @@ def parse(kind: str, body, lm) -> Request:
                 raise ApiError(400, f"the conversation is {len(prompt)} tokens, the model's whole context of "
                                f"{context}: no room for a reply", "messages")  # fmt: skip
         request.prompts = [prompt]
-        request.stop = stops + [CHAT_STOP]
+        request.stop = stops + list(lm.chat_format.stop)
+        request.lstrip = lm.chat_format.lstrip_reply
         top = _field(
             body, "top_logprobs", (int,), None, lambda v: 0 <= v <= MAX_LOGPROBS, f"between 0 and {MAX_LOGPROBS}"
         )
@@ -252,11 +242,11 @@ def tokenize(body, lm) -> dict:
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     unknown = sorted(set(body) - {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt",
-                                  "return_token_strs"})  # fmt: skip
+                                  "chat_template_kwargs", "return_token_strs"})  # fmt: skip
     if unknown:
         raise ApiError(400, f"unrecognized request argument(s): {', '.join(unknown)}", unknown[0])
     if "messages" in body:
-        text = _chat_text(body)
+        text = _chat_text(body, lm)
     else:
         text = _field(body, "prompt", (str,), None)
         if text is None:
@@ -287,7 +277,7 @@ def tokenizer_info(lm) -> dict:
     eos_text = tokenizer.token_bytes(eos).decode("utf-8", "replace") if eos is not None else None
     return {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos_text, "bos_token": eos_text,
             "pad_token": None, "model_max_length": lm.config.n_positions, "vocab_size": tokenizer.vocab_size,
-            "add_prefix_space": False, "chat_template": None}  # fmt: skip
+            "add_prefix_space": False, "chat_template": lm.chat_format.source}  # fmt: skip
 
 
 class Choice:

@@ -1,0 +1,203 @@
+"""Chat formats: how a conversation (a list of {role, content} messages) becomes the text a model continues.
+
+A checkpoint fine-tuned for chat carries Hugging Face's chat template: a Jinja template in the file
+``chat_template.jinja``, or in the ``chat_template`` field of ``tokenizer_config.json`` (a string, or a list of
+named templates of which "default" is used). neolm renders it as ``transformers``' ``apply_chat_template``
+does: a sandboxed Jinja environment with trim_blocks and lstrip_blocks, the variables ``messages``,
+``add_generation_prompt``, ``tools`` and ``documents`` (None) and the special tokens named in the tokenizer's
+config files (``bos_token``, ``eos_token``, ...), the helpers ``raise_exception``, ``strftime_now`` and a
+``tojson`` that does not escape HTML; extra keyword arguments are passed to the template. The rendered text is
+then tokenized as any prompt (special tokens written in it become their ids, nothing is added).
+
+Base models (every EleutherAI release, the bundled model) have no template. Their chats are written as a plain
+transcript that they continue well: the system message, one "User: ..." / "Assistant: ..." line per message,
+then "Assistant:"; the reply stops where the model starts a new "User:" line (`Transcript.stop`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime
+from pathlib import Path
+from typing import ClassVar
+
+from neolm.errors import NeolmError
+
+log = logging.getLogger(__name__)
+
+ROLES = ("system", "developer", "user", "assistant")
+"""The message roles a conversation may hold ("developer" is OpenAI's newer name for "system")."""
+TEMPLATE_FILE = "chat_template.jinja"
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def check_messages(messages) -> list[dict]:
+    """The conversation as plain {"role", "content"} dicts with string content (OpenAI's text content parts
+    are joined); NeolmError naming the first bad message."""
+    if not isinstance(messages, list) or not messages:
+        raise NeolmError("'messages' must be a non-empty list of {role, content}")
+    plain = []
+    for i, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in ROLES:
+            raise NeolmError(f"messages[{i}]: role must be one of {', '.join(ROLES)}, got {role!r}")
+        content = message.get("content")
+        if isinstance(content, list):  # content parts: text only
+            if not all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+            ):
+                raise NeolmError(f"messages[{i}]: only text content parts are supported")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise NeolmError(f"messages[{i}]: content must be a string, got {content!r}"[:300])
+        plain.append({"role": role, "content": content})
+    return plain
+
+
+class Transcript:
+    """The plain "User: ... / Assistant: ..." format for models without a chat template."""
+
+    name = "plain transcript (User: / Assistant:)"
+    source = None  # no template text
+    stop = ("\nUser:",)  # where a base model starts writing the user's next line
+    lstrip_reply = True  # the reply comes after "Assistant:" and a space, which is not part of it
+    SPEAKERS: ClassVar[dict] = {"system": None, "developer": None, "user": "User", "assistant": "Assistant"}
+
+    def render(self, messages, add_generation_prompt: bool = True, **kwargs) -> str:
+        """The transcript of `messages`, ending with "Assistant:" when add_generation_prompt (extra keyword
+        arguments are for templates and are ignored here)."""
+        lines = []
+        for message in check_messages(messages):
+            speaker, content = self.SPEAKERS[message["role"]], message["content"].strip()
+            lines.append(f"{content}\n" if speaker is None else f"{speaker}: {content}\n")
+        return "".join(lines) + ("Assistant:" if add_generation_prompt else "")
+
+
+class Template:
+    """A Hugging Face chat template (Jinja), rendered as transformers' apply_chat_template renders it."""
+
+    stop = ()  # a chat model ends its turn with its eos token, which generation stops at anyway
+    lstrip_reply = False  # the reply is the model's text as it comes (as vLLM's)
+
+    def __init__(self, text: str, special_tokens: dict[str, str] | None = None, name: str = "chat template"):
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        self.source, self.name = text, name
+        self.special_tokens = dict(special_tokens or {})
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=[_generation_tag(), "jinja2.ext.loopcontrols"]
+        )
+        env.filters["tojson"] = _tojson
+        env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = lambda format: datetime.now().strftime(format)
+        try:
+            self._template = env.from_string(text)
+        except jinja2.TemplateSyntaxError as e:
+            raise NeolmError(f"{name} does not parse: {e.message} (line {e.lineno})") from None
+
+    def render(self, messages, add_generation_prompt: bool = True, **kwargs) -> str:
+        """The prompt text for `messages`; NeolmError with the template's message when it refuses them."""
+        import jinja2
+
+        context = self.special_tokens | kwargs
+        try:
+            return self._template.render(messages=check_messages(messages), tools=None, documents=None,
+                                         add_generation_prompt=add_generation_prompt, **context)  # fmt: skip
+        except jinja2.TemplateError as e:  # raise_exception, undefined attributes, sandbox violations
+            raise NeolmError(f"the {self.name} refused the conversation: {e}") from None
+
+
+def _raise_exception(message):
+    import jinja2
+
+    raise jinja2.TemplateError(message)
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    """JSON as the template writes it into the prompt (Jinja's own tojson escapes <, > and & for HTML)."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _generation_tag():
+    """`{% generation %}...{% endgeneration %}`: transformers marks the assistant's tokens with it (for training
+    masks); rendering keeps the body as it is."""
+
+    import jinja2.ext
+
+    class Generation(jinja2.ext.Extension):
+        tags: ClassVar[set] = {"generation"}
+
+        def parse(self, parser):
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    return Generation
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise NeolmError(f"cannot read {path}: {e}") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _token_text(value) -> str | None:
+    """A special token as tokenizer_config.json spells it: a string, or an AddedToken dict with "content"."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _special_tokens(folder: Path) -> dict[str, str]:
+    found = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the config's values win, as transformers'
+        path = folder / name
+        if path.is_file():
+            data = _read_json(path)
+            found |= {k: t for k in SPECIAL_TOKENS if (t := _token_text(data.get(k))) is not None}
+    return found
+
+
+def _folder_template(folder: Path) -> tuple[str, str] | None:
+    """(template text, where it came from) from a checkpoint folder, or None."""
+    path = folder / TEMPLATE_FILE
+    if path.is_file():
+        return path.read_text(encoding="utf-8"), str(path)
+    config = folder / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    template = _read_json(config).get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+        if template is None:
+            log.warning("%s has chat templates named %s but none named 'default'; using none", config, list(named))
+    if template is None:
+        return None
+    if not isinstance(template, str):
+        raise NeolmError(f"{config}: chat_template must be a string or a list of named templates")
+    return template, f"{config} (chat_template)"
+
+
+def load_chat_format(folder=None, override: str | None = None) -> Transcript | Template:
+    """The chat format for a checkpoint folder: `override` (a template file's path, or the template itself)
+    if given, else the folder's template (chat_template.jinja, else tokenizer_config.json's chat_template),
+    else the plain transcript. The folder's special tokens are given to the template either way."""
+    folder = Path(folder) if folder is not None else None
+    special = _special_tokens(folder) if folder is not None else {}
+    if override is not None:
+        path = Path(override).expanduser()
+        if "{" not in override and "\n" not in override:
+            if not path.is_file():
+                raise NeolmError(f"chat template file not found: {override} (pass a file, or the template itself)")
+            return Template(path.read_text(encoding="utf-8"), special, f"chat template {path}")
+        return Template(override, special, "chat template given")
+    found = _folder_template(folder) if folder is not None else None
+    if found is None:
+        return Transcript()
+    text, where = found
+    log.info("chat template: %s", where)
+    return Template(text, special, f"chat template of {where}")

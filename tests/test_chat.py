@@ -1,0 +1,201 @@
+"""Chat formats: Hugging Face chat templates rendered as transformers renders them, and chats through the server."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import urllib.error
+import urllib.request
+
+import pytest
+from conftest import TINY, hf_model, save_hf
+
+import neolm
+from neolm.chat import Template, Transcript, load_chat_format
+from neolm.errors import NeolmError
+from neolm.serve.http import Server
+from neolm.tokenizer import load_tokenizer
+
+NEOX_TOKENIZER = neolm.__path__[0] + "/tokenizers/gpt-neox-20b/tokenizer.json"
+SPECIAL = ["<|im_start|>", "<|im_end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+CHATML = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are helpful.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if greeting is defined %}{{ greeting }}{% endif %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+ALTERNATING = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] | trim + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] | trim + ' ' + eos_token }}{% endif %}"
+    "{% endfor %}"
+)
+# Whitespace control, namespace, a filtered loop, loop controls, {% generation %} and tojson.
+BLOCKS = """{%- set ns = namespace(system='') -%}
+{% for message in messages %}
+    {% if message.role == 'system' %}
+        {% set ns.system = message.content %}
+    {% endif %}
+{% endfor %}
+{% if ns.system %}<|system|>
+{{ ns.system }}{{ eos_token }}
+{% endif %}
+{% for message in messages if message.role != 'system' %}
+    {% if message.role == 'user' %}
+<|user|>
+{{ message.content }}{{ eos_token }}
+    {% else %}
+{% generation %}<|assistant|>
+{{ message.content }}{{ eos_token }}{% endgeneration %}
+    {% endif %}
+    {% if loop.index > 8 %}{% break %}{% endif %}
+{% endfor %}
+{% if add_generation_prompt %}
+<|assistant|>
+{% endif %}
+{{ {'turns': messages|length, 'text': '<&> café'}|tojson }}"""
+
+CHAT = [
+    {"role": "system", "content": "Answer in verse."},
+    {"role": "user", "content": "Who art thou? café ✓"},
+    {"role": "assistant", "content": " A player, sir. "},
+    {"role": "user", "content": [{"type": "text", "text": "And "}, {"type": "text", "text": "whence?"}]},
+]
+ALTERNATING_CHAT = CHAT[1:]
+
+
+def hf_tokenizer(folder, template: str):
+    """A GPT-NeoX tokenizer with chat special tokens and `template`, saved and read back by transformers."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(tokenizer_file=NEOX_TOKENIZER, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    tok.add_tokens(SPECIAL, special_tokens=True)
+    tok.chat_template = template
+    tok.save_pretrained(folder)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def as_transformers_messages(messages):
+    """transformers passes content parts through as lists; neolm joins OpenAI's text parts first."""
+    return [m | {"content": "".join(p["text"] for p in m["content"])} if isinstance(m["content"], list) else m
+            for m in messages]  # fmt: skip
+
+
+@pytest.mark.parametrize("template, messages", [(CHATML, CHAT), (ALTERNATING, ALTERNATING_CHAT), (BLOCKS, CHAT)],
+                         ids=["chatml", "alternating", "blocks"])  # fmt: skip
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_templates_render_and_tokenize_as_transformers(tmp_path, template, messages, add_generation_prompt):
+    reference = hf_tokenizer(tmp_path, template)
+    assert (tmp_path / "chat_template.jinja").is_file()  # transformers >= 4.43 saves the template beside
+    chat_format, tokenizer = load_chat_format(tmp_path), load_tokenizer(tmp_path, "gpt-neox-20b")
+    assert isinstance(chat_format, Template) and chat_format.source == template
+    plain = as_transformers_messages(messages)
+    text = reference.apply_chat_template(plain, add_generation_prompt=add_generation_prompt, tokenize=False)
+    assert chat_format.render(messages, add_generation_prompt=add_generation_prompt) == text
+    ids = tokenizer.encode(text)
+    assert ids == reference(text, add_special_tokens=False)["input_ids"]
+    assert any(i >= 50277 for i in ids) or template is ALTERNATING  # the added special tokens are single ids
+
+
+def test_template_in_tokenizer_config_and_special_tokens(tmp_path):
+    hf_tokenizer(tmp_path, ALTERNATING)
+    (tmp_path / "chat_template.jinja").unlink()
+    config_path = tmp_path / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config |= {"bos_token": {"content": "<|im_start|>", "__type": "AddedToken"}, "eos_token": "<|im_end|>"}
+    for form in (ALTERNATING, [{"name": "tool_use", "template": "x"}, {"name": "default", "template": ALTERNATING}]):
+        config_path.write_text(json.dumps(config | {"chat_template": form}))
+        text = load_chat_format(tmp_path).render(ALTERNATING_CHAT[:2], add_generation_prompt=True)
+        assert text == "<|im_start|>[INST] Who art thou? café ✓ [/INST] A player, sir. <|im_end|>"
+    config_path.write_text(json.dumps(config))
+    assert isinstance(load_chat_format(tmp_path), Transcript)
+
+
+def test_template_errors_and_overrides(tmp_path):
+    chat_format = Template(ALTERNATING, {"bos_token": "", "eos_token": "</s>"})
+    with pytest.raises(NeolmError, match="refused the conversation: Conversation roles must alternate"):
+        chat_format.render(CHAT)  # starts with a system message
+    with pytest.raises(NeolmError, match=r"does not parse: .*line 1"):
+        Template("{% for m in messages %}{{ m.content }}")
+    with pytest.raises(NeolmError, match="messages\\[0\\]: role must be one of"):
+        chat_format.render([{"role": "tool", "content": "x"}])
+    file = tmp_path / "t.jinja"
+    file.write_text(CHATML)
+    assert load_chat_format(None, str(file)).source == CHATML  # a file
+    assert load_chat_format(None, CHATML).render(CHAT[:1]) == load_chat_format(None, str(file)).render(CHAT[:1])
+    with pytest.raises(NeolmError, match="chat template file not found: nope.jinja"):
+        load_chat_format(None, "nope.jinja")
+    transcript = Transcript().render(CHAT)
+    assert transcript == ("Answer in verse.\nUser: Who art thou? café ✓\nAssistant: A player, sir.\nUser: And whence?\n"
+                          "Assistant:")  # fmt: skip
+
+
+def test_bundled_model_chats_as_a_transcript():
+    lm = neolm.load()
+    assert isinstance(lm.chat_format, Transcript)
+    assert lm.apply_chat_template(CHAT[:2], tokenize=False) == "Answer in verse.\nUser: Who art thou? café ✓\n"
+    assert lm.apply_chat_template(CHAT[:2], add_generation_prompt=True) == lm.encode(
+        "Answer in verse.\nUser: Who art thou? café ✓\nAssistant:"
+    )
+
+
+@pytest.fixture(scope="module")
+def chat_model(tmp_path_factory):
+    """A tiny random GPT-NeoX checkpoint with the ChatML template and <|im_end|> as an eos."""
+    folder = tmp_path_factory.mktemp("chatml")
+    save_hf(hf_model(TINY["neox-parallel-pct25"], seed=3, std=0.2), folder)
+    tok = hf_tokenizer(folder, CHATML)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, im_end]}))
+    return neolm.load(folder)
+
+
+def post(server, path: str, body: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(f"http://127.0.0.1:{server.server_address[1]}{path}", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_server_chats_in_the_checkpoint_template(chat_model, tmp_path):
+    lm = chat_model
+    assert lm.chat_format.source == CHATML
+    server = Server(lm, port=0, model_name="chatml")
+    server.start()
+    try:
+        body = {"messages": CHAT, "max_tokens": 12, "temperature": 0}
+        status, answer = post(server, "/v1/chat/completions", body)
+        assert status == 200, answer
+        prompt = lm.apply_chat_template(CHAT, add_generation_prompt=True)
+        opening = lm.encode("<|im_start|>assistant\n")  # the generation prompt, <|im_start|> one id
+        assert prompt[-len(opening) :] == opening and len(opening) == 4
+        expected = lm.decode(lm.generate_ids([prompt], max_new_tokens=12, do_sample=False)[0])  # not stripped
+        assert answer["choices"][0]["message"]["content"] == expected
+        assert answer["usage"]["prompt_tokens"] == len(prompt)
+        # vLLM's fields: no generation prompt, template arguments
+        status, answer = post(server, "/v1/chat/completions", body | {"add_generation_prompt": False,
+                                                                      "chat_template_kwargs": {"greeting": "Hi"}})  # fmt: skip
+        assert status == 200 and answer["usage"]["prompt_tokens"] == len(prompt) - 4 + len(lm.encode("Hi"))
+        status, tokens = post(server, "/tokenize", {"messages": CHAT})
+        assert status == 200 and tokens["tokens"] == prompt
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.server_address[1]}/tokenizer_info") as r:
+            assert json.loads(r.read())["chat_template"] == CHATML
+    finally:
+        server.close()
+    refusing = neolm.load(shutil.copytree(lm.source, tmp_path / "m"), chat_template=ALTERNATING)
+    server = Server(refusing, port=0)
+    server.start()
+    try:
+        status, answer = post(server, "/v1/chat/completions", {"messages": CHAT, "max_tokens": 2})
+        assert status == 400 and "roles must alternate" in answer["error"]["message"]
+        assert answer["error"]["param"] == "messages"
+    finally:
+        server.close()
