@@ -188,6 +188,55 @@ class _Rows:
         return _Rows(**merged)
 
 
+@dataclass
+class Prefill:
+    """Prompts on their way into a DecodeBatch (DecodeBatch.prefill): read into a cache of their own, a chunk
+    of columns per read(), then joined (DecodeBatch.join)."""
+
+    ids: list[int]
+    seqs: list[list[int]]  # the prompts, each num_return_sequences times
+    gc: GenerationConfig
+    group: int
+    k: list[int | None]  # log-probabilities wanted, per sequence
+    budgets: list[int]
+    on_prompt: Callable[[int, TokenLogprobs], None] | None
+    tokens: torch.Tensor | None = None  # (N, W) left-padded; None: nothing to read
+    positions: torch.Tensor | None = None  # (N, W)
+    cache: KVCache | None = None
+    room: int = 0  # slots for new tokens in `cache`
+    done: int = 0  # columns read
+    hidden: list[torch.Tensor] = dataclasses.field(default_factory=list)  # each chunk's (N, t, C), to score prompts
+    logits: torch.Tensor | None = None  # (N, V) fp32, once the last column is read (without on_prompt)
+
+    @property
+    def left(self) -> int:
+        """Prompt tokens (rows x columns) still to read."""
+        return 0 if self.tokens is None else (self.tokens.shape[1] - self.done) * self.tokens.shape[0]
+
+    @torch.inference_mode()
+    def read(self, model: GPT, budget: int | None = None) -> int:
+        """Read the next columns into the cache, `budget` tokens of them (rows x columns, rounded down to whole
+        columns; None: all that are left), or all that are left when fewer than twice that: a short last chunk
+        would run other kernels than one whole forward (few-row products), and might round differently. Chunks
+        of some hundreds of tokens give one forward's numbers (tests/test_generate.py). Returns the tokens read."""
+        if not self.left:
+            return 0
+        rows, width = self.tokens.shape
+        cols = width if budget is None else max(1, budget // rows)
+        end = width if width - self.done < 2 * cols else self.done + cols
+        part = slice(self.done, end)
+        if self.on_prompt is not None:
+            self.hidden.append(model(self.tokens[:, part], self.positions[:, part], self.cache, head=False))
+        elif end < width:
+            model(self.tokens[:, part], self.positions[:, part], self.cache, last_only=True, head=False)
+        else:
+            self.logits = model(self.tokens[:, part], self.positions[:, part], self.cache, last_only=True)[
+                :, -1
+            ].float()
+        read, self.done = (end - self.done) * rows, end
+        return read
+
+
 class DecodeBatch:
     """Sequences decoding together in one preallocated KV cache, a token each per step, which sequences join
     (add) and leave between steps. iter_generate runs one batch of fixed sequences; the server keeps one
@@ -248,7 +297,6 @@ class DecodeBatch:
         self.groups.append(_Group(gc, eos_ids, pad, stops))
         return len(self.groups) - 1
 
-    @torch.inference_mode()
     def add(
         self,
         prompts: Sequence[Sequence[int]],
@@ -261,55 +309,83 @@ class DecodeBatch:
         tokens 1 .. n-1 scored, with its `logprobs` (one k, or one per prompt) most likely alternatives. Each
         step gives a sequence wanting logprobs its token's log-probability and k alternatives. A sequence
         with no token budget never appears in a step (with no budget at all, no row is made)."""
+        prefill = self.prefill(prompts, gc, logprobs, on_prompt)
+        prefill.read(self.model)
+        return self.join(prefill)
+
+    @torch.inference_mode()
+    def prefill(
+        self,
+        prompts: Sequence[Sequence[int]],
+        gc: GenerationConfig,
+        logprobs: int | None | Sequence[int | None] = None,
+        on_prompt: Callable[[int, TokenLogprobs], None] | None = None,
+    ) -> Prefill:
+        """`add` in parts, so that a long prompt need not hold up the running sequences for the whole of its
+        forward: the prompts, ready to be read into a cache of their own by Prefill.read (in chunks of columns,
+        between steps), then join() adds them. Chunks give the same numbers as one forward here (CPU)."""
         self.validate(gc, logprobs)
         config, device = self.model.config, self.device
         prompts = fit_prompts(prompts, gc, config.n_positions, config.vocab_size)
         n = gc.num_return_sequences
         wanted = list(logprobs) if isinstance(logprobs, Sequence) else [logprobs] * len(prompts)
         seqs = [p for p in prompts for _ in range(n)]
-        ids = [next(self._ids) for _ in seqs]
-        budgets = [gc.new_token_budget(len(p)) for p in seqs]
-        if not seqs or (max(budgets) == 0 and on_prompt is None):
-            return ids
-        group = self._group(gc)
-        self._flush()  # the rows already here reach the current slot before new ones align to it
-        joining = self.rows is not None and (not self.compact or self.live > 0)
+        prefill = Prefill([next(self._ids) for _ in seqs], seqs, gc, -1, [k for k in wanted for _ in range(n)],
+                          [gc.new_token_budget(len(p)) for p in seqs], on_prompt)  # fmt: skip
+        if not seqs or (max(prefill.budgets) == 0 and on_prompt is None):
+            return prefill  # nothing to read
+        prefill.group = self._group(gc)
+        # with no sequence running, the new ones may take this cache as theirs (join): room for their tokens
+        prefill.room = 0 if self.rows is not None and (not self.compact or self.live > 0) else max(prefill.budgets)
         width = max(len(p) for p in seqs)
         lengths = torch.tensor([len(p) for p in seqs], device=device)
-        tokens = torch.full((len(seqs), width), self.groups[group].pad, dtype=torch.long, device=device)
+        prefill.tokens = torch.full((len(seqs), width), self.groups[prefill.group].pad, dtype=torch.long, device=device)
         for row, p in enumerate(seqs):
-            tokens[row, width - len(p) :] = torch.tensor(p)
-        cache = KVCache(config, len(seqs), width + (0 if joining else max(budgets)), self.model.cache_dtype, device)
+            prefill.tokens[row, width - len(p) :] = torch.tensor(p)
+        cache = KVCache(config, len(seqs), width + prefill.room, self.model.cache_dtype, device)
         if int(lengths.min()) < width:  # left padding: hide pad slots, count positions from each prompt's start
             cache.valid = torch.ones(len(seqs), cache.max_len, dtype=torch.bool, device=device)
             cache.valid[:, :width] = torch.arange(width, device=device) >= (width - lengths)[:, None]
-        positions = (torch.arange(width, device=device) - (width - lengths)[:, None]).clamp(min=0)  # (N, T)
-        if on_prompt is None:
-            logits = self.model(tokens, positions, cache, last_only=True)[:, -1].float()  # (N, V)
-        else:
-            hidden = self.model(tokens, positions, cache, head=False)  # (N, T, C)
+        prefill.cache = cache
+        prefill.positions = (torch.arange(width, device=device) - (width - lengths)[:, None]).clamp(min=0)  # (N, T)
+        return prefill
+
+    @torch.inference_mode()
+    def join(self, prefill: Prefill) -> list[int]:
+        """Add a prefill's sequences (read to the end) to the batch; returns their ids."""
+        if prefill.tokens is None:
+            return prefill.ids
+        if prefill.left:
+            raise NeolmError(f"the prompts have {prefill.left} tokens left to read before they can join")
+        seqs, gc, n = prefill.seqs, prefill.gc, prefill.gc.num_return_sequences
+        logits = prefill.logits
+        if prefill.on_prompt is not None:
+            hidden = torch.cat(prefill.hidden, 1)  # (N, T, C)
+            width = hidden.shape[1]
             for i in range(0, len(seqs), n):  # each prompt's first sequence
                 p = seqs[i]
-                scores = project_logprobs(self.model, hidden[i, width - len(p) : -1], p[1:], wanted[i // n])
-                on_prompt(i // n, scores)
-            if max(budgets) == 0:
-                return ids
+                scores = project_logprobs(self.model, hidden[i, width - len(p) : -1], p[1:], prefill.k[i])
+                prefill.on_prompt(i // n, scores)
+            if max(prefill.budgets) == 0:
+                return prefill.ids
             logits = self.model.lm_head(hidden[:, -1]).float()
         seen = None
         if gc.repetition_penalty != 1.0:
-            seen = torch.zeros(len(seqs), config.vocab_size, dtype=torch.bool, device=device)
+            seen = torch.zeros(len(seqs), self.model.config.vocab_size, dtype=torch.bool, device=self.device)
             for row, p in enumerate(seqs):
                 seen[row, torch.tensor(p)] = True
         new = _Rows(
-            ids, [group] * len(seqs), [k for k in wanted for _ in range(n)],
-            [list(p) for p in seqs] if gc.stop_strings else [None] * len(seqs),
-            [len(p) for p in seqs], budgets, [0] * len(seqs), [b == 0 for b in budgets], positions[:, -1:], logits, seen,
+            prefill.ids, [prefill.group] * len(seqs), prefill.k,
+            [list(p) for p in seqs] if gc.stop_strings else [None] * len(seqs), [len(p) for p in seqs],
+            prefill.budgets, [0] * len(seqs), [b == 0 for b in prefill.budgets], prefill.positions[:, -1:], logits,
+            seen,
         )  # fmt: skip
-        if joining:
-            self._rebuild(new, cache)
+        self._flush()  # the rows already here reach the current slot before new ones align to it
+        if prefill.room and (self.rows is None or (self.compact and self.live == 0)):
+            self.rows, self.cache = new, prefill.cache
         else:
-            self.rows, self.cache = new, cache
-        return ids
+            self._rebuild(new, prefill.cache)
+        return prefill.ids
 
     def _rebuild(self, new: _Rows | None = None, cache: KVCache | None = None) -> torch.Tensor:
         """A new cache of the rows kept (the live ones with `compact`, else all), then `new`'s (prefilled in

@@ -242,6 +242,52 @@ def test_sequences_joining_a_running_batch_get_their_solo_tokens(tiny_checkpoint
         assert got[i] == lm.generate_ids([prompt], **dataclasses.asdict(gc))[0], (i, prompt)
 
 
+@pytest.mark.parametrize("name, load", [("neo", {}), ("neox-parallel-pct25", {}), ("neo", {"kv_cache_dtype": "int8"}),
+                                        ("neox-sequential-pct100", {"quantize": "int8"})])  # fmt: skip
+def test_prompts_read_in_chunks_between_steps_match_one_forward(tiny_checkpoints, name, load):
+    """Chunked prefill: prompts of different lengths (left-padded, longer than GPT-Neo's window of 8) read 64
+    tokens at a time while another sequence decodes give the numbers of one forward: the same first logits and
+    prompt scores, bit for bit, and every sequence its solo tokens."""
+    lm = neolm.load(tiny_checkpoints[name][1], **load)
+    gc = GenerationConfig(max_new_tokens=12, do_sample=False)
+    torch.manual_seed(0)
+    prompts = [torch.randint(0, 50000, (n,)).tolist() for n in (150, 97)]
+    scored = {}
+
+    def on_prompt(i, scores):
+        scored.setdefault(i, []).append(scores.chosen)
+
+    alone = DecodeBatch(lm.model)
+    whole = alone.prefill(prompts, gc, 2, on_prompt)
+    assert whole.read(lm.model) == 2 * 150
+    whole_logits = lm.model.lm_head(torch.cat(whole.hidden, 1)[:, -1]).float()
+    alone.join(whole)  # scores the prompts
+    batch = DecodeBatch(lm.model)
+    (running,) = batch.add([[5, 6, 7]], GenerationConfig(max_new_tokens=40, do_sample=False))
+    prefill = batch.prefill(prompts, gc, 2, on_prompt)
+    reads, got = [], {}
+
+    def step():
+        out = batch.step()
+        for i, token in zip(out.ids, out.tokens):
+            if token is not None:
+                got.setdefault(i, []).append(token)
+
+    while prefill.left:
+        reads.append(prefill.read(lm.model, budget=64))
+        step()
+    assert reads == [64] * 3 + [300 - 192]  # 32 columns a chunk; the last takes the 54 left (< 2 chunks)
+    assert torch.equal(lm.model.lm_head(torch.cat(prefill.hidden, 1)[:, -1]).float(), whole_logits)
+    new = batch.join(prefill)
+    assert [len(v) for v in scored.values()] == [2, 2]  # each prompt scored by both, equally
+    assert scored[0][0] == scored[0][1] and scored[1][0] == scored[1][1]
+    while not batch.finished:
+        step()
+    assert got[running] == lm.generate_ids([[5, 6, 7]], max_new_tokens=40, do_sample=False)[0]
+    for i, prompt in zip(new, prompts):
+        assert got[i] == lm.generate_ids([prompt], max_new_tokens=12, do_sample=False)[0]
+
+
 def test_decode_batch_ends_and_cancels(tiny_checkpoints):
     lm = neolm.load(tiny_checkpoints["neox-parallel-pct25"][1])
     batch = DecodeBatch(lm.model)

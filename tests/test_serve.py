@@ -16,7 +16,9 @@ import pytest
 import torch
 
 import neolm
+from neolm.errors import NeolmError
 from neolm.eval.scoring import loglikelihoods
+from neolm.generate import DecodeBatch, Prefill
 from neolm.serve import protocol
 from neolm.serve.engine import End, Engine, Prompt, Token
 from neolm.serve.http import Server
@@ -234,6 +236,46 @@ def test_a_request_joins_the_running_batch(lm):
         assert tokens == lm.generate_ids([p], **kw)[0]
     assert seeded_tokens == lm.generate_ids([prompts[1]], max_new_tokens=5, do_sample=True, seed=11)[0]
     assert engine.largest_batch == 4  # the long one, the two greedy ones and the sampled one; not the seeded one
+
+
+def test_a_long_prompt_is_read_in_chunks_between_steps(lm, monkeypatch):
+    """Chunked prefill: a long prompt that arrives while a generation runs is read a chunk per step, between the
+    running sequence's steps, and both get their solo tokens."""
+    steps, reads = [0], []  # steps so far; (step, budget, tokens read) per Prefill.read
+    step, read = DecodeBatch.step, Prefill.read
+
+    def counted_step(self):
+        steps[0] += 1
+        return step(self)
+
+    def recorded_read(self, model, budget=None):
+        reads.append((steps[0], budget, read(self, model, budget)))
+        return reads[-1][2]
+
+    monkeypatch.setattr(DecodeBatch, "step", counted_step)
+    monkeypatch.setattr(Prefill, "read", recorded_read)
+    engine = Engine(lm, max_batch=8)
+    engine.prefill_chunk = 128  # below MIN_PREFILL_CHUNK, to chunk a prompt within the bundled model's 512
+    engine.start()
+    try:
+        gc = lm.generation_config(max_new_tokens=60, min_new_tokens=60, do_sample=False)
+        running = engine.submit([lm.encode("KING.")], gc)
+        events = iter(running)
+        next(events)  # it is decoding
+        prompt = lm.encode("QUEEN. Good morrow, my lord, how fares the King? " * 40)[:420]
+        joining = engine.submit([prompt], lm.generation_config(max_new_tokens=8, do_sample=False))
+        joined = [e.token for e in joining if isinstance(e, Token)]
+        tokens = [e.token for e in events if isinstance(e, Token)]
+    finally:
+        engine.close()
+    chunks = [(at, spent) for at, budget, spent in reads if budget == 128]
+    assert [spent for _, spent in chunks] == [128, 128, 164]  # the last takes what is left (< 2 chunks)
+    assert [at - chunks[0][0] for at, _ in chunks] == [0, 1, 2]  # one a step
+    assert joined == lm.generate_ids([prompt], max_new_tokens=8, do_sample=False)[0]
+    alone = lm.generate_ids([lm.encode("KING.")], max_new_tokens=60, min_new_tokens=60, do_sample=False)[0]
+    assert tokens == alone[1:]  # its first token was taken above
+    with pytest.raises(NeolmError, match="at least 256"):
+        Engine(lm, prefill_chunk=100)
 
 
 def test_client_gone_stops_its_sequences(server):

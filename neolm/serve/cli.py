@@ -6,6 +6,7 @@ import os
 import sys
 
 from neolm.cli import _add_model_args, load_model, non_negative, positive
+from neolm.serve.engine import DEFAULT_PREFILL_CHUNK, MIN_PREFILL_CHUNK
 
 
 def register(sub) -> dict:
@@ -36,6 +37,11 @@ def register(sub) -> dict:
                      help="a Jinja chat template (a file, or the template itself) to use instead of the checkpoint's "
                      "own; without either, chats are a plain 'User: / Assistant:' transcript")  # fmt: skip
     net.add_argument("--max-batch", type=positive, default=8, help="sequences decoded together at most (default 8)")
+    net.add_argument("--prefill-chunk", type=non_negative, default=DEFAULT_PREFILL_CHUNK, metavar="TOKENS",
+                     help="while sequences decode, read a joining prompt at most this many tokens a step, so that a "
+                     f"long prompt delays the running sequences' next tokens by one chunk's forward, not its whole "
+                     f"(default {DEFAULT_PREFILL_CHUNK}; at least {MIN_PREFILL_CHUNK}; 0: whole prompts). Chunks give "
+                     "the same tokens as one forward")  # fmt: skip
     return {"serve": cmd_serve}
 
 
@@ -45,7 +51,7 @@ def cmd_serve(args) -> int:
 
     lm = load_model(args)
     name = args.served_model_name or args.model or DEFAULT_MODEL_NAME
-    server = Server(lm, args.host, args.port, name, args.api_key, args.max_batch)
+    server = Server(lm, args.host, args.port, name, args.api_key, args.max_batch, args.prefill_chunk)
     host, port = server.server_address[:2]
     print(f"neolm serve: {server.model_name} on http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
     try:

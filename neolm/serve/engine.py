@@ -3,9 +3,11 @@
 Requests become `Job`s (their prompts as token ids, already fitted to the context, and one GenerationConfig).
 The engine thread keeps one neolm.generate.DecodeBatch running (continuous batching): before each step it
 adds the jobs that have arrived, as long as the batch holds fewer than `max_batch` sequences, and a
-sequence leaves the batch when it ends. Each prompt joins after one forward that reads it (jobs that arrive
-together with equal settings share it), and then decodes a token per step with every other sequence,
-whatever their settings; each sequence gets exactly the tokens it would get alone. A seeded request (which
+sequence leaves the batch when it ends. A prompt joins once it has been read into a cache of its own (jobs
+that arrive together with equal settings share that read): while sequences decode, `prefill_chunk` prompt
+tokens a step between their steps (chunked prefill: a long prompt delays their next tokens by a chunk's
+forward, not its whole), else at once. Then it decodes a token per step with every other sequence, whatever
+their settings; each sequence gets exactly the tokens it would get alone. A seeded request (which
 must get what it would get alone with that seed) runs in a batch of its own. Each job's tokens go to its own
 queue as they are produced; the HTTP threads read them from there. A job may ask for log-probabilities: of
 each token it gets, with the k most likely alternatives, and of its prompt's tokens (from the forward that
@@ -23,11 +25,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from neolm.errors import NeolmError
-from neolm.generate import DecodeBatch, GenerationConfig, fit_prompts
+from neolm.generate import DecodeBatch, GenerationConfig, Prefill, fit_prompts
 from neolm.sampling import TokenLogprobs
 from neolm.serve.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+DEFAULT_PREFILL_CHUNK = 512  # prompt tokens read per step while sequences run (vLLM's max_num_batched_tokens)
+MIN_PREFILL_CHUNK = 256  # smaller chunks read slowly, and run other kernels than a whole forward (see Prefill.read)
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,19 @@ class Job:
             yield event
 
 
+@dataclass
+class _Reading:
+    """Jobs whose prompts are being read, in the forward(s) they share, before their sequences join the batch."""
+
+    prefill: Prefill
+    jobs: list[Job]
+    firsts: list[tuple[Job, int]]  # (job, its prompt index) for each prompt of the prefill
+
+    @property
+    def sequences(self) -> int:
+        return sum(job.sequences for job in self.jobs)
+
+
 class Engine:
     """Runs jobs on `lm` (a neolm.LanguageModel): run() in the thread that loaded the model (it returns after
     close()), or start() for a thread of its own. submit() checks a request and queues it; close() lets the
@@ -100,10 +118,13 @@ class Engine:
     spinning, so every parallel region pays a wake-up. Decoding in a second thread after loading in the first
     ran the bundled model ~3x slower here (2 cores); run() in the loading thread keeps one team."""
 
-    def __init__(self, lm, max_batch: int = 8):
+    def __init__(self, lm, max_batch: int = 8, prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
         if max_batch < 1:
             raise NeolmError(f"max_batch must be at least 1, got {max_batch}")
-        self.lm, self.max_batch = lm, max_batch
+        if prefill_chunk and prefill_chunk < MIN_PREFILL_CHUNK:
+            raise NeolmError(f"prefill_chunk must be 0 (whole prompts) or at least {MIN_PREFILL_CHUNK} tokens, got "
+                             f"{prefill_chunk}")  # fmt: skip
+        self.lm, self.max_batch, self.prefill_chunk = lm, max_batch, prefill_chunk
         self._waiting: deque[Job] = deque()
         self._wake = threading.Condition()
         self._closed = False
@@ -179,39 +200,51 @@ class Engine:
 
     def run(self) -> None:
         """Serve jobs until close() (the running sequences finish first)."""
-        batch, owners, running = None, {}, []  # owners: sequence id -> (job, its index among the job's sequences)
+        batch, owners, running, reading = None, {}, [], deque()  # owners: sequence id -> (job, its sequence index)
         while True:
-            busy = batch is not None and not batch.finished
+            busy = batch is not None and (not batch.finished or bool(reading))
             if busy and any(job.alone for job in running):  # nothing joins it
                 admitted = []
             else:
-                admitted = self._admit(busy, self.max_batch - batch.live if busy else self.max_batch)
+                room = self.max_batch - (batch.live + sum(r.sequences for r in reading) if busy else 0)
+                admitted = self._admit(busy, room)
             if admitted is None:
                 return
             try:
                 if not busy:
-                    batch, owners, running = DecodeBatch(self.lm.model, self.lm.tokenizer.decode), {}, []
+                    batch, owners, running, reading = (
+                        DecodeBatch(self.lm.model, self.lm.tokenizer.decode),
+                        {},
+                        [],
+                        deque(),
+                    )
                     start, generated = time.perf_counter(), self.generated
                 live = [job for job in admitted if not job.cancelled.is_set()]
                 for job in admitted:
                     if job.cancelled.is_set():
                         job._events.put(None)
-                self._add(batch, live, owners, running)
+                self._prefill(batch, live, reading)
+                self._read(batch, reading, owners, running)
                 if not batch.finished:
                     self._step(batch, owners, running)
             except Exception as error:  # a bug or out of memory: fail these requests, keep serving
                 log.exception("generation failed")
-                for job in {*running, *(job for job in admitted if job._left and not job.cancelled.is_set())}:
+                reading_jobs = (job for r in reading for job in r.jobs)
+                for job in {
+                    *running,
+                    *reading_jobs,
+                    *(job for job in admitted if job._left and not job.cancelled.is_set()),
+                }:
                     job._events.put(error)
                     job._events.put(None)
-                batch, self.metrics.running = None, 0
+                batch, reading, self.metrics.running = None, deque(), 0
                 continue
-            if batch.finished and (admitted or busy):
+            if batch.finished and not reading and (admitted or busy):
                 log.info("batch done: %d tokens in %.2fs; the most requests at once so far: %d",
                          self.generated - generated, time.perf_counter() - start, self.largest_batch)  # fmt: skip
 
-    def _add(self, batch: DecodeBatch, jobs: list[Job], owners: dict, running: list[Job]) -> None:
-        """Add jobs to the batch; those with equal settings share the forward that reads their prompts."""
+    def _prefill(self, batch: DecodeBatch, jobs: list[Job], reading: deque) -> None:
+        """Queue the jobs' prompts to be read; those with equal settings share the forward that reads them."""
         while jobs:
             first = jobs[0]
             same = [job for job in jobs if job.gc == first.gc and job.prompt_logprobs == first.prompt_logprobs]
@@ -223,20 +256,48 @@ class Engine:
                 top = [scores.pairs(j, job.logprobs) for j in range(len(scores.chosen))]
                 job._events.put(Prompt(i, scores.chosen, top))
 
-            ids = batch.add([job.prompts[i] for job, i in firsts], first.gc,
-                            [job.logprobs for job, _ in firsts], on_prompt if first.prompt_logprobs else None)  # fmt: skip
-            self.batches += 1
-            self.metrics.prompt_tokens += sum(len(job.prompts[i]) for job, i in firsts)
-            running += same
-            n = first.gc.num_return_sequences
-            for (job, i), p in zip(firsts, range(0, len(ids), n)):
-                for j in range(n):
-                    if first.gc.new_token_budget(len(job.prompts[i])) == 0:  # no token to make: ended already
-                        self._end(job, End(i * n + j, "length", 0), running)
-                    else:
-                        owners[ids[p + j]] = (job, i * n + j)
+            prefill = batch.prefill([job.prompts[i] for job, i in firsts], first.gc,
+                                    [job.logprobs for job, _ in firsts], on_prompt if first.prompt_logprobs else None)  # fmt: skip
+            reading.append(_Reading(prefill, same, firsts))
+
+    def _read(self, batch: DecodeBatch, reading: deque, owners: dict, running: list[Job]) -> None:
+        """Read queued prompts, oldest first, and add those read to the end to the batch. While sequences run,
+        at most `prefill_chunk` prompt tokens a step (a longer prompt goes on at the next step; the next prompt
+        starts only if it fits whole in what is left), so that they never wait long for a new prompt; when
+        none runs, every prompt whole."""
+        budget = self.prefill_chunk if self.prefill_chunk and batch.live else None
+        while reading:
+            r = reading[0]
+            if all(job.cancelled.is_set() for job in r.jobs):  # every client went away before its first token
+                reading.popleft()
+                for job in r.jobs:
+                    job._events.put(None)
+                continue
+            spent = r.prefill.read(self.lm.model, budget)
+            if r.prefill.left:
+                break
+            reading.popleft()
+            self._join(batch, r, owners, running)
+            if budget is not None:
+                budget -= spent
+                if not reading or reading[0].prefill.left > budget:
+                    break
+        self.metrics.running = len(running) + sum(len(r.jobs) for r in reading)
+
+    def _join(self, batch: DecodeBatch, r: _Reading, owners: dict, running: list[Job]) -> None:
+        ids = batch.join(r.prefill)
+        gc = r.prefill.gc
+        self.batches += 1
+        self.metrics.prompt_tokens += sum(len(job.prompts[i]) for job, i in r.firsts)
+        running += r.jobs
+        n = gc.num_return_sequences
+        for (job, i), p in zip(r.firsts, range(0, len(ids), n)):
+            for j in range(n):
+                if gc.new_token_budget(len(job.prompts[i])) == 0:  # no token to make: ended already
+                    self._end(job, End(i * n + j, "length", 0), running)
+                else:
+                    owners[ids[p + j]] = (job, i * n + j)
         self.largest_batch = max(self.largest_batch, len(running))
-        self.metrics.running = len(running)
 
     def _step(self, batch: DecodeBatch, owners: dict, running: list[Job]) -> None:
         """One token for every sequence of the batch, sent to its job."""

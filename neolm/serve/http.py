@@ -24,7 +24,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import neolm
 from neolm.errors import NeolmError
 from neolm.serve import protocol
-from neolm.serve.engine import End, Engine, Prompt, Token
+from neolm.serve.engine import DEFAULT_PREFILL_CHUNK, End, Engine, Prompt, Token
 from neolm.serve.protocol import ApiError
 from neolm.tokenizer import StreamDecoder
 
@@ -42,12 +42,12 @@ class Server(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, lm, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
-                 api_key: str | None = None, max_batch: int = 8):  # fmt: skip
+                 api_key: str | None = None, max_batch: int = 8, prefill_chunk: int = DEFAULT_PREFILL_CHUNK):  # fmt: skip
         self.lm = lm
         self.model_name = model_name or lm.source
         self.api_key = api_key
         self.started = int(time.time())
-        self.engine = Engine(lm, max_batch)
+        self.engine = Engine(lm, max_batch, prefill_chunk)
         try:
             super().__init__((host, port), Handler)
         except OSError as e:
