@@ -261,6 +261,7 @@ class DecodeBatch:
         self.groups: list[_Group] = []
         self.rows: _Rows | None = None
         self.cache: KVCache | None = None
+        self._spare: KVCache | None = None  # the cache before the last rebuild: memory for the next (KVCache.aligned)
         self.generator: torch.Generator | None = None
         self._fed: torch.Tensor | None = None  # the last step's tokens (N,), fed to the model before the next
         self._ids = itertools.count()
@@ -382,6 +383,7 @@ class DecodeBatch:
         )  # fmt: skip
         self._flush()  # the rows already here reach the current slot before new ones align to it
         if prefill.room and (self.rows is None or (self.compact and self.live == 0)):
+            self._spare = self.cache or self._spare
             self.rows, self.cache = new, prefill.cache
         else:
             self._rebuild(new, prefill.cache)
@@ -393,12 +395,13 @@ class DecodeBatch:
         the index of the rows kept."""
         keep = [row for row, done in enumerate(self.rows.done) if not done or not self.compact]
         index = torch.tensor(keep, device=self.device)
-        rows, parts = self.rows.select(keep), [(self.cache, index)]
-        if new is not None:
-            rows = rows.cat(new)
+        rows, parts = self.rows.select(keep), [(self.cache, index)] if keep else []
+        if new is not None:  # (when every row here has finished: the new ones alone)
+            rows = rows.cat(new) if keep else new
             parts.append((cache, torch.arange(len(new.ids), device=self.device)))
-        self.cache = KVCache.aligned(parts, max(b - c for b, c in zip(rows.budgets, rows.counts)))
-        self.rows = rows
+        old, self.rows = self.cache, rows
+        self.cache = KVCache.aligned(parts, max(b - c for b, c in zip(rows.budgets, rows.counts)), self._spare)
+        self._spare = old  # its memory, for the next rebuild
         return index
 
     def cancel(self, ids) -> None:

@@ -9,6 +9,8 @@ checkpoint.py fuses GPT-Neo's separate q/k/v into it.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -90,11 +92,16 @@ class KVCache:
         return out
 
     @staticmethod
-    def aligned(parts: list[tuple[KVCache, torch.Tensor]], room: int) -> KVCache:
+    def aligned(parts: list[tuple[KVCache, torch.Tensor]], room: int, spare: KVCache | None = None) -> KVCache:
         """One cache of rows `index` of each (cache, index), their filled slots right-aligned to one current
         slot, with room for `room` more tokens: each part's slots before the first that any of its rows uses
         are dropped, and `valid` hides every slot before each row's own. Rows keep their tokens in contiguous
-        slots, so a local window (slot distance) stays a distance in positions."""
+        slots, so a local window (slot distance) stays a distance in positions.
+
+        `spare`: a cache no longer used (none of `parts`), whose memory the new one takes where it is large
+        enough: fresh memory is slow to fault in (~1 GB/s on a VM, against ~10 GB/s for a copy), so a batch that
+        rebuilds its cache as sequences join swaps between two buffers. Fresh buffers get a quarter more than
+        asked for, untouched until a larger cache needs it."""
         spans = []
         for cache, index in parts:
             first = 0
@@ -106,10 +113,17 @@ class KVCache:
         base = parts[0][0]
         out = KVCache.__new__(KVCache)
 
-        def empty(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.new_zeros(t.shape[0], rows, t.shape[2], length + room, *t.shape[4:])
+        def empty(t: torch.Tensor | None, old: torch.Tensor | None) -> torch.Tensor | None:  # written before read
+            if t is None:
+                return None
+            shape = (t.shape[0], rows, t.shape[2], length + room, *t.shape[4:])
+            numel = math.prod(shape)
+            if old is not None and old.dtype == t.dtype and old.untyped_storage().nbytes() >= numel * t.itemsize:
+                return t.new_empty(0).set_(old.untyped_storage(), 0, shape)
+            return t.new_empty(numel + numel // 4)[:numel].view(shape)
 
-        out.k, out.v, out.k_scale, out.v_scale = map(empty, (base.k, base.v, base.k_scale, base.v_scale))
+        olds = (spare.k, spare.v, spare.k_scale, spare.v_scale) if spare is not None else (None,) * 4
+        out.k, out.v, out.k_scale, out.v_scale = map(empty, (base.k, base.v, base.k_scale, base.v_scale), olds)
         out.valid = torch.ones(rows, length + room, dtype=torch.bool, device=base.k.device)
         out.length = length
         row = 0
@@ -119,8 +133,11 @@ class KVCache:
             for dst, src in zip(
                 (out.k, out.v, out.k_scale, out.v_scale), (cache.k, cache.v, cache.k_scale, cache.v_scale)
             ):
-                if dst is not None:
-                    dst[:, rows_out, :, to:length] = src[:, index, :, first:end]
+                if dst is None:
+                    continue
+                dst[:, rows_out, :, :to] = 0  # hidden slots, read but weighed 0: any finite number
+                for j, r in enumerate(index.tolist()):  # row by row: plain slices, no gathered copy
+                    dst[:, row + j, :, to:length] = src[:, r, :, first:end]
             out.valid[rows_out, :to] = False
             if cache.valid is not None:
                 out.valid[rows_out, to:length] = cache.valid[index, first:end]

@@ -12,6 +12,7 @@ from conftest import REAL, hf_model, save_hf
 import neolm
 from neolm.errors import NeolmError
 from neolm.generate import DecodeBatch, GenerationConfig, iter_generate
+from neolm.model import KVCache
 from neolm.sampling import process_logits
 
 NEOX_TOKENIZER = Path(neolm.__file__).parent / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
@@ -286,6 +287,58 @@ def test_prompts_read_in_chunks_between_steps_match_one_forward(tiny_checkpoints
     assert got[running] == lm.generate_ids([[5, 6, 7]], max_new_tokens=40, do_sample=False)[0]
     for i, prompt in zip(new, prompts):
         assert got[i] == lm.generate_ids([prompt], max_new_tokens=12, do_sample=False)[0]
+
+
+def test_prompts_join_a_batch_whose_rows_have_all_finished(tiny_checkpoints):
+    """A prefill begun while a sequence ran (so without room of its own) joins after that one ended: the new
+    sequence gets its solo tokens, in a cache of its own slots only."""
+    lm = neolm.load(tiny_checkpoints["neo"][1])
+    batch = DecodeBatch(lm.model)
+    batch.add([[1, 2, 3]], GenerationConfig(max_new_tokens=2, do_sample=False))
+    gc = GenerationConfig(max_new_tokens=5, do_sample=False)
+    prefill = batch.prefill([[4, 5, 6, 7]], gc)
+    batch.step()
+    batch.step()
+    assert batch.finished
+    prefill.read(lm.model)
+    (i,) = batch.join(prefill)
+    got = []
+    while not batch.finished:
+        out = batch.step()
+        got += [t for j, t in zip(out.ids, out.tokens) if j == i and t is not None]
+    assert got == lm.generate_ids([[4, 5, 6, 7]], max_new_tokens=5, do_sample=False)[0]
+    assert batch.cache.k.shape[1] == 1 and batch.cache.max_len == 4 + 5  # its prompt, its 5 tokens
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int8])
+def test_aligned_caches_take_a_spare_cache_s_memory(tiny_checkpoints, dtype):
+    """KVCache.aligned writes into a spare cache's memory where it is large enough (rebuilds swap two buffers
+    instead of faulting in fresh memory), with the same contents as in fresh memory."""
+    config = neolm.load(tiny_checkpoints["neo"][1]).config
+    torch.manual_seed(0)
+    caches = []
+    for rows, length in ((3, 10), (2, 6)):
+        cache = KVCache(config, rows, length + 4, dtype)
+        for t in (cache.k, cache.v, cache.k_scale, cache.v_scale):
+            if t is not None:
+                t.copy_(torch.randint(-100, 100, t.shape).to(t.dtype))
+        cache.length = length
+        cache.valid = torch.arange(length + 4) >= torch.tensor([[0], [3], [5]][:rows])
+        caches.append(cache)
+    parts = [(caches[0], torch.tensor([0, 2])), (caches[1], torch.tensor([1]))]
+    fresh = KVCache.aligned(parts, room=3)
+    spare = KVCache(config, 4, 20, dtype)
+    reused = KVCache.aligned(parts, room=3, spare=spare)
+    assert reused.k.untyped_storage().data_ptr() == spare.k.untyped_storage().data_ptr()
+    assert reused.k.shape == fresh.k.shape == (config.n_layer, 3, config.n_head, 10 + 3, config.head_dim)
+    slots = slice(0, reused.length)  # the rest is written before it is read
+    for a, b in ((reused.k, fresh.k), (reused.v, fresh.v), (reused.k_scale, fresh.k_scale)):
+        if a is not None:
+            assert torch.equal(a[:, :, :, slots], b[:, :, :, slots])
+    assert torch.equal(reused.valid, fresh.valid) and reused.length == fresh.length == 10
+    small = KVCache(config, 1, 4, dtype)  # too small: fresh memory
+    too_small = KVCache.aligned(parts, room=3, spare=small)
+    assert too_small.k.untyped_storage().data_ptr() != small.k.untyped_storage().data_ptr()
 
 
 def test_decode_batch_ends_and_cancels(tiny_checkpoints):
