@@ -132,6 +132,21 @@ def test_seeded_sampling_is_reproducible(server):
     assert first["choices"][0]["text"] == second["choices"][0]["text"]
 
 
+def test_best_of_returns_the_n_most_likely_of_its_samples(server):
+    """best_of: 4 samples, the 2 with the highest mean log-probability per token returned (OpenAI's ranking);
+    seeded, so the same 4 come back with n=4 and their log-probabilities to rank them by hand."""
+    body = {"prompt": "KING.", "max_tokens": 6, "min_tokens": 6, "temperature": 1.0, "seed": 5}
+    status, best = call(server, "/v1/completions", body | {"n": 2, "best_of": 4})
+    assert status == 200 and [c["index"] for c in best["choices"]] == [0, 1]
+    assert best["choices"][0]["logprobs"] is None  # not asked for
+    assert best["usage"]["completion_tokens"] == 4 * 6  # all samples count
+    status, every = call(server, "/v1/completions", body | {"n": 4, "logprobs": 0})
+    assert status == 200
+    mean = {c["text"]: sum(c["logprobs"]["token_logprobs"]) / 6 for c in every["choices"]}
+    assert len(set(mean.values())) == 4
+    assert [c["text"] for c in best["choices"]] == sorted(mean, key=mean.get, reverse=True)[:2]
+
+
 def test_stop_strings_are_left_out(server, lm):
     full = greedy(lm, "KING.", 40)
     stop = full.strip()[2:5]  # text the greedy continuation contains
@@ -425,6 +440,10 @@ def test_lm_eval_scores_through_the_server(server, lm):
         ("/detokenize", {"tokens": [1, -5]}, 400, ["outside the model's vocabulary"]),
         ("/v1/completions", {"prompt": "a", "presence_penalty": 0.5}, 400, ["repetition_penalty"]),
         ("/v1/completions", {"prompt": "a", "n": 2, "temperature": 0}, 400, ["needs sampling"]),
+        ("/v1/completions", {"prompt": "a", "best_of": 2, "temperature": 0}, 400, ["'best_of' > 1 needs sampling"]),
+        ("/v1/completions", {"prompt": "a", "n": 3, "best_of": 2}, 400, ["'best_of' must be between n (3) and 128"]),
+        ("/v1/completions", {"prompt": "a", "best_of": 2, "stream": True}, 400, ["cannot be streamed"]),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "best_of": 2}, 400, ["best_of"]),
         ("/v1/completions", {"prompt": "a", "bogus": 1}, 400, ["unrecognized", "bogus"]),
         ("/v1/completions", {"prompt": [[1, 99999999]]}, 400, ["outside the model's vocabulary"]),
         ("/v1/completions", {"prompt": ""}, 400, ["empty prompt"]),

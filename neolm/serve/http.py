@@ -167,7 +167,9 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(200, tools[path](body, self.server.lm))
         request = protocol.parse(kinds[path], body, self.server.lm)
         try:
-            job = self.server.engine.submit(request.prompts, request.gc, request.logprobs, request.prompt_logprobs)
+            ranked = request.gc.num_return_sequences > request.n  # best_of: each token's log-probability ranks
+            logprobs = 0 if ranked and request.logprobs is None else request.logprobs
+            job = self.server.engine.submit(request.prompts, request.gc, logprobs, request.prompt_logprobs)
         except NeolmError as e:  # a prompt too long for the context, or out of the vocabulary
             raise ApiError(400, str(e).replace("max_new_tokens", "max_tokens")) from None
         (self._stream if request.stream else self._whole)(request, job)
@@ -184,9 +186,10 @@ class Handler(BaseHTTPRequestHandler):
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the body is not JSON: {e}") from None
 
-    def _choices(self, request, job):
+    def _choices(self, request, job, sums: list[float] | None = None):
         """Yield (choice index, text, finish reason or None, tokens generated: at its end, else 0, the choice's
-        protocol.Logprob entries since the last yield) as the job produces them."""
+        protocol.Logprob entries since the last yield) as the job produces them; add each choice's tokens'
+        log-probabilities to `sums`, if given."""
         tokenizer = self.server.lm.tokenizer
         n = request.gc.num_return_sequences
         choices = [protocol.Choice(request.stop, request.lstrip) for _ in range(job.sequences)]
@@ -209,6 +212,8 @@ class Handler(BaseHTTPRequestHandler):
                 continue
             s, choice = event.sequence, choices[event.sequence]
             if isinstance(event, Token):
+                if sums is not None:
+                    sums[s] += event.logprob
                 piece = decoders[s].push(event.token)
                 if request.logprobs is not None:
                     pending[s].append(protocol.Logprob(event.token, event.logprob, event.top, offsets[s]))
@@ -225,15 +230,25 @@ class Handler(BaseHTTPRequestHandler):
     def _whole(self, request, job) -> None:
         texts, reasons, generated = [""] * job.sequences, ["length"] * job.sequences, 0
         entries: list[list[protocol.Logprob]] = [[] for _ in range(job.sequences)]
+        k = request.gc.num_return_sequences
+        sums, counts = ([0.0] * job.sequences, [0] * job.sequences) if k > request.n else (None, None)
         try:
-            for i, text, reason, tokens, logprobs in self._choices(request, job):
+            for i, text, reason, tokens, logprobs in self._choices(request, job, sums):
                 texts[i] += text
                 entries[i] += logprobs
                 generated += tokens
                 if reason:
                     reasons[i] = reason
+                    if counts is not None:
+                        counts[i] = tokens
         except NeolmError as e:
             raise ApiError(500, str(e), kind="server_error") from None
+        if sums is not None:  # best_of: each prompt's n with the highest mean log-probability per token
+            keep = []
+            for p in range(len(job.prompts)):
+                mine = range(p * k, (p + 1) * k)
+                keep += sorted(mine, key=lambda i: sums[i] / max(counts[i], 1), reverse=True)[: request.n]
+            texts, reasons, entries = ([x[i] for i in keep] for x in (texts, reasons, entries))
         tokenizer = self.server.lm.tokenizer
         choice_logprobs = [protocol.logprobs(request, e, tokenizer) for e in entries]
         self._json(200, protocol.response(request, self.server.model_name, texts, reasons, generated, choice_logprobs))

@@ -3,8 +3,9 @@
 What the fields mean is OpenAI's: `temperature` 0 is greedy (default 1: sampling), `top_p`, `n`, `stop`
 (kept out of the text, as OpenAI does), `seed`, `max_tokens` (completions: default 16; chat: up to the end
 of the context; `max_completion_tokens` is its newer name), `echo` (completions), `stream` with
-`stream_options.include_usage`. vLLM's extra sampling fields are taken too: `top_k`, `min_tokens`,
-`repetition_penalty`. Fields neolm cannot honour (penalties other than repetition_penalty, logit_bias,
+`stream_options.include_usage`, `best_of` (completions: that many sampled, the `n` with the highest mean
+log-probability per token returned, as OpenAI ranks them; not streamed; usage counts them all). vLLM's extra
+sampling fields are taken too: `top_k`, `min_tokens`, `repetition_penalty`. Fields neolm cannot honour (penalties other than repetition_penalty, logit_bias,
 tools, ...) are refused with a 400 that says so rather than ignored; unknown fields likewise.
 
 Log-probabilities: completions' `logprobs` (k, at most 20) gives each token's log-probability, its text
@@ -70,6 +71,7 @@ class Request:
     echo: list[str] = field(default_factory=list)  # completions with echo: each prompt's text, put before its choices
     stop: list[str] = field(default_factory=list)  # cut from the text (OpenAI leaves stop strings out)
     lstrip: bool = False  # leave out the reply's leading whitespace (chats in the plain transcript)
+    n: int = 1  # choices per prompt in the answer: the best n of gc.num_return_sequences (best_of) when more
     logprobs: int | None = None  # alternatives per token when log-probabilities are asked for
     prompt_logprobs: bool = False  # and of the prompt's tokens too (completions with echo)
     id: str = ""
@@ -109,9 +111,6 @@ def _refuse(body: dict, kind: str) -> None:
     response_format = body.get("response_format")
     if response_format not in (None, {"type": "text"}):
         raise ApiError(400, '\'response_format\': only {"type": "text"} is supported', "response_format")
-    best_of = body.get("best_of")
-    if best_of not in (None, 1) and best_of != body.get("n", 1):
-        raise ApiError(400, "'best_of' is not supported", "best_of")
 
 
 def _sampling(body: dict, max_tokens: int | None, defaults: dict) -> dict:
@@ -131,10 +130,14 @@ def _sampling(body: dict, max_tokens: int | None, defaults: dict) -> dict:
     min_tokens = _field(body, "min_tokens", (int,), 0, lambda v: v >= 0, ">= 0")
     if n > 1 and not sample:
         raise ApiError(400, "'n' > 1 needs sampling: greedy decoding (temperature 0) gives n identical choices", "n")
+    best_of = _field(body, "best_of", (int,), n, lambda v: n <= v <= 128, f"between n ({n}) and 128")
+    if best_of > 1 and not sample:
+        raise ApiError(400, "'best_of' > 1 needs sampling: greedy decoding (temperature 0) gives one completion",
+                       "best_of")  # fmt: skip
     return dict(
         max_new_tokens=max_tokens, min_new_tokens=min_tokens, do_sample=sample,
         temperature=float(temperature) if sample else 1.0, top_p=float(top_p) if sample else 1.0,
-        top_k=max(top_k, 0) if sample else None, num_return_sequences=n, seed=seed,
+        top_k=max(top_k, 0) if sample else None, num_return_sequences=best_of, seed=seed,
         repetition_penalty=float(penalty),
     )  # fmt: skip
 
@@ -228,6 +231,9 @@ def parse(kind: str, body, lm) -> Request:
             request.echo = texts if texts is not None else [lm.decode(p) for p in request.prompts]
             request.prompt_logprobs = request.logprobs is not None
     generation = _sampling(body, max_tokens, lm.generation_defaults)
+    request.n = body.get("n") or 1
+    if generation["num_return_sequences"] > request.n and stream:
+        raise ApiError(400, "'best_of' cannot be streamed: the best completions are known only at the end", "best_of")
     generation["stop_strings"] = request.stop or None
     try:
         request.gc = lm.generation_config(**generation)
