@@ -212,12 +212,8 @@ class Engine:
                 return
             try:
                 if not busy:
-                    batch, owners, running, reading = (
-                        DecodeBatch(self.lm.model, self.lm.tokenizer.decode),
-                        {},
-                        [],
-                        deque(),
-                    )
+                    batch, owners, running = DecodeBatch(self.lm.model, self.lm.tokenizer.decode), {}, []
+                    reading = deque()
                     start, generated = time.perf_counter(), self.generated
                 live = [job for job in admitted if not job.cancelled.is_set()]
                 for job in admitted:
@@ -242,6 +238,7 @@ class Engine:
             if batch.finished and not reading and (admitted or busy):
                 log.info("batch done: %d tokens in %.2fs; the most requests at once so far: %d",
                          self.generated - generated, time.perf_counter() - start, self.largest_batch)  # fmt: skip
+                batch = None  # its KV caches' memory goes back while the server is idle
 
     def _prefill(self, batch: DecodeBatch, jobs: list[Job], reading: deque) -> None:
         """Queue the jobs' prompts to be read; those with equal settings share the forward that reads them."""
