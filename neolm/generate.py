@@ -224,15 +224,13 @@ class Prefill:
         rows, width = self.tokens.shape
         cols = width if budget is None else max(1, budget // rows)
         end = width if width - self.done < 2 * cols else self.done + cols
-        part = slice(self.done, end)
-        if self.on_prompt is not None:
-            self.hidden.append(model(self.tokens[:, part], self.positions[:, part], self.cache, head=False))
-        elif end < width:
-            model(self.tokens[:, part], self.positions[:, part], self.cache, last_only=True, head=False)
+        tokens, positions = self.tokens[:, self.done : end], self.positions[:, self.done : end]
+        if self.on_prompt is not None:  # every position's hidden state, to score the prompts
+            self.hidden.append(model(tokens, positions, self.cache, head=False))
+        elif end < width:  # only the cache
+            model(tokens, positions, self.cache, last_only=True, head=False)
         else:
-            self.logits = model(self.tokens[:, part], self.positions[:, part], self.cache, last_only=True)[
-                :, -1
-            ].float()
+            self.logits = model(tokens, positions, self.cache, last_only=True)[:, -1].float()
         read, self.done = (end - self.done) * rows, end
         return read
 

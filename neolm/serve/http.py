@@ -167,8 +167,7 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(200, tools[path](body, self.server.lm))
         request = protocol.parse(kinds[path], body, self.server.lm)
         try:
-            ranked = request.gc.num_return_sequences > request.n  # best_of: each token's log-probability ranks
-            logprobs = 0 if ranked and request.logprobs is None else request.logprobs
+            logprobs = 0 if request.ranked and request.logprobs is None else request.logprobs  # ranking needs them
             job = self.server.engine.submit(request.prompts, request.gc, logprobs, request.prompt_logprobs)
         except NeolmError as e:  # a prompt too long for the context, or out of the vocabulary
             raise ApiError(400, str(e).replace("max_new_tokens", "max_tokens")) from None
@@ -231,7 +230,7 @@ class Handler(BaseHTTPRequestHandler):
         texts, reasons, generated = [""] * job.sequences, ["length"] * job.sequences, 0
         entries: list[list[protocol.Logprob]] = [[] for _ in range(job.sequences)]
         k = request.gc.num_return_sequences
-        sums, counts = ([0.0] * job.sequences, [0] * job.sequences) if k > request.n else (None, None)
+        sums, counts = ([0.0] * job.sequences, [0] * job.sequences) if request.ranked else (None, None)
         try:
             for i, text, reason, tokens, logprobs in self._choices(request, job, sums):
                 texts[i] += text

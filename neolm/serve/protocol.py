@@ -5,8 +5,9 @@ What the fields mean is OpenAI's: `temperature` 0 is greedy (default 1: sampling
 of the context; `max_completion_tokens` is its newer name), `echo` (completions), `stream` with
 `stream_options.include_usage`, `best_of` (completions: that many sampled, the `n` with the highest mean
 log-probability per token returned, as OpenAI ranks them; not streamed; usage counts them all). vLLM's extra
-sampling fields are taken too: `top_k`, `min_tokens`, `repetition_penalty`. Fields neolm cannot honour (penalties other than repetition_penalty, logit_bias,
-tools, ...) are refused with a 400 that says so rather than ignored; unknown fields likewise.
+sampling fields are taken too: `top_k`, `min_tokens`, `repetition_penalty`. Fields neolm cannot honour
+(penalties other than repetition_penalty, logit_bias, tools, ...) are refused with a 400 that says so rather
+than ignored; unknown fields likewise.
 
 Log-probabilities: completions' `logprobs` (k, at most 20) gives each token's log-probability, its text
 offset and the k most likely tokens plus the chosen one (as vLLM); with `echo`, the prompt's tokens too, the
@@ -76,6 +77,11 @@ class Request:
     prompt_logprobs: bool = False  # and of the prompt's tokens too (completions with echo)
     id: str = ""
     created: int = 0
+
+    @property
+    def ranked(self) -> bool:
+        """best_of: more sequences are sampled than answered, the best by their tokens' log-probabilities."""
+        return self.gc.num_return_sequences > self.n
 
 
 def _field(body: dict, name: str, kinds: tuple, default=None, check=None, requirement: str = ""):
@@ -232,13 +238,13 @@ def parse(kind: str, body, lm) -> Request:
             request.prompt_logprobs = request.logprobs is not None
     generation = _sampling(body, max_tokens, lm.generation_defaults)
     request.n = body.get("n") or 1
-    if generation["num_return_sequences"] > request.n and stream:
-        raise ApiError(400, "'best_of' cannot be streamed: the best completions are known only at the end", "best_of")
     generation["stop_strings"] = request.stop or None
     try:
         request.gc = lm.generation_config(**generation)
     except NeolmError as e:
         raise ApiError(400, str(e)) from None
+    if request.ranked and stream:
+        raise ApiError(400, "'best_of' cannot be streamed: the best completions are known only at the end", "best_of")
     return request
 
 
