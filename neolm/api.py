@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 
 from neolm import checkpoint, hub, memory
-from neolm.chat import Template, Transcript, load_chat_format
+from neolm.chat import ChatFormat, Transcript, load_chat_format
 from neolm.config import Config
+from neolm.conversation import Conversation
 from neolm.errors import NeolmError
 from neolm.generate import GenerationConfig, generate, iter_generate
 from neolm.model import GPT
@@ -63,7 +64,7 @@ class LanguageModel:
     """A loaded model with its tokenizer: generate text, stream it, or call the model directly (`.model`)."""
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, source: str, load_seconds: float = 0.0,
-                 generation_defaults: dict | None = None, chat_format: Transcript | Template | None = None):  # fmt: skip
+                 generation_defaults: dict | None = None, chat_format: ChatFormat | None = None):  # fmt: skip
         self.model, self.tokenizer, self.source = model, tokenizer, source
         self.load_seconds = load_seconds
         self.generation_defaults = generation_defaults or {}  # from the checkpoint's generation_config.json
@@ -88,13 +89,22 @@ class LanguageModel:
         return self.tokenizer.decode(ids)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, tokenize: bool = True,
-                            **kwargs) -> list[int] | str:  # fmt: skip
+                            continue_final_message: bool = False, **kwargs) -> list[int] | str:  # fmt: skip
         """A conversation ([{"role", "content"}, ...]) as a prompt, in the checkpoint's chat format (its chat
         template, else a plain "User: / Assistant:" transcript; neolm.chat): token ids, or the text with
         tokenize=False. As transformers' method of that name: add_generation_prompt ends it with the
-        assistant's turn opening, other keyword arguments go to the template."""
-        text = self.chat_format.render(messages, add_generation_prompt=add_generation_prompt, **kwargs)
+        assistant's turn opening, continue_final_message ends it inside the final message (for the model to go
+        on with it), other keyword arguments go to the template."""
+        text = self.chat_format.render(messages, add_generation_prompt, continue_final_message, **kwargs)
         return self.encode(text) if tokenize else text
+
+    def chat(self, messages: list[dict], **kwargs) -> str:
+        """The assistant's reply to a conversation ([{"role", "content"}, ...], as OpenAI's), in the checkpoint's
+        chat format (its template, else a plain transcript whose "User:" lines stop the reply); when the last
+        message is the assistant's, the rest of it. Keyword arguments: generation arguments (as generate's),
+        and chat_template_kwargs for the template. For a conversation held over several turns, which computes
+        only each turn's new tokens, use neolm.Conversation."""
+        return "".join(Conversation(self, messages, **kwargs).reply())
 
     def generation_config(self, **kwargs) -> GenerationConfig:
         """What a call with these generation arguments runs: the checkpoint's defaults (its
@@ -302,12 +312,24 @@ def load(
 
 
 class TextGenerationPipeline:
-    """`transformers.pipeline("text-generation")`'s call shape: text(s) in, [{"generated_text": ...}] out."""
+    """`transformers.pipeline("text-generation")`'s call shape: text(s) in, [{"generated_text": ...}] out.
+
+    A chat (a list of {"role", "content"} messages) or a list of chats in gives, as transformers', the
+    conversation with the assistant's reply added (return_full_text=False: the reply alone); a chat that ends
+    with the assistant's message has it continued."""
 
     def __init__(self, lm: LanguageModel):
         self.lm = lm
 
-    def __call__(self, text_inputs: str | list[str], return_full_text: bool = True, **kwargs):
+    def __call__(self, text_inputs, return_full_text: bool = True, **kwargs):
+        if _is_chat(text_inputs) or (isinstance(text_inputs, list) and text_inputs and all(map(_is_chat, text_inputs))):
+            chats = [text_inputs] if _is_chat(text_inputs) else text_inputs
+            results = []
+            for messages in chats:
+                conversation = Conversation(self.lm, messages, **kwargs)
+                reply = "".join(conversation.reply())
+                results.append([{"generated_text": conversation.messages if return_full_text else reply}])
+            return results[0] if _is_chat(text_inputs) else results
         single = isinstance(text_inputs, str)
         prompts = [text_inputs] if single else list(text_inputs)
         outputs = self.lm.generate(prompts, **kwargs)
@@ -316,6 +338,10 @@ class TextGenerationPipeline:
             texts = [out] if isinstance(out, str) else out
             results.append([{"generated_text": (prompt if return_full_text else "") + t} for t in texts])
         return results[0] if single else results
+
+
+def _is_chat(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) for m in value)
 
 
 def pipeline(task: str, model: str | os.PathLike | None = None, **load_kwargs) -> TextGenerationPipeline:

@@ -55,7 +55,43 @@ def check_messages(messages) -> list[dict]:
     return plain
 
 
-class Transcript:
+CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+"""Appended to the final message to find where it ends in the rendered text (transformers' marker)."""
+
+
+class ChatFormat:
+    """What every chat format does: render a conversation, to be answered or to be continued."""
+
+    name: str
+    stop: tuple[str, ...]  # text that ends a reply (cut out of it)
+    lstrip_reply: bool  # a reply's leading whitespace is not part of it
+
+    def render(self, messages, add_generation_prompt: bool = True, continue_final_message: bool = False,
+               **kwargs) -> str:  # fmt: skip
+        """The prompt text for `messages`: ending with the opening of the assistant's turn when
+        add_generation_prompt, or, with continue_final_message, ending inside the final message, for the model
+        to go on writing it (a reply begun for it, say). As transformers: the final message is marked, rendered,
+        and the text is cut where the mark is (and right-stripped when the format strips the message). Extra
+        keyword arguments go to a template. NeolmError for bad messages or a template that refuses them."""
+        messages = check_messages(messages)
+        if not continue_final_message:
+            return self._render(messages, add_generation_prompt, kwargs)
+        if add_generation_prompt:
+            raise NeolmError("continue_final_message and add_generation_prompt exclude each other: the first goes on "
+                             "with the final message, the second opens a new assistant message")  # fmt: skip
+        final = messages[-1]["content"]
+        text = self._render(messages[:-1] + [messages[-1] | {"content": final + CONTINUE_TAG}], False, kwargs)
+        at = text.rfind(CONTINUE_TAG.strip())
+        if at == -1 or final.strip() not in text:
+            raise NeolmError(f"continue_final_message: the {self.name} leaves (part of) the final message out, so "
+                             "the text cannot end inside it")  # fmt: skip
+        return text[:at] if text.startswith(CONTINUE_TAG, at) else text[:at].rstrip()
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool, kwargs: dict) -> str:
+        raise NotImplementedError
+
+
+class Transcript(ChatFormat):
     """The plain "User: ... / Assistant: ..." format for models without a chat template."""
 
     name = "plain transcript (User: / Assistant:)"
@@ -64,17 +100,17 @@ class Transcript:
     lstrip_reply = True  # the reply comes after "Assistant:" and a space, which is not part of it
     SPEAKERS: ClassVar[dict] = {"system": None, "developer": None, "user": "User", "assistant": "Assistant"}
 
-    def render(self, messages, add_generation_prompt: bool = True, **kwargs) -> str:
-        """The transcript of `messages`, ending with "Assistant:" when add_generation_prompt (extra keyword
-        arguments are for templates and are ignored here)."""
+    def _render(self, messages: list[dict], add_generation_prompt: bool, kwargs: dict) -> str:
+        """The transcript of `messages`, ending with "Assistant:" when add_generation_prompt (keyword arguments
+        are for templates and are ignored here)."""
         lines = []
-        for message in check_messages(messages):
+        for message in messages:
             speaker, content = self.SPEAKERS[message["role"]], message["content"].strip()
             lines.append(f"{content}\n" if speaker is None else f"{speaker}: {content}\n")
         return "".join(lines) + ("Assistant:" if add_generation_prompt else "")
 
 
-class Template:
+class Template(ChatFormat):
     """A Hugging Face chat template (Jinja), rendered as transformers' apply_chat_template renders it."""
 
     stop = ()  # a chat model ends its turn with its eos token, which generation stops at anyway
@@ -97,16 +133,53 @@ class Template:
         except jinja2.TemplateSyntaxError as e:
             raise NeolmError(f"{name} does not parse: {e.message} (line {e.lineno})") from None
 
-    def render(self, messages, add_generation_prompt: bool = True, **kwargs) -> str:
-        """The prompt text for `messages`; NeolmError with the template's message when it refuses them."""
+    def _render(self, messages: list[dict], add_generation_prompt: bool, kwargs: dict) -> str:
         import jinja2
 
         context = self.special_tokens | kwargs
         try:
-            return self._template.render(messages=check_messages(messages), tools=None, documents=None,
+            return self._template.render(messages=messages, tools=None, documents=None,
                                          add_generation_prompt=add_generation_prompt, **context)  # fmt: skip
         except jinja2.TemplateError as e:  # raise_exception, undefined attributes, sandbox violations
             raise NeolmError(f"the {self.name} refused the conversation: {e}") from None
+
+
+class Reply:
+    """A reply's text as it grows: decoded text with stop strings cut out (text that may begin a stop string is
+    held back until it is clear), without leading whitespace if asked (the plain transcript's replies). The
+    server's choices and Conversation's replies are read through one."""
+
+    def __init__(self, stops: list[str], strip_leading: bool):
+        self.stops, self.strip = stops, strip_leading
+        self.hold = max((len(s) for s in stops), default=1) - 1
+        self.text, self.sent = "", 0
+        self.stopped = False  # a stop string was found: nothing after it counts
+
+    def push(self, piece: str) -> str:
+        """Add decoded text; return the part that can be sent now."""
+        if self.stopped:
+            return ""
+        self.text += piece
+        if self.strip:
+            self.text = self.text.lstrip()
+            self.strip = not self.text
+        cuts = [i for s in self.stops if (i := self.text.find(s, max(self.sent - len(s) + 1, 0))) != -1]
+        if cuts:
+            self.stopped = True
+            self.text = self.text[: min(cuts)]
+            return self._take(len(self.text))
+        return self._take(len(self.text) - self.hold)
+
+    def finish(self, rest: str) -> str:
+        """The decoder's last text; return everything not sent yet."""
+        out = self.push(rest) if rest else ""
+        return out + self._take(len(self.text))
+
+    def _take(self, upto: int) -> str:
+        if upto <= self.sent:
+            return ""
+        out, self.sent = self.text[self.sent : upto], upto
+        return out
 
 
 def _raise_exception(message):
@@ -182,7 +255,7 @@ def _folder_template(folder: Path) -> tuple[str, str] | None:
     return template, f"{config} (chat_template)"
 
 
-def load_chat_format(folder=None, override: str | None = None) -> Transcript | Template:
+def load_chat_format(folder=None, override: str | None = None) -> ChatFormat:
     """The chat format for a checkpoint folder: `override` (a template file's path, or the template itself)
     if given, else the folder's template (chat_template.jinja, else tokenizer_config.json's chat_template),
     else the plain transcript. The folder's special tokens are given to the template either way."""

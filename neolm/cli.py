@@ -10,6 +10,7 @@ import sys
 
 from neolm.errors import NeolmError
 
+CHAT_MAX_NEW_TOKENS = 256  # `neolm chat`'s reply length unless asked or set by the checkpoint
 MODEL_HELP = (
     "a local checkpoint folder (config.json + weights), a Hugging Face hub id such as "
     "EleutherAI/gpt-neo-125M or EleutherAI/pythia-160m, or modelscope:ID"
@@ -99,6 +100,43 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = False, position
     )
 
 
+def _add_generation_args(p: argparse.ArgumentParser, chat: bool = False):
+    """The generation knobs (names and meaning as transformers.generate's), in a group that is returned; a chat
+    has one reply per turn, whose length counts from its own start."""
+    knobs = p.add_argument_group("generation (names and meaning as in transformers.generate)")
+    knobs.add_argument("--max-new-tokens", type=non_negative,
+                       help=f"new tokens at most (default {CHAT_MAX_NEW_TOKENS if chat else 100})")  # fmt: skip
+    if not chat:
+        knobs.add_argument("--max-length", type=non_negative, help="prompt + new tokens at most")
+        knobs.add_argument("--min-length", type=non_negative, help="prompt + new tokens before eos may end it")
+    knobs.add_argument("--min-new-tokens", type=non_negative, help="new tokens before eos may end it")
+    knobs.add_argument("--do-sample", action=argparse.BooleanOptionalAction, help="sample (--no-do-sample: greedy)")
+    knobs.add_argument("--temperature", type=positive_float, help="sampling temperature (default 1)")
+    knobs.add_argument("--top-k", type=non_negative, help="sample from the k likeliest (0: all; default 50)")
+    knobs.add_argument("--top-p", type=positive_float, help="nucleus sampling mass (default 1: off)")
+    knobs.add_argument("--repetition-penalty", type=positive_float, help=">1 discourages repeats")
+    if not chat:
+        knobs.add_argument("--num-return-sequences", type=non_negative, help="samples per prompt")
+    knobs.add_argument("--seed", type=seed_type, help="seed for reproducible sampling")
+    cut = "; cut out of the reply" if chat else ""
+    knobs.add_argument(
+        "--stop", action="append", metavar="TEXT", help=f"stop once the text ends in TEXT (repeatable){cut}"
+    )
+    return knobs
+
+
+def _generation_knobs(args) -> dict:
+    """The generation arguments given on the command line (the rest: the model's generation defaults), checked."""
+    names = ("max_new_tokens", "max_length", "min_length", "min_new_tokens", "do_sample", "temperature", "top_k",
+             "top_p", "repetition_penalty", "num_return_sequences", "seed")  # fmt: skip
+    knobs = {name: getattr(args, name, None) for name in names} | {"stop_strings": args.stop}
+    knobs = {k: v for k, v in knobs.items() if v is not None}
+    from neolm.generate import GenerationConfig
+
+    GenerationConfig.from_kwargs(**knobs)  # reject bad combinations before the (slow) load
+    return knobs
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="neolm", description="GPT-Neo and GPT-NeoX (Pythia) in plain PyTorch.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what neolm does to stderr")
@@ -112,20 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("prompt", nargs="?", help="the text to continue ('-' or omitted: read standard input)")
     _add_model_args(g, positional=False)
-    knobs = g.add_argument_group("generation (names and meaning as in transformers.generate)")
-    knobs.add_argument("--max-new-tokens", type=non_negative, help="new tokens at most (default 100)")
-    knobs.add_argument("--max-length", type=non_negative, help="prompt + new tokens at most")
-    knobs.add_argument("--min-length", type=non_negative, help="prompt + new tokens before eos may end it")
-    knobs.add_argument("--min-new-tokens", type=non_negative, help="new tokens before eos may end it")
-    knobs.add_argument("--do-sample", action=argparse.BooleanOptionalAction, help="sample (--no-do-sample: greedy)")
-    knobs.add_argument("--temperature", type=positive_float, help="sampling temperature (default 1)")
-    knobs.add_argument("--top-k", type=non_negative, help="sample from the k likeliest (0: all; default 50)")
-    knobs.add_argument("--top-p", type=positive_float, help="nucleus sampling mass (default 1: off)")
-    knobs.add_argument("--repetition-penalty", type=positive_float, help=">1 discourages repeats")
-    knobs.add_argument("--num-return-sequences", type=non_negative, help="samples per prompt")
-    knobs.add_argument("--seed", type=seed_type, help="seed for reproducible sampling")
-    knobs.add_argument("--stop", action="append", metavar="TEXT", help="stop once the text ends in TEXT (repeatable)")
-    knobs.add_argument(
+    _add_generation_args(g).add_argument(
         "--truncate", action="store_true", help="drop the oldest prompt tokens when prompt + new tokens overflow"
     )
     out = g.add_argument_group("output")
@@ -136,6 +161,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="print tokens as they come (default: on in a terminal)",
     )
     out.add_argument("--no-echo", action="store_true", help="print only the continuation, not the prompt")
+
+    c = sub.add_parser(
+        "chat",
+        help="chat with a model",
+        description="Chat with a model in the terminal: each line you type is a message, the reply streams back. "
+        "The conversation is written in the checkpoint's chat template (chat_template.jinja or "
+        "tokenizer_config.json's chat_template) or --chat-template's; base models have none, and their chats are "
+        "a plain 'User: ... / Assistant: ...' transcript whose 'User:' lines end a reply. Each turn reads only "
+        "the new message: the keys and values of the conversation so far are kept. When the conversation "
+        "outgrows the context, its oldest exchanges are left out (the system message stays). Sampling follows "
+        "the checkpoint's generation_config.json unless given (--no-do-sample: greedy). Commands: /help, "
+        "/reset, /undo, /system TEXT, /save FILE, /exit. Ctrl-C stops a reply (what came is kept). With "
+        "standard input not a terminal, each line is a message and only the replies are printed.",
+    )
+    _add_model_args(c, positional=False)
+    c.add_argument("--system", metavar="TEXT", help="a system message to start the conversation with")
+    c.add_argument("--messages", metavar="FILE",
+                   help="start from a saved conversation: a JSON list of {role, content} messages (as /save "
+                   "writes)")  # fmt: skip
+    c.add_argument("--chat-template", metavar="FILE_OR_TEMPLATE",
+                   help="a Jinja chat template (a file, or the template itself) to use instead of the checkpoint's "
+                   "own; without either, chats are a plain 'User: / Assistant:' transcript")  # fmt: skip
+    _add_generation_args(c, chat=True)
 
     for module in SUBSYSTEMS:
         COMMANDS.update(importlib.import_module(module).register(sub))
@@ -187,25 +235,7 @@ def cmd_generate(args) -> int:
     prompt = _read_prompt(args)
     if args.num_return_sequences is not None and args.num_return_sequences < 1:
         raise NeolmError("--num-return-sequences must be at least 1")
-    given = dict(
-        max_new_tokens=args.max_new_tokens,
-        max_length=args.max_length,
-        min_length=args.min_length,
-        min_new_tokens=args.min_new_tokens,
-        do_sample=args.do_sample,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        repetition_penalty=args.repetition_penalty,
-        num_return_sequences=args.num_return_sequences,
-        seed=args.seed,
-        stop_strings=args.stop,
-        truncate_prompt=args.truncate or None,
-    )
-    knobs = {k: v for k, v in given.items() if v is not None}  # the rest: the model's generation defaults
-    from neolm.generate import GenerationConfig
-
-    GenerationConfig.from_kwargs(**knobs)  # reject bad combinations before the (slow) load
+    knobs = _generation_knobs(args) | ({"truncate_prompt": True} if args.truncate else {})
     lm = load_model(args)
     echo = "" if args.no_echo else prompt
     stream = sys.stdout.isatty() if args.stream is None else args.stream
@@ -227,6 +257,117 @@ def cmd_generate(args) -> int:
     return 0
 
 
+CHAT_COMMANDS = """commands:
+  /help          this help
+  /reset         start over (the system message stays)
+  /undo          take back your last message and its reply
+  /system TEXT   start over with TEXT as the system message (no TEXT: none)
+  /save FILE     write the conversation to FILE as JSON (--messages FILE starts from it)
+  /exit          leave (or Ctrl-D)
+A message that begins with / is sent as //message. Ctrl-C stops a reply; what came of it is kept."""
+
+
+def cmd_chat(args) -> int:
+    knobs = _generation_knobs(args)
+    messages = _read_messages(args.messages) if args.messages else []
+    if args.system is not None:  # instead of the saved conversation's system messages
+        messages = [{"role": "system", "content": args.system}] + [m for m in messages if m["role"] != "system"]
+    lm = load_model(args)
+    if "max_new_tokens" not in knobs and not {"max_new_tokens", "max_length"} & set(lm.generation_defaults):
+        knobs["max_new_tokens"] = CHAT_MAX_NEW_TOKENS
+    from neolm.conversation import Conversation
+
+    chat = Conversation(lm, messages, **knobs)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+        print(f"neolm chat: {lm.source}, {lm.chat_format.name}. /help lists the commands; Ctrl-D or /exit leaves.",
+              file=sys.stderr)  # fmt: skip
+    while True:
+        if interactive:
+            try:
+                line = input("> ")
+            except EOFError:  # Ctrl-D
+                print(file=sys.stderr)
+                break
+        else:
+            line = sys.stdin.readline()
+            if not line:
+                break
+        text = line.strip()
+        if text.startswith("/") and not text.startswith("//"):
+            if not _chat_command(chat, text):
+                break
+        elif text:
+            _say(chat, text[1:] if text.startswith("//") else text)
+    return 0
+
+
+def _read_messages(path: str) -> list[dict]:
+    from neolm.chat import check_messages
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return check_messages(json.load(f))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise NeolmError(f"cannot read the conversation {path}: {e}") from None
+
+
+def _say(chat, text: str) -> None:
+    """Send a message and print the reply as it streams; Ctrl-C stops it."""
+    try:
+        pieces = chat.send(text)
+    except NeolmError as e:  # e.g. a message too long for the context: the conversation goes on without it
+        print(f"neolm chat: {e}", file=sys.stderr)
+        return
+    try:
+        for piece in pieces:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:  # the reply so far is kept; with nothing said, the message is taken back
+        pieces.close()
+        if not chat.messages[-1]["content"]:
+            chat.undo()
+        print(" [stopped]", file=sys.stderr)
+        return
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def _chat_command(chat, text: str) -> bool:
+    """Run a /command; False to leave."""
+    name, _, arg = text.partition(" ")
+    arg = arg.strip()
+    if name in ("/exit", "/quit"):
+        return False
+    if name == "/help":
+        print(CHAT_COMMANDS, file=sys.stderr)
+    elif name == "/reset":
+        chat.reset()
+        print("(a new conversation)", file=sys.stderr)
+    elif name == "/undo":
+        removed = chat.undo()
+        print(f"(took back {len(removed)} message{'s' * (len(removed) != 1)})", file=sys.stderr)
+    elif name == "/system":
+        chat.reset([{"role": "system", "content": arg}] if arg else [])
+        print("(a new conversation" + (", with that system message)" if arg else ", with no system message)"),
+              file=sys.stderr)  # fmt: skip
+    elif name == "/save" and arg:
+        try:
+            with open(arg, "w", encoding="utf-8") as f:
+                json.dump(chat.messages, f, indent=2, ensure_ascii=False)
+        except OSError as e:
+            print(f"neolm chat: cannot write {arg}: {e}", file=sys.stderr)
+        else:
+            print(f"(saved {len(chat.messages)} messages to {arg})", file=sys.stderr)
+    else:
+        print(f"neolm chat: unknown command {text!r}; /help lists them", file=sys.stderr)
+    return True
+
+
 def cmd_info(args) -> int:
     lm = load_model(args)
     info = lm.info()
@@ -239,7 +380,7 @@ def cmd_info(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "info": cmd_info}
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}
 # Larger subsystems add their own subcommands: each module has register(sub) -> {name: handler}.
 SUBSYSTEMS = ("neolm.train.cli", "neolm.eval.cli", "neolm.quant.cli", "neolm.serve.cli")
 

@@ -319,13 +319,22 @@ class DecodeBatch:
         gc: GenerationConfig,
         logprobs: int | None | Sequence[int | None] = None,
         on_prompt: Callable[[int, TokenLogprobs], None] | None = None,
+        reuse: tuple[KVCache, Sequence[int]] | None = None,
     ) -> Prefill:
         """`add` in parts, so that a long prompt need not hold up the running sequences for the whole of its
         forward: the prompts, ready to be read into a cache of their own by Prefill.read (in chunks of columns,
-        between steps), then join() adds them. Chunks give the same numbers as one forward here (CPU)."""
+        between steps), then join() adds them. Chunks give the same numbers as one forward here (CPU).
+
+        reuse: (a cache of one row without padding, the tokens in its slots), from an earlier generation
+        (neolm.conversation): the tokens one prompt shares with it from the start are taken from it instead of
+        read again (all but the last, whose logits are needed), and `done` counts them. The prefill takes that
+        cache itself (it is changed) when it has the room, else a copy of those slots. The rest of the prompt is
+        read as a chunk after them, whose numbers may round differently from one forward of the whole."""
         self.validate(gc, logprobs)
         config, device = self.model.config, self.device
         prompts = fit_prompts(prompts, gc, config.n_positions, config.vocab_size)
+        if reuse is not None and (len(prompts) != 1 or gc.num_return_sequences != 1 or on_prompt is not None):
+            raise NeolmError("a cache can be reused for one sequence of one prompt that is not scored")
         n = gc.num_return_sequences
         wanted = list(logprobs) if isinstance(logprobs, Sequence) else [logprobs] * len(prompts)
         seqs = [p for p in prompts for _ in range(n)]
@@ -341,7 +350,17 @@ class DecodeBatch:
         prefill.tokens = torch.full((len(seqs), width), self.groups[prefill.group].pad, dtype=torch.long, device=device)
         for row, p in enumerate(seqs):
             prefill.tokens[row, width - len(p) :] = torch.tensor(p)
-        cache = KVCache(config, len(seqs), width + prefill.room, self.model.cache_dtype, device)
+        if reuse is not None:  # the prompt's tokens up to the first that differs, but its last
+            held, tokens = reuse
+            same = next((i for i, (a, b) in enumerate(zip(tokens[: held.length], seqs[0])) if a != b),
+                        min(held.length, len(tokens), width))  # fmt: skip
+            prefill.done = min(same, width - 1)
+        if reuse is not None and held.max_len >= width + prefill.room:
+            cache, cache.length = held, prefill.done  # its slots from there on are written before they are read
+        else:
+            cache = KVCache(config, len(seqs), width + prefill.room, self.model.cache_dtype, device)
+            if reuse is not None:
+                cache.take_prefix(held, prefill.done)
         if int(lengths.min()) < width:  # left padding: hide pad slots, count positions from each prompt's start
             cache.valid = torch.ones(len(seqs), cache.max_len, dtype=torch.bool, device=device)
             cache.valid[:, :width] = torch.arange(width, device=device) >= (width - lengths)[:, None]

@@ -91,6 +91,14 @@ class KVCache:
         out.length = end
         return out
 
+    def take_prefix(self, other: KVCache, n: int) -> None:
+        """Hold `other`'s first n slots (of every row; same shape and dtype but for the length) as its own first n."""
+        mine, theirs = (self.k, self.v, self.k_scale, self.v_scale), (other.k, other.v, other.k_scale, other.v_scale)
+        for dst, src in zip(mine, theirs):
+            if dst is not None:
+                dst[:, :, :, :n] = src[:, :, :, :n]
+        self.length = n
+
     @staticmethod
     def aligned(parts: list[tuple[KVCache, torch.Tensor]], room: int, spare: KVCache | None = None) -> KVCache:
         """One cache of rows `index` of each (cache, index), their filled slots right-aligned to one current

@@ -11,7 +11,7 @@ import pytest
 from conftest import TINY, hf_model, save_hf
 
 import neolm
-from neolm.chat import Template, Transcript, load_chat_format
+from neolm.chat import Reply, Template, Transcript, load_chat_format
 from neolm.errors import NeolmError
 from neolm.serve.http import Server
 from neolm.tokenizer import load_tokenizer
@@ -102,6 +102,44 @@ def test_templates_render_and_tokenize_as_transformers(tmp_path, template, messa
     assert any(i >= 50277 for i in ids) or template is ALTERNATING  # the added special tokens are single ids
 
 
+@pytest.mark.parametrize("template, messages", [(CHATML, CHAT[:3]), (ALTERNATING, ALTERNATING_CHAT[:2]),
+                                                (BLOCKS, CHAT[:3])], ids=["chatml", "alternating", "blocks"])  # fmt: skip
+@pytest.mark.parametrize("final", [" A player, sir. ", "A player"])
+def test_continue_final_message_as_transformers(tmp_path, template, messages, final):
+    """The text ends inside the final message, with its trailing space where the template keeps what follows
+    the message as it is, without where the message's end is trimmed."""
+    reference = hf_tokenizer(tmp_path, template)
+    messages = messages[:-1] + [{"role": "assistant", "content": final}]
+    text = reference.apply_chat_template(messages, continue_final_message=True, tokenize=False)
+    assert load_chat_format(tmp_path).render(messages, False, continue_final_message=True) == text
+    assert text.rstrip().endswith(final.strip())
+    with pytest.raises(NeolmError, match="exclude each other"):
+        load_chat_format(tmp_path).render(messages, True, continue_final_message=True)
+
+
+def test_transcript_continues_and_refusals():
+    begun = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " The answer is "}]
+    assert Transcript().render(begun, False, True) == "User: Hi\nAssistant: The answer is"
+    dropping = Template("{% for m in messages %}{{ m.role }}{% endfor %}")  # leaves the content out
+    with pytest.raises(NeolmError, match="leaves \\(part of\\) the final message out"):
+        dropping.render(begun, False, True)
+
+
+@pytest.mark.parametrize(
+    "pieces, stops, sent",
+    [
+        (["Hello", " wor", "ld"], ["world"], "Hello "),  # a stop string over three pieces
+        (["ab", "cXY", "Zd"], ["XYZ", "Q"], "abc"),
+        (["ab", "c"], ["cd"], "abc"),  # held back, then released at the end
+        (["  Hi", "!"], [], "Hi!"),  # transcript replies lose their leading space
+    ],
+)
+def test_reply_text(pieces, stops, sent):
+    reply = Reply(stops, strip_leading=not stops)
+    out = "".join(reply.push(p) for p in pieces)
+    assert out + reply.finish("") == sent
+
+
 def test_template_in_tokenizer_config_and_special_tokens(tmp_path):
     hf_tokenizer(tmp_path, ALTERNATING)
     (tmp_path / "chat_template.jinja").unlink()
@@ -186,6 +224,20 @@ def test_server_chats_in_the_checkpoint_template(chat_model, tmp_path):
         assert status == 200 and answer["usage"]["prompt_tokens"] == len(prompt) - 4 + len(lm.encode("Hi"))
         status, tokens = post(server, "/tokenize", {"messages": CHAT})
         assert status == 200 and tokens["tokens"] == prompt
+        # vLLM's continue_final_message: the reply goes on with a begun assistant message
+        begun = CHAT + [{"role": "assistant", "content": "Thou"}]
+        status, answer = post(server, "/v1/chat/completions", body | {"messages": begun, "continue_final_message": True})
+        prompt = lm.apply_chat_template(begun, continue_final_message=True)
+        assert status == 200 and prompt == lm.encode(lm.apply_chat_template(CHAT, tokenize=False) + "<|im_start|>"
+                                                     "assistant\nThou")  # fmt: skip
+        assert answer["usage"]["prompt_tokens"] == len(prompt)
+        expected = lm.decode(lm.generate_ids([prompt], max_new_tokens=12, do_sample=False)[0])
+        assert answer["choices"][0]["message"]["content"] == expected
+        status, tokens = post(server, "/tokenize", {"messages": begun, "continue_final_message": True})
+        assert status == 200 and tokens["tokens"] == prompt
+        status, answer = post(server, "/v1/chat/completions", body | {"messages": begun, "continue_final_message": True,
+                                                                      "add_generation_prompt": True})  # fmt: skip
+        assert status == 400 and answer["error"]["param"] == "continue_final_message"
         with urllib.request.urlopen(f"http://127.0.0.1:{server.server_address[1]}/tokenizer_info") as r:
             assert json.loads(r.read())["chat_template"] == CHATML
     finally:

@@ -163,21 +163,6 @@ def test_stop_strings_are_left_out(server, lm):
     assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
 
-@pytest.mark.parametrize(
-    "pieces, stops, sent",
-    [
-        (["Hello", " wor", "ld"], ["world"], "Hello "),  # a stop string over three pieces
-        (["ab", "cXY", "Zd"], ["XYZ", "Q"], "abc"),
-        (["ab", "c"], ["cd"], "abc"),  # held back, then released at the end
-        (["  Hi", "!"], [], "Hi!"),  # chat replies lose their leading space
-    ],
-)
-def test_choice_text(pieces, stops, sent):
-    choice = protocol.Choice(stops, strip_leading=not stops)
-    out = "".join(choice.push(p) for p in pieces)
-    assert out + choice.finish("") == sent
-
-
 def test_chat(server, lm):
     messages = [{"role": "system", "content": "A play."}, {"role": "user", "content": "Who art thou?"}]
     status, body = call(server, "/v1/chat/completions", {"model": NAME, "messages": messages, "max_tokens": 20,

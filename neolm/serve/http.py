@@ -22,6 +22,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import neolm
+from neolm.chat import Reply
 from neolm.errors import NeolmError
 from neolm.serve import protocol
 from neolm.serve.engine import DEFAULT_PREFILL_CHUNK, End, Engine, Prompt, Token
@@ -191,7 +192,7 @@ class Handler(BaseHTTPRequestHandler):
         log-probabilities to `sums`, if given."""
         tokenizer = self.server.lm.tokenizer
         n = request.gc.num_return_sequences
-        choices = [protocol.Choice(request.stop, request.lstrip) for _ in range(job.sequences)]
+        choices = [Reply(request.stop, request.lstrip) for _ in range(job.sequences)]
         decoders = [StreamDecoder(tokenizer) for _ in range(job.sequences)]
         offsets = [0] * job.sequences  # characters of each choice decoded so far, echo included: a token's text_offset
         pending: list[list[protocol.Logprob]] = [[] for _ in range(job.sequences)]

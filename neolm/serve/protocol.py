@@ -20,7 +20,8 @@ values where it has them (as vLLM does), else OpenAI's defaults.
 
 A chat is written in the model's chat format (neolm.chat): its chat template where the checkpoint has one
 (or `neolm serve --chat-template`), rendered as transformers' apply_chat_template does, with vLLM's
-`add_generation_prompt` (default true) and `chat_template_kwargs` fields; else, for base models, a plain
+`add_generation_prompt` (default true), `continue_final_message` (the reply goes on with the final message,
+a reply begun for the model, say) and `chat_template_kwargs` fields; else, for base models, a plain
 transcript that they continue well: the system message, then one "User: ..." / "Assistant: ..." line per
 message, then "Assistant:"; the reply stops where the model starts a new "User:" line.
 """
@@ -45,7 +46,7 @@ FIELDS = {
     "completion": SAMPLING | {"prompt", "echo", "best_of", "suffix"},
     "chat": SAMPLING | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "functions",
                         "function_call", "response_format", "parallel_tool_calls", "add_generation_prompt",
-             "chat_template_kwargs"},
+             "chat_template_kwargs", "continue_final_message"},
 }  # fmt: skip
 
 
@@ -191,11 +192,16 @@ def _prompts(body: dict, encode) -> tuple[list[list[int]], list[str] | None]:
 
 
 def _chat_text(body: dict, lm) -> str:
-    """The conversation in the model's chat format (its template, else the plain transcript)."""
+    """The conversation in the model's chat format (its template, else the plain transcript): answered (vLLM's
+    add_generation_prompt, default true), or continued (continue_final_message, which turns the default off)."""
     kwargs = _field(body, "chat_template_kwargs", (dict,), {})
-    add = _field(body, "add_generation_prompt", (bool,), True)
+    go_on = _field(body, "continue_final_message", (bool,), False)
+    add = _field(body, "add_generation_prompt", (bool,), not go_on)
+    if add and go_on:
+        raise ApiError(400, "'continue_final_message' and 'add_generation_prompt' cannot both be true",
+                       "continue_final_message")  # fmt: skip
     try:
-        return lm.chat_format.render(body.get("messages"), add_generation_prompt=add, **kwargs)
+        return lm.chat_format.render(body.get("messages"), add, go_on, **kwargs)
     except NeolmError as e:
         raise ApiError(400, str(e), "messages") from None
 
@@ -220,7 +226,7 @@ def parse(kind: str, body, lm) -> Request:
                                f"{context}: no room for a reply", "messages")  # fmt: skip
         request.prompts = [prompt]
         request.stop = stops + list(lm.chat_format.stop)
-        request.lstrip = lm.chat_format.lstrip_reply
+        request.lstrip = lm.chat_format.lstrip_reply and not body.get("continue_final_message")
         top = _field(
             body, "top_logprobs", (int,), None, lambda v: 0 <= v <= MAX_LOGPROBS, f"between 0 and {MAX_LOGPROBS}"
         )
@@ -254,7 +260,7 @@ def tokenize(body, lm) -> dict:
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     unknown = sorted(set(body) - {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt",
-                                  "chat_template_kwargs", "return_token_strs"})  # fmt: skip
+                                  "continue_final_message", "chat_template_kwargs", "return_token_strs"})  # fmt: skip
     if unknown:
         raise ApiError(400, f"unrecognized request argument(s): {', '.join(unknown)}", unknown[0])
     if "messages" in body:
@@ -290,43 +296,6 @@ def tokenizer_info(lm) -> dict:
     return {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos_text, "bos_token": eos_text,
             "pad_token": None, "model_max_length": lm.config.n_positions, "vocab_size": tokenizer.vocab_size,
             "add_prefix_space": False, "chat_template": lm.chat_format.source}  # fmt: skip
-
-
-class Choice:
-    """One sequence's text as it grows: decoded tokens with stop strings cut out (text that may begin a stop
-    string is held back until it is clear), chat replies without leading whitespace."""
-
-    def __init__(self, stops: list[str], strip_leading: bool):
-        self.stops, self.strip = stops, strip_leading
-        self.hold = max((len(s) for s in stops), default=1) - 1
-        self.text, self.sent = "", 0
-        self.stopped = False  # a stop string was found: nothing after it counts
-
-    def push(self, piece: str) -> str:
-        """Add decoded text; return the part that can be sent now."""
-        if self.stopped:
-            return ""
-        self.text += piece
-        if self.strip:
-            self.text = self.text.lstrip()
-            self.strip = not self.text
-        cuts = [i for s in self.stops if (i := self.text.find(s, max(self.sent - len(s) + 1, 0))) != -1]
-        if cuts:
-            self.stopped = True
-            self.text = self.text[: min(cuts)]
-            return self._take(len(self.text))
-        return self._take(len(self.text) - self.hold)
-
-    def finish(self, rest: str) -> str:
-        """The decoder's last text; return everything not sent yet."""
-        out = self.push(rest) if rest else ""
-        return out + self._take(len(self.text))
-
-    def _take(self, upto: int) -> str:
-        if upto <= self.sent:
-            return ""
-        out, self.sent = self.text[self.sent : upto], upto
-        return out
 
 
 @dataclass(frozen=True)

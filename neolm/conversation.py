@@ -1,0 +1,157 @@
+"""A chat held with a model, turn by turn: what `neolm chat` and `LanguageModel.chat` run.
+
+Each turn writes the whole conversation in the model's chat format (neolm.chat) and generates the assistant's
+reply, streamed as text, with the format's stop strings cut out. Two things make it a conversation rather than
+a string of separate prompts:
+
+- The keys and values of the last turn (its prompt and reply) are kept, and the next turn takes from them the
+  tokens its prompt shares from the start, the whole conversation so far as a rule: only the new message is
+  read (as llama.cpp's conversation mode and vLLM's prefix caching do). That part is read as a chunk after the
+  kept ones, so its numbers may round differently from one forward of the whole prompt.
+- A conversation that outgrows the context loses its oldest exchanges (system messages are kept) until the
+  prompt and the reply's token budget fit; `dropped` counts the messages left out of the last prompt.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+from neolm.chat import Reply, check_messages
+from neolm.errors import NeolmError
+from neolm.generate import DecodeBatch, GenerationConfig
+from neolm.model import KVCache
+from neolm.tokenizer import StreamDecoder
+
+log = logging.getLogger(__name__)
+
+SYSTEM_ROLES = ("system", "developer")
+
+
+class Conversation:
+    """The messages so far, answered with `lm` (a neolm.LanguageModel).
+
+    messages: the conversation to start from ({"role", "content"} dicts, as OpenAI's); chat_template_kwargs go
+    to the chat template; the other keyword arguments are generation arguments (as LanguageModel.generate's;
+    one sequence). send(text) adds a user message and streams the reply; reply() answers the messages as they
+    stand, or, when the last is the assistant's (a reply begun for the model), goes on with it. A finished
+    reply (or what was streamed of it, when the iterator is closed early) is appended to `messages` as the
+    assistant's (or to the begun reply). keep_cache=False: every turn reads its whole prompt, and no cache is
+    held between turns (its memory: the last prompt and reply's keys and values).
+    """
+
+    def __init__(self, lm, messages: list[dict] | None = None, chat_template_kwargs: dict | None = None,
+                 keep_cache: bool = True, **generation_kwargs):  # fmt: skip
+        self.lm, self.keep_cache = lm, keep_cache
+        self.messages = check_messages(messages) if messages else []
+        self.template_kwargs = dict(chat_template_kwargs or {})
+        self.generation = generation_kwargs
+        if self.generation_config().num_return_sequences != 1:
+            raise NeolmError("a conversation has one reply per turn; num_return_sequences must be 1")
+        self.dropped = 0  # messages left out of the last turn's prompt to fit the context
+        self.reused = 0  # prompt tokens of the last turn taken from the kept cache instead of read
+        self._held: tuple[KVCache, list[int]] | None = None  # the last turn's cache and the tokens in its slots
+
+    def generation_config(self) -> GenerationConfig:
+        """The model's generation defaults, then this conversation's arguments, plus the format's stop strings."""
+        gc = self.lm.generation_config(**self.generation)
+        user = gc.stop_strings or []
+        gc.stop_strings = user + [s for s in self.lm.chat_format.stop if s not in user] or None
+        return gc
+
+    def send(self, text: str) -> Iterator[str]:
+        """Add a user message and stream the reply (as reply())."""
+        if not isinstance(text, str) or not text.strip():
+            raise NeolmError("the message is empty")
+        self.messages.append({"role": "user", "content": text})
+        try:
+            return self.reply()
+        except NeolmError:
+            self.messages.pop()  # it cannot be answered: the conversation stays as it was
+            raise
+
+    def reply(self) -> Iterator[str]:
+        """Stream the assistant's reply to the messages as they stand (the rest of it, when the last message is
+        the assistant's). The prompt is made (and fitted to the context) here, so errors raise before anything
+        is generated."""
+        if not self.messages:
+            raise NeolmError("the conversation is empty: send a message first")
+        gc = self.generation_config()
+        going_on = self.messages[-1]["role"] == "assistant"
+        prompt = self._prompt(gc, going_on)
+        return self._generate(prompt, gc, going_on)
+
+    def reset(self, messages: list[dict] | None = None) -> None:
+        """Start over from `messages` (default: the system messages this conversation begins with; [] for none)."""
+        if messages is None:
+            messages = self.messages[: _leading_system(self.messages)]
+        self.messages = check_messages(messages) if messages else []
+        self._held, self.dropped = None, 0
+
+    def undo(self) -> list[dict]:
+        """Take back the last exchange (the last user message and everything after it); returns what was removed."""
+        users = [i for i, m in enumerate(self.messages) if m["role"] == "user"]
+        if not users:
+            return []
+        removed, self.messages = self.messages[users[-1] :], self.messages[: users[-1]]
+        return removed
+
+    def _prompt(self, gc: GenerationConfig, going_on: bool) -> list[int]:
+        """The conversation's prompt tokens, its oldest exchanges left out while prompt + reply overflow."""
+        fmt, n_ctx = self.lm.chat_format, self.lm.config.n_positions
+        first = _leading_system(self.messages)
+        system, rest = self.messages[:first], self.messages[first:]
+        dropped = 0
+        while True:
+            text = fmt.render(system + rest, not going_on, going_on, **self.template_kwargs)
+            prompt = self.lm.encode(text)
+            if len(prompt) + gc.new_token_budget(len(prompt)) <= n_ctx:
+                break
+            later = [i for i, m in enumerate(rest) if m["role"] == "user" and i > 0]
+            if not later:  # the last exchange alone overflows
+                raise NeolmError(
+                    f"the conversation's prompt is {len(prompt)} tokens even without older messages; with "
+                    f"{gc.new_token_budget(len(prompt))} new tokens that is more than the model's context of "
+                    f"{n_ctx}: send a shorter message or lower max_new_tokens"
+                )
+            dropped += later[0]
+            rest = rest[later[0] :]  # from the next user message on
+        if dropped > self.dropped:
+            log.warning("the conversation outgrew the context of %d tokens: its %d oldest messages are left out",
+                        n_ctx, dropped)  # fmt: skip
+        self.dropped = dropped
+        return prompt
+
+    def _generate(self, prompt: list[int], gc: GenerationConfig, going_on: bool) -> Iterator[str]:
+        lm = self.lm
+        batch = DecodeBatch(lm.model, lm.tokenizer.decode, compact=False)
+        prefill = batch.prefill([prompt], gc, reuse=self._held)
+        self.reused = prefill.done
+        log.info("turn: %d prompt tokens, %d of them kept from the last turn", len(prompt), self.reused)
+        reply = Reply(gc.stop_strings or [], lm.chat_format.lstrip_reply and not going_on)
+        decoder, new = StreamDecoder(lm.tokenizer), []
+        try:
+            prefill.read(lm.model)
+            batch.join(prefill)
+            while not batch.finished:
+                token = batch.step().tokens[0]
+                new.append(token)
+                piece = reply.push(decoder.push(token))
+                if piece:
+                    yield piece
+            rest = reply.finish(decoder.flush())
+            if rest:
+                yield rest
+        finally:  # finished, or closed early: keep what was said
+            said = reply.text[: reply.sent]
+            if going_on:
+                self.messages[-1] = self.messages[-1] | {"content": self.messages[-1]["content"] + said}
+            else:
+                self.messages.append({"role": "assistant", "content": said})
+            # the cache holds the prompt and every new token but the last (never fed back)
+            self._held = (batch.cache, prompt + new) if batch.cache is not None and self.keep_cache else None
+
+
+def _leading_system(messages: list[dict]) -> int:
+    """How many messages at the start are system (or developer) messages."""
+    return next((i for i, m in enumerate(messages) if m["role"] not in SYSTEM_ROLES), len(messages))

@@ -1,0 +1,186 @@
+"""Conversations: turns that reuse the last turn's KV cache, context overflow, continuing a reply, the chat
+pipeline and `neolm chat`."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+
+import neolm
+from neolm.cli import main
+from neolm.errors import NeolmError
+from neolm.generate import DecodeBatch, GenerationConfig
+
+GREEDY = {"do_sample": False, "repetition_penalty": 1.0}  # the bundled model samples by default
+
+
+def _generate(batch: DecodeBatch, prefill) -> list[int]:
+    prefill.read(batch.model)
+    batch.join(prefill)
+    tokens = []
+    while not batch.finished:
+        tokens.append(batch.step().tokens[0])
+    return tokens
+
+
+@pytest.mark.parametrize("name, load", [("neo", {}), ("neox-parallel-pct25", {}), ("neo", {"kv_cache_dtype": "int8"}),
+                                        ("neox-sequential-pct100", {"quantize": "int8"})])  # fmt: skip
+@pytest.mark.parametrize("room", [True, False], ids=["in-place", "copied"])
+def test_a_reused_cache_gives_the_numbers_of_a_fresh_prefill(tiny_checkpoints, name, load, room):
+    """A prompt that begins with the last generation's prompt and reply (but a token of it changed) takes those
+    slots from its cache (in place when it has the room, else copied) and reads only the rest: its first logits
+    match a whole forward's and its greedy tokens are the same."""
+    lm = neolm.load(tiny_checkpoints[name][1], **load)
+    torch.manual_seed(1)
+    first = torch.randint(0, 50000, (40,)).tolist()
+    gc = GenerationConfig(max_new_tokens=30, do_sample=False)
+    batch = DecodeBatch(lm.model, compact=False)
+    reply = _generate(batch, batch.prefill([first], gc))
+    held = (batch.cache, first + reply)
+    assert held[0].length == 40 + 30 - 1 and held[0].max_len == 70
+    extra = [7, 8, 9] if room else torch.randint(0, 50000, (60,)).tolist()
+    second = first + reply[:20] + [reply[20] + 1] + extra  # shares 60 tokens
+    gc2 = GenerationConfig(max_new_tokens=5, do_sample=False)
+
+    fresh = DecodeBatch(lm.model, compact=False)
+    whole = fresh.prefill([second], gc2)
+    expected = _generate(fresh, whole)
+    reusing = DecodeBatch(lm.model, compact=False)
+    prefill = reusing.prefill([second], gc2, reuse=held)
+    assert prefill.done == 60 and prefill.left == len(second) - 60
+    assert (prefill.cache is held[0]) == room
+    assert prefill.read(lm.model) == len(second) - 60
+    # the kept slots of the reply were written by decode steps, whose kernels round otherwise than a prompt's
+    scale = float(whole.logits.abs().max())
+    torch.testing.assert_close(prefill.logits, whole.logits, atol=1e-4 * scale, rtol=0)
+    assert _generate(reusing, prefill) == expected
+    # a prompt that is all shared still reads its last token, for its logits
+    again = DecodeBatch(lm.model, compact=False).prefill([first], gc2, reuse=(fresh.cache, second + expected))
+    assert again.done == 39 and again.left == 1
+    with pytest.raises(NeolmError, match="one sequence of one prompt"):
+        DecodeBatch(lm.model).prefill([first, first], gc2, reuse=held)
+
+
+def test_conversation_turns_reuse_the_cache_and_answer_as_fresh_prompts():
+    lm = neolm.load()
+    chat = neolm.Conversation(lm, [{"role": "system", "content": "Two lords speak."}], max_new_tokens=24, **GREEDY)
+    reused = []
+    for text in ["Good morrow, my lord.", "What news from the court?", "And the king?"]:
+        before = list(chat.messages) + [{"role": "user", "content": text}]
+        reply = "".join(chat.send(text))
+        assert reply == lm.chat(before, max_new_tokens=24, **GREEDY)  # a fresh prompt, read whole
+        assert chat.messages == before + [{"role": "assistant", "content": reply}]
+        assert "\nUser:" not in reply and reply == reply.lstrip()
+        reused.append(chat.reused)
+    prompts = [lm.apply_chat_template(chat.messages[:i], add_generation_prompt=True) for i in (2, 4, 6)]
+    assert reused[0] == 0 and all(0 < r < len(p) for r, p in zip(reused[1:], prompts[1:]))
+    assert reused[1] >= len(prompts[0])  # at least the whole last prompt was kept
+
+
+def test_undo_reset_and_an_unanswerable_message():
+    lm = neolm.load()
+    system = {"role": "system", "content": "Two lords speak."}
+    chat = neolm.Conversation(lm, [system], max_new_tokens=4, **GREEDY)
+    "".join(chat.send("Hail."))
+    "".join(chat.send("Whence?"))
+    assert [m["role"] for m in chat.undo()] == ["user", "assistant"] and len(chat.messages) == 3
+    with pytest.raises(NeolmError, match="more than the model's context"):
+        chat.send("word " * 3000)
+    assert len(chat.messages) == 3  # the message that cannot be answered is not kept
+    with pytest.raises(NeolmError, match="the message is empty"):
+        chat.send("  ")
+    chat.reset()
+    assert chat.messages == [system]
+    chat.reset([])
+    assert chat.messages == [] and chat.undo() == []
+    with pytest.raises(NeolmError, match="the conversation is empty"):
+        chat.reply()
+    with pytest.raises(NeolmError, match="num_return_sequences must be 1"):
+        neolm.Conversation(lm, do_sample=True, num_return_sequences=2)
+
+
+def test_a_long_conversation_leaves_out_its_oldest_exchanges(tiny_checkpoints, caplog):
+    """Past the context (512), the oldest exchanges are left out of the prompt, the system message kept; the
+    messages themselves stay."""
+    lm = neolm.load(tiny_checkpoints["neox-parallel-pct25"][1])
+    system = {"role": "system", "content": "Be brief."}
+    chat = neolm.Conversation(lm, [system], max_new_tokens=40, do_sample=False)
+    for turn in range(8):
+        "".join(chat.send(f"Turn {turn}: " + "tell me more " * 20))
+    assert len(chat.messages) == 17 and chat.dropped > 0 and chat.dropped % 2 == 0
+    kept = [system] + chat.messages[1 + chat.dropped : -1]
+    prompt = lm.apply_chat_template(kept, add_generation_prompt=True)
+    assert len(prompt) + 40 <= 512 < len(lm.apply_chat_template(chat.messages[:-1], add_generation_prompt=True)) + 40
+    assert kept[1]["role"] == "user" and "outgrew the context" in caplog.text
+
+
+def test_a_reply_begun_for_the_model_is_continued():
+    lm = neolm.load()
+    begun = [{"role": "user", "content": "Who goes there?"}, {"role": "assistant", "content": "Who goes"}]
+    chat = neolm.Conversation(lm, begun, max_new_tokens=12, **GREEDY)
+    rest = "".join(chat.reply())
+    prompt = lm.apply_chat_template(begun, continue_final_message=True)
+    assert lm.decode(prompt).endswith("Assistant: Who goes")
+    new = lm.decode(lm.generate_ids([prompt], max_new_tokens=12, stop_strings="\nUser:", **GREEDY)[0])
+    assert rest == new.split("\nUser:")[0]  # not stripped: it goes on from "goes"
+    assert chat.messages == [begun[0], {"role": "assistant", "content": "Who goes" + rest}]
+    assert lm.chat(begun, max_new_tokens=12, **GREEDY) == rest
+
+
+def test_a_reply_closed_early_keeps_what_was_said():
+    lm = neolm.load()
+    chat = neolm.Conversation(lm, max_new_tokens=60, **GREEDY)
+    pieces = chat.send("Speak, speak.")
+    said = next(pieces) + next(pieces)
+    pieces.close()
+    assert chat.messages[-1] == {"role": "assistant", "content": said}
+    assert "".join(chat.send("Go on.")) and chat.reused > 0
+
+
+def test_the_pipeline_takes_chats_as_transformers():
+    generator = neolm.pipeline("text-generation")
+    chat = [{"role": "user", "content": "Hail!"}]
+    (out,) = generator(chat, max_new_tokens=8, **GREEDY)
+    reply = generator.lm.chat(chat, max_new_tokens=8, **GREEDY)
+    assert out["generated_text"] == chat + [{"role": "assistant", "content": reply}]
+    both = generator([chat, chat], max_new_tokens=8, return_full_text=False, **GREEDY)
+    assert both == [[{"generated_text": reply}]] * 2
+
+
+def run_chat(monkeypatch, capsys, lines: list[str], *args: str) -> tuple[int, str, str]:
+    monkeypatch.setattr("sys.stdin", io.StringIO("".join(line + "\n" for line in lines)))
+    code = main(["chat", *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_neolm_chat_command(monkeypatch, capsys, tmp_path):
+    lm = neolm.load()
+    saved = tmp_path / "conversation.json"
+    lines = ["Good morrow.", "/help", "", "//slash", "/undo", "Whence?", "/nope", f"/save {saved}", "/exit", "unread"]
+    code, out, err = run_chat(monkeypatch, capsys, lines, "--system", "Two lords.", "--max-new-tokens", "10",
+                              "--no-do-sample", "--repetition-penalty", "1")  # fmt: skip
+    assert code == 0
+    expected = neolm.Conversation(lm, [{"role": "system", "content": "Two lords."}], max_new_tokens=10, **GREEDY)
+    first = "".join(expected.send("Good morrow."))
+    "".join(expected.send("/slash"))  # sent, then taken back by /undo
+    expected.undo()
+    second = "".join(expected.send("Whence?"))
+    assert out.count("\n") >= 3 and out.startswith(first) and out.endswith(second + "\n")
+    assert "/system TEXT" in err and "took back 2 messages" in err and "unknown command '/nope'" in err
+    messages = json.loads(saved.read_text())
+    assert messages == expected.messages and "unread" not in out
+    # start from the saved conversation, with another system message
+    code, out, err = run_chat(monkeypatch, capsys, ["And then?"], "--messages", str(saved), "--system", "Kings.",
+                              "--max-new-tokens", "10", "--no-do-sample", "--repetition-penalty", "1")  # fmt: skip
+    expected.reset([{"role": "system", "content": "Kings."}] + messages[1:])
+    assert code == 0 and out == "".join(expected.send("And then?")) + "\n"
+    # errors
+    (tmp_path / "bad.json").write_text('[{"role": "robot", "content": "x"}]')
+    code, out, err = run_chat(monkeypatch, capsys, [], "--messages", str(tmp_path / "bad.json"))
+    assert code == 1 and "role must be one of" in err
+    code, out, err = run_chat(monkeypatch, capsys, ["word " * 3000, "Hail."], "--max-new-tokens", "4")
+    assert code == 0 and "more than the model's context" in err and out.strip()  # the next message is answered
