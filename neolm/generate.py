@@ -352,6 +352,8 @@ class DecodeBatch:
             prefill.tokens[row, width - len(p) :] = torch.tensor(p)
         if reuse is not None:  # the prompt's tokens up to the first that differs, but its last
             held, tokens = reuse
+            if held.k.shape[1] != 1 or held.valid is not None:
+                raise NeolmError("a reused cache must hold one row without padding")
             same = next((i for i, (a, b) in enumerate(zip(tokens[: held.length], seqs[0])) if a != b),
                         min(held.length, len(tokens), width))  # fmt: skip
             prefill.done = min(same, width - 1)
@@ -420,6 +422,15 @@ class DecodeBatch:
         self.cache = KVCache.aligned(parts, max(b - c for b, c in zip(rows.budgets, rows.counts)), self._spare)
         self._spare = old  # its memory, for the next rebuild
         return index
+
+    def row_cache(self, id: int) -> KVCache:
+        """A copy of sequence `id`'s keys and values as a cache of one row: its prompt and every token it got but
+        the last (which no step has fed yet), for prefill(reuse=) with those tokens. Call it in the step that
+        ends the sequence (its row leaves at the next)."""
+        r = self.rows
+        row = r.ids.index(id)
+        used = r.lengths[row] + r.counts[row] - 1  # its slots end at the current one
+        return self.cache.slots(row, self.cache.length - used, self.cache.length)
 
     def cancel(self, ids) -> None:
         """End these sequences now (they appear in no later step)."""

@@ -91,6 +91,21 @@ class KVCache:
         out.length = end
         return out
 
+    def slots(self, row: int, start: int, end: int) -> KVCache:
+        """A new cache of one row: row `row`'s slots start .. end-1, as its slots 0 .. (filled, no padding)."""
+        out = KVCache.__new__(KVCache)
+
+        def take(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[:, row : row + 1, :, start:end].clone()
+
+        out.k, out.v, out.k_scale, out.v_scale = map(take, (self.k, self.v, self.k_scale, self.v_scale))
+        out.valid, out.length = None, end - start
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (self.k, self.v, self.k_scale, self.v_scale) if t is not None)
+
     def take_prefix(self, other: KVCache, n: int) -> None:
         """Hold `other`'s first n slots (of every row; same shape and dtype but for the length) as its own first n."""
         mine, theirs = (self.k, self.v, self.k_scale, self.v_scale), (other.k, other.v, other.k_scale, other.v_scale)

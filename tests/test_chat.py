@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import urllib.error
 import urllib.request
@@ -251,3 +252,47 @@ def test_server_chats_in_the_checkpoint_template(chat_model, tmp_path):
         assert answer["error"]["param"] == "messages"
     finally:
         server.close()
+
+
+SYSTEM = "Two lords speak of the king and his court, of the queen, of war and peace, in the old tongue of the stage."
+
+
+def test_server_prefix_cache_serves_a_chats_next_turn():
+    """With --prefix-cache, a chat's next turn (the conversation resent, the reply added) takes the last turn's
+    keys and values and reads only the rest: usage and /metrics count them, and greedy replies are those
+    without the cache (the bundled model: no near-ties here)."""
+    lm = neolm.load()
+    replies = {}
+    for mb in (0, 64):
+        server = Server(lm, port=0, prefix_cache_mb=mb)
+        server.start()
+        try:
+            messages, got = [{"role": "system", "content": SYSTEM}], []
+            for text in ["Good morrow, my lord, what news?", "And what of the queen?", "Then let us go."]:
+                messages.append({"role": "user", "content": text})
+                status, answer = post(server, "/v1/chat/completions", {"messages": messages, "max_tokens": 24,
+                                                                       "temperature": 0})  # fmt: skip
+                assert status == 200, answer
+                reply = answer["choices"][0]["message"]["content"]
+                messages.append({"role": "assistant", "content": reply})
+                got.append((reply, answer["usage"].get("prompt_tokens_details", {}).get("cached_tokens", 0)))
+            # the first turn again: all of its prompt but the last token is in the cache (taken, in place)
+            status, answer = post(server, "/v1/chat/completions", {"messages": messages[:2], "max_tokens": 24,
+                                                                   "temperature": 0})  # fmt: skip
+            got.append((answer["choices"][0]["message"]["content"],
+                        answer["usage"].get("prompt_tokens_details", {}).get("cached_tokens", 0)))  # fmt: skip
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.server_address[1]}/metrics") as r:
+                metrics = r.read().decode()
+        finally:
+            server.close()
+        replies[mb] = got
+        hits = int(re.search(r"neolm:prefix_cache_hits_total\{[^}]*\} (\d+)", metrics)[1])
+        assert hits == sum(cached for _, cached in got)
+    assert [reply for reply, _ in replies[64]] == [reply for reply, _ in replies[0]]
+    assert [cached for _, cached in replies[0]] == [0, 0, 0, 0] and replies[0][3][0] == replies[0][0][0]
+    cached = [cached for _, cached in replies[64]]
+    first_prompt = len(lm.apply_chat_template(
+        [{"role": "system", "content": SYSTEM},
+         {"role": "user", "content": "Good morrow, my lord, what news?"}], add_generation_prompt=True))  # fmt: skip
+    assert cached[0] == 0 and cached[1] >= first_prompt and cached[2] > cached[1], (cached, first_prompt)
+    assert cached[3] == first_prompt - 1

@@ -184,3 +184,52 @@ def test_neolm_chat_command(monkeypatch, capsys, tmp_path):
     assert code == 1 and "role must be one of" in err
     code, out, err = run_chat(monkeypatch, capsys, ["word " * 3000, "Hail."], "--max-new-tokens", "4")
     assert code == 0 and "more than the model's context" in err and out.strip()  # the next message is answered
+
+
+def test_row_cache_holds_a_finished_sequences_slots(tiny_checkpoints):
+    """The server's prefix cache keeps a finished sequence's row: its prompt and tokens but the last, as one
+    row without padding, equal to the cache of that sequence run alone."""
+    lm = neolm.load(tiny_checkpoints["neo"][1])
+    gc = GenerationConfig(max_new_tokens=6, do_sample=False)
+    batch = DecodeBatch(lm.model)
+    batch.add([[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]], GenerationConfig(max_new_tokens=20, do_sample=False))
+    batch.step()
+    (short,) = batch.add([[11, 12, 13]], gc)  # joins right-aligned, shorter
+    kept, got = None, []
+    while kept is None:
+        step = batch.step()
+        row = step.ids.index(short)
+        got.append(step.tokens[row])
+        if step.ends[row] is not None:  # (its row leaves at the next step)
+            kept = batch.row_cache(short)
+    alone = DecodeBatch(lm.model, compact=False)
+    assert _generate(alone, alone.prefill([[11, 12, 13]], gc)) == got
+    assert kept.length == 3 + 6 - 1 and kept.valid is None and kept.k.shape[1] == 1
+    torch.testing.assert_close(kept.k, alone.cache.k[:, :, :, : kept.length], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kept.v, alone.cache.v[:, :, :, : kept.length], atol=1e-5, rtol=1e-5)
+
+
+def test_prefix_cache_takes_the_longest_shared_entry_and_evicts_the_oldest(tiny_checkpoints):
+    from neolm.model import KVCache
+    from neolm.serve.prefix import MIN_SHARED, PrefixCache
+
+    config = neolm.load(tiny_checkpoints["neo"][1]).config
+
+    def entry(n):
+        cache = KVCache(config, 1, n, torch.float32)
+        cache.length = n
+        return cache
+
+    size = entry(40).nbytes
+    prefixes = PrefixCache(2 * size + size // 2)  # room for two entries of 40 slots
+    a, b, c = list(range(40)), list(range(20)) + [99] * 20, list(range(100, 140))
+    for tokens in (a, b):
+        prefixes.put(entry(40), tokens + [7, 7])  # tokens past the cache's slots are not kept
+    prefixes.put(entry(MIN_SHARED - 1), c)  # too short to be worth keeping
+    assert len(prefixes) == 2 and prefixes.bytes == 2 * size
+    assert prefixes.take(list(range(MIN_SHARED - 1)) + [5]) is None  # shares too little
+    cache, tokens = prefixes.take(list(range(60)))  # a shares 40, b 20
+    assert tokens == a and len(prefixes) == 1 and prefixes.bytes == size
+    prefixes.put(cache, tokens)
+    prefixes.put(entry(40), c)  # the least recently put (b) goes
+    assert prefixes.take(b) is None and len(prefixes) == 2

@@ -42,6 +42,11 @@ def register(sub) -> dict:
                      f"long prompt delays the running sequences' next tokens by one chunk's forward, not its whole "
                      f"(default {DEFAULT_PREFILL_CHUNK}; at least {MIN_PREFILL_CHUNK}; 0: whole prompts). Chunks give "
                      "the same tokens as one forward")  # fmt: skip
+    net.add_argument("--prefix-cache", type=non_negative, default=0, metavar="MB",
+                     help="keep the keys and values of finished sequences, up to MB megabytes, so that a prompt "
+                     "that begins with one (a chat's next turn resends the conversation; a shared few-shot context) "
+                     "reads only the rest, as vLLM's prefix caching (default 0: off). Outputs are then a rounding "
+                     "away from a request alone: tokens can differ at near-ties")  # fmt: skip
     return {"serve": cmd_serve}
 
 
@@ -51,7 +56,7 @@ def cmd_serve(args) -> int:
 
     lm = load_model(args)
     name = args.served_model_name or args.model or DEFAULT_MODEL_NAME
-    server = Server(lm, args.host, args.port, name, args.api_key, args.max_batch, args.prefill_chunk)
+    server = Server(lm, args.host, args.port, name, args.api_key, args.max_batch, args.prefill_chunk, args.prefix_cache)
     host, port = server.server_address[:2]
     print(f"neolm serve: {server.model_name} on http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
     try:

@@ -28,6 +28,7 @@ from neolm.errors import NeolmError
 from neolm.generate import DecodeBatch, GenerationConfig, Prefill, fit_prompts
 from neolm.sampling import TokenLogprobs
 from neolm.serve.metrics import Metrics
+from neolm.serve.prefix import PrefixCache
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,14 @@ class Job:
         self.submitted = time.perf_counter()
         self._first: float | None = None  # when its first token came (the engine's)
         self._counts = [0] * self.sequences  # tokens each sequence has got (the engine's)
+        self._tokens: list[list[int]] = [[] for _ in range(self.sequences)]  # and which (with a prefix cache)
+        self.cached = 0  # prompt tokens taken from the prefix cache instead of read (set before its first token)
         self._left = self.sequences  # sequences not yet ended (the engine's)
+
+    @property
+    def reusable(self) -> bool:
+        """One sequence of one prompt, not scored: its prompt may start from a prefix cache entry."""
+        return len(self.prompts) == 1 and self.gc.num_return_sequences == 1 and not self.prompt_logprobs
 
     @property
     def alone(self) -> bool:
@@ -118,13 +126,16 @@ class Engine:
     spinning, so every parallel region pays a wake-up. Decoding in a second thread after loading in the first
     ran the bundled model ~3x slower here (2 cores); run() in the loading thread keeps one team."""
 
-    def __init__(self, lm, max_batch: int = 8, prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+    def __init__(self, lm, max_batch: int = 8, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, prefix_cache_mb: int = 0):
         if max_batch < 1:
             raise NeolmError(f"max_batch must be at least 1, got {max_batch}")
         if prefill_chunk and prefill_chunk < MIN_PREFILL_CHUNK:
             raise NeolmError(f"prefill_chunk must be 0 (whole prompts) or at least {MIN_PREFILL_CHUNK} tokens, got "
                              f"{prefill_chunk}")  # fmt: skip
+        if prefix_cache_mb < 0:
+            raise NeolmError(f"prefix_cache_mb must be >= 0 (0: off), got {prefix_cache_mb}")
         self.lm, self.max_batch, self.prefill_chunk = lm, max_batch, prefill_chunk
+        self.prefixes = PrefixCache(prefix_cache_mb * 2**20) if prefix_cache_mb else None
         self._waiting: deque[Job] = deque()
         self._wake = threading.Condition()
         self._closed = False
@@ -241,7 +252,10 @@ class Engine:
                 batch = None  # its KV caches' memory goes back while the server is idle
 
     def _prefill(self, batch: DecodeBatch, jobs: list[Job], reading: deque) -> None:
-        """Queue the jobs' prompts to be read; those with equal settings share the forward that reads them."""
+        """Queue the jobs' prompts to be read: those that begin with a prefix cache entry after it, alone; the
+        others with equal settings share the forward that reads them."""
+        if self.prefixes is not None:
+            jobs = [job for job in jobs if not self._reuse(batch, job, reading)]
         while jobs:
             first = jobs[0]
             same = [job for job in jobs if job.gc == first.gc and job.prompt_logprobs == first.prompt_logprobs]
@@ -256,6 +270,23 @@ class Engine:
             prefill = batch.prefill([job.prompts[i] for job, i in firsts], first.gc,
                                     [job.logprobs for job, _ in firsts], on_prompt if first.prompt_logprobs else None)  # fmt: skip
             reading.append(_Reading(prefill, same, firsts))
+
+    def _reuse(self, batch: DecodeBatch, job: Job, reading: deque) -> bool:
+        """Queue the job's prompt to be read after the prefix cache entry it begins with, if any."""
+        if not job.reusable:
+            return False
+        prompt = job.prompts[0]
+        held = self.prefixes.take(prompt)
+        self.metrics.prefix_queries += len(prompt)
+        if held is None:
+            return False
+        prefill = batch.prefill([prompt], job.gc, [job.logprobs], reuse=held)
+        if prefill.cache is not held[0]:  # copied from, not taken: still good for others
+            self.prefixes.put(*held)
+        job.cached = prefill.done
+        self.metrics.prefix_hits += prefill.done
+        reading.append(_Reading(prefill, [job], [(job, 0)]))
+        return True
 
     def _read(self, batch: DecodeBatch, reading: deque, owners: dict, running: list[Job]) -> None:
         """Read queued prompts, oldest first, and add those read to the end to the batch. While sequences run,
@@ -305,6 +336,8 @@ class Engine:
                 continue
             job, s = owners[sequence]
             job._counts[s] += 1
+            if self.prefixes is not None:
+                job._tokens[s].append(token)
             if job._first is None:
                 job._first = now
                 self.metrics.ttft.observe(now - job.submitted)
@@ -315,6 +348,8 @@ class Engine:
             self.metrics.generation_tokens += 1
             if end is not None:
                 del owners[sequence]
+                if self.prefixes is not None and job.gc.num_return_sequences == 1:  # keep its keys and values
+                    self.prefixes.put(batch.row_cache(sequence), job.prompts[s] + job._tokens[s])
                 self._end(job, End(s, end, job._counts[s]), running)
         for job in [job for job in running if job.cancelled.is_set()]:  # its client went away
             gone = [i for i, (owner, _) in owners.items() if owner is job]

@@ -43,12 +43,13 @@ class Server(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, lm, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
-                 api_key: str | None = None, max_batch: int = 8, prefill_chunk: int = DEFAULT_PREFILL_CHUNK):  # fmt: skip
+                 api_key: str | None = None, max_batch: int = 8, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+                 prefix_cache_mb: int = 0):  # fmt: skip
         self.lm = lm
         self.model_name = model_name or lm.source
         self.api_key = api_key
         self.started = int(time.time())
-        self.engine = Engine(lm, max_batch, prefill_chunk)
+        self.engine = Engine(lm, max_batch, prefill_chunk, prefix_cache_mb)
         try:
             super().__init__((host, port), Handler)
         except OSError as e:
@@ -251,7 +252,8 @@ class Handler(BaseHTTPRequestHandler):
             texts, reasons, entries = ([x[i] for i in keep] for x in (texts, reasons, entries))
         tokenizer = self.server.lm.tokenizer
         choice_logprobs = [protocol.logprobs(request, e, tokenizer) for e in entries]
-        self._json(200, protocol.response(request, self.server.model_name, texts, reasons, generated, choice_logprobs))
+        self._json(200, protocol.response(request, self.server.model_name, texts, reasons, generated, choice_logprobs,
+                                          job.cached))  # fmt: skip
 
     def _stream(self, request, job) -> None:
         name, tokenizer = self.server.model_name, self.server.lm.tokenizer
@@ -276,7 +278,7 @@ class Handler(BaseHTTPRequestHandler):
                 self._event(ApiError(500, str(e), kind="server_error").body())
             else:
                 if request.include_usage:
-                    self._event(protocol.usage_chunk(request, name, generated))
+                    self._event(protocol.usage_chunk(request, name, generated, job.cached))
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):

@@ -38,6 +38,8 @@ class Metrics:
         self.running = 0  # requests decoding
         self.prompt_tokens = 0
         self.generation_tokens = 0
+        self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_hits = 0  # and found there (not read)
         self.finished = dict.fromkeys(REASONS, 0)  # sequences, by why they ended ("abort": the client went away)
         self.ttft = Histogram(TTFT_BUCKETS)  # request submitted -> its first token
         self.latency = Histogram(LATENCY_BUCKETS)  # request submitted -> its last sequence ended
@@ -73,6 +75,18 @@ class Metrics:
             "counter",
             "Tokens generated.",
             [f"neolm:generation_tokens_total{{{labels}}} {self.generation_tokens}"],
+        )
+        metric(
+            "prefix_cache_queries_total",
+            "counter",
+            "Prompt tokens looked up in the prefix cache (neolm serve --prefix-cache).",
+            [f"neolm:prefix_cache_queries_total{{{labels}}} {self.prefix_queries}"],
+        )
+        metric(
+            "prefix_cache_hits_total",
+            "counter",
+            "Prompt tokens found in the prefix cache, not read.",
+            [f"neolm:prefix_cache_hits_total{{{labels}}} {self.prefix_hits}"],
         )
         metric(
             "request_success_total",

@@ -353,14 +353,16 @@ def prompt_logprobs(prompt: list[int], logprobs: list[float], top: list, tokeniz
     return entries
 
 
-def usage(request: Request, completion_tokens: int) -> dict:
+def usage(request: Request, completion_tokens: int, cached: int = 0) -> dict:
+    """Token counts; `cached`: prompt tokens taken from the prefix cache (OpenAI's prompt_tokens_details)."""
     prompt_tokens = sum(len(p) for p in request.prompts)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+    counts = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+              "total_tokens": prompt_tokens + completion_tokens}  # fmt: skip
+    return counts | ({"prompt_tokens_details": {"cached_tokens": cached}} if cached else {})
 
 
 def response(request: Request, model: str, texts: list[str], reasons: list[str], completion_tokens: int,
-             choice_logprobs: list[dict | None]) -> dict:  # fmt: skip
+             choice_logprobs: list[dict | None], cached: int = 0) -> dict:  # fmt: skip
     """The whole (non-streamed) answer."""
     rows = zip(texts, reasons, choice_logprobs)
     if request.kind == "chat":
@@ -372,7 +374,7 @@ def response(request: Request, model: str, texts: list[str], reasons: list[str],
                    for i, (text, reason, lp) in enumerate(rows)]  # fmt: skip
         kind = "text_completion"
     return {"id": request.id, "object": kind, "created": request.created, "model": model, "choices": choices,
-            "usage": usage(request, completion_tokens)}  # fmt: skip
+            "usage": usage(request, completion_tokens, cached)}  # fmt: skip
 
 
 def chunk(request: Request, model: str, index: int, text: str | None, reason: str | None = None,
@@ -388,7 +390,7 @@ def chunk(request: Request, model: str, index: int, text: str | None, reason: st
     return {"id": request.id, "object": kind, "created": request.created, "model": model, "choices": [choice]}
 
 
-def usage_chunk(request: Request, model: str, completion_tokens: int) -> dict:
+def usage_chunk(request: Request, model: str, completion_tokens: int, cached: int = 0) -> dict:
     kind = "chat.completion.chunk" if request.kind == "chat" else "text_completion"
     return {"id": request.id, "object": kind, "created": request.created, "model": model, "choices": [],
-            "usage": usage(request, completion_tokens)}  # fmt: skip
+            "usage": usage(request, completion_tokens, cached)}  # fmt: skip

@@ -1,0 +1,143 @@
+"""`neolm serve` under clients that hold multi-turn chats, with and without its prefix cache.
+
+    python bench/serve_chat.py --model /tmp/neolm-bench/models/pythia-160m/hf --clients 4 --turns 6 \\
+        --message-tokens 48 --reply-tokens 32 --prefix-cache 0,256 --rounds 2 --out bench/SERVE.md
+
+For each --prefix-cache value (MB; 0: off): start `neolm serve` (a fresh process), and let --clients threads
+each hold a chat of --turns turns at once through /v1/chat/completions, streamed: every turn resends the
+conversation with a new user message of --message-tokens tokens (common one-token words) and gets a greedy
+reply of exactly --reply-tokens tokens. Reported: generated tokens per second over the run, the median time to
+a reply's first token (all turns, and the last turn's), and the prompt tokens the cache supplied (usage's
+prompt_tokens_details.cached_tokens) against all prompt tokens. Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import threading
+import time
+import urllib.request
+
+from serve_load import WORDS, start
+
+
+def turn(base: str, messages: list[dict], tokens: int) -> tuple[str, float, int, int]:
+    """One streamed chat completion: (reply, seconds to its first token, prompt tokens, cached prompt tokens)."""
+    body = {"messages": messages, "max_tokens": tokens, "min_tokens": tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}  # fmt: skip
+    request = urllib.request.Request(f"{base}/chat/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})  # fmt: skip
+    began, first, reply, usage = time.perf_counter(), None, "", {}
+    with urllib.request.urlopen(request, timeout=1200) as response:
+        for line in response:
+            if not line.startswith(b"data: {"):
+                continue
+            event = json.loads(line[6:])
+            if event.get("usage"):
+                usage = event["usage"]
+            elif event["choices"] and event["choices"][0]["delta"].get("content"):
+                first = first or time.perf_counter() - began
+                reply += event["choices"][0]["delta"]["content"]
+    cached = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
+    return reply, first or 0.0, usage["prompt_tokens"], cached
+
+
+def run(args, mb: str, label: str) -> dict:
+    args.load = [*args.extra, "--prefix-cache", mb]
+    server, base = start(args, args.max_batch)
+    try:
+        turn(base, [{"role": "user", "content": "Warm-up"}], 8)
+        draw = random.Random(0)
+        texts = [["".join(draw.choices(WORDS, k=args.message_tokens)).strip() for _ in range(args.turns)]
+                 for _ in range(args.clients)]  # fmt: skip
+        firsts, lasts, prompt, cached = [], [], [0], [0]
+
+        def client(c: int) -> None:
+            messages = []
+            for t in range(args.turns):
+                messages.append({"role": "user", "content": texts[c][t]})
+                reply, first, n, hit = turn(base, messages, args.reply_tokens)
+                messages.append({"role": "assistant", "content": reply})
+                firsts.append(first)
+                if t == args.turns - 1:
+                    lasts.append(first)
+                prompt[0] += n
+                cached[0] += hit
+
+        threads = [threading.Thread(target=client, args=(c,)) for c in range(args.clients)]
+        began = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - began
+    finally:
+        server.send_signal(2)
+        server.wait(timeout=60)
+    generated = args.clients * args.turns * args.reply_tokens
+    return {"label": label, "prefix_cache": mb, "tok_s": generated / wall, "wall_s": wall,
+            "ttft_s": statistics.median(firsts), "last_ttft_s": statistics.median(lasts), "prompt": prompt[0],
+            "cached": cached[0]}  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="checkpoint folder or hub id (default: the bundled model)")
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--turns", type=int, default=6)
+    p.add_argument("--message-tokens", type=int, default=48)
+    p.add_argument("--reply-tokens", type=int, default=32)
+    p.add_argument("--prefix-cache", default="0,256", help="comma-separated `neolm serve --prefix-cache` values (MB)")
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=2, help="run every row this many times, alternating")
+    p.add_argument("--out", help="append the table to this markdown file")
+    p.add_argument("extra", nargs=argparse.REMAINDER, help="more `neolm serve` options after --")
+    args = p.parse_args()
+    args.extra = [a for a in args.extra if a != "--"]
+    if args.model and os.path.exists(args.model):  # the servers may run in another directory
+        args.model = os.path.abspath(args.model)
+    values = args.prefix_cache.split(",")
+    runs = []
+    for round_ in range(args.rounds):
+        for mb in values if round_ % 2 == 0 else values[::-1]:
+            runs.append(run(args, mb, mb))
+            print(runs[-1], file=sys.stderr)
+    lines = [
+        f"`python {' '.join(sys.argv)}`",
+        "",
+        (
+            f"{platform.processor() or platform.machine()}, {args.threads} threads; {args.clients} clients x "
+            f"{args.turns} turns of {args.message_tokens}-token messages and {args.reply_tokens}-token greedy "
+            f"replies; median of {args.rounds} round(s)"
+        ),
+        "",
+        "| --prefix-cache, MB | tokens/s [min-max] | vs first row | median TTFT, s | last turn's TTFT, s | "
+        "prompt tokens cached |",
+        "|---|---|---|---|---|---|",
+    ]
+    base = None
+    for mb in values:
+        mine = [r for r in runs if r["prefix_cache"] == mb]
+        tok_s = statistics.median(r["tok_s"] for r in mine)
+        base = base or tok_s
+        lines.append(
+            f"| {mb} | {tok_s:.1f} [{min(r['tok_s'] for r in mine):.1f}-{max(r['tok_s'] for r in mine):.1f}] | "
+            f"{tok_s / base:.2f}x | {statistics.median(r['ttft_s'] for r in mine):.3f} | "
+            f"{statistics.median(r['last_ttft_s'] for r in mine):.3f} | {mine[0]['cached']} of {mine[0]['prompt']} |"
+        )
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(args.out, "a", encoding="utf-8") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

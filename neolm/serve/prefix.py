@@ -1,0 +1,61 @@
+"""The server's prefix cache (`neolm serve --prefix-cache MB`): the keys and values of finished sequences, kept
+so that a new prompt that begins with one of them (the next turn of a chat, which resends the conversation; a
+few-shot context shared by many prompts) reads only the rest, as vLLM's automatic prefix caching does.
+
+Entries are whole sequences (prompt and generated tokens, one row each), the least recently used evicted past
+the memory budget. A prompt takes the entry it shares the most tokens with from the start, if at least
+MIN_SHARED. Off by default: the kept slots of generated tokens were written by decode steps, whose kernels
+round otherwise than a prompt's forward, so a prompt read this way gets numbers a rounding away from its
+own (its tokens can differ at near-ties), where neolm otherwise gives every request exactly what it would get
+alone.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from itertools import count
+
+from neolm.model import KVCache
+
+MIN_SHARED = 32  # tokens a prompt must share with an entry to take it (fewer are as quick to read again)
+
+
+class PrefixCache:
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._entries: OrderedDict[int, tuple[KVCache, list[int]]] = OrderedDict()  # oldest use first
+        self._keys = count()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def put(self, cache: KVCache, tokens: list[int]) -> None:
+        """Keep a sequence's cache (one row, no padding) and the tokens in its slots (more are ignored)."""
+        if cache.nbytes > self.max_bytes or cache.length < MIN_SHARED:
+            return
+        self._entries[next(self._keys)] = (cache, tokens[: cache.length])
+        self.bytes += cache.nbytes
+        while self.bytes > self.max_bytes:
+            old, _ = self._entries.popitem(last=False)[1]
+            self.bytes -= old.nbytes
+
+    def take(self, prompt: Sequence[int]) -> tuple[KVCache, list[int]] | None:
+        """Remove and return the entry that shares the most tokens with `prompt` from its start (at least
+        MIN_SHARED; the most recent of equals), or None. The taker may change it; put it back if not."""
+        best, shared = None, MIN_SHARED
+        for key, (_, tokens) in self._entries.items():  # oldest first: of equals, the newest wins
+            n = _shared(tokens, prompt)
+            if n >= shared:
+                best, shared = key, n
+        if best is None:
+            return None
+        cache, tokens = self._entries.pop(best)
+        self.bytes -= cache.nbytes
+        return cache, tokens
+
+
+def _shared(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many tokens a and b share from the start."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
