@@ -118,8 +118,10 @@ def main() -> None:
             f"replies; median of {args.rounds} round(s)"
         ),
         "",
-        "| --prefix-cache, MB | tokens/s [min-max] | vs first row | median TTFT, s | last turn's TTFT, s | "
-        "prompt tokens cached |",
+        (
+            "| --prefix-cache, MB | tokens/s [min-max] | vs first row | median TTFT, s | last turn's TTFT, s | "
+            "prompt tokens cached |"
+        ),
         "|---|---|---|---|---|---|",
     ]
     base = None

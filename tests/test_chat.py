@@ -103,8 +103,11 @@ def test_templates_render_and_tokenize_as_transformers(tmp_path, template, messa
     assert any(i >= 50277 for i in ids) or template is ALTERNATING  # the added special tokens are single ids
 
 
-@pytest.mark.parametrize("template, messages", [(CHATML, CHAT[:3]), (ALTERNATING, ALTERNATING_CHAT[:2]),
-                                                (BLOCKS, CHAT[:3])], ids=["chatml", "alternating", "blocks"])  # fmt: skip
+@pytest.mark.parametrize(
+    "template, messages",
+    [(CHATML, CHAT[:3]), (ALTERNATING, ALTERNATING_CHAT[:2]), (BLOCKS, CHAT[:3])],
+    ids=["chatml", "alternating", "blocks"],
+)
 @pytest.mark.parametrize("final", [" A player, sir. ", "A player"])
 def test_continue_final_message_as_transformers(tmp_path, template, messages, final):
     """The text ends inside the final message, with its trailing space where the template keeps what follows
@@ -227,7 +230,8 @@ def test_server_chats_in_the_checkpoint_template(chat_model, tmp_path):
         assert status == 200 and tokens["tokens"] == prompt
         # vLLM's continue_final_message: the reply goes on with a begun assistant message
         begun = CHAT + [{"role": "assistant", "content": "Thou"}]
-        status, answer = post(server, "/v1/chat/completions", body | {"messages": begun, "continue_final_message": True})
+        going_on = body | {"messages": begun, "continue_final_message": True}
+        status, answer = post(server, "/v1/chat/completions", going_on)
         prompt = lm.apply_chat_template(begun, continue_final_message=True)
         assert status == 200 and prompt == lm.encode(lm.apply_chat_template(CHAT, tokenize=False) + "<|im_start|>"
                                                      "assistant\nThou")  # fmt: skip
@@ -236,8 +240,7 @@ def test_server_chats_in_the_checkpoint_template(chat_model, tmp_path):
         assert answer["choices"][0]["message"]["content"] == expected
         status, tokens = post(server, "/tokenize", {"messages": begun, "continue_final_message": True})
         assert status == 200 and tokens["tokens"] == prompt
-        status, answer = post(server, "/v1/chat/completions", body | {"messages": begun, "continue_final_message": True,
-                                                                      "add_generation_prompt": True})  # fmt: skip
+        status, answer = post(server, "/v1/chat/completions", going_on | {"add_generation_prompt": True})
         assert status == 400 and answer["error"]["param"] == "continue_final_message"
         with urllib.request.urlopen(f"http://127.0.0.1:{server.server_address[1]}/tokenizer_info") as r:
             assert json.loads(r.read())["chat_template"] == CHATML

@@ -19,7 +19,6 @@ import neolm
 from neolm.errors import NeolmError
 from neolm.eval.scoring import loglikelihoods
 from neolm.generate import DecodeBatch, Prefill
-from neolm.serve import protocol
 from neolm.serve.engine import End, Engine, Prompt, Token
 from neolm.serve.http import Server
 
