@@ -98,13 +98,18 @@ def test_golden_losses(tiny_data, tmp_path):
 
 
 def test_kill_and_resume_reproduces_the_uninterrupted_run(tiny_data, tmp_path):
-    straight = tmp_path / "straight"
-    train(run_args(tiny_data, straight, max_steps=40, save_every=2))
-    killed = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "neolm.cli", "train", "--data", str(tiny_data), "--out", str(killed),
-           "--preset", "neo-tiny", "--seq-len", "32", "--micro-batch-size", "4", "--max-steps", "40", "--lr", "3e-3",
-           "--warmup", "2", "--eval-every", "3", "--eval-windows", "4", "--save-every", "2", "--precision", "fp32",
-           "--seed", "1", "--no-plot"]  # fmt: skip
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+
+    def command(out: Path) -> list[str]:
+        return [sys.executable, "-m", "neolm.cli", "train", "--data", str(tiny_data), "--out", str(out),
+                "--preset", "neo-tiny", "--seq-len", "32", "--micro-batch-size", "4", "--max-steps", "40", "--lr",
+                "3e-3", "--warmup", "2", "--eval-every", "3", "--eval-windows", "4", "--save-every", "2",
+                "--precision", "fp32", "--seed", "1", "--no-plot"]  # fmt: skip
+
+    # both in fresh processes: a run inside the test process (after other tests' models and kernels) once
+    # differed in the last digit of a loss
+    subprocess.run(command(straight), check=True, capture_output=True, timeout=300)
+    cmd = command(killed)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:  # kill it mid-run, after a checkpoint, without warning
