@@ -20,11 +20,10 @@ import platform
 import random
 import statistics
 import sys
-import threading
 import time
 import urllib.request
 
-from serve_load import WORDS, start
+from serve_load import WORDS, run_clients, start
 
 
 def turn(base: str, messages: list[dict], tokens: int) -> tuple[str, float, int, int]:
@@ -70,13 +69,7 @@ def run(args, mb: str, label: str) -> dict:
                 prompt[0] += n
                 cached[0] += hit
 
-        threads = [threading.Thread(target=client, args=(c,)) for c in range(args.clients)]
-        began = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - began
+        wall = run_clients(args.clients, client)
     finally:
         server.send_signal(2)
         server.wait(timeout=60)

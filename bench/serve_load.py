@@ -88,6 +88,17 @@ def prompts(args) -> list[list[str]]:
             for _ in range(args.clients)]  # fmt: skip
 
 
+def run_clients(clients: int, client) -> float:
+    """client(0) .. client(clients - 1), each in a thread of its own, all at once: the seconds until all end."""
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    began = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - began
+
+
 def run(args, max_batch: int, label: str, source: str | None, chunk: str | None) -> dict:
     server, base = start(args, max_batch, source, chunk)
     try:
@@ -103,13 +114,7 @@ def run(args, max_batch: int, label: str, source: str | None, chunk: str | None)
                 firsts.append(first)
                 gaps.extend(between)
 
-        threads = [threading.Thread(target=client, args=(c,)) for c in range(args.clients)]
-        began = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - began
+        wall = run_clients(args.clients, client)
         with urllib.request.urlopen(f"{base.removesuffix('/v1')}/health") as response:
             health = json.loads(response.read())
     finally:

@@ -322,14 +322,14 @@ class TextGenerationPipeline:
         self.lm = lm
 
     def __call__(self, text_inputs, return_full_text: bool = True, **kwargs):
-        if _is_chat(text_inputs) or (isinstance(text_inputs, list) and text_inputs and all(map(_is_chat, text_inputs))):
-            chats = [text_inputs] if _is_chat(text_inputs) else text_inputs
+        one_chat = _is_chat(text_inputs)
+        if one_chat or (isinstance(text_inputs, list) and text_inputs and all(map(_is_chat, text_inputs))):
             results = []
-            for messages in chats:
+            for messages in [text_inputs] if one_chat else text_inputs:
                 conversation = Conversation(self.lm, messages, **kwargs)
                 reply = "".join(conversation.reply())
                 results.append([{"generated_text": conversation.messages if return_full_text else reply}])
-            return results[0] if _is_chat(text_inputs) else results
+            return results[0] if one_chat else results
         single = isinstance(text_inputs, str)
         prompts = [text_inputs] if single else list(text_inputs)
         outputs = self.lm.generate(prompts, **kwargs)

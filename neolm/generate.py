@@ -125,6 +125,11 @@ def fit_prompts(prompts: Sequence[Sequence[int]], gc: GenerationConfig, n_ctx: i
     return fitted
 
 
+def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many tokens a and b share from the start."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 @dataclass
 class Step:
     """One step of a DecodeBatch, by row: each sequence's id, its new token (None for one that had finished
@@ -354,9 +359,7 @@ class DecodeBatch:
             held, tokens = reuse
             if held.k.shape[1] != 1 or held.valid is not None:
                 raise NeolmError("a reused cache must hold one row without padding")
-            same = next((i for i, (a, b) in enumerate(zip(tokens[: held.length], seqs[0])) if a != b),
-                        min(held.length, len(tokens), width))  # fmt: skip
-            prefill.done = min(same, width - 1)
+            prefill.done = min(shared_prefix(tokens[: held.length], seqs[0]), width - 1)
         if reuse is not None and held.max_len >= width + prefill.room:
             cache, cache.length = held, prefill.done  # its slots from there on are written before they are read
         else:

@@ -16,6 +16,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from itertools import count
 
+from neolm.generate import shared_prefix
 from neolm.model import KVCache
 
 MIN_SHARED = 32  # tokens a prompt must share with an entry to take it (fewer are as quick to read again)
@@ -46,7 +47,7 @@ class PrefixCache:
         MIN_SHARED; the most recent of equals), or None. The taker may change it; put it back if not."""
         best, shared = None, MIN_SHARED
         for key, (_, tokens) in self._entries.items():  # oldest first: of equals, the newest wins
-            n = _shared(tokens, prompt)
+            n = shared_prefix(tokens, prompt)
             if n >= shared:
                 best, shared = key, n
         if best is None:
@@ -54,8 +55,3 @@ class PrefixCache:
         cache, tokens = self._entries.pop(best)
         self.bytes -= cache.nbytes
         return cache, tokens
-
-
-def _shared(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many tokens a and b share from the start."""
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
