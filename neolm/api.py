@@ -125,9 +125,11 @@ class LanguageModel:
 
         Keyword arguments are those of `transformers.generate`: max_new_tokens, max_length, min_length,
         min_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, num_return_sequences,
-        eos_token_id, pad_token_id, stop_strings; plus seed (reproducible sampling) and truncate_prompt.
-        A string gives a string (a list of them with num_return_sequences > 1); a list of prompts is
-        generated as one batch and gives a list.
+        eos_token_id, pad_token_id, stop_strings, num_beams, length_penalty, early_stopping, and its other
+        processors (no_repeat_ngram_size, bad_words_ids, sequence_bias, min_p, typical_p, ...: GenerationConfig);
+        plus seed (reproducible sampling), truncate_prompt, and OpenAI's presence_penalty and frequency_penalty.
+        A string gives a string (a list of them with num_return_sequences > 1: samples, or the best beams first);
+        a list of prompts is generated as one batch and gives a list.
         """
         single = isinstance(prompt, str)
         prompts = [prompt] if single else list(prompt)

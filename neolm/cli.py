@@ -115,8 +115,19 @@ def _add_generation_args(p: argparse.ArgumentParser, chat: bool = False):
     knobs.add_argument("--top-k", type=non_negative, help="sample from the k likeliest (0: all; default 50)")
     knobs.add_argument("--top-p", type=positive_float, help="nucleus sampling mass (default 1: off)")
     knobs.add_argument("--repetition-penalty", type=positive_float, help=">1 discourages repeats")
+    knobs.add_argument("--no-repeat-ngram-size", type=non_negative, metavar="N", help="no N-gram may occur twice")
+    knobs.add_argument("--min-p", type=float, help="sample only tokens with this fraction of the likeliest's probability")
+    knobs.add_argument("--typical-p", type=positive_float, help="locally typical sampling's mass (default 1: off)")
+    knobs.add_argument("--presence-penalty", type=float, metavar="X",
+                       help="OpenAI's: subtract X from the logit of every token generated so far (-2 to 2)")  # fmt: skip
+    knobs.add_argument("--frequency-penalty", type=float, metavar="X",
+                       help="OpenAI's: subtract X per time a token was generated (-2 to 2)")  # fmt: skip
     if not chat:
-        knobs.add_argument("--num-return-sequences", type=non_negative, help="samples per prompt")
+        knobs.add_argument("--num-beams", type=non_negative, metavar="N",
+                           help="beam search with N beams (with --no-do-sample; the text comes at the end)")  # fmt: skip
+        knobs.add_argument("--length-penalty", type=float, metavar="X",
+                           help="beam search: a hypothesis scores log p / length^X (default 1; < 1 favours short ones)")  # fmt: skip
+        knobs.add_argument("--num-return-sequences", type=non_negative, help="samples (or best beams) per prompt")
     knobs.add_argument("--seed", type=seed_type, help="seed for reproducible sampling")
     cut = "; cut out of the reply" if chat else ""
     knobs.add_argument(
@@ -128,7 +139,8 @@ def _add_generation_args(p: argparse.ArgumentParser, chat: bool = False):
 def _generation_knobs(args) -> dict:
     """The generation arguments given on the command line (the rest: the model's generation defaults), checked."""
     names = ("max_new_tokens", "max_length", "min_length", "min_new_tokens", "do_sample", "temperature", "top_k",
-             "top_p", "repetition_penalty", "num_return_sequences", "seed")  # fmt: skip
+             "top_p", "repetition_penalty", "num_return_sequences", "seed", "no_repeat_ngram_size", "min_p",
+             "typical_p", "presence_penalty", "frequency_penalty", "num_beams", "length_penalty")  # fmt: skip
     knobs = {name: getattr(args, name, None) for name in names} | {"stop_strings": args.stop}
     knobs = {k: v for k, v in knobs.items() if v is not None}
     from neolm.generate import GenerationConfig
@@ -238,8 +250,11 @@ def cmd_generate(args) -> int:
     knobs = _generation_knobs(args) | ({"truncate_prompt": True} if args.truncate else {})
     lm = load_model(args)
     echo = "" if args.no_echo else prompt
+    beams = lm.generation_config(**knobs).num_beams > 1  # (the checkpoint's defaults too)
+    if args.stream and beams:
+        raise NeolmError("--stream: beam search (--num-beams > 1) has its text only at the end")
     stream = sys.stdout.isatty() if args.stream is None else args.stream
-    if stream and knobs.get("num_return_sequences", 1) == 1:
+    if stream and knobs.get("num_return_sequences", 1) == 1 and not beams:
         pieces = lm.stream(prompt, **knobs)  # checks the request before anything is printed
         sys.stdout.write(echo)
         sys.stdout.flush()

@@ -1,7 +1,8 @@
 """Text generation as free functions: prefill, then one token per step into a static KV cache.
 
 Argument names and semantics follow `transformers.generate` (max_new_tokens, min_length, do_sample,
-temperature, top_k, top_p, repetition_penalty, num_return_sequences, stop_strings, ...), with two
+temperature, top_k, top_p, repetition_penalty, num_return_sequences, stop_strings, its other logits processors
+in neolm.sampling, num_beams in neolm.beam, ...), with two
 deliberate differences: lengths count each sequence's own prompt (not the padded batch), so a
 prompt's output never depends on what it is batched with; and the default length is 100 new tokens
 (transformers: max_length 20 in all).
@@ -19,7 +20,7 @@ import torch
 
 from neolm.errors import NeolmError
 from neolm.model import GPT, KVCache
-from neolm.sampling import StopStrings, TokenLogprobs, argmax, process_logits, project_logprobs
+from neolm.sampling import Processors, RowState, StopStrings, TokenLogprobs, argmax, project_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,25 @@ class GenerationConfig:
     stop_strings: str | list[str] | None = None  # stop once the text ends in one (kept in the output)
     seed: int | None = None  # makes sampling reproducible
     truncate_prompt: bool = False  # drop the oldest prompt tokens instead of failing on overflow
+    # beam search (neolm.beam)
+    num_beams: int = 1  # > 1: beam search
+    length_penalty: float = 1.0  # a finished beam's score is its log-probability / (new tokens ** length_penalty)
+    early_stopping: bool | str = False  # True: stop at num_beams finished; False: heuristic; "never": exhaustive
+    # more of transformers' logits processors (neolm.sampling.Processors)
+    no_repeat_ngram_size: int = 0  # no n-gram of this size may occur twice (prompt included)
+    bad_words_ids: list[list[int]] | None = None  # token sequences that may not be generated
+    sequence_bias: dict[tuple[int, ...], float] | list | None = None  # added to a sequence's last token's logit
+    suppress_tokens: list[int] | None = None  # never generated
+    begin_suppress_tokens: list[int] | None = None  # not generated as the first new token
+    forced_eos_token_id: int | list[int] | None = None  # forced as the last token the length allows
+    exponential_decay_length_penalty: tuple[int, float] | None = None  # (start, factor): eos likelier after start
+    min_p: float | None = None  # sampling: drop tokens below min_p x the likeliest's probability
+    typical_p: float = 1.0  # sampling: locally typical mass
+    epsilon_cutoff: float = 0.0  # sampling: drop tokens below this probability
+    eta_cutoff: float = 0.0  # sampling: eta sampling's cutoff
+    # OpenAI's penalties (vLLM's meaning): subtracted from the logits of tokens generated so far
+    presence_penalty: float = 0.0  # once per token that was generated
+    frequency_penalty: float = 0.0  # per time it was generated
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -73,15 +93,87 @@ class GenerationConfig:
         check(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         check(self.num_return_sequences >= 1, f"num_return_sequences must be >= 1, got {self.num_return_sequences}")
         check(
-            self.do_sample or self.num_return_sequences == 1,
-            "num_return_sequences > 1 needs do_sample=True (greedy decoding gives identical sequences)",
+            self.do_sample or self.num_return_sequences == 1 or self.num_beams > 1,
+            "num_return_sequences > 1 needs do_sample=True or num_beams > 1 (greedy decoding gives identical sequences)",
         )
         if self.max_new_tokens is not None and self.min_new_tokens > self.max_new_tokens:
             raise NeolmError(f"min_new_tokens {self.min_new_tokens} exceeds max_new_tokens {self.max_new_tokens}")
         if isinstance(self.stop_strings, str):
             self.stop_strings = [self.stop_strings]
         check(all(self.stop_strings or []), "stop strings must not be empty")
+        self._validate_processors(check)
+        self._validate_beams(check)
         return self
+
+    def _validate_processors(self, check) -> None:
+        def ids(value, name: str, nested: bool = False) -> None:
+            lists = value if nested else [value]
+            check(isinstance(value, (list, tuple)) and len(value) > 0 and all(
+                isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(t, int) and t >= 0 for t in x)
+                for x in lists), f"{name} must be a non-empty list of {'non-empty lists of ' if nested else ''}"
+                f"token ids (integers >= 0), got {value!r}")  # fmt: skip
+
+        check(isinstance(self.no_repeat_ngram_size, int) and self.no_repeat_ngram_size >= 0,
+              f"no_repeat_ngram_size must be an integer >= 0, got {self.no_repeat_ngram_size!r}")  # fmt: skip
+        if self.bad_words_ids is not None:
+            ids(self.bad_words_ids, "bad_words_ids", nested=True)
+            self.bad_words_ids = [list(w) for w in self.bad_words_ids]
+        for name in ("suppress_tokens", "begin_suppress_tokens"):
+            if getattr(self, name) is not None:
+                ids(getattr(self, name), name)
+                setattr(self, name, list(getattr(self, name)))
+        if self.forced_eos_token_id is not None:
+            forced = self.forced_eos_token_id
+            ids([forced] if isinstance(forced, int) else forced, "forced_eos_token_id")
+        if self.sequence_bias is not None:
+            bias = self.sequence_bias
+            pairs = bias.items() if isinstance(bias, dict) else bias if isinstance(bias, (list, tuple)) else None
+            check(pairs is not None and len(pairs) > 0 and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs),
+                  f"sequence_bias must map token sequences to biases ({{(id, ...): bias}} or [[ids, bias], ...]), "
+                  f"got {bias!r}")  # fmt: skip
+            ids([list(seq) for seq, _ in pairs], "sequence_bias's sequences", nested=True)
+            numbers = all(isinstance(b, (int, float)) for _, b in pairs)
+            check(numbers, f"sequence_bias's biases must be numbers: {bias!r}")
+            self.sequence_bias = {tuple(seq): float(b) for seq, b in pairs}
+        decay = self.exponential_decay_length_penalty
+        if decay is not None:
+            check(isinstance(decay, (list, tuple)) and len(decay) == 2 and isinstance(decay[0], int) and decay[0] >= 0
+                  and isinstance(decay[1], (int, float)) and decay[1] > 0,
+                  f"exponential_decay_length_penalty must be (start index >= 0, factor > 0), got {decay!r}")  # fmt: skip
+            self.exponential_decay_length_penalty = (decay[0], float(decay[1]))
+        check(self.min_p is None or 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}")
+        check(0 < self.typical_p <= 1, f"typical_p must be in (0, 1], got {self.typical_p}")
+        for name in ("epsilon_cutoff", "eta_cutoff"):
+            check(0 <= getattr(self, name) < 1, f"{name} must be in [0, 1) (0: off), got {getattr(self, name)}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            check(-2 <= getattr(self, name) <= 2, f"{name} must be between -2 and 2, got {getattr(self, name)}")
+
+    def _validate_beams(self, check) -> None:
+        check(isinstance(self.num_beams, int) and self.num_beams >= 1, f"num_beams must be >= 1, got {self.num_beams}")
+        check(self.early_stopping in (True, False, "never"),
+              f'early_stopping must be true, false or "never", got {self.early_stopping!r}')  # fmt: skip
+        if self.num_beams == 1:
+            return
+        check(self.num_return_sequences <= self.num_beams,
+              f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams ({self.num_beams})")  # fmt: skip
+
+    def check_vocab(self, vocab: int) -> None:
+        """Raise NeolmError when a processor names a token outside a vocabulary of this size."""
+        named = {"bad_words_ids": [t for w in self.bad_words_ids or [] for t in w],
+                 "sequence_bias": [t for seq in self.sequence_bias or {} for t in seq],
+                 "suppress_tokens": self.suppress_tokens or [], "begin_suppress_tokens": self.begin_suppress_tokens or [],
+                 "forced_eos_token_id": [self.forced_eos_token_id] if isinstance(self.forced_eos_token_id, int)
+                 else self.forced_eos_token_id or []}  # fmt: skip
+        for name, ids in named.items():
+            bad = [t for t in ids if t >= vocab]
+            if bad:
+                raise NeolmError(f"{name}: token id {bad[0]} is outside the model's vocabulary of {vocab}")
+
+    @property
+    def needs_history(self) -> bool:
+        """A processor reads each sequence's tokens (n-grams, biases of token sequences)."""
+        seqs = list(self.sequence_bias or {}) + [tuple(w) for w in self.bad_words_ids or []]
+        return bool(self.no_repeat_ngram_size) or any(len(seq) > 1 for seq in seqs)
 
     def eos_ids(self, default: int | None) -> list[int]:
         """The ids that end a sequence: eos_token_id (one or a list), else `default` (the model's)."""
@@ -150,6 +242,7 @@ class _Group:
     eos_ids: list[int]
     pad: int  # fed after a sequence ends
     stops: StopStrings | None
+    processors: Processors
 
 
 @dataclass
@@ -159,7 +252,7 @@ class _Rows:
     ids: list[int]
     group: list[int]  # index into DecodeBatch.groups
     k: list[int | None]  # log-probabilities wanted: how many alternatives (None: none)
-    histories: list[list[int] | None]  # prompt + new tokens, where stop strings are watched
+    histories: list[list[int] | None]  # prompt + new tokens, where stop strings or processors read them
     lengths: list[int]  # prompt lengths
     budgets: list[int]  # new tokens allowed
     counts: list[int]  # new tokens so far
@@ -167,6 +260,7 @@ class _Rows:
     positions: torch.Tensor  # (N, 1) the position of the last token fed
     logits: torch.Tensor | None  # (N, V) fp32 logits of the next token; None while the last step's tokens wait
     seen: torch.Tensor | None  # (N, V) bool: the tokens each sequence holds (for repetition_penalty)
+    made: torch.Tensor | None  # (N, V) int32: how often each token was generated (presence/frequency_penalty)
 
     def select(self, index: list[int]) -> _Rows:
         """Rows `index`, in that order."""
@@ -185,10 +279,10 @@ class _Rows:
             if isinstance(a, list):
                 merged[field.name] = a + b
                 continue
-            if field.name == "seen" and (a is None) != (b is None):  # rows without a penalty: nothing seen
-                vocab = (a if b is None else b).shape[1]
-                a = a if a is not None else torch.zeros(len(self.ids), vocab, dtype=torch.bool, device=b.device)
-                b = b if b is not None else torch.zeros(len(other.ids), vocab, dtype=torch.bool, device=a.device)
+            if field.name in ("seen", "made") and (a is None) != (b is None):  # rows without a penalty: zeros
+                like = a if b is None else b
+                a = a if a is not None else like.new_zeros(len(self.ids), like.shape[1])
+                b = b if b is not None else like.new_zeros(len(other.ids), like.shape[1])
             merged[field.name] = None if a is None else torch.cat((a, b))
         return _Rows(**merged)
 
@@ -282,8 +376,14 @@ class DecodeBatch:
                 raise NeolmError(f"logprobs must be between 0 and the vocabulary size, got {k}")
         if gc.stop_strings and self.decode is None:
             raise NeolmError("stop_strings need a tokenizer to decode the text")
+        gc.check_vocab(vocab)
         if gc.seed is not None and gc.do_sample and (self.generator is not None or self.rows is not None):
             raise NeolmError("a seeded generation must be the only one in its batch")
+        if gc.num_beams > 1:
+            raise NeolmError(
+                "beam search (num_beams > 1) gives whole sequences at the end: it cannot be streamed "
+                "or batched with other requests; use generate()"
+            )
 
     def _group(self, gc: GenerationConfig) -> int:
         for i, group in enumerate(self.groups):
@@ -298,7 +398,8 @@ class DecodeBatch:
                 self.generator.manual_seed(gc.seed)
             else:
                 self.generator.seed()
-        self.groups.append(_Group(gc, eos_ids, pad, stops))
+        processors = Processors(gc, eos_ids, self.model.config.vocab_size, self.device)
+        self.groups.append(_Group(gc, eos_ids, pad, stops, processors))
         return len(self.groups) - 1
 
     def add(
@@ -392,16 +493,20 @@ class DecodeBatch:
             if max(prefill.budgets) == 0:
                 return prefill.ids
             logits = self.model.lm_head(hidden[:, -1]).float()
-        seen = None
+        seen = made = None
+        vocab = self.model.config.vocab_size
         if gc.repetition_penalty != 1.0:
-            seen = torch.zeros(len(seqs), self.model.config.vocab_size, dtype=torch.bool, device=self.device)
+            seen = torch.zeros(len(seqs), vocab, dtype=torch.bool, device=self.device)
             for row, p in enumerate(seqs):
                 seen[row, torch.tensor(p)] = True
+        if gc.presence_penalty or gc.frequency_penalty:
+            made = torch.zeros(len(seqs), vocab, dtype=torch.int32, device=self.device)
+        history = gc.stop_strings or gc.needs_history
         new = _Rows(
             prefill.ids, [prefill.group] * len(seqs), prefill.k,
-            [list(p) for p in seqs] if gc.stop_strings else [None] * len(seqs), [len(p) for p in seqs],
+            [list(p) for p in seqs] if history else [None] * len(seqs), [len(p) for p in seqs],
             prefill.budgets, [0] * len(seqs), [b == 0 for b in prefill.budgets], prefill.positions[:, -1:], logits,
-            seen,
+            seen, made,
         )  # fmt: skip
         self._flush()  # the rows already here reach the current slot before new ones align to it
         if prefill.room and (self.rows is None or (self.compact and self.live == 0)):
@@ -468,7 +573,7 @@ class DecodeBatch:
             history = r.histories[row]
             if history is not None:
                 history.append(token)
-            if token in group.eos_ids or (history is not None and group.stops.hit(history)):
+            if token in group.eos_ids or (group.stops is not None and group.stops.hit(history)):
                 ends.append("stop")
             else:
                 ends.append("length" if r.counts[row] >= r.budgets[row] else None)
@@ -491,22 +596,28 @@ class DecodeBatch:
         r = self.rows
         groups = set(r.group)
         if len(groups) == 1:
-            return self._pick(self.groups[r.group[0]], r.logits, r.seen, range(len(r.ids)))
+            return self._pick(self.groups[r.group[0]], r.logits, list(range(len(r.ids))), None)
         token = torch.empty(len(r.ids), dtype=torch.long, device=self.device)
         for g in sorted(groups):
             rows = [row for row, x in enumerate(r.group) if x == g]
             index = torch.tensor(rows, device=self.device)
-            seen = None if r.seen is None else r.seen[index]
-            token[index] = self._pick(self.groups[g], r.logits[index], seen, rows)
+            token[index] = self._pick(self.groups[g], r.logits[index], rows, index)
         return token
 
-    def _pick(self, group: _Group, logits, seen, rows) -> torch.Tensor:
-        gc, r = group.gc, self.rows
-        counts = lengths = None
-        if gc.min_length or gc.min_new_tokens:  # eos may be blocked
-            counts = torch.tensor([r.counts[row] for row in rows], device=self.device)
-            lengths = counts + torch.tensor([r.lengths[row] for row in rows], device=self.device)
-        logits = process_logits(logits, gc, seen, lengths, counts, group.eos_ids)
+    def _pick(self, group: _Group, logits, rows: list[int], index: torch.Tensor | None) -> torch.Tensor:
+        """The group's rows `rows` (`index`: as a tensor, None for all rows) next tokens from their logits."""
+        gc, r, needs = group.gc, self.rows, group.processors.needs
+        state = RowState()
+        if needs.new or needs.lengths or needs.budgets:
+            state.new = torch.tensor([r.counts[row] for row in rows], device=self.device)
+            state.lengths = state.new + torch.tensor([r.lengths[row] for row in rows], device=self.device)
+            state.budgets = torch.tensor([r.budgets[row] for row in rows], device=self.device)
+        for name in ("seen", "made"):
+            table = getattr(r, name)
+            setattr(state, name, table if table is None or index is None else table[index])
+        if needs.tokens:
+            state.tokens = [r.histories[row] for row in rows]
+        logits = group.processors(logits, state)
         if gc.do_sample:
             return torch.multinomial(logits.softmax(dim=-1), 1, generator=self.generator).squeeze(1)
         return argmax(logits)
@@ -519,6 +630,8 @@ class DecodeBatch:
         r = self.rows
         if r.seen is not None:
             r.seen[torch.arange(len(token), device=self.device), token] = True
+        if r.made is not None:
+            r.made[torch.arange(len(token), device=self.device), token] += 1
         dead = r.done.count(True) if self.compact else 0
         if dead and dead >= len(r.done) - dead:  # as many finished rows as live ones: drop them
             token = token[self._rebuild()]
@@ -565,6 +678,10 @@ def generate(
     decode: Callable[[list[int]], str] | None = None,
 ) -> list[list[int]]:
     """The new tokens of every sequence (prompts x num_return_sequences, prompt-major); eos included."""
+    if gc.num_beams > 1:
+        from neolm.beam import beam_search  # (neolm.beam builds on this module)
+
+        return beam_search(model, prompts, gc, decode)
     outputs: list[list[int]] = [[] for _ in range(len(prompts) * gc.num_return_sequences)]
     for step in iter_generate(model, prompts, gc, decode):
         for out, token in zip(outputs, step):

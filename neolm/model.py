@@ -102,6 +102,14 @@ class KVCache:
         out.valid, out.length = None, end - start
         return out
 
+    def reorder(self, index: torch.Tensor) -> None:
+        """Row i takes row index[i]'s filled slots (beam search: each beam follows the one it continues)."""
+        for t in (self.k, self.v, self.k_scale, self.v_scale):
+            if t is not None:
+                t[:, :, :, : self.length] = t[:, index, :, : self.length]
+        if self.valid is not None:
+            self.valid = self.valid[index]
+
     @property
     def nbytes(self) -> int:
         return sum(t.nbytes for t in (self.k, self.v, self.k_scale, self.v_scale) if t is not None)
@@ -166,14 +174,6 @@ class KVCache:
                 out.valid[rows_out, to:length] = cache.valid[index, first:end]
             row += len(index)
         return out
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep batch rows `index` (e.g. to repeat prompts for several samples)."""
-        self.k, self.v = self.k[:, index], self.v[:, index]
-        if self.k_scale is not None:
-            self.k_scale, self.v_scale = self.k_scale[:, index], self.v_scale[:, index]
-        if self.valid is not None:
-            self.valid = self.valid[index]
 
 
 def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

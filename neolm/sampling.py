@@ -16,32 +16,186 @@ if TYPE_CHECKING:
     from neolm.model import GPT
 
 
-def process_logits(logits, gc: GenerationConfig, seen, lengths, new_counts, eos_ids) -> torch.Tensor:
-    """Apply transformers' logits processors and warpers, in its order, to fp32 logits (N, V): seen (N, V) bool,
-    the tokens each sequence holds (for repetition_penalty); lengths, new_counts (N,), each sequence's length and
-    new tokens (for min_length, min_new_tokens; None without them). Blocking eos
-    writes into `logits` itself (the caller's own tensor: a copy of 8 x 50k logits took ~0.15 ms a step in cProfile)."""
-    if gc.repetition_penalty != 1.0:
-        penalized = torch.where(logits < 0, logits * gc.repetition_penalty, logits / gc.repetition_penalty)
-        logits = torch.where(seen, penalized, logits)
-    if eos_ids and (gc.min_length or gc.min_new_tokens):
-        block = (lengths < gc.min_length) | (new_counts < gc.min_new_tokens)  # (N,)
-        if block.any():
-            logits[block.nonzero()[:, :1], torch.tensor(eos_ids, device=logits.device)] = -float("inf")
-    if not gc.do_sample:
-        return logits
-    if gc.temperature != 1.0:
-        logits = logits / gc.temperature
-    if gc.top_k:
-        kth = torch.topk(logits, min(gc.top_k, logits.shape[-1])).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, -float("inf"))
-    if gc.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=False)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        remove = cumulative <= 1 - gc.top_p
-        remove[..., -1:] = False  # keep at least one token
-        logits = logits.masked_fill(remove.scatter(1, order, remove), -float("inf"))
-    return logits
+@dataclass
+class RowState:
+    """What the processors read of each row (N rows) besides its logits; a field is None when no processor of
+    the settings in use reads it (Processors.needs)."""
+
+    lengths: torch.Tensor | None = None  # (N,) prompt + new tokens
+    new: torch.Tensor | None = None  # (N,) new tokens so far
+    budgets: torch.Tensor | None = None  # (N,) new tokens allowed
+    seen: torch.Tensor | None = None  # (N, V) bool: the tokens the sequence holds (repetition_penalty)
+    made: torch.Tensor | None = None  # (N, V) int: how often each was generated (presence/frequency penalty)
+    tokens: Sequence[Sequence[int]] | None = None  # prompt + new tokens (n-grams, sequence biases)
+
+
+class Processors:
+    """transformers' logits processors and warpers for one GenerationConfig, in transformers' order (its
+    generate's _get_logits_processor), applied to fp32 scores (N, V): logits, or log-probabilities in beam
+    search. Each row is one sequence as it would be alone: its own prompt, lengths and history (no padding).
+    Two additions of OpenAI's API are applied after repetition_penalty, as vLLM does: presence_penalty and
+    frequency_penalty, over the tokens generated so far."""
+
+    def __init__(self, gc: GenerationConfig, eos_ids: list[int], vocab: int, device, min_tokens_to_keep: int = 1):
+        self.gc, self.eos_ids, self.vocab, self.keep = gc, eos_ids, vocab, min_tokens_to_keep
+        self.bias, self.sequence_biases = _biases(gc.sequence_bias or {}, vocab, device)
+        bad = [w for w in gc.bad_words_ids or [] if not (len(w) == 1 and w[0] in eos_ids)]  # eos is never banned
+        self.ban, self.bad_sequences = _biases({tuple(w): -float("inf") for w in bad}, vocab, device)
+        self.suppress = _mask(gc.suppress_tokens, vocab, device)
+        self.begin_suppress = _mask(gc.begin_suppress_tokens, vocab, device)
+        self.eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
+        forced = gc.forced_eos_token_id
+        self.forced_eos = None if forced is None else torch.tensor([forced] if isinstance(forced, int) else forced,
+                                                                   dtype=torch.long, device=device)  # fmt: skip
+        counts_new = gc.min_new_tokens, forced is not None, gc.exponential_decay_length_penalty, gc.begin_suppress_tokens
+        self.needs = RowState(
+            lengths=(gc.min_length > 0) or None,
+            new=any(counts_new) or None,
+            budgets=(forced is not None) or None,
+            seen=(gc.repetition_penalty != 1.0) or None,
+            made=(gc.presence_penalty != 0 or gc.frequency_penalty != 0) or None,
+            tokens=(gc.no_repeat_ngram_size or self.sequence_biases or self.bad_sequences) or None,
+        )
+
+    def __call__(self, scores: torch.Tensor, rows: RowState) -> torch.Tensor:
+        """Processed scores (N, V). May write into `scores` (the caller's own tensor: a copy of 8 x 50k logits
+        took ~0.15 ms a step in cProfile)."""
+        gc, inf = self.gc, float("inf")
+        if self.bias is not None:
+            scores = scores + self.bias
+        if self.sequence_biases:
+            scores = scores + _sequence_bias(self.sequence_biases, rows.tokens, scores)
+        if gc.repetition_penalty != 1.0:
+            penalized = torch.where(scores < 0, scores * gc.repetition_penalty, scores / gc.repetition_penalty)
+            scores = torch.where(rows.seen, penalized, scores)
+        if rows.made is not None and (gc.presence_penalty or gc.frequency_penalty):
+            scores = scores - gc.frequency_penalty * rows.made - gc.presence_penalty * (rows.made > 0)
+        if gc.no_repeat_ngram_size:
+            banned = _repeated_ngrams(rows.tokens, gc.no_repeat_ngram_size, scores.shape, scores.device)
+            scores = scores.masked_fill(banned, -inf)
+        if self.ban is not None:
+            scores = scores + self.ban
+        if self.bad_sequences:
+            scores = scores + _sequence_bias(self.bad_sequences, rows.tokens, scores)
+        if self.eos_ids and (gc.min_length or gc.min_new_tokens):
+            block = torch.zeros(len(scores), dtype=torch.bool, device=scores.device)
+            if gc.min_length:
+                block |= rows.lengths < gc.min_length
+            if gc.min_new_tokens:
+                block |= rows.new < gc.min_new_tokens
+            if block.any():
+                scores[block.nonzero()[:, :1], self.eos] = -inf
+        if self.forced_eos is not None:
+            last = rows.new == rows.budgets - 1  # the last token allowed
+            if last.any():
+                forced = torch.full_like(scores, -inf)
+                forced[:, self.forced_eos] = 0
+                scores = torch.where(last[:, None], forced, scores)
+        if gc.exponential_decay_length_penalty and self.eos_ids:
+            start, factor = gc.exponential_decay_length_penalty
+            past = (rows.new - start).clamp(min=0).tolist()  # transformers: prompt + new > prompt + start
+            if any(past):
+                eos = scores[:, self.eos]
+                scale = torch.tensor([factor**k - 1 for k in past], device=scores.device)  # as transformers' floats
+                penalty = eos.abs() * scale[:, None]
+                scores = scores.clone()
+                scores[:, self.eos] = eos + penalty.masked_fill(~torch.isfinite(eos), 0.0)
+        if self.suppress is not None:
+            scores = scores.masked_fill(self.suppress, -inf)
+        if self.begin_suppress is not None:
+            scores = scores.masked_fill((rows.new == 0)[:, None] & self.begin_suppress, -inf)
+        if gc.do_sample:
+            scores = self.warp(scores)
+        return scores
+
+    def warp(self, scores: torch.Tensor) -> torch.Tensor:
+        """The sampling warpers: temperature, top_k, top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff."""
+        gc, keep, inf = self.gc, self.keep, float("inf")
+        if gc.temperature != 1.0:
+            scores = scores / gc.temperature
+        if gc.top_k:
+            kth = torch.topk(scores, min(max(gc.top_k, keep), scores.shape[-1])).values[..., -1:]
+            scores = scores.masked_fill(scores < kth, -inf)
+        if gc.top_p < 1.0:
+            sorted_scores, order = torch.sort(scores, descending=False)
+            cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+            remove = cumulative <= 1 - gc.top_p
+            remove[..., -keep:] = False  # keep at least `keep` tokens
+            scores = scores.masked_fill(remove.scatter(1, order, remove), -inf)
+        if gc.min_p is not None:
+            probs = scores.softmax(dim=-1)
+            remove = probs < gc.min_p * probs.amax(dim=-1, keepdim=True)
+            remove.scatter_(-1, torch.topk(probs, min(keep, probs.shape[-1])).indices, False)
+            scores = scores.masked_fill(remove, -inf)
+        if gc.typical_p is not None and gc.typical_p < 1.0:
+            scores = _typical(scores, gc.typical_p, keep)
+        for cutoff, eta in ((gc.epsilon_cutoff, False), (gc.eta_cutoff, True)):
+            if cutoff is not None and 0 < cutoff < 1:
+                probs = scores.softmax(dim=-1)
+                floor = torch.tensor(cutoff, device=scores.device)
+                if eta:  # min(eta, sqrt(eta) * exp(-entropy))
+                    entropy = torch.distributions.Categorical(logits=scores).entropy()
+                    floor = torch.min(floor, floor.sqrt() * torch.exp(-entropy))[..., None]
+                kth = torch.topk(scores, min(keep, scores.shape[-1])).values[..., -1:]
+                scores = scores.masked_fill((probs < floor) & (scores < kth), -inf)
+        return scores
+
+
+def _mask(ids: Sequence[int] | None, vocab: int, device) -> torch.Tensor | None:
+    """(V,) True at `ids` (None for none)."""
+    if not ids:
+        return None
+    mask = torch.zeros(vocab, dtype=torch.bool, device=device)
+    mask[torch.tensor([i for i in ids if i < vocab], dtype=torch.long)] = True
+    return mask
+
+
+def _biases(biases: dict, vocab: int, device) -> tuple[torch.Tensor | None, list]:
+    """sequence_bias {(token, ...): bias} as (a (V,) bias of the one-token sequences, or None; [(prefix, last
+    token, bias)] of the longer ones)."""
+    single = {seq[0]: b for seq, b in biases.items() if len(seq) == 1}
+    table = None
+    if single:
+        table = torch.zeros(vocab, device=device)
+        table[torch.tensor(list(single), dtype=torch.long)] = torch.tensor(list(single.values()), device=device)
+    return table, [(tuple(seq[:-1]), seq[-1], b) for seq, b in biases.items() if len(seq) > 1]
+
+
+def _sequence_bias(entries: list, tokens: Sequence[Sequence[int]], scores: torch.Tensor) -> torch.Tensor:
+    """(N, V) the bias of each longer sequence whose prefix the row's tokens end with, at its last token."""
+    bias = torch.zeros_like(scores)
+    for row, held in enumerate(tokens):
+        for prefix, last, b in entries:
+            if len(prefix) <= len(held) and tuple(held[len(held) - len(prefix) :]) == prefix:
+                bias[row, last] += b
+    return bias
+
+
+def _repeated_ngrams(tokens: Sequence[Sequence[int]], n: int, shape, device) -> torch.Tensor:
+    """(N, V) True at each token that would complete an n-gram the row already holds."""
+    banned = torch.zeros(shape, dtype=torch.bool)  # built on the CPU, where the histories are
+    for row, held in enumerate(tokens):
+        if len(held) < n:
+            continue
+        held = torch.as_tensor(held, dtype=torch.long)
+        windows = held.unfold(0, n, 1)  # (W, n)
+        match = (windows[:, :-1] == held[len(held) + 1 - n :]).all(dim=-1)
+        banned[row, windows[match, -1].clamp(max=shape[1] - 1)] = True  # (vocab-wide ids only: from the model)
+    return banned.to(device)
+
+
+def _typical(scores: torch.Tensor, mass: float, keep: int) -> torch.Tensor:
+    """Locally typical sampling (Meister et al.): keep the tokens whose surprise is nearest the entropy, up to
+    `mass` of the probability."""
+    logp = torch.log_softmax(scores, dim=-1)
+    entropy = -(logp * logp.exp()).nansum(-1, keepdim=True)
+    shifted = (-logp - entropy).abs()
+    sorted_shift, order = torch.sort(shifted, descending=False)
+    cumulative = scores.gather(-1, order).softmax(dim=-1).cumsum(dim=-1)
+    last = (cumulative < mass).sum(dim=1).clamp_(max=sorted_shift.shape[-1] - 1)
+    remove = sorted_shift > sorted_shift.gather(1, last.view(-1, 1))
+    remove[..., :keep] = False
+    return scores.masked_fill(remove.scatter(1, order, remove), -float("inf"))
 
 
 class StopStrings:

@@ -147,6 +147,24 @@ def test_num_return_sequences_prints_separated_samples(folder, lm, capsys):
     assert out.count(f"\n{SEPARATOR}\n") == 1
 
 
+def test_beam_search_and_processor_flags(folder, lm, capsys):
+    """--num-beams (not streamed, even with --stream left to default), --length-penalty, --no-repeat-ngram-size,
+    the penalties and --min-p reach generate() as its arguments; --stream with beams is an error."""
+    code, out, err = cli(capsys, "generate", "-m", folder, PROMPT, "--max-new-tokens", "8", "--no-do-sample",
+                         "--num-beams", "3", "--num-return-sequences", "2", "--length-penalty", "0.5",
+                         "--no-repeat-ngram-size", "2", "--presence-penalty", "0.5", "--frequency-penalty", "0.2")  # fmt: skip
+    assert code == 0, err
+    beams = lm.generate(PROMPT, max_new_tokens=8, do_sample=False, num_beams=3, num_return_sequences=2,
+                        length_penalty=0.5, no_repeat_ngram_size=2, presence_penalty=0.5, frequency_penalty=0.2)  # fmt: skip
+    assert out == f"{PROMPT}{beams[0]}\n{SEPARATOR}\n{PROMPT}{beams[1]}\n"
+    code, out, err = cli(capsys, "generate", "-m", folder, PROMPT, "--max-new-tokens", "8", "--do-sample", "--seed",
+                         "3", "--min-p", "0.2", "--typical-p", "0.9", "--no-stream")  # fmt: skip
+    assert code == 0 and out == PROMPT + lm.generate(PROMPT, max_new_tokens=8, do_sample=True, seed=3, min_p=0.2,
+                                                     typical_p=0.9) + "\n"  # fmt: skip
+    code, _, err = cli(capsys, "generate", "-m", folder, PROMPT, "--num-beams", "2", "--stream", "--no-do-sample")
+    assert_one_line_error(code, err, "beam search")
+
+
 def test_stop_string_ends_the_output(neo_folder, capsys):
     lm = neolm.load(neo_folder)
     new_ids = lm.generate_ids([lm.encode(PROMPT)], max_new_tokens=20, min_new_tokens=20)[0]

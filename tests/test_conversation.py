@@ -53,10 +53,16 @@ def test_a_reused_cache_gives_the_numbers_of_a_fresh_prefill(tiny_checkpoints, n
     assert prefill.done == 60 and prefill.left == len(second) - 60
     assert (prefill.cache is held[0]) == room
     assert prefill.read(lm.model) == len(second) - 60
-    # the kept slots of the reply were written by decode steps, whose kernels round otherwise than a prompt's
+    # the kept slots of the reply were written by decode steps, whose kernels round otherwise than a prompt's. Int8
+    # weights take activations rounded to bf16 (or to 16-bit integers), where a last-bit difference in fp32 can
+    # flip a rounding of 2^-9: on an EPYC a decode step's logits differ from a prompt's by up to 1e-3 of their
+    # scale, and these by 1e-2 (a wrong slot would be off by whole units). The greedy tokens are the same, but
+    # with int8 weights, whose differences may flip a near-tie of these random weights
     scale = float(whole.logits.abs().max())
-    torch.testing.assert_close(prefill.logits, whole.logits, atol=1e-4 * scale, rtol=0)
-    assert _generate(reusing, prefill) == expected
+    tolerance = 2e-2 if load.get("quantize") else 1e-4
+    torch.testing.assert_close(prefill.logits, whole.logits, atol=tolerance * scale, rtol=0)
+    if not load.get("quantize"):
+        assert _generate(reusing, prefill) == expected
     # a prompt that is all shared still reads its last token, for its logits
     again = DecodeBatch(lm.model, compact=False).prefill([first], gc2, reuse=(fresh.cache, second + expected))
     assert again.done == 39 and again.left == 1
@@ -182,8 +188,10 @@ def test_neolm_chat_command(monkeypatch, capsys, tmp_path):
     (tmp_path / "bad.json").write_text('[{"role": "robot", "content": "x"}]')
     code, out, err = run_chat(monkeypatch, capsys, [], "--messages", str(tmp_path / "bad.json"))
     assert code == 1 and "role must be one of" in err
-    code, out, err = run_chat(monkeypatch, capsys, ["word " * 3000, "Hail."], "--max-new-tokens", "4")
-    assert code == 0 and "more than the model's context" in err and out.strip()  # the next message is answered
+    code, out, err = run_chat(monkeypatch, capsys, ["word " * 3000, "Hail."], "--max-new-tokens", "4",
+                              "--no-do-sample", "--repetition-penalty", "1")  # fmt: skip
+    assert code == 0 and "more than the model's context" in err  # the message is refused; the next is answered:
+    assert out == "".join(neolm.Conversation(lm, max_new_tokens=4, **GREEDY).send("Hail.")) + "\n"
 
 
 def test_row_cache_holds_a_finished_sequences_slots(tiny_checkpoints):

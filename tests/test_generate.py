@@ -13,7 +13,7 @@ import neolm
 from neolm.errors import NeolmError
 from neolm.generate import DecodeBatch, GenerationConfig, iter_generate
 from neolm.model import KVCache
-from neolm.sampling import process_logits
+from neolm.sampling import Processors, RowState
 
 NEOX_TOKENIZER = Path(neolm.__file__).parent / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
 
@@ -158,8 +158,7 @@ def test_warpers_match_transformers():
     ref = LogitsProcessorList([TemperatureLogitsWarper(0.7), TopKLogitsWarper(40), TopPLogitsWarper(0.8)])(
         None, logits.clone()
     )
-    none = torch.zeros(4, dtype=torch.long)
-    ours = process_logits(logits.clone(), gc, None, none, none, [])
+    ours = Processors(gc.validated(), [], 1000, "cpu")(logits.clone(), RowState())
     assert torch.equal(torch.isinf(ours), torch.isinf(ref))
     assert torch.allclose(ours[~torch.isinf(ours)], ref[~torch.isinf(ref)])
 

@@ -96,6 +96,28 @@ def test_completion_is_the_library_greedy_text(server, lm):
     }
 
 
+def test_penalties_logit_bias_and_min_p(server, lm):
+    """OpenAI's presence/frequency penalties and logit_bias, and vLLM's min_p, as the library's generation
+    arguments give them (sequence_bias of one-token sequences for logit_bias)."""
+    base = {"model": NAME, "prompt": "KING.", "max_tokens": 16, "temperature": 0}
+    knobs = dict(max_new_tokens=16, do_sample=False, repetition_penalty=1.0)
+    plain = lm.generate("KING.", **knobs)
+    for fields, kwargs in [
+        ({"presence_penalty": 1.5}, {"presence_penalty": 1.5}),
+        ({"frequency_penalty": 2, "presence_penalty": -0.5}, {"frequency_penalty": 2.0, "presence_penalty": -0.5}),
+        ({"logit_bias": {"11": 100}}, {"sequence_bias": {(11,): 100.0}}),
+    ]:
+        status, body = call(server, "/v1/completions", base | {"repetition_penalty": 1.0} | fields)
+        assert status == 200, body
+        assert body["choices"][0]["text"] == lm.generate("KING.", **knobs, **kwargs) != plain, fields
+    assert body["choices"][0]["text"] == lm.decode([11] * 16)  # a bias of 100 leaves no other token
+    sampled = base | {"temperature": 1.0, "seed": 5, "min_p": 0.5}
+    status, body = call(server, "/v1/completions", sampled)
+    text = lm.generate("KING.", max_new_tokens=16, do_sample=True, temperature=1.0, top_k=0, seed=5, min_p=0.5,
+                       repetition_penalty=lm.generation_defaults.get("repetition_penalty", 1.0))  # fmt: skip
+    assert status == 200 and body["choices"][0]["text"] == text
+
+
 def test_stream_joins_to_the_whole_text(server, lm):
     body = {"prompt": "HAMLET.", "max_tokens": 30, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}  # fmt: skip
@@ -422,7 +444,11 @@ def test_lm_eval_scores_through_the_server(server, lm):
          ["needs 'logprobs': true"]),
         ("/tokenize", {"text": "a"}, 400, ["unrecognized", "text"]),
         ("/detokenize", {"tokens": [1, -5]}, 400, ["outside the model's vocabulary"]),
-        ("/v1/completions", {"prompt": "a", "presence_penalty": 0.5}, 400, ["repetition_penalty"]),
+        ("/v1/completions", {"prompt": "a", "presence_penalty": 3}, 400, ["'presence_penalty' must be between -2 and 2"]),
+        ("/v1/completions", {"prompt": "a", "logit_bias": {"abc": 1}}, 400, ["'logit_bias' maps token ids"]),
+        ("/v1/completions", {"prompt": "a", "logit_bias": {"5": 101}}, 400, ["between -100 and 100"]),
+        ("/v1/completions", {"prompt": "a", "logit_bias": {"99999999": 5}}, 400, ["outside the model's vocabulary"]),
+        ("/v1/completions", {"prompt": "a", "min_p": 2}, 400, ["'min_p' must be in [0, 1]"]),
         ("/v1/completions", {"prompt": "a", "n": 2, "temperature": 0}, 400, ["needs sampling"]),
         ("/v1/completions", {"prompt": "a", "best_of": 2, "temperature": 0}, 400, ["'best_of' > 1 needs sampling"]),
         ("/v1/completions", {"prompt": "a", "n": 3, "best_of": 2}, 400, ["'best_of' must be between n (3) and 128"]),

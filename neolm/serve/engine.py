@@ -163,10 +163,11 @@ class Engine:
                prompt_logprobs: bool = False) -> Job:  # fmt: skip
         """Queue the generation of `prompts` (token ids) with `gc` (and log-probabilities: see Job). Raises
         NeolmError, before anything is queued, for a prompt that is empty, out of the vocabulary or too long
-        for the context."""
+        for the context, and for settings that name tokens out of the vocabulary (logit_bias)."""
         config = self.lm.config
         if prompt_logprobs and logprobs is None:
             raise NeolmError("prompt_logprobs needs logprobs (how many alternatives per position)")
+        gc.check_vocab(config.vocab_size)
         job = Job(fit_prompts(prompts, gc, config.n_positions, config.vocab_size), gc, logprobs, prompt_logprobs)
         with self._wake:
             if self._closed:

@@ -4,10 +4,11 @@ What the fields mean is OpenAI's: `temperature` 0 is greedy (default 1: sampling
 (kept out of the text, as OpenAI does), `seed`, `max_tokens` (completions: default 16; chat: up to the end
 of the context; `max_completion_tokens` is its newer name), `echo` (completions), `stream` with
 `stream_options.include_usage`, `best_of` (completions: that many sampled, the `n` with the highest mean
-log-probability per token returned, as OpenAI ranks them; not streamed; usage counts them all). vLLM's extra
-sampling fields are taken too: `top_k`, `min_tokens`, `repetition_penalty`. Fields neolm cannot honour
-(penalties other than repetition_penalty, logit_bias, tools, ...) are refused with a 400 that says so rather
-than ignored; unknown fields likewise.
+log-probability per token returned, as OpenAI ranks them; not streamed; usage counts them all),
+`presence_penalty` and `frequency_penalty` (over the tokens generated so far, as vLLM), `logit_bias` (token id ->
+bias, added to the logits before any other processing). vLLM's extra sampling fields are taken too: `top_k`,
+`min_p`, `min_tokens`, `repetition_penalty`. Fields neolm cannot honour (tools, suffix, ...) are refused with a
+400 that says so rather than ignored; unknown fields likewise.
 
 Log-probabilities: completions' `logprobs` (k, at most 20) gives each token's log-probability, its text
 offset and the k most likely tokens plus the chosen one (as vLLM); with `echo`, the prompt's tokens too, the
@@ -41,7 +42,7 @@ DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's (and vLLM's) default max_tokens for /
 
 SAMPLING = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
             "top_k", "min_tokens", "repetition_penalty", "user", "presence_penalty", "frequency_penalty",
-            "logprobs", "logit_bias"}  # fmt: skip
+            "logprobs", "logit_bias", "min_p"}  # fmt: skip
 FIELDS = {
     "completion": SAMPLING | {"prompt", "echo", "best_of", "suffix"},
     "chat": SAMPLING | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "functions",
@@ -103,9 +104,6 @@ def _refuse(body: dict, kind: str) -> None:
     if unknown:
         raise ApiError(400, f"unrecognized request argument(s): {', '.join(unknown)}", unknown[0])
     unsupported = {
-        "presence_penalty": "not supported: use repetition_penalty",
-        "frequency_penalty": "not supported: use repetition_penalty",
-        "logit_bias": "not supported",
         "suffix": "not supported (no insertion)",
         "tools": "tools are not supported",
         "tool_choice": "tools are not supported",
@@ -135,6 +133,9 @@ def _sampling(body: dict, max_tokens: int | None, defaults: dict) -> dict:
     penalty = _field(body, "repetition_penalty", (int, float), defaults.get("repetition_penalty", 1.0),
                      lambda v: v > 0, "> 0")  # fmt: skip
     min_tokens = _field(body, "min_tokens", (int,), 0, lambda v: v >= 0, ">= 0")
+    presence, frequency = (_field(body, name, (int, float), 0.0, lambda v: -2 <= v <= 2, "between -2 and 2")
+                           for name in ("presence_penalty", "frequency_penalty"))  # fmt: skip
+    min_p = _field(body, "min_p", (int, float), defaults.get("min_p") or 0.0, lambda v: 0 <= v <= 1, "in [0, 1]")
     if n > 1 and not sample:
         raise ApiError(400, "'n' > 1 needs sampling: greedy decoding (temperature 0) gives n identical choices", "n")
     best_of = _field(body, "best_of", (int,), n, lambda v: n <= v <= 128, f"between n ({n}) and 128")
@@ -145,8 +146,25 @@ def _sampling(body: dict, max_tokens: int | None, defaults: dict) -> dict:
         max_new_tokens=max_tokens, min_new_tokens=min_tokens, do_sample=sample,
         temperature=float(temperature) if sample else 1.0, top_p=float(top_p) if sample else 1.0,
         top_k=max(top_k, 0) if sample else None, num_return_sequences=best_of, seed=seed,
-        repetition_penalty=float(penalty),
+        repetition_penalty=float(penalty), presence_penalty=float(presence), frequency_penalty=float(frequency),
+        min_p=float(min_p) if sample and min_p else None, sequence_bias=_logit_bias(body), num_beams=1,
     )  # fmt: skip
+
+
+def _logit_bias(body: dict) -> dict | None:
+    """OpenAI's logit_bias {"token id": bias in [-100, 100]}, added to those tokens' logits at every step, as
+    a GenerationConfig's sequence_bias of one-token sequences."""
+    bias = _field(body, "logit_bias", (dict,), None)
+    if not bias:
+        return None
+    out = {}
+    for key, value in bias.items():
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (isinstance(key, str) and key.isdigit() and number and -100 <= value <= 100):
+            raise ApiError(400, f"'logit_bias' maps token ids to numbers between -100 and 100, got {key!r}: {value!r}",
+                           "logit_bias")  # fmt: skip
+        out[(int(key),)] = float(value)
+    return out
 
 
 def _stops(body: dict) -> list[str]:

@@ -1,0 +1,159 @@
+"""transformers' other logits processors and warpers (neolm.sampling.Processors) and OpenAI's presence and
+frequency penalties: each against transformers, and mixed in one DecodeBatch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_generate import hf_generate
+
+import neolm
+from neolm.generate import DecodeBatch, GenerationConfig
+from neolm.sampling import Processors, RowState
+
+PROMPT = [3, 3, 4, 5, 3, 4, 9, 3, 4]
+
+
+def _knobs(free: list[int]) -> list[dict]:
+    """Settings that each change the greedy continuation `free`, built from its tokens."""
+    return [
+        dict(no_repeat_ngram_size=2),
+        dict(no_repeat_ngram_size=1),
+        dict(bad_words_ids=[[free[2]], [free[4], free[5]]]),
+        dict(sequence_bias={(free[1],): -4.0, (free[5], free[6]): -20.0, (free[0],): 0.5}),
+        dict(sequence_bias=[[[free[3]], -30.0]]),  # transformers' list form
+        dict(suppress_tokens=[free[0], free[3]]),
+        dict(begin_suppress_tokens=[free[0]]),
+        dict(forced_eos_token_id=free[1], eos_token_id=free[1]),
+        dict(exponential_decay_length_penalty=(2, 1.6), eos_token_id=free[8]),
+        dict(repetition_penalty=1.3, no_repeat_ngram_size=3, bad_words_ids=[[free[1]]], suppress_tokens=[free[2]]),
+    ]
+
+
+@pytest.mark.parametrize("name", ["neo", "neox-parallel-pct25"])
+def test_processors_match_transformers(tiny_checkpoints, name):
+    """Greedy text with each processor is transformers' (which applies them in the same order), and differs
+    from the text without it (n-gram bans alone: which these random weights may not need, holds)."""
+    hf, folder = tiny_checkpoints[name]
+    lm = neolm.load(folder)
+    n = 16
+    free = lm.generate_ids([PROMPT], max_new_tokens=n, do_sample=False)[0]
+    for knobs in _knobs(free):
+        ours = lm.generate_ids([PROMPT], max_new_tokens=n, do_sample=False, **knobs)[0]
+        ref = hf_generate(hf, PROMPT, max_new_tokens=n, **knobs)
+        eos = knobs.get("eos_token_id", hf.config.eos_token_id)
+        if eos in ref:
+            ref = ref[: ref.index(eos) + 1]
+        assert ours == ref, knobs
+        if list(knobs) == ["no_repeat_ngram_size"]:  # no n-gram ending in the new tokens occurred before
+            k, held = knobs["no_repeat_ngram_size"], PROMPT + ours
+            grams = [tuple(held[i : i + k]) for i in range(len(held) - k + 1)]
+            assert all(g not in grams[:i] for i, g in enumerate(grams) if i + k > len(PROMPT)), knobs
+        else:
+            assert ours != free, knobs
+
+
+@pytest.mark.parametrize("keep", [1, 3])
+def test_warpers_match_transformers(keep):
+    """min_p, typical_p, epsilon_cutoff and eta_cutoff with top-k/top-p and temperature, as transformers'
+    warpers (in its order), keeping at least `keep` tokens (beam sampling keeps len(eos) + 1)."""
+    from transformers.generation.logits_process import (
+        EpsilonLogitsWarper,
+        EtaLogitsWarper,
+        LogitsProcessorList,
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+        TypicalLogitsWarper,
+    )  # fmt: skip
+
+    logits = torch.randn(5, 3000, generator=torch.Generator().manual_seed(0)) * 4
+    cases = [
+        (dict(min_p=0.05), [MinPLogitsWarper(0.05, min_tokens_to_keep=keep)]),
+        (dict(min_p=0.9), [MinPLogitsWarper(0.9, min_tokens_to_keep=keep)]),
+        (dict(typical_p=0.7), [TypicalLogitsWarper(0.7, min_tokens_to_keep=keep)]),
+        (dict(epsilon_cutoff=3e-3), [EpsilonLogitsWarper(3e-3, min_tokens_to_keep=keep)]),
+        (dict(eta_cutoff=1e-3), [EtaLogitsWarper(1e-3, min_tokens_to_keep=keep)]),
+        (dict(eta_cutoff=0.2), [EtaLogitsWarper(0.2, min_tokens_to_keep=keep)]),
+        (dict(temperature=0.7, top_k=200, top_p=0.9, min_p=0.02, typical_p=0.95),
+         [TemperatureLogitsWarper(0.7), TopKLogitsWarper(200, min_tokens_to_keep=keep),
+          TopPLogitsWarper(0.9, min_tokens_to_keep=keep), MinPLogitsWarper(0.02, min_tokens_to_keep=keep),
+          TypicalLogitsWarper(0.95, min_tokens_to_keep=keep)]),
+    ]  # fmt: skip
+    for knobs, warpers in cases:
+        gc = GenerationConfig(do_sample=True, top_k=knobs.pop("top_k", 0), **knobs).validated()
+        ours = Processors(gc, [], 3000, "cpu", min_tokens_to_keep=keep)(logits.clone(), RowState())
+        ref = LogitsProcessorList(warpers)(None, logits.clone())
+        assert torch.equal(torch.isinf(ours), torch.isinf(ref)), knobs
+        assert torch.allclose(ours[~torch.isinf(ours)], ref[~torch.isinf(ref)]), knobs
+        assert (~torch.isinf(ours)).sum(dim=1).min() >= keep
+        assert torch.isinf(ours).any(), knobs  # it removed something
+
+
+def test_presence_and_frequency_penalties_are_openai_s(tiny_checkpoints):
+    """Greedy with OpenAI's penalties equals a reference loop over transformers' logits of the whole sequence:
+    logit - frequency_penalty x count - presence_penalty x (count > 0), counting generated tokens only."""
+    hf, folder = tiny_checkpoints["neox-parallel-pct25"]
+    lm = neolm.load(folder)
+    for presence, frequency in ((1.5, 0.0), (0.0, 1.0), (0.7, 0.4), (-1.0, 0.0)):
+        tokens, made = list(PROMPT), torch.zeros(hf.config.vocab_size)
+        for _ in range(14):
+            with torch.no_grad():
+                logits = hf(torch.tensor([tokens])).logits[0, -1].float()
+            logits = logits - frequency * made - presence * (made > 0).float()
+            tokens.append(int(logits.argmax()))
+            made[tokens[-1]] += 1
+        ours = lm.generate_ids([PROMPT], max_new_tokens=14, min_new_tokens=14, do_sample=False,
+                               presence_penalty=presence, frequency_penalty=frequency)[0]  # fmt: skip
+        assert ours == tokens[len(PROMPT) :], (presence, frequency)
+    free = lm.generate_ids([PROMPT], max_new_tokens=14, min_new_tokens=14, do_sample=False)[0]
+    assert ours != free
+
+
+def test_settings_that_read_histories_mix_in_one_batch(tiny_checkpoints):
+    """Sequences with n-gram bans, token-sequence biases and penalties join a running batch between steps, and
+    each gets its tokens alone."""
+    lm = neolm.load(tiny_checkpoints["neo"][1])
+    plan = {
+        0: ([5, 6, 7, 5, 6, 7], GenerationConfig(max_new_tokens=20, do_sample=False, no_repeat_ngram_size=2)),
+        2: ([2, 2, 2], GenerationConfig(max_new_tokens=12, do_sample=False, frequency_penalty=1.0)),
+        3: ([9, 8], GenerationConfig(max_new_tokens=15, do_sample=False)),
+        5: ([1, 2, 3, 4], GenerationConfig(max_new_tokens=10, do_sample=False, sequence_bias={(5, 6): -9.0},
+                                           presence_penalty=2.0, repetition_penalty=1.2)),
+    }  # fmt: skip
+    batch = DecodeBatch(lm.model)
+    got, settings, step = {}, {}, 0
+    while step in plan or not batch.finished:
+        if step in plan:
+            (i,) = batch.add([plan[step][0]], plan[step][1])
+            got[i], settings[i] = [], plan[step]
+        out = batch.step()
+        for i, token in zip(out.ids, out.tokens):
+            if token is not None:
+                got[i].append(token)
+        step += 1
+    for i, (prompt, gc) in settings.items():
+        assert got[i] == lm.generate_ids([prompt], **{k: getattr(gc, k) for k in gc.field_names()})[0], prompt
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size"),
+        (dict(bad_words_ids=[5, 6]), "bad_words_ids must be a non-empty list of non-empty lists"),
+        (dict(bad_words_ids=[[]]), "bad_words_ids"),
+        (dict(suppress_tokens=[-1]), "suppress_tokens"),
+        (dict(sequence_bias={(1,): "x"}), "biases must be numbers"),
+        (dict(sequence_bias={}), "sequence_bias must map"),
+        (dict(exponential_decay_length_penalty=(2, 0)), "exponential_decay_length_penalty"),
+        (dict(min_p=1.5), "min_p"),
+        (dict(typical_p=0), "typical_p"),
+        (dict(epsilon_cutoff=1), "epsilon_cutoff"),
+        (dict(presence_penalty=3), "presence_penalty must be between -2 and 2"),
+    ],
+)
+def test_bad_processor_arguments(tiny_checkpoints, kwargs, message):
+    lm = neolm.load(tiny_checkpoints["neo"][1])
+    with pytest.raises(neolm.NeolmError, match=message):
+        lm.generate("hi", **kwargs)
