@@ -59,10 +59,11 @@ def main() -> None:
     if folder is None:
         folder = "/tmp/neolm-bench/models/pythia-160m/hf"
         if not Path(folder).exists():
-            from bench.prepare import make_checkpoint
+            import subprocess
 
             Path(folder).parent.mkdir(parents=True, exist_ok=True)
-            make_checkpoint("pythia-160m", folder)
+            prepare = [sys.executable, str(REPO / "bench" / "prepare.py"), "checkpoint", "pythia-160m", folder]
+            subprocess.run(prepare, check=True)
     from transformers import AutoModelForCausalLM
 
     lm = neolm.load(folder, dtype="float32")
