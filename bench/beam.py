@@ -16,7 +16,6 @@ Not a test.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -88,12 +87,16 @@ def main() -> None:
     def cell(xs):
         return f"{statistics.median(xs):.2f} [{min(xs):.2f}-{max(xs):.2f}]"
 
+    from machine import describe  # (bench/machine.py: this script's folder is on sys.path)
+
+    machine = describe()
     ratio = statistics.median(t / s for s, t in zip(times["neolm"], times["transformers"]))
     lines = [
         f"`python bench/beam.py --model {folder} --beams {args.beams} --prompt-tokens {args.prompt_tokens} "
         f"--new-tokens {n} --rounds {args.rounds} --threads {args.threads}`",
         "",
-        f"{platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} threads, fp32; "
+        f"{machine['cpu']} ({machine['cpu_id']}; {machine['simd']}), torch {torch.__version__}, {args.threads} "
+        "threads, fp32; "
         f"{Path(folder).parent.name}, {args.beams} beams, {args.prompt_tokens}-token prompt, {n} new tokens",
         "",
         "| engine | seconds per generation | new tokens/s (best hypothesis) |",
