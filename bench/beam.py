@@ -25,7 +25,10 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-import neolm  # noqa: E402
+from machine import describe  # (bench/: this script's folder is on sys.path)
+from report import publish, spread
+
+import neolm
 
 
 def run_neolm(lm, prompt, kw) -> tuple[float, list[list[int]]]:
@@ -84,10 +87,6 @@ def main() -> None:
             print(f"round {r + 1}: {name} {seconds:.2f} s", file=sys.stderr)
         same &= outputs["neolm"] == outputs["transformers"]
 
-    def cell(xs):
-        return f"{statistics.median(xs):.2f} [{min(xs):.2f}-{max(xs):.2f}]"
-
-    from machine import describe  # (bench/machine.py: this script's folder is on sys.path)
 
     machine = describe()
     ratio = statistics.median(t / s for s, t in zip(times["neolm"], times["transformers"]))
@@ -101,17 +100,13 @@ def main() -> None:
         "",
         "| engine | seconds per generation | new tokens/s (best hypothesis) |",
         "|---|---|---|",
-        *(f"| {name} | {cell(xs)} | {n / statistics.median(xs):.1f} |" for name, xs in times.items()),
+        *(f"| {name} | {spread(xs)} | {n / statistics.median(xs):.1f} |" for name, xs in times.items()),
         "",
         f"neolm / transformers speed: {ratio:.2f}x (median of the per-round ratios); same {args.beams} hypotheses "
         f"in the same order: {'yes' if same else 'NO'}",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "a", encoding="utf-8") as f:
-            f.write(text + "\n")
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

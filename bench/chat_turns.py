@@ -22,6 +22,7 @@ import sys
 import time
 
 import torch
+from report import publish
 
 import neolm
 
@@ -94,11 +95,7 @@ def main() -> None:
                      f"{b / a:.2f}x |")  # fmt: skip
     a, b = median(kept, "total"), median(fresh, "total")
     lines += ["", f"Whole conversation: {a:.2f} s kept, {b:.2f} s read whole ({b / a:.2f}x).", ""]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "a", encoding="utf-8") as f:
-            f.write(text + "\n")
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

@@ -59,6 +59,15 @@ def spread(values: list[float], fmt: str = "{:.2f}") -> str:
     return f"{fmt.format(statistics.median(values))} [{fmt.format(min(values))}–{fmt.format(max(values))}]"
 
 
+def publish(lines: list[str], out: str | None) -> None:
+    """Print a result's markdown lines, and append them to the file `out` (a script's --out), if given."""
+    text = "\n".join(lines)
+    print(text)
+    if out:
+        with open(out, "a", encoding="utf-8") as f:
+            f.write(text + "\n")
+
+
 def ratio(a: dict, b: dict, key: str) -> tuple[float | None, str]:
     """a over b: the median of the per-round ratios when there are two or more, else of the medians; and
     how to print it (with the rounds' min-max)."""

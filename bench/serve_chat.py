@@ -14,35 +14,27 @@ prompt_tokens_details.cached_tokens) against all prompt tokens. Not a test.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
 import statistics
 import sys
 import time
-import urllib.request
 
-from serve_load import WORDS, run_clients, start
+from report import publish
+from serve_load import WORDS, run_clients, start, stream_events
 
 
 def turn(base: str, messages: list[dict], tokens: int) -> tuple[str, float, int, int]:
     """One streamed chat completion: (reply, seconds to its first token, prompt tokens, cached prompt tokens)."""
-    body = {"messages": messages, "max_tokens": tokens, "min_tokens": tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}  # fmt: skip
-    request = urllib.request.Request(f"{base}/chat/completions", json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})  # fmt: skip
+    body = {"messages": messages, "max_tokens": tokens, "min_tokens": tokens, "temperature": 0}
     began, first, reply, usage = time.perf_counter(), None, "", {}
-    with urllib.request.urlopen(request, timeout=1200) as response:
-        for line in response:
-            if not line.startswith(b"data: {"):
-                continue
-            event = json.loads(line[6:])
-            if event.get("usage"):
-                usage = event["usage"]
-            elif event["choices"] and event["choices"][0]["delta"].get("content"):
-                first = first or time.perf_counter() - began
-                reply += event["choices"][0]["delta"]["content"]
+    for event in stream_events(f"{base}/chat/completions", body):
+        if event.get("usage"):
+            usage = event["usage"]
+        elif event["choices"] and event["choices"][0]["delta"].get("content"):
+            first = first or time.perf_counter() - began
+            reply += event["choices"][0]["delta"]["content"]
     cached = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
     return reply, first or 0.0, usage["prompt_tokens"], cached
 
@@ -127,11 +119,7 @@ def main() -> None:
             f"{tok_s / base:.2f}x | {statistics.median(r['ttft_s'] for r in mine):.3f} | "
             f"{statistics.median(r['last_ttft_s'] for r in mine):.3f} | {mine[0]['cached']} of {mine[0]['prompt']} |"
         )
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "a", encoding="utf-8") as f:
-            f.write(text + "\n")
+    publish(lines, args.out)
 
 
 if __name__ == "__main__":

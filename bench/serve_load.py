@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 
 WORDS = [" the", " of", " and", " to", " in", " a", " is", " that", " for", " it", " was", " on"]  # one token each
 
@@ -50,24 +51,26 @@ def start(args, max_batch: int, source: str | None = None, chunk: str | None = N
     return server, match[1]
 
 
-def complete(base: str, prompt: str, max_tokens: int) -> tuple[float, int, float, list[float]]:
-    """Stream one completion: (seconds, tokens, seconds to the first token, gaps between tokens)."""
-    body = {"prompt": prompt, "max_tokens": max_tokens, "min_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}  # fmt: skip
-    request = urllib.request.Request(
-        f"{base}/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
-    )
-    start = time.perf_counter()
-    times, tokens = [], 0
+def stream_events(url: str, body: dict) -> Iterator[dict]:
+    """POST `body` to `url` as a streamed request (usage included): the server-sent events' JSON objects."""
+    body = body | {"stream": True, "stream_options": {"include_usage": True}}
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=1200) as response:
         for line in response:
-            if not line.startswith(b"data: {"):
-                continue
-            event = json.loads(line[6:])
-            if event.get("usage"):
-                tokens = event["usage"]["completion_tokens"]
-            elif event["choices"] and event["choices"][0]["text"]:
-                times.append(time.perf_counter())
+            if line.startswith(b"data: {"):
+                yield json.loads(line[6:])
+
+
+def complete(base: str, prompt: str, max_tokens: int) -> tuple[float, int, float, list[float]]:
+    """Stream one completion: (seconds, tokens, seconds to the first token, gaps between tokens)."""
+    body = {"prompt": prompt, "max_tokens": max_tokens, "min_tokens": max_tokens, "temperature": 0}
+    start = time.perf_counter()
+    times, tokens = [], 0
+    for event in stream_events(f"{base}/completions", body):
+        if event.get("usage"):
+            tokens = event["usage"]["completion_tokens"]
+        elif event["choices"] and event["choices"][0]["text"]:
+            times.append(time.perf_counter())
     return time.perf_counter() - start, tokens, times[0] - start, [b - a for a, b in itertools.pairwise(times)]
 
 

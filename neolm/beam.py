@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from neolm.errors import NeolmError
-from neolm.generate import GenerationConfig, fit_prompts
+from neolm.generate import GenerationConfig, fit_prompts, left_pad
 from neolm.model import GPT, KVCache
 from neolm.sampling import Processors, RowState, StopStrings
 
@@ -55,15 +55,9 @@ def beam_search(
     T = max(budgets)
 
     # the prompts, read once each, then a cache row per beam
-    width, lengths = max(map(len, prompts)), torch.tensor([len(p) for p in prompts], device=device)
-    pad = eos_ids[0] if eos_ids else 0
-    tokens = torch.full((P, width), pad, dtype=torch.long, device=device)
-    for row, p in enumerate(prompts):
-        tokens[row, width - len(p) :] = torch.tensor(p)
-    cache = KVCache(config, P, width, model.cache_dtype, device)
-    if int(lengths.min()) < width:
-        cache.valid = torch.arange(width, device=device) >= (width - lengths)[:, None]
-    positions = (torch.arange(width, device=device) - (width - lengths)[:, None]).clamp(min=0)
+    tokens, positions, filled = left_pad(prompts, eos_ids[0] if eos_ids else 0, device)
+    cache = KVCache(config, P, tokens.shape[1], model.cache_dtype, device)
+    cache.hide_padding(filled)
     logits = model(tokens, positions, cache, last_only=True)[:, -1].float().repeat_interleave(B, 0)  # (P*B, V)
     cache = cache.rows(torch.arange(P, device=device).repeat_interleave(B), extra=T)
     positions = positions[:, -1:].repeat_interleave(B, 0)  # (P*B, 1)

@@ -169,12 +169,6 @@ class GenerationConfig:
             if bad:
                 raise NeolmError(f"{name}: token id {bad[0]} is outside the model's vocabulary of {vocab}")
 
-    @property
-    def needs_history(self) -> bool:
-        """A processor reads each sequence's tokens (n-grams, biases of token sequences)."""
-        seqs = list(self.sequence_bias or {}) + [tuple(w) for w in self.bad_words_ids or []]
-        return bool(self.no_repeat_ngram_size) or any(len(seq) > 1 for seq in seqs)
-
     def eos_ids(self, default: int | None) -> list[int]:
         """The ids that end a sequence: eos_token_id (one or a list), else `default` (the model's)."""
         eos = self.eos_token_id if self.eos_token_id is not None else default
@@ -215,6 +209,21 @@ def fit_prompts(prompts: Sequence[Sequence[int]], gc: GenerationConfig, n_ctx: i
             prompt = prompt[-keep:]
         fitted.append(prompt)
     return fitted
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Sequences of different lengths as one batch, right-aligned: tokens (N, W) with `pad` before each, positions
+    (N, W) counting from each one's first token, and which slots hold a token (N, W; None when all do), for
+    KVCache.hide_padding."""
+    width = max(len(p) for p in seqs)
+    lengths = torch.tensor([len(p) for p in seqs], device=device)
+    tokens = torch.full((len(seqs), width), pad, dtype=torch.long, device=device)
+    for row, p in enumerate(seqs):
+        tokens[row, width - len(p) :] = torch.tensor(p)
+    start = (width - lengths)[:, None]  # (N, 1) each sequence's first slot
+    positions = (torch.arange(width, device=device) - start).clamp(min=0)
+    filled = torch.arange(width, device=device) >= start if int(lengths.min()) < width else None
+    return tokens, positions, filled
 
 
 def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -451,11 +460,8 @@ class DecodeBatch:
         prefill.group = self._group(gc)
         # with no sequence running, the new ones may take this cache as theirs (join): room for their tokens
         prefill.room = 0 if self.rows is not None and (not self.compact or self.live > 0) else max(prefill.budgets)
-        width = max(len(p) for p in seqs)
-        lengths = torch.tensor([len(p) for p in seqs], device=device)
-        prefill.tokens = torch.full((len(seqs), width), self.groups[prefill.group].pad, dtype=torch.long, device=device)
-        for row, p in enumerate(seqs):
-            prefill.tokens[row, width - len(p) :] = torch.tensor(p)
+        prefill.tokens, prefill.positions, filled = left_pad(seqs, self.groups[prefill.group].pad, device)
+        width = prefill.tokens.shape[1]
         if reuse is not None:  # the prompt's tokens up to the first that differs, but its last
             held, tokens = reuse
             if held.k.shape[1] != 1 or held.valid is not None:
@@ -467,11 +473,8 @@ class DecodeBatch:
             cache = KVCache(config, len(seqs), width + prefill.room, self.model.cache_dtype, device)
             if reuse is not None:
                 cache.take_prefix(held, prefill.done)
-        if int(lengths.min()) < width:  # left padding: hide pad slots, count positions from each prompt's start
-            cache.valid = torch.ones(len(seqs), cache.max_len, dtype=torch.bool, device=device)
-            cache.valid[:, :width] = torch.arange(width, device=device) >= (width - lengths)[:, None]
+        cache.hide_padding(filled)
         prefill.cache = cache
-        prefill.positions = (torch.arange(width, device=device) - (width - lengths)[:, None]).clamp(min=0)  # (N, T)
         return prefill
 
     @torch.inference_mode()
@@ -501,7 +504,7 @@ class DecodeBatch:
                 seen[row, torch.tensor(p)] = True
         if gc.presence_penalty or gc.frequency_penalty:
             made = torch.zeros(len(seqs), vocab, dtype=torch.int32, device=self.device)
-        history = gc.stop_strings or gc.needs_history
+        history = gc.stop_strings or self.groups[prefill.group].processors.needs.tokens
         new = _Rows(
             prefill.ids, [prefill.group] * len(seqs), prefill.k,
             [list(p) for p in seqs] if history else [None] * len(seqs), [len(p) for p in seqs],

@@ -102,6 +102,13 @@ class KVCache:
         out.valid, out.length = None, end - start
         return out
 
+    def hide_padding(self, filled: torch.Tensor | None) -> None:
+        """Left padding: `valid` False where filled (B, W), which covers the first W slots, is False (None: no
+        padding, nothing hidden)."""
+        if filled is not None:
+            self.valid = torch.ones(filled.shape[0], self.max_len, dtype=torch.bool, device=filled.device)
+            self.valid[:, : filled.shape[1]] = filled
+
     def reorder(self, index: torch.Tensor) -> None:
         """Row i takes row index[i]'s filled slots (beam search: each beam follows the one it continues)."""
         for t in (self.k, self.v, self.k_scale, self.v_scale):

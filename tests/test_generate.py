@@ -211,6 +211,23 @@ def test_empty_prompt_is_an_error(tiny_checkpoints):
         lm.generate("")
 
 
+def run_plan(batch: DecodeBatch, plan: dict) -> tuple[dict, dict]:
+    """Step a batch that sequences join: plan {step: (prompt, settings)}. Returns {id: its tokens} and
+    {id: (prompt, settings)}."""
+    got, settings, step = {}, {}, 0
+    while step in plan or not batch.finished:
+        if step in plan:
+            prompt, gc = plan[step]
+            (i,) = batch.add([prompt], gc)
+            got[i], settings[i] = [], (prompt, gc)
+        out = batch.step()
+        for i, token in zip(out.ids, out.tokens):
+            if token is not None:
+                got[i].append(token)
+        step += 1
+    return got, settings
+
+
 @pytest.mark.parametrize("name, kv", [("neo", None), ("neox-parallel-pct25", None), ("neo", "int8")])
 def test_sequences_joining_a_running_batch_get_their_solo_tokens(tiny_checkpoints, name, kv):
     """Continuous batching: sequences added between steps (longer and shorter than the slots in use, with other
@@ -225,18 +242,7 @@ def test_sequences_joining_a_running_batch_get_their_solo_tokens(tiny_checkpoint
         4: ([2, 2, 2], penalty),
         12: ([40, 41], greedy),  # after `short` ended (dropped once the finished rows are as many as the live)
     }
-    batch = DecodeBatch(lm.model)
-    got, settings, step = {}, {}, 0
-    while step in plan or not batch.finished:
-        if step in plan:
-            prompt, gc = plan[step]
-            (i,) = batch.add([prompt], gc)
-            got[i], settings[i] = [], (prompt, gc)
-        out = batch.step()
-        for i, token, end in zip(out.ids, out.tokens, out.ends):
-            if token is not None:
-                got[i].append(token)
-        step += 1
+    got, settings = run_plan(DecodeBatch(lm.model), plan)
     assert len(got) == 4
     for i, (prompt, gc) in settings.items():
         assert got[i] == lm.generate_ids([prompt], **dataclasses.asdict(gc))[0], (i, prompt)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_generate import hf_generate
+from test_generate import hf_generate, run_plan
 
 import neolm
 from neolm.generate import DecodeBatch, GenerationConfig
@@ -122,17 +122,8 @@ def test_settings_that_read_histories_mix_in_one_batch(tiny_checkpoints):
         5: ([1, 2, 3, 4], GenerationConfig(max_new_tokens=10, do_sample=False, sequence_bias={(5, 6): -9.0},
                                            presence_penalty=2.0, repetition_penalty=1.2)),
     }  # fmt: skip
-    batch = DecodeBatch(lm.model)
-    got, settings, step = {}, {}, 0
-    while step in plan or not batch.finished:
-        if step in plan:
-            (i,) = batch.add([plan[step][0]], plan[step][1])
-            got[i], settings[i] = [], plan[step]
-        out = batch.step()
-        for i, token in zip(out.ids, out.tokens):
-            if token is not None:
-                got[i].append(token)
-        step += 1
+    got, settings = run_plan(DecodeBatch(lm.model), plan)
+    assert len(got) == 4
     for i, (prompt, gc) in settings.items():
         assert got[i] == lm.generate_ids([prompt], **{k: getattr(gc, k) for k in gc.field_names()})[0], prompt
 

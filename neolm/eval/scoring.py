@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from neolm.errors import NeolmError
+from neolm.generate import left_pad
 from neolm.model import GPT, KVCache
 from neolm.sampling import vocab_logprobs
 
@@ -139,15 +140,10 @@ def _plain_batch(model: GPT, batch: list[_Request], scorer: Scorer) -> None:
 def _context_cache(model: GPT, contexts: list[list[int]]) -> tuple[KVCache, torch.Tensor, torch.Tensor]:
     """Run contexts (left-padded) into a KV cache: (cache, lengths, fp32 log-probs (G, V) after each)."""
     device, config = _place(model)[0], model.config
-    width = max(map(len, contexts))
+    ids, positions, filled = left_pad(contexts, 0, device)
+    cache = KVCache(config, len(contexts), ids.shape[1], model.cache_dtype, device)
+    cache.hide_padding(filled)  # from every query
     lengths = torch.tensor([len(c) for c in contexts], device=device)
-    ids = torch.zeros(len(contexts), width, dtype=torch.long, device=device)
-    for row, c in enumerate(contexts):
-        ids[row, width - len(c) :] = torch.tensor(c)
-    cache = KVCache(config, len(contexts), width, model.cache_dtype, device)
-    if int(lengths.min()) < width:  # hide the left padding from every query
-        cache.valid = torch.arange(width, device=device) >= (width - lengths)[:, None]
-    positions = (torch.arange(width, device=device) - (width - lengths)[:, None]).clamp(min=0)
     logits = model(ids, positions, cache, last_only=True)[:, -1]  # (G, V): one position per context
     return cache, lengths, torch.log_softmax(logits.float(), dim=-1)
 
