@@ -165,6 +165,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generation_args(g).add_argument(
         "--truncate", action="store_true", help="drop the oldest prompt tokens when prompt + new tokens overflow"
     )
+    fast = g.add_argument_group(
+        "assisted generation (speculative decoding: the same tokens, or samples of the same distribution, in "
+        "fewer passes over the weights when the guesses are right)"
+    )
+    fast.add_argument("--prompt-lookup-num-tokens", type=positive, metavar="N",
+                      help="guess N tokens from what followed the last 2 tokens earlier in the text (the prompt "
+                      "included): for continuations that repeat or quote it")  # fmt: skip
+    fast.add_argument("--assistant-model", metavar="MODEL",
+                      help="a smaller model with the same tokenizer that guesses the tokens (e.g. "
+                      "EleutherAI/pythia-70m for a larger Pythia), loaded with the same options")  # fmt: skip
+    fast.add_argument("--num-assistant-tokens", type=positive, metavar="N",
+                      help="the assistant guesses N tokens at most per forward of the model (default 20; it "
+                      "stops earlier below 0.4 probability)")  # fmt: skip
     out = g.add_argument_group("output")
     out.add_argument(
         "--stream",
@@ -218,8 +231,8 @@ def _read_prompt(args) -> str:
     return prompt
 
 
-def load_model(args):
-    """neolm.load with the options _add_model_args declared."""
+def load_model(args, model: str | None = None):
+    """neolm.load with the options _add_model_args declared (of `model` instead of args.model, if given)."""
     import neolm
 
     if args.threads:
@@ -227,7 +240,7 @@ def load_model(args):
 
         torch.set_num_threads(args.threads)
     return neolm.load(
-        args.model,
+        model or args.model,
         revision=args.revision,
         dtype=args.dtype,
         device=args.device,
@@ -248,9 +261,16 @@ def cmd_generate(args) -> int:
     if args.num_return_sequences is not None and args.num_return_sequences < 1:
         raise NeolmError("--num-return-sequences must be at least 1")
     knobs = _generation_knobs(args) | ({"truncate_prompt": True} if args.truncate else {})
+    for name in ("prompt_lookup_num_tokens", "num_assistant_tokens"):
+        if getattr(args, name) is not None:
+            knobs[name] = getattr(args, name)
+    if args.assistant_model and args.prompt_lookup_num_tokens:
+        raise NeolmError("give --assistant-model or --prompt-lookup-num-tokens, not both")
     lm = load_model(args)
     echo = "" if args.no_echo else prompt
     beams = lm.generation_config(**knobs).num_beams > 1  # (the checkpoint's defaults too)
+    if args.assistant_model:
+        knobs["assistant_model"] = load_model(args, args.assistant_model)
     if args.stream and beams:
         raise NeolmError("--stream: beam search (--num-beams > 1) has its text only at the end")
     stream = sys.stdout.isatty() if args.stream is None else args.stream

@@ -63,6 +63,12 @@ class GenerationConfig:
     # OpenAI's penalties (vLLM's meaning): subtracted from the logits of tokens generated so far
     presence_penalty: float = 0.0  # once per token that was generated
     frequency_penalty: float = 0.0  # per time it was generated
+    # assisted generation (neolm.speculative): guessed tokens checked by the model in one forward
+    prompt_lookup_num_tokens: int | None = None  # guess this many tokens from earlier in the sequence
+    max_matching_ngram_size: int | None = None  # prompt lookup: match the last n-gram up to this size (default 2)
+    num_assistant_tokens: int = 20  # with an assistant model: it guesses this many at most per forward
+    num_assistant_tokens_schedule: str = "constant"  # or "heuristic": +2 after all were right, else -1
+    assistant_confidence_threshold: float | None = 0.4  # the assistant stops guessing below this probability
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -103,6 +109,7 @@ class GenerationConfig:
         check(all(self.stop_strings or []), "stop strings must not be empty")
         self._validate_processors(check)
         self._validate_beams(check)
+        self._validate_assisted(check)
         return self
 
     def _validate_processors(self, check) -> None:
@@ -156,6 +163,22 @@ class GenerationConfig:
             return
         check(self.num_return_sequences <= self.num_beams,
               f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams ({self.num_beams})")  # fmt: skip
+
+    def _validate_assisted(self, check) -> None:
+        for name in ("prompt_lookup_num_tokens", "max_matching_ngram_size"):
+            value = getattr(self, name)
+            check(value is None or (isinstance(value, int) and value >= 1), f"{name} must be >= 1, got {value!r}")
+        n = self.num_assistant_tokens
+        check(isinstance(n, int) and n >= 1, f"num_assistant_tokens must be >= 1, got {n!r}")
+        schedules = ("constant", "heuristic", "heuristic_transient")
+        check(self.num_assistant_tokens_schedule in schedules,
+              f"num_assistant_tokens_schedule must be one of {', '.join(schedules)}, "
+              f"got {self.num_assistant_tokens_schedule!r}")  # fmt: skip
+        threshold = self.assistant_confidence_threshold
+        check(threshold is None or 0 <= threshold < 1,
+              f"assistant_confidence_threshold must be in [0, 1) (0 or None: off), got {threshold}")  # fmt: skip
+        check(self.prompt_lookup_num_tokens is None or self.num_beams == 1,
+              "prompt lookup (prompt_lookup_num_tokens) and beam search (num_beams > 1) do not go together")  # fmt: skip
 
     def check_vocab(self, vocab: int) -> None:
         """Raise NeolmError when a processor names a token outside a vocabulary of this size."""
@@ -679,10 +702,16 @@ def generate(
     prompts: Sequence[Sequence[int]],
     gc: GenerationConfig,
     decode: Callable[[list[int]], str] | None = None,
+    assistant: GPT | None = None,
 ) -> list[list[int]]:
-    """The new tokens of every sequence (prompts x num_return_sequences, prompt-major); eos included."""
+    """The new tokens of every sequence (prompts x num_return_sequences, prompt-major); eos included. With an
+    `assistant` model or gc.prompt_lookup_num_tokens, assisted generation (neolm.speculative)."""
+    if assistant is not None or gc.prompt_lookup_num_tokens is not None:
+        from neolm.speculative import assisted_generate  # (these modules build on this one)
+
+        return assisted_generate(model, prompts, gc, decode, assistant)
     if gc.num_beams > 1:
-        from neolm.beam import beam_search  # (neolm.beam builds on this module)
+        from neolm.beam import beam_search
 
         return beam_search(model, prompts, gc, decode)
     outputs: list[list[int]] = [[] for _ in range(len(prompts) * gc.num_return_sequences)]

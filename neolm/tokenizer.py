@@ -73,6 +73,12 @@ class Tokenizer:
     def __repr__(self) -> str:
         return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size})"
 
+    def same_vocabulary(self, other: Tokenizer) -> bool:
+        """Whether both map the same strings to the same ids (the tokenizer of two Pythias or two GPT-Neos)."""
+        return self is other or self._backend.get_vocab(with_added_tokens=True) == other._backend.get_vocab(
+            with_added_tokens=True
+        )
+
     @classmethod
     def from_file(cls, path) -> Tokenizer:
         """Load a Hugging Face ``tokenizer.json``."""

@@ -152,13 +152,14 @@ def test_native_kernels_take_a_few_rows(monkeypatch, tiny, name, quantize):
 
 
 @pytest.mark.skipif(not native.available()[0], reason=f"no native kernels: {native.available()[1]}")
-def test_the_head_is_native_by_default(tiny):
-    """Without compile, the output head still takes the native kernels (one to FEW_ROWS rows); native=False
-    leaves it on its own kernel."""
-    head = neolm.load(tiny["neo"]).model.lm_head
-    assert head.gemv is native.float_gemv and head.gemv_rows == native.FEW_ROWS
-    head = neolm.load(tiny["neo"], native=False).model.lm_head
-    assert head.gemv is None and head.gemv_rows == 1
+def test_float_layers_are_native_by_default(tiny):
+    """Without compile, the output head and the blocks' float layers take the native kernels for one to
+    FEW_ROWS rows (short prompts, assisted generation's checks); native=False leaves them on their own kernel."""
+    for native_on in (True, False):
+        model = neolm.load(tiny["neo"], native=native_on).model
+        layers = [model.lm_head, model.blocks[0].mlp.fc, model.blocks[1].attn.proj]
+        assert all(m.gemv is (native.float_gemv if native_on else None) for m in layers)
+        assert all(m.gemv_rows == (native.FEW_ROWS if native_on else 1) for m in layers)
 
 
 def test_compile_errors_are_clear(monkeypatch, tiny):

@@ -1,0 +1,140 @@
+"""Assisted generation (neolm.speculative) against plain greedy decoding, and against transformers' prompt
+lookup, on the same checkpoint in one run.
+
+    python bench/speculative.py --model /tmp/neolm-bench/models/pythia-1.4b/hf --new-tokens 128 --rounds 3 \\
+        --out bench/SPECULATIVE.md
+
+Rows, each greedy from the same --prompt-tokens random ids to exactly --new-tokens tokens (eos blocked by
+min_new_tokens), fp32, --threads threads:
+  - neolm and transformers, plain;
+  - neolm and transformers with prompt lookup (prompt_lookup_num_tokens=--lookup);
+  - neolm with an assistant model: the same checkpoint quantized to int8 (output head included), which reads
+    a quarter of the bytes a step; num_assistant_tokens --guesses, without transformers' confidence threshold
+    (0: random weights give near-flat distributions, whose top token is never 0.4 likely), and with the
+    defaults (20 tokens, threshold 0.4).
+Each round runs every row once (the order reversed every other round). Reported: seconds per generation
+(median [min-max]), new tokens/s, the model's forwards (neolm: a hook on the model, the assistant's not
+counted), the speed over the engine's own plain decoding (median of per-round ratios), and how many leading
+tokens equal neolm's plain greedy ones (assisted generation must give them all; a near-tie may flip, as the
+forward of several tokens rounds otherwise than one-token steps).
+
+How much the guesses save depends on the text: random weights' greedy text falls into loops, which prompt lookup
+guesses; an int8 copy agrees with its fp32 original more than a smaller model agrees with a larger one. These
+are the mechanism's costs and gains at this shape, not what a real checkpoint's text will see. Not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from machine import describe  # (bench/: this script's folder is on sys.path)
+from report import publish, spread
+
+import neolm
+
+
+def run_neolm(lm, prompt, kw) -> tuple[float, list[int], int]:
+    calls = []
+    hook = lm.model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    start = time.perf_counter()
+    out = lm.generate_ids([prompt], **kw)[0]
+    elapsed = time.perf_counter() - start
+    hook.remove()
+    return elapsed, out, len(calls)
+
+
+def run_transformers(hf, prompt, kw) -> tuple[float, list[int], int]:
+    calls = []
+    hook = hf.register_forward_pre_hook(lambda module, args: calls.append(1))
+    ids = torch.tensor([prompt])
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=0, **kw)
+    elapsed = time.perf_counter() - start
+    hook.remove()
+    return elapsed, out[0, len(prompt) :].tolist(), len(calls)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="a checkpoint folder (bench/prepare.py checkpoint NAME OUT)")
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--lookup", type=int, default=10, help="prompt_lookup_num_tokens")
+    p.add_argument("--guesses", type=int, default=4, help="num_assistant_tokens of the thresholdless row")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", help="append the table to this markdown file")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    from transformers import AutoModelForCausalLM
+
+    folder, n = args.model, args.new_tokens
+    lm = neolm.load(folder, dtype="float32")
+    int8 = neolm.load(folder, dtype="float32", quantize="int8", quantize_head=True)
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    prompt = torch.randint(0, 50000, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
+    greedy = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, repetition_penalty=1.0)
+    rows = {  # name -> (engine, runner, model, arguments)
+        "neolm": ("neolm", run_neolm, lm, greedy),
+        f"neolm, prompt lookup {args.lookup}": ("neolm", run_neolm, lm, greedy | {"prompt_lookup_num_tokens": args.lookup}),
+        f"neolm, int8 assistant, {args.guesses} guesses, no threshold": ("neolm", run_neolm, lm, greedy | {
+            "assistant_model": int8, "num_assistant_tokens": args.guesses, "assistant_confidence_threshold": 0.0}),
+        "neolm, int8 assistant, defaults (20, threshold 0.4)": ("neolm", run_neolm, lm, greedy | {"assistant_model": int8}),
+        "transformers": ("transformers", run_transformers, hf, greedy),
+        f"transformers, prompt lookup {args.lookup}": ("transformers", run_transformers, hf,
+                                                       greedy | {"prompt_lookup_num_tokens": args.lookup}),
+    }  # fmt: skip
+    for _, run, model, kw in rows.values():  # warm-up (kernels, allocations)
+        run(model, prompt[:8], kw | {"max_new_tokens": 4, "min_new_tokens": 4})
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    forwards, same = {}, {}
+    reference = None
+    for r in range(args.rounds):
+        order = list(rows.items())
+        for name, (_, run, model, kw) in order if r % 2 == 0 else order[::-1]:
+            seconds, out, forwards[name] = run(model, prompt, kw)
+            times[name].append(seconds)
+            if name == "neolm":
+                reference = out
+            same.setdefault(name, []).append(out)
+            print(f"round {r + 1}: {name} {seconds:.2f} s, {forwards[name]} forwards", file=sys.stderr)
+    agree = {name: min(next((i for i, (a, b) in enumerate(zip(o, reference)) if a != b), n) for o in outs)
+             for name, outs in same.items()}  # fmt: skip
+
+    def speedup(name: str) -> float:
+        plain = rows[name][0]
+        return statistics.median(t / s for s, t in zip(times[name], times[plain]))
+
+    machine = describe()
+    lines = [
+        f"`python bench/speculative.py --model {folder} --prompt-tokens {args.prompt_tokens} --new-tokens {n} "
+        f"--lookup {args.lookup} --guesses {args.guesses} --rounds {args.rounds} --threads {args.threads}`",
+        "",
+        f"{machine['cpu']} ({machine['cpu_id']}; {machine['simd']}), torch {torch.__version__}, {args.threads} "
+        f"threads, fp32; {Path(folder).parent.name} (random weights), {args.prompt_tokens}-token prompt, {n} new "
+        "tokens, greedy",
+        "",
+        "| row | seconds per generation | new tokens/s | forwards of the model | speed over own plain | "
+        "tokens = neolm plain |",
+        "|---|---|---|---|---|---|",
+        *(
+            f"| {name} | {spread(xs)} | {n / statistics.median(xs):.1f} | {forwards[name]} | {speedup(name):.2f}x | "
+            f"{agree[name]}/{n} |"
+            for name, xs in times.items()
+        ),  # fmt: skip
+        "",
+    ]
+    publish(lines, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,258 @@
+"""Assisted generation (speculative decoding), as transformers' generate runs it for one sequence at a time
+with `assistant_model` or `prompt_lookup_num_tokens`.
+
+Each round guesses the next few tokens cheaply; the model then reads its newest token and the guesses in one
+forward, whose logits give its own choice at every guessed position. The guesses it agrees with are kept, and
+so is its choice after the last of them, so a round makes 1 to guesses + 1 tokens for one pass over the
+weights (single-stream decoding is bound by reading them: a forward of a few tokens costs about what one of
+one token does). The guesses come from
+  - prompt lookup (prompt_lookup_num_tokens=N): the N tokens that followed the first earlier occurrence of the
+    sequence's last n-gram (max_matching_ngram_size, default 2, down to 1; prompt included). Free, and right
+    where the text repeats or quotes its prompt: summaries, extraction, code edits, loops;
+  - an assistant model: a smaller model with the same tokenizer (pythia-70m/160m for the larger Pythias,
+    gpt-neo-125M for the larger GPT-Neos), up to num_assistant_tokens of its own picks, stopping early once its
+    probability of its pick falls below assistant_confidence_threshold.
+Greedy, the tokens are the model's greedy tokens. Sampled, each is drawn from the model's distribution: with
+prompt lookup the model samples at every position and keeps the guesses its samples equal; with an assistant
+by the rejection rule of speculative sampling (Leviathan et al. 2023, algorithm 1), which needs the
+assistant's probabilities. Every logits processor sees each position's own history. A forward over several
+positions rounds otherwise than one-token steps, so near-ties can go the other way than in plain decoding,
+as in transformers; and a seed draws other samples than plain sampling with that seed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+from neolm.errors import NeolmError
+from neolm.generate import GenerationConfig, fit_prompts, shared_prefix
+from neolm.model import GPT, KVCache
+from neolm.sampling import Processors, RowState, StopStrings, argmax
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NGRAM = 2  # transformers' max_matching_ngram_size default
+
+
+class _Picker:
+    """The processors and the pick of one sequence: processed scores for positions with their own histories,
+    and which guesses the model's picks keep."""
+
+    def __init__(self, gc: GenerationConfig, processors: Processors, prompt_len: int, budget: int, vocab: int,
+                 device, generator: torch.Generator | None):  # fmt: skip
+        self.gc, self.processors, self.prompt_len, self.budget = gc, processors, prompt_len, budget
+        self.vocab, self.device, self.generator = vocab, device, generator
+
+    def scores(self, logits: torch.Tensor, seq: list[int], guesses: Sequence[int]) -> torch.Tensor:
+        """Processed scores (N, V) of fp32 logits (N, V) whose row j follows seq + guesses[:j]."""
+        needs, N = self.processors.needs, len(logits)
+        state = RowState()
+        if needs.lengths or needs.new or needs.budgets:
+            state.lengths = torch.arange(len(seq), len(seq) + N, device=self.device)
+            state.new = state.lengths - self.prompt_len
+            state.budgets = torch.full((N,), self.budget, device=self.device)
+        if needs.seen or needs.made or needs.tokens:
+            histories = [seq + list(guesses[:j]) for j in range(N)]
+            if needs.tokens:
+                state.tokens = histories
+            if needs.seen:
+                state.seen = torch.zeros(N, self.vocab, dtype=torch.bool, device=self.device)
+                for row, h in enumerate(histories):
+                    state.seen[row, torch.tensor(h, device=self.device)] = True
+            if needs.made:
+                state.made = torch.zeros(N, self.vocab, dtype=torch.int32, device=self.device)
+                for row, h in enumerate(histories):
+                    made = torch.tensor(h[self.prompt_len :], dtype=torch.long, device=self.device)
+                    state.made[row] = torch.bincount(made, minlength=self.vocab)[: self.vocab].to(torch.int32)
+        return self.processors(logits, state)
+
+    def pick(self, scores: torch.Tensor) -> list[int]:
+        """One token per row of processed scores: greedy, or sampled."""
+        if self.gc.do_sample:
+            return torch.multinomial(scores.softmax(dim=-1), 1, generator=self.generator)[:, 0].tolist()
+        return argmax(scores).tolist()
+
+    def keep(self, scores: torch.Tensor, guesses: list[int], q: torch.Tensor | None) -> list[int]:
+        """The round's tokens from the model's processed scores (c + 1, V) at the guesses' c positions and after
+        them: the guesses kept, then one token of the model's own. q (c, V): the assistant's probabilities of
+        its sampled guesses (speculative sampling), else None."""
+        c = len(guesses)
+        if q is None or not self.gc.do_sample:
+            picks = self.pick(scores)
+            m = next((j for j in range(c) if guesses[j] != picks[j]), c)
+            return guesses[:m] + [picks[m]]
+        p = scores.softmax(dim=-1)
+        index, rows = torch.tensor(guesses, device=self.device), torch.arange(c, device=self.device)
+        ratio = p[rows, index] / q[rows, index]  # q > 0 at its own samples
+        accepted = torch.rand(c, generator=self.generator, device=self.device) <= ratio
+        m = int((accepted.long().cumprod(0)).sum())
+        if m < c:  # rejected: draw from the part of p that q does not cover
+            rest = (p[m] - q[m]).clamp(min=0)
+            p_m = rest / rest.sum() if float(rest.sum()) > 0 else p[m]
+        else:
+            p_m = p[c]
+        return guesses[:m] + [int(torch.multinomial(p_m, 1, generator=self.generator))]
+
+
+class PromptLookup:
+    """Guesses from the sequence itself: what followed the first earlier occurrence of its last n-gram."""
+
+    def __init__(self, gc: GenerationConfig):
+        self.n, self.ngram = gc.prompt_lookup_num_tokens, gc.max_matching_ngram_size or DEFAULT_NGRAM
+
+    def guess(self, seq: list[int], limit: int) -> tuple[list[int], None]:
+        limit = min(limit, self.n)
+        if limit <= 0:
+            return [], None
+        for size in range(min(self.ngram, len(seq) - 1), 0, -1):
+            tail = seq[-size:]
+            for start in range(len(seq) - size):  # the first occurrence, not the tail itself
+                if seq[start : start + size] == tail:
+                    return seq[start + size : start + size + limit], None
+        return [], None
+
+    def update(self, kept: int, guessed: int) -> None:
+        pass
+
+
+class Assistant:
+    """Guesses from a smaller model with the same tokenizer, decoding in a KV cache of its own that keeps the
+    tokens the sequence still shares with it from round to round."""
+
+    def __init__(self, model: GPT, gc: GenerationConfig, picker: _Picker, max_len: int):
+        self.model, self.picker = model, picker
+        self.device = model.ln_f.weight.device
+        self.cache = KVCache(model.config, 1, max_len, model.cache_dtype, self.device)
+        self.tokens: list[int] = []  # in the cache's slots
+        self.k = gc.num_assistant_tokens
+        self.adapt = gc.num_assistant_tokens_schedule != "constant"
+        self.threshold = gc.assistant_confidence_threshold or 0.0
+
+    def _logits(self, tokens: list[int]) -> torch.Tensor:
+        """The assistant's next-token logits (1, V of the main model: cut, or padded with -inf) after feeding
+        `tokens` to its cache."""
+        x = torch.tensor([tokens], device=self.device)
+        logits = self.model(x, cache=self.cache, last_only=True)[0].float().to(self.picker.device)
+        V = self.picker.vocab
+        if logits.shape[1] >= V:
+            return logits[:, :V]
+        return torch.cat((logits, logits.new_full((1, V - logits.shape[1]), -float("inf"))), dim=1)
+
+    def guess(self, seq: list[int], limit: int) -> tuple[list[int], torch.Tensor | None]:
+        limit = min(limit, self.k)
+        if limit <= 0:
+            return [], None
+        self.cache.length = min(shared_prefix(self.tokens, seq), len(seq) - 1)
+        logits = self._logits(seq[self.cache.length :])
+        guesses, probs = [], []
+        while True:
+            scores = self.picker.scores(logits, seq, guesses)
+            token = self.picker.pick(scores)[0]
+            p = scores.softmax(dim=-1)[0]
+            guesses.append(token)
+            probs.append(p)
+            if len(guesses) == limit or token in self.picker.processors.eos_ids or float(p[token]) < self.threshold:
+                break
+            logits = self._logits([token])
+        self.tokens = seq + guesses[:-1]
+        return guesses, torch.stack(probs) if self.picker.gc.do_sample else None
+
+    def update(self, kept: int, guessed: int) -> None:
+        if self.adapt:  # transformers' "heuristic" schedule
+            self.k = self.k + 2 if kept == guessed else max(1, self.k - 1)
+
+
+def assisted_tokens(
+    model: GPT,
+    prompt: Sequence[int],
+    gc: GenerationConfig,
+    decode: Callable[[list[int]], str] | None = None,
+    assistant: GPT | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[int]:
+    """The new tokens of one sequence, as they are kept (eos included), guessed by prompt lookup
+    (gc.prompt_lookup_num_tokens) or by `assistant`. Bad arguments raise here, before the first token.
+    `generator`: for sampling (default: one seeded with gc.seed, else at random)."""
+    (prompt,) = _check(model, [prompt], gc, decode, assistant)
+    if gc.do_sample and generator is None:
+        generator = _generator(gc, model.ln_f.weight.device)
+    return _tokens(model, prompt, gc, decode, assistant, generator)
+
+
+def assisted_generate(
+    model: GPT,
+    prompts: Sequence[Sequence[int]],
+    gc: GenerationConfig,
+    decode: Callable[[list[int]], str] | None = None,
+    assistant: GPT | None = None,
+) -> list[list[int]]:
+    """The new tokens of every sequence (prompts x num_return_sequences, prompt-major; eos included), each
+    generated alone with assisted generation."""
+    prompts = _check(model, prompts, gc, decode, assistant)
+    generator = _generator(gc, model.ln_f.weight.device) if gc.do_sample else None
+    return [list(_tokens(model, p, gc, decode, assistant, generator))
+            for p in prompts for _ in range(gc.num_return_sequences)]  # fmt: skip
+
+
+def _check(model: GPT, prompts, gc: GenerationConfig, decode, assistant: GPT | None) -> list[list[int]]:
+    config = model.config
+    if gc.num_beams > 1:
+        raise NeolmError("assisted generation (prompt lookup or an assistant model) runs without beam search")
+    if (gc.prompt_lookup_num_tokens is None) == (assistant is None):
+        raise NeolmError("assisted generation needs either prompt_lookup_num_tokens or an assistant model (one)")
+    if gc.stop_strings and decode is None:
+        raise NeolmError("stop_strings need a tokenizer to decode the text")
+    gc.check_vocab(config.vocab_size)
+    prompts = fit_prompts(prompts, gc, config.n_positions, config.vocab_size)
+    if assistant is not None:
+        longest = max(len(p) + gc.new_token_budget(len(p)) for p in prompts)
+        if longest > assistant.config.n_positions:
+            raise NeolmError(f"the assistant model's context of {assistant.config.n_positions} tokens is shorter "
+                             f"than the prompt and its new tokens ({longest})")  # fmt: skip
+        if assistant.config.vocab_size < max(max(p) for p in prompts) + 1:
+            raise NeolmError("a prompt has token ids outside the assistant model's vocabulary: "
+                             "the assistant must share the model's tokenizer")  # fmt: skip
+    return prompts
+
+
+def _generator(gc: GenerationConfig, device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(gc.seed) if gc.seed is not None else generator.seed()
+    return generator
+
+
+@torch.inference_mode()
+def _tokens(model: GPT, prompt: list[int], gc: GenerationConfig, decode, assistant: GPT | None,
+            generator: torch.Generator | None) -> Iterator[int]:  # fmt: skip
+    config, device = model.config, model.ln_f.weight.device
+    budget = gc.new_token_budget(len(prompt))
+    if budget == 0:
+        return
+    eos_ids = gc.eos_ids(config.eos_token_id)
+    stops = StopStrings(gc.stop_strings, decode) if gc.stop_strings else None
+    processors = Processors(gc, eos_ids, config.vocab_size, device)
+    picker = _Picker(gc, processors, len(prompt), budget, config.vocab_size, device, generator)
+    guesser = Assistant(assistant, gc, picker, len(prompt) + budget) if assistant is not None else PromptLookup(gc)
+    cache = KVCache(config, 1, len(prompt) + budget, model.cache_dtype, device)
+    if len(prompt) > 1:  # all but the last token, which each round feeds with its guesses
+        model(torch.tensor([prompt[:-1]], device=device), cache=cache, last_only=True, head=False)
+    seq, made, rounds, guessed = list(prompt), 0, 0, 0
+    while True:
+        guesses, q = guesser.guess(seq, budget - made - 1)  # (room for the model's own token after them)
+        x = torch.tensor([seq[-1:] + guesses], device=device)
+        logits = model(x, cache=cache)[0].float()  # (c + 1, V)
+        new = picker.keep(picker.scores(logits, seq, guesses), guesses, q)
+        cache.length = len(seq) + len(new) - 1  # the sequence but its newest token, which the next round feeds
+        guesser.update(len(new) - 1, len(guesses))
+        rounds, guessed = rounds + 1, guessed + len(guesses)
+        for token in new:
+            seq.append(token)
+            made += 1
+            yield token
+            if token in eos_ids or made >= budget or (stops is not None and stops.hit(seq)):
+                log.info("assisted generation: %d tokens in %d forwards of the model, %d guessed tokens",
+                         made, rounds, guessed)  # fmt: skip
+                return
