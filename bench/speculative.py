@@ -130,7 +130,7 @@ def main() -> None:
             f"| {name} | {spread(xs)} | {n / statistics.median(xs):.1f} | {forwards[name]} | {speedup(name):.2f}x | "
             f"{agree[name]}/{n} |"
             for name, xs in times.items()
-        ),  # fmt: skip
+        ),
         "",
     ]
     publish(lines, args.out)

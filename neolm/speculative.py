@@ -98,20 +98,26 @@ class _Picker:
 
 
 class PromptLookup:
-    """Guesses from the sequence itself: what followed the first earlier occurrence of its last n-gram."""
+    """Guesses from the sequence itself: what followed the first earlier occurrence of its last n-gram. The
+    n-grams seen are indexed as the sequence grows, so a guess costs the same at any length."""
 
     def __init__(self, gc: GenerationConfig):
         self.n, self.ngram = gc.prompt_lookup_num_tokens, gc.max_matching_ngram_size or DEFAULT_NGRAM
+        self.first: dict[tuple[int, ...], int] = {}  # n-gram (of 1 to self.ngram tokens) -> where it first starts
+        self.indexed = [0] * (self.ngram + 1)  # by size: the n-grams starting before this are in `first`
 
     def guess(self, seq: list[int], limit: int) -> tuple[list[int], None]:
         limit = min(limit, self.n)
         if limit <= 0:
             return [], None
+        for size in range(1, self.ngram + 1):  # every n-gram followed by a token (not the tail itself)
+            for start in range(self.indexed[size], len(seq) - size):
+                self.first.setdefault(tuple(seq[start : start + size]), start)
+            self.indexed[size] = max(self.indexed[size], len(seq) - size)
         for size in range(min(self.ngram, len(seq) - 1), 0, -1):
-            tail = seq[-size:]
-            for start in range(len(seq) - size):  # the first occurrence, not the tail itself
-                if seq[start : start + size] == tail:
-                    return seq[start + size : start + size + limit], None
+            start = self.first.get(tuple(seq[-size:]))
+            if start is not None:
+                return seq[start + size : start + size + limit], None
         return [], None
 
     def update(self, kept: int, guessed: int) -> None:

@@ -149,12 +149,22 @@ def test_the_kept_tokens_follow_the_models_distribution(assistant):
 
 
 def test_prompt_lookup_guesses():
-    lookup = PromptLookup(GenerationConfig(prompt_lookup_num_tokens=3))
-    assert lookup.guess([1, 2, 3, 4, 5, 1, 2], 10) == ([3, 4, 5], None)  # the last 2 tokens' first occurrence
-    assert lookup.guess([1, 2, 3, 4, 5, 1, 2], 2) == ([3, 4], None)  # at most the room left
-    assert lookup.guess([9, 2, 3, 4, 5, 1, 2], 10) == ([3, 4, 5], None)  # else the last token's
-    assert lookup.guess([1, 2, 3], 10) == ([], None)  # nothing repeats: no guess (a plain step)
-    assert lookup.guess([7, 8, 7, 8], 10) == ([7, 8], None)  # up to the end of the sequence
+    def guess(seq: list[int], limit: int, **knobs) -> list[int]:
+        lookup = PromptLookup(GenerationConfig(prompt_lookup_num_tokens=3, **knobs))
+        return lookup.guess(seq, limit)[0]
+
+    assert guess([1, 2, 3, 4, 5, 1, 2], 10) == [3, 4, 5]  # the last 2 tokens' first occurrence
+    assert guess([1, 2, 3, 4, 5, 1, 2], 2) == [3, 4]  # at most the room left
+    assert guess([9, 2, 3, 4, 5, 1, 2], 10) == [3, 4, 5]  # else the last token's
+    assert guess([9, 2, 3, 4, 5, 1, 2], 10, max_matching_ngram_size=1) == [3, 4, 5]
+    assert guess([1, 2, 3], 10) == []  # nothing repeats: no guess (a plain step)
+    assert guess([7, 8, 7, 8], 10) == [7, 8]  # up to the end of the sequence
+    lookup = PromptLookup(GenerationConfig(prompt_lookup_num_tokens=3, max_matching_ngram_size=3))
+    seq = [5, 6, 7, 8]
+    assert lookup.guess(seq, 10) == ([], None)
+    for token, expected in [(5, [6, 7, 8]), (6, [7, 8, 5]), (9, []), (5, [6, 7, 8]), (6, [7, 8, 5]), (9, [5, 6, 9])]:
+        seq.append(token)  # the index follows a growing sequence: as a fresh lookup would guess
+        assert lookup.guess(seq, 10)[0] == expected == guess(seq, 10, max_matching_ngram_size=3), seq
 
 
 def test_assisted_generation_errors(models):
