@@ -152,6 +152,8 @@ class Assistant:
         if limit <= 0:
             return [], None
         self.cache.length = min(shared_prefix(self.tokens, seq), len(seq) - 1)
+        if max(seq[self.cache.length :]) >= self.model.config.vocab_size:  # a token the assistant lacks (its
+            return [], None  # vocabulary padded less than the model's): no more guesses for this sequence
         logits = self._logits(seq[self.cache.length :])
         guesses, probs = [], []
         while True:

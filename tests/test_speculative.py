@@ -87,6 +87,10 @@ def test_an_assistant_model_gives_the_models_greedy_tokens(models):
                 [prompt], max_new_tokens=n, do_sample=False, repetition_penalty=1.2)[0]  # fmt: skip
             cfg = lm.generation_config(max_new_tokens=n, do_sample=False, **knobs)
             assert generate(lm.model, [prompt], cfg, lm.tokenizer.decode, assistant.model)[0] == expected, knobs
+    # a token outside the assistant's (smaller) vocabulary: no more guesses, the model's tokens still
+    forced = dict(max_new_tokens=12, do_sample=False, sequence_bias={(50300,): 30.0})
+    expected = lm.generate_ids([prompt], **forced)[0]
+    assert 50300 in expected and lm.generate_ids([prompt], assistant_model=neo.model, **forced)[0] == expected
     hf_small.generation_config.num_assistant_tokens = 5
     ref = hf_generate(hf, prompt, max_new_tokens=n, assistant_model=hf_small)
     assert ref == plain
