@@ -24,7 +24,7 @@ import torch
 from neolm.errors import NeolmError
 from neolm.generate import GenerationConfig, fit_prompts, left_pad
 from neolm.model import GPT, KVCache
-from neolm.sampling import Processors, RowState, StopStrings
+from neolm.sampling import Processors, RowState, StopStrings, seeded_generator
 
 LOST = -1.0e9  # the score of a candidate that cannot be chosen (transformers' value)
 
@@ -48,10 +48,7 @@ def beam_search(
     stops = StopStrings(gc.stop_strings, decode) if gc.stop_strings else None
     processors = Processors(gc, eos_ids, V, device, min_tokens_to_keep=len(eos_ids) + 1)
     K = max(2, 1 + len(eos_ids)) * B  # candidates kept per step
-    generator = None
-    if gc.do_sample:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(gc.seed) if gc.seed is not None else generator.seed()
+    generator = seeded_generator(gc.seed, device) if gc.do_sample else None
     T = max(budgets)
 
     # the prompts, read once each, then a cache row per beam

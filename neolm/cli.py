@@ -140,7 +140,8 @@ def _generation_knobs(args) -> dict:
     """The generation arguments given on the command line (the rest: the model's generation defaults), checked."""
     names = ("max_new_tokens", "max_length", "min_length", "min_new_tokens", "do_sample", "temperature", "top_k",
              "top_p", "repetition_penalty", "num_return_sequences", "seed", "no_repeat_ngram_size", "min_p",
-             "typical_p", "presence_penalty", "frequency_penalty", "num_beams", "length_penalty")  # fmt: skip
+             "typical_p", "presence_penalty", "frequency_penalty", "num_beams", "length_penalty",
+             "prompt_lookup_num_tokens", "num_assistant_tokens")  # fmt: skip
     knobs = {name: getattr(args, name, None) for name in names} | {"stop_strings": args.stop}
     knobs = {k: v for k, v in knobs.items() if v is not None}
     from neolm.generate import GenerationConfig
@@ -261,9 +262,6 @@ def cmd_generate(args) -> int:
     if args.num_return_sequences is not None and args.num_return_sequences < 1:
         raise NeolmError("--num-return-sequences must be at least 1")
     knobs = _generation_knobs(args) | ({"truncate_prompt": True} if args.truncate else {})
-    for name in ("prompt_lookup_num_tokens", "num_assistant_tokens"):
-        if getattr(args, name) is not None:
-            knobs[name] = getattr(args, name)
     if args.assistant_model and args.prompt_lookup_num_tokens:
         raise NeolmError("give --assistant-model or --prompt-lookup-num-tokens, not both")
     lm = load_model(args)

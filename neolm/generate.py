@@ -20,7 +20,15 @@ import torch
 
 from neolm.errors import NeolmError
 from neolm.model import GPT, KVCache
-from neolm.sampling import Processors, RowState, StopStrings, TokenLogprobs, argmax, project_logprobs
+from neolm.sampling import (
+    Processors,
+    RowState,
+    StopStrings,
+    TokenLogprobs,
+    argmax,
+    project_logprobs,
+    seeded_generator,
+)
 
 log = logging.getLogger(__name__)
 
@@ -425,11 +433,7 @@ class DecodeBatch:
         pad = gc.pad_token_id if gc.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
         stops = StopStrings(gc.stop_strings, self.decode) if gc.stop_strings else None
         if gc.do_sample and self.generator is None:
-            self.generator = torch.Generator(device=self.device)
-            if gc.seed is not None:
-                self.generator.manual_seed(gc.seed)
-            else:
-                self.generator.seed()
+            self.generator = seeded_generator(gc.seed, self.device)
         processors = Processors(gc, eos_ids, self.model.config.vocab_size, self.device)
         self.groups.append(_Group(gc, eos_ids, pad, stops, processors))
         return len(self.groups) - 1

@@ -249,6 +249,13 @@ def project_logprobs(model: GPT, hidden: torch.Tensor, targets: Sequence[int], t
     return out
 
 
+def seeded_generator(seed: int | None, device) -> torch.Generator:
+    """The random generator of a sampling run: seeded with `seed` (reproducible), else from fresh entropy."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed) if seed is not None else generator.seed()
+    return generator
+
+
 def argmax(logits: torch.Tensor) -> torch.Tensor:
     """logits (N, V) -> (N,) token ids, as torch.argmax (neolm's native one on CPU: ~0.3 ms less a step at 8 rows)."""
     if logits.device.type == "cpu" and logits.dtype == torch.float32 and "f32" in native.available()[0]:

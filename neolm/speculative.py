@@ -30,7 +30,7 @@ import torch
 from neolm.errors import NeolmError
 from neolm.generate import GenerationConfig, fit_prompts, shared_prefix
 from neolm.model import GPT, KVCache
-from neolm.sampling import Processors, RowState, StopStrings, argmax
+from neolm.sampling import Processors, RowState, StopStrings, argmax, seeded_generator
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ def assisted_tokens(
     `generator`: for sampling (default: one seeded with gc.seed, else at random)."""
     (prompt,) = _check(model, [prompt], gc, decode, assistant)
     if gc.do_sample and generator is None:
-        generator = _generator(gc, model.ln_f.weight.device)
+        generator = seeded_generator(gc.seed, model.ln_f.weight.device)
     return _tokens(model, prompt, gc, decode, assistant, generator)
 
 
@@ -200,7 +200,7 @@ def assisted_generate(
     """The new tokens of every sequence (prompts x num_return_sequences, prompt-major; eos included), each
     generated alone with assisted generation."""
     prompts = _check(model, prompts, gc, decode, assistant)
-    generator = _generator(gc, model.ln_f.weight.device) if gc.do_sample else None
+    generator = seeded_generator(gc.seed, model.ln_f.weight.device) if gc.do_sample else None
     return [list(_tokens(model, p, gc, decode, assistant, generator))
             for p in prompts for _ in range(gc.num_return_sequences)]  # fmt: skip
 
@@ -224,12 +224,6 @@ def _check(model: GPT, prompts, gc: GenerationConfig, decode, assistant: GPT | N
             raise NeolmError("a prompt has token ids outside the assistant model's vocabulary: "
                              "the assistant must share the model's tokenizer")  # fmt: skip
     return prompts
-
-
-def _generator(gc: GenerationConfig, device) -> torch.Generator:
-    generator = torch.Generator(device=device)
-    generator.manual_seed(gc.seed) if gc.seed is not None else generator.seed()
-    return generator
 
 
 @torch.inference_mode()

@@ -3,6 +3,9 @@ tokens (and transformers' assisted ones) in fewer forwards; sampled, the model's
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import pytest
 import torch
 from test_generate import hf_generate
@@ -16,11 +19,15 @@ from neolm.speculative import PromptLookup, _Picker, assisted_tokens
 LOOP = [3, 3, 4, 5, 3, 4, 9, 3, 4] * 3  # a prompt that repeats itself
 
 
-def count_forwards(model) -> list[int]:
-    """A list whose length counts the model's forwards from now on (a hook stays on the model)."""
+@contextmanager
+def count_forwards(model) -> Iterator[list[int]]:
+    """The tokens of each of the model's forwards inside the block (a list filled as they run)."""
     calls: list[int] = []
-    model.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[1]))
-    return calls
+    hook = model.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape[1]))
+    try:
+        yield calls
+    finally:
+        hook.remove()
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +49,8 @@ def test_prompt_lookup_gives_greedy_tokens_in_fewer_forwards(models, name):
     saved = []
     for knobs in cases:
         plain = lm.generate_ids([LOOP], max_new_tokens=n, do_sample=False, **knobs)[0]
-        calls = count_forwards(lm.model)
-        ours = lm.generate_ids([LOOP], max_new_tokens=n, do_sample=False, prompt_lookup_num_tokens=6, **knobs)[0]
-        lm.model._forward_pre_hooks.clear()
+        with count_forwards(lm.model) as calls:
+            ours = lm.generate_ids([LOOP], max_new_tokens=n, do_sample=False, prompt_lookup_num_tokens=6, **knobs)[0]
         assert ours == plain, knobs
         if "presence_penalty" not in knobs:  # (not a transformers processor)
             hf_knobs = {k: v for k, v in knobs.items() if k != "max_matching_ngram_size"}
@@ -94,10 +100,9 @@ def test_an_assistant_model_gives_the_models_greedy_tokens(models):
     hf_small.generation_config.num_assistant_tokens = 5
     ref = hf_generate(hf, prompt, max_new_tokens=n, assistant_model=hf_small)
     assert ref == plain
-    calls = count_forwards(lm.model)
-    ours = lm.generate_ids([prompt], max_new_tokens=n, do_sample=False, assistant_model=lm,
-                           num_assistant_tokens=4, assistant_confidence_threshold=0.0)  # fmt: skip
-    lm.model._forward_pre_hooks.clear()
+    with count_forwards(lm.model) as calls:
+        ours = lm.generate_ids([prompt], max_new_tokens=n, do_sample=False, assistant_model=lm,
+                               num_assistant_tokens=4, assistant_confidence_threshold=0.0)  # fmt: skip
     assert ours[0] == plain
     # its forwards as the model (the prompt but its last token; then each round its newest token and 4 right
     # guesses) and as the assistant (the prompt and 3 of its guesses; then the 2 tokens it has not seen and 3)
