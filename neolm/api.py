@@ -21,6 +21,9 @@ from neolm.native import attention, decode
 from neolm.ops import compile_gemv, use_native
 from neolm.speculative import assisted_tokens
 from neolm.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
+from neolm.trace import DEFAULT_BATCH_SIZE as TRACE_BATCH_SIZE
+from neolm.trace import Trace
+from neolm.trace import trace as trace_model
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +190,37 @@ class LanguageModel:
         rest = decoder.flush()
         if rest:
             yield rest
+
+    def trace(
+        self,
+        text: str | list[str],
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        output_logits: bool = True,
+        batch_size: int = TRACE_BATCH_SIZE,
+    ) -> Trace | list[Trace]:
+        """The forward pass over `text` (a list: a Trace each) for analysis (neolm.trace): each token's
+        log-probability, the logits, and with output_hidden_states / output_attentions every layer's hidden states
+        and every head's attention weights, as transformers gives them. Text is encoded as generate() encodes
+        it (no token is prepended; "<|endoftext|>" in the text is that token, so the first word can be scored)."""
+        single = isinstance(text, str)
+        texts = [text] if single else list(text)
+        if not texts or not all(isinstance(t, str) for t in texts):
+            raise NeolmError("text must be a string or a non-empty list of strings")
+        traces = self.trace_ids([self.encode(t) for t in texts], output_hidden_states, output_attentions,
+                                output_logits, batch_size)  # fmt: skip
+        return traces[0] if single else traces
+
+    def trace_ids(
+        self,
+        ids: list[list[int]],
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+        output_logits: bool = True,
+        batch_size: int = TRACE_BATCH_SIZE,
+    ) -> list[Trace]:
+        """trace() of token id sequences."""
+        return trace_model(self.model, ids, output_hidden_states, output_attentions, output_logits, batch_size)
 
     def info(self) -> dict:
         c = self.config

@@ -220,15 +220,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _read_prompt(args) -> str:
+def _read_prompt(args, what: str = "prompt") -> str:
     if args.prompt is not None and args.prompt != "-":
         prompt = args.prompt
     elif sys.stdin is None or (sys.stdin.isatty() and args.prompt is None):
-        raise NeolmError("no prompt: pass it as an argument or on standard input")
+        raise NeolmError(f"no {what}: pass it as an argument or on standard input")
     else:
         prompt = sys.stdin.read()
     if not prompt.strip():
-        raise NeolmError("the prompt is empty")
+        raise NeolmError(f"the {what} is empty")
     return prompt
 
 

@@ -241,11 +241,17 @@ class Attention(nn.Module):
         self.qkv = Linear(config.d_model, 3 * config.d_model, bias=config.qkv_bias)
         self.proj = Linear(config.d_model, config.d_model, bias=config.out_bias)
 
-    def forward(self, x, rope, mask, kv: tuple | None, start: int):
-        B, T, C = x.shape
+    def heads(self, x, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v (B, H, T, D) of x (B, T, C): GPT-NeoX's per-head [q k v] layout, q and k rotated."""
+        B, T, _ = x.shape
         qkv = self.qkv(x).view(B, T, self.n_head, 3, self.head_dim).permute(3, 0, 2, 1, 4)  # (3, B, H, T, D)
         rotated = rope is None or (self.rotate is not None and self.rotate(qkv[:2], *rope))
         (q, k), v = qkv[:2] if rotated else apply_rotary(qkv[:2], *rope), qkv[2]  # q and k rotated together
+        return q, k, v
+
+    def forward(self, x, rope, mask, kv: tuple | None, start: int):
+        B, T, C = x.shape
+        q, k, v = self.heads(x, rope)
         if kv is not None:  # write this step into the cache, attend over everything so far
             k, v = update_cache(kv, k, v, start)  # (B, H, S, D)
             if kv[2] is not None:  # an int8 cache: attention in fp32 over its dequantized numbers (as the native step)

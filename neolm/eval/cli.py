@@ -1,4 +1,5 @@
-"""`neolm eval` (lm-evaluation-harness tasks on neolm's backend) and `neolm perplexity` (rolling perplexity)."""
+"""`neolm eval` (lm-evaluation-harness tasks on neolm's backend), `neolm perplexity` (rolling perplexity) and
+`neolm score` (each token's log-probability in a text, and the forward pass's hidden states and attention)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from neolm.cli import MODEL_HELP, _add_model_args, load_model, non_negative, seed_type
+from neolm.cli import MODEL_HELP, _add_model_args, _read_prompt, load_model, non_negative, seed_type
 from neolm.errors import NeolmError
 
 MODEL_ARG_HELP = MODEL_HELP + ", or 'default' for neolm's bundled model"
@@ -55,7 +56,29 @@ def register(sub) -> dict:
     p.add_argument("--batch-size", type=non_negative, default=8, help="windows per forward pass (default 8)")
     p.add_argument("--max-length", type=non_negative, help="window length (default: the model's context)")
     p.add_argument("--json", action="store_true", help="print JSON")
-    return {"eval": cmd_eval, "perplexity": cmd_perplexity}
+
+    s = sub.add_parser(
+        "score",
+        help="each token's log-probability in a text",
+        description="Score a text token by token: each token's log-probability under the model, its rank among the "
+        "model's predictions and the likeliest alternatives, then the text's total, mean and perplexity. The "
+        "text comes from the argument, or from standard input when it is omitted or '-', and must fit the "
+        "context (`neolm perplexity` scores longer files). --save writes the forward pass (hidden states of every "
+        "layer; with --attentions every head's attention weights) for analysis elsewhere.",
+    )
+    s.add_argument("prompt", nargs="?", metavar="TEXT", help="the text ('-' or omitted: read standard input)")
+    _add_model_args(s, positional=False)
+    s.add_argument("--top", type=non_negative, default=3, metavar="K", help="alternatives shown per token (default 3)")
+    s.add_argument("--prefix-eos", action="store_true",
+                   help="read the text after <|endoftext|>, so that its first token is scored too (as "
+                   "lm-evaluation-harness's rolling perplexity does)")  # fmt: skip
+    s.add_argument("--json", action="store_true", help="print JSON: a record per token and the summary")
+    s.add_argument("--save", metavar="FILE",
+                   help="write a safetensors file: tokens, token_logprobs and hidden_states.0 .. hidden_states.L "
+                   "(the embeddings, each block's output, the last after the final LayerNorm; (T, C) each)")  # fmt: skip
+    s.add_argument("--attentions", action="store_true",
+                   help="with --save: attentions.0 .. attentions.L-1 too, each layer's (heads, T, T) weights")  # fmt: skip
+    return {"eval": cmd_eval, "perplexity": cmd_perplexity, "score": cmd_score}
 
 
 def _model_help(parser) -> None:
@@ -116,6 +139,79 @@ def cmd_perplexity(args) -> int:
     print(f"bits per byte     {result.bits_per_byte:.4f}")
     print(f"{out['tokens_per_second']:,.0f} tokens/s ({result.seconds:.1f}s)")
     return 0
+
+
+def cmd_score(args) -> int:
+    text = _read_prompt(args, "text")
+    if args.attentions and not args.save:
+        raise NeolmError("--attentions is written by --save FILE")
+    if args.save and not Path(args.save).resolve().parent.is_dir():
+        raise NeolmError(f"cannot write {args.save}: its folder does not exist")
+    lm = load_model(args)
+    ids = lm.encode(text)
+    if args.prefix_eos:
+        if lm.tokenizer.eos_token_id is None:
+            raise NeolmError("--prefix-eos: this tokenizer has no <|endoftext|> token")
+        ids = [lm.tokenizer.eos_token_id] + ids
+    if len(ids) < 2:
+        raise NeolmError("the text is one token: give more text, or --prefix-eos to score its first token")
+    if len(ids) > lm.config.n_positions:
+        raise NeolmError(f"the text is {len(ids):,} tokens, more than the model's context of {lm.config.n_positions:,}; "
+                         "`neolm perplexity FILE` scores long texts in windows")  # fmt: skip
+    trace = lm.trace_ids([ids], output_hidden_states=bool(args.save), output_attentions=args.attentions)[0]
+    if args.save:
+        _save_trace(trace, args.save)
+    logprobs, ranks = trace.token_logprobs.tolist(), trace.ranks().tolist()
+    top_ids, top_lp = (t.tolist() for t in trace.top(args.top)) if args.top else ([[]] * len(ranks), [[]] * len(ranks))
+
+    def piece(token: int) -> str:
+        return lm.decode([token])
+
+    total = sum(logprobs)
+    summary = {"model": lm.source, "tokens_scored": len(logprobs), "total_logprob": total,
+               "mean_logprob": total / len(logprobs), "perplexity": math.exp(-total / len(logprobs)),
+               "bits": -total / math.log(2)}  # fmt: skip
+    if args.json:
+        records = [{"position": t + 1, "id": ids[t + 1], "token": piece(ids[t + 1]), "logprob": logprobs[t],
+                    "rank": ranks[t], "top": [[piece(i), lp] for i, lp in zip(top_ids[t], top_lp[t])]}
+                   for t in range(len(logprobs))]  # fmt: skip
+        print(json.dumps({"tokens": records, "summary": summary}, indent=2, ensure_ascii=False))
+        return 0
+    print(f"{'pos':>5}  {'token':<16} {'logprob':>8} {'rank':>6}" + ("  likeliest" if args.top else ""))
+    print(
+        f"{0:>5}  {json.dumps(piece(ids[0]), ensure_ascii=False):<16} {'-':>8} {'-':>6}  (the first token: no context)"
+    )
+    for t in range(len(logprobs)):
+        alternatives = "  ".join(
+            f"{json.dumps(piece(i), ensure_ascii=False)} {lp:.2f}" for i, lp in zip(top_ids[t], top_lp[t])
+        )
+        token = json.dumps(piece(ids[t + 1]), ensure_ascii=False)
+        print(f"{t + 1:>5}  {token:<16} {logprobs[t]:>8.3f} {ranks[t]:>6}  {alternatives}".rstrip())
+    print(f"{len(logprobs)} tokens scored: total log-probability {total:.3f} ({summary['bits']:.1f} bits), "
+          f"mean {summary['mean_logprob']:.4f}, perplexity {summary['perplexity']:.4f}")  # fmt: skip
+    if args.save:
+        print(f"saved the forward pass to {args.save}")
+    return 0
+
+
+def _save_trace(trace, path: str) -> None:
+    """The trace's tensors in a safetensors file (written whole, then renamed into place)."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    tensors = {"tokens": torch.tensor(trace.tokens), "token_logprobs": trace.token_logprobs}
+    for i, h in enumerate(trace.hidden_states or ()):
+        tensors[f"hidden_states.{i}"] = h
+    for i, a in enumerate(trace.attentions or ()):
+        tensors[f"attentions.{i}"] = a
+    out = Path(path)
+    partial = out.with_name(out.name + ".partial")
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, partial)
+    except (OSError, SafetensorError) as e:
+        raise NeolmError(f"cannot write {path}: {getattr(e, 'strerror', None) or e}") from None
+    partial.replace(out)
 
 
 def results_table(results: dict) -> list[tuple[str, str, float, float | None]]:
