@@ -19,6 +19,7 @@ from neolm.generate import GenerationConfig, generate, iter_generate
 from neolm.model import GPT
 from neolm.native import attention, decode
 from neolm.ops import compile_gemv, use_native
+from neolm.outputs import GenerateOutput, generate_output
 from neolm.speculative import assisted_tokens
 from neolm.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 from neolm.trace import DEFAULT_BATCH_SIZE as TRACE_BATCH_SIZE
@@ -120,10 +121,15 @@ class LanguageModel:
             )
         return gc
 
-    def generate_ids(self, prompts: list[list[int]], **kwargs) -> list[list[int]]:
-        """New token ids for each prompt's token ids (x num_return_sequences, prompt-major)."""
+    def generate_ids(self, prompts: list[list[int]], **kwargs) -> list[list[int]] | GenerateOutput:
+        """New token ids for each prompt's token ids (x num_return_sequences, prompt-major); with
+        return_dict_in_generate=True a GenerateOutput (output_scores, output_logits: see generate())."""
         assistant = self._assistant(kwargs.pop("assistant_model", None))
-        return generate(self.model, prompts, self.generation_config(**kwargs), self.tokenizer.decode, assistant)
+        outputs = _output_options(kwargs)
+        gc = self.generation_config(**kwargs)
+        if outputs is not None:
+            return generate_output(self.model, prompts, gc, self.tokenizer.decode, assistant, *outputs)
+        return generate(self.model, prompts, gc, self.tokenizer.decode, assistant)
 
     def _assistant(self, assistant) -> GPT | None:
         """The model of an assistant_model argument (a LanguageModel with this one's vocabulary, or a GPT)."""
@@ -136,7 +142,7 @@ class LanguageModel:
                              "assisted generation needs both to share one (e.g. two Pythias, two GPT-Neos)")  # fmt: skip
         return assistant.model
 
-    def generate(self, prompt: str | list[str], **kwargs) -> str | list[str] | list[list[str]]:
+    def generate(self, prompt: str | list[str], **kwargs) -> str | list[str] | list[list[str]] | GenerateOutput:
         """The continuation of `prompt` (without the prompt itself).
 
         Keyword arguments are those of `transformers.generate`: max_new_tokens, max_length, min_length,
@@ -148,14 +154,24 @@ class LanguageModel:
         from neolm.load with the same tokenizer) with num_assistant_tokens and assistant_confidence_threshold.
         A string gives a string (a list of them with num_return_sequences > 1: samples, or the best beams first);
         a list of prompts is generated as one batch and gives a list.
+
+        return_dict_in_generate=True gives a GenerateOutput instead (neolm.outputs): every sequence's new tokens
+        and texts, with output_scores=True the scores each token was picked from and transition_scores(), with
+        output_logits=True the model's logits, and with beams each hypothesis's score (sequences_scores).
         """
         single = isinstance(prompt, str)
         prompts = [prompt] if single else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise NeolmError("prompt must be a string or a non-empty list of strings")
         assistant = self._assistant(kwargs.pop("assistant_model", None))
+        outputs = _output_options(kwargs)
         gc = self.generation_config(**kwargs)
-        new = generate(self.model, [self.encode(p) for p in prompts], gc, self.tokenizer.decode, assistant)
+        ids = [self.encode(p) for p in prompts]
+        if outputs is not None:
+            out = generate_output(self.model, ids, gc, self.tokenizer.decode, assistant, *outputs)
+            out.texts = [self.decode(seq) for seq in out.sequences]
+            return out
+        new = generate(self.model, ids, gc, self.tokenizer.decode, assistant)
         texts = [self.decode(ids) for ids in new]
         k = gc.num_return_sequences
         grouped = [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
@@ -250,6 +266,16 @@ class LanguageModel:
         from neolm.quant.load import describe
 
         return {"quantization": describe(quant)}
+
+
+def _output_options(kwargs: dict) -> tuple[bool, bool] | None:
+    """Take return_dict_in_generate, output_scores and output_logits out of generate()'s keyword arguments:
+    (output_scores, output_logits) when a GenerateOutput is asked for, else None."""
+    as_dict = kwargs.pop("return_dict_in_generate", False)
+    scores, logits = kwargs.pop("output_scores", False), kwargs.pop("output_logits", False)
+    if (scores or logits) and not as_dict:
+        raise NeolmError("output_scores and output_logits need return_dict_in_generate=True")
+    return (bool(scores), bool(logits)) if as_dict else None
 
 
 def _default_model() -> Path:
@@ -379,6 +405,8 @@ class TextGenerationPipeline:
         self.lm = lm
 
     def __call__(self, text_inputs, return_full_text: bool = True, **kwargs):
+        if kwargs.get("return_dict_in_generate"):
+            raise NeolmError("the pipeline gives texts; for return_dict_in_generate call the model's generate()")
         one_chat = _is_chat(text_inputs)
         if one_chat or (isinstance(text_inputs, list) and text_inputs and all(map(_is_chat, text_inputs))):
             results = []

@@ -35,13 +35,21 @@ def beam_search(
 ) -> list[list[int]]:
     """The new tokens of each prompt's num_return_sequences best hypotheses, best first (prompt-major; an eos
     that ended one is included). `decode` (token ids -> text) is needed for stop_strings."""
+    return beam_hypotheses(model, prompts, gc, decode)[0]
+
+
+def beam_hypotheses(
+    model: GPT, prompts: Sequence[Sequence[int]], gc: GenerationConfig, decode: Callable[[list[int]], str] | None = None
+) -> tuple[list[list[int]], list[float]]:
+    """beam_search's hypotheses and their scores: the sum of their tokens' log-probabilities (after the
+    processors) / new tokens ** length_penalty, transformers' sequences_scores (0 for a prompt with no budget)."""
     config, device = model.config, model.ln_f.weight.device
     prompts = fit_prompts(prompts, gc, config.n_positions, config.vocab_size)
     gc.check_vocab(config.vocab_size)
     P, B, V = len(prompts), gc.num_beams, config.vocab_size
     budgets = [gc.new_token_budget(len(p)) for p in prompts]
     if not prompts or max(budgets) == 0:
-        return [[] for _ in range(P * gc.num_return_sequences)]
+        return [[] for _ in range(P * gc.num_return_sequences)], [0.0] * (P * gc.num_return_sequences)
     eos_ids = gc.eos_ids(config.eos_token_id)
     if gc.stop_strings and decode is None:
         raise NeolmError("stop_strings need a tokenizer to decode the text")
@@ -121,8 +129,11 @@ def beam_search(
 
     n = gc.num_return_sequences
     lengths_out = finished_lengths[:, :n].tolist()
-    sequences = finished[:, :n].tolist()
-    return [seq[:length] if budgets[p] else [] for p in range(P) for seq, length in zip(sequences[p], lengths_out[p])]
+    sequences, scores = finished[:, :n].tolist(), finished_scores[:, :n].tolist()
+    hypotheses = [
+        seq[:length] if budgets[p] else [] for p in range(P) for seq, length in zip(sequences[p], lengths_out[p])
+    ]
+    return hypotheses, [score if budgets[p] else 0.0 for p in range(P) for score in scores[p]]
 
 
 def _state(needs: RowState, prompts, budgets, running: torch.Tensor, t: int, B: int, V: int) -> RowState:

@@ -266,12 +266,16 @@ def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class Step:
     """One step of a DecodeBatch, by row: each sequence's id, its new token (None for one that had finished
     before this step), why it finished with this token ("stop": an eos token or a stop string; "length": its
-    token budget; None: it goes on), and, when some sequence wants them, the log-probabilities (rows as here)."""
+    token budget; None: it goes on), and, when some sequence wants them, the log-probabilities (rows as here).
+    With the batch's keep_logits / keep_scores, every row's logits and processed scores too (rows that had
+    finished: filler), as transformers' output_logits / output_scores."""
 
     ids: list[int]
     tokens: list[int | None]
     ends: list[str | None]
     scores: TokenLogprobs | None
+    logits: torch.Tensor | None = None  # (N, V) fp32: the model's logits
+    processed: torch.Tensor | None = None  # (N, V) fp32: what the token was picked from (processed, warped)
 
 
 @dataclass
@@ -402,6 +406,7 @@ class DecodeBatch:
         self.generator: torch.Generator | None = None
         self._fed: torch.Tensor | None = None  # the last step's tokens (N,), fed to the model before the next
         self._ids = itertools.count()
+        self.keep_logits = self.keep_scores = False  # give each Step the logits / the processed scores
 
     @property
     def live(self) -> int:
@@ -590,7 +595,8 @@ class DecodeBatch:
         r = self.rows
         k = max((k for k in r.k if k is not None), default=None)
         raw = torch.log_softmax(r.logits, dim=-1) if k is not None else None  # before processing touches the logits
-        chosen = self._choose()
+        logits = r.logits.clone() if self.keep_logits else None
+        chosen, processed = self._choose()
         tokens, ends, fed = [], [], []
         for row, token in enumerate(chosen.tolist()):
             group = self.groups[r.group[row]]
@@ -619,23 +625,30 @@ class DecodeBatch:
         r.logits = None
         if not all(r.done):
             self._fed = torch.tensor(fed, device=self.device)
-        return Step(r.ids, tokens, ends, scores)
+        return Step(r.ids, tokens, ends, scores, logits, processed if self.keep_scores else None)
 
-    def _choose(self) -> torch.Tensor:
-        """Each row's next token (N,), from its group's processing and pick (rows that are done: anything)."""
+    def _choose(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each row's next token (N,), from its group's processing and pick (rows that are done: anything), and
+        with keep_scores the processed scores (N, V) they were picked from."""
         r = self.rows
         groups = set(r.group)
         if len(groups) == 1:
             return self._pick(self.groups[r.group[0]], r.logits, list(range(len(r.ids))), None)
         token = torch.empty(len(r.ids), dtype=torch.long, device=self.device)
+        processed = torch.empty_like(r.logits) if self.keep_scores else None
         for g in sorted(groups):
             rows = [row for row, x in enumerate(r.group) if x == g]
             index = torch.tensor(rows, device=self.device)
-            token[index] = self._pick(self.groups[g], r.logits[index], rows, index)
-        return token
+            token[index], scores = self._pick(self.groups[g], r.logits[index], rows, index)
+            if processed is not None:
+                processed[index] = scores
+        return token, processed
 
-    def _pick(self, group: _Group, logits, rows: list[int], index: torch.Tensor | None) -> torch.Tensor:
-        """The group's rows `rows` (`index`: as a tensor, None for all rows) next tokens from their logits."""
+    def _pick(
+        self, group: _Group, logits, rows: list[int], index: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The group's rows `rows` (`index`: as a tensor, None for all rows) next tokens from their logits, and the
+        processed scores they were picked from."""
         gc, r, needs = group.gc, self.rows, group.processors.needs
         state = RowState()
         if needs.new or needs.lengths or needs.budgets:
@@ -649,8 +662,8 @@ class DecodeBatch:
             state.tokens = [r.histories[row] for row in rows]
         logits = group.processors(logits, state)
         if gc.do_sample:
-            return torch.multinomial(logits.softmax(dim=-1), 1, generator=self.generator).squeeze(1)
-        return argmax(logits)
+            return torch.multinomial(logits.softmax(dim=-1), 1, generator=self.generator).squeeze(1), logits
+        return argmax(logits), logits
 
     def _flush(self) -> None:
         """Feed the last step's tokens: the cache advances a slot and every row gets its next logits."""

@@ -1,0 +1,94 @@
+"""What generation gives with transformers' return_dict_in_generate=True: the sequences, with output_scores the
+scores each token was picked from, with output_logits the model's logits, and for beam search each hypothesis's
+score.
+
+transformers pads: its `scores` are a tuple over steps of (batch, V), and its sequences hold the prompt and
+padding. neolm keeps to its own convention of each sequence's new tokens, unpadded, so each sequence gets its
+own (new tokens, V) tensors; row t is the step that gave its token t. `transition_scores()` is transformers'
+compute_transition_scores for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from neolm.beam import beam_hypotheses
+from neolm.errors import NeolmError
+from neolm.generate import DecodeBatch, GenerationConfig, fit_prompts, generate
+from neolm.model import GPT
+
+
+@dataclass
+class GenerateOutput:
+    """Sequences in generate()'s order (prompts x num_return_sequences, prompt-major)."""
+
+    sequences: list[list[int]]  # each sequence's new tokens (an eos that ended it included)
+    scores: list[torch.Tensor] | None = None  # output_scores: (new tokens, V) fp32, processors and warpers applied
+    logits: list[torch.Tensor] | None = None  # output_logits: (new tokens, V) fp32, the model's raw logits
+    sequences_scores: list[float] | None = None  # beam search: each hypothesis's length-penalised log-probability
+    texts: list[str] | None = None  # the sequences decoded (LanguageModel.generate)
+
+    def transition_scores(self, normalize_logits: bool = False) -> list[torch.Tensor]:
+        """(new tokens,) per sequence: the score of each token it got, as transformers' compute_transition_scores;
+        normalize_logits: of the log-softmax of the scores (with sampling's warpers: the distribution sampled)."""
+        if self.scores is None:
+            raise NeolmError("transition scores need output_scores=True")
+        out = []
+        for seq, scores in zip(self.sequences, self.scores):
+            scores = torch.log_softmax(scores, dim=-1) if normalize_logits else scores
+            out.append(scores.gather(1, torch.tensor(seq, dtype=torch.long, device=scores.device)[:, None])[:, 0])
+        return out
+
+
+def generate_output(
+    model: GPT,
+    prompts: Sequence[Sequence[int]],
+    gc: GenerationConfig,
+    decode: Callable[[list[int]], str] | None = None,
+    assistant: GPT | None = None,
+    output_scores: bool = False,
+    output_logits: bool = False,
+) -> GenerateOutput:
+    """generate(), as a GenerateOutput: with the scores and logits of each step when asked (not offered with
+    beam search, whose per-step scores belong to beams rather than sequences, nor with assisted generation)."""
+    per_step = output_scores or output_logits
+    if per_step and (assistant is not None or gc.prompt_lookup_num_tokens is not None):
+        raise NeolmError("output_scores and output_logits are not offered with assisted generation")
+    if gc.num_beams > 1:
+        if per_step:
+            raise NeolmError("output_scores and output_logits are not offered with beam search: its per-step scores "
+                             "are the beams', not the hypotheses'; sequences_scores gives each hypothesis's score")  # fmt: skip
+        sequences, scores = beam_hypotheses(model, prompts, gc, decode)
+        return GenerateOutput(sequences, sequences_scores=scores)
+    if not per_step:
+        return GenerateOutput(generate(model, prompts, gc, decode, assistant))
+    batch = DecodeBatch(model, decode, compact=False)
+    batch.keep_logits, batch.keep_scores = output_logits, output_scores
+    batch.validate(gc, None)
+    prompts = fit_prompts(prompts, gc, model.config.n_positions, model.config.vocab_size)
+    first = batch.add(prompts, gc)[0] if prompts else 0  # the ids count up from the first sequence's
+    n = len(prompts) * gc.num_return_sequences
+    sequences: list[list[int]] = [[] for _ in range(n)]
+    kept = {"scores": [[] for _ in range(n)], "logits": [[] for _ in range(n)]}
+    while not batch.finished:
+        step = batch.step()
+        for row, (id_, token) in enumerate(zip(step.ids, step.tokens)):
+            if token is None:
+                continue
+            sequences[id_ - first].append(token)
+            for name, table in (("scores", step.processed), ("logits", step.logits)):
+                if table is not None:
+                    kept[name][id_ - first].append(table[row])
+    vocab = model.config.vocab_size
+
+    def stacked(rows: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+        return [torch.stack(r) if r else torch.empty(0, vocab) for r in rows]
+
+    return GenerateOutput(
+        sequences,
+        scores=stacked(kept["scores"]) if output_scores else None,
+        logits=stacked(kept["logits"]) if output_logits else None,
+    )

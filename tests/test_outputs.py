@@ -1,0 +1,125 @@
+"""return_dict_in_generate (neolm.outputs): scores, logits, transition scores and beams' sequences_scores against
+transformers' generate(return_dict_in_generate=True, ...), and each sequence's own rows in a batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import neolm
+from neolm.errors import NeolmError
+from neolm.outputs import GenerateOutput
+
+TOL = 1e-4  # as tests/test_parity.py
+PROMPT = [11, 22, 33, 44, 55, 66, 77]
+
+
+def hf_output(hf, prompt: list[int], **kwargs):
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        return hf.generate(ids, attention_mask=torch.ones_like(ids), return_dict_in_generate=True,
+                           pad_token_id=hf.config.vocab_size, **kwargs)  # fmt: skip
+
+
+def hf_transition_scores(hf, out, normalize_logits: bool = False) -> torch.Tensor:
+    return hf.compute_transition_scores(out.sequences, out.scores, normalize_logits=normalize_logits)[0]
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(),
+        dict(repetition_penalty=1.3, no_repeat_ngram_size=2, min_new_tokens=5),
+        dict(suppress_tokens=[1, 2, 3], sequence_bias=[[[5], -2.0]]),
+    ],
+    ids=["plain", "penalties", "biases"],
+)
+@pytest.mark.parametrize("name", ["neo", "neox-parallel-pct25"])
+def test_greedy_scores_and_logits_match_transformers(tiny_checkpoints, name, settings):
+    hf, folder = tiny_checkpoints[name]
+    lm = neolm.load(folder)
+    kw = dict(max_new_tokens=10, do_sample=False, **settings)
+    ours = lm.generate_ids([PROMPT], return_dict_in_generate=True, output_scores=True, output_logits=True, **kw)
+    ref = hf_output(hf, PROMPT, output_scores=True, output_logits=True, **kw)
+    assert isinstance(ours, GenerateOutput)
+    assert ours.sequences == [ref.sequences[0, len(PROMPT) :].tolist()]
+    assert ours.scores[0].shape == ours.logits[0].shape == (10, hf.config.vocab_size)
+    finite = torch.isfinite(torch.stack(ref.scores)[:, 0])
+    assert torch.equal(torch.isfinite(ours.scores[0]), finite)  # the same tokens banned
+    assert (ours.scores[0][finite] - torch.stack(ref.scores)[:, 0][finite]).abs().max().item() <= TOL
+    assert (ours.logits[0] - torch.stack(ref.logits)[:, 0]).abs().max().item() <= TOL
+    for normalize in (False, True):
+        expected = hf_transition_scores(hf, ref, normalize)
+        assert (ours.transition_scores(normalize)[0] - expected).abs().max().item() <= TOL
+
+
+def test_sampled_scores_are_the_warped_distribution(tiny_checkpoints):
+    """With sampling, the scores are what the token was drawn from: logits / temperature, top-k of them kept
+    (as transformers' scores with its warpers); transformers' own draws differ, so the rule is checked."""
+    lm = neolm.load(tiny_checkpoints["neox-parallel-pct25"][1])
+    out = lm.generate_ids([PROMPT, PROMPT[:3]], do_sample=True, temperature=0.7, top_k=5, seed=3, max_new_tokens=12,
+                          return_dict_in_generate=True, output_scores=True, output_logits=True)  # fmt: skip
+    for seq, scores, logits in zip(out.sequences, out.scores, out.logits):
+        assert len(seq) == len(scores) == len(logits) == 12
+        kept = torch.isfinite(scores)
+        assert (kept.sum(1) == 5).all()
+        assert torch.equal(kept, torch.zeros_like(kept).scatter(1, logits.topk(5).indices, True))
+        assert torch.allclose(scores[kept], (logits / 0.7)[kept])
+        assert kept.gather(1, torch.tensor(seq)[:, None]).all()  # each token was one that could be drawn
+    again = lm.generate_ids([PROMPT, PROMPT[:3]], do_sample=True, temperature=0.7, top_k=5, seed=3, max_new_tokens=12)
+    assert again == out.sequences
+
+
+def test_each_sequence_gets_its_own_rows_in_a_batch(tiny_checkpoints):
+    lm = neolm.load(tiny_checkpoints["neo"][1])
+    prompts = [PROMPT, [5, 6, 7, 5, 6, 7, 5, 6, 9, 9, 9], [3]]
+    alone = [lm.generate_ids([p], do_sample=False, max_new_tokens=9)[0] for p in prompts]
+    eos = alone[1][3]  # the second prompt ends early at this token
+    kw = dict(do_sample=False, max_new_tokens=9, eos_token_id=eos)
+    batch = lm.generate_ids(prompts, return_dict_in_generate=True, output_scores=True, output_logits=True, **kw)
+    assert batch.sequences == lm.generate_ids(prompts, **kw)
+    assert len(batch.sequences[1]) < 9
+    for i, p in enumerate(prompts):
+        solo = lm.generate_ids([p], return_dict_in_generate=True, output_scores=True, output_logits=True, **kw)
+        assert solo.sequences[0] == batch.sequences[i]
+        assert len(batch.scores[i]) == len(batch.logits[i]) == len(batch.sequences[i])
+        assert (batch.logits[i] - solo.logits[0]).abs().max().item() <= TOL
+    assert torch.equal(batch.transition_scores()[1][-1], batch.scores[1][-1, eos])
+
+
+@pytest.mark.parametrize("name", ["neo", "neox-parallel-pct25"])
+def test_beam_sequences_scores_match_transformers(tiny_checkpoints, name):
+    hf, folder = tiny_checkpoints[name]
+    lm = neolm.load(folder)
+    for kw in (
+        dict(num_beams=3, num_return_sequences=2),
+        dict(num_beams=4, num_return_sequences=3, length_penalty=0.5),
+    ):
+        kw = dict(kw, max_new_tokens=8, do_sample=False)
+        ours = lm.generate_ids([PROMPT], return_dict_in_generate=True, **kw)
+        ref = hf_output(hf, PROMPT, output_scores=True, **kw)
+        assert ours.sequences == [
+            [t for t in row if t != hf.config.vocab_size] for row in ref.sequences[:, len(PROMPT) :].tolist()
+        ]
+        assert ours.sequences_scores == pytest.approx(ref.sequences_scores.tolist(), abs=TOL)
+
+
+def test_texts_plain_dicts_and_errors(tiny_checkpoints):
+    hf, folder = tiny_checkpoints["neo"]
+    lm = neolm.load(folder)
+    out = lm.generate("The quick brown fox", max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    assert out.scores is None and out.logits is None and out.sequences_scores is None
+    assert out.texts == [lm.generate("The quick brown fox", max_new_tokens=6, do_sample=False)]
+    assert out.sequences == lm.generate_ids([lm.encode("The quick brown fox")], max_new_tokens=6, do_sample=False)
+    with pytest.raises(NeolmError, match="output_scores"):
+        out.transition_scores()
+    with pytest.raises(NeolmError, match="return_dict_in_generate=True"):
+        lm.generate("hi", output_scores=True)
+    with pytest.raises(NeolmError, match="beam search"):
+        lm.generate("hi", num_beams=2, return_dict_in_generate=True, output_logits=True)
+    with pytest.raises(NeolmError, match="assisted generation"):
+        lm.generate("hi", prompt_lookup_num_tokens=3, return_dict_in_generate=True, output_scores=True)
+    with pytest.raises(NeolmError, match="pipeline"):
+        neolm.pipeline("text-generation", model=folder)("hi", return_dict_in_generate=True)
+    empty = lm.generate_ids([PROMPT], max_new_tokens=0, return_dict_in_generate=True, output_scores=True)
+    assert empty.sequences == [[]] and empty.scores[0].shape == (0, hf.config.vocab_size)
