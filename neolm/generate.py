@@ -68,6 +68,7 @@ class GenerationConfig:
     typical_p: float = 1.0  # sampling: locally typical mass
     epsilon_cutoff: float = 0.0  # sampling: drop tokens below this probability
     eta_cutoff: float = 0.0  # sampling: eta sampling's cutoff
+    renormalize_logits: bool = False  # log-softmax the scores after all processing (output_scores, beams' scores)
     # OpenAI's penalties (vLLM's meaning): subtracted from the logits of tokens generated so far
     presence_penalty: float = 0.0  # once per token that was generated
     frequency_penalty: float = 0.0  # per time it was generated

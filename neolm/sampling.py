@@ -106,6 +106,8 @@ class Processors:
             scores = scores.masked_fill((rows.new == 0)[:, None] & self.begin_suppress, -inf)
         if gc.do_sample:
             scores = self.warp(scores)
+        if gc.renormalize_logits:  # log-probabilities again after all the processing (the same picks)
+            scores = torch.log_softmax(scores, dim=-1)
         return scores
 
     def warp(self, scores: torch.Tensor) -> torch.Tensor:

@@ -31,8 +31,9 @@ def hf_transition_scores(hf, out, normalize_logits: bool = False) -> torch.Tenso
         dict(),
         dict(repetition_penalty=1.3, no_repeat_ngram_size=2, min_new_tokens=5),
         dict(suppress_tokens=[1, 2, 3], sequence_bias=[[[5], -2.0]]),
+        dict(renormalize_logits=True, repetition_penalty=1.3),
     ],
-    ids=["plain", "penalties", "biases"],
+    ids=["plain", "penalties", "biases", "renormalized"],
 )
 @pytest.mark.parametrize("name", ["neo", "neox-parallel-pct25"])
 def test_greedy_scores_and_logits_match_transformers(tiny_checkpoints, name, settings):
@@ -94,6 +95,7 @@ def test_beam_sequences_scores_match_transformers(tiny_checkpoints, name):
     for kw in (
         dict(num_beams=3, num_return_sequences=2),
         dict(num_beams=4, num_return_sequences=3, length_penalty=0.5),
+        dict(num_beams=3, num_return_sequences=3, renormalize_logits=True, repetition_penalty=1.5),
     ):
         kw = dict(kw, max_new_tokens=8, do_sample=False)
         ours = lm.generate_ids([PROMPT], return_dict_in_generate=True, **kw)
