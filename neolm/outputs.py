@@ -4,8 +4,8 @@ score.
 
 transformers pads: its `scores` are a tuple over steps of (batch, V), and its sequences hold the prompt and
 padding. neolm keeps to its own convention of each sequence's new tokens, unpadded, so each sequence gets its
-own (new tokens, V) tensors; row t is the step that gave its token t. `transition_scores()` is transformers'
-compute_transition_scores for them.
+own (new tokens, V) tensors; row t is the step that gave its token t (with assisted generation: the model's
+position that gave or checked it). `transition_scores()` is transformers' compute_transition_scores for them.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from neolm.beam import beam_hypotheses
 from neolm.errors import NeolmError
 from neolm.generate import DecodeBatch, GenerationConfig, fit_prompts, generate
 from neolm.model import GPT
+from neolm.speculative import assisted_generate
 
 
 @dataclass
@@ -52,11 +53,11 @@ def generate_output(
     output_scores: bool = False,
     output_logits: bool = False,
 ) -> GenerateOutput:
-    """generate(), as a GenerateOutput: with the scores and logits of each step when asked (not offered with
-    beam search, whose per-step scores belong to beams rather than sequences, nor with assisted generation)."""
+    """generate(), as a GenerateOutput: with the scores and logits of each new token when asked (not offered with
+    beam search, whose per-step scores belong to beams rather than sequences)."""
     per_step = output_scores or output_logits
     if per_step and (assistant is not None or gc.prompt_lookup_num_tokens is not None):
-        raise NeolmError("output_scores and output_logits are not offered with assisted generation")
+        return _assisted(model, prompts, gc, decode, assistant, output_scores, output_logits)
     if gc.num_beams > 1:
         if per_step:
             raise NeolmError("output_scores and output_logits are not offered with beam search: its per-step scores "
@@ -82,8 +83,26 @@ def generate_output(
             for name, table in (("scores", step.processed), ("logits", step.logits)):
                 if table is not None:
                     kept[name][id_ - first].append(table[row])
-    vocab = model.config.vocab_size
+    return _output(sequences, kept, output_scores, output_logits, model.config.vocab_size)
 
+
+def _assisted(model, prompts, gc, decode, assistant, output_scores: bool, output_logits: bool) -> GenerateOutput:
+    """Assisted generation (neolm.speculative) with each token's logits and scores: the model's at the position
+    that gave (or checked) the token."""
+    n = len(prompts) * gc.num_return_sequences
+    kept = {"scores": [[] for _ in range(n)], "logits": [[] for _ in range(n)]}
+
+    def on_token(i: int, logits: torch.Tensor, scores: torch.Tensor) -> None:
+        if output_logits:
+            kept["logits"][i].append(logits)
+        if output_scores:
+            kept["scores"][i].append(scores)
+
+    sequences = assisted_generate(model, prompts, gc, decode, assistant, on_token)
+    return _output(sequences, kept, output_scores, output_logits, model.config.vocab_size)
+
+
+def _output(sequences, kept: dict, output_scores: bool, output_logits: bool, vocab: int) -> GenerateOutput:
     def stacked(rows: list[list[torch.Tensor]]) -> list[torch.Tensor]:
         return [torch.stack(r) if r else torch.empty(0, vocab) for r in rows]
 

@@ -187,7 +187,7 @@ def assisted_tokens(
     (prompt,) = _check(model, [prompt], gc, decode, assistant)
     if gc.do_sample and generator is None:
         generator = seeded_generator(gc.seed, model.ln_f.weight.device)
-    return _tokens(model, prompt, gc, decode, assistant, generator)
+    return _tokens(model, prompt, gc, decode, assistant, generator, None)
 
 
 def assisted_generate(
@@ -196,13 +196,17 @@ def assisted_generate(
     gc: GenerationConfig,
     decode: Callable[[list[int]], str] | None = None,
     assistant: GPT | None = None,
+    on_token: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> list[list[int]]:
     """The new tokens of every sequence (prompts x num_return_sequences, prompt-major; eos included), each
-    generated alone with assisted generation."""
+    generated alone with assisted generation. on_token(sequence, logits, scores), if given, gets each token's
+    logits (V,) and the processed scores (V,) it was picked from (or checked against)."""
     prompts = _check(model, prompts, gc, decode, assistant)
     generator = seeded_generator(gc.seed, model.ln_f.weight.device) if gc.do_sample else None
-    return [list(_tokens(model, p, gc, decode, assistant, generator))
-            for p in prompts for _ in range(gc.num_return_sequences)]  # fmt: skip
+    jobs = [p for p in prompts for _ in range(gc.num_return_sequences)]
+    return [list(_tokens(model, p, gc, decode, assistant, generator,
+                         None if on_token is None else lambda *rows, i=i: on_token(i, *rows)))
+            for i, p in enumerate(jobs)]  # fmt: skip
 
 
 def _check(model: GPT, prompts, gc: GenerationConfig, decode, assistant: GPT | None) -> list[list[int]]:
@@ -228,7 +232,7 @@ def _check(model: GPT, prompts, gc: GenerationConfig, decode, assistant: GPT | N
 
 @torch.inference_mode()
 def _tokens(model: GPT, prompt: list[int], gc: GenerationConfig, decode, assistant: GPT | None,
-            generator: torch.Generator | None) -> Iterator[int]:  # fmt: skip
+            generator: torch.Generator | None, on_token: Callable | None) -> Iterator[int]:  # fmt: skip
     config, device = model.config, model.ln_f.weight.device
     budget = gc.new_token_budget(len(prompt))
     if budget == 0:
@@ -246,11 +250,15 @@ def _tokens(model: GPT, prompt: list[int], gc: GenerationConfig, decode, assista
         guesses, q = guesser.guess(seq, budget - made - 1)  # (room for the model's own token after them)
         x = torch.tensor([seq[-1:] + guesses], device=device)
         logits = model(x, cache=cache)[0].float()  # (c + 1, V)
-        new = picker.keep(picker.scores(logits, seq, guesses), guesses, q)
+        raw = logits.clone() if on_token is not None else None  # (the processors may write into logits)
+        scores = picker.scores(logits, seq, guesses)
+        new = picker.keep(scores, guesses, q)
         cache.length = len(seq) + len(new) - 1  # the sequence but its newest token, which the next round feeds
         guesser.update(len(new) - 1, len(guesses))
         rounds, guessed = rounds + 1, guessed + len(guesses)
-        for token in new:
+        for j, token in enumerate(new):
+            if on_token is not None:
+                on_token(raw[j], scores[j])
             seq.append(token)
             made += 1
             yield token

@@ -106,6 +106,30 @@ def test_beam_sequences_scores_match_transformers(tiny_checkpoints, name):
         assert ours.sequences_scores == pytest.approx(ref.sequences_scores.tolist(), abs=TOL)
 
 
+@pytest.mark.parametrize("name", ["neo", "neox-parallel-pct25"])
+def test_assisted_generation_scores_match_transformers(tiny_checkpoints, name):
+    """Prompt lookup on a repeating prompt (guesses kept), greedy: each token's scores and logits are the model's at
+    the position that checked it, as transformers' prompt-lookup run gives them; an assistant gives the same."""
+    hf, folder = tiny_checkpoints[name]
+    lm = neolm.load(folder)
+    prompt = [5, 6, 7, 8] * 4
+    kw = dict(max_new_tokens=12, do_sample=False, repetition_penalty=1.2)
+    ours = lm.generate_ids([prompt], prompt_lookup_num_tokens=4, return_dict_in_generate=True, output_scores=True,
+                           output_logits=True, **kw)  # fmt: skip
+    ref = hf_output(hf, prompt, prompt_lookup_num_tokens=4, output_scores=True, output_logits=True, **kw)
+    assert ours.sequences == [ref.sequences[0, len(prompt) :].tolist()]
+    assert (ours.scores[0] - torch.stack(ref.scores)[:, 0]).abs().max().item() <= TOL
+    assert (ours.logits[0] - torch.stack(ref.logits)[:, 0]).abs().max().item() <= TOL
+    plain = lm.generate_ids([prompt], return_dict_in_generate=True, output_scores=True, **kw)
+    assert ours.sequences == plain.sequences
+    assert (ours.scores[0] - plain.scores[0]).abs().max().item() <= TOL
+    helped = lm.generate_ids([prompt, prompt[:9]], assistant_model=lm.model, return_dict_in_generate=True,
+                             output_scores=True, **kw)  # fmt: skip
+    assert helped.sequences == lm.generate_ids([prompt, prompt[:9]], **kw)
+    assert (helped.scores[0] - plain.scores[0]).abs().max().item() <= TOL
+    assert [len(s) for s in helped.scores] == [len(s) for s in helped.sequences]
+
+
 def test_texts_plain_dicts_and_errors(tiny_checkpoints):
     hf, folder = tiny_checkpoints["neo"]
     lm = neolm.load(folder)
@@ -119,8 +143,6 @@ def test_texts_plain_dicts_and_errors(tiny_checkpoints):
         lm.generate("hi", output_scores=True)
     with pytest.raises(NeolmError, match="beam search"):
         lm.generate("hi", num_beams=2, return_dict_in_generate=True, output_logits=True)
-    with pytest.raises(NeolmError, match="assisted generation"):
-        lm.generate("hi", prompt_lookup_num_tokens=3, return_dict_in_generate=True, output_scores=True)
     with pytest.raises(NeolmError, match="pipeline"):
         neolm.pipeline("text-generation", model=folder)("hi", return_dict_in_generate=True)
     empty = lm.generate_ids([PROMPT], max_new_tokens=0, return_dict_in_generate=True, output_scores=True)
