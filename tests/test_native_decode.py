@@ -268,6 +268,41 @@ def test_a_changed_model_gets_a_new_step(folders):
     assert halved == lm.generate_ids([[1, 2, 3]], **kw)
 
 
+@pytest.mark.parametrize("where", ["block", "mlp", "global"])
+def test_forward_hooks_see_every_step(folders, where):
+    """A hook on a block or a part of it (or on every module) is called at each decode step, as in torch: the
+    native step, which would pass it by, declines while one is set. A steering hook (adding a vector to a block's
+    output) thus changes the text as it does in torch, and removing it brings the native step back."""
+    lm = neolm.load(folders["neox-parallel-pct25"])
+    step = lm.model.decode_step
+    target = lm.model.blocks[1] if where != "mlp" else lm.model.blocks[1].mlp
+    nudge = torch.randn(lm.config.d_model, generator=torch.Generator().manual_seed(0))
+    calls = []
+
+    def steer(module, args, out):
+        if module is target:
+            calls.append(out.shape[1])
+            return out + nudge
+
+    prompt, kw = [[11, 22, 33, 44]], dict(max_new_tokens=12, min_new_tokens=12)
+    plain = lm.generate_ids(prompt, **kw)
+    if where == "global":
+        handle = torch.nn.modules.module.register_module_forward_hook(steer)
+    else:
+        handle = target.register_forward_hook(steer)
+    try:
+        steered = lm.generate_ids(prompt, **kw)
+        assert calls == [4] + [1] * 11  # the prompt, then each step but the last's (its token is not fed)
+        lm.model.decode_step = None
+        assert steered == lm.generate_ids(prompt, **kw)  # the torch path with the hook
+        assert steered != plain
+    finally:
+        handle.remove()
+        lm.model.decode_step = step
+    calls.clear()
+    assert lm.generate_ids(prompt, **kw) == plain and not calls
+
+
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize(("name", "quantize", "kernel"), [("neox-parallel-pct25", "int8", "int8a8"), ("neox-128", "int4", "int4a8")])
 def test_int8_activations(folders, rows, name, quantize, kernel):

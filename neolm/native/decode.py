@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 KINDS = {"f32": 0, "bf16": 1, "int8": 2, "int4": 3, "int8a8": 4, "int4a8": 5, "int8f": 6, "int4h": 7, "int8a16": 8}
 CACHE_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # decode.cpp `Kv`
+GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks")  # torch.nn.modules.module's, for every module
 ACTIVATIONS = {"gelu": 0, "gelu_new": 1, "gelu_fast": 1, "gelu_pytorch_tanh": 1, "relu": 2}  # decode.cpp `act`
 
 
@@ -84,6 +85,11 @@ class DecodeStep:
         self.layers, self.keep = layers, keep
         self.model = weakref.ref(model)
         self.watch = _Watch(_snapshot(model, keep))
+        # forward hooks on the blocks and their parts (and global ones): the step would pass them by, so it
+        # declines while any is set (analysis, steering); the watch keeps this list to the modules of now
+        self.hooks = [d for m in model.blocks.modules() for d in (m._forward_hooks, m._forward_pre_hooks)]
+        self.hooks += [getattr(torch.nn.modules.module, name, {}) for name in GLOBAL_HOOKS]
+        self.hooked = False  # (logged once)
         self.scratch = torch.empty(0, dtype=torch.uint8)  # grown to the largest batch seen
         self.n_positions = config.n_positions
 
@@ -102,6 +108,11 @@ class DecodeStep:
             or (k.dtype == torch.int8 and not (cache.k_scale.is_contiguous() and cache.v_scale.is_contiguous()))
             or torch.is_grad_enabled()
         ):
+            return None
+        if any(self.hooks):
+            if not self.hooked:
+                log.info("forward hooks watch the model's blocks: its decode steps run in torch while they are set")
+            self.hooked = True
             return None
         if not self.watch.unchanged():
             return self._rebuilt(x, positions, cache, key_valid)
