@@ -198,8 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
         "the new message: the keys and values of the conversation so far are kept. When the conversation "
         "outgrows the context, its oldest exchanges are left out (the system message stays). Sampling follows "
         "the checkpoint's generation_config.json unless given (--no-do-sample: greedy). Commands: /help, "
-        "/reset, /undo, /system TEXT, /save FILE, /exit. Ctrl-C stops a reply (what came is kept). With "
-        "standard input not a terminal, each line is a message and only the replies are printed.",
+        "/reset, /undo, /system TEXT, /save FILE, /exit. Ctrl-C stops a reply (what came is kept). A message "
+        "of several lines: end each line but the last with a backslash, or put the message between lines of "
+        'three double quotes ("""). With standard input not a terminal, each line is a message (the same two '
+        "ways join lines) and only the replies are printed.",
     )
     _add_model_args(c, positional=False)
     c.add_argument("--system", metavar="TEXT", help="a system message to start the conversation with")
@@ -297,7 +299,9 @@ CHAT_COMMANDS = """commands:
   /system TEXT   start over with TEXT as the system message (no TEXT: none)
   /save FILE     write the conversation to FILE as JSON (--messages FILE starts from it)
   /exit          leave (or Ctrl-D)
-A message that begins with / is sent as //message. Ctrl-C stops a reply; what came of it is kept."""
+A message that begins with / is sent as //message. Ctrl-C stops a reply; what came of it is kept.
+A message of several lines: end each line but the last with \\, or put it between lines of \"\"\" (three quotes)."""
+QUOTE = '"""'  # opens and closes a message of several lines
 
 
 def cmd_chat(args) -> int:
@@ -320,23 +324,56 @@ def cmd_chat(args) -> int:
         print(f"neolm chat: {lm.source}, {lm.chat_format.name}. /help lists the commands; Ctrl-D or /exit leaves.",
               file=sys.stderr)  # fmt: skip
     while True:
-        if interactive:
-            try:
-                line = input("> ")
-            except EOFError:  # Ctrl-D
-                print(file=sys.stderr)
-                break
-        else:
-            line = sys.stdin.readline()
-            if not line:
-                break
-        text = line.strip()
-        if text.startswith("/") and not text.startswith("//"):
+        message = _read_message(interactive)
+        if message is None:
+            break
+        text = message.strip()
+        if text.startswith("/") and not text.startswith("//") and "\n" not in text:
             if not _chat_command(chat, text):
                 break
         elif text:
             _say(chat, text[1:] if text.startswith("//") else text)
     return 0
+
+
+def _read_line(prompt: str, interactive: bool) -> str | None:
+    """A line of input without its newline; None at the end of input (Ctrl-D)."""
+    if interactive:
+        try:
+            return input(prompt)
+        except EOFError:
+            print(file=sys.stderr)
+            return None
+    line = sys.stdin.readline()
+    return line.removesuffix("\n") if line else None
+
+
+def _read_message(interactive: bool) -> str | None:
+    """The next message: a line; a line that ends in a backslash goes on at the next (as llama.cpp's); or the
+    lines from one that starts with three double quotes to one that ends with them (as ollama's). None at the
+    end of input (a message begun is sent)."""
+    lines: list[str] = []
+    quoted = False
+    while True:
+        line = _read_line("... " if lines or quoted else "> ", interactive)
+        if line is None:
+            return "\n".join(lines) if lines else None
+        if not lines and not quoted and line.lstrip().startswith(QUOTE):
+            line, quoted = line.lstrip()[len(QUOTE) :], True
+            if line.rstrip().endswith(QUOTE):  # opened and closed on one line
+                return line.rstrip()[: -len(QUOTE)]
+            if line:
+                lines.append(line)
+        elif quoted:
+            if line.rstrip().endswith(QUOTE):
+                lines.append(line.rstrip()[: -len(QUOTE)])
+                return "\n".join(lines)
+            lines.append(line)
+        elif line.endswith("\\"):
+            lines.append(line[:-1])
+        else:
+            lines.append(line)
+            return "\n".join(lines)
 
 
 def _read_messages(path: str) -> list[dict]:

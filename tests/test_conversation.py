@@ -194,6 +194,22 @@ def test_neolm_chat_command(monkeypatch, capsys, tmp_path):
     assert out == "".join(neolm.Conversation(lm, max_new_tokens=4, **GREEDY).send("Hail.")) + "\n"
 
 
+def test_neolm_chat_messages_of_several_lines(monkeypatch, capsys):
+    """A backslash at a line's end goes on at the next line (llama.cpp's way); lines between three double quotes
+    are one message (ollama's); a /command inside them is text; a message begun at the end of input is sent."""
+    lm = neolm.load()
+    lines = ["Good morrow,\\", "my lord.", '"""', "Whence come you?", "/reset", '  and whither?"""',
+             '"""Hail."""', "Farewell\\"]  # fmt: skip
+    code, out, err = run_chat(monkeypatch, capsys, lines, "--max-new-tokens", "6", "--no-do-sample",
+                              "--repetition-penalty", "1")  # fmt: skip
+    assert code == 0, err
+    expected = neolm.Conversation(lm, max_new_tokens=6, **GREEDY)
+    replies = ["".join(expected.send(m)) for m in ("Good morrow,\nmy lord.", "Whence come you?\n/reset\n  and whither?",
+                                                    "Hail.", "Farewell")]  # fmt: skip
+    assert out == "".join(r + "\n" for r in replies)
+    assert "a new conversation" not in err
+
+
 def test_row_cache_holds_a_finished_sequences_slots(tiny_checkpoints):
     """The server's prefix cache keeps a finished sequence's row: its prompt and tokens but the last, as one
     row without padding, equal to the cache of that sequence run alone."""
