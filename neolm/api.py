@@ -214,17 +214,19 @@ class LanguageModel:
         output_attentions: bool = False,
         output_logits: bool = True,
         batch_size: int = TRACE_BATCH_SIZE,
+        modules: list[str] | str = (),
     ) -> Trace | list[Trace]:
         """The forward pass over `text` (a list: a Trace each) for analysis (neolm.trace): each token's
         log-probability, the logits, and with output_hidden_states / output_attentions every layer's hidden states
-        and every head's attention weights, as transformers gives them. Text is encoded as generate() encodes
-        it (no token is prepended; "<|endoftext|>" in the text is that token, so the first word can be scored)."""
+        and every head's attention weights, as transformers gives them; `modules` (names or patterns such as
+        "blocks.*.mlp") records those modules' outputs. Text is encoded as generate() encodes it (no token is
+        prepended; "<|endoftext|>" in the text is that token, so the first word can be scored)."""
         single = isinstance(text, str)
         texts = [text] if single else list(text)
         if not texts or not all(isinstance(t, str) for t in texts):
             raise NeolmError("text must be a string or a non-empty list of strings")
         traces = self.trace_ids([self.encode(t) for t in texts], output_hidden_states, output_attentions,
-                                output_logits, batch_size)  # fmt: skip
+                                output_logits, batch_size, modules)  # fmt: skip
         return traces[0] if single else traces
 
     def trace_ids(
@@ -234,9 +236,10 @@ class LanguageModel:
         output_attentions: bool = False,
         output_logits: bool = True,
         batch_size: int = TRACE_BATCH_SIZE,
+        modules: list[str] | str = (),
     ) -> list[Trace]:
         """trace() of token id sequences."""
-        return trace_model(self.model, ids, output_hidden_states, output_attentions, output_logits, batch_size)
+        return trace_model(self.model, ids, output_hidden_states, output_attentions, output_logits, batch_size, modules)
 
     def info(self) -> dict:
         c = self.config

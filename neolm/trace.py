@@ -11,6 +11,7 @@ Quantized and native models are traced as they run.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ class Trace:
     # n_layer of (H, T, T) fp32: row i is query i's softmax weights over keys 0 .. i (0 elsewhere, and 0 outside
     # a local layer's window)
     attentions: tuple[torch.Tensor, ...] | None = None
+    # the outputs (T, ...) of the modules asked for by name (`modules=`), e.g. "blocks.3.mlp", "blocks.0.attn.qkv"
+    records: dict[str, torch.Tensor] | None = None
 
     @property
     def surprisal(self) -> torch.Tensor:
@@ -74,13 +77,35 @@ def attention_weights(attn: Attention, x: torch.Tensor, rope, mask) -> torch.Ten
     return scores.softmax(dim=-1)
 
 
+def matching_modules(model: GPT, patterns: Sequence[str]) -> dict[str, torch.nn.Module]:
+    """The model's modules whose names (model.named_modules(): "blocks.3.mlp", "ln_f", ...) match any of the
+    shell-style patterns ("blocks.*.mlp"); NeolmError for a pattern that matches none."""
+    named = {name: m for name, m in model.named_modules() if name != "lm_head"}  # (the logits are the head's)
+    chosen = {}
+    for pattern in patterns:
+        hits = {name: m for name, m in named.items() if name and fnmatch.fnmatchcase(name, pattern)}
+        if not hits:
+            examples = ", ".join(name for name in named if name.startswith("blocks.0."))
+            raise NeolmError(f"no module of the model is called {pattern!r}; the first block's are {examples}, "
+                             "and there are wte, blocks.N and ln_f")  # fmt: skip
+        chosen |= hits
+    return chosen
+
+
 @contextlib.contextmanager
-def _recording(model: GPT, hidden: bool, attentions: bool) -> Iterator[tuple[list, list]]:
-    """(hidden states, attention weights) lists that fill as the model runs: the first block's input, then each
-    block's output (B, T, C); each attention module's weights (B, H, T, T)."""
+def _recording(
+    model: GPT, hidden: bool, attentions: bool, modules: dict[str, torch.nn.Module]
+) -> Iterator[tuple[list, list, dict]]:
+    """(hidden states, attention weights, records) that fill as the model runs: the first block's input, then
+    each block's output (B, T, C); each attention module's weights (B, H, T, T); a copy of each named module's
+    output (B, T, ...): copies, because the model adds into some outputs in place (an MLP's becomes its block's)."""
     states: list[torch.Tensor] = []
     weights: list[torch.Tensor] = []
+    records: dict[str, torch.Tensor] = {}
     handles = []
+    for name, module in modules.items():
+        handles.append(module.register_forward_hook(
+            lambda module, args, out, name=name: records.__setitem__(name, out.clone())))  # fmt: skip
     if hidden:
         handles.append(model.blocks[0].register_forward_pre_hook(lambda module, args: states.append(args[0])))
         for block in model.blocks:
@@ -90,7 +115,7 @@ def _recording(model: GPT, hidden: bool, attentions: bool) -> Iterator[tuple[lis
             handles.append(block.attn.register_forward_hook(
                 lambda module, args, out: weights.append(attention_weights(module, *args[:3]))))  # fmt: skip
     try:
-        yield states, weights
+        yield states, weights, records
     finally:
         for handle in handles:
             handle.remove()
@@ -121,23 +146,29 @@ def trace(
     attentions: bool = False,
     logits: bool = True,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    modules: Sequence[str] = (),
 ) -> list[Trace]:
-    """A Trace of each token sequence: its tokens' log-probabilities, and as asked its logits, hidden states and
-    attention weights. Sequences of different lengths are batched with left padding, and each one's numbers are
-    what it gets alone. Attention weights cost one more q/k projection per layer and O(T^2) memory per head."""
+    """A Trace of each token sequence: its tokens' log-probabilities, and as asked its logits, hidden states,
+    attention weights and the outputs of the `modules` named (shell-style patterns of model.named_modules()'
+    names: "blocks.*.mlp"). Sequences of different lengths are batched with left padding, and each one's numbers
+    are what it gets alone. Attention weights cost one more q/k projection per layer and O(T^2) memory per head."""
     prompts = _check(model, prompts)
     if batch_size < 1:
         raise NeolmError(f"batch_size must be >= 1, got {batch_size}")
+    if isinstance(modules, str):
+        modules = [modules]
+    chosen = matching_modules(model, modules)
     out: list[Trace] = []
     for i in range(0, len(prompts), batch_size):
-        out += _batch(model, prompts[i : i + batch_size], hidden_states, attentions, logits)
+        out += _batch(model, prompts[i : i + batch_size], hidden_states, attentions, logits, chosen)
     return out
 
 
-def _batch(model: GPT, seqs: list[list[int]], hidden: bool, attentions: bool, keep_logits: bool) -> list[Trace]:
+def _batch(model: GPT, seqs: list[list[int]], hidden: bool, attentions: bool, keep_logits: bool,
+           modules: dict[str, torch.nn.Module]) -> list[Trace]:  # fmt: skip
     device = model.ln_f.weight.device
     tokens, positions, filled = left_pad(seqs, 0, device)  # (N, W) each
-    with _recording(model, hidden, attentions) as (states, weights):
+    with _recording(model, hidden, attentions, modules) as (states, weights, records):
         final = model(tokens, positions, key_valid=filled, head=False)  # (N, W, C), after ln_f
     if hidden:
         states[-1] = final  # as transformers: the last hidden state is the final LayerNorm's output
@@ -160,5 +191,6 @@ def _batch(model: GPT, seqs: list[list[int]], hidden: bool, attentions: bool, ke
             logits=row_logits,
             hidden_states=tuple(s[row, start:] for s in states) if hidden else None,
             attentions=tuple(w[row, :, start:, start:] for w in weights) if attentions else None,
+            records={name: r[row, start:] for name, r in records.items()} if modules else None,
         ))  # fmt: skip
     return traces

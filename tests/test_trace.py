@@ -56,6 +56,45 @@ def test_everything_matches_transformers(models, name):
         assert (lm.model.lm_head(trace.hidden_states[-1]) - trace.logits).abs().max().item() <= TOL
 
 
+HF_PARTS = {"neo": ("transformer.h.{}.mlp", "transformer.h.{}.attn"),
+            "neox-parallel-pct25": ("gpt_neox.layers.{}.mlp", "gpt_neox.layers.{}.attention")}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(HF_PARTS))
+def test_module_outputs_match_transformers(models, name):
+    """modules= records each named module's output, as hooks on transformers' modules see them: the MLP's own
+    output, though the model then adds the attention and the residual into it in place."""
+    hf, lm = models[name]
+    ids = random_ids(2, 20, seed=4)
+    seen = {}
+    handles = []
+    named = dict(hf.named_modules())
+
+    def keep(key):
+        return lambda module, args, out: seen.__setitem__(key, out[0] if isinstance(out, tuple) else out)
+
+    for i in range(lm.config.n_layer):
+        for kind, pattern in zip(("mlp", "attn"), HF_PARTS[name]):
+            handles.append(named[pattern.format(i)].register_forward_hook(keep(f"blocks.{i}.{kind}")))
+    with torch.no_grad():
+        hf(ids)
+    for handle in handles:
+        handle.remove()
+    traces = lm.trace_ids(ids.tolist(), modules=["blocks.*.mlp", "blocks.*.attn"])
+    for row, trace in enumerate(traces):
+        assert set(trace.records) == set(seen)
+        for key, out in trace.records.items():
+            assert out.shape == (20, lm.config.d_model)
+            assert (out - seen[key][row]).abs().max().item() <= TOL, key
+    one = lm.trace_ids(ids.tolist(), modules="blocks.0.attn.qkv")[0]
+    assert list(one.records) == ["blocks.0.attn.qkv"] and one.records["blocks.0.attn.qkv"].shape == (
+        20,
+        3 * lm.config.d_model,
+    )
+    with pytest.raises(NeolmError, match="blocks.0.mlp.fc"):
+        lm.trace_ids(ids.tolist(), modules=["blocks.*.ffn"])
+
+
 def test_local_layers_weigh_only_their_window(models):
     _, lm = models["neo"]
     trace = lm.trace_ids(random_ids(1, 20).tolist(), output_attentions=True)[0]
