@@ -32,6 +32,15 @@ def _gelu_tanh_in_place(x):
     return torch.ops.aten.gelu_(x, approximate="tanh")
 
 
+_GLOBAL_HOOKS = torch.nn.modules.module._global_forward_hooks  # torch's hooks on every module (one dict)
+
+
+def _watched(module: nn.Module) -> bool:
+    """Whether a forward hook sees `module`'s output: then nothing writes into that output afterwards (the in-place
+    steps below save memory in inference, but a hook must keep what it saw, as in any PyTorch model)."""
+    return bool(module._forward_hooks or _GLOBAL_HOOKS)
+
+
 # name -> (the activation, the same in place: for inference, where no fresh (B, T, d_ff) tensor is needed);
 # module-level functions, so that a model pickles
 _ACTIVATIONS = {
@@ -245,7 +254,7 @@ class Attention(nn.Module):
         """q, k, v (B, H, T, D) of x (B, T, C): GPT-NeoX's per-head [q k v] layout, q and k rotated."""
         B, T, _ = x.shape
         qkv = self.qkv(x).view(B, T, self.n_head, 3, self.head_dim).permute(3, 0, 2, 1, 4)  # (3, B, H, T, D)
-        rotated = rope is None or (self.rotate is not None and self.rotate(qkv[:2], *rope))
+        rotated = rope is None or (self.rotate is not None and not _watched(self.qkv) and self.rotate(qkv[:2], *rope))
         (q, k), v = qkv[:2] if rotated else apply_rotary(qkv[:2], *rope), qkv[2]  # q and k rotated together
         return q, k, v
 
@@ -277,7 +286,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         h = self.fc(x)  # (B, T, d_ff)
-        return self.proj(self.act(h) if h.requires_grad else self.act_(h))
+        return self.proj(self.act(h) if h.requires_grad or _watched(self.fc) else self.act_(h))
 
 
 class Block(nn.Module):
@@ -294,10 +303,12 @@ class Block(nn.Module):
         a = self.attn(self.ln1(x), rope, mask, kv, start)
         if self.parallel:  # GPT-NeoX: x + attn(ln1 x) + mlp(ln2 x)
             m = self.mlp(self.ln2(x))
-            return m + a + x if m.requires_grad else m.add_(a).add_(x)  # (in place: no new activations)
+            if m.requires_grad or _watched(self.mlp):
+                return m + a + x
+            return m.add_(a).add_(x)  # (in place: no new activations)
         x = x + a
         m = self.mlp(self.ln2(x))
-        return x + m if m.requires_grad else m.add_(x)
+        return x + m if m.requires_grad or _watched(self.mlp) else m.add_(x)
 
 
 class GPT(nn.Module):

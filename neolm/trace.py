@@ -97,15 +97,15 @@ def _recording(
     model: GPT, hidden: bool, attentions: bool, modules: dict[str, torch.nn.Module]
 ) -> Iterator[tuple[list, list, dict]]:
     """(hidden states, attention weights, records) that fill as the model runs: the first block's input, then
-    each block's output (B, T, C); each attention module's weights (B, H, T, T); a copy of each named module's
-    output (B, T, ...): copies, because the model adds into some outputs in place (an MLP's becomes its block's)."""
+    each block's output (B, T, C); each attention module's weights (B, H, T, T); each named module's output
+    (B, T, ...), which the model leaves as it is while a hook watches it (neolm.model._watched)."""
     states: list[torch.Tensor] = []
     weights: list[torch.Tensor] = []
     records: dict[str, torch.Tensor] = {}
     handles = []
     for name, module in modules.items():
         handles.append(module.register_forward_hook(
-            lambda module, args, out, name=name: records.__setitem__(name, out.clone())))  # fmt: skip
+            lambda module, args, out, name=name: records.__setitem__(name, out)))  # fmt: skip
     if hidden:
         handles.append(model.blocks[0].register_forward_pre_hook(lambda module, args: states.append(args[0])))
         for block in model.blocks:

@@ -303,6 +303,31 @@ def test_forward_hooks_see_every_step(folders, where):
     assert lm.generate_ids(prompt, **kw) == plain and not calls
 
 
+@pytest.mark.parametrize("name", ["neo", "neox-parallel-pct25", "neox-sequential-pct100"])
+def test_what_a_hook_sees_stays_as_it_was(folders, name):
+    """The model writes into some outputs in place to save memory (the MLP's becomes its block's, the activation
+    overwrites fc's, q and k are rotated inside qkv's, the decode step writes into the embeddings): not while a
+    hook watches them. Outputs kept by reference equal copies taken in the hook, in the prompt and every step."""
+    lm = neolm.load(folders[name])
+    names = ["wte", "blocks.0.mlp", "blocks.0.mlp.fc", "blocks.1.attn.qkv", "blocks.1.attn", "blocks.1"]
+    modules = dict(lm.model.named_modules())
+    held, copies = [], []
+
+    def keep(module, args, out):
+        held.append(out)
+        copies.append(out.clone())
+
+    handles = [modules[n].register_forward_hook(keep) for n in names]
+    try:
+        lm.generate_ids([[11, 22, 33, 44, 55]], max_new_tokens=4, min_new_tokens=4)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(held) == len(names) * 4  # the prompt and 3 steps (the last token is not fed)
+    for out, kept in zip(held, copies):
+        assert torch.equal(out, kept)
+
+
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize(("name", "quantize", "kernel"), [("neox-parallel-pct25", "int8", "int8a8"), ("neox-128", "int4", "int4a8")])
 def test_int8_activations(folders, rows, name, quantize, kernel):

@@ -63,7 +63,7 @@ HF_PARTS = {"neo": ("transformer.h.{}.mlp", "transformer.h.{}.attn"),
 @pytest.mark.parametrize("name", list(HF_PARTS))
 def test_module_outputs_match_transformers(models, name):
     """modules= records each named module's output, as hooks on transformers' modules see them: the MLP's own
-    output, though the model then adds the attention and the residual into it in place."""
+    output, which the model adds the attention and the residual into in place unless a hook watches it."""
     hf, lm = models[name]
     ids = random_ids(2, 20, seed=4)
     seen = {}
