@@ -17,6 +17,7 @@ cache holds a row per beam; each step moves the rows to follow the beams that we
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -58,6 +59,7 @@ def beam_hypotheses(
     K = max(2, 1 + len(eos_ids)) * B  # candidates kept per step
     generator = seeded_generator(gc.seed, device) if gc.do_sample else None
     T = max(budgets)
+    deadline = gc.deadline()
 
     # the prompts, read once each, then a cache row per beam
     tokens, positions, filled = left_pad(prompts, eos_ids[0] if eos_ids else 0, device)
@@ -92,6 +94,8 @@ def beam_hypotheses(
         candidates = running.gather(1, origin[:, :, None].expand(P, K, T)).clone()  # (P, K, T)
         candidates[:, :, t] = token
         ends = torch.isin(token, eos) | (t + 1 >= budget)  # (P, K)
+        if time.monotonic() > deadline:  # max_time: every candidate ends here, as at the length limit
+            ends = torch.ones_like(ends)
         if stops is not None:
             ends |= _stop_hits(stops, prompts, candidates, t)
 

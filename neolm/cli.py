@@ -118,6 +118,8 @@ def _add_generation_args(p: argparse.ArgumentParser, chat: bool = False):
     knobs.add_argument("--no-repeat-ngram-size", type=non_negative, metavar="N", help="no N-gram may occur twice")
     knobs.add_argument("--min-p", type=float, help="sample only tokens with this fraction of the likeliest's probability")
     knobs.add_argument("--typical-p", type=positive_float, help="locally typical sampling's mass (default 1: off)")
+    knobs.add_argument("--top-h", type=positive_float, metavar="X",
+                       help="top-H sampling: the likeliest tokens whose entropy stays within X (0-1) of the whole's")  # fmt: skip
     knobs.add_argument("--presence-penalty", type=float, metavar="X",
                        help="OpenAI's: subtract X from the logit of every token generated so far (-2 to 2)")  # fmt: skip
     knobs.add_argument("--frequency-penalty", type=float, metavar="X",
@@ -129,6 +131,8 @@ def _add_generation_args(p: argparse.ArgumentParser, chat: bool = False):
                            help="beam search: a hypothesis scores log p / length^X (default 1; < 1 favours short ones)")  # fmt: skip
         knobs.add_argument("--num-return-sequences", type=non_negative, help="samples (or best beams) per prompt")
     knobs.add_argument("--seed", type=seed_type, help="seed for reproducible sampling")
+    knobs.add_argument("--max-time", type=positive_float, metavar="SECONDS",
+                       help="end the text with the first token after this many seconds")  # fmt: skip
     cut = "; cut out of the reply" if chat else ""
     knobs.add_argument(
         "--stop", action="append", metavar="TEXT", help=f"stop once the text ends in TEXT (repeatable){cut}"
@@ -141,7 +145,7 @@ def _generation_knobs(args) -> dict:
     names = ("max_new_tokens", "max_length", "min_length", "min_new_tokens", "do_sample", "temperature", "top_k",
              "top_p", "repetition_penalty", "num_return_sequences", "seed", "no_repeat_ngram_size", "min_p",
              "typical_p", "presence_penalty", "frequency_penalty", "num_beams", "length_penalty",
-             "prompt_lookup_num_tokens", "num_assistant_tokens")  # fmt: skip
+             "prompt_lookup_num_tokens", "num_assistant_tokens", "top_h", "max_time")  # fmt: skip
     knobs = {name: getattr(args, name, None) for name in names} | {"stop_strings": args.stop}
     knobs = {k: v for k, v in knobs.items() if v is not None}
     from neolm.generate import GenerationConfig

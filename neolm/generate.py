@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -65,10 +67,13 @@ class GenerationConfig:
     forced_eos_token_id: int | list[int] | None = None  # forced as the last token the length allows
     exponential_decay_length_penalty: tuple[int, float] | None = None  # (start, factor): eos likelier after start
     min_p: float | None = None  # sampling: drop tokens below min_p x the likeliest's probability
+    top_h: float | None = None  # sampling: the likeliest tokens whose entropy stays within top_h x the whole's
     typical_p: float = 1.0  # sampling: locally typical mass
     epsilon_cutoff: float = 0.0  # sampling: drop tokens below this probability
     eta_cutoff: float = 0.0  # sampling: eta sampling's cutoff
     renormalize_logits: bool = False  # log-softmax the scores after all processing (output_scores, beams' scores)
+    remove_invalid_values: bool = False  # nan logits become 0, +-inf the largest floats (a model that overflows)
+    max_time: float | None = None  # seconds: sequences end with the first token after this much time
     # OpenAI's penalties (vLLM's meaning): subtracted from the logits of tokens generated so far
     presence_penalty: float = 0.0  # once per token that was generated
     frequency_penalty: float = 0.0  # per time it was generated
@@ -158,6 +163,8 @@ class GenerationConfig:
                   f"exponential_decay_length_penalty must be (start index >= 0, factor > 0), got {decay!r}")  # fmt: skip
             self.exponential_decay_length_penalty = (decay[0], float(decay[1]))
         check(self.min_p is None or 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}")
+        check(self.top_h is None or 0 < self.top_h <= 1, f"top_h must be in (0, 1], got {self.top_h}")
+        check(self.max_time is None or self.max_time > 0, f"max_time must be > 0 seconds, got {self.max_time}")
         check(0 < self.typical_p <= 1, f"typical_p must be in (0, 1], got {self.typical_p}")
         for name in ("epsilon_cutoff", "eta_cutoff"):
             check(0 <= getattr(self, name) < 1, f"{name} must be in [0, 1) (0: off), got {getattr(self, name)}")
@@ -205,6 +212,10 @@ class GenerationConfig:
         """The ids that end a sequence: eos_token_id (one or a list), else `default` (the model's)."""
         eos = self.eos_token_id if self.eos_token_id is not None else default
         return [eos] if isinstance(eos, int) else list(eos or [])
+
+    def deadline(self) -> float:
+        """When (time.monotonic()) a generation started now must end: after max_time seconds, else never."""
+        return time.monotonic() + self.max_time if self.max_time is not None else math.inf
 
     def new_token_budget(self, prompt_len: int) -> int:
         """How many tokens a prompt of this length may get (max_new_tokens wins over max_length)."""
@@ -306,6 +317,7 @@ class _Rows:
     logits: torch.Tensor | None  # (N, V) fp32 logits of the next token; None while the last step's tokens wait
     seen: torch.Tensor | None  # (N, V) bool: the tokens each sequence holds (for repetition_penalty)
     made: torch.Tensor | None  # (N, V) int32: how often each token was generated (presence/frequency_penalty)
+    deadlines: list[float]  # time.monotonic() after which the sequence ends (GenerationConfig.max_time)
 
     def select(self, index: list[int]) -> _Rows:
         """Rows `index`, in that order."""
@@ -344,6 +356,7 @@ class Prefill:
     k: list[int | None]  # log-probabilities wanted, per sequence
     budgets: list[int]
     on_prompt: Callable[[int, TokenLogprobs], None] | None
+    deadline: float = math.inf  # GenerationConfig.deadline(), from when the prefill was asked for
     tokens: torch.Tensor | None = None  # (N, W) left-padded; None: nothing to read
     positions: torch.Tensor | None = None  # (N, W)
     cache: KVCache | None = None
@@ -487,7 +500,7 @@ class DecodeBatch:
         wanted = list(logprobs) if isinstance(logprobs, Sequence) else [logprobs] * len(prompts)
         seqs = [p for p in prompts for _ in range(n)]
         prefill = Prefill([next(self._ids) for _ in seqs], seqs, gc, -1, [k for k in wanted for _ in range(n)],
-                          [gc.new_token_budget(len(p)) for p in seqs], on_prompt)  # fmt: skip
+                          [gc.new_token_budget(len(p)) for p in seqs], on_prompt, gc.deadline())  # fmt: skip
         if not seqs or (max(prefill.budgets) == 0 and on_prompt is None):
             return prefill  # nothing to read
         prefill.group = self._group(gc)
@@ -542,7 +555,7 @@ class DecodeBatch:
             prefill.ids, [prefill.group] * len(seqs), prefill.k,
             [list(p) for p in seqs] if history else [None] * len(seqs), [len(p) for p in seqs],
             prefill.budgets, [0] * len(seqs), [b == 0 for b in prefill.budgets], prefill.positions[:, -1:], logits,
-            seen, made,
+            seen, made, [prefill.deadline] * len(seqs),
         )  # fmt: skip
         self._flush()  # the rows already here reach the current slot before new ones align to it
         if prefill.room and (self.rows is None or (self.compact and self.live == 0)):
@@ -598,6 +611,7 @@ class DecodeBatch:
         raw = torch.log_softmax(r.logits, dim=-1) if k is not None else None  # before processing touches the logits
         logits = r.logits.clone() if self.keep_logits else None
         chosen, processed = self._choose()
+        now = time.monotonic()
         tokens, ends, fed = [], [], []
         for row, token in enumerate(chosen.tolist()):
             group = self.groups[r.group[row]]
@@ -613,7 +627,7 @@ class DecodeBatch:
             if token in group.eos_ids or (group.stops is not None and group.stops.hit(history)):
                 ends.append("stop")
             else:
-                ends.append("length" if r.counts[row] >= r.budgets[row] else None)
+                ends.append("length" if r.counts[row] >= r.budgets[row] or now > r.deadlines[row] else None)
             r.done[row] = ends[-1] is not None
             tokens.append(token)
             fed.append(token)

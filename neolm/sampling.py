@@ -91,6 +91,8 @@ class Processors:
                 forced = torch.full_like(scores, -inf)
                 forced[:, self.forced_eos] = 0
                 scores = torch.where(last[:, None], forced, scores)
+        if gc.remove_invalid_values:
+            scores = torch.nan_to_num(scores, nan=0.0)  # and +-inf the largest floats
         if gc.exponential_decay_length_penalty and self.eos_ids:
             start, factor = gc.exponential_decay_length_penalty
             past = (rows.new - start).clamp(min=0).tolist()  # transformers: prompt + new > prompt + start
@@ -115,6 +117,8 @@ class Processors:
         gc, keep, inf = self.gc, self.keep, float("inf")
         if gc.temperature != 1.0:
             scores = scores / gc.temperature
+        if gc.top_h is not None:
+            scores = _top_h(scores, gc.top_h)
         if gc.top_k:
             kth = torch.topk(scores, min(max(gc.top_k, keep), scores.shape[-1])).values[..., -1:]
             scores = scores.masked_fill(scores < kth, -inf)
@@ -184,6 +188,20 @@ def _repeated_ngrams(tokens: Sequence[Sequence[int]], n: int, shape, device) -> 
         match = (windows[:, :-1] == held[len(held) + 1 - n :]).all(dim=-1)
         banned[row, windows[match, -1].clamp(max=shape[1] - 1)] = True  # (vocab-wide ids only: from the model)
     return banned.to(device)
+
+
+def _top_h(scores: torch.Tensor, top_h: float, candidates: int = 100) -> torch.Tensor:
+    """Top-H (Potraghloo et al. 2025), as transformers' TopHLogitsWarper: of the `candidates` likeliest tokens, in
+    order, keep those while their entropy terms -p log p (p renormalised over the candidates) sum to at most
+    top_h x the candidates' entropy; the likeliest always."""
+    top, index = torch.topk(scores, min(candidates, scores.shape[-1]))  # (N, c) sorted
+    dist = torch.distributions.Categorical(logits=top)
+    p = dist.probs
+    terms = -p * torch.log(p)  # (a probability of 0 gives nan: that token and those after it are not kept)
+    keep = terms.cumsum(dim=-1) <= top_h * dist.entropy()[:, None]
+    keep[:, 0] = True
+    kept = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, index, keep)
+    return scores.masked_fill(~kept, -float("inf"))
 
 
 def _typical(scores: torch.Tensor, mass: float, keep: int) -> torch.Tensor:

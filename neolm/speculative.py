@@ -23,6 +23,7 @@ as in transformers; and a seed draws other samples than plain sampling with that
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -187,7 +188,7 @@ def assisted_tokens(
     (prompt,) = _check(model, [prompt], gc, decode, assistant)
     if gc.do_sample and generator is None:
         generator = seeded_generator(gc.seed, model.ln_f.weight.device)
-    return _tokens(model, prompt, gc, decode, assistant, generator, None)
+    return _tokens(model, prompt, gc, decode, assistant, generator, None, gc.deadline())
 
 
 def assisted_generate(
@@ -203,9 +204,9 @@ def assisted_generate(
     logits (V,) and the processed scores (V,) it was picked from (or checked against)."""
     prompts = _check(model, prompts, gc, decode, assistant)
     generator = seeded_generator(gc.seed, model.ln_f.weight.device) if gc.do_sample else None
-    jobs = [p for p in prompts for _ in range(gc.num_return_sequences)]
+    jobs, deadline = [p for p in prompts for _ in range(gc.num_return_sequences)], gc.deadline()
     return [list(_tokens(model, p, gc, decode, assistant, generator,
-                         None if on_token is None else lambda *rows, i=i: on_token(i, *rows)))
+                         None if on_token is None else lambda *rows, i=i: on_token(i, *rows), deadline))
             for i, p in enumerate(jobs)]  # fmt: skip
 
 
@@ -232,7 +233,7 @@ def _check(model: GPT, prompts, gc: GenerationConfig, decode, assistant: GPT | N
 
 @torch.inference_mode()
 def _tokens(model: GPT, prompt: list[int], gc: GenerationConfig, decode, assistant: GPT | None,
-            generator: torch.Generator | None, on_token: Callable | None) -> Iterator[int]:  # fmt: skip
+            generator: torch.Generator | None, on_token: Callable | None, deadline: float) -> Iterator[int]:  # fmt: skip
     config, device = model.config, model.ln_f.weight.device
     budget = gc.new_token_budget(len(prompt))
     if budget == 0:
@@ -262,7 +263,8 @@ def _tokens(model: GPT, prompt: list[int], gc: GenerationConfig, decode, assista
             seq.append(token)
             made += 1
             yield token
-            if token in eos_ids or made >= budget or (stops is not None and stops.hit(seq)):
+            ended = token in eos_ids or made >= budget or (stops is not None and stops.hit(seq))
+            if ended or time.monotonic() > deadline:
                 log.info("assisted generation: %d tokens in %d forwards of the model, %d guessed tokens",
                          made, rounds, guessed)  # fmt: skip
                 return

@@ -55,14 +55,17 @@ def test_processors_match_transformers(tiny_checkpoints, name):
 
 @pytest.mark.parametrize("keep", [1, 3])
 def test_warpers_match_transformers(keep):
-    """min_p, typical_p, epsilon_cutoff and eta_cutoff with top-k/top-p and temperature, as transformers'
-    warpers (in its order), keeping at least `keep` tokens (beam sampling keeps len(eos) + 1)."""
+    """min_p, typical_p, epsilon_cutoff, eta_cutoff and top_h with top-k/top-p and temperature, as transformers'
+    warpers (in its order), keeping at least `keep` tokens (beam sampling keeps len(eos) + 1); and
+    remove_invalid_values."""
     from transformers.generation.logits_process import (
         EpsilonLogitsWarper,
         EtaLogitsWarper,
+        InfNanRemoveLogitsProcessor,
         LogitsProcessorList,
         MinPLogitsWarper,
         TemperatureLogitsWarper,
+        TopHLogitsWarper,
         TopKLogitsWarper,
         TopPLogitsWarper,
         TypicalLogitsWarper,
@@ -76,19 +79,46 @@ def test_warpers_match_transformers(keep):
         (dict(epsilon_cutoff=3e-3), [EpsilonLogitsWarper(3e-3, min_tokens_to_keep=keep)]),
         (dict(eta_cutoff=1e-3), [EtaLogitsWarper(1e-3, min_tokens_to_keep=keep)]),
         (dict(eta_cutoff=0.2), [EtaLogitsWarper(0.2, min_tokens_to_keep=keep)]),
+        (dict(top_h=0.4), [TopHLogitsWarper(0.4)]),
+        (dict(top_h=0.9, temperature=1.5, top_k=40), [TemperatureLogitsWarper(1.5), TopHLogitsWarper(0.9),
+                                                      TopKLogitsWarper(40, min_tokens_to_keep=keep)]),
         (dict(temperature=0.7, top_k=200, top_p=0.9, min_p=0.02, typical_p=0.95),
          [TemperatureLogitsWarper(0.7), TopKLogitsWarper(200, min_tokens_to_keep=keep),
           TopPLogitsWarper(0.9, min_tokens_to_keep=keep), MinPLogitsWarper(0.02, min_tokens_to_keep=keep),
           TypicalLogitsWarper(0.95, min_tokens_to_keep=keep)]),
     ]  # fmt: skip
+    spoilt = logits.clone()
+    spoilt[0, 5], spoilt[1, 7], spoilt[2, 9] = float("nan"), float("inf"), -float("inf")
+    ours = Processors(GenerationConfig(remove_invalid_values=True).validated(), [], 3000, "cpu")(spoilt.clone(), RowState())
+    assert torch.equal(ours, InfNanRemoveLogitsProcessor()(None, spoilt.clone()))  # nan 0, +-inf the largest floats
     for knobs, warpers in cases:
         gc = GenerationConfig(do_sample=True, top_k=knobs.pop("top_k", 0), **knobs).validated()
         ours = Processors(gc, [], 3000, "cpu", min_tokens_to_keep=keep)(logits.clone(), RowState())
         ref = LogitsProcessorList(warpers)(None, logits.clone())
         assert torch.equal(torch.isinf(ours), torch.isinf(ref)), knobs
         assert torch.allclose(ours[~torch.isinf(ours)], ref[~torch.isinf(ref)]), knobs
-        assert (~torch.isinf(ours)).sum(dim=1).min() >= keep
+        if "top_h" not in knobs:  # (transformers' top-H keeps the likeliest only, whatever min_tokens_to_keep)
+            assert (~torch.isinf(ours)).sum(dim=1).min() >= keep
         assert torch.isinf(ours).any(), knobs  # it removed something
+
+
+def test_max_time_ends_every_kind_of_generation(tiny_checkpoints, monkeypatch):
+    """max_time ends each sequence with the first token after it, in plain, batched, beam and assisted
+    generation alike (a clock that moves 1 s per reading: the deadline passes after a few tokens)."""
+    import itertools
+    import time
+
+    lm = neolm.load(tiny_checkpoints["neo"][1])
+    clock = itertools.count()
+    monkeypatch.setattr(time, "monotonic", lambda: float(next(clock)))
+    kw = dict(max_new_tokens=30, min_new_tokens=30, do_sample=False)
+    for extra in ({}, {"num_beams": 2}, {"prompt_lookup_num_tokens": 3}):
+        full = lm.generate_ids([PROMPT, PROMPT[:4]], **kw, **extra)
+        timed = lm.generate_ids([PROMPT, PROMPT[:4]], max_time=4.5, **kw, **extra)
+        assert all(len(f) == 30 for f in full), extra
+        assert all(1 <= len(t) < 30 and f[: len(t)] == t for f, t in zip(full, timed)), (extra, timed)
+    with pytest.raises(neolm.NeolmError, match="max_time"):
+        lm.generate_ids([PROMPT], max_time=0)
 
 
 def test_presence_and_frequency_penalties_are_openai_s(tiny_checkpoints):
