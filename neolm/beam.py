@@ -161,6 +161,8 @@ def _state(needs: RowState, prompts, budgets, running: torch.Tensor, t: int, B: 
     if needs.tokens:
         held = new.tolist()
         state.tokens = [list(prompts[row // B]) + held[row] for row in range(P * B)]
+    if needs.prompts:
+        state.prompts = [row // B for row in range(P * B)]
     return state
 
 

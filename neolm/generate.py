@@ -28,6 +28,7 @@ from neolm.sampling import (
     StopStrings,
     TokenLogprobs,
     argmax,
+    criteria_met,
     project_logprobs,
     seeded_generator,
 )
@@ -74,6 +75,10 @@ class GenerationConfig:
     renormalize_logits: bool = False  # log-softmax the scores after all processing (output_scores, beams' scores)
     remove_invalid_values: bool = False  # nan logits become 0, +-inf the largest floats (a model that overflows)
     max_time: float | None = None  # seconds: sequences end with the first token after this much time
+    # the caller's own code, as transformers.generate takes it (each is called on one sequence at a time):
+    logits_processor: list[Callable] | None = None  # f(input_ids (1, L), scores (1, V)) -> scores, before the warpers
+    stopping_criteria: list[Callable] | None = None  # f(input_ids (1, L), scores (1, V)) -> true: the sequence ends
+    prefix_allowed_tokens_fn: Callable | None = None  # f(batch_id, input_ids (L,)) -> the token ids allowed next
     # OpenAI's penalties (vLLM's meaning): subtracted from the logits of tokens generated so far
     presence_penalty: float = 0.0  # once per token that was generated
     frequency_penalty: float = 0.0  # per time it was generated
@@ -165,6 +170,12 @@ class GenerationConfig:
         check(self.min_p is None or 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}")
         check(self.top_h is None or 0 < self.top_h <= 1, f"top_h must be in (0, 1], got {self.top_h}")
         check(self.max_time is None or self.max_time > 0, f"max_time must be > 0 seconds, got {self.max_time}")
+        for name in ("logits_processor", "stopping_criteria"):
+            value = getattr(self, name)
+            check(value is None or (isinstance(value, (list, tuple)) and all(map(callable, value))),
+                  f"{name} must be a list of callables (input_ids, scores), got {value!r}")  # fmt: skip
+        check(self.prefix_allowed_tokens_fn is None or callable(self.prefix_allowed_tokens_fn),
+              "prefix_allowed_tokens_fn must be a callable (batch_id, input_ids) -> allowed token ids")  # fmt: skip
         check(0 < self.typical_p <= 1, f"typical_p must be in (0, 1], got {self.typical_p}")
         for name in ("epsilon_cutoff", "eta_cutoff"):
             check(0 <= getattr(self, name) < 1, f"{name} must be in [0, 1) (0: off), got {getattr(self, name)}")
@@ -177,6 +188,7 @@ class GenerationConfig:
               f'early_stopping must be true, false or "never", got {self.early_stopping!r}')  # fmt: skip
         if self.num_beams == 1:
             return
+        check(self.stopping_criteria is None, "stopping_criteria are not offered with beam search (num_beams > 1)")
         check(self.num_return_sequences <= self.num_beams,
               f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams ({self.num_beams})")  # fmt: skip
 
@@ -318,6 +330,7 @@ class _Rows:
     seen: torch.Tensor | None  # (N, V) bool: the tokens each sequence holds (for repetition_penalty)
     made: torch.Tensor | None  # (N, V) int32: how often each token was generated (presence/frequency_penalty)
     deadlines: list[float]  # time.monotonic() after which the sequence ends (GenerationConfig.max_time)
+    prompt: list[int]  # which prompt of its add() the sequence continues
 
     def select(self, index: list[int]) -> _Rows:
         """Rows `index`, in that order."""
@@ -550,12 +563,12 @@ class DecodeBatch:
                 seen[row, torch.tensor(p)] = True
         if gc.presence_penalty or gc.frequency_penalty:
             made = torch.zeros(len(seqs), vocab, dtype=torch.int32, device=self.device)
-        history = gc.stop_strings or self.groups[prefill.group].processors.needs.tokens
+        history = gc.stop_strings or self.groups[prefill.group].processors.needs.tokens  # (stopping_criteria too)
         new = _Rows(
             prefill.ids, [prefill.group] * len(seqs), prefill.k,
             [list(p) for p in seqs] if history else [None] * len(seqs), [len(p) for p in seqs],
             prefill.budgets, [0] * len(seqs), [b == 0 for b in prefill.budgets], prefill.positions[:, -1:], logits,
-            seen, made, [prefill.deadline] * len(seqs),
+            seen, made, [prefill.deadline] * len(seqs), [i // n for i in range(len(seqs))],
         )  # fmt: skip
         self._flush()  # the rows already here reach the current slot before new ones align to it
         if prefill.room and (self.rows is None or (self.compact and self.live == 0)):
@@ -610,7 +623,7 @@ class DecodeBatch:
         k = max((k for k in r.k if k is not None), default=None)
         raw = torch.log_softmax(r.logits, dim=-1) if k is not None else None  # before processing touches the logits
         logits = r.logits.clone() if self.keep_logits else None
-        chosen, processed = self._choose()
+        chosen, processed = self._choose(self.keep_scores or any(g.gc.stopping_criteria for g in self.groups))
         now = time.monotonic()
         tokens, ends, fed = [], [], []
         for row, token in enumerate(chosen.tolist()):
@@ -624,7 +637,12 @@ class DecodeBatch:
             history = r.histories[row]
             if history is not None:
                 history.append(token)
-            if token in group.eos_ids or (group.stops is not None and group.stops.hit(history)):
+            criteria = group.gc.stopping_criteria
+            if (
+                token in group.eos_ids
+                or (group.stops is not None and group.stops.hit(history))
+                or (criteria and criteria_met(criteria, history, processed[row]))
+            ):
                 ends.append("stop")
             else:
                 ends.append("length" if r.counts[row] >= r.budgets[row] or now > r.deadlines[row] else None)
@@ -642,7 +660,7 @@ class DecodeBatch:
             self._fed = torch.tensor(fed, device=self.device)
         return Step(r.ids, tokens, ends, scores, logits, processed if self.keep_scores else None)
 
-    def _choose(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _choose(self, keep_scores: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Each row's next token (N,), from its group's processing and pick (rows that are done: anything), and
         with keep_scores the processed scores (N, V) they were picked from."""
         r = self.rows
@@ -650,7 +668,7 @@ class DecodeBatch:
         if len(groups) == 1:
             return self._pick(self.groups[r.group[0]], r.logits, list(range(len(r.ids))), None)
         token = torch.empty(len(r.ids), dtype=torch.long, device=self.device)
-        processed = torch.empty_like(r.logits) if self.keep_scores else None
+        processed = torch.empty_like(r.logits) if keep_scores else None
         for g in sorted(groups):
             rows = [row for row, x in enumerate(r.group) if x == g]
             index = torch.tensor(rows, device=self.device)
@@ -675,6 +693,8 @@ class DecodeBatch:
             setattr(state, name, table if table is None or index is None else table[index])
         if needs.tokens:
             state.tokens = [r.histories[row] for row in rows]
+        if needs.prompts:
+            state.prompts = [r.prompt[row] for row in rows]
         logits = group.processors(logits, state)
         if gc.do_sample:
             return torch.multinomial(logits.softmax(dim=-1), 1, generator=self.generator).squeeze(1), logits

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from neolm import native
+from neolm.errors import NeolmError
 
 if TYPE_CHECKING:
     from neolm.generate import GenerationConfig
@@ -27,6 +28,7 @@ class RowState:
     seen: torch.Tensor | None = None  # (N, V) bool: the tokens the sequence holds (repetition_penalty)
     made: torch.Tensor | None = None  # (N, V) int: how often each was generated (presence/frequency penalty)
     tokens: Sequence[Sequence[int]] | None = None  # prompt + new tokens (n-grams, sequence biases)
+    prompts: Sequence[int] | None = None  # which prompt of its generate() call (prefix_allowed_tokens_fn's batch_id)
 
 
 class Processors:
@@ -54,8 +56,10 @@ class Processors:
             budgets=(forced is not None) or None,
             seen=(gc.repetition_penalty != 1.0) or None,
             made=(gc.presence_penalty != 0 or gc.frequency_penalty != 0) or None,
-            tokens=(gc.no_repeat_ngram_size or self.sequence_biases or self.bad_sequences) or None,
-        )
+            tokens=(gc.no_repeat_ngram_size or self.sequence_biases or self.bad_sequences or gc.logits_processor
+                    or gc.prefix_allowed_tokens_fn or gc.stopping_criteria) or None,
+            prompts=(gc.prefix_allowed_tokens_fn is not None) or None,
+        )  # fmt: skip
 
     def __call__(self, scores: torch.Tensor, rows: RowState) -> torch.Tensor:
         """Processed scores (N, V). May write into `scores` (the caller's own tensor: a copy of 8 x 50k logits
@@ -85,6 +89,8 @@ class Processors:
                 block |= rows.new < gc.min_new_tokens
             if block.any():
                 scores[block.nonzero()[:, :1], self.eos] = -inf
+        if gc.prefix_allowed_tokens_fn is not None:
+            scores = scores + _allowed(gc.prefix_allowed_tokens_fn, rows, scores)
         if self.forced_eos is not None:
             last = rows.new == rows.budgets - 1  # the last token allowed
             if last.any():
@@ -106,6 +112,9 @@ class Processors:
             scores = scores.masked_fill(self.suppress, -inf)
         if self.begin_suppress is not None:
             scores = scores.masked_fill((rows.new == 0)[:, None] & self.begin_suppress, -inf)
+        if gc.logits_processor:  # the caller's own, after the built-in ones and before the warpers, as transformers
+            scores = torch.cat([_call_each(gc.logits_processor, tokens, row[None])
+                                for tokens, row in zip(rows.tokens, scores)])  # fmt: skip
         if gc.do_sample:
             scores = self.warp(scores)
         if gc.renormalize_logits:  # log-probabilities again after all the processing (the same picks)
@@ -188,6 +197,37 @@ def _repeated_ngrams(tokens: Sequence[Sequence[int]], n: int, shape, device) -> 
         match = (windows[:, :-1] == held[len(held) + 1 - n :]).all(dim=-1)
         banned[row, windows[match, -1].clamp(max=shape[1] - 1)] = True  # (vocab-wide ids only: from the model)
     return banned.to(device)
+
+
+def _call_each(processors, tokens: Sequence[int], scores: torch.Tensor) -> torch.Tensor:
+    """transformers-style logits processors (input_ids (1, L), scores (1, V)) -> scores, called in turn on one row
+    (rows differ in length: each is called with its own tokens, as when it is generated alone)."""
+    ids = torch.tensor([list(tokens)], dtype=torch.long, device=scores.device)
+    shape = scores.shape
+    for processor in processors:
+        scores = processor(ids, scores)
+        if not isinstance(scores, torch.Tensor) or scores.shape != shape:
+            raise NeolmError(f"logits processor {processor!r} must return the scores as a {tuple(shape)} tensor")
+    return scores
+
+
+def criteria_met(criteria, tokens: Sequence[int], scores: torch.Tensor) -> bool:
+    """Whether any of transformers-style stopping criteria (input_ids (1, L), scores (1, V)) -> bool or a bool
+    tensor (1,) ends one sequence, given its tokens (prompt and new) and the scores (V,) of its last token."""
+    ids = torch.tensor([list(tokens)], dtype=torch.long, device=scores.device)
+    return any(bool(torch.as_tensor(criterion(ids, scores[None])).all()) for criterion in criteria)
+
+
+def _allowed(fn, rows: RowState, scores: torch.Tensor) -> torch.Tensor:
+    """prefix_allowed_tokens_fn(batch_id, tokens) -> allowed ids, as transformers' PrefixConstrainedLogitsProcessor:
+    0 at each row's allowed tokens, -inf elsewhere."""
+    mask = torch.full_like(scores, -float("inf"))
+    for row, (prompt, tokens) in enumerate(zip(rows.prompts, rows.tokens)):
+        allowed = fn(prompt, torch.tensor(list(tokens), dtype=torch.long, device=scores.device))
+        if len(allowed) == 0:
+            raise NeolmError(f"prefix_allowed_tokens_fn allowed no token after {len(tokens)} tokens of prompt {prompt}")
+        mask[row, allowed] = 0
+    return mask
 
 
 def _top_h(scores: torch.Tensor, top_h: float, candidates: int = 100) -> torch.Tensor:

@@ -31,7 +31,7 @@ import torch
 from neolm.errors import NeolmError
 from neolm.generate import GenerationConfig, fit_prompts, shared_prefix
 from neolm.model import GPT, KVCache
-from neolm.sampling import Processors, RowState, StopStrings, argmax, seeded_generator
+from neolm.sampling import Processors, RowState, StopStrings, argmax, criteria_met, seeded_generator
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ class _Picker:
                  device, generator: torch.Generator | None):  # fmt: skip
         self.gc, self.processors, self.prompt_len, self.budget = gc, processors, prompt_len, budget
         self.vocab, self.device, self.generator = vocab, device, generator
+        self.prompt_index = 0  # which prompt of the generate() call (prefix_allowed_tokens_fn's batch_id)
 
     def scores(self, logits: torch.Tensor, seq: list[int], guesses: Sequence[int]) -> torch.Tensor:
         """Processed scores (N, V) of fp32 logits (N, V) whose row j follows seq + guesses[:j]."""
@@ -68,6 +69,8 @@ class _Picker:
                 for row, h in enumerate(histories):
                     made = torch.tensor(h[self.prompt_len :], dtype=torch.long, device=self.device)
                     state.made[row] = torch.bincount(made, minlength=self.vocab)[: self.vocab].to(torch.int32)
+        if needs.prompts:
+            state.prompts = [self.prompt_index] * N
         return self.processors(logits, state)
 
     def pick(self, scores: torch.Tensor) -> list[int]:
@@ -188,7 +191,7 @@ def assisted_tokens(
     (prompt,) = _check(model, [prompt], gc, decode, assistant)
     if gc.do_sample and generator is None:
         generator = seeded_generator(gc.seed, model.ln_f.weight.device)
-    return _tokens(model, prompt, gc, decode, assistant, generator, None, gc.deadline())
+    return _tokens(model, prompt, gc, decode, assistant, generator, None, gc.deadline(), 0)
 
 
 def assisted_generate(
@@ -206,7 +209,8 @@ def assisted_generate(
     generator = seeded_generator(gc.seed, model.ln_f.weight.device) if gc.do_sample else None
     jobs, deadline = [p for p in prompts for _ in range(gc.num_return_sequences)], gc.deadline()
     return [list(_tokens(model, p, gc, decode, assistant, generator,
-                         None if on_token is None else lambda *rows, i=i: on_token(i, *rows), deadline))
+                         None if on_token is None else lambda *rows, i=i: on_token(i, *rows), deadline,
+                         i // gc.num_return_sequences))
             for i, p in enumerate(jobs)]  # fmt: skip
 
 
@@ -233,7 +237,8 @@ def _check(model: GPT, prompts, gc: GenerationConfig, decode, assistant: GPT | N
 
 @torch.inference_mode()
 def _tokens(model: GPT, prompt: list[int], gc: GenerationConfig, decode, assistant: GPT | None,
-            generator: torch.Generator | None, on_token: Callable | None, deadline: float) -> Iterator[int]:  # fmt: skip
+            generator: torch.Generator | None, on_token: Callable | None, deadline: float,
+            prompt_index: int) -> Iterator[int]:  # fmt: skip
     config, device = model.config, model.ln_f.weight.device
     budget = gc.new_token_budget(len(prompt))
     if budget == 0:
@@ -242,6 +247,7 @@ def _tokens(model: GPT, prompt: list[int], gc: GenerationConfig, decode, assista
     stops = StopStrings(gc.stop_strings, decode) if gc.stop_strings else None
     processors = Processors(gc, eos_ids, config.vocab_size, device)
     picker = _Picker(gc, processors, len(prompt), budget, config.vocab_size, device, generator)
+    picker.prompt_index = prompt_index
     guesser = Assistant(assistant, gc, picker, len(prompt) + budget) if assistant is not None else PromptLookup(gc)
     cache = KVCache(config, 1, len(prompt) + budget, model.cache_dtype, device)
     if len(prompt) > 1:  # all but the last token, which each round feeds with its guesses
@@ -264,6 +270,7 @@ def _tokens(model: GPT, prompt: list[int], gc: GenerationConfig, decode, assista
             made += 1
             yield token
             ended = token in eos_ids or made >= budget or (stops is not None and stops.hit(seq))
+            ended = ended or bool(gc.stopping_criteria and criteria_met(gc.stopping_criteria, seq, scores[j]))
             if ended or time.monotonic() > deadline:
                 log.info("assisted generation: %d tokens in %d forwards of the model, %d guessed tokens",
                          made, rounds, guessed)  # fmt: skip

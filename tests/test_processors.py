@@ -89,7 +89,8 @@ def test_warpers_match_transformers(keep):
     ]  # fmt: skip
     spoilt = logits.clone()
     spoilt[0, 5], spoilt[1, 7], spoilt[2, 9] = float("nan"), float("inf"), -float("inf")
-    ours = Processors(GenerationConfig(remove_invalid_values=True).validated(), [], 3000, "cpu")(spoilt.clone(), RowState())
+    gc = GenerationConfig(remove_invalid_values=True).validated()
+    ours = Processors(gc, [], 3000, "cpu")(spoilt.clone(), RowState())
     assert torch.equal(ours, InfNanRemoveLogitsProcessor()(None, spoilt.clone()))  # nan 0, +-inf the largest floats
     for knobs, warpers in cases:
         gc = GenerationConfig(do_sample=True, top_k=knobs.pop("top_k", 0), **knobs).validated()
@@ -119,6 +120,91 @@ def test_max_time_ends_every_kind_of_generation(tiny_checkpoints, monkeypatch):
         assert all(1 <= len(t) < 30 and f[: len(t)] == t for f, t in zip(full, timed)), (extra, timed)
     with pytest.raises(neolm.NeolmError, match="max_time"):
         lm.generate_ids([PROMPT], max_time=0)
+
+
+class EndAt:
+    """A stopping criterion in transformers' form: ends a sequence once its last token is `token`."""
+
+    def __init__(self, token: int):
+        self.token, self.seen_shapes = token, set()
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.seen_shapes.add(None if scores is None else tuple(scores.shape))  # (transformers: None)
+        return input_ids[:, -1] == self.token
+
+
+class Penalise:
+    """A logits processor in transformers' form: lowers the logits of tokens that are 1 mod 3 below the last id."""
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        for row, last in enumerate(input_ids[:, -1].tolist()):
+            scores[row, [t for t in range(max(0, last - 30), last) if t % 3 == 1]] -= 5.0
+        return scores
+
+
+def allowed_after(batch_id: int, input_ids) -> list[int]:
+    """A prefix_allowed_tokens_fn: the next token comes from a set that depends on the prompt and the last token."""
+    last = int(input_ids[-1])
+    return [(last * 7 + k * 13 + batch_id * 101) % 1000 for k in range(5)]
+
+
+@pytest.mark.parametrize("name", ["neo", "neox-parallel-pct25"])
+def test_callers_processors_criteria_and_allowed_tokens_match_transformers(tiny_checkpoints, name):
+    """logits_processor, prefix_allowed_tokens_fn and stopping_criteria, as transformers.generate takes them, give
+    its greedy text, beam search's hypotheses and prompt lookup's text (criteria: not with beams)."""
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+
+    hf, folder = tiny_checkpoints[name]
+    lm = neolm.load(folder)
+    n = 14
+    free = lm.generate_ids([PROMPT], max_new_tokens=n, do_sample=False)[0]
+    end = EndAt(free[5])
+    for extra in ({}, {"num_beams": 3}, {"prompt_lookup_num_tokens": 3}):
+        kw = dict(max_new_tokens=n, **extra)
+        ours = lm.generate_ids([PROMPT], logits_processor=[Penalise()], prefix_allowed_tokens_fn=allowed_after,
+                               do_sample=False, **kw)  # fmt: skip
+        ref = hf_generate(hf, PROMPT, logits_processor=LogitsProcessorList([Penalise()]),
+                          prefix_allowed_tokens_fn=allowed_after, **kw)  # fmt: skip
+        assert ours[0] == ref and ours[0] != free, extra
+        assert all(t in allowed_after(0, torch.tensor(PROMPT + ours[0][:i])) for i, t in enumerate(ours[0]))
+        if extra.get("num_beams"):
+            continue
+        stopped = lm.generate_ids([PROMPT], stopping_criteria=[end], do_sample=False, **kw)[0]
+        ref = hf_generate(hf, PROMPT, stopping_criteria=StoppingCriteriaList([end]), **kw)
+        assert stopped == ref[: len(stopped)] == free[:6], extra
+    assert (1, hf.config.vocab_size) in end.seen_shapes  # neolm gives each sequence's scores
+
+
+def test_callers_functions_see_each_sequence_alone_in_a_batch(tiny_checkpoints):
+    lm = neolm.load(tiny_checkpoints["neox-parallel-pct25"][1])
+    prompts = [PROMPT, [5, 6, 7], [9] * 12]
+    kw = dict(max_new_tokens=10, do_sample=False, logits_processor=[Penalise()])
+    batched = lm.generate_ids(prompts, prefix_allowed_tokens_fn=allowed_after, **kw)
+    for i, p in enumerate(prompts):  # batch_id is the prompt's place in the call
+        alone = lm.generate_ids([p], prefix_allowed_tokens_fn=lambda _, ids, i=i: allowed_after(i, ids), **kw)
+        assert batched[i] == alone[0]
+    ends = [EndAt(seq[3]) for seq in batched]
+    stopped = lm.generate_ids(prompts, prefix_allowed_tokens_fn=allowed_after, stopping_criteria=[ends[1]], **kw)
+    assert stopped[1] == batched[1][:4]
+    assert all(s == b[: len(s)] for s, b in zip(stopped, batched))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(logits_processor=Penalise()), "logits_processor must be a list of callables"),
+        (dict(stopping_criteria=[1]), "stopping_criteria must be a list of callables"),
+        (dict(prefix_allowed_tokens_fn=[1, 2]), "prefix_allowed_tokens_fn must be a callable"),
+        (dict(stopping_criteria=[EndAt(1)], num_beams=2), "not offered with beam search"),
+        (dict(logits_processor=[lambda ids, scores: scores[0]]), "must return the scores"),
+        (dict(prefix_allowed_tokens_fn=lambda b, ids: []), "allowed no token"),
+    ],
+)
+def test_bad_callers_functions(tiny_checkpoints, kwargs, message):
+    lm = neolm.load(tiny_checkpoints["neo"][1])
+    with pytest.raises(neolm.NeolmError, match=message):
+        lm.generate_ids([PROMPT], max_new_tokens=3, do_sample=False, **kwargs)
 
 
 def test_presence_and_frequency_penalties_are_openai_s(tiny_checkpoints):
