@@ -6,6 +6,7 @@ import os
 import sys
 
 from neolm.cli import _add_model_args, load_model, non_negative, positive
+from neolm.errors import NeolmError
 from neolm.serve.engine import DEFAULT_PREFILL_CHUNK, MIN_PREFILL_CHUNK
 
 
@@ -47,7 +48,30 @@ def register(sub) -> dict:
                      "that begins with one (a chat's next turn resends the conversation; a shared few-shot context) "
                      "reads only the rest, as vLLM's prefix caching (default 0: off). Outputs are then a rounding "
                      "away from a request alone: tokens can differ at near-ties")  # fmt: skip
-    return {"serve": cmd_serve}
+
+    b = sub.add_parser(
+        "batch",
+        help="answer a file of OpenAI batch requests offline",
+        description="Answer every request of INPUT, a file in OpenAI's Batch format (JSONL, a request a line: "
+        '{"custom_id": ..., "method": "POST", "url": "/v1/completions" or "/v1/chat/completions", "body": {...}}), '
+        "as `neolm serve` would, batched continuously in this process (vLLM's run_batch). Each answer is appended "
+        "to OUTPUT as its request ends, in OpenAI's batch output format ({custom_id, response: {status_code, body}, "
+        "error}); a request the server would refuse gets its error there and the others go on. A crash or Ctrl-C "
+        "loses only the requests in flight: --resume skips the custom_ids OUTPUT already holds. Prints a summary.",
+    )
+    b.add_argument("input", metavar="INPUT", help="the requests (JSONL)")
+    b.add_argument("output", metavar="OUTPUT", help="where the answers go (JSONL; appended to with --resume)")
+    _add_model_args(b)
+    run = b.add_argument_group("batch")
+    run.add_argument("--resume", action="store_true", help="OUTPUT exists: skip the requests it answers, add the rest")
+    run.add_argument("--served-model-name", help="the model's name in the answers (default: MODEL as given)")
+    run.add_argument("--chat-template", metavar="FILE_OR_TEMPLATE",
+                     help="a Jinja chat template to use instead of the checkpoint's own (as neolm serve)")  # fmt: skip
+    run.add_argument("--max-batch", type=positive, default=8, help="sequences decoded together at most (default 8)")
+    run.add_argument("--prefill-chunk", type=non_negative, default=DEFAULT_PREFILL_CHUNK, metavar="TOKENS",
+                     help=f"prompt tokens read a step while sequences decode (default {DEFAULT_PREFILL_CHUNK}; as "
+                     "neolm serve)")  # fmt: skip
+    return {"serve": cmd_serve, "batch": cmd_batch}
 
 
 def cmd_serve(args) -> int:
@@ -63,4 +87,36 @@ def cmd_serve(args) -> int:
         server.run()
     except KeyboardInterrupt:
         print("neolm serve: stopped", file=sys.stderr)
+    return 0
+
+
+def cmd_batch(args) -> int:
+    from tqdm import tqdm
+
+    from neolm.api import DEFAULT_MODEL_NAME
+    from neolm.serve.batch import answered, read_requests, run
+    from neolm.serve.engine import Engine
+
+    lines = read_requests(args.input)  # (checked before the slow load)
+    done: set[str] = set()
+    if os.path.exists(args.output):
+        if not args.resume:
+            raise NeolmError(f"{args.output} exists: --resume adds the requests it lacks, or give another OUTPUT")
+        done = answered(args.output)
+    todo = [line for line in lines if line.custom_id not in done]
+    if done:
+        print(f"neolm batch: {len(lines) - len(todo)} of {len(lines)} requests already answered in {args.output}",
+              file=sys.stderr)  # fmt: skip
+    if not todo:
+        return 0
+    lm = load_model(args)
+    name = args.served_model_name or args.model or DEFAULT_MODEL_NAME
+    engine = Engine(lm, args.max_batch, args.prefill_chunk)
+    with tqdm(total=len(todo), unit="req", desc="batch", disable=not sys.stderr.isatty()) as bar:
+        summary = run(lm, todo, args.output, name, engine, lambda record: bar.update())
+    rate = summary.completion_tokens / summary.seconds if summary.seconds else 0.0
+    errors = ", ".join(f"{n} {code}" for code, n in sorted(summary.errors.items()))
+    print(f"neolm batch: {summary.requests} request{'s' * (summary.requests != 1)} answered in {summary.seconds:.1f}s "
+          f"({summary.completion_tokens:,} tokens, {rate:,.1f} tokens/s), {summary.failed} failed"
+          + (f" ({errors})" if errors else "") + f"; answers in {args.output}", file=sys.stderr)  # fmt: skip
     return 0

@@ -22,12 +22,10 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import neolm
-from neolm.chat import Reply
 from neolm.errors import NeolmError
-from neolm.serve import protocol
-from neolm.serve.engine import DEFAULT_PREFILL_CHUNK, End, Engine, Prompt, Token
+from neolm.serve import answer, protocol
+from neolm.serve.engine import DEFAULT_PREFILL_CHUNK, Engine
 from neolm.serve.protocol import ApiError
-from neolm.tokenizer import StreamDecoder
 
 log = logging.getLogger(__name__)
 
@@ -187,73 +185,8 @@ class Handler(BaseHTTPRequestHandler):
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the body is not JSON: {e}") from None
 
-    def _choices(self, request, job, sums: list[float] | None = None):
-        """Yield (choice index, text, finish reason or None, tokens generated: at its end, else 0, the choice's
-        protocol.Logprob entries since the last yield) as the job produces them; add each choice's tokens'
-        log-probabilities to `sums`, if given."""
-        tokenizer = self.server.lm.tokenizer
-        n = request.gc.num_return_sequences
-        choices = [Reply(request.stop, request.lstrip) for _ in range(job.sequences)]
-        decoders = [StreamDecoder(tokenizer) for _ in range(job.sequences)]
-        offsets = [0] * job.sequences  # characters of each choice decoded so far, echo included: a token's text_offset
-        pending: list[list[protocol.Logprob]] = [[] for _ in range(job.sequences)]
-
-        def echo(p: int, entries: list[protocol.Logprob]):  # prompt p's text at the start of each of its choices
-            for i in range(p * n, (p + 1) * n):
-                offsets[i] = len(request.echo[p])
-                yield i, request.echo[p], None, 0, entries
-
-        if request.echo and not request.prompt_logprobs:  # else with the prompt's log-probabilities, below
-            for p in range(len(job.prompts)):
-                yield from echo(p, [])
-        for event in job:
-            if isinstance(event, Prompt):
-                prompt = job.prompts[event.prompt]
-                yield from echo(event.prompt, protocol.prompt_logprobs(prompt, event.logprobs, event.top, tokenizer))
-                continue
-            s, choice = event.sequence, choices[event.sequence]
-            if isinstance(event, Token):
-                if sums is not None:
-                    sums[s] += event.logprob
-                piece = decoders[s].push(event.token)
-                if request.logprobs is not None:
-                    pending[s].append(protocol.Logprob(event.token, event.logprob, event.top, offsets[s]))
-                offsets[s] += len(piece)
-                text = choice.push(piece)
-                if text:
-                    yield s, text, None, 0, pending[s]
-                    pending[s] = []
-            elif isinstance(event, End):
-                text = choice.finish(decoders[s].flush())
-                yield s, text, "stop" if choice.stopped else event.reason, event.tokens, pending[s]
-                pending[s] = []
-
     def _whole(self, request, job) -> None:
-        texts, reasons, generated = [""] * job.sequences, ["length"] * job.sequences, 0
-        entries: list[list[protocol.Logprob]] = [[] for _ in range(job.sequences)]
-        k = request.gc.num_return_sequences
-        sums, counts = ([0.0] * job.sequences, [0] * job.sequences) if request.ranked else (None, None)
-        try:
-            for i, text, reason, tokens, logprobs in self._choices(request, job, sums):
-                texts[i] += text
-                entries[i] += logprobs
-                generated += tokens
-                if reason:
-                    reasons[i] = reason
-                    if counts is not None:
-                        counts[i] = tokens
-        except NeolmError as e:
-            raise ApiError(500, str(e), kind="server_error") from None
-        if sums is not None:  # best_of: each prompt's n with the highest mean log-probability per token
-            keep = []
-            for p in range(len(job.prompts)):
-                mine = range(p * k, (p + 1) * k)
-                keep += sorted(mine, key=lambda i: sums[i] / max(counts[i], 1), reverse=True)[: request.n]
-            texts, reasons, entries = ([x[i] for i in keep] for x in (texts, reasons, entries))
-        tokenizer = self.server.lm.tokenizer
-        choice_logprobs = [protocol.logprobs(request, e, tokenizer) for e in entries]
-        self._json(200, protocol.response(request, self.server.model_name, texts, reasons, generated, choice_logprobs,
-                                          job.cached))  # fmt: skip
+        self._json(200, answer.whole(request, job, self.server.lm.tokenizer, self.server.model_name))
 
     def _stream(self, request, job) -> None:
         name, tokenizer = self.server.model_name, self.server.lm.tokenizer
@@ -269,7 +202,7 @@ class Handler(BaseHTTPRequestHandler):
                     self._event(protocol.chunk(request, name, i, None))
             generated = 0
             try:
-                for i, text, reason, tokens, logprobs in self._choices(request, job):
+                for i, text, reason, tokens, logprobs in answer.choices(request, job, tokenizer):
                     generated += tokens
                     if text or reason or logprobs:
                         self._event(protocol.chunk(request, name, i, text, reason,
