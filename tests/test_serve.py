@@ -168,6 +168,45 @@ def test_best_of_returns_the_n_most_likely_of_its_samples(server):
     assert [c["text"] for c in best["choices"]] == sorted(mean, key=mean.get, reverse=True)[:2]
 
 
+def test_vllm_extra_sampling_fields(server, lm):
+    """vLLM's stop_token_ids, ignore_eos, include_stop_str_in_output, allowed_token_ids, bad_words and
+    truncate_prompt_tokens give the library's text with the matching generation arguments."""
+    base = {"prompt": "KING.", "max_tokens": 16, "temperature": 0, "repetition_penalty": 1.0}
+    knobs = dict(max_new_tokens=16, do_sample=False, repetition_penalty=1.0)
+    prompt = lm.encode("KING.")
+    free = lm.generate_ids([prompt], **knobs)[0]
+
+    def text(fields) -> dict:
+        status, body = call(server, "/v1/completions", base | fields)
+        assert status == 200, body
+        return body["choices"][0] | {"tokens": body["usage"]["completion_tokens"]}
+
+    first = next(i for i, t in enumerate(free) if t not in free[:i] and i >= 3)  # a token's first occurrence
+    got = text({"stop_token_ids": [free[first]]})
+    assert (got["text"], got["finish_reason"], got["tokens"]) == (lm.decode(free[: first + 1]), "stop", first + 1)
+    eos = lm.tokenizer.eos_token_id
+    got = text({"logit_bias": {str(eos): 100}})  # eos at once
+    assert (got["text"], got["finish_reason"], got["tokens"]) == ("", "stop", 1)
+    got = text({"logit_bias": {str(eos): 100}, "ignore_eos": True})
+    assert (got["finish_reason"], got["tokens"]) == ("length", 16)
+    stop = lm.decode(free[first : first + 1])
+    cut = text({"stop": stop})
+    kept = text({"stop": stop, "include_stop_str_in_output": True})
+    assert kept["text"] == cut["text"] + stop and kept["finish_reason"] == cut["finish_reason"] == "stop"
+    allowed = sorted({free[0], 11, 13} - {free[2]})  # (free's third token is not among them)
+    got = text({"allowed_token_ids": allowed})
+    only = lm.generate_ids([prompt], prefix_allowed_tokens_fn=lambda b, ids: allowed, **knobs)[0]
+    assert got["text"] == lm.decode(only) and set(only) <= set(allowed) and only != free
+    word = next(w for t in free if (w := lm.decode([t]).strip()).isalpha())  # a word the greedy text holds
+    got = text({"bad_words": [word]})
+    banned = [lm.encode(word), lm.encode(" " + word)]
+    assert got["text"] == lm.generate("KING.", bad_words_ids=banned, **knobs) != lm.decode(free)
+    long = lm.encode("Now is the winter of our discontent made glorious summer by this sun of York")
+    got = call(server, "/v1/completions", base | {"prompt": long, "truncate_prompt_tokens": 5, "echo": True})[1]
+    assert got["choices"][0]["text"] == lm.decode(long[-5:]) + lm.decode(lm.generate_ids([long[-5:]], **knobs)[0])
+    assert got["usage"]["prompt_tokens"] == 5
+
+
 def test_stop_strings_are_left_out(server, lm):
     full = greedy(lm, "KING.", 40)
     stop = full.strip()[2:5]  # text the greedy continuation contains
@@ -462,6 +501,11 @@ def test_lm_eval_scores_through_the_server(server, lm):
         ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, ["role must be"]),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{}]}, 400, ["tools"]),
         ("/v1/embeddings", {"input": "a"}, 404, ["no route"]),
+        ("/v1/completions", {"prompt": "a", "stop_token_ids": [99999999]}, 400, ["'stop_token_ids' must be a list"]),
+        ("/v1/completions", {"prompt": "a", "allowed_token_ids": []}, 400, ["'allowed_token_ids' must not be empty"]),
+        ("/v1/completions", {"prompt": "a", "bad_words": [3]}, 400, ["'bad_words' must be a list of non-empty"]),
+        ("/v1/completions", {"prompt": "a", "truncate_prompt_tokens": 0}, 400, ["'truncate_prompt_tokens' must be"]),
+        ("/v1/completions", {"prompt": "a", "ignore_eos": "yes"}, 400, ["'ignore_eos' must be a bool"]),
     ],
 )
 def test_bad_requests_get_openai_errors(server, path, body, status, words):

@@ -7,7 +7,9 @@ of the context; `max_completion_tokens` is its newer name), `echo` (completions)
 log-probability per token returned, as OpenAI ranks them; not streamed; usage counts them all),
 `presence_penalty` and `frequency_penalty` (over the tokens generated so far, as vLLM), `logit_bias` (token id ->
 bias, added to the logits before any other processing). vLLM's extra sampling fields are taken too: `top_k`,
-`min_p`, `min_tokens`, `repetition_penalty`. Fields neolm cannot honour (tools, suffix, ...) are refused with a
+`min_p`, `min_tokens`, `repetition_penalty`, `stop_token_ids` (more tokens that end a choice as eos does),
+`ignore_eos`, `include_stop_str_in_output`, `allowed_token_ids` (the only tokens that may be generated),
+`bad_words` (strings never generated, alone or after a space) and `truncate_prompt_tokens` (keep the prompt's last k). Fields neolm cannot honour (tools, suffix, ...) are refused with a
 400 that says so rather than ignored; unknown fields likewise.
 
 Log-probabilities: completions' `logprobs` (k, at most 20) gives each token's log-probability, its text
@@ -42,7 +44,9 @@ DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's (and vLLM's) default max_tokens for /
 
 SAMPLING = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream_options", "stop", "seed",
             "top_k", "min_tokens", "repetition_penalty", "user", "presence_penalty", "frequency_penalty",
-            "logprobs", "logit_bias", "min_p"}  # fmt: skip
+            "logprobs", "logit_bias", "min_p",
+            "stop_token_ids", "ignore_eos", "include_stop_str_in_output", "allowed_token_ids", "bad_words",
+            "truncate_prompt_tokens"}  # fmt: skip
 FIELDS = {
     "completion": SAMPLING | {"prompt", "echo", "best_of", "suffix"},
     "chat": SAMPLING | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "functions",
@@ -167,6 +171,52 @@ def _logit_bias(body: dict) -> dict | None:
     return out
 
 
+@dataclass(frozen=True)
+class AllowedTokens:
+    """vLLM's allowed_token_ids as a prefix_allowed_tokens_fn: these ids and no others, at every step. (Equal
+    lists compare equal, so requests with the same ones are processed together.)"""
+
+    ids: tuple[int, ...]
+
+    def __call__(self, batch_id: int, input_ids) -> list[int]:
+        return list(self.ids)
+
+
+def _token_ids(body: dict, name: str, vocab: int) -> list[int]:
+    ids = _field(body, name, (list,), [])
+    if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
+        raise ApiError(400, f"'{name}' must be a list of token ids between 0 and {vocab - 1}, got {ids!r}"[:300], name)
+    return ids
+
+
+def _vllm_extras(body: dict, lm) -> dict:
+    """GenerationConfig arguments of vLLM's stop_token_ids, ignore_eos, allowed_token_ids and bad_words (the word's
+    tokens alone and after a space, as vLLM bans them)."""
+    vocab = lm.config.vocab_size
+    out = {}
+    stop_ids = _token_ids(body, "stop_token_ids", vocab)
+    if stop_ids or _field(body, "ignore_eos", (bool,), False):
+        eos = [] if body.get("ignore_eos") else lm.generation_config().eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        out["eos_token_id"] = eos + [t for t in stop_ids if t not in eos]
+    allowed = _token_ids(body, "allowed_token_ids", vocab)
+    if "allowed_token_ids" in body and body["allowed_token_ids"] is not None and not allowed:
+        raise ApiError(400, "'allowed_token_ids' must not be empty", "allowed_token_ids")
+    if allowed:
+        out["prefix_allowed_tokens_fn"] = AllowedTokens(tuple(sorted(set(allowed))))
+    words = _field(body, "bad_words", (list,), [])
+    if not all(isinstance(w, str) and w.strip() for w in words):
+        raise ApiError(400, f"'bad_words' must be a list of non-empty strings, got {words!r}"[:300], "bad_words")
+    banned = []
+    for word in words:
+        for ids in (lm.encode(word.strip()), lm.encode(" " + word.strip())):
+            if ids not in banned:
+                banned.append(ids)
+    if banned:
+        out["bad_words_ids"] = banned
+    return out
+
+
 def _stops(body: dict) -> list[str]:
     stop = body.get("stop")
     if stop is None:
@@ -260,9 +310,16 @@ def parse(kind: str, body, lm) -> Request:
         if _field(body, "echo", (bool,), False):
             request.echo = texts if texts is not None else [lm.decode(p) for p in request.prompts]
             request.prompt_logprobs = request.logprobs is not None
-    generation = _sampling(body, max_tokens, lm.generation_defaults)
+    keep = _field(body, "truncate_prompt_tokens", (int,), None, lambda v: v >= 1, ">= 1")
+    if keep is not None and any(len(p) > keep for p in request.prompts):  # vLLM's: only the last `keep` tokens
+        request.prompts = [p[-keep:] for p in request.prompts]
+        if request.echo:
+            request.echo = [lm.decode(p) for p in request.prompts]
+    generation = _sampling(body, max_tokens, lm.generation_defaults) | _vllm_extras(body, lm)
     request.n = body.get("n") or 1
     generation["stop_strings"] = request.stop or None
+    if _field(body, "include_stop_str_in_output", (bool,), False):  # end at them, but keep them in the text
+        request.stop = list(lm.chat_format.stop) if kind == "chat" else []
     try:
         request.gc = lm.generation_config(**generation)
     except NeolmError as e:
