@@ -278,3 +278,58 @@ def test_loss_curves_are_drawn(tiny_data, tmp_path):
     summary = train(run_args(tiny_data, tmp_path, max_steps=3, plot=True))
     png = Path(summary["plot"])
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_lora_layers_start_as_the_model_and_merge_into_it(tiny_checkpoints):
+    from neolm.train.lora import LoRALinear, add_lora, merged_state_dict
+
+    lm = neolm.load(tiny_checkpoints["neox-parallel-pct25"][1])
+    ids = torch.randint(0, 50000, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = lm.model(ids)
+    trainable = add_lora(lm.model, r=4, alpha=8.0, dropout=0.0, targets="qkv,out")
+    c, n = lm.config.d_model, lm.config.n_layer
+    assert trainable == n * 4 * ((c + 3 * c) + (lm.config.d_ff + c))  # A (r, in) + B (out, r) of qkv and out
+    assert all(isinstance(b.attn.qkv, LoRALinear) and isinstance(b.mlp.proj, LoRALinear) for b in lm.model.blocks)
+    assert not isinstance(lm.model.blocks[0].attn.proj, LoRALinear)
+    with torch.no_grad():
+        assert torch.equal(lm.model(ids), before)  # B = 0: the model as it was
+        for block in lm.model.blocks:
+            block.attn.qkv.lora_b.normal_(std=0.05)
+        changed = lm.model(ids)
+    assert not torch.allclose(changed, before)
+    plain = checkpoint.build_model(lm.config, merged_state_dict(lm.model.state_dict(), 8.0 / 4))
+    with torch.no_grad():
+        assert (plain(ids) - changed).abs().max().item() <= 1e-4
+    with pytest.raises(NeolmError, match="LoRA targets must be some of"):
+        add_lora(lm.model, r=4, alpha=8.0, targets="qkv,ffn")
+
+
+def test_lora_fine_tuning_trains_only_the_updates_and_exports_merged(tiny_data, tmp_path, tiny_checkpoints):
+    import transformers
+
+    folder = tiny_checkpoints["neo"][1]
+    kw = dict(preset=None, init=str(folder), lora_r=4, lora_alpha=8.0, lora_dropout=0.1, max_steps=6, lr=1e-2)
+    summary = train(run_args(tiny_data, tmp_path / "lora", **kw))
+    steps = losses(tmp_path / "lora")
+    assert steps[-1] < steps[0]  # it learnt
+    base, tuned = neolm.load(folder), neolm.load(summary["export"])
+    changed = {k for k, v in tuned.model.state_dict().items() if not torch.equal(v, base.model.state_dict()[k])}
+    targets = {f"blocks.{i}.{name}.weight" for i in range(base.config.n_layer)
+               for name in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")}  # fmt: skip
+    assert changed == targets  # only the weights of the layers that had updates; no bias, norm or embedding
+    ref = transformers.AutoModelForCausalLM.from_pretrained(summary["export"], attn_implementation="eager").eval()
+    ids = torch.tensor([tuned.encode(TEXT)[:40]])
+    with torch.no_grad():
+        assert (ref(ids).logits - tuned.model(ids)).abs().max() <= 1e-4
+    # a resumed LoRA run continues the interrupted one exactly; other LoRA settings are refused
+    run = tmp_path / "resumed"
+    train(run_args(tiny_data, run, **kw, save_every=3))
+    (run / "checkpoints" / "latest").write_text("step-00000003")
+    shutil.rmtree(run / "final")
+    train(run_args(tiny_data, run, **kw, save_every=3, resume=True))
+    assert losses(run) == steps
+    with pytest.raises(NeolmError, match="other LoRA settings"):
+        train(run_args(tiny_data, run, **(kw | {"lora_r": 8}), resume=True))
+    with pytest.raises(NeolmError, match="give --init, not --preset"):
+        train(run_args(tiny_data, tmp_path / "x", lora_r=4))

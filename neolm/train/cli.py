@@ -61,6 +61,15 @@ def register(sub) -> dict:
     t.add_argument("--export-dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     t.add_argument("--no-plot", action="store_true", help="do not draw OUT/loss.png")
     t.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    lora = t.add_argument_group("LoRA (with --init: the model stays frozen, low-rank updates are learnt and merged "
+                                "into the exported weights)")  # fmt: skip
+    lora.add_argument("--lora-r", type=non_negative, default=0, metavar="R",
+                      help="train a rank-R update of each target layer instead of every weight (0: off; 8 or 16 "
+                      "are usual)")  # fmt: skip
+    lora.add_argument("--lora-alpha", type=positive_float, default=16.0, help="the updates are scaled by alpha / R")
+    lora.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the updates' input")
+    lora.add_argument("--lora-targets", default="qkv,proj,fc,out",
+                      help="which layers of each block: qkv, proj (attention), fc, out (MLP); comma-separated")  # fmt: skip
     return {"prepare-data": cmd_prepare_data, "train": cmd_train}
 
 

@@ -71,6 +71,12 @@ class TrainArgs:
     plot: bool = True
     device: str | None = None
     progress: bool = True
+    # LoRA (neolm.train.lora): with lora_r > 0 the model's weights stay frozen and each block's lora_targets learn
+    # a rank-r update scaled by lora_alpha / lora_r; the export merges it into the weights
+    lora_r: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: str = "qkv,proj,fc,out"
 
     def validate(self) -> None:
         if (self.preset is None) == (self.init is None):
@@ -84,6 +90,14 @@ class TrainArgs:
             raise NeolmError(f"precision must be bf16 or fp32, got {self.precision!r}")
         if self.export_dtype not in ("float32", "bfloat16", "float16"):
             raise NeolmError(f"export dtype must be float32, bfloat16 or float16, got {self.export_dtype!r}")
+        if self.lora_r:
+            from neolm.train.lora import parse_targets
+
+            if self.lora_r < 0 or self.preset is not None:
+                raise NeolmError("LoRA (--lora-r > 0) fine-tunes a model: give --init, not --preset")
+            if self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
+                raise NeolmError("--lora-alpha must be > 0 and --lora-dropout in [0, 1)")
+            parse_targets(self.lora_targets)
 
 
 def lr_at(step: int, args: TrainArgs) -> float:
@@ -111,7 +125,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         seen.add(id(p))
         if id(p) not in decay_ids or id(p) in embeddings:
             no_decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]  # (LoRA: no Linear weight trains; an empty group would not resume)
 
 
 def init_fresh(model: GPT, seed: int, std: float = 0.02) -> None:
@@ -165,6 +180,13 @@ class Run:
             model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)  # own memory
             model.tie_weights()
         model.requires_grad_(True).train()
+        if args.lora_r:
+            from neolm.train.lora import add_lora
+
+            torch.manual_seed(args.seed)  # the updates' initial A
+            trainable = add_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout, args.lora_targets)
+            log.info("LoRA rank %d on %s: %s trainable parameters of %s", args.lora_r, args.lora_targets,
+                     f"{trainable:,}", f"{model.config.n_params():,}")  # fmt: skip
         return model.to(self.device), tokenizer
 
     def _check_out_dir(self) -> None:
@@ -180,6 +202,13 @@ class Run:
                     f"{self.out} holds a run of another architecture (differs in {', '.join(diff)}); "
                     "resume it with its own preset, or start a new run in another folder"
                 )
+            before = json.loads((self.out / "train_args.json").read_text())
+            lora = [k for k in ("lora_r", "lora_alpha", "lora_targets") if before.get(k) != getattr(self.args, k)]
+            if before.get("lora_r", 0) == self.args.lora_r == 0:
+                lora = []
+            if lora:
+                raise NeolmError(f"{self.out} holds a run with other LoRA settings ({', '.join(lora)}: "
+                                 f"{', '.join(str(before.get(k)) for k in lora)}); resume it with them")  # fmt: skip
         elif latest.exists() and not self.args.overwrite:
             raise NeolmError(f"{self.out} already holds a run; pass --resume to continue it or --overwrite to replace it")
         if self.rank == 0:
@@ -221,6 +250,7 @@ class Run:
         batch = self.data.train_batch(args.seed, self.step, per_rank * self.world, args.seq_len)
         batch = batch[self.rank * per_rank : (self.rank + 1) * per_rank]
         lr = lr_at(self.step, args)
+        torch.manual_seed(args.seed * 1_000_003 + self.step * self.world + self.rank)  # dropout: the same on resume
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
@@ -301,7 +331,12 @@ class Run:
 
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.rank == 0:
-            plain = checkpoint.build_model(self.config, {k: v.detach().cpu() for k, v in full.items()})
+            full = {k: v.detach().cpu() for k, v in full.items()}
+            if self.args.lora_r:  # the updates merged into the weights: a plain checkpoint
+                from neolm.train.lora import merged_state_dict
+
+                full = merged_state_dict(full, self.args.lora_alpha / self.args.lora_r)
+            plain = checkpoint.build_model(self.config, full)
             checkpoint.save_checkpoint(plain, folder, dtype=getattr(torch, self.args.export_dtype))
             self.tokenizer.save(folder)
         _barrier()
