@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 
 from neolm.cli import MODEL_HELP, non_negative, positive_float, seed_type
@@ -109,6 +110,8 @@ def cmd_train(args) -> int:
 
     fields = {k: v for k, v in vars(args).items() if k in TrainArgs.__dataclass_fields__}
     summary = train(TrainArgs(**fields, plot=not args.no_plot, progress=sys.stderr.isatty()))
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 reports
+        return 0
     if summary.get("val_loss") is not None:
         print(f"step {summary['step']}: loss {summary['loss']:.4f}, validation loss {summary['val_loss']:.4f} "
               f"(perplexity {math.exp(summary['val_loss']):.2f})")  # fmt: skip
