@@ -281,6 +281,21 @@ def _output_options(kwargs: dict) -> tuple[bool, bool] | None:
     return (bool(scores), bool(logits)) if as_dict else None
 
 
+def _adapter_merge(adapter: str | os.PathLike, config: Config):
+    """checkpoint.load_state_dict's adjust: each adapted weight plus its LoRA update (in fp32, then its dtype)."""
+    from neolm.adapter import lora_deltas
+
+    deltas = lora_deltas(hub.resolve(adapter), config)
+
+    def adjust(name: str, tensor: torch.Tensor) -> torch.Tensor:
+        delta = deltas.get(name)
+        if delta is None:
+            return tensor
+        return (tensor.float() + delta).to(tensor.dtype)
+
+    return adjust
+
+
 def _default_model() -> Path:
     if (DEFAULT_MODEL_DIR / "config.json").exists():
         return DEFAULT_MODEL_DIR
@@ -304,6 +319,7 @@ def load(
     kv_cache_dtype: str | torch.dtype | None = None,
     mmap: bool = False,
     chat_template: str | None = None,
+    adapter: str | os.PathLike | None = None,
 ) -> LanguageModel:
     """Load a GPT-Neo or GPT-NeoX checkpoint: a local folder, a hub id, or `modelscope:ID`.
 
@@ -346,6 +362,8 @@ def load(
     chat_template: a Jinja chat template (a file's path, or the template itself) to use instead of the
     checkpoint's own (its chat_template.jinja or tokenizer_config.json's chat_template; without one, chats are
     written as a plain transcript; neolm.chat).
+    adapter: a LoRA adapter in PEFT's format (a folder or hub id with adapter_config.json), merged into the
+    weights as they load, before any quantization (neolm.adapter).
     """
     start = time.perf_counter()
     if quantize_head and quantize is None:
@@ -366,13 +384,14 @@ def load(
     chat_format = load_chat_format(folder, chat_template)  # before the weights: a bad template fails at once
     device = parse_device(device)
     dtype = parse_dtype(dtype, device, raw_config.get("torch_dtype") or raw_config.get("dtype"))
+    adjust = _adapter_merge(adapter, config) if adapter is not None else None
     if quantize is not None or raw_config.get("quantization_config"):
         from neolm.quant.load import load_model
 
         net = load_model(folder, raw_config, config, dtype, device, quantize, group_size, quantize_head, native,
-                         quantize_activations)  # fmt: skip
+                         quantize_activations, adjust)  # fmt: skip
     else:
-        state = checkpoint.load_state_dict(folder, config, dtype, mmap=mmap and device.type == "cpu")
+        state = checkpoint.load_state_dict(folder, config, dtype, mmap=mmap and device.type == "cpu", adjust=adjust)
         net = checkpoint.build_model(config, state, device)
     if quantize_activations:
         from neolm.quant.linear import quantize_activations as quantize_inputs

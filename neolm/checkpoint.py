@@ -265,7 +265,7 @@ def _list(names, limit: int = 8) -> str:
 
 
 def load_state_dict(
-    folder: Path, config: Config, dtype: torch.dtype, finish=None, mmap: bool = False
+    folder: Path, config: Config, dtype: torch.dtype, finish=None, mmap: bool = False, adjust=None
 ) -> dict[str, torch.Tensor]:
     """neolm's state dict from the weight files in `folder`, converted to `dtype`.
 
@@ -274,6 +274,7 @@ def load_state_dict(
 
     finish(name, tensor) -> {name: tensor, ...}: what to keep of each tensor once it is complete (e.g. its
     quantized form, so that the float weights are never all in memory at once); by default the tensor.
+    adjust(name, tensor) -> tensor, if given, comes first (e.g. a LoRA adapter's update added; never in place).
     Missing, unexpected and mis-shaped tensors are one error that lists them.
     """
     with torch.device("meta"):
@@ -288,6 +289,8 @@ def load_state_dict(
 
     def done(name: str, tensor: torch.Tensor) -> None:
         complete.add(name)
+        if adjust is not None:
+            tensor = adjust(name, tensor)
         state.update(finish(name, tensor) if finish is not None else {name: tensor})
     unexpected, misshaped, wrong = [], [], set()
     for path in weight_files(folder):

@@ -54,6 +54,9 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = False, position
     else:
         p.add_argument("-m", "--model", help=MODEL_HELP + " (default: neolm's bundled model)")
     p.add_argument("--revision", help="hub branch, tag or commit, e.g. step143000 for a Pythia training checkpoint")
+    p.add_argument("--adapter", metavar="FOLDER_OR_HUB_ID",
+                   help="a LoRA adapter in PEFT's format (adapter_config.json + adapter_model.safetensors, as PEFT and "
+                   "neolm train --lora-r write it), merged into the weights as they load")  # fmt: skip
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default float32 on CPU, bf16 on GPU")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
     p.add_argument("--threads", type=non_negative, help="CPU threads for PyTorch (default: PyTorch's choice)")
@@ -260,6 +263,7 @@ def load_model(args, model: str | None = None):
         kv_cache_dtype=args.kv_cache_dtype,
         mmap=args.mmap,
         chat_template=getattr(args, "chat_template", None),  # the commands that chat declare it
+        adapter=args.adapter,
     )
 
 

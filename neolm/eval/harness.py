@@ -44,7 +44,8 @@ class NeolmLM(TemplateLM):
     (default float32 on CPU), device, quantize (int8 | int4, with group_size; quantized folders need
     nothing), batch_size (sequences per forward, default 8), max_length (default: the model's context),
     max_gen_toks (default 256), share_context (default true), threads, mmap (default false: true leaves the
-    weights in the checkpoint file's pages, a faster load when sweeping many checkpoints). Or pass a loaded model:
+    weights in the checkpoint file's pages, a faster load when sweeping many checkpoints), peft (a LoRA adapter,
+    as the hf backend's model_arg: merged as the weights load). Or pass a loaded model:
     NeolmLM(lm=neolm.load(...)).
     """
 
@@ -52,7 +53,7 @@ class NeolmLM(TemplateLM):
 
     def __init__(self, pretrained=None, lm=None, revision=None, dtype=None, device=None, batch_size=8,
                  max_length=None, max_gen_toks=256, share_context=True, threads=None, quantize=None,
-                 group_size=None, mmap=False, **kwargs):  # fmt: skip
+                 group_size=None, mmap=False, peft=None, **kwargs):  # fmt: skip
         super().__init__()
         unused = {k: v for k, v in kwargs.items() if v is not None and k not in ("max_batch_size",)}
         if unused:
@@ -68,7 +69,8 @@ class NeolmLM(TemplateLM):
             quant = {"quantize": quantize} if quantize else {}
             if quantize and group_size:
                 quant["group_size"] = int(group_size)
-            lm = neolm.load(pretrained, revision=revision, dtype=dtype, device=device, mmap=_flag(mmap), **quant)
+            lm = neolm.load(pretrained, revision=revision, dtype=dtype, device=device, mmap=_flag(mmap), adapter=peft,
+                            **quant)  # fmt: skip
         self.lm = lm
         self.tokenizer = lm.tokenizer
         self.pretrained = str(pretrained) if pretrained is not None else lm.source

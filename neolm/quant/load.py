@@ -16,14 +16,17 @@ from neolm.quant import io, linear
 
 def load_model(folder: Path, raw: dict, config: Config, dtype: torch.dtype, device: torch.device,
                quantize: str | None = None, group_size: int = 64, quantize_head: bool = False,
-               native: bool = True, activations: bool = False) -> GPT:  # fmt: skip
+               native: bool = True, activations: bool = False, adjust=None) -> GPT:  # fmt: skip
     """The model of `folder`: a bitsandbytes 4-bit or neolm-quantized folder as stored, or a float one
     quantized to `quantize` ("int8" | "int4") as its weights are read (the output head too with
     quantize_head; a tied head then gets its own quantized copy, the embedding stays as it is). native:
     whether neolm's native kernels may take the quantized layers; activations: they will quantize their inputs too
-    (io.prepare packs their codes for that)."""
+    (io.prepare packs their codes for that); adjust: checkpoint.load_state_dict's, for a float folder (a LoRA
+    adapter is merged before the weights are quantized)."""
     quant = raw.get("quantization_config") or {}
     method = quant.get("quant_method") if isinstance(quant, dict) else None
+    if method in ("bitsandbytes", "neolm") and adjust is not None:
+        raise NeolmError(f"{folder} is quantized already: an adapter merges into float weights (load its float source)")
     if method == "bitsandbytes":
         if quantize is not None:
             raise NeolmError(f"{folder} is a bitsandbytes 4-bit checkpoint already; load it without quantize=")
@@ -38,11 +41,12 @@ def load_model(folder: Path, raw: dict, config: Config, dtype: torch.dtype, devi
                              "(or re-quantize its float source)")  # fmt: skip
         return model
     return _quantizing_load(folder, config, dtype, device, linear.parse_quantize(quantize), group_size,
-                            skip=() if quantize_head else linear.DEFAULT_SKIP, native=native, activations=activations)  # fmt: skip
+                            skip=() if quantize_head else linear.DEFAULT_SKIP, native=native, activations=activations,
+                            adjust=adjust)  # fmt: skip
 
 
 def _quantizing_load(folder: Path, config: Config, dtype: torch.dtype, device, bits: int, group_size: int, skip,
-                     native: bool = True, activations: bool = False) -> GPT:  # fmt: skip
+                     native: bool = True, activations: bool = False, adjust=None) -> GPT:  # fmt: skip
     """A float checkpoint quantized layer by layer as its weights are read: each float matrix lives only until
     its codes are made, so the peak memory is about the quantized model's, not the float one's. The same
     layers as `linear.quantize_model` on the loaded float model."""
@@ -64,7 +68,7 @@ def _quantizing_load(folder: Path, config: Config, dtype: torch.dtype, device, b
             return {name: tensor} | quantized("lm_head", tensor)
         return {name: tensor}
 
-    state = checkpoint.load_state_dict(folder, config, dtype, finish)
+    state = checkpoint.load_state_dict(folder, config, dtype, finish, adjust=adjust)
     linear.swap_empty(model, bits, group_size, skip, dtype, native)
     model.load_state_dict(state, strict=False, assign=True)
     del state  # the layers' `prepare` replaces the codes by kernel copies: let the originals go one by one

@@ -332,10 +332,14 @@ class Run:
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.rank == 0:
             full = {k: v.detach().cpu() for k, v in full.items()}
-            if self.args.lora_r:  # the updates merged into the weights: a plain checkpoint
+            if self.args.lora_r:  # the updates merged into the weights: a plain checkpoint; and alone, for PEFT
+                from neolm.adapter import write_lora_adapter
                 from neolm.train.lora import merged_state_dict
 
-                full = merged_state_dict(full, self.args.lora_alpha / self.args.lora_r)
+                args = self.args
+                write_lora_adapter(full, self.config, folder.parent / (folder.name + "-adapter"), args.lora_r,
+                                   args.lora_alpha, args.lora_dropout, args.init)  # fmt: skip
+                full = merged_state_dict(full, args.lora_alpha / args.lora_r)
             plain = checkpoint.build_model(self.config, full)
             checkpoint.save_checkpoint(plain, folder, dtype=getattr(torch, self.args.export_dtype))
             self.tokenizer.save(folder)
