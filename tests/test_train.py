@@ -333,3 +333,43 @@ def test_lora_fine_tuning_trains_only_the_updates_and_exports_merged(tiny_data, 
         train(run_args(tiny_data, run, **(kw | {"lora_r": 8}), resume=True))
     with pytest.raises(NeolmError, match="give --init, not --preset"):
         train(run_args(tiny_data, tmp_path / "x", lora_r=4))
+
+
+@pytest.mark.parametrize("bits", ["int8", "int4"])
+def test_qlora_gradients_pass_through_the_codes_and_the_export_merges_into_floats(tiny_data, tmp_path, tiny_checkpoints,
+                                                                                   bits):  # fmt: skip
+    """LoRA over int8/int4 frozen weights: the updates' gradients are those of a float model holding the
+    dequantized weights; a run exports the float base with the updates merged (and the adapter beside it)."""
+    from neolm.train.lora import add_lora
+
+    folder = tiny_checkpoints["neox-sequential-pct100"][1]  # (widths int4's groups divide)
+    quantized, floats = neolm.load(folder, quantize=bits).model, neolm.load(folder).model
+    for q, f in zip(quantized.blocks, floats.blocks):
+        for name in ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"):
+            layer = q.get_submodule(name)
+            f.get_submodule(name).weight.data = layer.dequantize(torch.float32).clone()
+    grads = []
+    ids = torch.randint(0, 50000, (2, 16), generator=torch.Generator().manual_seed(5))
+    for model in (quantized, floats):
+        torch.manual_seed(0)
+        model.train()  # (as the training loop has it)
+        add_lora(model, r=4, alpha=8.0)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.normal_(std=0.05)  # (B too, so that every A gets a gradient)
+        logits = model(ids[:, :-1])
+        F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
+        grads.append([p.grad for p in model.parameters() if p.requires_grad])
+    assert len(grads[0]) == len(grads[1]) == 4 * 2 * quantized.config.n_layer
+    for a, b in zip(*grads):
+        assert (a - b).abs().max().item() <= 1e-5 + 1e-4 * b.abs().max().item()
+    summary = train(run_args(tiny_data, tmp_path / "run", preset=None, init=str(folder), lora_r=4, lora_alpha=8.0,
+                             lora_dropout=0.0, quantize=bits, max_steps=3, lr=1e-2))  # fmt: skip
+    tuned, again = neolm.load(summary["export"]), neolm.load(folder, adapter=tmp_path / "run" / "final-adapter")
+    ids = torch.tensor([tuned.encode(TEXT)[:40]])
+    with torch.no_grad():
+        assert (again.model(ids) - tuned.model(ids)).abs().max().item() <= 1e-4
+        assert (tuned.model(ids) - neolm.load(folder).model(ids)).abs().max().item() > 1e-3  # it learnt something
+    with pytest.raises(NeolmError, match="give --lora-r too"):
+        train(run_args(tiny_data, tmp_path / "x", preset=None, init=str(folder), quantize=bits))

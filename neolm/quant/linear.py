@@ -120,6 +120,10 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._prepared_on != x.device:
             self.prepare()
+        if (x.requires_grad or self.training) and torch.is_grad_enabled():  # training over frozen codes (QLoRA):
+            # dequantized weights and a float matmul, which a gradient flows back through
+            bias = self.bias.to(x.dtype) if self.bias is not None else None
+            return linear(x, self.dequantize(x.dtype), bias)
         if (
             x.device.type == "cpu"
             and x.shape[:-1].numel() >= self.prefill_from()

@@ -71,6 +71,9 @@ def register(sub) -> dict:
     lora.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the updates' input")
     lora.add_argument("--lora-targets", default="qkv,proj,fc,out",
                       help="which layers of each block: qkv, proj (attention), fc, out (MLP); comma-separated")  # fmt: skip
+    lora.add_argument("--quantize", choices=["int8", "int4"],
+                      help="QLoRA: hold the frozen weights as int8 or int4 codes (a quarter or an eighth of fp32's "
+                      "memory; one process); the export merges the updates into the float weights")  # fmt: skip
     return {"prepare-data": cmd_prepare_data, "train": cmd_train}
 
 

@@ -77,6 +77,7 @@ class TrainArgs:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
     lora_targets: str = "qkv,proj,fc,out"
+    quantize: str | None = None  # QLoRA: the frozen weights held as int8 or int4 (one process)
 
     def validate(self) -> None:
         if (self.preset is None) == (self.init is None):
@@ -98,6 +99,12 @@ class TrainArgs:
             if self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
                 raise NeolmError("--lora-alpha must be > 0 and --lora-dropout in [0, 1)")
             parse_targets(self.lora_targets)
+        if self.quantize is not None and not self.lora_r:
+            raise NeolmError("--quantize trains LoRA updates over quantized frozen weights (QLoRA): give --lora-r too")
+        if self.quantize is not None:
+            from neolm.quant.linear import parse_quantize
+
+            parse_quantize(self.quantize)
 
 
 def lr_at(step: int, args: TrainArgs) -> float:
@@ -175,10 +182,11 @@ class Run:
         else:
             import neolm
 
-            lm = neolm.load(args.init, dtype="float32", device="cpu")
+            lm = neolm.load(args.init, dtype="float32", device="cpu", quantize=args.quantize)
             model, tokenizer = lm.model, lm.tokenizer
-            model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)  # own memory
-            model.tie_weights()
+            if args.quantize is None:  # (quantized codes are the process's own already)
+                model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)  # own memory
+                model.tie_weights()
         model.requires_grad_(True).train()
         if args.lora_r:
             from neolm.train.lora import add_lora
@@ -223,6 +231,8 @@ class Run:
     def _shard(self) -> None:
         if self.world == 1:
             return
+        if self.args.quantize is not None:
+            raise NeolmError("QLoRA (--quantize) runs in one process; drop --quantize to train over several ranks")
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
@@ -331,20 +341,29 @@ class Run:
 
         full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.rank == 0:
-            full = {k: v.detach().cpu() for k, v in full.items()}
-            if self.args.lora_r:  # the updates merged into the weights: a plain checkpoint; and alone, for PEFT
-                from neolm.adapter import write_lora_adapter
-                from neolm.train.lora import merged_state_dict
-
-                args = self.args
-                write_lora_adapter(full, self.config, folder.parent / (folder.name + "-adapter"), args.lora_r,
-                                   args.lora_alpha, args.lora_dropout, args.init)  # fmt: skip
-                full = merged_state_dict(full, args.lora_alpha / args.lora_r)
-            plain = checkpoint.build_model(self.config, full)
+            plain = self._plain_model({k: v.detach().cpu() for k, v in full.items()}, folder)
             checkpoint.save_checkpoint(plain, folder, dtype=getattr(torch, self.args.export_dtype))
             self.tokenizer.save(folder)
         _barrier()
         return folder
+
+    def _plain_model(self, full: dict[str, torch.Tensor], folder: Path) -> GPT:
+        """The model to export from its full state dict: as trained; with LoRA, the updates are first written on
+        their own for PEFT (folder-adapter), then merged into the weights (for QLoRA: into the float weights the
+        codes were made from, not into the codes)."""
+        args = self.args
+        if not args.lora_r:
+            return checkpoint.build_model(self.config, full)
+        from neolm.adapter import write_lora_adapter
+        from neolm.train.lora import merged_state_dict
+
+        adapter = write_lora_adapter(full, self.config, folder.parent / (folder.name + "-adapter"), args.lora_r,
+                                     args.lora_alpha, args.lora_dropout, args.init)  # fmt: skip
+        if args.quantize is not None:
+            import neolm
+
+            return neolm.load(args.init, dtype="float32", device="cpu", adapter=adapter, native=False).model
+        return checkpoint.build_model(self.config, merged_state_dict(full, args.lora_alpha / args.lora_r))
 
 
 # ---- the loop ---------------------------------------------------------------------------------

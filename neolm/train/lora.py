@@ -17,19 +17,21 @@ from torch import nn
 
 from neolm.errors import NeolmError
 from neolm.model import GPT
+from neolm.quant.linear import QuantLinear
 
 TARGETS = {"qkv": ("attn", "qkv"), "proj": ("attn", "proj"), "fc": ("mlp", "fc"), "out": ("mlp", "proj")}
 DEFAULT_TARGETS = "qkv,proj,fc,out"
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear layer `base` plus (alpha / r) B A, A (r, in) and B (out, r) trainable."""
+    """A frozen linear layer `base` (float, or int8/int4: QLoRA) plus (alpha / r) B A, A (r, in) and B (out, r)
+    trainable (in the model's float dtype)."""
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear | QuantLinear, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
         self.base = base.requires_grad_(False)
         self.r, self.scale = r, alpha / r
-        weight = base.weight
+        weight = base.weight  # (a quantized layer's: dequantized, once)
         self.lora_a = nn.Parameter(torch.empty(r, base.in_features, dtype=weight.dtype, device=weight.device))
         self.lora_b = nn.Parameter(torch.zeros(base.out_features, r, dtype=weight.dtype, device=weight.device))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # (as nn.Linear's weights, and PEFT's A)
@@ -65,8 +67,8 @@ def add_lora(model: GPT, r: int, alpha: float, dropout: float = 0.0, targets: st
             parent, attr = TARGETS[name]
             holder = getattr(block, parent)
             layer = getattr(holder, attr)
-            if not isinstance(layer, nn.Linear):
-                raise NeolmError(f"LoRA needs float linear layers; {parent}.{attr} is a {type(layer).__name__}")
+            if not isinstance(layer, (nn.Linear, QuantLinear)):
+                raise NeolmError(f"LoRA needs linear layers; {parent}.{attr} is a {type(layer).__name__}")
             setattr(holder, attr, LoRALinear(layer, r, alpha, dropout))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
