@@ -182,7 +182,9 @@ class Run:
         else:
             import neolm
 
-            lm = neolm.load(args.init, dtype="float32", device="cpu", quantize=args.quantize)
+            # native=False: training runs in torch, and a native decode step would keep the weights it points
+            # into alive after the copy below (a second copy of the model in memory)
+            lm = neolm.load(args.init, dtype="float32", device="cpu", quantize=args.quantize, native=False)
             model, tokenizer = lm.model, lm.tokenizer
             if args.quantize is None:  # (quantized codes are the process's own already)
                 model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)  # own memory
