@@ -303,6 +303,28 @@ def test_forward_hooks_see_every_step(folders, where):
     assert lm.generate_ids(prompt, **kw) == plain and not calls
 
 
+def test_hooks_on_the_model_or_its_head_keep_the_native_step(folders):
+    """The step passes by the blocks and writes into the embeddings' output: hooks elsewhere (the model itself, its
+    final norm and head) see what they would, so it keeps running; one on an embedding makes it step aside."""
+    lm = neolm.load(folders["neox-parallel-pct25"])
+    step, taken = lm.model.decode_step, []
+
+    def counted(*args):
+        out = step(*args)
+        taken.append(out is not None)
+        return out
+
+    lm.model.decode_step = counted
+    for module in (lm.model, lm.model.ln_f, lm.model.lm_head, lm.model.wte):
+        taken.clear()
+        handle = module.register_forward_pre_hook(lambda m, args: None)
+        try:
+            lm.generate_ids([[11, 22, 33]], max_new_tokens=5, min_new_tokens=5)
+        finally:
+            handle.remove()
+        assert taken == [module is not lm.model.wte] * 4, type(module).__name__
+
+
 @pytest.mark.parametrize("name", ["neo", "neox-parallel-pct25", "neox-sequential-pct100"])
 def test_what_a_hook_sees_stays_as_it_was(folders, name):
     """The model writes into some outputs in place to save memory (the MLP's becomes its block's, the activation

@@ -85,10 +85,11 @@ class DecodeStep:
         self.layers, self.keep = layers, keep
         self.model = weakref.ref(model)
         self.watch = _Watch(_snapshot(model, keep))
-        # forward hooks on the model's modules (and global ones): the step would pass the blocks' by and write into
-        # the embeddings' output, so it declines while any is set (analysis, steering); the watch keeps this list
-        # to the modules of now
-        self.hooks = [d for m in model.modules() for d in (m._forward_hooks, m._forward_pre_hooks)]
+        # forward hooks on the blocks and their parts, which the step passes by, and on the embeddings, whose
+        # output it writes into (and global ones): it declines while any is set (analysis, steering); the watch
+        # keeps this list to the modules of now. Hooks on the model itself, ln_f or lm_head see what they would.
+        watched = [*model.blocks.modules(), model.wte, *([model.wpe] if model.wpe is not None else [])]
+        self.hooks = [d for m in watched for d in (m._forward_hooks, m._forward_pre_hooks)]
         self.hooks += [getattr(torch.nn.modules.module, name, {}) for name in GLOBAL_HOOKS]
         self.hooked = False  # (logged once)
         self.scratch = torch.empty(0, dtype=torch.uint8)  # grown to the largest batch seen
