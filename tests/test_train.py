@@ -364,8 +364,14 @@ def test_qlora_gradients_pass_through_the_codes_and_the_export_merges_into_float
     assert len(grads[0]) == len(grads[1]) == 4 * 2 * quantized.config.n_layer
     for a, b in zip(*grads):
         assert (a - b).abs().max().item() <= 1e-5 + 1e-4 * b.abs().max().item()
-    summary = train(run_args(tiny_data, tmp_path / "run", preset=None, init=str(folder), lora_r=4, lora_alpha=8.0,
-                             lora_dropout=0.0, quantize=bits, max_steps=3, lr=1e-2))  # fmt: skip
+    kw = dict(preset=None, init=str(folder), lora_r=4, lora_alpha=8.0, quantize=bits, max_steps=4, lr=1e-2,
+              save_every=2)  # fmt: skip
+    summary = train(run_args(tiny_data, tmp_path / "run", **kw))
+    straight = losses(tmp_path / "run")
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step-00000002")  # resumes over the codes exactly
+    shutil.rmtree(tmp_path / "run" / "final")
+    train(run_args(tiny_data, tmp_path / "run", **kw, resume=True))
+    assert losses(tmp_path / "run") == straight
     tuned, again = neolm.load(summary["export"]), neolm.load(folder, adapter=tmp_path / "run" / "final-adapter")
     ids = torch.tensor([tuned.encode(TEXT)[:40]])
     with torch.no_grad():
