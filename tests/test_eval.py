@@ -384,6 +384,37 @@ def test_cli_eval_prints_the_table_and_writes_json(folders, data_dir, text_file,
         assert_close(ppl[metric], results["results"]["text_perplexity"][f"{metric},none"], metric)
 
 
+def test_cli_eval_sweeps_revisions(folders, synthetic_dir, text_file, tmp_path, capsys, monkeypatch):
+    """--revisions evaluates each revision in turn (here two checkpoints stand for a hub id's training
+    checkpoints): one table, a column per revision, each equal to that checkpoint's own run."""
+    import neolm.hub
+
+    two = {"step1000": folders["neo"], "step2000": folders["neox-parallel-pct25"]}
+    real = neolm.hub.resolve
+    monkeypatch.setattr(neolm.hub, "resolve", lambda model, revision=None: two[revision]
+                        if model == "EleutherAI/made-up" else real(model, revision))  # fmt: skip
+    args = ("--tasks", "piqa", "--data-dir", synthetic_dir, "--text", text_file, "--limit", "4")
+    out = tmp_path / "sweep.json"
+    code, stdout, err = cli(capsys, "eval", "EleutherAI/made-up", "--revisions", "step1000,step2000", *args,
+                            "--output", out)  # fmt: skip
+    assert code == 0, err
+    assert stdout.startswith("| Task | Metric | step1000 | step2000 |")
+    sweep = json.loads(out.read_text())["revisions"]
+    for revision, folder in two.items():
+        code, _, err = cli(capsys, "eval", folder, *args, "--output", tmp_path / f"{revision}.json")
+        assert code == 0, err
+        alone = json.loads((tmp_path / f"{revision}.json").read_text())
+        assert sweep[revision]["results"] == alone["results"], revision
+        assert sweep[revision]["config"]["model_revision"] == revision
+    word = [line for line in stdout.splitlines() if "| word_perplexity |" in line][0]
+    values = [sweep[r]["results"]["text_perplexity"]["word_perplexity,none"] for r in two]
+    assert word.split("|")[3:5] == [f" {v:.4f} " for v in values] and values[0] != values[1]
+    code, _, err = cli(capsys, "eval", "EleutherAI/made-up", "--revisions", "step1000,step1000", *args)
+    assert_one_line_error(code, err, "distinct revisions")
+    code, _, err = cli(capsys, "eval", "EleutherAI/made-up", "--revision", "x", "--revisions", "step1000", *args)
+    assert_one_line_error(code, err, "--revision or --revisions")
+
+
 def test_cli_perplexity_prints_metrics_and_speed(folders, text_file, capsys):
     code, stdout, err = cli(capsys, "perplexity", folders["neox-parallel-pct25"], text_file, "--max-length", "128")
     assert code == 0, err

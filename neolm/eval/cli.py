@@ -42,6 +42,10 @@ def register(sub) -> dict:
     e.add_argument("--bootstrap-iters", type=non_negative, default=100000, help="bootstrap resamples for stderr")
     e.add_argument("--output", default="eval_results.json", help="where to write the JSON results")
     e.add_argument("--no-share-context", action="store_true", help="score each answer with its own context pass")
+    e.add_argument("--revisions", metavar="R1,R2,...",
+                   help="evaluate each of these hub revisions in turn (Pythia's training checkpoints: "
+                   "step1000,step2000,...): one table with a column per revision, and --output holds every "
+                   "revision's results (--mmap loads each faster)")  # fmt: skip
 
     p = sub.add_parser(
         "perplexity",
@@ -236,6 +240,20 @@ def format_table(rows) -> str:
     return "\n".join(lines)
 
 
+def format_sweep(tables: dict[str, list]) -> str:
+    """One row per (task, metric), one column per revision: value (± stderr)."""
+    revisions = list(tables)
+    rows: dict[tuple[str, str], dict[str, str]] = {}
+    for revision, table in tables.items():
+        for task, metric, value, stderr in table:
+            err = "" if stderr is None or math.isnan(stderr) else f" ± {stderr:.4f}"
+            rows.setdefault((task, metric), {})[revision] = f"{value:.4f}{err}"
+    lines = ["| Task | Metric | " + " | ".join(revisions) + " |", "| --- | --- |" + " ---: |" * len(revisions)]
+    for (task, metric), cells in rows.items():
+        lines.append(f"| {task} | {metric} | " + " | ".join(cells.get(r, "") for r in revisions) + " |")
+    return "\n".join(lines)
+
+
 def cmd_eval(args) -> int:
     try:
         import lm_eval
@@ -243,13 +261,13 @@ def cmd_eval(args) -> int:
     except ImportError:
         raise NeolmError("neolm eval needs lm-evaluation-harness: pip install 'neolm[eval]'") from None
     from neolm.eval import tasks
-    from neolm.eval.harness import NeolmLM
 
     names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     if not names and not args.text:
         raise NeolmError("no tasks: pass --tasks (e.g. lambada_openai,hellaswag) and/or --text FILE...")
     if args.batch_size < 1:
         raise NeolmError("--batch-size must be at least 1")
+    _revisions(args)  # (checked before the tasks load)
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         raise NeolmError(f"--data-dir {args.data_dir} is not a folder")
     for name in ("lm_eval", "datasets", "huggingface_hub"):  # their notes and retries; errors come as ours
@@ -265,27 +283,62 @@ def cmd_eval(args) -> int:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             hint = "" if args.data_dir else "; offline, pass --data-dir DIR with <task>_<split>.jsonl files"
             raise NeolmError(f"could not load the task data: {first}{hint}") from None
-        lm = _load(args)
-        backend = NeolmLM(lm=lm, batch_size=args.batch_size, max_length=_max_length(args, lm),
-                          share_context=not args.no_share_context)  # fmt: skip
-        start = time.perf_counter()
-        with contextlib.redirect_stdout(sys.stderr):  # the harness prints progress notes; stdout is the table
-            results = lm_eval.simple_evaluate(
-                model=backend, tasks=list(loaded["tasks"].values()), task_manager=manager, limit=args.limit,
-                num_fewshot=args.num_fewshot, bootstrap_iters=args.bootstrap_iters, log_samples=False,
-                random_seed=args.seed,
-                numpy_random_seed=args.seed, torch_random_seed=args.seed, fewshot_random_seed=args.seed,
-            )  # fmt: skip
+        revisions = _revisions(args)
+        runs = {}
+        for revision in revisions:
+            if revision is not None:
+                args.revision = revision
+                print(f"neolm eval: revision {revision}", file=sys.stderr, flush=True)
+            runs[revision] = _evaluate(args, lm_eval, manager, loaded)
+    if revisions == [None]:
+        results = runs[None]
+        Path(args.output).write_text(json.dumps(results, indent=2, default=str) + "\n")
+        print(format_table(results_table(results)))
+        n = results["neolm"]
+        print(f"\n{n['requests']:,} requests, {n['tokens']:,} scored tokens in {n['seconds']:.1f}s "
+              f"({n['requests_per_second']:.1f} requests/s, {n['tokens_per_second']:,.0f} tokens/s); results in "
+              f"{args.output}")  # fmt: skip
+        return 0
+    Path(args.output).write_text(json.dumps({"revisions": runs}, indent=2, default=str) + "\n")
+    print(format_sweep({rev: results_table(results) for rev, results in runs.items()}))
+    seconds = sum(results["neolm"]["wall_seconds"] for results in runs.values())
+    print(f"\n{len(runs)} revisions in {seconds:.1f}s; results in {args.output}")
+    return 0
+
+
+def _revisions(args) -> list[str | None]:
+    """The revisions to evaluate: --revisions' list, else [None] (the one model as given)."""
+    if not args.revisions:
+        return [None]
+    if args.revision:
+        raise NeolmError("give --revision or --revisions, not both")
+    revisions = [r.strip() for r in args.revisions.split(",") if r.strip()]
+    if not revisions or len(set(revisions)) != len(revisions):
+        raise NeolmError(f"--revisions must list distinct revisions, got {args.revisions!r}")
+    return revisions
+
+
+def _evaluate(args, lm_eval, manager, loaded) -> dict:
+    """The harness's results for the model (at args.revision), with neolm's speed figures."""
+    from neolm.eval.harness import NeolmLM
+
+    lm = _load(args)
+    backend = NeolmLM(lm=lm, batch_size=args.batch_size, max_length=_max_length(args, lm),
+                      share_context=not args.no_share_context)  # fmt: skip
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(sys.stderr):  # the harness prints progress notes; stdout is the table
+        results = lm_eval.simple_evaluate(
+            model=backend, tasks=list(loaded["tasks"].values()), task_manager=manager, limit=args.limit,
+            num_fewshot=args.num_fewshot, bootstrap_iters=args.bootstrap_iters, log_samples=False,
+            random_seed=args.seed,
+            numpy_random_seed=args.seed, torch_random_seed=args.seed, fewshot_random_seed=args.seed,
+        )  # fmt: skip
     seconds = time.perf_counter() - start
     stats = backend.stats
     results["config"]["model"] = lm.source
+    results["config"]["model_revision"] = args.revision or ""
     results["neolm"] = {**stats, "requests_per_second": stats["requests"] / max(stats["seconds"], 1e-9),
                         "tokens_per_second": stats["tokens"] / max(stats["seconds"], 1e-9),
                         "wall_seconds": seconds, "batch_size": args.batch_size}  # fmt: skip
     results.pop("samples", None)  # per-document records: tens of MB for a full task
-    Path(args.output).write_text(json.dumps(results, indent=2, default=str) + "\n")
-    print(format_table(results_table(results)))
-    print(f"\n{stats['requests']:,} requests, {stats['tokens']:,} scored tokens in {stats['seconds']:.1f}s "
-          f"({results['neolm']['requests_per_second']:.1f} requests/s, {results['neolm']['tokens_per_second']:,.0f} "
-          f"tokens/s); results in {args.output}")  # fmt: skip
-    return 0
+    return results
