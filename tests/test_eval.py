@@ -406,7 +406,7 @@ def test_cli_eval_sweeps_revisions(folders, synthetic_dir, text_file, tmp_path, 
         alone = json.loads((tmp_path / f"{revision}.json").read_text())
         assert sweep[revision]["results"] == alone["results"], revision
         assert sweep[revision]["config"]["model_revision"] == revision
-    word = [line for line in stdout.splitlines() if "| word_perplexity |" in line][0]
+    word = next(line for line in stdout.splitlines() if "| word_perplexity |" in line)
     values = [sweep[r]["results"]["text_perplexity"]["word_perplexity,none"] for r in two]
     assert word.split("|")[3:5] == [f" {v:.4f} " for v in values] and values[0] != values[1]
     code, _, err = cli(capsys, "eval", "EleutherAI/made-up", "--revisions", "step1000,step1000", *args)
