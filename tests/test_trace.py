@@ -239,6 +239,38 @@ def test_score_command_prints_the_library_numbers(tiny_checkpoints, capsys, tmp_
     assert not list(tmp_path.glob("*.partial"))
 
 
+def test_score_across_revisions(tiny_checkpoints, capsys, monkeypatch):
+    """--revisions scores the text under each revision (two checkpoints stand in for a hub id's training
+    checkpoints): a column each, equal to each one's own trace."""
+    import neolm.hub
+
+    two = {
+        "step1000": tiny_checkpoints["neox-parallel-pct25"][1],
+        "step2000": tiny_checkpoints["neox-sequential-pct100"][1],
+    }
+    real = neolm.hub.resolve
+    monkeypatch.setattr(neolm.hub, "resolve", lambda model, revision=None: two[revision]
+                        if model == "EleutherAI/made-up" else real(model, revision))  # fmt: skip
+    text = "To be, or not to be, that is the question"
+    code, out, err = cli(
+        capsys, "score", "-m", "EleutherAI/made-up", "--revisions", "step1000,step2000", text, "--json"
+    )
+    assert code == 0, err
+    result = json.loads(out)
+    for revision, folder in two.items():
+        trace = neolm.load(folder).trace(text)
+        got = [t["logprob"][revision] for t in result["tokens"]]
+        assert got == pytest.approx(trace.token_logprobs.tolist(), abs=1e-5)
+        assert result["summary"][revision]["perplexity"] == pytest.approx(
+            math.exp(-trace.token_logprobs.mean().item()), rel=1e-5)  # fmt: skip
+    code, out, err = cli(capsys, "score", "-m", "EleutherAI/made-up", "--revisions", "step1000,step2000", text)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split()[-2:] == ["step1000", "step2000"] and lines[-1].startswith("step2000: mean log-probability")
+    code, _, err = cli(capsys, "score", "-m", "EleutherAI/made-up", "--revisions", "step1000", text, "--save", "x.st")
+    assert_one_line_error(code, err, "not with --revisions")
+
+
 @pytest.mark.parametrize(
     "argv, needle",
     [

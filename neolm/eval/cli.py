@@ -82,6 +82,9 @@ def register(sub) -> dict:
                    "(the embeddings, each block's output, the last after the final LayerNorm; (T, C) each)")  # fmt: skip
     s.add_argument("--attentions", action="store_true",
                    help="with --save: attentions.0 .. attentions.L-1 too, each layer's (heads, T, T) weights")  # fmt: skip
+    s.add_argument("--revisions", metavar="R1,R2,...",
+                   help="score the text under each of these hub revisions (Pythia's training checkpoints: "
+                   "step1000,step8000,...): a log-probability column per revision, and each one's summary")  # fmt: skip
     return {"eval": cmd_eval, "perplexity": cmd_perplexity, "score": cmd_score}
 
 
@@ -151,17 +154,13 @@ def cmd_score(args) -> int:
         raise NeolmError("--attentions is written by --save FILE")
     if args.save and not Path(args.save).resolve().parent.is_dir():
         raise NeolmError(f"cannot write {args.save}: its folder does not exist")
+    revisions = _revisions(args)
+    if revisions != [None]:
+        if args.save:
+            raise NeolmError("--save writes one model's forward pass: not with --revisions")
+        return _score_revisions(args, text, revisions)
     lm = load_model(args)
-    ids = lm.encode(text)
-    if args.prefix_eos:
-        if lm.tokenizer.eos_token_id is None:
-            raise NeolmError("--prefix-eos: this tokenizer has no <|endoftext|> token")
-        ids = [lm.tokenizer.eos_token_id] + ids
-    if len(ids) < 2:
-        raise NeolmError("the text is one token: give more text, or --prefix-eos to score its first token")
-    if len(ids) > lm.config.n_positions:
-        raise NeolmError(f"the text is {len(ids):,} tokens, more than the model's context of {lm.config.n_positions:,}; "
-                         "`neolm perplexity FILE` scores long texts in windows")  # fmt: skip
+    ids = _score_ids(lm, text, args.prefix_eos)
     trace = lm.trace_ids([ids], output_hidden_states=bool(args.save), output_attentions=args.attentions)[0]
     if args.save:
         _save_trace(trace, args.save)
@@ -195,6 +194,58 @@ def cmd_score(args) -> int:
           f"mean {summary['mean_logprob']:.4f}, perplexity {summary['perplexity']:.4f}")  # fmt: skip
     if args.save:
         print(f"saved the forward pass to {args.save}")
+    return 0
+
+
+def _score_ids(lm, text: str, prefix_eos: bool) -> list[int]:
+    """The text's tokens for `neolm score` (after <|endoftext|> with prefix_eos), checked against the model."""
+    ids = lm.encode(text)
+    if prefix_eos:
+        if lm.tokenizer.eos_token_id is None:
+            raise NeolmError("--prefix-eos: this tokenizer has no <|endoftext|> token")
+        ids = [lm.tokenizer.eos_token_id] + ids
+    if len(ids) < 2:
+        raise NeolmError("the text is one token: give more text, or --prefix-eos to score its first token")
+    if len(ids) > lm.config.n_positions:
+        raise NeolmError(f"the text is {len(ids):,} tokens, more than the model's context of {lm.config.n_positions:,}; "
+                         "`neolm perplexity FILE` scores long texts in windows")  # fmt: skip
+    return ids
+
+
+def _score_revisions(args, text: str, revisions: list[str]) -> int:
+    """`neolm score --revisions`: the text's tokens' log-probabilities under each revision, side by side."""
+    columns, summaries, ids, tokenizer = {}, {}, None, None
+    for revision in revisions:
+        args.revision = revision
+        lm = load_model(args)
+        mine = _score_ids(lm, text, args.prefix_eos)
+        if ids is not None and mine != ids:
+            raise NeolmError(f"revision {revision} has another tokenizer: its tokens differ from {revisions[0]}'s")
+        ids = mine
+        logprobs = lm.trace_ids([ids], output_logits=False)[0].token_logprobs.tolist()
+        total = sum(logprobs)
+        columns[revision] = logprobs
+        summaries[revision] = {"total_logprob": total, "mean_logprob": total / len(logprobs),
+                               "perplexity": math.exp(-total / len(logprobs)), "bits": -total / math.log(2)}  # fmt: skip
+        tokenizer, lm = lm.tokenizer, None  # (these weights go before the next revision's load)
+
+    def piece(token: int) -> str:
+        return tokenizer.decode([token])
+
+    if args.json:
+        records = [{"position": t + 1, "id": ids[t + 1], "token": piece(ids[t + 1]),
+                    "logprob": {r: columns[r][t] for r in revisions}} for t in range(len(ids) - 1)]  # fmt: skip
+        print(json.dumps({"tokens": records, "summary": summaries}, indent=2, ensure_ascii=False))
+        return 0
+    width = max(10, *(len(r) for r in revisions))
+    print(f"{'pos':>5}  {'token':<16} " + " ".join(f"{r:>{width}}" for r in revisions))
+    for t in range(len(ids) - 1):
+        token = json.dumps(piece(ids[t + 1]), ensure_ascii=False)
+        print(f"{t + 1:>5}  {token:<16} " + " ".join(f"{columns[r][t]:>{width}.3f}" for r in revisions))
+    for r in revisions:
+        print(
+            f"{r}: mean log-probability {summaries[r]['mean_logprob']:.4f}, perplexity {summaries[r]['perplexity']:.4f}"
+        )
     return 0
 
 
