@@ -62,15 +62,18 @@ def register(sub) -> dict:
     t.add_argument("--export-dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     t.add_argument("--no-plot", action="store_true", help="do not draw OUT/loss.png")
     t.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    lora = t.add_argument_group("LoRA (with --init: the model stays frozen, low-rank updates are learnt and merged "
-                                "into the exported weights)")  # fmt: skip
+    lora = t.add_argument_group("LoRA (with --init: the model stays frozen, low-rank updates are learnt, merged into "
+                                "the exported weights and written alone to EXPORT-adapter in PEFT's format)")  # fmt: skip
     lora.add_argument("--lora-r", type=non_negative, default=0, metavar="R",
                       help="train a rank-R update of each target layer instead of every weight (0: off; 8 or 16 "
                       "are usual)")  # fmt: skip
-    lora.add_argument("--lora-alpha", type=positive_float, default=16.0, help="the updates are scaled by alpha / R")
-    lora.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the updates' input")
-    lora.add_argument("--lora-targets", default="qkv,proj,fc,out",
-                      help="which layers of each block: qkv, proj (attention), fc, out (MLP); comma-separated")  # fmt: skip
+    lora.add_argument("--lora-alpha", type=positive_float, default=16.0, metavar="ALPHA",
+                      help="the updates are scaled by ALPHA / R (default 16)")  # fmt: skip
+    lora.add_argument("--lora-dropout", type=float, default=0.05, metavar="P",
+                      help="dropout on the updates' input (default 0.05)")  # fmt: skip
+    lora.add_argument("--lora-targets", default="qkv,proj,fc,out", metavar="LAYERS",
+                      help="which layers of each block: qkv, proj (attention), fc, out (MLP); comma-separated "
+                      "(default: all four)")  # fmt: skip
     lora.add_argument("--quantize", choices=["int8", "int4"],
                       help="QLoRA: hold the frozen weights as int8 or int4 codes (a quarter or an eighth of fp32's "
                       "memory; one process); the export merges the updates into the float weights")  # fmt: skip
