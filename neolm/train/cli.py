@@ -121,7 +121,9 @@ def cmd_train(args) -> int:
     if summary.get("val_loss") is not None:
         print(f"step {summary['step']}: loss {summary['loss']:.4f}, validation loss {summary['val_loss']:.4f} "
               f"(perplexity {math.exp(summary['val_loss']):.2f})")  # fmt: skip
-    print(f"model written to {summary['export']}" + (f"; loss curves in {summary['plot']}" if summary.get("plot") else ""))
+    adapter = f"; its LoRA adapter (PEFT's format) to {summary['adapter']}" if summary.get("adapter") else ""
+    plot = f"; loss curves in {summary['plot']}" if summary.get("plot") else ""
+    print(f"model written to {summary['export']}{adapter}{plot}")
     return 0
 
 

@@ -413,6 +413,8 @@ def train(args: TrainArgs) -> dict:
             metrics.close()
     export = run.export(Path(args.export) if args.export else run.out / "final")
     summary = {"step": run.step, "loss": last_loss, "val_loss": val_loss, "export": str(export)}
+    if args.lora_r:
+        summary["adapter"] = str(export.parent / (export.name + "-adapter"))  # (written by Run._plain_model)
     if main and args.plot:
         from neolm.train.plot import plot_metrics
 
