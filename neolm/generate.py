@@ -563,7 +563,7 @@ class DecodeBatch:
                 seen[row, torch.tensor(p)] = True
         if gc.presence_penalty or gc.frequency_penalty:
             made = torch.zeros(len(seqs), vocab, dtype=torch.int32, device=self.device)
-        history = gc.stop_strings or self.groups[prefill.group].processors.needs.tokens  # (stopping_criteria too)
+        history = gc.stop_strings or gc.stopping_criteria or self.groups[prefill.group].processors.needs.tokens
         new = _Rows(
             prefill.ids, [prefill.group] * len(seqs), prefill.k,
             [list(p) for p in seqs] if history else [None] * len(seqs), [len(p) for p in seqs],
@@ -736,17 +736,33 @@ def iter_generate(
     gets alone. `decode` (token ids -> text) is needed for stop_strings. Bad arguments raise here,
     before the first step.
     """
+    steps = iter_steps(model, prompts, gc, decode, logprobs, on_prompt)
+    return (step.tokens if logprobs is None else (step.tokens, step.scores) for step in steps)
+
+
+def iter_steps(
+    model: GPT,
+    prompts: Sequence[Sequence[int]],
+    gc: GenerationConfig,
+    decode: Callable[[list[int]], str] | None = None,
+    logprobs: int | None = None,
+    on_prompt: Callable[[int, TokenLogprobs], None] | None = None,
+    keep_logits: bool = False,
+    keep_scores: bool = False,
+) -> Iterator[Step]:
+    """iter_generate's steps whole: each a Step whose rows are the sequences in order (none leaves the batch),
+    with keep_logits / keep_scores each row's logits and processed scores too. Bad arguments raise here."""
     batch = DecodeBatch(model, decode, compact=False)
+    batch.keep_logits, batch.keep_scores = keep_logits, keep_scores
     batch.validate(gc, logprobs)
     prompts = fit_prompts(prompts, gc, model.config.n_positions, model.config.vocab_size)
     return _steps(batch, prompts, gc, logprobs, on_prompt)
 
 
-def _steps(batch: DecodeBatch, prompts, gc, logprobs, on_prompt):
+def _steps(batch: DecodeBatch, prompts, gc, logprobs, on_prompt) -> Iterator[Step]:
     batch.add(prompts, gc, logprobs, on_prompt)
     while not batch.finished:
-        step = batch.step()
-        yield step.tokens if logprobs is None else (step.tokens, step.scores)
+        yield batch.step()
 
 
 def generate(

@@ -17,7 +17,7 @@ import torch
 
 from neolm.beam import beam_hypotheses
 from neolm.errors import NeolmError
-from neolm.generate import DecodeBatch, GenerationConfig, fit_prompts, generate
+from neolm.generate import GenerationConfig, generate, iter_steps
 from neolm.model import GPT
 from neolm.speculative import assisted_generate
 
@@ -66,23 +66,18 @@ def generate_output(
         return GenerateOutput(sequences, sequences_scores=scores)
     if not per_step:
         return GenerateOutput(generate(model, prompts, gc, decode, assistant))
-    batch = DecodeBatch(model, decode, compact=False)
-    batch.keep_logits, batch.keep_scores = output_logits, output_scores
-    batch.validate(gc, None)
-    prompts = fit_prompts(prompts, gc, model.config.n_positions, model.config.vocab_size)
-    first = batch.add(prompts, gc)[0] if prompts else 0  # the ids count up from the first sequence's
+    steps = iter_steps(model, prompts, gc, decode, keep_logits=output_logits, keep_scores=output_scores)
     n = len(prompts) * gc.num_return_sequences
     sequences: list[list[int]] = [[] for _ in range(n)]
     kept = {"scores": [[] for _ in range(n)], "logits": [[] for _ in range(n)]}
-    while not batch.finished:
-        step = batch.step()
-        for row, (id_, token) in enumerate(zip(step.ids, step.tokens)):
+    for step in steps:  # (rows: the sequences in order)
+        for row, token in enumerate(step.tokens):
             if token is None:
                 continue
-            sequences[id_ - first].append(token)
+            sequences[row].append(token)
             for name, table in (("scores", step.processed), ("logits", step.logits)):
                 if table is not None:
-                    kept[name][id_ - first].append(table[row])
+                    kept[name][row].append(table[row])
     return _output(sequences, kept, output_scores, output_logits, model.config.vocab_size)
 
 

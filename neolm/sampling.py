@@ -57,7 +57,7 @@ class Processors:
             seen=(gc.repetition_penalty != 1.0) or None,
             made=(gc.presence_penalty != 0 or gc.frequency_penalty != 0) or None,
             tokens=(gc.no_repeat_ngram_size or self.sequence_biases or self.bad_sequences or gc.logits_processor
-                    or gc.prefix_allowed_tokens_fn or gc.stopping_criteria) or None,
+                    or gc.prefix_allowed_tokens_fn) or None,
             prompts=(gc.prefix_allowed_tokens_fn is not None) or None,
         )  # fmt: skip
 

@@ -43,10 +43,10 @@ class _Picker:
     and which guesses the model's picks keep."""
 
     def __init__(self, gc: GenerationConfig, processors: Processors, prompt_len: int, budget: int, vocab: int,
-                 device, generator: torch.Generator | None):  # fmt: skip
+                 device, generator: torch.Generator | None, prompt_index: int = 0):  # fmt: skip
         self.gc, self.processors, self.prompt_len, self.budget = gc, processors, prompt_len, budget
         self.vocab, self.device, self.generator = vocab, device, generator
-        self.prompt_index = 0  # which prompt of the generate() call (prefix_allowed_tokens_fn's batch_id)
+        self.prompt_index = prompt_index  # which prompt of the generate() call (prefix_allowed_tokens_fn's batch_id)
 
     def scores(self, logits: torch.Tensor, seq: list[int], guesses: Sequence[int]) -> torch.Tensor:
         """Processed scores (N, V) of fp32 logits (N, V) whose row j follows seq + guesses[:j]."""
@@ -246,8 +246,7 @@ def _tokens(model: GPT, prompt: list[int], gc: GenerationConfig, decode, assista
     eos_ids = gc.eos_ids(config.eos_token_id)
     stops = StopStrings(gc.stop_strings, decode) if gc.stop_strings else None
     processors = Processors(gc, eos_ids, config.vocab_size, device)
-    picker = _Picker(gc, processors, len(prompt), budget, config.vocab_size, device, generator)
-    picker.prompt_index = prompt_index
+    picker = _Picker(gc, processors, len(prompt), budget, config.vocab_size, device, generator, prompt_index)
     guesser = Assistant(assistant, gc, picker, len(prompt) + budget) if assistant is not None else PromptLookup(gc)
     cache = KVCache(config, 1, len(prompt) + budget, model.cache_dtype, device)
     if len(prompt) > 1:  # all but the last token, which each round feeds with its guesses

@@ -120,10 +120,6 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._prepared_on != x.device:
             self.prepare()
-        if (x.requires_grad or self.training) and torch.is_grad_enabled():  # training over frozen codes (QLoRA):
-            # dequantized weights and a float matmul, which a gradient flows back through
-            bias = self.bias.to(x.dtype) if self.bias is not None else None
-            return linear(x, self.dequantize(x.dtype), bias)
         if (
             x.device.type == "cpu"
             and x.shape[:-1].numel() >= self.prefill_from()
@@ -140,8 +136,9 @@ class QuantLinear(nn.Module):
             and not torch.is_grad_enabled()
         ):
             y = self.gemv(x2.contiguous(), self.qweight, self.scale, self.bias)
-        elif self.use_kernel:
-            y = self.matmul(x2, self.bias)
+        elif self.use_kernel and not ((x.requires_grad or self.training) and torch.is_grad_enabled()):
+            y = self.matmul(x2, self.bias)  # (training over frozen codes, QLoRA, takes the float matmul below,
+            # which a gradient flows back through)
         else:
             bias = self.bias.to(x.dtype) if self.bias is not None else None
             y = linear(x2, self.dequantize(x.dtype), bias)
