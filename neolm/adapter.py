@@ -27,8 +27,6 @@ log = logging.getLogger(__name__)
 
 PREFIX = "base_model.model."  # PEFT's names: the wrapped model's module names after it
 CONFIG_FILE, WEIGHTS_FILES = "adapter_config.json", ("adapter_model.safetensors", "adapter_model.bin")
-# neolm's LoRA targets (neolm.train.lora.TARGETS) as the layers' neolm names
-TARGET_NAMES = {"qkv": "attn.qkv", "proj": "attn.proj", "fc": "mlp.fc", "out": "mlp.proj"}
 
 
 def _settings(folder: Path) -> tuple[dict, float]:

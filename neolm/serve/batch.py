@@ -46,7 +46,6 @@ class Line:
 class Summary:
     requests: int = 0  # answered in this run
     failed: int = 0  # of them, with an error
-    skipped: int = 0  # already in the output (resume)
     completion_tokens: int = 0
     seconds: float = 0.0
     errors: dict[str, int] = field(default_factory=dict)  # error code -> how many

@@ -41,10 +41,6 @@ class LoRALinear(nn.Module):
         update = self.dropout(x) @ self.lora_a.t() @ self.lora_b.t()  # (..., r) then (..., out)
         return self.base(x) + update * self.scale
 
-    def delta(self) -> torch.Tensor:
-        """The update to the weight, (out, in)."""
-        return (self.lora_b @ self.lora_a) * self.scale
-
 
 def parse_targets(text: str) -> list[str]:
     names = [t.strip() for t in text.split(",") if t.strip()]
