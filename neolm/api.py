@@ -114,6 +114,15 @@ class LanguageModel:
     def generation_config(self, **kwargs) -> GenerationConfig:
         """What a call with these generation arguments runs: the checkpoint's defaults (its
         generation_config.json), then the arguments; eos from the model's config, else the tokenizer's."""
+        negative = kwargs.pop("negative_prompt", None)
+        if negative is not None:  # guidance's context as text: one for all prompts, or one per prompt
+            texts = [negative] if isinstance(negative, str) else negative
+            if not (isinstance(texts, list) and texts and all(isinstance(x, str) for x in texts)):
+                raise NeolmError("negative_prompt must be a string, or a list of one string per prompt")
+            if "negative_prompt_ids" in kwargs:
+                raise NeolmError("give negative_prompt or negative_prompt_ids, not both")
+            kwargs["negative_prompt_ids"] = (self.encode(negative) if isinstance(negative, str)
+                                             else [self.encode(x) for x in negative])  # fmt: skip
         gc = GenerationConfig.from_kwargs(**(self.generation_defaults | kwargs))
         if gc.eos_token_id is None:
             gc.eos_token_id = (
@@ -150,6 +159,9 @@ class LanguageModel:
         eos_token_id, pad_token_id, stop_strings, num_beams, length_penalty, early_stopping, and its other
         processors (no_repeat_ngram_size, bad_words_ids, sequence_bias, min_p, typical_p, ...: GenerationConfig);
         plus seed (reproducible sampling), truncate_prompt, and OpenAI's presence_penalty and frequency_penalty.
+        Classifier-free guidance (neolm.guidance): guidance_scale, with negative_prompt_ids or negative_prompt (text:
+        one for all prompts, or one per prompt) as the context to steer away from (default: the prompt's last
+        token); each step then costs two forwards.
         Assisted generation (neolm.speculative): prompt_lookup_num_tokens, or assistant_model (a smaller model
         from neolm.load with the same tokenizer) with num_assistant_tokens and assistant_confidence_threshold.
         A string gives a string (a list of them with num_return_sequences > 1: samples, or the best beams first);

@@ -134,6 +134,11 @@ def _add_generation_args(p: argparse.ArgumentParser, chat: bool = False):
                            help="beam search: a hypothesis scores log p / length^X (default 1; < 1 favours short ones)")  # fmt: skip
         knobs.add_argument("--num-return-sequences", type=non_negative, help="samples (or best beams) per prompt")
     knobs.add_argument("--seed", type=seed_type, help="seed for reproducible sampling")
+    knobs.add_argument("--guidance-scale", type=float, metavar="X",
+                       help="classifier-free guidance: > 1 (e.g. 1.5) holds the text closer to the prompt, away from "
+                            "--negative-prompt (default: the prompt's last token alone); each token costs two forwards")  # fmt: skip
+    knobs.add_argument("--negative-prompt", metavar="TEXT",
+                       help="with --guidance-scale: the text to steer away from")  # fmt: skip
     knobs.add_argument("--max-time", type=positive_float, metavar="SECONDS",
                        help="end the text with the first token after this many seconds")  # fmt: skip
     cut = "; cut out of the reply" if chat else ""
@@ -148,12 +153,15 @@ def _generation_knobs(args) -> dict:
     names = ("max_new_tokens", "max_length", "min_length", "min_new_tokens", "do_sample", "temperature", "top_k",
              "top_p", "repetition_penalty", "num_return_sequences", "seed", "no_repeat_ngram_size", "min_p",
              "typical_p", "presence_penalty", "frequency_penalty", "num_beams", "length_penalty",
-             "prompt_lookup_num_tokens", "num_assistant_tokens", "top_h", "max_time")  # fmt: skip
+             "prompt_lookup_num_tokens", "num_assistant_tokens", "top_h", "max_time", "guidance_scale")  # fmt: skip
     knobs = {name: getattr(args, name, None) for name in names} | {"stop_strings": args.stop}
     knobs = {k: v for k, v in knobs.items() if v is not None}
     from neolm.generate import GenerationConfig
 
-    GenerationConfig.from_kwargs(**knobs)  # reject bad combinations before the (slow) load
+    negative = {"negative_prompt_ids": [0]} if args.negative_prompt is not None else {}  # (its text: once loaded)
+    GenerationConfig.from_kwargs(**knobs, **negative)  # reject bad combinations before the (slow) load
+    if args.negative_prompt is not None:
+        knobs["negative_prompt"] = args.negative_prompt
     return knobs
 
 

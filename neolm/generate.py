@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from neolm.errors import NeolmError
+from neolm.guidance import Guidance
 from neolm.model import GPT, KVCache
 from neolm.sampling import (
     Processors,
@@ -82,6 +83,9 @@ class GenerationConfig:
     # OpenAI's penalties (vLLM's meaning): subtracted from the logits of tokens generated so far
     presence_penalty: float = 0.0  # once per token that was generated
     frequency_penalty: float = 0.0  # per time it was generated
+    # classifier-free guidance (neolm.guidance): > 1 sharpens the text's dependence on its prompt
+    guidance_scale: float | None = None
+    negative_prompt_ids: list[int] | list[list[int]] | None = None  # guidance's context: one, or one per prompt
     # assisted generation (neolm.speculative): guessed tokens checked by the model in one forward
     prompt_lookup_num_tokens: int | None = None  # guess this many tokens from earlier in the sequence
     max_matching_ngram_size: int | None = None  # prompt lookup: match the last n-gram up to this size (default 2)
@@ -127,6 +131,7 @@ class GenerationConfig:
             self.stop_strings = [self.stop_strings]
         check(all(self.stop_strings or []), "stop strings must not be empty")
         self._validate_processors(check)
+        self._validate_guidance(check)
         self._validate_beams(check)
         self._validate_assisted(check)
         return self
@@ -182,6 +187,29 @@ class GenerationConfig:
         for name in ("presence_penalty", "frequency_penalty"):
             check(-2 <= getattr(self, name) <= 2, f"{name} must be between -2 and 2, got {getattr(self, name)}")
 
+    @property
+    def guided(self) -> bool:
+        """Classifier-free guidance is on."""
+        return self.guidance_scale is not None and self.guidance_scale != 1
+
+    def _validate_guidance(self, check) -> None:
+        scale, negative = self.guidance_scale, self.negative_prompt_ids
+        check(scale is None or (isinstance(scale, (int, float)) and math.isfinite(scale)),
+              f"guidance_scale must be a number (1 or None: off), got {scale!r}")  # fmt: skip
+        if negative is None:
+            return
+        if isinstance(negative, torch.Tensor):
+            negative = negative.tolist()
+        nested = isinstance(negative, (list, tuple)) and len(negative) > 0 and isinstance(negative[0], (list, tuple))
+        lists = negative if nested else [negative]
+        check(isinstance(negative, (list, tuple)) and all(
+            isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(t, int) and t >= 0 for t in x)
+            for x in lists), "negative_prompt_ids must be token ids (integers >= 0), one list for every prompt or a "
+            f"list per prompt, got {negative!r}")  # fmt: skip
+        check(self.guided, "negative_prompt_ids are the context of classifier-free guidance: set guidance_scale "
+                           "(e.g. 1.5) too")  # fmt: skip
+        self.negative_prompt_ids = [list(x) for x in lists] if nested else list(negative)
+
     def _validate_beams(self, check) -> None:
         check(isinstance(self.num_beams, int) and self.num_beams >= 1, f"num_beams must be >= 1, got {self.num_beams}")
         check(self.early_stopping in (True, False, "never"),
@@ -189,6 +217,7 @@ class GenerationConfig:
         if self.num_beams == 1:
             return
         check(self.stopping_criteria is None, "stopping_criteria are not offered with beam search (num_beams > 1)")
+        check(not self.guided, "classifier-free guidance (guidance_scale) is not offered with beams (num_beams > 1)")
         check(self.num_return_sequences <= self.num_beams,
               f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams ({self.num_beams})")  # fmt: skip
 
@@ -214,7 +243,9 @@ class GenerationConfig:
                  "sequence_bias": [t for seq in self.sequence_bias or {} for t in seq],
                  "suppress_tokens": self.suppress_tokens or [], "begin_suppress_tokens": self.begin_suppress_tokens or [],
                  "forced_eos_token_id": [self.forced_eos_token_id] if isinstance(self.forced_eos_token_id, int)
-                 else self.forced_eos_token_id or []}  # fmt: skip
+                 else self.forced_eos_token_id or [],
+                 "negative_prompt_ids": [t for x in self.negative_prompt_ids or [] for t in (x if isinstance(x, list)
+                                                                                             else [x])]}  # fmt: skip
         for name, ids in named.items():
             bad = [t for t in ids if t >= vocab]
             if bad:
@@ -264,6 +295,24 @@ def fit_prompts(prompts: Sequence[Sequence[int]], gc: GenerationConfig, n_ctx: i
             prompt = prompt[-keep:]
         fitted.append(prompt)
     return fitted
+
+
+def _contexts(gc: GenerationConfig, prompts: list[list[int]], n_ctx: int) -> list[list[int]]:
+    """Each prompt's unconditional context for classifier-free guidance: its negative prompt (one for all, or one
+    per prompt), else its last token (as transformers)."""
+    negative = gc.negative_prompt_ids
+    if negative is None:
+        return [p[-1:] for p in prompts]
+    nested = isinstance(negative[0], list)
+    if nested and len(negative) != len(prompts):
+        raise NeolmError(f"negative_prompt_ids has {len(negative)} prompts for {len(prompts)} prompts: give one "
+                         "list of token ids for all, or one per prompt")  # fmt: skip
+    contexts = negative if nested else [negative] * len(prompts)
+    for context, prompt in zip(contexts, prompts):
+        if len(context) + gc.new_token_budget(len(prompt)) > n_ctx:
+            raise NeolmError(f"the negative prompt has {len(context)} tokens; with the new tokens that is more than "
+                             f"the model's context of {n_ctx}")  # fmt: skip
+    return contexts
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -370,6 +419,7 @@ class Prefill:
     budgets: list[int]
     on_prompt: Callable[[int, TokenLogprobs], None] | None
     deadline: float = math.inf  # GenerationConfig.deadline(), from when the prefill was asked for
+    contexts: list[list[int]] | None = None  # classifier-free guidance's unconditional context, per sequence
     tokens: torch.Tensor | None = None  # (N, W) left-padded; None: nothing to read
     positions: torch.Tensor | None = None  # (N, W)
     cache: KVCache | None = None
@@ -431,6 +481,7 @@ class DecodeBatch:
         self.cache: KVCache | None = None
         self._spare: KVCache | None = None  # the cache before the last rebuild: memory for the next (KVCache.aligned)
         self.generator: torch.Generator | None = None
+        self.guidance: Guidance | None = None  # a guided batch's unconditional contexts (its only sequences)
         self._fed: torch.Tensor | None = None  # the last step's tokens (N,), fed to the model before the next
         self._ids = itertools.count()
         self.keep_logits = self.keep_scores = False  # give each Step the logits / the processed scores
@@ -456,6 +507,9 @@ class DecodeBatch:
                 "beam search (num_beams > 1) gives whole sequences at the end: it cannot be streamed "
                 "or batched with other requests; use generate()"
             )
+        if gc.guided and (self.compact or self.rows is not None):
+            raise NeolmError("classifier-free guidance (guidance_scale) runs in a generation of its own: it cannot "
+                             "be batched with other requests")  # fmt: skip
 
     def _group(self, gc: GenerationConfig) -> int:
         for i, group in enumerate(self.groups):
@@ -516,6 +570,8 @@ class DecodeBatch:
                           [gc.new_token_budget(len(p)) for p in seqs], on_prompt, gc.deadline())  # fmt: skip
         if not seqs or (max(prefill.budgets) == 0 and on_prompt is None):
             return prefill  # nothing to read
+        if gc.guided:
+            prefill.contexts = [c for c in _contexts(gc, prompts, config.n_positions) for _ in range(n)]
         prefill.group = self._group(gc)
         # with no sequence running, the new ones may take this cache as theirs (join): room for their tokens
         prefill.room = 0 if self.rows is not None and (not self.compact or self.live > 0) else max(prefill.budgets)
@@ -570,6 +626,9 @@ class DecodeBatch:
             prefill.budgets, [0] * len(seqs), [b == 0 for b in prefill.budgets], prefill.positions[:, -1:], logits,
             seen, made, [prefill.deadline] * len(seqs), [i // n for i in range(len(seqs))],
         )  # fmt: skip
+        if prefill.contexts is not None:
+            self.guidance = Guidance(self.model, gc.guidance_scale, *left_pad(prefill.contexts, 0, self.device),
+                                     room=max(prefill.budgets))  # fmt: skip
         self._flush()  # the rows already here reach the current slot before new ones align to it
         if prefill.room and (self.rows is None or (self.compact and self.live == 0)):
             self._spare = self.cache or self._spare
@@ -695,6 +754,8 @@ class DecodeBatch:
             state.tokens = [r.histories[row] for row in rows]
         if needs.prompts:
             state.prompts = [r.prompt[row] for row in rows]
+        if gc.guided:  # (the batch's only group)
+            state.unconditional = self.guidance.unconditional(index)
         logits = group.processors(logits, state)
         if gc.do_sample:
             return torch.multinomial(logits.softmax(dim=-1), 1, generator=self.generator).squeeze(1), logits
@@ -716,6 +777,8 @@ class DecodeBatch:
             r = self.rows
         r.positions = r.positions + 1
         r.logits = self.model(token[:, None], r.positions, self.cache)[:, -1].float()
+        if self.guidance is not None:
+            self.guidance.feed(token)
 
 
 def iter_generate(

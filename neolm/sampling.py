@@ -11,6 +11,7 @@ import torch
 
 from neolm import native
 from neolm.errors import NeolmError
+from neolm.guidance import guide
 
 if TYPE_CHECKING:
     from neolm.generate import GenerationConfig
@@ -29,6 +30,7 @@ class RowState:
     made: torch.Tensor | None = None  # (N, V) int: how often each was generated (presence/frequency penalty)
     tokens: Sequence[Sequence[int]] | None = None  # prompt + new tokens (n-grams, sequence biases)
     prompts: Sequence[int] | None = None  # which prompt of its generate() call (prefix_allowed_tokens_fn's batch_id)
+    unconditional: torch.Tensor | None = None  # (N, V) guidance's unconditional log-probabilities (neolm.guidance)
 
 
 class Processors:
@@ -65,6 +67,8 @@ class Processors:
         """Processed scores (N, V). May write into `scores` (the caller's own tensor: a copy of 8 x 50k logits
         took ~0.15 ms a step in cProfile)."""
         gc, inf = self.gc, float("inf")
+        if rows.unconditional is not None:  # first, as transformers
+            scores = guide(scores, rows.unconditional, gc.guidance_scale)
         if self.bias is not None:
             scores = scores + self.bias
         if self.sequence_biases:

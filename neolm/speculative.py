@@ -218,6 +218,8 @@ def _check(model: GPT, prompts, gc: GenerationConfig, decode, assistant: GPT | N
     config = model.config
     if gc.num_beams > 1:
         raise NeolmError("assisted generation (prompt lookup or an assistant model) runs without beam search")
+    if gc.guided:
+        raise NeolmError("assisted generation (prompt lookup or an assistant model) runs without guidance_scale")
     if (gc.prompt_lookup_num_tokens is None) == (assistant is None):
         raise NeolmError("assisted generation needs either prompt_lookup_num_tokens or an assistant model (one)")
     if gc.stop_strings and decode is None:
