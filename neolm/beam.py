@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from neolm.errors import NeolmError
 from neolm.generate import GenerationConfig, fit_prompts, left_pad
 from neolm.model import GPT, KVCache
-from neolm.sampling import Processors, RowState, StopStrings, seeded_generator
+from neolm.sampling import Processors, RowState, StopStrings, criteria_met, seeded_generator
 
 LOST = -1.0e9  # the score of a candidate that cannot be chosen (transformers' value)
 
@@ -36,21 +37,41 @@ def beam_search(
 ) -> list[list[int]]:
     """The new tokens of each prompt's num_return_sequences best hypotheses, best first (prompt-major; an eos
     that ended one is included). `decode` (token ids -> text) is needed for stop_strings."""
-    return beam_hypotheses(model, prompts, gc, decode)[0]
+    return beam_hypotheses(model, prompts, gc, decode).sequences
 
 
+@dataclass
+class Hypotheses:
+    """beam_search's hypotheses (prompt-major, best first) with their scores."""
+
+    sequences: list[list[int]]  # each hypothesis's new tokens
+    scores: list[float]  # sum of its tokens' log-probabilities (processed) / new tokens ** length_penalty
+    token_scores: list[torch.Tensor] | None = None  # (new tokens, V): the processed log-probabilities each came from
+    token_logits: list[torch.Tensor] | None = None  # (new tokens, V): the model's logits each came from
+
+
+@torch.inference_mode()
 def beam_hypotheses(
-    model: GPT, prompts: Sequence[Sequence[int]], gc: GenerationConfig, decode: Callable[[list[int]], str] | None = None
-) -> tuple[list[list[int]], list[float]]:
-    """beam_search's hypotheses and their scores: the sum of their tokens' log-probabilities (after the
-    processors) / new tokens ** length_penalty, transformers' sequences_scores (0 for a prompt with no budget)."""
+    model: GPT,
+    prompts: Sequence[Sequence[int]],
+    gc: GenerationConfig,
+    decode: Callable[[list[int]], str] | None = None,
+    keep_scores: bool = False,
+    keep_logits: bool = False,
+) -> Hypotheses:
+    """beam_search's hypotheses and their scores, transformers' sequences_scores (0 for a prompt with no budget);
+    with keep_scores / keep_logits, each token's row of the step that chose it, from the beam it continued
+    (transformers' scores / logits gathered along its beam_indices)."""
     config, device = model.config, model.ln_f.weight.device
     prompts = fit_prompts(prompts, gc, config.n_positions, config.vocab_size)
     gc.check_vocab(config.vocab_size)
     P, B, V = len(prompts), gc.num_beams, config.vocab_size
     budgets = [gc.new_token_budget(len(p)) for p in prompts]
     if not prompts or max(budgets) == 0:
-        return [[] for _ in range(P * gc.num_return_sequences)], [0.0] * (P * gc.num_return_sequences)
+        n = P * gc.num_return_sequences
+        empty = [torch.empty(0, V) for _ in range(n)]
+        return Hypotheses([[] for _ in range(n)], [0.0] * n, empty if keep_scores else None,
+                          empty if keep_logits else None)  # fmt: skip
     eos_ids = gc.eos_ids(config.eos_token_id)
     if gc.stop_strings and decode is None:
         raise NeolmError("stop_strings need a tokenizer to decode the text")
@@ -71,11 +92,14 @@ def beam_hypotheses(
 
     budget = torch.tensor(budgets, device=device)[:, None]  # (P, 1)
     running = torch.zeros(P, B, T, dtype=torch.long, device=device)  # the beams' new tokens
+    running_rows = torch.zeros(P, B, T, dtype=torch.long, device=device)  # the row (p * B + beam) each came from
     running_scores = torch.full((P, B), LOST, device=device)
     running_scores[:, 0] = 0  # at first all beams are the same: only one may continue
     finished = torch.zeros(P, B, T, dtype=torch.long, device=device)
     finished_scores = torch.full((P, B), LOST, device=device)
     finished_lengths = torch.zeros(P, B, dtype=torch.long, device=device)
+    finished_rows = torch.zeros(P, B, T, dtype=torch.long, device=device)
+    kept: dict[str, list[torch.Tensor]] = {"scores": [], "logits": []}  # per step (P * B, V)
     is_finished = torch.zeros(P, B, dtype=torch.bool, device=device)
     open_ = torch.ones(P, dtype=torch.bool, device=device)  # may still improve
     first_b = torch.arange(K, device=device) < B  # (K,) only the best num_beams candidates may finish
@@ -84,6 +108,10 @@ def beam_hypotheses(
     for t in range(T):
         state = _state(processors.needs, prompts, budgets, running, t, B, V)
         log_probs = processors(torch.log_softmax(logits, dim=-1), state)
+        if keep_scores:
+            kept["scores"].append(log_probs)
+        if keep_logits:
+            kept["logits"].append(logits)
         scores = (log_probs.view(P, B, V) + running_scores[:, :, None]).view(P, B * V)
         if gc.do_sample:
             picked = torch.multinomial(scores.softmax(dim=-1), K, generator=generator)
@@ -93,16 +121,22 @@ def beam_hypotheses(
         origin, token = picked // V, picked % V
         candidates = running.gather(1, origin[:, :, None].expand(P, K, T)).clone()  # (P, K, T)
         candidates[:, :, t] = token
+        rows = origin + torch.arange(P, device=device)[:, None] * B  # (P, K) the beams' rows
+        candidate_rows = running_rows.gather(1, origin[:, :, None].expand(P, K, T)).clone()
+        candidate_rows[:, :, t] = rows
         ends = torch.isin(token, eos) | (t + 1 >= budget)  # (P, K)
         if time.monotonic() > deadline:  # max_time: every candidate ends here, as at the length limit
             ends = torch.ones_like(ends)
         if stops is not None:
             ends |= _stop_hits(stops, prompts, candidates, t)
+        if gc.stopping_criteria:
+            ends |= _criteria_hits(gc.stopping_criteria, prompts, candidates, t, log_probs, rows)
 
         # the next running beams: the best candidates that do not end
         keep = torch.topk(top_scores + ends.float() * LOST, B).indices  # (P, B)
         running_scores = (top_scores + ends.float() * LOST).gather(1, keep)
         running = candidates.gather(1, keep[:, :, None].expand(P, B, T))
+        running_rows = candidate_rows.gather(1, keep[:, :, None].expand(P, B, T))
         beam_rows = (origin.gather(1, keep) + torch.arange(P, device=device)[:, None] * B).view(-1)
 
         # finished hypotheses: merge those that end among the first num_beams into the best num_beams
@@ -114,6 +148,7 @@ def beam_hypotheses(
         best = torch.topk(merged_scores, B).indices  # (P, B)
         finished_scores = merged_scores.gather(1, best)
         finished = torch.cat((finished, candidates), 1).gather(1, best[:, :, None].expand(P, B, T))
+        finished_rows = torch.cat((finished_rows, candidate_rows), 1).gather(1, best[:, :, None].expand(P, B, T))
         new_lengths = torch.cat((finished_lengths, torch.full_like(token, t + 1)), 1)
         finished_lengths = new_lengths.gather(1, best)
         is_finished = torch.cat((is_finished, ended), 1).gather(1, best)
@@ -134,10 +169,16 @@ def beam_hypotheses(
     n = gc.num_return_sequences
     lengths_out = finished_lengths[:, :n].tolist()
     sequences, scores = finished[:, :n].tolist(), finished_scores[:, :n].tolist()
-    hypotheses = [
-        seq[:length] if budgets[p] else [] for p in range(P) for seq, length in zip(sequences[p], lengths_out[p])
-    ]
-    return hypotheses, [score if budgets[p] else 0.0 for p in range(P) for score in scores[p]]
+    lengths = [length if budgets[p] else 0 for p in range(P) for length in lengths_out[p]]
+    out = Hypotheses([seq[:length] for seq, length in zip((s for p in sequences for s in p), lengths)],
+                     [score if budgets[p] else 0.0 for p in range(P) for score in scores[p]])  # fmt: skip
+    rows = finished_rows[:, :n].reshape(P * n, T)
+    for name, steps in kept.items():
+        if steps:  # each hypothesis's token t: row `rows[h, t]` of step t
+            table = torch.stack(steps)  # (steps, P * B, V)
+            picked = [table[torch.arange(length, device=device), rows[h, :length]] for h, length in enumerate(lengths)]
+            setattr(out, f"token_{name}", picked)
+    return out
 
 
 def _state(needs: RowState, prompts, budgets, running: torch.Tensor, t: int, B: int, V: int) -> RowState:
@@ -164,6 +205,16 @@ def _state(needs: RowState, prompts, budgets, running: torch.Tensor, t: int, B: 
     if needs.prompts:
         state.prompts = [row // B for row in range(P * B)]
     return state
+
+
+def _criteria_hits(criteria, prompts, candidates: torch.Tensor, t: int, log_probs: torch.Tensor,
+                   rows: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """(P, K) whether a stopping criterion ends each candidate, given its tokens (prompt and new) and the scores
+    (V,) its last token was chosen from (its beam's row of log_probs (P * B, V))."""
+    held, origin = candidates[:, :, : t + 1].tolist(), rows.tolist()
+    hits = [[criteria_met(criteria, list(prompts[p]) + seq, log_probs[row]) for seq, row in zip(held[p], origin[p])]
+            for p in range(len(prompts))]  # fmt: skip
+    return torch.tensor(hits, dtype=torch.bool, device=candidates.device)
 
 
 def _stop_hits(stops: StopStrings, prompts, candidates: torch.Tensor, t: int) -> torch.Tensor:

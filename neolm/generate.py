@@ -216,7 +216,6 @@ class GenerationConfig:
               f'early_stopping must be true, false or "never", got {self.early_stopping!r}')  # fmt: skip
         if self.num_beams == 1:
             return
-        check(self.stopping_criteria is None, "stopping_criteria are not offered with beam search (num_beams > 1)")
         check(not self.guided, "classifier-free guidance (guidance_scale) is not offered with beams (num_beams > 1)")
         check(self.num_return_sequences <= self.num_beams,
               f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams ({self.num_beams})")  # fmt: skip

@@ -53,17 +53,14 @@ def generate_output(
     output_scores: bool = False,
     output_logits: bool = False,
 ) -> GenerateOutput:
-    """generate(), as a GenerateOutput: with the scores and logits of each new token when asked (not offered with
-    beam search, whose per-step scores belong to beams rather than sequences)."""
+    """generate(), as a GenerateOutput: with the scores and logits of each new token when asked (with beam search:
+    of the beam each hypothesis's token continued, at the step that chose it)."""
     per_step = output_scores or output_logits
     if per_step and (assistant is not None or gc.prompt_lookup_num_tokens is not None):
         return _assisted(model, prompts, gc, decode, assistant, output_scores, output_logits)
     if gc.num_beams > 1:
-        if per_step:
-            raise NeolmError("output_scores and output_logits are not offered with beam search: its per-step scores "
-                             "are the beams', not the hypotheses'; sequences_scores gives each hypothesis's score")  # fmt: skip
-        sequences, scores = beam_hypotheses(model, prompts, gc, decode)
-        return GenerateOutput(sequences, sequences_scores=scores)
+        beams = beam_hypotheses(model, prompts, gc, decode, output_scores, output_logits)
+        return GenerateOutput(beams.sequences, beams.token_scores, beams.token_logits, sequences_scores=beams.scores)
     if not per_step:
         return GenerateOutput(generate(model, prompts, gc, decode, assistant))
     steps = iter_steps(model, prompts, gc, decode, keep_logits=output_logits, keep_scores=output_scores)

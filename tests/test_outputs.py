@@ -89,21 +89,40 @@ def test_each_sequence_gets_its_own_rows_in_a_batch(tiny_checkpoints):
 
 
 @pytest.mark.parametrize("name", ["neo", "neox-parallel-pct25"])
-def test_beam_sequences_scores_match_transformers(tiny_checkpoints, name):
+def test_beam_scores_match_transformers(tiny_checkpoints, name):
+    """Each hypothesis's sequences_scores, and its tokens' scores and logits: the rows transformers' beam_indices
+    point to in its per-step scores and logits; transition_scores are its compute_transition_scores with them, and
+    their sum, length-penalised, is the hypothesis's score."""
     hf, folder = tiny_checkpoints[name]
     lm = neolm.load(folder)
+    free = lm.generate_ids([PROMPT], num_beams=3, num_return_sequences=3, max_new_tokens=8, do_sample=False)
     for kw in (
         dict(num_beams=3, num_return_sequences=2),
         dict(num_beams=4, num_return_sequences=3, length_penalty=0.5),
         dict(num_beams=3, num_return_sequences=3, renormalize_logits=True, repetition_penalty=1.5),
+        dict(num_beams=3, num_return_sequences=3, eos_token_id=free[1][3], length_penalty=0.5),  # of other lengths
     ):
         kw = dict(kw, max_new_tokens=8, do_sample=False)
-        ours = lm.generate_ids([PROMPT], return_dict_in_generate=True, **kw)
-        ref = hf_output(hf, PROMPT, output_scores=True, **kw)
+        ours = lm.generate_ids([PROMPT], return_dict_in_generate=True, output_scores=True, output_logits=True, **kw)
+        ref = hf_output(hf, PROMPT, output_scores=True, output_logits=True, **kw)
         assert ours.sequences == [
             [t for t in row if t != hf.config.vocab_size] for row in ref.sequences[:, len(PROMPT) :].tolist()
         ]
         assert ours.sequences_scores == pytest.approx(ref.sequences_scores.tolist(), abs=TOL)
+        transitions = hf.compute_transition_scores(ref.sequences, ref.scores, ref.beam_indices)
+        for h, seq in enumerate(ours.sequences):
+            steps = range(len(seq))
+            scores = torch.stack([ref.scores[t][ref.beam_indices[h, t]] for t in steps])
+            finite = torch.isfinite(scores)
+            assert torch.equal(torch.isfinite(ours.scores[h]), finite)
+            assert (ours.scores[h][finite] - scores[finite]).abs().max().item() <= TOL
+            logits = torch.stack([ref.logits[t][ref.beam_indices[h, t]] for t in steps])
+            assert (ours.logits[h] - logits).abs().max().item() <= TOL
+            transition = ours.transition_scores()[h]
+            assert (transition - transitions[h, : len(seq)]).abs().max().item() <= TOL
+            penalised = transition.sum().item() / len(seq) ** kw.get("length_penalty", 1.0)
+            assert penalised == pytest.approx(ours.sequences_scores[h], abs=TOL)
+        assert len({len(seq) for seq in ours.sequences}) > 1 or "eos_token_id" not in kw
 
 
 @pytest.mark.parametrize("name", ["neo", "neox-parallel-pct25"])
@@ -141,8 +160,6 @@ def test_texts_plain_dicts_and_errors(tiny_checkpoints):
         out.transition_scores()
     with pytest.raises(NeolmError, match="return_dict_in_generate=True"):
         lm.generate("hi", output_scores=True)
-    with pytest.raises(NeolmError, match="beam search"):
-        lm.generate("hi", num_beams=2, return_dict_in_generate=True, output_logits=True)
     with pytest.raises(NeolmError, match="pipeline"):
         neolm.pipeline("text-generation", model=folder)("hi", return_dict_in_generate=True)
     empty = lm.generate_ids([PROMPT], max_new_tokens=0, return_dict_in_generate=True, output_scores=True)

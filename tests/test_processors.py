@@ -152,14 +152,13 @@ def allowed_after(batch_id: int, input_ids) -> list[int]:
 @pytest.mark.parametrize("name", ["neo", "neox-parallel-pct25"])
 def test_callers_processors_criteria_and_allowed_tokens_match_transformers(tiny_checkpoints, name):
     """logits_processor, prefix_allowed_tokens_fn and stopping_criteria, as transformers.generate takes them, give
-    its greedy text, beam search's hypotheses and prompt lookup's text (criteria: not with beams)."""
+    its greedy text, beam search's hypotheses and prompt lookup's text."""
     from transformers import LogitsProcessorList, StoppingCriteriaList
 
     hf, folder = tiny_checkpoints[name]
     lm = neolm.load(folder)
     n = 14
     free = lm.generate_ids([PROMPT], max_new_tokens=n, do_sample=False)[0]
-    end = EndAt(free[5])
     for extra in ({}, {"num_beams": 3}, {"prompt_lookup_num_tokens": 3}):
         kw = dict(max_new_tokens=n, **extra)
         ours = lm.generate_ids([PROMPT], logits_processor=[Penalise()], prefix_allowed_tokens_fn=allowed_after,
@@ -168,12 +167,14 @@ def test_callers_processors_criteria_and_allowed_tokens_match_transformers(tiny_
                           prefix_allowed_tokens_fn=allowed_after, **kw)  # fmt: skip
         assert ours[0] == ref and ours[0] != free, extra
         assert all(t in allowed_after(0, torch.tensor(PROMPT + ours[0][:i])) for i, t in enumerate(ours[0]))
-        if extra.get("num_beams"):
-            continue
+        plain = lm.generate_ids([PROMPT], do_sample=False, **kw)[0]
+        end = EndAt(plain[5])
         stopped = lm.generate_ids([PROMPT], stopping_criteria=[end], do_sample=False, **kw)[0]
         ref = hf_generate(hf, PROMPT, stopping_criteria=StoppingCriteriaList([end]), **kw)
-        assert stopped == ref[: len(stopped)] == free[:6], extra
-    assert (1, hf.config.vocab_size) in end.seen_shapes  # neolm gives each sequence's scores
+        assert stopped == ref and stopped != plain, extra
+        if not extra.get("num_beams"):  # (beams: a candidate that ends is a finished hypothesis, as with eos, and
+            assert stopped == plain[: len(stopped)] and stopped[-1] == end.token, extra  # may lose to a longer one)
+    assert (1, hf.config.vocab_size) in end.seen_shapes  # neolm gives each sequence's (or candidate's) scores
 
 
 def test_callers_functions_see_each_sequence_alone_in_a_batch(tiny_checkpoints):
@@ -196,7 +197,6 @@ def test_callers_functions_see_each_sequence_alone_in_a_batch(tiny_checkpoints):
         (dict(logits_processor=Penalise()), "logits_processor must be a list of callables"),
         (dict(stopping_criteria=[1]), "stopping_criteria must be a list of callables"),
         (dict(prefix_allowed_tokens_fn=[1, 2]), "prefix_allowed_tokens_fn must be a callable"),
-        (dict(stopping_criteria=[EndAt(1)], num_beams=2), "not offered with beam search"),
         (dict(logits_processor=[lambda ids, scores: scores[0]]), "must return the scores"),
         (dict(prefix_allowed_tokens_fn=lambda b, ids: []), "allowed no token"),
     ],
