@@ -15,6 +15,8 @@ from neolm.conversation import Conversation
 from neolm.errors import NeolmError
 from neolm.generate import GenerationConfig
 from neolm.model import GPT
+from neolm.watermark import WatermarkingConfig
 
-__all__ = ["Config", "Conversation", "GPT", "GenerationConfig", "LanguageModel", "NeolmError", "load", "pipeline"]
+__all__ = ["Config", "Conversation", "GPT", "GenerationConfig", "LanguageModel", "NeolmError", "WatermarkingConfig",
+           "load", "pipeline"]
 __version__ = "0.1.0"

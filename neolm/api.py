@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -25,6 +25,7 @@ from neolm.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 from neolm.trace import DEFAULT_BATCH_SIZE as TRACE_BATCH_SIZE
 from neolm.trace import Trace
 from neolm.trace import trace as trace_model
+from neolm.watermark import Detection, detect_tokens
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +253,15 @@ class LanguageModel:
     ) -> list[Trace]:
         """trace() of token id sequences."""
         return trace_model(self.model, ids, output_hidden_states, output_attentions, output_logits, batch_size, modules)
+
+    def detect_watermark(self, text: str | Sequence[int], watermarking_config=None, z_threshold: float = 3.0,
+                         ignore_repeated_ngrams: bool = False) -> Detection:  # fmt: skip
+        """Whether `text` (a string, or token ids) carries the watermark of `watermarking_config` (a
+        WatermarkingConfig, its dict, or transformers' config; default: the default config), as transformers'
+        WatermarkDetector: its green tokens' z-score, p-value and the prediction z > z_threshold. Give the text
+        without its prompt; a leading bos token is dropped. Only the tokenizer and vocabulary size are used."""
+        ids = self.encode(text) if isinstance(text, str) else [int(t) for t in text]
+        return detect_tokens(ids, watermarking_config, self.config, z_threshold, ignore_repeated_ngrams)
 
     def info(self) -> dict:
         c = self.config

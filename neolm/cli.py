@@ -103,6 +103,13 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = False, position
     )
 
 
+WATERMARK_HELP = (
+    "the watermark's settings as transformers' WatermarkingConfig: bias (default 2.0, added to the green tokens' "
+    "logits), greenlist_ratio (0.25), hashing_key (15485863: choose your own for a private watermark), "
+    "seeding_scheme (lefthash, or selfhash: sturdier, slower) and context_width (1); e.g. bias=2.5,hashing_key=42"
+)
+
+
 def _add_generation_args(p: argparse.ArgumentParser, chat: bool = False):
     """The generation knobs (names and meaning as transformers.generate's), in a group that is returned; a chat
     has one reply per turn, whose length counts from its own start."""
@@ -139,6 +146,9 @@ def _add_generation_args(p: argparse.ArgumentParser, chat: bool = False):
                             "--negative-prompt (default: the prompt's last token alone); each token costs two forwards")  # fmt: skip
     knobs.add_argument("--negative-prompt", metavar="TEXT",
                        help="with --guidance-scale: the text to steer away from")  # fmt: skip
+    knobs.add_argument("--watermark", action="store_true",
+                       help="write a green-list watermark into the text, which `neolm watermark` detects")  # fmt: skip
+    knobs.add_argument("--watermark-config", metavar="KEY=VALUE,...", help="implies --watermark; " + WATERMARK_HELP)
     knobs.add_argument("--max-time", type=positive_float, metavar="SECONDS",
                        help="end the text with the first token after this many seconds")  # fmt: skip
     cut = "; cut out of the reply" if chat else ""
@@ -162,6 +172,10 @@ def _generation_knobs(args) -> dict:
     GenerationConfig.from_kwargs(**knobs, **negative)  # reject bad combinations before the (slow) load
     if args.negative_prompt is not None:
         knobs["negative_prompt"] = args.negative_prompt
+    if args.watermark or args.watermark_config is not None:
+        from neolm.watermark import WatermarkingConfig
+
+        knobs["watermarking_config"] = WatermarkingConfig.parse(args.watermark_config or "")
     return knobs
 
 

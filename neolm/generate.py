@@ -23,6 +23,7 @@ import torch
 from neolm.errors import NeolmError
 from neolm.guidance import Guidance
 from neolm.model import GPT, KVCache
+from neolm.watermark import WatermarkingConfig
 from neolm.sampling import (
     Processors,
     RowState,
@@ -86,6 +87,7 @@ class GenerationConfig:
     # classifier-free guidance (neolm.guidance): > 1 sharpens the text's dependence on its prompt
     guidance_scale: float | None = None
     negative_prompt_ids: list[int] | list[list[int]] | None = None  # guidance's context: one, or one per prompt
+    watermarking_config: WatermarkingConfig | dict | None = None  # a green-list watermark (neolm.watermark)
     # assisted generation (neolm.speculative): guessed tokens checked by the model in one forward
     prompt_lookup_num_tokens: int | None = None  # guess this many tokens from earlier in the sequence
     max_matching_ngram_size: int | None = None  # prompt lookup: match the last n-gram up to this size (default 2)
@@ -132,6 +134,8 @@ class GenerationConfig:
         check(all(self.stop_strings or []), "stop strings must not be empty")
         self._validate_processors(check)
         self._validate_guidance(check)
+        if self.watermarking_config is not None:
+            self.watermarking_config = WatermarkingConfig.of(self.watermarking_config)
         self._validate_beams(check)
         self._validate_assisted(check)
         return self

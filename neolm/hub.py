@@ -34,8 +34,9 @@ MODELSCOPE_PREFIX = "modelscope:"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def resolve(model: str | os.PathLike, revision: str | None = None) -> Path:
-    """The local folder holding `model`, downloading it first when it is a hub id."""
+def resolve(model: str | os.PathLike, revision: str | None = None, weights: bool = True) -> Path:
+    """The local folder holding `model`, downloading it first when it is a hub id (weights=False: from the
+    Hugging Face hub, only its config and tokenizer files)."""
     text = os.fspath(model)
     path = Path(text).expanduser()
     if path.is_dir():
@@ -45,7 +46,7 @@ def resolve(model: str | os.PathLike, revision: str | None = None) -> Path:
     if text.startswith(MODELSCOPE_PREFIX):
         return _from_modelscope(text[len(MODELSCOPE_PREFIX) :], revision)
     if _REPO_ID.match(text) and not text.startswith((".", "~")):
-        return _from_hf_hub(text, revision)
+        return _from_hf_hub(text, revision, weights)
     raise NeolmError(f"no such model folder: {text} (and it is not a hub id like EleutherAI/pythia-160m)")
 
 
@@ -62,7 +63,7 @@ def _weight_patterns(files: list[str]) -> list[str]:
     raise NeolmError(f"the repository has no weights neolm can read; it needs {_describe_needs()}")
 
 
-def _from_hf_hub(repo_id: str, revision: str | None) -> Path:
+def _from_hf_hub(repo_id: str, revision: str | None, weights: bool = True) -> Path:
     try:
         import huggingface_hub
         from huggingface_hub import snapshot_download
@@ -74,7 +75,7 @@ def _from_hf_hub(repo_id: str, revision: str | None) -> Path:
         if not _reachable(huggingface_hub.constants.ENDPOINT):
             raise ConnectionError(f"{huggingface_hub.constants.ENDPOINT} is unreachable")
         files = huggingface_hub.list_repo_files(repo_id, revision=revision)
-        patterns = [CONFIG_FILE, *OPTIONAL_FILES, *_weight_patterns(files)]
+        patterns = [CONFIG_FILE, *OPTIONAL_FILES, *(_weight_patterns(files) if weights else [])]
         log.info("downloading %s from the Hugging Face hub: %s", where, ", ".join(patterns))
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except (RepositoryNotFoundError, RevisionNotFoundError) as e:

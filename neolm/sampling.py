@@ -12,6 +12,7 @@ import torch
 from neolm import native
 from neolm.errors import NeolmError
 from neolm.guidance import guide
+from neolm.watermark import Watermark
 
 if TYPE_CHECKING:
     from neolm.generate import GenerationConfig
@@ -48,6 +49,7 @@ class Processors:
         self.suppress = _mask(gc.suppress_tokens, vocab, device)
         self.begin_suppress = _mask(gc.begin_suppress_tokens, vocab, device)
         self.eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
+        self.watermark = Watermark(gc.watermarking_config, vocab) if gc.watermarking_config is not None else None
         forced = gc.forced_eos_token_id
         self.forced_eos = None if forced is None else torch.tensor([forced] if isinstance(forced, int) else forced,
                                                                    dtype=torch.long, device=device)  # fmt: skip
@@ -59,7 +61,7 @@ class Processors:
             seen=(gc.repetition_penalty != 1.0) or None,
             made=(gc.presence_penalty != 0 or gc.frequency_penalty != 0) or None,
             tokens=(gc.no_repeat_ngram_size or self.sequence_biases or self.bad_sequences or gc.logits_processor
-                    or gc.prefix_allowed_tokens_fn) or None,
+                    or gc.prefix_allowed_tokens_fn or self.watermark) or None,
             prompts=(gc.prefix_allowed_tokens_fn is not None) or None,
         )  # fmt: skip
 
@@ -121,6 +123,8 @@ class Processors:
                                 for tokens, row in zip(rows.tokens, scores)])  # fmt: skip
         if gc.do_sample:
             scores = self.warp(scores)
+        if self.watermark is not None:  # after the warpers, as transformers
+            scores = self.watermark.bias(rows.tokens, scores)
         if gc.renormalize_logits:  # log-probabilities again after all the processing (the same picks)
             scores = torch.log_softmax(scores, dim=-1)
         return scores

@@ -1,9 +1,11 @@
 """`neolm eval` (lm-evaluation-harness tasks on neolm's backend), `neolm perplexity` (rolling perplexity) and
-`neolm score` (each token's log-probability in a text, and the forward pass's hidden states and attention)."""
+`neolm score` (each token's log-probability in a text, and the forward pass's hidden states and attention) and
+`neolm watermark` (whether a text carries a green-list watermark)."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -12,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from neolm.cli import MODEL_HELP, _add_model_args, _read_prompt, load_model, non_negative, seed_type
+from neolm.cli import MODEL_HELP, WATERMARK_HELP, _add_model_args, _read_prompt, load_model, non_negative, seed_type
 from neolm.errors import NeolmError
 
 MODEL_ARG_HELP = MODEL_HELP + ", or 'default' for neolm's bundled model"
@@ -85,7 +87,28 @@ def register(sub) -> dict:
     s.add_argument("--revisions", metavar="R1,R2,...",
                    help="score the text under each of these hub revisions (Pythia's training checkpoints: "
                    "step1000,step8000,...): a log-probability column per revision, and each one's summary")  # fmt: skip
-    return {"eval": cmd_eval, "perplexity": cmd_perplexity, "score": cmd_score}
+
+    w = sub.add_parser(
+        "watermark",
+        help="test a text for a green-list watermark",
+        description="Test a text for the green-list watermark that `neolm generate --watermark` (or transformers' "
+        "watermarking_config) writes: count its tokens that fall in the green list of the tokens before them, "
+        "and how unlikely that many are by chance (a z-score; above --z-threshold: watermarked). Only the "
+        "model's tokenizer and vocabulary size are read (no weights). Give the generated text without its prompt, "
+        "and the same --watermark-config it was written with. The text comes from the argument, or from "
+        "standard input when it is omitted or '-'.",
+    )
+    w.add_argument("prompt", nargs="?", metavar="TEXT", help="the text ('-' or omitted: read standard input)")
+    w.add_argument("-m", "--model", help=MODEL_HELP + " (default: neolm's bundled model)")
+    w.add_argument("--revision", help="hub branch, tag or commit")
+    w.add_argument("--watermark-config", default="", metavar="KEY=VALUE,...", help=WATERMARK_HELP)
+    w.add_argument("--z-threshold", type=float, default=3.0, metavar="Z",
+                   help="the z-score above which the text counts as watermarked (default 3: a 0.13%% chance of "
+                   "a false alarm per text)")  # fmt: skip
+    w.add_argument("--ignore-repeated-ngrams", action="store_true",
+                   help="count each distinct (context, token) once, so that repeated phrases do not sway the test")  # fmt: skip
+    w.add_argument("--json", action="store_true", help="print JSON")
+    return {"eval": cmd_eval, "perplexity": cmd_perplexity, "score": cmd_score, "watermark": cmd_watermark}
 
 
 def _model_help(parser) -> None:
@@ -194,6 +217,32 @@ def cmd_score(args) -> int:
           f"mean {summary['mean_logprob']:.4f}, perplexity {summary['perplexity']:.4f}")  # fmt: skip
     if args.save:
         print(f"saved the forward pass to {args.save}")
+    return 0
+
+
+def cmd_watermark(args) -> int:
+    from neolm import checkpoint, hub
+    from neolm.api import _default_model
+    from neolm.config import Config
+    from neolm.tokenizer import load_tokenizer
+    from neolm.watermark import WatermarkingConfig, detect_tokens
+
+    text = _read_prompt(args, "text")
+    settings = WatermarkingConfig.parse(args.watermark_config)
+    folder = _default_model() if args.model is None else hub.resolve(args.model, args.revision, weights=False)
+    config = Config.from_hf(checkpoint.read_hf_config(folder), source=str(folder / "config.json"))
+    ids = load_tokenizer(folder, default=config.tokenizer).encode(text)
+    found = detect_tokens(ids, settings, config, args.z_threshold, args.ignore_repeated_ngrams)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(found) | {"z_threshold": args.z_threshold}, indent=2))
+        return 0
+    ratio = settings.greenlist_ratio
+    print(f"tokens scored: {found.num_tokens_scored}")
+    print(f"green tokens:  {found.num_green_tokens} ({found.green_fraction:.1%}; {ratio:.1%} expected by chance)")
+    print(f"z-score:       {found.z_score:.2f}")
+    print(f"p-value:       {found.p_value:.3g}")
+    print(f"watermarked:   {'yes' if found.prediction else 'no'} (z {'>' if found.prediction else '<='} "
+          f"{args.z_threshold:g})")  # fmt: skip
     return 0
 
 
