@@ -381,7 +381,7 @@ class GPT(nn.Module):
             y = self.decode_step(x, positions, cache, key_valid)
             if y is not None:
                 cache.length = start + 1
-                return self.lm_head(self.ln_f(y))
+                return self.lm_head(self.ln_f(y)) if head else self.ln_f(y)
         if self.config.rotary_dims:
             cos, sin = self._rotary_table(x.device)
             rope = cos[positions][:, None].to(x.dtype), sin[positions][:, None].to(x.dtype)  # (B, 1, T, dims)

@@ -144,6 +144,25 @@ def test_greedy_text_is_the_same(folders, name):
     assert fast == lm.generate_ids(prompt, **kw)
 
 
+def test_hidden_states_of_one_token_steps(folders):
+    """A one-token forward with a cache asked for hidden states (head=False) gets them from the native step too:
+    prompts of one token scored as they are read (the server's echo with logprobs) once crashed on its logits."""
+    from neolm.generate import DecodeBatch, GenerationConfig
+
+    lm = neolm.load(folders["neox-parallel-pct25"])
+    assert lm.model.decode_step is not None
+    gc = GenerationConfig.from_kwargs(max_new_tokens=3, do_sample=False)
+    runs = []
+    for step in (lm.model.decode_step, None):
+        lm.model.decode_step = step
+        scored = []
+        batch = DecodeBatch(lm.model)
+        batch.add([[5], [6]], gc, logprobs=2, on_prompt=lambda i, scores: scored.append(i))
+        runs.append([batch.step().tokens for _ in range(3)])
+        assert scored == [0, 1]
+    assert runs[0] == runs[1]
+
+
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize(("name", "quantize"), [("neo", None), ("neox-parallel-pct25", None), ("neox-128", "int4")])
 def test_a_bf16_cache_for_a_float32_model(folders, name, quantize, rows):
