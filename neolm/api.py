@@ -13,6 +13,7 @@ import torch
 from neolm import checkpoint, hub, memory
 from neolm.chat import ChatFormat, Transcript, load_chat_format
 from neolm.config import Config
+from neolm.contrastive import contrastive_tokens
 from neolm.conversation import Conversation
 from neolm.errors import NeolmError
 from neolm.generate import GenerationConfig, generate, iter_generate
@@ -124,6 +125,8 @@ class LanguageModel:
                 raise NeolmError("give negative_prompt or negative_prompt_ids, not both")
             kwargs["negative_prompt_ids"] = (self.encode(negative) if isinstance(negative, str)
                                              else [self.encode(x) for x in negative])  # fmt: skip
+        if kwargs.get("penalty_alpha") and "do_sample" not in kwargs:  # contrastive search is a greedy mode: the
+            kwargs["do_sample"] = False  # checkpoint's sampling defaults give way to it
         gc = GenerationConfig.from_kwargs(**(self.generation_defaults | kwargs))
         if gc.eos_token_id is None:
             gc.eos_token_id = (
@@ -205,6 +208,9 @@ class LanguageModel:
             raise NeolmError("stream() takes one prompt string")
         if assistant is not None or gc.prompt_lookup_num_tokens is not None:  # tokens come a round at a time
             tokens = assisted_tokens(self.model, self.encode(prompt), gc, self.tokenizer.decode, assistant)
+            return self._pieces([token] for token in tokens)
+        if gc.contrastive:
+            tokens = contrastive_tokens(self.model, self.encode(prompt), gc, self.tokenizer.decode)
             return self._pieces([token] for token in tokens)
         steps = iter_generate(self.model, [self.encode(prompt)], gc, self.tokenizer.decode)
         return self._pieces(steps)

@@ -140,6 +140,9 @@ def _add_generation_args(p: argparse.ArgumentParser, chat: bool = False):
         knobs.add_argument("--length-penalty", type=float, metavar="X",
                            help="beam search: a hypothesis scores log p / length^X (default 1; < 1 favours short ones)")  # fmt: skip
         knobs.add_argument("--num-return-sequences", type=non_negative, help="samples (or best beams) per prompt")
+        knobs.add_argument("--penalty-alpha", type=float, metavar="X",
+                           help="contrastive search (with --top-k 4 to 10 and --no-do-sample): the likeliest of the top-k "
+                           "tokens, less X times its hidden state's likeness to the text's; against repetition")  # fmt: skip
     knobs.add_argument("--seed", type=seed_type, help="seed for reproducible sampling")
     knobs.add_argument("--guidance-scale", type=float, metavar="X",
                        help="classifier-free guidance: > 1 (e.g. 1.5) holds the text closer to the prompt, away from "
@@ -163,7 +166,7 @@ def _generation_knobs(args) -> dict:
     names = ("max_new_tokens", "max_length", "min_length", "min_new_tokens", "do_sample", "temperature", "top_k",
              "top_p", "repetition_penalty", "num_return_sequences", "seed", "no_repeat_ngram_size", "min_p",
              "typical_p", "presence_penalty", "frequency_penalty", "num_beams", "length_penalty",
-             "prompt_lookup_num_tokens", "num_assistant_tokens", "top_h", "max_time", "guidance_scale")  # fmt: skip
+             "prompt_lookup_num_tokens", "num_assistant_tokens", "top_h", "max_time", "guidance_scale", "penalty_alpha")  # fmt: skip
     knobs = {name: getattr(args, name, None) for name in names} | {"stop_strings": args.stop}
     knobs = {k: v for k, v in knobs.items() if v is not None}
     from neolm.generate import GenerationConfig

@@ -88,6 +88,7 @@ class GenerationConfig:
     guidance_scale: float | None = None
     negative_prompt_ids: list[int] | list[list[int]] | None = None  # guidance's context: one, or one per prompt
     watermarking_config: WatermarkingConfig | dict | None = None  # a green-list watermark (neolm.watermark)
+    penalty_alpha: float | None = None  # > 0 with top_k > 1: contrastive search (neolm.contrastive)
     # assisted generation (neolm.speculative): guessed tokens checked by the model in one forward
     prompt_lookup_num_tokens: int | None = None  # guess this many tokens from earlier in the sequence
     max_matching_ngram_size: int | None = None  # prompt lookup: match the last n-gram up to this size (default 2)
@@ -136,6 +137,7 @@ class GenerationConfig:
         self._validate_guidance(check)
         if self.watermarking_config is not None:
             self.watermarking_config = WatermarkingConfig.of(self.watermarking_config)
+        self._validate_contrastive(check)
         self._validate_beams(check)
         self._validate_assisted(check)
         return self
@@ -213,6 +215,24 @@ class GenerationConfig:
         check(self.guided, "negative_prompt_ids are the context of classifier-free guidance: set guidance_scale "
                            "(e.g. 1.5) too")  # fmt: skip
         self.negative_prompt_ids = [list(x) for x in lists] if nested else list(negative)
+
+    @property
+    def contrastive(self) -> bool:
+        """Contrastive search is on (transformers' rule: penalty_alpha > 0, top_k > 1, greedy, one beam)."""
+        return bool(self.penalty_alpha) and not self.do_sample and self.num_beams == 1 and (self.top_k or 0) > 1
+
+    def _validate_contrastive(self, check) -> None:
+        alpha = self.penalty_alpha
+        if alpha is None or alpha == 0:
+            return
+        check(isinstance(alpha, (int, float)) and 0 < alpha <= 1, f"penalty_alpha must be in [0, 1], got {alpha!r}")
+        check(not self.do_sample and self.num_beams == 1,
+              "contrastive search (penalty_alpha) chooses without sampling or beams: set do_sample=False, num_beams=1")  # fmt: skip
+        check((self.top_k or 0) > 1, f"contrastive search (penalty_alpha) weighs the top_k candidates: top_k must "
+                                     f"be > 1 (typically 4 to 10), got {self.top_k}")  # fmt: skip
+        check(not self.guided, "contrastive search (penalty_alpha) is not offered with guidance_scale")
+        check(self.prompt_lookup_num_tokens is None,
+              "contrastive search (penalty_alpha) and prompt lookup do not go together")  # fmt: skip
 
     def _validate_beams(self, check) -> None:
         check(isinstance(self.num_beams, int) and self.num_beams >= 1, f"num_beams must be >= 1, got {self.num_beams}")
@@ -510,6 +530,9 @@ class DecodeBatch:
                 "beam search (num_beams > 1) gives whole sequences at the end: it cannot be streamed "
                 "or batched with other requests; use generate()"
             )
+        if gc.contrastive:
+            raise NeolmError("contrastive search (penalty_alpha) reads its candidates one sequence at a time: it "
+                             "cannot be batched with other requests; use generate()")  # fmt: skip
         if gc.guided and (self.compact or self.rows is not None):
             raise NeolmError("classifier-free guidance (guidance_scale) runs in a generation of its own: it cannot "
                              "be batched with other requests")  # fmt: skip
@@ -848,6 +871,10 @@ def generate(
         from neolm.beam import beam_search
 
         return beam_search(model, prompts, gc, decode)
+    if gc.contrastive:
+        from neolm.contrastive import contrastive_generate
+
+        return contrastive_generate(model, prompts, gc, decode)
     outputs: list[list[int]] = [[] for _ in range(len(prompts) * gc.num_return_sequences)]
     for step in iter_generate(model, prompts, gc, decode):
         for out, token in zip(outputs, step):

@@ -118,11 +118,12 @@ class KVCache:
             self.valid = torch.ones(filled.shape[0], self.max_len, dtype=torch.bool, device=filled.device)
             self.valid[:, : filled.shape[1]] = filled
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Row i takes row index[i]'s filled slots (beam search: each beam follows the one it continues)."""
+    def reorder(self, index: torch.Tensor, start: int = 0) -> None:
+        """Row i takes row index[i]'s filled slots from `start` on (beam search: each beam follows the one it
+        continues)."""
         for t in (self.k, self.v, self.k_scale, self.v_scale):
             if t is not None:
-                t[:, :, :, : self.length] = t[:, index, :, : self.length]
+                t[:, :, :, start : self.length] = t[:, index, :, start : self.length]
         if self.valid is not None:
             self.valid = self.valid[index]
 

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 DEFAULT_NGRAM = 2  # transformers' max_matching_ngram_size default
 
 
-class _Picker:
+class Picker:
     """The processors and the pick of one sequence: processed scores for positions with their own histories,
     and which guesses the model's picks keep."""
 
@@ -132,7 +132,7 @@ class Assistant:
     """Guesses from a smaller model with the same tokenizer, decoding in a KV cache of its own that keeps the
     tokens the sequence still shares with it from round to round."""
 
-    def __init__(self, model: GPT, gc: GenerationConfig, picker: _Picker, max_len: int):
+    def __init__(self, model: GPT, gc: GenerationConfig, picker: Picker, max_len: int):
         self.model, self.picker = model, picker
         self.device = model.ln_f.weight.device
         self.cache = KVCache(model.config, 1, max_len, model.cache_dtype, self.device)
@@ -218,8 +218,9 @@ def _check(model: GPT, prompts, gc: GenerationConfig, decode, assistant: GPT | N
     config = model.config
     if gc.num_beams > 1:
         raise NeolmError("assisted generation (prompt lookup or an assistant model) runs without beam search")
-    if gc.guided:
-        raise NeolmError("assisted generation (prompt lookup or an assistant model) runs without guidance_scale")
+    if gc.guided or gc.contrastive:
+        raise NeolmError("assisted generation (prompt lookup or an assistant model) runs without guidance_scale "
+                         "and contrastive search (penalty_alpha)")  # fmt: skip
     if (gc.prompt_lookup_num_tokens is None) == (assistant is None):
         raise NeolmError("assisted generation needs either prompt_lookup_num_tokens or an assistant model (one)")
     if gc.stop_strings and decode is None:
@@ -248,7 +249,7 @@ def _tokens(model: GPT, prompt: list[int], gc: GenerationConfig, decode, assista
     eos_ids = gc.eos_ids(config.eos_token_id)
     stops = StopStrings(gc.stop_strings, decode) if gc.stop_strings else None
     processors = Processors(gc, eos_ids, config.vocab_size, device)
-    picker = _Picker(gc, processors, len(prompt), budget, config.vocab_size, device, generator, prompt_index)
+    picker = Picker(gc, processors, len(prompt), budget, config.vocab_size, device, generator, prompt_index)
     guesser = Assistant(assistant, gc, picker, len(prompt) + budget) if assistant is not None else PromptLookup(gc)
     cache = KVCache(config, 1, len(prompt) + budget, model.cache_dtype, device)
     if len(prompt) > 1:  # all but the last token, which each round feeds with its guesses

@@ -14,7 +14,7 @@ import neolm
 from neolm.errors import NeolmError
 from neolm.generate import GenerationConfig, generate
 from neolm.sampling import Processors
-from neolm.speculative import PromptLookup, _Picker, assisted_tokens
+from neolm.speculative import PromptLookup, Picker, assisted_tokens
 
 LOOP = [3, 3, 4, 5, 3, 4, 9, 3, 4] * 3  # a prompt that repeats itself
 
@@ -139,7 +139,7 @@ def test_sampled_assisted_generation_is_seeded_and_keeps_the_budget(models):
 
 @pytest.mark.parametrize("assistant", [True, False])
 def test_the_kept_tokens_follow_the_models_distribution(assistant):
-    """_Picker.keep over many draws: the round's first token is distributed as the model's processed
+    """Picker.keep over many draws: the round's first token is distributed as the model's processed
     distribution p, whatever the guesses' distribution q (speculative sampling's rejection rule; with prompt
     lookup, guesses kept where the model's own samples equal them)."""
     V, c, draws = 6, 2, 20000
@@ -147,7 +147,7 @@ def test_the_kept_tokens_follow_the_models_distribution(assistant):
     logits = torch.randn(c + 1, V, generator=gen) * 1.5
     q = torch.softmax(torch.randn(c, V, generator=gen) * 1.5, dim=-1)
     gc = GenerationConfig(do_sample=True, top_k=None)
-    picker = _Picker(gc, Processors(gc, [], V, "cpu"), 4, 10, V, "cpu", torch.Generator().manual_seed(1))
+    picker = Picker(gc, Processors(gc, [], V, "cpu"), 4, 10, V, "cpu", torch.Generator().manual_seed(1))
     counts = torch.zeros(V)
     for _ in range(draws):
         guesses = [int(torch.multinomial(q[j], 1, generator=gen)) for j in range(c)]
