@@ -15,6 +15,7 @@ from neolm.chat import ChatFormat, Transcript, load_chat_format
 from neolm.config import Config
 from neolm.contrastive import contrastive_tokens
 from neolm.conversation import Conversation
+from neolm.dola import dola_tokens
 from neolm.errors import NeolmError
 from neolm.generate import GenerationConfig, generate, iter_generate
 from neolm.model import GPT
@@ -209,8 +210,9 @@ class LanguageModel:
         if assistant is not None or gc.prompt_lookup_num_tokens is not None:  # tokens come a round at a time
             tokens = assisted_tokens(self.model, self.encode(prompt), gc, self.tokenizer.decode, assistant)
             return self._pieces([token] for token in tokens)
-        if gc.contrastive:
-            tokens = contrastive_tokens(self.model, self.encode(prompt), gc, self.tokenizer.decode)
+        if gc.contrastive or gc.dola_layers is not None:  # one sequence at a time, outside a DecodeBatch
+            run = contrastive_tokens if gc.contrastive else dola_tokens
+            tokens = run(self.model, self.encode(prompt), gc, self.tokenizer.decode)
             return self._pieces([token] for token in tokens)
         steps = iter_generate(self.model, [self.encode(prompt)], gc, self.tokenizer.decode)
         return self._pieces(steps)

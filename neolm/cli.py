@@ -110,6 +110,15 @@ WATERMARK_HELP = (
 )
 
 
+def _dola_layers(text: str) -> str | list[int]:
+    if text in ("low", "high"):
+        return text
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"low, high or layer numbers separated by commas, not {text!r}") from None
+
+
 def _add_generation_args(p: argparse.ArgumentParser, chat: bool = False):
     """The generation knobs (names and meaning as transformers.generate's), in a group that is returned; a chat
     has one reply per turn, whose length counts from its own start."""
@@ -140,6 +149,10 @@ def _add_generation_args(p: argparse.ArgumentParser, chat: bool = False):
         knobs.add_argument("--length-penalty", type=float, metavar="X",
                            help="beam search: a hypothesis scores log p / length^X (default 1; < 1 favours short ones)")  # fmt: skip
         knobs.add_argument("--num-return-sequences", type=non_negative, help="samples (or best beams) per prompt")
+        knobs.add_argument("--dola-layers", type=_dola_layers, metavar="low|high|I,J,...",
+                           help="DoLa: contrast the last layer's prediction with the furthest of these earlier layers' "
+                           "(low: the lower half, high: the upper half; 0 is the embeddings); with "
+                           "--repetition-penalty 1.2, as its authors advise")  # fmt: skip
         knobs.add_argument("--penalty-alpha", type=float, metavar="X",
                            help="contrastive search (with --top-k 4 to 10 and --no-do-sample): the likeliest of the top-k "
                            "tokens, less X times its hidden state's likeness to the text's; against repetition")  # fmt: skip
@@ -166,7 +179,7 @@ def _generation_knobs(args) -> dict:
     names = ("max_new_tokens", "max_length", "min_length", "min_new_tokens", "do_sample", "temperature", "top_k",
              "top_p", "repetition_penalty", "num_return_sequences", "seed", "no_repeat_ngram_size", "min_p",
              "typical_p", "presence_penalty", "frequency_penalty", "num_beams", "length_penalty",
-             "prompt_lookup_num_tokens", "num_assistant_tokens", "top_h", "max_time", "guidance_scale", "penalty_alpha")  # fmt: skip
+             "prompt_lookup_num_tokens", "num_assistant_tokens", "top_h", "max_time", "guidance_scale", "penalty_alpha", "dola_layers")  # fmt: skip
     knobs = {name: getattr(args, name, None) for name in names} | {"stop_strings": args.stop}
     knobs = {k: v for k, v in knobs.items() if v is not None}
     from neolm.generate import GenerationConfig

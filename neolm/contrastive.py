@@ -36,7 +36,7 @@ def contrastive_generate(
 ) -> list[list[int]]:
     """The new tokens of each prompt (eos included). on_token(sequence, logits, scores), if given, gets each token's
     logits (V,) and the processed scores (V,) its candidates were taken from."""
-    prompts = _check(model, prompts, gc, decode)
+    prompts = check_prompts(model, prompts, gc, decode)
     deadline = gc.deadline()
     return [list(_tokens(model, p, gc, decode, deadline, i,
                          None if on_token is None else lambda *rows, i=i: on_token(i, *rows)))
@@ -47,11 +47,11 @@ def contrastive_tokens(
     model: GPT, prompt: Sequence[int], gc: GenerationConfig, decode: Callable[[list[int]], str] | None = None
 ) -> Iterator[int]:
     """The new tokens of one prompt as they are chosen (for streaming). Bad arguments raise here."""
-    (prompt,) = _check(model, [prompt], gc, decode)
+    (prompt,) = check_prompts(model, [prompt], gc, decode)
     return _tokens(model, prompt, gc, decode, gc.deadline(), 0, None)
 
 
-def _check(model: GPT, prompts, gc: GenerationConfig, decode) -> list[list[int]]:
+def check_prompts(model: GPT, prompts, gc: GenerationConfig, decode) -> list[list[int]]:
     if gc.stop_strings and decode is None:
         raise NeolmError("stop_strings need a tokenizer to decode the text")
     gc.check_vocab(model.config.vocab_size)

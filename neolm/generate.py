@@ -89,6 +89,7 @@ class GenerationConfig:
     negative_prompt_ids: list[int] | list[list[int]] | None = None  # guidance's context: one, or one per prompt
     watermarking_config: WatermarkingConfig | dict | None = None  # a green-list watermark (neolm.watermark)
     penalty_alpha: float | None = None  # > 0 with top_k > 1: contrastive search (neolm.contrastive)
+    dola_layers: str | list[int] | None = None  # "low", "high" or layer indices: DoLa (neolm.dola)
     # assisted generation (neolm.speculative): guessed tokens checked by the model in one forward
     prompt_lookup_num_tokens: int | None = None  # guess this many tokens from earlier in the sequence
     max_matching_ngram_size: int | None = None  # prompt lookup: match the last n-gram up to this size (default 2)
@@ -138,6 +139,7 @@ class GenerationConfig:
         if self.watermarking_config is not None:
             self.watermarking_config = WatermarkingConfig.of(self.watermarking_config)
         self._validate_contrastive(check)
+        self._validate_dola(check)
         self._validate_beams(check)
         self._validate_assisted(check)
         return self
@@ -233,6 +235,18 @@ class GenerationConfig:
         check(not self.guided, "contrastive search (penalty_alpha) is not offered with guidance_scale")
         check(self.prompt_lookup_num_tokens is None,
               "contrastive search (penalty_alpha) and prompt lookup do not go together")  # fmt: skip
+
+    def _validate_dola(self, check) -> None:
+        layers = self.dola_layers
+        if layers is None:
+            return
+        check(layers in ("low", "high") or (isinstance(layers, (list, tuple)) and len(layers) > 0
+                                            and all(isinstance(i, int) and i >= 0 for i in layers)),
+              f'dola_layers must be "low", "high" or a list of layer indices (0: the embeddings), got {layers!r}')  # fmt: skip
+        if isinstance(layers, tuple):
+            self.dola_layers = list(layers)
+        check(self.num_beams == 1 and not self.contrastive and not self.guided and self.prompt_lookup_num_tokens is None,
+              "DoLa (dola_layers) runs without beams, contrastive search, guidance_scale or prompt lookup")  # fmt: skip
 
     def _validate_beams(self, check) -> None:
         check(isinstance(self.num_beams, int) and self.num_beams >= 1, f"num_beams must be >= 1, got {self.num_beams}")
@@ -530,9 +544,9 @@ class DecodeBatch:
                 "beam search (num_beams > 1) gives whole sequences at the end: it cannot be streamed "
                 "or batched with other requests; use generate()"
             )
-        if gc.contrastive:
-            raise NeolmError("contrastive search (penalty_alpha) reads its candidates one sequence at a time: it "
-                             "cannot be batched with other requests; use generate()")  # fmt: skip
+        if gc.contrastive or gc.dola_layers is not None:
+            raise NeolmError("contrastive search (penalty_alpha) and DoLa (dola_layers) run one sequence at a time: "
+                             "they cannot be batched with other requests; use generate()")  # fmt: skip
         if gc.guided and (self.compact or self.rows is not None):
             raise NeolmError("classifier-free guidance (guidance_scale) runs in a generation of its own: it cannot "
                              "be batched with other requests")  # fmt: skip
@@ -875,6 +889,10 @@ def generate(
         from neolm.contrastive import contrastive_generate
 
         return contrastive_generate(model, prompts, gc, decode)
+    if gc.dola_layers is not None:
+        from neolm.dola import dola_generate
+
+        return dola_generate(model, prompts, gc, decode)
     outputs: list[list[int]] = [[] for _ in range(len(prompts) * gc.num_return_sequences)]
     for step in iter_generate(model, prompts, gc, decode):
         for out, token in zip(outputs, step):

@@ -17,6 +17,7 @@ import torch
 
 from neolm.beam import beam_hypotheses
 from neolm.contrastive import contrastive_generate
+from neolm.dola import dola_generate
 from neolm.errors import NeolmError
 from neolm.generate import GenerationConfig, generate, iter_steps
 from neolm.model import GPT
@@ -59,8 +60,8 @@ def generate_output(
     per_step = output_scores or output_logits
     if per_step and (assistant is not None or gc.prompt_lookup_num_tokens is not None):
         return _assisted(model, prompts, gc, decode, assistant, output_scores, output_logits)
-    if per_step and gc.contrastive:
-        return _contrastive(model, prompts, gc, decode, output_scores, output_logits)
+    if per_step and (gc.contrastive or gc.dola_layers is not None):
+        return _one_by_one(model, prompts, gc, decode, output_scores, output_logits)
     if gc.num_beams > 1:
         beams = beam_hypotheses(model, prompts, gc, decode, output_scores, output_logits)
         return GenerateOutput(beams.sequences, beams.token_scores, beams.token_logits, sequences_scores=beams.scores)
@@ -97,16 +98,18 @@ def _assisted(model, prompts, gc, decode, assistant, output_scores: bool, output
     return _output(sequences, kept, output_scores, output_logits, model.config.vocab_size)
 
 
-def _contrastive(model, prompts, gc, decode, output_scores: bool, output_logits: bool) -> GenerateOutput:
-    """Contrastive search (neolm.contrastive) with each token's logits and the processed scores its candidates
-    were taken from."""
-    kept = {"scores": [[] for _ in prompts], "logits": [[] for _ in prompts]}
+def _one_by_one(model, prompts, gc, decode, output_scores: bool, output_logits: bool) -> GenerateOutput:
+    """Contrastive search (neolm.contrastive) or DoLa (neolm.dola) with each token's logits and the processed scores
+    it was picked from (contrastive search: its candidates were taken from)."""
+    n = len(prompts) * gc.num_return_sequences
+    kept = {"scores": [[] for _ in range(n)], "logits": [[] for _ in range(n)]}
 
     def on_token(i: int, logits: torch.Tensor, scores: torch.Tensor) -> None:
         kept["logits"][i].append(logits)
         kept["scores"][i].append(scores)
 
-    sequences = contrastive_generate(model, prompts, gc, decode, on_token)
+    run = contrastive_generate if gc.contrastive else dola_generate
+    sequences = run(model, prompts, gc, decode, on_token)
     return _output(sequences, kept, output_scores, output_logits, model.config.vocab_size)
 
 

@@ -218,9 +218,9 @@ def _check(model: GPT, prompts, gc: GenerationConfig, decode, assistant: GPT | N
     config = model.config
     if gc.num_beams > 1:
         raise NeolmError("assisted generation (prompt lookup or an assistant model) runs without beam search")
-    if gc.guided or gc.contrastive:
+    if gc.guided or gc.contrastive or gc.dola_layers is not None:
         raise NeolmError("assisted generation (prompt lookup or an assistant model) runs without guidance_scale "
-                         "and contrastive search (penalty_alpha)")  # fmt: skip
+                         "contrastive search (penalty_alpha) and DoLa (dola_layers)")  # fmt: skip
     if (gc.prompt_lookup_num_tokens is None) == (assistant is None):
         raise NeolmError("assisted generation needs either prompt_lookup_num_tokens or an assistant model (one)")
     if gc.stop_strings and decode is None:
