@@ -23,7 +23,6 @@ import torch
 from neolm.errors import NeolmError
 from neolm.guidance import Guidance
 from neolm.model import GPT, KVCache
-from neolm.watermark import WatermarkingConfig
 from neolm.sampling import (
     Processors,
     RowState,
@@ -34,6 +33,7 @@ from neolm.sampling import (
     project_logprobs,
     seeded_generator,
 )
+from neolm.watermark import WatermarkingConfig
 
 log = logging.getLogger(__name__)
 

@@ -51,7 +51,8 @@ class WatermarkingConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(value) - known)
         if unknown:
-            raise NeolmError(f"unknown watermarking_config field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise NeolmError(f"unknown watermarking_config field(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(known))}")  # fmt: skip
         return cls(**value).checked()
 
     @classmethod
