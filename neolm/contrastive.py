@@ -15,7 +15,6 @@ time (as assisted generation).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -23,7 +22,7 @@ import torch
 from neolm.errors import NeolmError
 from neolm.generate import GenerationConfig, fit_prompts
 from neolm.model import GPT, KVCache
-from neolm.sampling import Processors, StopStrings, criteria_met
+from neolm.sampling import Ending, Processors
 from neolm.speculative import Picker
 
 
@@ -67,7 +66,7 @@ def _tokens(model: GPT, prompt: list[int], gc: GenerationConfig, decode, deadlin
         return
     k, alpha = min(gc.top_k, config.vocab_size), gc.penalty_alpha
     eos_ids = gc.eos_ids(config.eos_token_id)
-    stops = StopStrings(gc.stop_strings, decode) if gc.stop_strings else None
+    ending = Ending(gc, eos_ids, decode, len(prompt), budget, deadline)
     processors = Processors(gc, eos_ids, config.vocab_size, device)
     picker = Picker(gc, processors, len(prompt), budget, config.vocab_size, device, None, prompt_index)
     cache = KVCache(config, 1, len(prompt) + budget, model.cache_dtype, device)
@@ -90,9 +89,7 @@ def _tokens(model: GPT, prompt: list[int], gc: GenerationConfig, decode, deadlin
             on_token(raw, scores[0])
         seq.append(token)
         yield token
-        ended = token in eos_ids or len(seq) - len(prompt) >= budget or (stops is not None and stops.hit(seq))
-        ended = ended or bool(gc.stopping_criteria and criteria_met(gc.stopping_criteria, seq, scores[0]))
-        if ended or time.monotonic() > deadline:
+        if ending.reached(seq, scores[0]):
             return
         logits = model.lm_head(hidden[chosen : chosen + 1]).float()
         context = torch.cat((context, unit[chosen : chosen + 1]))

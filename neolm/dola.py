@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import time
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -27,7 +26,7 @@ from neolm.contrastive import check_prompts
 from neolm.errors import NeolmError
 from neolm.generate import GenerationConfig
 from neolm.model import GPT, KVCache
-from neolm.sampling import Processors, StopStrings, criteria_met, seeded_generator
+from neolm.sampling import Ending, Processors, seeded_generator
 from neolm.speculative import Picker
 
 RELATIVE_TOP = 0.1  # tokens below this fraction of the likeliest's probability are ruled out
@@ -102,7 +101,7 @@ def _tokens(model: GPT, prompt: list[int], gc: GenerationConfig, decode, generat
         return
     layers = candidate_layers(gc.dola_layers, config.n_layer, config.tie_embeddings)
     eos_ids = gc.eos_ids(config.eos_token_id)
-    stops = StopStrings(gc.stop_strings, decode) if gc.stop_strings else None
+    ending = Ending(gc, eos_ids, decode, len(prompt), budget, deadline)
     processors = Processors(gc, eos_ids, config.vocab_size, device)
     picker = Picker(gc, processors, len(prompt), budget, config.vocab_size, device, generator, prompt_index)
     cache = KVCache(config, 1, len(prompt) + budget, model.cache_dtype, device)
@@ -117,9 +116,7 @@ def _tokens(model: GPT, prompt: list[int], gc: GenerationConfig, decode, generat
                 on_token(final, scores[0])
             seq.append(token)
             yield token
-            ended = token in eos_ids or len(seq) - len(prompt) >= budget or (stops is not None and stops.hit(seq))
-            ended = ended or bool(gc.stopping_criteria and criteria_met(gc.stopping_criteria, seq, scores[0]))
-            if ended or time.monotonic() > deadline:
+            if ending.reached(seq, scores[0]):
                 return
             x = torch.tensor([[token]], device=device)
 

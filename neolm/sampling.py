@@ -3,6 +3,7 @@ strings, and the model's log-probabilities of tokens (for the server and for sco
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -217,6 +218,23 @@ def _call_each(processors, tokens: Sequence[int], scores: torch.Tensor) -> torch
         if not isinstance(scores, torch.Tensor) or scores.shape != shape:
             raise NeolmError(f"logits processor {processor!r} must return the scores as a {tuple(shape)} tensor")
     return scores
+
+
+class Ending:
+    """When one sequence generated alone (assisted generation, contrastive search, DoLa) ends: an eos token, its
+    token budget, a stop string, a stopping criterion, or max_time's deadline."""
+
+    def __init__(self, gc: GenerationConfig, eos_ids: list[int], decode, prompt_len: int, budget: int,
+                 deadline: float):  # fmt: skip
+        self.gc, self.eos_ids, self.prompt_len, self.budget, self.deadline = gc, eos_ids, prompt_len, budget, deadline
+        self.stops = StopStrings(gc.stop_strings, decode) if gc.stop_strings else None
+
+    def reached(self, seq: list[int], scores: torch.Tensor) -> bool:
+        """Whether the sequence (prompt and new tokens) ends with its last token, picked from scores (V,)."""
+        criteria = self.gc.stopping_criteria
+        return (seq[-1] in self.eos_ids or len(seq) - self.prompt_len >= self.budget
+                or (self.stops is not None and self.stops.hit(seq))
+                or bool(criteria and criteria_met(criteria, seq, scores)) or time.monotonic() > self.deadline)  # fmt: skip
 
 
 def criteria_met(criteria, tokens: Sequence[int], scores: torch.Tensor) -> bool:

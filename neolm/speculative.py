@@ -23,7 +23,6 @@ as in transformers; and a seed draws other samples than plain sampling with that
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterator, Sequence
 
 import torch
@@ -31,7 +30,7 @@ import torch
 from neolm.errors import NeolmError
 from neolm.generate import GenerationConfig, fit_prompts, shared_prefix
 from neolm.model import GPT, KVCache
-from neolm.sampling import Processors, RowState, StopStrings, argmax, criteria_met, seeded_generator
+from neolm.sampling import Ending, Processors, RowState, argmax, seeded_generator
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +246,7 @@ def _tokens(model: GPT, prompt: list[int], gc: GenerationConfig, decode, assista
     if budget == 0:
         return
     eos_ids = gc.eos_ids(config.eos_token_id)
-    stops = StopStrings(gc.stop_strings, decode) if gc.stop_strings else None
+    ending = Ending(gc, eos_ids, decode, len(prompt), budget, deadline)
     processors = Processors(gc, eos_ids, config.vocab_size, device)
     picker = Picker(gc, processors, len(prompt), budget, config.vocab_size, device, generator, prompt_index)
     guesser = Assistant(assistant, gc, picker, len(prompt) + budget) if assistant is not None else PromptLookup(gc)
@@ -271,9 +270,7 @@ def _tokens(model: GPT, prompt: list[int], gc: GenerationConfig, decode, assista
             seq.append(token)
             made += 1
             yield token
-            ended = token in eos_ids or made >= budget or (stops is not None and stops.hit(seq))
-            ended = ended or bool(gc.stopping_criteria and criteria_met(gc.stopping_criteria, seq, scores[j]))
-            if ended or time.monotonic() > deadline:
+            if ending.reached(seq, scores[j]):
                 log.info("assisted generation: %d tokens in %d forwards of the model, %d guessed tokens",
                          made, rounds, guessed)  # fmt: skip
                 return
