@@ -207,15 +207,14 @@ class LanguageModel:
             raise NeolmError("streaming produces one sequence; num_return_sequences must be 1")
         if not isinstance(prompt, str):
             raise NeolmError("stream() takes one prompt string")
+        ids, decode = self.encode(prompt), self.tokenizer.decode
         if assistant is not None or gc.prompt_lookup_num_tokens is not None:  # tokens come a round at a time
-            tokens = assisted_tokens(self.model, self.encode(prompt), gc, self.tokenizer.decode, assistant)
-            return self._pieces([token] for token in tokens)
-        if gc.contrastive or gc.dola_layers is not None:  # one sequence at a time, outside a DecodeBatch
-            run = contrastive_tokens if gc.contrastive else dola_tokens
-            tokens = run(self.model, self.encode(prompt), gc, self.tokenizer.decode)
-            return self._pieces([token] for token in tokens)
-        steps = iter_generate(self.model, [self.encode(prompt)], gc, self.tokenizer.decode)
-        return self._pieces(steps)
+            tokens = assisted_tokens(self.model, ids, gc, decode, assistant)
+        elif gc.contrastive or gc.dola_layers is not None:  # one sequence at a time, outside a DecodeBatch
+            tokens = (contrastive_tokens if gc.contrastive else dola_tokens)(self.model, ids, gc, decode)
+        else:
+            return self._pieces(iter_generate(self.model, [ids], gc, decode))
+        return self._pieces([token] for token in tokens)
 
     def _pieces(self, steps) -> Iterator[str]:
         decoder = StreamDecoder(self.tokenizer)

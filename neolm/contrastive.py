@@ -19,8 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from neolm.errors import NeolmError
-from neolm.generate import GenerationConfig, fit_prompts
+from neolm.generate import GenerationConfig, check_alone, each_alone
 from neolm.model import GPT, KVCache
 from neolm.sampling import Ending, Processors
 from neolm.speculative import Picker
@@ -35,26 +34,17 @@ def contrastive_generate(
 ) -> list[list[int]]:
     """The new tokens of each prompt (eos included). on_token(sequence, logits, scores), if given, gets each token's
     logits (V,) and the processed scores (V,) its candidates were taken from."""
-    prompts = check_prompts(model, prompts, gc, decode)
-    deadline = gc.deadline()
-    return [list(_tokens(model, p, gc, decode, deadline, i,
-                         None if on_token is None else lambda *rows, i=i: on_token(i, *rows)))
-            for i, p in enumerate(prompts)]  # fmt: skip
+    prompts, deadline = check_alone(model, prompts, gc, decode), gc.deadline()
+    return each_alone(prompts, gc, lambda p, index, report: _tokens(model, p, gc, decode, deadline, index, report),
+                      on_token)  # fmt: skip
 
 
 def contrastive_tokens(
     model: GPT, prompt: Sequence[int], gc: GenerationConfig, decode: Callable[[list[int]], str] | None = None
 ) -> Iterator[int]:
     """The new tokens of one prompt as they are chosen (for streaming). Bad arguments raise here."""
-    (prompt,) = check_prompts(model, [prompt], gc, decode)
+    (prompt,) = check_alone(model, [prompt], gc, decode)
     return _tokens(model, prompt, gc, decode, gc.deadline(), 0, None)
-
-
-def check_prompts(model: GPT, prompts, gc: GenerationConfig, decode) -> list[list[int]]:
-    if gc.stop_strings and decode is None:
-        raise NeolmError("stop_strings need a tokenizer to decode the text")
-    gc.check_vocab(model.config.vocab_size)
-    return fit_prompts(prompts, gc, model.config.n_positions, model.config.vocab_size)
 
 
 @torch.inference_mode()

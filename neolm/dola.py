@@ -22,9 +22,8 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from neolm.contrastive import check_prompts
 from neolm.errors import NeolmError
-from neolm.generate import GenerationConfig
+from neolm.generate import GenerationConfig, check_alone, each_alone
 from neolm.model import GPT, KVCache
 from neolm.sampling import Ending, Processors, seeded_generator
 from neolm.speculative import Picker
@@ -75,19 +74,17 @@ def dola_generate(
     """The new tokens of every sequence (prompts x num_return_sequences, prompt-major; eos included).
     on_token(sequence, logits, scores), if given, gets each token's final logits (V,) and the processed contrast
     (V,) it was picked from."""
-    prompts = check_prompts(model, prompts, gc, decode)
+    prompts, deadline = check_alone(model, prompts, gc, decode), gc.deadline()
     generator = seeded_generator(gc.seed, model.ln_f.weight.device) if gc.do_sample else None
-    jobs, deadline = [p for p in prompts for _ in range(gc.num_return_sequences)], gc.deadline()
-    return [list(_tokens(model, p, gc, decode, generator, deadline, i // gc.num_return_sequences,
-                         None if on_token is None else lambda *rows, i=i: on_token(i, *rows)))
-            for i, p in enumerate(jobs)]  # fmt: skip
+    return each_alone(prompts, gc, lambda p, index, report: _tokens(model, p, gc, decode, generator, deadline, index,
+                                                                      report), on_token)  # fmt: skip
 
 
 def dola_tokens(
     model: GPT, prompt: Sequence[int], gc: GenerationConfig, decode: Callable[[list[int]], str] | None = None
 ) -> Iterator[int]:
     """The new tokens of one prompt as they are chosen (for streaming). Bad arguments raise here."""
-    (prompt,) = check_prompts(model, [prompt], gc, decode)
+    (prompt,) = check_alone(model, [prompt], gc, decode)
     generator = seeded_generator(gc.seed, model.ln_f.weight.device) if gc.do_sample else None
     return _tokens(model, prompt, gc, decode, generator, gc.deadline(), 0, None)
 

@@ -11,6 +11,7 @@ prompt's output never depends on what it is batched with; and the default length
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import math
@@ -144,33 +145,35 @@ class GenerationConfig:
         self._validate_assisted(check)
         return self
 
-    def _validate_processors(self, check) -> None:
-        def ids(value, name: str, nested: bool = False) -> None:
-            lists = value if nested else [value]
-            check(isinstance(value, (list, tuple)) and len(value) > 0 and all(
-                isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(t, int) and t >= 0 for t in x)
-                for x in lists), f"{name} must be a non-empty list of {'non-empty lists of ' if nested else ''}"
-                f"token ids (integers >= 0), got {value!r}")  # fmt: skip
+    @staticmethod
+    def _check_ids(check, value, name: str, nested: bool = False) -> None:
+        """A non-empty list of token ids (nested: of non-empty lists of them), else NeolmError through check."""
+        lists = value if nested else [value]
+        check(isinstance(value, (list, tuple)) and len(value) > 0 and all(
+            isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(t, int) and t >= 0 for t in x)
+            for x in lists), f"{name} must be a non-empty list of {'non-empty lists of ' if nested else ''}"
+            f"token ids (integers >= 0), got {value!r}")  # fmt: skip
 
+    def _validate_processors(self, check) -> None:
         check(isinstance(self.no_repeat_ngram_size, int) and self.no_repeat_ngram_size >= 0,
               f"no_repeat_ngram_size must be an integer >= 0, got {self.no_repeat_ngram_size!r}")  # fmt: skip
         if self.bad_words_ids is not None:
-            ids(self.bad_words_ids, "bad_words_ids", nested=True)
+            self._check_ids(check, self.bad_words_ids, "bad_words_ids", nested=True)
             self.bad_words_ids = [list(w) for w in self.bad_words_ids]
         for name in ("suppress_tokens", "begin_suppress_tokens"):
             if getattr(self, name) is not None:
-                ids(getattr(self, name), name)
+                self._check_ids(check, getattr(self, name), name)
                 setattr(self, name, list(getattr(self, name)))
         if self.forced_eos_token_id is not None:
             forced = self.forced_eos_token_id
-            ids([forced] if isinstance(forced, int) else forced, "forced_eos_token_id")
+            self._check_ids(check, [forced] if isinstance(forced, int) else forced, "forced_eos_token_id")
         if self.sequence_bias is not None:
             bias = self.sequence_bias
             pairs = bias.items() if isinstance(bias, dict) else bias if isinstance(bias, (list, tuple)) else None
             check(pairs is not None and len(pairs) > 0 and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs),
                   f"sequence_bias must map token sequences to biases ({{(id, ...): bias}} or [[ids, bias], ...]), "
                   f"got {bias!r}")  # fmt: skip
-            ids([list(seq) for seq, _ in pairs], "sequence_bias's sequences", nested=True)
+            self._check_ids(check, [list(seq) for seq, _ in pairs], "sequence_bias's sequences", nested=True)
             numbers = all(isinstance(b, (int, float)) for _, b in pairs)
             check(numbers, f"sequence_bias's biases must be numbers: {bias!r}")
             self.sequence_bias = {tuple(seq): float(b) for seq, b in pairs}
@@ -209,14 +212,10 @@ class GenerationConfig:
         if isinstance(negative, torch.Tensor):
             negative = negative.tolist()
         nested = isinstance(negative, (list, tuple)) and len(negative) > 0 and isinstance(negative[0], (list, tuple))
-        lists = negative if nested else [negative]
-        check(isinstance(negative, (list, tuple)) and all(
-            isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(t, int) and t >= 0 for t in x)
-            for x in lists), "negative_prompt_ids must be token ids (integers >= 0), one list for every prompt or a "
-            f"list per prompt, got {negative!r}")  # fmt: skip
+        self._check_ids(check, negative, "negative_prompt_ids", nested)
         check(self.guided, "negative_prompt_ids are the context of classifier-free guidance: set guidance_scale "
                            "(e.g. 1.5) too")  # fmt: skip
-        self.negative_prompt_ids = [list(x) for x in lists] if nested else list(negative)
+        self.negative_prompt_ids = [list(x) for x in negative] if nested else list(negative)
 
     @property
     def contrastive(self) -> bool:
@@ -332,6 +331,27 @@ def fit_prompts(prompts: Sequence[Sequence[int]], gc: GenerationConfig, n_ctx: i
             prompt = prompt[-keep:]
         fitted.append(prompt)
     return fitted
+
+
+def check_alone(model: GPT, prompts: Sequence[Sequence[int]], gc: GenerationConfig, decode) -> list[list[int]]:
+    """The prompts of a generation that runs one sequence at a time (assisted generation, contrastive search,
+    DoLa), checked as a DecodeBatch checks them and fitted to the context."""
+    if gc.stop_strings and decode is None:
+        raise NeolmError("stop_strings need a tokenizer to decode the text")
+    gc.check_vocab(model.config.vocab_size)
+    return fit_prompts(prompts, gc, model.config.n_positions, model.config.vocab_size)
+
+
+def each_alone(
+    prompts: list[list[int]], gc: GenerationConfig, tokens: Callable[..., Iterator[int]], on_token: Callable | None
+) -> list[list[int]]:
+    """The new tokens of every sequence (prompts x num_return_sequences, prompt-major), each generated alone by
+    tokens(prompt, prompt_index, report), where report(logits, scores) is on_token(sequence, logits, scores), or
+    None without on_token."""
+    n = gc.num_return_sequences
+    jobs = [p for p in prompts for _ in range(n)]
+    return [list(tokens(p, i // n, None if on_token is None else functools.partial(on_token, i)))
+            for i, p in enumerate(jobs)]  # fmt: skip
 
 
 def _contexts(gc: GenerationConfig, prompts: list[list[int]], n_ctx: int) -> list[list[int]]:
@@ -667,8 +687,7 @@ class DecodeBatch:
             seen, made, [prefill.deadline] * len(seqs), [i // n for i in range(len(seqs))],
         )  # fmt: skip
         if prefill.contexts is not None:
-            self.guidance = Guidance(self.model, gc.guidance_scale, *left_pad(prefill.contexts, 0, self.device),
-                                     room=max(prefill.budgets))  # fmt: skip
+            self.guidance = Guidance(self.model, *left_pad(prefill.contexts, 0, self.device), room=max(prefill.budgets))
         self._flush()  # the rows already here reach the current slot before new ones align to it
         if prefill.room and (self.rows is None or (self.compact and self.live == 0)):
             self._spare = self.cache or self._spare

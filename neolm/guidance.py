@@ -14,11 +14,11 @@ from neolm.model import GPT, KVCache
 class Guidance:
     """The unconditional contexts of a batch's rows (N), read and then fed one token per step alongside them."""
 
-    def __init__(self, model: GPT, scale: float, tokens: torch.Tensor, positions: torch.Tensor,
-                 filled: torch.Tensor | None, room: int):  # fmt: skip
+    def __init__(self, model: GPT, tokens: torch.Tensor, positions: torch.Tensor, filled: torch.Tensor | None,
+                 room: int):  # fmt: skip
         """tokens, positions (N, W): the contexts left-padded (generate.left_pad), with `filled` for the padding;
         room: slots for the new tokens."""
-        self.model, self.scale = model, scale
+        self.model = model
         self.cache = KVCache(model.config, tokens.shape[0], tokens.shape[1] + room, model.cache_dtype, tokens.device)
         self.cache.hide_padding(filled)
         self.positions = positions[:, -1:]  # (N, 1)

@@ -58,17 +58,20 @@ def generate_output(
     """generate(), as a GenerateOutput: with the scores and logits of each new token when asked (with beam search:
     of the beam each hypothesis's token continued, at the step that chose it)."""
     per_step = output_scores or output_logits
+    n, vocab = len(prompts) * gc.num_return_sequences, model.config.vocab_size
     if per_step and (assistant is not None or gc.prompt_lookup_num_tokens is not None):
-        return _assisted(model, prompts, gc, decode, assistant, output_scores, output_logits)
+        return _each_alone(lambda on_token: assisted_generate(model, prompts, gc, decode, assistant, on_token), n,
+                           output_scores, output_logits, vocab)  # fmt: skip
     if per_step and (gc.contrastive or gc.dola_layers is not None):
-        return _one_by_one(model, prompts, gc, decode, output_scores, output_logits)
+        run = contrastive_generate if gc.contrastive else dola_generate
+        return _each_alone(lambda on_token: run(model, prompts, gc, decode, on_token), n, output_scores, output_logits,
+                           vocab)  # fmt: skip
     if gc.num_beams > 1:
         beams = beam_hypotheses(model, prompts, gc, decode, output_scores, output_logits)
         return GenerateOutput(beams.sequences, beams.token_scores, beams.token_logits, sequences_scores=beams.scores)
     if not per_step:
         return GenerateOutput(generate(model, prompts, gc, decode, assistant))
     steps = iter_steps(model, prompts, gc, decode, keep_logits=output_logits, keep_scores=output_scores)
-    n = len(prompts) * gc.num_return_sequences
     sequences: list[list[int]] = [[] for _ in range(n)]
     kept = {"scores": [[] for _ in range(n)], "logits": [[] for _ in range(n)]}
     for step in steps:  # (rows: the sequences in order)
@@ -82,10 +85,10 @@ def generate_output(
     return _output(sequences, kept, output_scores, output_logits, model.config.vocab_size)
 
 
-def _assisted(model, prompts, gc, decode, assistant, output_scores: bool, output_logits: bool) -> GenerateOutput:
-    """Assisted generation (neolm.speculative) with each token's logits and scores: the model's at the position
-    that gave (or checked) the token."""
-    n = len(prompts) * gc.num_return_sequences
+def _each_alone(run: Callable, n: int, output_scores: bool, output_logits: bool, vocab: int) -> GenerateOutput:
+    """A generation that runs one sequence at a time, run(on_token) -> the n sequences, with each token's logits and
+    the scores it was picked from: assisted generation's are the model's at the position that gave (or checked)
+    the token; contrastive search's scores are those its candidates were taken from."""
     kept = {"scores": [[] for _ in range(n)], "logits": [[] for _ in range(n)]}
 
     def on_token(i: int, logits: torch.Tensor, scores: torch.Tensor) -> None:
@@ -94,23 +97,7 @@ def _assisted(model, prompts, gc, decode, assistant, output_scores: bool, output
         if output_scores:
             kept["scores"][i].append(scores)
 
-    sequences = assisted_generate(model, prompts, gc, decode, assistant, on_token)
-    return _output(sequences, kept, output_scores, output_logits, model.config.vocab_size)
-
-
-def _one_by_one(model, prompts, gc, decode, output_scores: bool, output_logits: bool) -> GenerateOutput:
-    """Contrastive search (neolm.contrastive) or DoLa (neolm.dola) with each token's logits and the processed scores
-    it was picked from (contrastive search: its candidates were taken from)."""
-    n = len(prompts) * gc.num_return_sequences
-    kept = {"scores": [[] for _ in range(n)], "logits": [[] for _ in range(n)]}
-
-    def on_token(i: int, logits: torch.Tensor, scores: torch.Tensor) -> None:
-        kept["logits"][i].append(logits)
-        kept["scores"][i].append(scores)
-
-    run = contrastive_generate if gc.contrastive else dola_generate
-    sequences = run(model, prompts, gc, decode, on_token)
-    return _output(sequences, kept, output_scores, output_logits, model.config.vocab_size)
+    return _output(run(on_token), kept, output_scores, output_logits, vocab)
 
 
 def _output(sequences, kept: dict, output_scores: bool, output_logits: bool, vocab: int) -> GenerateOutput:

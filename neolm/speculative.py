@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from neolm.errors import NeolmError
-from neolm.generate import GenerationConfig, fit_prompts, shared_prefix
+from neolm.generate import GenerationConfig, check_alone, each_alone, shared_prefix
 from neolm.model import GPT, KVCache
 from neolm.sampling import Ending, Processors, RowState, argmax, seeded_generator
 
@@ -206,26 +206,20 @@ def assisted_generate(
     logits (V,) and the processed scores (V,) it was picked from (or checked against)."""
     prompts = _check(model, prompts, gc, decode, assistant)
     generator = seeded_generator(gc.seed, model.ln_f.weight.device) if gc.do_sample else None
-    jobs, deadline = [p for p in prompts for _ in range(gc.num_return_sequences)], gc.deadline()
-    return [list(_tokens(model, p, gc, decode, assistant, generator,
-                         None if on_token is None else lambda *rows, i=i: on_token(i, *rows), deadline,
-                         i // gc.num_return_sequences))
-            for i, p in enumerate(jobs)]  # fmt: skip
+    deadline = gc.deadline()
+    return each_alone(prompts, gc, lambda p, index, report: _tokens(model, p, gc, decode, assistant, generator,
+                                                                      report, deadline, index), on_token)  # fmt: skip
 
 
 def _check(model: GPT, prompts, gc: GenerationConfig, decode, assistant: GPT | None) -> list[list[int]]:
-    config = model.config
     if gc.num_beams > 1:
         raise NeolmError("assisted generation (prompt lookup or an assistant model) runs without beam search")
     if gc.guided or gc.contrastive or gc.dola_layers is not None:
-        raise NeolmError("assisted generation (prompt lookup or an assistant model) runs without guidance_scale "
-                         "contrastive search (penalty_alpha) and DoLa (dola_layers)")  # fmt: skip
+        raise NeolmError("assisted generation (prompt lookup or an assistant model) runs without guidance_scale, "
+                         "contrastive search (penalty_alpha) or DoLa (dola_layers)")  # fmt: skip
     if (gc.prompt_lookup_num_tokens is None) == (assistant is None):
         raise NeolmError("assisted generation needs either prompt_lookup_num_tokens or an assistant model (one)")
-    if gc.stop_strings and decode is None:
-        raise NeolmError("stop_strings need a tokenizer to decode the text")
-    gc.check_vocab(config.vocab_size)
-    prompts = fit_prompts(prompts, gc, config.n_positions, config.vocab_size)
+    prompts = check_alone(model, prompts, gc, decode)
     if assistant is not None:
         longest = max(len(p) + gc.new_token_budget(len(p)) for p in prompts)
         if longest > assistant.config.n_positions:
