@@ -61,22 +61,24 @@ def _weights(folder: Path) -> dict[str, torch.Tensor]:
     raise NeolmError(f"the adapter {folder} has no weights ({' or '.join(WEIGHTS_FILES)})")
 
 
-def lora_deltas(folder: str | Path, config: Config) -> dict[str, torch.Tensor]:
-    """The updates of a PEFT LoRA adapter as {neolm tensor name: fp32 delta of its shape}."""
+def lora_factors(folder: str | Path, config: Config) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The updates of a PEFT LoRA adapter as {neolm weight name: (A (r', in), B (out, r'))} in fp32, the scale in B,
+    so that the weight's update is B @ A. GPT-Neo's q, k and v updates of one layer become one of the fused
+    projection: their A's stacked (r' = 3r) and B block-diagonal, each part's rows in the fused per-head order."""
     folder = Path(folder)
     cfg, scale = _settings(folder)
     tensors = _weights(folder)
     H, D, C = config.n_head, config.head_dim, config.d_model
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in GPT(config).state_dict().items()}
-    deltas: dict[str, torch.Tensor] = {}
     modules = sorted({key.rsplit(".lora_", 1)[0] for key in tensors if ".lora_" in key})
     other = sorted(key for key in tensors if ".lora_A." not in key and ".lora_B." not in key)
     if other:
         raise NeolmError(f"the adapter {folder} holds tensors neolm cannot merge: {', '.join(other[:4])}")
+    parts: dict[str, list[tuple[str | None, torch.Tensor, torch.Tensor]]] = {}  # name -> [(qkv part, A, B)]
     for module in modules:
         try:
-            a, b = tensors[f"{module}.lora_A.weight"], tensors[f"{module}.lora_B.weight"]
+            a, b = tensors[f"{module}.lora_A.weight"].float(), tensors[f"{module}.lora_B.weight"].float() * scale
         except KeyError:
             raise NeolmError(f"the adapter {folder} lacks {module}'s lora_A or lora_B weight") from None
         hf = module.removeprefix(PREFIX) + ".weight"
@@ -88,20 +90,34 @@ def lora_deltas(folder: str | Path, config: Config) -> dict[str, torch.Tensor]:
         name, part = mapped
         if name not in shapes:
             raise NeolmError(f"the adapter {folder} adapts {hf}: this model has {config.n_layer} layers")
-        delta = (b.float() @ a.float()) * scale  # (out, in)
-        if delta.shape != (shapes[name] if part is None else (C, C)):
-            raise NeolmError(f"the adapter's update of {hf} is {tuple(delta.shape)}, the model's weight "
-                             f"{tuple(shapes[name] if part is None else (C, C))}: it was made for another model")  # fmt: skip
-        if part is None:
-            deltas[name] = deltas.get(name, 0) + delta
-            continue
-        fused = deltas.setdefault(name, torch.zeros(3 * C, C))  # per-head [H, 3, D] rows, as the model's qkv
-        fused.view(H, 3, D, C)[:, checkpoint.QKV_PARTS.index(part)] += delta.view(H, D, C)
-    if not deltas:
+        want = tuple(shapes[name]) if part is None else (C, C)
+        if (b.shape[0], a.shape[1]) != want or a.shape[0] != b.shape[1]:
+            raise NeolmError(f"the adapter's update of {hf} is {(b.shape[0], a.shape[1])}, the model's weight "
+                             f"{want}: it was made for another model")  # fmt: skip
+        parts.setdefault(name, []).append((part, a, b))
+    if not parts:
         raise NeolmError(f"the adapter {folder} holds no LoRA weights")
+    factors = {}
+    for name, pieces in parts.items():
+        if pieces[0][0] is None:
+            factors[name] = pieces[0][1:]
+            continue
+        a = torch.cat([a for _, a, _ in pieces])  # (3r, C) for q, k and v
+        b = torch.zeros(3 * C, a.shape[0])  # per-head [H, 3, D] rows, as the model's qkv
+        col = 0
+        for part, a_part, b_part in pieces:
+            r = a_part.shape[0]
+            b.view(H, 3, D, -1)[:, checkpoint.QKV_PARTS.index(part), :, col : col + r] = b_part.view(H, D, r)
+            col += r
+        factors[name] = (a, b)
     log.info("LoRA adapter %s: r %d, alpha %s, %d layers (base: %s)", folder, cfg["r"], cfg["lora_alpha"],
-             len(deltas), cfg.get("base_model_name_or_path"))  # fmt: skip
-    return deltas
+             len(factors), cfg.get("base_model_name_or_path"))  # fmt: skip
+    return factors
+
+
+def lora_deltas(folder: str | Path, config: Config) -> dict[str, torch.Tensor]:
+    """The updates of a PEFT LoRA adapter as {neolm tensor name: fp32 delta of its shape}."""
+    return {name: b @ a for name, (a, b) in lora_factors(folder, config).items()}
 
 
 def write_lora_adapter(state: dict[str, torch.Tensor], config: Config, folder: str | Path, r: int, alpha: float,

@@ -19,6 +19,7 @@ from neolm.dola import dola_tokens
 from neolm.errors import NeolmError
 from neolm.generate import GenerationConfig, generate, iter_generate
 from neolm.model import GPT
+from neolm.multilora import AdapterSet
 from neolm.native import attention, decode
 from neolm.ops import compile_gemv, use_native
 from neolm.outputs import GenerateOutput, generate_output
@@ -77,6 +78,8 @@ class LanguageModel:
         self.load_seconds = load_seconds
         self.generation_defaults = generation_defaults or {}  # from the checkpoint's generation_config.json
         self.chat_format = chat_format or Transcript()  # the checkpoint's chat template, or the plain transcript
+        self.adapter_set: AdapterSet | None = None  # LoRA adapters held unmerged (load_adapter)
+        self.adapter_sources: dict[str, str] = {}  # where each came from
 
     @property
     def config(self) -> Config:
@@ -89,6 +92,63 @@ class LanguageModel:
     @property
     def device(self) -> torch.device:
         return self.model.ln_f.weight.device
+
+    def load_adapter(self, adapter: str | os.PathLike, adapter_name: str | None = None) -> str:
+        """Hold a LoRA adapter in PEFT's format (a folder or hub id) beside the weights, unmerged, as
+        transformers' load_adapter: `set_adapter` picks the one generation uses, and the server gives each
+        request the one it names, in one batch (neolm.multilora). The first one loaded becomes the active one.
+        adapter_name: default the folder's name. Returns the name. (neolm.load's adapter= merges one instead:
+        decoding then costs what the base model's does.)"""
+        from neolm.adapter import lora_factors
+
+        name = adapter_name or Path(str(adapter).rstrip("/")).name
+        if not name:
+            raise NeolmError(f"give the adapter {adapter!r} a name (adapter_name=)")
+        factors = lora_factors(hub.resolve(adapter), self.config)
+        if self.adapter_set is None:
+            self.adapter_set = AdapterSet.attach(self.model)
+        index = self.adapter_set.add(name, factors)
+        self.adapter_sources[name] = str(adapter)
+        if len(self.adapter_set.held) == 1:
+            self.adapter_set.select(index)
+        log.info("adapter %r (%s) held unmerged", name, adapter)
+        return name
+
+    def set_adapter(self, adapter_name: str | None) -> None:
+        """Generate with this loaded adapter from now on (None: the base model alone; disable_adapters())."""
+        if adapter_name is None:
+            if self.adapter_set is not None:
+                self.adapter_set.select(0)
+            return
+        if self.adapter_set is None:
+            raise NeolmError(f"no adapter named {adapter_name!r}: load one with load_adapter()")
+        self.adapter_set.select(self.adapter_set.index(adapter_name))
+
+    def disable_adapters(self) -> None:
+        """Generate with the base model alone (set_adapter(name) turns one on again)."""
+        self.set_adapter(None)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Forget a loaded adapter; with the last one gone, the model's own layers are back (and its native
+        decode step)."""
+        if self.adapter_set is None:
+            raise NeolmError(f"no adapter named {adapter_name!r}: none is loaded")
+        self.adapter_set.remove(adapter_name)
+        del self.adapter_sources[adapter_name]
+        if not self.adapter_set.held:
+            self.adapter_set.detach()
+            self.adapter_set = None
+
+    @property
+    def adapters(self) -> list[str]:
+        """The names of the adapters held (load_adapter), in the order loaded."""
+        return [] if self.adapter_set is None else self.adapter_set.held
+
+    @property
+    def active_adapter(self) -> str | None:
+        """The adapter generation uses now, or None (the base model)."""
+        rows = None if self.adapter_set is None else self.adapter_set.rows
+        return self.adapter_set.names[rows - 1] if isinstance(rows, int) and rows else None
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)

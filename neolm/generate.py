@@ -10,6 +10,7 @@ prompt's output never depends on what it is batched with; and the default length
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -24,6 +25,7 @@ import torch
 from neolm.errors import NeolmError
 from neolm.guidance import Guidance
 from neolm.model import GPT, KVCache
+from neolm.multilora import AdapterSet
 from neolm.sampling import (
     Processors,
     RowState,
@@ -437,6 +439,7 @@ class _Rows:
     made: torch.Tensor | None  # (N, V) int32: how often each token was generated (presence/frequency_penalty)
     deadlines: list[float]  # time.monotonic() after which the sequence ends (GenerationConfig.max_time)
     prompt: list[int]  # which prompt of its add() the sequence continues
+    adapter: list[int]  # the LoRA adapter it runs with (DecodeBatch.adapters; 0: none)
 
     def select(self, index: list[int]) -> _Rows:
         """Rows `index`, in that order."""
@@ -477,6 +480,8 @@ class Prefill:
     on_prompt: Callable[[int, TokenLogprobs], None] | None
     deadline: float = math.inf  # GenerationConfig.deadline(), from when the prefill was asked for
     contexts: list[list[int]] | None = None  # classifier-free guidance's unconditional context, per sequence
+    adapters: AdapterSet | None = None  # and which of them the prompts are read with (0: none)
+    adapter: int = 0
     tokens: torch.Tensor | None = None  # (N, W) left-padded; None: nothing to read
     positions: torch.Tensor | None = None  # (N, W)
     cache: KVCache | None = None
@@ -502,14 +507,23 @@ class Prefill:
         cols = width if budget is None else max(1, budget // rows)
         end = width if width - self.done < 2 * cols else self.done + cols
         tokens, positions = self.tokens[:, self.done : end], self.positions[:, self.done : end]
+        with _adapted(self.adapters, self.adapter):
+            self._forward(model, tokens, positions, end < width)
+        read, self.done = (end - self.done) * rows, end
+        return read
+
+    def _forward(self, model: GPT, tokens, positions, more: bool) -> None:
         if self.on_prompt is not None:  # every position's hidden state, to score the prompts
             self.hidden.append(model(tokens, positions, self.cache, head=False))
-        elif end < width:  # only the cache
+        elif more:  # only the cache
             model(tokens, positions, self.cache, last_only=True, head=False)
         else:
             self.logits = model(tokens, positions, self.cache, last_only=True)[:, -1].float()
-        read, self.done = (end - self.done) * rows, end
-        return read
+
+
+def _adapted(adapters: AdapterSet | None, rows: int | list[int]):
+    """The forwards inside run each row with its LoRA adapter (neolm.multilora), when the batch has them."""
+    return contextlib.nullcontext() if adapters is None else adapters.using(rows)
 
 
 class DecodeBatch:
@@ -530,8 +544,10 @@ class DecodeBatch:
     once they are as many as the live ones, so that no step computes more dead rows than live ones.
     """
 
-    def __init__(self, model: GPT, decode: Callable[[list[int]], str] | None = None, compact: bool = True):
+    def __init__(self, model: GPT, decode: Callable[[list[int]], str] | None = None, compact: bool = True,
+                 adapters: AdapterSet | None = None):  # fmt: skip
         self.model, self.decode, self.compact = model, decode, compact
+        self.adapters = adapters  # the model's LoRA adapters: each sequence runs with the one it was added with
         self.device = model.ln_f.weight.device
         self.groups: list[_Group] = []
         self.rows: _Rows | None = None
@@ -608,6 +624,7 @@ class DecodeBatch:
         logprobs: int | None | Sequence[int | None] = None,
         on_prompt: Callable[[int, TokenLogprobs], None] | None = None,
         reuse: tuple[KVCache, Sequence[int]] | None = None,
+        adapter: int = 0,
     ) -> Prefill:
         """`add` in parts, so that a long prompt need not hold up the running sequences for the whole of its
         forward: the prompts, ready to be read into a cache of their own by Prefill.read (in chunks of columns,
@@ -617,8 +634,12 @@ class DecodeBatch:
         (neolm.conversation): the tokens one prompt shares with it from the start are taken from it instead of
         read again (all but the last, whose logits are needed), and `done` counts them. The prefill takes that
         cache itself (it is changed) when it has the room, else a copy of those slots. The rest of the prompt is
-        read as a chunk after them, whose numbers may round differently from one forward of the whole."""
+        read as a chunk after them, whose numbers may round differently from one forward of the whole.
+
+        adapter: the LoRA adapter of the batch's `adapters` these sequences run with (0: none; neolm.multilora)."""
         self.validate(gc, logprobs)
+        if adapter and (self.adapters is None or not 0 < adapter <= len(self.adapters.names)):
+            raise NeolmError(f"no adapter {adapter} in this batch")
         config, device = self.model.config, self.device
         prompts = fit_prompts(prompts, gc, config.n_positions, config.vocab_size)
         if reuse is not None and (len(prompts) != 1 or gc.num_return_sequences != 1 or on_prompt is not None):
@@ -627,7 +648,8 @@ class DecodeBatch:
         wanted = list(logprobs) if isinstance(logprobs, Sequence) else [logprobs] * len(prompts)
         seqs = [p for p in prompts for _ in range(n)]
         prefill = Prefill([next(self._ids) for _ in seqs], seqs, gc, -1, [k for k in wanted for _ in range(n)],
-                          [gc.new_token_budget(len(p)) for p in seqs], on_prompt, gc.deadline())  # fmt: skip
+                          [gc.new_token_budget(len(p)) for p in seqs], on_prompt, gc.deadline(),
+                          adapters=self.adapters, adapter=adapter)  # fmt: skip
         if not seqs or (max(prefill.budgets) == 0 and on_prompt is None):
             return prefill  # nothing to read
         if gc.guided:
@@ -685,6 +707,7 @@ class DecodeBatch:
             [list(p) for p in seqs] if history else [None] * len(seqs), [len(p) for p in seqs],
             prefill.budgets, [0] * len(seqs), [b == 0 for b in prefill.budgets], prefill.positions[:, -1:], logits,
             seen, made, [prefill.deadline] * len(seqs), [i // n for i in range(len(seqs))],
+            [prefill.adapter] * len(seqs),
         )  # fmt: skip
         if prefill.contexts is not None:
             self.guidance = Guidance(self.model, *left_pad(prefill.contexts, 0, self.device), room=max(prefill.budgets))
@@ -835,7 +858,8 @@ class DecodeBatch:
             token = token[self._rebuild()]
             r = self.rows
         r.positions = r.positions + 1
-        r.logits = self.model(token[:, None], r.positions, self.cache)[:, -1].float()
+        with _adapted(self.adapters, r.adapter):
+            r.logits = self.model(token[:, None], r.positions, self.cache)[:, -1].float()
         if self.guidance is not None:
             self.guidance.feed(token)
 

@@ -22,13 +22,14 @@ MODULES = {"neo": ["q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"],
            "neox-parallel-pct25": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]}  # fmt: skip
 
 
-def peft_adapter(tiny_checkpoints, name: str, folder, **settings):
-    """A PEFT LoRA model over the tiny checkpoint `name`, with random A and B, saved to `folder`."""
+def peft_adapter(tiny_checkpoints, name: str, folder, seed: int = 7, r: int = 4, modules=None, **settings):
+    """A PEFT LoRA model over the tiny checkpoint `name`, with random A and B (from `seed`), saved to `folder`."""
     hf_ref, _ = tiny_checkpoints[name]
     hf = hf_model(TINY[name], std=0.2, seed=list(TINY).index(name))
     hf.load_state_dict(hf_ref.state_dict())
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=MODULES[name], init_lora_weights=False, **settings)
-    torch.manual_seed(7)
+    config = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=modules or MODULES[name], init_lora_weights=False,
+                             **settings)  # fmt: skip
+    torch.manual_seed(seed)
     model = peft.get_peft_model(hf, config).eval()
     with torch.no_grad():
         for module in model.modules():

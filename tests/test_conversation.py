@@ -257,3 +257,6 @@ def test_prefix_cache_takes_the_longest_shared_entry_and_evicts_the_oldest(tiny_
     prefixes.put(cache, tokens)
     prefixes.put(entry(40), c)  # the least recently put (b) goes
     assert prefixes.take(b) is None and len(prefixes) == 2
+    prefixes.put(entry(40), b, adapter=1)  # made with a LoRA adapter (neolm.multilora): for prompts with that one
+    assert prefixes.take(b) is None and prefixes.take(b, adapter=2) is None
+    assert prefixes.take(b, adapter=1)[1] == b

@@ -33,6 +33,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,7 +81,7 @@ _SIGNATURES = {
     "neolm_int4h_repack": [_p, _p, _p, _p, _i64, _i64, _i64, _int],
     "neolm_int4h_panel_bytes": [_i64, _i64, _i64],
     "neolm_int4h_work_bytes": [_i64, _i64, _i64],
-    "neolm_decode_step": [_p, _i64, _p, _i64, _p, _p, _p, _p, _i64, _p, _p, _p, _p, _int, _i64, _p],  # neolm/native/decode.py
+    "neolm_decode_step": [_p, _i64, _p, _i64, _p, _p, _p, _p, _i64, _p, _p, _p, _p, _int, _i64, _p, _p],  # decode.py
     "neolm_decode_scratch_bytes": [_p, _i64],
     "neolm_attention": [_p, _p, _p, _p, _p, _p, _p, _int, _i64, _i64, _i64, _i64, _i64, _p, _i64, _i64, ctypes.c_float],
     "neolm_rotary": [_p, _p, _int, _i64, _i64, _i64, _i64, _i64, _p, _p],
@@ -168,6 +169,11 @@ class Weights:
     n: int = 0
     k: int = 0
     g: int = 0  # int4 group size
+    # LoRA adapters held unmerged beside the layer (neolm.multilora): A's rows (R, K) and B's columns as rows
+    # (R, N) in the activations' dtype, and the adapter each row belongs to (R,) int64; None: none
+    lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    # each row's adapter for a step of n rows, as a (n,) int64 tensor, or None when no row uses one
+    lora_rows: Callable[[int], torch.Tensor | None] | None = None
 
 
 # The kernels: x (M, K) contiguous -> (M, N) in x's dtype; one row goes to gemv.cpp, more to gemm.cpp (made

@@ -34,6 +34,10 @@ struct Lin {  // a linear layer in one of gemv.cpp's formats
   const void* s;  // int8: bf16 scales (n,); int4: fp32 scales (n / 64, k / g, 4, 16)
   const void* c;  // int4: fp32 offsets (n / 64, k / g, 4, 16)
   const void* bias;  // (n,) or null
+  int64_t lora_r;  // LoRA adapters held unmerged (neolm.multilora): rows of A and B^T, 0: none
+  const void* lora_a;  // (lora_r, k) in the model's dtype: the adapters' A's rows, stacked
+  const void* lora_bt;  // (lora_r, n) in the model's dtype: their B's columns (scale included) as rows
+  const int64_t* lora_owner;  // (lora_r,) the adapter each of those rows belongs to
 };
 
 struct Layer {
@@ -49,6 +53,7 @@ struct Model {
   int32_t act;  // 0 gelu (erf), 1 gelu (tanh approximation), 2 relu
   float eps, scale;  // LayerNorm epsilon, attention score scale
   const Layer* layers;
+  int64_t lora_r;  // the most LoRA rows of any layer (0: none)
 };
 
 #ifdef NEOLM_AVX512
@@ -174,6 +179,46 @@ void linear(const Lin& l, const void* x, void* y, int bf16, int64_t rows, uint8_
     case 3: gemv_int4(static_cast<const uint16_t*>(x), static_cast<const uint8_t*>(l.w), static_cast<const float*>(l.s),
                       static_cast<const float*>(l.c), l.bias, l.bias_bf16, y, bf16, l.n, l.k, l.g); break;
 #endif
+  }
+}
+
+// y (rows, n) += (t @ B^T), t = x (rows, k) @ A^T over the rows of A and B^T of each row's adapter (adapters:
+// (rows,), 0 for none): a LoRA update beside the layer's output, rounded as the torch path (neolm.multilora)
+// rounds it: t and the update in the model's dtype, then their sum. Inside the parallel region; t: rows x lora_r.
+void lora(const Lin& l, const void* x, void* y, int bf16, int64_t rows, const int64_t* adapters, float* t) {
+  if (!adapters || l.lora_r == 0) return;
+  const int64_t r = l.lora_r, k = l.k, n = l.n, es = bf16 ? 2 : 4;
+  const char* a = static_cast<const char*>(l.lora_a);
+  const char* bt = static_cast<const char*>(l.lora_bt);
+#pragma omp for schedule(static)
+  for (int64_t j = 0; j < rows * r; j++) {
+    const int64_t i = j / r, row = j % r;
+    float v = 0.0f;
+    if (l.lora_owner[row] == adapters[i]) {
+      const void* xi = static_cast<const char*>(x) + i * k * es;
+      __m512 s = _mm512_setzero_ps();
+      for (int64_t e = 0; e < k; e += 16) {
+        const __mmask16 m = first(k - e);
+        s = _mm512_fmadd_ps(load(xi, bf16, e, m), load(a + row * k * es, bf16, e, m), s);
+      }
+      v = _mm512_reduce_add_ps(s);
+      if (bf16) v = bf16_to_float(float_to_bf16(v));
+    }
+    t[j] = v;
+  }
+  const int64_t blocks = (n + 255) / 256;
+#pragma omp for schedule(static)
+  for (int64_t j = 0; j < rows * blocks; j++) {
+    const int64_t i = j / blocks, o0 = j % blocks * 256, o1 = std::min<int64_t>(o0 + 256, n);
+    void* yi = static_cast<char*>(y) + i * n * es;
+    for (int64_t o = o0; o < o1; o += 16) {
+      const __mmask16 m = first(o1 - o);
+      __m512 u = _mm512_setzero_ps();
+      for (int64_t row = 0; row < r; row++)
+        if (l.lora_owner[row] == adapters[i])
+          u = _mm512_fmadd_ps(_mm512_set1_ps(t[i * r + row]), load(bt + row * n * es, bf16, o, m), u);
+      put(yi, bf16, o, _mm512_add_ps(load(yi, bf16, o, m), round_to(bf16, u)), m);
+    }
   }
 }
 
@@ -358,7 +403,7 @@ extern "C" {
 // Bytes of scratch memory neolm_decode_step needs for this model and `rows` sequences.
 int64_t neolm_decode_scratch_bytes(const Model* m, int64_t rows) {
   const int64_t es = m->act_bf16 ? 2 : 4, wide = m->f > m->c ? m->f : m->c;
-  return rows * ((7 * m->c + m->f) * es + wide * 6) + 64 + work_bytes(rows, wide) + 64;  // (64: alignment)
+  return rows * ((7 * m->c + m->f) * es + wide * 6 + m->lora_r * 4) + 64 + work_bytes(rows, wide) + 64;  // (64: alignment)
 }
 
 #ifdef NEOLM_AVX512
@@ -368,9 +413,11 @@ int64_t neolm_decode_scratch_bytes(const Model* m, int64_t rows) {
 // valid: (rows, valid_stride) flags, 0 at padding slots no token may attend to, or null (none).
 // cache_k, cache_v: (n_layer, rows, heads, max_len, d) in the format kv_kind (enum Kv: fp32, bf16, int8);
 // int8: scale_k, scale_v (n_layer, rows, heads, max_len) fp32, the rows' scales (else null).
+// adapters: (rows,) the LoRA adapter each row uses (0: none), or null when none does.
 void neolm_decode_step(const Model* m, int64_t rows, void* x, int64_t pos, const int64_t* positions, const float* cos,
                        const float* sin, const uint8_t* valid, int64_t valid_stride, void* cache_k, void* cache_v,
-                       float* scale_k, float* scale_v, int kv_kind, int64_t max_len, void* scratch) {
+                       float* scale_k, float* scale_v, int kv_kind, int64_t max_len, const int64_t* adapters,
+                       void* scratch) {
   const int bf16 = m->act_bf16;
   const int64_t c = m->c, f = m->f, es = bf16 ? 2 : 4, wide = f > c ? f : c;
   char* p = static_cast<char*>(scratch);  // each buffer holds `rows` rows
@@ -382,6 +429,7 @@ void neolm_decode_step(const Model* m, int64_t rows, void* x, int64_t pos, const
   void* mo = p;           p += rows * c * es;      // MLP output
   float* xf = reinterpret_cast<float*>(p);  p += rows * wide * 4;  // a matmul's input in the other dtype
   uint16_t* xb = reinterpret_cast<uint16_t*>(p);  p += rows * wide * 2;
+  float* lt = reinterpret_cast<float*>(p);  p += rows * m->lora_r * 4;  // LoRA's x @ A^T
   uint8_t* work = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63));  // int8a8's
   const int64_t seq_bytes = m->heads * max_len * m->d * kv_bytes(kv_kind);  // one sequence's cache of one layer
   const auto row = [es](void* base, int64_t i, int64_t width) { return static_cast<char*>(base) + i * width * es; };
@@ -399,6 +447,7 @@ void neolm_decode_step(const Model* m, int64_t rows, void* x, int64_t pos, const
         convert(L.qkv, h, bf16, xf, xb, i * c, (i + 1) * c);
       }
       linear(L.qkv, input(L.qkv, h, bf16, xf, xb), qkv, bf16, rows, work);
+      lora(L.qkv, h, qkv, bf16, rows, adapters, lt);
 #pragma omp for schedule(static)
       for (int64_t t = 0; t < rows * m->heads; t++) {
         const int64_t i = t / m->heads, head = t % m->heads;
@@ -413,6 +462,7 @@ void neolm_decode_step(const Model* m, int64_t rows, void* x, int64_t pos, const
         convert(L.proj, att, bf16, xf, xb, i * c + head * m->d, i * c + (head + 1) * m->d);
       }
       linear(L.proj, input(L.proj, att, bf16, xf, xb), a, bf16, rows, work);
+      lora(L.proj, att, a, bf16, rows, adapters, lt);
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < rows; i++) {
         if (!m->parallel) add(row(x, i, c), row(a, i, c), nullptr, row(x, i, c), c, bf16);  // GPT-Neo: x + attn, then the MLP on it
@@ -420,6 +470,7 @@ void neolm_decode_step(const Model* m, int64_t rows, void* x, int64_t pos, const
         convert(L.fc, h, bf16, xf, xb, i * c, (i + 1) * c);
       }
       linear(L.fc, input(L.fc, h, bf16, xf, xb), ff, bf16, rows, work);
+      lora(L.fc, h, ff, bf16, rows, adapters, lt);
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < rows * f; i += 256) {
         const int64_t end = i + 256 < rows * f ? i + 256 : rows * f;
@@ -427,6 +478,7 @@ void neolm_decode_step(const Model* m, int64_t rows, void* x, int64_t pos, const
         convert(L.out, ff, bf16, xf, xb, i, end);
       }
       linear(L.out, input(L.out, ff, bf16, xf, xb), mo, bf16, rows, work);
+      lora(L.out, ff, mo, bf16, rows, adapters, lt);
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < rows; i++) {
         if (m->parallel)

@@ -30,7 +30,8 @@ _p = ctypes.c_void_p
 
 class _Lin(ctypes.Structure):
     _fields_ = [("kind", ctypes.c_int32), ("bias_bf16", ctypes.c_int32), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
-                ("g", ctypes.c_int64), ("w", _p), ("s", _p), ("c", _p), ("bias", _p)]  # fmt: skip
+                ("g", ctypes.c_int64), ("w", _p), ("s", _p), ("c", _p), ("bias", _p), ("lora_r", ctypes.c_int64),
+                ("lora_a", _p), ("lora_bt", _p), ("lora_owner", _p)]  # fmt: skip
 
 
 class _Layer(ctypes.Structure):
@@ -42,7 +43,7 @@ class _Model(ctypes.Structure):
     _fields_ = [("n_layer", ctypes.c_int64), ("c", ctypes.c_int64), ("heads", ctypes.c_int64), ("d", ctypes.c_int64),
                 ("f", ctypes.c_int64), ("rot", ctypes.c_int64), ("act_bf16", ctypes.c_int32),
                 ("parallel", ctypes.c_int32), ("act", ctypes.c_int32), ("eps", ctypes.c_float),
-                ("scale", ctypes.c_float), ("layers", ctypes.POINTER(_Layer))]  # fmt: skip
+                ("scale", ctypes.c_float), ("layers", ctypes.POINTER(_Layer)), ("lora_r", ctypes.c_int64)]  # fmt: skip
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -51,8 +52,10 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 def _lin(weights: native.Weights) -> _Lin:
     bias = weights.bias
+    a, bt, owner = weights.lora or (None, None, None)
     return _Lin(KINDS[weights.kind], int(bias is not None and bias.dtype == torch.bfloat16), weights.n, weights.k,
-                weights.g, _ptr(weights.w), _ptr(weights.s), _ptr(weights.c), _ptr(bias))  # fmt: skip
+                weights.g, _ptr(weights.w), _ptr(weights.s), _ptr(weights.c), _ptr(bias),
+                0 if a is None else a.shape[0], _ptr(a), _ptr(bt), _ptr(owner))  # fmt: skip
 
 
 class DecodeStep:
@@ -73,7 +76,7 @@ class DecodeStep:
             layer.ln1_w, layer.ln1_b, layer.ln2_w, layer.ln2_b = map(_ptr, norms)
             layer.qkv, layer.proj, layer.fc, layer.out = map(_lin, lins)
             layer.window = block.window or 0
-            keep += [*norms, *(t for w in lins for t in (w.w, w.s, w.c, w.bias))]
+            keep += [*norms, *(t for w in lins for t in (w.w, w.s, w.c, w.bias, *(w.lora or ())))]
         self.rope = None
         if config.rotary_dims:
             self.rope = rotary_table(config.n_positions, config.rotary_dims, config.rotary_base)  # fp32 (P, rot)
@@ -81,7 +84,9 @@ class DecodeStep:
         scale = config.attn_scale if config.attn_scale is not None else config.head_dim**-0.5
         self.spec = _Model(config.n_layer, config.d_model, config.n_head, config.head_dim, config.d_ff, rot,
                            int(self.dtype == torch.bfloat16), int(config.parallel_residual),
-                           ACTIVATIONS[config.activation], config.layer_norm_eps, scale, layers)  # fmt: skip
+                           ACTIVATIONS[config.activation], config.layer_norm_eps, scale, layers,
+                           max((layer.lora_r for lin in layers for layer in (lin.qkv, lin.proj, lin.fc, lin.out)),
+                               default=0))  # fmt: skip
         self.layers, self.keep = layers, keep
         self.model = weakref.ref(model)
         self.watch = _Watch(_snapshot(model, keep))
@@ -92,6 +97,8 @@ class DecodeStep:
         self.hooks = [d for m in watched for d in (m._forward_hooks, m._forward_pre_hooks)]
         self.hooks += [getattr(torch.nn.modules.module, name, {}) for name in GLOBAL_HOOKS]
         self.hooked = False  # (logged once)
+        # where each step learns which LoRA adapter each row uses (neolm.multilora; one AdapterSet's), if any
+        self.lora_rows = next((w.lora_rows for lins in weights for w in lins if w.lora_rows is not None), None)
         self.scratch = torch.empty(0, dtype=torch.uint8)  # grown to the largest batch seen
         self.n_positions = config.n_positions
 
@@ -137,9 +144,12 @@ class DecodeStep:
         if self.scratch.numel() < need:
             self.scratch = torch.empty(need, dtype=torch.uint8)
         scales = (None, None) if k.dtype != torch.int8 else (cache.k_scale.data_ptr(), cache.v_scale.data_ptr())
+        adapters = None if self.lora_rows is None else self.lora_rows(rows)  # (rows,) int64, or None: no row uses one
+        if adapters is not None and tuple(adapters.shape) != (rows,):
+            return None  # the torch path says what is wrong
         self.lib.neolm_decode_step(ctypes.byref(self.spec), rows, x.data_ptr(), start, positions.data_ptr(), cos, sin,
                                    valid, valid_stride, k.data_ptr(), v.data_ptr(), *scales, CACHE_KINDS[k.dtype],
-                                   k.shape[3], self.scratch.data_ptr())  # fmt: skip
+                                   k.shape[3], _ptr(adapters), self.scratch.data_ptr())  # fmt: skip
         return x
 
     def _rebuilt(self, x, positions, cache, key_valid):

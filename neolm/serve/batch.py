@@ -120,15 +120,20 @@ def _record(line: Line, status: int, body: dict, error: dict | None) -> dict:
 
 def _answer(lm, engine: Engine, line: Line, model_name: str) -> dict:
     try:
+        named = line.body.get("model")  # with adapters, the one it names, else the base model; without, ignored
+        adapter = named if named in lm.adapters and named != model_name else None
+        if lm.adapters and adapter is None and named not in (None, model_name):
+            served = ", ".join(repr(n) for n in [model_name, *lm.adapters])
+            raise ApiError(404, f"the model '{named}' does not exist; this batch has {served}", "model")
         request = protocol.parse(line.kind, line.body, lm)
         if request.stream:
             raise ApiError(400, "stream is not offered in a batch: each answer is written whole", "stream")
         logprobs = 0 if request.ranked and request.logprobs is None else request.logprobs  # ranking needs them
         try:
-            job = engine.submit(request.prompts, request.gc, logprobs, request.prompt_logprobs)
+            job = engine.submit(request.prompts, request.gc, logprobs, request.prompt_logprobs, adapter)
         except NeolmError as e:  # a prompt too long for the context, or out of the vocabulary
             raise ApiError(400, str(e).replace("max_new_tokens", "max_tokens")) from None
-        return _record(line, 200, answer.whole(request, job, lm.tokenizer, model_name), None)
+        return _record(line, 200, answer.whole(request, job, lm.tokenizer, adapter or model_name), None)
     except ApiError as e:
         return _record(line, e.status, e.body(), {"code": e.kind, "message": e.message})
 

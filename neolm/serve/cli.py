@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import sys
 
@@ -32,6 +34,7 @@ def register(sub) -> dict:
     net.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0: all)")
     net.add_argument("--port", type=non_negative, default=8000, help="port (default 8000; 0: any free one)")
     net.add_argument("--served-model-name", help="the model's name in the API (default: MODEL as given)")
+    _add_lora_modules(net, "a request whose `model` is NAME")
     net.add_argument("--api-key", default=os.environ.get("NEOLM_API_KEY"),
                      help="require 'Authorization: Bearer KEY' (default: $NEOLM_API_KEY; unset: no key)")  # fmt: skip
     net.add_argument("--chat-template", metavar="FILE_OR_TEMPLATE",
@@ -65,6 +68,8 @@ def register(sub) -> dict:
     run = b.add_argument_group("batch")
     run.add_argument("--resume", action="store_true", help="OUTPUT exists: skip the requests it answers, add the rest")
     run.add_argument("--served-model-name", help="the model's name in the answers (default: MODEL as given)")
+    _add_lora_modules(run, "a request whose body's `model` is NAME (with adapters, a request naming neither MODEL's "
+                      "name nor an adapter's is refused; without, `model` is not read)")  # fmt: skip
     run.add_argument("--chat-template", metavar="FILE_OR_TEMPLATE",
                      help="a Jinja chat template to use instead of the checkpoint's own (as neolm serve)")  # fmt: skip
     run.add_argument("--max-batch", type=positive, default=8, help="sequences decoded together at most (default 8)")
@@ -74,12 +79,51 @@ def register(sub) -> dict:
     return {"serve": cmd_serve, "batch": cmd_batch}
 
 
-def cmd_serve(args) -> int:
+def _add_lora_modules(group, who: str) -> None:
+    group.add_argument("--lora-modules", nargs="+", type=lora_module, default=[], metavar="NAME=PATH",
+                       help="LoRA adapters in PEFT's format (a folder or hub id with adapter_config.json) held beside "
+                       f"the weights, unmerged (as vLLM's --lora-modules; also its JSON form '{{\"name\": ..., "
+                       f"\"path\": ...}}'): {who} runs with that adapter, in one batch with requests for the base "
+                       "model and other adapters (decoding at the base model's speed, within noise: bench/LORA.md; "
+                       "--adapter merges one into the weights instead)")  # fmt: skip
+
+
+def lora_module(text: str) -> tuple[str, str]:
+    """--lora-modules' NAME=PATH, or vLLM's JSON {"name": ..., "path": ...}."""
+    if text.lstrip().startswith("{"):
+        try:
+            item = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({e.msg})") from None
+        name, path = (item.get("name"), item.get("path")) if isinstance(item, dict) else (None, None)
+    else:
+        name, _, path = text.partition("=")
+    if not isinstance(name, str) or not isinstance(path, str) or not name.strip() or not path.strip():
+        raise argparse.ArgumentTypeError(f"takes NAME=PATH (or {{\"name\": ..., \"path\": ...}}), got {text!r}")
+    return name.strip(), path.strip()
+
+
+def _load(args):
+    """The model, its adapters (--lora-modules) loaded, and its name in the API."""
     from neolm.api import DEFAULT_MODEL_NAME
+
+    name = args.served_model_name or args.model or DEFAULT_MODEL_NAME
+    names = [n for n, _ in args.lora_modules]
+    clash = sorted({n for n in names if names.count(n) > 1 or n == name})
+    if clash:
+        raise NeolmError(f"--lora-modules: each adapter needs a name of its own, not the model's ({name!r}) or "
+                         f"another adapter's: {', '.join(clash)}")  # fmt: skip
+    lm = load_model(args)
+    for adapter, path in args.lora_modules:
+        lm.load_adapter(path, adapter)
+    lm.disable_adapters()  # a request names its adapter; the base model's run without
+    return lm, name
+
+
+def cmd_serve(args) -> int:
     from neolm.serve.http import Server
 
-    lm = load_model(args)
-    name = args.served_model_name or args.model or DEFAULT_MODEL_NAME
+    lm, name = _load(args)
     server = Server(lm, args.host, args.port, name, args.api_key, args.max_batch, args.prefill_chunk, args.prefix_cache)
     host, port = server.server_address[:2]
     print(f"neolm serve: {server.model_name} on http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
@@ -93,7 +137,6 @@ def cmd_serve(args) -> int:
 def cmd_batch(args) -> int:
     from tqdm import tqdm
 
-    from neolm.api import DEFAULT_MODEL_NAME
     from neolm.serve.batch import answered, read_requests, run
     from neolm.serve.engine import Engine
 
@@ -109,8 +152,7 @@ def cmd_batch(args) -> int:
               file=sys.stderr)  # fmt: skip
     if not todo:
         return 0
-    lm = load_model(args)
-    name = args.served_model_name or args.model or DEFAULT_MODEL_NAME
+    lm, name = _load(args)
     engine = Engine(lm, args.max_batch, args.prefill_chunk)
     with tqdm(total=len(todo), unit="req", desc="batch", disable=not sys.stderr.isatty()) as bar:
         summary = run(lm, todo, args.output, name, engine, lambda record: bar.update())

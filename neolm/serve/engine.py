@@ -67,8 +67,8 @@ class Job:
     per prompt, with the same k."""
 
     def __init__(self, prompts: list[list[int]], gc: GenerationConfig, logprobs: int | None = None,
-                 prompt_logprobs: bool = False):  # fmt: skip
-        self.prompts, self.gc = prompts, gc
+                 prompt_logprobs: bool = False, adapter: int = 0):  # fmt: skip
+        self.prompts, self.gc, self.adapter = prompts, gc, adapter  # adapter: the LoRA adapter's index (0: none)
         self.logprobs, self.prompt_logprobs = logprobs, prompt_logprobs
         self.sequences = len(prompts) * gc.num_return_sequences
         self.cancelled = threading.Event()  # set by a client that went away: its sequences stop early
@@ -160,15 +160,22 @@ class Engine:
         self._thread.start()
 
     def submit(self, prompts: list[list[int]], gc: GenerationConfig, logprobs: int | None = None,
-               prompt_logprobs: bool = False) -> Job:  # fmt: skip
-        """Queue the generation of `prompts` (token ids) with `gc` (and log-probabilities: see Job). Raises
+               prompt_logprobs: bool = False, adapter: str | None = None) -> Job:  # fmt: skip
+        """Queue the generation of `prompts` (token ids) with `gc` (and log-probabilities: see Job), with the
+        model's LoRA adapter named `adapter` (LanguageModel.load_adapter; None: the base model's weights). Raises
         NeolmError, before anything is queued, for a prompt that is empty, out of the vocabulary or too long
         for the context, and for settings that name tokens out of the vocabulary (logit_bias)."""
         config = self.lm.config
         if prompt_logprobs and logprobs is None:
             raise NeolmError("prompt_logprobs needs logprobs (how many alternatives per position)")
         gc.check_vocab(config.vocab_size)
-        job = Job(fit_prompts(prompts, gc, config.n_positions, config.vocab_size), gc, logprobs, prompt_logprobs)
+        index = 0
+        if adapter is not None:
+            if self.lm.adapter_set is None:
+                raise NeolmError(f"no adapter named {adapter!r}: the model holds none")
+            index = self.lm.adapter_set.index(adapter)
+        job = Job(fit_prompts(prompts, gc, config.n_positions, config.vocab_size), gc, logprobs, prompt_logprobs,
+                  index)  # fmt: skip
         with self._wake:
             if self._closed:
                 raise NeolmError("the server is shutting down")
@@ -224,7 +231,8 @@ class Engine:
                 return
             try:
                 if not busy:
-                    batch, owners, running = DecodeBatch(self.lm.model, self.lm.tokenizer.decode), {}, []
+                    batch = DecodeBatch(self.lm.model, self.lm.tokenizer.decode, adapters=self.lm.adapter_set)
+                    owners, running = {}, []
                     reading = deque()
                     start, generated = time.perf_counter(), self.generated
                 live = [job for job in admitted if not job.cancelled.is_set()]
@@ -259,7 +267,8 @@ class Engine:
             jobs = [job for job in jobs if not self._reuse(batch, job, reading)]
         while jobs:
             first = jobs[0]
-            same = [job for job in jobs if job.gc == first.gc and job.prompt_logprobs == first.prompt_logprobs]
+            same = [job for job in jobs if job.gc == first.gc and job.prompt_logprobs == first.prompt_logprobs
+                    and job.adapter == first.adapter]  # fmt: skip
             jobs = [job for job in jobs if job not in same]
             firsts = [(job, i) for job in same for i in range(len(job.prompts))]  # whose prompt each one is
 
@@ -268,8 +277,8 @@ class Engine:
                 top = [scores.pairs(j, job.logprobs) for j in range(len(scores.chosen))]
                 job._events.put(Prompt(i, scores.chosen, top))
 
-            prefill = batch.prefill([job.prompts[i] for job, i in firsts], first.gc,
-                                    [job.logprobs for job, _ in firsts], on_prompt if first.prompt_logprobs else None)  # fmt: skip
+            prefill = batch.prefill([job.prompts[i] for job, i in firsts], first.gc, [job.logprobs for job, _ in firsts],
+                                    on_prompt if first.prompt_logprobs else None, adapter=first.adapter)  # fmt: skip
             reading.append(_Reading(prefill, same, firsts))
 
     def _reuse(self, batch: DecodeBatch, job: Job, reading: deque) -> bool:
@@ -277,13 +286,13 @@ class Engine:
         if not job.reusable:
             return False
         prompt = job.prompts[0]
-        held = self.prefixes.take(prompt)
+        held = self.prefixes.take(prompt, job.adapter)
         self.metrics.prefix_queries += len(prompt)
         if held is None:
             return False
-        prefill = batch.prefill([prompt], job.gc, [job.logprobs], reuse=held)
+        prefill = batch.prefill([prompt], job.gc, [job.logprobs], reuse=held, adapter=job.adapter)
         if prefill.cache is not held[0]:  # copied from, not taken: still good for others
-            self.prefixes.put(*held)
+            self.prefixes.put(*held, job.adapter)
         job.cached = prefill.done
         self.metrics.prefix_hits += prefill.done
         reading.append(_Reading(prefill, [job], [(job, 0)]))
@@ -350,7 +359,7 @@ class Engine:
             if end is not None:
                 del owners[sequence]
                 if self.prefixes is not None and job.gc.num_return_sequences == 1:  # keep its keys and values
-                    self.prefixes.put(batch.row_cache(sequence), job.prompts[s] + job._tokens[s])
+                    self.prefixes.put(batch.row_cache(sequence), job.prompts[s] + job._tokens[s], job.adapter)
                 self._end(job, End(s, end, job._counts[s]), running)
         for job in [job for job in running if job.cancelled.is_set()]:  # its client went away
             gone = [i for i, (owner, _) in owners.items() if owner is job]

@@ -1,6 +1,6 @@
 """The HTTP side of `neolm serve`: OpenAI's routes on Python's threading HTTP server, no dependencies.
 
-  GET  /v1/models             the one model served
+  GET  /v1/models             the model served, and each LoRA adapter it holds (LanguageModel.load_adapter)
   POST /v1/completions        text completion (stream: server-sent events, as OpenAI)
   POST /v1/chat/completions   chat completion (protocol.py's transcript format)
   GET  /health                200 while the engine runs, with its counters
@@ -81,8 +81,22 @@ class Server(ThreadingHTTPServer):
         self.engine.close(timeout=30)
 
     def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.started,
-                "owned_by": "neolm", "max_model_len": self.lm.config.n_positions}]}  # fmt: skip
+        """The base model, then its adapters (as vLLM lists them: parent, the base; root, where it came from)."""
+        entry = {"object": "model", "created": self.started, "owned_by": "neolm",
+                 "max_model_len": self.lm.config.n_positions}  # fmt: skip
+        data = [{"id": self.model_name, **entry, "root": self.lm.source, "parent": None}]
+        data += [{"id": name, **entry, "root": self.lm.adapter_sources[name], "parent": self.model_name}
+                 for name in self.lm.adapters]  # fmt: skip
+        return {"object": "list", "data": data}
+
+    def adapter(self, name: str | None, param: str | None = None) -> str | None:
+        """The adapter a request's `model` names (None: the base model's name, or none given); 404 for others."""
+        if name is None or name == self.model_name:
+            return None
+        if name in self.lm.adapters:
+            return name
+        served = ", ".join(repr(n) for n in [self.model_name, *self.lm.adapters])
+        raise ApiError(404, f"the model '{name}' does not exist; this server has {served}", param)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -126,17 +140,13 @@ class Handler(BaseHTTPRequestHandler):
                 401, "missing or wrong API key: send 'Authorization: Bearer KEY'", kind="authentication_error"
             )
 
-    def _served(self, name: str | None, param: str | None = None) -> None:
-        """404 unless `name` (when given) is the served model's."""
-        if name is not None and name != self.server.model_name:
-            raise ApiError(404, f"the model '{name}' does not exist; this server has '{self.server.model_name}'", param)
-
     def _get(self, path: str) -> None:
         if path == "/v1/models":
             return self._json(200, self.server.models())
         if path.startswith("/v1/models/"):
-            self._served(path.removeprefix("/v1/models/"))
-            return self._json(200, self.server.models()["data"][0])
+            name = path.removeprefix("/v1/models/")
+            self.server.adapter(name)  # (404 for a model not served)
+            return self._json(200, next(m for m in self.server.models()["data"] if m["id"] == name))
         if path == "/tokenizer_info":
             return self._json(200, protocol.tokenizer_info(self.server.lm))
         if path == "/metrics":
@@ -162,16 +172,16 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(404, f"no route POST {path}: try /v1/completions, /v1/chat/completions, /tokenize or "
                            "/detokenize")  # fmt: skip
         body = self._body()
-        self._served(body.get("model") if isinstance(body, dict) else None, "model")
+        adapter = self.server.adapter(body.get("model") if isinstance(body, dict) else None, "model")
         if path in tools:
             return self._json(200, tools[path](body, self.server.lm))
         request = protocol.parse(kinds[path], body, self.server.lm)
         try:
             logprobs = 0 if request.ranked and request.logprobs is None else request.logprobs  # ranking needs them
-            job = self.server.engine.submit(request.prompts, request.gc, logprobs, request.prompt_logprobs)
+            job = self.server.engine.submit(request.prompts, request.gc, logprobs, request.prompt_logprobs, adapter)
         except NeolmError as e:  # a prompt too long for the context, or out of the vocabulary
             raise ApiError(400, str(e).replace("max_new_tokens", "max_tokens")) from None
-        (self._stream if request.stream else self._whole)(request, job)
+        (self._stream if request.stream else self._whole)(request, job, adapter or self.server.model_name)
 
     def _body(self):
         length = self.headers.get("Content-Length")
@@ -185,11 +195,11 @@ class Handler(BaseHTTPRequestHandler):
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the body is not JSON: {e}") from None
 
-    def _whole(self, request, job) -> None:
-        self._json(200, answer.whole(request, job, self.server.lm.tokenizer, self.server.model_name))
+    def _whole(self, request, job, name: str) -> None:
+        self._json(200, answer.whole(request, job, self.server.lm.tokenizer, name))
 
-    def _stream(self, request, job) -> None:
-        name, tokenizer = self.server.model_name, self.server.lm.tokenizer
+    def _stream(self, request, job, name: str) -> None:
+        tokenizer = self.server.lm.tokenizer
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")

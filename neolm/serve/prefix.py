@@ -4,7 +4,7 @@ few-shot context shared by many prompts) reads only the rest, as vLLM's automati
 
 Entries are whole sequences (prompt and generated tokens, one row each), the least recently used evicted past
 the memory budget. A prompt takes the entry it shares the most tokens with from the start, if at least
-MIN_SHARED. Off by default: the kept slots of generated tokens were written by decode steps, whose kernels
+MIN_SHARED, and only an entry made with the same LoRA adapter (neolm.multilora). Off by default: the kept slots of generated tokens were written by decode steps, whose kernels
 round otherwise than a prompt's forward, so a prompt read this way gets numbers a rounding away from its
 own (its tokens can differ at near-ties), where neolm otherwise gives every request exactly what it would get
 alone.
@@ -26,32 +26,36 @@ class PrefixCache:
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._entries: OrderedDict[int, tuple[KVCache, list[int]]] = OrderedDict()  # oldest use first
+        self._entries: OrderedDict[int, tuple[KVCache, list[int], int]] = OrderedDict()  # oldest use first
         self._keys = count()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def put(self, cache: KVCache, tokens: list[int]) -> None:
-        """Keep a sequence's cache (one row, no padding) and the tokens in its slots (more are ignored)."""
+    def put(self, cache: KVCache, tokens: list[int], adapter: int = 0) -> None:
+        """Keep a sequence's cache (one row, no padding), the tokens in its slots (more are ignored), and the
+        adapter it was made with."""
         if cache.nbytes > self.max_bytes or cache.length < MIN_SHARED:
             return
-        self._entries[next(self._keys)] = (cache, tokens[: cache.length])
+        self._entries[next(self._keys)] = (cache, tokens[: cache.length], adapter)
         self.bytes += cache.nbytes
         while self.bytes > self.max_bytes:
-            old, _ = self._entries.popitem(last=False)[1]
+            old = self._entries.popitem(last=False)[1][0]
             self.bytes -= old.nbytes
 
-    def take(self, prompt: Sequence[int]) -> tuple[KVCache, list[int]] | None:
-        """Remove and return the entry that shares the most tokens with `prompt` from its start (at least
-        MIN_SHARED; the most recent of equals), or None. The taker may change it; put it back if not."""
+    def take(self, prompt: Sequence[int], adapter: int = 0) -> tuple[KVCache, list[int]] | None:
+        """Remove and return the entry made with `adapter` that shares the most tokens with `prompt` from its start
+        (at least MIN_SHARED; the most recent of equals): (cache, tokens), or None. The taker may change it; put it
+        back if not."""
         best, shared = None, MIN_SHARED
-        for key, (_, tokens) in self._entries.items():  # oldest first: of equals, the newest wins
+        for key, (_, tokens, made_with) in self._entries.items():  # oldest first: of equals, the newest wins
+            if made_with != adapter:
+                continue
             n = shared_prefix(tokens, prompt)
             if n >= shared:
                 best, shared = key, n
         if best is None:
             return None
-        cache, tokens = self._entries.pop(best)
+        cache, tokens, _ = self._entries.pop(best)
         self.bytes -= cache.nbytes
         return cache, tokens
