@@ -104,15 +104,21 @@ class LanguageModel:
         name = adapter_name or Path(str(adapter).rstrip("/")).name
         if not name:
             raise NeolmError(f"give the adapter {adapter!r} a name (adapter_name=)")
-        factors = lora_factors(hub.resolve(adapter), self.config)
+        if name in self.adapters:
+            raise NeolmError(f"an adapter named {name!r} is loaded already")
+        self.hold_adapter(name, str(adapter), lora_factors(hub.resolve(adapter), self.config))
+        if len(self.adapters) == 1:
+            self.set_adapter(name)
+        return name
+
+    def hold_adapter(self, name: str, source: str, factors: dict) -> None:
+        """load_adapter's second half: hold factors read by neolm.adapter.lora_factors as adapter `name` (the
+        server reads them in a request's thread, then holds them between two steps). Changes no selection."""
         if self.adapter_set is None:
             self.adapter_set = AdapterSet.attach(self.model)
-        index = self.adapter_set.add(name, factors)
-        self.adapter_sources[name] = str(adapter)
-        if len(self.adapter_set.held) == 1:
-            self.adapter_set.select(index)
-        log.info("adapter %r (%s) held unmerged", name, adapter)
-        return name
+        self.adapter_set.add(name, factors)
+        self.adapter_sources[name] = source
+        log.info("adapter %r (%s) held unmerged", name, source)
 
     def set_adapter(self, adapter_name: str | None) -> None:
         """Generate with this loaded adapter from now on (None: the base model alone; disable_adapters())."""

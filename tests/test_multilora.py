@@ -205,3 +205,79 @@ def test_the_native_decode_step_adds_each_row_s_adapter_as_torch_does(tiny_check
     # rebuilds the step, whose new one then runs: counted twice)
     tol = TOL if dtype == "float32" else 0.05  # (bf16: each path rounds its own sums)
     assert (logits[0] - logits[1]).abs().max().item() <= tol
+
+
+def test_adapters_load_and_unload_while_the_server_runs(tiny_checkpoints, tmp_path):
+    import threading
+    import time
+
+    from test_serve import call
+
+    from neolm.serve.http import Server
+
+    name = "neox-parallel-pct25"
+    _, folders = two_adapters(tiny_checkpoints, name, tmp_path)
+    lm = neolm.load(tiny_checkpoints[name][1])
+    prompt = "The quick brown fox"
+    lm.load_adapter(folders[0])
+    text = lm.generate(prompt, max_new_tokens=8, do_sample=False, repetition_penalty=1.0)
+    lm.delete_adapter("first")
+    request = {"model": "first", "prompt": prompt, "max_tokens": 8, "temperature": 0}
+
+    closed = Server(lm, port=0, model_name="base")
+    closed.start()
+    try:  # without runtime_lora (--allow-runtime-lora-updating) the routes are off
+        status, body = call(closed, "/v1/load_lora_adapter", {"lora_name": "first", "lora_path": str(folders[0])})
+        assert status == 404 and "--allow-runtime-lora-updating" in body["error"]["message"]
+    finally:
+        closed.close()
+
+    server = Server(lm, port=0, model_name="base", runtime_lora=True)
+    server._listen()  # HTTP only: the engine starts below
+    try:
+        job = server.engine.submit([lm.encode(prompt)], lm.generation_config(max_new_tokens=4), adapter=None)
+        loaded = {}
+        load = {"lora_name": "first", "lora_path": str(folders[0])}
+        thread = threading.Thread(target=lambda: loaded.update(answer=call(server, "/v1/load_lora_adapter", load)))
+        thread.start()
+        while not server.engine._tasks:  # held between two steps: waits for the engine
+            time.sleep(0.01)
+        server.engine.start()
+        thread.join(30)
+        assert loaded["answer"] == (200, "Success: LoRA adapter 'first' added successfully.")
+        list(job)
+        assert [m["id"] for m in call(server, "/v1/models")[1]["data"]] == ["base", "first"]
+        status, body = call(server, "/v1/completions", request)
+        assert status == 200 and body["choices"][0]["text"] == text
+        status, body = call(server, "/v1/load_lora_adapter", load)
+        assert status == 400 and "already been loaded" in body["error"]["message"]
+        status, body = call(server, "/v1/load_lora_adapter", {"lora_name": "x", "lora_path": str(tmp_path)})
+        assert status == 400 and "adapter_config.json" in body["error"]["message"]
+        status, body = call(server, "/v1/unload_lora_adapter", {"lora_name": "first"})
+        assert status == 200 and "removed" in body and lm.adapters == []
+        status, body = call(server, "/v1/completions", request)
+        assert status == 404
+        status, body = call(server, "/v1/unload_lora_adapter", {"lora_name": "first"})
+        assert status == 404 and "cannot be found" in body["error"]["message"]
+    finally:
+        server.close()
+
+    server = Server(lm, port=0, model_name="base", runtime_lora=True)  # a request in flight keeps its adapter
+    lm.load_adapter(folders[0])
+    server._listen()
+    try:
+        job = server.engine.submit([lm.encode(prompt)], lm.generation_config(max_new_tokens=4), adapter="first")
+        answer = {}
+        unload = {"lora_name": "first"}
+        thread = threading.Thread(target=lambda: answer.update(got=call(server, "/v1/unload_lora_adapter", unload)))
+        thread.start()
+        while not server.engine._tasks:
+            time.sleep(0.01)
+        server.engine.start()  # (tasks run before the waiting request joins: it is in flight, waiting)
+        thread.join(30)
+        status, body = answer["got"]
+        assert status == 409 and "in use by 1 request" in body["error"]["message"]
+        list(job)
+        assert call(server, "/v1/unload_lora_adapter", unload)[0] == 200  # once it has ended
+    finally:
+        server.close()

@@ -35,6 +35,11 @@ def register(sub) -> dict:
     net.add_argument("--port", type=non_negative, default=8000, help="port (default 8000; 0: any free one)")
     net.add_argument("--served-model-name", help="the model's name in the API (default: MODEL as given)")
     _add_lora_modules(net, "a request whose `model` is NAME")
+    net.add_argument("--allow-runtime-lora-updating", action="store_true",
+                     help="open vLLM's POST /v1/load_lora_adapter ({\"lora_name\": ..., \"lora_path\": ...}) and "
+                     "/v1/unload_lora_adapter ({\"lora_name\": ...}) to add and remove adapters while serving (vLLM: "
+                     "VLLM_ALLOW_RUNTIME_LORA_UPDATING); an adapter is unloaded only once no request names it. "
+                     "With --api-key, they need the key too")  # fmt: skip
     net.add_argument("--api-key", default=os.environ.get("NEOLM_API_KEY"),
                      help="require 'Authorization: Bearer KEY' (default: $NEOLM_API_KEY; unset: no key)")  # fmt: skip
     net.add_argument("--chat-template", metavar="FILE_OR_TEMPLATE",
@@ -124,7 +129,8 @@ def cmd_serve(args) -> int:
     from neolm.serve.http import Server
 
     lm, name = _load(args)
-    server = Server(lm, args.host, args.port, name, args.api_key, args.max_batch, args.prefill_chunk, args.prefix_cache)
+    server = Server(lm, args.host, args.port, name, args.api_key, args.max_batch, args.prefill_chunk, args.prefix_cache,
+                    args.allow_runtime_lora_updating)  # fmt: skip
     host, port = server.server_address[:2]
     print(f"neolm serve: {server.model_name} on http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
     try:

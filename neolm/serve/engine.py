@@ -21,7 +21,8 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from neolm.errors import NeolmError
@@ -137,6 +138,7 @@ class Engine:
         self.lm, self.max_batch, self.prefill_chunk = lm, max_batch, prefill_chunk
         self.prefixes = PrefixCache(prefix_cache_mb * 2**20) if prefix_cache_mb else None
         self._waiting: deque[Job] = deque()
+        self._tasks: deque[tuple[Callable, Future]] = deque()  # call()'s, run between two steps
         self._wake = threading.Condition()
         self._closed = False
         self.batches = 0  # prompt forwards (for /health)
@@ -183,6 +185,33 @@ class Engine:
             self._wake.notify()
         return job
 
+    def call(self, task: Callable[[list[Job]], object], timeout: float | None = None):
+        """task(the jobs submitted and not yet ended), run in the engine's thread between two steps; returns what
+        it returns, or raises what it raises. For changes to the model that no step may see half made (holding
+        or dropping a LoRA adapter). Raises NeolmError when the engine is closed or `timeout` s pass."""
+        future: Future = Future()
+        with self._wake:
+            if self._closed:
+                raise NeolmError("the server is shutting down")
+            self._tasks.append((task, future))
+            self._wake.notify()
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            raise NeolmError(f"the engine did not get to it in {timeout} s") from None
+
+    def _run_tasks(self, batch: DecodeBatch | None, jobs: list[Job]) -> None:
+        while self._tasks:
+            task, future = self._tasks.popleft()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(task([*jobs, *self._waiting]))
+            except Exception as error:  # noqa: BLE001  (the caller's to answer: call() raises it)
+                future.set_exception(error)
+            if batch is not None:  # the model's adapters may be new (neolm.multilora): the batch runs with them
+                batch.adapters = self.lm.adapter_set
+
     def close(self, timeout: float | None = None) -> None:
         """Refuse new jobs, end the waiting ones, and wait (at most `timeout` s) for run() to return."""
         with self._wake:
@@ -191,6 +220,9 @@ class Engine:
                 job._events.put(NeolmError("the server is shutting down"))
                 job._events.put(None)
             self._waiting.clear()
+            for _, future in self._tasks:
+                future.set_exception(NeolmError("the server is shutting down"))
+            self._tasks.clear()
             self._wake.notify()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
@@ -200,7 +232,7 @@ class Engine:
         the engine is idle (not `busy`), waits for one, and the oldest comes in whatever its size; a job that
         runs alone comes in only then, and nothing with it. None: closed, and idle."""
         with self._wake:
-            while not busy and not self._waiting and not self._closed:
+            while not busy and not self._waiting and not self._tasks and not self._closed:
                 # with a timeout: a Ctrl-C that the OS hands to another thread reaches a main thread waiting here
                 # only when it returns to Python
                 self._wake.wait(timeout=0.25)
@@ -221,6 +253,8 @@ class Engine:
         """Serve jobs until close() (the running sequences finish first)."""
         batch, owners, running, reading = None, {}, [], deque()  # owners: sequence id -> (job, its sequence index)
         while True:
+            if self._tasks:
+                self._run_tasks(batch, running + [job for r in reading for job in r.jobs])
             busy = batch is not None and (not batch.finished or bool(reading))
             if busy and any(job.alone for job in running):  # nothing joins it
                 admitted = []

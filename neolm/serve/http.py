@@ -5,6 +5,7 @@
   POST /v1/chat/completions   chat completion (protocol.py's transcript format)
   GET  /health                200 while the engine runs, with its counters
   POST /tokenize, /detokenize, GET /tokenizer_info   vLLM's tokenizer routes (lm-eval's remote tokenizer uses them)
+  POST /v1/load_lora_adapter, /v1/unload_lora_adapter  vLLM's, with runtime_lora: hold or drop a LoRA adapter
 
 Each connection gets a thread that parses its request, hands it to the engine (engine.py) and writes what the
 engine produces; a client that goes away while its answer streams stops its sequences.
@@ -42,8 +43,9 @@ class Server(ThreadingHTTPServer):
 
     def __init__(self, lm, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
                  api_key: str | None = None, max_batch: int = 8, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 prefix_cache_mb: int = 0):  # fmt: skip
+                 prefix_cache_mb: int = 0, runtime_lora: bool = False):  # fmt: skip
         self.lm = lm
+        self.runtime_lora = runtime_lora  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter are open
         self.model_name = model_name or lm.source
         self.api_key = api_key
         self.started = int(time.time())
@@ -168,6 +170,11 @@ class Handler(BaseHTTPRequestHandler):
     def _post(self, path: str) -> None:
         kinds = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
         tools = {"/tokenize": protocol.tokenize, "/detokenize": protocol.detokenize}
+        adapters = {"/v1/load_lora_adapter": self._load_lora, "/v1/unload_lora_adapter": self._unload_lora}
+        if path in adapters:
+            if not self.server.runtime_lora:
+                raise ApiError(404, f"POST {path} is off: start the server with --allow-runtime-lora-updating")
+            return adapters[path](self._body())
         if path not in kinds and path not in tools:
             raise ApiError(404, f"no route POST {path}: try /v1/completions, /v1/chat/completions, /tokenize or "
                            "/detokenize")  # fmt: skip
@@ -182,6 +189,58 @@ class Handler(BaseHTTPRequestHandler):
         except NeolmError as e:  # a prompt too long for the context, or out of the vocabulary
             raise ApiError(400, str(e).replace("max_new_tokens", "max_tokens")) from None
         (self._stream if request.stream else self._whole)(request, job, adapter or self.server.model_name)
+
+    def _strings(self, body, *fields: str) -> list[str]:
+        values = [body.get(field) if isinstance(body, dict) else None for field in fields]
+        for field, value in zip(fields, values):
+            if not isinstance(value, str) or not value:
+                raise ApiError(400, f"{field} must be a non-empty string", field)
+        return values
+
+    def _load_lora(self, body) -> None:
+        """vLLM's: {"lora_name", "lora_path"}; the adapter is read here, then held between two steps."""
+        from neolm import hub
+        from neolm.adapter import lora_factors
+
+        name, path = self._strings(body, "lora_name", "lora_path")
+        lm = self.server.lm
+        if name == self.server.model_name or name in lm.adapters:
+            raise ApiError(400, f"the LoRA adapter '{name}' has already been loaded", "lora_name")
+        try:
+            factors = lora_factors(hub.resolve(path), lm.config)
+
+            def hold(jobs) -> None:
+                if name in lm.adapters:  # (another request, meanwhile)
+                    raise ApiError(400, f"the LoRA adapter '{name}' has already been loaded", "lora_name")
+                lm.hold_adapter(name, path, factors)
+
+            self.server.engine.call(hold)
+        except NeolmError as e:
+            raise ApiError(400, str(e), "lora_path") from None
+        log.info("LoRA adapter %r loaded from %s", name, path)
+        self._send(200, f"Success: LoRA adapter '{name}' added successfully.", "text/plain; charset=utf-8")
+
+    def _unload_lora(self, body) -> None:
+        """vLLM's: {"lora_name"}; refused (409) while a request that names it has not ended."""
+        (name,) = self._strings(body, "lora_name")
+        lm = self.server.lm
+
+        def drop(jobs) -> None:
+            if name not in lm.adapters:
+                raise ApiError(404, f"the LoRA adapter '{name}' cannot be found", "lora_name")
+            index = lm.adapter_set.index(name)
+            using = sum(job.adapter == index for job in jobs)
+            if using:
+                raise ApiError(409, f"the LoRA adapter '{name}' is in use by {using} request{'s' * (using > 1)}; "
+                               "unload it when they have ended", "lora_name", kind="conflict")  # fmt: skip
+            lm.delete_adapter(name)
+
+        try:
+            self.server.engine.call(drop)
+        except NeolmError as e:
+            raise ApiError(503, str(e), kind="server_error") from None
+        log.info("LoRA adapter %r unloaded", name)
+        self._send(200, f"Success: LoRA adapter '{name}' removed successfully.", "text/plain; charset=utf-8")
 
     def _body(self):
         length = self.headers.get("Content-Length")
