@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -18,6 +19,7 @@ from neolm.conversation import Conversation
 from neolm.dola import dola_tokens
 from neolm.errors import NeolmError
 from neolm.generate import GenerationConfig, generate, iter_generate
+from neolm.healing import heal
 from neolm.model import GPT
 from neolm.multilora import AdapterSet
 from neolm.native import attention, decode
@@ -233,6 +235,8 @@ class LanguageModel:
         Classifier-free guidance (neolm.guidance): guidance_scale, with negative_prompt_ids or negative_prompt (text:
         one for all prompts, or one per prompt) as the context to steer away from (default: the prompt's last
         token); each step then costs two forwards.
+        token_healing=True (neolm.healing): the prompt's last token is chosen again among those that begin with it
+        (the text returned follows the prompt as written).
         Assisted generation (neolm.speculative): prompt_lookup_num_tokens, or assistant_model (a smaller model
         from neolm.load with the same tokenizer) with num_assistant_tokens and assistant_confidence_threshold.
         A string gives a string (a list of them with num_return_sequences > 1: samples, or the best beams first);
@@ -249,18 +253,30 @@ class LanguageModel:
         assistant = self._assistant(kwargs.pop("assistant_model", None))
         outputs = _output_options(kwargs)
         gc = self.generation_config(**kwargs)
-        ids = [self.encode(p) for p in prompts]
+        ids, texts_of = self._prompts(prompts, gc)
+        gc = dataclasses.replace(gc, token_healing=False)
         if outputs is not None:
             out = generate_output(self.model, ids, gc, self.tokenizer.decode, assistant, *outputs)
-            out.texts = [self.decode(seq) for seq in out.sequences]
+            out.texts = texts_of(out.sequences)
             return out
         new = generate(self.model, ids, gc, self.tokenizer.decode, assistant)
-        texts = [self.decode(ids) for ids in new]
+        texts = texts_of(new)
         k = gc.num_return_sequences
         grouped = [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
         if k == 1:
             return texts[0] if single else texts
         return grouped[0] if single else grouped
+
+    def _prompts(self, prompts: list[str], gc: GenerationConfig):
+        """The prompts' token ids (healed with gc.token_healing: neolm.healing), and how to give a generation's new
+        tokens (each prompt's num_return_sequences, prompt-major) as the text that follows its prompt."""
+        ids = [self.encode(p) for p in prompts]
+        if not gc.token_healing:
+            return ids, lambda new: [self.decode(seq) for seq in new]
+        healed = [heal(self.model, self.tokenizer, p) for p in ids]
+        k = gc.num_return_sequences
+        return [h.ids for h in healed], lambda new: [healed[i // k].continuation(self.tokenizer, seq)
+                                                     for i, seq in enumerate(new)]  # fmt: skip
 
     def stream(self, prompt: str, **kwargs) -> Iterator[str]:
         """Text pieces of the continuation as tokens are produced (never half a UTF-8 character).
@@ -274,15 +290,21 @@ class LanguageModel:
         if not isinstance(prompt, str):
             raise NeolmError("stream() takes one prompt string")
         ids, decode = self.encode(prompt), self.tokenizer.decode
+        head = ""  # what a healed last token adds to the prompt's text
+        if gc.token_healing:
+            healed = heal(self.model, self.tokenizer, ids)
+            ids, head, gc = healed.ids, healed.head(self.tokenizer), dataclasses.replace(gc, token_healing=False)
         if assistant is not None or gc.prompt_lookup_num_tokens is not None:  # tokens come a round at a time
             tokens = assisted_tokens(self.model, ids, gc, decode, assistant)
         elif gc.contrastive or gc.dola_layers is not None:  # one sequence at a time, outside a DecodeBatch
             tokens = (contrastive_tokens if gc.contrastive else dola_tokens)(self.model, ids, gc, decode)
         else:
-            return self._pieces(iter_generate(self.model, [ids], gc, decode))
-        return self._pieces([token] for token in tokens)
+            return self._pieces(iter_generate(self.model, [ids], gc, decode), head)
+        return self._pieces(([token] for token in tokens), head)
 
-    def _pieces(self, steps) -> Iterator[str]:
+    def _pieces(self, steps, head: str = "") -> Iterator[str]:
+        if head:
+            yield head
         decoder = StreamDecoder(self.tokenizer)
         for (token,) in steps:
             if token is not None:

@@ -156,6 +156,10 @@ def _add_generation_args(p: argparse.ArgumentParser, chat: bool = False):
         knobs.add_argument("--penalty-alpha", type=float, metavar="X",
                            help="contrastive search (with --top-k 4 to 10 and --no-do-sample): the likeliest of the top-k "
                            "tokens, less X times its hidden state's likeness to the text's; against repetition")  # fmt: skip
+        knobs.add_argument("--token-healing", action="store_true", default=None,
+                           help="choose the prompt's last token again among those that begin with it, so that a "
+                           "prompt cut inside a word or URL (\"http:\") goes on as text would (transformers' "
+                           "token_healing; the prompt's outer whitespace is dropped first)")  # fmt: skip
     knobs.add_argument("--seed", type=seed_type, help="seed for reproducible sampling")
     knobs.add_argument("--guidance-scale", type=float, metavar="X",
                        help="classifier-free guidance: > 1 (e.g. 1.5) holds the text closer to the prompt, away from "
@@ -179,7 +183,8 @@ def _generation_knobs(args) -> dict:
     names = ("max_new_tokens", "max_length", "min_length", "min_new_tokens", "do_sample", "temperature", "top_k",
              "top_p", "repetition_penalty", "num_return_sequences", "seed", "no_repeat_ngram_size", "min_p",
              "typical_p", "presence_penalty", "frequency_penalty", "num_beams", "length_penalty",
-             "prompt_lookup_num_tokens", "num_assistant_tokens", "top_h", "max_time", "guidance_scale", "penalty_alpha", "dola_layers")  # fmt: skip
+             "prompt_lookup_num_tokens", "num_assistant_tokens", "top_h", "max_time", "guidance_scale", "penalty_alpha", "dola_layers",
+             "token_healing")  # fmt: skip
     knobs = {name: getattr(args, name, None) for name in names} | {"stop_strings": args.stop}
     knobs = {k: v for k, v in knobs.items() if v is not None}
     from neolm.generate import GenerationConfig

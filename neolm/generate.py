@@ -93,6 +93,7 @@ class GenerationConfig:
     watermarking_config: WatermarkingConfig | dict | None = None  # a green-list watermark (neolm.watermark)
     penalty_alpha: float | None = None  # > 0 with top_k > 1: contrastive search (neolm.contrastive)
     dola_layers: str | list[int] | None = None  # "low", "high" or layer indices: DoLa (neolm.dola)
+    token_healing: bool = False  # choose the prompt's last token again (neolm.healing; text prompts only)
     # assisted generation (neolm.speculative): guessed tokens checked by the model in one forward
     prompt_lookup_num_tokens: int | None = None  # guess this many tokens from earlier in the sequence
     max_matching_ngram_size: int | None = None  # prompt lookup: match the last n-gram up to this size (default 2)
@@ -309,6 +310,8 @@ class GenerationConfig:
 
 def fit_prompts(prompts: Sequence[Sequence[int]], gc: GenerationConfig, n_ctx: int, vocab: int) -> list[list[int]]:
     """Check each prompt plus its new tokens against the context; truncate from the left if asked."""
+    if gc.token_healing:  # (LanguageModel heals text prompts, then generates from their ids without it)
+        raise NeolmError("token_healing needs the prompts' text: use LanguageModel.generate or stream (neolm.healing)")
     fitted = []
     for i, prompt in enumerate(prompts):
         prompt = list(prompt)

@@ -173,6 +173,10 @@ class Tokenizer:
             return bytes(_BYTE_OF[c] for c in token)
         return token.encode()
 
+    def special_ids(self) -> set[int]:
+        """Ids of the special tokens ("<|endoftext|>", ...), which stand for no text."""
+        return {i for i, token in self._backend.get_added_tokens_decoder().items() if token.special}
+
     def token_to_id(self, token: str) -> int | None:
         """Id of a vocabulary entry (in its byte-level spelling, e.g. "Ġworld"), or None."""
         return self._backend.token_to_id(token)
