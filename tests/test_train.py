@@ -379,3 +379,29 @@ def test_qlora_gradients_pass_through_the_codes_and_the_export_merges_into_float
         assert (tuned.model(ids) - neolm.load(folder).model(ids)).abs().max().item() > 1e-3  # it learnt something
     with pytest.raises(NeolmError, match="give --lora-r too"):
         train(run_args(tiny_data, tmp_path / "x", preset=None, init=str(folder), quantize=bits))
+
+
+def test_qlora_over_two_gloo_ranks_equals_one_process(tiny_data, tmp_path, tiny_checkpoints):
+    """Every rank holds the int4 codes whole; FSDP2 shards the float parameters and the LoRA updates."""
+    folder = tiny_checkpoints["neox-sequential-pct100"][1]  # (widths int4's groups divide)
+    lora = {"preset": None, "init": str(folder), "lora_r": 4, "lora_alpha": 8.0, "lora_dropout": 0.0, "quantize": "int4",
+            "lr": 1e-2}  # fmt: skip
+    one = tmp_path / "one"
+    train(run_args(tiny_data, one, micro_batch_size=4, max_steps=4, save_every=2, **lora))
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+           "-m", "neolm.cli", "train", "--data", str(tiny_data), "--out", str(two), "--init", str(folder),
+           "--lora-r", "4", "--lora-alpha", "8", "--lora-dropout", "0", "--quantize", "int4", "--seq-len", "32",
+           "--micro-batch-size", "2", "--max-steps", "4", "--lr", "1e-2", "--warmup", "2", "--eval-every", "3",
+           "--eval-windows", "4", "--save-every", "2", "--precision", "fp32", "--seed", "1", "--no-plot",
+           "--device", "cpu"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"},
+                         check=False)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert losses(two) == pytest.approx(losses(one), abs=1e-5)
+    a, b = (neolm.load(p / "final").model for p in (one, two))
+    assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    (two / "checkpoints" / "latest").write_text("step-00000002")  # the 2 ranks' checkpoint resumes in one process
+    shutil.rmtree(two / "final")
+    train(run_args(tiny_data, two, micro_batch_size=4, max_steps=4, save_every=2, resume=True, **lora))
+    assert losses(two) == pytest.approx(losses(one), abs=1e-5)

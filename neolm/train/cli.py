@@ -76,7 +76,8 @@ def register(sub) -> dict:
                       "(default: all four)")  # fmt: skip
     lora.add_argument("--quantize", choices=["int8", "int4"],
                       help="QLoRA: hold the frozen weights as int8 or int4 codes (a quarter or an eighth of fp32's "
-                      "memory; one process); the export merges the updates into the float weights")  # fmt: skip
+                      "memory; under torchrun every rank holds all the codes and FSDP2 shards the rest); the export "
+                      "merges the updates into the float weights")  # fmt: skip
     return {"prepare-data": cmd_prepare_data, "train": cmd_train}
 
 

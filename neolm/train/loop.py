@@ -77,7 +77,7 @@ class TrainArgs:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
     lora_targets: str = "qkv,proj,fc,out"
-    quantize: str | None = None  # QLoRA: the frozen weights held as int8 or int4 (one process)
+    quantize: str | None = None  # QLoRA: the frozen weights held as int8 or int4 (codes: whole on every rank)
 
     def validate(self) -> None:
         if (self.preset is None) == (self.init is None):
@@ -233,8 +233,6 @@ class Run:
     def _shard(self) -> None:
         if self.world == 1:
             return
-        if self.args.quantize is not None:
-            raise NeolmError("QLoRA (--quantize) runs in one process; drop --quantize to train over several ranks")
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         policy = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
