@@ -15,8 +15,9 @@ from neolm.conversation import Conversation
 from neolm.errors import NeolmError
 from neolm.generate import GenerationConfig
 from neolm.model import GPT
+from neolm.synthid import SynthIDConfig
 from neolm.watermark import WatermarkingConfig
 
-__all__ = ["Config", "Conversation", "GPT", "GenerationConfig", "LanguageModel", "NeolmError", "WatermarkingConfig",
-           "load", "pipeline"]
+__all__ = ["Config", "Conversation", "GPT", "GenerationConfig", "LanguageModel", "NeolmError", "SynthIDConfig",
+           "WatermarkingConfig", "load", "pipeline"]
 __version__ = "0.1.0"

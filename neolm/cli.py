@@ -106,7 +106,10 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = False, position
 WATERMARK_HELP = (
     "the watermark's settings as transformers' WatermarkingConfig: bias (default 2.0, added to the green tokens' "
     "logits), greenlist_ratio (0.25), hashing_key (15485863: choose your own for a private watermark), "
-    "seeding_scheme (lefthash, or selfhash: sturdier, slower) and context_width (1); e.g. bias=2.5,hashing_key=42"
+    "seeding_scheme (lefthash, or selfhash: sturdier, slower) and context_width (1); e.g. bias=2.5,hashing_key=42. "
+    "Or SynthID Text's, as transformers' SynthIDTextWatermarkingConfig, when it gives keys (the secret, separated "
+    "by ':'): ngram_len, keys, context_history_size (1024), sampling_table_seed (0), sampling_table_size (65536), "
+    "skip_first_ngram_calls (false); e.g. ngram_len=5,keys=654:400:836:123:340:443:597:160:57 (with --do-sample)"
 )
 
 
@@ -194,9 +197,9 @@ def _generation_knobs(args) -> dict:
     if args.negative_prompt is not None:
         knobs["negative_prompt"] = args.negative_prompt
     if args.watermark or args.watermark_config is not None:
-        from neolm.watermark import WatermarkingConfig
+        from neolm.watermark import parse_settings
 
-        knobs["watermarking_config"] = WatermarkingConfig.parse(args.watermark_config or "")
+        knobs["watermarking_config"] = parse_settings(args.watermark_config or "")
     return knobs
 
 

@@ -36,7 +36,8 @@ from neolm.sampling import (
     project_logprobs,
     seeded_generator,
 )
-from neolm.watermark import WatermarkingConfig
+from neolm.synthid import SynthIDConfig
+from neolm.watermark import WatermarkingConfig, settings
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,8 @@ class GenerationConfig:
     # classifier-free guidance (neolm.guidance): > 1 sharpens the text's dependence on its prompt
     guidance_scale: float | None = None
     negative_prompt_ids: list[int] | list[list[int]] | None = None  # guidance's context: one, or one per prompt
-    watermarking_config: WatermarkingConfig | dict | None = None  # a green-list watermark (neolm.watermark)
+    # a green-list watermark (neolm.watermark) or SynthID's (neolm.synthid): either config, or its dict
+    watermarking_config: WatermarkingConfig | SynthIDConfig | dict | None = None
     penalty_alpha: float | None = None  # > 0 with top_k > 1: contrastive search (neolm.contrastive)
     dola_layers: str | list[int] | None = None  # "low", "high" or layer indices: DoLa (neolm.dola)
     token_healing: bool = False  # choose the prompt's last token again (neolm.healing; text prompts only)
@@ -141,7 +143,7 @@ class GenerationConfig:
         self._validate_processors(check)
         self._validate_guidance(check)
         if self.watermarking_config is not None:
-            self.watermarking_config = WatermarkingConfig.of(self.watermarking_config)
+            self.watermarking_config = settings(self.watermarking_config)
         self._validate_contrastive(check)
         self._validate_dola(check)
         self._validate_beams(check)

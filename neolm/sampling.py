@@ -13,7 +13,8 @@ import torch
 from neolm import native
 from neolm.errors import NeolmError
 from neolm.guidance import guide
-from neolm.watermark import Watermark
+from neolm.synthid import SynthID
+from neolm.watermark import marker
 
 if TYPE_CHECKING:
     from neolm.generate import GenerationConfig
@@ -50,14 +51,14 @@ class Processors:
         self.suppress = _mask(gc.suppress_tokens, vocab, device)
         self.begin_suppress = _mask(gc.begin_suppress_tokens, vocab, device)
         self.eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
-        self.watermark = Watermark(gc.watermarking_config, vocab) if gc.watermarking_config is not None else None
+        self.watermark = None if gc.watermarking_config is None else marker(gc.watermarking_config, vocab, device)
         forced = gc.forced_eos_token_id
         self.forced_eos = None if forced is None else torch.tensor([forced] if isinstance(forced, int) else forced,
                                                                    dtype=torch.long, device=device)  # fmt: skip
         counts_new = gc.min_new_tokens, forced is not None, gc.exponential_decay_length_penalty, gc.begin_suppress_tokens
         self.needs = RowState(
             lengths=(gc.min_length > 0) or None,
-            new=any(counts_new) or None,
+            new=(any(counts_new) or isinstance(self.watermark, SynthID)) or None,
             budgets=(forced is not None) or None,
             seen=(gc.repetition_penalty != 1.0) or None,
             made=(gc.presence_penalty != 0 or gc.frequency_penalty != 0) or None,
@@ -125,7 +126,7 @@ class Processors:
         if gc.do_sample:
             scores = self.warp(scores)
         if self.watermark is not None:  # after the warpers, as transformers
-            scores = self.watermark.bias(rows.tokens, scores)
+            scores = self.watermark.apply(rows.tokens, rows.new, scores)
         if gc.renormalize_logits:  # log-probabilities again after all the processing (the same picks)
             scores = torch.log_softmax(scores, dim=-1)
         return scores

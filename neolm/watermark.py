@@ -8,6 +8,9 @@ watermarked text from ordinary text, without the model. seeding_scheme "lefthash
 "selfhash" from the context and the candidate token itself (the likeliest 40 candidates are checked each step:
 slower, and more robust to edits). The green lists are torch.randperm draws of a CPU generator with transformers'
 seeds, so text watermarked by either library is detected by both.
+
+SynthID Text, transformers' other watermark, is neolm.synthid; `settings` and `parse_settings` take either kind's
+config and `marker` makes the processor for it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import torch
 
 from neolm.config import Config
 from neolm.errors import NeolmError
+from neolm.synthid import SynthID, SynthIDConfig, SynthIDDetection
+from neolm.synthid import detect as detect_synthid
 
 TABLE_SIZE = 1_000_003  # selfhash's fixed permutation table (a prime)
 SELFHASH_CANDIDATES = 40  # selfhash: the likeliest tokens whose own green lists are checked each step
@@ -58,18 +63,7 @@ class WatermarkingConfig:
     @classmethod
     def parse(cls, spec: str) -> WatermarkingConfig:
         """From the command line's "key=value,..." ("" for the defaults), e.g. "bias=2.5,hashing_key=42"."""
-        types = {f.name: type(getattr(cls(), f.name)) for f in dataclasses.fields(cls)}
-        fields = {}
-        for item in filter(None, (part.strip() for part in spec.split(","))):
-            key, eq, value = item.partition("=")
-            key = key.strip()
-            if not eq or key not in types:
-                raise NeolmError(f"watermark setting {item!r}: write key=value with a key among {', '.join(types)}")
-            try:
-                fields[key] = types[key](value.strip())
-            except ValueError:
-                raise NeolmError(f"watermark setting {item!r}: {key} must be a {types[key].__name__}") from None
-        return cls(**fields).checked()
+        return cls(**_fields(spec, {f.name: type(getattr(cls(), f.name)) for f in dataclasses.fields(cls)})).checked()
 
     def checked(self) -> WatermarkingConfig:
         problems = [
@@ -86,6 +80,51 @@ class WatermarkingConfig:
             if not ok:
                 raise NeolmError(f"watermarking_config: {message}")
         return self
+
+
+SYNTHID_TYPES = {"ngram_len": int, "keys": lambda text: tuple(int(k) for k in text.replace(":", " ").split()),
+                 "context_history_size": int, "sampling_table_seed": int, "sampling_table_size": int,
+                 "skip_first_ngram_calls": lambda text: {"true": True, "false": False}[text.lower()]}  # fmt: skip
+
+
+def _fields(spec: str, types: dict) -> dict:
+    """The command line's "key=value,..." as fields of `types` (name -> a parser of the value's text)."""
+    fields = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or key not in types:
+            raise NeolmError(f"watermark setting {item!r}: write key=value with a key among {', '.join(types)}")
+        try:
+            fields[key] = types[key](value.strip())
+        except (ValueError, KeyError):
+            kind = getattr(types[key], "__name__", "value of its kind")
+            raise NeolmError(f"watermark setting {item!r}: {key} must be a {kind}") from None
+    return fields
+
+
+def settings(value) -> WatermarkingConfig | SynthIDConfig:
+    """GenerationConfig.watermarking_config as given: either kind's config, its dict (SynthID's has "keys"), or
+    transformers' WatermarkingConfig or SynthIDTextWatermarkingConfig."""
+    if isinstance(value, (WatermarkingConfig, SynthIDConfig)):
+        return value.checked()
+    fields = value.to_dict() if hasattr(value, "to_dict") else value
+    if isinstance(fields, dict) and ("keys" in fields or fields.get("watermarking_type") == "synthid"):
+        return SynthIDConfig.of(fields)
+    return WatermarkingConfig.of(fields)
+
+
+def parse_settings(spec: str) -> WatermarkingConfig | SynthIDConfig:
+    """From the command line: the green-list watermark's "key=value,..." (WatermarkingConfig.parse), or SynthID's
+    when it gives keys ("ngram_len=5,keys=654:400:836:123"; keys separated by ":" or spaces)."""
+    if "keys" in {item.partition("=")[0].strip() for item in spec.split(",")}:
+        return SynthIDConfig.of(_fields(spec, SYNTHID_TYPES))
+    return WatermarkingConfig.parse(spec)
+
+
+def marker(config: WatermarkingConfig | SynthIDConfig, vocab: int, device=None):
+    """The processor of a watermark config: apply(tokens, new, scores) -> scores."""
+    return SynthID(config, vocab, device) if isinstance(config, SynthIDConfig) else Watermark(config, vocab)
 
 
 class Watermark:
@@ -118,6 +157,10 @@ class Watermark:
     def _is_green(self, context: tuple[int, ...], token: int) -> bool:
         """Whether `token` is green after `context` (selfhash: the context ends in the token itself)."""
         return bool((self.green(context) == token).any())
+
+    def apply(self, tokens: Sequence[Sequence[int]], new, scores: torch.Tensor) -> torch.Tensor:
+        """The processor's step (as SynthID.apply): the green lists' bias."""
+        return self.bias(tokens, scores)
 
     def bias(self, tokens: Sequence[Sequence[int]], scores: torch.Tensor) -> torch.Tensor:
         """Scores (N, V) with `bias` added at each row's green tokens; rows hold fewer than context_width tokens
@@ -179,12 +222,15 @@ def detect(
 
 
 def detect_tokens(tokens: Sequence[int], watermarking_config, config: Config, z_threshold: float = 3.0,
-                  ignore_repeated_ngrams: bool = False) -> Detection:  # fmt: skip
+                  ignore_repeated_ngrams: bool | None = None) -> Detection | SynthIDDetection:  # fmt: skip
     """detect() for a model's config (its vocabulary size; a leading bos token is dropped, as transformers'
-    detector does) with watermarking_config as GenerationConfig takes it (None: the default config)."""
-    watermark = Watermark(WatermarkingConfig.of(watermarking_config if watermarking_config is not None else {}),
-                          config.vocab_size)  # fmt: skip
+    detector does) with watermarking_config as GenerationConfig takes it (None: the default config); for a
+    SynthID config, neolm.synthid.detect (ignore_repeated_ngrams default: True there, False here)."""
+    chosen = settings(watermarking_config if watermarking_config is not None else {})
     tokens = list(tokens)
     if tokens and tokens[0] == config.bos_token_id:
         tokens = tokens[1:]
-    return detect(watermark, tokens, z_threshold, ignore_repeated_ngrams)
+    if isinstance(chosen, SynthIDConfig):
+        return detect_synthid(SynthID(chosen, config.vocab_size), tokens, config.eos_token_id, z_threshold,
+                              ignore_repeated_ngrams is not False)  # fmt: skip
+    return detect(Watermark(chosen, config.vocab_size), tokens, z_threshold, bool(ignore_repeated_ngrams))

@@ -90,10 +90,11 @@ def register(sub) -> dict:
 
     w = sub.add_parser(
         "watermark",
-        help="test a text for a green-list watermark",
+        help="test a text for a green-list or SynthID watermark",
         description="Test a text for the green-list watermark that `neolm generate --watermark` (or transformers' "
         "watermarking_config) writes: count its tokens that fall in the green list of the tokens before them, "
-        "and how unlikely that many are by chance (a z-score; above --z-threshold: watermarked). Only the "
+        "and how unlikely that many are by chance (a z-score; above --z-threshold: watermarked). With SynthID's "
+        "settings (keys given), the mean of the text's g-values (0.5 by chance) and its z-score. Only the "
         "model's tokenizer and vocabulary size are read (no weights). Give the generated text without its prompt, "
         "and the same --watermark-config it was written with. The text comes from the argument, or from "
         "standard input when it is omitted or '-'.",
@@ -225,16 +226,25 @@ def cmd_watermark(args) -> int:
     from neolm.api import _default_model
     from neolm.config import Config
     from neolm.tokenizer import load_tokenizer
-    from neolm.watermark import WatermarkingConfig, detect_tokens
+    from neolm.watermark import SynthIDConfig, detect_tokens, parse_settings
 
     text = _read_prompt(args, "text")
-    settings = WatermarkingConfig.parse(args.watermark_config)
+    settings = parse_settings(args.watermark_config)
     folder = _default_model() if args.model is None else hub.resolve(args.model, args.revision, weights=False)
     config = Config.from_hf(checkpoint.read_hf_config(folder), source=str(folder / "config.json"))
     ids = load_tokenizer(folder, default=config.tokenizer).encode(text)
-    found = detect_tokens(ids, settings, config, args.z_threshold, args.ignore_repeated_ngrams)
+    synthid = isinstance(settings, SynthIDConfig)  # (which counts each context once by default)
+    found = detect_tokens(ids, settings, config, args.z_threshold, args.ignore_repeated_ngrams or synthid)
     if args.json:
         print(json.dumps(dataclasses.asdict(found) | {"z_threshold": args.z_threshold}, indent=2))
+        return 0
+    if synthid:
+        print(f"n-grams scored: {found.num_tokens_scored} (each context once)")
+        print(f"mean g-value:   {found.mean_g_value:.3f} (0.5 expected by chance)")
+        print(f"z-score:        {found.z_score:.2f}")
+        print(f"p-value:        {found.p_value:.3g}")
+        print(f"watermarked:    {'yes' if found.prediction else 'no'} (z {'>' if found.prediction else '<='} "
+              f"{args.z_threshold:g})")  # fmt: skip
         return 0
     ratio = settings.greenlist_ratio
     print(f"tokens scored: {found.num_tokens_scored}")
