@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -208,10 +209,24 @@ class LanguageModel:
         return_dict_in_generate=True a GenerateOutput (output_scores, output_logits: see generate())."""
         assistant = self._assistant(kwargs.pop("assistant_model", None))
         outputs = _output_options(kwargs)
+        adapters, mixed = self._adapter_names(kwargs.pop("adapter_names", None), len(prompts))
         gc = self.generation_config(**kwargs)
-        if outputs is not None:
-            return generate_output(self.model, prompts, gc, self.tokenizer.decode, assistant, *outputs)
-        return generate(self.model, prompts, gc, self.tokenizer.decode, assistant)
+        with adapters:
+            if outputs is not None:
+                return generate_output(self.model, prompts, gc, self.tokenizer.decode, assistant, *outputs, mixed)
+            return generate(self.model, prompts, gc, self.tokenizer.decode, assistant, mixed)
+
+    def _adapter_names(self, names, prompts: int):
+        """PEFT's adapter_names (an adapter's name per prompt; "__base__": none) as (the context a call runs in,
+        multilora.Mixed or None): one adapter for all runs in every mode, different ones in one DecodeBatch."""
+        if names is None:
+            return contextlib.nullcontext(), None
+        if self.adapter_set is None:
+            raise NeolmError("adapter_names needs adapters held: load them with load_adapter()")
+        mixed = self.adapter_set.mixed(names, prompts)
+        if len(set(mixed.per_prompt)) == 1:
+            return self.adapter_set.using(mixed.per_prompt[0]), None
+        return contextlib.nullcontext(), mixed
 
     def _assistant(self, assistant) -> GPT | None:
         """The model of an assistant_model argument (a LanguageModel with this one's vocabulary, or a GPT)."""
@@ -237,6 +252,8 @@ class LanguageModel:
         token); each step then costs two forwards.
         token_healing=True (neolm.healing): the prompt's last token is chosen again among those that begin with it
         (the text returned follows the prompt as written).
+        adapter_names (PEFT's mixed adapter batches): a loaded adapter's name per prompt ("__base__": none), the
+        prompts decoded in one batch, each with its own (load_adapter; neolm.multilora).
         Assisted generation (neolm.speculative): prompt_lookup_num_tokens, or assistant_model (a smaller model
         from neolm.load with the same tokenizer) with num_assistant_tokens and assistant_confidence_threshold.
         A string gives a string (a list of them with num_return_sequences > 1: samples, or the best beams first);
@@ -252,14 +269,16 @@ class LanguageModel:
             raise NeolmError("prompt must be a string or a non-empty list of strings")
         assistant = self._assistant(kwargs.pop("assistant_model", None))
         outputs = _output_options(kwargs)
+        adapters, mixed = self._adapter_names(kwargs.pop("adapter_names", None), len(prompts))
         gc = self.generation_config(**kwargs)
-        ids, texts_of = self._prompts(prompts, gc)
-        gc = dataclasses.replace(gc, token_healing=False)
-        if outputs is not None:
-            out = generate_output(self.model, ids, gc, self.tokenizer.decode, assistant, *outputs)
-            out.texts = texts_of(out.sequences)
-            return out
-        new = generate(self.model, ids, gc, self.tokenizer.decode, assistant)
+        with adapters:
+            ids, texts_of = self._prompts(prompts, gc, mixed)
+            gc = dataclasses.replace(gc, token_healing=False)
+            if outputs is not None:
+                out = generate_output(self.model, ids, gc, self.tokenizer.decode, assistant, *outputs, mixed)
+                out.texts = texts_of(out.sequences)
+                return out
+            new = generate(self.model, ids, gc, self.tokenizer.decode, assistant, mixed)
         texts = texts_of(new)
         k = gc.num_return_sequences
         grouped = [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
@@ -267,13 +286,17 @@ class LanguageModel:
             return texts[0] if single else texts
         return grouped[0] if single else grouped
 
-    def _prompts(self, prompts: list[str], gc: GenerationConfig):
-        """The prompts' token ids (healed with gc.token_healing: neolm.healing), and how to give a generation's new
-        tokens (each prompt's num_return_sequences, prompt-major) as the text that follows its prompt."""
+    def _prompts(self, prompts: list[str], gc: GenerationConfig, mixed=None):
+        """The prompts' token ids (healed with gc.token_healing: neolm.healing, each with its adapter), and how to
+        give a generation's new tokens (each prompt's num_return_sequences, prompt-major) as the text that follows
+        its prompt."""
         ids = [self.encode(p) for p in prompts]
         if not gc.token_healing:
             return ids, lambda new: [self.decode(seq) for seq in new]
-        healed = [heal(self.model, self.tokenizer, p) for p in ids]
+        healed = []
+        for i, p in enumerate(ids):
+            with contextlib.nullcontext() if mixed is None else mixed.adapters.using(mixed.per_prompt[i]):
+                healed.append(heal(self.model, self.tokenizer, p))
         k = gc.num_return_sequences
         return [h.ids for h in healed], lambda new: [healed[i // k].continuation(self.tokenizer, seq)
                                                      for i, seq in enumerate(new)]  # fmt: skip

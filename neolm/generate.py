@@ -25,7 +25,7 @@ import torch
 from neolm.errors import NeolmError
 from neolm.guidance import Guidance
 from neolm.model import GPT, KVCache
-from neolm.multilora import AdapterSet
+from neolm.multilora import AdapterSet, Mixed
 from neolm.sampling import (
     Processors,
     RowState,
@@ -485,8 +485,8 @@ class Prefill:
     on_prompt: Callable[[int, TokenLogprobs], None] | None
     deadline: float = math.inf  # GenerationConfig.deadline(), from when the prefill was asked for
     contexts: list[list[int]] | None = None  # classifier-free guidance's unconditional context, per sequence
-    adapters: AdapterSet | None = None  # and which of them the prompts are read with (0: none)
-    adapter: int = 0
+    adapters: AdapterSet | None = None  # and which of them the prompts are read with (0: none), or each one's
+    adapter: int | list[int] = 0
     tokens: torch.Tensor | None = None  # (N, W) left-padded; None: nothing to read
     positions: torch.Tensor | None = None  # (N, W)
     cache: KVCache | None = None
@@ -629,7 +629,7 @@ class DecodeBatch:
         logprobs: int | None | Sequence[int | None] = None,
         on_prompt: Callable[[int, TokenLogprobs], None] | None = None,
         reuse: tuple[KVCache, Sequence[int]] | None = None,
-        adapter: int = 0,
+        adapter: int | Sequence[int] = 0,
     ) -> Prefill:
         """`add` in parts, so that a long prompt need not hold up the running sequences for the whole of its
         forward: the prompts, ready to be read into a cache of their own by Prefill.read (in chunks of columns,
@@ -641,10 +641,13 @@ class DecodeBatch:
         cache itself (it is changed) when it has the room, else a copy of those slots. The rest of the prompt is
         read as a chunk after them, whose numbers may round differently from one forward of the whole.
 
-        adapter: the LoRA adapter of the batch's `adapters` these sequences run with (0: none; neolm.multilora)."""
+        adapter: the LoRA adapter of the batch's `adapters` these sequences run with (0: none; neolm.multilora), or
+        one per prompt."""
         self.validate(gc, logprobs)
-        if adapter and (self.adapters is None or not 0 < adapter <= len(self.adapters.names)):
-            raise NeolmError(f"no adapter {adapter} in this batch")
+        each = [adapter] * len(prompts) if isinstance(adapter, int) else list(adapter)
+        if len(each) != len(prompts) or any(a and (self.adapters is None or not 0 < a <= len(self.adapters.names))
+                                            for a in each):  # fmt: skip
+            raise NeolmError(f"no adapter {adapter} in this batch (one per prompt, of {len(prompts)})")
         config, device = self.model.config, self.device
         prompts = fit_prompts(prompts, gc, config.n_positions, config.vocab_size)
         if reuse is not None and (len(prompts) != 1 or gc.num_return_sequences != 1 or on_prompt is not None):
@@ -652,6 +655,7 @@ class DecodeBatch:
         n = gc.num_return_sequences
         wanted = list(logprobs) if isinstance(logprobs, Sequence) else [logprobs] * len(prompts)
         seqs = [p for p in prompts for _ in range(n)]
+        adapter = adapter if isinstance(adapter, int) else [a for a in each for _ in range(n)]  # (per sequence)
         prefill = Prefill([next(self._ids) for _ in seqs], seqs, gc, -1, [k for k in wanted for _ in range(n)],
                           [gc.new_token_budget(len(p)) for p in seqs], on_prompt, gc.deadline(),
                           adapters=self.adapters, adapter=adapter)  # fmt: skip
@@ -712,7 +716,7 @@ class DecodeBatch:
             [list(p) for p in seqs] if history else [None] * len(seqs), [len(p) for p in seqs],
             prefill.budgets, [0] * len(seqs), [b == 0 for b in prefill.budgets], prefill.positions[:, -1:], logits,
             seen, made, [prefill.deadline] * len(seqs), [i // n for i in range(len(seqs))],
-            [prefill.adapter] * len(seqs),
+            [prefill.adapter] * len(seqs) if isinstance(prefill.adapter, int) else prefill.adapter,
         )  # fmt: skip
         if prefill.contexts is not None:
             self.guidance = Guidance(self.model, *left_pad(prefill.contexts, 0, self.device), room=max(prefill.budgets))
@@ -876,6 +880,7 @@ def iter_generate(
     decode: Callable[[list[int]], str] | None = None,
     logprobs: int | None = None,
     on_prompt: Callable[[int, TokenLogprobs], None] | None = None,
+    mixed: Mixed | None = None,
 ) -> Iterator[list[int | None]] | Iterator[tuple[list[int | None], TokenLogprobs]]:
     """Yield, per step, the new token of each sequence, or None for one that has finished; with `logprobs`
     (k >= 0), (tokens, TokenLogprobs with the top k) instead. on_prompt(i, TokenLogprobs), if given, gets the
@@ -885,9 +890,9 @@ def iter_generate(
     Sequences are the prompts, each repeated num_return_sequences times (prompt-major). Prompts of
     different lengths are left-padded; positions and masks make each one's tokens equal to what it
     gets alone. `decode` (token ids -> text) is needed for stop_strings. Bad arguments raise here,
-    before the first step.
+    before the first step. mixed: each prompt's LoRA adapter (neolm.multilora), all in one batch.
     """
-    steps = iter_steps(model, prompts, gc, decode, logprobs, on_prompt)
+    steps = iter_steps(model, prompts, gc, decode, logprobs, on_prompt, mixed=mixed)
     return (step.tokens if logprobs is None else (step.tokens, step.scores) for step in steps)
 
 
@@ -900,20 +905,31 @@ def iter_steps(
     on_prompt: Callable[[int, TokenLogprobs], None] | None = None,
     keep_logits: bool = False,
     keep_scores: bool = False,
+    mixed: Mixed | None = None,
 ) -> Iterator[Step]:
     """iter_generate's steps whole: each a Step whose rows are the sequences in order (none leaves the batch),
     with keep_logits / keep_scores each row's logits and processed scores too. Bad arguments raise here."""
-    batch = DecodeBatch(model, decode, compact=False)
+    batch = DecodeBatch(model, decode, compact=False, adapters=None if mixed is None else mixed.adapters)
     batch.keep_logits, batch.keep_scores = keep_logits, keep_scores
     batch.validate(gc, logprobs)
     prompts = fit_prompts(prompts, gc, model.config.n_positions, model.config.vocab_size)
-    return _steps(batch, prompts, gc, logprobs, on_prompt)
+    prefill = batch.prefill(prompts, gc, logprobs, on_prompt, adapter=0 if mixed is None else mixed.per_prompt)
+    return _steps(batch, prefill)
 
 
-def _steps(batch: DecodeBatch, prompts, gc, logprobs, on_prompt) -> Iterator[Step]:
-    batch.add(prompts, gc, logprobs, on_prompt)
+def _steps(batch: DecodeBatch, prefill: Prefill) -> Iterator[Step]:
+    prefill.read(batch.model)
+    batch.join(prefill)
     while not batch.finished:
         yield batch.step()
+
+
+def check_mixed(gc: GenerationConfig, assistant: GPT | None, mixed: Mixed | None) -> None:
+    """Refuse prompts with different adapters in the modes that do not run them as one DecodeBatch."""
+    if mixed is not None and (assistant is not None or gc.prompt_lookup_num_tokens is not None or gc.num_beams > 1
+                              or gc.contrastive or gc.dola_layers is not None):  # fmt: skip
+        raise NeolmError("prompts with different adapters (adapter_names) decode in one batch: not with beam search, "
+                         "assisted generation, contrastive search or DoLa; give one adapter for all")
 
 
 def generate(
@@ -922,9 +938,12 @@ def generate(
     gc: GenerationConfig,
     decode: Callable[[list[int]], str] | None = None,
     assistant: GPT | None = None,
+    mixed: Mixed | None = None,
 ) -> list[list[int]]:
     """The new tokens of every sequence (prompts x num_return_sequences, prompt-major); eos included. With an
-    `assistant` model or gc.prompt_lookup_num_tokens, assisted generation (neolm.speculative)."""
+    `assistant` model or gc.prompt_lookup_num_tokens, assisted generation (neolm.speculative). mixed: each
+    prompt's LoRA adapter (neolm.multilora), in one batch (not with the modes that run otherwise)."""
+    check_mixed(gc, assistant, mixed)
     if assistant is not None or gc.prompt_lookup_num_tokens is not None:
         from neolm.speculative import assisted_generate  # (these modules build on this one)
 
@@ -942,7 +961,7 @@ def generate(
 
         return dola_generate(model, prompts, gc, decode)
     outputs: list[list[int]] = [[] for _ in range(len(prompts) * gc.num_return_sequences)]
-    for step in iter_generate(model, prompts, gc, decode):
+    for step in iter_generate(model, prompts, gc, decode, mixed=mixed):
         for out, token in zip(outputs, step):
             if token is not None:
                 out.append(token)

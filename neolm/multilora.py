@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -35,6 +36,16 @@ from neolm.model import GPT
 log = logging.getLogger(__name__)
 
 LAYERS = (("attn", "qkv"), ("attn", "proj"), ("mlp", "fc"), ("mlp", "proj"))  # a block's linear layers
+BASE = "__base__"  # PEFT's name, in adapter_names, for the model without an adapter
+
+
+@dataclass(frozen=True)
+class Mixed:
+    """A generation whose prompts run with different adapters of `adapters` (PEFT's mixed adapter batches):
+    prompt i's index (0: none) is per_prompt[i]."""
+
+    adapters: AdapterSet
+    per_prompt: tuple[int, ...]
 
 
 class AdapterSet:
@@ -77,6 +88,12 @@ class AdapterSet:
             return self.names.index(name) + 1
         except ValueError:
             raise NeolmError(f"no adapter named {name!r}; loaded: {', '.join(self.held) or 'none'}") from None
+
+    def mixed(self, names: Sequence[str], prompts: int) -> Mixed:
+        """PEFT's adapter_names: an adapter's name per prompt, or "__base__" for none."""
+        if isinstance(names, str) or len(names) != prompts:
+            raise NeolmError(f"adapter_names must be a list of one name per prompt ({prompts}), got {names!r}")
+        return Mixed(self, tuple(0 if name == BASE else self.index(name) for name in names))
 
     def add(self, name: str, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> int:
         """Hold an adapter's factors ({weight name: (A (r, in), B (out, r))}, neolm.adapter.lora_factors); returns

@@ -19,8 +19,9 @@ from neolm.beam import beam_hypotheses
 from neolm.contrastive import contrastive_generate
 from neolm.dola import dola_generate
 from neolm.errors import NeolmError
-from neolm.generate import GenerationConfig, generate, iter_steps
+from neolm.generate import GenerationConfig, check_mixed, generate, iter_steps
 from neolm.model import GPT
+from neolm.multilora import Mixed
 from neolm.speculative import assisted_generate
 
 
@@ -54,10 +55,12 @@ def generate_output(
     assistant: GPT | None = None,
     output_scores: bool = False,
     output_logits: bool = False,
+    mixed: Mixed | None = None,
 ) -> GenerateOutput:
     """generate(), as a GenerateOutput: with the scores and logits of each new token when asked (with beam search:
-    of the beam each hypothesis's token continued, at the step that chose it)."""
+    of the beam each hypothesis's token continued, at the step that chose it). mixed: as generate()'s."""
     per_step = output_scores or output_logits
+    check_mixed(gc, assistant, mixed)  # (so none of the modes below gets one)
     n, vocab = len(prompts) * gc.num_return_sequences, model.config.vocab_size
     if per_step and (assistant is not None or gc.prompt_lookup_num_tokens is not None):
         return _each_alone(lambda on_token: assisted_generate(model, prompts, gc, decode, assistant, on_token), n,
@@ -70,8 +73,8 @@ def generate_output(
         beams = beam_hypotheses(model, prompts, gc, decode, output_scores, output_logits)
         return GenerateOutput(beams.sequences, beams.token_scores, beams.token_logits, sequences_scores=beams.scores)
     if not per_step:
-        return GenerateOutput(generate(model, prompts, gc, decode, assistant))
-    steps = iter_steps(model, prompts, gc, decode, keep_logits=output_logits, keep_scores=output_scores)
+        return GenerateOutput(generate(model, prompts, gc, decode, assistant, mixed))
+    steps = iter_steps(model, prompts, gc, decode, keep_logits=output_logits, keep_scores=output_scores, mixed=mixed)
     sequences: list[list[int]] = [[] for _ in range(n)]
     kept = {"scores": [[] for _ in range(n)], "logits": [[] for _ in range(n)]}
     for step in steps:  # (rows: the sequences in order)

@@ -281,3 +281,37 @@ def test_adapters_load_and_unload_while_the_server_runs(tiny_checkpoints, tmp_pa
         assert call(server, "/v1/unload_lora_adapter", unload)[0] == 200  # once it has ended
     finally:
         server.close()
+
+
+def test_adapter_names_mix_adapters_in_one_generation_as_peft_does(tiny_checkpoints, tmp_path):
+    (first, _), folders = two_adapters(tiny_checkpoints, "neo", tmp_path)
+    first.load_adapter(folders[1], adapter_name="second")  # PEFT's model with both adapters
+    lm = neolm.load(tiny_checkpoints["neo"][1])
+    lm.load_adapter(folders[0])
+    lm.load_adapter(folders[1])
+    names = ["first", "__base__", "second", "first"]
+    prompts = [IDS[i % 3, :10].tolist() for i in range(4)]  # (one length: PEFT's batch needs no padding)
+    kw = {"max_new_tokens": 8, "do_sample": False, "repetition_penalty": 1.0}
+    mixed = lm.generate_ids(prompts, adapter_names=names, **kw)
+    for prompt, name, got in zip(prompts, names, mixed):
+        lm.set_adapter(None if name == "__base__" else name)
+        assert got == lm.generate_ids([prompt], **kw)[0], name  # each as alone
+    with torch.no_grad():
+        peft_names = [{"first": "default"}.get(name, name) for name in names]  # (PEFT named the first "default")
+        ref = first.generate(input_ids=torch.tensor(prompts), adapter_names=peft_names, max_new_tokens=8,
+                             do_sample=False, pad_token_id=0)  # fmt: skip
+    assert mixed == ref[:, 10:].tolist()
+    out = lm.generate_ids(prompts, adapter_names=names, return_dict_in_generate=True, output_scores=True, **kw)
+    assert out.sequences == mixed
+    lm.set_adapter("second")
+    texts = lm.generate(["Hello there", "Hello there"], adapter_names=["first", "__base__"], max_new_tokens=6,
+                        do_sample=False)  # fmt: skip
+    lm.set_adapter("first")
+    assert texts[0] == lm.generate("Hello there", max_new_tokens=6, do_sample=False)
+    assert lm.generate_ids([prompts[0]], adapter_names=["second"], num_beams=2, max_new_tokens=4)  # one adapter: any mode
+    with pytest.raises(NeolmError, match="not with beam search"):
+        lm.generate_ids(prompts[:2], adapter_names=["first", "second"], num_beams=2, max_new_tokens=4)
+    with pytest.raises(NeolmError, match="one name per prompt"):
+        lm.generate_ids(prompts, adapter_names=["first"])
+    with pytest.raises(NeolmError, match="no adapter named 'third'"):
+        lm.generate_ids(prompts[:1], adapter_names=["third"])
