@@ -114,6 +114,7 @@ def test_the_server_and_batch_give_each_request_the_adapter_its_model_names(tiny
     from test_cli import assert_one_line_error, cli
     from test_serve import call
 
+    from neolm.serve.engine import Engine
     from neolm.serve.http import Server
 
     name = "neox-parallel-pct25"
@@ -144,8 +145,18 @@ def test_the_server_and_batch_give_each_request_the_adapter_its_model_names(tiny
         status, body = call(server, "/v1/completions", {"model": "third", "prompt": prompt})
         assert status == 404 and "'third' does not exist" in body["error"]["message"]
         assert "'first'" in body["error"]["message"]
+        status, text = call(server, "/metrics")  # vLLM's lora_requests_info: nothing in flight now
+        assert status == 200
+        assert 'neolm:lora_requests_info{max_lora="2",running_lora_adapters="",waiting_lora_adapters=""}' in text
     finally:
         server.close()
+    engine = Engine(lm)  # (not running: its queue stays as submitted)
+    job = engine.submit([lm.encode(prompt)], lm.generation_config(max_new_tokens=4), adapter="second")
+    assert engine.lora_info() == ([], ["second"], 2)
+    engine._note_running([job])  # as the engine notes the requests it runs
+    text = engine.metrics.render("base", 1, engine.lora_info())
+    assert 'running_lora_adapters="second",waiting_lora_adapters="second"' in text
+    engine.close()
 
     requests, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     lines = [{"custom_id": model or "none", "url": "/v1/completions",
@@ -308,7 +319,13 @@ def test_adapter_names_mix_adapters_in_one_generation_as_peft_does(tiny_checkpoi
                         do_sample=False)  # fmt: skip
     lm.set_adapter("first")
     assert texts[0] == lm.generate("Hello there", max_new_tokens=6, do_sample=False)
-    assert lm.generate_ids([prompts[0]], adapter_names=["second"], num_beams=2, max_new_tokens=4)  # one adapter: any mode
+    beams = {"num_beams": 2, "max_new_tokens": 4}  # one adapter for all: any mode
+    lm.set_adapter(None)
+    named = lm.generate_ids([prompts[0]], adapter_names=["second"], **beams)
+    assert lm.active_adapter is None  # (for that call only)
+    lm.set_adapter("second")
+    assert named == lm.generate_ids([prompts[0]], **beams) != lm.generate_ids([prompts[0]], adapter_names=["__base__"],
+                                                                              **beams)  # fmt: skip
     with pytest.raises(NeolmError, match="not with beam search"):
         lm.generate_ids(prompts[:2], adapter_names=["first", "second"], num_beams=2, max_new_tokens=4)
     with pytest.raises(NeolmError, match="one name per prompt"):

@@ -287,7 +287,8 @@ class Engine:
                 }:
                     job._events.put(error)
                     job._events.put(None)
-                batch, reading, self.metrics.running = None, deque(), 0
+                batch, reading = None, deque()
+                self._note_running([])
                 continue
             if batch.finished and not reading and (admitted or busy):
                 log.info("batch done: %d tokens in %.2fs; the most requests at once so far: %d",
@@ -354,7 +355,25 @@ class Engine:
                 budget -= spent
                 if not reading or reading[0].prefill.left > budget:
                     break
-        self.metrics.running = len(running) + sum(len(r.jobs) for r in reading)
+        self._note_running(running + [job for r in reading for job in r.jobs])
+
+    def _note_running(self, jobs: list[Job]) -> None:
+        """The metrics' requests running, and the adapters they use."""
+        self.metrics.running = len(jobs)
+        self.metrics.running_adapters = {job.adapter for job in jobs} - {0}
+
+    def lora_info(self) -> tuple[list[str], list[str], int] | None:
+        """The adapters running and waiting requests use, and how many the model holds (vLLM's
+        lora_requests_info); None when it holds none."""
+        held = self.lm.adapter_set
+        if held is None:
+            return None
+        waiting = {job.adapter for job in list(self._waiting)} - {0}
+
+        def named(indices) -> list[str]:
+            return sorted(held.names[i - 1] or "" for i in indices if i <= len(held.names))
+
+        return named(self.metrics.running_adapters), named(waiting), len(held.held)
 
     def _join(self, batch: DecodeBatch, r: _Reading, owners: dict, running: list[Job]) -> None:
         ids = batch.join(r.prefill)
@@ -403,7 +422,7 @@ class Engine:
             running.remove(job)
             job._events.put(None)
             self.metrics.finished["abort"] += len(gone)
-            self.metrics.running = len(running)
+            self._note_running(running)
             log.info("a request went away: its sequences stopped")
 
     def _end(self, job: Job, event: End, running: list[Job]) -> None:
@@ -414,4 +433,4 @@ class Engine:
             running.remove(job)
             job._events.put(None)
             self.metrics.latency.observe(time.perf_counter() - job.submitted)
-            self.metrics.running = len(running)
+            self._note_running(running)

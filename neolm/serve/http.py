@@ -155,7 +155,7 @@ class Handler(BaseHTTPRequestHandler):
             engine = self.server.engine
             return self._send(
                 200,
-                engine.metrics.render(self.server.model_name, engine.waiting),
+                engine.metrics.render(self.server.model_name, engine.waiting, engine.lora_info()),
                 "text/plain; version=0.0.4; charset=utf-8",
             )
         if path == "/health":

@@ -1,6 +1,7 @@
 """The server's counters, served at GET /metrics in Prometheus' text format (version 0.0.4), named as vLLM's
 (`vllm:` -> `neolm:`) so that dashboards made for it read these: requests running and waiting, prompt and
-generated tokens, finished sequences by reason, and histograms of time to first token and request latency.
+generated tokens, finished sequences by reason, histograms of time to first token and request latency, and with
+LoRA adapters held, which ones running and waiting requests use (lora_requests_info).
 
 The engine thread writes them and HTTP threads read them without a lock: a scrape may see one request's
 numbers half-updated, as Prometheus clients tolerate.
@@ -9,6 +10,7 @@ numbers half-updated, as Prometheus clients tolerate.
 from __future__ import annotations
 
 import bisect
+import time
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)  # seconds
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -36,6 +38,7 @@ class Histogram:
 class Metrics:
     def __init__(self):
         self.running = 0  # requests decoding
+        self.running_adapters: set[int] = set()  # the LoRA adapters they use (neolm.multilora's indices)
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
@@ -44,8 +47,9 @@ class Metrics:
         self.ttft = Histogram(TTFT_BUCKETS)  # request submitted -> its first token
         self.latency = Histogram(LATENCY_BUCKETS)  # request submitted -> its last sequence ended
 
-    def render(self, model_name: str, waiting: int) -> str:
-        """The text a Prometheus scrape gets."""
+    def render(self, model_name: str, waiting: int, lora: tuple[list[str], list[str], int] | None = None) -> str:
+        """The text a Prometheus scrape gets; lora: the adapters running and waiting requests use, and how many
+        are held (Engine.lora_info), for vLLM's lora_requests_info."""
         labels = f'model_name="{_escape(model_name)}"'
         out: list[str] = []
 
@@ -102,6 +106,12 @@ class Metrics:
         )
         metric("e2e_request_latency_seconds", "histogram", "From a request's arrival to its end.",
                self.latency.lines("neolm:e2e_request_latency_seconds", labels))  # fmt: skip
+        if lora is not None:  # as vLLM: the labels carry the names, the value is when they were read
+            running, waiting_on, held = lora
+            info = (f'max_lora="{held}",running_lora_adapters="{_escape(",".join(running))}",'
+                    f'waiting_lora_adapters="{_escape(",".join(waiting_on))}"')  # fmt: skip
+            metric("lora_requests_info", "gauge", "Running stats on LoRA requests.",
+                   [f"neolm:lora_requests_info{{{info}}} {time.time()}"])  # fmt: skip
         return "\n".join(out) + "\n"
 
 
