@@ -177,14 +177,15 @@ def test_the_server_and_batch_give_each_request_the_adapter_its_model_names(tiny
     assert_one_line_error(code, err, "--lora-modules", "NAME=PATH", exit_code=2)
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_the_native_decode_step_adds_each_row_s_adapter_as_torch_does(tiny_checkpoints, tmp_path, dtype):
+@pytest.mark.parametrize("load", [{"dtype": "float32"}, {"dtype": "bfloat16"}, {"quantize": "int8"}],
+                         ids=["fp32", "bf16", "int8"])  # fmt: skip
+def test_the_native_decode_step_adds_each_row_s_adapter_as_torch_does(tiny_checkpoints, tmp_path, load):
     from neolm.generate import DecodeBatch
     from neolm.native import decode
 
     name = "neox-parallel-pct25"
     _, folders = two_adapters(tiny_checkpoints, name, tmp_path)
-    models = [neolm.load(tiny_checkpoints[name][1], dtype=dtype, native=native) for native in (True, False)]
+    models = [neolm.load(tiny_checkpoints[name][1], native=native, **load) for native in (True, False)]
     if models[0].model.decode_step is None:
         pytest.skip("no native decode step on this machine")
     steps = []
@@ -214,8 +215,11 @@ def test_the_native_decode_step_adds_each_row_s_adapter_as_torch_does(tiny_check
         logits.append(batch.rows.logits)
     assert len(steps) >= 3 and all(steps)  # the native model's steps ran natively, adapters and all (the first
     # rebuilds the step, whose new one then runs: counted twice)
-    tol = TOL if dtype == "float32" else 0.05  # (bf16: each path rounds its own sums)
-    assert (logits[0] - logits[1]).abs().max().item() <= tol
+    apart = (logits[0] - logits[1]).abs().amax(dim=1)  # per row
+    if load.get("dtype") == "float32":
+        assert apart.max().item() <= TOL
+    else:  # each path rounds its own sums (bf16 activations): the adapters' rows no further apart than the base's
+        assert max(apart[0], apart[2]).item() <= 3 * apart[1].item() + TOL, apart
 
 
 def test_adapters_load_and_unload_while_the_server_runs(tiny_checkpoints, tmp_path):
