@@ -107,8 +107,6 @@ class LanguageModel:
         name = adapter_name or Path(str(adapter).rstrip("/")).name
         if not name:
             raise NeolmError(f"give the adapter {adapter!r} a name (adapter_name=)")
-        if name in self.adapters:
-            raise NeolmError(f"an adapter named {name!r} is loaded already")
         self.hold_adapter(name, str(adapter), lora_factors(hub.resolve(adapter), self.config))
         if len(self.adapters) == 1:
             self.set_adapter(name)

@@ -485,8 +485,8 @@ class Prefill:
     on_prompt: Callable[[int, TokenLogprobs], None] | None
     deadline: float = math.inf  # GenerationConfig.deadline(), from when the prefill was asked for
     contexts: list[list[int]] | None = None  # classifier-free guidance's unconditional context, per sequence
-    adapters: AdapterSet | None = None  # and which of them the prompts are read with (0: none), or each one's
-    adapter: int | list[int] = 0
+    adapters: AdapterSet | None = None  # and which of them each sequence is read with (0: none)
+    adapter: list[int] = dataclasses.field(default_factory=list)
     tokens: torch.Tensor | None = None  # (N, W) left-padded; None: nothing to read
     positions: torch.Tensor | None = None  # (N, W)
     cache: KVCache | None = None
@@ -655,10 +655,9 @@ class DecodeBatch:
         n = gc.num_return_sequences
         wanted = list(logprobs) if isinstance(logprobs, Sequence) else [logprobs] * len(prompts)
         seqs = [p for p in prompts for _ in range(n)]
-        adapter = adapter if isinstance(adapter, int) else [a for a in each for _ in range(n)]  # (per sequence)
         prefill = Prefill([next(self._ids) for _ in seqs], seqs, gc, -1, [k for k in wanted for _ in range(n)],
                           [gc.new_token_budget(len(p)) for p in seqs], on_prompt, gc.deadline(),
-                          adapters=self.adapters, adapter=adapter)  # fmt: skip
+                          adapters=self.adapters, adapter=[a for a in each for _ in range(n)])  # fmt: skip
         if not seqs or (max(prefill.budgets) == 0 and on_prompt is None):
             return prefill  # nothing to read
         if gc.guided:
@@ -716,7 +715,7 @@ class DecodeBatch:
             [list(p) for p in seqs] if history else [None] * len(seqs), [len(p) for p in seqs],
             prefill.budgets, [0] * len(seqs), [b == 0 for b in prefill.budgets], prefill.positions[:, -1:], logits,
             seen, made, [prefill.deadline] * len(seqs), [i // n for i in range(len(seqs))],
-            [prefill.adapter] * len(seqs) if isinstance(prefill.adapter, int) else prefill.adapter,
+            prefill.adapter,
         )  # fmt: skip
         if prefill.contexts is not None:
             self.guidance = Guidance(self.model, *left_pad(prefill.contexts, 0, self.device), room=max(prefill.budgets))
@@ -911,8 +910,6 @@ def iter_steps(
     with keep_logits / keep_scores each row's logits and processed scores too. Bad arguments raise here."""
     batch = DecodeBatch(model, decode, compact=False, adapters=None if mixed is None else mixed.adapters)
     batch.keep_logits, batch.keep_scores = keep_logits, keep_scores
-    batch.validate(gc, logprobs)
-    prompts = fit_prompts(prompts, gc, model.config.n_positions, model.config.vocab_size)
     prefill = batch.prefill(prompts, gc, logprobs, on_prompt, adapter=0 if mixed is None else mixed.per_prompt)
     return _steps(batch, prefill)
 

@@ -57,7 +57,7 @@ class AdapterSet:
         self.names: list[str | None] = []  # None: a deleted adapter's index, kept so that the others keep theirs
         self.layers: dict[str, AdapterLinear] = {}  # every block's linear layers, by weight name ("blocks.0.attn.qkv")
         self.rows: int | torch.Tensor = 0  # the adapter of every row, or (N,) one per row
-        self._masks: dict[tuple, torch.Tensor] = {}  # per-row masks for the rows now, by layout
+        self._masks: dict[tuple, torch.Tensor] = {}  # per-row masks for the rows now, by layers' spans
 
     @classmethod
     def attach(cls, model: GPT) -> AdapterSet:
@@ -148,8 +148,8 @@ class AdapterSet:
         return self.rows
 
     def mask(self, layer: AdapterLinear, dtype: torch.dtype) -> torch.Tensor:
-        """(N, 1, R): 1 at the columns of each row's adapter, for the layers laid out as `layer`."""
-        key = (layer.layout, dtype)
+        """(N, 1, R): 1 at the columns of each row's adapter, for the layers laid out as `layer` (its spans)."""
+        key = (layer.spans, dtype)
         mask = self._masks.get(key)
         if mask is None:
             mask = self._masks[key] = (layer.owner[None, :] == self.rows[:, None]).to(dtype)[:, None, :]
@@ -169,8 +169,8 @@ class AdapterLinear(nn.Module):
         self.register_buffer("a", torch.empty(0, self.in_features, **empty), persistent=False)  # (R, in)
         self.register_buffer("bt", torch.empty(0, self.out_features, **empty), persistent=False)  # (R, out)
         self.register_buffer("owner", torch.empty(0, dtype=torch.long, device=ref.device), persistent=False)  # (R,)
-        self.spans: list[tuple[int, int]] = [(0, 0)]  # adapter k's rows of a and bt (0: the base model's, none)
-        self.layout = ()  # the spans as a key: layers laid out alike share the per-row masks
+        # adapter k's rows of a and bt (0: the base model's, none); layers laid out alike share the per-row masks
+        self.spans: tuple[tuple[int, int], ...] = ((0, 0),)
 
     def append(self, index: int, a: torch.Tensor | None, b: torch.Tensor | None) -> None:
         """Adapter `index`'s factors A (r, in) and B (out, r), or None where it does not adapt this layer."""
@@ -182,8 +182,7 @@ class AdapterLinear(nn.Module):
             self.a = torch.cat((self.a, a.to(self.a)))
             self.bt = torch.cat((self.bt, b.t().to(self.bt)))
             self.owner = torch.cat((self.owner, torch.full((a.shape[0],), index, device=self.owner.device)))
-        self.spans.append((start, self.a.shape[0]))
-        self.layout = tuple(self.spans)
+        self.spans += ((start, self.a.shape[0]),)
 
     def drop(self, index: int) -> None:
         """Forget adapter `index`'s factors (its span becomes empty; the others keep their indices)."""
@@ -191,9 +190,8 @@ class AdapterLinear(nn.Module):
         n = stop - start
         keep = torch.cat((torch.arange(start), torch.arange(stop, self.a.shape[0]))).to(self.a.device)
         self.a, self.bt, self.owner = self.a[keep], self.bt[keep], self.owner[keep]
-        self.spans = [(start, start) if k == index else (lo - n, hi - n) if lo >= stop else (lo, hi)
-                      for k, (lo, hi) in enumerate(self.spans)]  # fmt: skip
-        self.layout = tuple(self.spans)
+        self.spans = tuple((start, start) if k == index else (lo - n, hi - n) if lo >= stop else (lo, hi)
+                           for k, (lo, hi) in enumerate(self.spans))  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)

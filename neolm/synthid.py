@@ -86,6 +86,12 @@ def _hash(state: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
     return state
 
 
+def int64(x: int) -> int:
+    """x wrapped to a signed 64-bit integer, as torch's int64 arithmetic wraps it (transformers' hashes)."""
+    x &= (1 << 64) - 1
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
 class SynthID:
     """The watermark of one config over a vocabulary of `vocab` tokens."""
 
@@ -101,7 +107,11 @@ class SynthID:
         return ([0] * width + list(generated))[-width:] if width else []
 
     def context_hash(self, context: Sequence[int]) -> int:
-        return int(_hash(torch.ones((), dtype=torch.long), torch.tensor(context, dtype=torch.long)))
+        """_hash from 1 over the context, in Python integers (each step hashes every earlier context again)."""
+        state = 1
+        for x in context:
+            state = int64((state + x) * MULTIPLIER + INCREMENT)
+        return state
 
     def g_values(self, context_hash: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """(..., depth) bits of each token after a context of that hash (broadcast together)."""

@@ -26,7 +26,7 @@ import torch
 
 from neolm.config import Config
 from neolm.errors import NeolmError
-from neolm.synthid import SynthID, SynthIDConfig, SynthIDDetection
+from neolm.synthid import SynthID, SynthIDConfig, SynthIDDetection, int64
 from neolm.synthid import detect as detect_synthid
 
 TABLE_SIZE = 1_000_003  # selfhash's fixed permutation table (a prime)
@@ -147,7 +147,7 @@ class Watermark:
         if self.table is None:  # lefthash
             return key * context[-1]
         last = int(self.table[context[-1] % TABLE_SIZE]) + 1
-        return min(_int64(key * (int(self.table[t % TABLE_SIZE]) + 1) * last) for t in context)
+        return min(int64(key * (int(self.table[t % TABLE_SIZE]) + 1) * last) for t in context)
 
     def green(self, context: Sequence[int]) -> torch.Tensor:
         """The green token ids (greenlist_ratio x vocab) after `context`."""
@@ -177,12 +177,6 @@ class Watermark:
                 green = [t for t in order if self._is_green((*held[-width:], t), t)]
             out[row, torch.as_tensor(green, dtype=torch.long, device=scores.device)] += self.config.bias
         return out
-
-
-def _int64(x: int) -> int:
-    """x wrapped to a signed 64-bit integer, as transformers' int64 tensor product of it overflows."""
-    x &= (1 << 64) - 1
-    return x - (1 << 64) if x >= 1 << 63 else x
 
 
 @dataclass
