@@ -27,6 +27,7 @@ from neolm.native import attention, decode
 from neolm.ops import compile_gemv, use_native
 from neolm.outputs import GenerateOutput, generate_output
 from neolm.speculative import assisted_tokens
+from neolm.synthid import SynthIDDetection
 from neolm.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 from neolm.trace import DEFAULT_BATCH_SIZE as TRACE_BATCH_SIZE
 from neolm.trace import Trace
@@ -371,11 +372,13 @@ class LanguageModel:
         return trace_model(self.model, ids, output_hidden_states, output_attentions, output_logits, batch_size, modules)
 
     def detect_watermark(self, text: str | Sequence[int], watermarking_config=None, z_threshold: float = 3.0,
-                         ignore_repeated_ngrams: bool = False) -> Detection:  # fmt: skip
+                         ignore_repeated_ngrams: bool | None = None) -> Detection | SynthIDDetection:  # fmt: skip
         """Whether `text` (a string, or token ids) carries the watermark of `watermarking_config` (a
         WatermarkingConfig, its dict, or transformers' config; default: the default config), as transformers'
-        WatermarkDetector: its green tokens' z-score, p-value and the prediction z > z_threshold. Give the text
-        without its prompt; a leading bos token is dropped. Only the tokenizer and vocabulary size are used."""
+        WatermarkDetector: its green tokens' z-score, p-value and the prediction z > z_threshold; for a SynthID
+        config (neolm.synthid), its mean g-value and z-score. ignore_repeated_ngrams: count each distinct n-gram
+        once (default: False for the green list, as transformers; True for SynthID). Give the text without its
+        prompt; a leading bos token is dropped. Only the tokenizer and vocabulary size are used."""
         ids = self.encode(text) if isinstance(text, str) else [int(t) for t in text]
         return detect_tokens(ids, watermarking_config, self.config, z_threshold, ignore_repeated_ngrams)
 

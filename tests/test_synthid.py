@@ -62,6 +62,7 @@ def test_sampled_text_carries_the_mark_and_the_keys_matter(tiny_checkpoints):
     synthid = SynthID(SynthIDConfig(4, tuple(KEYS)), lm.config.vocab_size)
     repeated = [5, 6, 7, 8] * 6
     assert detect(synthid, repeated).num_tokens_scored == 4  # each context once
+    assert lm.detect_watermark(repeated, settings).num_tokens_scored == 4  # (the library's default too, as the CLI's)
     assert detect(synthid, repeated, ignore_repeated_ngrams=False).num_tokens_scored == len(repeated) - 3
     with pytest.raises(NeolmError, match="at least ngram_len"):
         detect(synthid, [5, 6])

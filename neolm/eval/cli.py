@@ -107,7 +107,8 @@ def register(sub) -> dict:
                    help="the z-score above which the text counts as watermarked (default 3: a 0.13%% chance of "
                    "a false alarm per text)")  # fmt: skip
     w.add_argument("--ignore-repeated-ngrams", action="store_true",
-                   help="count each distinct (context, token) once, so that repeated phrases do not sway the test")  # fmt: skip
+                   help="count each distinct (context, token) once, so that repeated phrases do not sway the test (SynthID: "
+                   "always)")  # fmt: skip
     w.add_argument("--json", action="store_true", help="print JSON")
     return {"eval": cmd_eval, "perplexity": cmd_perplexity, "score": cmd_score, "watermark": cmd_watermark}
 
@@ -233,8 +234,9 @@ def cmd_watermark(args) -> int:
     folder = _default_model() if args.model is None else hub.resolve(args.model, args.revision, weights=False)
     config = Config.from_hf(checkpoint.read_hf_config(folder), source=str(folder / "config.json"))
     ids = load_tokenizer(folder, default=config.tokenizer).encode(text)
-    synthid = isinstance(settings, SynthIDConfig)  # (which counts each context once by default)
-    found = detect_tokens(ids, settings, config, args.z_threshold, args.ignore_repeated_ngrams or synthid)
+    synthid = isinstance(settings, SynthIDConfig)
+    # (without the flag, the kind's default: each n-gram as often as it comes; SynthID: each context once)
+    found = detect_tokens(ids, settings, config, args.z_threshold, args.ignore_repeated_ngrams or None)
     if args.json:
         print(json.dumps(dataclasses.asdict(found) | {"z_threshold": args.z_threshold}, indent=2))
         return 0
