@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from neolm import checkpoint, hub, memory
+from neolm import checkpoint, hub, memory, structured
 from neolm.chat import ChatFormat, Transcript, load_chat_format
 from neolm.config import Config
 from neolm.contrastive import contrastive_tokens
@@ -201,6 +201,8 @@ class LanguageModel:
             gc.eos_token_id = (
                 self.config.eos_token_id if self.config.eos_token_id is not None else self.tokenizer.eos_token_id
             )
+        if gc.structured_outputs is not None:
+            gc.structured_outputs = structured.compile(gc.structured_outputs, self.tokenizer)
         return gc
 
     def generate_ids(self, prompts: list[list[int]], **kwargs) -> list[list[int]] | GenerateOutput:

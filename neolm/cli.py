@@ -7,6 +7,7 @@ import importlib
 import json
 import logging
 import sys
+from pathlib import Path
 
 from neolm.errors import NeolmError
 
@@ -178,7 +179,43 @@ def _add_generation_args(p: argparse.ArgumentParser, chat: bool = False):
     knobs.add_argument(
         "--stop", action="append", metavar="TEXT", help=f"stop once the text ends in TEXT (repeatable){cut}"
     )
+    what = "each reply" if chat else "the text"
+    shape = p.add_argument_group(
+        "structured outputs (only tokens that keep the text a possible match are generated, and it ends once whole; "
+        "cut short by --max-new-tokens, it is the start of a match)"
+    ).add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", metavar="SCHEMA",
+                       help=f"{what} is JSON that satisfies this JSON Schema (its JSON text, or a .json file): "
+                       "properties in the schema's order, no keys it does not name")  # fmt: skip
+    shape.add_argument("--json-object", action="store_true", default=None, help=f"{what} is a JSON object")
+    shape.add_argument("--regex", metavar="PATTERN",
+                       help=f"{what} matches this regular expression whole (Python syntax, no look-arounds or "
+                       "back-references)")  # fmt: skip
+    shape.add_argument("--choice", action="append", metavar="TEXT",
+                       help=f"{what} is one of these strings (repeat the option for each)")  # fmt: skip
     return knobs
+
+
+def _structured_spec(args) -> dict | None:
+    """neolm.structured's spec from --json-schema / --json-object / --regex / --choice, or None."""
+    if args.json_schema is not None:
+        text = args.json_schema
+        if not text.lstrip().startswith(("{", "[")) and text not in ("true", "false"):
+            try:
+                text = Path(text).read_text()
+            except OSError as e:
+                raise NeolmError(f"--json-schema: neither JSON nor a readable file: {e}") from None
+        try:
+            return {"json": json.loads(text)}
+        except json.JSONDecodeError as e:
+            raise NeolmError(f"--json-schema: not valid JSON: {e}") from None
+    if args.json_object:
+        return {"json_object": True}
+    if args.regex is not None:
+        return {"regex": args.regex}
+    if args.choice:
+        return {"choice": args.choice}
+    return None
 
 
 def _generation_knobs(args) -> dict:
@@ -189,11 +226,16 @@ def _generation_knobs(args) -> dict:
              "prompt_lookup_num_tokens", "num_assistant_tokens", "top_h", "max_time", "guidance_scale", "penalty_alpha", "dola_layers",
              "token_healing")  # fmt: skip
     knobs = {name: getattr(args, name, None) for name in names} | {"stop_strings": args.stop}
+    knobs["structured_outputs"] = _structured_spec(args)
     knobs = {k: v for k, v in knobs.items() if v is not None}
     from neolm.generate import GenerationConfig
 
     negative = {"negative_prompt_ids": [0]} if args.negative_prompt is not None else {}  # (its text: once loaded)
     GenerationConfig.from_kwargs(**knobs, **negative)  # reject bad combinations before the (slow) load
+    if "structured_outputs" in knobs:  # and a bad schema or regex
+        from neolm.structured import compile_regex, spec_regex
+
+        compile_regex(spec_regex(knobs["structured_outputs"])[0])
     if args.negative_prompt is not None:
         knobs["negative_prompt"] = args.negative_prompt
     if args.watermark or args.watermark_config is not None:

@@ -36,6 +36,7 @@ from neolm.sampling import (
     project_logprobs,
     seeded_generator,
 )
+from neolm.structured import Guide, check_spec
 from neolm.synthid import SynthIDConfig
 from neolm.watermark import WatermarkingConfig, settings
 
@@ -96,6 +97,9 @@ class GenerationConfig:
     penalty_alpha: float | None = None  # > 0 with top_k > 1: contrastive search (neolm.contrastive)
     dola_layers: str | list[int] | None = None  # "low", "high" or layer indices: DoLa (neolm.dola)
     token_healing: bool = False  # choose the prompt's last token again (neolm.healing; text prompts only)
+    # the output must match a JSON schema, a regex or a choice (neolm.structured): {"json": schema}, {"regex": r},
+    # {"choice": [...]}, {"json_object": True}; the text API compiles it against the tokenizer into a Guide
+    structured_outputs: dict | Guide | None = None
     # assisted generation (neolm.speculative): guessed tokens checked by the model in one forward
     prompt_lookup_num_tokens: int | None = None  # guess this many tokens from earlier in the sequence
     max_matching_ngram_size: int | None = None  # prompt lookup: match the last n-gram up to this size (default 2)
@@ -148,6 +152,13 @@ class GenerationConfig:
         self._validate_dola(check)
         self._validate_beams(check)
         self._validate_assisted(check)
+        if self.structured_outputs is not None:
+            check_spec(self.structured_outputs)
+            check(not self.token_healing, "token_healing and structured_outputs do not go together (a healed "
+                                          "token would begin the structured text)")  # fmt: skip
+            check(self.dola_layers is None, "DoLa (dola_layers) and structured_outputs do not go together (DoLa "
+                                            "keeps only the final layer's likeliest tokens, which the structure "
+                                            "may all rule out)")  # fmt: skip
         return self
 
     @staticmethod

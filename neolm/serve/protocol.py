@@ -9,8 +9,11 @@ log-probability per token returned, as OpenAI ranks them; not streamed; usage co
 bias, added to the logits before any other processing). vLLM's extra sampling fields are taken too: `top_k`,
 `min_p`, `min_tokens`, `repetition_penalty`, `stop_token_ids` (more tokens that end a choice as eos does),
 `ignore_eos`, `include_stop_str_in_output`, `allowed_token_ids` (the only tokens that may be generated),
-`bad_words` (strings never generated, alone or after a space) and `truncate_prompt_tokens` (keep the prompt's last k). Fields neolm cannot honour (tools, suffix, ...) are refused with a
-400 that says so rather than ignored; unknown fields likewise.
+`bad_words` (strings never generated, alone or after a space) and `truncate_prompt_tokens` (keep the prompt's last
+k). Structured outputs (neolm.structured): OpenAI's `response_format` ({"type": "json_object"}, or "json_schema" with
+`json_schema.schema`), vLLM's `structured_outputs` ({"json" | "regex" | "choice": ...}) and its older `guided_json`,
+`guided_regex`, `guided_choice` with `guided_whitespace_pattern`; grammars are refused. Fields neolm cannot honour
+(tools, suffix, ...) are refused with a 400 that says so rather than ignored; unknown fields likewise.
 
 Log-probabilities: completions' `logprobs` (k, at most 20) gives each token's log-probability, its text
 offset and the k most likely tokens plus the chosen one (as vLLM); with `echo`, the prompt's tokens too, the
@@ -37,6 +40,7 @@ from dataclasses import dataclass, field
 
 from neolm.errors import NeolmError
 from neolm.generate import GenerationConfig
+from neolm.structured import check_spec
 from neolm.tokenizer import StreamDecoder
 
 MAX_LOGPROBS = 20  # the most alternatives per token a request may ask for (vLLM's default limit; OpenAI: 5 and 20)
@@ -46,11 +50,12 @@ SAMPLING = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "strea
             "top_k", "min_tokens", "repetition_penalty", "user", "presence_penalty", "frequency_penalty",
             "logprobs", "logit_bias", "min_p",
             "stop_token_ids", "ignore_eos", "include_stop_str_in_output", "allowed_token_ids", "bad_words",
-            "truncate_prompt_tokens"}  # fmt: skip
+            "truncate_prompt_tokens", "response_format", "structured_outputs", "guided_json", "guided_regex",
+            "guided_choice", "guided_grammar", "guided_whitespace_pattern", "guided_decoding_backend"}  # fmt: skip
 FIELDS = {
     "completion": SAMPLING | {"prompt", "echo", "best_of", "suffix"},
     "chat": SAMPLING | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "functions",
-                        "function_call", "response_format", "parallel_tool_calls", "add_generation_prompt",
+                        "function_call", "parallel_tool_calls", "add_generation_prompt",
              "chat_template_kwargs", "continue_final_message"},
 }  # fmt: skip
 
@@ -117,9 +122,6 @@ def _refuse(body: dict, kind: str) -> None:
     for name, why in unsupported.items():
         if body.get(name) not in (None, False, 0, 0.0, {}, [], "none"):
             raise ApiError(400, f"'{name}': {why}", name)
-    response_format = body.get("response_format")
-    if response_format not in (None, {"type": "text"}):
-        raise ApiError(400, '\'response_format\': only {"type": "text"} is supported', "response_format")
 
 
 def _sampling(body: dict, max_tokens: int | None, defaults: dict) -> dict:
@@ -215,6 +217,45 @@ def _vllm_extras(body: dict, lm) -> dict:
     if banned:
         out["bad_words_ids"] = banned
     return out
+
+
+def _structured(body: dict) -> dict:
+    """GenerationConfig's structured_outputs (neolm.structured) from OpenAI's response_format (json_object,
+    json_schema) or vLLM's structured_outputs / guided_json, guided_regex, guided_choice: {} when none is asked."""
+    specs = {}  # request field -> spec
+    response_format = _field(body, "response_format", (dict,), None)
+    if response_format is not None:
+        kind = response_format.get("type")
+        if kind == "json_object":
+            specs["response_format"] = {"json_object": True}
+        elif kind == "json_schema":
+            schema = (response_format.get("json_schema") or {}).get("schema")
+            if not isinstance(schema, (dict, bool)):
+                raise ApiError(400, "'response_format' of type json_schema needs json_schema.schema, a JSON schema",
+                               "response_format")  # fmt: skip
+            specs["response_format"] = {"json": schema}
+        elif kind != "text":
+            raise ApiError(400, f"'response_format': type must be text, json_object or json_schema, got {kind!r}",
+                           "response_format")  # fmt: skip
+    guided = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+    for name, key in guided.items():
+        if body.get(name) is not None:
+            specs[name] = {key: body[name]}
+    if body.get("structured_outputs") is not None:
+        specs["structured_outputs"] = _field(body, "structured_outputs", (dict,))
+    if len(specs) > 1:
+        raise ApiError(400, f"ask for one structured output, got {', '.join(specs)}", list(specs)[1])
+    if not specs:
+        return {}
+    name, spec = next(iter(specs.items()))
+    whitespace = _field(body, "guided_whitespace_pattern", (str,), None)
+    if whitespace is not None:
+        spec = {**spec, "whitespace_pattern": whitespace}
+    try:
+        check_spec(spec)
+    except NeolmError as e:
+        raise ApiError(400, f"'{name}': {e}", name) from None
+    return {"structured_outputs": spec}
 
 
 def _stops(body: dict) -> list[str]:
@@ -315,7 +356,7 @@ def parse(kind: str, body, lm) -> Request:
         request.prompts = [p[-keep:] for p in request.prompts]
         if request.echo:
             request.echo = [lm.decode(p) for p in request.prompts]
-    generation = _sampling(body, max_tokens, lm.generation_defaults) | _vllm_extras(body, lm)
+    generation = _sampling(body, max_tokens, lm.generation_defaults) | _vllm_extras(body, lm) | _structured(body)
     request.n = body.get("n") or 1
     generation["stop_strings"] = request.stop or None
     if _field(body, "include_stop_str_in_output", (bool,), False):  # end at them, but keep them in the text

@@ -1,0 +1,179 @@
+"""Structured outputs (neolm.structured): what constraining decoding to a JSON schema costs, against free decoding
+of the same model, and the same against llama.cpp's JSON-schema grammars (llama-cpp-python) on a GGUF of the
+same checkpoint, in one run.
+
+    python bench/structured.py --model /tmp/neolm-bench/models/pythia-160m/hf \\
+        [--gguf /tmp/neolm-bench/models/pythia-160m/f32.gguf --llama-python /tmp/neolm-bench/llama-venv/bin/python] \\
+        --new-tokens 128 --rounds 3 --threads 2 --out bench/STRUCTURED.md
+
+Greedy decoding of a 32-token prompt, every row made to produce all its new tokens (free rows ban eos; the schemas
+cannot be completed in that many tokens), decode tokens/s over tokens 2..n as in bench.py. Schemas: "string", one
+long string field (most steps inside the string: one automaton state); "records", an array of small objects
+(names of at most 8 characters, integers 0..120, booleans: the automaton moves through ~100 states). neolm's
+"cold" row is the first generation with a schema in the process (the automaton is compiled and each state's
+allowed tokens found as it is reached); "warm" repeats it. Each figure: the median over rounds [min-max], every
+row once per round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+SCHEMAS = {
+    "string": {"type": "object", "properties": {"text": {"type": "string", "minLength": 1000}}, "required": ["text"]},
+    "records": {"type": "object", "properties": {"people": {"type": "array", "minItems": 50, "items": {
+        "type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                         "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                                         "alive": {"type": "boolean"}}, "required": ["name", "age", "alive"]}}},
+                "required": ["people"]},
+}  # fmt: skip
+
+LLAMA = r"""
+import json, sys, time
+from llama_cpp import Llama, LlamaGrammar
+args = json.loads(sys.argv[1])
+llm = Llama(model_path=args["gguf"], n_threads=args["threads"], n_threads_batch=args["threads"], n_ctx=1024,
+            verbose=False)
+eos = llm.token_eos()
+out = {}
+for name in args["rows"]:
+    grammar = None if name == "free" else LlamaGrammar.from_json_schema(json.dumps(args["schemas"][name]), verbose=False)
+    llm.reset()
+    stamps, text = [], ""
+    for chunk in llm.create_completion(args["prompt"], max_tokens=args["new"], temperature=0.0, stream=True,
+                                       grammar=grammar, logit_bias=None if grammar else {eos: -1e9}):
+        stamps.append(time.perf_counter())
+        text += chunk["choices"][0]["text"]
+    out[name] = {"tokens": len(stamps), "tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]), "text": text[:120]}
+print(json.dumps(out))
+"""
+
+
+def neolm_row(lm, ids, new: int, spec: dict | None) -> dict:
+    from neolm.generate import iter_generate
+
+    kwargs = {"structured_outputs": spec} if spec else {"suppress_tokens": [lm.config.eos_token_id]}
+    gc = lm.generation_config(max_new_tokens=new, do_sample=False, repetition_penalty=1.0, **kwargs)
+    start, stamps, tokens = time.perf_counter(), [], []
+    for step in iter_generate(lm.model, [ids], gc, lm.tokenizer.decode):
+        stamps.append(time.perf_counter())
+        tokens += step
+    return {"tokens": len(tokens), "tok_s": (len(stamps) - 1) / (stamps[-1] - stamps[0]),
+            "first_s": stamps[0] - start, "text": lm.decode(tokens)[:120]}  # fmt: skip
+
+
+def run_neolm(args, prompt_ids) -> dict:
+    import torch
+
+    import neolm
+    from neolm import structured
+
+    torch.set_num_threads(args.threads)
+    lm = neolm.load(args.model)
+    ids = prompt_ids(lm)
+    out = {"free": neolm_row(lm, ids, args.new_tokens, None)}
+    for name, schema in SCHEMAS.items():
+        structured._compiled.cache_clear()  # cold: compile the schema and find each state's tokens afresh
+        structured.regex._compiled.cache_clear()
+        t = time.perf_counter()
+        guide = structured.compile({"json": schema}, lm.tokenizer)
+        compile_s = time.perf_counter() - t
+        out[f"{name} cold"] = neolm_row(lm, ids, args.new_tokens, {"json": schema}) | {"compile_s": compile_s}
+        out[f"{name} warm"] = neolm_row(lm, ids, args.new_tokens, {"json": schema})
+        out[f"{name} warm"]["states"] = guide.dfa.states
+        out[f"{name} warm"]["states_found"] = len(guide._masks)
+    return out
+
+
+def run_llama(args, text: str) -> dict:
+    job = {"gguf": args.gguf, "threads": args.threads, "new": args.new_tokens, "prompt": text, "schemas": SCHEMAS,
+           "rows": ["free", *SCHEMAS]}  # fmt: skip
+    done = subprocess.run([args.llama_python, "-c", LLAMA, json.dumps(job)], capture_output=True, text=True, check=False,
+                          timeout=1800)  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-2000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def cell(values: list[float], fmt: str = "{:.1f}") -> str:
+    return f"{fmt.format(statistics.median(values))} [{fmt.format(min(values))}–{fmt.format(max(values))}]"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="a Hugging Face checkpoint folder")
+    p.add_argument("--gguf", help="llama.cpp's GGUF of the same checkpoint (f32): adds llama.cpp's rows")
+    p.add_argument("--llama-python", default=sys.executable, help="an interpreter with llama-cpp-python")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", help="write the table here (markdown)")
+    args = p.parse_args()
+
+    import neolm
+
+    text = neolm.load(args.model).tokenizer.decode(prompt_ids(neolm.load(args.model)))
+    results: list[dict] = []
+    for r in range(args.rounds):
+        round_ = {f"neolm {k}": v for k, v in subprocess_neolm(args).items()}
+        if args.gguf:
+            round_ |= {f"llama.cpp {k}": v for k, v in run_llama(args, text).items()}
+        results.append(round_)
+        print(f"round {r + 1}:", {k: round(v["tok_s"], 1) for k, v in round_.items()}, flush=True)
+    rows = list(results[0])
+    lines = [
+        f"`python bench/structured.py {' '.join(sys.argv[1:])}`",
+        "",
+        (f"{platform.processor() or platform.machine()}, {args.threads} threads, {args.rounds} rounds, "
+        f"{args.new_tokens} new tokens, greedy; model {args.model}"),
+        "",
+        ("| row | decode tok/s | vs its engine's free decoding | first token s | schema compile s | states found / "
+        "automaton states |"),
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        engine = row.split()[0]
+        speed = [res[row]["tok_s"] for res in results]
+        ratio = [res[row]["tok_s"] / res[f"{engine} free"]["tok_s"] for res in results]
+        first = [res[row]["first_s"] for res in results if "first_s" in res[row]]
+        comp = [res[row]["compile_s"] for res in results if "compile_s" in res[row]]
+        last = results[-1][row]
+        states = f"{last['states_found']} / {last['states']}" if "states" in last else ""
+        lines.append(f"| {row} | {cell(speed)} | {cell(ratio, '{:.2f}')}x | {cell(first, '{:.2f}') if first else ''} "
+                     f"| {cell(comp, '{:.2f}') if comp else ''} | {states} |")  # fmt: skip
+    lines += ["", "Texts (last round, first 120 characters):", ""]
+    lines += [f"- {row}: `{results[-1][row]['text']!r}`" for row in rows]
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table)
+
+
+def subprocess_neolm(args) -> dict:
+    """neolm's rows in a fresh process (so "cold" is cold)."""
+    code = (f"import json, sys; sys.argv = ['x']; sys.path.insert(0, {str(Path(__file__).parent)!r}); import structured as s; import argparse; "
+            f"a = argparse.Namespace(**json.loads({json.dumps(vars(args))!r})); "
+            "print(json.dumps(s.run_neolm(a, s.prompt_ids)))")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-2000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def prompt_ids(lm) -> list[int]:
+    """The 32-token prompt every row continues."""
+    return lm.encode("The following is a list of the people of the town, with their ages, as JSON: " * 4)[:32]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,410 @@
+"""Regular expressions compiled to deterministic automata over UTF-8 bytes, for structured outputs.
+
+Byte-level BPE tokens are byte strings (a token may hold half a UTF-8 character), so the automaton reads bytes:
+a character class becomes the byte sequences of its characters' UTF-8 encodings. The pattern must match the whole
+output (as re.fullmatch). The syntax is Python's `re` without what needs more than a finite automaton:
+
+- literals and escapes (\\n \\t \\r \\f \\v \\0 \\xhh \\uhhhh \\U00hhhhhh, \\ before punctuation), `.` (any character
+  but a newline), classes `[a-z_]`, `[^"\\\\]`, and \\d \\w \\s (ASCII, as JSON Schema's regexes) with \\D \\W \\S;
+- groups `(...)`, `(?:...)`, `(?P<name>...)`, alternation `|`, and `* + ? {n} {n,} {,m} {n,m}` (lazy forms too:
+  the set of strings matched is the same);
+- `^` at the start and `$` at the end (the match is whole anyway).
+
+Back-references, look-arounds, word boundaries and inline flags raise NeolmError, as do patterns whose automaton
+would pass MAX_STATES states.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from dataclasses import dataclass
+
+from neolm.errors import NeolmError
+
+MAX_CODE = 0x10FFFF
+MAX_STATES = 50_000  # automaton states a pattern may have (a guard against {0,100000}-sized patterns)
+MAX_NFA = 400_000  # the nondeterministic automaton's states
+
+_ANY = ((0, MAX_CODE),)
+_DIGIT = ((0x30, 0x39),)
+_WORD = ((0x30, 0x39), (0x41, 0x5A), (0x5F, 0x5F), (0x61, 0x7A))
+_SPACE = ((0x09, 0x0D), (0x20, 0x20))
+_SIMPLE = {"n": "\n", "t": "\t", "r": "\r", "f": "\f", "v": "\v", "a": "\a", "0": "\0"}
+
+
+def _merge(ranges) -> tuple[tuple[int, int], ...]:
+    """Sorted, disjoint, non-adjacent code point ranges."""
+    out: list[list[int]] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1] + 1:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo, hi])
+    return tuple((lo, hi) for lo, hi in out)
+
+
+def _complement(ranges) -> tuple[tuple[int, int], ...]:
+    out, start = [], 0
+    for lo, hi in _merge(ranges):
+        if lo > start:
+            out.append((start, lo - 1))
+        start = hi + 1
+    if start <= MAX_CODE:
+        out.append((start, MAX_CODE))
+    return tuple(out)
+
+
+class _Parser:
+    """Pattern text -> a tree of tuples: ("set", ranges), ("cat", [nodes]), ("alt", [nodes]), ("rep", node, lo, hi)
+    (hi None: no limit)."""
+
+    def __init__(self, pattern: str):
+        self.p, self.i = pattern, 0
+
+    def error(self, what: str) -> NeolmError:
+        return NeolmError(f"regex {self.p!r}: {what} at position {self.i}")
+
+    def peek(self) -> str | None:
+        return self.p[self.i] if self.i < len(self.p) else None
+
+    def parse(self):
+        node = self.alternation()
+        if self.i < len(self.p):
+            raise self.error("unbalanced ')'")
+        return node
+
+    def alternation(self):
+        branches = [self.sequence()]
+        while self.peek() == "|":
+            self.i += 1
+            branches.append(self.sequence())
+        return branches[0] if len(branches) == 1 else ("alt", branches)
+
+    def sequence(self):
+        items = []
+        while self.peek() is not None and self.peek() not in "|)":
+            items.append(self.quantified(self.atom()))
+        return ("cat", items)
+
+    def quantified(self, node):
+        while True:
+            c = self.peek()
+            if c in ("*", "+", "?"):
+                lo, hi = {"*": (0, None), "+": (1, None), "?": (0, 1)}[c]
+                self.i += 1
+            elif c == "{" and (bounds := self.bounds()) is not None:
+                lo, hi = bounds
+            else:
+                return node
+            if self.peek() == "?":  # lazy: the same strings
+                self.i += 1
+            elif self.peek() == "+":
+                raise self.error("possessive quantifiers are not supported")
+            if node == ("cat", []) or node[0] == "anchor":
+                raise self.error("nothing to repeat")
+            node = ("rep", node, lo, hi)
+
+    def bounds(self) -> tuple[int, int | None] | None:
+        """{n}, {n,}, {,m}, {n,m} at self.i (consumed), or None where "{" is a literal (as in Python)."""
+        end = self.p.find("}", self.i)
+        if end < 0:
+            return None
+        body = self.p[self.i + 1 : end]
+        lo, comma, hi = body.partition(",")
+        if not (lo.isdigit() or (comma and lo == "")) or not (hi.isdigit() or hi == ""):
+            return None
+        if not comma:
+            hi = lo
+        lo_n, hi_n = int(lo or 0), (int(hi) if hi else None)
+        if hi_n is not None and hi_n < lo_n:
+            raise self.error("a repeat's minimum exceeds its maximum")
+        self.i = end + 1
+        return lo_n, hi_n
+
+    def atom(self):
+        c = self.p[self.i]
+        self.i += 1
+        if c == "(":
+            if self.p.startswith("?:", self.i):
+                self.i += 2
+            elif self.p.startswith("?P<", self.i):
+                self.i = self.p.index(">", self.i) + 1
+            elif self.peek() == "?":
+                raise self.error("look-arounds, inline flags and conditionals are not supported")
+            node = self.alternation()
+            if self.peek() != ")":
+                raise self.error("missing ')'")
+            self.i += 1
+            return node
+        if c == "[":
+            return ("set", self.cls())
+        if c == ".":
+            return ("set", _complement([(10, 10)]))
+        if c == "\\":
+            return ("set", self.escape())
+        if c == "^" and self.i == 1:
+            return ("cat", [])
+        if c == "$" and self.i == len(self.p):
+            return ("cat", [])
+        if c in "^$":
+            raise self.error(f"'{c}' is only supported at the pattern's {'start' if c == '^' else 'end'}")
+        if c in "*+?":
+            raise self.error("nothing to repeat")
+        if c == ")":
+            raise self.error("unbalanced ')'")
+        return ("set", ((ord(c), ord(c)),))
+
+    def escape(self) -> tuple[tuple[int, int], ...]:
+        """The characters of the escape after a backslash (consumed)."""
+        if self.i >= len(self.p):
+            raise self.error("a pattern cannot end in a backslash")
+        c = self.p[self.i]
+        self.i += 1
+        classes = {"d": _DIGIT, "w": _WORD, "s": _SPACE}
+        if c in classes:
+            return classes[c]
+        if c.lower() in classes:
+            return _complement(classes[c.lower()])
+        if c in _SIMPLE and not (c == "0" and self.peek() is not None and self.peek().isdigit()):
+            return ((ord(_SIMPLE[c]),) * 2,)
+        digits = {"x": 2, "u": 4, "U": 8}.get(c)
+        if digits:
+            text = self.p[self.i : self.i + digits]
+            if len(text) != digits or any(ch not in "0123456789abcdefABCDEF" for ch in text):
+                raise self.error(f"\\{c} needs {digits} hex digits")
+            self.i += digits
+            code = int(text, 16)
+            if code > MAX_CODE:
+                raise self.error("a code point past U+10FFFF")
+            return ((code, code),)
+        if c.isalnum():
+            raise self.error(f"\\{c} is not supported (back-references, anchors and word boundaries need more "
+                             "than a finite automaton)")  # fmt: skip
+        return ((ord(c), ord(c)),)
+
+    def cls(self) -> tuple[tuple[int, int], ...]:
+        """A [...] class after its "[" (consumed): its code point ranges."""
+        negate = self.peek() == "^"
+        self.i += negate
+        ranges: list[tuple[int, int]] = []
+        first = True
+        while True:
+            c = self.peek()
+            if c is None:
+                raise self.error("missing ']'")
+            if c == "]" and not first:
+                self.i += 1
+                break
+            first = False
+            lo = self.class_item()
+            if self.peek() == "-" and self.i + 1 < len(self.p) and self.p[self.i + 1] != "]":
+                self.i += 1
+                hi = self.class_item()
+                if len(lo) != 1 or len(hi) != 1 or lo[0][0] != lo[0][1] or hi[0][0] != hi[0][1]:
+                    raise self.error("a class range needs single characters at its ends")
+                if hi[0][0] < lo[0][0]:
+                    raise self.error("a class range's end comes before its start")
+                ranges.append((lo[0][0], hi[0][0]))
+            else:
+                ranges.extend(lo)
+        return _complement(ranges) if negate else _merge(ranges)
+
+    def class_item(self) -> tuple[tuple[int, int], ...]:
+        c = self.p[self.i]
+        self.i += 1
+        if c == "\\":
+            if self.peek() == "b":  # a backspace inside a class
+                self.i += 1
+                return ((8, 8),)
+            return self.escape()
+        return ((ord(c), ord(c)),)
+
+
+def _utf8(code: int) -> bytes:
+    return chr(code).encode("utf-8", "surrogatepass")
+
+
+def utf8_sequences(lo: int, hi: int) -> list[list[tuple[int, int]]]:
+    """The code points lo..hi (surrogates left out) as byte-range sequences: a string of bytes encodes one of them
+    exactly when it has some sequence's length and each byte lies in that sequence's range at its place."""
+    out, todo = [], [(lo, hi)]
+    while todo:
+        lo, hi = todo.pop()
+        if lo > hi:
+            continue
+        if lo <= 0xDFFF and hi >= 0xD800:  # no surrogates in UTF-8
+            todo += [(lo, 0xD7FF), (0xE000, hi)]
+            continue
+        split = next((m for m in (0x7F, 0x7FF, 0xFFFF) if lo <= m < hi), None)
+        if split is not None:  # one encoded length at a time
+            todo += [(lo, split), (split + 1, hi)]
+            continue
+        for i in (1, 2, 3):  # continuation bytes: the ranges must be whole below the byte that differs
+            m = (1 << (6 * i)) - 1
+            if lo & ~m != hi & ~m:
+                if lo & m:
+                    todo += [(lo, lo | m), ((lo | m) + 1, hi)]
+                    break
+                if hi & m != m:
+                    todo += [(lo, (hi & ~m) - 1), (hi & ~m, hi)]
+                    break
+        else:
+            out.append(list(zip(_utf8(lo), _utf8(hi))))
+    return out
+
+
+class _NFA:
+    def __init__(self):
+        self.edges: list[list[tuple[int, int, int]]] = []  # state -> (byte lo, byte hi, next state)
+        self.eps: list[list[int]] = []
+
+    def state(self) -> int:
+        if len(self.edges) >= MAX_NFA:
+            raise NeolmError(f"the pattern is too large for structured outputs (over {MAX_NFA:,} automaton states)")
+        self.edges.append([])
+        self.eps.append([])
+        return len(self.edges) - 1
+
+    def build(self, node) -> tuple[int, int]:
+        """States (start, end) of a fragment that reads node's strings."""
+        kind = node[0]
+        if kind == "set":
+            start, end = self.state(), self.state()
+            for seq in (s for lo, hi in node[1] for s in utf8_sequences(lo, hi)):
+                at = start
+                for j, (blo, bhi) in enumerate(seq):
+                    nxt = end if j == len(seq) - 1 else self.state()
+                    self.edges[at].append((blo, bhi, nxt))
+                    at = nxt
+            return start, end
+        if kind == "cat":
+            start = end = self.state()
+            for item in node[1]:
+                s, e = self.build(item)
+                self.eps[end].append(s)
+                end = e
+            return start, end
+        if kind == "alt":
+            start, end = self.state(), self.state()
+            for branch in node[1]:
+                s, e = self.build(branch)
+                self.eps[start].append(s)
+                self.eps[e].append(end)
+            return start, end
+        _, item, lo, hi = node  # "rep"
+        start = at = self.state()
+        for _ in range(lo):
+            s, e = self.build(item)
+            self.eps[at].append(s)
+            at = e
+        if hi is None:
+            loop = self.state()
+            self.eps[at].append(loop)
+            s, e = self.build(item)
+            self.eps[loop].append(s)
+            self.eps[e].append(loop)
+            return start, loop
+        end = self.state()
+        for _ in range(hi - lo):
+            self.eps[at].append(end)
+            s, e = self.build(item)
+            self.eps[at].append(s)
+            at = e
+        self.eps[at].append(end)
+        return start, end
+
+    def closure(self, states) -> frozenset[int]:
+        seen, todo = set(states), list(states)
+        while todo:
+            for t in self.eps[todo.pop()]:
+                if t not in seen:
+                    seen.add(t)
+                    todo.append(t)
+        return frozenset(seen)
+
+
+@dataclass
+class DFA:
+    """A deterministic automaton over bytes. Bytes fall into classes that every transition treats alike
+    (classes[b]); table[s][c] is the state after a byte of class c in state s. State 0 is dead (no string from it
+    is accepted, and every byte keeps it there); 1 is the start. accepting[s]: whether a match may end at s."""
+
+    classes: list[int]
+    table: list[list[int]]
+    accepting: list[bool]
+
+    @property
+    def states(self) -> int:
+        return len(self.table)
+
+    def step(self, state: int, byte: int) -> int:
+        return self.table[state][self.classes[byte]]
+
+    def walk(self, state: int, data: bytes) -> int:
+        table, classes = self.table, self.classes
+        for b in data:
+            state = table[state][classes[b]]
+        return state
+
+    def fullmatch(self, data: bytes) -> bool:
+        return self.accepting[self.walk(1, data)]
+
+
+def compile_regex(pattern: str) -> DFA:
+    """The pattern's DFA over UTF-8 bytes (NeolmError for what the module docstring lists as unsupported). The last
+    32 patterns' automata are kept (do not change them)."""
+    if not isinstance(pattern, str):
+        raise NeolmError(f"a regex must be a string, got {type(pattern).__name__}")
+    return _compiled(pattern)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(pattern: str) -> DFA:
+    nfa = _NFA()
+    start, accept = nfa.build(_Parser(pattern).parse())
+    cuts = sorted({0, 256} | {b for edges in nfa.edges for lo, hi, _ in edges for b in (lo, hi + 1)})
+    spans = list(itertools.pairwise(cuts))  # bytes that every edge treats alike: [lo, hi)
+    classes = [c for c, (lo, hi) in enumerate(spans) for _ in range(lo, hi)]
+    sets: dict[frozenset[int], int] = {frozenset(): 0}
+    order = [frozenset(), nfa.closure([start])]
+    sets[order[1]] = 1
+    table: list[list[int]] = [[0] * len(spans)]
+    while len(table) < len(order):  # each state's row, as states are found
+        states, row = order[len(table)], [0] * len(spans)
+        for c, (lo, _) in enumerate(spans):
+            moved = {t for s in states for blo, bhi, t in nfa.edges[s] if blo <= lo <= bhi}
+            if not moved:
+                continue
+            target = nfa.closure(moved)
+            if target not in sets:
+                if len(order) >= MAX_STATES:
+                    raise NeolmError(f"the pattern is too large for structured outputs (over {MAX_STATES:,} "
+                                     "automaton states): bound fewer repeats, or shorten it")  # fmt: skip
+                sets[target] = len(order)
+                order.append(target)
+            row[c] = sets[target]
+        table.append(row)
+    accepting = [accept in states for states in order]
+    _prune(table, accepting)
+    if not any(accepting):
+        raise NeolmError(f"regex {pattern!r} matches no string")
+    return DFA(classes, table, accepting)
+
+
+def _prune(table: list[list[int]], accepting: list[bool]) -> None:
+    """Send every transition into a state from which no accepting state can be reached to the dead state 0."""
+    back: list[set[int]] = [set() for _ in table]
+    for s, row in enumerate(table):
+        for t in set(row):
+            back[t].add(s)
+    live = {s for s, a in enumerate(accepting) if a}
+    todo = list(live)
+    while todo:
+        for s in back[todo.pop()]:
+            if s not in live:
+                live.add(s)
+                todo.append(s)
+    for s, row in enumerate(table):
+        if any(t not in live for t in row):
+            table[s] = [t if t in live else 0 for t in row]

@@ -1,0 +1,315 @@
+"""JSON Schema as a regular expression over the JSON text that satisfies it (the approach of Outlines, which
+vLLM and others use), for structured outputs.
+
+An object's properties come in the schema's order; required ones always, optional ones may be left out, and no
+other keys appear (as OpenAI's strict mode) unless the schema has no "properties", when additionalProperties (a
+schema, or true/absent: any value) gives the values of any keys. Supported: type (one or a list), enum, const,
+properties / required / additionalProperties, items / prefixItems / minItems / maxItems, minLength / maxLength /
+pattern / format (date-time, date, time, uuid) on strings, minimum / maximum (and the exclusive ones) on integers,
+minimum >= 0 on numbers, anyOf / oneOf, allOf of one schema, and $ref into $defs / definitions. A recursive
+schema is unrolled MAX_DEPTH times; past that its recursive branches are left out. Keywords that would
+constrain the output in ways the regex cannot express raise NeolmError rather than being ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+from neolm.errors import NeolmError
+
+MAX_DEPTH = 3  # nesting levels of any JSON value where a schema allows one; times a recursive $ref is unrolled
+WHITESPACE = r"[ ]?"  # between a JSON text's tokens (Outlines' default): compact, with a space or none
+
+STRING_CHAR = r'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})'
+STRING = f'"{STRING_CHAR}*"'
+INTEGER = r"-?(?:0|[1-9][0-9]*)"
+NUMBER = r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?"
+FORMATS = {
+    "date-time": r"[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])T(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
+    r"(?:\.[0-9]+)?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])",
+    "date": r"[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])",
+    "time": r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]+)?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])?",
+    "uuid": r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
+}
+# keywords that only annotate (or that no output violates when the rest holds): read past
+_ANNOTATIONS = {"title", "description", "examples", "default", "$schema", "$id", "$comment", "$defs", "definitions",
+                "deprecated", "readOnly", "writeOnly", "strict", "name"}  # fmt: skip
+_KNOWN = {
+    "type", "enum", "const", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems",
+    "maxItems", "minLength", "maxLength", "pattern", "format", "minimum", "maximum", "exclusiveMinimum",
+    "exclusiveMaximum", "anyOf", "oneOf", "allOf", "$ref",
+}  # fmt: skip
+
+
+def literal(value) -> str:
+    """A regex matching exactly `value` written as compact JSON."""
+    return re.escape(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
+
+
+def schema_regex(schema, whitespace: str = WHITESPACE) -> str:
+    """The regex of the JSON texts that satisfy `schema` (a dict, a JSON string, or True for any value)."""
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as e:
+            raise NeolmError(f"the JSON schema is not valid JSON: {e}") from None
+    if not isinstance(schema, (dict, bool)):
+        raise NeolmError(f"a JSON schema must be an object or a boolean, got {type(schema).__name__}")
+    out = _Converter(schema if isinstance(schema, dict) else {}, whitespace).convert(schema, 0)
+    if out is None:
+        raise NeolmError("the JSON schema admits no value")
+    return out
+
+
+class _Converter:
+    def __init__(self, root: dict, ws: str):
+        self.root, self.ws = root, ws
+        self.expanding: list[str] = []  # the $refs being converted, outermost first
+
+    def convert(self, schema, depth: int) -> str | None:
+        """The schema's regex, or None where no value satisfies it (a recursive branch past MAX_DEPTH)."""
+        if schema is True or schema == {}:
+            return self.any_value(depth)
+        if schema is False:
+            return None
+        if not isinstance(schema, dict):
+            raise NeolmError(f"a JSON schema must be an object or a boolean, got {schema!r}")
+        unknown = set(schema) - _KNOWN - _ANNOTATIONS
+        if unknown:
+            raise NeolmError(f"JSON schema keywords not supported for structured outputs: {sorted(unknown)}")
+        if "$ref" in schema:
+            ref = schema["$ref"]
+            if self.expanding.count(ref) >= MAX_DEPTH:  # a recursive schema, unrolled enough
+                return None
+            self.expanding.append(ref)
+            try:
+                return self.convert(self.resolve(ref), depth)
+            finally:
+                self.expanding.pop()
+        if "allOf" in schema:
+            parts = schema["allOf"]
+            if not isinstance(parts, list) or len(parts) != 1:
+                raise NeolmError("allOf is supported with one schema only")
+            return self.convert(parts[0], depth)
+        for key in ("anyOf", "oneOf"):
+            if key in schema:
+                return self.alternatives([self.convert(s, depth) for s in schema[key]])
+        if "const" in schema:
+            return literal(schema["const"])
+        if "enum" in schema:
+            return self.alternatives([literal(v) for v in schema["enum"]])
+        kind = schema.get("type")
+        if isinstance(kind, list):
+            return self.alternatives([self.convert({**schema, "type": k}, depth) for k in kind])
+        if kind is None:  # untyped: the type its keywords imply, else any value
+            kind = ("object" if {"properties", "additionalProperties"} & set(schema)
+                    else "array" if {"items", "prefixItems"} & set(schema) else None)  # fmt: skip
+            if kind is None:
+                return self.any_value(depth)
+        makers = {"string": self.string, "integer": self.integer, "number": self.number, "object": self.object,
+                  "array": self.array, "boolean": lambda s, d: "(?:true|false)", "null": lambda s, d: "null"}  # fmt: skip
+        if kind not in makers:
+            raise NeolmError(f"unknown JSON schema type {kind!r}")
+        return makers[kind](schema, depth)
+
+    def resolve(self, ref) -> dict:
+        for prefix in ("#/$defs/", "#/definitions/"):
+            if isinstance(ref, str) and ref.startswith(prefix):
+                found = self.root.get(prefix[2:-1], {}).get(ref[len(prefix) :])
+                if found is not None:
+                    return found
+        if ref == "#":
+            return self.root
+        raise NeolmError(f"$ref {ref!r} is not in the schema's $defs or definitions")
+
+    @staticmethod
+    def alternatives(parts: list[str | None]) -> str | None:
+        kept = list(dict.fromkeys(p for p in parts if p is not None))
+        return None if not kept else kept[0] if len(kept) == 1 else "(?:" + "|".join(kept) + ")"
+
+    def any_value(self, depth: int) -> str:
+        """Any JSON value, nested at most MAX_DEPTH - depth levels deep."""
+        scalars = [STRING, NUMBER, "true", "false", "null"]
+        if depth >= MAX_DEPTH:
+            return "(?:" + "|".join(scalars) + ")"
+        inner = self.any_value(depth + 1)
+        ws = self.ws
+        array = rf"\[{ws}(?:{inner}(?:{ws},{ws}{inner})*)?{ws}\]"
+        member = f"{STRING}{ws}:{ws}{inner}"
+        obj = rf"\{{{ws}(?:{member}(?:{ws},{ws}{member})*)?{ws}\}}"
+        return "(?:" + "|".join([*scalars, array, obj]) + ")"
+
+    @staticmethod
+    def _count(schema, low: str, high: str) -> tuple[int, int | None]:
+        lo, hi = schema.get(low, 0), schema.get(high)
+        if not isinstance(lo, int) or lo < 0 or (hi is not None and (not isinstance(hi, int) or hi < lo)):
+            raise NeolmError(f"{low} / {high} must be counts with {low} <= {high}, got {lo!r} / {hi!r}")
+        return lo, hi
+
+    def string(self, schema, depth: int) -> str:
+        if "pattern" in schema:
+            pattern = schema["pattern"]
+            if not isinstance(pattern, str):
+                raise NeolmError("a string's pattern must be a regex string")
+            return '"' + pattern.removeprefix("^").removesuffix("$") + '"'
+        if "format" in schema:
+            if schema["format"] not in FORMATS:
+                raise NeolmError(f"string format {schema['format']!r} is not supported for structured outputs "
+                                 f"(supported: {', '.join(FORMATS)})")  # fmt: skip
+            return f'"{FORMATS[schema["format"]]}"'
+        lo, hi = self._count(schema, "minLength", "maxLength")
+        if lo == 0 and hi is None:
+            return STRING
+        return f'"{STRING_CHAR}{{{lo},{"" if hi is None else hi}}}"'
+
+    def integer(self, schema, depth: int) -> str:
+        bounds = []  # (lowest allowed or None, highest allowed or None) from each keyword
+        for key, side in (("minimum", 0), ("exclusiveMinimum", 0), ("maximum", 1), ("exclusiveMaximum", 1)):
+            if key in schema:
+                x = schema[key]
+                if not isinstance(x, (int, float)) or isinstance(x, bool):
+                    raise NeolmError(f"{key} must be a number, got {x!r}")
+                whole = {"minimum": math.ceil(x), "exclusiveMinimum": math.floor(x) + 1, "maximum": math.floor(x),
+                         "exclusiveMaximum": math.ceil(x) - 1}[key]  # fmt: skip
+                bounds.append((whole, None) if side == 0 else (None, whole))
+        if not bounds:
+            return INTEGER
+        lows = [lo for lo, _ in bounds if lo is not None]
+        highs = [hi for _, hi in bounds if hi is not None]
+        return int_range(max(lows) if lows else None, min(highs) if highs else None)
+
+    def number(self, schema, depth: int) -> str:
+        bounds = {k: schema[k] for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum") if k in schema}
+        if not bounds:
+            return NUMBER
+        if set(bounds) == {"minimum"} and bounds["minimum"] == 0:
+            return NUMBER.removeprefix("-?")
+        raise NeolmError("a number's bounds are supported only as minimum 0 (bound integers, or leave them out)")
+
+    def array(self, schema, depth: int) -> str | None:
+        """prefixItems' schemas for the first items (each may be left out with all after it, down to minItems),
+        then items' for the rest."""
+        ws = self.ws
+        fixed = [self.convert(s, depth + 1) for s in schema.get("prefixItems", [])]
+        if None in fixed:  # items from there on cannot be written
+            fixed = fixed[: fixed.index(None)]
+        items = schema.get("items", True)
+        item = None if items is False else self.convert(items, depth + 1)
+        lo, hi = self._count(schema, "minItems", "maxItems")
+        sep = f"{ws},{ws}"
+        options = []
+        for k in range(len(fixed) + 1):  # k of the fixed items written
+            if hi is not None and k > hi:
+                break
+            if k < len(fixed):
+                if k >= lo:
+                    options.append(sep.join(fixed[:k]))
+                continue
+            if item is None:  # all fixed items, nothing after
+                if k >= lo:
+                    options.append(sep.join(fixed))
+                continue
+            more_lo, more_hi = max(lo - k, 0), (None if hi is None else hi - k)
+            if more_hi == 0:
+                options.append(sep.join(fixed))
+            elif k == 0:  # items alone: item{lo, hi}
+                body = f"{item}(?:{sep}{item}){{{max(more_lo - 1, 0)},{'' if more_hi is None else more_hi - 1}}}"
+                options.append(body if more_lo > 0 else f"(?:{body})?")
+            else:
+                options.append(sep.join(fixed) + f"(?:{sep}{item}){{{more_lo},{'' if more_hi is None else more_hi}}}")
+        if not options:
+            return None
+        return rf"\[{ws}(?:{'|'.join(options)}){ws}\]"
+
+    def object(self, schema, depth: int) -> str | None:
+        ws = self.ws
+        properties = schema.get("properties")
+        if not properties:  # a map: any keys, values of additionalProperties
+            extra = schema.get("additionalProperties", True)
+            if extra is False:
+                return rf"\{{{ws}\}}"
+            value = self.convert(extra, depth + 1)
+            if value is None:
+                return rf"\{{{ws}\}}"
+            member = f"{STRING}{ws}:{ws}{value}"
+            return rf"\{{{ws}(?:{member}(?:{ws},{ws}{member})*)?{ws}\}}"
+        required = set(schema.get("required", []))
+        missing = required - set(properties)
+        if missing:
+            raise NeolmError(f"required properties without a schema: {sorted(missing)}")
+        members = []  # (regex or None, required)
+        for name, sub in properties.items():
+            value = self.convert(sub, depth + 1)
+            if value is None and name in required:
+                return None
+            if value is not None:
+                members.append((f"{literal(name)}{ws}:{ws}{value}", name in required))
+        sep = f"{ws},{ws}"
+        # the first member written is member i: every one before it is optional and left out
+        options = []
+        for i, (first, _) in enumerate(members):
+            rest = "".join(f"{sep}{m}" if req else f"(?:{sep}{m})?" for m, req in members[i + 1 :])
+            options.append(first + rest)
+            if members[i][1]:
+                break
+        body = "|".join(options)
+        if all(not req for _, req in members):
+            return rf"\{{{ws}(?:{body})?{ws}\}}"
+        return rf"\{{{ws}(?:{body}){ws}\}}"
+
+
+def int_range(lo: int | None, hi: int | None) -> str:
+    """A regex of the integers lo..hi written as JSON (None: unbounded on that side)."""
+    if lo is not None and hi is not None and lo > hi:
+        raise NeolmError(f"no integer lies between minimum {lo} and maximum {hi}")
+    parts = []
+    if lo is None or lo < 0:  # negatives: -(|hi'|..|lo|)
+        neg_lo = 1 if hi is None or hi >= 0 else -hi
+        parts.append("-" + _positive(neg_lo, None if lo is None else -lo))
+    if hi is None or hi >= 0:
+        parts.append(_positive(max(lo or 0, 0), hi))
+    return "(?:" + "|".join(parts) + ")"
+
+
+def _positive(lo: int, hi: int | None) -> str:
+    """Non-negative integers lo..hi (hi None: unbounded), without leading zeros."""
+    if hi is None:  # lo..(10^n - 1) then any longer number
+        n = len(str(lo))
+        longer = f"[1-9][0-9]{{{n},}}"
+        return f"(?:{_span(lo, 10**n - 1)}|{longer})"
+    return _span(lo, hi)
+
+
+def _span(lo: int, hi: int) -> str:
+    """lo..hi, 0 <= lo <= hi, split into runs of equal length, each a digit-range regex."""
+    out = []
+    while lo <= hi:
+        top = min(hi, 10 ** len(str(lo)) - 1)  # same number of digits
+        out += _same_length(str(lo), str(top))
+        lo = top + 1
+    return "(?:" + "|".join(out) + ")"
+
+
+def _same_length(a: str, b: str) -> list[str]:
+    """Regexes of the numbers a..b, written with len(a) == len(b) digits."""
+    if a == b:
+        return [a]
+    if len(a) == 1:
+        return [f"[{a}-{b}]"]
+    if a[0] == b[0]:
+        return [a[0] + "(?:" + "|".join(_same_length(a[1:], b[1:])) + ")"]
+    out = []
+    n = len(a) - 1
+    if a[1:] != "0" * n:  # a's first digit with the rest from a up
+        out += [a[0] + "(?:" + "|".join(_same_length(a[1:], "9" * n)) + ")"]
+        first = int(a[0]) + 1
+    else:
+        first = int(a[0])
+    last = int(b[0]) - (1 if b[1:] != "9" * n else 0)
+    if first <= last:
+        out.append(f"[{first}-{last}][0-9]{{{n}}}")
+    if b[1:] != "9" * n:
+        out += [b[0] + "(?:" + "|".join(_same_length("0" * n, b[1:])) + ")"]
+    return out

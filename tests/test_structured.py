@@ -1,0 +1,320 @@
+"""Structured outputs (neolm.structured): the regex automata against Python's re, JSON Schema's regexes against
+jsonschema's verdicts, the allowed tokens against a brute-force check of every token, and generation (library,
+command line, server) that only ever produces text of the requested shape."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import jsonschema
+import pytest
+import regex as partial_re  # the `regex` module matches partially: whether a text can still become a match
+import torch
+from test_cli import assert_one_line_error, cli
+from test_serve import call
+
+import neolm
+from neolm.errors import NeolmError
+from neolm.structured import compile, compile_regex, spec_regex
+from neolm.structured.guide import Guide, Vocabulary
+from neolm.structured.schema import int_range, schema_regex
+from neolm.tokenizer import Tokenizer
+
+PATTERNS = [
+    r"a|b", r"(ab)*c?", r"[a-c]{2,4}x", r"\d+(\.\d+)?", r'[^"\\]*', r"é+ü?", r"(?:foo|bar){1,3}", r"\w+@\w+\.com",
+    r".{0,3}", r"[\u0100-\u07ff\u4e00-\u9fff]+", r"(a|ab)(c|bcd)(d*)", r"x{3}", r"[^a-z]+", r"-?(0|[1-9][0-9]*)",
+    r"\s*\S", "[😀-🙏]x", r"^(?P<word>[a-z]+)-{,2}$", r"[]a]+", r"[-a-c]", r"a{2,}?b", r"\x41\u00e9\t\.",
+]  # fmt: skip
+ALPHABET = list('abcdx.@-é ü"\\0123456789foobarç中文😀🙂\n\tĀ߿ࠀA]')
+
+
+def sample(dfa, rng: random.Random, max_len: int = 12) -> bytes | None:
+    """A random string the automaton accepts (a walk that stops at an accepting state), or None."""
+    state, out = 1, bytearray()
+    for _ in range(max_len * 4):
+        if dfa.accepting[state] and rng.random() < 0.3:
+            return bytes(out)
+        moves = [b for b in range(256) if dfa.step(state, b)]
+        if not moves:
+            break
+        b = rng.choice(moves)
+        out.append(b)
+        state = dfa.step(state, b)
+    return bytes(out) if dfa.accepting[state] else None
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_automaton_accepts_what_re_fullmatch_accepts(pattern):
+    dfa, expected = compile_regex(pattern), re.compile(pattern, re.ASCII)
+    rng = random.Random(pattern)
+    for _ in range(2000):  # random strings: mostly non-matches
+        text = "".join(rng.choice(ALPHABET) for _ in range(rng.randint(0, 6)))
+        assert dfa.fullmatch(text.encode()) == bool(expected.fullmatch(text)), text
+    walks = [s for s in (sample(dfa, rng) for _ in range(300)) if s is not None]
+    assert walks
+    for data in walks:  # the automaton's own strings: every one is valid UTF-8 and matches
+        assert expected.fullmatch(data.decode("utf-8")), data
+
+
+@pytest.mark.parametrize("pattern, needle", [
+    (r"(?=a)b", "look-arounds"), (r"(a)\1", "back-references"), (r"\bword", "word boundaries"), ("(a", "missing ')'"),
+    ("a)", "unbalanced"), ("*a", "nothing to repeat"), ("[a", "missing ']'"), ("a{3,1}", "minimum exceeds"),
+    (r"[z-a]", "comes before"), ("a^b", "'^'"), ("a++", "possessive"), ("a{0,100000}", "too large"), ("[^\\x00-\\U0010ffff]", "no string"),
+])  # fmt: skip
+def test_unsupported_or_bad_patterns_are_refused(pattern, needle):
+    with pytest.raises(NeolmError, match=re.escape(needle)):
+        compile_regex(pattern)
+
+
+def test_integer_ranges_match_exactly_the_integers_in_range():
+    for lo, hi in [(0, 0), (0, 9), (3, 117), (15, 42), (-5, 5), (-120, -7), (None, 10), (-3, None), (7, None),
+                   (99, 1001), (None, -10), (None, None)]:  # fmt: skip
+        pattern = re.compile(int_range(lo, hi))
+        for n in range(-1300, 1300):
+            assert bool(pattern.fullmatch(str(n))) == ((lo is None or n >= lo) and (hi is None or n <= hi)), (lo, hi, n)
+        assert not any(pattern.fullmatch(s) for s in ["01", "-0", "00", "+1", "1.0", ""]), (lo, hi)
+
+
+SCHEMAS = [
+    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 5},
+                                      "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+     "required": ["name", "age"]},
+    {"type": "object", "properties": {"a": {"type": "boolean"}, "b": {"type": "null"}, "c": {"enum": ["x", 3, None]}}},
+    {"type": "array", "items": {"type": "number", "minimum": 0}, "minItems": 1, "maxItems": 3},
+    {"type": "array", "prefixItems": [{"type": "string"}, {"type": "integer"}], "items": False},
+    {"type": "array", "prefixItems": [{"type": "string"}, {"type": "integer"}], "minItems": 1, "maxItems": 3},
+    {"anyOf": [{"type": "string", "format": "date"}, {"const": {"k": [1, 2]}}]},
+    {"$defs": {"node": {"type": "object", "properties": {"v": {"type": "integer"},
+                                                         "next": {"anyOf": [{"$ref": "#/$defs/node"}, {"type": "null"}]}},
+                        "required": ["v", "next"]}}, "$ref": "#/$defs/node"},
+    {"type": "object", "additionalProperties": {"type": "integer", "exclusiveMinimum": 2, "exclusiveMaximum": 12}},
+    {"type": ["string", "null"], "minLength": 2},
+]  # fmt: skip
+VALUES = [
+    {"name": "Ann", "age": 31}, {"name": "Annabel", "age": 31}, {"name": "Ann", "age": 151}, {"name": "Ann"},
+    {"age": 3, "name": "Bo"}, {"name": "Ann", "age": 31, "x": 1}, {}, {"a": True}, {"a": False, "c": 3},
+    {"b": None, "c": "x"}, {"a": True, "b": None, "c": None}, {"c": "y"}, [1.5], [0, 2, 3e5], [], [1, 2, 3, 4], [-1],
+    ["a", 2], ["a", 2, 3], ["a"], ["a", "b"], [3], "2024-02-29", "2024-13-01", {"k": [1, 2]}, {"k": [2, 1]},
+    {"v": 1, "next": {"v": 2, "next": None}}, {"v": 1, "next": {"v": 2}}, {"p": 3, "q": 11}, {"p": 12}, {"p": 2}, "ab",
+    "a", None, 7, "é\"\\\n", 1.25, True,
+]  # fmt: skip
+
+
+def strict(schema):
+    """The schema with additionalProperties false wherever it names properties (as the regexes write objects)."""
+    if isinstance(schema, list):
+        return [strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strict(v) for k, v in schema.items()}
+    if "properties" in schema:
+        out["properties"] = {k: strict(v) for k, v in schema["properties"].items()}
+        out.setdefault("additionalProperties", False)
+    return out
+
+
+@pytest.mark.parametrize("index", range(len(SCHEMAS)))
+def test_schema_regexes_match_the_json_that_satisfies_the_schema(index):
+    """Compact JSON of each value (keys in the schema's order, as the regex writes them) matches the schema's regex
+    exactly when jsonschema finds the value valid under the schema made strict (no keys it does not name)."""
+    schema = SCHEMAS[index]
+    pattern = re.compile(schema_regex(schema, whitespace=""))
+    order = list(schema.get("properties", {}))
+    validator = jsonschema.Draft202012Validator(
+        strict(schema), format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
+    )
+    for value in VALUES:
+        if isinstance(value, dict) and order and set(value) <= set(order):
+            value = {k: value[k] for k in order if k in value}
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+        valid = validator.is_valid(value)
+        assert bool(pattern.fullmatch(text)) == valid, (schema, text)
+
+
+@pytest.mark.parametrize("schema, needle", [
+    ({"type": "string", "format": "email"}, "format 'email'"), ({"type": "number", "maximum": 3}, "number's bounds"),
+    ({"type": "object", "patternProperties": {}}, "patternProperties"), ({"allOf": [{}, {}]}, "allOf"),
+    ({"$ref": "#/$defs/missing"}, "$ref"), ({"type": "integer", "minimum": 5, "maximum": 1}, "no integer"),
+    ("{not json", "not valid JSON"), ({"type": "tuple"}, "unknown JSON schema type"), (False, "admits no value"),
+])  # fmt: skip
+def test_schemas_that_cannot_be_honoured_are_refused(schema, needle):
+    with pytest.raises(NeolmError, match=re.escape(needle)):
+        schema_regex(schema)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gpt-neox-20b"])
+def test_allowed_tokens_are_those_that_keep_a_match_possible(name):
+    """Every token against a brute-force partial match of the text so far plus the token (the `regex` module's
+    partial=True); tokens that end inside a UTF-8 character are checked by walking their bytes one at a time."""
+    tokenizer = Tokenizer.builtin(name)
+    vocabulary = Vocabulary.of(tokenizer)
+    pattern = r'\{"name": ?"[^"\\]{0,8}", ?"n": ?-?(?:0|[1-9][0-9]{0,2})\}'
+    guide = Guide(compile_regex(pattern), vocabulary, "test")
+    special = tokenizer.special_ids()
+    for prefix in ["", '{"na', '{"name": "Jo', '{"name": "abcdefgh', '{"name":"x", "n": -', '{"name":"x","n":12']:
+        state = guide.dfa.walk(1, prefix.encode())
+        assert state, prefix
+        allowed = guide.allowed(state)
+        for token in range(tokenizer.vocab_size):
+            data = tokenizer.token_bytes(token)
+            if token in special or not data:
+                assert not allowed[token]
+                continue
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError:  # part of a character: the bytes' own walk
+                expected = guide.dfa.walk(state, data) != 0
+            else:
+                expected = bool(partial_re.fullmatch(pattern, prefix + text, partial=True))
+            assert bool(allowed[token]) == expected, (prefix, token, data)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return neolm.load()
+
+
+def test_generated_json_satisfies_its_schema(lm):
+    schema = {"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "tags": {"type": "array", "items": {"enum": ["king", "queen", "fool"]}, "maxItems": 2},
+        "alive": {"type": "boolean"}}, "required": ["name", "age", "tags"]}  # fmt: skip
+    texts = lm.generate(["KING. Who is he?\n"] * 4, structured_outputs={"json": schema}, do_sample=True, seed=0,
+                        max_new_tokens=120)  # fmt: skip
+    texts.append(lm.generate("KING.", structured_outputs={"json": schema}, do_sample=False, max_new_tokens=120))
+    for text in texts:
+        jsonschema.validate(json.loads(text), schema)
+
+
+def test_every_generation_mode_keeps_to_the_structure(lm):
+    spec = {"regex": r"(?:the|a) (?:king|queen|lord) (?:is|was) (?:dead|here|gone)\."}
+    pattern = re.compile(spec["regex"])
+    prompt = "KING. Say it: the king is dead.\nQUEEN. "
+    modes = [{"do_sample": False}, {"do_sample": True, "seed": 4, "num_return_sequences": 3}, {"num_beams": 3},
+             {"num_beams": 3, "num_return_sequences": 2}, {"penalty_alpha": 0.6, "top_k": 4}, {"prompt_lookup_num_tokens": 3},
+             {"guidance_scale": 1.5, "do_sample": False}]  # fmt: skip
+    for kwargs in modes:
+        out = lm.generate(prompt, structured_outputs=spec, max_new_tokens=30, repetition_penalty=1.0, **kwargs)
+        for text in out if isinstance(out, list) else [out]:
+            assert pattern.fullmatch(text), (kwargs, text)
+    streamed = "".join(lm.stream(prompt, structured_outputs=spec, do_sample=False, repetition_penalty=1.0))
+    assert streamed == lm.generate(prompt, structured_outputs=spec, do_sample=False, repetition_penalty=1.0)
+    batch = lm.generate(["KING. ", "QUEEN. Who?\n", "A"], structured_outputs=spec, do_sample=False)
+    assert batch == [lm.generate(p, structured_outputs=spec, do_sample=False) for p in ["KING. ", "QUEEN. Who?\n", "A"]]
+    assert all(pattern.fullmatch(t) for t in batch)
+
+
+def test_greedy_picks_the_likeliest_allowed_token_each_step(lm):
+    """Greedy text under a constraint is, token by token, the argmax of the model's logits over the allowed tokens."""
+    spec = {"choice": ["my lord", "my liege", "no, sir", "no"]}
+    guide = compile(spec, lm.tokenizer)
+    ids = lm.encode("KING. Who calls?\nHAMLET.")
+    out = lm.generate_ids([ids], structured_outputs=spec, do_sample=False, repetition_penalty=1.0)[0]
+    state, seq = 1, list(ids)
+    for token in out:
+        with torch.no_grad():
+            logits = lm.model(torch.tensor([seq]))[0, -1].float()
+        allowed = guide.allowed(state).clone()
+        if guide.accepting(state):
+            allowed[lm.config.eos_token_id] = True
+        assert token == int(logits.masked_fill(~allowed, -float("inf")).argmax())
+        if token == lm.config.eos_token_id:
+            break
+        state, seq = guide.advance(state, token), seq + [token]
+    assert out[-1] == lm.config.eos_token_id and lm.decode(out[:-1]) in spec["choice"]
+
+
+def test_bad_specs_and_combinations_are_refused(lm):
+    with pytest.raises(NeolmError, match="exactly one of"):
+        lm.generate("A", structured_outputs={"regex": "a", "choice": ["b"]})
+    with pytest.raises(NeolmError, match="grammar"):
+        lm.generate("A", structured_outputs={"grammar": "root ::= 'a'"})
+    with pytest.raises(NeolmError, match="DoLa"):
+        lm.generate("A", structured_outputs={"choice": ["a"]}, dola_layers="high")
+    with pytest.raises(NeolmError, match="token_healing"):
+        lm.generate("A", structured_outputs={"choice": ["a"]}, token_healing=True)
+    with pytest.raises(NeolmError, match="compiled against the tokenizer"):
+        neolm.generate.generate(lm.model, [[1, 2]], neolm.GenerationConfig(structured_outputs={"choice": ["a"]}))
+    with pytest.raises(NeolmError, match="unknown structured_outputs keys"):
+        lm.generate("A", structured_outputs={"regexp": "a"})
+
+
+def test_a_spec_compiles_once_and_a_guide_finds_each_state_once(lm):
+    spec = {"json": {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}
+    guide = compile(spec, lm.tokenizer)
+    assert compile(json.loads(json.dumps(spec)), lm.tokenizer) is guide
+    assert spec_regex(spec)[0] == schema_regex(spec["json"])
+    assert guide.allowed(1) is guide.allowed(1)
+
+
+def test_command_line_structured_outputs(capsys, tmp_path, lm):
+    code, out, err = cli(capsys, "generate", "KING.", "--choice", "yes", "--choice", "no", "--no-echo")
+    assert code == 0 and out.strip() in ("yes", "no"), err
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    code, out, err = cli(capsys, "generate", "KING.", "--json-schema", tmp_path / "s.json", "--no-echo",
+                         "--max-new-tokens", "30")  # fmt: skip
+    assert code == 0, err
+    jsonschema.validate(json.loads(out), schema)
+    code, out, err = cli(capsys, "generate", "KING.", "--regex", "[0-9]{3}", "--no-echo")
+    assert code == 0 and re.fullmatch("[0-9]{3}", out.strip()), out
+    assert_one_line_error(*cli(capsys, "generate", "KING.", "--regex", "(a")[::2], "missing ')'")
+    assert_one_line_error(*cli(capsys, "generate", "KING.", "--json-schema", tmp_path / "none.json")[::2], "none.json")
+    assert_one_line_error(*cli(capsys, "generate", "KING.", "--regex", "a", "--choice", "b")[::2], "not allowed")
+
+
+@pytest.fixture(scope="module")
+def server(lm):
+    from neolm.serve.http import Server
+
+    server = Server(lm, port=0, model_name="m", max_batch=8)
+    server.start()
+    yield server
+    server.close()
+
+
+def test_server_honours_response_format_and_vllm_guided_fields(server):
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 12}, "sure": {"type": "boolean"}},
+              "required": ["answer", "sure"]}  # fmt: skip
+    chat = {"model": "m", "messages": [{"role": "user", "content": "Who is king?"}], "max_tokens": 60, "seed": 1}
+    status, body = call(server, "/v1/chat/completions",
+                        chat | {"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}})  # fmt: skip
+    assert status == 200, body
+    jsonschema.validate(json.loads(body["choices"][0]["message"]["content"]), schema)
+    status, body = call(
+        server, "/v1/chat/completions", chat | {"response_format": {"type": "json_object"}, "temperature": 0}
+    )
+    assert status == 200 and body["choices"][0]["finish_reason"] == "stop", body
+    assert isinstance(json.loads(body["choices"][0]["message"]["content"]), dict), body
+    completion = {"model": "m", "prompt": "KING. Yes or no?\n", "max_tokens": 10}
+    status, body = call(server, "/v1/completions", completion | {"guided_choice": ["yes", "no"], "n": 3})
+    assert status == 200 and {c["text"] for c in body["choices"]} <= {"yes", "no"}, body
+    assert all(c["finish_reason"] == "stop" for c in body["choices"])
+    status, body = call(
+        server, "/v1/completions", completion | {"structured_outputs": {"regex": "[A-Z]{3}"}, "stream": True}
+    )
+    assert status == 200 and re.fullmatch("[A-Z]{3}", "".join(e["choices"][0]["text"] for e in _events(body))), body
+    status, body = call(
+        server, "/v1/completions", completion | {"guided_regex": "[a-z]+!", "guided_decoding_backend": "x"}
+    )
+    assert status == 200 and re.fullmatch("[a-z]+!", body["choices"][0]["text"]), body
+
+
+def _events(text: str) -> list:
+    return [json.loads(line.removeprefix("data: ")) for line in text.split("\n\n") if line and "[DONE]" not in line]
+
+
+@pytest.mark.parametrize("fields, param, needle", [
+    ({"guided_grammar": "root ::= 'a'"}, "guided_grammar", "grammar"),
+    ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice", "one structured output"),
+    ({"response_format": {"type": "json_schema"}}, "response_format", "json_schema.schema"),
+    ({"response_format": {"type": "xml"}}, "response_format", "text, json_object or json_schema"),
+    ({"guided_regex": "(a"}, None, "missing ')'"),
+    ({"guided_json": {"type": "string", "format": "email"}}, None, "format 'email'"),
+    ({"structured_outputs": {"choice": []}}, "structured_outputs", "non-empty list"),
+])  # fmt: skip
+def test_server_refuses_structured_outputs_it_cannot_honour(server, fields, param, needle):
+    status, body = call(server, "/v1/completions", {"model": "m", "prompt": "A", "max_tokens": 4} | fields)
+    assert status == 400 and needle in body["error"]["message"] and body["error"]["param"] == param, body
