@@ -8,18 +8,18 @@ same checkpoint, in one run.
 
 Greedy decoding of a 32-token prompt, every row made to produce all its new tokens (free rows ban eos; the schemas
 cannot be completed in that many tokens), decode tokens/s over tokens 2..n as in bench.py. Schemas: "string", one
-long string field (most steps inside the string: one automaton state); "records", an array of small objects
-(names of at most 8 characters, integers 0..120, booleans: the automaton moves through ~100 states). neolm's
-"cold" row is the first generation with a schema in the process (the automaton is compiled and each state's
-allowed tokens found as it is reached); "warm" repeats it. Each figure: the median over rounds [min-max], every
-row once per round.
+string field of at least 1,000 characters (each count of characters is its own automaton state, so every token
+reaches a new one); "records", an array of at least 50 small objects (names of at most 8 characters, integers
+0..120, booleans; the 50 items unroll into 13,634 states). neolm's "cold" row is the first generation with a schema
+in a fresh process: the schema is compiled before it (its own column) and each state's allowed tokens are found as
+the state is reached; "warm" repeats the generation. Each figure: the median over rounds [min-max], every row once
+per round, neolm's rows in a fresh process each round.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -28,6 +28,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from machine import describe
 
 SCHEMAS = {
     "string": {"type": "object", "properties": {"text": {"type": "string", "minLength": 1000}}, "required": ["text"]},
@@ -131,14 +134,24 @@ def main() -> None:
         results.append(round_)
         print(f"round {r + 1}:", {k: round(v["tok_s"], 1) for k, v in round_.items()}, flush=True)
     rows = list(results[0])
+    machine = describe()
+    llama_version = "not run"
+    if args.gguf:
+        llama_version = subprocess.run([args.llama_python, "-c", "import llama_cpp; print(llama_cpp.__version__)"],
+                                       capture_output=True, text=True, check=False).stdout.strip()  # fmt: skip
     lines = [
         f"`python bench/structured.py {' '.join(sys.argv[1:])}`",
         "",
-        (f"{platform.processor() or platform.machine()}, {args.threads} threads, {args.rounds} rounds, "
-        f"{args.new_tokens} new tokens, greedy; model {args.model}"),
+        (
+            f"{machine['cpu']} ({machine['cpu_id']}; {machine['simd']}), {args.threads} threads, torch "
+            f"{machine.get('torch')}, neolm at {machine['neolm_commit']}, llama-cpp-python {llama_version}; "
+            f"{args.rounds} rounds, {args.new_tokens} new tokens, greedy; model {args.model}"
+        ),
         "",
-        ("| row | decode tok/s | vs its engine's free decoding | first token s | schema compile s | states found / "
-        "automaton states |"),
+        (
+            "| row | decode tok/s | vs its engine's free decoding | first token s | schema compile s | states found / "
+            "automaton states |"
+        ),
         "|---|---|---|---|---|---|",
     ]
     for row in rows:

@@ -318,3 +318,12 @@ def _events(text: str) -> list:
 def test_server_refuses_structured_outputs_it_cannot_honour(server, fields, param, needle):
     status, body = call(server, "/v1/completions", {"model": "m", "prompt": "A", "max_tokens": 4} | fields)
     assert status == 400 and needle in body["error"]["message"] and body["error"]["param"] == param, body
+
+
+def test_structured_outputs_need_an_eos_token(lm, server):
+    with pytest.raises(NeolmError, match="need an eos token"):
+        lm.generate("A", structured_outputs={"choice": ["a"]}, eos_token_id=[])
+    status, body = call(
+        server, "/v1/completions", {"model": "m", "prompt": "A", "guided_choice": ["a"], "ignore_eos": True}
+    )
+    assert status == 400 and "eos" in body["error"]["message"], body

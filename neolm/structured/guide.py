@@ -111,6 +111,22 @@ class Follower:
         self.guide, self.vocab, self.device = guide, vocab, device
         self.eos = torch.tensor(eos_ids, dtype=torch.long)
         self._rows: dict[int, tuple[Sequence[int], int, int]] = {}  # id(history) -> (history, tokens read, state)
+        self._masks: dict[int, torch.Tensor] = {}  # state -> (vocab,) bool: its allowed tokens, eos included
+
+    def mask(self, state: int) -> torch.Tensor:
+        """(vocab,) bool: what a row in `state` may generate next, eos included where the match may end."""
+        mask = self._masks.get(state)
+        if mask is None:
+            size = self.guide.vocabulary.size
+            allowed = self.guide.allowed(state) if state else torch.zeros(size, dtype=torch.bool)
+            mask = torch.zeros(self.vocab, dtype=torch.bool)
+            mask[: min(size, self.vocab)] = allowed[: self.vocab]
+            if not state or self.guide.accepting(state):
+                mask[self.eos] = True
+            if len(self._masks) >= MASKS_KEPT:
+                self._masks.clear()
+            self._masks[state] = mask
+        return mask
 
     def state(self, history: Sequence[int], new: int) -> int:
         """The row's state after its `new` last tokens."""
@@ -129,14 +145,7 @@ class Follower:
         for history, n in zip(tokens, new.tolist()):
             state = self.state(history, n)
             rows[id(history)] = (history, len(history), state)
-            mask = self.guide.allowed(state) if state else torch.zeros(self.guide.vocabulary.size, dtype=torch.bool)
-            mask = mask[: self.vocab]
-            if len(mask) < self.vocab:
-                mask = torch.cat((mask, mask.new_zeros(self.vocab - len(mask))))
-            if not state or self.guide.accepting(state):
-                mask = mask.clone()
-                mask[self.eos] = True
-            masks.append(mask)
+            masks.append(self.mask(state))
         self._rows = rows  # only the rows of this call: finished ones leave
         allowed = torch.stack(masks).to(scores.device)
         scores = scores.masked_fill(~allowed, -float("inf"))
