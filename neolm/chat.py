@@ -26,15 +26,17 @@ from neolm.errors import NeolmError
 
 log = logging.getLogger(__name__)
 
-ROLES = ("system", "developer", "user", "assistant")
-"""The message roles a conversation may hold ("developer" is OpenAI's newer name for "system")."""
+ROLES = ("system", "developer", "user", "assistant", "tool")
+"""The message roles a conversation may hold ("developer" is OpenAI's newer name for "system"; "tool": a function's
+result, answering an assistant message's tool_calls)."""
 TEMPLATE_FILE = "chat_template.jinja"
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
 def check_messages(messages) -> list[dict]:
     """The conversation as plain {"role", "content"} dicts with string content (OpenAI's text content parts
-    are joined); NeolmError naming the first bad message."""
+    are joined), an assistant's tool_calls and a tool's tool_call_id and name kept for templates; NeolmError naming
+    the first bad message."""
     if not isinstance(messages, list) or not messages:
         raise NeolmError("'messages' must be a non-empty list of {role, content}")
     plain = []
@@ -43,6 +45,11 @@ def check_messages(messages) -> list[dict]:
         if role not in ROLES:
             raise NeolmError(f"messages[{i}]: role must be one of {', '.join(ROLES)}, got {role!r}")
         content = message.get("content")
+        calls = message.get("tool_calls") if role == "assistant" else None
+        if calls is not None and not (isinstance(calls, list) and all(isinstance(c, dict) for c in calls)):
+            raise NeolmError(f"messages[{i}]: tool_calls must be a list of calls")
+        if content is None and calls:
+            content = ""
         if isinstance(content, list):  # content parts: text only
             if not all(
                 isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
@@ -51,7 +58,8 @@ def check_messages(messages) -> list[dict]:
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise NeolmError(f"messages[{i}]: content must be a string, got {content!r}"[:300])
-        plain.append({"role": role, "content": content})
+        extra = {k: message[k] for k in ("tool_calls", "tool_call_id", "name") if message.get(k) is not None}
+        plain.append({"role": role, "content": content} | extra)
     return plain
 
 
@@ -98,14 +106,20 @@ class Transcript(ChatFormat):
     source = None  # no template text
     stop = ("\nUser:",)  # where a base model starts writing the user's next line
     lstrip_reply = True  # the reply comes after "Assistant:" and a space, which is not part of it
-    SPEAKERS: ClassVar[dict] = {"system": None, "developer": None, "user": "User", "assistant": "Assistant"}
+    SPEAKERS: ClassVar[dict] = {"system": None, "developer": None, "user": "User", "assistant": "Assistant",
+                                "tool": "Tool"}  # fmt: skip
 
     def _render(self, messages: list[dict], add_generation_prompt: bool, kwargs: dict) -> str:
         """The transcript of `messages`, ending with "Assistant:" when add_generation_prompt (keyword arguments
-        are for templates and are ignored here)."""
+        are for templates and are ignored here, tools too); an assistant's tool calls are written as the JSON of
+        their function parts."""
         lines = []
         for message in messages:
-            speaker, content = self.SPEAKERS[message["role"]], message["content"].strip()
+            content = message["content"].strip()
+            if message.get("tool_calls"):
+                calls = json.dumps([c.get("function", c) for c in message["tool_calls"]], ensure_ascii=False)
+                content = f"{content} {calls}".strip()
+            speaker = self.SPEAKERS[message["role"]]
             lines.append(f"{content}\n" if speaker is None else f"{speaker}: {content}\n")
         return "".join(lines) + ("Assistant:" if add_generation_prompt else "")
 
@@ -138,8 +152,8 @@ class Template(ChatFormat):
 
         context = self.special_tokens | kwargs
         try:
-            return self._template.render(messages=messages, tools=None, documents=None,
-                                         add_generation_prompt=add_generation_prompt, **context)  # fmt: skip
+            return self._template.render(**({"tools": None, "documents": None} | context), messages=messages,
+                                         add_generation_prompt=add_generation_prompt)  # fmt: skip
         except jinja2.TemplateError as e:  # raise_exception, undefined attributes, sandbox violations
             raise NeolmError(f"the {self.name} refused the conversation: {e}") from None
 

@@ -327,3 +327,85 @@ def test_structured_outputs_need_an_eos_token(lm, server):
         server, "/v1/completions", {"model": "m", "prompt": "A", "guided_choice": ["a"], "ignore_eos": True}
     )
     assert status == 400 and "eos" in body["error"]["message"], body
+
+
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["c", "f"]}},
+        "required": ["city", "unit"]}}},
+    {"type": "function", "function": {"name": "time", "parameters": {
+        "type": "object", "properties": {"zone": {"type": "string", "maxLength": 6}}, "required": ["zone"]}}},
+]  # fmt: skip
+SCHEMA_OF = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+TOOL_CHAT = {"model": "m", "messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": TOOLS,
+             "max_tokens": 80, "temperature": 0}  # fmt: skip
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+def test_named_tool_choice_answers_one_call_of_that_function(server):
+    status, body = call(server, "/v1/chat/completions", TOOL_CHAT | {"tool_choice": NAMED})
+    assert status == 200, body
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "stop" and choice["message"]["content"] is None
+    (tool_call,) = choice["message"]["tool_calls"]
+    assert tool_call["type"] == "function" and tool_call["id"].startswith("chatcmpl-tool-")
+    assert tool_call["function"]["name"] == "get_weather"
+    jsonschema.validate(json.loads(tool_call["function"]["arguments"]), SCHEMA_OF["get_weather"])
+    status, text = call(server, "/v1/chat/completions", TOOL_CHAT | {"tool_choice": NAMED, "stream": True})
+    chunks = [e["choices"][0]["delta"] for e in _events(text)]
+    assert chunks[0]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": ""}
+    streamed = "".join(d["tool_calls"][0]["function"]["arguments"] for d in chunks[1:] if d)
+    assert streamed == tool_call["function"]["arguments"]
+
+
+def test_required_tool_choice_answers_calls_of_the_tools(server):
+    status, body = call(
+        server, "/v1/chat/completions", TOOL_CHAT | {"tool_choice": "required", "parallel_tool_calls": False}
+    )
+    assert status == 200, body
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None, body
+    (tool_call,) = choice["message"]["tool_calls"]
+    name = tool_call["function"]["name"]
+    jsonschema.validate(json.loads(tool_call["function"]["arguments"]), SCHEMA_OF[name])
+
+
+def test_openai_client_reads_tool_calls(server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="none")
+    reply = client.chat.completions.create(model="m", messages=TOOL_CHAT["messages"], tools=TOOLS, tool_choice=NAMED,
+                                           max_tokens=80, temperature=0)  # fmt: skip
+    arguments = json.loads(reply.choices[0].message.tool_calls[0].function.arguments)
+    jsonschema.validate(arguments, SCHEMA_OF["get_weather"])
+
+
+def test_a_conversation_with_tool_calls_and_results_is_rendered(server):
+    from neolm.chat import Template, Transcript
+
+    messages = TOOL_CHAT["messages"] + [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'}}]},
+        {"role": "tool", "tool_call_id": "1", "content": "12 C"},
+    ]  # fmt: skip
+    status, body = call(server, "/v1/chat/completions", {"model": "m", "messages": messages, "max_tokens": 5})
+    assert status == 200, body
+    text = Transcript().render(messages)
+    assert 'Assistant: [{"name": "get_weather", "arguments": "{\\"city\\": \\"Paris\\", \\"unit\\": \\"c\\"}"}]' in text
+    assert text.endswith("Tool: 12 C\nAssistant:")
+    template = Template("{% for t in tools %}{{ t.function.name }};{% endfor %}{% for m in messages %}{{ m.role }}="
+                        "{{ m.tool_call_id or '' }}{{ m.content }}|{% endfor %}")  # fmt: skip
+    assert template.render(messages, tools=TOOLS) == ("get_weather;time;user=Weather in Paris?|assistant=|tool=112 C|")
+
+
+@pytest.mark.parametrize("fields, param, needle", [
+    ({}, "tool_choice", '"auto"'), ({"tool_choice": "auto"}, "tool_choice", "enable-auto-tool-choice"),
+    ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", "not among the tools"),
+    ({"tool_choice": "required", "stream": True}, "stream", "not streamed"),
+    ({"tool_choice": NAMED, "response_format": {"type": "json_object"}}, "tool_choice", "leave out response_format"),
+    ({"tools": [{"type": "function"}], "tool_choice": "none"}, "tools", "tools[0]"),
+    ({"tools": None, "tool_choice": "required"}, "tool_choice", "needs 'tools'"),
+    ({"tool_choice": "sometimes"}, "tool_choice", "must be"),
+])  # fmt: skip
+def test_tool_requests_neolm_cannot_answer_are_refused(server, fields, param, needle):
+    status, body = call(server, "/v1/chat/completions", TOOL_CHAT | fields)
+    assert status == 400 and needle in body["error"]["message"] and body["error"]["param"] == param, body

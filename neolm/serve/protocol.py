@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 
 from neolm.errors import NeolmError
 from neolm.generate import GenerationConfig
+from neolm.serve import tools
+from neolm.serve.errors import ApiError
 from neolm.structured import check_spec
 from neolm.tokenizer import StreamDecoder
 
@@ -60,17 +62,6 @@ FIELDS = {
 }  # fmt: skip
 
 
-class ApiError(Exception):
-    """An error answered as OpenAI does: HTTP status and {"error": {message, type, param, code}}."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}}
-
-
 @dataclass
 class Request:
     """A request in neolm's terms: prompts as token ids, generation arguments, and how to answer."""
@@ -86,6 +77,7 @@ class Request:
     n: int = 1  # choices per prompt in the answer: the best n of gc.num_return_sequences (best_of) when more
     logprobs: int | None = None  # alternatives per token when log-probabilities are asked for
     prompt_logprobs: bool = False  # and of the prompt's tokens too (completions with echo)
+    tool_choice: tools.ToolChoice | None = None  # chat: the reply is answered as tool calls (serve/tools.py)
     id: str = ""
     created: int = 0
 
@@ -114,10 +106,8 @@ def _refuse(body: dict, kind: str) -> None:
         raise ApiError(400, f"unrecognized request argument(s): {', '.join(unknown)}", unknown[0])
     unsupported = {
         "suffix": "not supported (no insertion)",
-        "tools": "tools are not supported",
-        "tool_choice": "tools are not supported",
-        "functions": "functions are not supported",
-        "function_call": "functions are not supported",
+        "functions": "functions (deprecated) are not supported: use tools",
+        "function_call": "functions (deprecated) are not supported: use tools and tool_choice",
     }
     for name, why in unsupported.items():
         if body.get(name) not in (None, False, 0, 0.0, {}, [], "none"):
@@ -300,7 +290,7 @@ def _prompts(body: dict, encode) -> tuple[list[list[int]], list[str] | None]:
     return [encode(t) for t in texts], texts
 
 
-def _chat_text(body: dict, lm) -> str:
+def _chat_text(body: dict, lm, functions: list[dict] | None) -> str:
     """The conversation in the model's chat format (its template, else the plain transcript): answered (vLLM's
     add_generation_prompt, default true), or continued (continue_final_message, which turns the default off)."""
     kwargs = _field(body, "chat_template_kwargs", (dict,), {})
@@ -310,7 +300,8 @@ def _chat_text(body: dict, lm) -> str:
         raise ApiError(400, "'continue_final_message' and 'add_generation_prompt' cannot both be true",
                        "continue_final_message")  # fmt: skip
     try:
-        return lm.chat_format.render(body.get("messages"), add, go_on, **kwargs)
+        return lm.chat_format.render(body.get("messages"), add, go_on, **(kwargs | ({"tools": functions} if functions
+                                                                                   else {})))  # fmt: skip
     except NeolmError as e:
         raise ApiError(400, str(e), "messages") from None
 
@@ -325,8 +316,13 @@ def parse(kind: str, body, lm) -> Request:
     request = Request(kind, [], None, stream, include_usage, stop=stops, id=f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-"
                       f"{uuid.uuid4().hex}", created=int(time.time()))  # fmt: skip
     context = lm.config.n_positions
+    structured = {}
     if kind == "chat":
-        prompt = lm.encode(_chat_text(body, lm))
+        functions, request.tool_choice, structured = tools.parse(body)
+        if request.tool_choice is not None and request.tool_choice.name is None and stream:
+            raise ApiError(400, 'tool_choice "required" is not streamed (its calls are known once the reply is '
+                           'whole); a named function is', "stream")  # fmt: skip
+        prompt = lm.encode(_chat_text(body, lm, functions))
         max_tokens = _max_tokens(body, "max_completion_tokens", _max_tokens(body, "max_tokens", None))
         if max_tokens is None:
             max_tokens = max(context - len(prompt), 0)  # to the end of the context, as OpenAI's default
@@ -356,7 +352,11 @@ def parse(kind: str, body, lm) -> Request:
         request.prompts = [p[-keep:] for p in request.prompts]
         if request.echo:
             request.echo = [lm.decode(p) for p in request.prompts]
-    generation = _sampling(body, max_tokens, lm.generation_defaults) | _vllm_extras(body, lm) | _structured(body)
+    asked = _structured(body)
+    if asked and structured:
+        raise ApiError(400, "tool_choice already holds the reply to a schema: leave out response_format and the "
+                       "structured output fields", "tool_choice")  # fmt: skip
+    generation = _sampling(body, max_tokens, lm.generation_defaults) | _vllm_extras(body, lm) | (asked or structured)
     request.n = body.get("n") or 1
     generation["stop_strings"] = request.stop or None
     if _field(body, "include_stop_str_in_output", (bool,), False):  # end at them, but keep them in the text
@@ -482,8 +482,8 @@ def response(request: Request, model: str, texts: list[str], reasons: list[str],
     """The whole (non-streamed) answer."""
     rows = zip(texts, reasons, choice_logprobs)
     if request.kind == "chat":
-        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp,
-                    "finish_reason": reason} for i, (text, reason, lp) in enumerate(rows)]  # fmt: skip
+        choices = [{"index": i, "message": _message(request, text, reason), "logprobs": lp,
+                    "finish_reason": _reason(request, text, reason)} for i, (text, reason, lp) in enumerate(rows)]  # fmt: skip
         kind = "chat.completion"
     else:
         choices = [{"index": i, "text": text, "logprobs": lp, "finish_reason": reason}
@@ -493,10 +493,34 @@ def response(request: Request, model: str, texts: list[str], reasons: list[str],
             "usage": usage(request, completion_tokens, cached)}  # fmt: skip
 
 
+def _message(request: Request, text: str, reason: str) -> dict:
+    """A chat choice's message: its text, or its tool calls (serve/tools.py)."""
+    calls = None if request.tool_choice is None else request.tool_choice.calls(text)
+    if calls is None:
+        return {"role": "assistant", "content": text}
+    return {"role": "assistant", "content": None, "tool_calls": calls}
+
+
+def _reason(request: Request, text: str, reason: str) -> str:
+    """finish_reason: "tool_calls" for the whole reply of tool_choice "required" (a named call's stays "stop")."""
+    choice = request.tool_choice
+    if choice is not None and choice.name is None and reason == "stop" and choice.calls(text) is not None:
+        return "tool_calls"
+    return reason
+
+
 def chunk(request: Request, model: str, index: int, text: str | None, reason: str | None = None,
           choice_logprobs: dict | None = None) -> dict:  # fmt: skip
-    """One streamed event: text for choice `index` (chat: None opens the choice with its role), or its end."""
-    if request.kind == "chat":
+    """One streamed event: text for choice `index` (chat: None opens the choice with its role), or its end. A named
+    tool call streams as tool_calls deltas: its id and name first, then its arguments' text."""
+    if request.kind == "chat" and request.tool_choice is not None:
+        if text is None:
+            delta = {"role": "assistant", "content": None, "tool_calls": request.tool_choice.open()}
+        else:
+            delta = {"tool_calls": [{"index": 0, "function": {"arguments": text}}]} if text else {}
+        choice = {"index": index, "delta": delta, "logprobs": choice_logprobs, "finish_reason": reason}
+        kind = "chat.completion.chunk"
+    elif request.kind == "chat":
         delta = {"role": "assistant", "content": ""} if text is None else ({"content": text} if text else {})
         choice = {"index": index, "delta": delta, "logprobs": choice_logprobs, "finish_reason": reason}
         kind = "chat.completion.chunk"
