@@ -12,8 +12,9 @@ bias, added to the logits before any other processing). vLLM's extra sampling fi
 `bad_words` (strings never generated, alone or after a space) and `truncate_prompt_tokens` (keep the prompt's last
 k). Structured outputs (neolm.structured): OpenAI's `response_format` ({"type": "json_object"}, or "json_schema" with
 `json_schema.schema`), vLLM's `structured_outputs` ({"json" | "regex" | "choice": ...}) and its older `guided_json`,
-`guided_regex`, `guided_choice` with `guided_whitespace_pattern`; grammars are refused. Fields neolm cannot honour
-(tools, suffix, ...) are refused with a 400 that says so rather than ignored; unknown fields likewise.
+`guided_regex`, `guided_choice` with `guided_whitespace_pattern`; grammars are refused. Chat's `tools` and
+`tool_choice`: serve/tools.py. Fields neolm cannot honour (suffix, the deprecated functions, ...) are refused with a
+400 that says so rather than ignored; unknown fields likewise.
 
 Log-probabilities: completions' `logprobs` (k, at most 20) gives each token's log-probability, its text
 offset and the k most likely tokens plus the chosen one (as vLLM); with `echo`, the prompt's tokens too, the
