@@ -165,7 +165,7 @@ def test_template_errors_and_overrides(tmp_path):
     with pytest.raises(NeolmError, match=r"does not parse: .*line 1"):
         Template("{% for m in messages %}{{ m.content }}")
     with pytest.raises(NeolmError, match="messages\\[0\\]: role must be one of"):
-        chat_format.render([{"role": "tool", "content": "x"}])
+        chat_format.render([{"role": "robot", "content": "x"}])
     file = tmp_path / "t.jinja"
     file.write_text(CHATML)
     assert load_chat_format(None, str(file)).source == CHATML  # a file

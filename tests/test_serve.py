@@ -498,7 +498,7 @@ def test_lm_eval_scores_through_the_server(server, lm):
         ("/v1/completions", {"prompt": ""}, 400, ["empty prompt"]),
         ("/v1/completions", {"prompt": "a", "model": "gpt-4"}, 404, ["'gpt-4' does not exist", NAME]),
         ("/v1/chat/completions", {"messages": []}, 400, ["'messages'"]),
-        ("/v1/chat/completions", {"messages": [{"role": "tool", "content": "x"}]}, 400, ["role must be"]),
+        ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, ["role must be"]),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{}]}, 400, ["tools"]),
         ("/v1/embeddings", {"input": "a"}, 404, ["no route"]),
         ("/v1/completions", {"prompt": "a", "stop_token_ids": [99999999]}, 400, ["'stop_token_ids' must be a list"]),

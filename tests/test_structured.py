@@ -409,3 +409,10 @@ def test_a_conversation_with_tool_calls_and_results_is_rendered(server):
 def test_tool_requests_neolm_cannot_answer_are_refused(server, fields, param, needle):
     status, body = call(server, "/v1/chat/completions", TOOL_CHAT | fields)
     assert status == 400 and needle in body["error"]["message"] and body["error"]["param"] == param, body
+
+
+def test_tokenize_counts_a_chat_with_tools_as_its_request_reads_it(server):
+    status, body = call(server, "/v1/chat/completions", TOOL_CHAT | {"tool_choice": NAMED, "max_tokens": 3})
+    assert status == 200, body
+    status, tokens = call(server, "/tokenize", {"messages": TOOL_CHAT["messages"], "tools": TOOLS})
+    assert status == 200 and tokens["count"] == body["usage"]["prompt_tokens"], tokens

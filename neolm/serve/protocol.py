@@ -372,16 +372,16 @@ def parse(kind: str, body, lm) -> Request:
 
 
 def tokenize(body, lm) -> dict:
-    """vLLM's POST /tokenize: {"prompt": text} or {"messages": [...]} (the chat transcript) -> token ids.
+    """vLLM's POST /tokenize: {"prompt": text} or {"messages": [...], "tools": [...]} (the chat's prompt) -> token ids.
     GPT-2 and NeoX tokenizers add no special tokens, so add_special_tokens changes nothing."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
     unknown = sorted(set(body) - {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt",
-                                  "continue_final_message", "chat_template_kwargs", "return_token_strs"})  # fmt: skip
+                                  "continue_final_message", "chat_template_kwargs", "return_token_strs", "tools"})  # fmt: skip
     if unknown:
         raise ApiError(400, f"unrecognized request argument(s): {', '.join(unknown)}", unknown[0])
-    if "messages" in body:
-        text = _chat_text(body, lm)
+    if "messages" in body:  # with its tools, the prompt a chat request with them reads
+        text = _chat_text(body, lm, tools.parse(body | {"tool_choice": "none"})[0] if body.get("tools") else None)
     else:
         text = _field(body, "prompt", (str,), None)
         if text is None:
