@@ -152,16 +152,20 @@ class GenerationConfig:
         self._validate_dola(check)
         self._validate_beams(check)
         self._validate_assisted(check)
-        if self.structured_outputs is not None:
-            check_spec(self.structured_outputs)
-            check(not self.token_healing, "token_healing and structured_outputs do not go together (a healed "
-                                          "token would begin the structured text)")  # fmt: skip
-            check(self.eos_token_id != [], "structured outputs need an eos token to end the text once it is whole "
-                                           "(eos_token_id is empty: ignore_eos?)")  # fmt: skip
-            check(self.dola_layers is None, "DoLa (dola_layers) and structured_outputs do not go together (DoLa "
-                                            "keeps only the final layer's likeliest tokens, which the structure "
-                                            "may all rule out)")  # fmt: skip
+        self._validate_structured(check)
         return self
+
+    def _validate_structured(self, check) -> None:
+        if self.structured_outputs is None:
+            return
+        check_spec(self.structured_outputs)
+        check(not self.token_healing, "token_healing and structured_outputs do not go together (a healed token would "
+                                      "begin the structured text)")  # fmt: skip
+        check(self.eos_token_id != [], "structured outputs need an eos token to end the text once it is whole "
+                                       "(eos_token_id is empty: ignore_eos?)")  # fmt: skip
+        check(self.dola_layers is None, "DoLa (dola_layers) and structured_outputs do not go together (DoLa keeps "
+                                        "only the final layer's likeliest tokens, which the structure may all rule "
+                                        "out)")  # fmt: skip
 
     @staticmethod
     def _check_ids(check, value, name: str, nested: bool = False) -> None:
