@@ -193,6 +193,10 @@ def _add_generation_args(p: argparse.ArgumentParser, chat: bool = False):
                        "back-references)")  # fmt: skip
     shape.add_argument("--choice", action="append", metavar="TEXT",
                        help=f"{what} is one of these strings (repeat the option for each)")  # fmt: skip
+    shape.add_argument("--grammar", metavar="GBNF",
+                       help=f"{what} matches this GBNF grammar's root rule (llama.cpp's format; recursive rules are "
+                       "unrolled 3 levels deep)")  # fmt: skip
+    shape.add_argument("--grammar-file", metavar="FILE", help="--grammar, read from a file (e.g. llama.cpp's json.gbnf)")
     return knobs
 
 
@@ -215,6 +219,13 @@ def _structured_spec(args) -> dict | None:
         return {"regex": args.regex}
     if args.choice:
         return {"choice": args.choice}
+    if args.grammar is not None:
+        return {"grammar": args.grammar}
+    if args.grammar_file is not None:
+        try:
+            return {"grammar": Path(args.grammar_file).read_text()}
+        except OSError as e:
+            raise NeolmError(f"--grammar-file: {e}") from None
     return None
 
 

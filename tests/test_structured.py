@@ -229,8 +229,8 @@ def test_greedy_picks_the_likeliest_allowed_token_each_step(lm):
 def test_bad_specs_and_combinations_are_refused(lm):
     with pytest.raises(NeolmError, match="exactly one of"):
         lm.generate("A", structured_outputs={"regex": "a", "choice": ["b"]})
-    with pytest.raises(NeolmError, match="grammar"):
-        lm.generate("A", structured_outputs={"grammar": "root ::= 'a'"})
+    with pytest.raises(NeolmError, match="expected a rule name"):
+        lm.generate("A", structured_outputs={"grammar": "root ::= 'a'"})  # GBNF literals take double quotes
     with pytest.raises(NeolmError, match="DoLa"):
         lm.generate("A", structured_outputs={"choice": ["a"]}, dola_layers="high")
     with pytest.raises(NeolmError, match="token_healing"):
@@ -307,7 +307,7 @@ def _events(text: str) -> list:
 
 
 @pytest.mark.parametrize("fields, param, needle", [
-    ({"guided_grammar": "root ::= 'a'"}, "guided_grammar", "grammar"),
+    ({"guided_grammar": "root ::= x"}, None, "does not define"),
     ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice", "one structured output"),
     ({"response_format": {"type": "json_schema"}}, "response_format", "json_schema.schema"),
     ({"response_format": {"type": "xml"}}, "response_format", "text, json_object or json_schema"),
@@ -416,3 +416,77 @@ def test_tokenize_counts_a_chat_with_tools_as_its_request_reads_it(server):
     assert status == 200, body
     status, tokens = call(server, "/tokenize", {"messages": TOOL_CHAT["messages"], "tools": TOOLS})
     assert status == 200 and tokens["count"] == body["usage"]["prompt_tokens"], tokens
+
+
+JSON_GBNF = r"""
+root   ::= object
+value  ::= object | array | string | number | ("true" | "false" | "null") ws
+
+object ::=
+  "{" ws (
+            string ":" ws value
+    ("," ws string ":" ws value)*
+  )? "}" ws
+
+array  ::=
+  "[" ws (
+            value
+    ("," ws value)*
+  )? "]" ws
+
+string ::=
+  "\"" (
+    [^"\\\x7F\x00-\x1F] |
+    "\\" (["\\bfnrt] | "u" [0-9a-fA-F]{4}) # escapes
+  )* "\"" ws
+
+number ::= ("-"? ([0-9] | [1-9] [0-9]{0,15})) ("." [0-9]+)? ([eE] [-+]? [0-9] [1-9]{0,15})? ws
+
+# Optional space: by convention, applied in this grammar after literal chars when allowed
+ws ::= | " " | "\n" [ \t]{0,20}
+"""  # llama.cpp's grammars/json.gbnf
+
+
+def test_gbnf_grammars_match_what_they_describe():
+    from neolm.structured.grammar import grammar_regex
+
+    small = grammar_regex('root ::= answer " because " reason # why\nanswer ::= "yes" | "no"\nreason ::= [a-z ]+')
+    assert re.fullmatch(small, "no because it is") and not re.fullmatch(small, "maybe because x")
+    assert not re.fullmatch(small, "yes because ")
+    classes = grammar_regex(r'root ::= [^-\]a] [a-c-] "\x41\u00e9\"" .')
+    assert re.fullmatch(classes, 'b-Aé"\n') and re.fullmatch(classes, ']cAé"x') is None
+    assert re.fullmatch(grammar_regex('root ::= "a"{2,3} "b"{,1} ("c" | "d")+'), "aaabdcd")
+    dfa = compile_regex(grammar_regex(JSON_GBNF))
+    values = [{}, {"a": 1}, {"a": [1, -2.5e3, "x\n\u00e9", None, True]}, {"a": {"b": [1, {}]}},
+              {"k": [{"x": []}, {"y": {}}], "q": "\\\""}]  # fmt: skip
+    for value in values:
+        for text in (json.dumps(value), json.dumps(value, indent=1), json.dumps(value, separators=(",", ":"))):
+            assert dfa.fullmatch(text.encode()), text
+    too_deep = {"a": {"b": {"c": {"d": 1}}}}  # four values inside the root object: past `value` unrolled 3 times
+    for text in ['{"a" 1}', "[1]", '{"a": 01}', '{"a": "\x01"}', json.dumps(too_deep)]:
+        assert not dfa.fullmatch(text.encode()), text
+
+
+@pytest.mark.parametrize("grammar, needle", [
+    ('answer ::= "yes"', "no root rule"), ("root ::= x", "does not define"), ('root ::= "a', "not closed"),
+    ("root ::= <[12]>", "token references"), ('root ::= "a"\nroot ::= "b"', "defined twice"),
+    ("root ::= [a-", "not closed"), ("root = x", "expected '::='"), ('root ::= ("a"', "missing ')'"),
+    ('root ::= "\\q"', "unknown escape"), ("root ::= x\nx ::= x", "matches nothing"),
+])  # fmt: skip
+def test_bad_grammars_are_refused(grammar, needle):
+    from neolm.structured.grammar import grammar_regex
+
+    with pytest.raises(NeolmError, match=re.escape(needle)):
+        grammar_regex(grammar)
+
+
+def test_generation_follows_a_grammar(lm, capsys, server):
+    grammar = 'root ::= ("aye" | "nay") ", my " title "."\ntitle ::= "lord" | "liege" | [a-z]{2,8}'
+    pattern = re.compile(r"(?:aye|nay), my [a-z]{2,8}\.")
+    texts = lm.generate(["KING. Speak!\n", "QUEEN."], structured_outputs={"grammar": grammar}, do_sample=True, seed=2)
+    assert all(pattern.fullmatch(t) for t in texts), texts
+    code, out, err = cli(capsys, "generate", "KING.", "--grammar", grammar, "--no-echo")
+    assert code == 0 and pattern.fullmatch(out.strip()), (out, err)
+    status, body = call(server, "/v1/completions", {"model": "m", "prompt": "KING.", "guided_grammar": grammar,
+                                                    "max_tokens": 20})  # fmt: skip
+    assert status == 200 and pattern.fullmatch(body["choices"][0]["text"]), body

@@ -11,8 +11,8 @@ bias, added to the logits before any other processing). vLLM's extra sampling fi
 `ignore_eos`, `include_stop_str_in_output`, `allowed_token_ids` (the only tokens that may be generated),
 `bad_words` (strings never generated, alone or after a space) and `truncate_prompt_tokens` (keep the prompt's last
 k). Structured outputs (neolm.structured): OpenAI's `response_format` ({"type": "json_object"}, or "json_schema" with
-`json_schema.schema`), vLLM's `structured_outputs` ({"json" | "regex" | "choice": ...}) and its older `guided_json`,
-`guided_regex`, `guided_choice` with `guided_whitespace_pattern`; grammars are refused. Chat's `tools` and
+`json_schema.schema`), vLLM's `structured_outputs` ({"json" | "regex" | "choice" | "grammar": ...}) and its older
+`guided_json`, `guided_regex`, `guided_choice`, `guided_grammar` (GBNF) with `guided_whitespace_pattern`. Chat's `tools` and
 `tool_choice`: serve/tools.py. Fields neolm cannot honour (suffix, the deprecated functions, ...) are refused with a
 400 that says so rather than ignored; unknown fields likewise.
 

@@ -8,6 +8,8 @@ request fields into it):
     {"json_object": True}       any JSON object
     {"regex": pattern}          the output is a whole match of the pattern
     {"choice": ["yes", "no"]}   the output is one of the strings
+    {"grammar": gbnf}           the output matches a GBNF grammar's root rule (llama.cpp's format; recursion is
+                                unrolled a few levels: neolm.structured.grammar)
 
 with, for the JSON kinds, an optional "whitespace_pattern" (a regex; default "[ ]?": compact JSON, a space or none
 between its tokens). The spec is compiled against the tokenizer (compile(); LanguageModel.generation_config does it)
@@ -23,13 +25,14 @@ import json
 import re
 
 from neolm.errors import NeolmError
+from neolm.structured.grammar import grammar_regex
 from neolm.structured.guide import Follower, Guide, Vocabulary
 from neolm.structured.regex import DFA, compile_regex
 from neolm.structured.schema import WHITESPACE, schema_regex
 
 __all__ = ["DFA", "Follower", "Guide", "check_spec", "compile", "compile_regex", "spec_regex"]
 
-KINDS = ("json", "json_object", "regex", "choice")
+KINDS = ("json", "json_object", "regex", "choice", "grammar")
 
 
 def check_spec(spec) -> None:
@@ -39,10 +42,7 @@ def check_spec(spec) -> None:
     if not isinstance(spec, dict):
         raise NeolmError(f"structured_outputs must be a dict with one of {', '.join(KINDS)}, got {type(spec).__name__}")
     given = [k for k in KINDS if spec.get(k) not in (None, False)]
-    if "grammar" in spec and spec["grammar"] is not None:
-        raise NeolmError("structured outputs from a grammar (EBNF / GBNF) are not supported: use json, regex or "
-                         "choice")  # fmt: skip
-    unknown = set(spec) - set(KINDS) - {"whitespace_pattern", "grammar"}
+    unknown = set(spec) - set(KINDS) - {"whitespace_pattern"}
     if unknown:
         raise NeolmError(f"unknown structured_outputs keys {sorted(unknown)} (known: {', '.join(KINDS)}, "
                          "whitespace_pattern)")  # fmt: skip
@@ -51,8 +51,9 @@ def check_spec(spec) -> None:
     choice = spec.get("choice")
     if choice is not None and not (isinstance(choice, list) and choice and all(isinstance(c, str) for c in choice)):
         raise NeolmError("structured_outputs' choice must be a non-empty list of strings")
-    if spec.get("regex") is not None and not isinstance(spec["regex"], str):
-        raise NeolmError("structured_outputs' regex must be a string")
+    for kind in ("regex", "grammar"):
+        if spec.get(kind) is not None and not isinstance(spec[kind], str):
+            raise NeolmError(f"structured_outputs' {kind} must be a string")
     ws = spec.get("whitespace_pattern")
     if ws is not None and not isinstance(ws, str):
         raise NeolmError("structured_outputs' whitespace_pattern must be a regex string")
@@ -64,6 +65,8 @@ def spec_regex(spec: dict) -> tuple[str, str]:
     ws = spec.get("whitespace_pattern") or WHITESPACE
     if spec.get("regex") is not None:
         return spec["regex"], f"regex {spec['regex'][:40]!r}"
+    if spec.get("grammar") is not None:
+        return grammar_regex(spec["grammar"]), "a GBNF grammar"
     if spec.get("choice") is not None:
         return "(?:" + "|".join(re.escape(c) for c in spec["choice"]) + ")", f"choice of {len(spec['choice'])}"
     if spec.get("json_object"):

@@ -1,0 +1,239 @@
+"""GBNF grammars (llama.cpp's format, which vLLM's guided_grammar also takes) as a regular expression, for structured
+outputs.
+
+    root   ::= answer " because " reason
+    answer ::= "yes" | "no"
+    reason ::= [a-z ]+   # comments run to the end of the line
+
+Rules are `name ::= ...`; the text must match `root`. Supported: "literals" (with \\n \\t \\r \\" \\\\ \\xHH \\uHHHH
+\\UHHHHHHHH), character classes [a-z] [^"\\\\], `.` (any character), rule names, ( groups ), alternatives |, and
+* + ? {m} {m,} {m,n} {,n}. A grammar is context-free and an automaton is not: a rule that refers to itself (through
+others or directly, as JSON's value does) is unrolled MAX_DEPTH times, and past that its recursive alternatives are
+left out, so the text matches a grammar nested at most that deep. Token references (<[id]>, <think>) raise
+NeolmError.
+"""
+
+from __future__ import annotations
+
+import re
+
+from neolm.errors import NeolmError
+
+MAX_DEPTH = 3  # times a recursive rule is unrolled
+_NAME = re.compile(r"[A-Za-z0-9_-]+")
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\", "[": "[", "]": "]", "-": "-", "^": "^"}
+
+
+class _Parser:
+    """GBNF text -> {rule name: node}; nodes are tuples ("alt", [nodes]), ("seq", [nodes]), ("lit", text),
+    ("cls", regex class text), ("ref", name), ("rep", node, lo, hi)."""
+
+    def __init__(self, text: str):
+        self.s, self.i = text, 0
+
+    def error(self, what: str) -> NeolmError:
+        line = self.s.count("\n", 0, self.i) + 1
+        return NeolmError(f"grammar, line {line}: {what}")
+
+    def space(self, newlines: bool) -> None:
+        """Skip spaces and comments (and newlines when `newlines`: between rules, or inside parentheses)."""
+        while self.i < len(self.s):
+            c = self.s[self.i]
+            if c == "#":
+                end = self.s.find("\n", self.i)
+                self.i = len(self.s) if end < 0 else end
+            elif c in " \t" or (newlines and c in "\r\n"):
+                self.i += 1
+            else:
+                return
+
+    def rules(self) -> dict:
+        rules = {}
+        self.space(True)
+        while self.i < len(self.s):
+            name = self.name()
+            self.space(False)
+            if not self.s.startswith("::=", self.i):
+                raise self.error(f"expected '::=' after rule name {name!r}")
+            self.i += 3
+            if name in rules:
+                raise self.error(f"rule {name!r} is defined twice")
+            rules[name] = self.alternatives(nested=False)
+            self.space(True)
+        return rules
+
+    def name(self) -> str:
+        m = _NAME.match(self.s, self.i)
+        if not m:
+            raise self.error(f"expected a rule name, got {self.s[self.i : self.i + 10]!r}")
+        self.i = m.end()
+        return m.group()
+
+    def at_rule_start(self) -> bool:
+        """Whether a new rule (name ::=) begins at the current position."""
+        m = _NAME.match(self.s, self.i)
+        return bool(m) and re.match(r"[ \t]*::=", self.s[m.end() :]) is not None
+
+    def alternatives(self, nested: bool):
+        branches = [self.sequence(nested)]
+        while self.i < len(self.s) and self.s[self.i] == "|":
+            self.i += 1
+            branches.append(self.sequence(nested))
+        return branches[0] if len(branches) == 1 else ("alt", branches)
+
+    def sequence(self, nested: bool):
+        items = []
+        while True:
+            self.space(True) if nested else self._space_in_rule()
+            if self.i >= len(self.s) or self.s[self.i] in "|)" or (not nested and self.at_rule_start()):
+                return ("seq", items)
+            items.append(self.repeated(self.atom()))
+
+    def _space_in_rule(self) -> None:
+        """Spaces and comments; a newline continues the rule unless a new rule begins after it."""
+        while True:
+            self.space(False)
+            if self.i < len(self.s) and self.s[self.i] in "\r\n":
+                save = self.i
+                self.space(True)
+                if self.i >= len(self.s) or self.at_rule_start():
+                    return
+                if self.i == save:
+                    return
+                continue
+            return
+
+    def atom(self):
+        c = self.s[self.i]
+        if c == '"':
+            return ("lit", self.literal())
+        if c == "[":
+            return ("cls", self.char_class())
+        if c == ".":
+            self.i += 1
+            return ("cls", r"[\s\S]")
+        if c == "(":
+            self.i += 1
+            node = self.alternatives(nested=True)
+            self.space(True)
+            if self.i >= len(self.s) or self.s[self.i] != ")":
+                raise self.error("missing ')'")
+            self.i += 1
+            return node
+        if c == "<":
+            raise self.error("token references (<[id]>, <name>) are not supported")
+        return ("ref", self.name())
+
+    def repeated(self, node):
+        while self.i < len(self.s):
+            c = self.s[self.i]
+            if c in "*+?":
+                self.i += 1
+                node = ("rep", node, *{"*": (0, None), "+": (1, None), "?": (0, 1)}[c])
+            elif c == "{":
+                m = re.compile(r"\{\s*(\d*)\s*(,)?\s*(\d*)\s*\}").match(self.s, self.i)
+                if not m or (not m.group(1) and not m.group(2)):
+                    raise self.error("a repeat must be {m}, {m,}, {m,n} or {,n}")
+                lo = int(m.group(1) or 0)
+                hi = int(m.group(3)) if m.group(3) else (None if m.group(2) else lo)
+                self.i = m.end()
+                node = ("rep", node, lo, hi)
+            else:
+                return node
+        return node
+
+    def escape(self) -> str:
+        """The character of the escape after a backslash (consumed)."""
+        c = self.s[self.i]
+        self.i += 1
+        digits = {"x": 2, "u": 4, "U": 8}.get(c)
+        if digits:
+            text = self.s[self.i : self.i + digits]
+            if len(text) != digits or not all(ch in "0123456789abcdefABCDEF" for ch in text):
+                raise self.error(f"\\{c} needs {digits} hex digits")
+            self.i += digits
+            return chr(int(text, 16))
+        if c not in _ESCAPES:
+            raise self.error(f"unknown escape \\{c}")
+        return _ESCAPES[c]
+
+    def literal(self) -> str:
+        self.i += 1  # the opening quote
+        out = []
+        while True:
+            if self.i >= len(self.s) or self.s[self.i] == "\n":
+                raise self.error("a literal is not closed")
+            c = self.s[self.i]
+            self.i += 1
+            if c == '"':
+                return "".join(out)
+            out.append(self.escape() if c == "\\" else c)
+
+    def char_class(self) -> str:
+        """[...] as the regex class of the same characters."""
+        self.i += 1
+        parts = ["["]
+        if self.i < len(self.s) and self.s[self.i] == "^":
+            parts.append("^")
+            self.i += 1
+        first = len(parts)  # where the class's characters begin
+        while True:
+            if self.i >= len(self.s) or self.s[self.i] == "\n":
+                raise self.error("a character class is not closed")
+            c = self.s[self.i]
+            self.i += 1
+            if c == "]":
+                return "".join(parts + ["]"])
+            if c == "-" and len(parts) > first and self.s[self.i : self.i + 1] not in ("]", ""):
+                parts.append("-")
+                continue
+            parts.append(_class_char(self.escape() if c == "\\" else c))
+
+
+def _class_char(c: str) -> str:
+    """A character as it is written inside a regex class."""
+    return f"\\U{ord(c):08x}" if c in "\\]^-[" or not c.isprintable() else c
+
+
+def grammar_regex(text: str) -> str:
+    """The regex of the texts the GBNF grammar's root rule matches (recursion unrolled MAX_DEPTH times)."""
+    if not isinstance(text, str):
+        raise NeolmError(f"a grammar must be GBNF text, got {type(text).__name__}")
+    rules = _Parser(text).rules()
+    if "root" not in rules:
+        raise NeolmError("the grammar has no root rule (root ::= ...)")
+    expanding: list[str] = []
+
+    def convert(node) -> str | None:
+        kind = node[0]
+        if kind == "lit":
+            return re.escape(node[1])
+        if kind == "cls":
+            return node[1]
+        if kind == "ref":
+            name = node[1]
+            if name not in rules:
+                raise NeolmError(f"the grammar refers to rule {name!r}, which it does not define")
+            if expanding.count(name) >= MAX_DEPTH:
+                return None
+            expanding.append(name)
+            try:
+                return convert(rules[name])
+            finally:
+                expanding.pop()
+        if kind == "seq":
+            parts = [convert(item) for item in node[1]]
+            return None if None in parts else "(?:" + "".join(parts) + ")"
+        if kind == "alt":
+            kept = [p for p in (convert(branch) for branch in node[1]) if p is not None]
+            return "(?:" + "|".join(kept) + ")" if kept else None
+        _, item, lo, hi = node  # rep
+        body = convert(item)
+        if body is None:
+            return "" if lo == 0 else None
+        return f"(?:{body}){{{lo},{'' if hi is None else hi}}}"
+
+    out = convert(rules["root"])
+    if out is None:
+        raise NeolmError(f"the grammar's root matches nothing within {MAX_DEPTH} levels of recursion")
+    return out
