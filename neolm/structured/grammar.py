@@ -82,26 +82,14 @@ class _Parser:
         return branches[0] if len(branches) == 1 else ("alt", branches)
 
     def sequence(self, nested: bool):
+        """Items up to "|", ")", the end, or the next rule: a rule goes on over newlines until a line begins with
+        `name ::=` (llama.cpp needs a line to end in "|" or to be inside parentheses; this reads those too)."""
         items = []
         while True:
-            self.space(True) if nested else self._space_in_rule()
+            self.space(True)
             if self.i >= len(self.s) or self.s[self.i] in "|)" or (not nested and self.at_rule_start()):
                 return ("seq", items)
             items.append(self.repeated(self.atom()))
-
-    def _space_in_rule(self) -> None:
-        """Spaces and comments; a newline continues the rule unless a new rule begins after it."""
-        while True:
-            self.space(False)
-            if self.i < len(self.s) and self.s[self.i] in "\r\n":
-                save = self.i
-                self.space(True)
-                if self.i >= len(self.s) or self.at_rule_start():
-                    return
-                if self.i == save:
-                    return
-                continue
-            return
 
     def atom(self):
         c = self.s[self.i]

@@ -101,7 +101,7 @@ class _Parser:
                 self.i += 1
             elif self.peek() == "+":
                 raise self.error("possessive quantifiers are not supported")
-            if node == ("cat", []) or node[0] == "anchor":
+            if node == ("cat", []):
                 raise self.error("nothing to repeat")
             node = ("rep", node, lo, hi)
 
