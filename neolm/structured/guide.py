@@ -71,10 +71,12 @@ class Guide:
             return mask
         v, flat, width = self.vocabulary, self._flat, self._width
         at = np.full(len(v.order), state, dtype=np.int32)
-        for column in self._columns:  # the tokens with a byte at this position are the first len(column)
+        for j, column in enumerate(self._columns):  # the tokens with a byte at j are the first len(column)
             n = len(column)
             head = at[:n]
             head[...] = flat[head * width + column]
+            if j % 16 == 15 and not head.any():  # the longer tokens are all dead already (whitespace runs, mostly)
+                break
         allowed = np.zeros(v.size, dtype=bool)
         allowed[v.order] = at != 0
         mask = torch.from_numpy(allowed)
