@@ -270,10 +270,15 @@ class Handler(BaseHTTPRequestHandler):
                 for i in range(job.sequences):
                     self._event(protocol.chunk(request, name, i, None))
             generated = 0
+            held = [""] * job.sequences if request.tool_choice and request.tool_choice.name is None else None
             try:
                 for i, text, reason, tokens, logprobs in answer.choices(request, job, tokenizer):
                     generated += tokens
-                    if text or reason or logprobs:
+                    if held is not None:  # tool_choice "required": its calls are known once the reply is whole
+                        held[i] += text
+                        if reason:
+                            self._event(protocol.calls_chunk(request, name, i, held[i], reason))
+                    elif text or reason or logprobs:
                         self._event(protocol.chunk(request, name, i, text, reason,
                                                    protocol.logprobs(request, logprobs, tokenizer)))  # fmt: skip
             except NeolmError as e:

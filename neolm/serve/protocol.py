@@ -320,9 +320,6 @@ def parse(kind: str, body, lm) -> Request:
     structured = {}
     if kind == "chat":
         functions, request.tool_choice, structured = tools.parse(body)
-        if request.tool_choice is not None and request.tool_choice.name is None and stream:
-            raise ApiError(400, 'tool_choice "required" is not streamed (its calls are known once the reply is '
-                           'whole); a named function is', "stream")  # fmt: skip
         prompt = lm.encode(_chat_text(body, lm, functions))
         max_tokens = _max_tokens(body, "max_completion_tokens", _max_tokens(body, "max_tokens", None))
         if max_tokens is None:
@@ -513,10 +510,13 @@ def _reason(request: Request, text: str, reason: str) -> str:
 def chunk(request: Request, model: str, index: int, text: str | None, reason: str | None = None,
           choice_logprobs: dict | None = None) -> dict:  # fmt: skip
     """One streamed event: text for choice `index` (chat: None opens the choice with its role), or its end. A named
-    tool call streams as tool_calls deltas: its id and name first, then its arguments' text."""
+    tool call streams as tool_calls deltas: its id and name first, then its arguments' text. The calls of
+    tool_choice "required" come whole with the choice's end (calls_chunk)."""
     if request.kind == "chat" and request.tool_choice is not None:
+        named = request.tool_choice.name is not None
         if text is None:
-            delta = {"role": "assistant", "content": None, "tool_calls": request.tool_choice.open()}
+            opened = {"tool_calls": request.tool_choice.open()} if named else {}
+            delta = {"role": "assistant", "content": None} | opened
         else:
             delta = {"tool_calls": [{"index": 0, "function": {"arguments": text}}]} if text else {}
         choice = {"index": index, "delta": delta, "logprobs": choice_logprobs, "finish_reason": reason}
@@ -529,6 +529,16 @@ def chunk(request: Request, model: str, index: int, text: str | None, reason: st
         choice = {"index": index, "text": text or "", "logprobs": choice_logprobs, "finish_reason": reason}
         kind = "text_completion"
     return {"id": request.id, "object": kind, "created": request.created, "model": model, "choices": [choice]}
+
+
+def calls_chunk(request: Request, model: str, index: int, text: str, reason: str) -> dict:
+    """The end of a streamed choice of tool_choice "required", whose whole text was held back: its tool calls
+    (or, cut short by max_tokens, its text), with the finish reason."""
+    calls = request.tool_choice.calls(text)
+    delta = {"content": text} if calls is None else {"tool_calls": [c | {"index": k} for k, c in enumerate(calls)]}
+    choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": _reason(request, text, reason)}
+    return {"id": request.id, "object": "chat.completion.chunk", "created": request.created, "model": model,
+            "choices": [choice]}  # fmt: skip
 
 
 def usage_chunk(request: Request, model: str, completion_tokens: int, cached: int = 0) -> dict:

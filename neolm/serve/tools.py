@@ -7,7 +7,8 @@ reply:
   held to its `parameters` schema by structured outputs (neolm.structured), answered as one tool call
   (finish_reason "stop", as OpenAI and vLLM answer a named call);
 - "required": one or more calls, JSON held to vLLM's schema for them, an array of {"name", "parameters"} (one
-  call at most with parallel_tool_calls false), answered as tool calls (finish_reason "tool_calls");
+  call at most with parallel_tool_calls false), answered as tool calls (finish_reason "tool_calls"); streamed, the
+  calls come whole in the choice's last chunk;
 - "auto", the default when tools are given: refused, as vLLM refuses it without --enable-auto-tool-choice and a
   parser of the model's own tool-call format, which neolm does not have.
 """
