@@ -17,7 +17,8 @@ import torch
 
 from neolm.structured.regex import DFA
 
-MASKS_KEPT = 1024  # automaton states whose allowed tokens a guide keeps (50 KB each with a 50k vocabulary)
+MASKS_KEPT = 256  # automaton states whose allowed tokens a guide (and each Follower) keeps: 50 KB each with a 50k
+# vocabulary, so at most ~13 MB a guide; the compiled-spec cache (neolm.structured) keeps 32 guides
 
 
 class Vocabulary:
