@@ -56,23 +56,23 @@ class Processors:
         forced = gc.forced_eos_token_id
         self.forced_eos = None if forced is None else torch.tensor([forced] if isinstance(forced, int) else forced,
                                                                    dtype=torch.long, device=device)  # fmt: skip
-        self.guide = None
+        self.follower = None
         if gc.structured_outputs is not None:
             if not isinstance(gc.structured_outputs, Guide):
                 raise NeolmError("structured_outputs must be compiled against the tokenizer: generate through the text "
                                  "API (LanguageModel), or pass neolm.structured.compile(spec, tokenizer)")  # fmt: skip
             if not eos_ids:
                 raise NeolmError("structured outputs need an eos token to end the text once it is whole")
-            self.guide = Follower(gc.structured_outputs, eos_ids, vocab, device)
+            self.follower = Follower(gc.structured_outputs, eos_ids, vocab, device)
         counts_new = gc.min_new_tokens, forced is not None, gc.exponential_decay_length_penalty, gc.begin_suppress_tokens
         self.needs = RowState(
             lengths=(gc.min_length > 0) or None,
-            new=(any(counts_new) or isinstance(self.watermark, SynthID) or self.guide) or None,
+            new=(any(counts_new) or isinstance(self.watermark, SynthID) or self.follower) or None,
             budgets=(forced is not None) or None,
             seen=(gc.repetition_penalty != 1.0) or None,
             made=(gc.presence_penalty != 0 or gc.frequency_penalty != 0) or None,
             tokens=(gc.no_repeat_ngram_size or self.sequence_biases or self.bad_sequences or gc.logits_processor
-                    or gc.prefix_allowed_tokens_fn or self.watermark or self.guide) or None,
+                    or gc.prefix_allowed_tokens_fn or self.watermark or self.follower) or None,
             prompts=(gc.prefix_allowed_tokens_fn is not None) or None,
         )  # fmt: skip
 
@@ -132,8 +132,8 @@ class Processors:
         if gc.logits_processor:  # the caller's own, after the built-in ones and before the warpers, as transformers
             scores = torch.cat([_call_each(gc.logits_processor, tokens, row[None])
                                 for tokens, row in zip(rows.tokens, scores)])  # fmt: skip
-        if self.guide is not None:  # after every processor, before the warpers (whose top_k then keeps allowed tokens)
-            scores = self.guide(scores, rows.tokens, rows.new)
+        if self.follower is not None:  # structured outputs, before the warpers (so top_k keeps allowed tokens)
+            scores = self.follower(scores, rows.tokens, rows.new)
         if gc.do_sample:
             scores = self.warp(scores)
         if self.watermark is not None:  # after the warpers, as transformers

@@ -12,9 +12,9 @@ bias, added to the logits before any other processing). vLLM's extra sampling fi
 `bad_words` (strings never generated, alone or after a space) and `truncate_prompt_tokens` (keep the prompt's last
 k). Structured outputs (neolm.structured): OpenAI's `response_format` ({"type": "json_object"}, or "json_schema" with
 `json_schema.schema`), vLLM's `structured_outputs` ({"json" | "regex" | "choice" | "grammar": ...}) and its older
-`guided_json`, `guided_regex`, `guided_choice`, `guided_grammar` (GBNF) with `guided_whitespace_pattern`. Chat's `tools` and
-`tool_choice`: serve/tools.py. Fields neolm cannot honour (suffix, the deprecated functions, ...) are refused with a
-400 that says so rather than ignored; unknown fields likewise.
+`guided_json`, `guided_regex`, `guided_choice`, `guided_grammar` (GBNF) with `guided_whitespace_pattern`. Chat's
+`tools` and `tool_choice`: serve/tools.py. Fields neolm cannot honour (suffix, the deprecated functions, ...) are
+refused with a 400 that says so rather than ignored; unknown fields likewise.
 
 Log-probabilities: completions' `logprobs` (k, at most 20) gives each token's log-probability, its text
 offset and the k most likely tokens plus the chosen one (as vLLM); with `echo`, the prompt's tokens too, the
@@ -373,8 +373,8 @@ def tokenize(body, lm) -> dict:
     GPT-2 and NeoX tokenizers add no special tokens, so add_special_tokens changes nothing."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
-    unknown = sorted(set(body) - {"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt",
-                                  "continue_final_message", "chat_template_kwargs", "return_token_strs", "tools"})  # fmt: skip
+    unknown = sorted(set(body) - {"model", "prompt", "messages", "tools", "add_special_tokens", "add_generation_prompt",
+                                  "continue_final_message", "chat_template_kwargs", "return_token_strs"})  # fmt: skip
     if unknown:
         raise ApiError(400, f"unrecognized request argument(s): {', '.join(unknown)}", unknown[0])
     if "messages" in body:  # with its tools, the prompt a chat request with them reads
@@ -480,8 +480,12 @@ def response(request: Request, model: str, texts: list[str], reasons: list[str],
     """The whole (non-streamed) answer."""
     rows = zip(texts, reasons, choice_logprobs)
     if request.kind == "chat":
-        choices = [{"index": i, "message": _message(request, text, reason), "logprobs": lp,
-                    "finish_reason": _reason(request, text, reason)} for i, (text, reason, lp) in enumerate(rows)]  # fmt: skip
+        choices = []
+        for i, (text, reason, lp) in enumerate(rows):
+            calls, reason = _tool_calls(request, text, reason)
+            message = {"role": "assistant", "content": text} if calls is None else {
+                "role": "assistant", "content": None, "tool_calls": calls}  # fmt: skip
+            choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": reason})
         kind = "chat.completion"
     else:
         choices = [{"index": i, "text": text, "logprobs": lp, "finish_reason": reason}
@@ -491,20 +495,14 @@ def response(request: Request, model: str, texts: list[str], reasons: list[str],
             "usage": usage(request, completion_tokens, cached)}  # fmt: skip
 
 
-def _message(request: Request, text: str, reason: str) -> dict:
-    """A chat choice's message: its text, or its tool calls (serve/tools.py)."""
-    calls = None if request.tool_choice is None else request.tool_choice.calls(text)
-    if calls is None:
-        return {"role": "assistant", "content": text}
-    return {"role": "assistant", "content": None, "tool_calls": calls}
-
-
-def _reason(request: Request, text: str, reason: str) -> str:
-    """finish_reason: "tool_calls" for the whole reply of tool_choice "required" (a named call's stays "stop")."""
+def _tool_calls(request: Request, text: str, reason: str) -> tuple[list[dict] | None, str]:
+    """A chat choice's tool calls (None: it is answered as text; serve/tools.py) and its finish_reason: "tool_calls"
+    for the whole reply of tool_choice "required" (a named call's stays "stop")."""
     choice = request.tool_choice
-    if choice is not None and choice.name is None and reason == "stop" and choice.calls(text) is not None:
-        return "tool_calls"
-    return reason
+    calls = None if choice is None else choice.calls(text)
+    if calls is not None and choice.name is None and reason == "stop":
+        reason = "tool_calls"
+    return calls, reason
 
 
 def chunk(request: Request, model: str, index: int, text: str | None, reason: str | None = None,
@@ -512,31 +510,32 @@ def chunk(request: Request, model: str, index: int, text: str | None, reason: st
     """One streamed event: text for choice `index` (chat: None opens the choice with its role), or its end. A named
     tool call streams as tool_calls deltas: its id and name first, then its arguments' text. The calls of
     tool_choice "required" come whole with the choice's end (calls_chunk)."""
-    if request.kind == "chat" and request.tool_choice is not None:
-        named = request.tool_choice.name is not None
-        if text is None:
-            opened = {"tool_calls": request.tool_choice.open()} if named else {}
-            delta = {"role": "assistant", "content": None} | opened
-        else:
-            delta = {"tool_calls": [{"index": 0, "function": {"arguments": text}}]} if text else {}
-        choice = {"index": index, "delta": delta, "logprobs": choice_logprobs, "finish_reason": reason}
-        kind = "chat.completion.chunk"
-    elif request.kind == "chat":
-        delta = {"role": "assistant", "content": ""} if text is None else ({"content": text} if text else {})
-        choice = {"index": index, "delta": delta, "logprobs": choice_logprobs, "finish_reason": reason}
-        kind = "chat.completion.chunk"
-    else:
+    if request.kind != "chat":
         choice = {"index": index, "text": text or "", "logprobs": choice_logprobs, "finish_reason": reason}
-        kind = "text_completion"
-    return {"id": request.id, "object": kind, "created": request.created, "model": model, "choices": [choice]}
+        return {"id": request.id, "object": "text_completion", "created": request.created, "model": model,
+                "choices": [choice]}  # fmt: skip
+    tool = request.tool_choice
+    if text is None:  # the choice opens
+        delta = {"role": "assistant", "content": ""} if tool is None else {"role": "assistant", "content": None}
+        if tool is not None and tool.name is not None:
+            delta["tool_calls"] = tool.open()
+    elif not text:
+        delta = {}
+    else:
+        delta = {"content": text} if tool is None else {"tool_calls": [{"index": 0, "function": {"arguments": text}}]}
+    return _chat_chunk(request, model, index, delta, reason, choice_logprobs)
 
 
 def calls_chunk(request: Request, model: str, index: int, text: str, reason: str) -> dict:
     """The end of a streamed choice of tool_choice "required", whose whole text was held back: its tool calls
     (or, cut short by max_tokens, its text), with the finish reason."""
-    calls = request.tool_choice.calls(text)
+    calls, reason = _tool_calls(request, text, reason)
     delta = {"content": text} if calls is None else {"tool_calls": [c | {"index": k} for k, c in enumerate(calls)]}
-    choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": _reason(request, text, reason)}
+    return _chat_chunk(request, model, index, delta, reason, None)
+
+
+def _chat_chunk(request: Request, model: str, index: int, delta: dict, reason: str | None, choice_logprobs) -> dict:
+    choice = {"index": index, "delta": delta, "logprobs": choice_logprobs, "finish_reason": reason}
     return {"id": request.id, "object": "chat.completion.chunk", "created": request.created, "model": model,
             "choices": [choice]}  # fmt: skip
 

@@ -145,14 +145,18 @@ class _Parser:
             raise self.error(f"unknown escape \\{c}")
         return _ESCAPES[c]
 
+    def next_char(self, inside: str) -> str:
+        """The next character of a literal or class (consumed); it must close on its own line."""
+        if self.i >= len(self.s) or self.s[self.i] == "\n":
+            raise self.error(f"{inside} is not closed")
+        self.i += 1
+        return self.s[self.i - 1]
+
     def literal(self) -> str:
         self.i += 1  # the opening quote
         out = []
         while True:
-            if self.i >= len(self.s) or self.s[self.i] == "\n":
-                raise self.error("a literal is not closed")
-            c = self.s[self.i]
-            self.i += 1
+            c = self.next_char("a literal")
             if c == '"':
                 return "".join(out)
             out.append(self.escape() if c == "\\" else c)
@@ -166,10 +170,7 @@ class _Parser:
             self.i += 1
         first = len(parts)  # where the class's characters begin
         while True:
-            if self.i >= len(self.s) or self.s[self.i] == "\n":
-                raise self.error("a character class is not closed")
-            c = self.s[self.i]
-            self.i += 1
+            c = self.next_char("a character class")
             if c == "]":
                 return "".join(parts + ["]"])
             if c == "-" and len(parts) > first and self.s[self.i : self.i + 1] not in ("]", ""):

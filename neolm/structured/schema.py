@@ -109,7 +109,8 @@ class _Converter:
             if kind is None:
                 return self.any_value(depth)
         makers = {"string": self.string, "integer": self.integer, "number": self.number, "object": self.object,
-                  "array": self.array, "boolean": lambda s, d: "(?:true|false)", "null": lambda s, d: "null"}  # fmt: skip
+                  "array": self.array, "boolean": lambda s, d: "(?:true|false)",
+                  "null": lambda s, d: "null"}  # fmt: skip
         if kind not in makers:
             raise NeolmError(f"unknown JSON schema type {kind!r}")
         return makers[kind](schema, depth)
