@@ -23,12 +23,14 @@ from pathlib import Path
 from typing import ClassVar
 
 from neolm.errors import NeolmError
+from neolm.tool_calls import FORMATS, CallFormat, function_of, message_calls
 
 log = logging.getLogger(__name__)
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 """The message roles a conversation may hold ("developer" is OpenAI's newer name for "system"; "tool": a function's
 result, answering an assistant message's tool_calls)."""
+SYSTEM_ROLES = ("system", "developer")
 TEMPLATE_FILE = "chat_template.jinja"
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
@@ -63,6 +65,11 @@ def check_messages(messages) -> list[dict]:
     return plain
 
 
+def leading_system(messages: list[dict]) -> int:
+    """How many messages at the start are system (or developer) messages."""
+    return next((i for i, m in enumerate(messages) if m["role"] not in SYSTEM_ROLES), len(messages))
+
+
 CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 """Appended to the final message to find where it ends in the rendered text (transformers' marker)."""
 
@@ -73,6 +80,7 @@ class ChatFormat:
     name: str
     stop: tuple[str, ...]  # text that ends a reply (cut out of it)
     lstrip_reply: bool  # a reply's leading whitespace is not part of it
+    tool_calls: CallFormat | None  # how the model writes tool calls (neolm.tool_calls), None: not known
 
     def render(self, messages, add_generation_prompt: bool = True, continue_final_message: bool = False,
                **kwargs) -> str:  # fmt: skip
@@ -100,28 +108,42 @@ class ChatFormat:
 
 
 class Transcript(ChatFormat):
-    """The plain "User: ... / Assistant: ..." format for models without a chat template."""
+    """The plain "User: ... / Assistant: ..." format for models without a chat template. Given tools, it lists their
+    functions after the system messages and teaches its tool-call format (hermes: <tool_call>{...}</tool_call>);
+    earlier calls are written in that format and their results as "Tool:" lines."""
 
     name = "plain transcript (User: / Assistant:)"
     source = None  # no template text
-    stop = ("\nUser:",)  # where a base model starts writing the user's next line
+    stop = ("\nUser:", "\nTool:")  # where a base model starts writing the user's next line, or a call's result
     lstrip_reply = True  # the reply comes after "Assistant:" and a space, which is not part of it
     SPEAKERS: ClassVar[dict] = {"system": None, "developer": None, "user": "User", "assistant": "Assistant",
                                 "tool": "Tool"}  # fmt: skip
 
+    def __init__(self):
+        self.tool_calls = FORMATS["hermes"]
+
     def _render(self, messages: list[dict], add_generation_prompt: bool, kwargs: dict) -> str:
         """The transcript of `messages`, ending with "Assistant:" when add_generation_prompt (keyword arguments
-        are for templates and are ignored here, tools too); an assistant's tool calls are written as the JSON of
-        their function parts."""
+        other than tools are for templates and are ignored here)."""
         lines = []
         for message in messages:
             content = message["content"].strip()
             if message.get("tool_calls"):
-                calls = json.dumps([c.get("function", c) for c in message["tool_calls"]], ensure_ascii=False)
-                content = f"{content} {calls}".strip()
+                content = f"{content} {self.tool_calls.write(message_calls(message))}".strip()
             speaker = self.SPEAKERS[message["role"]]
             lines.append(f"{content}\n" if speaker is None else f"{speaker}: {content}\n")
+        if kwargs.get("tools"):  # after the system messages
+            lines.insert(leading_system(messages), self._functions(kwargs["tools"]))
         return "".join(lines) + ("Assistant:" if add_generation_prompt else "")
+
+    def _functions(self, tools) -> str:
+        """The tools' functions, one JSON line each, and how to call them."""
+        functions = [f for tool in tools if (f := function_of(tool)) is not None]
+        if len(functions) != len(tools):
+            raise NeolmError('tools must be functions: {"type": "function", "function": {"name": ..., ...}}')
+        listed = "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in functions)
+        return (f"Functions the assistant can call (JSON schemas):\n{listed}To call one, the assistant writes "
+                f"{self.tool_calls.example}; its result comes back on a Tool: line.\n")  # fmt: skip
 
 
 class Template(ChatFormat):
@@ -131,6 +153,7 @@ class Template(ChatFormat):
     lstrip_reply = False  # the reply is the model's text as it comes (as vLLM's)
 
     def __init__(self, text: str, special_tokens: dict[str, str] | None = None, name: str = "chat template"):
+        self.tool_calls = None  # the format its model writes tool calls in: unknown unless told (--tool-call-parser)
         import jinja2
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 

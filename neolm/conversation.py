@@ -17,16 +17,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
-from neolm.chat import Reply, check_messages
+from neolm.chat import Reply, check_messages, leading_system
 from neolm.errors import NeolmError
 from neolm.generate import DecodeBatch, GenerationConfig
 from neolm.model import KVCache
 from neolm.tokenizer import StreamDecoder
 
 log = logging.getLogger(__name__)
-
-SYSTEM_ROLES = ("system", "developer")
-
 
 class Conversation:
     """The messages so far, answered with `lm` (a neolm.LanguageModel).
@@ -36,15 +33,17 @@ class Conversation:
     one sequence). send(text) adds a user message and streams the reply; reply() answers the messages as they
     stand, or, when the last is the assistant's (a reply begun for the model), goes on with it. A finished
     reply (or what was streamed of it, when the iterator is closed early) is appended to `messages` as the
-    assistant's (or to the begun reply). keep_cache=False: every turn reads its whole prompt, and no cache is
+    assistant's (or to the begun reply). tools: OpenAI's function tools for the chat template (the plain transcript
+    lists them itself); the calls a reply makes are read with lm.chat_format.tool_calls.parse(reply), where the
+    format is known (neolm.tool_calls). keep_cache=False: every turn reads its whole prompt, and no cache is
     held between turns (its memory: the last prompt and reply's keys and values).
     """
 
     def __init__(self, lm, messages: list[dict] | None = None, chat_template_kwargs: dict | None = None,
-                 keep_cache: bool = True, **generation_kwargs):  # fmt: skip
+                 keep_cache: bool = True, tools: list[dict] | None = None, **generation_kwargs):  # fmt: skip
         self.lm, self.keep_cache = lm, keep_cache
         self.messages = check_messages(messages) if messages else []
-        self.template_kwargs = dict(chat_template_kwargs or {})
+        self.template_kwargs = dict(chat_template_kwargs or {}) | ({"tools": tools} if tools else {})
         self.generation = generation_kwargs
         if self.generation_config().num_return_sequences != 1:
             raise NeolmError("a conversation has one reply per turn; num_return_sequences must be 1")
@@ -84,7 +83,7 @@ class Conversation:
     def reset(self, messages: list[dict] | None = None) -> None:
         """Start over from `messages` (default: the system messages this conversation begins with; [] for none)."""
         if messages is None:
-            messages = self.messages[: _leading_system(self.messages)]
+            messages = self.messages[: leading_system(self.messages)]
         self.messages = check_messages(messages) if messages else []
         self._held, self.dropped = None, 0
 
@@ -99,7 +98,7 @@ class Conversation:
     def _prompt(self, gc: GenerationConfig, going_on: bool) -> list[int]:
         """The conversation's prompt tokens, its oldest exchanges left out while prompt + reply overflow."""
         fmt, n_ctx = self.lm.chat_format, self.lm.config.n_positions
-        first = _leading_system(self.messages)
+        first = leading_system(self.messages)
         system, rest = self.messages[:first], self.messages[first:]
         dropped = 0
         while True:
@@ -151,7 +150,3 @@ class Conversation:
             # the cache holds the prompt and every new token but the last (never fed back)
             self._held = (batch.cache, prompt + new) if batch.cache is not None and self.keep_cache else None
 
-
-def _leading_system(messages: list[dict]) -> int:
-    """How many messages at the start are system (or developer) messages."""
-    return next((i for i, m in enumerate(messages) if m["role"] not in SYSTEM_ROLES), len(messages))

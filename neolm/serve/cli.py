@@ -23,7 +23,8 @@ def register(sub) -> dict:
         "OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='none'). Sampling fields are OpenAI's (temperature "
         "0: greedy) plus vLLM's top_k, min_tokens and repetition_penalty; structured outputs through OpenAI's "
         "response_format (json_object, json_schema) or vLLM's structured_outputs / guided_json, guided_regex, "
-        "guided_choice and guided_grammar (GBNF). Sampling fields a request leaves out take the "
+        "guided_choice and guided_grammar (GBNF); function calling (tools, tool_choice: auto, required, none or a "
+        "named function). Sampling fields a request leaves out take the "
         "checkpoint's generation_config.json values, else OpenAI's defaults (temperature 1: sampling). Requests are "
         "batched continuously: one that arrives while others decode joins them at the next step, whatever its "
         "settings, and gets the tokens it would get alone. A chat is written in the checkpoint's chat template "
@@ -47,6 +48,7 @@ def register(sub) -> dict:
     net.add_argument("--chat-template", metavar="FILE_OR_TEMPLATE",
                      help="a Jinja chat template (a file, or the template itself) to use instead of the checkpoint's "
                      "own; without either, chats are a plain 'User: / Assistant:' transcript")  # fmt: skip
+    _add_tool_call_parser(net)
     net.add_argument("--max-batch", type=positive, default=8, help="sequences decoded together at most (default 8)")
     net.add_argument("--prefill-chunk", type=non_negative, default=DEFAULT_PREFILL_CHUNK, metavar="TOKENS",
                      help="while sequences decode, read a joining prompt at most this many tokens a step, so that a "
@@ -79,6 +81,7 @@ def register(sub) -> dict:
                       "name nor an adapter's is refused; without, `model` is not read)")  # fmt: skip
     run.add_argument("--chat-template", metavar="FILE_OR_TEMPLATE",
                      help="a Jinja chat template to use instead of the checkpoint's own (as neolm serve)")  # fmt: skip
+    _add_tool_call_parser(run)
     run.add_argument("--max-batch", type=positive, default=8, help="sequences decoded together at most (default 8)")
     run.add_argument("--prefill-chunk", type=non_negative, default=DEFAULT_PREFILL_CHUNK, metavar="TOKENS",
                      help=f"prompt tokens read a step while sequences decode (default {DEFAULT_PREFILL_CHUNK}; as "
@@ -93,6 +96,18 @@ def _add_lora_modules(group, who: str) -> None:
                        f"\"path\": ...}}'): {who} runs with that adapter, in one batch with requests for the base "
                        "model and other adapters (decoding at the base model's speed, within noise: bench/LORA.md; "
                        "--adapter merges one into the weights instead)")  # fmt: skip
+
+
+def _add_tool_call_parser(group) -> None:
+    from neolm.tool_calls import FORMATS
+
+    group.add_argument("--tool-call-parser", choices=sorted(FORMATS),
+                       help="the format the chat template's model writes tool calls in, so that tool_choice \"auto\" "
+                       "(OpenAI's default with tools) reads them from its replies into tool_calls, as vLLM's "
+                       "--enable-auto-tool-choice --tool-call-parser: hermes (<tool_call>{...}</tool_call>: Hermes, "
+                       "Qwen 2.5/3), llama3_json (a JSON reply {\"name\", \"parameters\"}: Llama 3.1+). The plain "
+                       "transcript lists the tools itself and teaches hermes (default with it: hermes); without a "
+                       "parser a template's \"auto\" requests are refused, \"required\" and named calls work")  # fmt: skip
 
 
 def lora_module(text: str) -> tuple[str, str]:
@@ -121,6 +136,10 @@ def _load(args):
         raise NeolmError(f"--lora-modules: each adapter needs a name of its own, not the model's ({name!r}) or "
                          f"another adapter's: {', '.join(clash)}")  # fmt: skip
     lm = load_model(args)
+    if args.tool_call_parser:
+        from neolm.tool_calls import FORMATS
+
+        lm.chat_format.tool_calls = FORMATS[args.tool_call_parser]
     for adapter, path in args.lora_modules:
         lm.load_adapter(path, adapter)
     lm.disable_adapters()  # a request names its adapter; the base model's run without

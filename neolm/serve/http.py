@@ -27,6 +27,7 @@ from neolm.errors import NeolmError
 from neolm.serve import answer, protocol
 from neolm.serve.engine import DEFAULT_PREFILL_CHUNK, Engine
 from neolm.serve.protocol import ApiError
+from neolm.serve.tools import Held
 
 log = logging.getLogger(__name__)
 
@@ -270,14 +271,19 @@ class Handler(BaseHTTPRequestHandler):
                 for i in range(job.sequences):
                     self._event(protocol.chunk(request, name, i, None))
             generated = 0
-            held = [""] * job.sequences if request.tool_choice and request.tool_choice.name is None else None
+            tool = request.tool_choice
+            held = [Held(tool) for _ in range(job.sequences)] if tool and tool.name is None else None
             try:
                 for i, text, reason, tokens, logprobs in answer.choices(request, job, tokenizer):
                     generated += tokens
-                    if held is not None:  # tool_choice "required": its calls are known once the reply is whole
-                        held[i] += text
+                    if held is not None:  # tool_choice "required" or "auto": calls are known once the reply is whole
+                        text = held[i].push(text)
                         if reason:
+                            if text:
+                                self._event(protocol.chunk(request, name, i, text))
                             self._event(protocol.calls_chunk(request, name, i, held[i], reason))
+                        elif text:
+                            self._event(protocol.chunk(request, name, i, text))
                     elif text or reason or logprobs:
                         self._event(protocol.chunk(request, name, i, text, reason,
                                                    protocol.logprobs(request, logprobs, tokenizer)))  # fmt: skip

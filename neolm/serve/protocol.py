@@ -319,7 +319,7 @@ def parse(kind: str, body, lm) -> Request:
     context = lm.config.n_positions
     structured = {}
     if kind == "chat":
-        functions, request.tool_choice, structured = tools.parse(body)
+        functions, request.tool_choice, structured = tools.parse(body, lm.chat_format.tool_calls)
         prompt = lm.encode(_chat_text(body, lm, functions))
         max_tokens = _max_tokens(body, "max_completion_tokens", _max_tokens(body, "max_tokens", None))
         if max_tokens is None:
@@ -378,7 +378,7 @@ def tokenize(body, lm) -> dict:
     if unknown:
         raise ApiError(400, f"unrecognized request argument(s): {', '.join(unknown)}", unknown[0])
     if "messages" in body:  # with its tools, the prompt a chat request with them reads
-        text = _chat_text(body, lm, tools.parse(body | {"tool_choice": "none"})[0] if body.get("tools") else None)
+        text = _chat_text(body, lm, tools.parse(body | {"tool_choice": "none"}, None)[0] if body.get("tools") else None)
     else:
         text = _field(body, "prompt", (str,), None)
         if text is None:
@@ -482,9 +482,8 @@ def response(request: Request, model: str, texts: list[str], reasons: list[str],
     if request.kind == "chat":
         choices = []
         for i, (text, reason, lp) in enumerate(rows):
-            calls, reason = _tool_calls(request, text, reason)
-            message = {"role": "assistant", "content": text} if calls is None else {
-                "role": "assistant", "content": None, "tool_calls": calls}  # fmt: skip
+            content, calls, reason = _tool_calls(request, text, reason)
+            message = {"role": "assistant", "content": content} | ({"tool_calls": calls} if calls is not None else {})
             choices.append({"index": i, "message": message, "logprobs": lp, "finish_reason": reason})
         kind = "chat.completion"
     else:
@@ -495,43 +494,49 @@ def response(request: Request, model: str, texts: list[str], reasons: list[str],
             "usage": usage(request, completion_tokens, cached)}  # fmt: skip
 
 
-def _tool_calls(request: Request, text: str, reason: str) -> tuple[list[dict] | None, str]:
-    """A chat choice's tool calls (None: it is answered as text; serve/tools.py) and its finish_reason: "tool_calls"
-    for the whole reply of tool_choice "required" (a named call's stays "stop")."""
-    choice = request.tool_choice
-    calls = None if choice is None else choice.calls(text)
-    if calls is not None and choice.name is None and reason == "stop":
-        reason = "tool_calls"
-    return calls, reason
+def _tool_calls(request: Request, text: str, reason: str) -> tuple[str | None, list[dict] | None, str]:
+    """A chat choice's content, tool calls (None: it is answered as text; serve/tools.py) and finish_reason."""
+    content, calls = (text, None) if request.tool_choice is None else request.tool_choice.answer(text)
+    return content, calls, _finish(request, calls, reason)
+
+
+def _finish(request: Request, calls: list[dict] | None, reason: str) -> str:
+    """"tool_calls" for a whole reply of tool_choice "required" or "auto" that calls (a named call's stays "stop")."""
+    return "tool_calls" if calls is not None and request.tool_choice.name is None and reason == "stop" else reason
 
 
 def chunk(request: Request, model: str, index: int, text: str | None, reason: str | None = None,
           choice_logprobs: dict | None = None) -> dict:  # fmt: skip
     """One streamed event: text for choice `index` (chat: None opens the choice with its role), or its end. A named
     tool call streams as tool_calls deltas: its id and name first, then its arguments' text. The calls of
-    tool_choice "required" come whole with the choice's end (calls_chunk)."""
+    tool_choice "required" and "auto" come whole with the choice's end (calls_chunk)."""
     if request.kind != "chat":
         choice = {"index": index, "text": text or "", "logprobs": choice_logprobs, "finish_reason": reason}
         return {"id": request.id, "object": "text_completion", "created": request.created, "model": model,
                 "choices": [choice]}  # fmt: skip
     tool = request.tool_choice
+    named = tool is not None and tool.name is not None
     if text is None:  # the choice opens
-        delta = {"role": "assistant", "content": ""} if tool is None else {"role": "assistant", "content": None}
-        if tool is not None and tool.name is not None:
+        calls_only = tool is not None and tool.auto is None  # named, "required": no content
+        delta = {"role": "assistant", "content": None if calls_only else ""}
+        if named:
             delta["tool_calls"] = tool.open()
     elif not text:
         delta = {}
     else:
-        delta = {"content": text} if tool is None else {"tool_calls": [{"index": 0, "function": {"arguments": text}}]}
+        delta = {"tool_calls": [{"index": 0, "function": {"arguments": text}}]} if named else {"content": text}
     return _chat_chunk(request, model, index, delta, reason, choice_logprobs)
 
 
-def calls_chunk(request: Request, model: str, index: int, text: str, reason: str) -> dict:
-    """The end of a streamed choice of tool_choice "required", whose whole text was held back: its tool calls
-    (or, cut short by max_tokens, its text), with the finish reason."""
-    calls, reason = _tool_calls(request, text, reason)
-    delta = {"content": text} if calls is None else {"tool_calls": [c | {"index": k} for k, c in enumerate(calls)]}
-    return _chat_chunk(request, model, index, delta, reason, None)
+def calls_chunk(request: Request, model: str, index: int, held: tools.Held, reason: str) -> dict:
+    """The end of a streamed choice of tool_choice "required" or "auto", whose calls were held back: the content
+    not sent yet and its tool calls (none, for a reply cut short by max_tokens or, "auto", one that does not call),
+    with the finish reason."""
+    content, calls = held.end()
+    delta = {"content": content} if content else {}
+    if calls is not None:
+        delta["tool_calls"] = [c | {"index": k} for k, c in enumerate(calls)]
+    return _chat_chunk(request, model, index, delta, _finish(request, calls, reason), None)
 
 
 def _chat_chunk(request: Request, model: str, index: int, delta: dict, reason: str | None, choice_logprobs) -> dict:

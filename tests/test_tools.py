@@ -1,0 +1,310 @@
+"""Function calling: the tool-call formats (neolm.tool_calls) read back what they write, the plain transcript
+teaches its format, and the server answers tool_choice "auto", "required", "none" and named functions as OpenAI
+and vLLM do, streamed and whole."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+import pytest
+from test_cli import cli
+from test_serve import call
+from test_structured import _events
+
+import neolm
+from neolm.chat import Template, Transcript
+from neolm.errors import NeolmError
+from neolm.serve.tools import Held, ToolChoice
+from neolm.tool_calls import FORMATS, Call
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return neolm.load()
+
+
+@pytest.fixture(scope="module")
+def server(lm):
+    from neolm.serve.http import Server
+
+    server = Server(lm, port=0, model_name="m", max_batch=8)
+    server.start()
+    yield server
+    server.close()
+
+
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["c", "f"]}},
+        "required": ["city", "unit"]}}},
+    {"type": "function", "function": {"name": "time", "parameters": {
+        "type": "object", "properties": {"zone": {"type": "string", "maxLength": 6}}, "required": ["zone"]}}},
+]  # fmt: skip
+SCHEMA_OF = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+TOOL_CHAT = {"model": "m", "messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": TOOLS,
+             "max_tokens": 200, "temperature": 0}  # fmt: skip
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+def test_named_tool_choice_answers_one_call_of_that_function(server):
+    status, body = call(server, "/v1/chat/completions", TOOL_CHAT | {"tool_choice": NAMED})
+    assert status == 200, body
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "stop" and choice["message"]["content"] is None
+    (tool_call,) = choice["message"]["tool_calls"]
+    assert tool_call["type"] == "function" and tool_call["id"].startswith("chatcmpl-tool-")
+    assert tool_call["function"]["name"] == "get_weather"
+    jsonschema.validate(json.loads(tool_call["function"]["arguments"]), SCHEMA_OF["get_weather"])
+    status, text = call(server, "/v1/chat/completions", TOOL_CHAT | {"tool_choice": NAMED, "stream": True})
+    chunks = [e["choices"][0]["delta"] for e in _events(text)]
+    assert chunks[0]["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": ""}
+    streamed = "".join(d["tool_calls"][0]["function"]["arguments"] for d in chunks[1:] if d)
+    assert streamed == tool_call["function"]["arguments"]
+
+
+def test_required_tool_choice_answers_calls_of_the_tools(server):
+    status, body = call(
+        server, "/v1/chat/completions", TOOL_CHAT | {"tool_choice": "required", "parallel_tool_calls": False}
+    )
+    assert status == 200, body
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None, body
+    (tool_call,) = choice["message"]["tool_calls"]
+    name = tool_call["function"]["name"]
+    jsonschema.validate(json.loads(tool_call["function"]["arguments"]), SCHEMA_OF[name])
+
+
+def test_required_tool_calls_stream_whole_at_the_end(server):
+    fields = {"tool_choice": "required", "parallel_tool_calls": False}
+    status, body = call(server, "/v1/chat/completions", TOOL_CHAT | fields)
+    status, text = call(server, "/v1/chat/completions", TOOL_CHAT | fields | {"stream": True})
+    assert status == 200
+    events = _events(text)
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": None}
+    last = events[-1]["choices"][0]
+    assert last["finish_reason"] == "tool_calls" and all(not e["choices"][0]["delta"] for e in events[1:-1])
+    (streamed,) = last["delta"]["tool_calls"]
+    (whole,) = body["choices"][0]["message"]["tool_calls"]
+    assert streamed["index"] == 0 and streamed["function"] == whole["function"]
+
+
+def test_openai_client_reads_tool_calls(server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="none")
+    reply = client.chat.completions.create(model="m", messages=TOOL_CHAT["messages"], tools=TOOLS, tool_choice=NAMED,
+                                           max_tokens=200, temperature=0)  # fmt: skip
+    arguments = json.loads(reply.choices[0].message.tool_calls[0].function.arguments)
+    jsonschema.validate(arguments, SCHEMA_OF["get_weather"])
+
+
+def test_a_conversation_with_tool_calls_and_results_is_rendered(server):
+    messages = TOOL_CHAT["messages"] + [
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'}}]},
+        {"role": "tool", "tool_call_id": "1", "content": "12 C"},
+    ]  # fmt: skip
+    status, body = call(server, "/v1/chat/completions", {"model": "m", "messages": messages, "max_tokens": 5})
+    assert status == 200, body
+    text = Transcript().render(messages)
+    assert ('Assistant: <tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}</tool_call>\n'
+            in text)  # fmt: skip
+    assert text.endswith("Tool: 12 C\nAssistant:")
+    template = Template("{% for t in tools %}{{ t.function.name }};{% endfor %}{% for m in messages %}{{ m.role }}="
+                        "{{ m.tool_call_id or '' }}{{ m.content }}|{% endfor %}")  # fmt: skip
+    assert template.render(messages, tools=TOOLS) == ("get_weather;time;user=Weather in Paris?|assistant=|tool=112 C|")
+
+
+@pytest.mark.parametrize("fields, param, needle", [
+    ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", "not among the tools"),
+    ({"tool_choice": NAMED, "response_format": {"type": "json_object"}}, "tool_choice", "leave out response_format"),
+    ({"tools": [{"type": "function"}], "tool_choice": "none"}, "tools", "tools[0]"),
+    ({"tools": None, "tool_choice": "required"}, "tool_choice", "needs 'tools'"),
+    ({"tool_choice": "sometimes"}, "tool_choice", "must be"),
+])  # fmt: skip
+def test_tool_requests_neolm_cannot_answer_are_refused(server, fields, param, needle):
+    status, body = call(server, "/v1/chat/completions", TOOL_CHAT | fields)
+    assert status == 400 and needle in body["error"]["message"] and body["error"]["param"] == param, body
+
+
+def test_tokenize_counts_a_chat_with_tools_as_its_request_reads_it(server):
+    status, body = call(server, "/v1/chat/completions", TOOL_CHAT | {"tool_choice": NAMED, "max_tokens": 3})
+    assert status == 200, body
+    status, tokens = call(server, "/tokenize", {"messages": TOOL_CHAT["messages"], "tools": TOOLS})
+    assert status == 200 and tokens["count"] == body["usage"]["prompt_tokens"], tokens
+
+
+# tool_choice "auto": the model's own calls, read in its chat format's tool-call format
+
+
+def test_hermes_reads_content_and_calls():
+    hermes = FORMATS["hermes"]
+    text = 'Let me look.\n<tool_call>\n{"name": "a", "arguments": {"x": 1}}\n</tool_call>\n<tool_call>{"name": "b", ' \
+        '"arguments": "{\\"y\\": [2]}"}'  # fmt: skip
+    assert hermes.parse(text) == ("Let me look.", [Call("a", {"x": 1}), Call("b", {"y": [2]})])  # the last left open
+    assert hermes.parse('<tool_call>{"name": "a"}</tool_call>') == (None, [Call("a", {})])
+    for text in ("no call here", '<tool_call>{"name": "a", "arguments": {"x": </tool_call>', "<tool_call>[1]",
+                 '<tool_call>{"arguments": {}}</tool_call>', '<tool_call>{"name": "a", "arguments": 3}'):  # fmt: skip
+        assert hermes.parse(text) is None, text
+
+
+def test_llama3_json_reads_calls_joined_by_semicolons():
+    fmt = FORMATS["llama3_json"]
+    assert fmt.parse(' <|python_tag|>{"name": "a", "parameters": {"x": 1}}; {"name": "b", "arguments": {}}') == (
+        None, [Call("a", {"x": 1}), Call("b", {})])  # fmt: skip
+    for text in ("Hello {", '{"name": "a"} and more', '{"name": "a"', "<|python_tag|>3"):
+        assert fmt.parse(text) is None, text
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_a_format_reads_back_the_calls_it_writes(name):
+    fmt = FORMATS[name]
+    calls = [Call("get_weather", {"city": "Zürich", "unit": "c"}), Call("time", {"zone": "CET", "n": [1, None]})]
+    content, parsed = fmt.parse(fmt.write(calls))
+    assert parsed == calls and content is None
+
+
+@pytest.mark.parametrize("name, text, content", [
+    ("hermes", 'Sure, <b>one</b> moment.<tool_call>{"name": "time", "arguments": {}}</tool_call>',
+     "Sure, <b>one</b> moment."),
+    ("hermes", "A <tool_ca without a call, ending in <tool_c", "A <tool_ca without a call, ending in <tool_c"),
+    ("llama3_json", '  <|python_tag|>{"name": "time", "parameters": {}}', ""),
+    ("llama3_json", "  <|python_tail| is text", "  <|python_tail| is text"),
+])  # fmt: skip
+def test_a_streamed_reply_sends_its_content_and_holds_back_its_calls(name, text, content):
+    """Piece by piece, in every split of one to five characters, a stream sends exactly the content: never a part
+    of the calls' opening, and everything of a reply without calls."""
+    choice = ToolChoice(auto=FORMATS[name], functions=("time",))
+    whole_content, calls = choice.answer(text)
+    for size in range(1, 6):
+        held = Held(choice)
+        sent = "".join(held.push(text[i : i + size]) for i in range(0, len(text), size))
+        rest, end_calls = held.end()
+        assert sent + rest == (whole_content or "") == content, (size, sent, rest)
+        assert [c["function"] for c in end_calls or []] == [c["function"] for c in calls or []]
+        assert (calls is None) == (end_calls is None)
+
+
+def test_the_transcript_teaches_its_tool_call_format():
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Time?"}]
+    text = Transcript().render(messages, tools=TOOLS)
+    system, functions, _ = text.split("\n", 2)
+    assert system == "Be brief." and functions.startswith("Functions the assistant can call")
+    listed = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    assert listed == [t["function"] for t in TOOLS]
+    assert FORMATS["hermes"].example in text and text.endswith("User: Time?\nAssistant:")
+    assert "\nTool:" in Transcript.stop  # a base model writing a call's result itself ends its turn there
+    with pytest.raises(NeolmError, match="tools must be functions"):
+        Transcript().render(messages, tools=[{"type": "retrieval"}])
+
+
+CALL_TEXT = 'Checking. <tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}</tool_call>'
+AUTO_CALL = {"guided_regex": re.escape(CALL_TEXT)}  # the model made to write a call in the transcript's format
+
+
+def test_auto_tool_choice_answers_the_calls_the_model_writes(server):
+    status, body = call(server, "/v1/chat/completions", TOOL_CHAT | AUTO_CALL)
+    assert status == 200, body
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] == "Checking.", body
+    (tool_call,) = choice["message"]["tool_calls"]
+    assert tool_call["id"].startswith("chatcmpl-tool-") and tool_call["function"]["name"] == "get_weather"
+    assert json.loads(tool_call["function"]["arguments"]) == {"city": "Paris", "unit": "c"}
+    status, text = call(server, "/v1/chat/completions", TOOL_CHAT | AUTO_CALL | {"stream": True, "tool_choice": "auto"})
+    events = [e["choices"][0] for e in _events(text)]
+    assert events[0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(e["delta"].get("content", "") for e in events).strip() == "Checking."
+    assert all("tool_calls" not in e["delta"] and e["finish_reason"] is None for e in events[:-1])
+    (streamed,) = events[-1]["delta"]["tool_calls"]
+    assert events[-1]["finish_reason"] == "tool_calls" and streamed["index"] == 0
+    assert streamed["function"] == tool_call["function"]
+
+
+@pytest.mark.parametrize("regex, finish", [
+    (r"It is sunny\.", "stop"),  # no call: text
+    (re.escape(CALL_TEXT.replace("get_weather", "get_news")), "stop"),  # a function it was not given: text
+    (re.escape(CALL_TEXT[:-12]), "length"),  # cut short by max_tokens, the call unfinished: text
+])  # fmt: skip
+def test_auto_tool_choice_answers_text_without_a_whole_call_of_a_tool(server, regex, finish):
+    fields = {"guided_regex": regex} | ({"max_tokens": 12} if finish == "length" else {})
+    status, body = call(server, "/v1/chat/completions", TOOL_CHAT | fields)
+    choice = body["choices"][0]
+    assert status == 200 and "tool_calls" not in choice["message"], body
+    assert choice["finish_reason"] == finish and choice["message"]["content"], body
+    assert re.fullmatch(regex, choice["message"]["content"]) or finish == "length"
+
+
+def test_auto_parallel_tool_calls_false_answers_the_first_call(server):
+    two = CALL_TEXT + CALL_TEXT.split(". ")[1].replace("Paris", "Rome")
+    status, body = call(server, "/v1/chat/completions", TOOL_CHAT | {"guided_regex": re.escape(two)})
+    assert [json.loads(c["function"]["arguments"])["city"] for c in body["choices"][0]["message"]["tool_calls"]] == [
+        "Paris", "Rome"]  # fmt: skip
+    status, body = call(server, "/v1/chat/completions",
+                        TOOL_CHAT | {"guided_regex": re.escape(two), "parallel_tool_calls": False})  # fmt: skip
+    assert status == 200, body
+    (only,) = body["choices"][0]["message"]["tool_calls"]
+    assert json.loads(only["function"]["arguments"])["city"] == "Paris"
+
+
+def test_auto_tool_choice_reads_a_template_s_format_when_told(lm, server):
+    template = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}{% if tools %}tools: "
+                "{{ tools | tojson }}\n{% endif %}assistant:")  # fmt: skip
+    kept = lm.chat_format
+    lm.chat_format = Template(template)
+    try:
+        status, body = call(server, "/v1/chat/completions", TOOL_CHAT)
+        assert status == 400 and "--tool-call-parser" in body["error"]["message"], body
+        assert body["error"]["param"] == "tool_choice"
+        lm.chat_format.tool_calls = FORMATS["llama3_json"]
+        regex = re.escape('{"name": "time", "parameters": {"zone": "UTC"}}')
+        status, body = call(server, "/v1/chat/completions", TOOL_CHAT | {"guided_regex": regex})
+        (tool_call,) = body["choices"][0]["message"]["tool_calls"]
+        assert tool_call["function"] == {"name": "time", "arguments": '{"zone": "UTC"}'}
+        assert body["choices"][0]["message"]["content"] is None and body["choices"][0]["finish_reason"] == "tool_calls"
+    finally:
+        lm.chat_format = kept
+
+
+def test_openai_client_reads_auto_tool_calls_and_content(server):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="none")
+    reply = client.chat.completions.create(model="m", messages=TOOL_CHAT["messages"], tools=TOOLS, max_tokens=200,
+                                           extra_body=AUTO_CALL)  # fmt: skip
+    message = reply.choices[0].message
+    assert message.content == "Checking." and message.tool_calls[0].function.name == "get_weather"
+    stream = client.chat.completions.create(model="m", messages=TOOL_CHAT["messages"], tools=TOOLS, max_tokens=200,
+                                            extra_body=AUTO_CALL, stream=True)  # fmt: skip
+    deltas = [c.choices[0].delta for c in stream]
+    assert [t.function.name for d in deltas for t in d.tool_calls or []] == ["get_weather"]
+
+
+def test_batch_reads_a_template_s_tool_calls_with_tool_call_parser(tmp_path, capsys):
+    template = tmp_path / "chat.jinja"
+    template.write_text("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}assistant:")
+    body = TOOL_CHAT | {"guided_regex": re.escape('<|python_tag|>{"name": "time", "parameters": {"zone": "UTC"}}')}
+    requests, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    requests.write_text(json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": body}))
+    code, _, err = cli(capsys, "batch", requests, output, "--chat-template", template)
+    assert code == 0 and "1 failed" in err, err
+    assert "--tool-call-parser" in json.loads(output.read_text())["error"]["message"]
+    output.unlink()
+    code, _, err = cli(capsys, "batch", requests, output, "--chat-template", template, "--tool-call-parser",
+                       "llama3_json")  # fmt: skip
+    assert code == 0 and "0 failed" in err, err
+    choice = json.loads(output.read_text())["response"]["body"]["choices"][0]
+    assert choice["message"]["tool_calls"][0]["function"] == {"name": "time", "arguments": '{"zone": "UTC"}'}
+    assert choice["finish_reason"] == "tool_calls"
+    code, _, err = cli(capsys, "batch", requests, output, "--tool-call-parser", "xml")
+    assert code == 2 and "invalid choice" in err
+
+
+def test_library_chat_with_tools_and_the_calls_read_back(lm):
+    reply = lm.chat(TOOL_CHAT["messages"], tools=TOOLS, structured_outputs={"regex": re.escape(CALL_TEXT)},
+                    max_new_tokens=len(CALL_TEXT))  # fmt: skip
+    assert reply == CALL_TEXT
+    content, calls = lm.chat_format.tool_calls.parse(reply)
+    assert content == "Checking." and calls == [Call("get_weather", {"city": "Paris", "unit": "c"})]
+    conversation = neolm.Conversation(lm, TOOL_CHAT["messages"], tools=TOOLS)
+    assert conversation.template_kwargs == {"tools": TOOLS}
+    assert lm.chat_format.render(TOOL_CHAT["messages"], tools=TOOLS).startswith("Functions the assistant can call")
