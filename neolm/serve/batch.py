@@ -1,8 +1,8 @@
 """`neolm batch`: offline inference over a file of requests in OpenAI's Batch file format, through the server's
 engine (continuous batching) in this process, as vLLM's run_batch does.
 
-Input, a request a line (JSONL): {"custom_id": "...", "method": "POST", "url": "/v1/completions" or
-"/v1/chat/completions", "body": {the request, as the server takes it}}. Output, a line per request as it ends
+Input, a request a line (JSONL): {"custom_id": "...", "method": "POST", "url": "/v1/completions",
+"/v1/chat/completions" or "/v1/responses" (nothing is stored: previous_response_id is not found), "body": {the request, as the server takes it}}. Output, a line per request as it ends
 (so not in the input's order): {"id": "batch_req_...", "custom_id": ..., "response": {"status_code": 200,
 "request_id": ..., "body": {the server's response}}, "error": null}; a request the server would refuse keeps its
 status code and error body, with "error": {"code", "message"}. The whole input is checked before the model loads.
@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from neolm.errors import NeolmError
-from neolm.serve import answer, protocol
+from neolm.serve import answer, protocol, responses
 from neolm.serve.engine import Engine
 from neolm.serve.protocol import ApiError
 
 log = logging.getLogger(__name__)
 
-URLS = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
+URLS = {"/v1/completions": "completion", "/v1/chat/completions": "chat", "/v1/responses": "responses"}
 
 
 @dataclass
@@ -125,7 +125,8 @@ def _answer(lm, engine: Engine, line: Line, model_name: str) -> dict:
         if lm.adapters and adapter is None and named not in (None, model_name):
             served = ", ".join(repr(n) for n in [model_name, *lm.adapters])
             raise ApiError(404, f"the model '{named}' does not exist; this batch has {served}", "model")
-        request = protocol.parse(line.kind, line.body, lm)
+        turn = responses.Turn(line.body, responses.Store(0)) if line.kind == "responses" else None  # none kept
+        request = protocol.parse(line.kind, line.body, lm) if turn is None else responses.parse(turn, lm)
         if request.stream:
             raise ApiError(400, "stream is not offered in a batch: each answer is written whole", "stream")
         logprobs = 0 if request.ranked and request.logprobs is None else request.logprobs  # ranking needs them
@@ -133,7 +134,8 @@ def _answer(lm, engine: Engine, line: Line, model_name: str) -> dict:
             job = engine.submit(request.prompts, request.gc, logprobs, request.prompt_logprobs, adapter)
         except NeolmError as e:  # a prompt too long for the context, or out of the vocabulary
             raise ApiError(400, str(e).replace("max_new_tokens", "max_tokens")) from None
-        return _record(line, 200, answer.whole(request, job, lm.tokenizer, adapter or model_name), None)
+        whole = answer.whole(request, job, lm.tokenizer, adapter or model_name)
+        return _record(line, 200, whole if turn is None else turn.answer(whole, request.gc, responses.Store(0)), None)
     except ApiError as e:
         return _record(line, e.status, e.body(), {"code": e.kind, "message": e.message})
 
@@ -170,7 +172,8 @@ def run(lm, lines: list[Line], output: str | os.PathLike, model_name: str, engin
                     summary.failed += 1
                     summary.errors[record["error"]["code"]] = summary.errors.get(record["error"]["code"], 0) + 1
                 else:
-                    summary.completion_tokens += record["response"]["body"]["usage"]["completion_tokens"]
+                    usage = record["response"]["body"]["usage"]  # (a Response's counts its output_tokens)
+                    summary.completion_tokens += usage.get("completion_tokens", usage.get("output_tokens", 0))
                 if progress is not None:
                     progress(record)
 

@@ -17,7 +17,8 @@ def register(sub) -> dict:
         "serve",
         help="serve a model over an OpenAI-compatible HTTP API",
         description="Serve MODEL over HTTP with OpenAI's API: POST /v1/completions and /v1/chat/completions "
-        "(stream: server-sent events; logprobs, and with echo the prompt's), GET /v1/models, /health and /metrics "
+        "(stream: server-sent events; logprobs, and with echo the prompt's), /v1/responses (the Responses API: "
+        "stored responses continue with previous_response_id; GET and DELETE /v1/responses/ID), GET /v1/models, /health and /metrics "
         "(Prometheus), and vLLM's /tokenize, /detokenize and /tokenizer_info (lm-eval's local-completions scores "
         "through them). Any OpenAI client works, e.g. "
         "OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='none'). Sampling fields are OpenAI's (temperature "
@@ -65,7 +66,8 @@ def register(sub) -> dict:
         "batch",
         help="answer a file of OpenAI batch requests offline",
         description="Answer every request of INPUT, a file in OpenAI's Batch format (JSONL, a request a line: "
-        '{"custom_id": ..., "method": "POST", "url": "/v1/completions" or "/v1/chat/completions", "body": {...}}), '
+        '{"custom_id": ..., "method": "POST", "url": "/v1/completions", "/v1/chat/completions" or "/v1/responses", '
+        '"body": {...}}), '
         "as `neolm serve` would, batched continuously in this process (vLLM's run_batch). Each answer is appended "
         "to OUTPUT as its request ends, in OpenAI's batch output format ({custom_id, response: {status_code, body}, "
         "error}); a request the server would refuse gets its error there and the others go on. A crash or Ctrl-C "

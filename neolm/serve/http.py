@@ -3,6 +3,8 @@
   GET  /v1/models             the model served, and each LoRA adapter it holds (LanguageModel.load_adapter)
   POST /v1/completions        text completion (stream: server-sent events, as OpenAI)
   POST /v1/chat/completions   chat completion (protocol.py's transcript format)
+  POST /v1/responses          OpenAI's Responses API, read as a chat completion (responses.py); GET and DELETE
+       /v1/responses/{id}     a stored response
   GET  /health                200 while the engine runs, with its counters
   POST /tokenize, /detokenize, GET /tokenizer_info   vLLM's tokenizer routes (lm-eval's remote tokenizer uses them)
   POST /v1/load_lora_adapter, /v1/unload_lora_adapter  vLLM's, with runtime_lora: hold or drop a LoRA adapter
@@ -19,12 +21,13 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import neolm
 from neolm.errors import NeolmError
-from neolm.serve import answer, protocol
+from neolm.serve import answer, protocol, responses
 from neolm.serve.engine import DEFAULT_PREFILL_CHUNK, Engine
 from neolm.serve.protocol import ApiError
 from neolm.serve.tools import Held
@@ -50,6 +53,7 @@ class Server(ThreadingHTTPServer):
         self.model_name = model_name or lm.source
         self.api_key = api_key
         self.started = int(time.time())
+        self.stored = responses.Store()  # /v1/responses kept for previous_response_id and GET
         self.engine = Engine(lm, max_batch, prefill_chunk, prefix_cache_mb)
         try:
             super().__init__((host, port), Handler)
@@ -122,6 +126,9 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         self._answer(self._post)
 
+    def do_DELETE(self):
+        self._answer(self._delete)
+
     def _answer(self, route) -> None:
         try:
             self._authorize()
@@ -159,6 +166,8 @@ class Handler(BaseHTTPRequestHandler):
                 engine.metrics.render(self.server.model_name, engine.waiting, engine.lora_info()),
                 "text/plain; version=0.0.4; charset=utf-8",
             )
+        if path.startswith("/v1/responses/"):
+            return self._json(200, self.server.stored.get(path.removeprefix("/v1/responses/"))[0])
         if path == "/health":
             engine = self.server.engine
             return self._json(200, {"status": "ok", "model": self.server.model_name, "batches": engine.batches,
@@ -168,8 +177,13 @@ class Handler(BaseHTTPRequestHandler):
             f"no route GET {path}: try GET /v1/models, /health, /metrics or POST /v1/completions, /v1/chat/completions",
         )
 
+    def _delete(self, path: str) -> None:
+        if not path.startswith("/v1/responses/"):
+            raise ApiError(404, f"no route DELETE {path}: try DELETE /v1/responses/{{id}}")
+        self._json(200, self.server.stored.delete(path.removeprefix("/v1/responses/")))
+
     def _post(self, path: str) -> None:
-        kinds = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
+        kinds = {"/v1/completions": "completion", "/v1/chat/completions": "chat", "/v1/responses": "responses"}
         tools = {"/tokenize": protocol.tokenize, "/detokenize": protocol.detokenize}
         adapters = {"/v1/load_lora_adapter": self._load_lora, "/v1/unload_lora_adapter": self._unload_lora}
         if path in adapters:
@@ -177,19 +191,31 @@ class Handler(BaseHTTPRequestHandler):
                 raise ApiError(404, f"POST {path} is off: start the server with --allow-runtime-lora-updating")
             return adapters[path](self._body())
         if path not in kinds and path not in tools:
-            raise ApiError(404, f"no route POST {path}: try /v1/completions, /v1/chat/completions, /tokenize or "
-                           "/detokenize")  # fmt: skip
+            raise ApiError(404, f"no route POST {path}: try /v1/completions, /v1/chat/completions, /v1/responses, "
+                           "/tokenize or /detokenize")  # fmt: skip
         body = self._body()
         adapter = self.server.adapter(body.get("model") if isinstance(body, dict) else None, "model")
         if path in tools:
             return self._json(200, tools[path](body, self.server.lm))
-        request = protocol.parse(kinds[path], body, self.server.lm)
+        turn = None
+        if kinds[path] == "responses":
+            turn = responses.Turn(body, self.server.stored)
+            request = responses.parse(turn, self.server.lm)
+        else:
+            request = protocol.parse(kinds[path], body, self.server.lm)
         try:
             logprobs = 0 if request.ranked and request.logprobs is None else request.logprobs  # ranking needs them
             job = self.server.engine.submit(request.prompts, request.gc, logprobs, request.prompt_logprobs, adapter)
         except NeolmError as e:  # a prompt too long for the context, or out of the vocabulary
             raise ApiError(400, str(e).replace("max_new_tokens", "max_tokens")) from None
-        (self._stream if request.stream else self._whole)(request, job, adapter or self.server.model_name)
+        name = adapter or self.server.model_name
+        if turn is None:
+            (self._stream if request.stream else self._whole)(request, job, name)
+        elif request.stream:
+            self._stream(request, job, name, responses.Events(turn, name, request.gc, self.server.stored))
+        else:
+            whole = answer.whole(request, job, self.server.lm.tokenizer, name)
+            self._json(200, turn.answer(whole, request.gc, self.server.stored))
 
     def _strings(self, body, *fields: str) -> list[str]:
         values = [body.get(field) if isinstance(body, dict) else None for field in fields]
@@ -258,8 +284,9 @@ class Handler(BaseHTTPRequestHandler):
     def _whole(self, request, job, name: str) -> None:
         self._json(200, answer.whole(request, job, self.server.lm.tokenizer, name))
 
-    def _stream(self, request, job, name: str) -> None:
-        tokenizer = self.server.lm.tokenizer
+    def _stream(self, request, job, name: str, events: responses.Events | None = None) -> None:
+        """Stream the job's answer as server-sent events: OpenAI's chunks, ending with [DONE]; or, given `events`,
+        those chunks as Responses events."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -267,39 +294,50 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.close_connection = True
         try:
-            if request.kind == "chat":
-                for i in range(job.sequences):
-                    self._event(protocol.chunk(request, name, i, None))
-            generated = 0
-            tool = request.tool_choice
-            held = [Held(tool) for _ in range(job.sequences)] if tool and tool.name is None else None
-            try:
-                for i, text, reason, tokens, logprobs in answer.choices(request, job, tokenizer):
-                    generated += tokens
-                    if held is not None:  # tool_choice "required" or "auto": calls are known once the reply is whole
-                        text = held[i].push(text)
-                        if reason:
-                            if text:
-                                self._event(protocol.chunk(request, name, i, text))
-                            self._event(protocol.calls_chunk(request, name, i, held[i], reason))
-                        elif text:
-                            self._event(protocol.chunk(request, name, i, text))
-                    elif text or reason or logprobs:
-                        self._event(protocol.chunk(request, name, i, text, reason,
-                                                   protocol.logprobs(request, logprobs, tokenizer)))  # fmt: skip
-            except NeolmError as e:
-                self._event(ApiError(500, str(e), kind="server_error").body())
+            chunks = self._chunks(request, job, name)
+            if events is None:
+                for data in chunks:
+                    self._event(data)
+                self.wfile.write(b"data: [DONE]\n\n")
             else:
-                if request.include_usage:
-                    self._event(protocol.usage_chunk(request, name, generated, job.cached))
-            self.wfile.write(b"data: [DONE]\n\n")
+                for data in (*events.start(), *(e for c in chunks for e in events.feed(c)), *events.end()):
+                    self._event(data, named=True)
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
             log.info("client went away: request %s stopped", request.id)
             job.cancel()
 
-    def _event(self, data: dict) -> None:
-        self.wfile.write(b"data: " + json.dumps(data).encode() + b"\n\n")
+    def _chunks(self, request, job, name: str) -> Iterator[dict]:
+        """A streamed answer's chunks as the job produces them: each choice's text (or tool calls), its end, then
+        the usage if asked; an error's body if generation fails."""
+        tokenizer = self.server.lm.tokenizer
+        if request.kind == "chat":
+            for i in range(job.sequences):
+                yield protocol.chunk(request, name, i, None)
+        generated = 0
+        tool = request.tool_choice
+        held = [Held(tool) for _ in range(job.sequences)] if tool and tool.name is None else None
+        try:
+            for i, text, reason, tokens, logprobs in answer.choices(request, job, tokenizer):
+                generated += tokens
+                if held is not None:  # tool_choice "required" or "auto": calls are known once the reply is whole
+                    text = held[i].push(text)
+                    if text:
+                        yield protocol.chunk(request, name, i, text)
+                    if reason:
+                        yield protocol.calls_chunk(request, name, i, held[i], reason)
+                elif text or reason or logprobs:
+                    yield protocol.chunk(request, name, i, text, reason, protocol.logprobs(request, logprobs, tokenizer))
+        except NeolmError as e:
+            yield ApiError(500, str(e), kind="server_error").body()
+            return
+        if request.include_usage:
+            yield protocol.usage_chunk(request, name, generated, job.cached)
+
+    def _event(self, data: dict, named: bool = False) -> None:
+        """One server-sent event; `named`: with an `event:` line of its type (the Responses API's)."""
+        head = b"event: " + data["type"].encode() + b"\n" if named else b""
+        self.wfile.write(head + b"data: " + json.dumps(data).encode() + b"\n\n")
         self.wfile.flush()
 
     def _json(self, status: int, data: dict) -> None:

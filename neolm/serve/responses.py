@@ -1,0 +1,366 @@
+"""OpenAI's Responses API (POST /v1/responses, GET and DELETE /v1/responses/{id}), as vLLM serves it: a request is
+read as the chat completion it amounts to, answered by the same code (templates, sampling, structured outputs,
+function calling), and its answer written as a Response: `output` items (an assistant message of output_text,
+function_call items), `status` "incomplete" with incomplete_details when max_output_tokens cut it, usage in
+input/output tokens. Streamed, the chat chunks become Responses events (response.created, output_item.added,
+output_text.delta, function_call_arguments.delta, ..., response.completed).
+
+Conversation state: with `store` (OpenAI's default: true) a response and the conversation that led to it are kept
+in memory (the last MAX_STORED), so that `previous_response_id` continues it (its instructions are not carried
+over, as OpenAI's) and GET /v1/responses/{id} returns it. Input items: messages (text content parts), and
+function_call / function_call_output items (a call the model made and its result); reasoning items are passed
+over. Hosted tools (web search, file search, ...), background mode and truncation "auto" are refused.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import OrderedDict
+
+from neolm.serve import protocol
+from neolm.serve.errors import ApiError
+
+MAX_STORED = 1000  # responses kept for previous_response_id and GET (least recently used dropped)
+LOGPROBS = "message.output_text.logprobs"  # the `include` value that asks for the tokens' log-probabilities
+FIELDS = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "tools",
+          "tool_choice", "parallel_tool_calls", "text", "store", "metadata", "previous_response_id", "user",
+          "truncation", "include", "top_logprobs", "reasoning", "service_tier", "background", "max_tool_calls",
+          "safety_identifier", "prompt_cache_key", "stream_options",
+          # vLLM's sampling extras, as its chat completions take them
+          "seed", "top_k", "min_p", "repetition_penalty", "stop", "min_tokens"}  # fmt: skip
+NAMES = {"messages": "input", "max_completion_tokens": "max_output_tokens", "response_format": "text"}
+"""The chat request's fields that a Responses request names otherwise (in errors)."""
+PASSED = ("model", "temperature", "top_p", "parallel_tool_calls", "seed", "top_k", "min_p", "repetition_penalty",
+          "stop", "min_tokens")  # fmt: skip
+
+
+class Store:
+    """Stored responses: id -> (the Response, the conversation it ends: its messages, instructions left out)."""
+
+    def __init__(self, size: int = MAX_STORED):
+        self.size, self._lock = size, threading.Lock()
+        self._items: OrderedDict[str, tuple[dict, list[dict]]] = OrderedDict()
+
+    def put(self, response: dict, messages: list[dict]) -> None:
+        with self._lock:
+            self._items[response["id"]] = (response, messages)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def get(self, rid: str, param: str | None = None) -> tuple[dict, list[dict]]:
+        with self._lock:
+            if rid not in self._items:
+                raise ApiError(404, f"no response with id {rid!r} is stored (responses are kept in memory, the last "
+                               f"{self.size}, with store: true)", param, kind="not_found_error")  # fmt: skip
+            self._items.move_to_end(rid)
+            return self._items[rid]
+
+    def delete(self, rid: str) -> dict:
+        self.get(rid)
+        with self._lock:
+            self._items.pop(rid, None)
+        return {"id": rid, "object": "response.deleted", "deleted": True}
+
+
+class Turn:
+    """A Responses request read as a chat completion: `chat` is that request's body; `messages` the conversation
+    (earlier turns' included) without the instructions, kept with the answer when stored."""
+
+    def __init__(self, body, store: Store):
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        unknown = sorted(k for k, v in body.items() if k not in FIELDS and v is not None)
+        if unknown:
+            raise ApiError(400, f"unrecognized request argument(s): {', '.join(unknown)}", unknown[0])
+        for name, allowed in (("background", (False,)), ("truncation", ("disabled",)), ("max_tool_calls", ())):
+            if body.get(name) is not None and body[name] not in allowed:
+                raise ApiError(400, f"'{name}': {body[name]!r} is not supported", name)
+        self.body, self.id, self.created = body, f"resp_{uuid.uuid4().hex}", int(time.time())
+        self.store = body.get("store") is not False
+        earlier = []
+        if body.get("previous_response_id") is not None:
+            earlier = store.get(body["previous_response_id"], "previous_response_id")[1]
+        if "input" not in body:
+            raise ApiError(400, "'input' is required: a string or a list of input items", "input")
+        self.messages = earlier + _messages(body["input"])
+        instructions = body.get("instructions")
+        if instructions is not None and not isinstance(instructions, str):
+            raise ApiError(400, "'instructions' must be a string", "instructions")
+        system = [{"role": "system", "content": instructions}] if instructions else []
+        chat = {k: body[k] for k in PASSED if body.get(k) is not None}
+        chat |= {"messages": system + self.messages, "stream": bool(body.get("stream"))}
+        if body.get("max_output_tokens") is not None:
+            chat["max_completion_tokens"] = body["max_output_tokens"]
+        if chat["stream"]:
+            chat["stream_options"] = {"include_usage": True}  # the usage goes into response.completed
+        if body.get("tools"):
+            chat["tools"] = [_tool(t, i) for i, t in enumerate(body["tools"])] if isinstance(body["tools"], list) \
+                else body["tools"]  # fmt: skip  (a bad value: the chat request's error)
+        if body.get("tool_choice") is not None:
+            chat["tool_choice"] = _tool_choice(body["tool_choice"])
+        chat |= _text_format(body.get("text"))
+        include = body.get("include") or []
+        if not isinstance(include, list):
+            raise ApiError(400, "'include' must be a list of strings", "include")
+        if LOGPROBS in include or body.get("top_logprobs"):
+            chat |= {"logprobs": True, "top_logprobs": body.get("top_logprobs") or 0}
+        self.chat = chat
+
+    def response(self, model: str, output: list[dict], usage: dict | None, reason: str | None, gc) -> dict:
+        """The Response: `output` items, `usage` (chat's), `reason` the chat choice's finish_reason (None:
+        still in progress)."""
+        body = self.body
+        status = "in_progress" if reason is None else "incomplete" if reason == "length" else "completed"
+        temperature = body.get("temperature", gc.temperature if gc.do_sample else 0.0)
+        return {
+            "id": self.id, "object": "response", "created_at": self.created, "status": status, "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
+            "model": model, "output": output, "parallel_tool_calls": body.get("parallel_tool_calls", True),
+            "previous_response_id": body.get("previous_response_id"), "reasoning": body.get("reasoning"),
+            "store": self.store, "temperature": temperature, "top_p": body.get("top_p", gc.top_p),
+            "text": body.get("text") or {"format": {"type": "text"}}, "tool_choice": body.get("tool_choice", "auto"),
+            "tools": body.get("tools") or [], "truncation": "disabled", "user": body.get("user"),
+            "metadata": body.get("metadata") or {}, "usage": None if usage is None else _usage(usage),
+        }  # fmt: skip
+
+    def answer(self, chat_answer: dict, gc, store: Store) -> dict:
+        """The whole Response of a whole chat completion (stored if asked)."""
+        (choice,) = chat_answer["choices"]
+        message = choice["message"]
+        content = (choice.get("logprobs") or {}).get("content")
+        output = []
+        if message.get("content") is not None or not message.get("tool_calls"):
+            part = _text_part(message.get("content") or "", content)
+            output.append(_message(f"msg_{uuid.uuid4().hex}", [part], "incomplete" if choice["finish_reason"] == "length"
+                                   else "completed"))  # fmt: skip
+        output += [_function_call(f"fc_{uuid.uuid4().hex}", c, "completed") for c in message.get("tool_calls") or []]
+        response = self.response(chat_answer["model"], output, chat_answer["usage"], choice["finish_reason"], gc)
+        self.keep(response, store)
+        return response
+
+    def keep(self, response: dict, store: Store) -> None:
+        if self.store:
+            store.put(response, self.messages + _replies(response["output"]))
+
+
+def parse(turn: Turn, lm) -> protocol.Request:
+    """The chat request a Responses request amounts to; its errors name the Responses fields."""
+    try:
+        return protocol.parse("chat", turn.chat, lm)
+    except ApiError as e:
+        for chat, name in NAMES.items():
+            e.message = e.message.replace(chat, name)
+        e.param = NAMES.get(e.param, e.param)
+        raise
+
+
+class Events:
+    """A streamed chat completion's chunks as Responses events."""
+
+    def __init__(self, turn: Turn, model: str, gc, store: Store):
+        self.turn, self.model, self.gc, self.store = turn, model, gc, store
+        self.number = 0
+        self.output: list[dict] = []
+        self.open: dict | None = None  # the output item being written
+        self.logprobs: list[dict] = []  # the open message's tokens' log-probabilities
+        self.reason = self.usage = self.error = None
+
+    def start(self) -> list[dict]:
+        response = self.turn.response(self.model, [], None, None, self.gc)
+        return [self._event("response.created", response=response), self._event("response.in_progress",
+                                                                                response=response)]  # fmt: skip
+
+    def feed(self, chunk: dict) -> list[dict]:
+        """The events of one chat chunk (a choice's delta or end, the usage, or an error)."""
+        if "error" in chunk:
+            self.error = chunk["error"]
+            return [self._event("error", code=str(chunk["error"].get("code")), message=chunk["error"]["message"],
+                                param=chunk["error"].get("param"))]  # fmt: skip
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        events = []
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") or {}
+            if delta.get("content"):
+                entries = (choice.get("logprobs") or {}).get("content") or []
+                events += self._text(delta["content"], entries)
+            for call in delta.get("tool_calls") or []:
+                events += self._call(call)
+            if choice.get("finish_reason"):
+                self.reason = choice["finish_reason"]
+                events += self._close()
+        return events
+
+    def end(self) -> list[dict]:
+        """The last events: the open item closed, then response.completed / incomplete / failed."""
+        events = self._close()
+        response = self.turn.response(self.model, self.output, self.usage, self.reason or "stop", self.gc)
+        if self.error is not None:
+            response |= {"status": "failed", "error": {"code": str(self.error.get("code")),
+                                                       "message": self.error["message"]}}  # fmt: skip
+            return [*events, self._event("response.failed", response=response)]
+        self.turn.keep(response, self.store)
+        kind = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
+        return [*events, self._event(kind, response=response)]
+
+    def _event(self, kind: str, **fields) -> dict:
+        self.number += 1
+        return {"type": kind, "sequence_number": self.number - 1} | fields
+
+    def _at(self) -> dict:
+        return {"item_id": self.open["id"], "output_index": len(self.output) - 1}
+
+    def _text(self, text: str, entries: list[dict]) -> list[dict]:
+        events = []
+        if self.open is None or self.open["type"] != "message":
+            events += self._close()
+            self._add(_message(f"msg_{uuid.uuid4().hex}", [_text_part("", None)], "in_progress"))
+            events.append(self._event("response.output_item.added", output_index=len(self.output) - 1,
+                                      item=self.open | {"content": []}))  # fmt: skip
+            events.append(self._event("response.content_part.added", **self._at(), content_index=0,
+                                      part=_text_part("", None)))  # fmt: skip
+        self.open["content"][0]["text"] += text
+        self.logprobs += entries
+        return [*events, self._event("response.output_text.delta", **self._at(), content_index=0, delta=text,
+                                     logprobs=entries)]  # fmt: skip
+
+    def _call(self, call: dict) -> list[dict]:
+        events, arguments = [], call.get("function", {}).get("arguments") or ""
+        if call.get("id"):  # a new call: its id and name (its arguments follow, or come with it whole)
+            events += self._close()
+            self._add(_function_call(f"fc_{uuid.uuid4().hex}", call | {"function": call["function"] | {
+                "arguments": ""}}, "in_progress"))  # fmt: skip
+            events.append(self._event("response.output_item.added", output_index=len(self.output) - 1,
+                                      item=dict(self.open)))  # fmt: skip
+        if arguments:
+            self.open["arguments"] += arguments
+            events.append(self._event("response.function_call_arguments.delta", **self._at(), delta=arguments))
+        return events
+
+    def _close(self) -> list[dict]:
+        item, self.open = self.open, None
+        if item is None:
+            return []
+        at = {"item_id": item["id"], "output_index": self.output.index(item)}
+        item["status"] = "incomplete" if self.reason == "length" else "completed"
+        if item["type"] == "message":
+            part = item["content"][0]
+            if self.logprobs or self.turn.chat.get("logprobs"):
+                part["logprobs"] = self.logprobs
+            return [self._event("response.output_text.done", **at, content_index=0, text=part["text"],
+                                logprobs=self.logprobs),
+                    self._event("response.content_part.done", **at, content_index=0, part=part),
+                    self._event("response.output_item.done", output_index=at["output_index"], item=item)]  # fmt: skip
+        return [self._event("response.function_call_arguments.done", **at, arguments=item["arguments"]),
+                self._event("response.output_item.done", output_index=at["output_index"], item=item)]  # fmt: skip
+
+    def _add(self, item: dict) -> None:
+        self.output.append(item)
+        self.open = item
+
+
+def _messages(items) -> list[dict]:
+    """Input items as chat messages (checked further by the chat request)."""
+    if isinstance(items, str):
+        return [{"role": "user", "content": items}]
+    if not isinstance(items, list) or not items:
+        raise ApiError(400, "'input' must be a string or a non-empty list of input items", "input")
+    messages = []
+    for i, item in enumerate(items):
+        kind = item.get("type", "message") if isinstance(item, dict) else None
+        if kind == "message":
+            messages.append({"role": item.get("role"), "content": _content(item.get("content"), i)})
+        elif kind == "function_call":
+            call = {"id": item.get("call_id"), "type": "function",
+                    "function": {"name": item.get("name"), "arguments": item.get("arguments")}}  # fmt: skip
+            if messages and messages[-1]["role"] == "assistant":  # the calls of a message with text
+                messages[-1]["tool_calls"] = [*(messages[-1].get("tool_calls") or []), call]
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            messages.append({"role": "tool", "tool_call_id": item.get("call_id"),
+                             "content": _content(item.get("output"), i)})  # fmt: skip
+        elif kind != "reasoning":  # a reasoning model's items, sent back: neolm's models write none
+            raise ApiError(400, f"input[{i}]: items of type {kind!r} are not supported (messages, function_call and "
+                           "function_call_output are)", "input")  # fmt: skip
+    return messages
+
+
+def _content(content, i: int):
+    """A message's content: a string, or text parts (input_text, output_text) joined."""
+    if not isinstance(content, list):
+        return content
+    texts = []
+    for part in content:
+        if not isinstance(part, dict) or part.get("type") not in ("input_text", "output_text", "text"):
+            kind = part.get("type") if isinstance(part, dict) else part
+            raise ApiError(400, f"input[{i}]: only text content parts are supported, got {kind!r}", "input")
+        texts.append(part.get("text", ""))
+    return "".join(texts)
+
+
+def _tool(tool, i: int) -> dict:
+    """A Responses function tool ({"type": "function", "name", "parameters", ...}) in chat's form."""
+    if not isinstance(tool, dict) or tool.get("type") != "function":
+        kind = tool.get("type") if isinstance(tool, dict) else tool
+        raise ApiError(400, f"tools[{i}]: only function tools are supported, got {kind!r}", "tools")
+    function = {k: tool[k] for k in ("name", "description", "parameters") if tool.get(k) is not None}
+    return {"type": "function", "function": function}
+
+
+def _tool_choice(choice):
+    if isinstance(choice, dict) and choice.get("type") == "function" and "function" not in choice:
+        return {"type": "function", "function": {"name": choice.get("name")}}
+    return choice
+
+
+def _text_format(text) -> dict:
+    """text.format as the chat request's response_format."""
+    if text is None:
+        return {}
+    form = text.get("format") if isinstance(text, dict) else None
+    kind = form.get("type") if isinstance(form, dict) else None
+    if form is None or kind == "text":
+        return {}
+    if kind == "json_object":
+        return {"response_format": {"type": "json_object"}}
+    if kind == "json_schema":
+        schema = {"name": form.get("name", "schema"), "schema": form.get("schema")}
+        return {"response_format": {"type": "json_schema", "json_schema": schema}}
+    raise ApiError(400, f"text.format must be {{\"type\": \"text\"}}, json_object or json_schema, got {form!r}"[:300],
+                   "text")  # fmt: skip
+
+
+def _text_part(text: str, logprobs: list | None) -> dict:
+    return {"type": "output_text", "text": text, "annotations": []} | ({} if logprobs is None else
+                                                                       {"logprobs": logprobs})  # fmt: skip
+
+
+def _message(mid: str, parts: list[dict], status: str) -> dict:
+    return {"type": "message", "id": mid, "status": status, "role": "assistant", "content": parts}
+
+
+def _function_call(fid: str, call: dict, status: str) -> dict:
+    return {"type": "function_call", "id": fid, "call_id": call["id"], "name": call["function"]["name"],
+            "arguments": call["function"]["arguments"], "status": status}  # fmt: skip
+
+
+def _usage(usage: dict) -> dict:
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    return {"input_tokens": usage["prompt_tokens"], "input_tokens_details": {"cached_tokens": cached},
+            "output_tokens": usage["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": usage["total_tokens"]}  # fmt: skip
+
+
+def _replies(output: list[dict]) -> list[dict]:
+    """A response's output items as the chat messages a later turn reads."""
+    return _messages([_input(item) for item in output]) if output else []
+
+
+def _input(item: dict) -> dict:
+    if item["type"] == "message":
+        return {"type": "message", "role": "assistant", "content": "".join(p["text"] for p in item["content"])}
+    return {k: item[k] for k in ("type", "call_id", "name", "arguments")}

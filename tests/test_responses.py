@@ -1,0 +1,274 @@
+"""OpenAI's Responses API (neolm/serve/responses.py): a response equals the chat completion it amounts to, streamed
+events follow OpenAI's order and add up to the whole response, stored responses continue conversations, function
+calls come as function_call items, and what neolm cannot honour is refused."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import jsonschema
+import pytest
+from test_serve import NAME, call, lm, server, url  # noqa: F401  (fixtures)
+
+from neolm.serve.errors import ApiError
+from neolm.serve.responses import Store, Turn
+
+GREEDY = {"model": NAME, "temperature": 0}
+TOOL = {"type": "function", "name": "get_weather", "description": "The weather in a city", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"]}}  # fmt: skip
+
+
+def request(server, method: str, path: str) -> tuple[int, dict]:  # noqa: F811
+    req = urllib.request.Request(url(server, path), method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def named_events(text: str) -> list[dict]:
+    """A Responses stream's events; each `event:` line names its data's type, and no [DONE] ends it."""
+    events = []
+    for block in filter(None, text.split("\n\n")):
+        head, data = block.split("\n")
+        event = json.loads(data.removeprefix("data: "))
+        assert head == f"event: {event['type']}"
+        events.append(event)
+    return events
+
+
+def output_text(response: dict) -> str:
+    return "".join(p["text"] for item in response["output"] if item["type"] == "message" for p in item["content"])
+
+
+def test_a_response_is_the_chat_completion_it_amounts_to(server):  # noqa: F811
+    status, response = call(server, "/v1/responses", GREEDY | {"input": "Who is the king?",
+                                                               "instructions": "Be brief.", "max_output_tokens": 12})  # fmt: skip
+    assert status == 200, response
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who is the king?"}]
+    status, chat = call(server, "/v1/chat/completions", GREEDY | {"messages": messages, "max_tokens": 12})
+    (choice,) = chat["choices"]
+    assert response["object"] == "response" and response["id"].startswith("resp_")
+    assert output_text(response) == choice["message"]["content"]
+    usage = chat["usage"]
+    assert response["usage"] == {"input_tokens": usage["prompt_tokens"], "input_tokens_details": {"cached_tokens": 0},
+                                 "output_tokens": usage["completion_tokens"], "output_tokens_details": {
+                                     "reasoning_tokens": 0}, "total_tokens": usage["total_tokens"]}  # fmt: skip
+    if choice["finish_reason"] == "length":
+        assert response["status"] == "incomplete"
+        assert response["incomplete_details"] == {"reason": "max_output_tokens"}
+    else:
+        assert response["status"] == "completed" and response["incomplete_details"] is None
+    assert response["instructions"] == "Be brief." and response["temperature"] == 0 and response["store"] is True
+    (item,) = response["output"]
+    assert item["type"] == "message" and item["role"] == "assistant" and item["id"].startswith("msg_")
+
+
+def test_previous_response_id_continues_the_conversation_without_its_instructions(server):  # noqa: F811
+    status, first = call(server, "/v1/responses", GREEDY | {"input": "Who is the king?", "instructions": "Be brief.",
+                                                            "max_output_tokens": 6})  # fmt: skip
+    status, second = call(server, "/v1/responses", GREEDY | {"input": "And the queen?", "max_output_tokens": 6,
+                                                             "previous_response_id": first["id"]})  # fmt: skip
+    assert status == 200, second
+    messages = [{"role": "user", "content": "Who is the king?"}, {"role": "assistant", "content": output_text(first)},
+                {"role": "user", "content": "And the queen?"}]  # fmt: skip
+    status, chat = call(server, "/v1/chat/completions", GREEDY | {"messages": messages, "max_tokens": 6})
+    assert output_text(second) == chat["choices"][0]["message"]["content"]
+    assert second["usage"]["input_tokens"] == chat["usage"]["prompt_tokens"]
+    assert second["previous_response_id"] == first["id"]
+
+
+def test_stored_responses_are_retrieved_and_deleted(server):  # noqa: F811
+    status, response = call(server, "/v1/responses", GREEDY | {"input": "Hail!", "max_output_tokens": 3})
+    assert request(server, "GET", f"/v1/responses/{response['id']}") == (200, response)
+    assert request(server, "DELETE", f"/v1/responses/{response['id']}") == (
+        200, {"id": response["id"], "object": "response.deleted", "deleted": True})  # fmt: skip
+    status, body = request(server, "GET", f"/v1/responses/{response['id']}")
+    assert status == 404 and "stored" in body["error"]["message"]
+    status, unstored = call(server, "/v1/responses", GREEDY | {"input": "Hail!", "max_output_tokens": 3, "store": False})
+    assert status == 200 and unstored["store"] is False
+    assert request(server, "GET", f"/v1/responses/{unstored['id']}")[0] == 404
+    status, body = call(server, "/v1/responses", GREEDY | {"input": "x", "previous_response_id": unstored["id"]})
+    assert status == 404 and body["error"]["param"] == "previous_response_id"
+
+
+def test_the_store_keeps_the_most_recently_used():
+    store = Store(size=2)
+    for rid in "abc":
+        store.put({"id": rid}, [])
+    with pytest.raises(ApiError):
+        store.get("a")
+    store.get("b")
+    store.put({"id": "d"}, [])
+    assert store.get("b") and store.get("d")
+    with pytest.raises(ApiError):
+        store.get("c")
+
+
+@pytest.mark.parametrize("stop", [["\n"], None])
+def test_streamed_events_follow_openai_s_order_and_add_up_to_the_response(server, stop):  # noqa: F811
+    body = GREEDY | {"input": "Who is the king?", "max_output_tokens": 16, "stop": stop}
+    status, whole = call(server, "/v1/responses", body)
+    status, text = call(server, "/v1/responses", body | {"stream": True})
+    assert status == 200
+    events = named_events(text)
+    kinds = [e["type"] for e in events]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    end = "response.incomplete" if whole["status"] == "incomplete" else "response.completed"
+    deltas = kinds.count("response.output_text.delta")
+    assert kinds == ["response.created", "response.in_progress", "response.output_item.added",
+                     "response.content_part.added"] + ["response.output_text.delta"] * deltas + [
+        "response.output_text.done", "response.content_part.done", "response.output_item.done", end]  # fmt: skip
+    final = events[-1]["response"]
+    assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == output_text(whole)
+    assert output_text(final) == output_text(whole) and final["status"] == whole["status"]
+    assert final["usage"] == whole["usage"] and events[0]["response"]["status"] == "in_progress"
+    item = events[-2]["item"]
+    assert item == final["output"][0] and item["status"] == ("incomplete" if end == "response.incomplete"
+                                                             else "completed")  # fmt: skip
+    assert request(server, "GET", f"/v1/responses/{final['id']}") == (200, final)
+
+
+def test_a_named_function_is_answered_as_a_function_call_item(server):  # noqa: F811
+    body = GREEDY | {"input": "Weather in Paris?", "tools": [TOOL], "max_output_tokens": 60,
+                     "tool_choice": {"type": "function", "name": "get_weather"}}  # fmt: skip
+    status, response = call(server, "/v1/responses", body)
+    assert status == 200, response
+    (item,) = response["output"]
+    assert item["type"] == "function_call" and item["name"] == "get_weather" and item["status"] == "completed"
+    assert item["id"].startswith("fc_") and item["call_id"]
+    jsonschema.validate(json.loads(item["arguments"]), TOOL["parameters"])
+    assert response["tools"] == [TOOL] and response["status"] == "completed"
+    status, text = call(server, "/v1/responses", body | {"stream": True})
+    events = named_events(text)
+    kinds = [e["type"] for e in events]
+    assert kinds[2] == "response.output_item.added" and events[2]["item"]["arguments"] == ""
+    deltas = [e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta"]
+    assert "".join(deltas) == item["arguments"] and kinds[-3:] == [
+        "response.function_call_arguments.done", "response.output_item.done", "response.completed"]  # fmt: skip
+    assert events[-3]["arguments"] == item["arguments"] and events[-1]["response"]["output"][0]["name"] == "get_weather"
+
+
+def test_required_calls_stream_whole_at_the_end(server):  # noqa: F811
+    body = GREEDY | {"input": "Weather in Paris?", "tools": [TOOL], "max_output_tokens": 80,
+                     "tool_choice": "required", "parallel_tool_calls": False}  # fmt: skip
+    status, whole = call(server, "/v1/responses", body)
+    assert status == 200, whole
+    status, text = call(server, "/v1/responses", body | {"stream": True})
+    assert status == 200, text
+    events = named_events(text)
+    assert [e["type"] for e in events][2:] == ["response.output_item.added", "response.function_call_arguments.delta",
+                                               "response.function_call_arguments.done", "response.output_item.done",
+                                               "response.completed"]  # fmt: skip
+    (item,) = events[-1]["response"]["output"]
+    (expected,) = whole["output"]
+    assert {k: item[k] for k in ("name", "arguments")} == {k: expected[k] for k in ("name", "arguments")}
+
+
+def test_input_items_become_the_conversation():
+    items = [
+        {"role": "user", "content": [{"type": "input_text", "text": "Weather "}, {"type": "input_text", "text": "?"}]},
+        {"type": "reasoning", "id": "rs_1", "summary": []},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Checking."}]},
+        {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+        {"type": "function_call_output", "call_id": "c1", "output": "12 C"},
+    ]  # fmt: skip
+    turn = Turn({"input": items, "instructions": "Be brief.", "tools": [TOOL], "max_output_tokens": 5,
+                 "text": {"format": {"type": "json_schema", "name": "w", "schema": {"type": "string"}}}}, Store())  # fmt: skip
+    assert turn.chat["messages"] == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather ?"},
+        {"role": "assistant", "content": "Checking.", "tool_calls": [{"id": "c1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "12 C"}]  # fmt: skip
+    assert turn.chat["tools"] == [{"type": "function", "function": {k: TOOL[k] for k in ("name", "description",
+                                                                                          "parameters")}}]  # fmt: skip
+    assert turn.chat["max_completion_tokens"] == 5 and turn.messages == turn.chat["messages"][1:]
+    assert turn.chat["response_format"] == {"type": "json_schema", "json_schema": {"name": "w",
+                                                                                  "schema": {"type": "string"}}}  # fmt: skip
+
+
+def test_a_conversation_with_a_function_result_is_answered(server):  # noqa: F811
+    body = GREEDY | {"input": "Weather in Paris?", "tools": [TOOL], "max_output_tokens": 60,
+                     "tool_choice": {"type": "function", "name": "get_weather"}}  # fmt: skip
+    status, first = call(server, "/v1/responses", body)
+    (item,) = first["output"]
+    status, second = call(server, "/v1/responses", GREEDY | {"previous_response_id": first["id"], "tools": [TOOL],
+                                                             "tool_choice": "none", "max_output_tokens": 5, "input": [
+        {"type": "function_call_output", "call_id": item["call_id"], "output": "12 C"}]})  # fmt: skip
+    assert status == 200, second
+    assert second["output"][0]["type"] == "message" and second["usage"]["input_tokens"] > first["usage"]["input_tokens"]
+
+
+def test_text_format_holds_the_reply_to_a_schema(server):  # noqa: F811
+    schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 10}}, "required": ["answer"]}
+    status, response = call(server, "/v1/responses", {"model": NAME, "input": "Who is king?", "seed": 1,
+                                                      "max_output_tokens": 60, "text": {"format": {
+                                                          "type": "json_schema", "name": "a", "schema": schema}}})  # fmt: skip
+    assert status == 200, response
+    jsonschema.validate(json.loads(output_text(response)), schema)
+
+
+def test_logprobs_come_with_the_output_text(server):  # noqa: F811
+    status, response = call(server, "/v1/responses", GREEDY | {"input": "Hail!", "max_output_tokens": 4,
+                                                               "top_logprobs": 2,
+                                                               "include": ["message.output_text.logprobs"]})  # fmt: skip
+    assert status == 200, response
+    entries = response["output"][0]["content"][0]["logprobs"]
+    assert len(entries) == response["usage"]["output_tokens"] and all(len(e["top_logprobs"]) == 2 for e in entries)
+    assert "".join(e["token"] for e in entries).lstrip() == output_text(response)  # (the transcript strips the reply)
+
+
+@pytest.mark.parametrize("fields, status, param, needle", [
+    ({"input": "x", "frequency": 1}, 400, "frequency", "unrecognized"),
+    ({"input": "x", "tools": [{"type": "web_search"}]}, 400, "tools", "only function tools"),
+    ({"input": "x", "background": True}, 400, "background", "not supported"),
+    ({"input": "x", "truncation": "auto"}, 400, "truncation", "not supported"),
+    ({}, 400, "input", "required"),
+    ({"input": []}, 400, "input", "non-empty"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, 400, "input", "text"),
+    ({"input": [{"type": "web_search_call"}]}, 400, "input", "web_search_call"),
+    ({"input": "x", "max_output_tokens": -1}, 400, "max_output_tokens", "max_output_tokens"),
+    ({"input": "x", "text": {"format": {"type": "xml"}}}, 400, "text", "text.format"),
+    ({"input": "x", "previous_response_id": "resp_nope"}, 404, "previous_response_id", "resp_nope"),
+])  # fmt: skip
+def test_what_neolm_cannot_honour_is_refused(server, fields, status, param, needle):  # noqa: F811
+    got, body = call(server, "/v1/responses", {"model": NAME} | fields)
+    assert got == status and body["error"]["param"] == param and needle in body["error"]["message"], body
+
+
+def test_openai_client_creates_streams_retrieves_and_deletes(server):  # noqa: F811
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=url(server, "/v1"), api_key="none")
+    response = client.responses.create(model=NAME, input="Who is the king?", instructions="Be brief.",
+                                       max_output_tokens=8, temperature=0)  # fmt: skip
+    assert response.output_text and response.usage.output_tokens <= 8
+    with client.responses.stream(model=NAME, input="Who is the king?", instructions="Be brief.", max_output_tokens=40,
+                                 temperature=0, extra_body={"stop": ["\n"]}) as stream:  # fmt: skip
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == final.output_text and final.status == "completed"
+    assert client.responses.retrieve(final.id).output_text == final.output_text
+    call_reply = client.responses.create(model=NAME, input="Weather in Paris?", tools=[TOOL], max_output_tokens=60,
+                                         tool_choice={"type": "function", "name": "get_weather"}, temperature=0)  # fmt: skip
+    assert call_reply.output[0].type == "function_call" and call_reply.output[0].name == "get_weather"
+    assert client.responses.delete(response.id) is None
+
+
+def test_batch_answers_responses_requests(server, tmp_path, capsys):  # noqa: F811
+    from test_cli import cli
+
+    body = GREEDY | {"input": "Who is the king?", "max_output_tokens": 6}
+    requests, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [{"custom_id": "a", "method": "POST", "url": "/v1/responses", "body": body},
+             {"custom_id": "b", "method": "POST", "url": "/v1/responses", "body": body | {"previous_response_id": "x"}}]
+    requests.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    code, _, err = cli(capsys, "batch", requests, output, "--served-model-name", NAME)
+    assert code == 0 and "1 failed" in err, err
+    records = {r["custom_id"]: r for r in map(json.loads, output.read_text().splitlines())}
+    status, expected = call(server, "/v1/responses", body)
+    answer = records["a"]["response"]["body"]
+    assert answer["object"] == "response" and output_text(answer) == output_text(expected)
+    assert answer["usage"] == expected["usage"] and f"{expected['usage']['output_tokens']} tokens" in err
+    assert records["b"]["response"]["status_code"] == 404
