@@ -18,6 +18,7 @@ from neolm.config import Config
 from neolm.contrastive import contrastive_tokens
 from neolm.conversation import Conversation
 from neolm.dola import dola_tokens
+from neolm.embedding import embed
 from neolm.errors import NeolmError
 from neolm.generate import GenerationConfig, generate, iter_generate
 from neolm.healing import heal
@@ -182,6 +183,16 @@ class LanguageModel:
         the reply's calls with self.chat_format.tool_calls.parse, neolm.tool_calls). For a conversation held over several turns, which computes
         only each turn's new tokens, use neolm.Conversation."""
         return "".join(Conversation(self, messages, **kwargs).reply())
+
+    def embed(self, texts: str | list[str], pooling: str = "last", normalize: bool = True,
+              batch_size: int = 8) -> torch.Tensor:  # fmt: skip
+        """Embeddings of texts: (C,) for one, (N, C) fp32 for a list; each text's final hidden states (after the
+        last LayerNorm) pooled, "last" token (vLLM's default for a causal LM) or "mean", L2-normalised if
+        `normalize` (neolm.embedding)."""
+        one = isinstance(texts, str)
+        vectors = embed(self.model, [self.encode(t) for t in ([texts] if one else texts)], pooling, normalize,
+                        batch_size)  # fmt: skip
+        return vectors[0] if one else vectors
 
     def generation_config(self, **kwargs) -> GenerationConfig:
         """What a call with these generation arguments runs: the checkpoint's defaults (its

@@ -500,7 +500,7 @@ def test_lm_eval_scores_through_the_server(server, lm):
         ("/v1/chat/completions", {"messages": []}, 400, ["'messages'"]),
         ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, ["role must be"]),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{}]}, 400, ["tools"]),
-        ("/v1/embeddings", {"input": "a"}, 404, ["no route"]),
+        ("/v1/images/generations", {"prompt": "a"}, 404, ["no route"]),
         ("/v1/completions", {"prompt": "a", "stop_token_ids": [99999999]}, 400, ["'stop_token_ids' must be a list"]),
         ("/v1/completions", {"prompt": "a", "allowed_token_ids": []}, 400, ["'allowed_token_ids' must not be empty"]),
         ("/v1/completions", {"prompt": "a", "bad_words": [3]}, 400, ["'bad_words' must be a list of non-empty"]),
@@ -598,3 +598,38 @@ def test_metrics_count_tokens_requests_and_latencies(server, lm):
     assert grew('neolm:e2e_request_latency_seconds_bucket{le="+Inf"}') == 1
     assert 0 < grew("neolm:time_to_first_token_seconds_sum") <= grew("neolm:e2e_request_latency_seconds_sum")
     assert after["neolm:num_requests_running"] == after["neolm:num_requests_waiting"] == 0
+
+
+def _open(server, path: str, method: str, headers: dict, body: dict | None = None) -> tuple[int, dict]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url(server, path), data, headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, dict(response.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers)
+
+
+def test_browser_pages_of_allowed_origins_may_call_the_api(server, lm):
+    preflight = {"Origin": "http://a.org", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "content-type, authorization"}  # fmt: skip
+    status, headers = _open(server, "/v1/chat/completions", "OPTIONS", preflight)
+    assert status == 200 and headers["Access-Control-Allow-Origin"] == "*", headers  # any origin, by default
+    assert "POST" in headers["Access-Control-Allow-Methods"]
+    assert headers["Access-Control-Allow-Headers"] == "content-type, authorization"
+    body = {"prompt": "x", "max_tokens": 1}
+    assert _open(server, "/v1/completions", "POST", {"Origin": "http://a.org"}, body)[1][
+        "Access-Control-Allow-Origin"] == "*"  # fmt: skip
+    assert "Access-Control-Allow-Origin" not in _open(server, "/v1/completions", "POST", {}, body)[1]
+    assert call(server, "/version") == (200, {"version": neolm.__version__})
+    strict = Server(lm, port=0, api_key="sesame", allowed_origins=("http://a.org",))
+    strict.start()
+    try:
+        status, headers = _open(strict, "/v1/completions", "OPTIONS", preflight)  # no key with a preflight
+        assert status == 200 and headers["Access-Control-Allow-Origin"] == "http://a.org" and headers["Vary"] == "Origin"
+        status, headers = _open(strict, "/v1/completions", "OPTIONS", preflight | {"Origin": "http://b.org"})
+        assert status == 403 and "Access-Control-Allow-Origin" not in headers
+        status, headers = _open(strict, "/v1/completions", "POST", {"Origin": "http://a.org"}, body)
+        assert status == 401 and headers["Access-Control-Allow-Origin"] == "http://a.org"  # the page reads the error
+    finally:
+        strict.close()

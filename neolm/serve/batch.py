@@ -2,7 +2,8 @@
 engine (continuous batching) in this process, as vLLM's run_batch does.
 
 Input, a request a line (JSONL): {"custom_id": "...", "method": "POST", "url": "/v1/completions",
-"/v1/chat/completions" or "/v1/responses" (nothing is stored: previous_response_id is not found), "body": {the request, as the server takes it}}. Output, a line per request as it ends
+"/v1/chat/completions" or "/v1/responses" (nothing is stored: previous_response_id is not found), "body": {the
+request, as the server takes it}}. Output, a line per request as it ends
 (so not in the input's order): {"id": "batch_req_...", "custom_id": ..., "response": {"status_code": 200,
 "request_id": ..., "body": {the server's response}}, "error": null}; a request the server would refuse keeps its
 status code and error body, with "error": {"code", "message"}. The whole input is checked before the model loads.

@@ -8,6 +8,7 @@ import os
 import sys
 
 from neolm.cli import _add_model_args, load_model, non_negative, positive
+from neolm.embedding import POOLINGS
 from neolm.errors import NeolmError
 from neolm.serve.engine import DEFAULT_PREFILL_CHUNK, MIN_PREFILL_CHUNK
 
@@ -18,7 +19,8 @@ def register(sub) -> dict:
         help="serve a model over an OpenAI-compatible HTTP API",
         description="Serve MODEL over HTTP with OpenAI's API: POST /v1/completions and /v1/chat/completions "
         "(stream: server-sent events; logprobs, and with echo the prompt's), /v1/responses (the Responses API: "
-        "stored responses continue with previous_response_id; GET and DELETE /v1/responses/ID), GET /v1/models, /health and /metrics "
+        "stored responses continue with previous_response_id; GET and DELETE /v1/responses/ID), /v1/embeddings, "
+        "GET /v1/models, /health and /metrics "
         "(Prometheus), and vLLM's /tokenize, /detokenize and /tokenizer_info (lm-eval's local-completions scores "
         "through them). Any OpenAI client works, e.g. "
         "OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='none'). Sampling fields are OpenAI's (temperature "
@@ -44,6 +46,13 @@ def register(sub) -> dict:
                      "/v1/unload_lora_adapter ({\"lora_name\": ...}) to add and remove adapters while serving (vLLM: "
                      "VLLM_ALLOW_RUNTIME_LORA_UPDATING); an adapter is unloaded only once no request names it. "
                      "With --api-key, they need the key too")  # fmt: skip
+    net.add_argument("--embedding-pooling", choices=POOLINGS, default="last",
+                     help="how POST /v1/embeddings pools a text's final hidden states into its vector: the last "
+                     "token's (default, as vLLM embeds with a causal LM) or their mean; L2-normalised either "
+                     "way")  # fmt: skip
+    net.add_argument("--allowed-origins", nargs="*", default=["*"], metavar="ORIGIN",
+                     help="web pages (origins such as https://example.org) whose scripts may call the API, by CORS "
+                     "headers (default: * for any, as vLLM's; the option with no origins: none)")  # fmt: skip
     net.add_argument("--api-key", default=os.environ.get("NEOLM_API_KEY"),
                      help="require 'Authorization: Bearer KEY' (default: $NEOLM_API_KEY; unset: no key)")  # fmt: skip
     net.add_argument("--chat-template", metavar="FILE_OR_TEMPLATE",
@@ -153,7 +162,7 @@ def cmd_serve(args) -> int:
 
     lm, name = _load(args)
     server = Server(lm, args.host, args.port, name, args.api_key, args.max_batch, args.prefill_chunk, args.prefix_cache,
-                    args.allow_runtime_lora_updating)  # fmt: skip
+                    args.allow_runtime_lora_updating, args.allowed_origins, args.embedding_pooling)  # fmt: skip
     host, port = server.server_address[:2]
     print(f"neolm serve: {server.model_name} on http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
     try:

@@ -3,9 +3,11 @@
   GET  /v1/models             the model served, and each LoRA adapter it holds (LanguageModel.load_adapter)
   POST /v1/completions        text completion (stream: server-sent events, as OpenAI)
   POST /v1/chat/completions   chat completion (protocol.py's transcript format)
+  POST /v1/embeddings         OpenAI's embeddings: pooled final hidden states (embeddings.py, neolm.embedding)
   POST /v1/responses          OpenAI's Responses API, read as a chat completion (responses.py); GET and DELETE
        /v1/responses/{id}     a stored response
-  GET  /health                200 while the engine runs, with its counters
+  GET  /health                200 while the engine runs, with its counters; GET /version: neolm's
+  OPTIONS (any path)          CORS preflight: pages of the allowed origins (default: any) may call the API
   POST /tokenize, /detokenize, GET /tokenizer_info   vLLM's tokenizer routes (lm-eval's remote tokenizer uses them)
   POST /v1/load_lora_adapter, /v1/unload_lora_adapter  vLLM's, with runtime_lora: hold or drop a LoRA adapter
 
@@ -26,8 +28,9 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import neolm
+from neolm.embedding import embed
 from neolm.errors import NeolmError
-from neolm.serve import answer, protocol, responses
+from neolm.serve import answer, embeddings, protocol, responses
 from neolm.serve.engine import DEFAULT_PREFILL_CHUNK, Engine
 from neolm.serve.protocol import ApiError
 from neolm.serve.tools import Held
@@ -47,8 +50,11 @@ class Server(ThreadingHTTPServer):
 
     def __init__(self, lm, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
                  api_key: str | None = None, max_batch: int = 8, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
-                 prefix_cache_mb: int = 0, runtime_lora: bool = False):  # fmt: skip
+                 prefix_cache_mb: int = 0, runtime_lora: bool = False,
+                 allowed_origins: tuple[str, ...] = ("*",), embedding_pooling: str = "last"):  # fmt: skip
         self.lm = lm
+        self.allowed_origins = tuple(allowed_origins)  # CORS: the web pages that may call the API ("*": any)
+        self.embedding_pooling = embedding_pooling  # /v1/embeddings: neolm.embedding's "last" or "mean"
         self.runtime_lora = runtime_lora  # POST /v1/load_lora_adapter and /v1/unload_lora_adapter are open
         self.model_name = model_name or lm.source
         self.api_key = api_key
@@ -129,6 +135,33 @@ class Handler(BaseHTTPRequestHandler):
     def do_DELETE(self):
         self._answer(self._delete)
 
+    def do_OPTIONS(self):
+        """A browser's CORS preflight (no API key: browsers send none with it); the answer's headers say which
+        origins, methods and headers may call."""
+        self.send_response(200 if self._origin() else 403)
+        if self._origin():
+            self.send_header("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS")
+            self.send_header("Access-Control-Allow-Headers", self.headers.get("Access-Control-Request-Headers", "*"))
+            self.send_header("Access-Control-Max-Age", "600")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def end_headers(self):
+        """Every answer to a page of an allowed origin says so (CORS), as vLLM's and llama.cpp's servers do."""
+        origin = self._origin()
+        if origin:
+            self.send_header("Access-Control-Allow-Origin", origin)
+            if origin != "*":
+                self.send_header("Vary", "Origin")
+        super().end_headers()
+
+    def _origin(self) -> str | None:
+        """The Access-Control-Allow-Origin value for this request's Origin, or None (no Origin, or not allowed)."""
+        origin, allowed = self.headers.get("Origin"), self.server.allowed_origins
+        if origin is None:
+            return None
+        return "*" if "*" in allowed else origin if origin in allowed else None
+
     def _answer(self, route) -> None:
         try:
             self._authorize()
@@ -157,6 +190,8 @@ class Handler(BaseHTTPRequestHandler):
             name = path.removeprefix("/v1/models/")
             self.server.adapter(name)  # (404 for a model not served)
             return self._json(200, next(m for m in self.server.models()["data"] if m["id"] == name))
+        if path == "/version":
+            return self._json(200, {"version": neolm.__version__})
         if path == "/tokenizer_info":
             return self._json(200, protocol.tokenizer_info(self.server.lm))
         if path == "/metrics":
@@ -186,6 +221,8 @@ class Handler(BaseHTTPRequestHandler):
         kinds = {"/v1/completions": "completion", "/v1/chat/completions": "chat", "/v1/responses": "responses"}
         tools = {"/tokenize": protocol.tokenize, "/detokenize": protocol.detokenize}
         adapters = {"/v1/load_lora_adapter": self._load_lora, "/v1/unload_lora_adapter": self._unload_lora}
+        if path == "/v1/embeddings":
+            return self._embeddings(self._body())
         if path in adapters:
             if not self.server.runtime_lora:
                 raise ApiError(404, f"POST {path} is off: start the server with --allow-runtime-lora-updating")
@@ -216,6 +253,18 @@ class Handler(BaseHTTPRequestHandler):
         else:
             whole = answer.whole(request, job, self.server.lm.tokenizer, name)
             self._json(200, turn.answer(whole, request.gc, self.server.stored))
+
+    def _embeddings(self, body) -> None:
+        """OpenAI's embeddings (embeddings.py), computed in the engine's thread between two decode steps."""
+        if isinstance(body, dict) and self.server.adapter(body.get("model"), "model") is not None:
+            raise ApiError(400, "embeddings come from the base model: name it, not a LoRA adapter", "model")
+        lm = self.server.lm
+        seqs, encoding = embeddings.parse(body, lm)
+        try:
+            vectors = self.server.engine.call(lambda jobs: embed(lm.model, seqs, self.server.embedding_pooling))
+        except NeolmError as e:  # a text longer than the context
+            raise ApiError(400, str(e), "input") from None
+        self._json(200, embeddings.answer(vectors, seqs, encoding, self.server.model_name))
 
     def _strings(self, body, *fields: str) -> list[str]:
         values = [body.get(field) if isinstance(body, dict) else None for field in fields]
@@ -327,7 +376,8 @@ class Handler(BaseHTTPRequestHandler):
                     if reason:
                         yield protocol.calls_chunk(request, name, i, held[i], reason)
                 elif text or reason or logprobs:
-                    yield protocol.chunk(request, name, i, text, reason, protocol.logprobs(request, logprobs, tokenizer))
+                    entries = protocol.logprobs(request, logprobs, tokenizer)
+                    yield protocol.chunk(request, name, i, text, reason, entries)
         except NeolmError as e:
             yield ApiError(500, str(e), kind="server_error").body()
             return

@@ -134,8 +134,8 @@ class Turn:
         output = []
         if message.get("content") is not None or not message.get("tool_calls"):
             part = _text_part(message.get("content") or "", content)
-            output.append(_message(f"msg_{uuid.uuid4().hex}", [part], "incomplete" if choice["finish_reason"] == "length"
-                                   else "completed"))  # fmt: skip
+            status = "incomplete" if choice["finish_reason"] == "length" else "completed"
+            output.append(_message(f"msg_{uuid.uuid4().hex}", [part], status))
         output += [_function_call(f"fc_{uuid.uuid4().hex}", c, "completed") for c in message.get("tool_calls") or []]
         response = self.response(chat_answer["model"], output, chat_answer["usage"], choice["finish_reason"], gc)
         self.keep(response, store)
