@@ -44,8 +44,8 @@ def output_text(response: dict) -> str:
 
 
 def test_a_response_is_the_chat_completion_it_amounts_to(server):  # noqa: F811
-    status, response = call(server, "/v1/responses", GREEDY | {"input": "Who is the king?",
-                                                               "instructions": "Be brief.", "max_output_tokens": 12})  # fmt: skip
+    body = GREEDY | {"input": "Who is the king?", "instructions": "Be brief.", "max_output_tokens": 12}
+    status, response = call(server, "/v1/responses", body)
     assert status == 200, response
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who is the king?"}]
     status, chat = call(server, "/v1/chat/completions", GREEDY | {"messages": messages, "max_tokens": 12})
@@ -87,7 +87,8 @@ def test_stored_responses_are_retrieved_and_deleted(server):  # noqa: F811
         200, {"id": response["id"], "object": "response.deleted", "deleted": True})  # fmt: skip
     status, body = request(server, "GET", f"/v1/responses/{response['id']}")
     assert status == 404 and "stored" in body["error"]["message"]
-    status, unstored = call(server, "/v1/responses", GREEDY | {"input": "Hail!", "max_output_tokens": 3, "store": False})
+    status, unstored = call(server, "/v1/responses", GREEDY | {"input": "Hail!", "max_output_tokens": 3,
+                                                               "store": False})  # fmt: skip
     assert status == 200 and unstored["store"] is False
     assert request(server, "GET", f"/v1/responses/{unstored['id']}")[0] == 404
     status, body = call(server, "/v1/responses", GREEDY | {"input": "x", "previous_response_id": unstored["id"]})
@@ -175,8 +176,9 @@ def test_input_items_become_the_conversation():
         {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
         {"type": "function_call_output", "call_id": "c1", "output": "12 C"},
     ]  # fmt: skip
+    form = {"type": "json_schema", "name": "w", "schema": {"type": "string"}}
     turn = Turn({"input": items, "instructions": "Be brief.", "tools": [TOOL], "max_output_tokens": 5,
-                 "text": {"format": {"type": "json_schema", "name": "w", "schema": {"type": "string"}}}}, Store())  # fmt: skip
+                 "text": {"format": form}}, Store())  # fmt: skip
     assert turn.chat["messages"] == [
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather ?"},
         {"role": "assistant", "content": "Checking.", "tool_calls": [{"id": "c1", "type": "function", "function": {
@@ -185,8 +187,7 @@ def test_input_items_become_the_conversation():
     assert turn.chat["tools"] == [{"type": "function", "function": {k: TOOL[k] for k in ("name", "description",
                                                                                           "parameters")}}]  # fmt: skip
     assert turn.chat["max_completion_tokens"] == 5 and turn.messages == turn.chat["messages"][1:]
-    assert turn.chat["response_format"] == {"type": "json_schema", "json_schema": {"name": "w",
-                                                                                  "schema": {"type": "string"}}}  # fmt: skip
+    assert turn.chat["response_format"] == {"type": "json_schema", "json_schema": {"name": "w", "schema": form["schema"]}}
 
 
 def test_a_conversation_with_a_function_result_is_answered(server):  # noqa: F811
@@ -203,17 +204,17 @@ def test_a_conversation_with_a_function_result_is_answered(server):  # noqa: F81
 
 def test_text_format_holds_the_reply_to_a_schema(server):  # noqa: F811
     schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 10}}, "required": ["answer"]}
+    form = {"type": "json_schema", "name": "a", "schema": schema}
     status, response = call(server, "/v1/responses", {"model": NAME, "input": "Who is king?", "seed": 1,
-                                                      "max_output_tokens": 60, "text": {"format": {
-                                                          "type": "json_schema", "name": "a", "schema": schema}}})  # fmt: skip
+                                                      "max_output_tokens": 60, "text": {"format": form}})  # fmt: skip
     assert status == 200, response
     jsonschema.validate(json.loads(output_text(response)), schema)
 
 
 def test_logprobs_come_with_the_output_text(server):  # noqa: F811
-    status, response = call(server, "/v1/responses", GREEDY | {"input": "Hail!", "max_output_tokens": 4,
-                                                               "top_logprobs": 2,
-                                                               "include": ["message.output_text.logprobs"]})  # fmt: skip
+    body = GREEDY | {"input": "Hail!", "max_output_tokens": 4, "top_logprobs": 2,
+                     "include": ["message.output_text.logprobs"]}  # fmt: skip
+    status, response = call(server, "/v1/responses", body)
     assert status == 200, response
     entries = response["output"][0]["content"][0]["logprobs"]
     assert len(entries) == response["usage"]["output_tokens"] and all(len(e["top_logprobs"]) == 2 for e in entries)
@@ -251,7 +252,8 @@ def test_openai_client_creates_streams_retrieves_and_deletes(server):  # noqa: F
     assert "".join(deltas) == final.output_text and final.status == "completed"
     assert client.responses.retrieve(final.id).output_text == final.output_text
     call_reply = client.responses.create(model=NAME, input="Weather in Paris?", tools=[TOOL], max_output_tokens=60,
-                                         tool_choice={"type": "function", "name": "get_weather"}, temperature=0)  # fmt: skip
+                                         tool_choice={"type": "function", "name": "get_weather"},
+                                         temperature=0)  # fmt: skip
     assert call_reply.output[0].type == "function_call" and call_reply.output[0].name == "get_weather"
     assert client.responses.delete(response.id) is None
 

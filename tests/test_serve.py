@@ -626,7 +626,8 @@ def test_browser_pages_of_allowed_origins_may_call_the_api(server, lm):
     strict.start()
     try:
         status, headers = _open(strict, "/v1/completions", "OPTIONS", preflight)  # no key with a preflight
-        assert status == 200 and headers["Access-Control-Allow-Origin"] == "http://a.org" and headers["Vary"] == "Origin"
+        assert status == 200 and headers["Access-Control-Allow-Origin"] == "http://a.org"
+        assert headers["Vary"] == "Origin"
         status, headers = _open(strict, "/v1/completions", "OPTIONS", preflight | {"Origin": "http://b.org"})
         assert status == 403 and "Access-Control-Allow-Origin" not in headers
         status, headers = _open(strict, "/v1/completions", "POST", {"Origin": "http://a.org"}, body)

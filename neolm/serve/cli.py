@@ -118,7 +118,8 @@ def _add_tool_call_parser(group) -> None:
                        "--enable-auto-tool-choice --tool-call-parser: hermes (<tool_call>{...}</tool_call>: Hermes, "
                        "Qwen 2.5/3), llama3_json (a JSON reply {\"name\", \"parameters\"}: Llama 3.1+). The plain "
                        "transcript lists the tools itself and teaches hermes (default with it: hermes); without a "
-                       "parser a template's \"auto\" requests are refused, \"required\" and named calls work")  # fmt: skip
+                       "parser a template's \"auto\" requests are refused, \"required\" and named calls "
+                       "work")  # fmt: skip
 
 
 def lora_module(text: str) -> tuple[str, str]:
