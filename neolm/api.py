@@ -180,8 +180,8 @@ class LanguageModel:
         chat format (its template, else a plain transcript whose "User:" lines stop the reply); when the last
         message is the assistant's, the rest of it. Keyword arguments: generation arguments (as generate's),
         chat_template_kwargs for the template, and tools (OpenAI's function tools, given to the template; read
-        the reply's calls with self.chat_format.tool_calls.parse, neolm.tool_calls). For a conversation held over several turns, which computes
-        only each turn's new tokens, use neolm.Conversation."""
+        the reply's calls with self.chat_format.tool_calls.parse, neolm.tool_calls). For a conversation held over
+        several turns, which computes only each turn's new tokens, use neolm.Conversation."""
         return "".join(Conversation(self, messages, **kwargs).reply())
 
     def embed(self, texts: str | list[str], pooling: str = "last", normalize: bool = True,

@@ -126,7 +126,8 @@ def _answer(lm, engine: Engine, line: Line, model_name: str) -> dict:
         if lm.adapters and adapter is None and named not in (None, model_name):
             served = ", ".join(repr(n) for n in [model_name, *lm.adapters])
             raise ApiError(404, f"the model '{named}' does not exist; this batch has {served}", "model")
-        turn = responses.Turn(line.body, responses.Store(0)) if line.kind == "responses" else None  # none kept
+        kept = responses.Store(0)  # a batch keeps no responses: previous_response_id finds none
+        turn = responses.Turn(line.body, kept) if line.kind == "responses" else None
         request = protocol.parse(line.kind, line.body, lm) if turn is None else responses.parse(turn, lm)
         if request.stream:
             raise ApiError(400, "stream is not offered in a batch: each answer is written whole", "stream")
@@ -136,7 +137,7 @@ def _answer(lm, engine: Engine, line: Line, model_name: str) -> dict:
         except NeolmError as e:  # a prompt too long for the context, or out of the vocabulary
             raise ApiError(400, str(e).replace("max_new_tokens", "max_tokens")) from None
         whole = answer.whole(request, job, lm.tokenizer, adapter or model_name)
-        return _record(line, 200, whole if turn is None else turn.answer(whole, request.gc, responses.Store(0)), None)
+        return _record(line, 200, whole if turn is None else turn.answer(whole, request.gc, kept), None)
     except ApiError as e:
         return _record(line, e.status, e.body(), {"code": e.kind, "message": e.message})
 

@@ -11,6 +11,7 @@ from neolm.cli import _add_model_args, load_model, non_negative, positive
 from neolm.embedding import POOLINGS
 from neolm.errors import NeolmError
 from neolm.serve.engine import DEFAULT_PREFILL_CHUNK, MIN_PREFILL_CHUNK
+from neolm.tool_calls import FORMATS
 
 
 def register(sub) -> dict:
@@ -110,8 +111,6 @@ def _add_lora_modules(group, who: str) -> None:
 
 
 def _add_tool_call_parser(group) -> None:
-    from neolm.tool_calls import FORMATS
-
     group.add_argument("--tool-call-parser", choices=sorted(FORMATS),
                        help="the format the chat template's model writes tool calls in, so that tool_choice \"auto\" "
                        "(OpenAI's default with tools) reads them from its replies into tool_calls, as vLLM's "
@@ -149,8 +148,6 @@ def _load(args):
                          f"another adapter's: {', '.join(clash)}")  # fmt: skip
     lm = load_model(args)
     if args.tool_call_parser:
-        from neolm.tool_calls import FORMATS
-
         lm.chat_format.tool_calls = FORMATS[args.tool_call_parser]
     for adapter, path in args.lora_modules:
         lm.load_adapter(path, adapter)

@@ -88,7 +88,9 @@ class Request:
         return self.gc.num_return_sequences > self.n
 
 
-def _field(body: dict, name: str, kinds: tuple, default=None, check=None, requirement: str = ""):
+def field_of(body: dict, name: str, kinds: tuple, default=None, check=None, requirement: str = ""):
+    """body[name] if it is of one of `kinds` (bool counts only where asked for) and passes `check`, `default` when
+    absent or null; else ApiError naming the field."""
     value = body.get(name)
     if value is None:
         return default
@@ -101,10 +103,17 @@ def _field(body: dict, name: str, kinds: tuple, default=None, check=None, requir
     return value
 
 
-def _refuse(body: dict, kind: str) -> None:
-    unknown = sorted(k for k, v in body.items() if k not in FIELDS[kind] and v is not None)
+def known_fields(body, fields: set[str]) -> None:
+    """ApiError unless the body is a JSON object whose fields (those not null) are among `fields`."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    unknown = sorted(k for k, v in body.items() if k not in fields and v is not None)
     if unknown:
         raise ApiError(400, f"unrecognized request argument(s): {', '.join(unknown)}", unknown[0])
+
+
+def _refuse(body: dict, kind: str) -> None:
+    known_fields(body, FIELDS[kind])
     unsupported = {
         "suffix": "not supported (no insertion)",
         "functions": "functions (deprecated) are not supported: use tools",
@@ -118,24 +127,24 @@ def _refuse(body: dict, kind: str) -> None:
 def _sampling(body: dict, max_tokens: int | None, defaults: dict) -> dict:
     """GenerationConfig arguments. A sampling field the request leaves out takes the checkpoint's value (its
     generation_config.json, as vLLM does), else OpenAI's default: sampling at temperature 1, no top-k."""
-    temperature = _field(body, "temperature", (int, float), None, lambda v: v >= 0, ">= 0 (0: greedy)")
+    temperature = field_of(body, "temperature", (int, float), None, lambda v: v >= 0, ">= 0 (0: greedy)")
     if temperature is None:
         sample = defaults.get("do_sample", True)
         temperature = defaults.get("temperature", 1.0) if sample else 0
     sample = temperature > 0
-    top_p = _field(body, "top_p", (int, float), defaults.get("top_p", 1.0), lambda v: 0 < v <= 1, "in (0, 1]")
-    top_k = _field(body, "top_k", (int,), defaults.get("top_k") or 0, lambda v: v >= -1, ">= 0 (0 or -1: off)")
-    n = _field(body, "n", (int,), 1, lambda v: 1 <= v <= 128, "between 1 and 128")
-    seed = _field(body, "seed", (int,), None, lambda v: 0 <= v < 2**63, "between 0 and 2**63 - 1")
-    penalty = _field(body, "repetition_penalty", (int, float), defaults.get("repetition_penalty", 1.0),
+    top_p = field_of(body, "top_p", (int, float), defaults.get("top_p", 1.0), lambda v: 0 < v <= 1, "in (0, 1]")
+    top_k = field_of(body, "top_k", (int,), defaults.get("top_k") or 0, lambda v: v >= -1, ">= 0 (0 or -1: off)")
+    n = field_of(body, "n", (int,), 1, lambda v: 1 <= v <= 128, "between 1 and 128")
+    seed = field_of(body, "seed", (int,), None, lambda v: 0 <= v < 2**63, "between 0 and 2**63 - 1")
+    penalty = field_of(body, "repetition_penalty", (int, float), defaults.get("repetition_penalty", 1.0),
                      lambda v: v > 0, "> 0")  # fmt: skip
-    min_tokens = _field(body, "min_tokens", (int,), 0, lambda v: v >= 0, ">= 0")
-    presence, frequency = (_field(body, name, (int, float), 0.0, lambda v: -2 <= v <= 2, "between -2 and 2")
+    min_tokens = field_of(body, "min_tokens", (int,), 0, lambda v: v >= 0, ">= 0")
+    presence, frequency = (field_of(body, name, (int, float), 0.0, lambda v: -2 <= v <= 2, "between -2 and 2")
                            for name in ("presence_penalty", "frequency_penalty"))  # fmt: skip
-    min_p = _field(body, "min_p", (int, float), defaults.get("min_p") or 0.0, lambda v: 0 <= v <= 1, "in [0, 1]")
+    min_p = field_of(body, "min_p", (int, float), defaults.get("min_p") or 0.0, lambda v: 0 <= v <= 1, "in [0, 1]")
     if n > 1 and not sample:
         raise ApiError(400, "'n' > 1 needs sampling: greedy decoding (temperature 0) gives n identical choices", "n")
-    best_of = _field(body, "best_of", (int,), n, lambda v: n <= v <= 128, f"between n ({n}) and 128")
+    best_of = field_of(body, "best_of", (int,), n, lambda v: n <= v <= 128, f"between n ({n}) and 128")
     if best_of > 1 and not sample:
         raise ApiError(400, "'best_of' > 1 needs sampling: greedy decoding (temperature 0) gives one completion",
                        "best_of")  # fmt: skip
@@ -151,7 +160,7 @@ def _sampling(body: dict, max_tokens: int | None, defaults: dict) -> dict:
 def _logit_bias(body: dict) -> dict | None:
     """OpenAI's logit_bias {"token id": bias in [-100, 100]}, added to those tokens' logits at every step, as
     a GenerationConfig's sequence_bias of one-token sequences."""
-    bias = _field(body, "logit_bias", (dict,), None)
+    bias = field_of(body, "logit_bias", (dict,), None)
     if not bias:
         return None
     out = {}
@@ -176,7 +185,7 @@ class AllowedTokens:
 
 
 def _token_ids(body: dict, name: str, vocab: int) -> list[int]:
-    ids = _field(body, name, (list,), [])
+    ids = field_of(body, name, (list,), [])
     if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
         raise ApiError(400, f"'{name}' must be a list of token ids between 0 and {vocab - 1}, got {ids!r}"[:300], name)
     return ids
@@ -188,7 +197,7 @@ def _vllm_extras(body: dict, lm) -> dict:
     vocab = lm.config.vocab_size
     out = {}
     stop_ids = _token_ids(body, "stop_token_ids", vocab)
-    if stop_ids or _field(body, "ignore_eos", (bool,), False):
+    if stop_ids or field_of(body, "ignore_eos", (bool,), False):
         eos = [] if body.get("ignore_eos") else lm.generation_config().eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         out["eos_token_id"] = eos + [t for t in stop_ids if t not in eos]
@@ -197,7 +206,7 @@ def _vllm_extras(body: dict, lm) -> dict:
         raise ApiError(400, "'allowed_token_ids' must not be empty", "allowed_token_ids")
     if allowed:
         out["prefix_allowed_tokens_fn"] = AllowedTokens(tuple(sorted(set(allowed))))
-    words = _field(body, "bad_words", (list,), [])
+    words = field_of(body, "bad_words", (list,), [])
     if not all(isinstance(w, str) and w.strip() for w in words):
         raise ApiError(400, f"'bad_words' must be a list of non-empty strings, got {words!r}"[:300], "bad_words")
     banned = []
@@ -214,7 +223,7 @@ def _structured(body: dict) -> dict:
     """GenerationConfig's structured_outputs (neolm.structured) from OpenAI's response_format (json_object,
     json_schema) or vLLM's structured_outputs / guided_json, guided_regex, guided_choice: {} when none is asked."""
     specs = {}  # request field -> spec
-    response_format = _field(body, "response_format", (dict,), None)
+    response_format = field_of(body, "response_format", (dict,), None)
     if response_format is not None:
         kind = response_format.get("type")
         if kind == "json_object":
@@ -233,13 +242,13 @@ def _structured(body: dict) -> dict:
         if body.get(name) is not None:
             specs[name] = {key: body[name]}
     if body.get("structured_outputs") is not None:
-        specs["structured_outputs"] = _field(body, "structured_outputs", (dict,))
+        specs["structured_outputs"] = field_of(body, "structured_outputs", (dict,))
     if len(specs) > 1:
         raise ApiError(400, f"ask for one structured output, got {', '.join(specs)}", list(specs)[1])
     if not specs:
         return {}
     name, spec = next(iter(specs.items()))
-    whitespace = _field(body, "guided_whitespace_pattern", (str,), None)
+    whitespace = field_of(body, "guided_whitespace_pattern", (str,), None)
     if whitespace is not None:
         spec = {**spec, "whitespace_pattern": whitespace}
     try:
@@ -260,20 +269,21 @@ def _stops(body: dict) -> list[str]:
 
 
 def _max_tokens(body: dict, name: str, default):
-    return _field(body, name, (int,), default, lambda v: v >= 0, ">= 0")
+    return field_of(body, name, (int,), default, lambda v: v >= 0, ">= 0")
 
 
 def _stream(body: dict) -> tuple[bool, bool]:
-    stream = _field(body, "stream", (bool,), False)
-    options = _field(body, "stream_options", (dict,), {})
+    stream = field_of(body, "stream", (bool,), False)
+    options = field_of(body, "stream_options", (dict,), {})
     if options and not stream:
         raise ApiError(400, "'stream_options' needs 'stream': true", "stream_options")
     return stream, bool(options.get("include_usage"))
 
 
-def _prompts(body: dict, encode) -> tuple[list[list[int]], list[str] | None]:
-    """OpenAI's prompt forms: a string, a list of strings, a list of token ids, or a list of such lists."""
-    prompt = body.get("prompt")
+def prompts(body: dict, encode, name: str = "prompt") -> tuple[list[list[int]], list[str] | None]:
+    """body[name] in OpenAI's prompt forms (a string, a list of strings, a list of token ids, or a list of such
+    lists) as token id lists, and the texts if given as text."""
+    prompt = body.get(name)
     if isinstance(prompt, str):
         texts = [prompt]
     elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
@@ -286,17 +296,17 @@ def _prompts(body: dict, encode) -> tuple[list[list[int]], list[str] | None]:
     ):  # fmt: skip
         return prompt, None
     else:
-        raise ApiError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of "
-                       f"such lists, got {prompt!r}"[:300], "prompt")  # fmt: skip
+        raise ApiError(400, f"'{name}' must be a string, a list of strings, a list of token ids or a list of "
+                       f"such lists, got {prompt!r}"[:300], name)  # fmt: skip
     return [encode(t) for t in texts], texts
 
 
 def _chat_text(body: dict, lm, functions: list[dict] | None) -> str:
     """The conversation in the model's chat format (its template, else the plain transcript): answered (vLLM's
     add_generation_prompt, default true), or continued (continue_final_message, which turns the default off)."""
-    kwargs = _field(body, "chat_template_kwargs", (dict,), {})
-    go_on = _field(body, "continue_final_message", (bool,), False)
-    add = _field(body, "add_generation_prompt", (bool,), not go_on)
+    kwargs = field_of(body, "chat_template_kwargs", (dict,), {})
+    go_on = field_of(body, "continue_final_message", (bool,), False)
+    add = field_of(body, "add_generation_prompt", (bool,), not go_on)
     if add and go_on:
         raise ApiError(400, "'continue_final_message' and 'add_generation_prompt' cannot both be true",
                        "continue_final_message")  # fmt: skip
@@ -309,8 +319,6 @@ def _chat_text(body: dict, lm, functions: list[dict] | None) -> str:
 
 def parse(kind: str, body, lm) -> Request:
     """Read an OpenAI request body (parsed JSON) of `kind` ("completion" or "chat") for `lm`; ApiError if bad."""
-    if not isinstance(body, dict):
-        raise ApiError(400, "the request body must be a JSON object")
     _refuse(body, kind)
     stream, include_usage = _stream(body)
     stops = _stops(body)
@@ -330,22 +338,22 @@ def parse(kind: str, body, lm) -> Request:
         request.prompts = [prompt]
         request.stop = stops + list(lm.chat_format.stop)
         request.lstrip = lm.chat_format.lstrip_reply and not body.get("continue_final_message")
-        top = _field(
+        top = field_of(
             body, "top_logprobs", (int,), None, lambda v: 0 <= v <= MAX_LOGPROBS, f"between 0 and {MAX_LOGPROBS}"
         )
-        if _field(body, "logprobs", (bool,), False):
+        if field_of(body, "logprobs", (bool,), False):
             request.logprobs = top or 0
         elif top is not None:
             raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
     else:
-        request.prompts, texts = _prompts(body, lm.encode)
+        request.prompts, texts = prompts(body, lm.encode)
         max_tokens = _max_tokens(body, "max_tokens", DEFAULT_COMPLETION_TOKENS)
-        request.logprobs = _field(body, "logprobs", (int,), None, lambda v: 0 <= v <= MAX_LOGPROBS,
+        request.logprobs = field_of(body, "logprobs", (int,), None, lambda v: 0 <= v <= MAX_LOGPROBS,
                                   f"between 0 and {MAX_LOGPROBS}")  # fmt: skip
-        if _field(body, "echo", (bool,), False):
+        if field_of(body, "echo", (bool,), False):
             request.echo = texts if texts is not None else [lm.decode(p) for p in request.prompts]
             request.prompt_logprobs = request.logprobs is not None
-    keep = _field(body, "truncate_prompt_tokens", (int,), None, lambda v: v >= 1, ">= 1")
+    keep = field_of(body, "truncate_prompt_tokens", (int,), None, lambda v: v >= 1, ">= 1")
     if keep is not None and any(len(p) > keep for p in request.prompts):  # vLLM's: only the last `keep` tokens
         request.prompts = [p[-keep:] for p in request.prompts]
         if request.echo:
@@ -357,7 +365,7 @@ def parse(kind: str, body, lm) -> Request:
     generation = _sampling(body, max_tokens, lm.generation_defaults) | _vllm_extras(body, lm) | (asked or structured)
     request.n = body.get("n") or 1
     generation["stop_strings"] = request.stop or None
-    if _field(body, "include_stop_str_in_output", (bool,), False):  # end at them, but keep them in the text
+    if field_of(body, "include_stop_str_in_output", (bool,), False):  # end at them, but keep them in the text
         request.stop = list(lm.chat_format.stop) if kind == "chat" else []
     try:
         request.gc = lm.generation_config(**generation)
@@ -380,12 +388,12 @@ def tokenize(body, lm) -> dict:
     if "messages" in body:  # with its tools, the prompt a chat request with them reads
         text = _chat_text(body, lm, tools.parse(body | {"tool_choice": "none"}, None)[0] if body.get("tools") else None)
     else:
-        text = _field(body, "prompt", (str,), None)
+        text = field_of(body, "prompt", (str,), None)
         if text is None:
             raise ApiError(400, "give 'prompt' (a string) or 'messages'", "prompt")
     tokens = lm.encode(text)
     out = {"count": len(tokens), "max_model_len": lm.config.n_positions, "tokens": tokens, "token_strs": None}
-    if _field(body, "return_token_strs", (bool,), False):
+    if field_of(body, "return_token_strs", (bool,), False):
         out["token_strs"] = [_token_text(lm.tokenizer, t)[0] for t in tokens]
     return out
 

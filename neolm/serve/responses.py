@@ -69,11 +69,7 @@ class Turn:
     (earlier turns' included) without the instructions, kept with the answer when stored."""
 
     def __init__(self, body, store: Store):
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        unknown = sorted(k for k, v in body.items() if k not in FIELDS and v is not None)
-        if unknown:
-            raise ApiError(400, f"unrecognized request argument(s): {', '.join(unknown)}", unknown[0])
+        protocol.known_fields(body, FIELDS)
         for name, allowed in (("background", (False,)), ("truncation", ("disabled",)), ("max_tool_calls", ())):
             if body.get(name) is not None and body[name] not in allowed:
                 raise ApiError(400, f"'{name}': {body[name]!r} is not supported", name)
@@ -85,9 +81,7 @@ class Turn:
         if "input" not in body:
             raise ApiError(400, "'input' is required: a string or a list of input items", "input")
         self.messages = earlier + _messages(body["input"])
-        instructions = body.get("instructions")
-        if instructions is not None and not isinstance(instructions, str):
-            raise ApiError(400, "'instructions' must be a string", "instructions")
+        instructions = protocol.field_of(body, "instructions", (str,))
         system = [{"role": "system", "content": instructions}] if instructions else []
         chat = {k: body[k] for k in PASSED if body.get(k) is not None}
         chat |= {"messages": system + self.messages, "stream": bool(body.get("stream"))}
@@ -101,9 +95,7 @@ class Turn:
         if body.get("tool_choice") is not None:
             chat["tool_choice"] = _tool_choice(body["tool_choice"])
         chat |= _text_format(body.get("text"))
-        include = body.get("include") or []
-        if not isinstance(include, list):
-            raise ApiError(400, "'include' must be a list of strings", "include")
+        include = protocol.field_of(body, "include", (list,), [])
         if LOGPROBS in include or body.get("top_logprobs"):
             chat |= {"logprobs": True, "top_logprobs": body.get("top_logprobs") or 0}
         self.chat = chat
@@ -130,10 +122,10 @@ class Turn:
         """The whole Response of a whole chat completion (stored if asked)."""
         (choice,) = chat_answer["choices"]
         message = choice["message"]
-        content = (choice.get("logprobs") or {}).get("content")
+        entries = (choice.get("logprobs") or {}).get("content")  # the tokens' log-probabilities, if asked for
         output = []
         if message.get("content") is not None or not message.get("tool_calls"):
-            part = _text_part(message.get("content") or "", content)
+            part = _text_part(message.get("content") or "", entries)
             status = "incomplete" if choice["finish_reason"] == "length" else "completed"
             output.append(_message(f"msg_{uuid.uuid4().hex}", [part], status))
         output += [_function_call(f"fc_{uuid.uuid4().hex}", c, "completed") for c in message.get("tool_calls") or []]
@@ -248,7 +240,7 @@ class Events:
         item["status"] = "incomplete" if self.reason == "length" else "completed"
         if item["type"] == "message":
             part = item["content"][0]
-            if self.logprobs or self.turn.chat.get("logprobs"):
+            if self.turn.chat.get("logprobs"):
                 part["logprobs"] = self.logprobs
             return [self._event("response.output_text.done", **at, content_index=0, text=part["text"],
                                 logprobs=self.logprobs),
