@@ -4,9 +4,11 @@ command line, server) that only ever produces text of the requested shape."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import re
+from decimal import Decimal
 
 import jsonschema
 import pytest
@@ -19,7 +21,8 @@ import neolm
 from neolm.errors import NeolmError
 from neolm.structured import compile, compile_regex, spec_regex
 from neolm.structured.guide import Guide, Vocabulary
-from neolm.structured.schema import int_range, schema_regex
+from neolm.structured.ranges import decimal_range, int_range
+from neolm.structured.schema import schema_regex
 from neolm.tokenizer import Tokenizer
 
 PATTERNS = [
@@ -77,6 +80,32 @@ def test_integer_ranges_match_exactly_the_integers_in_range():
         assert not any(pattern.fullmatch(s) for s in ["01", "-0", "00", "+1", "1.0", ""]), (lo, hi)
 
 
+def test_decimal_ranges_match_exactly_the_numbers_in_range():
+    """Every plain decimal (no exponent) of a set of integer parts and fractions, with and without a sign, matches
+    exactly when it lies in the range; a negative zero never does (zero is written unsigned)."""
+    texts = {f"{whole}{fraction}" for whole in ("0", "1", "2", "3", "9", "10", "12", "99")
+             for fraction in ("", ".0", ".00", ".05", ".1", ".10", ".15", ".25", ".4999", ".5", ".50", ".5001",
+                              ".75", ".9", ".95", ".999")}  # fmt: skip
+    texts |= {"-" + t for t in texts}
+    bounds = [None, *map(Decimal, ("0", "0.5", "1", "-1", "-0.25", "2.75", "0.05", "0.15", "10", "-12.5", "9.99"))]
+    for lo, hi in itertools.product(bounds, bounds):
+        for lo_open, hi_open in itertools.product((False, True), (False, True)):
+            if (lo is None and lo_open) or (hi is None and hi_open):
+                continue
+            if lo is not None and hi is not None and (lo > hi or (lo == hi and (lo_open or hi_open))):
+                with pytest.raises(NeolmError, match="no number lies"):
+                    decimal_range(lo, lo_open, hi, hi_open)
+                continue
+            pattern = re.compile(decimal_range(lo, lo_open, hi, hi_open))
+            for text in texts:
+                x = Decimal(text)
+                inside = ((lo is None or (x > lo if lo_open else x >= lo))
+                          and (hi is None or (x < hi if hi_open else x <= hi)))  # fmt: skip
+                expected = inside and not (text.startswith("-") and x == 0)
+                assert bool(pattern.fullmatch(text)) == expected, (lo, lo_open, hi, hi_open, text)
+            assert not any(pattern.fullmatch(t) for t in ["01", "1.", ".5", "1e2", "+1", ""]), (lo, hi)
+
+
 SCHEMAS = [
     {"type": "object", "properties": {"name": {"type": "string", "maxLength": 5},
                                       "age": {"type": "integer", "minimum": 0, "maximum": 150}},
@@ -91,6 +120,9 @@ SCHEMAS = [
                         "required": ["v", "next"]}}, "$ref": "#/$defs/node"},
     {"type": "object", "additionalProperties": {"type": "integer", "exclusiveMinimum": 2, "exclusiveMaximum": 12}},
     {"type": ["string", "null"], "minLength": 2},
+    {"type": "object", "properties": {"p": {"type": "number", "minimum": 0, "maximum": 1},
+                                      "t": {"type": "number", "exclusiveMinimum": -2.5, "exclusiveMaximum": 0.75}},
+     "required": ["p"]},
 ]  # fmt: skip
 VALUES = [
     {"name": "Ann", "age": 31}, {"name": "Annabel", "age": 31}, {"name": "Ann", "age": 151}, {"name": "Ann"},
@@ -98,7 +130,8 @@ VALUES = [
     {"b": None, "c": "x"}, {"a": True, "b": None, "c": None}, {"c": "y"}, [1.5], [0, 2, 3e5], [], [1, 2, 3, 4], [-1],
     ["a", 2], ["a", 2, 3], ["a"], ["a", "b"], [3], "2024-02-29", "2024-13-01", {"k": [1, 2]}, {"k": [2, 1]},
     {"v": 1, "next": {"v": 2, "next": None}}, {"v": 1, "next": {"v": 2}}, {"p": 3, "q": 11}, {"p": 12}, {"p": 2}, "ab",
-    "a", None, 7, "é\"\\\n", 1.25, True,
+    "a", None, 7, "é\"\\\n", 1.25, True, {"p": 0.5}, {"p": 1.0}, {"p": 1.5}, {"p": 0, "t": -2.5},
+    {"p": 1, "t": -2.4999}, {"p": 0.25, "t": 0.75}, {"p": 0.999, "t": 0.7499}, {"p": 1, "t": 0},
 ]  # fmt: skip
 
 
@@ -134,7 +167,9 @@ def test_schema_regexes_match_the_json_that_satisfies_the_schema(index):
 
 
 @pytest.mark.parametrize("schema, needle", [
-    ({"type": "string", "format": "email"}, "format 'email'"), ({"type": "number", "maximum": 3}, "number's bounds"),
+    ({"type": "string", "format": "email"}, "format 'email'"),
+    ({"type": "number", "minimum": 2, "exclusiveMaximum": 2}, "no number lies"),
+    ({"type": "number", "maximum": "3"}, "finite number"),
     ({"type": "object", "patternProperties": {}}, "patternProperties"), ({"allOf": [{}, {}]}, "allOf"),
     ({"$ref": "#/$defs/missing"}, "$ref"), ({"type": "integer", "minimum": 5, "maximum": 1}, "no integer"),
     ("{not json", "not valid JSON"), ({"type": "tuple"}, "unknown JSON schema type"), (False, "admits no value"),
@@ -180,7 +215,8 @@ def test_generated_json_satisfies_its_schema(lm):
     schema = {"type": "object", "properties": {
         "name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0, "maximum": 120},
         "tags": {"type": "array", "items": {"enum": ["king", "queen", "fool"]}, "maxItems": 2},
-        "alive": {"type": "boolean"}}, "required": ["name", "age", "tags"]}  # fmt: skip
+        "alive": {"type": "boolean"}, "score": {"type": "number", "exclusiveMinimum": 0, "maximum": 10}},
+        "required": ["name", "age", "tags", "score"]}  # fmt: skip
     texts = lm.generate(["KING. Who is he?\n"] * 4, structured_outputs={"json": schema}, do_sample=True, seed=0,
                         max_new_tokens=300)  # fmt: skip
     texts.append(lm.generate("KING.", structured_outputs={"json": schema}, do_sample=False, max_new_tokens=300))

@@ -5,10 +5,11 @@ An object's properties come in the schema's order; required ones always, optiona
 other keys appear (as OpenAI's strict mode) unless the schema has no "properties", when additionalProperties (a
 schema, or true/absent: any value) gives the values of any keys. Supported: type (one or a list), enum, const,
 properties / required / additionalProperties, items / prefixItems / minItems / maxItems, minLength / maxLength /
-pattern / format (date-time, date, time, uuid) on strings, minimum / maximum (and the exclusive ones) on integers,
-minimum >= 0 on numbers, anyOf / oneOf, allOf of one schema, and $ref into $defs / definitions. A recursive
-schema is unrolled MAX_DEPTH times; past that its recursive branches are left out. Keywords that would
-constrain the output in ways the regex cannot express raise NeolmError rather than being ignored.
+pattern / format (date-time, date, time, uuid) on strings, minimum / maximum (and the exclusive ones) on integers
+and numbers (a bounded number is written without an exponent: neolm.structured.ranges), anyOf / oneOf, allOf of
+one schema, and $ref into $defs / definitions. A recursive schema is unrolled MAX_DEPTH times; past that its
+recursive branches are left out. Keywords that would constrain the output in ways the regex cannot express raise
+NeolmError rather than being ignored.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from __future__ import annotations
 import json
 import math
 import re
+from decimal import Decimal
 
 from neolm.errors import NeolmError
+from neolm.structured.ranges import decimal_range, int_range
 
 MAX_DEPTH = 3  # nesting levels of any JSON value where a schema allows one; times a recursive $ref is unrolled
 WHITESPACE = r"[ ]?"  # between a JSON text's tokens (Outlines' default): compact, with a space or none
@@ -166,28 +169,18 @@ class _Converter:
         return f'"{STRING_CHAR}{{{lo},{"" if hi is None else hi}}}"'
 
     def integer(self, schema, depth: int) -> str:
-        bounds = []  # (lowest allowed or None, highest allowed or None) from each keyword
-        for key, side in (("minimum", 0), ("exclusiveMinimum", 0), ("maximum", 1), ("exclusiveMaximum", 1)):
-            if key in schema:
-                x = schema[key]
-                if not isinstance(x, (int, float)) or isinstance(x, bool):
-                    raise NeolmError(f"{key} must be a number, got {x!r}")
-                whole = {"minimum": math.ceil(x), "exclusiveMinimum": math.floor(x) + 1, "maximum": math.floor(x),
-                         "exclusiveMaximum": math.ceil(x) - 1}[key]  # fmt: skip
-                bounds.append((whole, None) if side == 0 else (None, whole))
-        if not bounds:
+        lo, lo_open, hi, hi_open = _bounds(schema)
+        if lo is None and hi is None:
             return INTEGER
-        lows = [lo for lo, _ in bounds if lo is not None]
-        highs = [hi for _, hi in bounds if hi is not None]
-        return int_range(max(lows) if lows else None, min(highs) if highs else None)
+        lowest = None if lo is None else math.floor(lo) + 1 if lo_open else math.ceil(lo)
+        highest = None if hi is None else math.ceil(hi) - 1 if hi_open else math.floor(hi)
+        return int_range(lowest, highest)
 
     def number(self, schema, depth: int) -> str:
-        bounds = {k: schema[k] for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum") if k in schema}
-        if not bounds:
+        lo, lo_open, hi, hi_open = _bounds(schema)
+        if lo is None and hi is None:
             return NUMBER
-        if set(bounds) == {"minimum"} and bounds["minimum"] == 0:
-            return NUMBER.removeprefix("-?")
-        raise NeolmError("a number's bounds are supported only as minimum 0 (bound integers, or leave them out)")
+        return decimal_range(lo, lo_open, hi, hi_open)
 
     def array(self, schema, depth: int) -> str | None:
         """prefixItems' schemas for the first items (each may be left out with all after it, down to minItems),
@@ -261,56 +254,20 @@ class _Converter:
         return rf"\{{{ws}(?:{body}){ws}\}}"
 
 
-def int_range(lo: int | None, hi: int | None) -> str:
-    """A regex of the integers lo..hi written as JSON (None: unbounded on that side)."""
-    if lo is not None and hi is not None and lo > hi:
-        raise NeolmError(f"no integer lies between minimum {lo} and maximum {hi}")
-    parts = []
-    if lo is None or lo < 0:  # negatives: -(|hi'|..|lo|)
-        neg_lo = 1 if hi is None or hi >= 0 else -hi
-        parts.append("-" + _positive(neg_lo, None if lo is None else -lo))
-    if hi is None or hi >= 0:
-        parts.append(_positive(max(lo or 0, 0), hi))
-    return "(?:" + "|".join(parts) + ")"
-
-
-def _positive(lo: int, hi: int | None) -> str:
-    """Non-negative integers lo..hi (hi None: unbounded), without leading zeros."""
-    if hi is None:  # lo..(10^n - 1) then any longer number
-        n = len(str(lo))
-        longer = f"[1-9][0-9]{{{n},}}"
-        return f"(?:{_span(lo, 10**n - 1)}|{longer})"
-    return _span(lo, hi)
-
-
-def _span(lo: int, hi: int) -> str:
-    """lo..hi, 0 <= lo <= hi, split into runs of equal length, each a digit-range regex."""
-    out = []
-    while lo <= hi:
-        top = min(hi, 10 ** len(str(lo)) - 1)  # same number of digits
-        out += _same_length(str(lo), str(top))
-        lo = top + 1
-    return "(?:" + "|".join(out) + ")"
-
-
-def _same_length(a: str, b: str) -> list[str]:
-    """Regexes of the numbers a..b, written with len(a) == len(b) digits."""
-    if a == b:
-        return [a]
-    if len(a) == 1:
-        return [f"[{a}-{b}]"]
-    if a[0] == b[0]:
-        return [a[0] + "(?:" + "|".join(_same_length(a[1:], b[1:])) + ")"]
-    out = []
-    n = len(a) - 1
-    if a[1:] != "0" * n:  # a's first digit with the rest from a up
-        out += [a[0] + "(?:" + "|".join(_same_length(a[1:], "9" * n)) + ")"]
-        first = int(a[0]) + 1
-    else:
-        first = int(a[0])
-    last = int(b[0]) - (1 if b[1:] != "9" * n else 0)
-    if first <= last:
-        out.append(f"[{first}-{last}][0-9]{{{n}}}")
-    if b[1:] != "9" * n:
-        out += [b[0] + "(?:" + "|".join(_same_length("0" * n, b[1:])) + ")"]
-    return out
+def _bounds(schema: dict) -> tuple[Decimal | None, bool, Decimal | None, bool]:
+    """A number's bounds as exact decimals: (lowest or None, whether it is excluded, highest or None, whether
+    excluded), the tighter where both minimum and exclusiveMinimum (or the maximums) are given."""
+    lo, lo_open, hi, hi_open = None, False, None, False
+    for key in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
+        if key not in schema:
+            continue
+        x = schema[key]
+        if not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x):
+            raise NeolmError(f"{key} must be a finite number, got {x!r}")
+        x, open_ = Decimal(x if isinstance(x, int) else repr(x)), key.startswith("exclusive")
+        if key in ("minimum", "exclusiveMinimum"):
+            if lo is None or x > lo or (x == lo and open_):
+                lo, lo_open = x, open_
+        elif hi is None or x < hi or (x == hi and open_):
+            hi, hi_open = x, open_
+    return lo, lo_open, hi, hi_open
