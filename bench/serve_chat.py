@@ -3,12 +3,14 @@
     python bench/serve_chat.py --model /tmp/neolm-bench/models/pythia-160m/hf --clients 4 --turns 6 \\
         --message-tokens 48 --reply-tokens 32 --prefix-cache 0,256 --rounds 2 --out bench/SERVE.md
 
-For each --prefix-cache value (MB; 0: off): start `neolm serve` (a fresh process), and let --clients threads
-each hold a chat of --turns turns at once through /v1/chat/completions, streamed: every turn resends the
-conversation with a new user message of --message-tokens tokens (common one-token words) and gets a greedy
-reply of exactly --reply-tokens tokens. Reported: generated tokens per second over the run, the median time to
-a reply's first token (all turns, and the last turn's), and the prompt tokens the cache supplied (usage's
-prompt_tokens_details.cached_tokens) against all prompt tokens. Not a test.
+For each --prefix-cache value (MB; 0: off), and each --source tree (LABEL=DIR, to compare versions of neolm in
+one run; default: the installed one): start `neolm serve` (a fresh process), and let --clients threads each hold
+a chat of --turns turns at once through /v1/chat/completions, streamed: every turn resends the conversation
+(after a system message of --system-tokens tokens that all clients share, if any) with a new user message of
+--message-tokens tokens (common one-token words) and gets a greedy reply of exactly --reply-tokens tokens.
+Reported: generated tokens per second over the run, the median time to a reply's first token (all turns, and
+the first and last turns'), and the prompt tokens the cache supplied (usage's prompt_tokens_details.cached_tokens)
+against all prompt tokens. Not a test.
 """
 
 from __future__ import annotations
@@ -39,23 +41,26 @@ def turn(base: str, messages: list[dict], tokens: int) -> tuple[str, float, int,
     return reply, first or 0.0, usage["prompt_tokens"], cached
 
 
-def run(args, mb: str, label: str) -> dict:
+def run(args, mb: str, label: str, source: str | None) -> dict:
     args.load = [*args.extra, "--prefix-cache", mb]
-    server, base = start(args, args.max_batch)
+    server, base = start(args, args.max_batch, source)
     try:
         turn(base, [{"role": "user", "content": "Warm-up"}], 8)
         draw = random.Random(0)
+        system = "".join(draw.choices(WORDS, k=args.system_tokens)).strip()
         texts = [["".join(draw.choices(WORDS, k=args.message_tokens)).strip() for _ in range(args.turns)]
                  for _ in range(args.clients)]  # fmt: skip
-        firsts, lasts, prompt, cached = [], [], [0], [0]
+        firsts, opening, lasts, prompt, cached = [], [], [], [0], [0]
 
         def client(c: int) -> None:
-            messages = []
+            messages = [{"role": "system", "content": system}] if system else []
             for t in range(args.turns):
                 messages.append({"role": "user", "content": texts[c][t]})
                 reply, first, n, hit = turn(base, messages, args.reply_tokens)
                 messages.append({"role": "assistant", "content": reply})
                 firsts.append(first)
+                if t == 0:
+                    opening.append(first)
                 if t == args.turns - 1:
                     lasts.append(first)
                 prompt[0] += n
@@ -67,8 +72,8 @@ def run(args, mb: str, label: str) -> dict:
         server.wait(timeout=60)
     generated = args.clients * args.turns * args.reply_tokens
     return {"label": label, "prefix_cache": mb, "tok_s": generated / wall, "wall_s": wall,
-            "ttft_s": statistics.median(firsts), "last_ttft_s": statistics.median(lasts), "prompt": prompt[0],
-            "cached": cached[0]}  # fmt: skip
+            "ttft_s": statistics.median(firsts), "first_ttft_s": statistics.median(opening),
+            "last_ttft_s": statistics.median(lasts), "prompt": prompt[0], "cached": cached[0]}  # fmt: skip
 
 
 def main() -> None:
@@ -78,6 +83,10 @@ def main() -> None:
     p.add_argument("--turns", type=int, default=6)
     p.add_argument("--message-tokens", type=int, default=48)
     p.add_argument("--reply-tokens", type=int, default=32)
+    p.add_argument("--system-tokens", type=int, default=0, help="a system message of this many tokens, the same "
+                   "for every client (0: none)")  # fmt: skip
+    p.add_argument("--source", action="append", default=[], metavar="LABEL=DIR",
+                   help="a neolm source tree to serve from (repeat to compare; default: the installed neolm)")
     p.add_argument("--prefix-cache", default="0,256", help="comma-separated `neolm serve --prefix-cache` values (MB)")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
@@ -88,35 +97,41 @@ def main() -> None:
     args.extra = [a for a in args.extra if a != "--"]
     if args.model and os.path.exists(args.model):  # the servers may run in another directory
         args.model = os.path.abspath(args.model)
-    values = args.prefix_cache.split(",")
+    sources = [tuple(s.split("=", 1)) for s in args.source] or [("", None)]
+    if any(len(s) != 2 for s in sources):
+        raise SystemExit("--source takes LABEL=DIR")
+    sources = [(label, os.path.abspath(path) if path else None) for label, path in sources]
+    rows = [(f"{label} {mb}".strip(), mb, path) for label, path in sources for mb in args.prefix_cache.split(",")]
     runs = []
     for round_ in range(args.rounds):
-        for mb in values if round_ % 2 == 0 else values[::-1]:
-            runs.append(run(args, mb, mb))
+        for label, mb, path in rows if round_ % 2 == 0 else rows[::-1]:
+            runs.append(run(args, mb, label, path))
             print(runs[-1], file=sys.stderr)
     lines = [
         f"`python {' '.join(sys.argv)}`",
         "",
         (
             f"{platform.processor() or platform.machine()}, {args.threads} threads; {args.clients} clients x "
-            f"{args.turns} turns of {args.message_tokens}-token messages and {args.reply_tokens}-token greedy "
-            f"replies; median of {args.rounds} round(s)"
+            f"{args.turns} turns of {args.message_tokens}-token messages"
+            + (f" after a shared {args.system_tokens}-token system message" if args.system_tokens else "")
+            + f" and {args.reply_tokens}-token greedy replies; median of {args.rounds} round(s)"
         ),
         "",
         (
-            "| --prefix-cache, MB | tokens/s [min-max] | vs first row | median TTFT, s | last turn's TTFT, s | "
-            "prompt tokens cached |"
+            "| source, --prefix-cache MB | tokens/s [min-max] | vs first row | median TTFT, s | first turn's TTFT, s "
+            "| last turn's TTFT, s | prompt tokens cached |"
         ),
-        "|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
     ]
     base = None
-    for mb in values:
-        mine = [r for r in runs if r["prefix_cache"] == mb]
+    for label, _, _ in rows:
+        mine = [r for r in runs if r["label"] == label]
         tok_s = statistics.median(r["tok_s"] for r in mine)
         base = base or tok_s
         lines.append(
-            f"| {mb} | {tok_s:.1f} [{min(r['tok_s'] for r in mine):.1f}-{max(r['tok_s'] for r in mine):.1f}] | "
+            f"| {label} | {tok_s:.1f} [{min(r['tok_s'] for r in mine):.1f}-{max(r['tok_s'] for r in mine):.1f}] | "
             f"{tok_s / base:.2f}x | {statistics.median(r['ttft_s'] for r in mine):.3f} | "
+            f"{statistics.median(r['first_ttft_s'] for r in mine):.3f} | "
             f"{statistics.median(r['last_ttft_s'] for r in mine):.3f} | {mine[0]['cached']} of {mine[0]['prompt']} |"
         )
     publish(lines, args.out)

@@ -647,6 +647,7 @@ class DecodeBatch:
         on_prompt: Callable[[int, TokenLogprobs], None] | None = None,
         reuse: tuple[KVCache, Sequence[int]] | None = None,
         adapter: int | Sequence[int] = 0,
+        share: bool = False,
     ) -> Prefill:
         """`add` in parts, so that a long prompt need not hold up the running sequences for the whole of its
         forward: the prompts, ready to be read into a cache of their own by Prefill.read (in chunks of columns,
@@ -655,8 +656,9 @@ class DecodeBatch:
         reuse: (a cache of one row without padding, the tokens in its slots), from an earlier generation
         (neolm.conversation): the tokens one prompt shares with it from the start are taken from it instead of
         read again (all but the last, whose logits are needed), and `done` counts them. The prefill takes that
-        cache itself (it is changed) when it has the room, else a copy of those slots. The rest of the prompt is
-        read as a chunk after them, whose numbers may round differently from one forward of the whole.
+        cache itself (it is changed) when it has the room, else a copy of those slots; always a copy with
+        `share`, which leaves it as it was for other prompts (the server's prefix cache). The rest of the prompt
+        is read as a chunk after them, whose numbers may round differently from one forward of the whole.
 
         adapter: the LoRA adapter of the batch's `adapters` these sequences run with (0: none; neolm.multilora), or
         one per prompt."""
@@ -689,7 +691,7 @@ class DecodeBatch:
             if held.k.shape[1] != 1 or held.valid is not None:
                 raise NeolmError("a reused cache must hold one row without padding")
             prefill.done = min(shared_prefix(tokens[: held.length], seqs[0]), width - 1)
-        if reuse is not None and held.max_len >= width + prefill.room:
+        if reuse is not None and not share and held.max_len >= width + prefill.room:
             cache, cache.length = held, prefill.done  # its slots from there on are written before they are read
         else:
             cache = KVCache(config, len(seqs), width + prefill.room, self.model.cache_dtype, device)

@@ -7,6 +7,7 @@ import re
 import shutil
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import TINY, hf_model, save_hf
@@ -15,6 +16,7 @@ import neolm
 from neolm.chat import Reply, Template, Transcript, load_chat_format
 from neolm.errors import NeolmError
 from neolm.serve.http import Server
+from neolm.serve.prefix import MIN_SHARED
 from neolm.tokenizer import load_tokenizer
 
 NEOX_TOKENIZER = neolm.__path__[0] + "/tokenizers/gpt-neox-20b/tokenizer.json"
@@ -299,3 +301,28 @@ def test_server_prefix_cache_serves_a_chats_next_turn():
          {"role": "user", "content": "Good morrow, my lord, what news?"}], add_generation_prompt=True))  # fmt: skip
     assert cached[0] == 0 and cached[1] >= first_prompt and cached[2] > cached[1], (cached, first_prompt)
     assert cached[3] == first_prompt - 1
+
+
+def test_server_prefix_cache_entry_serves_requests_that_run_at_once():
+    """Requests that share a system prompt and arrive together all start from the one cache entry that an earlier
+    request left (the entry is copied from, not taken by the first of them)."""
+    lm = neolm.load()
+    server = Server(lm, port=0, prefix_cache_mb=64)
+    server.start()
+    system = SYSTEM + " They speak in verse, and briefly."
+
+    def ask(question: str) -> int:
+        status, answer = post(server, "/v1/chat/completions", {"messages": [
+            {"role": "system", "content": system}, {"role": "user", "content": question}],
+            "max_tokens": 24, "temperature": 0})  # fmt: skip
+        assert status == 200, answer
+        return answer["usage"].get("prompt_tokens_details", {}).get("cached_tokens", 0)
+
+    try:
+        assert ask("Good morrow, my lord, what news?") == 0
+        with ThreadPoolExecutor(4) as pool:
+            cached = list(pool.map(ask, ["What of the queen?", "Where is the king?", "Who comes here?", "Is it war?"]))
+    finally:
+        server.close()
+    shared = len(lm.apply_chat_template([{"role": "system", "content": system}]))
+    assert all(n >= shared - 1 for n in cached) and shared - 1 >= MIN_SHARED, (cached, shared)

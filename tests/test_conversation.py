@@ -233,7 +233,7 @@ def test_row_cache_holds_a_finished_sequences_slots(tiny_checkpoints):
     torch.testing.assert_close(kept.v, alone.cache.v[:, :, :, : kept.length], atol=1e-5, rtol=1e-5)
 
 
-def test_prefix_cache_takes_the_longest_shared_entry_and_evicts_the_oldest(tiny_checkpoints):
+def test_prefix_cache_finds_the_longest_shared_entry_and_evicts_the_least_recently_used(tiny_checkpoints):
     from neolm.model import KVCache
     from neolm.serve.prefix import MIN_SHARED, PrefixCache
 
@@ -251,12 +251,15 @@ def test_prefix_cache_takes_the_longest_shared_entry_and_evicts_the_oldest(tiny_
         prefixes.put(entry(40), tokens + [7, 7])  # tokens past the cache's slots are not kept
     prefixes.put(entry(MIN_SHARED - 1), c)  # too short to be worth keeping
     assert len(prefixes) == 2 and prefixes.bytes == 2 * size
-    assert prefixes.take(list(range(MIN_SHARED - 1)) + [5]) is None  # shares too little
-    cache, tokens = prefixes.take(list(range(60)))  # a shares 40, b 20
-    assert tokens == a and len(prefixes) == 1 and prefixes.bytes == size
-    prefixes.put(cache, tokens)
-    prefixes.put(entry(40), c)  # the least recently put (b) goes
-    assert prefixes.take(b) is None and len(prefixes) == 2
+    assert prefixes.find(list(range(MIN_SHARED - 1)) + [5]) is None  # shares too little
+    found = prefixes.find(list(range(60)))  # a shares 40, b 20
+    assert found[1] == a and len(prefixes) == 2  # it stays, for others too
+    assert prefixes.find(list(range(60)))[0] is found[0]
+    prefixes.put(entry(40), c)  # the least recently used (b: a was just found) goes
+    assert prefixes.find(b) is None and len(prefixes) == 2 and prefixes.bytes == 2 * size
+    longer = entry(45)
+    prefixes.put(longer, a + [1, 2, 3, 4, 5])  # holds all of a: a goes
+    assert len(prefixes) == 2 and prefixes.bytes == size + longer.nbytes and prefixes.find(a)[0] is longer
     prefixes.put(entry(40), b, adapter=1)  # made with a LoRA adapter (neolm.multilora): for prompts with that one
-    assert prefixes.take(b) is None and prefixes.take(b, adapter=2) is None
-    assert prefixes.take(b, adapter=1)[1] == b
+    assert prefixes.find(b) is None and prefixes.find(b, adapter=2) is None
+    assert prefixes.find(b, adapter=1)[1] == b

@@ -321,13 +321,11 @@ class Engine:
         if not job.reusable:
             return False
         prompt = job.prompts[0]
-        held = self.prefixes.take(prompt, job.adapter)
+        held = self.prefixes.find(prompt, job.adapter)
         self.metrics.prefix_queries += len(prompt)
         if held is None:
             return False
-        prefill = batch.prefill([prompt], job.gc, [job.logprobs], reuse=held, adapter=job.adapter)
-        if prefill.cache is not held[0]:  # copied from, not taken: still good for others
-            self.prefixes.put(*held, job.adapter)
+        prefill = batch.prefill([prompt], job.gc, [job.logprobs], reuse=held, adapter=job.adapter, share=True)
         job.cached = prefill.done
         self.metrics.prefix_hits += prefill.done
         reading.append(_Reading(prefill, [job], [(job, 0)]))
