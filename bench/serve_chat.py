@@ -5,12 +5,13 @@
 
 For each --prefix-cache value (MB; 0: off), and each --source tree (LABEL=DIR, to compare versions of neolm in
 one run; default: the installed one): start `neolm serve` (a fresh process), and let --clients threads each hold
-a chat of --turns turns at once through /v1/chat/completions, streamed: every turn resends the conversation
-(after a system message of --system-tokens tokens that all clients share, if any) with a new user message of
---message-tokens tokens (common one-token words) and gets a greedy reply of exactly --reply-tokens tokens.
-Reported: generated tokens per second over the run, the median time to a reply's first token (all turns, and
-the first and last turns'), and the prompt tokens the cache supplied (usage's prompt_tokens_details.cached_tokens)
-against all prompt tokens. Not a test.
+a chat of --turns turns at once (client c starting c x --stagger seconds after the first) through
+/v1/chat/completions, streamed: every turn resends the conversation (after a system message of --system-tokens
+tokens that all clients share, if any, and that a warm-up chat sent before them) with a new user message of
+--message-tokens tokens (common one-token words), --think seconds after the last reply, and gets a greedy reply
+of exactly --reply-tokens tokens. Reported: generated tokens per second over the run, the median time to a
+reply's first token (all turns, and the first and last turns'), and the prompt tokens the cache supplied
+(usage's prompt_tokens_details.cached_tokens) against all prompt tokens. Not a test.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import sys
 import time
 
 from report import publish
-from serve_load import WORDS, run_clients, start, stream_events
+from serve_load import WORDS, run_clients, start, stop, stream_events
 
 
 def turn(base: str, messages: list[dict], tokens: int) -> tuple[str, float, int, int]:
@@ -45,22 +46,25 @@ def run(args, mb: str, label: str, source: str | None) -> dict:
     args.load = [*args.extra, "--prefix-cache", mb]
     server, base = start(args, args.max_batch, source)
     try:
-        turn(base, [{"role": "user", "content": "Warm-up"}], 8)
         draw = random.Random(0)
         system = "".join(draw.choices(WORDS, k=args.system_tokens)).strip()
+        opening = [{"role": "system", "content": system}] if system else []
+        turn(base, [*opening, {"role": "user", "content": "Warm-up"}], 8)  # (a chat before the clients' chats)
         texts = [["".join(draw.choices(WORDS, k=args.message_tokens)).strip() for _ in range(args.turns)]
                  for _ in range(args.clients)]  # fmt: skip
-        firsts, opening, lasts, prompt, cached = [], [], [], [0], [0]
+        firsts, starts, lasts, prompt, cached = [], [], [], [0], [0]
 
         def client(c: int) -> None:
-            messages = [{"role": "system", "content": system}] if system else []
+            time.sleep(c * args.stagger)
+            messages = list(opening)
             for t in range(args.turns):
+                time.sleep(args.think if t else 0)
                 messages.append({"role": "user", "content": texts[c][t]})
                 reply, first, n, hit = turn(base, messages, args.reply_tokens)
                 messages.append({"role": "assistant", "content": reply})
                 firsts.append(first)
                 if t == 0:
-                    opening.append(first)
+                    starts.append(first)
                 if t == args.turns - 1:
                     lasts.append(first)
                 prompt[0] += n
@@ -68,11 +72,10 @@ def run(args, mb: str, label: str, source: str | None) -> dict:
 
         wall = run_clients(args.clients, client)
     finally:
-        server.send_signal(2)
-        server.wait(timeout=60)
+        stop(server)
     generated = args.clients * args.turns * args.reply_tokens
     return {"label": label, "prefix_cache": mb, "tok_s": generated / wall, "wall_s": wall,
-            "ttft_s": statistics.median(firsts), "first_ttft_s": statistics.median(opening),
+            "ttft_s": statistics.median(firsts), "first_ttft_s": statistics.median(starts),
             "last_ttft_s": statistics.median(lasts), "prompt": prompt[0], "cached": cached[0]}  # fmt: skip
 
 
@@ -85,6 +88,10 @@ def main() -> None:
     p.add_argument("--reply-tokens", type=int, default=32)
     p.add_argument("--system-tokens", type=int, default=0, help="a system message of this many tokens, the same "
                    "for every client (0: none)")  # fmt: skip
+    p.add_argument("--stagger", type=float, default=0.0, help="client c starts its chat c times this many seconds "
+                   "after the first (0: all at once)")  # fmt: skip
+    p.add_argument("--think", type=float, default=0.0, help="seconds a client waits between a reply and its next "
+                   "message (a person reading and typing)")  # fmt: skip
     p.add_argument("--source", action="append", default=[], metavar="LABEL=DIR",
                    help="a neolm source tree to serve from (repeat to compare; default: the installed neolm)")
     p.add_argument("--prefix-cache", default="0,256", help="comma-separated `neolm serve --prefix-cache` values (MB)")
@@ -114,7 +121,10 @@ def main() -> None:
             f"{platform.processor() or platform.machine()}, {args.threads} threads; {args.clients} clients x "
             f"{args.turns} turns of {args.message_tokens}-token messages"
             + (f" after a shared {args.system_tokens}-token system message" if args.system_tokens else "")
-            + f" and {args.reply_tokens}-token greedy replies; median of {args.rounds} round(s)"
+            + f" and {args.reply_tokens}-token greedy replies"
+            + (f", client c starting {args.stagger:g} s x c after the first" if args.stagger else "")
+            + (f", {args.think:g} s between a reply and the next message" if args.think else "")
+            + f"; median of {args.rounds} round(s)"
         ),
         "",
         (

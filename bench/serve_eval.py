@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from serve_load import start  # bench/serve_load.py, beside this script
+from serve_load import start, stop  # bench/serve_load.py, beside this script
 
 
 def direct(args, out: Path) -> dict:
@@ -53,8 +53,7 @@ def served(args, concurrent: int) -> dict:
                                               limit=args.limit, bootstrap_iters=0, log_samples=False)  # fmt: skip
             seconds = time.perf_counter() - began
     finally:
-        server.send_signal(2)
-        server.wait(timeout=60)
+        stop(server)
     return {"how": f"neolm serve + local-completions, num_concurrent={concurrent}", "seconds": seconds,
             "results": results["results"]}  # fmt: skip
 

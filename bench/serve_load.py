@@ -17,6 +17,7 @@ two versions of the engine in one run; --rounds repeats every row, alternating. 
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import json
 import os
@@ -48,7 +49,19 @@ def start(args, max_batch: int, source: str | None = None, chunk: str | None = N
     if not match:
         server.kill()
         raise SystemExit(f"the server did not start: {line}{server.stderr.read()}")
+    # drain its log, or a full pipe would stop the server at its next log line
+    threading.Thread(target=lambda: collections.deque(server.stderr, maxlen=0), daemon=True).start()
     return server, match[1]
+
+
+def stop(server: subprocess.Popen) -> None:
+    """Stop a server as Ctrl-C does; terminate it where SIGINT is ignored (a shell's background job)."""
+    server.send_signal(2)
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def stream_events(url: str, body: dict) -> Iterator[dict]:
@@ -121,8 +134,7 @@ def run(args, max_batch: int, label: str, source: str | None, chunk: str | None)
         with urllib.request.urlopen(f"{base.removesuffix('/v1')}/health") as response:
             health = json.loads(response.read())
     finally:
-        server.send_signal(2)
-        server.wait(timeout=60)
+        stop(server)
     return {"source": label, "max_batch": max_batch, "chunk": chunk, "tok_s": sum(tokens) / wall, "wall_s": wall,
             "latency_s": statistics.median(latencies), "p90_s": statistics.quantiles(latencies, n=10)[-1],
             "ttft_s": statistics.median(firsts), "itl_ms": 1e3 * statistics.median(gaps),
