@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import socket
@@ -566,6 +567,87 @@ def test_serve_command(tmp_path):
         assert process.wait(timeout=60) == 0
     finally:
         process.kill()
+
+
+def test_serve_command_answers_the_requests_it_took_on_sigterm():
+    """On SIGTERM (docker stop, systemd, Kubernetes) `neolm serve` answers the requests it has taken to the end,
+    a stream in progress and a request queued behind it, then exits 0."""
+    process = subprocess.Popen([sys.executable, "-m", "neolm.cli", "serve", "--port", "0", "--max-batch", "1"],
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        port = re.search(r"on http://127\.0\.0\.1:(\d+)/v1", process.stderr.readline())[1]
+        base, got, streaming = f"http://127.0.0.1:{port}", {}, threading.Event()
+
+        def ask(key: str, body: dict) -> None:
+            request = urllib.request.Request(f"{base}/v1/completions", json.dumps(body).encode(),
+                                             {"Content-Type": "application/json"})  # fmt: skip
+            with urllib.request.urlopen(request, timeout=120) as response:
+                lines = []
+                for line in response:
+                    lines.append(line.decode())
+                    streaming.set()
+                got[key] = "".join(lines)
+
+        greedy = {"prompt": "KING.", "temperature": 0}
+        clients = [threading.Thread(target=ask, args=("stream", greedy | {"max_tokens": 60, "min_tokens": 60,
+                                                                          "stream": True}))]  # fmt: skip
+        clients[0].start()
+        assert streaming.wait(60)
+        clients.append(threading.Thread(target=ask, args=("queued", greedy | {"max_tokens": 8, "min_tokens": 8})))
+        clients[1].start()
+        for _ in range(600):  # until the second waits for the first (max-batch 1)
+            with urllib.request.urlopen(f"{base}/metrics", timeout=60) as response:
+                if re.search(r"neolm:num_requests_waiting\{[^}]*\} 1", response.read().decode()):
+                    break
+            time.sleep(0.01)
+        else:
+            pytest.fail("the second request never waited")
+        process.send_signal(15)
+        for client in clients:
+            client.join(120)
+        assert process.wait(timeout=60) == 0
+        assert "every request answered" in process.stderr.read()
+    finally:
+        process.kill()
+    chunks = [json.loads(line[6:]) for line in got["stream"].splitlines() if line.startswith("data: {")]
+    assert got["stream"].rstrip().endswith("data: [DONE]") and chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert json.loads(got["queued"])["usage"]["completion_tokens"] == 8
+
+
+def test_a_draining_server_refuses_new_requests_and_answers_those_it_took(lm):
+    """Server.drain(): the jobs taken run to the end, a queued one too; meanwhile /health answers 503 "shutting
+    down" and a new request on a connection already open gets 503, each the connection's last answer; drain
+    returns once all are answered."""
+    server = Server(lm, port=0, model_name=NAME, max_batch=1)
+    server.start()
+    try:
+        opened = [http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=60) for _ in range(2)]
+        for connection in opened:  # before the drain, kept open
+            connection.request("GET", "/health")
+            response = connection.getresponse()
+            assert response.status == 200 and response.read()
+        gc = neolm.GenerationConfig(max_new_tokens=40, min_new_tokens=40, do_sample=False)
+        prompt = lm.tokenizer.encode("KING.")
+        jobs = [server.engine.submit([prompt], gc), server.engine.submit([prompt], gc)]  # the second waits
+        draining = threading.Thread(target=server.drain)
+        draining.start()
+        while not server.draining:
+            time.sleep(0.01)
+        opened[0].request("GET", "/health")
+        health = opened[0].getresponse()
+        assert health.status == 503 and json.loads(health.read())["status"] == "shutting down"
+        assert health.will_close  # (Connection: close: each connection's last answer)
+        opened[1].request("POST", "/v1/completions", json.dumps({"prompt": "KING.", "max_tokens": 3}),
+                          {"Content-Type": "application/json"})  # fmt: skip
+        refused = opened[1].getresponse()
+        assert refused.status == 503 and "shutting down" in json.loads(refused.read())["error"]["message"]
+        draining.join(120)
+        assert not draining.is_alive() and server.answering == 0
+        assert [[e.tokens for e in job if isinstance(e, End)] for job in jobs] == [[40], [40]]
+        with pytest.raises(NeolmError, match="shutting down"):
+            server.engine.submit([prompt], gc)
+    finally:
+        server.close()
 
 
 def test_metrics_count_tokens_requests_and_latencies(server, lm):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 
 from neolm.cli import _add_model_args, load_model, non_negative, positive
 from neolm.embedding import POOLINGS
@@ -34,7 +36,8 @@ def register(sub) -> dict:
         "settings, and gets the tokens it would get alone. A chat is written in the checkpoint's chat template "
         "(chat_template.jinja or tokenizer_config.json's chat_template, rendered as transformers' "
         "apply_chat_template does) or --chat-template's; base models have none, and their chats are written as a "
-        "plain 'User: ... / Assistant: ...' transcript.",
+        "plain 'User: ... / Assistant: ...' transcript. Ctrl-C stops the server; SIGTERM stops it gracefully: no "
+        "new requests (/health answers 503), those taken are answered, then it exits.",
     )
     _add_model_args(s, positional=True)
     net = s.add_argument_group("server")
@@ -163,11 +166,23 @@ def cmd_serve(args) -> int:
     server = Server(lm, args.host, args.port, name, args.api_key, args.max_batch, args.prefill_chunk, args.prefix_cache,
                     args.allow_runtime_lora_updating, args.allowed_origins, args.embedding_pooling)  # fmt: skip
     host, port = server.server_address[:2]
-    print(f"neolm serve: {server.model_name} on http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
+
+    def on_sigterm(signum, frame) -> None:  # a graceful stop (docker stop, systemd, Kubernetes); again: at once
+        if server.draining:
+            raise KeyboardInterrupt
+        print(f"neolm serve: SIGTERM: answering the {server.answering} requests taken, then stopping (another SIGTERM "
+              "or Ctrl-C stops at once)", file=sys.stderr, flush=True)  # fmt: skip
+        threading.Thread(target=server.drain, name="neolm-drain", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    print(f"neolm serve: {server.model_name} on http://{host}:{port}/v1 (Ctrl-C stops; SIGTERM finishes the requests "
+          "taken, then stops)", file=sys.stderr, flush=True)  # fmt: skip
     try:
         server.run()
     except KeyboardInterrupt:
         print("neolm serve: stopped", file=sys.stderr)
+        return 0
+    print("neolm serve: stopped" + (", every request answered" if server.draining else ""), file=sys.stderr)
     return 0
 
 

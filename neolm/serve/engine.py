@@ -61,6 +61,10 @@ class End:
     tokens: int  # how many the sequence generated
 
 
+class ShuttingDown(NeolmError):
+    """The engine is closed: it takes no new job."""
+
+
 class Job:
     """One request's sequences: each prompt x gc.num_return_sequences. Iterate it for Prompt, Token and End
     events (each sequence ends exactly once); it raises NeolmError if the generation failed. `logprobs` (k):
@@ -180,7 +184,7 @@ class Engine:
                   index)  # fmt: skip
         with self._wake:
             if self._closed:
-                raise NeolmError("the server is shutting down")
+                raise ShuttingDown("the server is shutting down")
             self._waiting.append(job)
             self._wake.notify()
         return job
@@ -192,7 +196,7 @@ class Engine:
         future: Future = Future()
         with self._wake:
             if self._closed:
-                raise NeolmError("the server is shutting down")
+                raise ShuttingDown("the server is shutting down")
             self._tasks.append((task, future))
             self._wake.notify()
         try:
@@ -212,17 +216,23 @@ class Engine:
             if batch is not None:  # the model's adapters may be new (neolm.multilora): the batch runs with them
                 batch.adapters = self.lm.adapter_set
 
-    def close(self, timeout: float | None = None) -> None:
-        """Refuse new jobs, end the waiting ones, and wait (at most `timeout` s) for run() to return."""
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self, timeout: float | None = None, drain: bool = False) -> None:
+        """Refuse new jobs (submit and call raise ShuttingDown), end the waiting ones (with `drain`: run them
+        too), and wait (at most `timeout` s) for run() to return, which it does when the jobs it has are done."""
         with self._wake:
             self._closed = True
-            for job in self._waiting:  # never started: end them
-                job._events.put(NeolmError("the server is shutting down"))
-                job._events.put(None)
-            self._waiting.clear()
-            for _, future in self._tasks:
-                future.set_exception(NeolmError("the server is shutting down"))
-            self._tasks.clear()
+            if not drain:
+                for job in self._waiting:  # never started: end them
+                    job._events.put(ShuttingDown("the server is shutting down"))
+                    job._events.put(None)
+                self._waiting.clear()
+                for _, future in self._tasks:
+                    future.set_exception(ShuttingDown("the server is shutting down"))
+                self._tasks.clear()
             self._wake.notify()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
@@ -236,7 +246,7 @@ class Engine:
                 # with a timeout: a Ctrl-C that the OS hands to another thread reaches a main thread waiting here
                 # only when it returns to Python
                 self._wake.wait(timeout=0.25)
-            if self._closed:
+            if self._closed and not self._waiting and not self._tasks:  # (jobs left only when drained)
                 return [] if busy else None
             taken: list[Job] = []
             while self._waiting:

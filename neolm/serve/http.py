@@ -31,13 +31,14 @@ import neolm
 from neolm.embedding import embed
 from neolm.errors import NeolmError
 from neolm.serve import answer, embeddings, protocol, responses
-from neolm.serve.engine import DEFAULT_PREFILL_CHUNK, Engine
+from neolm.serve.engine import DEFAULT_PREFILL_CHUNK, Engine, ShuttingDown
 from neolm.serve.protocol import ApiError
 from neolm.serve.tools import Held
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 32 * 2**20  # bytes of a request body
+DRAIN_WRITE_TIMEOUT = 60  # seconds run() waits, once drained, for the last answers to be written
 
 
 class Server(ThreadingHTTPServer):
@@ -61,6 +62,9 @@ class Server(ThreadingHTTPServer):
         self.started = int(time.time())
         self.stored = responses.Store()  # /v1/responses kept for previous_response_id and GET
         self.engine = Engine(lm, max_batch, prefill_chunk, prefix_cache_mb)
+        self.draining = False  # drain(): no new requests; those taken are answered
+        self._answering = 0  # requests being answered now (not idle keep-alive connections)
+        self._answered = threading.Condition()
         try:
             super().__init__((host, port), Handler)
         except OSError as e:
@@ -70,12 +74,36 @@ class Server(ThreadingHTTPServer):
     _http: threading.Thread | None = None
 
     def run(self) -> None:
-        """HTTP in a background thread, the model in this one, until close() (from another thread) or Ctrl-C."""
+        """HTTP in a background thread, the model in this one, until close() or drain() (from another thread) or
+        Ctrl-C."""
         self._listen()
         try:
             self.engine.run()
+            if self.draining:  # the last answers' last bytes
+                self.wait_answered(DRAIN_WRITE_TIMEOUT)
         finally:
             self.close()
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Stop taking requests (new connections wait unanswered, new requests on open ones get 503, /health
+        says "shutting down") and answer those taken, queued ones included; returns whether all were answered
+        within `timeout` s. run() returns when they are (SIGTERM's graceful stop, as vLLM's and uvicorn's)."""
+        self.draining = True
+        if self._http is not None:
+            self.shutdown()  # the accept loop ends; connections being answered go on
+            self._http = None
+        self.engine.close(timeout, drain=True)
+        return self.wait_answered(timeout)
+
+    @property
+    def answering(self) -> int:
+        """Requests being answered now."""
+        return self._answering
+
+    def wait_answered(self, timeout: float | None = None) -> bool:
+        """Wait until no request is being answered; returns False if `timeout` s passed first."""
+        with self._answered:
+            return self._answered.wait_for(lambda: self._answering == 0, timeout)
 
     def start(self) -> None:
         """HTTP and the model each in a daemon thread; returns at once (tests, notebooks). close() stops both."""
@@ -163,9 +191,17 @@ class Handler(BaseHTTPRequestHandler):
         return "*" if "*" in allowed else origin if origin in allowed else None
 
     def _answer(self, route) -> None:
+        server = self.server
+        with server._answered:
+            server._answering += 1
         try:
             self._authorize()
+            if server.draining and self.command != "GET":
+                raise ApiError(503, "the server is shutting down", kind="server_error")
             route(self.path.split("?")[0].rstrip("/"))
+        except ShuttingDown as e:
+            self.close_connection = True
+            self._json(503, ApiError(503, str(e), kind="server_error").body())
         except ApiError as e:
             self.close_connection = True  # the body may be unread: a new connection starts clean
             self._json(e.status, e.body())
@@ -173,6 +209,12 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             log.exception("error answering %s %s", self.command, self.path)
             self._json(500, ApiError(500, "internal server error (see the server's log)", kind="server_error").body())
+        finally:
+            if server.draining:
+                self.close_connection = True
+            with server._answered:
+                server._answering -= 1
+                server._answered.notify_all()
 
     def _authorize(self) -> None:
         if self.server.api_key is None:
@@ -205,6 +247,8 @@ class Handler(BaseHTTPRequestHandler):
             return self._json(200, self.server.stored.get(path.removeprefix("/v1/responses/"))[0])
         if path == "/health":
             engine = self.server.engine
+            if self.server.draining:  # (a load balancer sends no more)
+                return self._json(503, {"status": "shutting down", "model": self.server.model_name})
             return self._json(200, {"status": "ok", "model": self.server.model_name, "batches": engine.batches,
                                     "largest_batch_requests": engine.largest_batch, "generated_tokens": engine.generated})  # fmt: skip
         raise ApiError(
@@ -243,6 +287,8 @@ class Handler(BaseHTTPRequestHandler):
         try:
             logprobs = 0 if request.ranked and request.logprobs is None else request.logprobs  # ranking needs them
             job = self.server.engine.submit(request.prompts, request.gc, logprobs, request.prompt_logprobs, adapter)
+        except ShuttingDown:
+            raise
         except NeolmError as e:  # a prompt too long for the context, or out of the vocabulary
             raise ApiError(400, str(e).replace("max_new_tokens", "max_tokens")) from None
         name = adapter or self.server.model_name
@@ -262,6 +308,8 @@ class Handler(BaseHTTPRequestHandler):
         seqs, encoding = embeddings.parse(body, lm)
         try:
             vectors = self.server.engine.call(lambda jobs: embed(lm.model, seqs, self.server.embedding_pooling))
+        except ShuttingDown:
+            raise
         except NeolmError as e:  # a text longer than the context
             raise ApiError(400, str(e), "input") from None
         self._json(200, embeddings.answer(vectors, seqs, encoding, self.server.model_name))
@@ -291,6 +339,8 @@ class Handler(BaseHTTPRequestHandler):
                 lm.hold_adapter(name, path, factors)
 
             self.server.engine.call(hold)
+        except ShuttingDown:
+            raise
         except NeolmError as e:
             raise ApiError(400, str(e), "lora_path") from None
         log.info("LoRA adapter %r loaded from %s", name, path)
@@ -398,5 +448,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(status, HTTPStatus(status).phrase)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(payload)))
+        if self.server.draining:  # its last answer on this connection
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(payload)
