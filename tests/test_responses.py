@@ -95,14 +95,46 @@ def test_stored_responses_are_retrieved_and_deleted(server):  # noqa: F811
     assert status == 404 and body["error"]["param"] == "previous_response_id"
 
 
+def test_a_stored_response_lists_its_request_s_input_items(server):  # noqa: F811
+    """GET /v1/responses/{id}/input_items: the request's own input items with ids (a string input: one user
+    message of an input_text part), newest first unless order=asc, in pages of `limit` after or before an id."""
+    status, first = call(server, "/v1/responses", GREEDY | {"input": "Hail!", "max_output_tokens": 3})
+    status, listed = request(server, "GET", f"/v1/responses/{first['id']}/input_items")
+    (item,) = listed["data"]
+    assert status == 200 and item["id"].startswith("msg_") and listed["has_more"] is False
+    assert {k: item[k] for k in ("type", "role", "content")} == {
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hail!"}]}  # fmt: skip
+    assert listed["first_id"] == listed["last_id"] == item["id"]
+    given = [{"role": "user", "content": f"Message {i}."} for i in range(5)]
+    given[2] = {"type": "message", "id": "msg_mine", "role": "assistant", "content": [{"type": "output_text",
+                                                                                       "text": "Aye."}]}  # fmt: skip
+    status, second = call(server, "/v1/responses", GREEDY | {"input": given, "max_output_tokens": 3,
+                                                             "previous_response_id": first["id"]})  # fmt: skip
+    assert status == 200, second
+    path = f"/v1/responses/{second['id']}/input_items"
+    newest = request(server, "GET", path)[1]["data"]  # this request's five, not the earlier turn's
+    assert [i["content"][0]["text"] for i in newest] == ["Message 4.", "Message 3.", "Aye.", "Message 1.", "Message 0."]
+    assert newest[2]["id"] == "msg_mine" and newest[2]["content"][0]["type"] == "output_text"
+    oldest = request(server, "GET", f"{path}?order=asc&limit=2")[1]
+    assert oldest["data"] == newest[::-1][:2] and oldest["has_more"] is True
+    after = request(server, "GET", f"{path}?order=asc&limit=2&after={oldest['last_id']}")[1]
+    assert after["data"] == newest[::-1][2:4] and after["has_more"] is True
+    assert request(server, "GET", f"{path}?before=msg_mine")[1]["data"] == newest[:2]
+    for query, param in (("order=up", "order"), ("limit=0", "limit"), ("limit=x", "limit"), ("after=msg_no", "after"),
+                         ("page=2", "page")):  # fmt: skip
+        status, body = request(server, "GET", f"{path}?{query}")
+        assert status == 400 and body["error"]["param"] == param, (query, body)
+    assert request(server, "GET", "/v1/responses/resp_none/input_items")[0] == 404
+
+
 def test_the_store_keeps_the_most_recently_used():
     store = Store(size=2)
     for rid in "abc":
-        store.put({"id": rid}, [])
+        store.put({"id": rid}, [], [])
     with pytest.raises(ApiError):
         store.get("a")
     store.get("b")
-    store.put({"id": "d"}, [])
+    store.put({"id": "d"}, [], [])
     assert store.get("b") and store.get("d")
     with pytest.raises(ApiError):
         store.get("c")
@@ -251,6 +283,8 @@ def test_openai_client_creates_streams_retrieves_and_deletes(server):  # noqa: F
         final = stream.get_final_response()
     assert "".join(deltas) == final.output_text and final.status == "completed"
     assert client.responses.retrieve(final.id).output_text == final.output_text
+    (item,) = client.responses.input_items.list(final.id)
+    assert item.type == "message" and item.content[0].text == "Who is the king?"
     call_reply = client.responses.create(model=NAME, input="Weather in Paris?", tools=[TOOL], max_output_tokens=60,
                                          tool_choice={"type": "function", "name": "get_weather"},
                                          temperature=0)  # fmt: skip

@@ -22,7 +22,8 @@ def register(sub) -> dict:
         help="serve a model over an OpenAI-compatible HTTP API",
         description="Serve MODEL over HTTP with OpenAI's API: POST /v1/completions and /v1/chat/completions "
         "(stream: server-sent events; logprobs, and with echo the prompt's), /v1/responses (the Responses API: "
-        "stored responses continue with previous_response_id; GET and DELETE /v1/responses/ID), /v1/embeddings, "
+        "stored responses continue with previous_response_id; GET and DELETE /v1/responses/ID, GET "
+        "/v1/responses/ID/input_items), /v1/embeddings, "
         "GET /v1/models, /health and /metrics "
         "(Prometheus), and vLLM's /tokenize, /detokenize and /tokenizer_info (lm-eval's local-completions scores "
         "through them). Any OpenAI client works, e.g. "

@@ -5,7 +5,7 @@
   POST /v1/chat/completions   chat completion (protocol.py's transcript format)
   POST /v1/embeddings         OpenAI's embeddings: pooled final hidden states (embeddings.py, neolm.embedding)
   POST /v1/responses          OpenAI's Responses API, read as a chat completion (responses.py); GET and DELETE
-       /v1/responses/{id}     a stored response
+       /v1/responses/{id}     a stored response; GET /v1/responses/{id}/input_items its request's input items
   GET  /health                200 while the engine runs, with its counters; GET /version: neolm's
   OPTIONS (any path)          CORS preflight: pages of the allowed origins (default: any) may call the API
   POST /tokenize, /detokenize, GET /tokenizer_info   vLLM's tokenizer routes (lm-eval's remote tokenizer uses them)
@@ -23,6 +23,7 @@ import secrets
 import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -243,6 +244,10 @@ class Handler(BaseHTTPRequestHandler):
                 engine.metrics.render(self.server.model_name, engine.waiting, engine.lora_info()),
                 "text/plain; version=0.0.4; charset=utf-8",
             )
+        if path.startswith("/v1/responses/") and path.endswith("/input_items"):
+            rid = path.removeprefix("/v1/responses/").removesuffix("/input_items")
+            query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query, keep_blank_values=True)
+            return self._json(200, responses.input_items(self.server.stored, rid, query))
         if path.startswith("/v1/responses/"):
             return self._json(200, self.server.stored.get(path.removeprefix("/v1/responses/"))[0])
         if path == "/health":

@@ -7,9 +7,9 @@ output_text.delta, function_call_arguments.delta, ..., response.completed).
 
 Conversation state: with `store` (OpenAI's default: true) a response and the conversation that led to it are kept
 in memory (the last MAX_STORED), so that `previous_response_id` continues it (its instructions are not carried
-over, as OpenAI's) and GET /v1/responses/{id} returns it. Input items: messages (text content parts), and
-function_call / function_call_output items (a call the model made and its result); reasoning items are passed
-over. Hosted tools (web search, file search, ...), background mode and truncation "auto" are refused.
+over, as OpenAI's), GET /v1/responses/{id} returns it and GET /v1/responses/{id}/input_items its request's input
+items. Input items: messages (text content parts), and function_call / function_call_output items (a call the
+model made and its result); reasoning items are passed over. Hosted tools (web search, file search, ...), background mode and truncation "auto" are refused.
 """
 
 from __future__ import annotations
@@ -37,19 +37,20 @@ PASSED = ("model", "temperature", "top_p", "parallel_tool_calls", "seed", "top_k
 
 
 class Store:
-    """Stored responses: id -> (the Response, the conversation it ends: its messages, instructions left out)."""
+    """Stored responses: id -> (the Response, the conversation it ends: its messages, instructions left out, and
+    its request's input items, as GET /v1/responses/{id}/input_items lists them)."""
 
     def __init__(self, size: int = MAX_STORED):
         self.size, self._lock = size, threading.Lock()
-        self._items: OrderedDict[str, tuple[dict, list[dict]]] = OrderedDict()
+        self._items: OrderedDict[str, tuple[dict, list[dict], list[dict]]] = OrderedDict()
 
-    def put(self, response: dict, messages: list[dict]) -> None:
+    def put(self, response: dict, messages: list[dict], inputs: list[dict]) -> None:
         with self._lock:
-            self._items[response["id"]] = (response, messages)
+            self._items[response["id"]] = (response, messages, inputs)
             while len(self._items) > self.size:
                 self._items.popitem(last=False)
 
-    def get(self, rid: str, param: str | None = None) -> tuple[dict, list[dict]]:
+    def get(self, rid: str, param: str | None = None) -> tuple[dict, list[dict], list[dict]]:
         with self._lock:
             if rid not in self._items:
                 raise ApiError(404, f"no response with id {rid!r} is stored (responses are kept in memory, the last "
@@ -135,7 +136,49 @@ class Turn:
 
     def keep(self, response: dict, store: Store) -> None:
         if self.store:
-            store.put(response, self.messages + _replies(response["output"]))
+            store.put(response, self.messages + _replies(response["output"]), _input_items(self.body["input"]))
+
+
+def input_items(store: Store, rid: str, query: dict[str, list[str]]) -> dict:
+    """GET /v1/responses/{id}/input_items: the stored response's request's input items (not earlier turns'), as
+    OpenAI's list: `order` asc or desc (the default), `limit` 1-100 (20), `after` / `before` an item id."""
+    items = store.get(rid)[2]
+    unknown = set(query) - {"order", "limit", "after", "before", "include"}
+    if unknown:
+        raise ApiError(400, f"unknown query parameters: {', '.join(sorted(unknown))}", min(unknown))
+    order = query.get("order", ["desc"])[-1]
+    if order not in ("asc", "desc"):
+        raise ApiError(400, f"order must be 'asc' or 'desc', got {order!r}", "order")
+    limit = query.get("limit", ["20"])[-1]
+    if not limit.isdigit() or not 1 <= int(limit) <= 100:
+        raise ApiError(400, f"limit must be an integer from 1 to 100, got {limit!r}", "limit")
+    items = items if order == "asc" else items[::-1]
+    for name in ("after", "before"):  # the items after (before) the one with this id, in this order
+        if name in query:
+            ids, at = [item["id"] for item in items], query[name][-1]
+            if at not in ids:
+                raise ApiError(400, f"{name}: no input item {at!r} in response {rid!r}", name)
+            items = items[ids.index(at) + 1 :] if name == "after" else items[: ids.index(at)]
+    page = items[: int(limit)]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": len(items) > len(page)}  # fmt: skip
+
+
+def _input_items(given) -> list[dict]:
+    """A request's `input` as items with ids (a string: one user message; a message's string content: a text
+    part), as OpenAI lists them."""
+    items = [{"type": "message", "role": "user", "content": given}] if isinstance(given, str) else given
+    out = []
+    for item in items:
+        item = {"type": "message"} | item
+        prefix = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}.get(item["type"], "item")
+        if item["type"] == "message":
+            kind = "output_text" if item.get("role") == "assistant" else "input_text"
+            if isinstance(item.get("content"), str):
+                item["content"] = [{"type": kind, "text": item["content"]}]
+            item.setdefault("status", "completed")
+        out.append({"id": f"{prefix}_{uuid.uuid4().hex}"} | item)
+    return out
 
 
 def parse(turn: Turn, lm) -> protocol.Request:
