@@ -281,7 +281,7 @@ def test_server_prefix_cache_serves_a_chats_next_turn():
                 reply = answer["choices"][0]["message"]["content"]
                 messages.append({"role": "assistant", "content": reply})
                 got.append((reply, answer["usage"].get("prompt_tokens_details", {}).get("cached_tokens", 0)))
-            # the first turn again: all of its prompt but the last token is in the cache (taken, in place)
+            # the first turn again: all of its prompt but the last token is in the cache (copied from it)
             status, answer = post(server, "/v1/chat/completions", {"messages": messages[:2], "max_tokens": 24,
                                                                    "temperature": 0})  # fmt: skip
             got.append((answer["choices"][0]["message"]["content"],

@@ -99,6 +99,7 @@ def test_a_stored_response_lists_its_request_s_input_items(server):  # noqa: F81
     """GET /v1/responses/{id}/input_items: the request's own input items with ids (a string input: one user
     message of an input_text part), newest first unless order=asc, in pages of `limit` after or before an id."""
     status, first = call(server, "/v1/responses", GREEDY | {"input": "Hail!", "max_output_tokens": 3})
+    assert status == 200, first
     status, listed = request(server, "GET", f"/v1/responses/{first['id']}/input_items")
     (item,) = listed["data"]
     assert status == 200 and item["id"].startswith("msg_") and listed["has_more"] is False

@@ -72,8 +72,8 @@ def register(sub) -> dict:
                      "the same tokens as one forward")  # fmt: skip
     net.add_argument("--prefix-cache", type=non_negative, default=0, metavar="MB",
                      help="keep the keys and values of finished sequences, up to MB megabytes, so that a prompt "
-                     "that begins with one (a chat's next turn resends the conversation; a system prompt or few-shot context "
-                     "shared by requests, even ones that run at once) "
+                     "that begins with one (a chat's next turn resends the conversation; a system prompt or few-shot "
+                     "context shared by requests, even ones that run at once) "
                      "reads only the rest, as vLLM's prefix caching (default 0: off). Outputs are then a rounding "
                      "away from a request alone: tokens can differ at near-ties")  # fmt: skip
 

@@ -216,10 +216,6 @@ class Engine:
             if batch is not None:  # the model's adapters may be new (neolm.multilora): the batch runs with them
                 batch.adapters = self.lm.adapter_set
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
     def close(self, timeout: float | None = None, drain: bool = False) -> None:
         """Refuse new jobs (submit and call raise ShuttingDown), end the waiting ones (with `drain`: run them
         too), and wait (at most `timeout` s) for run() to return, which it does when the jobs it has are done."""

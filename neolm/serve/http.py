@@ -6,7 +6,7 @@
   POST /v1/embeddings         OpenAI's embeddings: pooled final hidden states (embeddings.py, neolm.embedding)
   POST /v1/responses          OpenAI's Responses API, read as a chat completion (responses.py); GET and DELETE
        /v1/responses/{id}     a stored response; GET /v1/responses/{id}/input_items its request's input items
-  GET  /health                200 while the engine runs, with its counters; GET /version: neolm's
+  GET  /health                200 while the engine runs, with its counters (503 once drain() began); GET /version
   OPTIONS (any path)          CORS preflight: pages of the allowed origins (default: any) may call the API
   POST /tokenize, /detokenize, GET /tokenizer_info   vLLM's tokenizer routes (lm-eval's remote tokenizer uses them)
   POST /v1/load_lora_adapter, /v1/unload_lora_adapter  vLLM's, with runtime_lora: hold or drop a LoRA adapter

@@ -9,7 +9,8 @@ Conversation state: with `store` (OpenAI's default: true) a response and the con
 in memory (the last MAX_STORED), so that `previous_response_id` continues it (its instructions are not carried
 over, as OpenAI's), GET /v1/responses/{id} returns it and GET /v1/responses/{id}/input_items its request's input
 items. Input items: messages (text content parts), and function_call / function_call_output items (a call the
-model made and its result); reasoning items are passed over. Hosted tools (web search, file search, ...), background mode and truncation "auto" are refused.
+model made and its result); reasoning items are passed over. Hosted tools (web search, file search, ...),
+background mode and truncation "auto" are refused.
 """
 
 from __future__ import annotations
