@@ -13,6 +13,27 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+NAME = "neo-shakespeare"  # the bundled model's name, as the `server` fixture serves it
+
+
+@pytest.fixture(scope="module")
+def lm():
+    """The bundled model (neolm.load()), loaded once per test module."""
+    import neolm
+
+    return neolm.load()
+
+
+@pytest.fixture(scope="module")
+def server(lm):
+    """`neolm serve` of the bundled model as NAME (max batch 8), answering from background threads."""
+    from neolm.serve.http import Server
+
+    server = Server(lm, port=0, model_name=NAME, max_batch=8)
+    server.start()
+    yield server
+    server.close()
+
 
 # Tiny configs (HF kwargs). Vocabulary sizes of the real tokenizers so text tests can decode.
 TINY = {

@@ -6,8 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import NAME
 from test_cli import assert_one_line_error, cli
-from test_serve import NAME, call, lm, server  # noqa: F401  (fixtures)
+from test_serve import call
 
 from neolm.serve.batch import answered, read_requests
 
@@ -42,7 +43,7 @@ def comparable(body: dict) -> dict:
     return {k: v for k, v in body.items() if k not in ("id", "created")}
 
 
-def test_answers_are_the_servers(server, tmp_path, capsys):  # noqa: F811
+def test_answers_are_the_servers(server, tmp_path, capsys):
     requests, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_input(requests)
     code, _, err = cli(capsys, "batch", requests, output, "--served-model-name", NAME)

@@ -8,8 +8,8 @@ import base64
 import numpy as np
 import pytest
 import torch
-from conftest import TINY
-from test_serve import NAME, call, lm, server, url  # noqa: F401  (fixtures)
+from conftest import NAME, TINY
+from test_serve import call, url
 
 import neolm
 from neolm.embedding import embed
@@ -41,7 +41,7 @@ def test_embeddings_are_transformers_final_hidden_states_pooled(tiny_checkpoints
         embed(model, [[1]], "first")
 
 
-def test_library_embed(lm):  # noqa: F811
+def test_library_embed(lm):
     one = lm.embed("KING. Who is he?")
     many = lm.embed(["KING. Who is he?", "Ay"], pooling="mean")
     assert one.shape == (lm.config.d_model,) and many.shape == (2, lm.config.d_model)
@@ -50,7 +50,7 @@ def test_library_embed(lm):  # noqa: F811
         lm.embed("x " * (lm.config.n_positions + 5))
 
 
-def test_server_embeddings_are_the_library_s(server, lm):  # noqa: F811
+def test_server_embeddings_are_the_library_s(server, lm):
     texts = ["KING. Who is he?", "Ay, my lord.", "Ay"]
     status, body = call(server, "/v1/embeddings", {"model": NAME, "input": texts})
     assert status == 200, body
@@ -75,12 +75,12 @@ def test_server_embeddings_are_the_library_s(server, lm):  # noqa: F811
     ({"input": "a", "encoding_format": "int8"}, "encoding_format", "base64"),
     ({"input": "a", "pooling": "mean"}, "pooling", "unrecognized"),
 ])  # fmt: skip
-def test_embedding_requests_neolm_cannot_answer_are_refused(server, fields, param, needle):  # noqa: F811
+def test_embedding_requests_neolm_cannot_answer_are_refused(server, fields, param, needle):
     status, body = call(server, "/v1/embeddings", {"model": NAME} | fields)
     assert status == 400 and body["error"]["param"] == param and needle in body["error"]["message"], body
 
 
-def test_openai_client_reads_embeddings_and_mean_pooling_is_served(lm):  # noqa: F811
+def test_openai_client_reads_embeddings_and_mean_pooling_is_served(lm):
     openai = pytest.importorskip("openai")
     meaned = Server(lm, port=0, model_name=NAME, embedding_pooling="mean")
     meaned.start()

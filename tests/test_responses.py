@@ -9,7 +9,8 @@ import urllib.request
 
 import jsonschema
 import pytest
-from test_serve import NAME, call, lm, server, url  # noqa: F401  (fixtures)
+from conftest import NAME
+from test_serve import call, url
 
 from neolm.serve.errors import ApiError
 from neolm.serve.responses import Store, Turn
@@ -19,7 +20,7 @@ TOOL = {"type": "function", "name": "get_weather", "description": "The weather i
     "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"]}}  # fmt: skip
 
 
-def request(server, method: str, path: str) -> tuple[int, dict]:  # noqa: F811
+def request(server, method: str, path: str) -> tuple[int, dict]:
     req = urllib.request.Request(url(server, path), method=method)
     try:
         with urllib.request.urlopen(req, timeout=60) as response:
@@ -43,7 +44,7 @@ def output_text(response: dict) -> str:
     return "".join(p["text"] for item in response["output"] if item["type"] == "message" for p in item["content"])
 
 
-def test_a_response_is_the_chat_completion_it_amounts_to(server):  # noqa: F811
+def test_a_response_is_the_chat_completion_it_amounts_to(server):
     body = GREEDY | {"input": "Who is the king?", "instructions": "Be brief.", "max_output_tokens": 12}
     status, response = call(server, "/v1/responses", body)
     assert status == 200, response
@@ -66,7 +67,7 @@ def test_a_response_is_the_chat_completion_it_amounts_to(server):  # noqa: F811
     assert item["type"] == "message" and item["role"] == "assistant" and item["id"].startswith("msg_")
 
 
-def test_previous_response_id_continues_the_conversation_without_its_instructions(server):  # noqa: F811
+def test_previous_response_id_continues_the_conversation_without_its_instructions(server):
     status, first = call(server, "/v1/responses", GREEDY | {"input": "Who is the king?", "instructions": "Be brief.",
                                                             "max_output_tokens": 6})  # fmt: skip
     status, second = call(server, "/v1/responses", GREEDY | {"input": "And the queen?", "max_output_tokens": 6,
@@ -80,7 +81,7 @@ def test_previous_response_id_continues_the_conversation_without_its_instruction
     assert second["previous_response_id"] == first["id"]
 
 
-def test_stored_responses_are_retrieved_and_deleted(server):  # noqa: F811
+def test_stored_responses_are_retrieved_and_deleted(server):
     status, response = call(server, "/v1/responses", GREEDY | {"input": "Hail!", "max_output_tokens": 3})
     assert request(server, "GET", f"/v1/responses/{response['id']}") == (200, response)
     assert request(server, "DELETE", f"/v1/responses/{response['id']}") == (
@@ -95,7 +96,7 @@ def test_stored_responses_are_retrieved_and_deleted(server):  # noqa: F811
     assert status == 404 and body["error"]["param"] == "previous_response_id"
 
 
-def test_a_stored_response_lists_its_request_s_input_items(server):  # noqa: F811
+def test_a_stored_response_lists_its_request_s_input_items(server):
     """GET /v1/responses/{id}/input_items: the request's own input items with ids (a string input: one user
     message of an input_text part), newest first unless order=asc, in pages of `limit` after or before an id."""
     status, first = call(server, "/v1/responses", GREEDY | {"input": "Hail!", "max_output_tokens": 3})
@@ -142,7 +143,7 @@ def test_the_store_keeps_the_most_recently_used():
 
 
 @pytest.mark.parametrize("stop", [["\n"], None])
-def test_streamed_events_follow_openai_s_order_and_add_up_to_the_response(server, stop):  # noqa: F811
+def test_streamed_events_follow_openai_s_order_and_add_up_to_the_response(server, stop):
     body = GREEDY | {"input": "Who is the king?", "max_output_tokens": 16, "stop": stop}
     status, whole = call(server, "/v1/responses", body)
     status, text = call(server, "/v1/responses", body | {"stream": True})
@@ -165,7 +166,7 @@ def test_streamed_events_follow_openai_s_order_and_add_up_to_the_response(server
     assert request(server, "GET", f"/v1/responses/{final['id']}") == (200, final)
 
 
-def test_a_named_function_is_answered_as_a_function_call_item(server):  # noqa: F811
+def test_a_named_function_is_answered_as_a_function_call_item(server):
     body = GREEDY | {"input": "Weather in Paris?", "tools": [TOOL], "max_output_tokens": 60,
                      "tool_choice": {"type": "function", "name": "get_weather"}}  # fmt: skip
     status, response = call(server, "/v1/responses", body)
@@ -185,7 +186,7 @@ def test_a_named_function_is_answered_as_a_function_call_item(server):  # noqa: 
     assert events[-3]["arguments"] == item["arguments"] and events[-1]["response"]["output"][0]["name"] == "get_weather"
 
 
-def test_required_calls_stream_whole_at_the_end(server):  # noqa: F811
+def test_required_calls_stream_whole_at_the_end(server):
     body = GREEDY | {"input": "Weather in Paris?", "tools": [TOOL], "max_output_tokens": 80,
                      "tool_choice": "required", "parallel_tool_calls": False}  # fmt: skip
     status, whole = call(server, "/v1/responses", body)
@@ -223,7 +224,7 @@ def test_input_items_become_the_conversation():
     assert turn.chat["response_format"] == {"type": "json_schema", "json_schema": {"name": "w", "schema": form["schema"]}}
 
 
-def test_a_conversation_with_a_function_result_is_answered(server):  # noqa: F811
+def test_a_conversation_with_a_function_result_is_answered(server):
     body = GREEDY | {"input": "Weather in Paris?", "tools": [TOOL], "max_output_tokens": 60,
                      "tool_choice": {"type": "function", "name": "get_weather"}}  # fmt: skip
     status, first = call(server, "/v1/responses", body)
@@ -235,7 +236,7 @@ def test_a_conversation_with_a_function_result_is_answered(server):  # noqa: F81
     assert second["output"][0]["type"] == "message" and second["usage"]["input_tokens"] > first["usage"]["input_tokens"]
 
 
-def test_text_format_holds_the_reply_to_a_schema(server):  # noqa: F811
+def test_text_format_holds_the_reply_to_a_schema(server):
     schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 10}}, "required": ["answer"]}
     form = {"type": "json_schema", "name": "a", "schema": schema}
     status, response = call(server, "/v1/responses", {"model": NAME, "input": "Who is king?", "seed": 1,
@@ -244,7 +245,7 @@ def test_text_format_holds_the_reply_to_a_schema(server):  # noqa: F811
     jsonschema.validate(json.loads(output_text(response)), schema)
 
 
-def test_logprobs_come_with_the_output_text(server):  # noqa: F811
+def test_logprobs_come_with_the_output_text(server):
     body = GREEDY | {"input": "Hail!", "max_output_tokens": 4, "top_logprobs": 2,
                      "include": ["message.output_text.logprobs"]}  # fmt: skip
     status, response = call(server, "/v1/responses", body)
@@ -267,12 +268,12 @@ def test_logprobs_come_with_the_output_text(server):  # noqa: F811
     ({"input": "x", "text": {"format": {"type": "xml"}}}, 400, "text", "text.format"),
     ({"input": "x", "previous_response_id": "resp_nope"}, 404, "previous_response_id", "resp_nope"),
 ])  # fmt: skip
-def test_what_neolm_cannot_honour_is_refused(server, fields, status, param, needle):  # noqa: F811
+def test_what_neolm_cannot_honour_is_refused(server, fields, status, param, needle):
     got, body = call(server, "/v1/responses", {"model": NAME} | fields)
     assert got == status and body["error"]["param"] == param and needle in body["error"]["message"], body
 
 
-def test_openai_client_creates_streams_retrieves_and_deletes(server):  # noqa: F811
+def test_openai_client_creates_streams_retrieves_and_deletes(server):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=url(server, "/v1"), api_key="none")
     response = client.responses.create(model=NAME, input="Who is the king?", instructions="Be brief.",
@@ -293,7 +294,7 @@ def test_openai_client_creates_streams_retrieves_and_deletes(server):  # noqa: F
     assert client.responses.delete(response.id) is None
 
 
-def test_batch_answers_responses_requests(server, tmp_path, capsys):  # noqa: F811
+def test_batch_answers_responses_requests(server, tmp_path, capsys):
     from test_cli import cli
 
     body = GREEDY | {"input": "Who is the king?", "max_output_tokens": 6}

@@ -15,6 +15,7 @@ import urllib.request
 
 import pytest
 import torch
+from conftest import NAME
 
 import neolm
 from neolm.errors import NeolmError
@@ -22,21 +23,6 @@ from neolm.eval.scoring import loglikelihoods
 from neolm.generate import DecodeBatch, Prefill
 from neolm.serve.engine import End, Engine, Prompt, Token
 from neolm.serve.http import Server
-
-NAME = "neo-shakespeare"
-
-
-@pytest.fixture(scope="module")
-def lm():
-    return neolm.load()
-
-
-@pytest.fixture(scope="module")
-def server(lm):
-    server = Server(lm, port=0, model_name=NAME, max_batch=8)
-    server.start()
-    yield server
-    server.close()
 
 
 def url(server, path: str) -> str:

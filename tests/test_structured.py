@@ -14,6 +14,7 @@ import jsonschema
 import pytest
 import regex as partial_re  # the `regex` module matches partially: whether a text can still become a match
 import torch
+from conftest import NAME
 from test_cli import assert_one_line_error, cli
 from test_serve import call
 
@@ -206,11 +207,6 @@ def test_allowed_tokens_are_those_that_keep_a_match_possible(name):
             assert bool(allowed[token]) == expected, (prefix, token, data)
 
 
-@pytest.fixture(scope="module")
-def lm():
-    return neolm.load()
-
-
 def test_generated_json_satisfies_its_schema(lm):
     schema = {"type": "object", "properties": {
         "name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0, "maximum": 120},
@@ -301,20 +297,10 @@ def test_command_line_structured_outputs(capsys, tmp_path, lm):
     assert_one_line_error(*cli(capsys, "generate", "KING.", "--regex", "a", "--choice", "b")[::2], "not allowed")
 
 
-@pytest.fixture(scope="module")
-def server(lm):
-    from neolm.serve.http import Server
-
-    server = Server(lm, port=0, model_name="m", max_batch=8)
-    server.start()
-    yield server
-    server.close()
-
-
 def test_server_honours_response_format_and_vllm_guided_fields(server):
     schema = {"type": "object", "properties": {"answer": {"type": "string", "maxLength": 12}, "sure": {"type": "boolean"}},
               "required": ["answer", "sure"]}  # fmt: skip
-    chat = {"model": "m", "messages": [{"role": "user", "content": "Who is king?"}], "max_tokens": 150, "seed": 1}
+    chat = {"model": NAME, "messages": [{"role": "user", "content": "Who is king?"}], "max_tokens": 150, "seed": 1}
     status, body = call(server, "/v1/chat/completions",
                         chat | {"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}})  # fmt: skip
     assert status == 200, body
@@ -324,7 +310,7 @@ def test_server_honours_response_format_and_vllm_guided_fields(server):
     )
     assert status == 200 and body["choices"][0]["finish_reason"] == "stop", body
     assert isinstance(json.loads(body["choices"][0]["message"]["content"]), dict), body
-    completion = {"model": "m", "prompt": "KING. Yes or no?\n", "max_tokens": 10}
+    completion = {"model": NAME, "prompt": "KING. Yes or no?\n", "max_tokens": 10}
     status, body = call(server, "/v1/completions", completion | {"guided_choice": ["yes", "no"], "n": 3})
     assert status == 200 and {c["text"] for c in body["choices"]} <= {"yes", "no"}, body
     assert all(c["finish_reason"] == "stop" for c in body["choices"])
@@ -352,7 +338,7 @@ def _events(text: str) -> list:
     ({"structured_outputs": {"choice": []}}, "structured_outputs", "non-empty list"),
 ])  # fmt: skip
 def test_server_refuses_structured_outputs_it_cannot_honour(server, fields, param, needle):
-    status, body = call(server, "/v1/completions", {"model": "m", "prompt": "A", "max_tokens": 4} | fields)
+    status, body = call(server, "/v1/completions", {"model": NAME, "prompt": "A", "max_tokens": 4} | fields)
     assert status == 400 and needle in body["error"]["message"] and body["error"]["param"] == param, body
 
 
@@ -360,7 +346,7 @@ def test_structured_outputs_need_an_eos_token(lm, server):
     with pytest.raises(NeolmError, match="need an eos token"):
         lm.generate("A", structured_outputs={"choice": ["a"]}, eos_token_id=[])
     status, body = call(
-        server, "/v1/completions", {"model": "m", "prompt": "A", "guided_choice": ["a"], "ignore_eos": True}
+        server, "/v1/completions", {"model": NAME, "prompt": "A", "guided_choice": ["a"], "ignore_eos": True}
     )
     assert status == 400 and "eos" in body["error"]["message"], body
 
@@ -434,6 +420,6 @@ def test_generation_follows_a_grammar(lm, capsys, server):
     assert all(pattern.fullmatch(t) for t in texts), texts
     code, out, err = cli(capsys, "generate", "KING.", "--grammar", grammar, "--no-echo")
     assert code == 0 and pattern.fullmatch(out.strip()), (out, err)
-    status, body = call(server, "/v1/completions", {"model": "m", "prompt": "KING.", "guided_grammar": grammar,
+    status, body = call(server, "/v1/completions", {"model": NAME, "prompt": "KING.", "guided_grammar": grammar,
                                                     "max_tokens": 30})  # fmt: skip
     assert status == 200 and pattern.fullmatch(body["choices"][0]["text"]), body

@@ -9,6 +9,7 @@ import re
 
 import jsonschema
 import pytest
+from conftest import NAME
 from test_cli import cli
 from test_serve import call
 from test_structured import _events
@@ -19,22 +20,6 @@ from neolm.errors import NeolmError
 from neolm.serve.tools import Held, ToolChoice
 from neolm.tool_calls import FORMATS, Call
 
-
-@pytest.fixture(scope="module")
-def lm():
-    return neolm.load()
-
-
-@pytest.fixture(scope="module")
-def server(lm):
-    from neolm.serve.http import Server
-
-    server = Server(lm, port=0, model_name="m", max_batch=8)
-    server.start()
-    yield server
-    server.close()
-
-
 TOOLS = [
     {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city", "parameters": {
         "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["c", "f"]}},
@@ -43,7 +28,7 @@ TOOLS = [
         "type": "object", "properties": {"zone": {"type": "string", "maxLength": 6}}, "required": ["zone"]}}},
 ]  # fmt: skip
 SCHEMA_OF = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
-TOOL_CHAT = {"model": "m", "messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": TOOLS,
+TOOL_CHAT = {"model": NAME, "messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": TOOLS,
              "max_tokens": 200, "temperature": 0}  # fmt: skip
 NAMED = {"type": "function", "function": {"name": "get_weather"}}
 
@@ -93,7 +78,7 @@ def test_required_tool_calls_stream_whole_at_the_end(server):
 def test_openai_client_reads_tool_calls(server):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="none")
-    reply = client.chat.completions.create(model="m", messages=TOOL_CHAT["messages"], tools=TOOLS, tool_choice=NAMED,
+    reply = client.chat.completions.create(model=NAME, messages=TOOL_CHAT["messages"], tools=TOOLS, tool_choice=NAMED,
                                            max_tokens=200, temperature=0)  # fmt: skip
     arguments = json.loads(reply.choices[0].message.tool_calls[0].function.arguments)
     jsonschema.validate(arguments, SCHEMA_OF["get_weather"])
@@ -105,7 +90,7 @@ def test_a_conversation_with_tool_calls_and_results_is_rendered(server):
             "name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'}}]},
         {"role": "tool", "tool_call_id": "1", "content": "12 C"},
     ]  # fmt: skip
-    status, body = call(server, "/v1/chat/completions", {"model": "m", "messages": messages, "max_tokens": 5})
+    status, body = call(server, "/v1/chat/completions", {"model": NAME, "messages": messages, "max_tokens": 5})
     assert status == 200, body
     text = Transcript().render(messages)
     assert ('Assistant: <tool_call>{"name": "get_weather", "arguments": {"city": "Paris", "unit": "c"}}</tool_call>\n'
@@ -269,11 +254,11 @@ def test_auto_tool_choice_reads_a_template_s_format_when_told(lm, server):
 def test_openai_client_reads_auto_tool_calls_and_content(server):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="none")
-    reply = client.chat.completions.create(model="m", messages=TOOL_CHAT["messages"], tools=TOOLS, max_tokens=200,
+    reply = client.chat.completions.create(model=NAME, messages=TOOL_CHAT["messages"], tools=TOOLS, max_tokens=200,
                                            extra_body=AUTO_CALL)  # fmt: skip
     message = reply.choices[0].message
     assert message.content == "Checking." and message.tool_calls[0].function.name == "get_weather"
-    stream = client.chat.completions.create(model="m", messages=TOOL_CHAT["messages"], tools=TOOLS, max_tokens=200,
+    stream = client.chat.completions.create(model=NAME, messages=TOOL_CHAT["messages"], tools=TOOLS, max_tokens=200,
                                             extra_body=AUTO_CALL, stream=True)  # fmt: skip
     deltas = [c.choices[0].delta for c in stream]
     assert [t.function.name for d in deltas for t in d.tool_calls or []] == ["get_weather"]
