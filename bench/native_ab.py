@@ -27,7 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import neolm
 from neolm import native
-from neolm.generate import GenerationConfig, iter_generate
+from neolm.generate import iter_generate
+from neolm.generation_config import GenerationConfig
 
 MODELS = Path("/tmp/neolm-bench/models")
 

@@ -32,7 +32,8 @@ from common import module_stream_bytes
 from machine import bandwidth, quietness
 
 import neolm
-from neolm.generate import GenerationConfig, iter_generate
+from neolm.generate import iter_generate
+from neolm.generation_config import GenerationConfig
 from neolm.model import GPT
 
 PROMPT = [1000 + 37 * i % 29000 for i in range(32)]

@@ -13,7 +13,7 @@ from neolm.api import LanguageModel, load, pipeline
 from neolm.config import Config
 from neolm.conversation import Conversation
 from neolm.errors import NeolmError
-from neolm.generate import GenerationConfig
+from neolm.generation_config import GenerationConfig
 from neolm.model import GPT
 from neolm.synthid import SynthIDConfig
 from neolm.watermark import WatermarkingConfig

@@ -20,7 +20,8 @@ from neolm.conversation import Conversation
 from neolm.dola import dola_tokens
 from neolm.embedding import embed
 from neolm.errors import NeolmError
-from neolm.generate import GenerationConfig, generate, iter_generate
+from neolm.generate import generate, iter_generate
+from neolm.generation_config import GenerationConfig
 from neolm.healing import heal
 from neolm.model import GPT
 from neolm.multilora import AdapterSet

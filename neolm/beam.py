@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 
 from neolm.errors import NeolmError
-from neolm.generate import GenerationConfig, fit_prompts, left_pad
+from neolm.generate import left_pad
+from neolm.generation_config import GenerationConfig, fit_prompts
 from neolm.model import GPT, KVCache
 from neolm.sampling import Processors, RowState, StopStrings, criteria_met, seeded_generator
 

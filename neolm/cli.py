@@ -239,7 +239,7 @@ def _generation_knobs(args) -> dict:
     knobs = {name: getattr(args, name, None) for name in names} | {"stop_strings": args.stop}
     knobs["structured_outputs"] = _structured_spec(args)
     knobs = {k: v for k, v in knobs.items() if v is not None}
-    from neolm.generate import GenerationConfig
+    from neolm.generation_config import GenerationConfig
 
     negative = {"negative_prompt_ids": [0]} if args.negative_prompt is not None else {}  # (its text: once loaded)
     GenerationConfig.from_kwargs(**knobs, **negative)  # reject bad combinations before the (slow) load

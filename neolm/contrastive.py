@@ -19,7 +19,8 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from neolm.generate import GenerationConfig, check_alone, each_alone
+from neolm.generate import check_alone, each_alone
+from neolm.generation_config import GenerationConfig
 from neolm.model import GPT, KVCache
 from neolm.sampling import Ending, Processors
 from neolm.speculative import Picker

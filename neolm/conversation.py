@@ -19,7 +19,8 @@ from collections.abc import Iterator
 
 from neolm.chat import Reply, check_messages, leading_system
 from neolm.errors import NeolmError
-from neolm.generate import DecodeBatch, GenerationConfig
+from neolm.generate import DecodeBatch
+from neolm.generation_config import GenerationConfig
 from neolm.model import KVCache
 from neolm.tokenizer import StreamDecoder
 

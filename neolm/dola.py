@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from neolm.errors import NeolmError
-from neolm.generate import GenerationConfig, check_alone, each_alone
+from neolm.generate import check_alone, each_alone
+from neolm.generation_config import GenerationConfig
 from neolm.model import GPT, KVCache
 from neolm.sampling import Ending, Processors, seeded_generator
 from neolm.speculative import Picker

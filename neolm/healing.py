@@ -19,7 +19,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
-from neolm.generate import GenerationConfig, generate
+from neolm.generate import generate
+from neolm.generation_config import GenerationConfig
 from neolm.model import GPT
 from neolm.tokenizer import Tokenizer
 

@@ -19,7 +19,8 @@ from neolm.beam import beam_hypotheses
 from neolm.contrastive import contrastive_generate
 from neolm.dola import dola_generate
 from neolm.errors import NeolmError
-from neolm.generate import GenerationConfig, check_mixed, generate, iter_steps
+from neolm.generate import check_mixed, generate, iter_steps
+from neolm.generation_config import GenerationConfig
 from neolm.model import GPT
 from neolm.multilora import Mixed
 from neolm.speculative import assisted_generate

@@ -18,7 +18,7 @@ from neolm.synthid import SynthID
 from neolm.watermark import marker
 
 if TYPE_CHECKING:
-    from neolm.generate import GenerationConfig
+    from neolm.generation_config import GenerationConfig
     from neolm.model import GPT
 
 

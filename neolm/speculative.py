@@ -28,7 +28,8 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from neolm.errors import NeolmError
-from neolm.generate import GenerationConfig, check_alone, each_alone, shared_prefix
+from neolm.generate import check_alone, each_alone, shared_prefix
+from neolm.generation_config import GenerationConfig
 from neolm.model import GPT, KVCache
 from neolm.sampling import Ending, Processors, RowState, argmax, seeded_generator
 

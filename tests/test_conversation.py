@@ -12,7 +12,8 @@ import torch
 import neolm
 from neolm.cli import main
 from neolm.errors import NeolmError
-from neolm.generate import DecodeBatch, GenerationConfig
+from neolm.generate import DecodeBatch
+from neolm.generation_config import GenerationConfig
 
 GREEDY = {"do_sample": False, "repetition_penalty": 1.0}  # the bundled model samples by default
 

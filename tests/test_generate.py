@@ -11,7 +11,8 @@ from conftest import REAL, hf_model, save_hf
 
 import neolm
 from neolm.errors import NeolmError
-from neolm.generate import DecodeBatch, GenerationConfig, iter_generate
+from neolm.generate import DecodeBatch, iter_generate
+from neolm.generation_config import GenerationConfig
 from neolm.model import KVCache
 from neolm.sampling import Processors, RowState
 

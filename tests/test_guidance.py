@@ -11,7 +11,8 @@ from test_outputs import TOL, hf_output
 
 import neolm
 from neolm.errors import NeolmError
-from neolm.generate import DecodeBatch, GenerationConfig
+from neolm.generate import DecodeBatch
+from neolm.generation_config import GenerationConfig
 
 PROMPT = [3, 3, 4, 5, 3, 4, 9, 3, 4]
 NEGATIVE = [7, 8, 9, 10]

@@ -147,7 +147,8 @@ def test_greedy_text_is_the_same(folders, name):
 def test_hidden_states_of_one_token_steps(folders):
     """A one-token forward with a cache asked for hidden states (head=False) gets them from the native step too:
     prompts of one token scored as they are read (the server's echo with logprobs) once crashed on its logits."""
-    from neolm.generate import DecodeBatch, GenerationConfig
+    from neolm.generate import DecodeBatch
+    from neolm.generation_config import GenerationConfig
 
     lm = neolm.load(folders["neox-parallel-pct25"])
     assert lm.model.decode_step is not None

@@ -8,7 +8,8 @@ import torch
 from test_generate import hf_generate, run_plan
 
 import neolm
-from neolm.generate import DecodeBatch, GenerationConfig
+from neolm.generate import DecodeBatch
+from neolm.generation_config import GenerationConfig
 from neolm.sampling import Processors, RowState
 
 PROMPT = [3, 3, 4, 5, 3, 4, 9, 3, 4]

@@ -12,7 +12,8 @@ from test_generate import hf_generate
 
 import neolm
 from neolm.errors import NeolmError
-from neolm.generate import GenerationConfig, generate
+from neolm.generate import generate
+from neolm.generation_config import GenerationConfig
 from neolm.sampling import Processors
 from neolm.speculative import PromptLookup, Picker, assisted_tokens
 

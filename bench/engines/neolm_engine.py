@@ -23,7 +23,8 @@ import torch
 from common import Unavailable, folder_files, module_stream_bytes
 
 import neolm
-from neolm.generate import GenerationConfig, iter_generate
+from neolm.generate import iter_generate
+from neolm.generation_config import GenerationConfig
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "int8": "float32", "int4": "float32"}
 

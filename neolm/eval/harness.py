@@ -26,7 +26,8 @@ from tqdm import tqdm
 from neolm.errors import NeolmError
 from neolm.eval.perplexity import rolling_requests
 from neolm.eval.scoring import loglikelihoods
-from neolm.generate import GenerationConfig, generate
+from neolm.generate import generate
+from neolm.generation_config import GenerationConfig
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 import torch
 
 from neolm.eval.perplexity import perplexity
-from neolm.generate import GenerationConfig, generate
+from neolm.generate import generate
+from neolm.generation_config import GenerationConfig
 from neolm.model import GPT
 
 GREEDY_TOKENS = 20

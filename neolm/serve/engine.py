@@ -26,7 +26,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from neolm.errors import NeolmError
-from neolm.generate import DecodeBatch, GenerationConfig, Prefill, fit_prompts
+from neolm.generate import DecodeBatch, Prefill
+from neolm.generation_config import GenerationConfig, fit_prompts
 from neolm.sampling import TokenLogprobs
 from neolm.serve.metrics import Metrics
 from neolm.serve.prefix import PrefixCache

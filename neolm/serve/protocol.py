@@ -40,7 +40,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from neolm.errors import NeolmError
-from neolm.generate import GenerationConfig
+from neolm.generation_config import GenerationConfig
 from neolm.serve import tools
 from neolm.serve.errors import ApiError
 from neolm.structured import check_spec

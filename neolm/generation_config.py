@@ -1,0 +1,337 @@
+"""What a generation is asked to do: GenerationConfig, with transformers.generate's argument names, checked once
+(validated) before any model runs; and fit_prompts, which checks prompts against it and the model's context.
+
+The generation loop is neolm.generate; each field's comment names the module that reads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from neolm.errors import NeolmError
+from neolm.structured import Guide, check_spec
+from neolm.synthid import SynthIDConfig
+from neolm.watermark import WatermarkingConfig, settings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_NEW_TOKENS = 100
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int | None = None  # new tokens per sequence (wins over max_length)
+    max_length: int | None = None  # prompt + new tokens
+    min_length: int = 0  # prompt + new tokens before eos may appear
+    min_new_tokens: int = 0
+    do_sample: bool = False  # False: greedy
+    temperature: float = 1.0
+    top_k: int | None = 50  # as transformers; 0/None disables
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0  # CTRL-style: >1 discourages tokens already in the sequence
+    num_return_sequences: int = 1
+    eos_token_id: int | list[int] | None = None  # default: the model's
+    pad_token_id: int | None = None  # filler after a sequence ends (default: eos)
+    stop_strings: str | list[str] | None = None  # stop once the text ends in one (kept in the output)
+    seed: int | None = None  # makes sampling reproducible
+    truncate_prompt: bool = False  # drop the oldest prompt tokens instead of failing on overflow
+    # beam search (neolm.beam)
+    num_beams: int = 1  # > 1: beam search
+    length_penalty: float = 1.0  # a finished beam's score is its log-probability / (new tokens ** length_penalty)
+    early_stopping: bool | str = False  # True: stop at num_beams finished; False: heuristic; "never": exhaustive
+    # more of transformers' logits processors (neolm.sampling.Processors)
+    no_repeat_ngram_size: int = 0  # no n-gram of this size may occur twice (prompt included)
+    bad_words_ids: list[list[int]] | None = None  # token sequences that may not be generated
+    sequence_bias: dict[tuple[int, ...], float] | list | None = None  # added to a sequence's last token's logit
+    suppress_tokens: list[int] | None = None  # never generated
+    begin_suppress_tokens: list[int] | None = None  # not generated as the first new token
+    forced_eos_token_id: int | list[int] | None = None  # forced as the last token the length allows
+    exponential_decay_length_penalty: tuple[int, float] | None = None  # (start, factor): eos likelier after start
+    min_p: float | None = None  # sampling: drop tokens below min_p x the likeliest's probability
+    top_h: float | None = None  # sampling: the likeliest tokens whose entropy stays within top_h x the whole's
+    typical_p: float = 1.0  # sampling: locally typical mass
+    epsilon_cutoff: float = 0.0  # sampling: drop tokens below this probability
+    eta_cutoff: float = 0.0  # sampling: eta sampling's cutoff
+    renormalize_logits: bool = False  # log-softmax the scores after all processing (output_scores, beams' scores)
+    remove_invalid_values: bool = False  # nan logits become 0, +-inf the largest floats (a model that overflows)
+    max_time: float | None = None  # seconds: sequences end with the first token after this much time
+    # the caller's own code, as transformers.generate takes it (each is called on one sequence at a time):
+    logits_processor: list[Callable] | None = None  # f(input_ids (1, L), scores (1, V)) -> scores, before the warpers
+    stopping_criteria: list[Callable] | None = None  # f(input_ids (1, L), scores (1, V)) -> true: the sequence ends
+    prefix_allowed_tokens_fn: Callable | None = None  # f(batch_id, input_ids (L,)) -> the token ids allowed next
+    # OpenAI's penalties (vLLM's meaning): subtracted from the logits of tokens generated so far
+    presence_penalty: float = 0.0  # once per token that was generated
+    frequency_penalty: float = 0.0  # per time it was generated
+    # classifier-free guidance (neolm.guidance): > 1 sharpens the text's dependence on its prompt
+    guidance_scale: float | None = None
+    negative_prompt_ids: list[int] | list[list[int]] | None = None  # guidance's context: one, or one per prompt
+    # a green-list watermark (neolm.watermark) or SynthID's (neolm.synthid): either config, or its dict
+    watermarking_config: WatermarkingConfig | SynthIDConfig | dict | None = None
+    penalty_alpha: float | None = None  # > 0 with top_k > 1: contrastive search (neolm.contrastive)
+    dola_layers: str | list[int] | None = None  # "low", "high" or layer indices: DoLa (neolm.dola)
+    token_healing: bool = False  # choose the prompt's last token again (neolm.healing; text prompts only)
+    # the output must match a JSON schema, a regex or a choice (neolm.structured): {"json": schema}, {"regex": r},
+    # {"choice": [...]}, {"json_object": True}; the text API compiles it against the tokenizer into a Guide
+    structured_outputs: dict | Guide | None = None
+    # assisted generation (neolm.speculative): guessed tokens checked by the model in one forward
+    prompt_lookup_num_tokens: int | None = None  # guess this many tokens from earlier in the sequence
+    max_matching_ngram_size: int | None = None  # prompt lookup: match the last n-gram up to this size (default 2)
+    num_assistant_tokens: int = 20  # with an assistant model: it guesses this many at most per forward
+    num_assistant_tokens_schedule: str = "constant"  # or "heuristic": +2 after all were right, else -1
+    assistant_confidence_threshold: float | None = 0.4  # the assistant stops guessing below this probability
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> GenerationConfig:
+        known = cls.field_names()
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise NeolmError(f"unknown generation argument(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**kwargs).validated()
+
+    def validated(self) -> GenerationConfig:
+        def check(ok: bool, message: str):
+            if not ok:
+                raise NeolmError(message)
+
+        for name in ("max_new_tokens", "max_length"):
+            value = getattr(self, name)
+            check(value is None or (isinstance(value, int) and value >= 0), f"{name} must be >= 0, got {value}")
+        for name in ("min_length", "min_new_tokens"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and value >= 0, f"{name} must be >= 0, got {value}")
+        check(self.temperature > 0, f"temperature must be > 0, got {self.temperature} (use do_sample=False for greedy)")
+        check(self.top_k is None or self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}")
+        check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        check(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        check(self.num_return_sequences >= 1, f"num_return_sequences must be >= 1, got {self.num_return_sequences}")
+        check(
+            self.do_sample or self.num_return_sequences == 1 or self.num_beams > 1,
+            "num_return_sequences > 1 needs do_sample=True or num_beams > 1 (greedy decoding gives identical sequences)",
+        )
+        if self.max_new_tokens is not None and self.min_new_tokens > self.max_new_tokens:
+            raise NeolmError(f"min_new_tokens {self.min_new_tokens} exceeds max_new_tokens {self.max_new_tokens}")
+        if isinstance(self.stop_strings, str):
+            self.stop_strings = [self.stop_strings]
+        check(all(self.stop_strings or []), "stop strings must not be empty")
+        self._validate_processors(check)
+        self._validate_guidance(check)
+        if self.watermarking_config is not None:
+            self.watermarking_config = settings(self.watermarking_config)
+        self._validate_contrastive(check)
+        self._validate_dola(check)
+        self._validate_beams(check)
+        self._validate_assisted(check)
+        self._validate_structured(check)
+        return self
+
+    def _validate_structured(self, check) -> None:
+        if self.structured_outputs is None:
+            return
+        check_spec(self.structured_outputs)
+        check(not self.token_healing, "token_healing and structured_outputs do not go together (a healed token would "
+                                      "begin the structured text)")  # fmt: skip
+        check(self.eos_token_id != [], "structured outputs need an eos token to end the text once it is whole "
+                                       "(eos_token_id is empty: ignore_eos?)")  # fmt: skip
+        check(self.dola_layers is None, "DoLa (dola_layers) and structured_outputs do not go together (DoLa keeps "
+                                        "only the final layer's likeliest tokens, which the structure may all rule "
+                                        "out)")  # fmt: skip
+
+    @staticmethod
+    def _check_ids(check, value, name: str, nested: bool = False) -> None:
+        """A non-empty list of token ids (nested: of non-empty lists of them), else NeolmError through check."""
+        lists = value if nested else [value]
+        check(isinstance(value, (list, tuple)) and len(value) > 0 and all(
+            isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(t, int) and t >= 0 for t in x)
+            for x in lists), f"{name} must be a non-empty list of {'non-empty lists of ' if nested else ''}"
+            f"token ids (integers >= 0), got {value!r}")  # fmt: skip
+
+    def _validate_processors(self, check) -> None:
+        check(isinstance(self.no_repeat_ngram_size, int) and self.no_repeat_ngram_size >= 0,
+              f"no_repeat_ngram_size must be an integer >= 0, got {self.no_repeat_ngram_size!r}")  # fmt: skip
+        if self.bad_words_ids is not None:
+            self._check_ids(check, self.bad_words_ids, "bad_words_ids", nested=True)
+            self.bad_words_ids = [list(w) for w in self.bad_words_ids]
+        for name in ("suppress_tokens", "begin_suppress_tokens"):
+            if getattr(self, name) is not None:
+                self._check_ids(check, getattr(self, name), name)
+                setattr(self, name, list(getattr(self, name)))
+        if self.forced_eos_token_id is not None:
+            forced = self.forced_eos_token_id
+            self._check_ids(check, [forced] if isinstance(forced, int) else forced, "forced_eos_token_id")
+        if self.sequence_bias is not None:
+            bias = self.sequence_bias
+            pairs = bias.items() if isinstance(bias, dict) else bias if isinstance(bias, (list, tuple)) else None
+            check(pairs is not None and len(pairs) > 0 and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs),
+                  f"sequence_bias must map token sequences to biases ({{(id, ...): bias}} or [[ids, bias], ...]), "
+                  f"got {bias!r}")  # fmt: skip
+            self._check_ids(check, [list(seq) for seq, _ in pairs], "sequence_bias's sequences", nested=True)
+            numbers = all(isinstance(b, (int, float)) for _, b in pairs)
+            check(numbers, f"sequence_bias's biases must be numbers: {bias!r}")
+            self.sequence_bias = {tuple(seq): float(b) for seq, b in pairs}
+        decay = self.exponential_decay_length_penalty
+        if decay is not None:
+            check(isinstance(decay, (list, tuple)) and len(decay) == 2 and isinstance(decay[0], int) and decay[0] >= 0
+                  and isinstance(decay[1], (int, float)) and decay[1] > 0,
+                  f"exponential_decay_length_penalty must be (start index >= 0, factor > 0), got {decay!r}")  # fmt: skip
+            self.exponential_decay_length_penalty = (decay[0], float(decay[1]))
+        check(self.min_p is None or 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}")
+        check(self.top_h is None or 0 < self.top_h <= 1, f"top_h must be in (0, 1], got {self.top_h}")
+        check(self.max_time is None or self.max_time > 0, f"max_time must be > 0 seconds, got {self.max_time}")
+        for name in ("logits_processor", "stopping_criteria"):
+            value = getattr(self, name)
+            check(value is None or (isinstance(value, (list, tuple)) and all(map(callable, value))),
+                  f"{name} must be a list of callables (input_ids, scores), got {value!r}")  # fmt: skip
+        check(self.prefix_allowed_tokens_fn is None or callable(self.prefix_allowed_tokens_fn),
+              "prefix_allowed_tokens_fn must be a callable (batch_id, input_ids) -> allowed token ids")  # fmt: skip
+        check(0 < self.typical_p <= 1, f"typical_p must be in (0, 1], got {self.typical_p}")
+        for name in ("epsilon_cutoff", "eta_cutoff"):
+            check(0 <= getattr(self, name) < 1, f"{name} must be in [0, 1) (0: off), got {getattr(self, name)}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            check(-2 <= getattr(self, name) <= 2, f"{name} must be between -2 and 2, got {getattr(self, name)}")
+
+    @property
+    def guided(self) -> bool:
+        """Classifier-free guidance is on."""
+        return self.guidance_scale is not None and self.guidance_scale != 1
+
+    def _validate_guidance(self, check) -> None:
+        scale, negative = self.guidance_scale, self.negative_prompt_ids
+        check(scale is None or (isinstance(scale, (int, float)) and math.isfinite(scale)),
+              f"guidance_scale must be a number (1 or None: off), got {scale!r}")  # fmt: skip
+        if negative is None:
+            return
+        if isinstance(negative, torch.Tensor):
+            negative = negative.tolist()
+        nested = isinstance(negative, (list, tuple)) and len(negative) > 0 and isinstance(negative[0], (list, tuple))
+        self._check_ids(check, negative, "negative_prompt_ids", nested)
+        check(self.guided, "negative_prompt_ids are the context of classifier-free guidance: set guidance_scale "
+                           "(e.g. 1.5) too")  # fmt: skip
+        self.negative_prompt_ids = [list(x) for x in negative] if nested else list(negative)
+
+    @property
+    def contrastive(self) -> bool:
+        """Contrastive search is on (transformers' rule: penalty_alpha > 0, top_k > 1, greedy, one beam)."""
+        return bool(self.penalty_alpha) and not self.do_sample and self.num_beams == 1 and (self.top_k or 0) > 1
+
+    def _validate_contrastive(self, check) -> None:
+        alpha = self.penalty_alpha
+        if alpha is None or alpha == 0:
+            return
+        check(isinstance(alpha, (int, float)) and 0 < alpha <= 1, f"penalty_alpha must be in [0, 1], got {alpha!r}")
+        check(not self.do_sample and self.num_beams == 1,
+              "contrastive search (penalty_alpha) chooses without sampling or beams: set do_sample=False, num_beams=1")  # fmt: skip
+        check((self.top_k or 0) > 1, f"contrastive search (penalty_alpha) weighs the top_k candidates: top_k must "
+                                     f"be > 1 (typically 4 to 10), got {self.top_k}")  # fmt: skip
+        check(not self.guided, "contrastive search (penalty_alpha) is not offered with guidance_scale")
+        check(self.prompt_lookup_num_tokens is None,
+              "contrastive search (penalty_alpha) and prompt lookup do not go together")  # fmt: skip
+
+    def _validate_dola(self, check) -> None:
+        layers = self.dola_layers
+        if layers is None:
+            return
+        check(layers in ("low", "high") or (isinstance(layers, (list, tuple)) and len(layers) > 0
+                                            and all(isinstance(i, int) and i >= 0 for i in layers)),
+              f'dola_layers must be "low", "high" or a list of layer indices (0: the embeddings), got {layers!r}')  # fmt: skip
+        if isinstance(layers, tuple):
+            self.dola_layers = list(layers)
+        check(self.num_beams == 1 and not self.contrastive and not self.guided and self.prompt_lookup_num_tokens is None,
+              "DoLa (dola_layers) runs without beams, contrastive search, guidance_scale or prompt lookup")  # fmt: skip
+
+    def _validate_beams(self, check) -> None:
+        check(isinstance(self.num_beams, int) and self.num_beams >= 1, f"num_beams must be >= 1, got {self.num_beams}")
+        check(self.early_stopping in (True, False, "never"),
+              f'early_stopping must be true, false or "never", got {self.early_stopping!r}')  # fmt: skip
+        if self.num_beams == 1:
+            return
+        check(not self.guided, "classifier-free guidance (guidance_scale) is not offered with beams (num_beams > 1)")
+        check(self.num_return_sequences <= self.num_beams,
+              f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams ({self.num_beams})")  # fmt: skip
+
+    def _validate_assisted(self, check) -> None:
+        for name in ("prompt_lookup_num_tokens", "max_matching_ngram_size"):
+            value = getattr(self, name)
+            check(value is None or (isinstance(value, int) and value >= 1), f"{name} must be >= 1, got {value!r}")
+        n = self.num_assistant_tokens
+        check(isinstance(n, int) and n >= 1, f"num_assistant_tokens must be >= 1, got {n!r}")
+        schedules = ("constant", "heuristic", "heuristic_transient")
+        check(self.num_assistant_tokens_schedule in schedules,
+              f"num_assistant_tokens_schedule must be one of {', '.join(schedules)}, "
+              f"got {self.num_assistant_tokens_schedule!r}")  # fmt: skip
+        threshold = self.assistant_confidence_threshold
+        check(threshold is None or 0 <= threshold < 1,
+              f"assistant_confidence_threshold must be in [0, 1) (0 or None: off), got {threshold}")  # fmt: skip
+        check(self.prompt_lookup_num_tokens is None or self.num_beams == 1,
+              "prompt lookup (prompt_lookup_num_tokens) and beam search (num_beams > 1) do not go together")  # fmt: skip
+
+    def check_vocab(self, vocab: int) -> None:
+        """Raise NeolmError when a processor names a token outside a vocabulary of this size."""
+        named = {"bad_words_ids": [t for w in self.bad_words_ids or [] for t in w],
+                 "sequence_bias": [t for seq in self.sequence_bias or {} for t in seq],
+                 "suppress_tokens": self.suppress_tokens or [], "begin_suppress_tokens": self.begin_suppress_tokens or [],
+                 "forced_eos_token_id": [self.forced_eos_token_id] if isinstance(self.forced_eos_token_id, int)
+                 else self.forced_eos_token_id or [],
+                 "negative_prompt_ids": [t for x in self.negative_prompt_ids or [] for t in (x if isinstance(x, list)
+                                                                                             else [x])]}  # fmt: skip
+        for name, ids in named.items():
+            bad = [t for t in ids if t >= vocab]
+            if bad:
+                raise NeolmError(f"{name}: token id {bad[0]} is outside the model's vocabulary of {vocab}")
+
+    def eos_ids(self, default: int | None) -> list[int]:
+        """The ids that end a sequence: eos_token_id (one or a list), else `default` (the model's)."""
+        eos = self.eos_token_id if self.eos_token_id is not None else default
+        return [eos] if isinstance(eos, int) else list(eos or [])
+
+    def deadline(self) -> float:
+        """When (time.monotonic()) a generation started now must end: after max_time seconds, else never."""
+        return time.monotonic() + self.max_time if self.max_time is not None else math.inf
+
+    def new_token_budget(self, prompt_len: int) -> int:
+        """How many tokens a prompt of this length may get (max_new_tokens wins over max_length)."""
+        if self.max_new_tokens is not None:
+            return self.max_new_tokens
+        if self.max_length is not None:
+            return max(self.max_length - prompt_len, 0)
+        return max(DEFAULT_MAX_NEW_TOKENS, self.min_new_tokens, self.min_length - prompt_len)
+
+
+def fit_prompts(prompts: Sequence[Sequence[int]], gc: GenerationConfig, n_ctx: int, vocab: int) -> list[list[int]]:
+    """Check each prompt plus its new tokens against the context; truncate from the left if asked."""
+    if gc.token_healing:  # (LanguageModel heals text prompts, then generates from their ids without it)
+        raise NeolmError("token_healing needs the prompts' text: use LanguageModel.generate or stream (neolm.healing)")
+    fitted = []
+    for i, prompt in enumerate(prompts):
+        prompt = list(prompt)
+        if not prompt:
+            raise NeolmError("empty prompt: give at least one token (for unconditional text, start from <|endoftext|>)")
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise NeolmError(
+                f"token id {bad[0]} is outside the model's vocabulary of {vocab}: do tokenizer and model match?"
+            )
+        budget = gc.new_token_budget(len(prompt))
+        if len(prompt) + budget > n_ctx:
+            keep = n_ctx - budget
+            if not gc.truncate_prompt or keep < 1:
+                which = f"prompt {i}" if len(prompts) > 1 else "the prompt"
+                raise NeolmError(
+                    f"{which} has {len(prompt)} tokens; with {budget} new tokens that is {len(prompt) + budget}, "
+                    f"more than the model's context of {n_ctx}. Lower max_new_tokens or shorten the prompt"
+                    + ("" if keep < 1 else ", or allow truncate_prompt to drop the oldest tokens")
+                )
+            log.warning("prompt truncated from %d to its last %d tokens to fit the context", len(prompt), keep)
+            prompt = prompt[-keep:]
+        fitted.append(prompt)
+    return fitted
