@@ -43,6 +43,7 @@ def _checked(convert, ok, requirement: str):
 non_negative = _checked(int, lambda v: v >= 0, ">= 0")
 positive = _checked(int, lambda v: v >= 1, ">= 1")
 positive_float = _checked(float, lambda v: v > 0, "> 0")
+non_negative_float = _checked(float, lambda v: v >= 0, ">= 0")
 seed_type = _checked(int, lambda v: 0 <= v < 2**63, "between 0 and 2**63 - 1")
 
 

@@ -555,10 +555,13 @@ def test_serve_command(tmp_path):
         process.kill()
 
 
-def test_serve_command_answers_the_requests_it_took_on_sigterm():
+@pytest.mark.parametrize("limit", [None, "0"], ids=["no-limit", "shutdown-timeout-0"])
+def test_serve_command_answers_the_requests_it_took_on_sigterm(limit):
     """On SIGTERM (docker stop, systemd, Kubernetes) `neolm serve` answers the requests it has taken to the end,
-    a stream in progress and a request queued behind it, then exits 0."""
-    process = subprocess.Popen([sys.executable, "-m", "neolm.cli", "serve", "--port", "0", "--max-batch", "1"],
+    a stream in progress and a request queued behind it, then exits 0. With --shutdown-timeout, those still
+    unanswered when it passes end with a 503: the stream's error event, the queued request's status."""
+    process = subprocess.Popen([sys.executable, "-m", "neolm.cli", "serve", "--port", "0", "--max-batch", "1",
+                                *(["--shutdown-timeout", limit] if limit else [])],
                                stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         port = re.search(r"on http://127\.0\.0\.1:(\d+)/v1", process.stderr.readline())[1]
@@ -567,15 +570,19 @@ def test_serve_command_answers_the_requests_it_took_on_sigterm():
         def ask(key: str, body: dict) -> None:
             request = urllib.request.Request(f"{base}/v1/completions", json.dumps(body).encode(),
                                              {"Content-Type": "application/json"})  # fmt: skip
-            with urllib.request.urlopen(request, timeout=120) as response:
-                lines = []
-                for line in response:
-                    lines.append(line.decode())
-                    streaming.set()
-                got[key] = "".join(lines)
+            try:
+                with urllib.request.urlopen(request, timeout=120) as response:
+                    lines = []
+                    for line in response:
+                        lines.append(line.decode())
+                        streaming.set()
+                    got[key] = "".join(lines)
+            except urllib.error.HTTPError as e:
+                got[key] = e
 
         greedy = {"prompt": "KING.", "temperature": 0}
-        clients = [threading.Thread(target=ask, args=("stream", greedy | {"max_tokens": 60, "min_tokens": 60,
+        n = 400 if limit else 60  # (with the limit: still streaming when it passes)
+        clients = [threading.Thread(target=ask, args=("stream", greedy | {"max_tokens": n, "min_tokens": n,
                                                                           "stream": True}))]  # fmt: skip
         clients[0].start()
         assert streaming.wait(60)
@@ -592,12 +599,19 @@ def test_serve_command_answers_the_requests_it_took_on_sigterm():
         for client in clients:
             client.join(120)
         assert process.wait(timeout=60) == 0
-        assert "every request answered" in process.stderr.read()
+        log = process.stderr.read()
     finally:
         process.kill()
     chunks = [json.loads(line[6:]) for line in got["stream"].splitlines() if line.startswith("data: {")]
-    assert got["stream"].rstrip().endswith("data: [DONE]") and chunks[-1]["choices"][0]["finish_reason"] == "length"
-    assert json.loads(got["queued"])["usage"]["completion_tokens"] == 8
+    assert got["stream"].rstrip().endswith("data: [DONE]")
+    if limit is None:
+        assert "every request answered" in log
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        assert json.loads(got["queued"])["usage"]["completion_tokens"] == 8
+    else:
+        assert "--shutdown-timeout ended 2 requests unanswered" in log
+        assert chunks[-1]["error"]["code"] == 503 and chunks[-2]["choices"][0]["finish_reason"] is None
+        assert got["queued"].code == 503 and "shutdown timeout" in got["queued"].read().decode()
 
 
 def test_a_draining_server_refuses_new_requests_and_answers_those_it_took(lm):
@@ -627,11 +641,60 @@ def test_a_draining_server_refuses_new_requests_and_answers_those_it_took(lm):
                           {"Content-Type": "application/json"})  # fmt: skip
         refused = opened[1].getresponse()
         assert refused.status == 503 and "shutting down" in json.loads(refused.read())["error"]["message"]
+        assert_port_closed(server)
         draining.join(120)
         assert not draining.is_alive() and server.answering == 0
         assert [[e.tokens for e in job if isinstance(e, End)] for job in jobs] == [[40], [40]]
         with pytest.raises(NeolmError, match="shutting down"):
             server.engine.submit([prompt], gc)
+    finally:
+        server.close()
+
+
+def assert_port_closed(server) -> None:
+    """A draining server's port refuses new connections (soon after the drain began: its accept loop ends
+    first), rather than leaving them waiting in the backlog."""
+    port = server.server_address[1]
+    for _ in range(200):
+        if server.socket.fileno() == -1:
+            break
+        time.sleep(0.01)
+    with pytest.raises(ConnectionError):
+        fresh = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        fresh.request("GET", "/health")
+        fresh.getresponse()
+
+
+def test_a_drain_whose_time_runs_out_ends_the_answers_left_with_503(lm):
+    """Server.drain(timeout): requests still unanswered when the time is up are ended, a stream with an error event
+    (code 503, naming the timeout) and [DONE], a whole answer with a 503; drain returns False and the engine counts
+    them as stopped."""
+    server = Server(lm, port=0, model_name=NAME, max_batch=1)
+    server.start()
+    try:
+        stream = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=60)
+        stream.request("POST", "/v1/completions", json.dumps({"prompt": "KING.", "max_tokens": 400, "min_tokens": 400,
+                       "temperature": 0, "stream": True}), {"Content-Type": "application/json"})  # fmt: skip
+        streamed = stream.getresponse()
+        assert streamed.status == 200
+        first = streamed.readline()  # its first chunk: the job runs
+        assert first.startswith(b"data: ")
+        whole = {}
+        waiting = threading.Thread(target=lambda: whole.update(answer=call(server, "/v1/completions", {
+            "prompt": "KING.", "max_tokens": 20, "temperature": 0})))  # fmt: skip
+        waiting.start()
+        while server.engine.waiting < 1:  # queued behind the stream (max_batch 1)
+            time.sleep(0.01)
+        assert server.drain(timeout=0) is False
+        payloads = events((first + streamed.read()).decode())
+        texts = [p["choices"][0]["text"] for p in payloads[:-1]]
+        assert 0 < len("".join(texts)) and all(p["choices"][0]["finish_reason"] is None for p in payloads[:-1])
+        assert payloads[-1]["error"]["code"] == 503 and "shutdown timeout of 0 s" in payloads[-1]["error"]["message"]
+        waiting.join(60)
+        status, body = whole["answer"]
+        assert status == 503 and "shutdown timeout" in body["error"]["message"]
+        assert server.engine.stopped == 2 and server.answering == 0
+        assert_port_closed(server)
     finally:
         server.close()
 

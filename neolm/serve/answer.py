@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from neolm.chat import Reply
 from neolm.errors import NeolmError
 from neolm.serve import protocol
-from neolm.serve.engine import End, Job, Prompt, Token
+from neolm.serve.engine import End, Job, Prompt, ShuttingDown, Token
 from neolm.serve.protocol import ApiError, Request
 from neolm.tokenizer import StreamDecoder
 
@@ -70,7 +70,7 @@ def whole(request: Request, job: Job, tokenizer, model_name: str) -> dict:
                 if counts is not None:
                     counts[i] = tokens
     except NeolmError as e:
-        raise ApiError(500, str(e), kind="server_error") from None
+        raise ApiError(503 if isinstance(e, ShuttingDown) else 500, str(e), kind="server_error") from None
     if sums is not None:  # best_of: each prompt's n with the highest mean log-probability per token
         keep = []
         for p in range(len(job.prompts)):

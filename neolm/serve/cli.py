@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 
-from neolm.cli import _add_model_args, load_model, non_negative, positive
+from neolm.cli import _add_model_args, load_model, non_negative, non_negative_float, positive
 from neolm.embedding import POOLINGS
 from neolm.errors import NeolmError
 from neolm.serve.engine import DEFAULT_PREFILL_CHUNK, MIN_PREFILL_CHUNK
@@ -38,7 +38,8 @@ def register(sub) -> dict:
         "(chat_template.jinja or tokenizer_config.json's chat_template, rendered as transformers' "
         "apply_chat_template does) or --chat-template's; base models have none, and their chats are written as a "
         "plain 'User: ... / Assistant: ...' transcript. Ctrl-C stops the server; SIGTERM stops it gracefully: no "
-        "new requests (/health answers 503), those taken are answered, then it exits.",
+        "new requests (the port closes; /health answers 503 on open connections), those taken are answered (within "
+        "--shutdown-timeout), then it exits.",
     )
     _add_model_args(s, positional=True)
     net = s.add_argument_group("server")
@@ -64,6 +65,12 @@ def register(sub) -> dict:
                      help="a Jinja chat template (a file, or the template itself) to use instead of the checkpoint's "
                      "own; without either, chats are a plain 'User: / Assistant:' transcript")  # fmt: skip
     _add_tool_call_parser(net)
+    net.add_argument("--shutdown-timeout", type=non_negative_float, metavar="SECONDS",
+                     help="on SIGTERM, answer the requests taken for at most this long, then end those left (a "
+                     "whole answer gets 503, a stream an error event) and exit (default: as long as they take). Set "
+                     "it below the orchestrator's kill deadline (Kubernetes' terminationGracePeriodSeconds, 30 by "
+                     "default; docker stop's 10) so that every client gets an answer or an error, not a cut "
+                     "connection; 0 ends them at once")  # fmt: skip
     net.add_argument("--max-batch", type=positive, default=8, help="sequences decoded together at most (default 8)")
     net.add_argument("--prefill-chunk", type=non_negative, default=DEFAULT_PREFILL_CHUNK, metavar="TOKENS",
                      help="while sequences decode, read a joining prompt at most this many tokens a step, so that a "
@@ -171,9 +178,10 @@ def cmd_serve(args) -> int:
     def on_sigterm(signum, frame) -> None:  # a graceful stop (docker stop, systemd, Kubernetes); again: at once
         if server.draining:
             raise KeyboardInterrupt
-        print(f"neolm serve: SIGTERM: answering the {server.answering} requests taken, then stopping (another SIGTERM "
-              "or Ctrl-C stops at once)", file=sys.stderr, flush=True)  # fmt: skip
-        threading.Thread(target=server.drain, name="neolm-drain", daemon=True).start()
+        limit = "" if args.shutdown_timeout is None else f" for at most {args.shutdown_timeout:g} s"
+        print(f"neolm serve: SIGTERM: answering the {server.answering} requests taken{limit}, then stopping (another "
+              "SIGTERM or Ctrl-C stops at once)", file=sys.stderr, flush=True)  # fmt: skip
+        threading.Thread(target=server.drain, args=(args.shutdown_timeout,), name="neolm-drain", daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_sigterm)
     print(f"neolm serve: {server.model_name} on http://{host}:{port}/v1 (Ctrl-C stops; SIGTERM finishes the requests "
@@ -183,7 +191,10 @@ def cmd_serve(args) -> int:
     except KeyboardInterrupt:
         print("neolm serve: stopped", file=sys.stderr)
         return 0
-    print("neolm serve: stopped" + (", every request answered" if server.draining else ""), file=sys.stderr)
+    stopped = server.engine.stopped
+    ended = (f"; --shutdown-timeout ended {stopped} request{'s' * (stopped != 1)} unanswered" if stopped
+             else ", every request answered" if server.draining else "")  # fmt: skip
+    print("neolm serve: stopped" + ended, file=sys.stderr)
     return 0
 
 

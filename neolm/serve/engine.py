@@ -104,6 +104,8 @@ class Job:
             event = self._events.get()
             if event is None:
                 return
+            if isinstance(event, ShuttingDown):  # (the answer is 503, not a failure)
+                raise event
             if isinstance(event, Exception):
                 raise NeolmError(f"generation failed: {event}")
             yield event
@@ -146,6 +148,8 @@ class Engine:
         self._tasks: deque[tuple[Callable, Future]] = deque()  # call()'s, run between two steps
         self._wake = threading.Condition()
         self._closed = False
+        self._stopping: str | None = None  # stop(): why the jobs it has end now
+        self.stopped = 0  # requests stop() ended before their answers were whole
         self.batches = 0  # prompt forwards (for /health)
         self.largest_batch = 0  # the most requests decoded together
         self.metrics = Metrics()  # for GET /metrics
@@ -223,16 +227,37 @@ class Engine:
         with self._wake:
             self._closed = True
             if not drain:
-                for job in self._waiting:  # never started: end them
-                    job._events.put(ShuttingDown("the server is shutting down"))
-                    job._events.put(None)
-                self._waiting.clear()
-                for _, future in self._tasks:
-                    future.set_exception(ShuttingDown("the server is shutting down"))
-                self._tasks.clear()
+                self._end_waiting("the server is shutting down")
             self._wake.notify()
+        self._wait_thread(timeout)
+
+    def stop(self, reason: str, timeout: float | None = None) -> None:
+        """Close, and end every job now, running ones included: their answers end with ShuttingDown(reason), what
+        they generated so far unsent (a drain's time limit). Waits (at most `timeout` s) for run() to return."""
+        with self._wake:
+            self._closed = True
+            self._stopping = reason
+            self._wake.notify()
+        self._wait_thread(timeout)
+
+    def _wait_thread(self, timeout: float | None) -> None:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+
+    def _end_waiting(self, reason: str) -> None:
+        """End the jobs and tasks not yet started with ShuttingDown(reason) (under self._wake)."""
+        for job in self._waiting:
+            self._abandon(job, reason)
+        self._waiting.clear()
+        for _, future in self._tasks:
+            future.set_exception(ShuttingDown(reason))
+        self._tasks.clear()
+
+    def _abandon(self, job: Job, reason: str) -> None:
+        job._events.put(ShuttingDown(reason))
+        job._events.put(None)
+        self.metrics.finished["abort"] += job._left
+        self.stopped += 1
 
     def _admit(self, busy: bool, room: int) -> list[Job] | None:
         """The waiting jobs to add before the next step, oldest first, while they fit in `room` sequences. When
@@ -260,6 +285,14 @@ class Engine:
         """Serve jobs until close() (the running sequences finish first)."""
         batch, owners, running, reading = None, {}, [], deque()  # owners: sequence id -> (job, its sequence index)
         while True:
+            if self._stopping is not None:
+                with self._wake:
+                    for job in {*running, *(job for r in reading for job in r.jobs)}:
+                        self._abandon(job, self._stopping)
+                    self._end_waiting(self._stopping)
+                self._note_running([])
+                log.warning("stopped %d requests before their answers were whole: %s", self.stopped, self._stopping)
+                return
             if self._tasks:
                 self._run_tasks(batch, running + [job for r in reading for job in r.jobs])
             busy = batch is not None and (not batch.finished or bool(reading))

@@ -86,15 +86,26 @@ class Server(ThreadingHTTPServer):
             self.close()
 
     def drain(self, timeout: float | None = None) -> bool:
-        """Stop taking requests (new connections wait unanswered, new requests on open ones get 503, /health
-        says "shutting down") and answer those taken, queued ones included; returns whether all were answered
-        within `timeout` s. run() returns when they are (SIGTERM's graceful stop, as vLLM's and uvicorn's)."""
+        """Stop taking requests (the port is closed, so new connections are refused and a load balancer's retry
+        goes elsewhere; new requests on open connections get 503; /health says "shutting down") and answer those
+        taken, queued ones included. After `timeout` s (None: no limit), the requests still unanswered are ended:
+        a whole answer is a 503, a stream ends with an error event (Engine.stop). Returns whether every request
+        was answered whole. run() returns once the answers are written (SIGTERM's graceful stop, as vLLM's and
+        uvicorn's)."""
         self.draining = True
+        deadline = None if timeout is None else time.monotonic() + timeout
         if self._http is not None:
             self.shutdown()  # the accept loop ends; connections being answered go on
             self._http = None
+        self.socket.close()
         self.engine.close(timeout, drain=True)
-        return self.wait_answered(timeout)
+        if self.wait_answered(None if deadline is None else max(deadline - time.monotonic(), 0)):
+            return True
+        log.warning("shutdown timeout: %g s passed with %d requests unanswered; ending them", timeout, self.answering)
+        self.engine.stop(f"the server shut down before this answer was whole (its shutdown timeout of {timeout:g} s "
+                         "passed)")  # fmt: skip
+        self.wait_answered(DRAIN_WRITE_TIMEOUT)
+        return False
 
     @property
     def answering(self) -> int:
@@ -434,7 +445,7 @@ class Handler(BaseHTTPRequestHandler):
                     entries = protocol.logprobs(request, logprobs, tokenizer)
                     yield protocol.chunk(request, name, i, text, reason, entries)
         except NeolmError as e:
-            yield ApiError(500, str(e), kind="server_error").body()
+            yield ApiError(503 if isinstance(e, ShuttingDown) else 500, str(e), kind="server_error").body()
             return
         if request.include_usage:
             yield protocol.usage_chunk(request, name, generated, job.cached)
