@@ -22,7 +22,7 @@ import neolm
 from neolm.errors import NeolmError
 from neolm.structured import compile, compile_regex, spec_regex
 from neolm.structured.guide import Guide, Vocabulary
-from neolm.structured.ranges import decimal_range, int_range
+from neolm.structured.ranges import MAX_LISTED, decimal_range, int_range, multiples
 from neolm.structured.schema import schema_regex
 from neolm.tokenizer import Tokenizer
 
@@ -107,6 +107,51 @@ def test_decimal_ranges_match_exactly_the_numbers_in_range():
             assert not any(pattern.fullmatch(t) for t in ["01", "1.", ".5", "1e2", "+1", ""]), (lo, hi)
 
 
+def test_multiples_match_exactly_the_multiples_in_range():
+    """For steps that divide a power of ten (any bounds) and others (both bounds), every plain decimal of a set of
+    integer parts and fractions, signed or not, matches exactly when it is an exact multiple of the step within the
+    bounds, written with at most the step's fraction digits (trailing zeros too); never as negative zero."""
+    texts = {f"{whole}{fraction}" for whole in ("0", "1", "2", "3", "5", "6", "8", "9", "10", "12", "15", "16", "24",
+                                                "25", "45", "99", "100", "125", "1000", "1024", "12345")
+             for fraction in ("", ".0", ".00", ".000", ".01", ".05", ".1", ".10", ".125", ".2", ".25", ".3", ".5",
+                              ".50", ".75", ".99")}  # fmt: skip
+    texts |= {"-" + t for t in texts}
+    steps = [Decimal(x) for x in ("1", "0.5", "0.25", "0.01", "0.125", "5", "8", "25", "100", "3", "0.3", "15")]
+    bounds = [None, *map(Decimal, ("0", "-1", "1", "2.5", "10", "0.25", "100", "-12.5", "25"))]
+    for step in steps:
+        places = max(-step.normalize().as_tuple().exponent, 0)
+        for lo, hi in itertools.product(bounds, bounds):
+            for lo_open, hi_open in itertools.product((False, True), (False, True)):
+                if (lo is None and lo_open) or (hi is None and hi_open):
+                    continue
+                where = (step, lo, lo_open, hi, hi_open)
+                if lo is not None and hi is not None and (lo > hi or (lo == hi and (lo_open or hi_open))):
+                    continue  # (no number at all: decimal_range's test)
+                held = [x for x in (Decimal(t) for t in texts if not t.startswith("-")) for x in (x, -x)
+                        if x % step == 0 and (lo is None or (x > lo if lo_open else x >= lo))
+                        and (hi is None or (x < hi if hi_open else x <= hi))]  # fmt: skip
+                if step in (3, Decimal("0.3"), 15) and (lo is None or hi is None):
+                    with pytest.raises(NeolmError, match="needs a minimum and a maximum"):
+                        multiples(lo, lo_open, hi, hi_open, step)
+                    continue
+                try:
+                    pattern = re.compile(multiples(lo, lo_open, hi, hi_open, step))
+                except NeolmError as e:
+                    assert "no multiple" in str(e) and not held, where
+                    continue
+                for text in texts:
+                    x = Decimal(text)
+                    inside = ((lo is None or (x > lo if lo_open else x >= lo))
+                              and (hi is None or (x < hi if hi_open else x <= hi)))  # fmt: skip
+                    written = len(text.partition(".")[2]) <= places and not (text.startswith("-") and x == 0)
+                    expected = inside and x % step == 0 and written
+                    assert bool(pattern.fullmatch(text)) == expected, (*where, text)
+                assert not any(pattern.fullmatch(t) for t in ["01", "1.", ".5", "1e2", "+1", "", "00"]), where
+    with pytest.raises(NeolmError, match=f"at most {MAX_LISTED} multiples"):
+        multiples(Decimal(0), False, Decimal(3 * MAX_LISTED), False, Decimal(3))
+    assert re.fullmatch(multiples(Decimal(0), False, Decimal(3 * MAX_LISTED - 3), False, Decimal(3)), "2997")
+
+
 SCHEMAS = [
     {"type": "object", "properties": {"name": {"type": "string", "maxLength": 5},
                                       "age": {"type": "integer", "minimum": 0, "maximum": 150}},
@@ -124,6 +169,9 @@ SCHEMAS = [
     {"type": "object", "properties": {"p": {"type": "number", "minimum": 0, "maximum": 1},
                                       "t": {"type": "number", "exclusiveMinimum": -2.5, "exclusiveMaximum": 0.75}},
      "required": ["p"]},
+    {"type": "object", "properties": {"price": {"type": "number", "multipleOf": 0.25, "minimum": 0},
+                                      "n": {"type": "integer", "multipleOf": 5, "exclusiveMaximum": 100},
+                                      "i": {"type": "integer", "multipleOf": 2.5}}},
 ]  # fmt: skip
 VALUES = [
     {"name": "Ann", "age": 31}, {"name": "Annabel", "age": 31}, {"name": "Ann", "age": 151}, {"name": "Ann"},
@@ -133,6 +181,8 @@ VALUES = [
     {"v": 1, "next": {"v": 2, "next": None}}, {"v": 1, "next": {"v": 2}}, {"p": 3, "q": 11}, {"p": 12}, {"p": 2}, "ab",
     "a", None, 7, "é\"\\\n", 1.25, True, {"p": 0.5}, {"p": 1.0}, {"p": 1.5}, {"p": 0, "t": -2.5},
     {"p": 1, "t": -2.4999}, {"p": 0.25, "t": 0.75}, {"p": 0.999, "t": 0.7499}, {"p": 1, "t": 0},
+    {"price": 2.75, "n": 95}, {"price": 2.7}, {"price": -0.25}, {"price": 1000, "n": -5}, {"n": 100}, {"n": 7},
+    {"i": 3}, {"i": -10}, {"i": 5}, {"i": 2.5}, {"n": 0, "i": 0},
 ]  # fmt: skip
 
 
@@ -170,7 +220,9 @@ def test_schema_regexes_match_the_json_that_satisfies_the_schema(index):
 @pytest.mark.parametrize("schema, needle", [
     ({"type": "string", "format": "email"}, "format 'email'"),
     ({"type": "number", "minimum": 2, "exclusiveMaximum": 2}, "no number lies"),
-    ({"type": "number", "maximum": "3"}, "finite number"),
+    ({"type": "number", "maximum": "3"}, "finite number"), ({"type": "number", "multipleOf": 0}, "> 0"),
+    ({"type": "integer", "multipleOf": 7}, "needs a minimum and a maximum"),
+    ({"type": "integer", "multipleOf": 5, "minimum": 1, "maximum": 4}, "no multiple of 5"),
     ({"type": "object", "patternProperties": {}}, "patternProperties"), ({"allOf": [{}, {}]}, "allOf"),
     ({"$ref": "#/$defs/missing"}, "$ref"), ({"type": "integer", "minimum": 5, "maximum": 1}, "no integer"),
     ("{not json", "not valid JSON"), ({"type": "tuple"}, "unknown JSON schema type"), (False, "admits no value"),
@@ -211,8 +263,9 @@ def test_generated_json_satisfies_its_schema(lm):
     schema = {"type": "object", "properties": {
         "name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0, "maximum": 120},
         "tags": {"type": "array", "items": {"enum": ["king", "queen", "fool"]}, "maxItems": 2},
-        "alive": {"type": "boolean"}, "score": {"type": "number", "exclusiveMinimum": 0, "maximum": 10}},
-        "required": ["name", "age", "tags", "score"]}  # fmt: skip
+        "alive": {"type": "boolean"}, "score": {"type": "number", "exclusiveMinimum": 0, "maximum": 10},
+        "stake": {"type": "number", "multipleOf": 0.25, "minimum": 0}},
+        "required": ["name", "age", "tags", "score", "stake"]}  # fmt: skip
     texts = lm.generate(["KING. Who is he?\n"] * 4, structured_outputs={"json": schema}, do_sample=True, seed=0,
                         max_new_tokens=300)  # fmt: skip
     texts.append(lm.generate("KING.", structured_outputs={"json": schema}, do_sample=False, max_new_tokens=300))

@@ -5,8 +5,9 @@ An object's properties come in the schema's order; required ones always, optiona
 other keys appear (as OpenAI's strict mode) unless the schema has no "properties", when additionalProperties (a
 schema, or true/absent: any value) gives the values of any keys. Supported: type (one or a list), enum, const,
 properties / required / additionalProperties, items / prefixItems / minItems / maxItems, minLength / maxLength /
-pattern / format (date-time, date, time, uuid) on strings, minimum / maximum (and the exclusive ones) on integers
-and numbers (a bounded number is written without an exponent: neolm.structured.ranges), anyOf / oneOf, allOf of
+pattern / format (date-time, date, time, uuid) on strings, minimum / maximum (and the exclusive ones) and
+multipleOf on integers and numbers (a bounded number, or a multiple, is written without an exponent:
+neolm.structured.ranges), anyOf / oneOf, allOf of
 one schema, and $ref into $defs / definitions. A recursive schema is unrolled MAX_DEPTH times; past that its
 recursive branches are left out. Keywords that would constrain the output in ways the regex cannot express raise
 NeolmError rather than being ignored.
@@ -20,7 +21,7 @@ import re
 from decimal import Decimal
 
 from neolm.errors import NeolmError
-from neolm.structured.ranges import decimal_range, int_range
+from neolm.structured.ranges import decimal_range, int_range, multiples, scaled
 
 MAX_DEPTH = 3  # nesting levels of any JSON value where a schema allows one; times a recursive $ref is unrolled
 WHITESPACE = r"[ ]?"  # between a JSON text's tokens (Outlines' default): compact, with a space or none
@@ -42,7 +43,7 @@ _ANNOTATIONS = {"title", "description", "examples", "default", "$schema", "$id",
 _KNOWN = {
     "type", "enum", "const", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems",
     "maxItems", "minLength", "maxLength", "pattern", "format", "minimum", "maximum", "exclusiveMinimum",
-    "exclusiveMaximum", "anyOf", "oneOf", "allOf", "$ref",
+    "exclusiveMaximum", "multipleOf", "anyOf", "oneOf", "allOf", "$ref",
 }  # fmt: skip
 
 
@@ -170,14 +171,22 @@ class _Converter:
 
     def integer(self, schema, depth: int) -> str:
         lo, lo_open, hi, hi_open = _bounds(schema)
-        if lo is None and hi is None:
+        step = _step(schema)
+        if lo is None and hi is None and step is None:
             return INTEGER
         lowest = None if lo is None else math.floor(lo) + 1 if lo_open else math.ceil(lo)
         highest = None if hi is None else math.ceil(hi) - 1 if hi_open else math.floor(hi)
-        return int_range(lowest, highest)
+        if step is None:
+            return int_range(lowest, highest)
+        a, k = scaled(step)  # the integers that are multiples of a / 10**k: those of a / gcd(a, 10**k)
+        return multiples(None if lowest is None else Decimal(lowest), False, None if highest is None else
+                         Decimal(highest), False, Decimal(a // math.gcd(a, 10**k)))  # fmt: skip
 
     def number(self, schema, depth: int) -> str:
         lo, lo_open, hi, hi_open = _bounds(schema)
+        step = _step(schema)
+        if step is not None:
+            return multiples(lo, lo_open, hi, hi_open, step)
         if lo is None and hi is None:
             return NUMBER
         return decimal_range(lo, lo_open, hi, hi_open)
@@ -252,6 +261,16 @@ class _Converter:
         if all(not req for _, req in members):
             return rf"\{{{ws}(?:{body})?{ws}\}}"
         return rf"\{{{ws}(?:{body}){ws}\}}"
+
+
+def _step(schema: dict) -> Decimal | None:
+    """multipleOf as an exact decimal (a float as its shortest repr: 0.1 is 0.1), or None."""
+    if "multipleOf" not in schema:
+        return None
+    x = schema["multipleOf"]
+    if not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x) or x <= 0:
+        raise NeolmError(f"multipleOf must be a finite number > 0, got {x!r}")
+    return Decimal(x if isinstance(x, int) else repr(x))
 
 
 def _bounds(schema: dict) -> tuple[Decimal | None, bool, Decimal | None, bool]:
