@@ -70,6 +70,14 @@ def leading_system(messages: list[dict]) -> int:
     return next((i for i, m in enumerate(messages) if m["role"] not in SYSTEM_ROLES), len(messages))
 
 
+def without_oldest_exchange(messages: list[dict]) -> list[dict] | None:
+    """The messages from the second user message on: the oldest exchange (a user message and all that answers it,
+    tool calls and results included) left out, to fit a context; None when there is only one. `messages` has no
+    leading system messages (those stay: leading_system)."""
+    later = next((i for i, m in enumerate(messages) if m["role"] == "user" and i > 0), None)
+    return None if later is None else messages[later:]
+
+
 CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 """Appended to the final message to find where it ends in the rendered text (transformers' marker)."""
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
-from neolm.chat import Reply, check_messages, leading_system
+from neolm.chat import Reply, check_messages, leading_system, without_oldest_exchange
 from neolm.errors import NeolmError
 from neolm.generate import DecodeBatch
 from neolm.generation_config import GenerationConfig
@@ -107,15 +107,15 @@ class Conversation:
             prompt = self.lm.encode(text)
             if len(prompt) + gc.new_token_budget(len(prompt)) <= n_ctx:
                 break
-            later = [i for i, m in enumerate(rest) if m["role"] == "user" and i > 0]
-            if not later:  # the last exchange alone overflows
+            later = without_oldest_exchange(rest)
+            if later is None:  # the last exchange alone overflows
                 raise NeolmError(
                     f"the conversation's prompt is {len(prompt)} tokens even without older messages; with "
                     f"{gc.new_token_budget(len(prompt))} new tokens that is more than the model's context of "
                     f"{n_ctx}: send a shorter message or lower max_new_tokens"
                 )
-            dropped += later[0]
-            rest = rest[later[0] :]  # from the next user message on
+            dropped += len(rest) - len(later)
+            rest = later
         if dropped > self.dropped:
             log.warning("the conversation outgrew the context of %d tokens: its %d oldest messages are left out",
                         n_ctx, dropped)  # fmt: skip

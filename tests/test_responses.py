@@ -259,7 +259,7 @@ def test_logprobs_come_with_the_output_text(server):
     ({"input": "x", "frequency": 1}, 400, "frequency", "unrecognized"),
     ({"input": "x", "tools": [{"type": "web_search"}]}, 400, "tools", "only function tools"),
     ({"input": "x", "background": True}, 400, "background", "not supported"),
-    ({"input": "x", "truncation": "auto"}, 400, "truncation", "not supported"),
+    ({"input": "x", "truncation": "middle"}, 400, "truncation", "not supported"),
     ({}, 400, "input", "required"),
     ({"input": []}, 400, "input", "non-empty"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, 400, "input", "text"),
@@ -310,3 +310,28 @@ def test_batch_answers_responses_requests(server, tmp_path, capsys):
     assert answer["object"] == "response" and output_text(answer) == output_text(expected)
     assert answer["usage"] == expected["usage"] and f"{expected['usage']['output_tokens']} tokens" in err
     assert records["b"]["response"]["status_code"] == 404
+
+
+def test_truncation_auto_leaves_out_the_oldest_exchanges_that_overflow_the_context(server, lm):
+    """A chain of responses that outgrows the bundled model's 512-token context: the next turn is refused as it
+    is, and with truncation "auto" answered from its newest exchanges (the instructions kept), exactly as a chat
+    of those messages; an input that overflows alone is refused either way."""
+    speech = "KING. " + "Now is the winter of our discontent made glorious summer by this sun of York. " * 15
+    first = GREEDY | {"input": speech, "instructions": "Answer.", "max_output_tokens": 16}
+    status, one = call(server, "/v1/responses", first)
+    assert status == 200, one
+    status, two = call(server, "/v1/responses", first | {"input": "QUEEN. What say you?",
+                                                         "previous_response_id": one["id"]})  # fmt: skip
+    assert status == 200, two
+    third = first | {"previous_response_id": two["id"]}  # the speech again: too long for the context with the rest
+    status, refused = call(server, "/v1/responses", third)
+    assert status == 400 and "context of 512" in refused["error"]["message"], refused
+    status, answered = call(server, "/v1/responses", third | {"truncation": "auto"})
+    assert status == 200 and answered["truncation"] == "auto", answered
+    kept = [{"role": "system", "content": "Answer."}, {"role": "user", "content": "QUEEN. What say you?"},
+            {"role": "assistant", "content": output_text(two)}, {"role": "user", "content": speech}]
+    status, chat = call(server, "/v1/chat/completions", GREEDY | {"messages": kept, "max_tokens": 16})
+    assert output_text(answered) == chat["choices"][0]["message"]["content"]
+    assert answered["usage"]["input_tokens"] == chat["usage"]["prompt_tokens"] <= 512 - 16
+    status, alone = call(server, "/v1/responses", GREEDY | {"input": speech * 3, "truncation": "auto"})
+    assert status == 400 and "no room for a reply" in alone["error"]["message"], alone

@@ -103,6 +103,10 @@ def field_of(body: dict, name: str, kinds: tuple, default=None, check=None, requ
     return value
 
 
+class ContextFull(ApiError):
+    """A chat whose prompt fills the model's whole context (the Responses API's truncation "auto" shortens it)."""
+
+
 def known_fields(body, fields: set[str]) -> None:
     """ApiError unless the body is a JSON object whose fields (those not null) are among `fields`."""
     if not isinstance(body, dict):
@@ -333,8 +337,8 @@ def parse(kind: str, body, lm) -> Request:
         if max_tokens is None:
             max_tokens = max(context - len(prompt), 0)  # to the end of the context, as OpenAI's default
             if max_tokens == 0:
-                raise ApiError(400, f"the conversation is {len(prompt)} tokens, the model's whole context of "
-                               f"{context}: no room for a reply", "messages")  # fmt: skip
+                raise ContextFull(400, f"the conversation is {len(prompt)} tokens, the model's whole context of "
+                                  f"{context}: no room for a reply", "messages")  # fmt: skip
         request.prompts = [prompt]
         request.stop = stops + list(lm.chat_format.stop)
         request.lstrip = lm.chat_format.lstrip_reply and not body.get("continue_final_message")

@@ -9,19 +9,26 @@ Conversation state: with `store` (OpenAI's default: true) a response and the con
 in memory (the last MAX_STORED), so that `previous_response_id` continues it (its instructions are not carried
 over, as OpenAI's), GET /v1/responses/{id} returns it and GET /v1/responses/{id}/input_items its request's input
 items. Input items: messages (text content parts), and function_call / function_call_output items (a call the
-model made and its result); reasoning items are passed over. Hosted tools (web search, file search, ...),
-background mode and truncation "auto" are refused.
+model made and its result); reasoning items are passed over. With truncation "auto", a conversation that with its
+reply would overflow the model's context loses its oldest exchanges (a user message and what answered it; the
+instructions and leading system messages stay) until it fits, as OpenAI's drops items from its beginning; with
+"disabled" (the default) it is refused. Hosted tools (web search, file search, ...) and background mode are
+refused.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
 from collections import OrderedDict
 
+from neolm.chat import leading_system, without_oldest_exchange
 from neolm.serve import protocol
 from neolm.serve.errors import ApiError
+
+log = logging.getLogger(__name__)
 
 MAX_STORED = 1000  # responses kept for previous_response_id and GET (least recently used dropped)
 LOGPROBS = "message.output_text.logprobs"  # the `include` value that asks for the tokens' log-probabilities
@@ -72,10 +79,12 @@ class Turn:
 
     def __init__(self, body, store: Store):
         protocol.known_fields(body, FIELDS)
-        for name, allowed in (("background", (False,)), ("truncation", ("disabled",)), ("max_tool_calls", ())):
+        for name, allowed in (("background", (False,)), ("truncation", ("disabled", "auto")), ("max_tool_calls", ())):
             if body.get(name) is not None and body[name] not in allowed:
                 raise ApiError(400, f"'{name}': {body[name]!r} is not supported", name)
         self.body, self.id, self.created = body, f"resp_{uuid.uuid4().hex}", int(time.time())
+        self.truncation = body.get("truncation") or "disabled"
+        self.dropped = 0  # messages truncation "auto" left out of the prompt
         self.store = body.get("store") is not False
         earlier = []
         if body.get("previous_response_id") is not None:
@@ -102,6 +111,18 @@ class Turn:
             chat |= {"logprobs": True, "top_logprobs": body.get("top_logprobs") or 0}
         self.chat = chat
 
+    def drop_oldest(self) -> bool:
+        """Leave the oldest exchange out of the chat request's messages (truncation "auto"); False when only one
+        is left."""
+        messages = self.chat["messages"]
+        first = leading_system(messages)
+        later = without_oldest_exchange(messages[first:])
+        if later is None:
+            return False
+        self.dropped += len(messages) - first - len(later)
+        self.chat["messages"] = messages[:first] + later
+        return True
+
     def response(self, model: str, output: list[dict], usage: dict | None, reason: str | None, gc) -> dict:
         """The Response: `output` items, `usage` (chat's), `reason` the chat choice's finish_reason (None:
         still in progress)."""
@@ -116,7 +137,7 @@ class Turn:
             "previous_response_id": body.get("previous_response_id"), "reasoning": body.get("reasoning"),
             "store": self.store, "temperature": temperature, "top_p": body.get("top_p", gc.top_p),
             "text": body.get("text") or {"format": {"type": "text"}}, "tool_choice": body.get("tool_choice", "auto"),
-            "tools": body.get("tools") or [], "truncation": "disabled", "user": body.get("user"),
+            "tools": body.get("tools") or [], "truncation": self.truncation, "user": body.get("user"),
             "metadata": body.get("metadata") or {}, "usage": None if usage is None else _usage(usage),
         }  # fmt: skip
 
@@ -183,7 +204,28 @@ def _input_items(given) -> list[dict]:
 
 
 def parse(turn: Turn, lm) -> protocol.Request:
-    """The chat request a Responses request amounts to; its errors name the Responses fields."""
+    """The chat request a Responses request amounts to; its errors name the Responses fields. With truncation
+    "auto", its oldest exchanges are left out while its prompt and reply overflow the context (a prompt that still
+    does once one exchange is left is refused as without truncation)."""
+    n_ctx = lm.config.n_positions
+    while True:
+        try:
+            request = _chat(turn, lm)
+        except protocol.ContextFull:
+            if turn.truncation != "auto" or not turn.drop_oldest():
+                raise
+            continue
+        prompt = request.prompts[0]
+        if turn.truncation == "auto" and len(prompt) + request.gc.new_token_budget(len(prompt)) > n_ctx \
+                and turn.drop_oldest():  # fmt: skip
+            continue
+        if turn.dropped:
+            log.info("truncation auto: the %d oldest input messages are left out to fit the context of %d tokens",
+                     turn.dropped, n_ctx)  # fmt: skip
+        return request
+
+
+def _chat(turn: Turn, lm) -> protocol.Request:
     try:
         return protocol.parse("chat", turn.chat, lm)
     except ApiError as e:
