@@ -186,7 +186,9 @@ def test_a_named_function_is_answered_as_a_function_call_item(server):
     assert events[-3]["arguments"] == item["arguments"] and events[-1]["response"]["output"][0]["name"] == "get_weather"
 
 
-def test_required_calls_stream_whole_at_the_end(server):
+def test_required_calls_stream_as_they_are_written(server):
+    """A "required" call's item is added once its name is written, then its arguments come in several deltas that
+    add up to the whole response's."""
     body = GREEDY | {"input": "Weather in Paris?", "tools": [TOOL], "max_output_tokens": 80,
                      "tool_choice": "required", "parallel_tool_calls": False}  # fmt: skip
     status, whole = call(server, "/v1/responses", body)
@@ -194,9 +196,12 @@ def test_required_calls_stream_whole_at_the_end(server):
     status, text = call(server, "/v1/responses", body | {"stream": True})
     assert status == 200, text
     events = named_events(text)
-    assert [e["type"] for e in events][2:] == ["response.output_item.added", "response.function_call_arguments.delta",
-                                               "response.function_call_arguments.done", "response.output_item.done",
-                                               "response.completed"]  # fmt: skip
+    kinds = [e["type"] for e in events][2:]
+    deltas = kinds.count("response.function_call_arguments.delta")
+    assert deltas > 3 and kinds == ["response.output_item.added", *["response.function_call_arguments.delta"] * deltas,
+                                    "response.function_call_arguments.done", "response.output_item.done",
+                                    "response.completed"]  # fmt: skip
+    assert "".join(e["delta"] for e in events if e["type"].endswith("arguments.delta")) == events[-3]["arguments"]
     (item,) = events[-1]["response"]["output"]
     (expected,) = whole["output"]
     assert {k: item[k] for k in ("name", "arguments")} == {k: expected[k] for k in ("name", "arguments")}

@@ -17,7 +17,7 @@ from test_structured import _events
 import neolm
 from neolm.chat import Template, Transcript
 from neolm.errors import NeolmError
-from neolm.serve.tools import Held, ToolChoice
+from neolm.serve.tools import CallStream, Held, ToolChoice
 from neolm.tool_calls import FORMATS, Call
 
 TOOLS = [
@@ -61,18 +61,50 @@ def test_required_tool_choice_answers_calls_of_the_tools(server):
     jsonschema.validate(json.loads(tool_call["function"]["arguments"]), SCHEMA_OF[name])
 
 
-def test_required_tool_calls_stream_whole_at_the_end(server):
+def test_required_tool_calls_stream_as_they_are_written(server):
+    """A "required" call opens (id, type, name, no arguments) once its name is written, then its arguments come in
+    pieces as the model writes them, adding up to the whole answer's; the last chunk only ends the choice."""
     fields = {"tool_choice": "required", "parallel_tool_calls": False}
     status, body = call(server, "/v1/chat/completions", TOOL_CHAT | fields)
     status, text = call(server, "/v1/chat/completions", TOOL_CHAT | fields | {"stream": True})
     assert status == 200
-    events = _events(text)
-    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": None}
-    last = events[-1]["choices"][0]
-    assert last["finish_reason"] == "tool_calls" and all(not e["choices"][0]["delta"] for e in events[1:-1])
-    (streamed,) = last["delta"]["tool_calls"]
+    events = [e["choices"][0] for e in _events(text)]
+    assert events[0]["delta"] == {"role": "assistant", "content": None}
+    assert events[-1] == events[-1] | {"finish_reason": "tool_calls", "delta": {}}
+    deltas = [d for e in events[1:-1] for d in e["delta"]["tool_calls"]]
     (whole,) = body["choices"][0]["message"]["tool_calls"]
-    assert streamed["index"] == 0 and streamed["function"] == whole["function"]
+    opening = deltas[0]
+    assert opening["index"] == 0 and opening["type"] == "function" and opening["id"].startswith("chatcmpl-tool-")
+    assert opening["function"] == {"name": whole["function"]["name"], "arguments": ""}
+    pieces = [d["function"]["arguments"] for d in deltas[1:]]
+    assert all(d["index"] == 0 and set(d) == {"index", "function"} for d in deltas[1:]) and len(pieces) > 3
+    assert "".join(pieces) == whole["function"]["arguments"]
+    jsonschema.validate(json.loads(whole["function"]["arguments"]), SCHEMA_OF[whole["function"]["name"]])
+
+
+@pytest.mark.parametrize("text", [
+    '[{"name": "time", "parameters": {"zone": "UTC"}}]',
+    '[{"name":"get_weather","parameters":{"city":"Pa\\"ri}s[","unit":"c","n":[1,{"a":[]}]}} , {"name": "time",'
+    ' "parameters": {}}]',
+    '[ { "name" : "a\\"b" , "parameters" : 12 },{"name": "c", "parameters": "x,}"}, {"name": "d", "parameters": null}]',
+])  # fmt: skip
+def test_a_required_reply_s_calls_are_read_as_it_is_written(text):
+    """CallStream, piece by piece in every split of one to five characters: each call opens once with its name, and
+    its arguments' pieces add up to exactly the text written for its parameters, which is the whole answer's."""
+    expected = [(c["name"], json.dumps(c["parameters"])) for c in json.loads(text)]
+    _, calls = ToolChoice(functions=("time", "get_weather")).answer(text)
+    assert [(c["function"]["name"], json.dumps(json.loads(c["function"]["arguments"]))) for c in calls] == expected
+    for size in range(1, 6):
+        stream, opened, arguments = CallStream(), [], {}
+        for i in range(0, len(text), size):
+            for delta in stream.push(text[i : i + size]):
+                if "id" in delta:
+                    opened.append(delta["function"]["name"])
+                    assert delta["index"] == len(opened) - 1 and delta["function"]["arguments"] == ""
+                else:
+                    arguments[delta["index"]] = arguments.get(delta["index"], "") + delta["function"]["arguments"]
+        assert opened == [name for name, _ in expected]
+        assert [arguments.get(k, "") for k in range(len(opened))] == [c["function"]["arguments"] for c in calls]
 
 
 def test_openai_client_reads_tool_calls(server):
@@ -164,11 +196,14 @@ def test_a_streamed_reply_sends_its_content_and_holds_back_its_calls(name, text,
     whole_content, calls = choice.answer(text)
     for size in range(1, 6):
         held = Held(choice)
-        sent = "".join(held.push(text[i : i + size]) for i in range(0, len(text), size))
-        rest, end_calls = held.end()
+        deltas = [held.push(text[i : i + size]) for i in range(0, len(text), size)]
+        assert all(set(d) <= {"content"} for d in deltas)  # the calls come only with the end
+        sent = "".join(d.get("content", "") for d in deltas)
+        last, calling = held.end()
+        rest, end_calls = last.get("content", ""), last.get("tool_calls")
         assert sent + rest == (whole_content or "") == content, (size, sent, rest)
         assert [c["function"] for c in end_calls or []] == [c["function"] for c in calls or []]
-        assert (calls is None) == (end_calls is None)
+        assert (calls is None) == (end_calls is None) == (not calling)
 
 
 def test_the_transcript_teaches_its_tool_call_format():

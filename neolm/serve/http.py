@@ -435,10 +435,10 @@ class Handler(BaseHTTPRequestHandler):
         try:
             for i, text, reason, tokens, logprobs in answer.choices(request, job, tokenizer):
                 generated += tokens
-                if held is not None:  # tool_choice "required" or "auto": calls are known once the reply is whole
-                    text = held[i].push(text)
-                    if text:
-                        yield protocol.chunk(request, name, i, text)
+                if held is not None:  # tool_choice "required" or "auto": calls as they are written or once whole
+                    delta = held[i].push(text)
+                    if delta:
+                        yield protocol.held_chunk(request, name, i, delta)
                     if reason:
                         yield protocol.calls_chunk(request, name, i, held[i], reason)
                 elif text or reason or logprobs:

@@ -509,19 +509,19 @@ def response(request: Request, model: str, texts: list[str], reasons: list[str],
 def _tool_calls(request: Request, text: str, reason: str) -> tuple[str | None, list[dict] | None, str]:
     """A chat choice's content, tool calls (None: it is answered as text; serve/tools.py) and finish_reason."""
     content, calls = (text, None) if request.tool_choice is None else request.tool_choice.answer(text)
-    return content, calls, _finish(request, calls, reason)
+    return content, calls, _finish(request, calls is not None, reason)
 
 
-def _finish(request: Request, calls: list[dict] | None, reason: str) -> str:
+def _finish(request: Request, calls: bool, reason: str) -> str:
     """"tool_calls" for a whole reply of tool_choice "required" or "auto" that calls (a named call's stays "stop")."""
-    return "tool_calls" if calls is not None and request.tool_choice.name is None and reason == "stop" else reason
+    return "tool_calls" if calls and request.tool_choice.name is None and reason == "stop" else reason
 
 
 def chunk(request: Request, model: str, index: int, text: str | None, reason: str | None = None,
           choice_logprobs: dict | None = None) -> dict:  # fmt: skip
     """One streamed event: text for choice `index` (chat: None opens the choice with its role), or its end. A named
-    tool call streams as tool_calls deltas: its id and name first, then its arguments' text. The calls of
-    tool_choice "required" and "auto" come whole with the choice's end (calls_chunk)."""
+    tool call streams as tool_calls deltas: its id and name first, then its arguments' text. The deltas of
+    tool_choice "required" and "auto" come from tools.Held (held_chunk)."""
     if request.kind != "chat":
         choice = {"index": index, "text": text or "", "logprobs": choice_logprobs, "finish_reason": reason}
         return {"id": request.id, "object": "text_completion", "created": request.created, "model": model,
@@ -540,14 +540,15 @@ def chunk(request: Request, model: str, index: int, text: str | None, reason: st
     return _chat_chunk(request, model, index, delta, reason, choice_logprobs)
 
 
+def held_chunk(request: Request, model: str, index: int, delta: dict) -> dict:
+    """A streamed event of tool_choice "required" or "auto": a delta of tools.Held.push (content, or calls)."""
+    return _chat_chunk(request, model, index, delta, None, None)
+
+
 def calls_chunk(request: Request, model: str, index: int, held: tools.Held, reason: str) -> dict:
-    """The end of a streamed choice of tool_choice "required" or "auto", whose calls were held back: the content
-    not sent yet and its tool calls (none, for a reply cut short by max_tokens or, "auto", one that does not call),
-    with the finish reason."""
-    content, calls = held.end()
-    delta = {"content": content} if content else {}
-    if calls is not None:
-        delta["tool_calls"] = [c | {"index": k} for k, c in enumerate(calls)]
+    """The end of a streamed choice of tool_choice "required" or "auto": the content not sent yet and, "auto", its
+    tool calls (none, for a reply cut short by max_tokens or one that does not call), with the finish reason."""
+    delta, calls = held.end()
     return _chat_chunk(request, model, index, delta, _finish(request, calls, reason), None)
 
 

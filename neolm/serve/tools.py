@@ -13,13 +13,16 @@ reply:
   held to its `parameters` schema by structured outputs (neolm.structured), answered as one tool call
   (finish_reason "stop", as OpenAI and vLLM answer a named call);
 - "required": one or more calls, JSON held to vLLM's schema for them, an array of {"name", "parameters"} (one
-  call at most with parallel_tool_calls false), answered as tool calls (finish_reason "tool_calls"); streamed, the
-  calls come whole in the choice's last chunk.
+  call at most with parallel_tool_calls false), answered as tool calls (finish_reason "tool_calls"), each call's
+  arguments the text the model wrote for its parameters; streamed, each call opens (its id and name) once its name
+  is written and its arguments follow as they are written, as OpenAI streams calls (a reply cut short by
+  max_tokens then ends with finish_reason "length" after the calls' beginnings, where the whole answer is text).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass
 
@@ -49,10 +52,12 @@ class ToolChoice:
             content, calls = parsed
             return content, [_call(c.name, c.as_json()) for c in calls[: None if self.parallel else 1]]
         try:
-            calls = json.loads(text)
+            json.loads(text)
         except json.JSONDecodeError:
             return text, None
-        return None, [_call(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in calls]
+        written = CallStream()
+        written.push(text)
+        return None, [_call(name, arguments) for name, arguments in written.calls]
 
     def open(self) -> list[dict]:
         """A named call's first streamed tool_calls delta: its id and name, no arguments yet."""
@@ -60,30 +65,115 @@ class ToolChoice:
 
 
 class Held:
-    """A streamed reply of tool_choice "required" or "auto", whose calls are known only once it is whole: push()
-    gives the text that can go out as content now (for "auto", the text before its calls begin, less the
-    whitespace at its end; for "required", nothing), end() the rest of the content and the calls."""
+    """A streamed reply of tool_choice "required" or "auto": push() gives the delta that can go out now (for "auto",
+    the content before its calls begin, less the whitespace at its end, its calls being known only once the reply
+    is whole; for "required", its calls as they are written: CallStream), end() the last delta (the rest of the
+    content and, "auto", the calls) and whether the reply is answered as calls."""
 
     def __init__(self, choice: ToolChoice):
         self.choice, self.text, self.sent = choice, "", 0
+        self.stream = CallStream() if choice.auto is None else None
 
-    def push(self, piece: str) -> str:
+    def push(self, piece: str) -> dict:
         self.text += piece
+        if self.stream is not None:
+            deltas = self.stream.push(piece)
+            return {"tool_calls": deltas} if deltas else {}
         fmt = self.choice.auto
-        if fmt is None:
-            return ""
         at = fmt.start(self.text)
         upto = at if at is not None else len(self.text) - fmt.held(self.text)
         upto = len(self.text[:upto].rstrip())  # whitespace before calls is not content: hold it until text follows
         if upto <= self.sent:
-            return ""
+            return {}
         out, self.sent = self.text[self.sent : upto], upto
-        return out
+        return {"content": out}
 
-    def end(self) -> tuple[str, list[dict] | None]:
-        """(the content not sent yet, the tool calls or None)."""
+    def end(self) -> tuple[dict, bool]:
+        """(the last delta: content not sent yet and calls not sent yet, whether the reply is answered as calls)."""
         content, calls = self.choice.answer(self.text)
-        return (content or "")[self.sent :], calls
+        if self.stream is not None:  # its calls went out as they came
+            return {}, calls is not None
+        delta = {"content": (content or "")[self.sent :]} if (content or "")[self.sent :] else {}
+        if calls is not None:
+            delta["tool_calls"] = [c | {"index": k} for k, c in enumerate(calls)]
+        return delta, calls is not None
+
+
+_NAME = re.compile(r'[\s\[,}]*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")')  # a call's opening, up to its whole name
+_PARAMETERS = re.compile(r'\s*,\s*"parameters"\s*:\s*')
+
+
+class CallStream:
+    """The calls of a "required" reply as its JSON grows: [{"name": ..., "parameters": ...}, ...], the properties in
+    that order as its schema's regex writes them. push() gives the tool_calls deltas of each piece: a call's id and
+    name once its name is whole, then its parameters' text as it comes; `calls` holds (name, arguments text)."""
+
+    def __init__(self):
+        self.text, self.calls = "", []
+        self._at, self._stage = 0, "name"  # where the text is read from, and what comes there
+        self._value: _Value | None = None
+
+    def push(self, piece: str) -> list[dict]:
+        self.text += piece
+        deltas = []
+        while True:
+            if self._stage == "name":
+                m = _NAME.match(self.text, self._at)
+                if m is None:
+                    return deltas
+                self.calls.append((json.loads(m[1]), ""))
+                deltas.append(_call(self.calls[-1][0], "") | {"index": len(self.calls) - 1})
+                self._at, self._stage = m.end(), "parameters"
+            elif self._stage == "parameters":
+                m = _PARAMETERS.match(self.text, self._at)
+                if m is None or m.end() == len(self.text):  # (its value's first character not yet written)
+                    return deltas
+                self._at, self._stage, self._value = m.end(), "value", _Value(m.end())
+            else:
+                end = self._value.read(self.text)
+                upto = self._value.at if end is None else end
+                if upto > self._at:
+                    name, arguments = self.calls[-1]
+                    self.calls[-1] = (name, arguments + self.text[self._at : upto])
+                    deltas.append({"index": len(self.calls) - 1, "function": {"arguments": self.text[self._at : upto]}})
+                    self._at = upto
+                if end is None:
+                    return deltas
+                self._stage = "name"
+
+
+class _Value:
+    """Where a JSON value that begins at `start` ends, read as its text grows (strings and nesting followed)."""
+
+    def __init__(self, start: int):
+        self.at, self.depth, self.quoted, self.escaped = start, 0, False, False
+
+    def read(self, text: str) -> int | None:
+        """The end of the value (exclusive) once written, else None (`at`: how far it is read)."""
+        for i in range(self.at, len(text)):
+            c = text[i]
+            self.at = i + 1
+            if self.quoted:
+                if self.escaped:
+                    self.escaped = False
+                elif c == "\\":
+                    self.escaped = True
+                elif c == '"':
+                    self.quoted = False
+                    if self.depth == 0:  # a string value
+                        return i + 1
+            elif c == '"':
+                self.quoted = True
+            elif c in "{[":
+                self.depth += 1
+            elif c in "}]" and self.depth > 0:
+                self.depth -= 1
+                if self.depth == 0:
+                    return i + 1
+            elif self.depth == 0 and c in ",}] \t\n\r":  # the end of a number, true, false or null
+                self.at = i
+                return i
+        return None
 
 
 def _call(name: str, arguments: str) -> dict:
