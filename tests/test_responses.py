@@ -5,6 +5,7 @@ calls come as function_call items, and what neolm cannot honour is refused."""
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 
 import jsonschema
@@ -263,7 +264,8 @@ def test_logprobs_come_with_the_output_text(server):
 @pytest.mark.parametrize("fields, status, param, needle", [
     ({"input": "x", "frequency": 1}, 400, "frequency", "unrecognized"),
     ({"input": "x", "tools": [{"type": "web_search"}]}, 400, "tools", "only function tools"),
-    ({"input": "x", "background": True}, 400, "background", "not supported"),
+    ({"input": "x", "background": True, "stream": True}, 400, "background", "not streamed"),
+    ({"input": "x", "background": True, "store": False}, 400, "background", "need store"),
     ({"input": "x", "truncation": "middle"}, 400, "truncation", "not supported"),
     ({}, 400, "input", "required"),
     ({"input": []}, 400, "input", "non-empty"),
@@ -297,6 +299,11 @@ def test_openai_client_creates_streams_retrieves_and_deletes(server):
                                          temperature=0)  # fmt: skip
     assert call_reply.output[0].type == "function_call" and call_reply.output[0].name == "get_weather"
     assert client.responses.delete(response.id) is None
+    queued = client.responses.create(model=NAME, input="Who is the king?", background=True, max_output_tokens=300,
+                                     temperature=0, extra_body={"min_tokens": 300})  # fmt: skip
+    assert queued.status == "queued" and queued.background
+    cancelled = client.responses.cancel(queued.id)
+    assert cancelled.status == "cancelled" and client.responses.retrieve(queued.id).status == "cancelled"
 
 
 def test_batch_answers_responses_requests(server, tmp_path, capsys):
@@ -305,16 +312,18 @@ def test_batch_answers_responses_requests(server, tmp_path, capsys):
     body = GREEDY | {"input": "Who is the king?", "max_output_tokens": 6}
     requests, output = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     lines = [{"custom_id": "a", "method": "POST", "url": "/v1/responses", "body": body},
-             {"custom_id": "b", "method": "POST", "url": "/v1/responses", "body": body | {"previous_response_id": "x"}}]
+             {"custom_id": "b", "method": "POST", "url": "/v1/responses", "body": body | {"previous_response_id": "x"}},
+             {"custom_id": "c", "method": "POST", "url": "/v1/responses", "body": body | {"background": True}}]
     requests.write_text("".join(json.dumps(line) + "\n" for line in lines))
     code, _, err = cli(capsys, "batch", requests, output, "--served-model-name", NAME)
-    assert code == 0 and "1 failed" in err, err
+    assert code == 0 and "2 failed" in err, err
     records = {r["custom_id"]: r for r in map(json.loads, output.read_text().splitlines())}
     status, expected = call(server, "/v1/responses", body)
     answer = records["a"]["response"]["body"]
     assert answer["object"] == "response" and output_text(answer) == output_text(expected)
     assert answer["usage"] == expected["usage"] and f"{expected['usage']['output_tokens']} tokens" in err
     assert records["b"]["response"]["status_code"] == 404
+    assert records["c"]["response"]["status_code"] == 400 and "background" in records["c"]["error"]["message"]
 
 
 def test_truncation_auto_leaves_out_the_oldest_exchanges_that_overflow_the_context(server, lm):
@@ -340,3 +349,53 @@ def test_truncation_auto_leaves_out_the_oldest_exchanges_that_overflow_the_conte
     assert answered["usage"]["input_tokens"] == chat["usage"]["prompt_tokens"] <= 512 - 16
     status, alone = call(server, "/v1/responses", GREEDY | {"input": speech * 3, "truncation": "auto"})
     assert status == 400 and "no room for a reply" in alone["error"]["message"], alone
+
+
+def poll(server, rid: str, seconds: float = 120) -> dict:
+    """GET the response until it is no longer queued or in progress."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        status, response = request(server, "GET", f"/v1/responses/{rid}")
+        assert status == 200, response
+        if response["status"] not in ("queued", "in_progress"):
+            return response
+        time.sleep(0.05)
+    raise AssertionError(f"{rid} still {response['status']} after {seconds} s")
+
+
+def test_a_background_response_is_answered_queued_and_polled_until_done(server):
+    """background: true answers at once with the response "queued"; polled, it ends "completed" with the output a
+    response in the foreground gets; it continues a conversation like any stored response."""
+    body = GREEDY | {"input": "Who is the king?", "max_output_tokens": 24, "min_tokens": 24}
+    status, queued = call(server, "/v1/responses", body | {"background": True})
+    assert status == 200 and queued["status"] == "queued" and queued["background"] is True, queued
+    assert queued["output"] == [] and queued["usage"] is None
+    done = poll(server, queued["id"])
+    status, foreground = call(server, "/v1/responses", body)
+    assert done["id"] == queued["id"] and done["background"] is True and foreground["background"] is False
+    assert done["status"] == foreground["status"] == "incomplete" and output_text(done) == output_text(foreground)
+    assert done["usage"] == foreground["usage"]
+    status, cancelled = call(server, f"/v1/responses/{done['id']}/cancel", {})
+    assert status == 200 and cancelled["status"] == "incomplete"  # an ended one is returned as it is
+    status, next_turn = call(server, "/v1/responses", body | {"previous_response_id": done["id"]})
+    assert status == 200, next_turn
+
+
+def test_a_background_response_can_be_cancelled(server):
+    """POST /v1/responses/{id}/cancel stops a background response that is running: it is stored "cancelled" with
+    what it had written; continuing it while it runs, or cancelling one in the foreground, is refused."""
+    body = GREEDY | {"input": "Who is the king?", "max_output_tokens": 400, "min_tokens": 400}
+    status, queued = call(server, "/v1/responses", body | {"background": True})
+    assert status == 200, queued
+    status, refused = call(server, "/v1/responses", GREEDY | {"input": "And?", "previous_response_id": queued["id"]})
+    assert status == 400 and "still being generated" in refused["error"]["message"], refused
+    status, cancelled = call(server, f"/v1/responses/{queued['id']}/cancel", {})
+    assert status == 200 and cancelled["status"] == "cancelled", cancelled
+    assert all(item["status"] == "incomplete" for item in cancelled["output"])
+    assert cancelled["usage"]["output_tokens"] < 400
+    assert poll(server, queued["id"]) == cancelled
+    status, foreground = call(server, "/v1/responses", GREEDY | {"input": "Hi", "max_output_tokens": 2})
+    status, refused = call(server, f"/v1/responses/{foreground['id']}/cancel", {})
+    assert status == 400 and "background: true" in refused["error"]["message"], refused
+    status, missing = call(server, "/v1/responses/resp_nope/cancel", {})
+    assert status == 404, missing

@@ -131,6 +131,8 @@ def _answer(lm, engine: Engine, line: Line, model_name: str) -> dict:
         request = protocol.parse(line.kind, line.body, lm) if turn is None else responses.parse(turn, lm)
         if request.stream:
             raise ApiError(400, "stream is not offered in a batch: each answer is written whole", "stream")
+        if turn is not None and turn.background:
+            raise ApiError(400, "background is not offered in a batch: each answer is written whole", "background")
         logprobs = 0 if request.ranked and request.logprobs is None else request.logprobs  # ranking needs them
         try:
             job = engine.submit(request.prompts, request.gc, logprobs, request.prompt_logprobs, adapter)

@@ -5,7 +5,8 @@
   POST /v1/chat/completions   chat completion (protocol.py's transcript format)
   POST /v1/embeddings         OpenAI's embeddings: pooled final hidden states (embeddings.py, neolm.embedding)
   POST /v1/responses          OpenAI's Responses API, read as a chat completion (responses.py); GET and DELETE
-       /v1/responses/{id}     a stored response; GET /v1/responses/{id}/input_items its request's input items
+       /v1/responses/{id}     a stored response; GET /v1/responses/{id}/input_items its request's input items;
+                              POST /v1/responses/{id}/cancel stops a background one (background.py)
   GET  /health                200 while the engine runs, with its counters (503 once drain() began); GET /version
   OPTIONS (any path)          CORS preflight: pages of the allowed origins (default: any) may call the API
   POST /tokenize, /detokenize, GET /tokenizer_info   vLLM's tokenizer routes (lm-eval's remote tokenizer uses them)
@@ -32,6 +33,7 @@ import neolm
 from neolm.embedding import embed
 from neolm.errors import NeolmError
 from neolm.serve import answer, embeddings, protocol, responses
+from neolm.serve.background import Background
 from neolm.serve.engine import DEFAULT_PREFILL_CHUNK, Engine, ShuttingDown
 from neolm.serve.protocol import ApiError
 from neolm.serve.tools import Held
@@ -62,6 +64,7 @@ class Server(ThreadingHTTPServer):
         self.api_key = api_key
         self.started = int(time.time())
         self.stored = responses.Store()  # /v1/responses kept for previous_response_id and GET
+        self.background = Background(self.stored)  # background /v1/responses being generated
         self.engine = Engine(lm, max_batch, prefill_chunk, prefix_cache_mb)
         self.draining = False  # drain(): no new requests; those taken are answered
         self._answering = 0  # requests being answered now (not idle keep-alive connections)
@@ -283,6 +286,9 @@ class Handler(BaseHTTPRequestHandler):
         adapters = {"/v1/load_lora_adapter": self._load_lora, "/v1/unload_lora_adapter": self._unload_lora}
         if path == "/v1/embeddings":
             return self._embeddings(self._body())
+        if path.startswith("/v1/responses/") and path.endswith("/cancel"):
+            return self._json(200, self.server.background.cancel(path.removeprefix("/v1/responses/")
+                                                                 .removesuffix("/cancel")))  # fmt: skip
         if path in adapters:
             if not self.server.runtime_lora:
                 raise ApiError(404, f"POST {path} is off: start the server with --allow-runtime-lora-updating")
@@ -310,6 +316,8 @@ class Handler(BaseHTTPRequestHandler):
         name = adapter or self.server.model_name
         if turn is None:
             (self._stream if request.stream else self._whole)(request, job, name)
+        elif turn.background:
+            self._json(200, self.server.background.start(turn, request, job, name, self.server.lm.tokenizer))
         elif request.stream:
             self._stream(request, job, name, responses.Events(turn, name, request.gc, self.server.stored))
         else:

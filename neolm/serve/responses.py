@@ -12,8 +12,8 @@ items. Input items: messages (text content parts), and function_call / function_
 model made and its result); reasoning items are passed over. With truncation "auto", a conversation that with its
 reply would overflow the model's context loses its oldest exchanges (a user message and what answered it; the
 instructions and leading system messages stay) until it fits, as OpenAI's drops items from its beginning; with
-"disabled" (the default) it is refused. Hosted tools (web search, file search, ...) and background mode are
-refused.
+"disabled" (the default) it is refused. `background` responses: neolm.serve.background. Hosted tools (web search,
+file search, ...) are refused.
 """
 
 from __future__ import annotations
@@ -79,16 +79,24 @@ class Turn:
 
     def __init__(self, body, store: Store):
         protocol.known_fields(body, FIELDS)
-        for name, allowed in (("background", (False,)), ("truncation", ("disabled", "auto")), ("max_tool_calls", ())):
+        for name, allowed in (("background", (False, True)), ("truncation", ("disabled", "auto")),
+                              ("max_tool_calls", ())):  # fmt: skip
             if body.get(name) is not None and body[name] not in allowed:
                 raise ApiError(400, f"'{name}': {body[name]!r} is not supported", name)
+        self.background = body.get("background") is True
+        if self.background and (body.get("store") is False or body.get("stream")):
+            raise ApiError(400, "'background' responses are stored and polled (GET /v1/responses/{id}): they need "
+                           "store and are not streamed", "background")  # fmt: skip
         self.body, self.id, self.created = body, f"resp_{uuid.uuid4().hex}", int(time.time())
         self.truncation = body.get("truncation") or "disabled"
         self.dropped = 0  # messages truncation "auto" left out of the prompt
         self.store = body.get("store") is not False
         earlier = []
         if body.get("previous_response_id") is not None:
-            earlier = store.get(body["previous_response_id"], "previous_response_id")[1]
+            response, earlier, _ = store.get(body["previous_response_id"], "previous_response_id")
+            if response["status"] in ("queued", "in_progress"):
+                raise ApiError(400, f"response {response['id']!r} is still being generated (background): continue "
+                               "it once it has ended", "previous_response_id")  # fmt: skip
         if "input" not in body:
             raise ApiError(400, "'input' is required: a string or a list of input items", "input")
         self.messages = earlier + _messages(body["input"])
@@ -139,6 +147,7 @@ class Turn:
             "text": body.get("text") or {"format": {"type": "text"}}, "tool_choice": body.get("tool_choice", "auto"),
             "tools": body.get("tools") or [], "truncation": self.truncation, "user": body.get("user"),
             "metadata": body.get("metadata") or {}, "usage": None if usage is None else _usage(usage),
+            "background": self.background,
         }  # fmt: skip
 
     def answer(self, chat_answer: dict, gc, store: Store) -> dict:
