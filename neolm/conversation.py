@@ -26,6 +26,7 @@ from neolm.tokenizer import StreamDecoder
 
 log = logging.getLogger(__name__)
 
+
 class Conversation:
     """The messages so far, answered with `lm` (a neolm.LanguageModel).
 

@@ -54,6 +54,11 @@ def choices(request: Request, job: Job, tokenizer, sums: list[float] | None = No
             pending[s] = []
 
 
+def failure(e: NeolmError) -> ApiError:
+    """The answer to a generation that ended in `e`: 503 when the server shut down first (ShuttingDown), else 500."""
+    return ApiError(503 if isinstance(e, ShuttingDown) else 500, str(e), kind="server_error")
+
+
 def whole(request: Request, job: Job, tokenizer, model_name: str) -> dict:
     """The whole (non-streamed) response, once the job has ended; ApiError (500) if its generation failed."""
     texts, reasons, generated = [""] * job.sequences, ["length"] * job.sequences, 0
@@ -70,7 +75,7 @@ def whole(request: Request, job: Job, tokenizer, model_name: str) -> dict:
                 if counts is not None:
                     counts[i] = tokens
     except NeolmError as e:
-        raise ApiError(503 if isinstance(e, ShuttingDown) else 500, str(e), kind="server_error") from None
+        raise failure(e) from None
     if sums is not None:  # best_of: each prompt's n with the highest mean log-probability per token
         keep = []
         for p in range(len(job.prompts)):

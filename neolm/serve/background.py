@@ -14,7 +14,7 @@ from neolm.serve import answer
 from neolm.serve.engine import Job
 from neolm.serve.errors import ApiError
 from neolm.serve.protocol import Request
-from neolm.serve.responses import Store, Turn
+from neolm.serve.responses import Store, Turn, failed
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,7 @@ class Background:
                 for item in response["output"]:
                     item["status"] = "incomplete"
         except ApiError as e:  # the generation failed, or the server shut down first
-            failed = turn.response(model, [], None, "stop", request.gc)
-            turn.keep(failed | {"status": "failed", "error": {"code": str(e.status), "message": e.message}}, self.store)
+            turn.keep(failed(turn.response(model, [], None, "stop", request.gc), e.body()["error"]), self.store)
             log.warning("background response %s failed: %s", turn.id, e.message)
         finally:
             with self._lock:

@@ -149,7 +149,7 @@ class Engine:
         self._wake = threading.Condition()
         self._closed = False
         self._stopping: str | None = None  # stop(): why the jobs it has end now
-        self.stopped = 0  # requests stop() ended before their answers were whole
+        self.stopped = 0  # requests ended by stop() (or close() without drain) before their answers were whole
         self.batches = 0  # prompt forwards (for /health)
         self.largest_batch = 0  # the most requests decoded together
         self.metrics = Metrics()  # for GET /metrics

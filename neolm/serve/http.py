@@ -216,7 +216,7 @@ class Handler(BaseHTTPRequestHandler):
             route(self.path.split("?")[0].rstrip("/"))
         except ShuttingDown as e:
             self.close_connection = True
-            self._json(503, ApiError(503, str(e), kind="server_error").body())
+            self._json(503, answer.failure(e).body())
         except ApiError as e:
             self.close_connection = True  # the body may be unread: a new connection starts clean
             self._json(e.status, e.body())
@@ -453,7 +453,7 @@ class Handler(BaseHTTPRequestHandler):
                     entries = protocol.logprobs(request, logprobs, tokenizer)
                     yield protocol.chunk(request, name, i, text, reason, entries)
         except NeolmError as e:
-            yield ApiError(503 if isinstance(e, ShuttingDown) else 500, str(e), kind="server_error").body()
+            yield answer.failure(e).body()
             return
         if request.include_usage:
             yield protocol.usage_chunk(request, name, generated, job.cached)

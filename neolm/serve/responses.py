@@ -170,6 +170,11 @@ class Turn:
             store.put(response, self.messages + _replies(response["output"]), _input_items(self.body["input"]))
 
 
+def failed(response: dict, error: dict) -> dict:
+    """The response as failed with `error` (an ApiError's body["error"]): status "failed" and OpenAI's error."""
+    return response | {"status": "failed", "error": {"code": str(error.get("code")), "message": error["message"]}}
+
+
 def input_items(store: Store, rid: str, query: dict[str, list[str]]) -> dict:
     """GET /v1/responses/{id}/input_items: the stored response's request's input items (not earlier turns'), as
     OpenAI's list: `order` asc or desc (the default), `limit` 1-100 (20), `after` / `before` an item id."""
@@ -286,9 +291,7 @@ class Events:
         events = self._close()
         response = self.turn.response(self.model, self.output, self.usage, self.reason or "stop", self.gc)
         if self.error is not None:
-            response |= {"status": "failed", "error": {"code": str(self.error.get("code")),
-                                                       "message": self.error["message"]}}  # fmt: skip
-            return [*events, self._event("response.failed", response=response)]
+            return [*events, self._event("response.failed", response=failed(response, self.error))]
         self.turn.keep(response, self.store)
         kind = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
         return [*events, self._event(kind, response=response)]

@@ -93,7 +93,8 @@ class Held:
         content, calls = self.choice.answer(self.text)
         if self.stream is not None:  # its calls went out as they came
             return {}, calls is not None
-        delta = {"content": (content or "")[self.sent :]} if (content or "")[self.sent :] else {}
+        rest = (content or "")[self.sent :]
+        delta = {"content": rest} if rest else {}
         if calls is not None:
             delta["tool_calls"] = [c | {"index": k} for k, c in enumerate(calls)]
         return delta, calls is not None
@@ -134,8 +135,9 @@ class CallStream:
                 upto = self._value.at if end is None else end
                 if upto > self._at:
                     name, arguments = self.calls[-1]
-                    self.calls[-1] = (name, arguments + self.text[self._at : upto])
-                    deltas.append({"index": len(self.calls) - 1, "function": {"arguments": self.text[self._at : upto]}})
+                    written = self.text[self._at : upto]
+                    self.calls[-1] = (name, arguments + written)
+                    deltas.append({"index": len(self.calls) - 1, "function": {"arguments": written}})
                     self._at = upto
                 if end is None:
                     return deltas

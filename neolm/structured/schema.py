@@ -172,15 +172,14 @@ class _Converter:
     def integer(self, schema, depth: int) -> str:
         lo, lo_open, hi, hi_open = _bounds(schema)
         step = _step(schema)
-        if lo is None and hi is None and step is None:
+        if step is not None:  # the integers that are multiples of a / 10**k: those of a / gcd(a, 10**k)
+            a, k = scaled(step)
+            return multiples(lo, lo_open, hi, hi_open, Decimal(a // math.gcd(a, 10**k)))
+        if lo is None and hi is None:
             return INTEGER
         lowest = None if lo is None else math.floor(lo) + 1 if lo_open else math.ceil(lo)
         highest = None if hi is None else math.ceil(hi) - 1 if hi_open else math.floor(hi)
-        if step is None:
-            return int_range(lowest, highest)
-        a, k = scaled(step)  # the integers that are multiples of a / 10**k: those of a / gcd(a, 10**k)
-        return multiples(None if lowest is None else Decimal(lowest), False, None if highest is None else
-                         Decimal(highest), False, Decimal(a // math.gcd(a, 10**k)))  # fmt: skip
+        return int_range(lowest, highest)
 
     def number(self, schema, depth: int) -> str:
         lo, lo_open, hi, hi_open = _bounds(schema)
@@ -263,14 +262,22 @@ class _Converter:
         return rf"\{{{ws}(?:{body}){ws}\}}"
 
 
+def _decimal(schema: dict, key: str) -> Decimal:
+    """schema[key], a finite JSON number, as an exact decimal (a float as its shortest repr: 0.1 is 0.1)."""
+    x = schema[key]
+    if not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x):
+        raise NeolmError(f"{key} must be a finite number, got {x!r}")
+    return Decimal(x if isinstance(x, int) else repr(x))
+
+
 def _step(schema: dict) -> Decimal | None:
-    """multipleOf as an exact decimal (a float as its shortest repr: 0.1 is 0.1), or None."""
+    """multipleOf as an exact decimal, or None."""
     if "multipleOf" not in schema:
         return None
-    x = schema["multipleOf"]
-    if not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x) or x <= 0:
-        raise NeolmError(f"multipleOf must be a finite number > 0, got {x!r}")
-    return Decimal(x if isinstance(x, int) else repr(x))
+    step = _decimal(schema, "multipleOf")
+    if step <= 0:
+        raise NeolmError(f"multipleOf must be a finite number > 0, got {schema['multipleOf']!r}")
+    return step
 
 
 def _bounds(schema: dict) -> tuple[Decimal | None, bool, Decimal | None, bool]:
@@ -280,10 +287,7 @@ def _bounds(schema: dict) -> tuple[Decimal | None, bool, Decimal | None, bool]:
     for key in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
         if key not in schema:
             continue
-        x = schema[key]
-        if not isinstance(x, (int, float)) or isinstance(x, bool) or not math.isfinite(x):
-            raise NeolmError(f"{key} must be a finite number, got {x!r}")
-        x, open_ = Decimal(x if isinstance(x, int) else repr(x)), key.startswith("exclusive")
+        x, open_ = _decimal(schema, key), key.startswith("exclusive")
         if key in ("minimum", "exclusiveMinimum"):
             if lo is None or x > lo or (x == lo and open_):
                 lo, lo_open = x, open_
