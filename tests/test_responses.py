@@ -4,9 +4,12 @@ calls come as function_call items, and what neolm cannot honour is refused."""
 
 from __future__ import annotations
 
+import http.client
 import json
+import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 
 import jsonschema
 import pytest
@@ -264,7 +267,6 @@ def test_logprobs_come_with_the_output_text(server):
 @pytest.mark.parametrize("fields, status, param, needle", [
     ({"input": "x", "frequency": 1}, 400, "frequency", "unrecognized"),
     ({"input": "x", "tools": [{"type": "web_search"}]}, 400, "tools", "only function tools"),
-    ({"input": "x", "background": True, "stream": True}, 400, "background", "not streamed"),
     ({"input": "x", "background": True, "store": False}, 400, "background", "need store"),
     ({"input": "x", "truncation": "middle"}, 400, "truncation", "not supported"),
     ({}, 400, "input", "required"),
@@ -392,10 +394,145 @@ def test_a_background_response_can_be_cancelled(server):
     status, cancelled = call(server, f"/v1/responses/{queued['id']}/cancel", {})
     assert status == 200 and cancelled["status"] == "cancelled", cancelled
     assert all(item["status"] == "incomplete" for item in cancelled["output"])
-    assert cancelled["usage"]["output_tokens"] < 400
+    assert 0 < cancelled["usage"]["output_tokens"] < 400
     assert poll(server, queued["id"]) == cancelled
     status, foreground = call(server, "/v1/responses", GREEDY | {"input": "Hi", "max_output_tokens": 2})
     status, refused = call(server, f"/v1/responses/{foreground['id']}/cancel", {})
     assert status == 400 and "background: true" in refused["error"]["message"], refused
     status, missing = call(server, "/v1/responses/resp_nope/cancel", {})
     assert status == 404, missing
+
+
+def sse(method: str, server, path: str, body: dict | None = None) -> Iterator[dict]:
+    """A Responses stream's events, read one at a time (closing the generator hangs up)."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=60)
+    connection.request(method, path, None if body is None else json.dumps(body), {"Content-Type": "application/json"})
+    answer = connection.getresponse()
+    assert answer.status == 200 and answer.headers["Content-Type"] == "text/event-stream", answer.read()
+    try:
+        while head := answer.readline():
+            data = answer.readline()
+            assert head.startswith(b"event: ") and answer.readline() == b"\n"
+            yield json.loads(data.removeprefix(b"data: "))
+    finally:
+        connection.close()
+
+
+def first_events(server, body: dict, count: int) -> list[dict]:
+    """POST a streamed /v1/responses request, read its first `count` events, and hang up."""
+    stream = sse("POST", server, "/v1/responses", body)
+    events = [next(stream) for _ in range(count)]
+    stream.close()
+    return events
+
+
+def resumed(server, rid: str, after: int | None = None) -> list[dict]:
+    """GET /v1/responses/{rid}?stream=true (&starting_after): the events, read to the stream's end."""
+    query = "" if after is None else f"&starting_after={after}"
+    status, text = call(server, f"/v1/responses/{rid}?stream=true{query}")
+    assert status == 200, text
+    return named_events(text)
+
+
+def test_a_background_stream_goes_on_without_its_client_and_streams_again_from_any_event(server):
+    """background with stream: the POST streams the events (created and queued, then in_progress); a client that
+    hangs up leaves it running; GET ?stream=true&starting_after=N follows it from event N + 1 while it runs, and
+    streams it again once it has ended; the events add up to the stored response."""
+    body = GREEDY | {"input": "Who is the king?", "max_output_tokens": 48, "min_tokens": 48, "background": True,
+                     "stream": True}  # fmt: skip
+    head = first_events(server, body, 5)
+    assert [e["type"] for e in head] == ["response.created", "response.queued", "response.in_progress",
+                                         "response.output_item.added", "response.content_part.added"]  # fmt: skip
+    assert head[0]["response"]["status"] == head[1]["response"]["status"] == "queued"
+    assert head[0]["response"]["background"] is True and head[2]["response"]["status"] == "in_progress"
+    rid = head[0]["response"]["id"]
+    rest = resumed(server, rid, 4)  # (while it runs, or once it has ended)
+    events = head + rest
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    final = events[-1]
+    assert final["type"] == "response.incomplete" and final["response"]["usage"]["output_tokens"] == 48
+    assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == \
+        output_text(final["response"])  # fmt: skip
+    assert poll(server, rid) == final["response"]
+    assert resumed(server, rid) == events and resumed(server, rid, 20) == events[21:]
+    assert resumed(server, rid, len(events) - 1) == []
+    _, foreground = call(server, "/v1/responses", body | {"background": False, "stream": False})
+    assert output_text(foreground) == output_text(final["response"])
+
+
+def test_followers_of_a_background_stream_see_it_end_cancelled(server):
+    """Two clients follow a background stream; POST /cancel stops it: both streams end with response.incomplete,
+    its response "cancelled" with the tokens it wrote, as stored."""
+    body = GREEDY | {"input": "Who is the king?", "max_output_tokens": 400, "min_tokens": 400, "background": True,
+                     "stream": True}  # fmt: skip
+    rid = first_events(server, body, 1)[0]["response"]["id"]
+    everything: list[dict] = []
+    reader = threading.Thread(target=lambda: everything.extend(resumed(server, rid)))
+    reader.start()
+    after_first = []
+    for event in sse("GET", server, f"/v1/responses/{rid}?stream=true&starting_after=0"):
+        after_first.append(event)
+        if len(after_first) == 8:  # (some text written)
+            status, cancelled = call(server, f"/v1/responses/{rid}/cancel", {})
+    reader.join(60)
+    assert status == 200 and cancelled["status"] == "cancelled", cancelled
+    assert after_first == everything[1:] and everything[-1]["type"] == "response.incomplete"
+    final = everything[-1]["response"]
+    assert final == cancelled and 0 < final["usage"]["output_tokens"] < 400
+    assert all(item["status"] == "incomplete" for item in final["output"])
+    assert "".join(e["delta"] for e in everything if e["type"] == "response.output_text.delta") == output_text(final)
+
+
+@pytest.mark.parametrize("query, needle", [
+    ("stream=true", "no events to stream"), ("starting_after=3", "with stream=true"),
+    ("stream=true&starting_after=-1", "an integer of 0 or more"), ("stream=yes", "'true' or 'false'"),
+    ("after=3", "unknown query parameters: after")])  # fmt: skip
+def test_streaming_a_response_again_is_refused_where_it_cannot_be(server, query, needle):
+    status, response = call(server, "/v1/responses", GREEDY | {"input": "Hi", "max_output_tokens": 2})
+    status, refused = request(server, "GET", f"/v1/responses/{response['id']}?{query}")
+    assert status == 400 and needle in refused["error"]["message"], refused
+    assert request(server, "GET", f"/v1/responses/resp_nope?{query.replace('after=3', 'stream=true')}")[0] in (400, 404)
+
+
+def test_the_openai_client_resumes_a_background_stream(server):
+    """The openai client's create(background=True, stream=True), left after a few events, and retrieve(stream=True,
+    starting_after=N) and stream(response_id=..., starting_after=N), which pick it up from event N + 1."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=url(server, "/v1"), api_key="none")
+    first = client.responses.create(model=NAME, input="Who is the king?", max_output_tokens=32, temperature=0,
+                                    background=True, stream=True)  # fmt: skip
+    head = [next(iter(first)) for _ in range(6)]
+    first.close()
+    rid, last = head[0].response.id, head[-1].sequence_number
+    rest = list(client.responses.retrieve(rid, stream=True, starting_after=last))
+    assert [e.sequence_number for e in head + rest] == list(range(len(head) + len(rest)))
+    text = "".join(e.delta for e in head + rest if e.type == "response.output_text.delta")
+    assert rest[-1].response.output_text == text and client.responses.retrieve(rid).output_text == text
+    with client.responses.stream(response_id=rid, starting_after=2) as stream:
+        again = list(stream)
+    assert [e.sequence_number for e in again] == list(range(3, len(head) + len(rest)))
+
+
+@pytest.mark.parametrize("timeout", [None, 0])
+def test_a_drain_answers_the_background_responses_it_took(lm, timeout):
+    """Server.drain() returns once background responses, streamed or not, are stored whole; when its time runs
+    out first they are stored "failed" (the shutdown timeout named)."""
+    from neolm.serve.http import Server
+
+    server = Server(lm, port=0, model_name=NAME, max_batch=1)
+    server.start()
+    try:
+        n = 30 if timeout is None else 400  # (400: still running when the time is up)
+        body = GREEDY | {"input": "Who is the king?", "max_output_tokens": n, "min_tokens": n, "background": True}
+        status, polled = call(server, "/v1/responses", body)
+        assert status == 200, polled
+        streamed = first_events(server, body | {"stream": True}, 1)[0]["response"]
+        assert server.drain(timeout) is (timeout is None)
+        for rid in (polled["id"], streamed["id"]):
+            stored = server.stored.get(rid)[0]
+            if timeout is None:
+                assert stored["status"] == "incomplete" and stored["usage"]["output_tokens"] == n, stored
+            else:
+                assert stored["status"] == "failed" and "shutdown timeout" in stored["error"]["message"], stored
+    finally:
+        server.close()

@@ -10,16 +10,19 @@ from neolm.errors import NeolmError
 from neolm.serve import protocol
 from neolm.serve.engine import End, Job, Prompt, ShuttingDown, Token
 from neolm.serve.protocol import ApiError, Request
+from neolm.serve.tools import Held
 from neolm.tokenizer import StreamDecoder
 
 
 def choices(request: Request, job: Job, tokenizer, sums: list[float] | None = None) -> Iterator[tuple]:
     """Yield (choice index, text, finish reason or None, tokens generated: at its end, else 0, the choice's
     protocol.Logprob entries since the last yield) as the job produces them; add each choice's tokens'
-    log-probabilities to `sums`, if given."""
+    log-probabilities to `sums`, if given. A cancelled job's choices that had not ended end with reason None and
+    the tokens they had generated."""
     n = request.gc.num_return_sequences
     replies = [Reply(request.stop, request.lstrip) for _ in range(job.sequences)]
     decoders = [StreamDecoder(tokenizer) for _ in range(job.sequences)]
+    counts: list[int | None] = [0] * job.sequences  # tokens of each choice so far; None once it has ended
     offsets = [0] * job.sequences  # characters of each choice decoded so far, echo included: a token's text_offset
     pending: list[list[protocol.Logprob]] = [[] for _ in range(job.sequences)]
 
@@ -38,6 +41,7 @@ def choices(request: Request, job: Job, tokenizer, sums: list[float] | None = No
             continue
         s, reply = event.sequence, replies[event.sequence]
         if isinstance(event, Token):
+            counts[s] += 1
             if sums is not None:
                 sums[s] += event.logprob
             piece = decoders[s].push(event.token)
@@ -51,7 +55,10 @@ def choices(request: Request, job: Job, tokenizer, sums: list[float] | None = No
         elif isinstance(event, End):
             text = reply.finish(decoders[s].flush())
             yield s, text, "stop" if reply.stopped else event.reason, event.tokens, pending[s]
-            pending[s] = []
+            pending[s], counts[s] = [], None
+    for s, count in enumerate(counts):  # (cancelled)
+        if count is not None and job.cancelled.is_set():
+            yield s, replies[s].finish(decoders[s].flush()), None, count, pending[s]
 
 
 def failure(e: NeolmError) -> ApiError:
@@ -84,3 +91,31 @@ def whole(request: Request, job: Job, tokenizer, model_name: str) -> dict:
         texts, reasons, entries = ([x[i] for i in keep] for x in (texts, reasons, entries))
     choice_logprobs = [protocol.logprobs(request, e, tokenizer) for e in entries]
     return protocol.response(request, model_name, texts, reasons, generated, choice_logprobs, job.cached)
+
+
+def chunks(request: Request, job: Job, tokenizer, model_name: str) -> Iterator[dict]:
+    """A streamed answer's chunks as the job produces them: each choice's text (or tool calls), its end, then the
+    usage if asked; an error's body if generation fails."""
+    if request.kind == "chat":
+        for i in range(job.sequences):
+            yield protocol.chunk(request, model_name, i, None)
+    generated = 0
+    tool = request.tool_choice
+    held = [Held(tool) for _ in range(job.sequences)] if tool and tool.name is None else None
+    try:
+        for i, text, reason, tokens, logprobs in choices(request, job, tokenizer):
+            generated += tokens
+            if held is not None:  # tool_choice "required" or "auto": calls as they are written or once whole
+                delta = held[i].push(text)
+                if delta:
+                    yield protocol.held_chunk(request, model_name, i, delta)
+                if reason:
+                    yield protocol.calls_chunk(request, model_name, i, held[i], reason)
+            elif text or reason or logprobs:
+                entries = protocol.logprobs(request, logprobs, tokenizer)
+                yield protocol.chunk(request, model_name, i, text, reason, entries)
+    except NeolmError as e:
+        yield failure(e).body()
+        return
+    if request.include_usage:
+        yield protocol.usage_chunk(request, model_name, generated, job.cached)

@@ -139,7 +139,7 @@ def _answer(lm, engine: Engine, line: Line, model_name: str) -> dict:
         except NeolmError as e:  # a prompt too long for the context, or out of the vocabulary
             raise ApiError(400, str(e).replace("max_new_tokens", "max_tokens")) from None
         whole = answer.whole(request, job, lm.tokenizer, adapter or model_name)
-        return _record(line, 200, whole if turn is None else turn.answer(whole, request.gc, kept), None)
+        return _record(line, 200, whole if turn is None else turn.answer(whole, request.gc), None)
     except ApiError as e:
         return _record(line, e.status, e.body(), {"code": e.kind, "message": e.message})
 

@@ -25,7 +25,7 @@ import socket
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -36,7 +36,6 @@ from neolm.serve import answer, embeddings, protocol, responses
 from neolm.serve.background import Background
 from neolm.serve.engine import DEFAULT_PREFILL_CHUNK, Engine, ShuttingDown
 from neolm.serve.protocol import ApiError
-from neolm.serve.tools import Held
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +82,9 @@ class Server(ThreadingHTTPServer):
         self._listen()
         try:
             self.engine.run()
-            if self.draining:  # the last answers' last bytes
+            if self.draining:  # the last answers' last bytes, and the last background responses stored
                 self.wait_answered(DRAIN_WRITE_TIMEOUT)
+                self.background.wait(DRAIN_WRITE_TIMEOUT)
         finally:
             self.close()
 
@@ -102,12 +102,17 @@ class Server(ThreadingHTTPServer):
             self._http = None
         self.socket.close()
         self.engine.close(timeout, drain=True)
-        if self.wait_answered(None if deadline is None else max(deadline - time.monotonic(), 0)):
+
+        def left() -> float | None:
+            return None if deadline is None else max(deadline - time.monotonic(), 0)
+
+        if self.wait_answered(left()) and self.background.wait(left()):  # (background responses stored too)
             return True
         log.warning("shutdown timeout: %g s passed with %d requests unanswered; ending them", timeout, self.answering)
         self.engine.stop(f"the server shut down before this answer was whole (its shutdown timeout of {timeout:g} s "
                          "passed)")  # fmt: skip
         self.wait_answered(DRAIN_WRITE_TIMEOUT)
+        self.background.wait(DRAIN_WRITE_TIMEOUT)
         return False
 
     @property
@@ -263,7 +268,7 @@ class Handler(BaseHTTPRequestHandler):
             query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query, keep_blank_values=True)
             return self._json(200, responses.input_items(self.server.stored, rid, query))
         if path.startswith("/v1/responses/"):
-            return self._json(200, self.server.stored.get(path.removeprefix("/v1/responses/"))[0])
+            return self._response(path.removeprefix("/v1/responses/"))
         if path == "/health":
             engine = self.server.engine
             if self.server.draining:  # (a load balancer sends no more)
@@ -274,6 +279,24 @@ class Handler(BaseHTTPRequestHandler):
             404,
             f"no route GET {path}: try GET /v1/models, /health, /metrics or POST /v1/completions, /v1/chat/completions",
         )
+
+    def _response(self, rid: str) -> None:
+        """GET /v1/responses/{id}: the stored response; with ?stream=true (and starting_after=N), a streamed
+        background response's events (after sequence number N), then the rest as they are written."""
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query, keep_blank_values=True)
+        unknown = set(query) - {"stream", "starting_after", "include", "include_obfuscation"}
+        if unknown:
+            raise ApiError(400, f"unknown query parameters: {', '.join(sorted(unknown))}", min(unknown))
+        stream = query.get("stream", ["false"])[-1]
+        if stream not in ("true", "false"):
+            raise ApiError(400, f"stream must be 'true' or 'false', got {stream!r}", "stream")
+        after = query.get("starting_after", [None])[-1]
+        if after is not None and (stream == "false" or not after.isdigit()):
+            raise ApiError(400, f"starting_after must be a sequence number (an integer of 0 or more) with "
+                           f"stream=true, got {after!r}", "starting_after")  # fmt: skip
+        if stream == "false":
+            return self._json(200, self.server.stored.get(rid)[0])
+        self._events(self.server.background.follow(rid, -1 if after is None else int(after)), named=True)
 
     def _delete(self, path: str) -> None:
         if not path.startswith("/v1/responses/"):
@@ -317,12 +340,17 @@ class Handler(BaseHTTPRequestHandler):
         if turn is None:
             (self._stream if request.stream else self._whole)(request, job, name)
         elif turn.background:
-            self._json(200, self.server.background.start(turn, request, job, name, self.server.lm.tokenizer))
+            queued = self.server.background.start(turn, request, job, name, self.server.lm.tokenizer)
+            if not request.stream:
+                self._json(200, queued)
+            elif not self._events(self.server.background.follow(turn.id), named=True):  # it goes on: GET follows it
+                log.info("client went away: background response %s goes on", turn.id)
         elif request.stream:
             self._stream(request, job, name, responses.Events(turn, name, request.gc, self.server.stored))
         else:
-            whole = answer.whole(request, job, self.server.lm.tokenizer, name)
-            self._json(200, turn.answer(whole, request.gc, self.server.stored))
+            response = turn.answer(answer.whole(request, job, self.server.lm.tokenizer, name), request.gc)
+            turn.keep(response, self.server.stored)
+            self._json(200, response)
 
     def _embeddings(self, body) -> None:
         """OpenAI's embeddings (embeddings.py), computed in the engine's thread between two decode steps."""
@@ -409,7 +437,16 @@ class Handler(BaseHTTPRequestHandler):
 
     def _stream(self, request, job, name: str, events: responses.Events | None = None) -> None:
         """Stream the job's answer as server-sent events: OpenAI's chunks, ending with [DONE]; or, given `events`,
-        those chunks as Responses events."""
+        those chunks as Responses events. A client that goes away stops its job."""
+        chunks = answer.chunks(request, job, self.server.lm.tokenizer, name)
+        if not (self._events(chunks, done=True) if events is None else self._events(events.stream(chunks, job),
+                                                                                      named=True)):  # fmt: skip
+            log.info("client went away: request %s stopped", request.id)
+            job.cancel()
+
+    def _events(self, events: Iterable[dict], named: bool = False, done: bool = False) -> bool:
+        """Send `events` as server-sent events (`named`: each with an `event:` line of its type, as the Responses
+        API's; `done`: then [DONE], as chat's and completions'); False if the client went away first."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -417,46 +454,14 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.close_connection = True
         try:
-            chunks = self._chunks(request, job, name)
-            if events is None:
-                for data in chunks:
-                    self._event(data)
+            for data in events:
+                self._event(data, named)
+            if done:
                 self.wfile.write(b"data: [DONE]\n\n")
-            else:
-                for data in (*events.start(), *(e for c in chunks for e in events.feed(c)), *events.end()):
-                    self._event(data, named=True)
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
-            log.info("client went away: request %s stopped", request.id)
-            job.cancel()
-
-    def _chunks(self, request, job, name: str) -> Iterator[dict]:
-        """A streamed answer's chunks as the job produces them: each choice's text (or tool calls), its end, then
-        the usage if asked; an error's body if generation fails."""
-        tokenizer = self.server.lm.tokenizer
-        if request.kind == "chat":
-            for i in range(job.sequences):
-                yield protocol.chunk(request, name, i, None)
-        generated = 0
-        tool = request.tool_choice
-        held = [Held(tool) for _ in range(job.sequences)] if tool and tool.name is None else None
-        try:
-            for i, text, reason, tokens, logprobs in answer.choices(request, job, tokenizer):
-                generated += tokens
-                if held is not None:  # tool_choice "required" or "auto": calls as they are written or once whole
-                    delta = held[i].push(text)
-                    if delta:
-                        yield protocol.held_chunk(request, name, i, delta)
-                    if reason:
-                        yield protocol.calls_chunk(request, name, i, held[i], reason)
-                elif text or reason or logprobs:
-                    entries = protocol.logprobs(request, logprobs, tokenizer)
-                    yield protocol.chunk(request, name, i, text, reason, entries)
-        except NeolmError as e:
-            yield answer.failure(e).body()
-            return
-        if request.include_usage:
-            yield protocol.usage_chunk(request, name, generated, job.cached)
+            return False
+        return True
 
     def _event(self, data: dict, named: bool = False) -> None:
         """One server-sent event; `named`: with an `event:` line of its type (the Responses API's)."""

@@ -23,9 +23,11 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Iterator
 
 from neolm.chat import leading_system, without_oldest_exchange
 from neolm.serve import protocol
+from neolm.serve.engine import Job
 from neolm.serve.errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -84,9 +86,9 @@ class Turn:
             if body.get(name) is not None and body[name] not in allowed:
                 raise ApiError(400, f"'{name}': {body[name]!r} is not supported", name)
         self.background = body.get("background") is True
-        if self.background and (body.get("store") is False or body.get("stream")):
+        if self.background and body.get("store") is False:
             raise ApiError(400, "'background' responses are stored and polled (GET /v1/responses/{id}): they need "
-                           "store and are not streamed", "background")  # fmt: skip
+                           "store", "background")  # fmt: skip
         self.body, self.id, self.created = body, f"resp_{uuid.uuid4().hex}", int(time.time())
         self.truncation = body.get("truncation") or "disabled"
         self.dropped = 0  # messages truncation "auto" left out of the prompt
@@ -150,8 +152,8 @@ class Turn:
             "background": self.background,
         }  # fmt: skip
 
-    def answer(self, chat_answer: dict, gc, store: Store) -> dict:
-        """The whole Response of a whole chat completion (stored if asked)."""
+    def answer(self, chat_answer: dict, gc) -> dict:
+        """The whole Response of a whole chat completion."""
         (choice,) = chat_answer["choices"]
         message = choice["message"]
         entries = (choice.get("logprobs") or {}).get("content")  # the tokens' log-probabilities, if asked for
@@ -161,11 +163,10 @@ class Turn:
             status = "incomplete" if choice["finish_reason"] == "length" else "completed"
             output.append(_message(f"msg_{uuid.uuid4().hex}", [part], status))
         output += [_function_call(f"fc_{uuid.uuid4().hex}", c, "completed") for c in message.get("tool_calls") or []]
-        response = self.response(chat_answer["model"], output, chat_answer["usage"], choice["finish_reason"], gc)
-        self.keep(response, store)
-        return response
+        return self.response(chat_answer["model"], output, chat_answer["usage"], choice["finish_reason"], gc)
 
     def keep(self, response: dict, store: Store) -> None:
+        """Store the response (with the conversation it ends), if the request asked for it."""
         if self.store:
             store.put(response, self.messages + _replies(response["output"]), _input_items(self.body["input"]))
 
@@ -173,6 +174,12 @@ class Turn:
 def failed(response: dict, error: dict) -> dict:
     """The response as failed with `error` (an ApiError's body["error"]): status "failed" and OpenAI's error."""
     return response | {"status": "failed", "error": {"code": str(error.get("code")), "message": error["message"]}}
+
+
+def cancelled(response: dict) -> dict:
+    """The response as cancelled (a background one, stopped): status "cancelled", its output items incomplete."""
+    output = [item | {"status": "incomplete"} for item in response["output"]]
+    return response | {"status": "cancelled", "incomplete_details": None, "output": output}
 
 
 def input_items(store: Store, rid: str, query: dict[str, list[str]]) -> dict:
@@ -259,11 +266,25 @@ class Events:
         self.open: dict | None = None  # the output item being written
         self.logprobs: list[dict] = []  # the open message's tokens' log-probabilities
         self.reason = self.usage = self.error = None
+        self.stopped = False  # a cancelled background response
+
+    def stream(self, chunks: Iterator[dict], job: Job) -> Iterator[dict]:
+        """The events of the job's chunks, from response.created to the end (the job cancelled: response.incomplete,
+        "cancelled")."""
+        yield from self.start()
+        for chunk in chunks:
+            yield from self.feed(chunk)
+        yield from self.end(job.cancelled.is_set())
 
     def start(self) -> list[dict]:
+        """response.created and response.in_progress (background: response.queued between them)."""
         response = self.turn.response(self.model, [], None, None, self.gc)
-        return [self._event("response.created", response=response), self._event("response.in_progress",
-                                                                                response=response)]  # fmt: skip
+        if not self.turn.background:
+            return [self._event("response.created", response=response),
+                    self._event("response.in_progress", response=response)]  # fmt: skip
+        queued = response | {"status": "queued"}
+        return [self._event("response.created", response=queued), self._event("response.queued", response=queued),
+                self._event("response.in_progress", response=response)]  # fmt: skip
 
     def feed(self, chunk: dict) -> list[dict]:
         """The events of one chat chunk (a choice's delta or end, the usage, or an error)."""
@@ -286,14 +307,21 @@ class Events:
                 events += self._close()
         return events
 
-    def end(self) -> list[dict]:
-        """The last events: the open item closed, then response.completed / incomplete / failed."""
+    def end(self, stopped: bool = False) -> list[dict]:
+        """The last events: the open item closed, then response.completed / incomplete / failed (`stopped`: a
+        cancelled background response, response.incomplete with status "cancelled"). The response is stored, a
+        failed one only in the background (where it is polled)."""
+        self.stopped = stopped
         events = self._close()
         response = self.turn.response(self.model, self.output, self.usage, self.reason or "stop", self.gc)
         if self.error is not None:
-            return [*events, self._event("response.failed", response=failed(response, self.error))]
+            response = failed(response, self.error)
+            if self.turn.background:
+                self.turn.keep(response, self.store)
+            return [*events, self._event("response.failed", response=response)]
+        response = cancelled(response) if stopped else response
         self.turn.keep(response, self.store)
-        kind = "response.incomplete" if response["status"] == "incomplete" else "response.completed"
+        kind = "response.completed" if response["status"] == "completed" else "response.incomplete"
         return [*events, self._event(kind, response=response)]
 
     def _event(self, kind: str, **fields) -> dict:
@@ -335,7 +363,7 @@ class Events:
         if item is None:
             return []
         at = {"item_id": item["id"], "output_index": self.output.index(item)}
-        item["status"] = "incomplete" if self.reason == "length" else "completed"
+        item["status"] = "incomplete" if self.reason == "length" or self.stopped else "completed"
         if item["type"] == "message":
             part = item["content"][0]
             if self.turn.chat.get("logprobs"):
