@@ -17,7 +17,8 @@ from conftest import NAME
 from test_serve import call, url
 
 from neolm.serve.errors import ApiError
-from neolm.serve.responses import Store, Turn
+from neolm.serve.responses import Turn
+from neolm.serve.store import FileStore, Store
 
 GREEDY = {"model": NAME, "temperature": 0}
 TOOL = {"type": "function", "name": "get_weather", "description": "The weather in a city", "parameters": {
@@ -133,17 +134,108 @@ def test_a_stored_response_lists_its_request_s_input_items(server):
     assert request(server, "GET", "/v1/responses/resp_none/input_items")[0] == 404
 
 
-def test_the_store_keeps_the_most_recently_used():
-    store = Store(size=2)
+@pytest.fixture(params=["memory", "file"])
+def make_store(request, tmp_path):
+    """Store(size) or FileStore(a file in tmp_path, size): the two kinds of store, each test run with both."""
+    stores = []
+
+    def make(size: int):
+        stores.append(Store(size) if request.param == "memory" else FileStore(tmp_path / "responses.db", size))
+        return stores[-1]
+
+    yield make
+    for store in stores:
+        store.close()
+
+
+def test_the_store_keeps_the_most_recently_used(make_store):
+    store = make_store(2)
     for rid in "abc":
-        store.put({"id": rid}, [], [])
+        store.put({"id": rid, "status": "completed"}, [{"role": "user", "content": rid}], [])
     with pytest.raises(ApiError):
         store.get("a")
     store.get("b")
-    store.put({"id": "d"}, [], [])
-    assert store.get("b") and store.get("d")
+    store.put({"id": "d", "status": "completed"}, [], [])
+    assert store.get("b") == ({"id": "b", "status": "completed"}, [{"role": "user", "content": "b"}], [])
+    assert store.get("d")
     with pytest.raises(ApiError):
         store.get("c")
+    store.put({"id": "b", "status": "failed"}, [], [])  # stored again: replaced, not counted twice
+    store.put({"id": "e", "status": "completed"}, [], [])
+    assert store.get("b")[0]["status"] == "failed" and store.get("e")
+    assert store.delete("e") == {"id": "e", "object": "response.deleted", "deleted": True}
+    with pytest.raises(ApiError, match="no response with id 'e'"):
+        store.delete("e")
+    store.put({"id": "f", "status": "completed"}, [], [])
+    assert store.get("b") and store.get("f")
+
+
+def test_a_file_store_keeps_responses_across_restarts_and_fails_the_unfinished(tmp_path):
+    """FileStore: what was stored is read back by the next FileStore of the file (the least recently used order
+    too); a background response left "queued" or "in_progress" is "failed" there; a file of a newer layout, or not
+    SQLite, is refused with a NeolmError."""
+    from neolm.errors import NeolmError
+
+    path = tmp_path / "responses.db"
+    first = FileStore(path, size=3)
+    first.put({"id": "a", "status": "completed", "output": [{"text": "é ☃"}]}, [{"role": "user", "content": "hi"}],
+              [{"id": "msg_1", "type": "message"}])  # fmt: skip
+    first.put({"id": "b", "status": "in_progress"}, [], [])
+    first.put({"id": "c", "status": "queued"}, [], [])
+    first.get("a")
+    first.close()  # (or a crash: each put is committed as it returns)
+    second = FileStore(path, size=3)
+    assert second.get("a") == ({"id": "a", "status": "completed", "output": [{"text": "é ☃"}]},
+                               [{"role": "user", "content": "hi"}], [{"id": "msg_1", "type": "message"}])  # fmt: skip
+    for rid in "bc":
+        response = second.get(rid)[0]
+        assert response["status"] == "failed" and "server stopped" in response["error"]["message"], response
+    second.put({"id": "d", "status": "completed"}, [], [])  # four: the least recently used ("a", read first) goes
+    with pytest.raises(ApiError):
+        second.get("a")
+    second.close()
+    import sqlite3
+
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA user_version = 99")
+    with pytest.raises(NeolmError, match="newer neolm"):
+        FileStore(path)
+    (tmp_path / "text").write_text("not a database\n" * 100)
+    with pytest.raises(NeolmError, match="cannot keep responses in"):
+        FileStore(tmp_path / "text")
+    with pytest.raises(NeolmError, match="cannot keep responses in"):
+        FileStore(tmp_path / "missing" / "responses.db")
+
+
+def test_serve_refuses_a_responses_store_it_cannot_use_before_loading(capsys, tmp_path):
+    from test_cli import assert_one_line_error, cli
+
+    code, _, err = cli(capsys, "serve", "--responses-store", tmp_path, "--port", "0")  # (a folder)
+    assert_one_line_error(code, err, "cannot keep responses in", str(tmp_path))
+
+
+def test_a_server_with_a_responses_store_continues_conversations_after_a_restart(lm, tmp_path):
+    """Server(store=FileStore(...)): a response stored by one server is returned, listed and continued by the next
+    one on the same file, exactly as by the first."""
+    from neolm.serve.http import Server
+
+    path, body = tmp_path / "responses.db", GREEDY | {"input": "Who is the king?", "max_output_tokens": 8}
+    answers = []
+    for restart in range(2):
+        server = Server(lm, port=0, model_name=NAME, store=FileStore(path))
+        server.start()
+        try:
+            if restart == 0:
+                status, first = call(server, "/v1/responses", body | {"instructions": "Answer."})
+                assert status == 200, first
+            assert request(server, "GET", f"/v1/responses/{first['id']}") == (200, first)
+            status, items = request(server, "GET", f"/v1/responses/{first['id']}/input_items")
+            assert status == 200 and items["data"][0]["content"][0]["text"] == "Who is the king?", items
+            answers.append(call(server, "/v1/responses", body | {"input": "And the queen?",
+                                                                 "previous_response_id": first["id"]})[1])  # fmt: skip
+        finally:
+            server.close()
+    assert output_text(answers[0]) == output_text(answers[1]) and answers[0]["usage"] == answers[1]["usage"]
 
 
 @pytest.mark.parametrize("stop", [["\n"], None])
@@ -387,10 +479,13 @@ def test_a_background_response_can_be_cancelled(server):
     """POST /v1/responses/{id}/cancel stops a background response that is running: it is stored "cancelled" with
     what it had written; continuing it while it runs, or cancelling one in the foreground, is refused."""
     body = GREEDY | {"input": "Who is the king?", "max_output_tokens": 400, "min_tokens": 400}
+    before = server.engine.generated
     status, queued = call(server, "/v1/responses", body | {"background": True})
     assert status == 200, queued
     status, refused = call(server, "/v1/responses", GREEDY | {"input": "And?", "previous_response_id": queued["id"]})
     assert status == 400 and "still being generated" in refused["error"]["message"], refused
+    while server.engine.generated < before + 8:  # (some tokens written)
+        time.sleep(0.01)
     status, cancelled = call(server, f"/v1/responses/{queued['id']}/cancel", {})
     assert status == 200 and cancelled["status"] == "cancelled", cancelled
     assert all(item["status"] == "incomplete" for item in cancelled["output"])
@@ -536,3 +631,51 @@ def test_a_drain_answers_the_background_responses_it_took(lm, timeout):
                 assert stored["status"] == "failed" and "shutdown timeout" in stored["error"]["message"], stored
     finally:
         server.close()
+
+
+def test_neolm_serve_keeps_responses_through_a_crash(tmp_path):
+    """`neolm serve --responses-store FILE` killed with SIGKILL mid-generation: restarted on the same file, it
+    returns the response it had finished and continues its conversation, and the background response it was
+    generating is "failed"."""
+    import re
+    import subprocess
+    import sys
+
+    def start() -> tuple[subprocess.Popen, str]:
+        process = subprocess.Popen([sys.executable, "-m", "neolm.cli", "serve", "--port", "0", "--responses-store",
+                                    tmp_path / "responses.db"], stderr=subprocess.PIPE, text=True)  # fmt: skip
+        lines = []
+        while not (match := re.search(r"on (http://127\.0\.0\.1:\d+)/v1", lines[-1] if lines else "")):
+            lines.append(process.stderr.readline())
+            assert lines[-1], "".join(lines)  # (it exited)
+        return process, match[1]
+
+    def send(base: str, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(base + path, data, {"Content-Type": "application/json"}, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=60) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    process, base = start()
+    try:
+        status, done = send(base, "POST", "/v1/responses", GREEDY | {"input": "Who is the king?",
+                                                                     "max_output_tokens": 8})  # fmt: skip
+        assert status == 200, done
+        long = {"input": "Speak.", "max_output_tokens": 400, "min_tokens": 400, "background": True}
+        status, running = send(base, "POST", "/v1/responses", GREEDY | long)
+        assert status == 200 and running["status"] == "queued", running
+        process.kill()
+        process.wait(60)
+        process, base = start()
+        assert send(base, "GET", f"/v1/responses/{done['id']}") == (200, done)
+        status, failed = send(base, "GET", f"/v1/responses/{running['id']}")
+        assert status == 200 and failed["status"] == "failed" and "server stopped" in failed["error"]["message"]
+        status, next_turn = send(base, "POST", "/v1/responses", GREEDY | {
+            "input": "And the queen?", "previous_response_id": done["id"], "max_output_tokens": 4})  # fmt: skip
+        assert status == 200 and next_turn["previous_response_id"] == done["id"], next_turn
+    finally:
+        process.kill()
+        process.wait(60)

@@ -23,7 +23,8 @@ from neolm.serve import answer
 from neolm.serve.engine import Job
 from neolm.serve.errors import ApiError
 from neolm.serve.protocol import Request
-from neolm.serve.responses import Events, Store, Turn, cancelled, failed
+from neolm.serve.responses import Events, Turn, cancelled, failed
+from neolm.serve.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -27,6 +27,7 @@ from neolm.errors import NeolmError
 from neolm.serve import answer, protocol, responses
 from neolm.serve.engine import Engine
 from neolm.serve.protocol import ApiError
+from neolm.serve.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def _answer(lm, engine: Engine, line: Line, model_name: str) -> dict:
         if lm.adapters and adapter is None and named not in (None, model_name):
             served = ", ".join(repr(n) for n in [model_name, *lm.adapters])
             raise ApiError(404, f"the model '{named}' does not exist; this batch has {served}", "model")
-        kept = responses.Store(0)  # a batch keeps no responses: previous_response_id finds none
+        kept = Store(0)  # a batch keeps no responses: previous_response_id finds none
         turn = responses.Turn(line.body, kept) if line.kind == "responses" else None
         request = protocol.parse(line.kind, line.body, lm) if turn is None else responses.parse(turn, lm)
         if request.stream:

@@ -13,6 +13,7 @@ from neolm.cli import _add_model_args, load_model, non_negative, non_negative_fl
 from neolm.embedding import POOLINGS
 from neolm.errors import NeolmError
 from neolm.serve.engine import DEFAULT_PREFILL_CHUNK, MIN_PREFILL_CHUNK
+from neolm.serve.store import MAX_STORED, MAX_STORED_IN_FILE, FileStore, Store
 from neolm.tool_calls import FORMATS
 
 
@@ -73,6 +74,14 @@ def register(sub) -> dict:
                      "it below the orchestrator's kill deadline (Kubernetes' terminationGracePeriodSeconds, 30 by "
                      "default; docker stop's 10) so that every client gets an answer or an error, not a cut "
                      "connection; 0 ends them at once")  # fmt: skip
+    net.add_argument("--responses-store", metavar="FILE",
+                     help="keep stored /v1/responses (store: true, the default) in this SQLite file, created if "
+                     "absent, so that previous_response_id, GET and background responses outlive a restart or a "
+                     "crash (a background response still running when the server stopped is 'failed' at the next "
+                     "start); default: in memory, lost when the server stops")  # fmt: skip
+    net.add_argument("--max-stored-responses", type=positive, metavar="N",
+                     help=f"stored responses kept, the least recently used dropped beyond (default {MAX_STORED:,} in "
+                     f"memory, {MAX_STORED_IN_FILE:,} with --responses-store)")  # fmt: skip
     net.add_argument("--max-batch", type=positive, default=8, help="sequences decoded together at most (default 8)")
     net.add_argument("--prefill-chunk", type=non_negative, default=DEFAULT_PREFILL_CHUNK, metavar="TOKENS",
                      help="while sequences decode, read a joining prompt at most this many tokens a step, so that a "
@@ -169,12 +178,20 @@ def _load(args):
     return lm, name
 
 
+def _store(args) -> Store:
+    """Where stored responses are kept: --responses-store's file, else memory."""
+    if args.responses_store is None:
+        return Store(args.max_stored_responses or MAX_STORED)
+    return FileStore(args.responses_store, args.max_stored_responses or MAX_STORED_IN_FILE)
+
+
 def cmd_serve(args) -> int:
     from neolm.serve.http import Server
 
+    store = _store(args)  # (a file that cannot be used: refused before the slow load)
     lm, name = _load(args)
     server = Server(lm, args.host, args.port, name, args.api_key, args.max_batch, args.prefill_chunk, args.prefix_cache,
-                    args.allow_runtime_lora_updating, args.allowed_origins, args.embedding_pooling)  # fmt: skip
+                    args.allow_runtime_lora_updating, args.allowed_origins, args.embedding_pooling, store)  # fmt: skip
     host, port = server.server_address[:2]
 
     def on_sigterm(signum, frame) -> None:  # a graceful stop (docker stop, systemd, Kubernetes); again: at once

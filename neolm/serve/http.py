@@ -36,11 +36,13 @@ from neolm.serve import answer, embeddings, protocol, responses
 from neolm.serve.background import Background
 from neolm.serve.engine import DEFAULT_PREFILL_CHUNK, Engine, ShuttingDown
 from neolm.serve.protocol import ApiError
+from neolm.serve.store import Store
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 32 * 2**20  # bytes of a request body
 DRAIN_WRITE_TIMEOUT = 60  # seconds run() waits, once drained, for the last answers to be written
+CLOSE_WAIT = 10  # seconds close() waits for the background responses it ends to be stored
 
 
 class Server(ThreadingHTTPServer):
@@ -54,7 +56,8 @@ class Server(ThreadingHTTPServer):
     def __init__(self, lm, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
                  api_key: str | None = None, max_batch: int = 8, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                  prefix_cache_mb: int = 0, runtime_lora: bool = False,
-                 allowed_origins: tuple[str, ...] = ("*",), embedding_pooling: str = "last"):  # fmt: skip
+                 allowed_origins: tuple[str, ...] = ("*",), embedding_pooling: str = "last",
+                 store: Store | None = None):  # fmt: skip
         self.lm = lm
         self.allowed_origins = tuple(allowed_origins)  # CORS: the web pages that may call the API ("*": any)
         self.embedding_pooling = embedding_pooling  # /v1/embeddings: neolm.embedding's "last" or "mean"
@@ -62,7 +65,7 @@ class Server(ThreadingHTTPServer):
         self.model_name = model_name or lm.source
         self.api_key = api_key
         self.started = int(time.time())
-        self.stored = responses.Store()  # /v1/responses kept for previous_response_id and GET
+        self.stored = store or Store()  # /v1/responses kept for previous_response_id and GET (closed with the server)
         self.background = Background(self.stored)  # background /v1/responses being generated
         self.engine = Engine(lm, max_batch, prefill_chunk, prefix_cache_mb)
         self.draining = False  # drain(): no new requests; those taken are answered
@@ -140,6 +143,8 @@ class Server(ThreadingHTTPServer):
             self._http = None
         self.server_close()
         self.engine.close(timeout=30)
+        self.background.wait(CLOSE_WAIT)  # (background responses ended by the close are stored "failed")
+        self.stored.close()
 
     def models(self) -> dict:
         """The base model, then its adapters (as vLLM lists them: parent, the base; root, where it came from)."""

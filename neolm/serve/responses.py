@@ -6,9 +6,9 @@ input/output tokens. Streamed, the chat chunks become Responses events (response
 output_text.delta, function_call_arguments.delta, ..., response.completed).
 
 Conversation state: with `store` (OpenAI's default: true) a response and the conversation that led to it are kept
-in memory (the last MAX_STORED), so that `previous_response_id` continues it (its instructions are not carried
-over, as OpenAI's), GET /v1/responses/{id} returns it and GET /v1/responses/{id}/input_items its request's input
-items. Input items: messages (text content parts), and function_call / function_call_output items (a call the
+(neolm.serve.store: in memory, or in a file), so that `previous_response_id` continues it (its instructions are not
+carried over, as OpenAI's), GET /v1/responses/{id} returns it and GET /v1/responses/{id}/input_items its request's
+input items. Input items: messages (text content parts), and function_call / function_call_output items (a call the
 model made and its result); reasoning items are passed over. With truncation "auto", a conversation that with its
 reply would overflow the model's context loses its oldest exchanges (a user message and what answered it; the
 instructions and leading system messages stay) until it fits, as OpenAI's drops items from its beginning; with
@@ -19,20 +19,18 @@ file search, ...) are refused.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Iterator
 
 from neolm.chat import leading_system, without_oldest_exchange
 from neolm.serve import protocol
 from neolm.serve.engine import Job
 from neolm.serve.errors import ApiError
+from neolm.serve.store import Store
 
 log = logging.getLogger(__name__)
 
-MAX_STORED = 1000  # responses kept for previous_response_id and GET (least recently used dropped)
 LOGPROBS = "message.output_text.logprobs"  # the `include` value that asks for the tokens' log-probabilities
 FIELDS = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "tools",
           "tool_choice", "parallel_tool_calls", "text", "store", "metadata", "previous_response_id", "user",
@@ -44,35 +42,6 @@ NAMES = {"messages": "input", "max_completion_tokens": "max_output_tokens", "res
 """The chat request's fields that a Responses request names otherwise (in errors)."""
 PASSED = ("model", "temperature", "top_p", "parallel_tool_calls", "seed", "top_k", "min_p", "repetition_penalty",
           "stop", "min_tokens")  # fmt: skip
-
-
-class Store:
-    """Stored responses: id -> (the Response, the conversation it ends: its messages, instructions left out, and
-    its request's input items, as GET /v1/responses/{id}/input_items lists them)."""
-
-    def __init__(self, size: int = MAX_STORED):
-        self.size, self._lock = size, threading.Lock()
-        self._items: OrderedDict[str, tuple[dict, list[dict], list[dict]]] = OrderedDict()
-
-    def put(self, response: dict, messages: list[dict], inputs: list[dict]) -> None:
-        with self._lock:
-            self._items[response["id"]] = (response, messages, inputs)
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
-
-    def get(self, rid: str, param: str | None = None) -> tuple[dict, list[dict], list[dict]]:
-        with self._lock:
-            if rid not in self._items:
-                raise ApiError(404, f"no response with id {rid!r} is stored (responses are kept in memory, the last "
-                               f"{self.size}, with store: true)", param, kind="not_found_error")  # fmt: skip
-            self._items.move_to_end(rid)
-            return self._items[rid]
-
-    def delete(self, rid: str) -> dict:
-        self.get(rid)
-        with self._lock:
-            self._items.pop(rid, None)
-        return {"id": rid, "object": "response.deleted", "deleted": True}
 
 
 class Turn:
