@@ -10,8 +10,9 @@ by --tool-call-parser). neolm reads two of the common ones, under vLLM's names:
 - "llama3_json": the whole reply is JSON, ``{"name": ..., "parameters": {...}}`` (or "arguments"), several joined by
   ";", optionally after ``<|python_tag|>`` (Llama 3.1 and later).
 
-A reply whose calls do not parse, or that names a function it was not given, is text (vLLM answers a malformed
-call as content too).
+A reply's calls are those written whole, in order, up to the first that does not parse (what follows it is left
+out); a reply whose first call does not parse is text (vLLM answers a malformed call as content too). A call is
+thus known as soon as it is whole, and a stream sends it then: what comes after cannot take it back.
 """
 
 from __future__ import annotations
@@ -47,9 +48,20 @@ class CallFormat:
         them back."""
         raise NotImplementedError
 
-    def parse(self, text: str) -> tuple[str | None, list[Call]] | None:
-        """(the reply's content, its calls) of a whole reply, or None where it holds no call that parses."""
+    def calls(self, text: str, final: bool = True) -> list[Call]:
+        """The calls of a reply (so far: `final` False, where a last call still being written does not count) in
+        order, up to the first that does not parse."""
         raise NotImplementedError
+
+    def content(self, text: str, at: int) -> str | None:
+        """The content of a reply whose calls begin at `at`."""
+        return None
+
+    def parse(self, text: str) -> tuple[str | None, list[Call]] | None:
+        """(the reply's content, its calls) of a whole reply, or None where its first call does not parse (or it
+        has none)."""
+        calls = self.calls(text)
+        return (self.content(text, self.start(text)), calls) if calls else None
 
     def write(self, calls: list[Call]) -> str:
         """Calls as the model writes them (a conversation's earlier calls, in a transcript)."""
@@ -69,6 +81,13 @@ def _call(item) -> Call | None:
     return Call(item["name"], arguments) if isinstance(arguments, dict) else None
 
 
+def _decoded(text: str) -> Call | None:
+    try:
+        return _call(json.loads(text))
+    except json.JSONDecodeError:
+        return None
+
+
 def _held_prefix(text: str, marker: str) -> int:
     """The length of the longest end of `text` that is the beginning of `marker`."""
     return next((n for n in range(min(len(marker) - 1, len(text)), 0, -1) if text.endswith(marker[:n])), 0)
@@ -78,7 +97,7 @@ class Hermes(CallFormat):
     name = "hermes"
     OPEN, CLOSE = "<tool_call>", "</tool_call>"
     example = '<tool_call>{"name": "NAME", "arguments": {...}}</tool_call>'
-    _BLOCK = re.compile(r"<tool_call>(.*?)(?:</tool_call>|\Z)", re.DOTALL)  # a reply cut short leaves one open
+    _BLOCK = re.compile(r"<tool_call>(.*?)(</tool_call>|\Z)", re.DOTALL)  # a reply that ends early leaves one open
 
     def start(self, text: str) -> int | None:
         at = text.find(self.OPEN)
@@ -87,20 +106,21 @@ class Hermes(CallFormat):
     def held(self, text: str) -> int:
         return _held_prefix(text, self.OPEN)
 
-    def parse(self, text: str) -> tuple[str | None, list[Call]] | None:
-        at = self.start(text)
+    def calls(self, text: str, final: bool = True) -> list[Call]:
+        at, calls = self.start(text), []
         if at is None:
-            return None
-        calls = []
-        for block in self._BLOCK.findall(text, at):
-            try:
-                call = _call(json.loads(block))
-            except json.JSONDecodeError:
-                return None
+            return calls
+        for block, close in self._BLOCK.findall(text, at):
+            if not (close or final):  # (still being written)
+                break
+            call = _decoded(block)
             if call is None:
-                return None
+                break
             calls.append(call)
-        return text[:at].rstrip() or None, calls
+        return calls
+
+    def content(self, text: str, at: int) -> str | None:
+        return text[:at].rstrip() or None
 
     def write(self, calls: list[Call]) -> str:
         return "".join(f'{self.OPEN}{{"name": {json.dumps(c.name, ensure_ascii=False)}, "arguments": {c.as_json()}}}'
@@ -119,24 +139,24 @@ class Llama3Json(CallFormat):
     def held(self, text: str) -> int:
         return len(text) if self.TAG.startswith(text.lstrip()) else 0  # nothing but (the start of) the tag yet
 
-    def parse(self, text: str) -> tuple[str | None, list[Call]] | None:
+    def calls(self, text: str, final: bool = True) -> list[Call]:
         if self.start(text) is None:
-            return None
-        rest, calls, decoder = text.lstrip().removeprefix(self.TAG).strip(), [], json.JSONDecoder()
-        while rest:
+            return []
+        rest, calls, decoder = text.lstrip().removeprefix(self.TAG).lstrip(), [], json.JSONDecoder()
+        while rest.startswith("{"):  # (a JSON object is whole once it closes: final or not)
             try:
                 item, end = decoder.raw_decode(rest)
             except json.JSONDecodeError:
-                return None
+                break
             call = _call(item)
             if call is None:
-                return None
+                break
             calls.append(call)
-            rest = rest[end:].strip()
-            if rest and not rest.startswith(";"):
-                return None
-            rest = rest[1:].strip()
-        return None, calls
+            rest = rest[end:].lstrip()
+            if not rest.startswith(";"):
+                break
+            rest = rest[1:].lstrip()
+        return calls
 
     def write(self, calls: list[Call]) -> str:
         return "; ".join(json.dumps({"name": c.name, "parameters": c.arguments}, ensure_ascii=False) for c in calls)

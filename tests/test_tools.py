@@ -84,8 +84,8 @@ def test_required_tool_calls_stream_as_they_are_written(server):
 
 @pytest.mark.parametrize("text", [
     '[{"name": "time", "parameters": {"zone": "UTC"}}]',
-    '[{"name":"get_weather","parameters":{"city":"Pa\\"ri}s[","unit":"c","n":[1,{"a":[]}]}} , {"name": "time",'
-    ' "parameters": {}}]',
+    ('[{"name":"get_weather","parameters":{"city":"Pa\\"ri}s[","unit":"c","n":[1,{"a":[]}]}} , {"name": "time",'
+     ' "parameters": {}}]'),
     '[ { "name" : "a\\"b" , "parameters" : 12 },{"name": "c", "parameters": "x,}"}, {"name": "d", "parameters": null}]',
 ])  # fmt: skip
 def test_a_required_reply_s_calls_are_read_as_it_is_written(text):
@@ -164,14 +164,23 @@ def test_hermes_reads_content_and_calls():
     for text in ("no call here", '<tool_call>{"name": "a", "arguments": {"x": </tool_call>', "<tool_call>[1]",
                  '<tool_call>{"arguments": {}}</tool_call>', '<tool_call>{"name": "a", "arguments": 3}'):  # fmt: skip
         assert hermes.parse(text) is None, text
+    # the calls up to the first that does not parse: what follows it is left out
+    text = '<tool_call>{"name": "a"}</tool_call> then <tool_call>{"name": 3}</tool_call><tool_call>{"name": "c"}'
+    assert hermes.parse(text) == (None, [Call("a", {})])
+    assert hermes.calls(text[:-5], final=False) == hermes.calls(text[:36], final=False) == [Call("a", {})]
+    assert hermes.calls(text[:24], final=False) == [] and hermes.calls(text[:24]) == [Call("a", {})]  # (left open)
 
 
 def test_llama3_json_reads_calls_joined_by_semicolons():
     fmt = FORMATS["llama3_json"]
     assert fmt.parse(' <|python_tag|>{"name": "a", "parameters": {"x": 1}}; {"name": "b", "arguments": {}}') == (
         None, [Call("a", {"x": 1}), Call("b", {})])  # fmt: skip
-    for text in ("Hello {", '{"name": "a"} and more', '{"name": "a"', "<|python_tag|>3"):
+    for text in ("Hello {", '{"name": "a"', "<|python_tag|>3", '[{"name": "a"}]'):
         assert fmt.parse(text) is None, text
+    # the calls up to the first that does not parse: what follows it is left out; a call is whole once it closes
+    assert fmt.parse('{"name": "a"} and more') == fmt.parse('{"name": "a"}; {"name": 3}; {"name": "c"}') == (
+        None, [Call("a", {})])  # fmt: skip
+    assert fmt.calls('{"name": "a"}', final=False) == [Call("a", {})] and fmt.calls('{"name": "a"', final=False) == []
 
 
 @pytest.mark.parametrize("name", sorted(FORMATS))
@@ -182,28 +191,40 @@ def test_a_format_reads_back_the_calls_it_writes(name):
     assert parsed == calls and content is None
 
 
-@pytest.mark.parametrize("name, text, content", [
-    ("hermes", 'Sure, <b>one</b> moment.<tool_call>{"name": "time", "arguments": {}}</tool_call>',
-     "Sure, <b>one</b> moment."),
-    ("hermes", "A <tool_ca without a call, ending in <tool_c", "A <tool_ca without a call, ending in <tool_c"),
-    ("llama3_json", '  <|python_tag|>{"name": "time", "parameters": {}}', ""),
-    ("llama3_json", "  <|python_tail| is text", "  <|python_tail| is text"),
+TIME, LATER = '{"name": "time", "arguments": {}}', '{"name": "time", "arguments": {"zone": "CET"}}'
+
+
+@pytest.mark.parametrize("name, text, content, streamed, whole", [
+    ("hermes", f"Sure, <b>one</b> moment.<tool_call>{TIME}</tool_call>", "Sure, <b>one</b> moment.", 1, 1),
+    ("hermes", "A <tool_ca without a call, ending in <tool_c", "A <tool_ca without a call, ending in <tool_c", 0, 0),
+    ("hermes", f"A.\n<tool_call>{TIME}</tool_call>\n<tool_call>{LATER}</tool_call><tool_call>{{bad", "A.", 2, 2),
+    ("hermes", f"<tool_call>{TIME}</tool_call><tool_call>{LATER}", "", 1, 2),  # the last closed by the reply's end
+    ("hermes", f'<tool_call>{TIME}</tool_call><tool_call>{{"name": "news"}}</tool_call>{TIME}', "", 1, 1),
+    ("llama3_json", f"  <|python_tag|>{TIME}", "", 1, 1),
+    ("llama3_json", f"{TIME}; {LATER} ;{{", "", 2, 2),
+    ("llama3_json", "  <|python_tail| is text", "  <|python_tail| is text", 0, 0),
 ])  # fmt: skip
-def test_a_streamed_reply_sends_its_content_and_holds_back_its_calls(name, text, content):
-    """Piece by piece, in every split of one to five characters, a stream sends exactly the content: never a part
-    of the calls' opening, and everything of a reply without calls."""
+def test_a_streamed_reply_sends_its_content_and_each_call_once_it_is_whole(name, text, content, streamed, whole):
+    """Piece by piece, in every split of one to five characters, a stream sends exactly the content (never a part
+    of the calls' opening, everything of a reply without calls) and the calls of the whole answer: each whole in one
+    delta, `streamed` of them as soon as they are written whole (the rest with the end); a call naming a function
+    not offered ("news") ends the calls."""
     choice = ToolChoice(auto=FORMATS[name], functions=("time",))
     whole_content, calls = choice.answer(text)
+    assert len(calls or []) == whole
     for size in range(1, 6):
         held = Held(choice)
         deltas = [held.push(text[i : i + size]) for i in range(0, len(text), size)]
-        assert all(set(d) <= {"content"} for d in deltas)  # the calls come only with the end
         sent = "".join(d.get("content", "") for d in deltas)
         last, calling = held.end()
-        rest, end_calls = last.get("content", ""), last.get("tool_calls")
-        assert sent + rest == (whole_content or "") == content, (size, sent, rest)
-        assert [c["function"] for c in end_calls or []] == [c["function"] for c in calls or []]
-        assert (calls is None) == (end_calls is None) == (not calling)
+        assert sent + last.get("content", "") == (whole_content or "") == content, (size, sent, last)
+        pushed = [c for d in deltas for c in d.get("tool_calls", [])]
+        assert len(pushed) == streamed, (size, pushed)
+        sent_calls = pushed + last.get("tool_calls", [])
+        assert [c["index"] for c in sent_calls] == list(range(whole))
+        assert [c["function"] for c in sent_calls] == [c["function"] for c in calls or []]
+        assert all(c["id"].startswith("chatcmpl-tool-") and c["type"] == "function" for c in sent_calls)
+        assert (calls is None) == (not calling)
 
 
 def test_the_transcript_teaches_its_tool_call_format():
@@ -235,10 +256,9 @@ def test_auto_tool_choice_answers_the_calls_the_model_writes(server):
     events = [e["choices"][0] for e in _events(text)]
     assert events[0]["delta"] == {"role": "assistant", "content": ""}
     assert "".join(e["delta"].get("content", "") for e in events).strip() == "Checking."
-    assert all("tool_calls" not in e["delta"] and e["finish_reason"] is None for e in events[:-1])
-    (streamed,) = events[-1]["delta"]["tool_calls"]
-    assert events[-1]["finish_reason"] == "tool_calls" and streamed["index"] == 0
-    assert streamed["function"] == tool_call["function"]
+    (streamed,) = [c for e in events for c in e["delta"].get("tool_calls", [])]
+    assert events[-1]["finish_reason"] == "tool_calls" and "tool_calls" not in events[-1]["delta"]  # (sent whole)
+    assert streamed["index"] == 0 and streamed["function"] == tool_call["function"]
 
 
 @pytest.mark.parametrize("regex, finish", [

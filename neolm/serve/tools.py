@@ -6,8 +6,9 @@ reply:
   from the text in its chat format's tool-call format (neolm.tool_calls: the plain transcript's own, or a
   template's named by --tool-call-parser, as vLLM's --enable-auto-tool-choice --tool-call-parser); a template
   without one is refused. Calls found are answered as tool_calls (finish_reason "tool_calls") and the text before
-  them as content; a reply whose calls do not parse is text. Streamed, the content streams and the calls come
-  whole in the choice's last chunk;
+  them as content: the calls that parse, up to the first that does not or that names a function not offered; a
+  reply whose first call is such is text. Streamed, the content streams, and each call is sent whole (id, name
+  and arguments in one delta) as soon as it is written whole;
 - "none": text, as without tools;
 - a named function ({"type": "function", "function": {"name": ...}}): the reply is that function's arguments, JSON
   held to its `parameters` schema by structured outputs (neolm.structured), answered as one tool call
@@ -21,13 +22,14 @@ reply:
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import uuid
 from dataclasses import dataclass
 
 from neolm.serve.errors import ApiError
-from neolm.tool_calls import CallFormat, function_of
+from neolm.tool_calls import Call, CallFormat, function_of
 
 
 @dataclass
@@ -46,11 +48,8 @@ class ToolChoice:
         if self.name is not None:
             return None, [_call(self.name, text)]
         if self.auto is not None:
-            parsed = self.auto.parse(text)
-            if parsed is None or not parsed[1] or any(c.name not in self.functions for c in parsed[1]):
-                return text, None
-            content, calls = parsed
-            return content, [_call(c.name, c.as_json()) for c in calls[: None if self.parallel else 1]]
+            content, calls = self.read(text)
+            return content, [_call(c.name, c.as_json()) for c in calls] if calls else None
         try:
             json.loads(text)
         except json.JSONDecodeError:
@@ -59,6 +58,17 @@ class ToolChoice:
         written.push(text)
         return None, [_call(name, arguments) for name, arguments in written.calls]
 
+    def read(self, text: str) -> tuple[str | None, list[Call]]:
+        """"auto": (the content, the calls answered) of a whole reply; without calls, the reply is text."""
+        calls = self.offered(self.auto.calls(text))
+        return (self.auto.content(text, self.auto.start(text)), calls) if calls else (text, [])
+
+    def offered(self, calls: list[Call]) -> list[Call]:
+        """"auto": the calls answered of those the model wrote, those up to the first naming a function not offered
+        (the first only without parallel_tool_calls)."""
+        calls = list(itertools.takewhile(lambda c: c.name in self.functions, calls))
+        return calls if self.parallel else calls[:1]
+
     def open(self) -> list[dict]:
         """A named call's first streamed tool_calls delta: its id and name, no arguments yet."""
         return [_call(self.name, "") | {"index": 0}]
@@ -66,12 +76,12 @@ class ToolChoice:
 
 class Held:
     """A streamed reply of tool_choice "required" or "auto": push() gives the delta that can go out now (for "auto",
-    the content before its calls begin, less the whitespace at its end, its calls being known only once the reply
-    is whole; for "required", its calls as they are written: CallStream), end() the last delta (the rest of the
-    content and, "auto", the calls) and whether the reply is answered as calls."""
+    the content before its calls begin, less the whitespace at its end, and each call once it is written whole; for
+    "required", its calls as they are written: CallStream), end() the last delta (the rest of the content and,
+    "auto", the calls not sent yet) and whether the reply is answered as calls."""
 
     def __init__(self, choice: ToolChoice):
-        self.choice, self.text, self.sent = choice, "", 0
+        self.choice, self.text, self.sent, self.calls = choice, "", 0, 0  # (content characters, calls sent)
         self.stream = CallStream() if choice.auto is None else None
 
     def push(self, piece: str) -> dict:
@@ -79,25 +89,29 @@ class Held:
         if self.stream is not None:
             deltas = self.stream.push(piece)
             return {"tool_calls": deltas} if deltas else {}
-        fmt = self.choice.auto
+        fmt, delta = self.choice.auto, {}
         at = fmt.start(self.text)
         upto = at if at is not None else len(self.text) - fmt.held(self.text)
         upto = len(self.text[:upto].rstrip())  # whitespace before calls is not content: hold it until text follows
-        if upto <= self.sent:
-            return {}
-        out, self.sent = self.text[self.sent : upto], upto
-        return {"content": out}
+        if upto > self.sent:
+            delta["content"], self.sent = self.text[self.sent : upto], upto
+        if at is not None:  # (a call written whole stays a call, whatever follows)
+            delta |= self._calls(self.choice.offered(fmt.calls(self.text, final=False)))
+        return delta
 
     def end(self) -> tuple[dict, bool]:
         """(the last delta: content not sent yet and calls not sent yet, whether the reply is answered as calls)."""
-        content, calls = self.choice.answer(self.text)
         if self.stream is not None:  # its calls went out as they came
-            return {}, calls is not None
+            return {}, self.choice.answer(self.text)[1] is not None
+        content, calls = self.choice.read(self.text)
         rest = (content or "")[self.sent :]
-        delta = {"content": rest} if rest else {}
-        if calls is not None:
-            delta["tool_calls"] = [c | {"index": k} for k, c in enumerate(calls)]
-        return delta, calls is not None
+        return ({"content": rest} if rest else {}) | self._calls(calls), bool(calls)
+
+    def _calls(self, calls: list[Call]) -> dict:
+        """The delta of the calls not sent yet."""
+        new = [_call(c.name, c.as_json()) | {"index": k} for k, c in enumerate(calls[self.calls :], self.calls)]
+        self.calls = len(calls)
+        return {"tool_calls": new} if new else {}
 
 
 _NAME = re.compile(r'[\s\[,}]*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")')  # a call's opening, up to its whole name
