@@ -101,9 +101,10 @@ def test_stored_responses_are_retrieved_and_deleted(server):
     assert status == 404 and body["error"]["param"] == "previous_response_id"
 
 
-def test_a_stored_response_lists_its_request_s_input_items(server):
-    """GET /v1/responses/{id}/input_items: the request's own input items with ids (a string input: one user
-    message of an input_text part), newest first unless order=asc, in pages of `limit` after or before an id."""
+def test_a_stored_response_lists_the_items_it_was_generated_from(server):
+    """GET /v1/responses/{id}/input_items: the input items with ids (a string input: one user message of an
+    input_text part), after those of the turns it continues and their output items, newest first unless order=asc,
+    in pages of `limit` after or before an id."""
     status, first = call(server, "/v1/responses", GREEDY | {"input": "Hail!", "max_output_tokens": 3})
     assert status == 200, first
     status, listed = request(server, "GET", f"/v1/responses/{first['id']}/input_items")
@@ -119,13 +120,21 @@ def test_a_stored_response_lists_its_request_s_input_items(server):
                                                              "previous_response_id": first["id"]})  # fmt: skip
     assert status == 200, second
     path = f"/v1/responses/{second['id']}/input_items"
-    newest = request(server, "GET", path)[1]["data"]  # this request's five, not the earlier turn's
-    assert [i["content"][0]["text"] for i in newest] == ["Message 4.", "Message 3.", "Aye.", "Message 1.", "Message 0."]
+    chain = request(server, "GET", f"{path}?limit=100&order=asc")[1]["data"]  # the first turn's, its reply, then five
+    assert chain[:2] == [item, first["output"][0]] and len(chain) == 7
+    newest = request(server, "GET", path)[1]["data"]  # (20 at most, the newest first)
+    assert newest == chain[::-1]
+    assert [i["content"][0]["text"] for i in newest[:5]] == ["Message 4.", "Message 3.", "Aye.", "Message 1.",
+                                                             "Message 0."]  # fmt: skip
     assert newest[2]["id"] == "msg_mine" and newest[2]["content"][0]["type"] == "output_text"
+    status, third = call(server, "/v1/responses", GREEDY | {"input": "And?", "max_output_tokens": 3,
+                                                            "previous_response_id": second["id"]})  # fmt: skip
+    listed = request(server, "GET", f"/v1/responses/{third['id']}/input_items?order=asc&limit=100")[1]["data"]
+    assert listed[:7] == chain and listed[7] == second["output"][0] and listed[8]["content"][0]["text"] == "And?"
     oldest = request(server, "GET", f"{path}?order=asc&limit=2")[1]
-    assert oldest["data"] == newest[::-1][:2] and oldest["has_more"] is True
+    assert oldest["data"] == chain[:2] and oldest["has_more"] is True
     after = request(server, "GET", f"{path}?order=asc&limit=2&after={oldest['last_id']}")[1]
-    assert after["data"] == newest[::-1][2:4] and after["has_more"] is True
+    assert after["data"] == chain[2:4] and after["has_more"] is True
     assert request(server, "GET", f"{path}?before=msg_mine")[1]["data"] == newest[:2]
     for query, param in (("order=up", "order"), ("limit=0", "limit"), ("limit=x", "limit"), ("after=msg_no", "after"),
                          ("page=2", "page")):  # fmt: skip

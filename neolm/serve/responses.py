@@ -7,13 +7,13 @@ output_text.delta, function_call_arguments.delta, ..., response.completed).
 
 Conversation state: with `store` (OpenAI's default: true) a response and the conversation that led to it are kept
 (neolm.serve.store: in memory, or in a file), so that `previous_response_id` continues it (its instructions are not
-carried over, as OpenAI's), GET /v1/responses/{id} returns it and GET /v1/responses/{id}/input_items its request's
-input items. Input items: messages (text content parts), and function_call / function_call_output items (a call the
-model made and its result); reasoning items are passed over. With truncation "auto", a conversation that with its
-reply would overflow the model's context loses its oldest exchanges (a user message and what answered it; the
-instructions and leading system messages stay) until it fits, as OpenAI's drops items from its beginning; with
-"disabled" (the default) it is refused. `background` responses: neolm.serve.background. Hosted tools (web search,
-file search, ...) are refused.
+carried over, as OpenAI's), GET /v1/responses/{id} returns it and GET /v1/responses/{id}/input_items the items it
+was generated from (earlier turns' included). Input items: messages (text content parts), and function_call /
+function_call_output items (a call the model made and its result); reasoning items are passed over. With truncation
+"auto", a conversation that with its reply would overflow the model's context loses its oldest exchanges (a user
+message and what answered it; the instructions and leading system messages stay) until it fits, as OpenAI's drops
+items from its beginning; with "disabled" (the default) it is refused. `background` responses:
+neolm.serve.background. Hosted tools (web search, file search, ...) are refused.
 """
 
 from __future__ import annotations
@@ -62,15 +62,17 @@ class Turn:
         self.truncation = body.get("truncation") or "disabled"
         self.dropped = 0  # messages truncation "auto" left out of the prompt
         self.store = body.get("store") is not False
-        earlier = []
+        earlier, items = [], []
         if body.get("previous_response_id") is not None:
-            response, earlier, _ = store.get(body["previous_response_id"], "previous_response_id")
+            response, earlier, items = store.get(body["previous_response_id"], "previous_response_id")
             if response["status"] in ("queued", "in_progress"):
                 raise ApiError(400, f"response {response['id']!r} is still being generated (background): continue "
                                "it once it has ended", "previous_response_id")  # fmt: skip
+            items = items + response["output"]  # (the earlier turns' items, then what answered them)
         if "input" not in body:
             raise ApiError(400, "'input' is required: a string or a list of input items", "input")
         self.messages = earlier + _messages(body["input"])
+        self.items = items + _input_items(body["input"])  # the conversation's items: GET .../input_items lists them
         instructions = protocol.field_of(body, "instructions", (str,))
         system = [{"role": "system", "content": instructions}] if instructions else []
         chat = {k: body[k] for k in PASSED if body.get(k) is not None}
@@ -137,7 +139,7 @@ class Turn:
     def keep(self, response: dict, store: Store) -> None:
         """Store the response (with the conversation it ends), if the request asked for it."""
         if self.store:
-            store.put(response, self.messages + _replies(response["output"]), _input_items(self.body["input"]))
+            store.put(response, self.messages + _replies(response["output"]), self.items)
 
 
 def failed(response: dict, error: dict) -> dict:
@@ -152,8 +154,9 @@ def cancelled(response: dict) -> dict:
 
 
 def input_items(store: Store, rid: str, query: dict[str, list[str]]) -> dict:
-    """GET /v1/responses/{id}/input_items: the stored response's request's input items (not earlier turns'), as
-    OpenAI's list: `order` asc or desc (the default), `limit` 1-100 (20), `after` / `before` an item id."""
+    """GET /v1/responses/{id}/input_items: the items the stored response was generated from (with
+    previous_response_id, the earlier turns' input and output items first, then its request's), as OpenAI's list:
+    `order` asc or desc (the default), `limit` 1-100 (20), `after` / `before` an item id."""
     items = store.get(rid)[2]
     unknown = set(query) - {"order", "limit", "after", "before", "include"}
     if unknown:
