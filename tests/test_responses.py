@@ -50,9 +50,10 @@ def output_text(response: dict) -> str:
 
 
 def test_a_response_is_the_chat_completion_it_amounts_to(server):
-    body = GREEDY | {"input": "Who is the king?", "instructions": "Be brief.", "max_output_tokens": 12}
+    body = GREEDY | {"input": "Who is the king?", "instructions": "Be brief.", "max_output_tokens": 12,
+                     "max_tool_calls": 3}  # (built-in tools' limit: none here, so no effect)
     status, response = call(server, "/v1/responses", body)
-    assert status == 200, response
+    assert status == 200 and response["max_tool_calls"] == 3, response
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who is the king?"}]
     status, chat = call(server, "/v1/chat/completions", GREEDY | {"messages": messages, "max_tokens": 12})
     (choice,) = chat["choices"]
@@ -377,6 +378,7 @@ def test_logprobs_come_with_the_output_text(server):
     ({"input": "x", "max_output_tokens": -1}, 400, "max_output_tokens", "max_output_tokens"),
     ({"input": "x", "text": {"format": {"type": "xml"}}}, 400, "text", "text.format"),
     ({"input": "x", "previous_response_id": "resp_nope"}, 404, "previous_response_id", "resp_nope"),
+    ({"input": "x", "max_tool_calls": 0}, 400, "max_tool_calls", "positive integer"),
 ])  # fmt: skip
 def test_what_neolm_cannot_honour_is_refused(server, fields, status, param, needle):
     got, body = call(server, "/v1/responses", {"model": NAME} | fields)

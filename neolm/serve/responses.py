@@ -50,10 +50,12 @@ class Turn:
 
     def __init__(self, body, store: Store):
         protocol.known_fields(body, FIELDS)
-        for name, allowed in (("background", (False, True)), ("truncation", ("disabled", "auto")),
-                              ("max_tool_calls", ())):  # fmt: skip
+        for name, allowed in (("background", (False, True)), ("truncation", ("disabled", "auto"))):
             if body.get(name) is not None and body[name] not in allowed:
                 raise ApiError(400, f"'{name}': {body[name]!r} is not supported", name)
+        calls = body.get("max_tool_calls")  # OpenAI's limit on built-in tool calls: neolm has none, so no effect
+        if calls is not None and (not isinstance(calls, int) or isinstance(calls, bool) or calls < 1):
+            raise ApiError(400, f"'max_tool_calls' must be a positive integer, got {calls!r}", "max_tool_calls")
         self.background = body.get("background") is True
         if self.background and body.get("store") is False:
             raise ApiError(400, "'background' responses are stored and polled (GET /v1/responses/{id}): they need "
@@ -120,7 +122,7 @@ class Turn:
             "text": body.get("text") or {"format": {"type": "text"}}, "tool_choice": body.get("tool_choice", "auto"),
             "tools": body.get("tools") or [], "truncation": self.truncation, "user": body.get("user"),
             "metadata": body.get("metadata") or {}, "usage": None if usage is None else _usage(usage),
-            "background": self.background,
+            "background": self.background, "max_tool_calls": body.get("max_tool_calls"),
         }  # fmt: skip
 
     def answer(self, chat_answer: dict, gc) -> dict:
