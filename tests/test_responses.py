@@ -690,3 +690,15 @@ def test_neolm_serve_keeps_responses_through_a_crash(tmp_path):
     finally:
         process.kill()
         process.wait(60)
+
+
+def test_a_streamed_response_sends_each_event_as_it_is_made(server):
+    """A foreground stream's events go out while the model writes: a client that reads the first few and hangs up
+    stops a generation that had not ended (its sequence counted as aborted)."""
+    aborted = server.engine.metrics.finished["abort"]
+    body = GREEDY | {"input": "Who is the king?", "max_output_tokens": 400, "min_tokens": 400, "stream": True}
+    assert first_events(server, body, 6)[-1]["type"] == "response.output_text.delta"
+    deadline = time.monotonic() + 60
+    while server.engine.metrics.finished["abort"] == aborted and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert server.engine.metrics.finished["abort"] == aborted + 1

@@ -444,8 +444,11 @@ class Handler(BaseHTTPRequestHandler):
         """Stream the job's answer as server-sent events: OpenAI's chunks, ending with [DONE]; or, given `events`,
         those chunks as Responses events. A client that goes away stops its job."""
         chunks = answer.chunks(request, job, self.server.lm.tokenizer, name)
-        if not (self._events(chunks, done=True) if events is None else self._events(events.stream(chunks, job),
-                                                                                      named=True)):  # fmt: skip
+        if events is None:
+            sent = self._events(chunks, done=True)
+        else:
+            sent = self._events(events.stream(chunks, job), named=True)
+        if not sent:
             log.info("client went away: request %s stopped", request.id)
             job.cancel()
 
