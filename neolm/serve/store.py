@@ -4,8 +4,9 @@ chat messages a later turn continues, instructions left out) and its request's i
 
 - Store: in memory, lost when the server stops (the default, as vLLM's);
 - FileStore: a SQLite file (neolm serve --responses-store FILE), so that conversations continue across restarts
-  and a crash loses nothing stored. Each response is committed as it is stored (write-ahead log); a background
-  response that was still being generated when the server stopped is "failed" when the file is next opened.
+  and a crash of the server loses nothing stored. Each response is committed as it is stored (write-ahead log); a
+  background response that was still being generated when the server stopped is "failed" when the file is next
+  opened.
 """
 
 from __future__ import annotations
@@ -79,7 +80,9 @@ class FileStore(Store):
             if version not in (0, SCHEMA):
                 raise NeolmError(f"{self.path} holds responses stored by a newer neolm (layout {version}; this one "
                                  f"reads {SCHEMA}): upgrade neolm or give another file")  # fmt: skip
-            self._db.execute("PRAGMA journal_mode=WAL")  # each put is durable once it returns; readers never wait
+            # each put is committed as it returns: it survives the process being killed (synchronous NORMAL: a
+            # power loss may take the last ones); readers do not wait for a writer
+            self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("CREATE TABLE IF NOT EXISTS responses (id TEXT PRIMARY KEY, used INTEGER NOT NULL, "
                              "status TEXT NOT NULL, response TEXT NOT NULL, messages TEXT NOT NULL, "
