@@ -480,8 +480,8 @@ def test_a_background_response_is_answered_queued_and_polled_until_done(server):
     assert done["id"] == queued["id"] and done["background"] is True and foreground["background"] is False
     assert done["status"] == foreground["status"] == "incomplete" and output_text(done) == output_text(foreground)
     assert done["usage"] == foreground["usage"]
-    status, cancelled = call(server, f"/v1/responses/{done['id']}/cancel", {})
-    assert status == 200 and cancelled["status"] == "incomplete"  # an ended one is returned as it is
+    status, refused = call(server, f"/v1/responses/{done['id']}/cancel", {})
+    assert status == 400 and "already ended (incomplete)" in refused["error"]["message"], refused
     status, next_turn = call(server, "/v1/responses", body | {"previous_response_id": done["id"]})
     assert status == 200, next_turn
 
@@ -502,6 +502,7 @@ def test_a_background_response_can_be_cancelled(server):
     assert all(item["status"] == "incomplete" for item in cancelled["output"])
     assert 0 < cancelled["usage"]["output_tokens"] < 400
     assert poll(server, queued["id"]) == cancelled
+    assert call(server, f"/v1/responses/{queued['id']}/cancel", {}) == (200, cancelled)  # (again: as it is)
     status, foreground = call(server, "/v1/responses", GREEDY | {"input": "Hi", "max_output_tokens": 2})
     status, refused = call(server, f"/v1/responses/{foreground['id']}/cancel", {})
     assert status == 400 and "background: true" in refused["error"]["message"], refused

@@ -137,7 +137,8 @@ class Background:
 
     def cancel(self, rid: str) -> dict:
         """POST /v1/responses/{id}/cancel: stop a background response still running and return it as stored
-        ("cancelled"); one that has ended is returned as it is."""
+        ("cancelled"); one already cancelled is returned as it is, one that ended otherwise is refused (as
+        OpenAI's: "Cannot cancel a completed response")."""
         response = self.store.get(rid)[0]
         if not response.get("background"):
             raise ApiError(400, f"response {rid!r} was not created with background: true; only those can be "
@@ -148,7 +149,11 @@ class Background:
             job, thread = running
             job.cancel()
             thread.join(CANCEL_WAIT)
-        return self.store.get(rid)[0]
+        response = self.store.get(rid)[0]
+        if running is None and response["status"] != "cancelled":
+            raise ApiError(400, f"response {rid!r} has already ended ({response['status']}): only a background "
+                           "response still running can be cancelled")  # fmt: skip
+        return response
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait until no background response is being generated; False if `timeout` s passed first."""
