@@ -270,8 +270,7 @@ class Handler(BaseHTTPRequestHandler):
             )
         if path.startswith("/v1/responses/") and path.endswith("/input_items"):
             rid = path.removeprefix("/v1/responses/").removesuffix("/input_items")
-            query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query, keep_blank_values=True)
-            return self._json(200, responses.input_items(self.server.stored, rid, query))
+            return self._json(200, responses.input_items(self.server.stored, rid, self._query()))
         if path.startswith("/v1/responses/"):
             return self._response(path.removeprefix("/v1/responses/"))
         if path == "/health":
@@ -288,10 +287,8 @@ class Handler(BaseHTTPRequestHandler):
     def _response(self, rid: str) -> None:
         """GET /v1/responses/{id}: the stored response; with ?stream=true (and starting_after=N), a streamed
         background response's events (after sequence number N), then the rest as they are written."""
-        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query, keep_blank_values=True)
-        unknown = set(query) - {"stream", "starting_after", "include", "include_obfuscation"}
-        if unknown:
-            raise ApiError(400, f"unknown query parameters: {', '.join(sorted(unknown))}", min(unknown))
+        query = self._query()
+        protocol.known_params(query, {"stream", "starting_after", "include", "include_obfuscation"})
         stream = query.get("stream", ["false"])[-1]
         if stream not in ("true", "false"):
             raise ApiError(400, f"stream must be 'true' or 'false', got {stream!r}", "stream")
@@ -302,6 +299,10 @@ class Handler(BaseHTTPRequestHandler):
         if stream == "false":
             return self._json(200, self.server.stored.get(rid)[0])
         self._events(self.server.background.follow(rid, -1 if after is None else int(after)), named=True)
+
+    def _query(self) -> dict[str, list[str]]:
+        """The request's URL query parameters: name -> its values."""
+        return urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query, keep_blank_values=True)
 
     def _delete(self, path: str) -> None:
         if not path.startswith("/v1/responses/"):

@@ -116,6 +116,13 @@ def known_fields(body, fields: set[str]) -> None:
         raise ApiError(400, f"unrecognized request argument(s): {', '.join(unknown)}", unknown[0])
 
 
+def known_params(query: dict[str, list[str]], params: set[str]) -> None:
+    """ApiError unless a URL's query parameters (urllib.parse.parse_qs's) are among `params`."""
+    unknown = sorted(set(query) - params)
+    if unknown:
+        raise ApiError(400, f"unknown query parameters: {', '.join(unknown)}", unknown[0])
+
+
 def _refuse(body: dict, kind: str) -> None:
     known_fields(body, FIELDS[kind])
     unsupported = {

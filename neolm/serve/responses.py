@@ -160,9 +160,7 @@ def input_items(store: Store, rid: str, query: dict[str, list[str]]) -> dict:
     previous_response_id, the earlier turns' input and output items first, then its request's), as OpenAI's list:
     `order` asc or desc (the default), `limit` 1-100 (20), `after` / `before` an item id."""
     items = store.get(rid)[2]
-    unknown = set(query) - {"order", "limit", "after", "before", "include"}
-    if unknown:
-        raise ApiError(400, f"unknown query parameters: {', '.join(sorted(unknown))}", min(unknown))
+    protocol.known_params(query, {"order", "limit", "after", "before", "include"})
     order = query.get("order", ["desc"])[-1]
     if order not in ("asc", "desc"):
         raise ApiError(400, f"order must be 'asc' or 'desc', got {order!r}", "order")
