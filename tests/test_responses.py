@@ -10,6 +10,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import jsonschema
 import pytest
@@ -653,39 +654,30 @@ def test_neolm_serve_keeps_responses_through_a_crash(tmp_path):
     import subprocess
     import sys
 
-    def start() -> tuple[subprocess.Popen, str]:
+    def start() -> tuple[subprocess.Popen, SimpleNamespace]:
+        """The process, and where it listens as call() and request() take a server."""
         process = subprocess.Popen([sys.executable, "-m", "neolm.cli", "serve", "--port", "0", "--responses-store",
                                     tmp_path / "responses.db"], stderr=subprocess.PIPE, text=True)  # fmt: skip
         lines = []
-        while not (match := re.search(r"on (http://127\.0\.0\.1:\d+)/v1", lines[-1] if lines else "")):
+        while not (match := re.search(r"on http://127\.0\.0\.1:(\d+)/v1", lines[-1] if lines else "")):
             lines.append(process.stderr.readline())
             assert lines[-1], "".join(lines)  # (it exited)
-        return process, match[1]
+        return process, SimpleNamespace(server_address=("127.0.0.1", int(match[1])))
 
-    def send(base: str, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(base + path, data, {"Content-Type": "application/json"}, method=method)
-        try:
-            with urllib.request.urlopen(req, timeout=60) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
-
-    process, base = start()
+    process, served = start()
     try:
-        status, done = send(base, "POST", "/v1/responses", GREEDY | {"input": "Who is the king?",
-                                                                     "max_output_tokens": 8})  # fmt: skip
+        status, done = call(served, "/v1/responses", GREEDY | {"input": "Who is the king?", "max_output_tokens": 8})
         assert status == 200, done
         long = {"input": "Speak.", "max_output_tokens": 400, "min_tokens": 400, "background": True}
-        status, running = send(base, "POST", "/v1/responses", GREEDY | long)
+        status, running = call(served, "/v1/responses", GREEDY | long)
         assert status == 200 and running["status"] == "queued", running
         process.kill()
         process.wait(60)
-        process, base = start()
-        assert send(base, "GET", f"/v1/responses/{done['id']}") == (200, done)
-        status, failed = send(base, "GET", f"/v1/responses/{running['id']}")
+        process, served = start()
+        assert request(served, "GET", f"/v1/responses/{done['id']}") == (200, done)
+        status, failed = request(served, "GET", f"/v1/responses/{running['id']}")
         assert status == 200 and failed["status"] == "failed" and "server stopped" in failed["error"]["message"]
-        status, next_turn = send(base, "POST", "/v1/responses", GREEDY | {
+        status, next_turn = call(served, "/v1/responses", GREEDY | {
             "input": "And the queen?", "previous_response_id": done["id"], "max_output_tokens": 4})  # fmt: skip
         assert status == 200 and next_turn["previous_response_id"] == done["id"], next_turn
     finally:
