@@ -80,8 +80,7 @@ class Background:
         turn.keep(queued, self.store)
         if request.stream:
             trail = Trail()
-            work, args = self._stream, (turn, Events(turn, model, request.gc, self.store), request, job, tokenizer,
-                                        trail)  # fmt: skip
+            work, args = self._stream, (Events(turn, model, request.gc, self.store), request, job, tokenizer, trail)
         else:
             trail, work, args = None, self._answer, (turn, request, job, model, tokenizer)
         thread = threading.Thread(target=self._run, args=(turn, queued, work, args), name=f"neolm-{turn.id}",
@@ -114,14 +113,14 @@ class Background:
             log.warning("background response %s failed: %s", turn.id, e.message)
         turn.keep(response, self.store)
 
-    def _stream(self, turn: Turn, events: Events, request: Request, job: Job, tokenizer, trail: Trail) -> None:
+    def _stream(self, events: Events, request: Request, job: Job, tokenizer, trail: Trail) -> None:
         try:
             for event in events.stream(answer.chunks(request, job, tokenizer, events.model), job):
                 trail.add(event)
         finally:
             trail.end()
         if events.error is not None:
-            log.warning("background response %s failed: %s", turn.id, events.error["message"])
+            log.warning("background response %s failed: %s", events.turn.id, events.error["message"])
 
     def follow(self, rid: str, after: int = -1) -> Iterator[dict]:
         """GET /v1/responses/{id}?stream=true&starting_after=N: the events of a streamed background response after
