@@ -207,8 +207,9 @@ class LanguageModel:
                 raise NeolmError("give negative_prompt or negative_prompt_ids, not both")
             kwargs["negative_prompt_ids"] = (self.encode(negative) if isinstance(negative, str)
                                              else [self.encode(x) for x in negative])  # fmt: skip
-        if kwargs.get("penalty_alpha") and "do_sample" not in kwargs:  # contrastive search is a greedy mode: the
-            kwargs["do_sample"] = False  # checkpoint's sampling defaults give way to it
+        greedy_mode = kwargs.get("penalty_alpha") or (kwargs.get("num_beam_groups") or 1) > 1
+        if greedy_mode and "do_sample" not in kwargs:  # contrastive search and diverse beam search choose without
+            kwargs["do_sample"] = False  # sampling: the checkpoint's sampling defaults give way to them
         gc = GenerationConfig.from_kwargs(**(self.generation_defaults | kwargs))
         if gc.eos_token_id is None:
             gc.eos_token_id = (
@@ -258,7 +259,8 @@ class LanguageModel:
 
         Keyword arguments are those of `transformers.generate`: max_new_tokens, max_length, min_length,
         min_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, num_return_sequences,
-        eos_token_id, pad_token_id, stop_strings, num_beams, length_penalty, early_stopping, and its other
+        eos_token_id, pad_token_id, stop_strings, num_beams, length_penalty, early_stopping, num_beam_groups and
+        diversity_penalty (diverse beam search, neolm.beam), and its other
         processors (no_repeat_ngram_size, bad_words_ids, sequence_bias, min_p, typical_p, ...: GenerationConfig);
         plus seed (reproducible sampling), truncate_prompt, and OpenAI's presence_penalty and frequency_penalty.
         Classifier-free guidance (neolm.guidance): guidance_scale, with negative_prompt_ids or negative_prompt (text:

@@ -11,6 +11,13 @@ A prompt is done when its budget is spent, or when no running beam can beat its 
 length_penalty > 0; True: as soon as num_beams hypotheses have finished). With do_sample the continuations
 are drawn (without replacement) from the softmax of the summed scores, after the sampling warpers.
 
+Diverse beam search (num_beam_groups > 1; Vijayakumar et al. 2016, as transformers 4 ran it, now on the hub):
+the num_beams beams split into groups of num_beams / num_beam_groups, each a beam search of its own as above
+(its own finished hypotheses, its own "done"). Within a step the groups choose in turn, and a group's
+log-probabilities lose diversity_penalty per time a group before it chose the token at this step (after the
+sequence biases, before repetition_penalty, where transformers' HammingDiversityLogitsProcessor sits); a group
+that is done counts as choosing the pad token. The result is the best hypotheses of all groups.
+
 Prompts are batched (left-padded) but each gets what it would alone: its own lengths and budget. The KV
 cache holds a row per beam; each step moves the rows to follow the beams that were kept.
 """
@@ -67,6 +74,8 @@ def beam_hypotheses(
     prompts = fit_prompts(prompts, gc, config.n_positions, config.vocab_size)
     gc.check_vocab(config.vocab_size)
     P, B, V = len(prompts), gc.num_beams, config.vocab_size
+    G = gc.num_beam_groups
+    S, Q = B // G, P * G  # beams per group; searches (one per prompt and group, prompt-major)
     budgets = [gc.new_token_budget(len(p)) for p in prompts]
     if not prompts or max(budgets) == 0:
         n = P * gc.num_return_sequences
@@ -78,12 +87,14 @@ def beam_hypotheses(
         raise NeolmError("stop_strings need a tokenizer to decode the text")
     stops = StopStrings(gc.stop_strings, decode) if gc.stop_strings else None
     processors = Processors(gc, eos_ids, V, device, min_tokens_to_keep=len(eos_ids) + 1)
-    K = max(2, 1 + len(eos_ids)) * B  # candidates kept per step
+    K = max(2, 1 + len(eos_ids)) * S  # candidates kept per search and step
     generator = seeded_generator(gc.seed, device) if gc.do_sample else None
     T = max(budgets)
     deadline = gc.deadline()
+    # a group that is done chooses the pad token from then on (transformers pads it), which later groups avoid
+    pad = gc.pad_token_id if gc.pad_token_id is not None else eos_ids[0] if eos_ids else 0
 
-    # the prompts, read once each, then a cache row per beam
+    # the prompts, read once each, then a cache row per beam (row p * B + g * S + s = search q * S + s)
     tokens, positions, filled = left_pad(prompts, eos_ids[0] if eos_ids else 0, device)
     cache = KVCache(config, P, tokens.shape[1], model.cache_dtype, device)
     cache.hide_padding(filled)
@@ -91,70 +102,88 @@ def beam_hypotheses(
     cache = cache.rows(torch.arange(P, device=device).repeat_interleave(B), extra=T)
     positions = positions[:, -1:].repeat_interleave(B, 0)  # (P*B, 1)
 
-    budget = torch.tensor(budgets, device=device)[:, None]  # (P, 1)
-    running = torch.zeros(P, B, T, dtype=torch.long, device=device)  # the beams' new tokens
-    running_rows = torch.zeros(P, B, T, dtype=torch.long, device=device)  # the row (p * B + beam) each came from
-    running_scores = torch.full((P, B), LOST, device=device)
-    running_scores[:, 0] = 0  # at first all beams are the same: only one may continue
-    finished = torch.zeros(P, B, T, dtype=torch.long, device=device)
-    finished_scores = torch.full((P, B), LOST, device=device)
-    finished_lengths = torch.zeros(P, B, dtype=torch.long, device=device)
-    finished_rows = torch.zeros(P, B, T, dtype=torch.long, device=device)
+    budget = torch.tensor(budgets, device=device).repeat_interleave(G)[:, None]  # (Q, 1)
+    running = torch.zeros(Q, S, T, dtype=torch.long, device=device)  # the beams' new tokens
+    running_rows = torch.zeros(Q, S, T, dtype=torch.long, device=device)  # the row (q * S + beam) each came from
+    running_scores = torch.full((Q, S), LOST, device=device)
+    running_scores[:, 0] = 0  # at first all beams are the same: only one per search may continue
+    finished = torch.zeros(Q, S, T, dtype=torch.long, device=device)
+    finished_scores = torch.full((Q, S), LOST, device=device)
+    finished_lengths = torch.zeros(Q, S, dtype=torch.long, device=device)
+    finished_rows = torch.zeros(Q, S, T, dtype=torch.long, device=device)
     kept: dict[str, list[torch.Tensor]] = {"scores": [], "logits": []}  # per step (P * B, V)
-    is_finished = torch.zeros(P, B, dtype=torch.bool, device=device)
-    open_ = torch.ones(P, dtype=torch.bool, device=device)  # may still improve
-    first_b = torch.arange(K, device=device) < B  # (K,) only the best num_beams candidates may finish
+    is_finished = torch.zeros(Q, S, dtype=torch.bool, device=device)
+    open_ = torch.ones(Q, dtype=torch.bool, device=device)  # may still improve
+    first_b = torch.arange(K, device=device) < S  # (K,) only the best S candidates may finish
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
 
     for t in range(T):
-        state = _state(processors.needs, prompts, budgets, running, t, B, V)
-        log_probs = processors(torch.log_softmax(logits, dim=-1), state)
+        state = _state(processors.needs, prompts, budgets, running.view(P, B, T), t, B, V)
+        raw = torch.log_softmax(logits, dim=-1).view(Q, S, V)
+        parts: dict[str, list[torch.Tensor]] = {"log_probs": [], "scores": [], "candidates": [], "rows": [], "ends": []}
+        chosen = torch.zeros(P, V, device=device)  # the tokens the groups before chose this step, per prompt
+        for g in range(G):  # the groups in turn (one: plain beam search), each of all prompts at once
+            group_state = state if G == 1 else state.take(torch.arange(Q * S, device=device).view(Q, S)[g::G].flatten())
+            if gc.diversity_penalty:
+                group_state.diversity = chosen.repeat_interleave(S, 0)
+            log_probs = processors(raw[g::G].reshape(P * S, V), group_state)  # (P*S, V)
+            scores = (log_probs.view(P, S, V) + running_scores[g::G, :, None]).view(P, S * V)
+            if gc.do_sample:
+                picked = torch.multinomial(scores.softmax(dim=-1), K, generator=generator)
+                top_scores = scores.gather(1, picked)
+            else:
+                top_scores, picked = torch.topk(scores, K)  # (P, K)
+            origin, token = picked // V, picked % V
+            candidates = running[g::G].gather(1, origin[:, :, None].expand(P, K, T)).clone()  # (P, K, T)
+            candidates[:, :, t] = token
+            rows = origin + (torch.arange(P, device=device)[:, None] * G + g) * S  # (P, K) the beams' rows
+            candidate_rows = running_rows[g::G].gather(1, origin[:, :, None].expand(P, K, T)).clone()
+            candidate_rows[:, :, t] = rows
+            stopped = torch.isin(token, eos)  # (P, K)
+            if stops is not None:
+                stopped |= _stop_hits(stops, prompts, candidates, t)
+            if gc.stopping_criteria:
+                own_rows = origin + torch.arange(P, device=device)[:, None] * S  # rows of log_probs
+                stopped |= _criteria_hits(gc.stopping_criteria, prompts, candidates, t, log_probs, own_rows)
+            ends = stopped | (t + 1 >= budget[g::G])
+            if time.monotonic() > deadline:  # max_time: every candidate ends here, as at the length limit
+                ends = torch.ones_like(ends)
+            for name, part in zip(parts, (log_probs.view(P, S, V), top_scores, candidates, candidate_rows, ends)):
+                parts[name].append(part)
+            if g + 1 < G:  # the tokens of the group's best S candidates that go on (the pad token where it is done)
+                going_on = torch.sort(stopped.to(torch.uint8), dim=1, stable=True).indices[:, :S]  # (best first)
+                next_tokens = token.gather(1, going_on).masked_fill(~open_[g::G, None], pad)
+                chosen.scatter_add_(1, next_tokens, torch.ones_like(next_tokens, dtype=chosen.dtype))
+        log_probs, top_scores, candidates, candidate_rows, ends = map(_interleave, parts.values())
+        log_probs = log_probs.view(P * B, V)
         if keep_scores:
             kept["scores"].append(log_probs)
         if keep_logits:
             kept["logits"].append(logits)
-        scores = (log_probs.view(P, B, V) + running_scores[:, :, None]).view(P, B * V)
-        if gc.do_sample:
-            picked = torch.multinomial(scores.softmax(dim=-1), K, generator=generator)
-            top_scores = scores.gather(1, picked)
-        else:
-            top_scores, picked = torch.topk(scores, K)  # (P, K)
-        origin, token = picked // V, picked % V
-        candidates = running.gather(1, origin[:, :, None].expand(P, K, T)).clone()  # (P, K, T)
-        candidates[:, :, t] = token
-        rows = origin + torch.arange(P, device=device)[:, None] * B  # (P, K) the beams' rows
-        candidate_rows = running_rows.gather(1, origin[:, :, None].expand(P, K, T)).clone()
-        candidate_rows[:, :, t] = rows
-        ends = torch.isin(token, eos) | (t + 1 >= budget)  # (P, K)
-        if time.monotonic() > deadline:  # max_time: every candidate ends here, as at the length limit
-            ends = torch.ones_like(ends)
-        if stops is not None:
-            ends |= _stop_hits(stops, prompts, candidates, t)
-        if gc.stopping_criteria:
-            ends |= _criteria_hits(gc.stopping_criteria, prompts, candidates, t, log_probs, rows)
+        token = candidates[:, :, t]
 
         # the next running beams: the best candidates that do not end
-        keep = torch.topk(top_scores + ends.float() * LOST, B).indices  # (P, B)
+        keep = torch.topk(top_scores + ends.float() * LOST, S).indices  # (Q, S)
         running_scores = (top_scores + ends.float() * LOST).gather(1, keep)
-        running = candidates.gather(1, keep[:, :, None].expand(P, B, T))
-        running_rows = candidate_rows.gather(1, keep[:, :, None].expand(P, B, T))
-        beam_rows = (origin.gather(1, keep) + torch.arange(P, device=device)[:, None] * B).view(-1)
+        running = candidates.gather(1, keep[:, :, None].expand(Q, S, T))
+        running_rows = candidate_rows.gather(1, keep[:, :, None].expand(Q, S, T))
+        beam_rows = running_rows[:, :, t].reshape(-1)
 
-        # finished hypotheses: merge those that end among the first num_beams into the best num_beams
+        # finished hypotheses: merge those that end among the first S into the best S of the search
         ended = ends & first_b
         normed = top_scores / float(t + 1) ** gc.length_penalty
         full = is_finished.all(dim=1, keepdim=True) & (gc.early_stopping is True)
         normed = normed + (full | ~open_[:, None]).float() * LOST + (~ended).float() * LOST
         merged_scores = torch.cat((finished_scores, normed), 1)
-        best = torch.topk(merged_scores, B).indices  # (P, B)
+        best = torch.topk(merged_scores, S).indices  # (Q, S)
         finished_scores = merged_scores.gather(1, best)
-        finished = torch.cat((finished, candidates), 1).gather(1, best[:, :, None].expand(P, B, T))
-        finished_rows = torch.cat((finished_rows, candidate_rows), 1).gather(1, best[:, :, None].expand(P, B, T))
+        finished = torch.cat((finished, candidates), 1).gather(1, best[:, :, None].expand(Q, S, T))
+        finished_rows = torch.cat((finished_rows, candidate_rows), 1).gather(1, best[:, :, None].expand(Q, S, T))
         new_lengths = torch.cat((finished_lengths, torch.full_like(token, t + 1)), 1)
         finished_lengths = new_lengths.gather(1, best)
         is_finished = torch.cat((is_finished, ended), 1).gather(1, best)
 
-        # which prompts may still improve: the best running beam against the worst finished hypothesis
+        # which searches may still improve: the best running beam against the worst finished hypothesis
         longest = budget if gc.early_stopping == "never" and gc.length_penalty > 0 else torch.full_like(budget, t + 1)
         best_possible = running_scores[:, :1] / longest.float() ** gc.length_penalty
         worst = torch.where(is_finished, finished_scores.min(dim=1, keepdim=True).values, LOST)
@@ -167,19 +196,27 @@ def beam_hypotheses(
         positions = positions + 1
         logits = model(running[:, :, t].reshape(-1, 1), positions, cache)[:, -1].float()
 
+    # each prompt's best num_return_sequences hypotheses, over its groups
     n = gc.num_return_sequences
-    lengths_out = finished_lengths[:, :n].tolist()
-    sequences, scores = finished[:, :n].tolist(), finished_scores[:, :n].tolist()
+    order = torch.sort(finished_scores.view(P, B), dim=1, descending=True, stable=True).indices[:, :n]  # (P, n)
+    scores_out = finished_scores.view(P, B).gather(1, order).tolist()
+    lengths_out = finished_lengths.view(P, B).gather(1, order).tolist()
+    sequences = finished.view(P, B, T).gather(1, order[:, :, None].expand(P, n, T)).tolist()
     lengths = [length if budgets[p] else 0 for p in range(P) for length in lengths_out[p]]
     out = Hypotheses([seq[:length] for seq, length in zip((s for p in sequences for s in p), lengths)],
-                     [score if budgets[p] else 0.0 for p in range(P) for score in scores[p]])  # fmt: skip
-    rows = finished_rows[:, :n].reshape(P * n, T)
+                     [score if budgets[p] else 0.0 for p in range(P) for score in scores_out[p]])  # fmt: skip
+    rows = finished_rows.view(P, B, T).gather(1, order[:, :, None].expand(P, n, T)).reshape(P * n, T)
     for name, steps in kept.items():
         if steps:  # each hypothesis's token t: row `rows[h, t]` of step t
             table = torch.stack(steps)  # (steps, P * B, V)
             picked = [table[torch.arange(length, device=device), rows[h, :length]] for h, length in enumerate(lengths)]
             setattr(out, f"token_{name}", picked)
     return out
+
+
+def _interleave(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Each group's (P, ...) part of a step, back in search order (Q = P * G, ...): search q = p * G + g."""
+    return parts[0] if len(parts) == 1 else torch.stack(parts, 1).flatten(0, 1)
 
 
 def _state(needs: RowState, prompts, budgets, running: torch.Tensor, t: int, B: int, V: int) -> RowState:

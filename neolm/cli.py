@@ -153,6 +153,12 @@ def _add_generation_args(p: argparse.ArgumentParser, chat: bool = False):
                            help="beam search with N beams (with --no-do-sample; the text comes at the end)")  # fmt: skip
         knobs.add_argument("--length-penalty", type=float, metavar="X",
                            help="beam search: a hypothesis scores log p / length^X (default 1; < 1 favours short ones)")  # fmt: skip
+        knobs.add_argument("--num-beam-groups", type=non_negative, metavar="G",
+                           help="diverse beam search: the beams split into G groups, each a beam search of its own, "
+                           "that choose in turn (--num-beams a multiple of G)")  # fmt: skip
+        knobs.add_argument("--diversity-penalty", type=float, metavar="X",
+                           help="diverse beam search: subtract X from a token's score per group before that chose "
+                           "it at this step (e.g. 1.0)")  # fmt: skip
         knobs.add_argument("--num-return-sequences", type=non_negative, help="samples (or best beams) per prompt")
         knobs.add_argument("--dola-layers", type=_dola_layers, metavar="low|high|I,J,...",
                            help="DoLa: contrast the last layer's prediction with the furthest of these earlier layers' "
@@ -235,6 +241,7 @@ def _generation_knobs(args) -> dict:
     names = ("max_new_tokens", "max_length", "min_length", "min_new_tokens", "do_sample", "temperature", "top_k",
              "top_p", "repetition_penalty", "num_return_sequences", "seed", "no_repeat_ngram_size", "min_p",
              "typical_p", "presence_penalty", "frequency_penalty", "num_beams", "length_penalty",
+             "num_beam_groups", "diversity_penalty",
              "prompt_lookup_num_tokens", "num_assistant_tokens", "top_h", "max_time", "guidance_scale", "penalty_alpha", "dola_layers",
              "token_healing")  # fmt: skip
     knobs = {name: getattr(args, name, None) for name in names} | {"stop_strings": args.stop}

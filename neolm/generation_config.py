@@ -46,6 +46,8 @@ class GenerationConfig:
     num_beams: int = 1  # > 1: beam search
     length_penalty: float = 1.0  # a finished beam's score is its log-probability / (new tokens ** length_penalty)
     early_stopping: bool | str = False  # True: stop at num_beams finished; False: heuristic; "never": exhaustive
+    num_beam_groups: int = 1  # > 1: diverse beam search, num_beams split into this many groups searched in turn
+    diversity_penalty: float = 0.0  # diverse beam search: subtracted per time a group before chose the token this step
     # more of transformers' logits processors (neolm.sampling.Processors)
     no_repeat_ngram_size: int = 0  # no n-gram of this size may occur twice (prompt included)
     bad_words_ids: list[list[int]] | None = None  # token sequences that may not be generated
@@ -253,11 +255,27 @@ class GenerationConfig:
         check(isinstance(self.num_beams, int) and self.num_beams >= 1, f"num_beams must be >= 1, got {self.num_beams}")
         check(self.early_stopping in (True, False, "never"),
               f'early_stopping must be true, false or "never", got {self.early_stopping!r}')  # fmt: skip
+        self._validate_groups(check)
         if self.num_beams == 1:
             return
         check(not self.guided, "classifier-free guidance (guidance_scale) is not offered with beams (num_beams > 1)")
         check(self.num_return_sequences <= self.num_beams,
               f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams ({self.num_beams})")  # fmt: skip
+
+    def _validate_groups(self, check) -> None:
+        groups, penalty = self.num_beam_groups, self.diversity_penalty
+        check(isinstance(groups, int) and groups >= 1, f"num_beam_groups must be an integer >= 1, got {groups!r}")
+        check(isinstance(penalty, (int, float)) and math.isfinite(penalty) and penalty >= 0,
+              f"diversity_penalty must be a number >= 0, got {penalty!r}")  # fmt: skip
+        if groups == 1:
+            check(not penalty, "diversity_penalty acts between beam groups: set num_beam_groups > 1 too "
+                               "(diverse beam search)")  # fmt: skip
+            return
+        check(self.num_beams > 1 and self.num_beams % groups == 0,
+              f"diverse beam search splits num_beams into num_beam_groups groups of equal size: num_beams must be a "
+              f"multiple of {groups} (> 1), got {self.num_beams}")  # fmt: skip
+        check(not self.do_sample, "diverse beam search (num_beam_groups > 1) chooses without sampling: set "
+                                  "do_sample=False")  # fmt: skip
 
     def _validate_assisted(self, check) -> None:
         for name in ("prompt_lookup_num_tokens", "max_matching_ngram_size"):

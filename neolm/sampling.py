@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 import torch
@@ -35,6 +35,20 @@ class RowState:
     tokens: Sequence[Sequence[int]] | None = None  # prompt + new tokens (n-grams, sequence biases)
     prompts: Sequence[int] | None = None  # which prompt of its generate() call (prefix_allowed_tokens_fn's batch_id)
     unconditional: torch.Tensor | None = None  # (N, V) guidance's unconditional log-probabilities (neolm.guidance)
+    diversity: torch.Tensor | None = None  # (N, V) diverse beam search: how often the groups before chose each token
+
+    def take(self, rows: torch.Tensor) -> RowState:
+        """The state of these rows only (N' indices)."""
+        index = rows.tolist()
+        taken = {}
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, torch.Tensor):
+                value = value[rows]
+            elif value is not None:
+                value = [value[i] for i in index]
+            taken[field.name] = value
+        return RowState(**taken)
 
 
 class Processors:
@@ -86,6 +100,8 @@ class Processors:
             scores = scores + self.bias
         if self.sequence_biases:
             scores = scores + _sequence_bias(self.sequence_biases, rows.tokens, scores)
+        if rows.diversity is not None:  # (transformers' HammingDiversityLogitsProcessor, in its place)
+            scores = scores - gc.diversity_penalty * rows.diversity
         if gc.repetition_penalty != 1.0:
             penalized = torch.where(scores < 0, scores * gc.repetition_penalty, scores / gc.repetition_penalty)
             scores = torch.where(rows.seen, penalized, scores)

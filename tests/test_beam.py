@@ -99,3 +99,130 @@ def test_beam_search_stop_strings_match_transformers(tiny_checkpoints):
         assert ours == hf_beams(hf, prompt, stop_strings=[stop], tokenizer=hf_tokenizer(), **kw)
         ended += sum(len(h) < 12 and stop in lm.decode(prompt + h)[-len(stop) - 8 :] for h in ours)
     assert ended  # some hypotheses ended at the stop string
+
+
+def diverse_reference(hf, prompt: list[int], num_beams: int, groups: int, penalty: float, n: int,
+                      eos: list[int] = (), length_penalty: float = 1.0, repetition_penalty: float = 1.0,
+                      pad: int = 0) -> list[tuple[float, list[int]]]:  # fmt: skip
+    """Diverse beam search (Vijayakumar et al. 2016) as transformers 4 ran it (_group_beam_search, now on the hub),
+    written plainly on transformers' model without a cache: each step the groups choose in turn; a group's
+    log-probabilities lose `penalty` per time a group before it chose the token this step; each group is a beam
+    search of its own (num_beams / groups beams, its own finished hypotheses, early_stopping False), and one that
+    is done chooses `pad`. All the groups' hypotheses as (score, new tokens), best first."""
+    size, vocab = num_beams // groups, hf.config.vocab_size
+    beams = [([], 0.0 if b % size == 0 else -1.0e9) for b in range(num_beams)]  # (new tokens, score), group-major
+    hypotheses: list[list[tuple[float, list[int]]]] = [[] for _ in range(groups)]
+    done = [False] * groups
+    for t in range(n):
+        with torch.no_grad():
+            logits = hf(torch.tensor([prompt + seq for seq, _ in beams])).logits[:, -1].float()
+        log_probs = torch.log_softmax(logits, dim=-1)
+        chosen: list[int] = []
+        following = []
+        for g in range(groups):
+            group = beams[g * size : (g + 1) * size]
+            if done[g]:
+                following += [(group[0][0] + [pad], 0.0)] * size
+                chosen += [pad] * size
+                continue
+            scores = log_probs[g * size : (g + 1) * size].clone()
+            for token in chosen:
+                scores[:, token] -= penalty
+            for row, (seq, _) in enumerate(group):
+                seen = torch.tensor(sorted(set(prompt + seq)))
+                scores[row, seen] = torch.where(scores[row, seen] < 0, scores[row, seen] * repetition_penalty,
+                                                scores[row, seen] / repetition_penalty)  # fmt: skip
+            total = (scores + torch.tensor([score for _, score in group])[:, None]).view(-1)
+            top, index = total.topk(max(2, 1 + len(eos)) * size)
+            kept = []
+            for rank, (score, i) in enumerate(zip(top.tolist(), index.tolist())):
+                seq = group[i // vocab][0] + [i % vocab]
+                if i % vocab in eos:
+                    if rank < size:
+                        hypotheses[g] = sorted(hypotheses[g] + [(score / (t + 1) ** length_penalty, seq)],
+                                               key=lambda h: -h[0])[:size]  # fmt: skip
+                else:
+                    kept.append((seq, score))
+                if len(kept) == size:
+                    break
+            full = len(hypotheses[g]) == size
+            done[g] = full and hypotheses[g][-1][0] >= top.max().item() / (t + 1) ** length_penalty
+            following += kept
+            chosen += [seq[-1] for seq, _ in kept]
+        beams = following
+        if all(done):
+            break
+    for g in range(groups):  # the groups still searching at the end keep their beams as they are
+        if not done[g]:
+            for seq, score in beams[g * size : (g + 1) * size]:
+                hypotheses[g] = sorted(hypotheses[g] + [(score / len(seq) ** length_penalty, seq)],
+                                       key=lambda h: -h[0])[:size]  # fmt: skip
+    return sorted((h for group in hypotheses for h in group), key=lambda h: -h[0])
+
+
+DIVERSE = [
+    dict(num_beams=4, num_beam_groups=2, diversity_penalty=1.0, num_return_sequences=4),
+    dict(num_beams=6, num_beam_groups=3, diversity_penalty=0.5, num_return_sequences=3, length_penalty=0.7),
+    dict(num_beams=3, num_beam_groups=3, diversity_penalty=2.0, num_return_sequences=2, repetition_penalty=1.3),
+]
+
+
+@pytest.mark.parametrize("name", ["neo", "neox-parallel-pct25"])
+def test_diverse_beam_search_follows_its_rule(tiny_checkpoints, name):
+    """num_beam_groups and diversity_penalty: the hypotheses and their scores are the rule's (run on
+    transformers' model), where beams run to the length limit and where groups end early at eos; a batch gives
+    each prompt what it gets alone; with a penalty the groups' best hypotheses differ, without one each group is
+    plain beam search with its share of the beams."""
+    hf, folder = tiny_checkpoints[name]
+    lm = neolm.load(folder)
+    prompts = [[11, 22, 33, 44, 55, 66, 77], [5, 6, 7, 5, 6, 7, 5, 6]]
+    early = 0
+    for prompt in prompts:
+        greedy = hf_generate(hf, prompt, max_new_tokens=8, min_new_tokens=8)
+        for settings in DIVERSE:
+            for eos in ([], [greedy[1], greedy[2], greedy[5]]):
+                kw = dict(settings, max_new_tokens=10, do_sample=False, eos_token_id=eos or None)
+                out = lm.generate_ids([prompt], return_dict_in_generate=True, **kw)
+                rule = diverse_reference(hf, prompt, kw["num_beams"], kw["num_beam_groups"], kw["diversity_penalty"],
+                                         10, eos, kw.get("length_penalty", 1.0), kw.get("repetition_penalty", 1.0),
+                                         pad=eos[0] if eos else 0)[: kw["num_return_sequences"]]  # fmt: skip
+                assert out.sequences == [seq for _, seq in rule], (prompt, kw)
+                assert out.sequences_scores == pytest.approx([score for score, _ in rule], abs=1e-4)
+                early += sum(len(h) < 10 for h in out.sequences)
+    assert early >= 3  # hypotheses that ended at eos were compared too
+    kw = dict(DIVERSE[1], max_new_tokens=10, do_sample=False, eos_token_id=[13, 11, 198])
+    assert lm.generate_ids(prompts, **kw) == [h for p in prompts for h in lm.generate_ids([p], **kw)]
+    both = dict(num_beams=4, num_beam_groups=2, num_return_sequences=4, max_new_tokens=10, do_sample=False)
+    plain = lm.generate_ids([prompts[0]], num_beams=2, num_return_sequences=2, max_new_tokens=10, do_sample=False)
+    assert lm.generate_ids([prompts[0]], **both) == [plain[0], plain[0], plain[1], plain[1]]
+    diverse = lm.generate_ids([prompts[0]], **both, diversity_penalty=3.0)
+    assert diverse[0] == plain[0] and len({tuple(h[:1]) for h in diverse}) > 1
+
+
+def test_diverse_beam_search_scores_and_refusals(tiny_checkpoints):
+    """output_scores give each token's row as the group chose it (its penalty included); the text API turns the
+    checkpoint's sampling default off for it; settings that do not fit are refused."""
+    hf, folder = tiny_checkpoints["neox-parallel-pct25"]
+    lm = neolm.load(folder)
+    prompt = [11, 22, 33, 44, 55, 66, 77]
+    kw = dict(num_beams=4, num_beam_groups=2, diversity_penalty=1.0, num_return_sequences=4, max_new_tokens=6,
+              do_sample=False, eos_token_id=None, length_penalty=0.0)  # fmt: skip
+    out = lm.generate_ids([prompt], return_dict_in_generate=True, output_scores=True, output_logits=True, **kw)
+    for seq, score, scores, logits in zip(out.sequences, out.sequences_scores, out.scores, out.logits):
+        picked = scores[torch.arange(len(seq)), seq]
+        assert picked.sum().item() == pytest.approx(score, abs=1e-4)  # length_penalty 0: the summed scores
+        with torch.no_grad():
+            full = hf(torch.tensor([prompt + seq])).logits[0, len(prompt) - 1 : -1]
+        assert (logits - full).abs().max().item() <= 1e-4
+    lm.generation_defaults = {"do_sample": True, "top_k": 5}
+    assert lm.generate("The quick brown fox", num_beams=2, num_beam_groups=2, diversity_penalty=1.0, max_new_tokens=4)
+    for bad, match in [
+        (dict(num_beams=4, num_beam_groups=3), "multiple of 3"),
+        (dict(num_beams=1, num_beam_groups=2), "multiple of 2"),
+        (dict(num_beams=4, num_beam_groups=2, do_sample=True), "without sampling"),
+        (dict(num_beams=4, diversity_penalty=1.0), "set num_beam_groups > 1"),
+        (dict(num_beams=4, num_beam_groups=2, diversity_penalty=-1.0), "diversity_penalty must be a number >= 0"),
+        (dict(num_beams=4, num_beam_groups=0), "num_beam_groups must be an integer >= 1"),
+    ]:
+        with pytest.raises(NeolmError, match=match):
+            lm.generate("hi", **bad)
