@@ -10,7 +10,11 @@ prompt (--prompt-tokens random ids), greedy beam search with --beams beams and e
 seconds per generation (median [min-max] over the rounds), new tokens per second of the best hypothesis,
 the ratio, and whether both returned the same hypotheses (all --beams of them, in order). CTranslate2 also has
 beam search but its converter needs a transformers older than 5, and llama.cpp's was removed: not measured here.
-Not a test.
+
+With --groups G (> 1), diverse beam search (num_beam_groups G, --diversity-penalty): transformers 5 runs it only
+from the hub (custom_generate="transformers-community/group-beam-search"), which is tried and reported as not run
+when out of reach; neolm's diverse beam search is then timed against its own plain beam search with the same
+beams, which tells what the groups cost. Not a test.
 """
 
 from __future__ import annotations
@@ -46,6 +50,12 @@ def run_transformers(hf, prompt, kw) -> tuple[float, list[list[int]]]:
     return elapsed, [[t for t in row if t != hf.config.vocab_size] for row in out[:, len(prompt) :].tolist()]
 
 
+def run_transformers_groups(hf, prompt, kw) -> tuple[float, list[list[int]]]:
+    """transformers' diverse beam search, from the hub (it left transformers' own code in version 5)."""
+    return run_transformers(hf, prompt, kw | {"custom_generate": "transformers-community/group-beam-search",
+                                              "trust_remote_code": True})  # fmt: skip
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="a checkpoint folder (default: pythia-160m's shape, random weights)")
@@ -54,6 +64,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--groups", type=int, default=1, help="> 1: diverse beam search with this many beam groups")
+    p.add_argument("--diversity-penalty", type=float, default=1.0, help="diverse beam search's penalty")
     p.add_argument("--out", help="append the table to this markdown file")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -74,25 +86,42 @@ def main() -> None:
     n = args.new_tokens
     kw = dict(num_beams=args.beams, num_return_sequences=args.beams, max_new_tokens=n, min_new_tokens=n,
               do_sample=False, repetition_penalty=1.0)  # fmt: skip
+    peer, peer_name, not_run = run_transformers, "transformers", ""
+    plain = kw
+    if args.groups > 1:
+        kw = kw | {"num_beam_groups": args.groups, "diversity_penalty": args.diversity_penalty}
+        try:
+            run_transformers_groups(hf, prompt[:8], kw | {"max_new_tokens": 2, "min_new_tokens": 2})
+            peer = run_transformers_groups
+        except Exception as e:  # (offline: the hub is out of reach)
+            not_run = f"transformers: not run, its diverse beam search is on the hub ({type(e).__name__}: {e})"
+            not_run = not_run.splitlines()[0][:300]
+            peer, peer_name = lambda model, prompt, kw: run_neolm(model, prompt, plain), "neolm beam search"
+            hf = lm
     run_neolm(lm, prompt[:8], kw | {"max_new_tokens": 4, "min_new_tokens": 4})  # warm-up (kernels, allocations)
-    run_transformers(hf, prompt[:8], kw | {"max_new_tokens": 4, "min_new_tokens": 4})
-    times = {"neolm": [], "transformers": []}
+    peer(hf, prompt[:8], kw | {"max_new_tokens": 4, "min_new_tokens": 4})
+    first = "neolm" if args.groups == 1 else f"neolm diverse ({args.groups} groups)"
+    times = {first: [], peer_name: []}
     same = True
     for r in range(args.rounds):
-        order = [("neolm", run_neolm, lm), ("transformers", run_transformers, hf)]
+        order = [(first, run_neolm, lm), (peer_name, peer, hf)]
         outputs = {}
         for name, run, model in order if r % 2 == 0 else order[::-1]:
             seconds, outputs[name] = run(model, prompt, kw)
             times[name].append(seconds)
             print(f"round {r + 1}: {name} {seconds:.2f} s", file=sys.stderr)
-        same &= outputs["neolm"] == outputs["transformers"]
-
+        same &= outputs[first] == outputs[peer_name]
 
     machine = describe()
-    ratio = statistics.median(t / s for s, t in zip(times["neolm"], times["transformers"]))
+    ratio = statistics.median(t / s for s, t in zip(times[first], times[peer_name]))
+    groups = f" --groups {args.groups} --diversity-penalty {args.diversity_penalty}" if args.groups > 1 else ""
+    if peer_name == "transformers":
+        verdict = f"same {args.beams} hypotheses in the same order: {'yes' if same else 'NO'}"
+    else:  # (diverse beam search is meant to differ from plain beam search)
+        verdict = f"{not_run}; the hypotheses differ from plain beam search's: {'no' if same else 'yes'}"
     lines = [
         f"`python bench/beam.py --model {folder} --beams {args.beams} --prompt-tokens {args.prompt_tokens} "
-        f"--new-tokens {n} --rounds {args.rounds} --threads {args.threads}`",
+        f"--new-tokens {n} --rounds {args.rounds} --threads {args.threads}{groups}`",
         "",
         f"{machine['cpu']} ({machine['cpu_id']}; {machine['simd']}), torch {torch.__version__}, {args.threads} "
         "threads, fp32; "
@@ -102,8 +131,7 @@ def main() -> None:
         "|---|---|---|",
         *(f"| {name} | {spread(xs)} | {n / statistics.median(xs):.1f} |" for name, xs in times.items()),
         "",
-        f"neolm / transformers speed: {ratio:.2f}x (median of the per-round ratios); same {args.beams} hypotheses "
-        f"in the same order: {'yes' if same else 'NO'}",
+        f"{first} / {peer_name} speed: {ratio:.2f}x (median of the per-round ratios); {verdict}",
         "",
     ]
     publish(lines, args.out)
