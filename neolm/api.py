@@ -207,9 +207,21 @@ class LanguageModel:
                 raise NeolmError("give negative_prompt or negative_prompt_ids, not both")
             kwargs["negative_prompt_ids"] = (self.encode(negative) if isinstance(negative, str)
                                              else [self.encode(x) for x in negative])  # fmt: skip
-        greedy_mode = kwargs.get("penalty_alpha") or (kwargs.get("num_beam_groups") or 1) > 1
-        if greedy_mode and "do_sample" not in kwargs:  # contrastive search and diverse beam search choose without
-            kwargs["do_sample"] = False  # sampling: the checkpoint's sampling defaults give way to them
+        words = kwargs.pop("force_words", None)
+        if words is not None:  # constrained beam search's phrases as text: each a string, or a list of alternatives
+            ok = isinstance(words, list) and words and all(
+                isinstance(w, str) and w or isinstance(w, list) and w and all(isinstance(x, str) and x for x in w)
+                for w in words)  # fmt: skip
+            if not ok:
+                raise NeolmError("force_words must be a list of phrases, each a non-empty string or a list of "
+                                 "alternative strings")  # fmt: skip
+            kwargs["force_words_ids"] = [*kwargs.get("force_words_ids", []),
+                                         *([self.encode(x) for x in w] if isinstance(w, list) else self.encode(w)
+                                           for w in words)]  # fmt: skip
+        constrained = kwargs.get("force_words_ids") is not None or kwargs.get("constraints") is not None
+        greedy_mode = kwargs.get("penalty_alpha") or (kwargs.get("num_beam_groups") or 1) > 1 or constrained
+        if greedy_mode and "do_sample" not in kwargs:  # contrastive, diverse and constrained beam search choose
+            kwargs["do_sample"] = False  # without sampling: the checkpoint's sampling defaults give way to them
         gc = GenerationConfig.from_kwargs(**(self.generation_defaults | kwargs))
         if gc.eos_token_id is None:
             gc.eos_token_id = (
@@ -260,7 +272,9 @@ class LanguageModel:
         Keyword arguments are those of `transformers.generate`: max_new_tokens, max_length, min_length,
         min_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, num_return_sequences,
         eos_token_id, pad_token_id, stop_strings, num_beams, length_penalty, early_stopping, num_beam_groups and
-        diversity_penalty (diverse beam search, neolm.beam), and its other
+        diversity_penalty (diverse beam search, neolm.beam), force_words_ids and constraints (constrained beam
+        search, neolm.constrained; or force_words: the phrases as text, each a string or a list of alternatives,
+        encoded as given: " Paris" mid-sentence), and its other
         processors (no_repeat_ngram_size, bad_words_ids, sequence_bias, min_p, typical_p, ...: GenerationConfig);
         plus seed (reproducible sampling), truncate_prompt, and OpenAI's presence_penalty and frequency_penalty.
         Classifier-free guidance (neolm.guidance): guidance_scale, with negative_prompt_ids or negative_prompt (text:

@@ -70,6 +70,10 @@ def beam_hypotheses(
     """beam_search's hypotheses and their scores, transformers' sequences_scores (0 for a prompt with no budget);
     with keep_scores / keep_logits, each token's row of the step that chose it, from the beam it continued
     (transformers' scores / logits gathered along its beam_indices)."""
+    if gc.force_words_ids is not None or gc.constraints is not None:
+        from neolm.constrained import constrained_hypotheses  # (it builds on this module)
+
+        return constrained_hypotheses(model, prompts, gc, keep_scores, keep_logits)
     config, device = model.config, model.ln_f.weight.device
     prompts = fit_prompts(prompts, gc, config.n_positions, config.vocab_size)
     gc.check_vocab(config.vocab_size)

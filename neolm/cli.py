@@ -159,6 +159,10 @@ def _add_generation_args(p: argparse.ArgumentParser, chat: bool = False):
         knobs.add_argument("--diversity-penalty", type=float, metavar="X",
                            help="diverse beam search: subtract X from a token's score per group before that chose "
                            "it at this step (e.g. 1.0)")  # fmt: skip
+        knobs.add_argument("--force-words", action="append", metavar="TEXT[|TEXT...]",
+                           help="constrained beam search: the text must hold this phrase (or one of these |-separated "
+                           "ones); repeat for more; encoded as given, so a word mid-sentence takes its leading space: "
+                           "--force-words ' Paris'")  # fmt: skip
         knobs.add_argument("--num-return-sequences", type=non_negative, help="samples (or best beams) per prompt")
         knobs.add_argument("--dola-layers", type=_dola_layers, metavar="low|high|I,J,...",
                            help="DoLa: contrast the last layer's prediction with the furthest of these earlier layers' "
@@ -250,7 +254,13 @@ def _generation_knobs(args) -> dict:
     from neolm.generation_config import GenerationConfig
 
     negative = {"negative_prompt_ids": [0]} if args.negative_prompt is not None else {}  # (its text: once loaded)
-    GenerationConfig.from_kwargs(**knobs, **negative)  # reject bad combinations before the (slow) load
+    words = getattr(args, "force_words", None)
+    forced = {"force_words_ids": [[0]]} if words else {}  # (its text too)
+    GenerationConfig.from_kwargs(**knobs, **negative, **forced)  # reject bad combinations before the (slow) load
+    if words:
+        if not all(all(w.split("|")) for w in words):
+            raise NeolmError("--force-words: a phrase (or an alternative between |) is empty")
+        knobs["force_words"] = [w.split("|") if "|" in w else w for w in words]
     if "structured_outputs" in knobs:  # and a bad schema or regex
         from neolm.structured import compile_regex, spec_regex
 

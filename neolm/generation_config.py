@@ -48,6 +48,9 @@ class GenerationConfig:
     early_stopping: bool | str = False  # True: stop at num_beams finished; False: heuristic; "never": exhaustive
     num_beam_groups: int = 1  # > 1: diverse beam search, num_beams split into this many groups searched in turn
     diversity_penalty: float = 0.0  # diverse beam search: subtracted per time a group before chose the token this step
+    # constrained beam search (neolm.constrained): phrases that must appear, each [ids] or a choice [[ids], [ids], ...]
+    force_words_ids: list | None = None
+    constraints: list | None = None  # the same as objects with token_ids (transformers' Phrasal/DisjunctiveConstraint)
     # more of transformers' logits processors (neolm.sampling.Processors)
     no_repeat_ngram_size: int = 0  # no n-gram of this size may occur twice (prompt included)
     bad_words_ids: list[list[int]] | None = None  # token sequences that may not be generated
@@ -256,6 +259,7 @@ class GenerationConfig:
         check(self.early_stopping in (True, False, "never"),
               f'early_stopping must be true, false or "never", got {self.early_stopping!r}')  # fmt: skip
         self._validate_groups(check)
+        self._validate_constraints(check)
         if self.num_beams == 1:
             return
         check(not self.guided, "classifier-free guidance (guidance_scale) is not offered with beams (num_beams > 1)")
@@ -276,6 +280,35 @@ class GenerationConfig:
               f"multiple of {groups} (> 1), got {self.num_beams}")  # fmt: skip
         check(not self.do_sample, "diverse beam search (num_beam_groups > 1) chooses without sampling: set "
                                   "do_sample=False")  # fmt: skip
+
+    def constraint_specs(self) -> list[list]:
+        """The constraints of constrained beam search, constraints' then force_words_ids': each a phrase [ids] or
+        a choice of phrases [[ids], [ids], ...]."""
+        given = [getattr(c, "token_ids", c) for c in self.constraints or []] + list(self.force_words_ids or [])
+        return [[list(p) for p in c] if isinstance(c[0], (list, tuple)) else list(c) for c in given]
+
+    def _validate_constraints(self, check) -> None:
+        if self.force_words_ids is None and self.constraints is None:
+            return
+        for name in ("force_words_ids", "constraints"):
+            value = getattr(self, name)
+            check(value is None or (isinstance(value, (list, tuple)) and len(value) > 0),
+                  f"{name} must be a non-empty list, got {value!r}")  # fmt: skip
+        for spec in [getattr(c, "token_ids", c) for c in self.constraints or []] + list(self.force_words_ids or []):
+            choice = isinstance(spec, (list, tuple)) and len(spec) > 0 and isinstance(spec[0], (list, tuple))
+            self._check_ids(check, spec, "each of force_words_ids (and each constraint's token_ids)", choice)
+            if choice:
+                check(not any(a != b and tuple(b[: len(a)]) == tuple(a) for a in spec for b in spec)
+                      and len({tuple(p) for p in spec}) == len(spec),
+                      f"a choice of phrases may not hold one that begins another (or twice): {spec!r}")  # fmt: skip
+        check(self.num_beams > 1, "constrained beam search (force_words_ids, constraints) needs num_beams > 1")
+        check(not self.do_sample, "constrained beam search (force_words_ids, constraints) chooses without sampling: "
+                                  "set do_sample=False")  # fmt: skip
+        check(self.num_beam_groups == 1, "constrained beam search and diverse beam search (num_beam_groups) do not "
+                                         "go together")  # fmt: skip
+        check(not self.stop_strings and not self.stopping_criteria,
+              "constrained beam search (force_words_ids, constraints) ends at eos, the length limit or max_time: "
+              "stop_strings and stopping_criteria are not offered with it")  # fmt: skip
 
     def _validate_assisted(self, check) -> None:
         for name in ("prompt_lookup_num_tokens", "max_matching_ngram_size"):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from test_generate import hf_generate, hf_tokenizer
@@ -181,7 +184,7 @@ def test_diverse_beam_search_follows_its_rule(tiny_checkpoints, name):
         greedy = hf_generate(hf, prompt, max_new_tokens=8, min_new_tokens=8)
         for settings in DIVERSE:
             for eos in ([], [greedy[1], greedy[2], greedy[5]]):
-                kw = dict(settings, max_new_tokens=10, do_sample=False, eos_token_id=eos or None)
+                kw = dict(settings, max_new_tokens=10, do_sample=False, eos_token_id=eos)
                 out = lm.generate_ids([prompt], return_dict_in_generate=True, **kw)
                 rule = diverse_reference(hf, prompt, kw["num_beams"], kw["num_beam_groups"], kw["diversity_penalty"],
                                          10, eos, kw.get("length_penalty", 1.0), kw.get("repetition_penalty", 1.0),
@@ -226,3 +229,106 @@ def test_diverse_beam_search_scores_and_refusals(tiny_checkpoints):
     ]:
         with pytest.raises(NeolmError, match=match):
             lm.generate("hi", **bad)
+
+
+GOLDEN = Path(__file__).parent / "golden" / "transformers4_beams.json"  # made by bench/transformers4.py
+
+
+@pytest.mark.parametrize("kind", ["diverse", "constrained", "likely"])
+def test_diverse_and_constrained_beam_search_match_transformers_4(tiny_checkpoints, kind):
+    """The hypotheses and scores of transformers 4.46's own _group_beam_search and _constrained_beam_search
+    (stored: transformers 5 runs them only from the hub) on the same tiny checkpoints: phrases and choices of
+    phrases forced, met late, early (so that hypotheses end at eos) or by the prompt already, with length
+    penalties and early_stopping. (Its hypotheses that ended at eos show eos_token_id[0] whichever eos ended
+    them: trailing eos tokens are left out of both.)"""
+    golden = json.loads(GOLDEN.read_text())
+    lms = {name: neolm.load(tiny_checkpoints[name][1]) for name in ("neo", "neox-sequential-pct100")}
+    cases = [case for case in golden["cases"] if case["kind"] == kind]
+    ended = 0
+    for case in cases:
+        eos = case["eos"]
+        out = lms[case["model"]].generate_ids([case["prompt"]], do_sample=False, max_new_tokens=golden["new_tokens"],
+                                               eos_token_id=eos, pad_token_id=eos[0], return_dict_in_generate=True,
+                                               **case["settings"])  # fmt: skip
+        hypotheses = [h[: max([i + 1 for i, t in enumerate(h) if t not in eos] + [0])] for h in out.sequences]
+        assert hypotheses == case["hypotheses"], case
+        if case["scores"] is not None:
+            assert out.sequences_scores == pytest.approx(case["scores"], abs=1e-4), case
+        ended += sum(len(h) < golden["new_tokens"] for h in out.sequences)
+    assert len(cases) >= 48 and ended >= {"diverse": 20, "constrained": 1, "likely": 5}[kind]  # (eos-ended too)
+
+
+def test_constrained_beam_search_guarantees_and_refusals(tiny_checkpoints):
+    """The best hypothesis holds the forced phrase and one of a choice's; constraints given as objects with token_ids
+    (transformers 4's PhrasalConstraint, neolm.constrained.Phrase/Choice) or as text (force_words) are the same;
+    a batch gives each prompt what it gets alone; output_scores sum to each hypothesis's score (length_penalty
+    0); a constraint the prompt meets already leaves plain beam search; bad settings are refused."""
+    from types import SimpleNamespace
+
+    from neolm.constrained import Choice, Phrase
+
+    hf, folder = tiny_checkpoints["neox-parallel-pct25"]
+    lm = neolm.load(folder)
+    prompt = lm.encode("The quick brown fox")
+    phrase, choice = lm.encode(" jumps over"), [lm.encode(" dog"), lm.encode(" lazy cat")]
+    kw = dict(num_beams=4, num_return_sequences=3, max_new_tokens=12, do_sample=False, eos_token_id=[])
+    forced = lm.generate_ids([prompt], force_words_ids=[phrase, choice], **kw)
+
+    def holds(seq, ids):
+        return any(seq[i : i + len(ids)] == ids for i in range(len(seq)))
+
+    for n in (4, 8, 12):  # (the best hypothesis that meets them all: a random model meets them late, and with
+        # num_return_sequences above the beams that meet them, the likeliest others are returned, as transformers')
+        one = kw | {"num_return_sequences": 1, "max_new_tokens": n}
+        (best,) = lm.generate_ids([prompt], force_words_ids=[phrase, choice], **one)
+        assert holds(best, phrase) and any(holds(best, c) for c in choice), n
+    assert lm.generate_ids([prompt], constraints=[SimpleNamespace(token_ids=phrase), Choice(choice)], **kw) == forced
+    assert lm.generate_ids([prompt], constraints=[Phrase(phrase)], force_words_ids=[choice], **kw) == forced
+    texts = lm.generate("The quick brown fox", force_words=[" jumps over", [" dog", " lazy cat"]], **kw)
+    assert texts == [lm.decode(h) for h in forced]
+    other = lm.encode("Hello world, said")
+    alone = [h for p in (prompt, other) for h in lm.generate_ids([p], force_words_ids=[phrase], **kw)]
+    assert lm.generate_ids([prompt, other], force_words_ids=[phrase], **kw) == alone
+    out = lm.generate_ids([prompt], force_words_ids=[phrase], return_dict_in_generate=True, output_scores=True,
+                          output_logits=True, length_penalty=0.0, **kw)  # fmt: skip
+    for seq, score, scores, logits in zip(out.sequences, out.sequences_scores, out.scores, out.logits):
+        assert scores[torch.arange(len(seq)), seq].sum().item() == pytest.approx(score, abs=1e-3)
+        with torch.no_grad():
+            full = hf(torch.tensor([prompt + seq])).logits[0, len(prompt) - 1 : -1]
+        assert (logits - full).abs().max().item() <= 1e-4
+    met = prompt[1:3]  # in the prompt already
+    assert lm.generate_ids([prompt], force_words_ids=[met], **kw) == lm.generate_ids([prompt], **kw)
+    for bad, match in [
+        (dict(num_beams=1, force_words_ids=[[5]]), "needs num_beams > 1"),
+        (dict(num_beams=2, do_sample=True, force_words_ids=[[5]]), "without sampling"),
+        (dict(num_beams=4, num_beam_groups=2, force_words_ids=[[5]]), "do not go together"),
+        (dict(num_beams=2, force_words_ids=[[5]], stop_strings=["."]), "stop_strings"),
+        (dict(num_beams=2, force_words_ids=[[[5, 6], [5]]]), "begins another"),
+        (dict(num_beams=2, force_words_ids=[[]]), "non-empty list"),
+        (dict(num_beams=2, force_words_ids=[[10**6]]), "outside the vocabulary"),
+        (dict(num_beams=2, force_words=["", "x"]), "non-empty string"),
+    ]:
+        with pytest.raises(NeolmError, match=match):
+            lm.generate("hi", max_new_tokens=4, **bad)
+
+
+def test_neolm_generate_takes_diverse_and_constrained_beam_search(capsys, tiny_checkpoints):
+    """--num-beam-groups/--diversity-penalty and --force-words (a phrase, or |-separated alternatives) give what the
+    library gives; a bad combination is one line on stderr before the model loads."""
+    from test_cli import assert_one_line_error, cli
+
+    lm = neolm.load(tiny_checkpoints["neox-parallel-pct25"][1])
+    base = ("generate", "The quick brown fox", "--model", str(tiny_checkpoints["neox-parallel-pct25"][1]),
+            "--max-new-tokens", "8", "--no-echo", "--no-stream")  # fmt: skip
+    code, out, _ = cli(capsys, *base, "--num-beams", "4", "--num-beam-groups", "2", "--diversity-penalty", "1.5")
+    expected = lm.generate("The quick brown fox", max_new_tokens=8, num_beams=4, num_beam_groups=2,
+                           diversity_penalty=1.5)
+    assert code == 0 and out == expected + "\n"
+    code, out, _ = cli(capsys, *base, "--num-beams", "3", "--force-words", " jumps", "--force-words", " dog| cat")
+    expected = lm.generate("The quick brown fox", max_new_tokens=8, num_beams=3,
+                           force_words=[" jumps", [" dog", " cat"]])
+    assert code == 0 and out == expected + "\n" and " jumps" in out
+    code, _, err = cli(capsys, *base, "--force-words", " jumps")
+    assert_one_line_error(code, err, "needs num_beams > 1")
+    code, _, err = cli(capsys, *base, "--num-beams", "2", "--force-words", " jumps|")
+    assert_one_line_error(code, err, "--force-words", "empty")
