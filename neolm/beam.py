@@ -122,7 +122,7 @@ def beam_hypotheses(
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
 
     for t in range(T):
-        state = _state(processors.needs, prompts, budgets, running.view(P, B, T), t, B, V)
+        state = row_state(processors.needs, prompts, budgets, running.view(P, B, T), t, B, V)
         raw = torch.log_softmax(logits, dim=-1).view(Q, S, V)
         parts: dict[str, list[torch.Tensor]] = {"log_probs": [], "scores": [], "candidates": [], "rows": [], "ends": []}
         chosen = torch.zeros(P, V, device=device)  # the tokens the groups before chose this step, per prompt
@@ -223,7 +223,7 @@ def _interleave(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.stack(parts, 1).flatten(0, 1)
 
 
-def _state(needs: RowState, prompts, budgets, running: torch.Tensor, t: int, B: int, V: int) -> RowState:
+def row_state(needs: RowState, prompts, budgets, running: torch.Tensor, t: int, B: int, V: int) -> RowState:
     """What the processors read of each beam (rows prompt-major), at step t (t new tokens so far)."""
     P = len(prompts)
     device = running.device

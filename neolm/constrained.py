@@ -215,7 +215,7 @@ def constrained_hypotheses(model: GPT, prompts: Sequence[Sequence[int]], gc: Gen
 def _search(model: GPT, prompt: list[int], gc: GenerationConfig, specs: list[list], deadline: float,
             keep_scores: bool, keep_logits: bool) -> list[tuple]:  # fmt: skip
     """One prompt's num_return_sequences best hypotheses: (score, new tokens, their scores rows, logits rows)."""
-    from neolm.beam import _state
+    from neolm.beam import row_state
 
     config, device = model.config, model.ln_f.weight.device
     B, V, n = gc.num_beams, config.vocab_size, gc.num_return_sequences
@@ -238,8 +238,8 @@ def _search(model: GPT, prompt: list[int], gc: GenerationConfig, specs: list[lis
     kept: dict[str, list[torch.Tensor]] = {"scores": [], "logits": []}
     for t in range(budget):
         running = torch.tensor([beams], dtype=torch.long, device=device).view(1, B, t)
-        log_probs = processors(torch.log_softmax(logits, dim=-1), _state(processors.needs, [prompt], [budget],
-                                                                         running, t, B, V))  # fmt: skip
+        state = row_state(processors.needs, [prompt], [budget], running, t, B, V)
+        log_probs = processors(torch.log_softmax(logits, dim=-1), state)
         if keep_scores:
             kept["scores"].append(log_probs)
         if keep_logits:
