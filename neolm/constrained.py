@@ -26,7 +26,6 @@ from collections.abc import Sequence
 
 import torch
 
-from neolm.errors import NeolmError
 from neolm.generation_config import GenerationConfig, fit_prompts
 from neolm.model import GPT, KVCache
 from neolm.sampling import Processors
@@ -193,11 +192,6 @@ def constrained_hypotheses(model: GPT, prompts: Sequence[Sequence[int]], gc: Gen
     prompts = fit_prompts(prompts, gc, config.n_positions, config.vocab_size)
     gc.check_vocab(config.vocab_size)
     specs = gc.constraint_specs()
-    for spec in specs:
-        for token in (t for phrase in (spec if isinstance(spec[0], list) else [spec]) for t in phrase):
-            if token >= config.vocab_size:
-                raise NeolmError(f"force_words_ids / constraints name token {token}, outside the vocabulary "
-                                 f"({config.vocab_size})")  # fmt: skip
     out = Hypotheses([], [], [] if keep_scores else None, [] if keep_logits else None)
     deadline = gc.deadline()
     for prompt in prompts:
@@ -221,7 +215,7 @@ def _search(model: GPT, prompt: list[int], gc: GenerationConfig, specs: list[lis
     B, V, n = gc.num_beams, config.vocab_size, gc.num_return_sequences
     budget = gc.new_token_budget(len(prompt))
     if budget == 0:
-        return [(0.0, [], torch.empty(0, V), torch.empty(0, V))] * n
+        return [(0.0, [], torch.empty(0, V), torch.empty(0, V)) for _ in range(n)]
     eos_ids = gc.eos_ids(config.eos_token_id)
     processors = Processors(gc, eos_ids, V, device, min_tokens_to_keep=len(eos_ids) + 1)
     K = max(2, 1 + len(eos_ids)) * B

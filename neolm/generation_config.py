@@ -281,11 +281,14 @@ class GenerationConfig:
         check(not self.do_sample, "diverse beam search (num_beam_groups > 1) chooses without sampling: set "
                                   "do_sample=False")  # fmt: skip
 
+    def _given_constraints(self) -> list:
+        """constraints' (their token_ids where they are objects) then force_words_ids', as given."""
+        return [getattr(c, "token_ids", c) for c in self.constraints or []] + list(self.force_words_ids or [])
+
     def constraint_specs(self) -> list[list]:
         """The constraints of constrained beam search, constraints' then force_words_ids': each a phrase [ids] or
         a choice of phrases [[ids], [ids], ...]."""
-        given = [getattr(c, "token_ids", c) for c in self.constraints or []] + list(self.force_words_ids or [])
-        return [[list(p) for p in c] if isinstance(c[0], (list, tuple)) else list(c) for c in given]
+        return [[list(p) for p in c] if isinstance(c[0], (list, tuple)) else list(c) for c in self._given_constraints()]
 
     def _validate_constraints(self, check) -> None:
         if self.force_words_ids is None and self.constraints is None:
@@ -294,7 +297,7 @@ class GenerationConfig:
             value = getattr(self, name)
             check(value is None or (isinstance(value, (list, tuple)) and len(value) > 0),
                   f"{name} must be a non-empty list, got {value!r}")  # fmt: skip
-        for spec in [getattr(c, "token_ids", c) for c in self.constraints or []] + list(self.force_words_ids or []):
+        for spec in self._given_constraints():
             choice = isinstance(spec, (list, tuple)) and len(spec) > 0 and isinstance(spec[0], (list, tuple))
             self._check_ids(check, spec, "each of force_words_ids (and each constraint's token_ids)", choice)
             if choice:
@@ -334,7 +337,10 @@ class GenerationConfig:
                  "forced_eos_token_id": [self.forced_eos_token_id] if isinstance(self.forced_eos_token_id, int)
                  else self.forced_eos_token_id or [],
                  "negative_prompt_ids": [t for x in self.negative_prompt_ids or [] for t in (x if isinstance(x, list)
-                                                                                             else [x])]}  # fmt: skip
+                                                                                             else [x])],
+                 "force_words_ids / constraints": [
+                     t for spec in self.constraint_specs() for phrase in (spec if isinstance(spec[0], list) else [spec])
+                     for t in phrase]}  # fmt: skip
         for name, ids in named.items():
             bad = [t for t in ids if t >= vocab]
             if bad:

@@ -305,7 +305,7 @@ def test_constrained_beam_search_guarantees_and_refusals(tiny_checkpoints):
         (dict(num_beams=2, force_words_ids=[[5]], stop_strings=["."]), "stop_strings"),
         (dict(num_beams=2, force_words_ids=[[[5, 6], [5]]]), "begins another"),
         (dict(num_beams=2, force_words_ids=[[]]), "non-empty list"),
-        (dict(num_beams=2, force_words_ids=[[10**6]]), "outside the vocabulary"),
+        (dict(num_beams=2, force_words_ids=[[10**6]]), "is outside the model's vocabulary"),
         (dict(num_beams=2, force_words=["", "x"]), "non-empty string"),
     ]:
         with pytest.raises(NeolmError, match=match):
