@@ -233,7 +233,8 @@ class LanguageModel:
 
     def generate_ids(self, prompts: list[list[int]], **kwargs) -> list[list[int]] | GenerateOutput:
         """New token ids for each prompt's token ids (x num_return_sequences, prompt-major); with
-        return_dict_in_generate=True a GenerateOutput (output_scores, output_logits: see generate())."""
+        return_dict_in_generate=True a GenerateOutput (output_scores, output_logits, output_hidden_states,
+        output_attentions: see generate())."""
         assistant = self._assistant(kwargs.pop("assistant_model", None))
         outputs = _output_options(kwargs)
         adapters, mixed = self._adapter_names(kwargs.pop("adapter_names", None), len(prompts))
@@ -291,7 +292,9 @@ class LanguageModel:
 
         return_dict_in_generate=True gives a GenerateOutput instead (neolm.outputs): every sequence's new tokens
         and texts, with output_scores=True the scores each token was picked from and transition_scores(), with
-        output_logits=True the model's logits, and with beams each hypothesis's score (sequences_scores).
+        output_logits=True the model's logits, with output_hidden_states / output_attentions every layer's hidden
+        states and attention weights over its prompt and new tokens, and with beams each hypothesis's score
+        (sequences_scores).
         """
         single = isinstance(prompt, str)
         prompts = [prompt] if single else list(prompt)
@@ -443,14 +446,15 @@ class LanguageModel:
         return {"quantization": describe(quant)}
 
 
-def _output_options(kwargs: dict) -> tuple[bool, bool] | None:
-    """Take return_dict_in_generate, output_scores and output_logits out of generate()'s keyword arguments:
-    (output_scores, output_logits) when a GenerateOutput is asked for, else None."""
+def _output_options(kwargs: dict) -> tuple[bool, bool, bool, bool] | None:
+    """Take return_dict_in_generate and the output_* options out of generate()'s keyword arguments: (output_scores,
+    output_logits, output_hidden_states, output_attentions) when a GenerateOutput is asked for, else None."""
     as_dict = kwargs.pop("return_dict_in_generate", False)
-    scores, logits = kwargs.pop("output_scores", False), kwargs.pop("output_logits", False)
-    if (scores or logits) and not as_dict:
-        raise NeolmError("output_scores and output_logits need return_dict_in_generate=True")
-    return (bool(scores), bool(logits)) if as_dict else None
+    names = ("output_scores", "output_logits", "output_hidden_states", "output_attentions")
+    asked = tuple(bool(kwargs.pop(name, False)) for name in names)
+    if any(asked) and not as_dict:
+        raise NeolmError(f"{', '.join(n for n, a in zip(names, asked) if a)} need return_dict_in_generate=True")
+    return asked if as_dict else None
 
 
 def _adapter_merge(adapter: str | os.PathLike, config: Config):

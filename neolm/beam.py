@@ -31,9 +31,9 @@ from dataclasses import dataclass
 import torch
 
 from neolm.errors import NeolmError
-from neolm.generate import left_pad
+from neolm.generate import left_pad, prompt_tokens
 from neolm.generation_config import GenerationConfig, fit_prompts
-from neolm.model import GPT, KVCache
+from neolm.model import GPT, KVCache, prefill
 from neolm.sampling import Processors, RowState, StopStrings, criteria_met, seeded_generator
 
 LOST = -1.0e9  # the score of a candidate that cannot be chosen (transformers' value)
@@ -102,7 +102,8 @@ def beam_hypotheses(
     tokens, positions, filled = left_pad(prompts, eos_ids[0] if eos_ids else 0, device)
     cache = KVCache(config, P, tokens.shape[1], model.cache_dtype, device)
     cache.hide_padding(filled)
-    logits = model(tokens, positions, cache, last_only=True)[:, -1].float().repeat_interleave(B, 0)  # (P*B, V)
+    logits = prefill(model, tokens, cache, positions, gc.prefill_chunk_size, last_only=True)[:, -1].float()
+    logits = logits.repeat_interleave(B, 0)  # (P*B, V)
     cache = cache.rows(torch.arange(P, device=device).repeat_interleave(B), extra=T)
     positions = positions[:, -1:].repeat_interleave(B, 0)  # (P*B, 1)
 
@@ -238,6 +239,8 @@ def row_state(needs: RowState, prompts, budgets, running: torch.Tensor, t: int, 
         for p, prompt in enumerate(prompts):
             state.seen[p * B : (p + 1) * B, torch.tensor(prompt)] = True
         state.seen.scatter_(1, new, True)
+    if needs.prompted:
+        state.prompted = prompt_tokens(prompts, V, device).repeat_interleave(B, 0)
     if needs.made:
         state.made = torch.zeros(P * B, V, dtype=torch.int32, device=device)
         state.made.scatter_add_(1, new, torch.ones_like(new, dtype=torch.int32))

@@ -139,6 +139,8 @@ def _add_generation_args(p: argparse.ArgumentParser, chat: bool = False):
     knobs.add_argument("--top-k", type=non_negative, help="sample from the k likeliest (0: all; default 50)")
     knobs.add_argument("--top-p", type=positive_float, help="nucleus sampling mass (default 1: off)")
     knobs.add_argument("--repetition-penalty", type=positive_float, help=">1 discourages repeats")
+    knobs.add_argument("--encoder-repetition-penalty", type=positive_float, metavar="X",
+                       help=">1 favours the prompt's tokens (stay on its topic), <1 discourages them")  # fmt: skip
     knobs.add_argument("--no-repeat-ngram-size", type=non_negative, metavar="N", help="no N-gram may occur twice")
     knobs.add_argument("--min-p", type=float, help="sample only tokens with this fraction of the likeliest's probability")
     knobs.add_argument("--typical-p", type=positive_float, help="locally typical sampling's mass (default 1: off)")
@@ -176,6 +178,9 @@ def _add_generation_args(p: argparse.ArgumentParser, chat: bool = False):
                            "prompt cut inside a word or URL (\"http:\") goes on as text would (transformers' "
                            "token_healing; the prompt's outer whitespace is dropped first)")  # fmt: skip
     knobs.add_argument("--seed", type=seed_type, help="seed for reproducible sampling")
+    knobs.add_argument("--prefill-chunk-size", type=positive, metavar="N",
+                       help="read the prompt N tokens at a time: less memory for a long prompt, "
+                       "the same text")  # fmt: skip
     knobs.add_argument("--guidance-scale", type=float, metavar="X",
                        help="classifier-free guidance: > 1 (e.g. 1.5) holds the text closer to the prompt, away from "
                             "--negative-prompt (default: the prompt's last token alone); each token costs two forwards")  # fmt: skip
@@ -247,7 +252,7 @@ def _generation_knobs(args) -> dict:
              "typical_p", "presence_penalty", "frequency_penalty", "num_beams", "length_penalty",
              "num_beam_groups", "diversity_penalty",
              "prompt_lookup_num_tokens", "num_assistant_tokens", "top_h", "max_time", "guidance_scale", "penalty_alpha", "dola_layers",
-             "token_healing")  # fmt: skip
+             "token_healing", "encoder_repetition_penalty", "prefill_chunk_size")  # fmt: skip
     knobs = {name: getattr(args, name, None) for name in names} | {"stop_strings": args.stop}
     knobs["structured_outputs"] = _structured_spec(args)
     knobs = {k: v for k, v in knobs.items() if v is not None}

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 
 from neolm.generation_config import GenerationConfig, fit_prompts
-from neolm.model import GPT, KVCache
+from neolm.model import GPT, KVCache, prefill
 from neolm.sampling import Processors
 
 LOST = -1.0e9  # the starting score of all beams but the first (transformers' value)
@@ -220,7 +220,8 @@ def _search(model: GPT, prompt: list[int], gc: GenerationConfig, specs: list[lis
     processors = Processors(gc, eos_ids, V, device, min_tokens_to_keep=len(eos_ids) + 1)
     K = max(2, 1 + len(eos_ids)) * B
     cache = KVCache(config, 1, len(prompt), model.cache_dtype, device)
-    logits = model(torch.tensor([prompt], device=device), cache=cache, last_only=True)[:, -1].float()
+    x = torch.tensor([prompt], device=device)
+    logits = prefill(model, x, cache, chunk=gc.prefill_chunk_size, last_only=True)[:, -1].float()
     logits = logits.expand(B, V)
     cache = cache.rows(torch.zeros(B, dtype=torch.long, device=device), extra=budget)
     positions = torch.full((B, 1), len(prompt), device=device)

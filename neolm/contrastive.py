@@ -21,7 +21,7 @@ import torch
 
 from neolm.generate import check_alone, each_alone
 from neolm.generation_config import GenerationConfig
-from neolm.model import GPT, KVCache
+from neolm.model import GPT, KVCache, prefill
 from neolm.sampling import Ending, Processors
 from neolm.speculative import Picker
 
@@ -61,7 +61,8 @@ def _tokens(model: GPT, prompt: list[int], gc: GenerationConfig, decode, deadlin
     processors = Processors(gc, eos_ids, config.vocab_size, device)
     picker = Picker(gc, processors, len(prompt), budget, config.vocab_size, device, None, prompt_index)
     cache = KVCache(config, 1, len(prompt) + budget, model.cache_dtype, device)
-    hidden = model(torch.tensor([prompt], device=device), cache=cache, head=False)[0]  # (T, C) after ln_f
+    x = torch.tensor([prompt], device=device)
+    hidden = prefill(model, x, cache, chunk=gc.prefill_chunk_size, head=False)[0]  # (T, C) after ln_f
     logits = model.lm_head(hidden[-1:]).float()  # (1, V)
     context = _unit(hidden.float())  # (T, C) the unit hidden states of the text so far
     cache = cache.rows(torch.zeros(k, dtype=torch.long, device=device), extra=budget)  # a row per candidate

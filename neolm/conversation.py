@@ -132,7 +132,7 @@ class Conversation:
         reply = Reply(gc.stop_strings or [], lm.chat_format.lstrip_reply and not going_on)
         decoder, new = StreamDecoder(lm.tokenizer), []
         try:
-            prefill.read(lm.model)
+            prefill.read_all(lm.model)
             batch.join(prefill)
             while not batch.finished:
                 token = batch.step().tokens[0]

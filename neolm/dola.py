@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from neolm.errors import NeolmError
 from neolm.generate import check_alone, each_alone
 from neolm.generation_config import GenerationConfig
-from neolm.model import GPT, KVCache
+from neolm.model import GPT, KVCache, prefill
 from neolm.sampling import Ending, Processors, seeded_generator
 from neolm.speculative import Picker
 
@@ -106,7 +106,7 @@ def _tokens(model: GPT, prompt: list[int], gc: GenerationConfig, decode, generat
     seq, x = list(prompt), torch.tensor([prompt], device=device)
     with _reading(model, layers) as hidden:
         while True:
-            final = model(x, cache=cache, last_only=True)[0, -1].float()  # (V,)
+            final = prefill(model, x, cache, chunk=gc.prefill_chunk_size, last_only=True)[0, -1].float()  # (V,)
             premature = {i: model.lm_head(hidden[i]).float() for i in layers}  # (as transformers: no ln_f)
             scores = picker.scores(contrast(final, premature)[None], seq, [])  # (1, V)
             token = picker.pick(scores)[0]

@@ -24,7 +24,7 @@ import torch
 from neolm.errors import NeolmError
 from neolm.generation_config import GenerationConfig, fit_prompts
 from neolm.guidance import Guidance
-from neolm.model import GPT, KVCache
+from neolm.model import GPT, KVCache, chunk_end
 from neolm.multilora import AdapterSet, Mixed
 from neolm.sampling import (
     Processors,
@@ -94,6 +94,14 @@ def left_pad(seqs: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.Ten
     return tokens, positions, filled
 
 
+def prompt_tokens(prompts: Sequence[Sequence[int]], vocab: int, device) -> torch.Tensor:
+    """(N, V) bool: True at each prompt's tokens."""
+    held = torch.zeros(len(prompts), vocab, dtype=torch.bool, device=device)
+    for row, p in enumerate(prompts):
+        held[row, torch.tensor(p, dtype=torch.long, device=device)] = True
+    return held
+
+
 def shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """How many tokens a and b share from the start."""
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
@@ -141,6 +149,7 @@ class _Rows:
     positions: torch.Tensor  # (N, 1) the position of the last token fed
     logits: torch.Tensor | None  # (N, V) fp32 logits of the next token; None while the last step's tokens wait
     seen: torch.Tensor | None  # (N, V) bool: the tokens each sequence holds (for repetition_penalty)
+    prompted: torch.Tensor | None  # (N, V) bool: the tokens its prompt holds (for encoder_repetition_penalty)
     made: torch.Tensor | None  # (N, V) int32: how often each token was generated (presence/frequency_penalty)
     deadlines: list[float]  # time.monotonic() after which the sequence ends (GenerationConfig.max_time)
     prompt: list[int]  # which prompt of its add() the sequence continues
@@ -163,7 +172,7 @@ class _Rows:
             if isinstance(a, list):
                 merged[field.name] = a + b
                 continue
-            if field.name in ("seen", "made") and (a is None) != (b is None):  # rows without a penalty: zeros
+            if field.name in ("seen", "prompted", "made") and (a is None) != (b is None):  # rows without one: zeros
                 like = a if b is None else b
                 a = a if a is not None else like.new_zeros(len(self.ids), like.shape[1])
                 b = b if b is not None else like.new_zeros(len(other.ids), like.shape[1])
@@ -203,19 +212,24 @@ class Prefill:
     @torch.inference_mode()
     def read(self, model: GPT, budget: int | None = None) -> int:
         """Read the next columns into the cache, `budget` tokens of them (rows x columns, rounded down to whole
-        columns; None: all that are left), or all that are left when fewer than twice that: a short last chunk
-        would run other kernels than one whole forward (few-row products), and might round differently. Chunks
-        of some hundreds of tokens give one forward's numbers (tests/test_generate.py). Returns the tokens read."""
+        columns; None: all that are left), or all that are left when fewer than twice that (model.chunk_end).
+        Chunks of some hundreds of tokens give one forward's numbers (tests/test_generate.py). Returns the
+        tokens read."""
         if not self.left:
             return 0
         rows, width = self.tokens.shape
-        cols = width if budget is None else max(1, budget // rows)
-        end = width if width - self.done < 2 * cols else self.done + cols
+        end = chunk_end(width, self.done, width if budget is None else max(1, budget // rows))
         tokens, positions = self.tokens[:, self.done : end], self.positions[:, self.done : end]
         with _adapted(self.adapters, self.adapter):
             self._forward(model, tokens, positions, end < width)
         read, self.done = (end - self.done) * rows, end
         return read
+
+    def read_all(self, model: GPT) -> None:
+        """Read what is left, gc.prefill_chunk_size columns at a time (None: at once)."""
+        chunk = self.gc.prefill_chunk_size
+        while self.left:
+            self.read(model, None if chunk is None else chunk * self.tokens.shape[0])
 
     def _forward(self, model: GPT, tokens, positions, more: bool) -> None:
         if self.on_prompt is not None:  # every position's hidden state, to score the prompts
@@ -318,7 +332,7 @@ class DecodeBatch:
         step gives a sequence wanting logprobs its token's log-probability and k alternatives. A sequence
         with no token budget never appears in a step (with no budget at all, no row is made)."""
         prefill = self.prefill(prompts, gc, logprobs, on_prompt)
-        prefill.read(self.model)
+        prefill.read_all(self.model)
         return self.join(prefill)
 
     @torch.inference_mode()
@@ -403,12 +417,9 @@ class DecodeBatch:
             if max(prefill.budgets) == 0:
                 return prefill.ids
             logits = self.model.lm_head(hidden[:, -1]).float()
-        seen = made = None
-        vocab = self.model.config.vocab_size
-        if gc.repetition_penalty != 1.0:
-            seen = torch.zeros(len(seqs), vocab, dtype=torch.bool, device=self.device)
-            for row, p in enumerate(seqs):
-                seen[row, torch.tensor(p)] = True
+        made, vocab = None, self.model.config.vocab_size
+        seen = prompt_tokens(seqs, vocab, self.device) if gc.repetition_penalty != 1.0 else None
+        prompted = prompt_tokens(seqs, vocab, self.device) if gc.encoder_repetition_penalty != 1.0 else None
         if gc.presence_penalty or gc.frequency_penalty:
             made = torch.zeros(len(seqs), vocab, dtype=torch.int32, device=self.device)
         history = gc.stop_strings or gc.stopping_criteria or self.groups[prefill.group].processors.needs.tokens
@@ -416,11 +427,12 @@ class DecodeBatch:
             prefill.ids, [prefill.group] * len(seqs), prefill.k,
             [list(p) for p in seqs] if history else [None] * len(seqs), [len(p) for p in seqs],
             prefill.budgets, [0] * len(seqs), [b == 0 for b in prefill.budgets], prefill.positions[:, -1:], logits,
-            seen, made, [prefill.deadline] * len(seqs), [i // n for i in range(len(seqs))],
+            seen, prompted, made, [prefill.deadline] * len(seqs), [i // n for i in range(len(seqs))],
             prefill.adapter,
         )  # fmt: skip
         if prefill.contexts is not None:
-            self.guidance = Guidance(self.model, *left_pad(prefill.contexts, 0, self.device), room=max(prefill.budgets))
+            self.guidance = Guidance(self.model, *left_pad(prefill.contexts, 0, self.device), room=max(prefill.budgets),
+                                     chunk=gc.prefill_chunk_size)  # fmt: skip
         self._flush()  # the rows already here reach the current slot before new ones align to it
         if prefill.room and (self.rows is None or (self.compact and self.live == 0)):
             self._spare = self.cache or self._spare
@@ -539,7 +551,7 @@ class DecodeBatch:
             state.new = torch.tensor([r.counts[row] for row in rows], device=self.device)
             state.lengths = state.new + torch.tensor([r.lengths[row] for row in rows], device=self.device)
             state.budgets = torch.tensor([r.budgets[row] for row in rows], device=self.device)
-        for name in ("seen", "made"):
+        for name in ("seen", "prompted", "made"):
             table = getattr(r, name)
             setattr(state, name, table if table is None or index is None else table[index])
         if needs.tokens:
@@ -617,7 +629,7 @@ def iter_steps(
 
 
 def _steps(batch: DecodeBatch, prefill: Prefill) -> Iterator[Step]:
-    prefill.read(batch.model)
+    prefill.read_all(batch.model)
     batch.join(prefill)
     while not batch.finished:
         yield batch.step()

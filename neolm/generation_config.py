@@ -36,6 +36,7 @@ class GenerationConfig:
     top_k: int | None = 50  # as transformers; 0/None disables
     top_p: float = 1.0
     repetition_penalty: float = 1.0  # CTRL-style: >1 discourages tokens already in the sequence
+    encoder_repetition_penalty: float = 1.0  # the reverse for the prompt's tokens: >1 favours them (stay on topic)
     num_return_sequences: int = 1
     eos_token_id: int | list[int] | None = None  # default: the model's
     pad_token_id: int | None = None  # filler after a sequence ends (default: eos)
@@ -58,6 +59,7 @@ class GenerationConfig:
     suppress_tokens: list[int] | None = None  # never generated
     begin_suppress_tokens: list[int] | None = None  # not generated as the first new token
     forced_eos_token_id: int | list[int] | None = None  # forced as the last token the length allows
+    forced_bos_token_id: int | None = None  # forced as the first new token after a one-token prompt (transformers)
     exponential_decay_length_penalty: tuple[int, float] | None = None  # (start, factor): eos likelier after start
     min_p: float | None = None  # sampling: drop tokens below min_p x the likeliest's probability
     top_h: float | None = None  # sampling: the likeliest tokens whose entropy stays within top_h x the whole's
@@ -67,6 +69,8 @@ class GenerationConfig:
     renormalize_logits: bool = False  # log-softmax the scores after all processing (output_scores, beams' scores)
     remove_invalid_values: bool = False  # nan logits become 0, +-inf the largest floats (a model that overflows)
     max_time: float | None = None  # seconds: sequences end with the first token after this much time
+    prefill_chunk_size: int | None = None  # read prompts this many tokens at a time: less memory for long ones
+    use_cache: bool = True  # taken for transformers' callers; neolm always decodes with its KV cache (same tokens)
     # the caller's own code, as transformers.generate takes it (each is called on one sequence at a time):
     logits_processor: list[Callable] | None = None  # f(input_ids (1, L), scores (1, V)) -> scores, before the warpers
     stopping_criteria: list[Callable] | None = None  # f(input_ids (1, L), scores (1, V)) -> true: the sequence ends
@@ -118,7 +122,15 @@ class GenerationConfig:
         check(self.temperature > 0, f"temperature must be > 0, got {self.temperature} (use do_sample=False for greedy)")
         check(self.top_k is None or self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}")
         check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
-        check(self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("repetition_penalty", "encoder_repetition_penalty"):
+            value = getattr(self, name)
+            check(isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
+                  f"{name} must be a number > 0 (1: off), got {value!r}")  # fmt: skip
+        chunk = self.prefill_chunk_size
+        check(chunk is None or (isinstance(chunk, int) and chunk >= 1),
+              f"prefill_chunk_size must be a number of tokens >= 1 (None: the whole prompt at once), "
+              f"got {chunk!r}")  # fmt: skip
+        check(isinstance(self.use_cache, bool), f"use_cache must be true or false, got {self.use_cache!r}")
         check(self.num_return_sequences >= 1, f"num_return_sequences must be >= 1, got {self.num_return_sequences}")
         check(
             self.do_sample or self.num_return_sequences == 1 or self.num_beams > 1,
@@ -174,6 +186,9 @@ class GenerationConfig:
         if self.forced_eos_token_id is not None:
             forced = self.forced_eos_token_id
             self._check_ids(check, [forced] if isinstance(forced, int) else forced, "forced_eos_token_id")
+        bos = self.forced_bos_token_id
+        check(bos is None or (isinstance(bos, int) and not isinstance(bos, bool) and bos >= 0),
+              f"forced_bos_token_id must be a token id (an integer >= 0), got {bos!r}")  # fmt: skip
         if self.sequence_bias is not None:
             bias = self.sequence_bias
             pairs = bias.items() if isinstance(bias, dict) else bias if isinstance(bias, (list, tuple)) else None
@@ -336,6 +351,7 @@ class GenerationConfig:
                  "suppress_tokens": self.suppress_tokens or [], "begin_suppress_tokens": self.begin_suppress_tokens or [],
                  "forced_eos_token_id": [self.forced_eos_token_id] if isinstance(self.forced_eos_token_id, int)
                  else self.forced_eos_token_id or [],
+                 "forced_bos_token_id": [] if self.forced_bos_token_id is None else [self.forced_bos_token_id],
                  "negative_prompt_ids": [t for x in self.negative_prompt_ids or [] for t in (x if isinstance(x, list)
                                                                                              else [x])],
                  "force_words_ids / constraints": [

@@ -8,21 +8,21 @@ from __future__ import annotations
 
 import torch
 
-from neolm.model import GPT, KVCache
+from neolm.model import GPT, KVCache, prefill
 
 
 class Guidance:
     """The unconditional contexts of a batch's rows (N), read and then fed one token per step alongside them."""
 
     def __init__(self, model: GPT, tokens: torch.Tensor, positions: torch.Tensor, filled: torch.Tensor | None,
-                 room: int):  # fmt: skip
+                 room: int, chunk: int | None = None):  # fmt: skip
         """tokens, positions (N, W): the contexts left-padded (generate.left_pad), with `filled` for the padding;
-        room: slots for the new tokens."""
+        room: slots for the new tokens; chunk: read this many columns at a time (model.prefill)."""
         self.model = model
         self.cache = KVCache(model.config, tokens.shape[0], tokens.shape[1] + room, model.cache_dtype, tokens.device)
         self.cache.hide_padding(filled)
         self.positions = positions[:, -1:]  # (N, 1)
-        self.logits = model(tokens, positions, self.cache, last_only=True)[:, -1].float()  # (N, V)
+        self.logits = prefill(model, tokens, self.cache, positions, chunk, last_only=True)[:, -1].float()  # (N, V)
 
     def feed(self, token: torch.Tensor) -> None:
         """Each row's new token (N,): the contexts' next logits."""

@@ -427,3 +427,30 @@ class GPT(nn.Module):
                 m = (m & key_valid[:, None, None, :end]) | (j == q)  # (B, 1, T, S)
             masks[w] = m
         return masks
+
+
+def chunk_end(width: int, done: int, cols: int) -> int:
+    """Where a chunk of `cols` of `width` columns that starts at column `done` ends: at done + cols, or at the end
+    when fewer than twice `cols` are left (a short last chunk would run other kernels than one whole forward,
+    few-row products, and might round differently)."""
+    return width if width - done < 2 * cols else done + cols
+
+
+def prefill(model: GPT, idx: torch.Tensor, cache: KVCache, positions: torch.Tensor | None = None,
+            chunk: int | None = None, last_only: bool = False, head: bool = True) -> torch.Tensor:  # fmt: skip
+    """model(idx, positions, cache, last_only=, head=) a chunk of `chunk` columns of idx (B, T) at a time (None:
+    all at once; chunk_end's rule): a long prompt then needs one chunk's activations at a time, not the whole
+    prompt's. The outputs are the chunks' together (with last_only: the last position's)."""
+    T = idx.shape[1]
+    if chunk is None or T < 2 * chunk:
+        return model(idx, positions, cache, last_only=last_only, head=head)
+    outputs, done = [], 0
+    while done < T:
+        end = chunk_end(T, done, chunk)
+        part = None if positions is None else positions[:, done:end]
+        if end < T and last_only:  # only the cache
+            model(idx[:, done:end], part, cache, last_only=True, head=False)
+        else:
+            outputs.append(model(idx[:, done:end], part, cache, last_only=last_only, head=head))
+        done = end
+    return torch.cat(outputs, 1)  # (B, T or 1, V or C)

@@ -31,6 +31,7 @@ class RowState:
     new: torch.Tensor | None = None  # (N,) new tokens so far
     budgets: torch.Tensor | None = None  # (N,) new tokens allowed
     seen: torch.Tensor | None = None  # (N, V) bool: the tokens the sequence holds (repetition_penalty)
+    prompted: torch.Tensor | None = None  # (N, V) bool: the tokens its prompt holds (encoder_repetition_penalty)
     made: torch.Tensor | None = None  # (N, V) int: how often each was generated (presence/frequency penalty)
     tokens: Sequence[Sequence[int]] | None = None  # prompt + new tokens (n-grams, sequence biases)
     prompts: Sequence[int] | None = None  # which prompt of its generate() call (prefix_allowed_tokens_fn's batch_id)
@@ -80,10 +81,11 @@ class Processors:
             self.follower = Follower(gc.structured_outputs, eos_ids, vocab, device)
         counts_new = gc.min_new_tokens, forced is not None, gc.exponential_decay_length_penalty, gc.begin_suppress_tokens
         self.needs = RowState(
-            lengths=(gc.min_length > 0) or None,
+            lengths=(gc.min_length > 0 or gc.forced_bos_token_id is not None) or None,
             new=(any(counts_new) or isinstance(self.watermark, SynthID) or self.follower) or None,
             budgets=(forced is not None) or None,
             seen=(gc.repetition_penalty != 1.0) or None,
+            prompted=(gc.encoder_repetition_penalty != 1.0) or None,
             made=(gc.presence_penalty != 0 or gc.frequency_penalty != 0) or None,
             tokens=(gc.no_repeat_ngram_size or self.sequence_biases or self.bad_sequences or gc.logits_processor
                     or gc.prefix_allowed_tokens_fn or self.watermark or self.follower) or None,
@@ -102,6 +104,10 @@ class Processors:
             scores = scores + _sequence_bias(self.sequence_biases, rows.tokens, scores)
         if rows.diversity is not None:  # (transformers' HammingDiversityLogitsProcessor, in its place)
             scores = scores - gc.diversity_penalty * rows.diversity
+        if gc.encoder_repetition_penalty != 1.0:  # the prompt's tokens: logits > 0 multiplied, < 0 divided
+            boosted = torch.where(scores < 0, scores / gc.encoder_repetition_penalty,
+                                  scores * gc.encoder_repetition_penalty)  # fmt: skip
+            scores = torch.where(rows.prompted, boosted, scores)
         if gc.repetition_penalty != 1.0:
             penalized = torch.where(scores < 0, scores * gc.repetition_penalty, scores / gc.repetition_penalty)
             scores = torch.where(rows.seen, penalized, scores)
@@ -124,6 +130,12 @@ class Processors:
                 scores[block.nonzero()[:, :1], self.eos] = -inf
         if gc.prefix_allowed_tokens_fn is not None:
             scores = scores + _allowed(gc.prefix_allowed_tokens_fn, rows, scores)
+        if gc.forced_bos_token_id is not None:  # transformers: where the sequence so far is one token
+            first = rows.lengths == 1
+            if first.any():
+                forced = torch.full_like(scores, -inf)
+                forced[:, gc.forced_bos_token_id] = 0
+                scores = torch.where(first[:, None], forced, scores)
         if self.forced_eos is not None:
             last = rows.new == rows.budgets - 1  # the last token allowed
             if last.any():

@@ -28,9 +28,9 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from neolm.errors import NeolmError
-from neolm.generate import check_alone, each_alone, shared_prefix
+from neolm.generate import check_alone, each_alone, prompt_tokens, shared_prefix
 from neolm.generation_config import GenerationConfig
-from neolm.model import GPT, KVCache
+from neolm.model import GPT, KVCache, prefill
 from neolm.sampling import Ending, Processors, RowState, argmax, seeded_generator
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,8 @@ class Picker:
                 for row, h in enumerate(histories):
                     made = torch.tensor(h[self.prompt_len :], dtype=torch.long, device=self.device)
                     state.made[row] = torch.bincount(made, minlength=self.vocab)[: self.vocab].to(torch.int32)
+        if needs.prompted:
+            state.prompted = prompt_tokens([seq[: self.prompt_len]], self.vocab, self.device).expand(N, -1)
         if needs.prompts:
             state.prompts = [self.prompt_index] * N
         return self.processors(logits, state)
@@ -140,12 +142,13 @@ class Assistant:
         self.k = gc.num_assistant_tokens
         self.adapt = gc.num_assistant_tokens_schedule != "constant"
         self.threshold = gc.assistant_confidence_threshold or 0.0
+        self.chunk = gc.prefill_chunk_size  # (its first forward reads the prompt)
 
     def _logits(self, tokens: list[int]) -> torch.Tensor:
         """The assistant's next-token logits (1, V of the main model: cut, or padded with -inf) after feeding
         `tokens` to its cache."""
         x = torch.tensor([tokens], device=self.device)
-        logits = self.model(x, cache=self.cache, last_only=True)[0].float().to(self.picker.device)
+        logits = prefill(self.model, x, self.cache, chunk=self.chunk, last_only=True)[0].float().to(self.picker.device)
         V = self.picker.vocab
         if logits.shape[1] >= V:
             return logits[:, :V]
@@ -247,7 +250,8 @@ def _tokens(model: GPT, prompt: list[int], gc: GenerationConfig, decode, assista
     guesser = Assistant(assistant, gc, picker, len(prompt) + budget) if assistant is not None else PromptLookup(gc)
     cache = KVCache(config, 1, len(prompt) + budget, model.cache_dtype, device)
     if len(prompt) > 1:  # all but the last token, which each round feeds with its guesses
-        model(torch.tensor([prompt[:-1]], device=device), cache=cache, last_only=True, head=False)
+        prefill(model, torch.tensor([prompt[:-1]], device=device), cache, chunk=gc.prefill_chunk_size, last_only=True,
+                head=False)
     seq, made, rounds, guessed = list(prompt), 0, 0, 0
     while True:
         guesses, q = guesser.guess(seq, budget - made - 1)  # (room for the model's own token after them)

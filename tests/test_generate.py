@@ -295,6 +295,37 @@ def test_prompts_read_in_chunks_between_steps_match_one_forward(tiny_checkpoints
         assert got[i] == lm.generate_ids([prompt], max_new_tokens=12, do_sample=False)[0]
 
 
+@pytest.mark.parametrize("name", ["neo", "neox-sequential-pct100"])
+def test_prefill_chunk_size_in_every_mode(tiny_checkpoints, name):
+    """prefill_chunk_size (transformers'): every mode reads its prompts (and guidance's context, and an assistant
+    its copy) at most 2 x chunk - 1 columns per forward (model.chunk_end) and gives the tokens of one forward of
+    the whole; use_cache is taken and changes nothing (neolm always decodes with its cache)."""
+    lm = neolm.load(tiny_checkpoints[name][1])
+    torch.manual_seed(0)
+    prompts = [torch.randint(0, 50000, (n,)).tolist() for n in (150, 61)]
+    widths = []
+    hook = lm.model.blocks[0].register_forward_pre_hook(lambda module, args: widths.append(args[0].shape[1]))
+    modes = [{}, dict(use_cache=False), dict(num_beams=3), dict(num_beams=2, force_words_ids=[[9]]),
+             dict(penalty_alpha=0.6, top_k=4), dict(dola_layers="low"), dict(prompt_lookup_num_tokens=3),
+             dict(assistant_model=lm), dict(guidance_scale=1.5, negative_prompt_ids=prompts[0][:90]),
+             dict(do_sample=True, seed=3, num_return_sequences=2)]  # fmt: skip
+    try:
+        for mode in modes:
+            batch = prompts[:1] if "negative_prompt_ids" in mode else prompts
+            widths.clear()
+            mode = {"do_sample": False} | mode
+            whole = lm.generate_ids(batch, max_new_tokens=6, **mode)
+            assert max(widths) >= 61, mode
+            widths.clear()
+            chunked = lm.generate_ids(batch, max_new_tokens=6, prefill_chunk_size=16, **mode)
+            assert max(widths) <= 31 and chunked == whole, mode
+    finally:
+        hook.remove()
+    for bad in (dict(prefill_chunk_size=0), dict(prefill_chunk_size=2.5), dict(use_cache="no")):
+        with pytest.raises(NeolmError, match=next(iter(bad))):
+            lm.generate_ids(prompts, max_new_tokens=2, **bad)
+
+
 def test_prompts_join_a_batch_whose_rows_have_all_finished(tiny_checkpoints):
     """A prefill begun while a sequence ran (so without room of its own) joins after that one ended: the new
     sequence gets its solo tokens, in a cache of its own slots only."""

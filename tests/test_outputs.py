@@ -164,3 +164,37 @@ def test_texts_plain_dicts_and_errors(tiny_checkpoints):
         neolm.pipeline("text-generation", model=folder)("hi", return_dict_in_generate=True)
     empty = lm.generate_ids([PROMPT], max_new_tokens=0, return_dict_in_generate=True, output_scores=True)
     assert empty.sequences == [[]] and empty.scores[0].shape == (0, hf.config.vocab_size)
+
+
+@pytest.mark.parametrize("name", ["neo", "neox-parallel-pct25"])
+def test_hidden_states_and_attentions_match_transformers(tiny_checkpoints, name):
+    """output_hidden_states / output_attentions: transformers' per-step pieces (the prompt's at the first step,
+    then one position a step) put together are each sequence's (T, C) and (H, T, T) over its prompt and new
+    tokens but the last; beams' are their hypotheses' own; a batch's rows each their own sequence's; and they
+    need return_dict_in_generate."""
+    hf, folder = tiny_checkpoints[name]
+    lm = neolm.load(folder)
+    kw = dict(max_new_tokens=12, do_sample=False, output_hidden_states=True, output_attentions=True)
+    ref = hf_output(hf, PROMPT, **kw)
+    ours = lm.generate_ids([PROMPT, PROMPT[:3]], return_dict_in_generate=True, **kw)
+    T = len(PROMPT) + len(ours.sequences[0]) - 1
+    assert ref.sequences[0, len(PROMPT) :].tolist() == ours.sequences[0]
+    hidden = [torch.cat([step[i][0] for step in ref.hidden_states], 0) for i in range(lm.config.n_layer + 1)]
+    assert len(ours.hidden_states[0]) == len(hidden) and ours.hidden_states[0][0].shape == (T, lm.config.d_model)
+    for a, b in zip(ours.hidden_states[0], hidden):
+        assert torch.allclose(a, b, atol=TOL), (a - b).abs().max()
+    for layer, weights in enumerate(ours.attentions[0]):
+        full = torch.zeros(weights.shape)
+        for step in ref.attentions:  # (1, H, rows, keys so far)
+            rows, keys = step[layer].shape[-2:]
+            full[:, keys - rows : keys, :keys] = step[layer][0]
+        assert weights.shape == (lm.config.n_head, T, T) and torch.allclose(weights, full, atol=TOL)
+    short = lm.trace_ids([PROMPT[:3] + ours.sequences[1][:-1]], True, True)[0]
+    assert all(torch.allclose(a, b, atol=TOL) for a, b in zip(ours.hidden_states[1], short.hidden_states))
+    assert all(torch.allclose(a, b, atol=TOL) for a, b in zip(ours.attentions[1], short.attentions))
+    beams = lm.generate_ids([PROMPT], num_beams=3, num_return_sequences=2, return_dict_in_generate=True, **kw)
+    for seq, states in zip(beams.sequences, beams.hidden_states):
+        own = lm.trace_ids([PROMPT + seq[:-1]], True)[0]
+        assert all(torch.equal(a, b) for a, b in zip(states, own.hidden_states))
+    with pytest.raises(NeolmError, match="output_hidden_states need return_dict_in_generate"):
+        lm.generate_ids([PROMPT], output_hidden_states=True)

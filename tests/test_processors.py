@@ -8,7 +8,7 @@ import torch
 from test_generate import hf_generate, run_plan
 
 import neolm
-from neolm.generate import DecodeBatch
+from neolm.generate import DecodeBatch, prompt_tokens
 from neolm.generation_config import GenerationConfig
 from neolm.sampling import Processors, RowState
 
@@ -28,6 +28,8 @@ def _knobs(free: list[int]) -> list[dict]:
         dict(forced_eos_token_id=free[1], eos_token_id=free[1]),
         dict(exponential_decay_length_penalty=(2, 1.6), eos_token_id=free[8]),
         dict(repetition_penalty=1.3, no_repeat_ngram_size=3, bad_words_ids=[[free[1]]], suppress_tokens=[free[2]]),
+        dict(encoder_repetition_penalty=4.0),  # the prompt's tokens favoured
+        dict(sequence_bias={(4,): 1.0}, encoder_repetition_penalty=3.0),
     ]
 
 
@@ -52,6 +54,63 @@ def test_processors_match_transformers(tiny_checkpoints, name):
             assert all(g not in grams[:i] for i, g in enumerate(grams) if i + k > len(PROMPT)), knobs
         else:
             assert ours != free, knobs
+
+
+def test_prompt_processors_in_every_mode(tiny_checkpoints):
+    """encoder_repetition_penalty and forced_bos_token_id as transformers gives them with beams too; the same
+    tokens in a batch beside rows without them, and in assisted generation; forced_bos_token_id acts only on the
+    first new token of a one-token prompt (transformers' rule: the sequence so far is one token). transformers'
+    order: sequence_bias, encoder_repetition_penalty, repetition_penalty."""
+    hf, folder = tiny_checkpoints["neox-parallel-pct25"]
+    lm = neolm.load(folder)
+    free = lm.generate_ids([PROMPT], max_new_tokens=16, do_sample=False)[0]
+    for knobs in (dict(encoder_repetition_penalty=4.0), dict(encoder_repetition_penalty=4.0, repetition_penalty=1.2)):
+        ours = lm.generate_ids([PROMPT], max_new_tokens=16, do_sample=False, num_beams=3, **knobs)[0]
+        assert ours == hf_generate(hf, PROMPT, max_new_tokens=16, num_beams=3, **knobs), knobs
+        alone = lm.generate_ids([PROMPT], max_new_tokens=16, do_sample=False, **knobs)[0]
+        assert alone != free, knobs
+        assert lm.generate_ids([PROMPT], max_new_tokens=16, do_sample=False, prompt_lookup_num_tokens=2,
+                               **knobs)[0] == alone  # fmt: skip
+        batch = DecodeBatch(lm.model)
+        ids = batch.add([PROMPT[:5]], GenerationConfig(max_new_tokens=16).validated())
+        ids += batch.add([PROMPT], GenerationConfig(max_new_tokens=16, **knobs).validated())
+        got = {i: [] for i in ids}
+        while not batch.finished:
+            step = batch.step()
+            for i, token in zip(step.ids, step.tokens):
+                if token is not None:
+                    got[i].append(token)
+        assert got[ids[1]] == alone
+        assert got[ids[0]] == lm.generate_ids([PROMPT[:5]], max_new_tokens=16, do_sample=False)[0]
+    from transformers.generation.logits_process import (
+        EncoderRepetitionPenaltyLogitsProcessor,
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        SequenceBiasLogitsProcessor,
+    )  # fmt: skip
+
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(0))  # (the order matters: signs change)
+    held, prompt = [[3, 3, 4, 5, 9, 30], [7, 1, 2, 8, 9, 10]], [[3, 3, 4, 5], [7, 1, 2]]
+    knobs = dict(sequence_bias={(4,): 1.0, (9,): -1.5}, encoder_repetition_penalty=2.5, repetition_penalty=1.3)
+    gc = GenerationConfig(**knobs).validated()
+    state = RowState(seen=prompt_tokens(held, 50, "cpu"), prompted=prompt_tokens(prompt, 50, "cpu"), tokens=held)
+    ours = Processors(gc, [], 50, "cpu")(logits.clone(), state)
+    ref = LogitsProcessorList([SequenceBiasLogitsProcessor({(4,): 1.0, (9,): -1.5}),
+                               EncoderRepetitionPenaltyLogitsProcessor(2.5, torch.tensor([[3, 3, 4, 5], [7, 1, 2, 1]])),
+                               RepetitionPenaltyLogitsProcessor(1.3)])(torch.tensor(held), logits.clone())  # fmt: skip
+    assert torch.allclose(ours, ref)
+    bos = free[3]
+    for prompt in ([7], [7, 8]):
+        ours = lm.generate_ids([prompt], max_new_tokens=6, do_sample=False, forced_bos_token_id=bos)[0]
+        assert ours == hf_generate(hf, prompt, max_new_tokens=6, forced_bos_token_id=bos)
+        plain = lm.generate_ids([prompt], max_new_tokens=6, do_sample=False)[0]
+        assert ours == ([bos] + ours[1:] if len(prompt) == 1 else plain) and plain[0] != bos
+        beams = lm.generate_ids([prompt], max_new_tokens=6, do_sample=False, num_beams=2, forced_bos_token_id=bos)
+        assert beams[0] == hf_generate(hf, prompt, max_new_tokens=6, num_beams=2, forced_bos_token_id=bos)
+    for bad in (dict(encoder_repetition_penalty=0), dict(encoder_repetition_penalty=float("nan")),
+                dict(forced_bos_token_id=-1), dict(forced_bos_token_id=[3]), dict(forced_bos_token_id=10**9)):
+        with pytest.raises(neolm.NeolmError, match=next(iter(bad))):
+            lm.generate_ids([PROMPT], max_new_tokens=2, **bad)
 
 
 @pytest.mark.parametrize("keep", [1, 3])
@@ -265,3 +324,19 @@ def test_bad_processor_arguments(tiny_checkpoints, kwargs, message):
     lm = neolm.load(tiny_checkpoints["neo"][1])
     with pytest.raises(neolm.NeolmError, match=message):
         lm.generate("hi", **kwargs)
+
+
+def test_neolm_generate_takes_the_prompt_knobs(capsys, tiny_checkpoints):
+    """--encoder-repetition-penalty and --prefill-chunk-size give what the library gives; a bad value is one line
+    on stderr."""
+    from test_cli import assert_one_line_error, cli
+
+    folder = tiny_checkpoints["neox-parallel-pct25"][1]
+    lm = neolm.load(folder)
+    prompt = "The quick brown fox jumps over the lazy dog, and the quick brown fox"
+    base = ("generate", prompt, "--model", str(folder), "--max-new-tokens", "12", "--no-echo", "--no-stream")
+    code, out, _ = cli(capsys, *base, "--encoder-repetition-penalty", "4", "--prefill-chunk-size", "4")
+    expected = lm.generate(prompt, max_new_tokens=12, encoder_repetition_penalty=4.0)
+    assert code == 0 and out == expected + "\n" and expected != lm.generate(prompt, max_new_tokens=12)
+    code, _, err = cli(capsys, *base, "--prefill-chunk-size", "0")
+    assert_one_line_error(code, err, "--prefill-chunk-size")
