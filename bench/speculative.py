@@ -11,7 +11,11 @@ min_new_tokens), fp32, --threads threads:
   - neolm with an assistant model: the same checkpoint quantized to int8 (output head included), which reads
     a quarter of the bytes a step; num_assistant_tokens --guesses, without transformers' confidence threshold
     (0: random weights give near-flat distributions, whose top token is never 0.4 likely), and with the
-    defaults (20 tokens, threshold 0.4).
+    defaults (20 tokens, threshold 0.4);
+  - with --early-exit K[,K...]: neolm with the model's own first K layers as its assistant (assistant_early_exit),
+    the same two ways.
+--prompt-file takes the prompt's tokens from a text file (from --prompt-offset on) instead of random ids (for a
+trained model, such as neolm's bundled one: --model neolm/default_model).
 Each round runs every row once (the order reversed every other round). Reported: seconds per generation
 (median [min-max]), new tokens/s, the model's forwards (neolm: a hook on the model, the assistant's not
 counted), the speed over the engine's own plain decoding (median of per-round ratios), and how many leading
@@ -42,8 +46,9 @@ import neolm
 
 
 def run_neolm(lm, prompt, kw) -> tuple[float, list[int], int]:
-    calls = []
-    hook = lm.model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    calls = []  # (an early exit's forwards, with `layers`, are the assistant's: not counted)
+    hook = lm.model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(1) if kwargs.get("layers") is None else None, with_kwargs=True)
     start = time.perf_counter()
     out = lm.generate_ids([prompt], **kw)[0]
     elapsed = time.perf_counter() - start
@@ -71,6 +76,9 @@ def main() -> None:
     p.add_argument("--lookup", type=int, default=10, help="prompt_lookup_num_tokens")
     p.add_argument("--guesses", type=int, default=4, help="num_assistant_tokens of the thresholdless row")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--early-exit", default="", help="comma-separated layer counts for assistant_early_exit rows")
+    p.add_argument("--prompt-file", help="take the prompt from this text file (default: random ids)")
+    p.add_argument("--prompt-offset", type=int, default=0, help="from this character of --prompt-file on")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", help="append the table to this markdown file")
     args = p.parse_args()
@@ -82,6 +90,10 @@ def main() -> None:
     int8 = neolm.load(folder, dtype="float32", quantize="int8", quantize_head=True)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     prompt = torch.randint(0, 50000, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
+    if args.prompt_file:
+        text = Path(args.prompt_file).read_text(encoding="utf-8")
+        prompt = lm.encode(text[args.prompt_offset : args.prompt_offset + 20 * args.prompt_tokens])
+        prompt = prompt[: args.prompt_tokens]
     greedy = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, repetition_penalty=1.0)
     rows = {  # name -> (engine, runner, model, arguments)
         "neolm": ("neolm", run_neolm, lm, greedy),
@@ -93,6 +105,14 @@ def main() -> None:
         f"transformers, prompt lookup {args.lookup}": ("transformers", run_transformers, hf,
                                                        greedy | {"prompt_lookup_num_tokens": args.lookup}),
     }  # fmt: skip
+    for k in [int(x) for x in args.early_exit.split(",") if x]:
+        of = f"{k} of {lm.config.n_layer} layers"
+        guessing = {"assistant_early_exit": k, "num_assistant_tokens": args.guesses,
+                    "assistant_confidence_threshold": 0.0}  # fmt: skip
+        rows[f"neolm, early exit after {of}, {args.guesses} guesses, no threshold"] = ("neolm", run_neolm, lm,
+                                                                                     greedy | guessing)
+        rows[f"neolm, early exit after {of}, defaults (20, threshold 0.4)"] = ("neolm", run_neolm, lm, greedy | {
+            "assistant_early_exit": k})  # fmt: skip
     for _, run, model, kw in rows.values():  # warm-up (kernels, allocations)
         run(model, prompt[:8], kw | {"max_new_tokens": 4, "min_new_tokens": 4})
     times: dict[str, list[float]] = {name: [] for name in rows}
@@ -117,11 +137,15 @@ def main() -> None:
     machine = describe()
     lines = [
         f"`python bench/speculative.py --model {folder} --prompt-tokens {args.prompt_tokens} --new-tokens {n} "
-        f"--lookup {args.lookup} --guesses {args.guesses} --rounds {args.rounds} --threads {args.threads}`",
+        f"--lookup {args.lookup} --guesses {args.guesses} --rounds {args.rounds} --threads {args.threads}"
+        + (f" --early-exit {args.early_exit}" if args.early_exit else "")
+        + (f" --prompt-file {args.prompt_file} --prompt-offset {args.prompt_offset}" if args.prompt_file else "")
+        + "`",
         "",
         f"{machine['cpu']} ({machine['cpu_id']}; {machine['simd']}), torch {torch.__version__}, {args.threads} "
-        f"threads, fp32; {Path(folder).parent.name} (random weights), {args.prompt_tokens}-token prompt, {n} new "
-        "tokens, greedy",
+        f"threads, fp32; {Path(folder).parent.name if Path(folder).name == 'hf' else Path(folder).name} "
+        f"{len(prompt)}-token prompt ({'from ' + Path(args.prompt_file).name if args.prompt_file else 'random ids'}), "
+        f"{n} new tokens, greedy",
         "",
         "| row | seconds per generation | new tokens/s | forwards of the model | speed over own plain | "
         "tokens = neolm plain |",

@@ -350,7 +350,7 @@ class LanguageModel:
         if gc.token_healing:
             healed = heal(self.model, self.tokenizer, ids)
             ids, head, gc = healed.ids, healed.head(self.tokenizer), dataclasses.replace(gc, token_healing=False)
-        if assistant is not None or gc.prompt_lookup_num_tokens is not None:  # tokens come a round at a time
+        if assistant is not None or gc.assisted:  # tokens come a round at a time
             tokens = assisted_tokens(self.model, ids, gc, decode, assistant)
         elif gc.contrastive or gc.dola_layers is not None:  # one sequence at a time, outside a DecodeBatch
             tokens = (contrastive_tokens if gc.contrastive else dola_tokens)(self.model, ids, gc, decode)

@@ -252,7 +252,7 @@ def _generation_knobs(args) -> dict:
              "typical_p", "presence_penalty", "frequency_penalty", "num_beams", "length_penalty",
              "num_beam_groups", "diversity_penalty",
              "prompt_lookup_num_tokens", "num_assistant_tokens", "top_h", "max_time", "guidance_scale", "penalty_alpha", "dola_layers",
-             "token_healing", "encoder_repetition_penalty", "prefill_chunk_size")  # fmt: skip
+             "token_healing", "encoder_repetition_penalty", "prefill_chunk_size", "assistant_early_exit")  # fmt: skip
     knobs = {name: getattr(args, name, None) for name in names} | {"stop_strings": args.stop}
     knobs["structured_outputs"] = _structured_spec(args)
     knobs = {k: v for k, v in knobs.items() if v is not None}
@@ -305,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     fast.add_argument("--assistant-model", metavar="MODEL",
                       help="a smaller model with the same tokenizer that guesses the tokens (e.g. "
                       "EleutherAI/pythia-70m for a larger Pythia), loaded with the same options")  # fmt: skip
+    fast.add_argument("--assistant-early-exit", type=positive, metavar="K",
+                      help="the model's own first K layers (with its head) guess: no second model, but only as "
+                      "good as those layers' predictions (models trained for early exit)")  # fmt: skip
     fast.add_argument("--num-assistant-tokens", type=positive, metavar="N",
                       help="the assistant guesses N tokens at most per forward of the model (default 20; it "
                       "stops earlier below 0.4 probability)")  # fmt: skip
@@ -394,8 +397,8 @@ def cmd_generate(args) -> int:
     if args.num_return_sequences is not None and args.num_return_sequences < 1:
         raise NeolmError("--num-return-sequences must be at least 1")
     knobs = _generation_knobs(args) | ({"truncate_prompt": True} if args.truncate else {})
-    if args.assistant_model and args.prompt_lookup_num_tokens:
-        raise NeolmError("give --assistant-model or --prompt-lookup-num-tokens, not both")
+    if sum(map(bool, (args.assistant_model, args.prompt_lookup_num_tokens, args.assistant_early_exit))) > 1:
+        raise NeolmError("give one of --assistant-model, --prompt-lookup-num-tokens and --assistant-early-exit")
     lm = load_model(args)
     echo = "" if args.no_echo else prompt
     beams = lm.generation_config(**knobs).num_beams > 1  # (the checkpoint's defaults too)

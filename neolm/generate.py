@@ -637,7 +637,7 @@ def _steps(batch: DecodeBatch, prefill: Prefill) -> Iterator[Step]:
 
 def check_mixed(gc: GenerationConfig, assistant: GPT | None, mixed: Mixed | None) -> None:
     """Refuse prompts with different adapters in the modes that do not run them as one DecodeBatch."""
-    if mixed is not None and (assistant is not None or gc.prompt_lookup_num_tokens is not None or gc.num_beams > 1
+    if mixed is not None and (assistant is not None or gc.assisted or gc.num_beams > 1
                               or gc.contrastive or gc.dola_layers is not None):  # fmt: skip
         raise NeolmError("prompts with different adapters (adapter_names) decode in one batch: not with beam search, "
                          "assisted generation, contrastive search or DoLa; give one adapter for all")
@@ -655,7 +655,7 @@ def generate(
     `assistant` model or gc.prompt_lookup_num_tokens, assisted generation (neolm.speculative). mixed: each
     prompt's LoRA adapter (neolm.multilora), in one batch (not with the modes that run otherwise)."""
     check_mixed(gc, assistant, mixed)
-    if assistant is not None or gc.prompt_lookup_num_tokens is not None:
+    if assistant is not None or gc.assisted:
         from neolm.speculative import assisted_generate  # (these modules build on this one)
 
         return assisted_generate(model, prompts, gc, decode, assistant)

@@ -54,6 +54,7 @@ class GenerationConfig:
     constraints: list | None = None  # the same as objects with token_ids (transformers' Phrasal/DisjunctiveConstraint)
     # more of transformers' logits processors (neolm.sampling.Processors)
     no_repeat_ngram_size: int = 0  # no n-gram of this size may occur twice (prompt included)
+    encoder_no_repeat_ngram_size: int = 0  # no n-gram of this size of the prompt may be generated (no copying)
     bad_words_ids: list[list[int]] | None = None  # token sequences that may not be generated
     sequence_bias: dict[tuple[int, ...], float] | list | None = None  # added to a sequence's last token's logit
     suppress_tokens: list[int] | None = None  # never generated
@@ -95,6 +96,7 @@ class GenerationConfig:
     num_assistant_tokens: int = 20  # with an assistant model: it guesses this many at most per forward
     num_assistant_tokens_schedule: str = "constant"  # or "heuristic": +2 after all were right, else -1
     assistant_confidence_threshold: float | None = 0.4  # the assistant stops guessing below this probability
+    assistant_early_exit: int | None = None  # the model's first this many layers (and its head) are the assistant
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -174,8 +176,9 @@ class GenerationConfig:
             f"token ids (integers >= 0), got {value!r}")  # fmt: skip
 
     def _validate_processors(self, check) -> None:
-        check(isinstance(self.no_repeat_ngram_size, int) and self.no_repeat_ngram_size >= 0,
-              f"no_repeat_ngram_size must be an integer >= 0, got {self.no_repeat_ngram_size!r}")  # fmt: skip
+        for name in ("no_repeat_ngram_size", "encoder_no_repeat_ngram_size"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and value >= 0, f"{name} must be an integer >= 0, got {value!r}")
         if self.bad_words_ids is not None:
             self._check_ids(check, self.bad_words_ids, "bad_words_ids", nested=True)
             self.bad_words_ids = [list(w) for w in self.bad_words_ids]
@@ -343,6 +346,16 @@ class GenerationConfig:
               f"assistant_confidence_threshold must be in [0, 1) (0 or None: off), got {threshold}")  # fmt: skip
         check(self.prompt_lookup_num_tokens is None or self.num_beams == 1,
               "prompt lookup (prompt_lookup_num_tokens) and beam search (num_beams > 1) do not go together")  # fmt: skip
+        exit_ = self.assistant_early_exit
+        check(exit_ is None or (isinstance(exit_, int) and not isinstance(exit_, bool) and exit_ >= 1),
+              f"assistant_early_exit must be a number of layers >= 1, got {exit_!r}")  # fmt: skip
+        check(exit_ is None or self.prompt_lookup_num_tokens is None,
+              "assistant_early_exit and prompt_lookup_num_tokens are two ways of guessing: give one")  # fmt: skip
+
+    @property
+    def assisted(self) -> bool:
+        """Assisted generation without an assistant model: prompt lookup or an early exit of the model."""
+        return self.prompt_lookup_num_tokens is not None or self.assistant_early_exit is not None
 
     def check_vocab(self, vocab: int) -> None:
         """Raise NeolmError when a processor names a token outside a vocabulary of this size."""

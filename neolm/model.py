@@ -358,9 +358,11 @@ class GPT(nn.Module):
         key_valid: torch.Tensor | None = None,
         last_only: bool = False,
         head: bool = True,
+        layers: int | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, V) for tokens idx (B, T), or (B, 1, V) with last_only; head=False: the final hidden
-        states (after ln_f) instead, (B, T, C), for callers that project only some positions.
+        states (after ln_f) instead, (B, T, C), for callers that project only some positions. layers: run only the
+        first `layers` blocks, then ln_f and the head (an early exit; a cache needs only those layers).
 
         With a cache, idx continues the cached sequence at slot cache.length and the cache advances.
         positions (B, T): position ids, default the slot numbers. key_valid (B, S): False marks padding
@@ -379,7 +381,7 @@ class GPT(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(positions)
         if self.decode_step is not None and T == 1 and cache is not None:
-            y = self.decode_step(x, positions, cache, key_valid)
+            y = self.decode_step(x, positions, cache, key_valid, layers)
             if y is not None:
                 cache.length = start + 1
                 return self.lm_head(self.ln_f(y)) if head else self.ln_f(y)
@@ -387,7 +389,7 @@ class GPT(nn.Module):
             cos, sin = self._rotary_table(x.device)
             rope = cos[positions][:, None].to(x.dtype), sin[positions][:, None].to(x.dtype)  # (B, 1, T, dims)
         masks = self._masks(T, start, key_valid, idx.device)
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(self.blocks if layers is None else self.blocks[:layers]):
             kv = cache.layer(i) if cache is not None else None
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, rope, masks[block.window], kv, start, use_reentrant=False)

@@ -85,7 +85,7 @@ def _generated(model: GPT, prompts, gc: GenerationConfig, decode, assistant: GPT
     per_step = output_scores or output_logits
     check_mixed(gc, assistant, mixed)  # (so none of the modes below gets one)
     n, vocab = len(prompts) * gc.num_return_sequences, model.config.vocab_size
-    if per_step and (assistant is not None or gc.prompt_lookup_num_tokens is not None):
+    if per_step and (assistant is not None or gc.assisted):
         return _each_alone(lambda on_token: assisted_generate(model, prompts, gc, decode, assistant, on_token), n,
                            output_scores, output_logits, vocab)  # fmt: skip
     if per_step and (gc.contrastive or gc.dola_layers is not None):

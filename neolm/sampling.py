@@ -79,7 +79,8 @@ class Processors:
             if not eos_ids:
                 raise NeolmError("structured outputs need an eos token to end the text once it is whole")
             self.follower = Follower(gc.structured_outputs, eos_ids, vocab, device)
-        counts_new = gc.min_new_tokens, forced is not None, gc.exponential_decay_length_penalty, gc.begin_suppress_tokens
+        counts_new = (gc.min_new_tokens, forced is not None, gc.exponential_decay_length_penalty,
+                      gc.begin_suppress_tokens, gc.encoder_no_repeat_ngram_size)  # fmt: skip
         self.needs = RowState(
             lengths=(gc.min_length > 0 or gc.forced_bos_token_id is not None) or None,
             new=(any(counts_new) or isinstance(self.watermark, SynthID) or self.follower) or None,
@@ -87,8 +88,9 @@ class Processors:
             seen=(gc.repetition_penalty != 1.0) or None,
             prompted=(gc.encoder_repetition_penalty != 1.0) or None,
             made=(gc.presence_penalty != 0 or gc.frequency_penalty != 0) or None,
-            tokens=(gc.no_repeat_ngram_size or self.sequence_biases or self.bad_sequences or gc.logits_processor
-                    or gc.prefix_allowed_tokens_fn or self.watermark or self.follower) or None,
+            tokens=(gc.no_repeat_ngram_size or gc.encoder_no_repeat_ngram_size or self.sequence_biases
+                    or self.bad_sequences or gc.logits_processor or gc.prefix_allowed_tokens_fn or self.watermark
+                    or self.follower) or None,
             prompts=(gc.prefix_allowed_tokens_fn is not None) or None,
         )  # fmt: skip
 
@@ -115,6 +117,11 @@ class Processors:
             scores = scores - gc.frequency_penalty * rows.made - gc.presence_penalty * (rows.made > 0)
         if gc.no_repeat_ngram_size:
             banned = _repeated_ngrams(rows.tokens, gc.no_repeat_ngram_size, scores.shape, scores.device)
+            scores = scores.masked_fill(banned, -inf)
+        if gc.encoder_no_repeat_ngram_size:  # no n-gram of the prompt is copied
+            prompts = [len(held) - new for held, new in zip(rows.tokens, rows.new.tolist())]
+            n = gc.encoder_no_repeat_ngram_size
+            banned = _repeated_ngrams(rows.tokens, n, scores.shape, scores.device, prompts)
             scores = scores.masked_fill(banned, -inf)
         if self.ban is not None:
             scores = scores + self.ban
@@ -235,15 +242,16 @@ def _sequence_bias(entries: list, tokens: Sequence[Sequence[int]], scores: torch
     return bias
 
 
-def _repeated_ngrams(tokens: Sequence[Sequence[int]], n: int, shape, device) -> torch.Tensor:
-    """(N, V) True at each token that would complete an n-gram the row already holds."""
+def _repeated_ngrams(tokens: Sequence[Sequence[int]], n: int, shape, device, within=None) -> torch.Tensor:
+    """(N, V) True at each token that would complete an n-gram the row already holds (within: in its first
+    within[row] tokens, its prompt)."""
     banned = torch.zeros(shape, dtype=torch.bool)  # built on the CPU, where the histories are
     for row, held in enumerate(tokens):
-        if len(held) < n:
+        source = held if within is None else held[: within[row]]
+        if len(source) < n:
             continue
-        held = torch.as_tensor(held, dtype=torch.long)
-        windows = held.unfold(0, n, 1)  # (W, n)
-        match = (windows[:, :-1] == held[len(held) + 1 - n :]).all(dim=-1)
+        windows = torch.as_tensor(source, dtype=torch.long).unfold(0, n, 1)  # (W, n)
+        match = (windows[:, :-1] == torch.as_tensor(held[len(held) + 1 - n :], dtype=torch.long)).all(dim=-1)
         banned[row, windows[match, -1].clamp(max=shape[1] - 1)] = True  # (vocab-wide ids only: from the model)
     return banned.to(device)
 

@@ -11,7 +11,11 @@ one token does). The guesses come from
     where the text repeats or quotes its prompt: summaries, extraction, code edits, loops;
   - an assistant model: a smaller model with the same tokenizer (pythia-70m/160m for the larger Pythias,
     gpt-neo-125M for the larger GPT-Neos), up to num_assistant_tokens of its own picks, stopping early once its
-    probability of its pick falls below assistant_confidence_threshold.
+    probability of its pick falls below assistant_confidence_threshold;
+  - an early exit of the model itself (assistant_early_exit=k): its first k layers, then its final LayerNorm and
+    head, as the assistant model (LayerSkip's self-speculative decoding), sharing its weights. Its guesses are
+    as good as those layers' logit lens: models trained for early exit guess well, the Pythias and GPT-Neos
+    less so (bench/speculative.py --early-exit measures it).
 Greedy, the tokens are the model's greedy tokens. Sampled, each is drawn from the model's distribution: with
 prompt lookup the model samples at every position and keeps the guesses its samples equal; with an assistant
 by the rejection rule of speculative sampling (Leviathan et al. 2023, algorithm 1), which needs the
@@ -22,6 +26,7 @@ as in transformers; and a seed draws other samples than plain sampling with that
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Sequence
 
@@ -130,6 +135,19 @@ class PromptLookup:
         pass
 
 
+class EarlyExit:
+    """The model's first `layers` blocks, then its final LayerNorm and head, called as an assistant model is
+    (transformers' assistant_early_exit). It shares the model's weights; its cache holds its own layers."""
+
+    def __init__(self, model: GPT, layers: int):
+        self.model, self.layers, self.ln_f, self.cache_dtype = model, layers, model.ln_f, model.cache_dtype
+        c = model.config
+        self.config = dataclasses.replace(c, n_layer=layers, layer_windows=c.layer_windows[:layers])
+
+    def __call__(self, idx, positions=None, cache=None, last_only: bool = False, head: bool = True) -> torch.Tensor:
+        return self.model(idx, positions, cache, last_only=last_only, head=head, layers=self.layers)
+
+
 class Assistant:
     """Guesses from a smaller model with the same tokenizer, decoding in a KV cache of its own that keeps the
     tokens the sequence still shares with it from round to round."""
@@ -221,8 +239,12 @@ def _check(model: GPT, prompts, gc: GenerationConfig, decode, assistant: GPT | N
     if gc.guided or gc.contrastive or gc.dola_layers is not None:
         raise NeolmError("assisted generation (prompt lookup or an assistant model) runs without guidance_scale, "
                          "contrastive search (penalty_alpha) or DoLa (dola_layers)")  # fmt: skip
-    if (gc.prompt_lookup_num_tokens is None) == (assistant is None):
-        raise NeolmError("assisted generation needs either prompt_lookup_num_tokens or an assistant model (one)")
+    if gc.assisted == (assistant is not None):
+        raise NeolmError("assisted generation needs one of prompt_lookup_num_tokens, assistant_early_exit or an "
+                         "assistant model")  # fmt: skip
+    if gc.assistant_early_exit is not None and gc.assistant_early_exit >= model.config.n_layer:
+        raise NeolmError(f"assistant_early_exit ({gc.assistant_early_exit}) must be fewer layers than the model's "
+                         f"{model.config.n_layer}")  # fmt: skip
     prompts = check_alone(model, prompts, gc, decode)
     if assistant is not None:
         longest = max(len(p) + gc.new_token_budget(len(p)) for p in prompts)
@@ -247,6 +269,8 @@ def _tokens(model: GPT, prompt: list[int], gc: GenerationConfig, decode, assista
     ending = Ending(gc, eos_ids, decode, len(prompt), budget, deadline)
     processors = Processors(gc, eos_ids, config.vocab_size, device)
     picker = Picker(gc, processors, len(prompt), budget, config.vocab_size, device, generator, prompt_index)
+    if gc.assistant_early_exit is not None:
+        assistant = EarlyExit(model, gc.assistant_early_exit)
     guesser = Assistant(assistant, gc, picker, len(prompt) + budget) if assistant is not None else PromptLookup(gc)
     cache = KVCache(config, 1, len(prompt) + budget, model.cache_dtype, device)
     if len(prompt) > 1:  # all but the last token, which each round feeds with its guesses

@@ -135,6 +135,38 @@ def test_native_step_equals_the_torch_path(folders, name, dtype, quantize, rows)
             assert _rel(mine, truth) <= 1.5 * _rel(theirs, truth) + 1e-3
 
 
+@pytest.mark.parametrize("name", ["neo", "neox-parallel-pct25"])
+def test_an_early_exit_runs_its_first_layers_natively(folders, name):
+    """forward(layers=k), an early exit (assisted generation's assistant_early_exit), runs the native step over the
+    first k blocks, with a cache of k layers: the torch path's logits and cache."""
+    from neolm.speculative import EarlyExit
+
+    lm = neolm.load(folders[name])
+    step, ran = lm.model.decode_step, []
+
+    def counted(*args):
+        out = step(*args)
+        ran.append(out is not None)
+        return out
+
+    early = EarlyExit(lm.model, 2)
+    ids = torch.randint(0, 50000, (1, 20), generator=torch.Generator().manual_seed(4))
+    logits, caches = [], []
+    with torch.inference_mode():
+        for use in (counted, None):
+            lm.model.decode_step = use
+            cache = KVCache(early.config, 1, 20, lm.model.cache_dtype)
+            early(ids[:, :5], cache=cache)
+            logits.append(torch.cat([early(ids[:, t : t + 1], cache=cache) for t in range(5, 20)], 1))
+            caches.append(cache)
+    lm.model.decode_step = step
+    assert ran == [True] * 15 and caches[0].k.shape[0] == 2
+    assert _rel(logits[0], logits[1]) < 1e-5 and _rel(caches[0].k, caches[1].k) < 1e-5
+    with torch.inference_mode():
+        whole = lm.model(ids)[:, 5:]
+    assert _rel(logits[0], whole) > 1e-2
+
+
 @pytest.mark.parametrize("name", list(TINY))
 def test_greedy_text_is_the_same(folders, name):
     lm = neolm.load(folders[name], compile=True)
@@ -201,8 +233,8 @@ def test_it_takes_padded_batches_and_declines_what_it_does_not_take(folders):
     calls = []
     step = lm.model.decode_step
 
-    def counting(x, positions, cache, key_valid):
-        out = step(x, positions, cache, key_valid)
+    def counting(*args):
+        out = step(*args)
         calls.append(out is not None)
         return out
 

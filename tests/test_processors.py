@@ -30,6 +30,7 @@ def _knobs(free: list[int]) -> list[dict]:
         dict(repetition_penalty=1.3, no_repeat_ngram_size=3, bad_words_ids=[[free[1]]], suppress_tokens=[free[2]]),
         dict(encoder_repetition_penalty=4.0),  # the prompt's tokens favoured
         dict(sequence_bias={(4,): 1.0}, encoder_repetition_penalty=3.0),
+        dict(encoder_repetition_penalty=4.0, encoder_no_repeat_ngram_size=2),  # prompt favoured, its bigrams banned
     ]
 
 
@@ -57,10 +58,10 @@ def test_processors_match_transformers(tiny_checkpoints, name):
 
 
 def test_prompt_processors_in_every_mode(tiny_checkpoints):
-    """encoder_repetition_penalty and forced_bos_token_id as transformers gives them with beams too; the same
-    tokens in a batch beside rows without them, and in assisted generation; forced_bos_token_id acts only on the
-    first new token of a one-token prompt (transformers' rule: the sequence so far is one token). transformers'
-    order: sequence_bias, encoder_repetition_penalty, repetition_penalty."""
+    """encoder_repetition_penalty, encoder_no_repeat_ngram_size and forced_bos_token_id as transformers gives them
+    with beams too; the same tokens in a batch beside rows without them, and in assisted generation;
+    forced_bos_token_id acts only on the first new token of a one-token prompt (transformers' rule: the sequence so
+    far is one token). transformers' order: sequence_bias, encoder_repetition_penalty, repetition_penalty."""
     hf, folder = tiny_checkpoints["neox-parallel-pct25"]
     lm = neolm.load(folder)
     free = lm.generate_ids([PROMPT], max_new_tokens=16, do_sample=False)[0]
@@ -99,6 +100,15 @@ def test_prompt_processors_in_every_mode(tiny_checkpoints):
                                EncoderRepetitionPenaltyLogitsProcessor(2.5, torch.tensor([[3, 3, 4, 5], [7, 1, 2, 1]])),
                                RepetitionPenaltyLogitsProcessor(1.3)])(torch.tensor(held), logits.clone())  # fmt: skip
     assert torch.allclose(ours, ref)
+    loop = dict(sequence_bias={(4, 9): 100.0, (9, 3): 100.0, (3, 4): 100.0})  # round the prompt's 4 9 3 4
+    copying = lm.generate_ids([PROMPT], max_new_tokens=16, do_sample=False, **loop)[0]
+    barred = lm.generate_ids([PROMPT], max_new_tokens=16, do_sample=False, encoder_no_repeat_ngram_size=2, **loop)[0]
+    assert barred == hf_generate(hf, PROMPT, max_new_tokens=16, encoder_no_repeat_ngram_size=2, **loop)
+    bigrams = set(zip(PROMPT, PROMPT[1:]))
+    assert set(zip(PROMPT[-1:] + copying, copying)) & bigrams and not set(zip(PROMPT[-1:] + barred, barred)) & bigrams
+    knobs = dict(encoder_repetition_penalty=4.0, encoder_no_repeat_ngram_size=1)  # no token of the prompt at all
+    unigrams = lm.generate_ids([PROMPT], max_new_tokens=16, do_sample=False, **knobs)[0]
+    assert unigrams == hf_generate(hf, PROMPT, max_new_tokens=16, **knobs) and not set(unigrams) & set(PROMPT)
     bos = free[3]
     for prompt in ([7], [7, 8]):
         ours = lm.generate_ids([prompt], max_new_tokens=6, do_sample=False, forced_bos_token_id=bos)[0]
@@ -108,7 +118,8 @@ def test_prompt_processors_in_every_mode(tiny_checkpoints):
         beams = lm.generate_ids([prompt], max_new_tokens=6, do_sample=False, num_beams=2, forced_bos_token_id=bos)
         assert beams[0] == hf_generate(hf, prompt, max_new_tokens=6, num_beams=2, forced_bos_token_id=bos)
     for bad in (dict(encoder_repetition_penalty=0), dict(encoder_repetition_penalty=float("nan")),
-                dict(forced_bos_token_id=-1), dict(forced_bos_token_id=[3]), dict(forced_bos_token_id=10**9)):
+                dict(forced_bos_token_id=-1), dict(forced_bos_token_id=[3]), dict(forced_bos_token_id=10**9),
+                dict(encoder_no_repeat_ngram_size=-1)):
         with pytest.raises(neolm.NeolmError, match=next(iter(bad))):
             lm.generate_ids([PROMPT], max_new_tokens=2, **bad)
 

@@ -177,6 +177,44 @@ def test_prompt_lookup_guesses():
         assert lookup.guess(seq, 10)[0] == expected == guess(seq, 10, max_matching_ngram_size=3), seq
 
 
+@pytest.mark.parametrize("name", ["neo", "neox-sequential-pct100"])
+def test_an_early_exit_of_the_model_is_its_assistant(models, name):
+    """assistant_early_exit=k: the model's first k layers, its final LayerNorm and head guess (their logits are those
+    of transformers' model cut to k layers), and the tokens stay the model's greedy ones, plain and with
+    processors, streamed too; the guesses run the first k blocks only. (transformers' own assistant_early_exit
+    cuts only models whose layers loop reads config.num_hidden_layers: neither GPT-Neo's nor GPT-NeoX's.)"""
+    hf, lm = models[name]
+    k = lm.config.n_layer // 2
+    kinds = ["global" if w is None else "local" for w in lm.config.layer_windows[:k]]
+    layers = {"num_layers": k, "attention_types": [[kinds, 1]], "attention_layers": kinds} if name == "neo" else {
+        "num_hidden_layers": k}  # fmt: skip
+    cut = type(hf)(type(hf.config)(**{**hf.config.to_dict(), **layers}))
+    cut.load_state_dict(hf.state_dict(), strict=False)  # (the layers past k are left out)
+    ids = torch.tensor([LOOP])
+    with torch.no_grad():
+        ref = cut.eval()(ids).logits[0]
+    from neolm.speculative import EarlyExit
+
+    ours = EarlyExit(lm.model, k)(ids)[0]
+    assert torch.allclose(ours, ref, atol=1e-4), (ours - ref).abs().max()
+    assert not torch.allclose(lm.model(ids)[0], ours, atol=1e-2)  # (not the whole model)
+    n, widths = 24, []
+    for knobs in (dict(), dict(repetition_penalty=1.3, no_repeat_ngram_size=3)):
+        plain = lm.generate_ids([LOOP], max_new_tokens=n, do_sample=False, **knobs)[0]
+        widths.clear()
+        hooks = [block.register_forward_pre_hook(lambda m, a, i=i: widths.append(i))
+                 for i, block in enumerate(lm.model.blocks)]  # fmt: skip
+        try:
+            early = lm.generate_ids([LOOP], max_new_tokens=n, do_sample=False, assistant_early_exit=k, **knobs)[0]
+        finally:
+            for hook in hooks:
+                hook.remove()
+        assert early == plain, knobs
+        assert widths.count(0) > widths.count(lm.config.n_layer - 1)  # block 0 ran for the guesses too
+    streamed = "".join(lm.stream("a b a b a b", max_new_tokens=10, do_sample=False, assistant_early_exit=k))
+    assert streamed == lm.generate("a b a b a b", max_new_tokens=10, do_sample=False)
+
+
 def test_assisted_generation_errors(models):
     _, lm = models["neox-parallel-pct25"]
     _, neo = models["neo"]
@@ -186,7 +224,11 @@ def test_assisted_generation_errors(models):
         (dict(num_assistant_tokens=0), "num_assistant_tokens must be >= 1"),
         (dict(num_assistant_tokens_schedule="fast"), "num_assistant_tokens_schedule must be one of"),
         (dict(assistant_confidence_threshold=1.5), "assistant_confidence_threshold must be in"),
-        (dict(prompt_lookup_num_tokens=3, assistant_model=lm), "either prompt_lookup_num_tokens or an assistant"),
+        (dict(prompt_lookup_num_tokens=3, assistant_model=lm), "one of prompt_lookup_num_tokens, assistant_early_exit"),
+        (dict(assistant_early_exit=1, assistant_model=lm), "one of prompt_lookup_num_tokens, assistant_early_exit"),
+        (dict(assistant_early_exit=1, prompt_lookup_num_tokens=3), "two ways of guessing"),
+        (dict(assistant_early_exit=0), "assistant_early_exit must be a number of layers >= 1"),
+        (dict(assistant_early_exit=lm.config.n_layer), "must be fewer layers than the model's"),
         (dict(assistant_model=lm, num_beams=2), "runs without beam search"),
         (dict(assistant_model="EleutherAI/pythia-70m"), "assistant_model must be a model from neolm.load"),
         (dict(assistant_model=neo), "has another tokenizer than the model"),

@@ -102,11 +102,19 @@ class DecodeStep:
         self.scratch = torch.empty(0, dtype=torch.uint8)  # grown to the largest batch seen
         self.n_positions = config.n_positions
 
-    def __call__(self, x: torch.Tensor, positions: torch.Tensor, cache, key_valid=None) -> torch.Tensor | None:
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor, cache, key_valid=None,
+                 layers: int | None = None) -> torch.Tensor | None:  # fmt: skip
+        """The blocks' output for one new token per row (x: (rows, 1, C) embedded), written over x; or None where
+        the torch path must run. layers: the first `layers` blocks only (an early exit)."""
         k, v = cache.k, cache.v  # (L, B, H, max_len, D)
         rows, start = x.shape[0], cache.length
+        spec = self.spec
+        if layers is not None and layers != spec.n_layer:
+            spec = _Model.from_buffer_copy(self.spec)
+            spec.n_layer = layers
         if (
-            k.shape[1] != rows
+            k.shape[0] < spec.n_layer
+            or k.shape[1] != rows
             or rows > native.FEW_ROWS
             or tuple(positions.shape) != (rows, 1)
             or x.dtype != self.dtype
@@ -124,7 +132,7 @@ class DecodeStep:
             self.hooked = True
             return None
         if not self.watch.unchanged():
-            return self._rebuilt(x, positions, cache, key_valid)
+            return self._rebuilt(x, positions, cache, key_valid, layers)
         valid, valid_stride = None, 0
         if key_valid is not None:  # (B, S) bool, False at padding slots
             if key_valid.dtype != torch.bool or key_valid.shape[0] != rows or key_valid.shape[1] <= start:
@@ -140,19 +148,19 @@ class DecodeStep:
         cos = sin = None
         if self.rope is not None:
             cos, sin = (t.data_ptr() for t in self.rope)
-        need = self.lib.neolm_decode_scratch_bytes(ctypes.byref(self.spec), rows)
+        need = self.lib.neolm_decode_scratch_bytes(ctypes.byref(spec), rows)
         if self.scratch.numel() < need:
             self.scratch = torch.empty(need, dtype=torch.uint8)
         scales = (None, None) if k.dtype != torch.int8 else (cache.k_scale.data_ptr(), cache.v_scale.data_ptr())
         adapters = None if self.lora_rows is None else self.lora_rows(rows)  # (rows,) int64, or None: no row uses one
         if adapters is not None and tuple(adapters.shape) != (rows,):
             return None  # the torch path says what is wrong
-        self.lib.neolm_decode_step(ctypes.byref(self.spec), rows, x.data_ptr(), start, positions.data_ptr(), cos, sin,
+        self.lib.neolm_decode_step(ctypes.byref(spec), rows, x.data_ptr(), start, positions.data_ptr(), cos, sin,
                                    valid, valid_stride, k.data_ptr(), v.data_ptr(), *scales, CACHE_KINDS[k.dtype],
                                    k.shape[3], _ptr(adapters), self.scratch.data_ptr())  # fmt: skip
         return x
 
-    def _rebuilt(self, x, positions, cache, key_valid):
+    def _rebuilt(self, x, positions, cache, key_valid, layers):
         """The model changed since this step was built (a layer swapped, e.g. quantize_model; a tensor moved or
         replaced): build a new step for it and run that, or decline when none can be built."""
         model = self.model()
@@ -160,7 +168,7 @@ class DecodeStep:
             return None
         why_not = attach(model)
         log.info("the model changed since its native decode step was built: %s", why_not or "rebuilt")
-        return None if model.decode_step is None else model.decode_step(x, positions, cache, key_valid)
+        return None if model.decode_step is None else model.decode_step(x, positions, cache, key_valid, layers)
 
 
 class _Watch:
