@@ -155,6 +155,72 @@ def test_best_of_returns_the_n_most_likely_of_its_samples(server):
     assert [c["text"] for c in best["choices"]] == sorted(mean, key=mean.get, reverse=True)[:2]
 
 
+def test_beam_search_through_the_server(server, lm):
+    """vLLM's use_beam_search: n beams, the n best hypotheses answered best first (the library's beam search with
+    length_penalty), streamed at the end alike, with the model's log-probabilities of their tokens; in chats too;
+    sampling fields, best_of, echoed prompt scores and a length_penalty without beams are refused."""
+    kw = dict(num_beams=3, num_return_sequences=3, max_new_tokens=10, do_sample=False, length_penalty=0.6)
+    body = {"prompt": "KING.", "max_tokens": 10, "n": 3, "use_beam_search": True, "length_penalty": 0.6}
+    expected = lm.generate("KING.", **kw)
+    status, out = call(server, "/v1/completions", body | {"logprobs": 2})
+    assert status == 200 and [c["text"] for c in out["choices"]] == expected
+    assert [c["index"] for c in out["choices"]] == [0, 1, 2]
+    assert out["usage"]["completion_tokens"] == sum(len(lm.encode(t)) for t in expected)
+    assert len(set(expected)) == 3
+    prompt = lm.encode("KING.")
+    for choice in out["choices"]:
+        tokens = lm.encode(choice["text"])
+        reference = reference_logprobs(lm, prompt + tokens)[len(prompt) - 1 :]
+        assert choice["logprobs"]["token_logprobs"] == pytest.approx(
+            [float(reference[i, t]) for i, t in enumerate(tokens)], abs=1e-4)  # fmt: skip
+        for token, logprob, top, best in zip(choice["logprobs"]["tokens"], choice["logprobs"]["token_logprobs"],
+                                             choice["logprobs"]["top_logprobs"], reference.topk(2).indices.tolist()):
+            assert list(top)[:2] == [lm.decode([t]) for t in best] and top[token] == logprob  # (+ the chosen one)
+    status, text = call(server, "/v1/completions", body | {"stream": True})
+    streamed = ["", "", ""]
+    for chunk in events(text):
+        for c in chunk["choices"]:
+            streamed[c["index"]] += c["text"]
+    assert status == 200 and streamed == expected
+    messages = [{"role": "user", "content": "Who art thou?"}]
+    status, chat = call(server, "/v1/chat/completions", {"messages": messages, "max_tokens": 8, "n": 2,
+                                                         "use_beam_search": True})  # fmt: skip
+    assert status == 200 and len(chat["choices"]) == 2
+    assert chat["choices"][0]["message"]["content"] != chat["choices"][1]["message"]["content"]
+    for extra, field in (({"top_p": 0.9}, "top_p"), ({"seed": 1}, "seed"), ({"temperature": 0.7}, "temperature"),
+                         ({"best_of": 5}, "best_of"), ({"echo": True, "logprobs": 1}, "echo")):  # fmt: skip
+        status, error = call(server, "/v1/completions", body | extra)
+        assert status == 400 and error["error"]["param"] == field, extra
+    status, error = call(server, "/v1/completions", {"prompt": "KING.", "length_penalty": 0.5})
+    assert status == 400 and "use_beam_search" in error["error"]["message"]
+
+
+def test_a_stopping_engine_ends_a_beam_search_early(lm):
+    """stop() (a drain whose time ran out) ends a running beam search within a step: its request ends with
+    ShuttingDown, and the search ran a few of its 400 steps."""
+    from neolm.serve.engine import ShuttingDown
+
+    engine = Engine(lm)
+    gc = lm.generation_config(max_new_tokens=400, min_new_tokens=400, num_beams=4, do_sample=False)
+    job = engine.submit([lm.encode("KING.")], gc)
+    forwards = []
+
+    def count(module, args):
+        forwards.append(1)
+        if len(forwards) == 5:
+            engine.stop("the drain's time ran out", timeout=0)  # (in the engine's thread: it does not wait)
+
+    hook = lm.model.register_forward_pre_hook(count)
+    try:
+        engine.start()
+        with pytest.raises(ShuttingDown, match="time ran out"):
+            list(job)
+        engine._thread.join(60)
+    finally:
+        hook.remove()
+    assert not engine._thread.is_alive() and 5 <= len(forwards) <= 7 and engine.generated == 0
+
+
 def test_vllm_extra_sampling_fields(server, lm):
     """vLLM's stop_token_ids, ignore_eos, include_stop_str_in_output, allowed_token_ids, bad_words and
     truncate_prompt_tokens give the library's text with the matching generation arguments."""

@@ -8,7 +8,8 @@ that arrive together with equal settings share that read): while sequences decod
 tokens a step between their steps (chunked prefill: a long prompt delays their next tokens by a chunk's
 forward, not its whole), else at once. Then it decodes a token per step with every other sequence, whatever
 their settings; each sequence gets exactly the tokens it would get alone. A seeded request (which
-must get what it would get alone with that seed) runs in a batch of its own. Each job's tokens go to its own
+must get what it would get alone with that seed) runs in a batch of its own; a beam search request runs alone
+too, as neolm.beam's search, and sends its hypotheses whole at the end. Each job's tokens go to its own
 queue as they are produced; the HTTP threads read them from there. A job may ask for log-probabilities: of
 each token it gets, with the k most likely alternatives, and of its prompt's tokens (from the forward that
 reads the prompt).
@@ -16,6 +17,8 @@ reads the prompt).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import queue
 import threading
@@ -25,6 +28,9 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+import torch
+
+from neolm.beam import beam_hypotheses
 from neolm.errors import NeolmError
 from neolm.generate import DecodeBatch, Prefill
 from neolm.generation_config import GenerationConfig, fit_prompts
@@ -93,8 +99,8 @@ class Job:
 
     @property
     def alone(self) -> bool:
-        """Seeded sampling: it gets what it would get alone, so it runs alone."""
-        return self.gc.do_sample and self.gc.seed is not None
+        """Seeded sampling (it gets what it would get alone) and beam search (a search of its own) run alone."""
+        return (self.gc.do_sample and self.gc.seed is not None) or self.gc.num_beams > 1
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -303,16 +309,20 @@ class Engine:
                 admitted = self._admit(busy, room)
             if admitted is None:
                 return
+            live = [job for job in admitted if not job.cancelled.is_set()]
+            for job in admitted:
+                if job.cancelled.is_set():
+                    job._events.put(None)
+            if live and live[0].gc.num_beams > 1:  # (alone: the only job admitted)
+                self._search(live[0])
+                batch = None
+                continue
             try:
                 if not busy:
                     batch = DecodeBatch(self.lm.model, self.lm.tokenizer.decode, adapters=self.lm.adapter_set)
                     owners, running = {}, []
                     reading = deque()
                     start, generated = time.perf_counter(), self.generated
-                live = [job for job in admitted if not job.cancelled.is_set()]
-                for job in admitted:
-                    if job.cancelled.is_set():
-                        job._events.put(None)
                 self._prefill(batch, live, reading)
                 self._read(batch, reading, owners, running)
                 if not batch.finished:
@@ -334,6 +344,48 @@ class Engine:
                 log.info("batch done: %d tokens in %.2fs; the most requests at once so far: %d",
                          self.generated - generated, time.perf_counter() - start, self.largest_batch)  # fmt: skip
                 batch = None  # its KV caches' memory goes back while the server is idle
+
+    def _search(self, job: Job) -> None:
+        """A beam search job (it runs alone): the search runs whole (the client that goes away, or stop(), ends it
+        early), then each hypothesis's tokens are sent, best first, with their log-probabilities if asked for."""
+        self._note_running([job])
+        def ending(ids, scores) -> bool:
+            return job.cancelled.is_set() or self._stopping is not None
+
+        gc = dataclasses.replace(job.gc, stopping_criteria=[*(job.gc.stopping_criteria or []), ending])
+        held = self.lm.adapter_set
+        try:
+            with contextlib.nullcontext() if held is None else held.using(job.adapter):
+                found = beam_hypotheses(self.lm.model, job.prompts, gc, self.lm.tokenizer.decode,
+                                        keep_logits=job.logprobs is not None)  # fmt: skip
+        except Exception as error:  # a bug or out of memory: fail this request, keep serving
+            log.exception("beam search failed")
+            job._events.put(error)
+            job._events.put(None)
+            self._note_running([])
+            return
+        self.batches += 1
+        self.metrics.prompt_tokens += sum(len(p) for p in job.prompts)
+        if self._stopping is not None or job.cancelled.is_set():
+            with self._wake:
+                self._abandon(job, self._stopping) if self._stopping is not None else job._events.put(None)
+            self._note_running([])
+            return
+        job._first = time.perf_counter()
+        self.metrics.ttft.observe(job._first - job.submitted)
+        eos, n, running = gc.eos_ids(self.lm.config.eos_token_id), gc.num_return_sequences, [job]
+        for s, seq in enumerate(found.sequences):
+            scores = None if job.logprobs is None else torch.log_softmax(found.token_logits[s].float(), dim=-1)
+            for t, token in enumerate(seq):
+                if scores is None:
+                    job._events.put(Token(s, token))
+                else:
+                    top = torch.topk(scores[t], job.logprobs)
+                    job._events.put(Token(s, token, float(scores[t, token]),
+                                          tuple(zip(top.indices.tolist(), top.values.tolist()))))  # fmt: skip
+            self.metrics.generation_tokens += len(seq)
+            ended = len(seq) < gc.new_token_budget(len(job.prompts[s // n])) or (seq and seq[-1] in eos)
+            self._end(job, End(s, "stop" if ended else "length", len(seq)), running)
 
     def _prefill(self, batch: DecodeBatch, jobs: list[Job], reading: deque) -> None:
         """Queue the jobs' prompts to be read: those that begin with a prefix cache entry after it, alone; the

@@ -1,20 +1,22 @@
 """OpenAI's completion and chat completion requests, read into neolm's terms, and the responses written back.
 
-What the fields mean is OpenAI's: `temperature` 0 is greedy (default 1: sampling), `top_p`, `n`, `stop`
-(kept out of the text, as OpenAI does), `seed`, `max_tokens` (completions: default 16; chat: up to the end
-of the context; `max_completion_tokens` is its newer name), `echo` (completions), `stream` with
-`stream_options.include_usage`, `best_of` (completions: that many sampled, the `n` with the highest mean
-log-probability per token returned, as OpenAI ranks them; not streamed; usage counts them all),
-`presence_penalty` and `frequency_penalty` (over the tokens generated so far, as vLLM), `logit_bias` (token id ->
-bias, added to the logits before any other processing). vLLM's extra sampling fields are taken too: `top_k`,
-`min_p`, `min_tokens`, `repetition_penalty`, `stop_token_ids` (more tokens that end a choice as eos does),
-`ignore_eos`, `include_stop_str_in_output`, `allowed_token_ids` (the only tokens that may be generated),
-`bad_words` (strings never generated, alone or after a space) and `truncate_prompt_tokens` (keep the prompt's last
-k). Structured outputs (neolm.structured): OpenAI's `response_format` ({"type": "json_object"}, or "json_schema" with
-`json_schema.schema`), vLLM's `structured_outputs` ({"json" | "regex" | "choice" | "grammar": ...}) and its older
-`guided_json`, `guided_regex`, `guided_choice`, `guided_grammar` (GBNF) with `guided_whitespace_pattern`. Chat's
-`tools` and `tool_choice`: serve/tools.py. Fields neolm cannot honour (suffix, the deprecated functions, ...) are
-refused with a 400 that says so rather than ignored; unknown fields likewise.
+What the fields mean is OpenAI's: `temperature` 0 is greedy (default 1: sampling), `top_p`, `n`, `stop` (kept out of
+the text, as OpenAI does), `seed`, `max_tokens` (completions: default 16; chat: up to the end of the context;
+`max_completion_tokens` is its newer name), `echo` (completions), `stream` with `stream_options.include_usage`,
+`best_of` (completions: that many sampled, the `n` with the highest mean log-probability per token returned, as
+OpenAI ranks them; not streamed; usage counts them all), `presence_penalty` and `frequency_penalty` (over the tokens
+generated so far, as vLLM), `logit_bias` (token id -> bias, added to the logits before any other processing). vLLM's
+extra sampling fields are taken too: `top_k`, `min_p`, `min_tokens`, `repetition_penalty`, `stop_token_ids` (more
+tokens that end a choice as eos does), `ignore_eos`, `include_stop_str_in_output`, `allowed_token_ids` (the only
+tokens that may be generated), `bad_words` (strings never generated, alone or after a space),
+`truncate_prompt_tokens` (keep the prompt's last k) and `use_beam_search` with `length_penalty` (beam search of `n`
+beams, the `n` best hypotheses answered, best first: neolm.beam, transformers' algorithm under vLLM's fields; no
+sampling field goes with it). Structured outputs (neolm.structured): OpenAI's `response_format` ({"type":
+"json_object"}, or "json_schema" with `json_schema.schema`), vLLM's `structured_outputs` ({"json" | "regex" |
+"choice" | "grammar": ...}) and its older `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar` (GBNF)
+with `guided_whitespace_pattern`. Chat's `tools` and `tool_choice`: serve/tools.py. Fields neolm cannot honour
+(suffix, the deprecated functions, ...) are refused with a 400 that says so rather than ignored; unknown fields
+likewise.
 
 Log-probabilities: completions' `logprobs` (k, at most 20) gives each token's log-probability, its text
 offset and the k most likely tokens plus the chosen one (as vLLM); with `echo`, the prompt's tokens too, the
@@ -35,6 +37,7 @@ message, then "Assistant:"; the reply stops where the model starts a new "User:"
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -54,7 +57,8 @@ SAMPLING = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "strea
             "logprobs", "logit_bias", "min_p",
             "stop_token_ids", "ignore_eos", "include_stop_str_in_output", "allowed_token_ids", "bad_words",
             "truncate_prompt_tokens", "response_format", "structured_outputs", "guided_json", "guided_regex",
-            "guided_choice", "guided_grammar", "guided_whitespace_pattern", "guided_decoding_backend"}  # fmt: skip
+            "guided_choice", "guided_grammar", "guided_whitespace_pattern", "guided_decoding_backend",
+            "use_beam_search", "length_penalty"}  # fmt: skip
 FIELDS = {
     "completion": SAMPLING | {"prompt", "echo", "best_of", "suffix"},
     "chat": SAMPLING | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice", "functions",
@@ -153,6 +157,14 @@ def _sampling(body: dict, max_tokens: int | None, defaults: dict) -> dict:
     presence, frequency = (field_of(body, name, (int, float), 0.0, lambda v: -2 <= v <= 2, "between -2 and 2")
                            for name in ("presence_penalty", "frequency_penalty"))  # fmt: skip
     min_p = field_of(body, "min_p", (int, float), defaults.get("min_p") or 0.0, lambda v: 0 <= v <= 1, "in [0, 1]")
+    length_penalty = field_of(body, "length_penalty", (int, float), 1.0, math.isfinite, "a finite number")
+    if field_of(body, "use_beam_search", (bool,), False):
+        return _beam_search(body, max_tokens, n, float(length_penalty)) | dict(
+            min_new_tokens=min_tokens, repetition_penalty=float(penalty), presence_penalty=float(presence),
+            frequency_penalty=float(frequency), sequence_bias=_logit_bias(body))  # fmt: skip
+    if length_penalty != 1.0:
+        raise ApiError(400, "'length_penalty' scores beam search's hypotheses: set 'use_beam_search' too",
+                       "length_penalty")  # fmt: skip
     if n > 1 and not sample:
         raise ApiError(400, "'n' > 1 needs sampling: greedy decoding (temperature 0) gives n identical choices", "n")
     best_of = field_of(body, "best_of", (int,), n, lambda v: n <= v <= 128, f"between n ({n}) and 128")
@@ -166,6 +178,19 @@ def _sampling(body: dict, max_tokens: int | None, defaults: dict) -> dict:
         repetition_penalty=float(penalty), presence_penalty=float(presence), frequency_penalty=float(frequency),
         min_p=float(min_p) if sample and min_p else None, sequence_bias=_logit_bias(body), num_beams=1,
     )  # fmt: skip
+
+
+def _beam_search(body: dict, max_tokens: int | None, n: int, length_penalty: float) -> dict:
+    """GenerationConfig arguments of vLLM's use_beam_search: n beams, the n best hypotheses answered (best first),
+    scored by the model's log-probabilities (temperature 1 or 0; no sampling field may be set)."""
+    for name, off in (("temperature", (0, 1)), ("top_p", (1,)), ("top_k", (0, -1)), ("min_p", (0,)), ("seed", ())):
+        if body.get(name) is not None and body[name] not in off:
+            raise ApiError(400, f"beam search (use_beam_search) chooses without sampling: leave out '{name}'", name)
+    if body.get("best_of") not in (None, n):
+        raise ApiError(400, "beam search (use_beam_search) answers the n best of n beams: leave out 'best_of'",
+                       "best_of")  # fmt: skip
+    return dict(max_new_tokens=max_tokens, do_sample=False, num_beams=n, num_return_sequences=n,
+                length_penalty=length_penalty)  # fmt: skip
 
 
 def _logit_bias(body: dict) -> dict | None:
@@ -382,6 +407,9 @@ def parse(kind: str, body, lm) -> Request:
         request.gc = lm.generation_config(**generation)
     except NeolmError as e:
         raise ApiError(400, str(e)) from None
+    if request.gc.num_beams > 1 and request.prompt_logprobs:
+        raise ApiError(400, "beam search (use_beam_search) gives no log-probabilities of the prompt: leave out 'echo' "
+                       "or 'logprobs'", "echo")  # fmt: skip
     if request.ranked and stream:
         raise ApiError(400, "'best_of' cannot be streamed: the best completions are known only at the end", "best_of")
     return request
