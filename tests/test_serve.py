@@ -195,9 +195,11 @@ def test_beam_search_through_the_server(server, lm):
     assert status == 400 and "use_beam_search" in error["error"]["message"]
 
 
-def test_a_stopping_engine_ends_a_beam_search_early(lm):
-    """stop() (a drain whose time ran out) ends a running beam search within a step: its request ends with
-    ShuttingDown, and the search ran a few of its 400 steps."""
+@pytest.mark.parametrize("how", ["stop", "cancel"])
+def test_a_beam_search_ends_early_when_stopped_or_cancelled(lm, how):
+    """stop() (a drain whose time ran out) or the job's cancel() ends a running beam search within a step, after a
+    few of its 400 steps: a stopped request ends with ShuttingDown, a cancelled one with nothing (counted as
+    aborted), and the engine goes on serving."""
     from neolm.serve.engine import ShuttingDown
 
     engine = Engine(lm)
@@ -207,18 +209,28 @@ def test_a_stopping_engine_ends_a_beam_search_early(lm):
 
     def count(module, args):
         forwards.append(1)
-        if len(forwards) == 5:
-            engine.stop("the drain's time ran out", timeout=0)  # (in the engine's thread: it does not wait)
+        if len(forwards) == 5 and how == "stop":  # (in the engine's thread: stop() does not wait for it)
+            engine.stop("the drain's time ran out", timeout=0)
+        elif len(forwards) == 5:
+            job.cancel()
 
     hook = lm.model.register_forward_pre_hook(count)
+    engine.start()
     try:
-        engine.start()
-        with pytest.raises(ShuttingDown, match="time ran out"):
-            list(job)
-        engine._thread.join(60)
+        if how == "stop":
+            with pytest.raises(ShuttingDown, match="time ran out"):
+                list(job)
+            engine._thread.join(60)
+            assert not engine._thread.is_alive()
+        else:
+            assert list(job) == [] and engine.metrics.finished["abort"] == 1  # (its one sequence)
+            hook.remove()
+            after = engine.submit([lm.encode("KING.")], lm.generation_config(max_new_tokens=3, do_sample=False))
+            assert len([e for e in after if isinstance(e, Token)]) == 3
     finally:
         hook.remove()
-    assert not engine._thread.is_alive() and 5 <= len(forwards) <= 7 and engine.generated == 0
+        engine.close(timeout=60)
+    assert 5 <= len(forwards) <= 7 and engine.generated == (0 if how == "stop" else 3)
 
 
 def test_vllm_extra_sampling_fields(server, lm):

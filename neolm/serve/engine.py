@@ -346,9 +346,11 @@ class Engine:
                 batch = None  # its KV caches' memory goes back while the server is idle
 
     def _search(self, job: Job) -> None:
-        """A beam search job (it runs alone): the search runs whole (the client that goes away, or stop(), ends it
-        early), then each hypothesis's tokens are sent, best first, with their log-probabilities if asked for."""
+        """A beam search job (it runs alone): the search runs whole (its cancel() or the engine's stop() ends it
+        within a step), then each hypothesis's tokens are sent, best first, with their log-probabilities if asked
+        for. (A client that goes away is noticed when its answer is written: at the end.)"""
         self._note_running([job])
+
         def ending(ids, scores) -> bool:
             return job.cancelled.is_set() or self._stopping is not None
 
@@ -367,8 +369,12 @@ class Engine:
         self.batches += 1
         self.metrics.prompt_tokens += sum(len(p) for p in job.prompts)
         if self._stopping is not None or job.cancelled.is_set():
-            with self._wake:
-                self._abandon(job, self._stopping) if self._stopping is not None else job._events.put(None)
+            if self._stopping is not None:
+                with self._wake:
+                    self._abandon(job, self._stopping)
+            else:
+                job._events.put(None)
+                self.metrics.finished["abort"] += job._left
             self._note_running([])
             return
         job._first = time.perf_counter()
