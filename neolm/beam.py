@@ -234,13 +234,10 @@ def row_state(needs: RowState, prompts, budgets, running: torch.Tensor, t: int, 
         state.new = torch.full((P * B,), t, device=device)
         state.lengths = torch.tensor([len(p) + t for p in prompts], device=device).repeat_interleave(B)
         state.budgets = torch.tensor(budgets, device=device).repeat_interleave(B)
-    if needs.seen:
-        state.seen = torch.zeros(P * B, V, dtype=torch.bool, device=device)
-        for p, prompt in enumerate(prompts):
-            state.seen[p * B : (p + 1) * B, torch.tensor(prompt)] = True
-        state.seen.scatter_(1, new, True)
-    if needs.prompted:
-        state.prompted = prompt_tokens(prompts, V, device).repeat_interleave(B, 0)
+    if needs.seen or needs.prompted:
+        prompted = prompt_tokens(prompts, V, device).repeat_interleave(B, 0)  # (P*B, V)
+        state.prompted = prompted if needs.prompted else None
+        state.seen = prompted.clone().scatter_(1, new, True) if needs.seen else None
     if needs.made:
         state.made = torch.zeros(P * B, V, dtype=torch.int32, device=device)
         state.made.scatter_add_(1, new, torch.ones_like(new, dtype=torch.int32))

@@ -95,7 +95,7 @@ def left_pad(seqs: Sequence[Sequence[int]], pad: int, device) -> tuple[torch.Ten
 
 
 def prompt_tokens(prompts: Sequence[Sequence[int]], vocab: int, device) -> torch.Tensor:
-    """(N, V) bool: True at each prompt's tokens."""
+    """(N, V) bool: True at the tokens each of N sequences holds (a prompt, or a prompt and its new tokens)."""
     held = torch.zeros(len(prompts), vocab, dtype=torch.bool, device=device)
     for row, p in enumerate(prompts):
         held[row, torch.tensor(p, dtype=torch.long, device=device)] = True

@@ -66,9 +66,7 @@ class Picker:
             if needs.tokens:
                 state.tokens = histories
             if needs.seen:
-                state.seen = torch.zeros(N, self.vocab, dtype=torch.bool, device=self.device)
-                for row, h in enumerate(histories):
-                    state.seen[row, torch.tensor(h, device=self.device)] = True
+                state.seen = prompt_tokens(histories, self.vocab, self.device)
             if needs.made:
                 state.made = torch.zeros(N, self.vocab, dtype=torch.int32, device=self.device)
                 for row, h in enumerate(histories):

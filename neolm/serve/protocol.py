@@ -158,10 +158,10 @@ def _sampling(body: dict, max_tokens: int | None, defaults: dict) -> dict:
                            for name in ("presence_penalty", "frequency_penalty"))  # fmt: skip
     min_p = field_of(body, "min_p", (int, float), defaults.get("min_p") or 0.0, lambda v: 0 <= v <= 1, "in [0, 1]")
     length_penalty = field_of(body, "length_penalty", (int, float), 1.0, math.isfinite, "a finite number")
+    common = dict(max_new_tokens=max_tokens, min_new_tokens=min_tokens, repetition_penalty=float(penalty),
+                  presence_penalty=float(presence), frequency_penalty=float(frequency))  # fmt: skip
     if field_of(body, "use_beam_search", (bool,), False):
-        return _beam_search(body, max_tokens, n, float(length_penalty)) | dict(
-            min_new_tokens=min_tokens, repetition_penalty=float(penalty), presence_penalty=float(presence),
-            frequency_penalty=float(frequency), sequence_bias=_logit_bias(body))  # fmt: skip
+        return common | _beam_search(body, n, float(length_penalty)) | {"sequence_bias": _logit_bias(body)}
     if length_penalty != 1.0:
         raise ApiError(400, "'length_penalty' scores beam search's hypotheses: set 'use_beam_search' too",
                        "length_penalty")  # fmt: skip
@@ -171,16 +171,14 @@ def _sampling(body: dict, max_tokens: int | None, defaults: dict) -> dict:
     if best_of > 1 and not sample:
         raise ApiError(400, "'best_of' > 1 needs sampling: greedy decoding (temperature 0) gives one completion",
                        "best_of")  # fmt: skip
-    return dict(
-        max_new_tokens=max_tokens, min_new_tokens=min_tokens, do_sample=sample,
-        temperature=float(temperature) if sample else 1.0, top_p=float(top_p) if sample else 1.0,
+    return common | dict(
+        do_sample=sample, temperature=float(temperature) if sample else 1.0, top_p=float(top_p) if sample else 1.0,
         top_k=max(top_k, 0) if sample else None, num_return_sequences=best_of, seed=seed,
-        repetition_penalty=float(penalty), presence_penalty=float(presence), frequency_penalty=float(frequency),
         min_p=float(min_p) if sample and min_p else None, sequence_bias=_logit_bias(body), num_beams=1,
     )  # fmt: skip
 
 
-def _beam_search(body: dict, max_tokens: int | None, n: int, length_penalty: float) -> dict:
+def _beam_search(body: dict, n: int, length_penalty: float) -> dict:
     """GenerationConfig arguments of vLLM's use_beam_search: n beams, the n best hypotheses answered (best first),
     scored by the model's log-probabilities (temperature 1 or 0; no sampling field may be set)."""
     for name, off in (("temperature", (0, 1)), ("top_p", (1,)), ("top_k", (0, -1)), ("min_p", (0,)), ("seed", ())):
@@ -189,8 +187,7 @@ def _beam_search(body: dict, max_tokens: int | None, n: int, length_penalty: flo
     if body.get("best_of") not in (None, n):
         raise ApiError(400, "beam search (use_beam_search) answers the n best of n beams: leave out 'best_of'",
                        "best_of")  # fmt: skip
-    return dict(max_new_tokens=max_tokens, do_sample=False, num_beams=n, num_return_sequences=n,
-                length_penalty=length_penalty)  # fmt: skip
+    return dict(do_sample=False, num_beams=n, num_return_sequences=n, length_penalty=length_penalty)
 
 
 def _logit_bias(body: dict) -> dict | None:
