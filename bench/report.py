@@ -413,5 +413,6 @@ def render(doc: dict) -> str:
     for model in dict.fromkeys(r["model"] for r in doc["results"]):
         lines += model_table(model, doc)
     lines += ["## neolm / peer", ""] + ratio_table(doc) + ["## Targets (issue 6)", ""] + targets(doc)
-    lines += ["## CUDA", "", doc.get("cuda_note", "Not run: this run had no NVIDIA GPU."), ""]
+    cuda = doc.get("cuda_note", "Measured apart: `bench/gpu.py` on an NVIDIA GPU writes `GPU.md` beside this file.")
+    lines += ["## CUDA", "", cuda, ""]
     return "\n".join(lines)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from neolm import checkpoint, hub, memory, structured
+from neolm import checkpoint, cuda_graphs, hub, memory, structured
 from neolm.chat import ChatFormat, Transcript, load_chat_format
 from neolm.config import Config
 from neolm.contrastive import contrastive_tokens
@@ -525,7 +525,9 @@ def load(
     16 bits a row (int8a8.cpp, VNNI; without it int8f.cpp's fp32 panels) and int4 in int4h.cpp's fp16 panels at
     every size), the attention of prompts and their rotary embedding (neolm.native.attention); and glibc's
     malloc keeps freed memory for the next pass instead of faulting it in again (neolm.memory.reuse_freed,
-    process-wide). Training stays in torch. False: every step and layer in torch and aten.
+    process-wide). On a CUDA GPU: replay each decode step as a CUDA graph (neolm.cuda_graphs), recorded on the
+    first step of each batch shape and KV cache. Training stays in torch. False: every step and layer in torch
+    and aten.
     mmap: on CPU, weights stored in the dtype asked for stay in the file's pages (copy-on-write, shared with
     the page cache and with every process mapping the same file) instead of being copied into the process's
     memory, as llama.cpp does by default: the load takes next to no time or new memory. Decoding from them was
@@ -576,7 +578,10 @@ def load(
     net.kv_dtype = kv_dtype
     if compile:
         compile_gemv(net)
-    if native:
+    if native and device.type == "cuda":
+        why_not = cuda_graphs.attach(net)
+        log.info("decode steps: %s", f"in torch ({why_not})" if why_not else "CUDA graphs (one launch per step)")
+    elif native:
         why_not = decode.attach(net)
         log.info("decode steps: %s", f"in torch ({why_not})" if why_not else "native (one call per step)")
         why_not = attention.attach(net)

@@ -101,7 +101,8 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = False, position
         help="keep every decode step and layer in torch. By default on CPU each new token (of one sequence, or of "
         "each of up to 12 prompts) goes through every block in one call of neolm's AVX-512 kernels, and the output "
         "head, quantized layers and the attention of prompts run on them too (built once with the system's C++ compiler, cached in "
-        "~/.cache/neolm/native), where the machine can build them",
+        "~/.cache/neolm/native), where the machine can build them; on a CUDA GPU each decode step replays a "
+        "CUDA graph of every block",
     )
 
 

@@ -548,9 +548,9 @@ class DecodeBatch:
         gc, r, needs = group.gc, self.rows, group.processors.needs
         state = RowState()
         if needs.new or needs.lengths or needs.budgets:
-            state.new = torch.tensor([r.counts[row] for row in rows], device=self.device)
-            state.lengths = state.new + torch.tensor([r.lengths[row] for row in rows], device=self.device)
-            state.budgets = torch.tensor([r.budgets[row] for row in rows], device=self.device)
+            held = torch.tensor([(r.counts[row], r.lengths[row], r.budgets[row]) for row in rows], device=self.device)
+            state.new, state.budgets = held[:, 0], held[:, 2]  # (one copy to a GPU, not three)
+            state.lengths = state.new + held[:, 1]
         for name in ("seen", "prompted", "made"):
             table = getattr(r, name)
             setattr(state, name, table if table is None or index is None else table[index])

@@ -203,10 +203,23 @@ def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes.to(torch.int8), scale
 
 
-def update_cache(kv: tuple, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+def update_cache(kv: tuple, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Write k, v (B, H, T, D) at slot `start` of a layer's cache (KVCache.layer); return its keys and values so
-    far (B, H, S, D): in the cache's dtype, or an int8 cache's dequantized to fp32."""
+    far (B, H, S, D): in the cache's dtype, or an int8 cache's dequantized to fp32. start as a 0-d tensor (a
+    step a CUDA graph replays, neolm.cuda_graphs): one token written there, and the whole cache returned (the
+    caller's mask hides the slots past it)."""
     cache_k, cache_v, scale_k, scale_v = kv
+    if isinstance(start, torch.Tensor):
+        slot = start.view(1)
+        if scale_k is None:
+            cache_k.index_copy_(2, slot, k.to(cache_k.dtype))
+            cache_v.index_copy_(2, slot, v.to(cache_v.dtype))
+            return cache_k, cache_v
+        for cache, scale, x in ((cache_k, scale_k, k), (cache_v, scale_v, v)):
+            codes, row_scale = quantize_kv(x)
+            cache.index_copy_(2, slot, codes)
+            scale.index_copy_(2, slot, row_scale)
+        return cache_k * scale_k[..., None], cache_v * scale_v[..., None]
     end = start + k.shape[2]
     if scale_k is None:
         cache_k[:, :, start:end] = k
@@ -377,7 +390,6 @@ class GPT(nn.Module):
         if key_valid is None and cache is not None:
             key_valid = cache.valid
         x = self.wte(idx)  # (B, T, C)
-        rope = None
         if self.wpe is not None:
             x = x + self.wpe(positions)
         if self.decode_step is not None and T == 1 and cache is not None:
@@ -385,9 +397,7 @@ class GPT(nn.Module):
             if y is not None:
                 cache.length = start + 1
                 return self.lm_head(self.ln_f(y)) if head else self.ln_f(y)
-        if self.config.rotary_dims:
-            cos, sin = self._rotary_table(x.device)
-            rope = cos[positions][:, None].to(x.dtype), sin[positions][:, None].to(x.dtype)  # (B, 1, T, dims)
+        rope = self.rope_at(positions, x.dtype)
         masks = self._masks(T, start, key_valid, idx.device)
         for i, block in enumerate(self.blocks if layers is None else self.blocks[:layers]):
             kv = cache.layer(i) if cache is not None else None
@@ -400,6 +410,13 @@ class GPT(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.ln_f(x)) if head else self.ln_f(x)
+
+    def rope_at(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The rotary cos, sin (B, 1, T, dims) of positions (B, T) in `dtype`; None for learned positions."""
+        if not self.config.rotary_dims:
+            return None
+        cos, sin = self._rotary_table(positions.device)
+        return cos[positions][:, None].to(dtype), sin[positions][:, None].to(dtype)
 
     def _rotary_table(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """The fp32 cos/sin table of every position, computed once per device."""
@@ -429,6 +446,21 @@ class GPT(nn.Module):
                 m = (m & key_valid[:, None, None, :end]) | (j == q)  # (B, 1, T, S)
             masks[w] = m
         return masks
+
+
+def slot_masks(windows, max_len: int, slot: torch.Tensor, key_valid: torch.Tensor | None) -> dict:
+    """For one new token per row at cache slot `slot` (a 0-d tensor), attending over the whole cache (a step a
+    CUDA graph replays): per window kind, True where it may see key slot j, (1 or B, 1, 1, max_len). GPT._masks'
+    rules: j <= slot, j > slot - w for a window w, padding keys hidden but the token's own slot."""
+    j = torch.arange(max_len, device=slot.device)
+    written = j <= slot
+    masks = {}
+    for w in set(windows):
+        m = written if w is None else written & (j > slot - w)  # (S,)
+        if key_valid is not None:
+            m = (m & key_valid[:, :max_len]) | (j == slot)  # (B, S)
+        masks[w] = m.view(-1, 1, 1, max_len)
+    return masks
 
 
 def chunk_end(width: int, done: int, cols: int) -> int:

@@ -133,8 +133,8 @@ class Processors:
                 block |= rows.lengths < gc.min_length
             if gc.min_new_tokens:
                 block |= rows.new < gc.min_new_tokens
-            if block.any():
-                scores[block.nonzero()[:, :1], self.eos] = -inf
+            eos = scores[:, self.eos]  # (N, E); no host sync (GPUs): where `block`, -inf
+            scores[:, self.eos] = eos.masked_fill(block[:, None], -inf)
         if gc.prefix_allowed_tokens_fn is not None:
             scores = scores + _allowed(gc.prefix_allowed_tokens_fn, rows, scores)
         if gc.forced_bos_token_id is not None:  # transformers: where the sequence so far is one token

@@ -96,6 +96,10 @@ class QuantLinear(nn.Module):
         return self.qweight.device.type == "cpu" and self.dtype in (torch.float32, torch.bfloat16)
 
     row_block = 1  # `block_rows` starts at multiples of this
+    # Products of this many rows or more on a GPU dequantize the weight into cuBLAS's GEMM instead of the packed
+    # kernel, which aten writes for a few rows. int4 on an H100, pythia-1.4b's 2048 -> 8192 (bench/README.md): packed
+    # 0.18 ms at 128 rows against 0.36 dequantized; 0.63 against 0.37 at 512
+    cuda_gemm_rows = 256
     # Products of this many rows or more on CPU go through dequantized weights and oneDNN's GEMM (`_prefill`,
     # where `prefills()`), fewer to the layer's kernels; each kind that prefills sets it where the two cross
     # (bench/PROFILE.md, session 7, with bf16 GEMMs)
@@ -136,9 +140,13 @@ class QuantLinear(nn.Module):
             and not torch.is_grad_enabled()
         ):
             y = self.gemv(x2.contiguous(), self.qweight, self.scale, self.bias)
-        elif self.use_kernel and not ((x.requires_grad or self.training) and torch.is_grad_enabled()):
+        elif (
+            self.use_kernel
+            and not ((x.requires_grad or self.training) and torch.is_grad_enabled())
+            and not (x.device.type == "cuda" and x2.shape[0] >= self.cuda_gemm_rows)
+        ):
             y = self.matmul(x2, self.bias)  # (training over frozen codes, QLoRA, takes the float matmul below,
-            # which a gradient flows back through)
+            # which a gradient flows back through; so do many rows on a GPU, `cuda_gemm_rows`)
         else:
             bias = self.bias.to(x.dtype) if self.bias is not None else None
             y = linear(x2, self.dequantize(x.dtype), bias)
@@ -215,7 +223,7 @@ class Int8Linear(QuantLinear):
 
     def dequantize(self, dtype=None, rows: torch.Tensor | None = None):
         q, scale = (self.codes(), self.scale) if rows is None else (self.codes(rows), self.scale[rows])
-        return (q.float() * scale.float()[:, None]).to(dtype or self.dtype)  # (N, K), or (len(rows), K)
+        return (q * scale.float()[:, None]).to(dtype or self.dtype)  # (N, K), or (len(rows), K); product in fp32
 
     prefill_rows = 48  # 32 rows: native 78 ms, bf16 weights 95 ms over 48 of pythia-1.4b's matrices; 48: equal
 
@@ -323,6 +331,9 @@ class Int8Linear(QuantLinear):
             if self.in_features % 32:  # aten's CPU int8 kernel crashes (not fails) on such widths, e.g. 60;
                 self.use_kernel = False  # int8a8.cpp and int8f.cpp take any width
                 return
+            if self.qweight.device.type == "cuda":  # aten's CUDA int8 kernel lost to dequantizing into cuBLAS at
+                self.use_kernel = False  # every size on an H100 (1 row: 0.14-0.17 / 0.13 ms, 512: 19 / 0.14 ms;
+                return  # bench/README.md, GPU)
         self.use_kernel = kernels.agrees(self.matmul, want, name or "int8 layer", rows)
 
     def export(self) -> dict[str, torch.Tensor]:
