@@ -30,16 +30,10 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE / "engines"), str(HERE.parent)]
-from common import module_stream_bytes
+import neolm_engine
+from common import Unavailable
 from prepare import make_checkpoint
 from worker import prompt_ids
-
-import neolm
-from neolm.generate import iter_generate
-from neolm.generation_config import GenerationConfig
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-QUANTIZED = {"int8": "int8", "int4": "int4"}  # neolm's weight-only kinds (activations in bf16 on a GPU)
 
 
 def sync() -> None:
@@ -61,88 +55,20 @@ def read_bandwidth(gib: float = 2.0, passes: int = 10) -> float:
     return statistics.median(rates)
 
 
-class NeolmEngine:
-    def __init__(self, native: bool):
-        self.native = native
-
-    def load(self, folder: Path, precision: str) -> None:
-        kwargs = {"device": "cuda", "native": self.native}
-        if precision in QUANTIZED:
-            kwargs |= {"dtype": "bfloat16", "quantize": QUANTIZED[precision], "quantize_head": True}
-        else:
-            kwargs["dtype"] = DTYPES[precision]
-        self.lm = neolm.load(folder, **kwargs)
-        self.model = self.lm.model
-
-    def steps(self, prompts: list[list[int]], n: int) -> tuple[list[float], list[int]]:
-        gc_ = GenerationConfig(max_new_tokens=n, min_new_tokens=n)
-        times, tokens = [], []
-        t0 = time.perf_counter()
-        for step in iter_generate(self.lm.model, prompts, gc_):
-            times.append(time.perf_counter() - t0)
-            tokens.append(int(step[0]))
-        return times, tokens
-
-    def prefill(self, ids: list[int]) -> None:
-        with torch.inference_mode():
-            self.lm.model(torch.tensor([ids], device="cuda"), last_only=True)
-
-    def graphs(self) -> int | None:
-        step = self.lm.model.decode_step
-        return len(step.graphs) if step is not None and hasattr(step, "graphs") else None
-
-
-class _Clock:
-    def __init__(self):
-        self.t0, self.times, self.tokens, self.prompt_seen = time.perf_counter(), [], [], False
-
-    def put(self, value):
-        if self.prompt_seen:
-            self.tokens.append(int(value.reshape(-1)[0]))  # (a sync, as neolm's steps make)
-            self.times.append(time.perf_counter() - self.t0)
-        self.prompt_seen = True
-
-    def end(self):
-        pass
-
-
-class TransformersEngine:
-    def load(self, folder: Path, precision: str) -> None:
-        from transformers import AutoModelForCausalLM
-
-        if precision not in DTYPES:
-            raise LookupError(f"not measured: transformers has no {precision} path without bitsandbytes")
-        self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[precision]).to("cuda").eval()
-
-    def steps(self, prompts, n):
-        ids = torch.tensor(prompts, device="cuda")
-        clock = _Clock()
-        with torch.inference_mode():
-            self.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
-                                min_new_tokens=n, pad_token_id=self.model.config.eos_token_id, streamer=clock)  # fmt: skip
-        return clock.times, clock.tokens
-
-    def prefill(self, ids):
-        with torch.inference_mode():
-            self.model(torch.tensor([ids], device="cuda"), logits_to_keep=1)
-
-    def graphs(self):
-        return None
-
-
 def engine_for(name: str):
-    if name == "neolm":
-        return NeolmEngine(native=True)
-    if name == "neolm-eager":
-        return NeolmEngine(native=False)
+    """bench.py's engine modules, on the GPU: neolm (graphs), neolm-eager, transformers; vLLM where installed."""
+    if name in ("neolm", "neolm-eager"):
+        return neolm_engine.Engine("eager" if name == "neolm-eager" else "", device="cuda")
     if name == "transformers":
-        return TransformersEngine()
+        import hf_engine
+
+        return hf_engine.Engine("default", device="cuda")
     if name == "vllm":
         try:
             import vllm  # noqa: F401
         except ImportError as e:
-            raise LookupError(f"not installed: {e}") from None
-        raise LookupError("installed, but no vLLM engine is written here yet")
+            raise Unavailable(f"not installed: {e}") from None
+        raise Unavailable("installed, but no vLLM engine is written here yet")
     raise SystemExit(f"unknown engine {name}")
 
 
@@ -153,15 +79,15 @@ def summary(values: list[float]) -> dict:
 def measure(engine, folder: Path, precision: str, args) -> dict:
     torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
-    engine.load(folder, precision)
+    engine.load(folder, precision, torch.get_num_threads())
     sync()
     load_s = time.perf_counter() - t
     n, short = args.new_tokens, prompt_ids(args.prompt_len, 0)
-    engine.steps([short], 4)  # warm-up: kernels, cuBLAS, the graph of this shape
+    engine.single(short, 4)  # warm-up: kernels, cuBLAS, the graph of this shape
     engine.prefill(prompt_ids(args.prefill_len, 9))
     single, ttft, prefill, batch = [], [], [], []
     for r in range(args.runs):
-        times, tokens = engine.steps([short], n)
+        times = engine.single(short, n)
         ttft.append(times[0])
         single.append((n - 1) / (times[-1] - times[0]))
         sync()
@@ -170,14 +96,15 @@ def measure(engine, folder: Path, precision: str, args) -> dict:
         sync()
         prefill.append(args.prefill_len / (time.perf_counter() - t))
     prompts = [prompt_ids(args.prompt_len, 1000 + i) for i in range(args.batch)]
-    engine.steps(prompts, 4)
+    tokens = engine.tokens
+    engine.batch(prompts, 4)
     for _ in range(args.runs):
-        times, _ = engine.steps(prompts, n)
+        times = engine.batch(prompts, n)
         batch.append(args.batch * (n - 1) / (times[-1] - times[0]))
     row = {"decode_tps": summary(single), "ttft_ms": summary([1e3 * s for s in ttft]),
            "prefill_tps": summary(prefill), "batch_tps": summary(batch), "load_s": load_s,
-           "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "stream_bytes": module_stream_bytes(engine.model),
-           "tokens": tokens, "graphs": engine.graphs()}  # fmt: skip
+           "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "stream_bytes": engine.info()["stream_bytes"],
+           "tokens": tokens}  # fmt: skip
     return row
 
 
@@ -296,11 +223,11 @@ def main() -> None:
         for precision in doc["precisions"]:
             for name in args.engines.split(","):
                 row = {"model": model, "engine": name, "precision": precision}
-                if name == "neolm-eager" and precision in QUANTIZED:
+                if name == "neolm-eager" and precision in ("int8", "int4"):
                     continue
                 try:
                     row |= measure(engine_for(name), folder, precision, args)
-                except LookupError as e:
+                except Unavailable as e:
                     row["error"] = str(e)
                 except Exception as e:  # noqa: BLE001 (recorded in the table, the run goes on)
                     row["error"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"

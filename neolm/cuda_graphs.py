@@ -132,18 +132,19 @@ class GraphStep:
     def _record(self, model, key, x, positions, cache, key_valid, layers) -> torch.Tensor:
         """Run this step eagerly (its answer), then record the same step over buffers of its own into a graph."""
         with torch.inference_mode(False):  # buffers later steps may copy into, inside inference mode or not
-            inputs = (x.clone(), positions.clone(), torch.tensor(cache.length, device=x.device),
-                      None if key_valid is None else key_valid[:, : cache.max_len].clone())  # fmt: skip
-        out = static_blocks(model, *inputs[:2], cache, inputs[2], inputs[3], layers)
+            x, positions = x.clone(), positions.clone()
+            slot = torch.tensor(cache.length, device=x.device)
+            valid = None if key_valid is None else key_valid[:, : cache.max_len].clone()
+        out = static_blocks(model, x, positions, cache, slot, valid, layers)
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):  # records; runs nothing
-                recorded = static_blocks(model, *inputs[:2], cache, inputs[2], inputs[3], layers)
+                recorded = static_blocks(model, x, positions, cache, slot, valid, layers)
         except Exception as e:  # noqa: BLE001 (a layer that cannot be recorded: every step in torch from now on)
             log.warning("decode steps run in torch: recording a CUDA graph failed (%s)", str(e).splitlines()[0])
             self.failed = True
             return out
-        self.graphs[key] = _Graph(graph, *inputs[:3], inputs[3], recorded)
+        self.graphs[key] = _Graph(graph, x, positions, slot, valid, recorded)
         while len(self.graphs) > MAX_GRAPHS:
             self.graphs.popitem(last=False)
         return out

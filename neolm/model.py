@@ -426,41 +426,34 @@ class GPT(nn.Module):
         return self._rope
 
     def _masks(self, T: int, start: int, key_valid: torch.Tensor | None, device) -> dict:
-        """Attention mask per window kind: True where query i (slot start+i) may see key slot j.
-
-        A query sees j <= i, and for a window w also j > i - w; padding keys are hidden, except each
-        query's own slot, so that a padding row stays finite.
-        """
+        """Attention mask per window kind for queries at slots start .. start+T-1 (`visible`'s rules), or the
+        cheaper forms where no mask is needed: "causal", or None for one new token without padding."""
         windows = set(self.config.layer_windows)
         if key_valid is None and start == 0 and windows == {None}:
             return {None: "causal"}
         if key_valid is None and T == 1:  # one new token sees every cached key (local layers slice theirs)
             return dict.fromkeys(windows)
-        end = start + T
-        q = torch.arange(start, end, device=device)[:, None]  # (T, 1)
-        j = torch.arange(end, device=device)[None, :]  # (1, S)
-        masks = {}
-        for w in windows:
-            m = j <= q if w is None else (j <= q) & (j > q - w)  # (T, S)
-            if key_valid is not None:
-                m = (m & key_valid[:, None, None, :end]) | (j == q)  # (B, 1, T, S)
-            masks[w] = m
-        return masks
+        q = torch.arange(start, start + T, device=device)[:, None]  # (T, 1)
+        return visible(windows, q, torch.arange(start + T, device=device)[None, :], key_valid)
+
+
+def visible(windows, q: torch.Tensor, j: torch.Tensor, key_valid: torch.Tensor | None) -> dict:
+    """Per window kind (None: global), True where query slot q (T, 1) may see key slot j (1, S): (T, S), or
+    (B, 1, T, S) with key_valid (B, >= S). A query sees j <= q, and for a window w also j > q - w; padding keys
+    are hidden, except each query's own slot, so that a padding row stays finite."""
+    masks = {}
+    for w in set(windows):
+        m = j <= q if w is None else (j <= q) & (j > q - w)  # (T, S)
+        if key_valid is not None:
+            m = (m & key_valid[:, None, None, : j.shape[1]]) | (j == q)  # (B, 1, T, S)
+        masks[w] = m
+    return masks
 
 
 def slot_masks(windows, max_len: int, slot: torch.Tensor, key_valid: torch.Tensor | None) -> dict:
-    """For one new token per row at cache slot `slot` (a 0-d tensor), attending over the whole cache (a step a
-    CUDA graph replays): per window kind, True where it may see key slot j, (1 or B, 1, 1, max_len). GPT._masks'
-    rules: j <= slot, j > slot - w for a window w, padding keys hidden but the token's own slot."""
-    j = torch.arange(max_len, device=slot.device)
-    written = j <= slot
-    masks = {}
-    for w in set(windows):
-        m = written if w is None else written & (j > slot - w)  # (S,)
-        if key_valid is not None:
-            m = (m & key_valid[:, :max_len]) | (j == slot)  # (B, S)
-        masks[w] = m.view(-1, 1, 1, max_len)
-    return masks
+    """`visible`'s masks for one new token per row at cache slot `slot` (a 0-d tensor) over the whole cache of
+    `max_len` slots (a step a CUDA graph replays, which cannot slice by a number that changes per step)."""
+    return visible(windows, slot.view(1, 1), torch.arange(max_len, device=slot.device)[None, :], key_valid)
 
 
 def chunk_end(width: int, done: int, cols: int) -> int:

@@ -84,6 +84,11 @@ def hf_model(spec: dict, seed: int = 0, std: float = 0.02):
     return model.eval()
 
 
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b|, in fp32 (whatever the tensors' dtypes)."""
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
 def save_hf(model, folder: Path, fmt: str = "safetensors") -> Path:
     """Save as transformers does: save_pretrained for safetensors; torch.save of its state dict for .bin."""
     if fmt == "safetensors":

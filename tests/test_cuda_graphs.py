@@ -11,6 +11,8 @@ import dataclasses
 import pytest
 import torch
 from conftest import TINY
+from conftest import rel_error as _rel
+from test_native_decode import _twin_runs
 
 import neolm
 from neolm.cuda_graphs import GraphStep, clear_tail, static_blocks
@@ -18,7 +20,6 @@ from neolm.model import KVCache
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-PADS = [0, 3, 1]  # left padding of each row of a batch, as generate() lays prompts of different lengths out
 
 
 def _static_step(model):
@@ -28,39 +29,6 @@ def _static_step(model):
         return static_blocks(model, x, positions, cache, torch.tensor(cache.length, device=x.device), key_valid, layers)
 
     return step
-
-
-def _twin_runs(model, ids: torch.Tensor, prefill: int, steps: tuple, layers: int | None = None):
-    """Logits (B, S - prefill, V) of the same decode steps through each of `steps` (model.decode_step values), and
-    the caches they fill. A batch (B > 1) is left-padded by PADS, positions counted from each row's first token."""
-    B, S = ids.shape
-    device = ids.device
-    pads = (
-        torch.tensor(PADS[:B], device=device)[:, None] if B > 1 else torch.zeros(1, 1, dtype=torch.long, device=device)
-    )
-    slots = torch.arange(S, device=device)[None]
-    positions = (slots - pads).clamp(min=0)
-    logits, caches = [], []
-    with torch.inference_mode():
-        for step in steps:
-            cache = KVCache(model.config, B, S + 1, model.cache_dtype, device)
-            if B > 1:
-                cache.valid = torch.ones(B, cache.max_len, dtype=torch.bool, device=device)
-                cache.valid[:, :S] = slots >= pads
-            model.decode_step = None
-            model(ids[:, :prefill], positions[:, :prefill], cache, layers=layers)
-            model.decode_step = step
-            out = [
-                model(ids[:, t : t + 1], positions[:, t : t + 1], cache, layers=layers).float()
-                for t in range(prefill, S)
-            ]
-            logits.append(torch.cat(out, 1))
-            caches.append(cache)
-    return logits, caches
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
 @pytest.mark.parametrize("kv", [None, "bfloat16", "int8"])

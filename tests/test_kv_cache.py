@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 from conftest import TINY, hf_model, save_hf
+from conftest import rel_error as _rel
 
 import neolm
 from neolm import native
@@ -23,10 +24,6 @@ def folders(tmp_path_factory):
     specs = {**TINY, "neox-128": INT4_WIDE}
     return {name: save_hf(hf_model(spec, seed=i, std=0.2), tmp_path_factory.mktemp(name))
             for i, (name, spec) in enumerate(specs.items())}  # fmt: skip
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
 def test_quantize_kv_rows():

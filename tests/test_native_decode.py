@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TINY, hf_model, save_hf
+from conftest import rel_error as _rel
 
 import neolm
 from neolm import native
@@ -64,31 +65,30 @@ def _step_by_step(model, ids: torch.Tensor, prefill: int) -> list[float]:
 PADS = [0, 3, 1]  # left padding of each row of a batch, as generate() lays prompts of different lengths out
 
 
-def _twin_runs(model, ids: torch.Tensor, prefill: int):
-    """Logits and caches of the same steps with the native step and with the torch path. A batch (B > 1) is
-    left-padded by PADS, with positions counted from each row's first real token, as in generate()."""
+def _twin_runs(model, ids: torch.Tensor, prefill: int, steps: tuple | None = None, layers: int | None = None):
+    """Logits (B, S - prefill, V) of the same decode steps through each of `steps` (model.decode_step values;
+    default: the model's own step, then the torch path), and the caches they fill. A batch (B > 1) is left-padded
+    by PADS, with positions counted from each row's first real token, as in generate(). layers: an early exit."""
     step = model.decode_step
+    steps = (step, None) if steps is None else steps
     B, S = ids.shape
-    pads = torch.tensor(PADS[:B])[:, None] if B > 1 else torch.zeros(1, 1, dtype=torch.long)
-    slots = torch.arange(S)[None]
+    device = ids.device
+    pads = torch.tensor(PADS[:B], device=device)[:, None] if B > 1 else torch.zeros(1, 1, dtype=torch.long, device=device)
+    slots = torch.arange(S, device=device)[None]
     positions = (slots - pads).clamp(min=0)  # (B, S)
-    caches = [KVCache(model.config, B, S + 1, model.cache_dtype) for _ in range(2)]
-    logits = [[], []]
+    caches = [KVCache(model.config, B, S + 1, model.cache_dtype, device) for _ in steps]
+    logits = [[] for _ in steps]
     with torch.inference_mode():
-        for run, (cache, use) in enumerate(zip(caches, (step, None))):
+        for run, (cache, use) in enumerate(zip(caches, steps)):
             if B > 1:
-                cache.valid = torch.ones(B, cache.max_len, dtype=torch.bool)
+                cache.valid = torch.ones(B, cache.max_len, dtype=torch.bool, device=device)
                 cache.valid[:, :S] = slots >= pads
             model.decode_step = use
-            model(ids[:, :prefill], positions[:, :prefill], cache)
+            model(ids[:, :prefill], positions[:, :prefill], cache, layers=layers)
             for t in range(prefill, S):
-                logits[run].append(model(ids[:, t : t + 1], positions[:, t : t + 1], cache).float())
+                logits[run].append(model(ids[:, t : t + 1], positions[:, t : t + 1], cache, layers=layers).float())
     model.decode_step = step
     return [torch.cat(x, 1) for x in logits], caches
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 @pytest.mark.parametrize("rows", [1, 3])

@@ -1,6 +1,7 @@
 """transformers: AutoModelForCausalLM + generate (greedy, min_new_tokens = max_new_tokens).
 
-variant: "eager" or "default" (what from_pretrained picks: sdpa where the model supports it).
+variant: "eager" or "default" (what from_pretrained picks: sdpa where the model supports it). device: "cpu"
+(bench.py) or "cuda" (gpu.py).
 A streamer records the time of each step; its first put() is the prompt.
 """
 
@@ -32,8 +33,9 @@ class _Clock:
 
 
 class Engine:
-    def __init__(self, variant: str):
+    def __init__(self, variant: str, device: str = "cpu"):
         self.variant = variant or "default"
+        self.device = device
         self.model = None
 
     def files(self, model_dir, precision):
@@ -41,14 +43,15 @@ class Engine:
 
     def load(self, model_dir, precision, threads):
         if precision not in DTYPES:
-            raise Unavailable(f"not measured: no {precision} CPU path compared here")
+            raise Unavailable(f"not measured: no {precision} path compared here (transformers' needs bitsandbytes)")
         torch.set_num_threads(threads)
         kwargs = {"attn_implementation": "eager"} if self.variant == "eager" else {}
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[precision], **kwargs).eval()
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[precision], **kwargs)
+        self.model = model.to(self.device).eval()
         self.eos = self.model.config.eos_token_id
 
     def _steps(self, prompts, n):
-        ids = torch.tensor(prompts)  # same length: no padding needed
+        ids = torch.tensor(prompts, device=self.device)  # same length: no padding needed
         clock = _Clock()
         with torch.inference_mode():
             self.model.generate(
@@ -71,7 +74,7 @@ class Engine:
 
     def prefill(self, ids):
         with torch.inference_mode():
-            self.model(torch.tensor([ids]), logits_to_keep=1)
+            self.model(torch.tensor([ids], device=self.device), logits_to_keep=1)
 
     def unload(self):
         self.model = None

@@ -7,7 +7,9 @@ counts in the load time, not in any decode figure), and "W8A8" / "W4A8" (int8 / 
 Q8_0 / Q4_0 do), and "kv16" (`kv_cache_dtype="bfloat16"`: keys and values kept in bf16 beside fp32 activations, as
 llama.cpp keeps f16 caches by default), and "kv8" (`kv_cache_dtype="int8"`: int8 codes and a scale per key and value
 row, as llama.cpp's q8_0 cache type), and "mmap" (fp32/bf16: `mmap=True`, weights stored in the dtype asked for
-left in the checkpoint file's pages, as llama.cpp's default); options join with "+" ("W8A8+kv16"). int8/int4 rows quantize the
+left in the checkpoint file's pages, as llama.cpp's default), and "eager" (`native=False`: every step and layer in
+torch; on a GPU, no CUDA graphs); options join with "+" ("W8A8+kv16"). device: "cpu" (bench.py) or "cuda"
+(gpu.py, where int8/int4 rows compute in bf16). int8/int4 rows quantize the
 output head too (`quantize_head=True`), as llama.cpp's Q8_0/Q4_0 files and CTranslate2's int8 do, and load
 neolm's quantized folder beside the checkpoint (`neolm-int8/`, made by bench/prepare.py for each run), as
 llama.cpp loads its GGUF files and CTranslate2 its converted model; without one, they quantize while loading.
@@ -37,9 +39,11 @@ def _argument(name: str) -> str:
 
 
 class Engine:
-    def __init__(self, variant: str):
+    def __init__(self, variant: str, device: str = "cpu"):
         self.lm = None
+        self.device = device
         options = set(variant.split("+"))
+        self.native = "eager" not in options
         self.compile = "compile" in options
         self.w8a8 = bool(options & {"W8A8", "W4A8"})  # int8 activations (neolm.load(quantize_activations=True))
         self.kv_cache_dtype = "bfloat16" if "kv16" in options else "int8" if "kv8" in options else None
@@ -56,24 +60,26 @@ class Engine:
 
     def load(self, model_dir, precision, threads):
         torch.set_num_threads(threads)
-        kwargs = {"dtype": DTYPES[precision], "device": "cpu", "compile": self.compile}
+        integer = precision in ("int8", "int4")
+        dtype = "bfloat16" if integer and self.device != "cpu" else DTYPES[precision]
+        kwargs = {"dtype": dtype, "device": self.device, "compile": self.compile, "native": self.native}
         if self.w8a8:
             kwargs[_argument("quantize_activations")] = True
         if self.kv_cache_dtype:
             kwargs[_argument("kv_cache_dtype")] = self.kv_cache_dtype
         if self.mmap:
             kwargs[_argument("mmap")] = True
-        quantized = self._quantized(model_dir, precision)
-        if quantized is not None:
-            self.lm = neolm.load(quantized, **kwargs)
+        folder = self._quantized(model_dir, precision)
+        if folder is not None:
+            self.lm = neolm.load(folder, **kwargs)
             return
-        if precision in ("int8", "int4"):
+        if integer:
             kwargs["quantize_head"] = True
             kwargs[_argument("quantize")] = precision
         try:
             self.lm = neolm.load(model_dir, **kwargs)
         except (TypeError, neolm.NeolmError) as e:
-            if "quantiz" in str(e) and precision in ("int8", "int4"):
+            if "quantiz" in str(e) and integer:
                 raise Unavailable(f"not available yet: {e}") from e
             raise
 
@@ -94,7 +100,7 @@ class Engine:
 
     def prefill(self, ids):
         with torch.inference_mode():
-            self.lm.model(torch.tensor([ids]), last_only=True)
+            self.lm.model(torch.tensor([ids], device=self.device), last_only=True)
 
     def unload(self):
         self.lm = None
