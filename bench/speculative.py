@@ -13,7 +13,11 @@ min_new_tokens), fp32, --threads threads:
     (0: random weights give near-flat distributions, whose top token is never 0.4 likely), and with the
     defaults (20 tokens, threshold 0.4);
   - with --early-exit K[,K...]: neolm with the model's own first K layers as its assistant (assistant_early_exit),
-    the same two ways.
+    the same two ways;
+  - with --universal: the int8 assistant again, its token ids permuted (in a tokenizer.json of its own and in its
+    embedding and head rows), so that its tokenizer is another and neolm carries its guesses over as text
+    (universal assisted generation, neolm.universal): an assistant that predicts what the same-tokenizer one
+    does, so the row against the int8 row above is what going through bytes costs and loses.
 --prompt-file takes the prompt's tokens from a text file (from --prompt-offset on) instead of random ids (for a
 trained model, such as neolm's bundled one: --model neolm/default_model).
 Each round runs every row once (the order reversed every other round). Reported: seconds per generation
@@ -56,6 +60,39 @@ def run_neolm(lm, prompt, kw) -> tuple[float, list[int], int]:
     return elapsed, out, len(calls)
 
 
+def permuted_copy(folder: Path, tokenizer, out: Path, seed: int = 0) -> Path:
+    """The checkpoint in `folder` (whose tokenizer is `tokenizer`) with its token ids permuted, in its tokenizer
+    and in the rows of its embedding and head (the tensors with a row per id): a model that predicts what the
+    original does, through another vocabulary."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    tokenizer.save(out)
+    spec = json.loads((out / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    ids = max([*vocab.values(), *(added["id"] for added in spec["added_tokens"])]) + 1  # (added ids may follow)
+    perm = torch.randperm(ids, generator=torch.Generator().manual_seed(seed))  # old id -> new id
+    spec["model"]["vocab"] = {token: int(perm[i]) for token, i in vocab.items()}
+    for added in spec["added_tokens"]:
+        added["id"] = int(perm[added["id"]])
+    (out / "tokenizer.json").write_text(json.dumps(spec))
+    config = json.loads((Path(folder) / "config.json").read_text())
+    for key in ("bos_token_id", "eos_token_id"):
+        if isinstance(config.get(key), int):
+            config[key] = int(perm[config[key]])
+    (out / "config.json").write_text(json.dumps(config))
+    rows = torch.argsort(perm)
+    state = load_file(str(Path(folder) / "model.safetensors"))
+    for tensor in state.values():
+        if tensor.dim() == 2 and tensor.shape[0] == config["vocab_size"]:
+            tensor[:ids] = tensor[rows]
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    shutil.copy(Path(folder) / "generation_config.json", out / "generation_config.json")
+    return out
+
+
 def run_transformers(hf, prompt, kw) -> tuple[float, list[int], int]:
     calls = []
     hook = hf.register_forward_pre_hook(lambda module, args: calls.append(1))
@@ -77,6 +114,8 @@ def main() -> None:
     p.add_argument("--guesses", type=int, default=4, help="num_assistant_tokens of the thresholdless row")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--early-exit", default="", help="comma-separated layer counts for assistant_early_exit rows")
+    p.add_argument("--universal", action="store_true",
+                   help="add the int8 assistant with its token ids permuted (another tokenizer) rows")  # fmt: skip
     p.add_argument("--prompt-file", help="take the prompt from this text file (default: random ids)")
     p.add_argument("--prompt-offset", type=int, default=0, help="from this character of --prompt-file on")
     p.add_argument("--threads", type=int, default=2)
@@ -87,6 +126,13 @@ def main() -> None:
 
     folder, n = args.model, args.new_tokens
     lm = neolm.load(folder, dtype="float32")
+    if args.universal:  # (made first: the copy holds a float checkpoint in memory a while)
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as scratch:
+            other = neolm.load(permuted_copy(Path(folder), lm.tokenizer, Path(scratch)), dtype="float32",
+                               quantize="int8", quantize_head=True)  # fmt: skip
+        assert not other.tokenizer.same_vocabulary(lm.tokenizer)
     int8 = neolm.load(folder, dtype="float32", quantize="int8", quantize_head=True)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     prompt = torch.randint(0, 50000, (args.prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -113,6 +159,12 @@ def main() -> None:
                                                                                      greedy | guessing)
         rows[f"neolm, early exit after {of}, defaults (20, threshold 0.4)"] = ("neolm", run_neolm, lm, greedy | {
             "assistant_early_exit": k})  # fmt: skip
+    if args.universal:
+        rows[f"neolm, int8 assistant of another tokenizer, {args.guesses} guesses, no threshold"] = (
+            "neolm", run_neolm, lm, greedy | {"assistant_model": other, "num_assistant_tokens": args.guesses,
+                                              "assistant_confidence_threshold": 0.0})  # fmt: skip
+        rows["neolm, int8 assistant of another tokenizer, defaults (20, threshold 0.4)"] = (
+            "neolm", run_neolm, lm, greedy | {"assistant_model": other})
     for _, run, model, kw in rows.values():  # warm-up (kernels, allocations)
         run(model, prompt[:8], kw | {"max_new_tokens": 4, "min_new_tokens": 4})
     times: dict[str, list[float]] = {name: [] for name in rows}
@@ -139,6 +191,7 @@ def main() -> None:
         f"`python bench/speculative.py --model {folder} --prompt-tokens {args.prompt_tokens} --new-tokens {n} "
         f"--lookup {args.lookup} --guesses {args.guesses} --rounds {args.rounds} --threads {args.threads}"
         + (f" --early-exit {args.early_exit}" if args.early_exit else "")
+        + (" --universal" if args.universal else "")
         + (f" --prompt-file {args.prompt_file} --prompt-offset {args.prompt_offset}" if args.prompt_file else "")
         + "`",
         "",

@@ -34,6 +34,7 @@ from neolm.tokenizer import StreamDecoder, Tokenizer, load_tokenizer
 from neolm.trace import DEFAULT_BATCH_SIZE as TRACE_BATCH_SIZE
 from neolm.trace import Trace
 from neolm.trace import trace as trace_model
+from neolm.universal import Universal
 from neolm.watermark import Detection, detect_tokens
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,7 @@ class LanguageModel:
 
     def generation_config(self, **kwargs) -> GenerationConfig:
         """What a call with these generation arguments runs: the checkpoint's defaults (its
-        generation_config.json), then the arguments; eos from the model's config, else the tokenizer's."""
+        generation_config.json), then the arguments; eos and bos from the model's config, else the tokenizer's."""
         negative = kwargs.pop("negative_prompt", None)
         if negative is not None:  # guidance's context as text: one for all prompts, or one per prompt
             texts = [negative] if isinstance(negative, str) else negative
@@ -226,6 +227,10 @@ class LanguageModel:
         if gc.eos_token_id is None:
             gc.eos_token_id = (
                 self.config.eos_token_id if self.config.eos_token_id is not None else self.tokenizer.eos_token_id
+            )
+        if gc.bos_token_id is None:
+            gc.bos_token_id = (
+                self.config.bos_token_id if self.config.bos_token_id is not None else self.tokenizer.bos_token_id
             )
         if gc.structured_outputs is not None:
             gc.structured_outputs = structured.compile(gc.structured_outputs, self.tokenizer)
@@ -256,15 +261,17 @@ class LanguageModel:
             return self.adapter_set.using(mixed.per_prompt[0]), None
         return contextlib.nullcontext(), mixed
 
-    def _assistant(self, assistant) -> GPT | None:
-        """The model of an assistant_model argument (a LanguageModel with this one's vocabulary, or a GPT)."""
-        if assistant is None or isinstance(assistant, GPT):
+    def _assistant(self, assistant) -> GPT | Universal | None:
+        """The model of an assistant_model argument (a LanguageModel, or a GPT with this one's vocabulary): with
+        another tokenizer than this model's, it guesses through text (universal assisted generation)."""
+        if assistant is None or isinstance(assistant, (GPT, Universal)):
             return assistant
         if not isinstance(assistant, LanguageModel):
             raise NeolmError(f"assistant_model must be a model from neolm.load, got {type(assistant).__name__}")
         if not self.tokenizer.same_vocabulary(assistant.tokenizer):
-            raise NeolmError(f"the assistant model ({assistant.source}) has another tokenizer than the model: "
-                             "assisted generation needs both to share one (e.g. two Pythias, two GPT-Neos)")  # fmt: skip
+            log.info("the assistant model (%s) has another tokenizer than the model: its guesses are carried over "
+                     "as text (universal assisted generation)", assistant.source)  # fmt: skip
+            return Universal(assistant.model, assistant.tokenizer, self.tokenizer)
         return assistant.model
 
     def generate(self, prompt: str | list[str], **kwargs) -> str | list[str] | list[list[str]] | GenerateOutput:
@@ -286,7 +293,8 @@ class LanguageModel:
         adapter_names (PEFT's mixed adapter batches): a loaded adapter's name per prompt ("__base__": none), the
         prompts decoded in one batch, each with its own (load_adapter; neolm.multilora).
         Assisted generation (neolm.speculative): prompt_lookup_num_tokens, or assistant_model (a smaller model
-        from neolm.load with the same tokenizer) with num_assistant_tokens and assistant_confidence_threshold.
+        from neolm.load) with num_assistant_tokens and assistant_confidence_threshold; an assistant with another
+        tokenizer guesses through text (neolm.universal: assistant_lookbehind, target_lookbehind).
         A string gives a string (a list of them with num_return_sequences > 1: samples, or the best beams first);
         a list of prompts is generated as one batch and gives a list.
 

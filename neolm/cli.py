@@ -304,8 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="guess N tokens from what followed the last 2 tokens earlier in the text (the prompt "
                       "included): for continuations that repeat or quote it")  # fmt: skip
     fast.add_argument("--assistant-model", metavar="MODEL",
-                      help="a smaller model with the same tokenizer that guesses the tokens (e.g. "
-                      "EleutherAI/pythia-70m for a larger Pythia), loaded with the same options")  # fmt: skip
+                      help="a smaller model that guesses the tokens (e.g. EleutherAI/pythia-70m for a larger "
+                      "Pythia), loaded with the same options; one with another tokenizer (gpt-neo-125M for a "
+                      "Pythia) guesses through text")  # fmt: skip
     fast.add_argument("--assistant-early-exit", type=positive, metavar="K",
                       help="the model's own first K layers (with its head) guess: no second model, but only as "
                       "good as those layers' predictions (models trained for early exit)")  # fmt: skip

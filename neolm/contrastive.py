@@ -10,7 +10,9 @@ forward of k rows, and picks the one that maximises
 where h is the last hidden state (after the final LayerNorm) and the context is the prompt and the tokens so far:
 likely tokens that do not restate what the text already says, against greedy decoding's loops. The chosen row's
 logits and hidden state carry on to the next step, so a step costs one forward of k rows. One sequence runs at a
-time (as assisted generation).
+time (as assisted generation). With low_memory=True (transformers 4's option) the k candidates are read one at a
+time into a cache of one row, and the chosen one once more: k + 1 one-row forwards a step, for a k-th of the
+cache's memory (the candidates' hidden states from one-row forwards round otherwise, so a near-tie may flip).
 """
 
 from __future__ import annotations
@@ -65,14 +67,19 @@ def _tokens(model: GPT, prompt: list[int], gc: GenerationConfig, decode, deadlin
     hidden = prefill(model, x, cache, chunk=gc.prefill_chunk_size, head=False)[0]  # (T, C) after ln_f
     logits = model.lm_head(hidden[-1:]).float()  # (1, V)
     context = _unit(hidden.float())  # (T, C) the unit hidden states of the text so far
-    cache = cache.rows(torch.zeros(k, dtype=torch.long, device=device), extra=budget)  # a row per candidate
+    low = bool(gc.low_memory)
+    if not low:
+        cache = cache.rows(torch.zeros(k, dtype=torch.long, device=device), extra=budget)  # a row per candidate
     seq = list(prompt)
     while True:
         raw = logits[0].clone() if on_token is not None else None  # (the processors may write into logits)
         scores = picker.scores(logits, seq, [])  # (1, V)
         probs, candidates = torch.topk(scores.softmax(dim=-1)[0], k)  # (k,) each
-        positions = torch.full((k, 1), len(seq), device=device)
-        hidden = model(candidates[:, None], positions, cache, head=False)[:, 0]  # (k, C)
+        if low:
+            hidden = torch.cat([_read(model, candidates[i : i + 1], len(seq), cache) for i in range(k)])  # (k, C)
+        else:
+            positions = torch.full((k, 1), len(seq), device=device)
+            hidden = model(candidates[:, None], positions, cache, head=False)[:, 0]  # (k, C)
         unit = _unit(hidden.float())
         penalty = (unit @ context.T).max(dim=-1).values  # (k,) the likeliest restatement of each candidate
         chosen = int(torch.argmax((1 - alpha) * probs - alpha * penalty))
@@ -85,7 +92,18 @@ def _tokens(model: GPT, prompt: list[int], gc: GenerationConfig, decode, deadlin
             return
         logits = model.lm_head(hidden[chosen : chosen + 1]).float()
         context = torch.cat((context, unit[chosen : chosen + 1]))
-        cache.reorder(torch.full((k,), chosen, device=device), start=cache.length - 1)  # every row: its slot
+        if low:
+            if chosen != k - 1:  # (the slot holds the last candidate read)
+                _read(model, candidates[chosen : chosen + 1], len(seq) - 1, cache)
+        else:
+            cache.reorder(torch.full((k,), chosen, device=device), start=cache.length - 1)  # every row: its slot
+
+
+def _read(model: GPT, token: torch.Tensor, slot: int, cache: KVCache) -> torch.Tensor:
+    """The hidden state (1, C) of one token (1,) at position `slot`, written there in the one-row cache (over the
+    candidate read there before)."""
+    cache.length = slot
+    return model(token[:, None], torch.full((1, 1), slot, device=token.device), cache, head=False)[:, 0]
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,7 @@ class GenerationConfig:
     encoder_repetition_penalty: float = 1.0  # the reverse for the prompt's tokens: >1 favours them (stay on topic)
     num_return_sequences: int = 1
     eos_token_id: int | list[int] | None = None  # default: the model's
+    bos_token_id: int | None = None  # an empty prompt starts from it (unconditional text; default: the model's)
     pad_token_id: int | None = None  # filler after a sequence ends (default: eos)
     stop_strings: str | list[str] | None = None  # stop once the text ends in one (kept in the output)
     seed: int | None = None  # makes sampling reproducible
@@ -72,6 +73,12 @@ class GenerationConfig:
     max_time: float | None = None  # seconds: sequences end with the first token after this much time
     prefill_chunk_size: int | None = None  # read prompts this many tokens at a time: less memory for long ones
     use_cache: bool = True  # taken for transformers' callers; neolm always decodes with its KV cache (same tokens)
+    # transformers' cache and compile settings, taken for its callers: neolm's cache is always "static" (made for
+    # each call at the length it needs, the tokens those of "dynamic"), and it compiles nothing per call (its
+    # kernels are chosen at load: neolm.load(compile=True)), so these change nothing
+    cache_implementation: str | None = None  # None, "dynamic" or "static" (the KV cache's dtype: load's kv_cache_dtype)
+    max_cache_len: int | None = None  # transformers: a static cache made this long for later, longer calls
+    disable_compile: bool = False
     # the caller's own code, as transformers.generate takes it (each is called on one sequence at a time):
     logits_processor: list[Callable] | None = None  # f(input_ids (1, L), scores (1, V)) -> scores, before the warpers
     stopping_criteria: list[Callable] | None = None  # f(input_ids (1, L), scores (1, V)) -> true: the sequence ends
@@ -85,6 +92,7 @@ class GenerationConfig:
     # a green-list watermark (neolm.watermark) or SynthID's (neolm.synthid): either config, or its dict
     watermarking_config: WatermarkingConfig | SynthIDConfig | dict | None = None
     penalty_alpha: float | None = None  # > 0 with top_k > 1: contrastive search (neolm.contrastive)
+    low_memory: bool | None = None  # contrastive search reads its top_k candidates one at a time (a one-row cache)
     dola_layers: str | list[int] | None = None  # "low", "high" or layer indices: DoLa (neolm.dola)
     token_healing: bool = False  # choose the prompt's last token again (neolm.healing; text prompts only)
     # the output must match a JSON schema, a regex or a choice (neolm.structured): {"json": schema}, {"regex": r},
@@ -97,6 +105,13 @@ class GenerationConfig:
     num_assistant_tokens_schedule: str = "constant"  # or "heuristic": +2 after all were right, else -1
     assistant_confidence_threshold: float | None = 0.4  # the assistant stops guessing below this probability
     assistant_early_exit: int | None = None  # the model's first this many layers (and its head) are the assistant
+    # an assistant model with another tokenizer (neolm.universal): how many of its last tokens, and of the model's,
+    # are encoded again with each round's new text, so that words cut at a round's end join as a tokenizer cuts them
+    assistant_lookbehind: int = 10
+    target_lookbehind: int = 10
+    # speculative sampling with an assistant model of the same tokenizer: its guesses are checked against
+    # w * p_model + (1 - w) * q_assistant instead of p_model (None: lossless); more are kept, at a bias toward it
+    assistant_ensemble_weight: float | None = None
 
     @classmethod
     def field_names(cls) -> set[str]:
@@ -133,6 +148,7 @@ class GenerationConfig:
               f"prefill_chunk_size must be a number of tokens >= 1 (None: the whole prompt at once), "
               f"got {chunk!r}")  # fmt: skip
         check(isinstance(self.use_cache, bool), f"use_cache must be true or false, got {self.use_cache!r}")
+        self._validate_cache(check)
         check(self.num_return_sequences >= 1, f"num_return_sequences must be >= 1, got {self.num_return_sequences}")
         check(
             self.do_sample or self.num_return_sequences == 1 or self.num_beams > 1,
@@ -153,6 +169,20 @@ class GenerationConfig:
         self._validate_assisted(check)
         self._validate_structured(check)
         return self
+
+    def _validate_cache(self, check) -> None:
+        kind = self.cache_implementation
+        check(kind not in ("quantized", "offloaded", "offloaded_static"),
+              f'cache_implementation="{kind}" is not offered: neolm keeps the KV cache on the model\'s device, in '
+              f'the dtype load() was given (neolm.load(..., kv_cache_dtype="int8" or "bfloat16") for a smaller one)')  # fmt: skip
+        check(kind in (None, "dynamic", "static"),
+              f'cache_implementation must be "dynamic" or "static" (neolm\'s cache is static, with the tokens of a '
+              f"dynamic one), got {kind!r}")  # fmt: skip
+        length = self.max_cache_len
+        check(length is None or (isinstance(length, int) and not isinstance(length, bool) and length >= 1),
+              f"max_cache_len must be a number of tokens >= 1, got {length!r}")  # fmt: skip
+        check(isinstance(self.disable_compile, bool),
+              f"disable_compile must be true or false, got {self.disable_compile!r}")  # fmt: skip
 
     def _validate_structured(self, check) -> None:
         if self.structured_outputs is None:
@@ -189,9 +219,10 @@ class GenerationConfig:
         if self.forced_eos_token_id is not None:
             forced = self.forced_eos_token_id
             self._check_ids(check, [forced] if isinstance(forced, int) else forced, "forced_eos_token_id")
-        bos = self.forced_bos_token_id
-        check(bos is None or (isinstance(bos, int) and not isinstance(bos, bool) and bos >= 0),
-              f"forced_bos_token_id must be a token id (an integer >= 0), got {bos!r}")  # fmt: skip
+        for name in ("forced_bos_token_id", "bos_token_id"):
+            bos = getattr(self, name)
+            check(bos is None or (isinstance(bos, int) and not isinstance(bos, bool) and bos >= 0),
+                  f"{name} must be a token id (an integer >= 0), got {bos!r}")  # fmt: skip
         if self.sequence_bias is not None:
             bias = self.sequence_bias
             pairs = bias.items() if isinstance(bias, dict) else bias if isinstance(bias, (list, tuple)) else None
@@ -248,6 +279,9 @@ class GenerationConfig:
         return bool(self.penalty_alpha) and not self.do_sample and self.num_beams == 1 and (self.top_k or 0) > 1
 
     def _validate_contrastive(self, check) -> None:
+        check(self.low_memory in (None, True, False), f"low_memory must be true or false, got {self.low_memory!r}")
+        check(not self.low_memory or self.num_beams == 1, "low_memory (transformers 4's sequential beam search) is "
+                                                           "not offered with beams, as in transformers 5")  # fmt: skip
         alpha = self.penalty_alpha
         if alpha is None or alpha == 0:
             return
@@ -351,6 +385,16 @@ class GenerationConfig:
               f"assistant_early_exit must be a number of layers >= 1, got {exit_!r}")  # fmt: skip
         check(exit_ is None or self.prompt_lookup_num_tokens is None,
               "assistant_early_exit and prompt_lookup_num_tokens are two ways of guessing: give one")  # fmt: skip
+        for name in ("assistant_lookbehind", "target_lookbehind"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                  f"{name} must be a number of tokens >= 0, got {value!r}")  # fmt: skip
+        weight = self.assistant_ensemble_weight
+        check(weight is None or (isinstance(weight, (int, float)) and 0 < weight < 1),
+              f"assistant_ensemble_weight must be in (0, 1) (None: off, lossless), got {weight!r}")  # fmt: skip
+        check(weight is None or self.prompt_lookup_num_tokens is None,
+              "assistant_ensemble_weight mixes an assistant model's probabilities into the check: prompt lookup "
+              "has none")  # fmt: skip
 
     @property
     def assisted(self) -> bool:
@@ -400,8 +444,11 @@ def fit_prompts(prompts: Sequence[Sequence[int]], gc: GenerationConfig, n_ctx: i
     fitted = []
     for i, prompt in enumerate(prompts):
         prompt = list(prompt)
-        if not prompt:
-            raise NeolmError("empty prompt: give at least one token (for unconditional text, start from <|endoftext|>)")
+        if not prompt:  # transformers' generate() without inputs: from bos, as a document starts
+            if gc.bos_token_id is None:
+                raise NeolmError("empty prompt: give at least one token, or bos_token_id to start from (for "
+                                 "unconditional text, <|endoftext|>)")  # fmt: skip
+            prompt = [gc.bos_token_id]
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
             raise NeolmError(

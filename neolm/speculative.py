@@ -12,6 +12,8 @@ one token does). The guesses come from
   - an assistant model: a smaller model with the same tokenizer (pythia-70m/160m for the larger Pythias,
     gpt-neo-125M for the larger GPT-Neos), up to num_assistant_tokens of its own picks, stopping early once its
     probability of its pick falls below assistant_confidence_threshold;
+  - an assistant model with another tokenizer (neolm.universal.Universal: transformers' universal assisted
+    generation, e.g. gpt-neo-125M for a Pythia), its guesses carried over in bytes;
   - an early exit of the model itself (assistant_early_exit=k): its first k layers, then its final LayerNorm and
     head, as the assistant model (LayerSkip's self-speculative decoding), sharing its weights. Its guesses are
     as good as those layers' logit lens: models trained for early exit guess well, the Pythias and GPT-Neos
@@ -19,7 +21,9 @@ one token does). The guesses come from
 Greedy, the tokens are the model's greedy tokens. Sampled, each is drawn from the model's distribution: with
 prompt lookup the model samples at every position and keeps the guesses its samples equal; with an assistant
 by the rejection rule of speculative sampling (Leviathan et al. 2023, algorithm 1), which needs the
-assistant's probabilities. Every logits processor sees each position's own history. A forward over several
+assistant's probabilities (with another tokenizer, as prompt lookup's). assistant_ensemble_weight=w checks an
+assistant's guesses against w * p + (1 - w) * q instead of the model's p (DIVERSE's static ensemble, as
+transformers): more are kept, and the text leans toward the assistant's. Every logits processor sees each position's own history. A forward over several
 positions rounds otherwise than one-token steps, so near-ties can go the other way than in plain decoding,
 as in transformers; and a seed draws other samples than plain sampling with that seed.
 """
@@ -37,6 +41,7 @@ from neolm.generate import check_alone, each_alone, prompt_tokens, shared_prefix
 from neolm.generation_config import GenerationConfig
 from neolm.model import GPT, KVCache, prefill
 from neolm.sampling import Ending, Processors, RowState, argmax, seeded_generator
+from neolm.universal import TextGuesser, Universal
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +93,18 @@ class Picker:
         """The round's tokens from the model's processed scores (c + 1, V) at the guesses' c positions and after
         them: the guesses kept, then one token of the model's own. q (c, V): the assistant's probabilities of
         its sampled guesses (speculative sampling), else None."""
-        c = len(guesses)
+        c, w = len(guesses), self.gc.assistant_ensemble_weight
         if q is None or not self.gc.do_sample:
             picks = self.pick(scores)
+            if q is not None and w is not None and c:  # the guesses against the mixture's likeliest
+                picks[:c] = argmax(w * scores[:c].softmax(dim=-1) + (1 - w) * q).tolist()
             m = next((j for j in range(c) if guesses[j] != picks[j]), c)
             return guesses[:m] + [picks[m]]
         p = scores.softmax(dim=-1)
         index, rows = torch.tensor(guesses, device=self.device), torch.arange(c, device=self.device)
         ratio = p[rows, index] / q[rows, index]  # q > 0 at its own samples
+        if w is not None:  # v / q for v = w p + (1 - w) q; the residual below is v's too ([v - q]+ = w [p - q]+)
+            ratio = 1 - w + w * ratio
         accepted = torch.rand(c, generator=self.generator, device=self.device) <= ratio
         m = int((accepted.long().cumprod(0)).sum())
         if m < c:  # rejected: draw from the part of p that q does not cover
@@ -189,7 +198,8 @@ class Assistant:
                 break
             logits = self._logits([token])
         self.tokens = seq + guesses[:-1]
-        return guesses, torch.stack(probs) if self.picker.gc.do_sample else None
+        gc = self.picker.gc
+        return guesses, torch.stack(probs) if gc.do_sample or gc.assistant_ensemble_weight is not None else None
 
     def update(self, kept: int, guessed: int) -> None:
         if self.adapt:  # transformers' "heuristic" schedule
@@ -201,7 +211,7 @@ def assisted_tokens(
     prompt: Sequence[int],
     gc: GenerationConfig,
     decode: Callable[[list[int]], str] | None = None,
-    assistant: GPT | None = None,
+    assistant: GPT | Universal | None = None,
     generator: torch.Generator | None = None,
 ) -> Iterator[int]:
     """The new tokens of one sequence, as they are kept (eos included), guessed by prompt lookup
@@ -218,7 +228,7 @@ def assisted_generate(
     prompts: Sequence[Sequence[int]],
     gc: GenerationConfig,
     decode: Callable[[list[int]], str] | None = None,
-    assistant: GPT | None = None,
+    assistant: GPT | Universal | None = None,
     on_token: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> list[list[int]]:
     """The new tokens of every sequence (prompts x num_return_sequences, prompt-major; eos included), each
@@ -231,7 +241,7 @@ def assisted_generate(
                                                                       report, deadline, index), on_token)  # fmt: skip
 
 
-def _check(model: GPT, prompts, gc: GenerationConfig, decode, assistant: GPT | None) -> list[list[int]]:
+def _check(model: GPT, prompts, gc: GenerationConfig, decode, assistant: GPT | Universal | None) -> list[list[int]]:
     if gc.num_beams > 1:
         raise NeolmError("assisted generation (prompt lookup or an assistant model) runs without beam search")
     if gc.guided or gc.contrastive or gc.dola_layers is not None:
@@ -243,8 +253,16 @@ def _check(model: GPT, prompts, gc: GenerationConfig, decode, assistant: GPT | N
     if gc.assistant_early_exit is not None and gc.assistant_early_exit >= model.config.n_layer:
         raise NeolmError(f"assistant_early_exit ({gc.assistant_early_exit}) must be fewer layers than the model's "
                          f"{model.config.n_layer}")  # fmt: skip
+    if gc.assistant_ensemble_weight is not None and (assistant is None or isinstance(assistant, Universal)) and (
+            gc.assistant_early_exit is None):  # fmt: skip
+        raise NeolmError("assistant_ensemble_weight mixes the assistant's probabilities into the check: it needs an "
+                         "assistant model with the model's tokenizer, or assistant_early_exit")  # fmt: skip
     prompts = check_alone(model, prompts, gc, decode)
-    if assistant is not None:
+    if isinstance(assistant, Universal):
+        if assistant.target_tokenizer.vocab_size > model.config.vocab_size:
+            raise NeolmError(f"the model's tokenizer has {assistant.target_tokenizer.vocab_size} ids, its vocabulary "
+                             f"{model.config.vocab_size}: give the model's own tokenizer as target_tokenizer")  # fmt: skip
+    elif assistant is not None:
         longest = max(len(p) + gc.new_token_budget(len(p)) for p in prompts)
         if longest > assistant.config.n_positions:
             raise NeolmError(f"the assistant model's context of {assistant.config.n_positions} tokens is shorter "
@@ -256,7 +274,7 @@ def _check(model: GPT, prompts, gc: GenerationConfig, decode, assistant: GPT | N
 
 
 @torch.inference_mode()
-def _tokens(model: GPT, prompt: list[int], gc: GenerationConfig, decode, assistant: GPT | None,
+def _tokens(model: GPT, prompt: list[int], gc: GenerationConfig, decode, assistant: GPT | Universal | None,
             generator: torch.Generator | None, on_token: Callable | None, deadline: float,
             prompt_index: int) -> Iterator[int]:  # fmt: skip
     config, device = model.config, model.ln_f.weight.device
@@ -269,7 +287,12 @@ def _tokens(model: GPT, prompt: list[int], gc: GenerationConfig, decode, assista
     picker = Picker(gc, processors, len(prompt), budget, config.vocab_size, device, generator, prompt_index)
     if gc.assistant_early_exit is not None:
         assistant = EarlyExit(model, gc.assistant_early_exit)
-    guesser = Assistant(assistant, gc, picker, len(prompt) + budget) if assistant is not None else PromptLookup(gc)
+    if isinstance(assistant, Universal):
+        guesser = TextGuesser(assistant, gc, eos_ids, config.vocab_size, len(prompt) + budget)
+    elif assistant is not None:
+        guesser = Assistant(assistant, gc, picker, len(prompt) + budget)
+    else:
+        guesser = PromptLookup(gc)
     cache = KVCache(config, 1, len(prompt) + budget, model.cache_dtype, device)
     if len(prompt) > 1:  # all but the last token, which each round feeds with its guesses
         prefill(model, torch.tensor([prompt[:-1]], device=device), cache, chunk=gc.prefill_chunk_size, last_only=True,

@@ -3,11 +3,14 @@ model (transformers 5 keeps contrastive search on the hub, out of reach offline)
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 
 import neolm
 from neolm.errors import NeolmError
+from neolm.model import KVCache
 
 PROMPT = [3, 3, 4, 5, 3, 4, 9, 3, 4]
 
@@ -29,6 +32,23 @@ def reference(hf, prompt: list[int], alpha: float, k: int, n: int, processors=No
             penalty = (torch.nn.functional.normalize(last, dim=-1) @ text.T).max(dim=-1).values
             seq.append(int(candidates[torch.argmax((1 - alpha) * probs - alpha * penalty)]))
     return seq[len(prompt) :]
+
+
+@contextmanager
+def count_cache_rows():
+    """The rows of each KV cache made in the block (a list filled as they are made)."""
+    rows: list[int] = []
+    made = KVCache.__init__
+
+    def spy(self, config, batch_size, *args, **kwargs):
+        rows.append(batch_size)
+        made(self, config, batch_size, *args, **kwargs)
+
+    KVCache.__init__ = spy
+    try:
+        yield rows
+    finally:
+        KVCache.__init__ = made
 
 
 @pytest.mark.parametrize(
@@ -53,6 +73,9 @@ def test_contrastive_search_follows_its_rule(tiny_checkpoints, name, knobs):
     assert ours[0] == reference(hf, PROMPT, knobs["penalty_alpha"], knobs["top_k"], n, processors)
     assert ours[1] == lm.generate_ids([PROMPT[:4]], **kw)[0]
     assert ours[0] != lm.generate_ids([PROMPT], **{**kw, "penalty_alpha": None})[0]
+    with count_cache_rows() as rows:  # low_memory: the candidates one at a time, in a cache of one row
+        assert lm.generate_ids([PROMPT, PROMPT[:4]], low_memory=True, **kw) == ours
+    assert rows and max(rows) == 1, rows
     out = lm.generate_ids([PROMPT], return_dict_in_generate=True, output_scores=True, output_logits=True, **kw)
     assert out.sequences == ours[:1] and out.scores[0].shape == out.logits[0].shape == (n, hf.config.vocab_size)
     with torch.no_grad():
@@ -71,6 +94,8 @@ def test_refusals(tiny_checkpoints):
         (dict(penalty_alpha=0.6, top_k=4, num_beams=2), "without sampling or beams"),
         (dict(penalty_alpha=0.6, top_k=4, guidance_scale=2.0), "guidance_scale"),
         (dict(penalty_alpha=0.6, top_k=4, prompt_lookup_num_tokens=3), "prompt lookup"),
+        (dict(penalty_alpha=0.6, top_k=4, low_memory="yes"), "low_memory must be true or false"),
+        (dict(num_beams=2, low_memory=True), "low_memory .* is not offered with beams"),
     ]
     for knobs, needle in bad:
         with pytest.raises(NeolmError, match=needle):

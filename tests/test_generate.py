@@ -206,10 +206,20 @@ def test_bad_generation_arguments(tiny_checkpoints, kwargs, message):
         lm.generate("hi", **kwargs)
 
 
-def test_empty_prompt_is_an_error(tiny_checkpoints):
-    lm = neolm.load(tiny_checkpoints["neo"][1])
-    with pytest.raises(NeolmError, match="empty prompt"):
-        lm.generate("")
+def test_an_empty_prompt_starts_from_bos(tiny_checkpoints):
+    """As transformers' generate() without inputs: an empty prompt is the bos token (the model's: <|endoftext|>,
+    a document's start; or bos_token_id); with no bos token known it is an error."""
+    hf, folder = tiny_checkpoints["neo"]
+    lm = neolm.load(folder)
+    ref = hf.generate(max_new_tokens=6, do_sample=False, pad_token_id=hf.config.eos_token_id)[0].tolist()
+    assert ref[0] == lm.config.bos_token_id and lm.generate_ids([[]], max_new_tokens=6, do_sample=False)[0] == ref[1:]
+    assert lm.generate("", max_new_tokens=6, do_sample=False) == lm.decode(ref[1:])
+    greedy = dict(max_new_tokens=4, do_sample=False)
+    assert lm.generate_ids([[]], bos_token_id=7, **greedy) == lm.generate_ids([[7]], **greedy)
+    with pytest.raises(NeolmError, match="empty prompt: give at least one token, or bos_token_id"):
+        iter_generate(lm.model, [[]], GenerationConfig(**greedy))
+    with pytest.raises(NeolmError, match="bos_token_id must be a token id"):
+        lm.generate("", bos_token_id=-1)
 
 
 def run_plan(batch: DecodeBatch, plan: dict) -> tuple[dict, dict]:
@@ -324,6 +334,26 @@ def test_prefill_chunk_size_in_every_mode(tiny_checkpoints, name):
     for bad in (dict(prefill_chunk_size=0), dict(prefill_chunk_size=2.5), dict(use_cache="no")):
         with pytest.raises(NeolmError, match=next(iter(bad))):
             lm.generate_ids(prompts, max_new_tokens=2, **bad)
+
+
+def test_transformers_cache_and_compile_settings_change_nothing(tiny_checkpoints):
+    """cache_implementation "static" or "dynamic", max_cache_len and disable_compile (transformers') are taken and
+    give the same tokens (neolm's cache is static, made per call; it compiles nothing per call); a quantized or
+    offloaded cache is refused with where neolm offers one."""
+    lm = neolm.load(tiny_checkpoints["neox-parallel-pct25"][1])
+    prompts, greedy = [[5, 6, 7, 8], [9, 10]], dict(max_new_tokens=8, do_sample=False)
+    plain = lm.generate_ids(prompts, **greedy)
+    for knobs in (dict(cache_implementation="static", max_cache_len=256), dict(cache_implementation="dynamic"),
+                  dict(disable_compile=True), dict(cache_implementation="static", num_beams=2)):  # fmt: skip
+        expected = plain if "num_beams" not in knobs else lm.generate_ids(prompts, num_beams=2, **greedy)
+        assert lm.generate_ids(prompts, **greedy, **knobs) == expected, knobs
+    bad = [(dict(cache_implementation="quantized"), 'kv_cache_dtype="int8"'),
+           (dict(cache_implementation="offloaded"), "is not offered"),
+           (dict(cache_implementation="sliding_window"), 'must be "dynamic" or "static"'),
+           (dict(max_cache_len=0), "max_cache_len must be"), (dict(disable_compile="no"), "disable_compile must be")]  # fmt: skip
+    for knobs, message in bad:
+        with pytest.raises(NeolmError, match=message):
+            lm.generate_ids(prompts, **greedy, **knobs)
 
 
 def test_prompts_join_a_batch_whose_rows_have_all_finished(tiny_checkpoints):

@@ -83,6 +83,16 @@ def test_completion_is_the_library_greedy_text(server, lm):
     }
 
 
+def test_an_empty_prompt_is_a_documents_start(server, lm):
+    """As OpenAI's completions: without a prompt the model writes as from the start of a new document (after
+    <|endoftext|>, the model's bos token)."""
+    status, body = call(server, "/v1/completions", {"model": NAME, "prompt": "", "max_tokens": 8, "temperature": 0})
+    assert status == 200 and body["choices"][0]["text"] == greedy(lm, "", 8)
+    assert body["usage"]["prompt_tokens"] == 1
+    bos = lm.generate_ids([[lm.config.bos_token_id]], max_new_tokens=8, do_sample=False)[0]
+    assert greedy(lm, "", 8) == lm.decode(bos)
+
+
 def test_penalties_logit_bias_and_min_p(server, lm):
     """OpenAI's presence/frequency penalties and logit_bias, and vLLM's min_p, as the library's generation
     arguments give them (sequence_bias of one-token sequences for logit_bias)."""
@@ -560,7 +570,6 @@ def test_lm_eval_scores_through_the_server(server, lm):
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "best_of": 2}, 400, ["best_of"]),
         ("/v1/completions", {"prompt": "a", "bogus": 1}, 400, ["unrecognized", "bogus"]),
         ("/v1/completions", {"prompt": [[1, 99999999]]}, 400, ["outside the model's vocabulary"]),
-        ("/v1/completions", {"prompt": ""}, 400, ["empty prompt"]),
         ("/v1/completions", {"prompt": "a", "model": "gpt-4"}, 404, ["'gpt-4' does not exist", NAME]),
         ("/v1/chat/completions", {"messages": []}, 400, ["'messages'"]),
         ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, ["role must be"]),

@@ -404,6 +404,8 @@ def parse(kind: str, body, lm) -> Request:
         request.gc = lm.generation_config(**generation)
     except NeolmError as e:
         raise ApiError(400, str(e)) from None
+    if request.gc.bos_token_id is not None:  # an empty prompt is a document's start (OpenAI's completions)
+        request.prompts = [p or [request.gc.bos_token_id] for p in request.prompts]
     if request.gc.num_beams > 1 and request.prompt_logprobs:
         raise ApiError(400, "beam search (use_beam_search) gives no log-probabilities of the prompt: leave out 'echo' "
                        "or 'logprobs'", "echo")  # fmt: skip
