@@ -243,6 +243,36 @@ def test_a_beam_search_ends_early_when_stopped_or_cancelled(lm, how):
     assert 5 <= len(forwards) <= 7 and engine.generated == (0 if how == "stop" else 3)
 
 
+@pytest.mark.parametrize("how", ["sampled", "beam search", "streamed beam search"])
+def test_a_client_that_goes_away_stops_its_request(server, lm, how):
+    """A client that closes its connection while its answer is being made (not streamed, or a beam search's,
+    which sends nothing until the end) has its request stopped within a few steps, not after its 500 tokens;
+    the server goes on serving."""
+    body = {"model": NAME, "prompt": "KING.", "max_tokens": 500, "ignore_eos": True}
+    body |= {"temperature": 0.8} if how == "sampled" else {"use_beam_search": True, "n": 3, "temperature": 0}
+    body |= {"stream": True} if how.startswith("streamed") else {}
+    data = json.dumps(body).encode()
+    forwards = []
+    hook = lm.model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    aborted = server.engine.metrics.finished["abort"]
+    try:
+        with socket.create_connection(("127.0.0.1", server.server_address[1])) as client:
+            client.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (len(data), data))  # fmt: skip
+            deadline = time.monotonic() + 30
+            while len(forwards) < 10 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(forwards) >= 10
+        while server.engine.metrics.finished["abort"] == aborted and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.engine.metrics.finished["abort"] > aborted
+        assert len(forwards) < 250, len(forwards)
+    finally:
+        hook.remove()
+    status, answer = call(server, "/v1/completions", {"model": NAME, "prompt": "KING.", "max_tokens": 3})
+    assert status == 200 and answer["usage"]["completion_tokens"] == 3
+
+
 def test_vllm_extra_sampling_fields(server, lm):
     """vLLM's stop_token_ids, ignore_eos, include_stop_str_in_output, allowed_token_ids, bad_words and
     truncate_prompt_tokens give the library's text with the matching generation arguments."""

@@ -348,7 +348,7 @@ class Engine:
     def _search(self, job: Job) -> None:
         """A beam search job (it runs alone): the search runs whole (its cancel() or the engine's stop() ends it
         within a step), then each hypothesis's tokens are sent, best first, with their log-probabilities if asked
-        for. (A client that goes away is noticed when its answer is written: at the end.)"""
+        for. (A client that goes away cancels the job: the HTTP handler watches its connection.)"""
         self._note_running([job])
 
         def ending(ids, scores) -> bool:

@@ -13,13 +13,15 @@
   POST /v1/load_lora_adapter, /v1/unload_lora_adapter  vLLM's, with runtime_lora: hold or drop a LoRA adapter
 
 Each connection gets a thread that parses its request, hands it to the engine (engine.py) and writes what the
-engine produces; a client that goes away while its answer streams stops its sequences.
+engine produces; a client that goes away while its answer is made (streamed or not) stops its sequences.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import select
 import secrets
 import socket
 import threading
@@ -43,6 +45,7 @@ log = logging.getLogger(__name__)
 MAX_BODY = 32 * 2**20  # bytes of a request body
 DRAIN_WRITE_TIMEOUT = 60  # seconds run() waits, once drained, for the last answers to be written
 CLOSE_WAIT = 10  # seconds close() waits for the background responses it ends to be stored
+WATCH_INTERVAL = 0.2  # seconds between looks at a waiting client's connection (a closed one stops its request)
 
 
 class Server(ThreadingHTTPServer):
@@ -343,20 +346,50 @@ class Handler(BaseHTTPRequestHandler):
         except NeolmError as e:  # a prompt too long for the context, or out of the vocabulary
             raise ApiError(400, str(e).replace("max_new_tokens", "max_tokens")) from None
         name = adapter or self.server.model_name
-        if turn is None:
-            (self._stream if request.stream else self._whole)(request, job, name)
-        elif turn.background:
+        if turn is not None and turn.background:
             queued = self.server.background.start(turn, request, job, name, self.server.lm.tokenizer)
             if not request.stream:
                 self._json(200, queued)
             elif not self._events(self.server.background.follow(turn.id), named=True):  # it goes on: GET follows it
                 log.info("client went away: background response %s goes on", turn.id)
-        elif request.stream:
-            self._stream(request, job, name, responses.Events(turn, name, request.gc, self.server.stored))
-        else:
-            response = turn.answer(answer.whole(request, job, self.server.lm.tokenizer, name), request.gc)
-            turn.keep(response, self.server.stored)
-            self._json(200, response)
+            return
+        with self._watching(request, job):
+            if turn is None:
+                (self._stream if request.stream else self._whole)(request, job, name)
+            elif request.stream:
+                self._stream(request, job, name, responses.Events(turn, name, request.gc, self.server.stored))
+            else:
+                response = turn.answer(answer.whole(request, job, self.server.lm.tokenizer, name), request.gc)
+                turn.keep(response, self.server.stored)
+                self._json(200, response)
+
+    @contextlib.contextmanager
+    def _watching(self, request, job):
+        """Stop `job` if its client closes the connection while the answer is being made: one not streamed, a
+        beam search's (sent whole at the end), or a stream's next token (vLLM's is_disconnected check). A
+        thread waits on the socket meanwhile; a client that sends more (its next request) is no longer watched."""
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.is_set():
+                try:
+                    readable, _, _ = select.select([self.connection], [], [], WATCH_INTERVAL)
+                    if not readable:
+                        continue
+                    if self.connection.recv(1, socket.MSG_PEEK):
+                        return
+                except (OSError, ValueError):  # reset, or closed here
+                    pass
+                if not done.is_set():  # (end of file: the client closed its side)
+                    log.info("client went away: request %s stopped", request.id)
+                    job.cancel()
+                return
+
+        threading.Thread(target=watch, name=f"watch-{request.id}", daemon=True).start()
+        try:
+            yield
+        finally:
+            done.set()
 
     def _embeddings(self, body) -> None:
         """OpenAI's embeddings (embeddings.py), computed in the engine's thread between two decode steps."""
