@@ -423,3 +423,21 @@ def test_decode_batch_ends_and_cancels(tiny_checkpoints):
     assert ends == {a: "length"}
     with pytest.raises(NeolmError, match="seeded"):
         batch.add([[1]], GenerationConfig(do_sample=True, seed=3))
+
+
+def test_a_checkpoints_generation_config_gives_defaults_but_not_its_cache_or_tokens(tiny_checkpoints, tmp_path):
+    """generation_config.json's fields are the defaults, but for the special tokens (config.json's) and
+    transformers' cache settings, which may name other models' caches ("hybrid") and change nothing here."""
+    import json
+    import shutil
+
+    folder = shutil.copytree(tiny_checkpoints["neo"][1], tmp_path / "neo")
+    (folder / "generation_config.json").write_text(json.dumps({
+        "cache_implementation": "hybrid", "max_cache_len": 0, "bos_token_id": 5, "eos_token_id": 6,
+        "assistant_lookbehind": 4, "repetition_penalty": 1.2}))  # fmt: skip
+    lm = neolm.load(folder)
+    assert lm.generation_defaults == {"assistant_lookbehind": 4, "repetition_penalty": 1.2}
+    gc = lm.generation_config()
+    assert (gc.bos_token_id, gc.eos_token_id) == (lm.config.bos_token_id, lm.config.eos_token_id) == (50256, 50256)
+    assert lm.generate("", max_new_tokens=3, do_sample=False) == lm.decode(
+        lm.generate_ids([[50256]], max_new_tokens=3, do_sample=False)[0])  # fmt: skip
