@@ -21,8 +21,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import select
 import secrets
+import select
 import socket
 import threading
 import time
