@@ -217,6 +217,12 @@ def read_hf_config(folder: Path) -> dict:
     return data
 
 
+# generation_config.json keys not taken as defaults: the special tokens come from config.json (the model's), and
+# transformers' cache settings (which may name caches of other models, "hybrid") change nothing in neolm
+NOT_DEFAULTS = ("eos_token_id", "pad_token_id", "bos_token_id", "cache_implementation", "max_cache_len",
+                "disable_compile")  # fmt: skip
+
+
 def read_generation_defaults(folder: Path, known: set[str]) -> dict:
     """Generation defaults from a checkpoint's generation_config.json (the keys neolm knows), else {}."""
     path = folder / "generation_config.json"
@@ -229,12 +235,6 @@ def read_generation_defaults(folder: Path, known: set[str]) -> dict:
     if not isinstance(data, dict):
         raise NeolmError(f"{path} does not hold a JSON object")
     return {k: v for k, v in data.items() if k in known and k not in NOT_DEFAULTS}
-
-
-# generation_config.json keys not taken as defaults: the special tokens come from config.json (the model's), and
-# transformers' cache settings (which may name caches of other models, "hybrid") change nothing in neolm
-NOT_DEFAULTS = ("eos_token_id", "pad_token_id", "bos_token_id", "cache_implementation", "max_cache_len",
-                "disable_compile")  # fmt: skip
 
 
 def weight_files(folder: Path) -> list[Path]:

@@ -380,7 +380,7 @@ class Handler(BaseHTTPRequestHandler):
                         return
                 except (OSError, ValueError):  # reset, or closed here
                     pass
-                if not done.is_set():  # (end of file: the client closed its side)
+                if not done.is_set() and not job.cancelled.is_set():  # (EOF: closed; a failed write may have told)
                     log.info("client went away: request %s stopped", request.id)
                     job.cancel()
                 return
