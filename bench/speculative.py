@@ -18,6 +18,10 @@ min_new_tokens), fp32, --threads threads:
     embedding and head rows), so that its tokenizer is another and neolm carries its guesses over as text
     (universal assisted generation, neolm.universal): an assistant that predicts what the same-tokenizer one
     does, so the row against the int8 row above is what going through bytes costs and loses.
+--sample T samples every row at temperature T instead (seed 0; top_k 50, as both libraries' default): the
+guesses are then checked by speculative sampling (an assistant's) or kept where the model's samples equal them
+(prompt lookup's), and a row's tokens equal the plain row's only in distribution. With --universal, the
+assistant of another tokenizer samples in the tokens the vocabularies share (universal speculative decoding).
 --prompt-file takes the prompt's tokens from a text file (from --prompt-offset on) instead of random ids (for a
 trained model, such as neolm's bundled one: --model neolm/default_model).
 Each round runs every row once (the order reversed every other round). Reported: seconds per generation
@@ -97,6 +101,9 @@ def run_transformers(hf, prompt, kw) -> tuple[float, list[int], int]:
     calls = []
     hook = hf.register_forward_pre_hook(lambda module, args: calls.append(1))
     ids = torch.tensor([prompt])
+    if "seed" in kw:  # (transformers samples from torch's global generator)
+        kw = dict(kw)
+        torch.manual_seed(kw.pop("seed"))
     start = time.perf_counter()
     with torch.inference_mode():
         out = hf.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=0, **kw)
@@ -116,6 +123,7 @@ def main() -> None:
     p.add_argument("--early-exit", default="", help="comma-separated layer counts for assistant_early_exit rows")
     p.add_argument("--universal", action="store_true",
                    help="add the int8 assistant with its token ids permuted (another tokenizer) rows")  # fmt: skip
+    p.add_argument("--sample", type=float, metavar="T", help="sample every row at this temperature (seed 0)")
     p.add_argument("--prompt-file", help="take the prompt from this text file (default: random ids)")
     p.add_argument("--prompt-offset", type=int, default=0, help="from this character of --prompt-file on")
     p.add_argument("--threads", type=int, default=2)
@@ -141,6 +149,8 @@ def main() -> None:
         prompt = lm.encode(text[args.prompt_offset : args.prompt_offset + 20 * args.prompt_tokens])
         prompt = prompt[: args.prompt_tokens]
     greedy = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, repetition_penalty=1.0)
+    if args.sample is not None:  # (the rows keep the name: their arguments, whichever the mode)
+        greedy |= dict(do_sample=True, temperature=args.sample, top_k=50, seed=0)
     rows = {  # name -> (engine, runner, model, arguments)
         "neolm": ("neolm", run_neolm, lm, greedy),
         f"neolm, prompt lookup {args.lookup}": ("neolm", run_neolm, lm, greedy | {"prompt_lookup_num_tokens": args.lookup}),
@@ -192,20 +202,21 @@ def main() -> None:
         f"--lookup {args.lookup} --guesses {args.guesses} --rounds {args.rounds} --threads {args.threads}"
         + (f" --early-exit {args.early_exit}" if args.early_exit else "")
         + (" --universal" if args.universal else "")
+        + (f" --sample {args.sample}" if args.sample is not None else "")
         + (f" --prompt-file {args.prompt_file} --prompt-offset {args.prompt_offset}" if args.prompt_file else "")
         + "`",
         "",
         f"{machine['cpu']} ({machine['cpu_id']}; {machine['simd']}), torch {torch.__version__}, {args.threads} "
         f"threads, fp32; {Path(folder).parent.name if Path(folder).name == 'hf' else Path(folder).name} "
         f"{len(prompt)}-token prompt ({'from ' + Path(args.prompt_file).name if args.prompt_file else 'random ids'}), "
-        f"{n} new tokens, greedy",
+        f"{n} new tokens, " + ("greedy" if args.sample is None else f"sampled at temperature {args.sample}"),
         "",
         "| row | seconds per generation | new tokens/s | forwards of the model | speed over own plain | "
         "tokens = neolm plain |",
         "|---|---|---|---|---|---|",
         *(
             f"| {name} | {spread(xs)} | {n / statistics.median(xs):.1f} | {forwards[name]} | {speedup(name):.2f}x | "
-            f"{agree[name]}/{n} |"
+            f"{f'{agree[name]}/{n}' if args.sample is None else '–'} |"
             for name, xs in times.items()
         ),
         "",

@@ -13,7 +13,8 @@ one token does). The guesses come from
     gpt-neo-125M for the larger GPT-Neos), up to num_assistant_tokens of its own picks, stopping early once its
     probability of its pick falls below assistant_confidence_threshold;
   - an assistant model with another tokenizer (neolm.universal.Universal: transformers' universal assisted
-    generation, e.g. gpt-neo-125M for a Pythia), its guesses carried over in bytes;
+    generation, e.g. gpt-neo-125M for a Pythia), its greedy guesses carried over in bytes, its sampled ones
+    in the tokens the vocabularies share;
   - an early exit of the model itself (assistant_early_exit=k): its first k layers, then its final LayerNorm and
     head, as the assistant model (LayerSkip's self-speculative decoding), sharing its weights. Its guesses are
     as good as those layers' logit lens: models trained for early exit guess well, the Pythias and GPT-Neos
@@ -21,7 +22,7 @@ one token does). The guesses come from
 Greedy, the tokens are the model's greedy tokens. Sampled, each is drawn from the model's distribution: with
 prompt lookup the model samples at every position and keeps the guesses its samples equal; with an assistant
 by the rejection rule of speculative sampling (Leviathan et al. 2023, algorithm 1), which needs the
-assistant's probabilities (with another tokenizer, as prompt lookup's). assistant_ensemble_weight=w checks an
+assistant's probabilities (with another tokenizer, it samples in the tokens both vocabularies share). assistant_ensemble_weight=w checks an
 assistant's guesses against w * p + (1 - w) * q instead of the model's p (DIVERSE's static ensemble, as
 transformers): more are kept, and the text leans toward the assistant's. Every logits processor sees each position's own history. A forward over several
 positions rounds otherwise than one-token steps, so near-ties can go the other way than in plain decoding,
@@ -253,10 +254,11 @@ def _check(model: GPT, prompts, gc: GenerationConfig, decode, assistant: GPT | U
     if gc.assistant_early_exit is not None and gc.assistant_early_exit >= model.config.n_layer:
         raise NeolmError(f"assistant_early_exit ({gc.assistant_early_exit}) must be fewer layers than the model's "
                          f"{model.config.n_layer}")  # fmt: skip
-    if gc.assistant_ensemble_weight is not None and (assistant is None or isinstance(assistant, Universal)) and (
-            gc.assistant_early_exit is None):  # fmt: skip
+    if gc.assistant_ensemble_weight is not None and gc.assistant_early_exit is None and (
+            assistant is None or isinstance(assistant, Universal) and not gc.do_sample):  # fmt: skip
         raise NeolmError("assistant_ensemble_weight mixes the assistant's probabilities into the check: it needs an "
-                         "assistant model with the model's tokenizer, or assistant_early_exit")  # fmt: skip
+                         "assistant model with the model's tokenizer (or another tokenizer, sampled), or "
+                         "assistant_early_exit")  # fmt: skip
     prompts = check_alone(model, prompts, gc, decode)
     if isinstance(assistant, Universal):
         if assistant.target_tokenizer.vocab_size > model.config.vocab_size:
@@ -288,7 +290,7 @@ def _tokens(model: GPT, prompt: list[int], gc: GenerationConfig, decode, assista
     if gc.assistant_early_exit is not None:
         assistant = EarlyExit(model, gc.assistant_early_exit)
     if isinstance(assistant, Universal):
-        guesser = TextGuesser(assistant, gc, eos_ids, config.vocab_size, len(prompt) + budget)
+        guesser = TextGuesser(assistant, gc, eos_ids, config.vocab_size, len(prompt) + budget, picker)
     elif assistant is not None:
         guesser = Assistant(assistant, gc, picker, len(prompt) + budget)
     else:

@@ -12,15 +12,25 @@ The two token sequences meet in their bytes, which both byte-level vocabularies 
     `target_lookbehind` tokens; where that leaves those tokens as they are, the rest are the model's guesses,
     else the new bytes are encoded alone.
 A window always starts at a character's first byte (byte-level tokenizers split characters over tokens).
-The guesses carry no probabilities in the model's vocabulary, so they are checked as prompt lookup's are:
-greedy, the tokens are the model's greedy tokens; sampled, the guesses its own samples equal are kept
-(lossless). A round's tokenizer work covers a few dozen tokens, whatever the sequence's length.
+These greedy guesses carry no probabilities in the model's vocabulary, so they are checked as prompt lookup's
+are: the tokens are the model's greedy tokens.
+
+Sampled, the assistant guesses in the tokens the two vocabularies share (the same bytes, special tokens aside:
+most of them for GPT-2's and GPT-NeoX's), each of which is one token of the model's: transformers' universal
+speculative decoding (Timor et al. 2025, "Lossless speculative decoding algorithms for heterogeneous
+vocabularies"). Its logits are carried over into the model's vocabulary (-inf for the tokens it lacks), go
+through the model's processors with the model's histories, and it samples from them; so its probabilities q
+are in the model's vocabulary and the guesses are checked by speculative sampling's rejection rule, as a
+same-tokenizer assistant's are (lossless). A round's tokenizer work covers a few dozen tokens, whatever the
+sequence's length.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,6 +38,9 @@ from neolm.generate import shared_prefix
 from neolm.generation_config import GenerationConfig
 from neolm.model import GPT, KVCache, prefill
 from neolm.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from neolm.speculative import Picker
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +53,28 @@ class Universal:
     model: GPT
     tokenizer: Tokenizer
     target_tokenizer: Tokenizer
+
+
+@functools.lru_cache(maxsize=8)
+def shared_tokens(assistant: Tokenizer, target: Tokenizer, a_vocab: int,
+                  t_vocab: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The tokens both vocabularies have, matched by their bytes (special tokens aside): (to_target (a_vocab,),
+    each assistant token's id in the target's vocabulary or -1; to_assistant (t_vocab,), the other way)."""
+    ids: dict[bytes, int] = {}
+    special = target.special_ids()
+    for token in range(min(t_vocab, target.vocab_size)):
+        if token not in special:
+            ids.setdefault(target.token_bytes(token), token)
+    to_target = torch.full((a_vocab,), -1, dtype=torch.long)
+    to_assistant = torch.full((t_vocab,), -1, dtype=torch.long)
+    special = assistant.special_ids()
+    for token in range(min(a_vocab, assistant.vocab_size)):
+        t = ids.get(assistant.token_bytes(token), -1) if token not in special else -1
+        if t >= 0 and to_assistant[t] < 0:
+            to_target[token], to_assistant[t] = t, token
+    log.info("universal speculative decoding: the vocabularies share %d of the assistant's %d tokens",
+             int((to_target >= 0).sum()), a_vocab)  # fmt: skip
+    return to_target, to_assistant
 
 
 def whole_chars(data: bytes | bytearray) -> int:
@@ -63,7 +98,10 @@ class TextGuesser:
     """Guesses, in the model's tokens, from an assistant with another tokenizer (the module's doc). Made for one
     sequence, whose tokens only grow from round to round."""
 
-    def __init__(self, universal: Universal, gc: GenerationConfig, eos_ids: list[int], vocab: int, max_len: int):
+    def __init__(self, universal: Universal, gc: GenerationConfig, eos_ids: list[int], vocab: int, max_len: int,
+                 picker: Picker | None = None):  # fmt: skip
+        """picker: the model's processors and pick, with which a sampled generation's assistant samples its
+        guesses in the shared tokens (greedy generations guess through bytes and need none)."""
         self.model, self.a_tok, self.t_tok = universal.model, universal.tokenizer, universal.target_tokenizer
         self.device = self.model.ln_f.weight.device
         c = self.model.config
@@ -85,6 +123,14 @@ class TextGuesser:
         self.a_ends: list[int] = []  # where each ends in `text` (clamped where the text was no UTF-8)
         self.fed: list[int] = []  # the tokens in the assistant's cache
         self._spelled: dict[Tokenizer, dict[int, bytes]] = {self.a_tok: {}, self.t_tok: {}}
+        self.picker = picker if gc.do_sample else None
+        if self.picker is not None:
+            to_target, to_assistant = shared_tokens(self.a_tok, self.t_tok, self.a_vocab, vocab)
+            shared = (to_target >= 0).nonzero()[:, 0]
+            self.shared = shared.to(picker.device)  # the assistant's tokens that the model has
+            self.shared_ids = to_target[shared].to(picker.device)  # their ids in the model's vocabulary
+            self.to_assistant = to_assistant.tolist()
+            self.a_eos_to_t = self.a_eos is not None and self.a_eos < self.a_vocab and self.t_eos is not None
 
     def spell(self, tokenizer: Tokenizer, token: int) -> bytes:
         """tokenizer.token_bytes(token), remembered."""
@@ -121,14 +167,21 @@ class TextGuesser:
         self.fed += tokens
         return prefill(self.model, x, self.cache, chunk=self.chunk, last_only=True)[0, -1, : self.a_vocab].float()
 
-    def assistant_tokens(self, limit: int) -> tuple[list[int], bool]:
-        """Up to `limit` greedy tokens of the assistant after a_tokens, and whether it ended the text (its eos)."""
+    def _first_logits(self, limit: int) -> torch.Tensor | None:
+        """The assistant's logits after a_tokens, its cache kept where it still holds them; None where `limit`
+        more tokens would not fit in its cache."""
         n = len(self.a_tokens)
         if n == 0 or n + limit > self.cache.max_len:
-            return [], False
+            return None
         self.cache.length = min(shared_prefix(self.fed, self.a_tokens), n - 1)
         self.fed = self.fed[: self.cache.length]
-        logits = self._logits(self.a_tokens[self.cache.length :])
+        return self._logits(self.a_tokens[self.cache.length :])
+
+    def assistant_tokens(self, limit: int) -> tuple[list[int], bool]:
+        """Up to `limit` greedy tokens of the assistant after a_tokens, and whether it ended the text (its eos)."""
+        logits = self._first_logits(limit)
+        if logits is None:
+            return [], False
         new: list[int] = []
         while True:
             p = logits.softmax(dim=-1)
@@ -171,11 +224,40 @@ class TextGuesser:
         valid = next((i for i, t in enumerate(guesses) if t >= self.t_vocab), len(guesses))
         return guesses[: min(limit, valid)]
 
-    def guess(self, seq: list[int], limit: int) -> tuple[list[int], None]:
+    def sampled(self, seq: list[int], limit: int) -> tuple[list[int], torch.Tensor | None]:
+        """Up to `limit` of the model's tokens, sampled by the assistant in the shared tokens from its logits
+        carried into the model's vocabulary and processed as the model's, and their probabilities q (c, V)."""
+        if self.a_ends[-1:] != [len(self.text)]:  # an unfinished character of the model's: its tokens cannot go on
+            return [], None
+        logits = self._first_logits(limit)
+        guesses: list[int] = []
+        probs: list[torch.Tensor] = []
+        while logits is not None:
+            logits = logits.to(self.picker.device)
+            carried = logits.new_full((1, self.t_vocab), -float("inf"))  # (1, V) in the model's vocabulary
+            carried[0, self.shared_ids] = logits.index_select(0, self.shared)
+            if self.a_eos_to_t:
+                carried[0, self.t_eos] = logits[self.a_eos]
+            scores = self.picker.scores(carried, seq, guesses)
+            if not bool(torch.isfinite(scores).any()):  # the processors allow none of the shared tokens
+                break
+            token = self.picker.pick(scores)[0]
+            p = scores.softmax(dim=-1)[0]
+            guesses.append(token)
+            probs.append(p)
+            a = -1 if token in self.picker.processors.eos_ids else self.to_assistant[token]
+            if len(guesses) == limit or a < 0 or float(p[token]) < self.threshold:
+                break  # (a < 0: an eos, or a token a processor forced outside the shared ones)
+            logits = self._logits([a])
+        return guesses, torch.stack(probs) if probs else None
+
+    def guess(self, seq: list[int], limit: int) -> tuple[list[int], torch.Tensor | None]:
         limit = min(limit, self.k)
         if limit <= 0:
             return [], None
         self.read(seq)
+        if self.picker is not None:
+            return self.sampled(seq, limit)
         new, ended = self.assistant_tokens(limit)
         if not new and not ended:
             return [], None

@@ -1,6 +1,8 @@
 """Universal assisted generation (neolm.universal): an assistant with another tokenizer guesses through bytes;
 the tokens stay the model's greedy ones, and an assistant that predicts what the model does (the model itself,
-its vocabulary permuted) has its guesses kept as often as with one tokenizer."""
+its vocabulary permuted) has its guesses kept as often as with one tokenizer. Sampled, it guesses in the tokens
+the vocabularies share, with probabilities in the model's vocabulary (universal speculative decoding): the
+model's own distribution, and every guess kept from an assistant that predicts it."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import neolm.tokenizer
 from neolm.errors import NeolmError
 from neolm.generate import generate
 from neolm.tokenizer import Tokenizer
-from neolm.universal import TextGuesser, Universal, whole_chars
+from neolm.universal import TextGuesser, Universal, shared_tokens, whole_chars
 
 TEXT = "Café au lait — naïve 日本語 text 😀👍🏽, then plain words:\n\n  spaced    out.  Ωmega"
 
@@ -120,10 +122,11 @@ def test_an_assistant_that_predicts_the_model_has_its_guesses_kept(lm, permuted)
     with count_forwards(lm.model) as same:
         assert lm.generate_ids([prompt], assistant_model=neolm.load(), **knobs, **guessing)[0] == plain
     assert same == calls
-    sampled = lm.generation_config(max_new_tokens=48, do_sample=True, seed=3, temperature=0.3, **guessing)
+    sampled = lm.generation_config(max_new_tokens=48, do_sample=True, seed=3, temperature=0.8, **guessing)
     with count_forwards(lm.model) as calls:
         tokens = generate(lm.model, [prompt], sampled, lm.decode, permuted)[0]
-    assert len(tokens) == 48 and len(calls) <= 24, calls  # the model's samples that equal the guesses are kept
+    # sampled in the shared tokens (all of them here), through the same processors: q is p, every guess is kept
+    assert len(tokens) == 48 and calls == [len(prompt) - 1] + [8] * 6, calls
 
 
 def test_a_model_of_another_family_and_tokenizer_assists(models, caplog):
@@ -163,10 +166,54 @@ def test_ensemble_verification(models):
     bad = [
         (dict(assistant_ensemble_weight=1.0), "assistant_ensemble_weight must be in \\(0, 1\\)"),
         (dict(assistant_ensemble_weight=0.5, prompt_lookup_num_tokens=2), "prompt lookup has none"),
-        (dict(assistant_ensemble_weight=0.5, assistant_model=models["neo"]), "the model's tokenizer, or"),
+        (dict(assistant_ensemble_weight=0.5, assistant_model=models["neo"]), "another tokenizer, sampled"),
         (dict(assistant_lookbehind=-1, assistant_model=models["neo"]), "assistant_lookbehind must be a number"),
         (dict(target_lookbehind=1.5, assistant_model=models["neo"]), "target_lookbehind must be a number"),
     ]
     for args, message in bad:
         with pytest.raises(NeolmError, match=message):
             lm.generate_ids([prompt], max_new_tokens=3, **args)
+
+
+def test_the_shared_tokens_of_two_vocabularies(models):
+    """GPT-2's and GPT-NeoX's vocabularies share most tokens: each pair spells the same bytes, one to one, and
+    special tokens are never shared."""
+    neox, neo = models["neox-parallel-pct25"].tokenizer, models["neo"].tokenizer
+    to_target, to_assistant = shared_tokens(neo, neox, neo.vocab_size, 50304)
+    pairs = [(a, t) for a, t in enumerate(to_target.tolist()) if t >= 0]
+    assert 35000 < len(pairs) < neo.vocab_size  # (36,937 of GPT-2's 50,257)
+    assert all(neo.token_bytes(a) == neox.token_bytes(t) and to_assistant[t] == a for a, t in pairs)
+    assert (to_assistant >= 0).sum() == len(pairs) and to_assistant[neox.vocab_size :].eq(-1).all()
+    assert all(to_target[i] < 0 for i in neo.special_ids()) and all(to_assistant[i] < 0 for i in neox.special_ids())
+    same = shared_tokens(neo, neo, neo.vocab_size, neo.vocab_size)[0]
+    special = neo.special_ids()
+    assert all(t == (-1 if a in special else a) for a, t in enumerate(same.tolist()))
+
+
+def test_sampled_guesses_keep_the_models_distribution(lm, permuted):
+    """Universal speculative decoding is lossless: an assistant that only roughly predicts the model (the
+    permuted bundled model, its final LayerNorm disturbed) guesses a first token that is sometimes kept and
+    sometimes not, and over many seeds that token follows the model's own top-5 distribution."""
+    noisy = neolm.load().model
+    with torch.no_grad():
+        noisy.wte.weight.copy_(permuted.model.wte.weight)
+        noise = torch.randn(noisy.ln_f.weight.shape, generator=torch.Generator().manual_seed(1))
+        noisy.ln_f.weight.mul_(1 + 0.5 * noise)
+    noisy.config = permuted.model.config
+    assistant = Universal(noisy, permuted.tokenizer, permuted.target_tokenizer)
+    prompt = lm.encode("The king said that")
+    knobs = dict(max_new_tokens=2, do_sample=True, top_k=5, temperature=1.0, repetition_penalty=1.0,
+                 num_assistant_tokens=1, assistant_confidence_threshold=0.0)  # fmt: skip
+    with torch.no_grad():
+        logits = lm.model(torch.tensor([prompt]))[0, -1].float()
+    top = logits.topk(5)
+    p = dict(zip(top.indices.tolist(), top.values.softmax(dim=-1).tolist()))
+    runs, counts, kept = 400, dict.fromkeys(p, 0), 0
+    for seed in range(runs):
+        gc = lm.generation_config(seed=seed, **knobs)
+        with count_forwards(lm.model) as calls:
+            first = generate(lm.model, [prompt], gc, lm.decode, assistant)[0][0]
+        counts[first] += 1
+        kept += len(calls) == 2  # the prompt, then one forward that kept the guess and sampled the second token
+    assert 0.2 * runs < kept < 0.95 * runs, kept  # both the kept guesses and the residual draws are exercised
+    assert max(abs(counts[t] / runs - p[t]) for t in p) < 0.06, (counts, p)
