@@ -132,7 +132,9 @@ def prepare(model: str, engines: list[str], peers: Peers, args, notes: dict) -> 
                 cmd = [sys.executable, str(HERE / "prepare.py"), "neolm-quantized", str(hf), str(out), precision]
                 if not sh(cmd, logfile, 3600):
                     shutil.rmtree(out, ignore_errors=True)
-                    log(f"{model}: neolm {precision} folder failed (see {logfile}); its rows quantize while loading")
+                    problem = f"folder failed (see {logfile}); its rows quantize while loading"
+                    notes.setdefault(model, {})[f"neolm {precision} folder"] = problem
+                    log(f"{model}: neolm {precision} {problem}")
     if family(model) == "neo":
         return hf
     if "ctranslate2" in engines and peers.ct2_converter and not (root / "ct2" / "model.bin").exists():

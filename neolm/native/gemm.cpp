@@ -64,6 +64,7 @@ struct F32 {  // fp32 weights and x, FMA
   static __m512 input(const X* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
   static __m512 madd(__m512 acc, __m512 w, __m512 x) { return _mm512_fmadd_ps(w, x, acc); }
   static bool prefetch_at(int64_t) { return true; }
+  static constexpr int64_t ONE_ROW_AHEAD = 4096;  // (one row of x: see gemv_f32)
 };
 
 // y (m, n) = x (m, k) @ W^T * scale(row) + bias for a dense format: R rows of W against TILE rows of x.
@@ -73,7 +74,7 @@ void gemm_dense(const typename Format::X* x, int64_t m, const typename Format::W
   using Mask = typename Format::Mask;
   const int64_t kv = k & ~int64_t(Format::STEP - 1);
   const Mask tail = static_cast<Mask>((uint64_t(1) << (k - kv)) - 1u);
-  const int64_t ahead = prefetch_ahead(m);
+  const int64_t ahead = m > 1 ? AHEAD_FEW_ROWS : Format::ONE_ROW_AHEAD;
   for_tiles<R, TILE>(m, n, [&](int64_t r0, int64_t t0, auto rows) {
     constexpr int NB = decltype(rows)::value;
     const typename Format::W* wr[R];
@@ -113,6 +114,7 @@ struct Bf16 {  // bf16 weights and x, vdpbf16ps (pairs, fp32 accumulation)
   static __m512bh input(const X* p, Mask m) { return (__m512bh)_mm512_maskz_loadu_epi16(m, p); }
   static __m512 madd(__m512 acc, __m512bh w, __m512bh x) { return _mm512_dpbf16_ps(acc, w, x); }
   static bool prefetch_at(int64_t) { return true; }
+  static constexpr int64_t ONE_ROW_AHEAD = AHEAD_ONE_ROW;
 };
 
 struct Int8 {  // int8 codes converted to bf16 (exact: 8 significant bits), bf16 x, vdpbf16ps; row scale at the end
@@ -131,18 +133,23 @@ struct Int8 {  // int8 codes converted to bf16 (exact: 8 significant bits), bf16
   static __m512bh input(const X* p, Mask m) { return (__m512bh)_mm512_maskz_loadu_epi16(m, p); }
   static __m512 madd(__m512 acc, __m512bh w, __m512bh x) { return _mm512_dpbf16_ps(acc, w, x); }
   static bool prefetch_at(int64_t j) { return (j & 63) == 0; }  // once per 64-byte line
+  static constexpr int64_t ONE_ROW_AHEAD = AHEAD_ONE_ROW;
 };
 #endif
 
 }  // namespace
 
-// R x TILE per format, as measured fastest (bench/PROFILE.md): f32 4 x 4, bf16 3 x 8, int8 3 x 8;
-// one row (gemv_f32, gemv_bf16): 4 x 4. Each output is one accumulator's sum over the in-features in order,
+// R x TILE per format, as measured fastest (bench/PROFILE.md): f32 4 x 4, bf16 3 x 8, int8 3 x 8.
+// One row (gemv_f32, gemv_bf16): one row of W at a time (R = 1), its stream prefetched Format::ONE_ROW_AHEAD
+// bytes ahead (f32 4 KiB, bf16 512 bytes). On a Zen 4 EPYC (session 41, bench/PROFILE.md) that streamed a
+// pythia-160m-shaped model's weights at 27.6-31.9 GB/s in fp32 and 24.6-27.5 in bf16, against 25.8-26.7 and
+// 20.9-21.0 for 4 rows at a time 512 bytes ahead (as int8's one-row kernel below found in session 9); at
+// pythia-1.4b's shapes 2-4% faster. Each output is one accumulator's sum over the in-features in order,
 // whatever R and TILE: a row alone gets the numbers it gets in a batch (int8: one row has a kernel of its own,
 // below).
 void gemv_f32(const float* x, const float* w, const void* bias, int bias_bf16, void* y, int out_bf16, int64_t n,
               int64_t k) {
-  gemm_dense<4, 4, F32>(x, 1, w, bias, bias_bf16, y, out_bf16, n, k, one);
+  gemm_dense<1, 4, F32>(x, 1, w, bias, bias_bf16, y, out_bf16, n, k, one);
 }
 
 void gemm_f32(const float* x, int64_t m, const float* w, const void* bias, int bias_bf16, void* y, int out_bf16, int64_t n,
@@ -154,7 +161,7 @@ void gemm_f32(const float* x, int64_t m, const float* w, const void* bias, int b
 
 void gemv_bf16(const uint16_t* x, const uint16_t* w, const void* bias, int bias_bf16, void* y, int out_bf16,
                int64_t n, int64_t k) {
-  gemm_dense<4, 4, Bf16>(x, 1, w, bias, bias_bf16, y, out_bf16, n, k, one);
+  gemm_dense<1, 4, Bf16>(x, 1, w, bias, bias_bf16, y, out_bf16, n, k, one);
 }
 
 void gemm_int8(const uint16_t* x, int64_t m, const int8_t* q, const uint16_t* scale, const void* bias, int bias_bf16,
