@@ -153,7 +153,8 @@ def test_a_model_of_another_family_and_tokenizer_assists(models, caplog):
 
 def test_ensemble_verification(models):
     """assistant_ensemble_weight w checks the guesses against w p + (1 - w) q: with w near 0, the assistant's
-    greedy guesses are all kept (greedy and sampled), at w near 1 the text is the model's greedy text again."""
+    guesses are all kept (greedy and sampled; sampled, from an assistant of another tokenizer too), at w near 1
+    the text is the model's greedy text again."""
     lm, small = models["neox-parallel-pct25"], models["neox-sequential-pct100"]
     prompt, n = [5, 17, 99, 1000, 7, 7, 42], 20
     knobs = dict(max_new_tokens=n, assistant_model=small, num_assistant_tokens=4, assistant_confidence_threshold=0.0)
@@ -163,6 +164,10 @@ def test_ensemble_verification(models):
             lm.generate_ids([prompt], do_sample=sample, seed=0, assistant_ensemble_weight=1e-6, **knobs)
         assert calls[1:] == [5] * (n // 5), calls
     assert lm.generate_ids([prompt], do_sample=False, assistant_ensemble_weight=1 - 1e-9, **knobs)[0] == plain
+    knobs["assistant_model"] = models["neo"]  # another tokenizer, sampled: its q is in the model's vocabulary
+    with count_forwards(lm.model) as calls:
+        lm.generate_ids([prompt], do_sample=True, seed=0, assistant_ensemble_weight=1e-6, **knobs)
+    assert calls[1:] == [5] * (n // 5), calls
     bad = [
         (dict(assistant_ensemble_weight=1.0), "assistant_ensemble_weight must be in \\(0, 1\\)"),
         (dict(assistant_ensemble_weight=0.5, prompt_lookup_num_tokens=2), "prompt lookup has none"),
