@@ -22,11 +22,12 @@ one token does). The guesses come from
 Greedy, the tokens are the model's greedy tokens. Sampled, each is drawn from the model's distribution: with
 prompt lookup the model samples at every position and keeps the guesses its samples equal; with an assistant
 by the rejection rule of speculative sampling (Leviathan et al. 2023, algorithm 1), which needs the
-assistant's probabilities (with another tokenizer, it samples in the tokens both vocabularies share). assistant_ensemble_weight=w checks an
-assistant's guesses against w * p + (1 - w) * q instead of the model's p (DIVERSE's static ensemble, as
-transformers): more are kept, and the text leans toward the assistant's. Every logits processor sees each position's own history. A forward over several
-positions rounds otherwise than one-token steps, so near-ties can go the other way than in plain decoding,
-as in transformers; and a seed draws other samples than plain sampling with that seed.
+assistant's probabilities (with another tokenizer, it samples in the tokens both vocabularies share).
+assistant_ensemble_weight=w checks an assistant's guesses against w * p + (1 - w) * q instead of the model's p
+(DIVERSE's static ensemble, as transformers): more are kept, and the text leans toward the assistant's. Every
+logits processor sees each position's own history. A forward over several positions rounds otherwise than
+one-token steps, so near-ties can go the other way than in plain decoding, as in transformers; and a seed draws
+other samples than plain sampling with that seed.
 """
 
 from __future__ import annotations
