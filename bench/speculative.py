@@ -148,33 +148,33 @@ def main() -> None:
         text = Path(args.prompt_file).read_text(encoding="utf-8")
         prompt = lm.encode(text[args.prompt_offset : args.prompt_offset + 20 * args.prompt_tokens])
         prompt = prompt[: args.prompt_tokens]
-    greedy = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, repetition_penalty=1.0)
-    if args.sample is not None:  # (the rows keep the name: their arguments, whichever the mode)
-        greedy |= dict(do_sample=True, temperature=args.sample, top_k=50, seed=0)
+    decoding = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, repetition_penalty=1.0)
+    if args.sample is not None:  # (every row decodes with these: greedy, or sampled with --sample)
+        decoding |= dict(do_sample=True, temperature=args.sample, top_k=50, seed=0)
     rows = {  # name -> (engine, runner, model, arguments)
-        "neolm": ("neolm", run_neolm, lm, greedy),
-        f"neolm, prompt lookup {args.lookup}": ("neolm", run_neolm, lm, greedy | {"prompt_lookup_num_tokens": args.lookup}),
-        f"neolm, int8 assistant, {args.guesses} guesses, no threshold": ("neolm", run_neolm, lm, greedy | {
+        "neolm": ("neolm", run_neolm, lm, decoding),
+        f"neolm, prompt lookup {args.lookup}": ("neolm", run_neolm, lm, decoding | {"prompt_lookup_num_tokens": args.lookup}),
+        f"neolm, int8 assistant, {args.guesses} guesses, no threshold": ("neolm", run_neolm, lm, decoding | {
             "assistant_model": int8, "num_assistant_tokens": args.guesses, "assistant_confidence_threshold": 0.0}),
-        "neolm, int8 assistant, defaults (20, threshold 0.4)": ("neolm", run_neolm, lm, greedy | {"assistant_model": int8}),
-        "transformers": ("transformers", run_transformers, hf, greedy),
+        "neolm, int8 assistant, defaults (20, threshold 0.4)": ("neolm", run_neolm, lm, decoding | {"assistant_model": int8}),
+        "transformers": ("transformers", run_transformers, hf, decoding),
         f"transformers, prompt lookup {args.lookup}": ("transformers", run_transformers, hf,
-                                                       greedy | {"prompt_lookup_num_tokens": args.lookup}),
+                                                       decoding | {"prompt_lookup_num_tokens": args.lookup}),
     }  # fmt: skip
     for k in [int(x) for x in args.early_exit.split(",") if x]:
         of = f"{k} of {lm.config.n_layer} layers"
         guessing = {"assistant_early_exit": k, "num_assistant_tokens": args.guesses,
                     "assistant_confidence_threshold": 0.0}  # fmt: skip
         rows[f"neolm, early exit after {of}, {args.guesses} guesses, no threshold"] = ("neolm", run_neolm, lm,
-                                                                                     greedy | guessing)
-        rows[f"neolm, early exit after {of}, defaults (20, threshold 0.4)"] = ("neolm", run_neolm, lm, greedy | {
+                                                                                     decoding | guessing)
+        rows[f"neolm, early exit after {of}, defaults (20, threshold 0.4)"] = ("neolm", run_neolm, lm, decoding | {
             "assistant_early_exit": k})  # fmt: skip
     if args.universal:
         rows[f"neolm, int8 assistant of another tokenizer, {args.guesses} guesses, no threshold"] = (
-            "neolm", run_neolm, lm, greedy | {"assistant_model": other, "num_assistant_tokens": args.guesses,
+            "neolm", run_neolm, lm, decoding | {"assistant_model": other, "num_assistant_tokens": args.guesses,
                                               "assistant_confidence_threshold": 0.0})  # fmt: skip
         rows["neolm, int8 assistant of another tokenizer, defaults (20, threshold 0.4)"] = (
-            "neolm", run_neolm, lm, greedy | {"assistant_model": other})
+            "neolm", run_neolm, lm, decoding | {"assistant_model": other})
     for _, run, model, kw in rows.values():  # warm-up (kernels, allocations)
         run(model, prompt[:8], kw | {"max_new_tokens": 4, "min_new_tokens": 4})
     times: dict[str, list[float]] = {name: [] for name in rows}
