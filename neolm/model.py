@@ -325,12 +325,22 @@ class Block(nn.Module):
         return x + m if m.requires_grad or _watched(self.mlp) else m.add_(x)
 
 
+class Embedding(nn.Embedding):
+    """nn.Embedding that skips its random init on the meta device, where models are built to receive a
+    checkpoint's tensors (checkpoint.build_model): there torch's normal_ runs through its reference
+    implementations, whose first use imports torch._dynamo, 1.1-1.4 s of every process's first load."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 class GPT(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.d_model)
-        self.wpe = nn.Embedding(config.n_positions, config.d_model) if config.pos_embedding == "learned" else None
+        self.wte = Embedding(config.vocab_size, config.d_model)
+        self.wpe = Embedding(config.n_positions, config.d_model) if config.pos_embedding == "learned" else None
         self.blocks = nn.ModuleList(Block(config, w) for w in config.layer_windows)
         self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)

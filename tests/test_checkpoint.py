@@ -279,6 +279,26 @@ def test_hub_unreachable_names_the_files(tmp_path):
     assert "config.json" in out.stdout and "model.safetensors" in out.stdout
 
 
+def test_loading_leaves_torch_dynamo_unimported(tiny_checkpoints):
+    """Building a model on the meta device skips the embeddings' random init, whose normal_ there would import
+    torch._dynamo (1.1-1.4 s of every process's first load); a fresh process, as the CLI's."""
+    code = textwrap.dedent("""
+        import sys, neolm
+        neolm.load(sys.argv[1]).generate("The sea", max_new_tokens=2)
+        print("torch._dynamo" in sys.modules)
+    """)
+    folder = str(tiny_checkpoints["neo"][1])
+    out = subprocess.run([sys.executable, "-c", code, folder], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
+
+
+def test_a_model_built_off_the_meta_device_has_random_embeddings():
+    model = neolm.GPT(Config("gpt_neo", vocab_size=300, n_positions=64, d_model=32, n_layer=1, n_head=2, d_ff=64,
+                             pos_embedding="learned", layer_windows=(None,)))  # fmt: skip
+    for embedding in (model.wte, model.wpe):
+        assert 0.8 < embedding.weight.std() < 1.2  # torch's N(0, 1)
+
+
 def test_modelscope_needs_its_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "modelscope", None)  # as if not installed
     with pytest.raises(NeolmError, match=r"pip install 'neolm\[modelscope\]'"):
