@@ -288,7 +288,7 @@ def test_loading_leaves_torch_dynamo_unimported(tiny_checkpoints):
         print("torch._dynamo" in sys.modules)
     """)
     folder = str(tiny_checkpoints["neo"][1])
-    out = subprocess.run([sys.executable, "-c", code, folder], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code, folder], capture_output=True, text=True, timeout=120, check=False)
     assert out.stdout.strip() == "False", out.stdout + out.stderr
 
 
