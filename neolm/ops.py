@@ -123,17 +123,31 @@ def _gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> t
     return y.to(x.dtype)
 
 
-_compiled: dict[tuple, object] = {}  # (function, shapes and dtypes) -> its torch.compile'd version
+class _Compiled:
+    """torch.compile(fn) (static shapes, whole graph), made on the first call: torch.compile imports
+    torch._dynamo, ~1.2 s, which a process pays only where a compiled kernel runs (layers offer one to
+    `use_native` and `compile_gemv`, which often take another)."""
+
+    def __init__(self, fn):
+        self.fn, self.compiled = fn, None
+
+    def __call__(self, *args):
+        if self.compiled is None:
+            self.compiled = torch.compile(self.fn, dynamic=False, fullgraph=True)
+        return self.compiled(*args)
 
 
-def compiled(fn, *tensors: torch.Tensor | None):
-    """fn compiled for these tensors' shapes and dtypes (once per process; static shapes, whole graph)."""
+_compiled: dict[tuple, _Compiled] = {}  # (function, shapes and dtypes) -> its torch.compile'd version
+
+
+def compiled(fn, *tensors: torch.Tensor | None) -> _Compiled:
+    """fn compiled for these tensors' shapes and dtypes (once per process, on its first call)."""
     key = (fn, *((None if t is None else (*t.shape, t.dtype)) for t in tensors))
     if key not in _compiled:
         # a copy of fn with its own code object: dynamo caches (and limits) compilations per code object,
         # so each shape gets its own cache instead of all shapes sharing, and overflowing, one
         copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-        _compiled[key] = torch.compile(copy, dynamic=False, fullgraph=True)
+        _compiled[key] = _Compiled(copy)
     return _compiled[key]
 
 

@@ -279,16 +279,20 @@ def test_hub_unreachable_names_the_files(tmp_path):
     assert "config.json" in out.stdout and "model.safetensors" in out.stdout
 
 
-def test_loading_leaves_torch_dynamo_unimported(tiny_checkpoints):
-    """Building a model on the meta device skips the embeddings' random init, whose normal_ there would import
-    torch._dynamo (1.1-1.4 s of every process's first load); a fresh process, as the CLI's."""
+@pytest.mark.parametrize("kernels", ["native", "none"])
+def test_loading_leaves_torch_dynamo_unimported(tiny_checkpoints, kernels):
+    """Importing torch._dynamo costs 1.1-1.4 s, paid only by compile=True: the meta device's embeddings skip
+    their random init (normal_ there would import it), and the torch.compile'd kernels that layers offer are made
+    when first called. A fresh process, as the CLI's; "none": without neolm's kernels (no C++ compiler)."""
     code = textwrap.dedent("""
         import sys, neolm
         neolm.load(sys.argv[1]).generate("The sea", max_new_tokens=2)
         print("torch._dynamo" in sys.modules)
     """)
     folder = str(tiny_checkpoints["neo"][1])
-    out = subprocess.run([sys.executable, "-c", code, folder], capture_output=True, text=True, timeout=120, check=False)
+    env = os.environ | ({"CXX": "no-such-compiler"} if kernels == "none" else {})
+    out = subprocess.run([sys.executable, "-c", code, folder], env=env, capture_output=True, text=True, timeout=120,
+                         check=False)  # fmt: skip
     assert out.stdout.strip() == "False", out.stdout + out.stderr
 
 
