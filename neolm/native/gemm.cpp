@@ -74,7 +74,7 @@ void gemm_dense(const typename Format::X* x, int64_t m, const typename Format::W
   using Mask = typename Format::Mask;
   const int64_t kv = k & ~int64_t(Format::STEP - 1);
   const Mask tail = static_cast<Mask>((uint64_t(1) << (k - kv)) - 1u);
-  const int64_t ahead = m > 1 ? AHEAD_FEW_ROWS : Format::ONE_ROW_AHEAD;
+  const int64_t ahead = prefetch_ahead(m, Format::ONE_ROW_AHEAD);
   for_tiles<R, TILE>(m, n, [&](int64_t r0, int64_t t0, auto rows) {
     constexpr int NB = decltype(rows)::value;
     const typename Format::W* wr[R];

@@ -29,7 +29,11 @@ constexpr int64_t AHEAD_ONE_ROW = 512, AHEAD_FEW_ROWS = 32768;
 inline void prefetch(const void* p, int64_t ahead = AHEAD_ONE_ROW) {
   _mm_prefetch(static_cast<const char*>(p) + ahead, _MM_HINT_T0);
 }
-inline int64_t prefetch_ahead(int64_t rows) { return rows > 1 ? AHEAD_FEW_ROWS : AHEAD_ONE_ROW; }
+// The distance for a kernel's call with `rows` rows of x: AHEAD_FEW_ROWS for several, else the kernel's own one-row
+// distance (one_row: AHEAD_ONE_ROW, or farther where a kernel measured that faster).
+inline int64_t prefetch_ahead(int64_t rows, int64_t one_row = AHEAD_ONE_ROW) {
+  return rows > 1 ? AHEAD_FEW_ROWS : one_row;
+}
 
 inline float bf16_to_float(uint16_t h) {
   uint32_t u = static_cast<uint32_t>(h) << 16;

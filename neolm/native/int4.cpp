@@ -126,7 +126,7 @@ void tile_rows(const uint16_t* x, int64_t m, int64_t k, int64_t t0, const uint8_
 template <int R>
 void int4_blocks(const uint16_t* x, int64_t m, const uint8_t* q, const float* s, const float* c, const float* xsum,
                  const void* bias, int bias_bf16, void* y, int out_bf16, int64_t n, int64_t k, int64_t g) {
-  const int64_t blocks = (n + INT4_ROWS - 1) / INT4_ROWS, ahead = m == 1 ? Q_AHEAD_ONE_ROW : prefetch_ahead(m);
+  const int64_t blocks = (n + INT4_ROWS - 1) / INT4_ROWS, ahead = prefetch_ahead(m, Q_AHEAD_ONE_ROW);
 #pragma omp for schedule(static)
   for (int64_t ob = 0; ob < blocks; ob += R)
     for (int64_t t0 = 0; t0 < m; t0 += TILE) {
