@@ -32,9 +32,11 @@ import report
 
 A8_PRECISION = {"W8A8": "int8", "W4A8": "int4"}  # neolm's int8-activation variants, each for its precision
 # neolm variants are options joined by "+" (neolm_engine.py); kv16: a bf16 KV cache (fp32 activations only);
-# kv8: an int8 KV cache; mmap: float weights left in the checkpoint's pages (fp32/bf16 only)
+# kv8: an int8 KV cache; mmap: float weights left in the checkpoint's pages (fp32/bf16 only); hp: weights moved
+# into transparent huge pages
 ENGINE_VARIANTS = {
-    "neolm": ["", "compile", "mmap", "W8A8", "W4A8", "kv16", "W8A8+kv16", "W4A8+kv16", "kv8", "W8A8+kv8", "W4A8+kv8"],
+    "neolm": ["", "compile", "mmap", "W8A8", "W4A8", "kv16", "W8A8+kv16", "W4A8+kv16", "kv8", "W8A8+kv8", "W4A8+kv8",
+              "hp"],
     "transformers": ["eager", "default"],
     "ctranslate2": [""], "llamacpp": [""],
 }  # fmt: skip
@@ -276,9 +278,12 @@ def merge_rounds(results: list[dict]) -> dict:
 
 def variant_fits(variant: str, precision: str) -> bool:
     """W8A8, W4A8: neolm int8, int4 with quantize_activations; kv16: a bf16 cache beside fp32 activations; kv8: an
-    int8 cache (any precision); mmap: float weights in the file's pages (quantized weights are copies anyway)."""
+    int8 cache (any precision); mmap: float weights in the file's pages (quantized weights are copies anyway); hp:
+    weights in huge pages (any precision; not with mmap, which leaves them in the file)."""
     options = variant.split("+")
     if ("kv16" in options and precision == "bf16") or ("mmap" in options and precision not in ("fp32", "bf16")):
+        return False
+    if "mmap" in options and "hp" in options:
         return False
     return all(A8_PRECISION.get(option, precision) == precision for option in options)
 

@@ -1,4 +1,4 @@
-"""Two engines' single-stream decode, alternated run by run, each in its own process loaded once.
+"""Two or more engines' single-stream decode, alternated run by run, each in its own process loaded once.
 
     python bench/duel.py --model pythia-1.4b --precision fp32 --engines neolm,llamacpp --pairs 10 \\
         [--out bench/results/DUEL.md]
@@ -9,8 +9,10 @@ of a paired ratio lie a minute or more apart; this VM's memory bandwidth can cha
 load once (their own interpreters and quantized files, as in bench.py: run bench.py for the model and
 precision first), warm up, and then decode the same 32-token prompt for 128 tokens in turn, A B B A A B ...,
 each waiting idle while the other runs; each pair of runs lies seconds apart. The ratio of a pair is A's rate
-over B's; the result is the median [min-max] of the pairs' ratios. Engines: neolm, neolm:compile,
-transformers, transformers:eager, ctranslate2, llamacpp (the bench's variants).
+over B's; the result is the median [min-max] of the pairs' ratios. Engines: neolm, neolm:compile, neolm:hp,
+transformers, transformers:eager, ctranslate2, llamacpp (the bench's variants). With more than two engines
+(--engines neolm,neolm:hp,llamacpp), each round runs them all, in order and then reversed, and each engine's
+ratios are over the last one's rate in the same round: one row per engine before it.
 """
 
 from __future__ import annotations
@@ -79,50 +81,56 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="a shape bench.py prepared, e.g. pythia-1.4b")
     p.add_argument("--precision", default="fp32")
-    p.add_argument("--engines", default="neolm,llamacpp", help="A,B: the ratio is A over B")
-    p.add_argument("--pairs", type=int, default=10)
+    p.add_argument("--engines", default="neolm,llamacpp", help="A,B[,...]: the ratios are each over the last one")
+    p.add_argument("--pairs", type=int, default=10, help="rounds (each runs every engine once)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--llama-python", default="/tmp/neolm-bench/llama-venv/bin/python")
     p.add_argument("--ct2-python", default="/tmp/neolm-bench/ct2-venv/bin/python")
     p.add_argument("--out", help="append the result (markdown) to this file, and its JSON beside it")
     args = p.parse_args()
-    a_spec, b_spec = args.engines.split(",")
+    specs = args.engines.split(",")
+    if len(specs) < 2:
+        raise SystemExit("--engines needs two engines or more, separated by commas")
     started = time.time()
-    a, b = Contender(a_spec, args), Contender(b_spec, args)
-    ratios = []
+    contenders = [Contender(spec, args) for spec in specs]
+    *others, base = contenders
+    ratios: dict[str, list[float]] = {c.name: [] for c in others}
     try:
         for i in range(args.pairs):
-            first, second = (a, b) if i % 2 == 0 else (b, a)  # A B, B A, ...: a drift favours neither
-            first.run()
-            second.run()
-            ratios.append(a.rates[-1] / b.rates[-1])
-            print(f"pair {i + 1}/{args.pairs}: {a.name} {a.rates[-1]:.1f}, {b.name} {b.rates[-1]:.1f} tok/s, "
-                  f"ratio {ratios[-1]:.2f}", flush=True)  # fmt: skip
+            for c in contenders if i % 2 == 0 else contenders[::-1]:  # A B, B A, ...: a drift favours none
+                c.run()
+            for c in others:
+                ratios[c.name].append(c.rates[-1] / base.rates[-1])
+            rates = ", ".join(f"{c.name} {c.rates[-1]:.1f}" for c in contenders)
+            print(f"round {i + 1}/{args.pairs}: {rates} tok/s; ratios "
+                  + ", ".join(f"{r[-1]:.2f}" for r in ratios.values()), flush=True)  # fmt: skip
     finally:
-        a.close()
-        b.close()
+        for c in contenders:
+            c.close()
     commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             check=False).stdout.strip()  # fmt: skip
-    row = (f"| {args.model} | {args.precision} | {a.name} / {b.name} | {spread(ratios)} | "
-           f"{spread(a.rates, '{:.1f}')} | {spread(b.rates, '{:.1f}')} | {args.pairs} | {commit} |")  # fmt: skip
+    rows = [(f"| {args.model} | {args.precision} | {c.name} / {base.name} | {spread(ratios[c.name])} | "
+             f"{spread(c.rates, '{:.1f}')} | {spread(base.rates, '{:.1f}')} | {args.pairs} | {commit} |")
+            for c in others]  # fmt: skip
     print("\n| model | precision | A / B | ratio, median [min–max] of the pairs | A tok/s | B tok/s | pairs | commit |")
     print("|---|---|---|---|---|---|---|---|")
-    print(row)
+    print("\n".join(rows))
     if args.out:
         out = Path(args.out)
         if not out.exists():
             out.write_text(
-                "# Single-stream decode, two engines alternated run by run (`bench/duel.py`)\n\n"
+                "# Single-stream decode, engines alternated run by run (`bench/duel.py`)\n\n"
                 f"{__doc__.split(chr(10) + chr(10))[1]}\n\n"
                 "| model | precision | A / B | ratio, median [min–max] of the pairs | A tok/s | B tok/s | pairs | commit |\n"
                 "|---|---|---|---|---|---|---|---|\n"
             )
         with out.open("a") as f:
-            f.write(row + "\n")
-        record = {"model": args.model, "precision": args.precision, "a": a.name, "b": b.name, "ratios": ratios,
-                  "a_tps": a.rates, "b_tps": b.rates, "commit": commit, "threads": args.threads,
-                  "new_tokens": args.new_tokens, "started": started, "wall_s": time.time() - started}  # fmt: skip
+            f.write("".join(row + "\n" for row in rows))
+        record = {"model": args.model, "precision": args.precision, "engines": specs,
+                  "rates": {c.name: c.rates for c in contenders}, "ratios": ratios, "base": base.name,
+                  "commit": commit, "threads": args.threads, "new_tokens": args.new_tokens, "started": started,
+                  "wall_s": time.time() - started}  # fmt: skip
         with out.with_suffix(".jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
 

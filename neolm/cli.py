@@ -95,6 +95,13 @@ def _add_model_args(p: argparse.ArgumentParser, required: bool = False, position
         "instead of copying them: loads take next to no time or memory, decoding was 3-12%% slower at pythia-1.4b",
     )
     p.add_argument(
+        "--huge-pages",
+        action="store_true",
+        help="CPU (Linux): move the weights into transparent huge pages (2 MiB) once loaded: decoding was 1.02-1.12x "
+        "faster on a Zen 4 EPYC (loads 1.9-5 s longer at pythia-1.4b), no faster on a Xeon (bench/PROFILE.md, "
+        "session 43). Needs /sys/kernel/mm/transparent_hugepage/enabled at madvise or always; not with --mmap",
+    )
+    p.add_argument(
         "--no-native",
         dest="native",
         action="store_false",
@@ -389,6 +396,7 @@ def load_model(args, model: str | None = None):
         quantize_activations=args.quantize_activations,
         kv_cache_dtype=args.kv_cache_dtype,
         mmap=args.mmap,
+        huge_pages=args.huge_pages,
         chat_template=getattr(args, "chat_template", None),  # the commands that chat declare it
         adapter=args.adapter,
     )

@@ -7,7 +7,8 @@ counts in the load time, not in any decode figure), and "W8A8" / "W4A8" (int8 / 
 Q8_0 / Q4_0 do), and "kv16" (`kv_cache_dtype="bfloat16"`: keys and values kept in bf16 beside fp32 activations, as
 llama.cpp keeps f16 caches by default), and "kv8" (`kv_cache_dtype="int8"`: int8 codes and a scale per key and value
 row, as llama.cpp's q8_0 cache type), and "mmap" (fp32/bf16: `mmap=True`, weights stored in the dtype asked for
-left in the checkpoint file's pages, as llama.cpp's default), and "eager" (`native=False`: every step and layer in
+left in the checkpoint file's pages, as llama.cpp's default), and "hp" (`huge_pages=True`: the weights moved into
+transparent huge pages once loaded), and "eager" (`native=False`: every step and layer in
 torch; on a GPU, no CUDA graphs); options join with "+" ("W8A8+kv16"). device: "cpu" (bench.py) or "cuda"
 (gpu.py, where int8/int4 rows compute in bf16). int8/int4 rows quantize the
 output head too (`quantize_head=True`), as llama.cpp's Q8_0/Q4_0 files and CTranslate2's int8 do, and load
@@ -48,6 +49,7 @@ class Engine:
         self.w8a8 = bool(options & {"W8A8", "W4A8"})  # int8 activations (neolm.load(quantize_activations=True))
         self.kv_cache_dtype = "bfloat16" if "kv16" in options else "int8" if "kv8" in options else None
         self.mmap = "mmap" in options
+        self.huge_pages = "hp" in options
 
     @staticmethod
     def _quantized(model_dir, precision) -> Path | None:
@@ -69,6 +71,8 @@ class Engine:
             kwargs[_argument("kv_cache_dtype")] = self.kv_cache_dtype
         if self.mmap:
             kwargs[_argument("mmap")] = True
+        if self.huge_pages:
+            kwargs[_argument("huge_pages")] = True
         folder = self._quantized(model_dir, precision)
         if folder is not None:
             self.lm = neolm.load(folder, **kwargs)
