@@ -50,29 +50,39 @@ def test_into_huge_pages_moves_storages_in_place_and_keeps_views_and_values():
     assert memory.into_huge_pages([small, torch.empty(0)]) == (0, 0)
 
 
+WIDER = {  # tiny configs whose matrices reach HUGE_MIN_BYTES
+    "neox": dict(TINY["neox-parallel-pct25"], hidden_size=256, num_attention_heads=4, intermediate_size=1024),
+    "neo": dict(TINY["neo"], hidden_size=256, num_heads=4),
+}
+
+
 @needs_thp
-@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
-def test_load_with_huge_pages_gives_the_same_model(tmp_path, caplog, quantize):
+@pytest.mark.parametrize(
+    "family, quantize, activations",
+    [("neox", None, False), ("neox", "int8", False), ("neox", "int4", False), ("neo", "int8", True)],
+)
+def test_load_with_huge_pages_gives_the_same_model(tmp_path, caplog, family, quantize, activations):
     """Every weight of 64 KiB or more, wherever the layers keep it (the native kernels' packed codes included),
     moves into one huge-page mapping; logits and greedy text stay the same, through the native decode step."""
     import neolm
 
-    spec = dict(TINY["neox-parallel-pct25"], hidden_size=256, num_attention_heads=4, intermediate_size=1024)
-    folder = save_hf(hf_model(spec, std=0.2), tmp_path)
+    folder = save_hf(hf_model(WIDER[family], std=0.2), tmp_path)
     kwargs = {"device": "cpu", "quantize": quantize, "quantize_head": quantize is not None}
+    kwargs["quantize_activations"] = activations
     plain = neolm.load(folder, **kwargs)
     with caplog.at_level(logging.INFO, logger="neolm.api"):
         huge = neolm.load(folder, huge_pages=True, **kwargs)
     assert "MB of weights moved" in caplog.text
 
     tensors = {id(t): t for t in memory.module_tensors(huge.model) if t.nbytes >= memory.HUGE_MIN_BYTES}.values()
-    assert len(tensors) >= 3 * 4 + 2  # the blocks' matrices (q/k/v, out, fc, proj of 3 layers), embedding, head
+    assert len(tensors) >= 3 * 4 + 1  # the blocks' matrices (q/k/v, out, fc, proj of 3 or 4 layers), embedding(s)
     lo, hi = _extent(tensors)
     assert lo % memory.HUGE_PAGE == 0 and hi - lo < sum(t.nbytes + 4096 for t in tensors)  # one mapping
     ids = torch.tensor([[5, 17, 300, 2, 9000]])
     with torch.inference_mode():
         assert torch.equal(huge.model(ids), plain.model(ids))
-    assert huge.generate("The sea", max_new_tokens=12) == plain.generate("The sea", max_new_tokens=12)
+    prompts = ["The sea", "A cat sat on the"]  # a batch too
+    assert huge.generate(prompts, max_new_tokens=12) == plain.generate(prompts, max_new_tokens=12)
 
 
 def test_huge_pages_without_the_kernels_support_leave_the_weights_and_warn(tmp_path, caplog, monkeypatch):
