@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from neolm.errors import NeolmError
+from neolm.tool_calls import FORMATS, FORMATS_HELP
 
 CHAT_MAX_NEW_TOKENS = 256  # `neolm chat`'s reply length unless asked or set by the checkpoint
 MODEL_HELP = (
@@ -339,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
         "the new message: the keys and values of the conversation so far are kept. When the conversation "
         "outgrows the context, its oldest exchanges are left out (the system message stays). Sampling follows "
         "the checkpoint's generation_config.json unless given (--no-do-sample: greedy). Commands: /help, "
-        "/reset, /undo, /system TEXT, /save FILE, /exit. Ctrl-C stops a reply (what came is kept). A message "
+        "/reset, /undo, /system TEXT, /save FILE, /exit. Ctrl-C stops a reply (what came is kept). With --tools "
+        "the model may call functions: each call is printed, you type its result, and the model goes on. A message "
         "of several lines: end each line but the last with a backslash, or put the message between lines of "
         'three double quotes ("""). With standard input not a terminal, each line is a message (the same two '
         "ways join lines) and only the replies are printed.",
@@ -352,6 +354,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--chat-template", metavar="FILE_OR_TEMPLATE",
                    help="a Jinja chat template (a file, or the template itself) to use instead of the checkpoint's "
                    "own; without either, chats are a plain 'User: / Assistant:' transcript")  # fmt: skip
+    c.add_argument("--tools", metavar="FILE",
+                   help='functions the model may call: a JSON file of OpenAI\'s tools, a list of {"type": "function", '
+                   '"function": {"name", "description", "parameters": JSON schema}} (or {"tools": [...]}). The '
+                   "calls a reply makes are printed (to standard error) and you type each call's result as you type a "
+                   "message (a line, or several joined the same two ways); the model then answers with them. Calls are read in the "
+                   "chat format's tool-call format: the plain transcript lists the tools and teaches hermes; a "
+                   "template's needs --tool-call-parser")  # fmt: skip
+    c.add_argument("--tool-call-parser", choices=sorted(FORMATS),
+                   help=f"the format the chat template's model writes tool calls in (as neolm serve's): "
+                   f"{FORMATS_HELP}")  # fmt: skip
     _add_generation_args(c, chat=True)
 
     for module in SUBSYSTEMS:
@@ -452,12 +464,18 @@ def cmd_chat(args) -> int:
     messages = _read_messages(args.messages) if args.messages else []
     if args.system is not None:  # instead of the saved conversation's system messages
         messages = [{"role": "system", "content": args.system}] + [m for m in messages if m["role"] != "system"]
+    tools = _read_tools(args.tools) if args.tools else None
     lm = load_model(args)
+    if args.tool_call_parser:
+        lm.chat_format.tool_calls = FORMATS[args.tool_call_parser]
+    if tools and lm.chat_format.tool_calls is None:
+        raise NeolmError(f"--tools: {lm.chat_format.name} does not say how its model writes tool calls; name the "
+                         "format with --tool-call-parser")  # fmt: skip
     if "max_new_tokens" not in knobs and not {"max_new_tokens", "max_length"} & set(lm.generation_defaults):
         knobs["max_new_tokens"] = CHAT_MAX_NEW_TOKENS
     from neolm.conversation import Conversation
 
-    chat = Conversation(lm, messages, **knobs)
+    chat = Conversation(lm, messages, tools=tools, **knobs)
     interactive = sys.stdin.isatty()
     if interactive:
         try:
@@ -474,8 +492,8 @@ def cmd_chat(args) -> int:
         if text.startswith("/") and not text.startswith("//") and "\n" not in text:
             if not _chat_command(chat, text):
                 break
-        elif text:
-            _say(chat, text[1:] if text.startswith("//") else text)
+        elif text and not _say(chat, text[1:] if text.startswith("//") else text, interactive):
+            break  # (the input ended while a call waited for its result)
     return 0
 
 
@@ -491,14 +509,14 @@ def _read_line(prompt: str, interactive: bool) -> str | None:
     return line.removesuffix("\n") if line else None
 
 
-def _read_message(interactive: bool) -> str | None:
+def _read_message(interactive: bool, prompt: str = "> ") -> str | None:
     """The next message: a line; a line that ends in a backslash goes on at the next (as llama.cpp's); or the
     lines from one that starts with three double quotes to one that ends with them (as ollama's). None at the
     end of input (a message begun is sent)."""
     lines: list[str] = []
     quoted = False
     while True:
-        line = _read_line("... " if lines or quoted else "> ", interactive)
+        line = _read_line("... " if lines or quoted else prompt, interactive)
         if line is None:
             return "\n".join(lines) if lines else None
         if not lines and not quoted and line.lstrip().startswith(QUOTE):
@@ -529,25 +547,66 @@ def _read_messages(path: str) -> list[dict]:
         raise NeolmError(f"cannot read the conversation {path}: {e}") from None
 
 
-def _say(chat, text: str) -> None:
-    """Send a message and print the reply as it streams; Ctrl-C stops it."""
+def _read_tools(path: str) -> list[dict]:
+    """--tools' file: OpenAI's tools, a list or {"tools": [...]}, each a function with a name."""
+    from neolm.tool_calls import function_of
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            tools = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise NeolmError(f"cannot read the tools {path}: {e}") from None
+    tools = tools.get("tools") if isinstance(tools, dict) else tools
+    if not isinstance(tools, list) or not tools:
+        raise NeolmError(f'{path}: the tools must be a non-empty JSON list of {{"type": "function", "function": '
+                         '{"name", "description", "parameters"}} (or {"tools": [...]})')  # fmt: skip
+    for i, tool in enumerate(tools):
+        if function_of(tool) is None or not function_of(tool)["name"]:
+            raise NeolmError(f'{path}: tools[{i}] is not {{"type": "function", "function": {{"name": ..., '
+                             f'"parameters": {{...}}}}}}: {json.dumps(tool)[:200]}')  # fmt: skip
+    return [tool if tool.get("type") == "function" else {"type": "function", "function": tool} for tool in tools]
+
+
+def _say(chat, text: str, interactive: bool) -> bool:
+    """Send a message and print the reply as it streams (Ctrl-C stops it); then, while the reply calls tools, read
+    each call's result and print the model's answer to them. False at the end of input."""
     try:
         pieces = chat.send(text)
     except NeolmError as e:  # e.g. a message too long for the context: the conversation goes on without it
         print(f"neolm chat: {e}", file=sys.stderr)
-        return
+        return True
+    while _print_reply(chat, pieces):
+        for call in chat.calls():
+            function = call["function"]
+            print(f"[call {function['name']} {function['arguments']}]", file=sys.stderr)
+            result = _read_message(interactive, f"{function['name']} result> ")
+            if result is None:
+                return False
+            chat.add_tool_result(call["id"], result)
+        try:
+            pieces = chat.reply()
+        except NeolmError as e:
+            print(f"neolm chat: {e}", file=sys.stderr)
+            return True
+    return True
+
+
+def _print_reply(chat, pieces) -> bool:
+    """Print a reply as it streams; whether it finished with tool calls (Ctrl-C stops it: what came is kept; with
+    nothing said, the message is taken back, or the empty reply to tools' results is)."""
     try:
         for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()
-    except KeyboardInterrupt:  # the reply so far is kept; with nothing said, the message is taken back
+    except KeyboardInterrupt:
         pieces.close()
-        if not chat.messages[-1]["content"]:
-            chat.undo()
+        if chat.messages[-1]["role"] == "assistant" and not chat.messages[-1]["content"] and not chat.calls():
+            chat.undo() if chat.messages[-2]["role"] == "user" else chat.messages.pop()
         print(" [stopped]", file=sys.stderr)
-        return
+        return False
     sys.stdout.write("\n")
     sys.stdout.flush()
+    return bool(chat.calls())
 
 
 def _chat_command(chat, text: str) -> bool:

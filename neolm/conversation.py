@@ -14,6 +14,7 @@ a string of separate prompts:
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterator
 
@@ -23,6 +24,7 @@ from neolm.generate import DecodeBatch
 from neolm.generation_config import GenerationConfig
 from neolm.model import KVCache
 from neolm.tokenizer import StreamDecoder
+from neolm.tool_calls import function_of
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +38,11 @@ class Conversation:
     stand, or, when the last is the assistant's (a reply begun for the model), goes on with it. A finished
     reply (or what was streamed of it, when the iterator is closed early) is appended to `messages` as the
     assistant's (or to the begun reply). tools: OpenAI's function tools for the chat template (the plain transcript
-    lists them itself); the calls a reply makes are read with lm.chat_format.tool_calls.parse(reply), where the
-    format is known (neolm.tool_calls). keep_cache=False: every turn reads its whole prompt, and no cache is
+    lists them itself). Where the chat format's tool-call format is known (neolm.tool_calls: the transcript's own,
+    or a template's set in lm.chat_format.tool_calls), the reply is decoded with the format's markers, and a
+    finished reply that calls offered functions is kept as OpenAI's assistant message: the text before the calls
+    as its content, the calls as its tool_calls (`calls()`); answer each with add_tool_result() and reply() again.
+    keep_cache=False: every turn reads its whole prompt, and no cache is
     held between turns (its memory: the last prompt and reply's keys and values).
     """
 
@@ -46,6 +51,7 @@ class Conversation:
         self.lm, self.keep_cache = lm, keep_cache
         self.messages = check_messages(messages) if messages else []
         self.template_kwargs = dict(chat_template_kwargs or {}) | ({"tools": tools} if tools else {})
+        self.functions = tuple(f["name"] for f in map(function_of, tools or []) if f is not None)  # those offered
         self.generation = generation_kwargs
         if self.generation_config().num_return_sequences != 1:
             raise NeolmError("a conversation has one reply per turn; num_return_sequences must be 1")
@@ -81,6 +87,27 @@ class Conversation:
         going_on = self.messages[-1]["role"] == "assistant"
         prompt = self._prompt(gc, going_on)
         return self._generate(prompt, gc, going_on)
+
+    @property
+    def calling(self):
+        """The tool-call format replies' calls are read in (neolm.tool_calls), None: no tools, or not known."""
+        return self.lm.chat_format.tool_calls if self.functions else None
+
+    def calls(self) -> list[dict]:
+        """The tool calls of the last message, where it is the assistant's (OpenAI's: {"id", "type": "function",
+        "function": {"name", "arguments": JSON text}}); [] otherwise."""
+        last = self.messages[-1] if self.messages else {}
+        return list(last.get("tool_calls") or []) if last.get("role") == "assistant" else []
+
+    def add_tool_result(self, call_id: str, content: str) -> None:
+        """Answer a call of the last reply (by its id) with the function's result, as a "tool" message."""
+        named = {c["id"]: c["function"]["name"] for m in self.messages if m["role"] == "assistant"
+                 for c in m.get("tool_calls") or []}  # fmt: skip
+        if call_id not in named:
+            raise NeolmError(f"no tool call has the id {call_id!r}")
+        if not isinstance(content, str):
+            raise NeolmError(f"a tool's result must be a string, got {type(content).__name__}")
+        self.messages.append({"role": "tool", "tool_call_id": call_id, "name": named[call_id], "content": content})
 
     def reset(self, messages: list[dict] | None = None) -> None:
         """Start over from `messages` (default: the system messages this conversation begins with; [] for none)."""
@@ -130,7 +157,8 @@ class Conversation:
         self.reused = prefill.done
         log.info("turn: %d prompt tokens, %d of them kept from the last turn", len(prompt), self.reused)
         reply = Reply(gc.stop_strings or [], lm.chat_format.lstrip_reply and not going_on)
-        decoder, new = StreamDecoder(lm.tokenizer), []
+        decoder = StreamDecoder(lm.tokenizer, keep=self.calling.markers if self.calling else ())
+        new, finished = [], False
         try:
             prefill.read_all(lm.model)
             batch.join(prefill)
@@ -141,6 +169,7 @@ class Conversation:
                 if piece:
                     yield piece
             rest = reply.finish(decoder.flush())
+            finished = True
             if rest:
                 yield rest
         finally:  # finished, or closed early: keep what was said
@@ -148,7 +177,19 @@ class Conversation:
             if going_on:
                 self.messages[-1] = self.messages[-1] | {"content": self.messages[-1]["content"] + said}
             else:
-                self.messages.append({"role": "assistant", "content": said})
+                self.messages.append(self._message(said) if finished else {"role": "assistant", "content": said})
             # the cache holds the prompt and every new token but the last (never fed back)
             self._held = (batch.cache, prompt + new) if batch.cache is not None and self.keep_cache else None
 
+    def _message(self, text: str) -> dict:
+        """A finished reply as the assistant's message: its content and the calls it makes of the functions
+        offered, up to the first of another (neolm.tool_calls: as the server reads them)."""
+        if self.calling is None:
+            return {"role": "assistant", "content": text}
+        calls = list(itertools.takewhile(lambda c: c.name in self.functions, self.calling.calls(text)))
+        if not calls:
+            return {"role": "assistant", "content": text}
+        content = self.calling.content(text, self.calling.start(text)) or ""
+        return {"role": "assistant", "content": content, "tool_calls": [
+            {"id": self.calling.call_id(), "type": "function", "function": {"name": c.name, "arguments": c.as_json()}}
+            for c in calls]}  # fmt: skip

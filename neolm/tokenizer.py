@@ -69,6 +69,7 @@ class Tokenizer:
         self.bos_token_id: int | None = self.eos_token_id
         vocab = backend.get_vocab(with_added_tokens=True)
         self.vocab_size: int = max(vocab.values()) + 1 if vocab else 0
+        self._skipped_ids: dict[tuple[str, ...], frozenset[int]] = {}  # decode(keep=...)'s, by keep
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size})"
@@ -150,10 +151,23 @@ class Tokenizer:
             _check_text(text)
         return [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=False)]
 
-    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True, keep: Iterable[str] = ()) -> str:
         """Text of `ids` (any iterable of ints, e.g. a 1-D tensor). Ids outside the vocabulary are dropped;
-        byte sequences that are not valid UTF-8 come out as U+FFFD."""
-        return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        byte sequences that are not valid UTF-8 come out as U+FFFD. keep: special tokens (as written) that stay
+        in the text when the others are skipped (a tool-call format's markers, such as Mistral's [TOOL_CALLS])."""
+        ids = [int(i) for i in ids]
+        keep = tuple(keep)
+        if skip_special_tokens and keep:
+            skipped = self._skipped(keep)
+            return self._backend.decode([i for i in ids if i not in skipped], skip_special_tokens=False)
+        return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def _skipped(self, keep: tuple[str, ...]) -> frozenset[int]:
+        """The special tokens' ids less those of `keep` (remembered: a stream decodes with them every token)."""
+        if keep not in self._skipped_ids:
+            kept = {self._backend.token_to_id(token) for token in keep}
+            self._skipped_ids[keep] = frozenset(self.special_ids() - kept)
+        return self._skipped_ids[keep]
 
     def save(self, folder) -> None:
         """Write tokenizer.json (+ a minimal tokenizer_config.json) that neolm and Hugging Face tools load."""
@@ -234,13 +248,16 @@ class StreamDecoder:
 
     max_held = 32
 
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True, keep: Iterable[str] = ()):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self.keep = tuple(keep)  # special tokens kept in the text (Tokenizer.decode's keep)
         self._ids: list[int] = []  # _ids[:_read] were emitted last time (context), _ids[_read:] are held
         self._read = 0
 
     def _decode(self, ids: list[int]) -> str:
+        if self.keep:
+            return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens, keep=self.keep)
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def push(self, token_id: int) -> str:

@@ -9,15 +9,20 @@ import re
 
 import jsonschema
 import pytest
+import tokenizers
 from conftest import NAME
 from test_cli import cli
+from test_conversation import run_chat
 from test_serve import call
 from test_structured import _events
 
 import neolm
 from neolm.chat import Template, Transcript
 from neolm.errors import NeolmError
+from neolm.serve import answer, protocol
+from neolm.serve.engine import End, Job, Token
 from neolm.serve.tools import CallStream, Held, ToolChoice
+from neolm.tokenizer import StreamDecoder, Tokenizer
 from neolm.tool_calls import FORMATS, Call
 
 TOOLS = [
@@ -186,7 +191,8 @@ def test_llama3_json_reads_calls_joined_by_semicolons():
 @pytest.mark.parametrize("name", sorted(FORMATS))
 def test_a_format_reads_back_the_calls_it_writes(name):
     fmt = FORMATS[name]
-    calls = [Call("get_weather", {"city": "Zürich", "unit": "c"}), Call("time", {"zone": "CET", "n": [1, None]})]
+    calls = [Call("get_weather", {"city": "Zürich", "unit": "c"}), Call("time", {"zone": "CET", "n": [1, None]}),
+             Call("f", {"class": True, "a-b": {'q"': "x\n)", "r": [{"s": -1.5e-3}]}, "z": "ü\\"})]  # fmt: skip
     content, parsed = fmt.parse(fmt.write(calls))
     assert parsed == calls and content is None
 
@@ -203,6 +209,12 @@ TIME, LATER = '{"name": "time", "arguments": {}}', '{"name": "time", "arguments"
     ("llama3_json", f"  <|python_tag|>{TIME}", "", 1, 1),
     ("llama3_json", f"{TIME}; {LATER} ;{{", "", 2, 2),
     ("llama3_json", "  <|python_tail| is text", "  <|python_tail| is text", 0, 0),
+    ("mistral", 'Let me see.[TOOL_CALLS]time[ARGS]{}[TOOL_CALLS]time{"zone": "CET"}', "Let me see.", 2, 2),
+    ("mistral", f"[TOOL_CALLS] [{TIME}, {LATER}]", "", 2, 2),
+    ("mistral", "A [TOOL_CALL mention, ending in [TOOL_CA", "A [TOOL_CALL mention, ending in [TOOL_CA", 0, 0),
+    ("pythonic", ' [time(), time(zone="C)E,T")]', "", 2, 2),
+    ("pythonic", "<|python_start|>[time(zone='CET'), news()]", "", 1, 1),
+    ("pythonic", "[citation needed] is text", "[citation needed] is text", 0, 0),
 ])  # fmt: skip
 def test_a_streamed_reply_sends_its_content_and_each_call_once_it_is_whole(name, text, content, streamed, whole):
     """Piece by piece, in every split of one to five characters, a stream sends exactly the content (never a part
@@ -225,6 +237,166 @@ def test_a_streamed_reply_sends_its_content_and_each_call_once_it_is_whole(name,
         assert [c["function"] for c in sent_calls] == [c["function"] for c in calls or []]
         assert all(c["id"].startswith("chatcmpl-tool-") and c["type"] == "function" for c in sent_calls)
         assert (calls is None) == (not calling)
+
+
+def test_mistral_reads_its_calls_of_either_tokenizer_generation():
+    fmt = FORMATS["mistral"]
+    weather = Call("get_weather", {"city": "Paris"})
+    # v11 and later: each call after a [TOOL_CALLS], [ARGS] (and Mistral's [CALL_ID]) optional
+    for text in ('[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}', '[TOOL_CALLS] get_weather{"city": "Paris"}\n',
+                 '[TOOL_CALLS]get_weather[CALL_ID]a1B2c3D4e[ARGS]{"city": "Paris"}'):  # fmt: skip
+        assert fmt.parse(text) == (None, [weather]), text
+    text = 'It rains. [TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]time[ARGS]{}'
+    assert fmt.parse(text) == ("It rains.", [weather, Call("time", {})])
+    # before v11: one JSON array of {"name", "arguments"} (an object, or JSON text as OpenAI's messages hold it)
+    text = '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "time", "arguments": "{}"}]'
+    assert fmt.parse(text) == (None, [weather, Call("time", {})])
+    # up to the first call that does not parse; a call whose arguments have not closed is not whole yet
+    assert fmt.parse('[TOOL_CALLS]get_weather{"city": "Paris"} and[TOOL_CALLS]time{}') == (None, [weather])
+    assert fmt.parse('[TOOL_CALLS]get_weather{"city": "Paris"}[TOOL_CALLS]time[1]') == (None, [weather])
+    assert fmt.calls('[TOOL_CALLS]get_weather{"city": "Pa', final=False) == []
+    for text in ("no calls", "[TOOL_CALLS]", '[TOOL_CALLS]get weather{"city": "Paris"}', "[TOOL_CALLS]time[ARGS][1]",
+                 '[TOOL_CALLS] [{"name": 3}]', '[TOOL_CALLS]{"name": "time"}'):  # fmt: skip
+        assert fmt.parse(text) is None, text
+    assert {fmt.call_id() for _ in range(50)} != {fmt.call_id()}
+    assert all(len(i) == 9 and i.isalnum() and i.isascii() for i in (fmt.call_id() for _ in range(50)))
+
+
+def test_pythonic_reads_a_list_of_calls_with_literal_arguments():
+    fmt = FORMATS["pythonic"]
+    text = """[get_weather(city='Paris', unit="c"), time(), f(a=(1, -2.5), b={'k': [True, None]}, c=true, d=null)]"""
+    assert fmt.parse(text) == (None, [Call("get_weather", {"city": "Paris", "unit": "c"}), Call("time", {}),
+                                      Call("f", {"a": [1, -2.5], "b": {"k": [True, None]}, "c": True, "d": None})])
+    assert fmt.parse('[f(x=1, **{"a-b": 2, "class": "c"})]') == (None, [Call("f", {"x": 1, "a-b": 2, "class": "c"})])
+    assert fmt.parse('<|python_start|>[f(s="(])")]<|python_end|>') == (None, [Call("f", {"s": "(])"})])
+    # up to the first call that does not parse: positional arguments, values that are not literals or not JSON's
+    assert fmt.parse("[time(), f(1), g()]") == (None, [Call("time", {})])
+    for text in ("[f(x=g())]", "[f(x=y)]", "[f(x={1, 2})]", "[f(x=b'1')]", "[f(x=1j)]", "[f(x=float('nan'))]",
+                 "[f(**x)]", "[f(x={1: 2})]", "[a.b(x=1)]", "[f(x=1", "f(x=1)", "[[f()]]", "Answer: [f()]"):  # fmt: skip
+        assert fmt.parse(text) is None, text
+    assert fmt.calls("[f(x=1), g(y=", final=False) == [Call("f", {"x": 1})]
+
+
+def _mistral_tokenizer() -> Tokenizer:
+    """GPT-2's tokenizer with Mistral's [TOOL_CALLS] and [ARGS] as special tokens."""
+    backend = tokenizers.Tokenizer.from_str(Tokenizer.builtin("gpt2")._backend.to_str())
+    backend.add_special_tokens([tokenizers.AddedToken(t, special=True) for t in ("[TOOL_CALLS]", "[ARGS]")])
+    return Tokenizer(backend, "gpt2 with Mistral's markers")
+
+
+def test_a_decoder_keeps_the_special_tokens_a_format_writes_its_calls_with():
+    tok = _mistral_tokenizer()
+    text = 'Hi.[TOOL_CALLS]time[ARGS]{"zone": "CET"}<|endoftext|>'
+    ids = tok.encode(text)
+    assert tok.token_to_id("[TOOL_CALLS]") in ids and tok.token_to_id("[ARGS]") in ids
+    assert tok.decode(ids) == 'Hi.time{"zone": "CET"}'
+    kept = tok.decode(ids, keep=FORMATS["mistral"].markers)
+    assert kept == text.removesuffix("<|endoftext|>") and tok.decode(ids, skip_special_tokens=False) == text
+    decoder = StreamDecoder(tok, keep=FORMATS["mistral"].markers)
+    assert "".join(decoder.push(i) for i in ids) + decoder.flush() == kept
+
+
+def test_the_server_reads_mistral_calls_written_with_its_special_tokens(lm):
+    """A reply is decoded with its format's markers where tool_choice is "auto": the calls and content come back
+    (whole and streamed) with Mistral's 9-character ids; with tool_choice "none" the markers are skipped."""
+    tok = _mistral_tokenizer()
+    reply = tok.encode('Let me see.[TOOL_CALLS]time[ARGS]{"zone": "CET"}[TOOL_CALLS]get_weather[ARGS]{"city": '
+                       '"Rome", "unit": "c"}')  # fmt: skip
+
+    def job_of(request):
+        job = Job([[1, 2]], request.gc)
+        for token in reply:
+            job._events.put(Token(0, token))
+        job._events.put(End(0, "stop", len(reply)))
+        job._events.put(None)
+        return job
+
+    kept = lm.chat_format
+    lm.chat_format = Template("{% for m in messages %}{{ m.content }}\n{% endfor %}")
+    lm.chat_format.tool_calls = FORMATS["mistral"]
+    try:
+        request = protocol.parse("chat", TOOL_CHAT, lm)
+        (choice,) = answer.whole(request, job_of(request), tok, NAME)["choices"]
+        assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] == "Let me see.", choice
+        calls = choice["message"]["tool_calls"]
+        assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+            ("time", {"zone": "CET"}), ("get_weather", {"city": "Rome", "unit": "c"})]  # fmt: skip
+        assert all(len(c["id"]) == 9 and c["id"].isalnum() for c in calls)
+        request = protocol.parse("chat", TOOL_CHAT | {"stream": True}, lm)
+        chunks = list(answer.chunks(request, job_of(request), tok, NAME))
+        deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+        assert "".join(d.get("content") or "" for d in deltas) == "Let me see."
+        streamed = [c for d in deltas for c in d.get("tool_calls", [])]
+        assert [c["function"] for c in streamed] == [c["function"] for c in calls]
+        request = protocol.parse("chat", TOOL_CHAT | {"tool_choice": "none"}, lm)
+        (choice,) = answer.whole(request, job_of(request), tok, NAME)["choices"]
+        assert choice["message"]["content"] == 'Let me see.time{"zone": "CET"}get_weather{"city": "Rome", "unit": ' \
+            '"c"}' and "tool_calls" not in choice["message"]  # fmt: skip
+    finally:
+        lm.chat_format = kept
+
+
+def test_the_server_answers_pythonic_calls(lm, server):
+    kept = lm.chat_format
+    lm.chat_format = Template("{% for m in messages %}{{ m.content }}\n{% endfor %}")
+    lm.chat_format.tool_calls = FORMATS["pythonic"]
+    try:
+        regex = re.escape("[time(zone='UTC'), get_weather(city=\"Oslo\", unit='f')]")
+        status, body = call(server, "/v1/chat/completions", TOOL_CHAT | {"guided_regex": regex})
+        assert status == 200, body
+        message = body["choices"][0]["message"]
+        assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message["tool_calls"]] == [
+            ("time", {"zone": "UTC"}), ("get_weather", {"city": "Oslo", "unit": "f"})]  # fmt: skip
+        assert message["content"] is None and body["choices"][0]["finish_reason"] == "tool_calls"
+    finally:
+        lm.chat_format = kept
+
+
+def test_a_conversation_keeps_its_replies_calls_and_the_tools_results(lm):
+    """A reply that calls offered functions is kept as OpenAI's assistant message (content and tool_calls); the
+    results answer the calls by id, and the next reply reads them (the transcript writes them as Tool: lines)."""
+    chat = neolm.Conversation(lm, TOOL_CHAT["messages"], tools=TOOLS, max_new_tokens=200, do_sample=False,
+                              structured_outputs={"regex": re.escape(CALL_TEXT)})  # fmt: skip
+    assert "".join(chat.reply()) == CALL_TEXT
+    (made,) = chat.calls()
+    assert chat.messages[-1]["content"] == "Checking." and made["type"] == "function"
+    assert made["function"] == {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'}
+    with pytest.raises(NeolmError, match="no tool call has the id"):
+        chat.add_tool_result("call_0", "18 C")
+    chat.add_tool_result(made["id"], "18 C, rain")
+    assert chat.messages[-1] == {"role": "tool", "tool_call_id": made["id"], "name": "get_weather",
+                                 "content": "18 C, rain"}  # fmt: skip
+    chat.generation["structured_outputs"] = {"regex": "It rains in Paris\\."}
+    prompt = lm.chat_format.render(chat.messages, tools=TOOLS)
+    assert CALL_TEXT.split(". ")[1] in prompt and "Tool: 18 C, rain" in prompt
+    assert "".join(chat.reply()) == "It rains in Paris." and chat.calls() == []
+    # a call of a function not offered is text
+    chat = neolm.Conversation(lm, TOOL_CHAT["messages"], tools=TOOLS[1:], max_new_tokens=200, do_sample=False,
+                              structured_outputs={"regex": re.escape(CALL_TEXT)})  # fmt: skip
+    "".join(chat.reply())
+    assert chat.calls() == [] and chat.messages[-1] == {"role": "assistant", "content": CALL_TEXT}
+
+
+def test_neolm_chat_with_tools_reads_each_call_s_result(monkeypatch, capsys, tmp_path):
+    path = tmp_path / "tools.json"
+    path.write_text(json.dumps({"tools": TOOLS}))
+    tools = str(path)
+    args = ("--tools", tools, "--regex", re.escape(CALL_TEXT), "--no-do-sample", "--max-new-tokens", "200")
+    # every reply calls: the first's result is read, the reply to it calls again, and the input ends
+    code, out, err = run_chat(monkeypatch, capsys, ["Weather in Paris?", "18 C"], *args)
+    assert code == 0, err
+    assert re.findall(r"\[call (\w+) (.*)\]", err) == [("get_weather", '{"city": "Paris", "unit": "c"}')] * 2, err
+    assert out.splitlines() == [CALL_TEXT] * 2
+    # errors: a file that is not tools; a template whose calls' format is not named
+    path.write_text('[{"type": "function", "function": {"description": "nameless"}}]')
+    code, out, err = run_chat(monkeypatch, capsys, [], "--tools", tools)
+    assert code == 1 and "tools[0] is not" in err
+    path.write_text(json.dumps(TOOLS))
+    code, out, err = run_chat(monkeypatch, capsys, [], "--tools", tools, "--chat-template", "{{ messages }}")
+    assert code == 1 and "--tool-call-parser" in err
+    with pytest.raises(SystemExit) as exit_:
+        run_chat(monkeypatch, capsys, [], "--tools", tools, "--tool-call-parser", "xml")
+    assert exit_.value.code == 2 and "invalid choice" in capsys.readouterr().err
 
 
 def test_the_transcript_teaches_its_tool_call_format():

@@ -21,7 +21,8 @@ def choices(request: Request, job: Job, tokenizer, sums: list[float] | None = No
     the tokens they had generated."""
     n = request.gc.num_return_sequences
     replies = [Reply(request.stop, request.lstrip) for _ in range(job.sequences)]
-    decoders = [StreamDecoder(tokenizer) for _ in range(job.sequences)]
+    auto = request.tool_choice.auto if request.tool_choice else None  # the format of the calls read from replies
+    decoders = [StreamDecoder(tokenizer, keep=auto.markers if auto else ()) for _ in range(job.sequences)]
     counts: list[int | None] = [0] * job.sequences  # tokens of each choice so far; None once it has ended
     offsets = [0] * job.sequences  # characters of each choice decoded so far, echo included: a token's text_offset
     pending: list[list[protocol.Logprob]] = [[] for _ in range(job.sequences)]

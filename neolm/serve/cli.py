@@ -14,7 +14,7 @@ from neolm.embedding import POOLINGS
 from neolm.errors import NeolmError
 from neolm.serve.engine import DEFAULT_PREFILL_CHUNK, MIN_PREFILL_CHUNK
 from neolm.serve.store import MAX_STORED, MAX_STORED_IN_FILE, FileStore, Store
-from neolm.tool_calls import FORMATS
+from neolm.tool_calls import FORMATS, FORMATS_HELP
 
 
 def register(sub) -> dict:
@@ -137,8 +137,7 @@ def _add_tool_call_parser(group) -> None:
     group.add_argument("--tool-call-parser", choices=sorted(FORMATS),
                        help="the format the chat template's model writes tool calls in, so that tool_choice \"auto\" "
                        "(OpenAI's default with tools) reads them from its replies into tool_calls, as vLLM's "
-                       "--enable-auto-tool-choice --tool-call-parser: hermes (<tool_call>{...}</tool_call>: Hermes, "
-                       "Qwen 2.5/3), llama3_json (a JSON reply {\"name\", \"parameters\"}: Llama 3.1+). The plain "
+                       f"--enable-auto-tool-choice --tool-call-parser: {FORMATS_HELP}. The plain "
                        "transcript lists the tools itself and teaches hermes (default with it: hermes); without a "
                        "parser a template's \"auto\" requests are refused, \"required\" and named calls "
                        "work")  # fmt: skip

@@ -25,11 +25,10 @@ from __future__ import annotations
 import itertools
 import json
 import re
-import uuid
 from dataclasses import dataclass
 
 from neolm.serve.errors import ApiError
-from neolm.tool_calls import Call, CallFormat, function_of
+from neolm.tool_calls import Call, CallFormat, function_of, new_call_id
 
 
 @dataclass
@@ -41,22 +40,23 @@ class ToolChoice:
     auto: CallFormat | None = None  # "auto": the format the model's calls are read in
     functions: tuple[str, ...] = ()  # the functions the request offers
     parallel: bool = True  # "auto": more than one call is answered (parallel_tool_calls)
+    ids: CallFormat | None = None  # the chat format's tool-call format, which makes the calls' ids (None: vLLM's)
 
     def answer(self, text: str) -> tuple[str | None, list[dict] | None]:
         """(content, OpenAI's tool_calls) of a reply's whole text; tool_calls None: the reply is text (no call in
         it, or not whole: cut by max_tokens)."""
         if self.name is not None:
-            return None, [_call(self.name, text)]
+            return None, [_call(self.name, text, self.ids)]
         if self.auto is not None:
             content, calls = self.read(text)
-            return content, [_call(c.name, c.as_json()) for c in calls] if calls else None
+            return content, [_call(c.name, c.as_json(), self.ids) for c in calls] if calls else None
         try:
             json.loads(text)
         except json.JSONDecodeError:
             return text, None
-        written = CallStream()
+        written = CallStream(self.ids)
         written.push(text)
-        return None, [_call(name, arguments) for name, arguments in written.calls]
+        return None, [_call(name, arguments, self.ids) for name, arguments in written.calls]
 
     def read(self, text: str) -> tuple[str | None, list[Call]]:
         """"auto": (the content, the calls answered) of a whole reply; without calls, the reply is text."""
@@ -71,7 +71,7 @@ class ToolChoice:
 
     def open(self) -> list[dict]:
         """A named call's first streamed tool_calls delta: its id and name, no arguments yet."""
-        return [_call(self.name, "") | {"index": 0}]
+        return [_call(self.name, "", self.ids) | {"index": 0}]
 
 
 class Held:
@@ -82,7 +82,7 @@ class Held:
 
     def __init__(self, choice: ToolChoice):
         self.choice, self.text, self.sent, self.calls = choice, "", 0, 0  # (content characters, calls sent)
-        self.stream = CallStream() if choice.auto is None else None
+        self.stream = CallStream(choice.ids) if choice.auto is None else None
 
     def push(self, piece: str) -> dict:
         self.text += piece
@@ -109,7 +109,8 @@ class Held:
 
     def _calls(self, calls: list[Call]) -> dict:
         """The delta of the calls not sent yet."""
-        new = [_call(c.name, c.as_json()) | {"index": k} for k, c in enumerate(calls[self.calls :], self.calls)]
+        new = [_call(c.name, c.as_json(), self.choice.ids) | {"index": k}
+               for k, c in enumerate(calls[self.calls :], self.calls)]  # fmt: skip
         self.calls = len(calls)
         return {"tool_calls": new} if new else {}
 
@@ -123,7 +124,8 @@ class CallStream:
     that order as its schema's regex writes them. push() gives the tool_calls deltas of each piece: a call's id and
     name once its name is whole, then its parameters' text as it comes; `calls` holds (name, arguments text)."""
 
-    def __init__(self):
+    def __init__(self, ids: CallFormat | None = None):
+        self.ids = ids  # the format whose ids the calls get (None: vLLM's)
         self.text, self.calls = "", []
         self._at, self._stage = 0, "name"  # where the text is read from, and what comes there
         self._value: _Value | None = None
@@ -137,7 +139,7 @@ class CallStream:
                 if m is None:
                     return deltas
                 self.calls.append((json.loads(m[1]), ""))
-                deltas.append(_call(self.calls[-1][0], "") | {"index": len(self.calls) - 1})
+                deltas.append(_call(self.calls[-1][0], "", self.ids) | {"index": len(self.calls) - 1})
                 self._at, self._stage = m.end(), "parameters"
             elif self._stage == "parameters":
                 m = _PARAMETERS.match(self.text, self._at)
@@ -192,9 +194,9 @@ class _Value:
         return None
 
 
-def _call(name: str, arguments: str) -> dict:
+def _call(name: str, arguments: str, ids: CallFormat | None) -> dict:
     return {
-        "id": f"chatcmpl-tool-{uuid.uuid4().hex}",
+        "id": new_call_id() if ids is None else ids.call_id(),
         "type": "function",
         "function": {"name": name, "arguments": arguments},
     }
@@ -202,7 +204,8 @@ def _call(name: str, arguments: str) -> dict:
 
 def parse(body: dict, auto: CallFormat | None) -> tuple[list[dict] | None, ToolChoice | None, dict]:
     """(the tools for the chat template or None, how to answer or None for text, structured_outputs arguments);
-    `auto`: the chat format's tool-call format (None: tool_choice "auto" is refused)."""
+    `auto`: the chat format's tool-call format (None: tool_choice "auto" is refused), which also makes the calls'
+    ids."""
     tools = body.get("tools")
     choice = body.get("tool_choice")
     if tools is None:
@@ -228,7 +231,7 @@ def parse(body: dict, auto: CallFormat | None) -> tuple[list[dict] | None, ToolC
                            '--enable-auto-tool-choice), or ask for "required", a named function ({"type": '
                            '"function", "function": {"name": ...}}) or "none"', "tool_choice")  # fmt: skip
         parallel = body.get("parallel_tool_calls") is not False
-        return tools, ToolChoice(auto=auto, functions=tuple(functions), parallel=parallel), {}
+        return tools, ToolChoice(auto=auto, functions=tuple(functions), parallel=parallel, ids=auto), {}
     if choice == "none":
         return tools, None, {}
     if choice == "required":
@@ -237,7 +240,7 @@ def parse(body: dict, auto: CallFormat | None) -> tuple[list[dict] | None, ToolC
         schema = {"type": "array", "items": {"anyOf": calls}, "minItems": 1}
         if body.get("parallel_tool_calls") is False:
             schema["maxItems"] = 1
-        return tools, ToolChoice(functions=tuple(functions)), {"structured_outputs": {"json": schema}}
+        return tools, ToolChoice(functions=tuple(functions), ids=auto), {"structured_outputs": {"json": schema}}
     name = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
     if name is None:
         raise ApiError(400, 'tool_choice must be "none", "auto", "required" or {"type": "function", "function": '
@@ -245,4 +248,5 @@ def parse(body: dict, auto: CallFormat | None) -> tuple[list[dict] | None, ToolC
     if name not in functions:
         raise ApiError(400, f"tool_choice names {name!r}, which is not among the tools ({', '.join(functions)})",
                        "tool_choice")  # fmt: skip
-    return tools, ToolChoice(name, functions=tuple(functions)), {"structured_outputs": {"json": functions[name]}}
+    choice = ToolChoice(name, functions=tuple(functions), ids=auto)
+    return tools, choice, {"structured_outputs": {"json": functions[name]}}
