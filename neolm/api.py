@@ -591,6 +591,7 @@ def load(
     else:
         state = checkpoint.load_state_dict(folder, config, dtype, mmap=mmap and device.type == "cpu", adjust=adjust)
         net = checkpoint.build_model(config, state, device)
+        del state  # (its tensors share the parameters' storages: huge_pages' move frees each as it goes, not at the end)
     if quantize_activations:
         from neolm.quant.linear import quantize_activations as quantize_inputs
 
