@@ -561,7 +561,7 @@ def _read_tools(path: str) -> list[dict]:
         raise NeolmError(f'{path}: the tools must be a non-empty JSON list of {{"type": "function", "function": '
                          '{"name", "description", "parameters"}} (or {"tools": [...]})')  # fmt: skip
     for i, tool in enumerate(tools):
-        if function_of(tool) is None or not function_of(tool)["name"]:
+        if not (function_of(tool) or {}).get("name"):
             raise NeolmError(f'{path}: tools[{i}] is not {{"type": "function", "function": {{"name": ..., '
                              f'"parameters": {{...}}}}}}: {json.dumps(tool)[:200]}')  # fmt: skip
     return [tool if tool.get("type") == "function" else {"type": "function", "function": tool} for tool in tools]

@@ -184,12 +184,10 @@ class Conversation:
     def _message(self, text: str) -> dict:
         """A finished reply as the assistant's message: its content and the calls it makes of the functions
         offered, up to the first of another (neolm.tool_calls: as the server reads them)."""
-        if self.calling is None:
-            return {"role": "assistant", "content": text}
-        calls = list(itertools.takewhile(lambda c: c.name in self.functions, self.calling.calls(text)))
+        fmt = self.calling
+        calls = [] if fmt is None else list(itertools.takewhile(lambda c: c.name in self.functions, fmt.calls(text)))
         if not calls:
             return {"role": "assistant", "content": text}
-        content = self.calling.content(text, self.calling.start(text)) or ""
-        return {"role": "assistant", "content": content, "tool_calls": [
-            {"id": self.calling.call_id(), "type": "function", "function": {"name": c.name, "arguments": c.as_json()}}
+        return {"role": "assistant", "content": fmt.content(text, fmt.start(text)) or "", "tool_calls": [
+            {"id": fmt.call_id(), "type": "function", "function": {"name": c.name, "arguments": c.as_json()}}
             for c in calls]}  # fmt: skip

@@ -138,19 +138,48 @@ def _held_prefix(text: str, marker: str) -> int:
     return next((n for n in range(min(len(marker) - 1, len(text)), 0, -1) if text.endswith(marker[:n])), 0)
 
 
-class Hermes(CallFormat):
-    name = "hermes"
-    OPEN, CLOSE = "<tool_call>", "</tool_call>"
-    models = "Hermes 2/3, Qwen 2.5 and 3"
-    example = '<tool_call>{"name": "NAME", "arguments": {...}}</tool_call>'
-    _BLOCK = re.compile(r"<tool_call>(.*?)(</tool_call>|\Z)", re.DOTALL)  # a reply that ends early leaves one open
+class _AfterContent(CallFormat):
+    """A format whose calls begin at MARKER, after any text: the reply's content (hermes, mistral)."""
+
+    MARKER: str
 
     def start(self, text: str) -> int | None:
-        at = text.find(self.OPEN)
+        at = text.find(self.MARKER)
         return None if at == -1 else at
 
     def held(self, text: str) -> int:
-        return _held_prefix(text, self.OPEN)
+        return _held_prefix(text, self.MARKER)
+
+    def content(self, text: str, at: int) -> str | None:
+        return text[:at].rstrip() or None
+
+
+class _WholeReply(CallFormat):
+    """A format whose reply is all calls, optionally after TAG, the first beginning with OPENING (llama3_json,
+    pythonic)."""
+
+    TAG: str
+    OPENING: str
+
+    def start(self, text: str) -> int | None:
+        rest = text.lstrip()
+        return len(text) - len(rest) if rest.startswith((self.TAG, self.OPENING)) else None
+
+    def held(self, text: str) -> int:
+        return len(text) if self.TAG.startswith(text.lstrip()) else 0  # nothing but (the start of) the tag yet
+
+    def _calls_text(self, text: str) -> str:
+        """The text of the calls: after the tag, if any; "" where the calls have not begun."""
+        return "" if self.start(text) is None else text.lstrip().removeprefix(self.TAG).lstrip()
+
+
+class Hermes(_AfterContent):
+    name = "hermes"
+    OPEN, CLOSE = "<tool_call>", "</tool_call>"
+    MARKER = OPEN
+    models = "Hermes 2/3, Qwen 2.5 and 3"
+    example = '<tool_call>{"name": "NAME", "arguments": {...}}</tool_call>'
+    _BLOCK = re.compile(r"<tool_call>(.*?)(</tool_call>|\Z)", re.DOTALL)  # a reply that ends early leaves one open
 
     def calls(self, text: str, final: bool = True) -> list[Call]:
         at, calls = self.start(text), []
@@ -165,39 +194,28 @@ class Hermes(CallFormat):
             calls.append(call)
         return calls
 
-    def content(self, text: str, at: int) -> str | None:
-        return text[:at].rstrip() or None
-
     def write(self, calls: list[Call]) -> str:
         return "".join(f'{self.OPEN}{{"name": {json.dumps(c.name, ensure_ascii=False)}, "arguments": {c.as_json()}}}'
                        f"{self.CLOSE}" for c in calls)  # fmt: skip
 
 
-class Llama3Json(CallFormat):
+class Llama3Json(_WholeReply):
     name = "llama3_json"
-    TAG = "<|python_tag|>"
+    TAG, OPENING = "<|python_tag|>", "{"
     example = '{"name": "NAME", "parameters": {...}}'
     models = "Llama 3.1 and later"
 
-    def start(self, text: str) -> int | None:
-        rest = text.lstrip()
-        return len(text) - len(rest) if rest.startswith((self.TAG, "{")) else None
-
-    def held(self, text: str) -> int:
-        return len(text) if self.TAG.startswith(text.lstrip()) else 0  # nothing but (the start of) the tag yet
-
     def calls(self, text: str, final: bool = True) -> list[Call]:
-        if self.start(text) is None:
-            return []
-        return _objects(text.lstrip().removeprefix(self.TAG).lstrip(), ";")
+        return _objects(self._calls_text(text), ";")
 
     def write(self, calls: list[Call]) -> str:
         return "; ".join(json.dumps({"name": c.name, "parameters": c.arguments}, ensure_ascii=False) for c in calls)
 
 
-class Mistral(CallFormat):
+class Mistral(_AfterContent):
     name = "mistral"
     TAG, ARGS, CALL_ID = "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"
+    MARKER = TAG
     markers = (TAG, ARGS, CALL_ID)
     example = "[TOOL_CALLS]NAME[ARGS]{...}"
     models = "Mistral 7B v0.3, Mixtral 8x22B, Mistral Small 3.1+, Devstral"
@@ -206,13 +224,6 @@ class Mistral(CallFormat):
 
     def call_id(self) -> str:
         return "".join(secrets.choice(self._ID) for _ in range(9))
-
-    def start(self, text: str) -> int | None:
-        at = text.find(self.TAG)
-        return None if at == -1 else at
-
-    def held(self, text: str) -> int:
-        return _held_prefix(text, self.TAG)
 
     def calls(self, text: str, final: bool = True) -> list[Call]:
         at = self.start(text)
@@ -237,35 +248,25 @@ class Mistral(CallFormat):
                 break
         return calls
 
-    def content(self, text: str, at: int) -> str | None:
-        return text[:at].rstrip() or None
-
     def write(self, calls: list[Call]) -> str:
         return "".join(f"{self.TAG}{c.name}{self.ARGS}{c.as_json()}" for c in calls)
 
 
-class Pythonic(CallFormat):
+class Pythonic(_WholeReply):
     name = "pythonic"
-    TAG = "<|python_start|>"
+    TAG, OPENING = "<|python_start|>", "["
     example = "[NAME(ARGUMENT=VALUE, ...)]"
     models = "Llama 3.2 and 4, ToolACE"
     _NAME = re.compile(r"\s*([A-Za-z_]\w*)\s*\(")  # a call's name and opening parenthesis
-
-    def start(self, text: str) -> int | None:
-        rest = text.lstrip()
-        return len(text) - len(rest) if rest.startswith((self.TAG, "[")) else None
-
-    def held(self, text: str) -> int:
-        return len(text) if self.TAG.startswith(text.lstrip()) else 0
+    _CLOSE = re.compile(r"\)")
 
     def calls(self, text: str, final: bool = True) -> list[Call]:
-        at = self.start(text)
-        rest = "" if at is None else text[at:].removeprefix(self.TAG).lstrip()
+        rest = self._calls_text(text)
         calls, i = [], 1
         while rest.startswith("[") and (name := self._NAME.match(rest, i)):
             call = None
-            for close in re.finditer(r"\)", rest[name.end() - 1 :]):  # the first ")" that makes a whole call
-                end = name.end() - 1 + close.end()
+            for close in self._CLOSE.finditer(rest, name.end()):  # the first ")" that makes a whole call
+                end = close.end()
                 call = _python_call(rest[name.start(1) : end])
                 if call is not None:
                     break
