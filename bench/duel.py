@@ -12,7 +12,8 @@ each waiting idle while the other runs; each pair of runs lies seconds apart. Th
 over B's; the result is the median [min-max] of the pairs' ratios. Engines: neolm, neolm:compile, neolm:hp,
 transformers, transformers:eager, ctranslate2, llamacpp (the bench's variants). With more than two engines
 (--engines neolm,neolm:hp,llamacpp), each round runs them all, in order and then reversed, and each engine's
-ratios are over the last one's rate in the same round: one row per engine before it.
+ratios are over the last one's rate in the same round: one row per engine before it. `neolm@TREE` runs the neolm
+of another checkout (e.g. `git worktree add /tmp/old HEAD~1`): a change measured against what it changes.
 """
 
 from __future__ import annotations
@@ -43,12 +44,26 @@ def python_for(engine: str, args) -> str:
     raise SystemExit(f"{engine}: not installed (see bench/README.md, Installing the peers)")
 
 
+def commit_of(tree: Path) -> str:
+    """The checkout's commit, with "+" where its tracked files differ from it (a change not yet committed)."""
+
+    def git(*cmd: str) -> str:
+        done = subprocess.run(["git", "-C", str(tree), *cmd], capture_output=True, text=True, check=False)
+        return done.stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + ("+" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 class Contender:
     def __init__(self, spec: str, args):
         self.name = spec
+        spec, _, tree = spec.partition("@")
         engine, _, variant = spec.partition(":")
+        if tree and not (Path(tree) / "neolm" / "__init__.py").is_file():
+            raise SystemExit(f"{self.name}: {tree} is not a neolm checkout")
+        self.commit = commit_of(Path(tree) if tree else REPO)
         env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-                   TRANSFORMERS_VERBOSITY="error", PYTHONPATH=str(REPO))  # fmt: skip
+                   TRANSFORMERS_VERBOSITY="error", PYTHONPATH=tree or str(REPO))  # fmt: skip
         cmd = [python_for(engine, args), str(HERE / "engines" / "worker.py"), "--serve", "--engine", engine,
                "--variant", variant, "--model-dir", str(MODELS / args.model / "hf"), "--precision", args.precision,
                "--threads", str(args.threads), "--new-tokens", str(args.new_tokens)]  # fmt: skip
@@ -108,10 +123,10 @@ def main() -> None:
     finally:
         for c in contenders:
             c.close()
-    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            check=False).stdout.strip()  # fmt: skip
+    commit = commit_of(REPO)  # each row's: its A's and B's where they differ
     rows = [(f"| {args.model} | {args.precision} | {c.name} / {base.name} | {spread(ratios[c.name])} | "
-             f"{spread(c.rates, '{:.1f}')} | {spread(base.rates, '{:.1f}')} | {args.pairs} | {commit} |")
+             f"{spread(c.rates, '{:.1f}')} | {spread(base.rates, '{:.1f}')} | {args.pairs} | "
+             f"{c.commit if c.commit == base.commit else f'{c.commit} / {base.commit}'} |")
             for c in others]  # fmt: skip
     print("\n| model | precision | A / B | ratio, median [min–max] of the pairs | A tok/s | B tok/s | pairs | commit |")
     print("|---|---|---|---|---|---|---|---|")
@@ -129,7 +144,8 @@ def main() -> None:
             f.write("".join(row + "\n" for row in rows))
         record = {"model": args.model, "precision": args.precision, "engines": specs,
                   "rates": {c.name: c.rates for c in contenders}, "ratios": ratios, "base": base.name,
-                  "commit": commit, "threads": args.threads, "new_tokens": args.new_tokens, "started": started,
+                  "commit": commit, "commits": {c.name: c.commit for c in contenders}, "threads": args.threads,
+                  "new_tokens": args.new_tokens, "started": started,
                   "wall_s": time.time() - started}  # fmt: skip
         with out.with_suffix(".jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")

@@ -321,7 +321,12 @@ def test_int4_to_bf16(n, k, group):
         gemv.to_bf16(2, n)  # not at a block of rows
     assert torch.equal(gemv.codes(), codes)  # the layout inverts (rows padded to blocks of 16 dropped)
     from_saved = native.Int4Gemv(pack_int4(codes), scale, zero, group)
-    assert torch.equal(from_saved.q, gemv.q) and torch.equal(from_saved.c, gemv.c)
+    assert torch.equal(from_saved.q, gemv.q) and torch.equal(from_saved.sz, gemv.sz)
+    # the scales and zeros as stored (bf16), a band of 64 rows side by side per group: scales, then zeros
+    bands = -(-n // 64)
+    assert gemv.sz.dtype == torch.bfloat16 and gemv.sz.shape == (bands, k // group, 2, 64)
+    row, t = n - 1, k // group - 1
+    assert gemv.sz[row // 64, t, 0, row % 64] == scale[row, t] and gemv.sz[row // 64, t, 1, row % 64] == zero[row, t]
     assert torch.equal(gemv.q, native.pack_int4_gemv(codes))  # the native repacking lays out as the reference
 
 

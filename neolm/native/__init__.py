@@ -60,8 +60,8 @@ _SIGNATURES = {
     "neolm_gemv_f32": [_p, _p, _p, _int, _p, _int, _i64, _i64],
     "neolm_gemv_bf16": [_p, _p, _p, _int, _p, _int, _i64, _i64],
     "neolm_gemv_int8": [_p, _p, _p, _p, _int, _p, _int, _i64, _i64],
-    "neolm_gemv_int4": [_p, _p, _p, _p, _p, _int, _p, _int, _i64, _i64, _i64],
-    "neolm_int4_to_bf16": [_p, _p, _p, _p, _i64, _i64, _i64, _i64],
+    "neolm_gemv_int4": [_p, _p, _p, _p, _int, _p, _int, _i64, _i64, _i64],
+    "neolm_int4_to_bf16": [_p, _p, _p, _i64, _i64, _i64, _i64],
     "neolm_int4_pack": [_p, _p, _i64, _i64],
     "neolm_int8_to_bf16": [_p, _p, _i64],
     "neolm_argmax": [_p, _i64, _i64, _p],
@@ -71,12 +71,12 @@ _SIGNATURES = {
     "neolm_gemm_int8f": [_p, _i64, _p, _p, _p, _int, _p, _int, _i64, _i64],
     "neolm_int8f_repack": [_p, _p, _i64, _i64, _int],
     "neolm_gemm_int8a8": [_p, _i64, _p, _p, _p, _int, _p, _int, _i64, _i64, _p],
-    "neolm_gemm_int4a8": [_p, _i64, _p, _p, _p, _p, _int, _p, _int, _i64, _i64, _i64, _p],
+    "neolm_gemm_int4a8": [_p, _i64, _p, _p, _p, _int, _p, _int, _i64, _i64, _i64, _p],
     "neolm_a8_work_bytes": [_i64, _i64],
     "neolm_gemm_int8a16": [_p, _i64, _p, _p, _p, _int, _p, _int, _i64, _i64, _p],
     "neolm_int8a8_repack": [_p, _p, _i64, _i64, _int],
     "neolm_a16_work_bytes": [_i64, _i64],
-    "neolm_gemm_int4": [_p, _i64, _p, _p, _p, _p, _int, _p, _int, _i64, _i64, _i64],
+    "neolm_gemm_int4": [_p, _i64, _p, _p, _p, _int, _p, _int, _i64, _i64, _i64],
     "neolm_gemm_int4h": [_p, _i64, _p, _p, _int, _p, _int, _i64, _i64, _i64, _p],
     "neolm_int4h_repack": [_p, _p, _p, _p, _i64, _i64, _i64, _int],
     "neolm_int4h_panel_bytes": [_i64, _i64, _i64],
@@ -163,8 +163,7 @@ class Weights:
     kind: str  # f32, bf16, int8, int4, int8a8, int4a8, int8f, int4h, int8a16 (FEATURES)
     w: torch.Tensor  # f32/bf16 (N, K); int8 codes (N, K); int4 codes in pack_int4_gemv's layout; int8a8 and int8a16:
     # int8a8_pack's; int8f: int8f_pack's; int4h: Int4Panels' (codes, scales and zeros)
-    s: torch.Tensor | None = None  # int8: bf16 scales (N,); int4: fp32 scales (N/64, K/G, 4, 16)
-    c: torch.Tensor | None = None  # int4: fp32 offsets (N/64, K/G, 4, 16)
+    s: torch.Tensor | None = None  # int8: bf16 scales (N,); int4: bf16 scales and zeros (N/64, K/G, 2, 64)
     bias: torch.Tensor | None = None
     n: int = 0
     k: int = 0
@@ -354,12 +353,11 @@ class Int4Gemv:
         pad = -self.n % (INT4_ROWS * INT4_BAND)
         self.q = weight_empty((self.n + pad, self.k // 2), torch.uint8)
         _library()[0].neolm_int4_pack(canonical.data_ptr(), self.q.data_ptr(), self.n, self.k)
-        s = scale.float()
-        # int4.cpp: sum w x = s A + (z - 136 s) X; both (N/64, K/G, 4, 16), a band's rows side by side
-        self.s, self.c = (
-            F.pad(t, (0, 0, 0, pad)).view(-1, INT4_BAND, INT4_ROWS, t.shape[1]).permute(0, 3, 1, 2).contiguous()
-            for t in (s, zero.float() - 136 * s)
-        )
+        # int4.cpp's table: (N/64, K/G, 2, 64), a band's 64 scales of a group side by side, then its 64 zeros
+        bands = (self.n + pad) // (INT4_BAND * INT4_ROWS)
+        s, z = (F.pad(t.to(torch.bfloat16), (0, 0, 0, pad)).view(bands, INT4_BAND * INT4_ROWS, -1)
+                for t in (scale, zero))  # fmt: skip
+        self.sz = torch.stack((s, z), dim=1).permute(0, 3, 1, 2).contiguous()
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> Int4Gemv:
@@ -370,7 +368,7 @@ class Int4Gemv:
 
     def weights(self, bias: torch.Tensor | None, a8: bool = False):
         """These tensors as `Weights` (for neolm.native.decode); a8: for int4a8.cpp (activations to int8)."""
-        return Weights("int4a8" if a8 else "int4", self.q, self.s, self.c, bias, self.n, self.k, self.group_size)
+        return Weights("int4a8" if a8 else "int4", self.q, self.sz, bias, self.n, self.k, self.group_size)
 
     def a8(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x (M, K) @ W^T (+ bias), each row of x quantized to int8 first with its own scale s_x = max |x| / 127
@@ -379,8 +377,8 @@ class Int4Gemv:
         y, y_bf16 = _out(x, self.n)
         lib = _library()[0]
         work = torch.empty(lib.neolm_a8_work_bytes(x.shape[0], self.k), dtype=torch.uint8)
-        lib.neolm_gemm_int4a8(xf.data_ptr(), x.shape[0], self.q.data_ptr(), self.s.data_ptr(), self.c.data_ptr(),
-                              *_bias(bias), y.data_ptr(), y_bf16, self.n, self.k, self.group_size, work.data_ptr())  # fmt: skip
+        lib.neolm_gemm_int4a8(xf.data_ptr(), x.shape[0], self.q.data_ptr(), self.sz.data_ptr(), *_bias(bias),
+                              y.data_ptr(), y_bf16, self.n, self.k, self.group_size, work.data_ptr())  # fmt: skip
         return y
 
     def codes(self) -> torch.Tensor:
@@ -397,15 +395,15 @@ class Int4Gemv:
         """Rows [start, end) of the weight matrix in bf16, (end - start, K); start a multiple of INT4_ROWS."""
         assert start % INT4_ROWS == 0 and 0 <= start <= end <= self.n
         out = torch.empty(end - start, self.k, dtype=torch.bfloat16)
-        _library()[0].neolm_int4_to_bf16(self.q.data_ptr(), self.s.data_ptr(), self.c.data_ptr(), out.data_ptr(),
-                                         start, end, self.k, self.group_size)  # fmt: skip
+        _library()[0].neolm_int4_to_bf16(self.q.data_ptr(), self.sz.data_ptr(), out.data_ptr(), start, end, self.k,
+                                         self.group_size)  # fmt: skip
         return out
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         xb = (x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)).contiguous()
         y, y_bf16 = _out(x, self.n)
         lib = _library()[0]
-        pointers = (self.q.data_ptr(), self.s.data_ptr(), self.c.data_ptr(), *_bias(bias), y.data_ptr(), y_bf16,
+        pointers = (self.q.data_ptr(), self.sz.data_ptr(), *_bias(bias), y.data_ptr(), y_bf16,
                     self.n, self.k, self.group_size)  # fmt: skip
         if x.shape[0] == 1:
             lib.neolm_gemv_int4(xb.data_ptr(), *pointers)
@@ -444,7 +442,7 @@ class Int4Panels:
     def weights(self, bias: torch.Tensor | None, a8: bool = False):
         """These tensors as `Weights` (for neolm.native.decode)."""
         assert not a8, "int4a8.cpp reads Int4Gemv's layout"
-        return Weights("int4h", self.q, None, None, bias, self.n, self.k, self.group_size)
+        return Weights("int4h", self.q, None, bias, self.n, self.k, self.group_size)
 
     def canonical(self) -> torch.Tensor:
         """The codes in their canonical (saved) packing, (N, K/2)."""

@@ -31,8 +31,7 @@ struct Lin {  // a linear layer in one of gemv.cpp's formats
   int32_t bias_bf16;
   int64_t n, k, g;  // out-features, in-features, int4 group size
   const void* w;  // weights: fp32 / bf16 (n, k), int8 codes (n, k), int4 codes in int4.cpp's layout
-  const void* s;  // int8: bf16 scales (n,); int4: fp32 scales (n / 64, k / g, 4, 16)
-  const void* c;  // int4: fp32 offsets (n / 64, k / g, 4, 16)
+  const void* s;  // int8: bf16 scales (n,); int4: bf16 scales and zeros (n / 64, k / g, 2, 64)
   const void* bias;  // (n,) or null
   int64_t lora_r;  // LoRA adapters held unmerged (neolm.multilora): rows of A and B^T, 0: none
   const void* lora_a;  // (lora_r, k) in the model's dtype: the adapters' A's rows, stacked
@@ -140,8 +139,8 @@ void linear(const Lin& l, const void* x, void* y, int bf16, int64_t rows, uint8_
     return;
   }
   if (l.kind == 5) {
-    gemm_int4a8(static_cast<const float*>(x), rows, static_cast<const uint8_t*>(l.w), static_cast<const float*>(l.s),
-                static_cast<const float*>(l.c), l.bias, l.bias_bf16, y, bf16, l.n, l.k, l.g, work);
+    gemm_int4a8(static_cast<const float*>(x), rows, static_cast<const uint8_t*>(l.w), static_cast<const uint16_t*>(l.s),
+                l.bias, l.bias_bf16, y, bf16, l.n, l.k, l.g, work);
     return;
   }
 #endif
@@ -164,8 +163,8 @@ void linear(const Lin& l, const void* x, void* y, int bf16, int64_t rows, uint8_
       case 2: gemm_int8(static_cast<const uint16_t*>(x), rows, static_cast<const int8_t*>(l.w), static_cast<const uint16_t*>(l.s),
                         l.bias, l.bias_bf16, y, bf16, l.n, l.k); break;
       case 1: gemm_bf16(static_cast<const uint16_t*>(x), rows, static_cast<const uint16_t*>(l.w), l.bias, l.bias_bf16, y, bf16, l.n, l.k); break;
-      case 3: gemm_int4(static_cast<const uint16_t*>(x), rows, static_cast<const uint8_t*>(l.w), static_cast<const float*>(l.s),
-                        static_cast<const float*>(l.c), l.bias, l.bias_bf16, y, bf16, l.n, l.k, l.g); break;
+      case 3: gemm_int4(static_cast<const uint16_t*>(x), rows, static_cast<const uint8_t*>(l.w), static_cast<const uint16_t*>(l.s),
+                        l.bias, l.bias_bf16, y, bf16, l.n, l.k, l.g); break;
 #endif
     }
     return;
@@ -176,8 +175,8 @@ void linear(const Lin& l, const void* x, void* y, int bf16, int64_t rows, uint8_
     case 2: gemv_int8(static_cast<const uint16_t*>(x), static_cast<const int8_t*>(l.w), static_cast<const uint16_t*>(l.s),
                       l.bias, l.bias_bf16, y, bf16, l.n, l.k); break;
     case 1: gemv_bf16(static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(l.w), l.bias, l.bias_bf16, y, bf16, l.n, l.k); break;
-    case 3: gemv_int4(static_cast<const uint16_t*>(x), static_cast<const uint8_t*>(l.w), static_cast<const float*>(l.s),
-                      static_cast<const float*>(l.c), l.bias, l.bias_bf16, y, bf16, l.n, l.k, l.g); break;
+    case 3: gemv_int4(static_cast<const uint16_t*>(x), static_cast<const uint8_t*>(l.w), static_cast<const uint16_t*>(l.s),
+                      l.bias, l.bias_bf16, y, bf16, l.n, l.k, l.g); break;
 #endif
   }
 }

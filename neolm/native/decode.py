@@ -30,7 +30,7 @@ _p = ctypes.c_void_p
 
 class _Lin(ctypes.Structure):
     _fields_ = [("kind", ctypes.c_int32), ("bias_bf16", ctypes.c_int32), ("n", ctypes.c_int64), ("k", ctypes.c_int64),
-                ("g", ctypes.c_int64), ("w", _p), ("s", _p), ("c", _p), ("bias", _p), ("lora_r", ctypes.c_int64),
+                ("g", ctypes.c_int64), ("w", _p), ("s", _p), ("bias", _p), ("lora_r", ctypes.c_int64),
                 ("lora_a", _p), ("lora_bt", _p), ("lora_owner", _p)]  # fmt: skip
 
 
@@ -54,7 +54,7 @@ def _lin(weights: native.Weights) -> _Lin:
     bias = weights.bias
     a, bt, owner = weights.lora or (None, None, None)
     return _Lin(KINDS[weights.kind], int(bias is not None and bias.dtype == torch.bfloat16), weights.n, weights.k,
-                weights.g, _ptr(weights.w), _ptr(weights.s), _ptr(weights.c), _ptr(bias),
+                weights.g, _ptr(weights.w), _ptr(weights.s), _ptr(bias),
                 0 if a is None else a.shape[0], _ptr(a), _ptr(bt), _ptr(owner))  # fmt: skip
 
 
@@ -76,7 +76,7 @@ class DecodeStep:
             layer.ln1_w, layer.ln1_b, layer.ln2_w, layer.ln2_b = map(_ptr, norms)
             layer.qkv, layer.proj, layer.fc, layer.out = map(_lin, lins)
             layer.window = block.window or 0
-            keep += [*norms, *(t for w in lins for t in (w.w, w.s, w.c, w.bias, *(w.lora or ())))]
+            keep += [*norms, *(t for w in lins for t in (w.w, w.s, w.bias, *(w.lora or ())))]
         self.rope = None
         if config.rotary_dims:
             self.rope = rotary_table(config.n_positions, config.rotary_dims, config.rotary_base)  # fp32 (P, rot)

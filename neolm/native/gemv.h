@@ -82,13 +82,15 @@ inline int64_t work_bytes(int64_t m, int64_t k) {
 }
 
 // int4.cpp's layout (described there), shared by int4a8.cpp: where block b's chunk j starts (bytes from the
-// codes), and its scales' or offsets' group t (floats from s or c).
+// codes), and where its 16 scales of group t start in the bf16 table sz (numbers from sz; its 16 zeros follow
+// SZ_ZEROS numbers later).
 constexpr int64_t INT4_ROWS = 16, INT4_BAND = 4;  // neolm/native/__init__.py INT4_ROWS, INT4_BAND
+constexpr int64_t SZ_ZEROS = INT4_BAND * INT4_ROWS;
 inline int64_t chunk_at(int64_t b, int64_t j, int64_t k) {
   return ((b / INT4_BAND * (k / 8) + j) * INT4_BAND + b % INT4_BAND) * 64;
 }
-inline int64_t group_at(int64_t b, int64_t t, int64_t groups) {
-  return ((b / INT4_BAND * groups + t) * INT4_BAND + b % INT4_BAND) * INT4_ROWS;
+inline int64_t sz_at(int64_t b, int64_t t, int64_t groups) {
+  return (b / INT4_BAND * groups + t) * 2 * SZ_ZEROS + b % INT4_BAND * INT4_ROWS;
 }
 
 #ifdef NEOLM_AVX512
@@ -103,6 +105,14 @@ inline __m256i to_bf16(__m512 v) {  // 16 floats to bf16, round to nearest even,
 
 inline __m512 widen(__m256i h) {  // 16 bf16 numbers to fp32 (exact)
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// int4.cpp's scales s and offsets c = z - 136 s of block b's 16 rows in group t, from the bf16 table sz: s exact,
+// c rounded once (136 s is exact in fp32: s has 8 significant bits).
+inline void int4_scales(const uint16_t* sz, int64_t b, int64_t t, int64_t groups, __m512& s, __m512& c) {
+  const uint16_t* at = sz + sz_at(b, t, groups);
+  s = widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)));
+  c = _mm512_fnmadd_ps(_mm512_set1_ps(136.0f), s, widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at + SZ_ZEROS))));
 }
 
 // Elementwise helpers of decode.cpp, attention.cpp and int4.cpp: `bf16` says whether p holds bf16 or fp32
@@ -173,8 +183,8 @@ void gemv_int8(const uint16_t* x, const int8_t* q, const uint16_t* scale, const 
                int out_bf16, int64_t n, int64_t k);
 void gemv_bf16(const uint16_t* x, const uint16_t* w, const void* bias, int bias_bf16, void* y, int out_bf16,
                int64_t n, int64_t k);
-void gemv_int4(const uint16_t* x, const uint8_t* q, const float* s, const float* c, const void* bias, int bias_bf16,
-               void* y, int out_bf16, int64_t n, int64_t k, int64_t g);
+void gemv_int4(const uint16_t* x, const uint8_t* q, const uint16_t* sz, const void* bias, int bias_bf16, void* y,
+               int out_bf16, int64_t n, int64_t k, int64_t g);
 #endif
 
 // Y (m, n) = X (m, k) @ W (n, k)^T + bias for a few rows of X (gemm.cpp; int4: int4.cpp), same formats.
@@ -185,8 +195,8 @@ void gemm_int8(const uint16_t* x, int64_t m, const int8_t* q, const uint16_t* sc
                void* y, int out_bf16, int64_t n, int64_t k);
 void gemm_bf16(const uint16_t* x, int64_t m, const uint16_t* w, const void* bias, int bias_bf16, void* y,
                int out_bf16, int64_t n, int64_t k);
-void gemm_int4(const uint16_t* x, int64_t m, const uint8_t* q, const float* s, const float* c, const void* bias,
-               int bias_bf16, void* y, int out_bf16, int64_t n, int64_t k, int64_t g);
+void gemm_int4(const uint16_t* x, int64_t m, const uint8_t* q, const uint16_t* sz, const void* bias, int bias_bf16,
+               void* y, int out_bf16, int64_t n, int64_t k, int64_t g);
 #endif
 // int8 codes in int8f.cpp's panels, scale bf16 (n,), x fp32, fp32 FMAs (no bf16 instructions); any m.
 void gemm_int8f(const float* x, int64_t m, const int8_t* w, const uint16_t* scale, const void* bias, int bias_bf16,
@@ -205,8 +215,8 @@ void gemm_int8a8(const float* x, int64_t m, const uint8_t* w, const uint16_t* sc
 void gemm_int8a16(const float* x, int64_t m, const uint8_t* w, const uint16_t* scale, const void* bias, int bias_bf16,
                   void* y, int out_bf16, int64_t n, int64_t k, uint8_t* work);
 // int4 codes (int4.cpp's layout) against rows of X quantized to int8 on the fly (int4a8.cpp); `work` as above.
-void gemm_int4a8(const float* x, int64_t m, const uint8_t* w, const float* s, const float* c, const void* bias,
-                 int bias_bf16, void* y, int out_bf16, int64_t n, int64_t k, int64_t g, uint8_t* work);
+void gemm_int4a8(const float* x, int64_t m, const uint8_t* w, const uint16_t* sz, const void* bias, int bias_bf16,
+                 void* y, int out_bf16, int64_t n, int64_t k, int64_t g, uint8_t* work);
 #endif
 #endif
 

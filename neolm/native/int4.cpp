@@ -5,7 +5,7 @@
 // Codes q in [0, 15], w = (q - 8) s + z per group of G in-features (G a multiple of 8 dividing K). The 16-bit
 // word 0x43 << 8 | q is the bf16 number 128 + q exactly, so vdpbf16ps sums (128 + q) x exactly in pairs
 // (x bf16); over a group, sum w x = s A + (z - 136 s) X with A = sum (128 + q) x and X = sum x
-// (c = z - 136 s, computed at packing).
+// (c = z - 136 s, computed from s and z as a group's sums are added up).
 //
 // Layout: the out-features in blocks of INT4_ROWS = 16, each block K/8 chunks of 64 bytes, chunk j holding
 // in-features 8j .. 8j + 7 of the block's 16 rows; the blocks in bands of INT4_BAND = 4 (64 rows; zero codes
@@ -19,7 +19,11 @@
 // broadcast to every lane, adds to all 16 rows' sums at once ("lanes over out-features"): a group's scale
 // costs one FMA per 16 rows and G/2 products. With lanes over in-features (sessions <= 7) it cost one per two
 // products, and the few-row kernel ran at half the bf16 peak.
-// s, c: fp32 (N/64, K/G, 4, 16): a band's 64 rows side by side, group by group.
+// sz: the scales s and zeros z as stored (bf16), (N/64, K/G, 2, 64): group by group, a band's 64 scales side by
+// side, then its 64 zeros; one stream beside the codes', 0.5 bits a weight at G = 64. (Until session 45 they were
+// fp32, the offsets c stored in place of z: 1 bit a weight in two streams. The one-row kernel reads at the speed
+// of a plain read of its bytes, so its time follows them: pythia-1.4b int4 decoding ran 1.13x faster with the
+// bf16 table, alternated run by run; bench/README.md.)
 
 #include <algorithm>
 #include <vector>
@@ -32,7 +36,7 @@ namespace neolm {
 // matrices, 4 rows x 2 blocks (the next 4 rows meet the blocks' codes again, from L2) at 365 (bench/PROFILE.md).
 constexpr int TILE = 4;
 // Software prefetch distances in bytes. One row: the codes 1 KiB ahead (gemv.h's 512 for the other formats),
-// the scales and offsets 2 KiB ahead; without the latter, one row ran 15% slower than with the old layout,
+// the scales and zeros 2 KiB ahead; without the latter, one row ran 15% slower than with the old layout,
 // whose 4 rows shared one stream of codes and read their scales as scalars (bench/PROFILE.md, session 8).
 constexpr int64_t Q_AHEAD_ONE_ROW = 1024, SC_AHEAD = 2048;
 
@@ -63,8 +67,7 @@ struct Chunk {  // one chunk's 128 codes as the bf16 numbers 128 + q: 4 vectors,
 // and 4-5 of a chunk; 2-3 and 6-7), so that R x NB x 2 chains of vdpbf16ps hide its latency; every output gets
 // the same operations in the same order whatever R and NB: a row gets the numbers alone it gets in a batch.
 template <int R, int NB>
-void tile(const uint16_t* x, int64_t k, int64_t t0, const uint8_t* q, const float* s, const float* c,
-          const float* xsum, int64_t g, int64_t ob, int64_t n, const void* bias, int bias_bf16, void* y, int out_bf16,
+void tile(const uint16_t* x, int64_t k, int64_t t0, const uint8_t* q, const uint16_t* sz, const float* xsum, int64_t g, int64_t ob, int64_t n, const void* bias, int bias_bf16, void* y, int out_bf16,
           int64_t ahead) {
   const int64_t groups = k / g, per_group = g / 8;
   __m512 total[R][NB];
@@ -74,8 +77,8 @@ void tile(const uint16_t* x, int64_t k, int64_t t0, const uint8_t* q, const floa
     __m512 even[R][NB], odd[R][NB];
     for (int r = 0; r < R; r++) {
       for (int b = 0; b < NB; b++) even[r][b] = odd[r][b] = _mm512_setzero_ps();
-      prefetch(s + group_at(ob + r, t, groups), SC_AHEAD);  // their own streams, beside the codes'
-      prefetch(c + group_at(ob + r, t, groups), SC_AHEAD);
+      prefetch(sz + sz_at(ob + r, t, groups), SC_AHEAD);  // their own stream, beside the codes'
+      prefetch(sz + sz_at(ob + r, t, groups) + SZ_ZEROS, SC_AHEAD);
     }
     for (int64_t j = t * per_group; j < (t + 1) * per_group; j++) {
       for (int r = 0; r < R; r++) {
@@ -92,8 +95,8 @@ void tile(const uint16_t* x, int64_t k, int64_t t0, const uint8_t* q, const floa
       }
     }
     for (int r = 0; r < R; r++) {
-      const __m512 sv = _mm512_loadu_ps(s + group_at(ob + r, t, groups));
-      const __m512 cv = _mm512_loadu_ps(c + group_at(ob + r, t, groups));
+      __m512 sv, cv;
+      int4_scales(sz, ob + r, t, groups, sv, cv);
       for (int b = 0; b < NB; b++) {
         total[r][b] = _mm512_fmadd_ps(_mm512_add_ps(even[r][b], odd[r][b]), sv, total[r][b]);
         total[r][b] = _mm512_fmadd_ps(cv, _mm512_set1_ps(xsum[(t0 + b) * groups + t]), total[r][b]);
@@ -113,28 +116,27 @@ void tile(const uint16_t* x, int64_t k, int64_t t0, const uint8_t* q, const floa
 }
 
 template <int R>
-void tile_rows(const uint16_t* x, int64_t m, int64_t k, int64_t t0, const uint8_t* q, const float* s, const float* c,
-               const float* xsum, int64_t g, int64_t ob, int64_t n, const void* bias, int bias_bf16, void* y,
+void tile_rows(const uint16_t* x, int64_t m, int64_t k, int64_t t0, const uint8_t* q, const uint16_t* sz, const float* xsum, int64_t g, int64_t ob, int64_t n, const void* bias, int bias_bf16, void* y,
                int out_bf16, int64_t ahead) {
   with_rows<TILE>(m - t0, [&](auto rows) {
-    tile<R, rows>(x, k, t0, q, s, c, xsum, g, ob, n, bias, bias_bf16, y, out_bf16, ahead);
+    tile<R, rows>(x, k, t0, q, sz, xsum, g, ob, n, bias, bias_bf16, y, out_bf16, ahead);
   });
 }
 
 // Every R blocks of out-features (split over the threads), against every tile of up to TILE rows of x; a last
 // group of fewer than R blocks one block at a time.
 template <int R>
-void int4_blocks(const uint16_t* x, int64_t m, const uint8_t* q, const float* s, const float* c, const float* xsum,
+void int4_blocks(const uint16_t* x, int64_t m, const uint8_t* q, const uint16_t* sz, const float* xsum,
                  const void* bias, int bias_bf16, void* y, int out_bf16, int64_t n, int64_t k, int64_t g) {
   const int64_t blocks = (n + INT4_ROWS - 1) / INT4_ROWS, ahead = prefetch_ahead(m, Q_AHEAD_ONE_ROW);
 #pragma omp for schedule(static)
   for (int64_t ob = 0; ob < blocks; ob += R)
     for (int64_t t0 = 0; t0 < m; t0 += TILE) {
       if (ob + R <= blocks)
-        tile_rows<R>(x, m, k, t0, q, s, c, xsum, g, ob, n, bias, bias_bf16, y, out_bf16, ahead);
+        tile_rows<R>(x, m, k, t0, q, sz, xsum, g, ob, n, bias, bias_bf16, y, out_bf16, ahead);
       else
         for (int64_t b = ob; b < blocks; b++)
-          tile_rows<1>(x, m, k, t0, q, s, c, xsum, g, b, n, bias, bias_bf16, y, out_bf16, ahead);
+          tile_rows<1>(x, m, k, t0, q, sz, xsum, g, b, n, bias, bias_bf16, y, out_bf16, ahead);
     }
 }
 
@@ -142,7 +144,7 @@ void int4_blocks(const uint16_t* x, int64_t m, const uint8_t* q, const float* s,
 
 // Y (m, n) = X (m, k) @ W^T + bias, W in the layout above: R blocks of 16 rows at a time so that a step has
 // at least 8 independent sums (2 or more rows of x: 2 blocks, one row: 4).
-void gemm_int4(const uint16_t* x, int64_t m, const uint8_t* q, const float* s, const float* c, const void* bias,
+void gemm_int4(const uint16_t* x, int64_t m, const uint8_t* q, const uint16_t* sz, const void* bias,
                int bias_bf16, void* y, int out_bf16, int64_t n, int64_t k, int64_t g) {
   const int64_t groups = k / g;
   std::vector<float> xsum(m * groups);  // X of every row of x and group
@@ -153,14 +155,14 @@ void gemm_int4(const uint16_t* x, int64_t m, const uint8_t* q, const float* s, c
       xsum[i * groups + t] = sum;
     }
   if (m >= 2)
-    int4_blocks<2>(x, m, q, s, c, xsum.data(), bias, bias_bf16, y, out_bf16, n, k, g);
+    int4_blocks<2>(x, m, q, sz, xsum.data(), bias, bias_bf16, y, out_bf16, n, k, g);
   else
-    int4_blocks<4>(x, m, q, s, c, xsum.data(), bias, bias_bf16, y, out_bf16, n, k, g);
+    int4_blocks<4>(x, m, q, sz, xsum.data(), bias, bias_bf16, y, out_bf16, n, k, g);
 }
 
-void gemv_int4(const uint16_t* x, const uint8_t* q, const float* s, const float* c, const void* bias, int bias_bf16,
-               void* y, int out_bf16, int64_t n, int64_t k, int64_t g) {
-  gemm_int4(x, 1, q, s, c, bias, bias_bf16, y, out_bf16, n, k, g);
+void gemv_int4(const uint16_t* x, const uint8_t* q, const uint16_t* sz, const void* bias, int bias_bf16, void* y,
+               int out_bf16, int64_t n, int64_t k, int64_t g) {
+  gemm_int4(x, 1, q, sz, bias, bias_bf16, y, out_bf16, n, k, g);
 }
 
 // The weights w = s (128 + q) + c = (q - 8) s + z of rows [r0, r1) (r0 a multiple of 16), rounded to bf16, into
@@ -170,7 +172,7 @@ void gemv_int4(const uint16_t* x, const uint8_t* q, const float* s, const float*
 // L1 first, which goes out in whole 64-byte lines. 16-byte stores straight into 16 rows of out, which lie
 // k * 2 bytes apart (4 KiB at k = 2048: one cache set), made a 32-token prompt of pythia-1.4b take 348 ms
 // instead of 198.
-void int4_to_bf16(const uint8_t* q, const float* s, const float* c, uint16_t* out, int64_t r0, int64_t r1, int64_t k,
+void int4_to_bf16(const uint8_t* q, const uint16_t* sz, uint16_t* out, int64_t r0, int64_t r1, int64_t k,
                   int64_t g) {
   const int64_t groups = k / g, chunks = k / 8;
   const __m512i lower = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
@@ -188,8 +190,8 @@ void int4_to_bf16(const uint8_t* q, const float* s, const float* c, uint16_t* ou
         const int64_t j = j0 + jj;
         if (8 * j / g != group) {
           group = 8 * j / g;
-          const __m512 sv = _mm512_loadu_ps(s + group_at(ob, group, groups));
-          const __m512 cv = _mm512_loadu_ps(c + group_at(ob, group, groups));
+          __m512 sv, cv;
+          int4_scales(sz, ob, group, groups, sv, cv);
           s_lo = _mm512_permutexvar_ps(lower, sv), s_hi = _mm512_permutexvar_ps(upper, sv);
           c_lo = _mm512_permutexvar_ps(lower, cv), c_hi = _mm512_permutexvar_ps(upper, cv);
         }
@@ -260,22 +262,22 @@ void neolm_int4_pack(const uint8_t* canon, uint8_t* out, int64_t n, int64_t k) {
 }
 
 #if defined(NEOLM_AVX512) && defined(__AVX512BF16__)
-void neolm_gemv_int4(const uint16_t* x, const uint8_t* q, const float* s, const float* c, const void* bias,
-                     int bias_bf16, void* y, int out_bf16, int64_t n, int64_t k, int64_t g) {
+void neolm_gemv_int4(const uint16_t* x, const uint8_t* q, const uint16_t* sz, const void* bias, int bias_bf16, void* y,
+                     int out_bf16, int64_t n, int64_t k, int64_t g) {
 #pragma omp parallel
-  neolm::gemv_int4(x, q, s, c, bias, bias_bf16, y, out_bf16, n, k, g);
+  neolm::gemv_int4(x, q, sz, bias, bias_bf16, y, out_bf16, n, k, g);
 }
 
-void neolm_gemm_int4(const uint16_t* x, int64_t m, const uint8_t* q, const float* s, const float* c, const void* bias,
+void neolm_gemm_int4(const uint16_t* x, int64_t m, const uint8_t* q, const uint16_t* sz, const void* bias,
                      int bias_bf16, void* y, int out_bf16, int64_t n, int64_t k, int64_t g) {
 #pragma omp parallel
-  neolm::gemm_int4(x, m, q, s, c, bias, bias_bf16, y, out_bf16, n, k, g);
+  neolm::gemm_int4(x, m, q, sz, bias, bias_bf16, y, out_bf16, n, k, g);
 }
 
-void neolm_int4_to_bf16(const uint8_t* q, const float* s, const float* c, uint16_t* out, int64_t r0, int64_t r1,
-                        int64_t k, int64_t g) {
+void neolm_int4_to_bf16(const uint8_t* q, const uint16_t* sz, uint16_t* out, int64_t r0, int64_t r1, int64_t k,
+                        int64_t g) {
 #pragma omp parallel
-  neolm::int4_to_bf16(q, s, c, out, r0, r1, k, g);
+  neolm::int4_to_bf16(q, sz, out, r0, r1, k, g);
 }
 #endif
 

@@ -9,8 +9,8 @@
 //
 // Per group of G in-features, with w = (q - 8) s + z:
 //   sum w x = s_x (s A + (z - 8 s) X),  A = sum q x_q (int32, exact),  X = sum x_q,
-// z - 8 s = c + 128 s from int4.cpp's offsets c = z - 136 s. A group's A goes to fp32 at its end (2 FMAs per
-// 16 out-features and row), the rows' sums X with their quantization.
+// z - 8 s = c + 128 s with int4.cpp's offsets c = z - 136 s (gemv.h's int4_scales). A group's A goes to fp32 at
+// its end (2 FMAs per 16 out-features and row), the rows' sums X with their quantization.
 //
 // A chunk of int4.cpp's layout holds in 128-bit lane L, byte i, row 4 L + (i % 8) / 2 and in-features
 // 8 j + 2 (i / 8) + i % 2 (low nibble) and + 4 (high nibble). One vpshufb per nibble half gathers each row's 4
@@ -109,23 +109,22 @@ __attribute__((noinline)) void group_sums(const int8_t* q, int64_t kp, const uin
 // from L2 with nothing coming from memory meanwhile (batch-8 decoding steps of gpt-neo-125M W4A8 ~1.06x faster
 // this way). Prompts take tiles of 4 rows (in tiles of 8 they ran at 0.85x: bench/PROFILE.md, session 15).
 template <int TB>
-void tile(const int8_t* q, int64_t kp, const float* xg, const uint8_t* w, const float* s, const float* c,
-          int64_t band, int64_t k, int64_t g, float* out) {
+void tile(const int8_t* q, int64_t kp, const float* xg, const uint8_t* w, const uint16_t* sz, int64_t band, int64_t k, int64_t g, float* out) {
   const int64_t groups = k / g, per_group = g / 8;
   const __m512 k128 = _mm512_set1_ps(128.0f);
   for (int i = 0; i < TB * 64; i += 16) _mm512_store_ps(out + i, _mm512_setzero_ps());
   for (int64_t t = 0; t < groups; t++) {
-    const float* sg = s + group_at(band * INT4_BAND, t, groups);  // the band's 64 scales of group t, and offsets
-    const float* cg = c + group_at(band * INT4_BAND, t, groups);
-    prefetch(sg, SCALES_AHEAD);
-    prefetch(cg, SCALES_AHEAD);
+    for (int64_t line = 0; line < 2 * SZ_ZEROS; line += 32)  // the band's 64 scales of group t, and zeros: 4 lines
+      prefetch(sz + sz_at(band * INT4_BAND, t, groups) + line, SCALES_AHEAD);
     alignas(64) int32_t sums[TB * 64];
     const uint8_t* chunks = w + chunk_at(band * INT4_BAND, t * per_group, k);
     group_sums<std::min(TB, X_ROWS)>(q + t * g, kp, chunks, per_group, sums);
     if constexpr (TB > X_ROWS)
       group_sums<TB - X_ROWS>(q + X_ROWS * kp + t * g, kp, chunks, per_group, sums + X_ROWS * 64);
     for (int z = 0; z < 4; z++) {
-      const __m512 sv = _mm512_loadu_ps(sg + 16 * z), cv = _mm512_fmadd_ps(k128, sv, _mm512_loadu_ps(cg + 16 * z));
+      __m512 sv, cv;
+      int4_scales(sz, band * INT4_BAND + z, t, groups, sv, cv);
+      cv = _mm512_fmadd_ps(k128, sv, cv);
       for (int i = 0; i < TB; i++) {
         float* o = out + 64 * i + 16 * z;
         const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(sums + 64 * i + 16 * z)), sv, _mm512_load_ps(o));
@@ -135,16 +134,16 @@ void tile(const int8_t* q, int64_t kp, const float* xg, const uint8_t* w, const 
   }
 }
 
-using TileFn = void (*)(const int8_t*, int64_t, const float*, const uint8_t*, const float*, const float*, int64_t,
-                        int64_t, int64_t, float*);
+using TileFn = void (*)(const int8_t*, int64_t, const float*, const uint8_t*, const uint16_t*, int64_t, int64_t, int64_t,
+                        float*);
 constexpr int BATCH_ROWS = 2 * X_ROWS;  // at most this many rows: one tile
 constexpr TileFn TILES[BATCH_ROWS + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>,
                                           tile<5>, tile<6>, tile<7>, tile<8>};
 
 }  // namespace
 
-void gemm_int4a8(const float* x, int64_t m, const uint8_t* w, const float* s, const float* c, const void* bias,
-                 int bias_bf16, void* y, int out_bf16, int64_t n, int64_t k, int64_t g, uint8_t* work) {
+void gemm_int4a8(const float* x, int64_t m, const uint8_t* w, const uint16_t* sz, const void* bias, int bias_bf16,
+                 void* y, int out_bf16, int64_t n, int64_t k, int64_t g, uint8_t* work) {
   const int64_t kp = a8_row_bytes(k), groups = k / g, bands = (n + 64 - 1) / 64;
   int8_t* q = reinterpret_cast<int8_t*>(work);
   float* xs = reinterpret_cast<float*>(work + m * kp);
@@ -157,7 +156,7 @@ void gemm_int4a8(const float* x, int64_t m, const uint8_t* w, const float* s, co
     for (int64_t t0 = 0; t0 < m; t0 += rows) {
       const int tb = int(std::min(rows, m - t0));
       alignas(64) float out[BATCH_ROWS * 64];
-      TILES[tb](q + t0 * kp, kp, xg + t0 * groups, w, s, c, band, k, g, out);
+      TILES[tb](q + t0 * kp, kp, xg + t0 * groups, w, sz, band, k, g, out);
       for (int i = 0; i < tb; i++) {
         const __m512 sx = _mm512_set1_ps(xs[t0 + i]);
         for (int64_t f = f0; f < std::min(n, f0 + 64); f += 16) {
@@ -177,10 +176,10 @@ void gemm_int4a8(const float* x, int64_t m, const uint8_t* w, const float* s, co
 extern "C" {
 
 #if defined(NEOLM_AVX512) && defined(__AVX512VNNI__)
-void neolm_gemm_int4a8(const float* x, int64_t m, const uint8_t* w, const float* s, const float* c, const void* bias,
-                       int bias_bf16, void* y, int out_bf16, int64_t n, int64_t k, int64_t g, uint8_t* work) {
+void neolm_gemm_int4a8(const float* x, int64_t m, const uint8_t* w, const uint16_t* sz, const void* bias, int bias_bf16,
+                       void* y, int out_bf16, int64_t n, int64_t k, int64_t g, uint8_t* work) {
 #pragma omp parallel
-  neolm::gemm_int4a8(x, m, w, s, c, bias, bias_bf16, y, out_bf16, n, k, g, work);
+  neolm::gemm_int4a8(x, m, w, sz, bias, bias_bf16, y, out_bf16, n, k, g, work);
 }
 #endif
 

@@ -309,9 +309,9 @@ class Int8Linear(QuantLinear):
             return None
         if self.layout == "a8":
             kind = "int8a8" if self.a8 else "int8a16"
-            return native.Weights(kind, self.qweight, self.scale, None, self.bias, self.out_features, self.in_features)
+            return native.Weights(kind, self.qweight, self.scale, self.bias, self.out_features, self.in_features)
         if self.layout == "panels":
-            return native.Weights("int8f", self.qweight, self.scale, None, self.bias, self.out_features,
+            return native.Weights("int8f", self.qweight, self.scale, self.bias, self.out_features,
                                   self.in_features)  # fmt: skip
         return native.Weights("int8", self.qweight, self.scale, bias=self.bias, n=self.out_features, k=self.in_features)
 
