@@ -90,7 +90,10 @@ def weight_empty(shape, dtype: torch.dtype) -> torch.Tensor:
     if nbytes < MIN_BYTES or not sys.platform.startswith("linux"):
         return torch.empty(shape, dtype=dtype)
     region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)  # untouched pages cost nothing
-    return torch.frombuffer(region, dtype=dtype).view(shape)  # holds the mapping until the last view is freed
+    storage = torch.frombuffer(region, dtype=dtype).untyped_storage()  # holds the mapping until it is freed
+    # a tensor of its own on that storage, not a view: a view's base would keep the storage after `into_huge_pages`
+    # moved the view (`set_`) elsewhere (an int8 pythia-1.4b then held 1.2 GB of old codes for good)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
 def weight_copy(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
