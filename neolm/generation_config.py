@@ -24,6 +24,23 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS = 100
 
+# transformers' generation arguments that neolm does not take, and where their job is done instead
+NOT_TAKEN = {
+    "compile_config": "neolm compiles when the model loads (neolm.load(..., compile=True), `--compile`), not per call",
+    "cache_config": "the KV cache's settings are load()'s: neolm.load(..., kv_cache_dtype='int8' or 'bfloat16') for a "
+                    "smaller one; cache_implementation and max_cache_len are taken here",
+    "continuous_batching_config": "continuous batching is `neolm serve`'s (requests join and leave a running batch); "
+                                  "generate() takes a list of prompts as one batch",
+    "decoder_start_token_id": "GPT-Neo and GPT-NeoX are decoder-only: a prompt starts the text (an empty one starts "
+                              "from bos_token_id)",
+    "use_mtp": "these models have no multi-token prediction heads; for speculative decoding give assistant_model= or "
+               "prompt_lookup_num_tokens=",
+    "speculation_type": "speculative decoding is chosen by its arguments: assistant_model= (a draft model), "
+                        "prompt_lookup_num_tokens= (n-grams of the prompt) or assistant_early_exit= (the model's "
+                        "own early layers)",
+    "is_assistant": "a draft model is passed to generate() as assistant_model=; it needs no flag of its own",
+}  # fmt: skip
+
 
 @dataclass
 class GenerationConfig:
@@ -121,6 +138,9 @@ class GenerationConfig:
     def from_kwargs(cls, **kwargs) -> GenerationConfig:
         known = cls.field_names()
         unknown = sorted(set(kwargs) - known)
+        for name in unknown:
+            if name in NOT_TAKEN:
+                raise NeolmError(f"generation argument {name} is not taken: {NOT_TAKEN[name]}")
         if unknown:
             raise NeolmError(f"unknown generation argument(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**kwargs).validated()

@@ -198,6 +198,9 @@ def test_context_overflow_is_an_error_or_truncated_on_request(tiny_checkpoints):
         (dict(num_return_sequences=2), "needs do_sample"),
         (dict(min_new_tokens=5, max_new_tokens=2), "exceeds max_new_tokens"),
         (dict(bogus=1), "unknown generation argument"),
+        (dict(compile_config={"fullgraph": True}), r"compile_config is not taken: .*neolm.load\(\.\.\., compile=True\)"),
+        (dict(cache_config={"backend": "quanto"}), r"cache_config is not taken: .*kv_cache_dtype="),
+        (dict(decoder_start_token_id=0), "decoder_start_token_id is not taken: .*decoder-only"),
     ],
 )
 def test_bad_generation_arguments(tiny_checkpoints, kwargs, message):
