@@ -254,6 +254,32 @@ def utf8_sequences(lo: int, hi: int) -> list[list[tuple[int, int]]]:
     return out
 
 
+def _flat(items) -> list:
+    """Nodes in sequence, nested concatenations (groups) spelled out."""
+    out = []
+    for item in items:
+        out += _flat(item[1]) if item[0] == "cat" else [item]
+    return out
+
+
+def _repeated_suffix(before: list, following, limit: int) -> tuple[list, int] | None:
+    """(S, k) where `following` is (S X)* and X is the last k (<= limit) items of `before` (groups spelled out on
+    both sides): a separated list `X (S X)*` (JSON's arrays and objects, GBNF's `value ("," ws value)*`), whose
+    repeats can loop back into X's copy instead of each building their own; None otherwise. Nested lists then
+    cost one copy of their item a level, not two (JSON nested d levels: the automaton grows as 2^d, not 4^d)."""
+    if following[0] != "rep" or following[2:] != (0, None):
+        return None
+    body = _flat([following[1]])
+    x: list = []
+    for k in range(1, min(len(before), limit) + 1):
+        x = _flat([before[-k]]) + x
+        if len(x) > len(body):
+            break
+        if body[len(body) - len(x) :] == x:
+            return body[: len(body) - len(x)], k
+    return None
+
+
 class _NFA:
     def __init__(self):
         self.edges: list[list[tuple[int, int, int]]] = []  # state -> (byte lo, byte hi, next state)
@@ -280,10 +306,22 @@ class _NFA:
             return start, end
         if kind == "cat":
             start = end = self.state()
-            for item in node[1]:
-                s, e = self.build(item)
+            items, i = node[1], 0
+            starts: list[int] = []  # where each item built since the last shared loop starts
+            while i < len(items):
+                s, e = self.build(items[i])
                 self.eps[end].append(s)
                 end = e
+                starts.append(s)
+                shared = _repeated_suffix(items[: i + 1], items[i + 1], len(starts)) if i + 1 < len(items) else None
+                if shared:  # X (S X)*, X the last k items: S loops back into X's copy
+                    separator, k = shared
+                    s2, e2 = self.build(("cat", separator))
+                    self.eps[end].append(s2)
+                    self.eps[e2].append(starts[-k])
+                    starts = []
+                    i += 1
+                i += 1
             return start, end
         if kind == "alt":
             start, end = self.state(), self.state()
@@ -294,6 +332,13 @@ class _NFA:
             return start, end
         _, item, lo, hi = node  # "rep"
         start = at = self.state()
+        if hi is None and lo >= 1:  # X{lo,}: lo - 1 copies, then one that loops back into itself
+            for _ in range(lo):
+                s, e = self.build(item)
+                self.eps[at].append(s)
+                at = e
+            self.eps[at].append(s)
+            return start, at
         for _ in range(lo):
             s, e = self.build(item)
             self.eps[at].append(s)

@@ -8,7 +8,7 @@ properties / required / additionalProperties, items / prefixItems / minItems / m
 pattern / format (date-time, date, time, uuid) on strings, minimum / maximum (and the exclusive ones) and
 multipleOf on integers and numbers (a bounded number, or a multiple, is written without an exponent:
 neolm.structured.ranges), anyOf / oneOf, allOf of
-one schema, and $ref into $defs / definitions. A recursive schema is unrolled MAX_DEPTH times; past that its
+one schema, and $ref into $defs / definitions. A recursive schema is unrolled MAX_REF_DEPTH times; past that its
 recursive branches are left out. Keywords that would constrain the output in ways the regex cannot express raise
 NeolmError rather than being ignored.
 """
@@ -23,7 +23,8 @@ from decimal import Decimal
 from neolm.errors import NeolmError
 from neolm.structured.ranges import decimal_range, int_range, multiples, scaled
 
-MAX_DEPTH = 3  # nesting levels of any JSON value where a schema allows one; times a recursive $ref is unrolled
+MAX_DEPTH = 5  # nesting levels of any JSON value where a schema allows one (json_object: 2265 states, 0.3 s)
+MAX_REF_DEPTH = 3  # times a recursive $ref is unrolled (each level copies every recursive branch)
 WHITESPACE = r"[ ]?"  # between a JSON text's tokens (Outlines' default): compact, with a space or none
 
 STRING_CHAR = r'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})'
@@ -73,7 +74,7 @@ class _Converter:
         self.expanding: list[str] = []  # the $refs being converted, outermost first
 
     def convert(self, schema, depth: int) -> str | None:
-        """The schema's regex, or None where no value satisfies it (a recursive branch past MAX_DEPTH)."""
+        """The schema's regex, or None where no value satisfies it (a recursive branch past MAX_REF_DEPTH)."""
         if schema is True or schema == {}:
             return self.any_value(depth)
         if schema is False:
@@ -85,7 +86,7 @@ class _Converter:
             raise NeolmError(f"JSON schema keywords not supported for structured outputs: {sorted(unknown)}")
         if "$ref" in schema:
             ref = schema["$ref"]
-            if self.expanding.count(ref) >= MAX_DEPTH:  # a recursive schema, unrolled enough
+            if self.expanding.count(ref) >= MAX_REF_DEPTH:  # a recursive schema, unrolled enough
                 return None
             self.expanding.append(ref)
             try:
@@ -142,7 +143,7 @@ class _Converter:
         inner = self.any_value(depth + 1)
         ws = self.ws
         array = rf"\[{ws}(?:{inner}(?:{ws},{ws}{inner})*)?{ws}\]"
-        member = f"{STRING}{ws}:{ws}{inner}"
+        member = f"(?:{STRING}{ws}:{ws}{inner})"  # one group: its repeats share it (regex._repeats_after)
         obj = rf"\{{{ws}(?:{member}(?:{ws},{ws}{member})*)?{ws}\}}"
         return "(?:" + "|".join([*scalars, array, obj]) + ")"
 
@@ -235,7 +236,7 @@ class _Converter:
             value = self.convert(extra, depth + 1)
             if value is None:
                 return rf"\{{{ws}\}}"
-            member = f"{STRING}{ws}:{ws}{value}"
+            member = f"(?:{STRING}{ws}:{ws}{value})"  # one group: its repeats share it (regex._repeats_after)
             return rf"\{{{ws}(?:{member}(?:{ws},{ws}{member})*)?{ws}\}}"
         required = set(schema.get("required", []))
         missing = required - set(properties)
