@@ -112,7 +112,8 @@ inline __m512 widen(__m256i h) {  // 16 bf16 numbers to fp32 (exact)
 inline void int4_scales(const uint16_t* sz, int64_t b, int64_t t, int64_t groups, __m512& s, __m512& c) {
   const uint16_t* at = sz + sz_at(b, t, groups);
   s = widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)));
-  c = _mm512_fnmadd_ps(_mm512_set1_ps(136.0f), s, widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at + SZ_ZEROS))));
+  const __m512 z = widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at + SZ_ZEROS)));
+  c = _mm512_fnmadd_ps(_mm512_set1_ps(136.0f), s, z);
 }
 
 // Elementwise helpers of decode.cpp, attention.cpp and int4.cpp: `bf16` says whether p holds bf16 or fp32

@@ -22,8 +22,8 @@
 // sz: the scales s and zeros z as stored (bf16), (N/64, K/G, 2, 64): group by group, a band's 64 scales side by
 // side, then its 64 zeros; one stream beside the codes', 0.5 bits a weight at G = 64. (Until session 45 they were
 // fp32, the offsets c stored in place of z: 1 bit a weight in two streams. The one-row kernel reads at the speed
-// of a plain read of its bytes, so its time follows them: pythia-1.4b int4 decoding ran 1.13x faster with the
-// bf16 table, alternated run by run; bench/README.md.)
+// of a plain read of its bytes, so its time follows them: pythia-1.4b int4 decoding ran 1.03-1.13x faster with
+// the bf16 table, alternated run by run with the old code; bench/README.md.)
 
 #include <algorithm>
 #include <vector>
@@ -67,8 +67,8 @@ struct Chunk {  // one chunk's 128 codes as the bf16 numbers 128 + q: 4 vectors,
 // and 4-5 of a chunk; 2-3 and 6-7), so that R x NB x 2 chains of vdpbf16ps hide its latency; every output gets
 // the same operations in the same order whatever R and NB: a row gets the numbers alone it gets in a batch.
 template <int R, int NB>
-void tile(const uint16_t* x, int64_t k, int64_t t0, const uint8_t* q, const uint16_t* sz, const float* xsum, int64_t g, int64_t ob, int64_t n, const void* bias, int bias_bf16, void* y, int out_bf16,
-          int64_t ahead) {
+void tile(const uint16_t* x, int64_t k, int64_t t0, const uint8_t* q, const uint16_t* sz, const float* xsum, int64_t g,
+          int64_t ob, int64_t n, const void* bias, int bias_bf16, void* y, int out_bf16, int64_t ahead) {
   const int64_t groups = k / g, per_group = g / 8;
   __m512 total[R][NB];
   for (int r = 0; r < R; r++)
@@ -116,7 +116,8 @@ void tile(const uint16_t* x, int64_t k, int64_t t0, const uint8_t* q, const uint
 }
 
 template <int R>
-void tile_rows(const uint16_t* x, int64_t m, int64_t k, int64_t t0, const uint8_t* q, const uint16_t* sz, const float* xsum, int64_t g, int64_t ob, int64_t n, const void* bias, int bias_bf16, void* y,
+void tile_rows(const uint16_t* x, int64_t m, int64_t k, int64_t t0, const uint8_t* q, const uint16_t* sz,
+               const float* xsum, int64_t g, int64_t ob, int64_t n, const void* bias, int bias_bf16, void* y,
                int out_bf16, int64_t ahead) {
   with_rows<TILE>(m - t0, [&](auto rows) {
     tile<R, rows>(x, k, t0, q, sz, xsum, g, ob, n, bias, bias_bf16, y, out_bf16, ahead);

@@ -109,7 +109,8 @@ __attribute__((noinline)) void group_sums(const int8_t* q, int64_t kp, const uin
 // from L2 with nothing coming from memory meanwhile (batch-8 decoding steps of gpt-neo-125M W4A8 ~1.06x faster
 // this way). Prompts take tiles of 4 rows (in tiles of 8 they ran at 0.85x: bench/PROFILE.md, session 15).
 template <int TB>
-void tile(const int8_t* q, int64_t kp, const float* xg, const uint8_t* w, const uint16_t* sz, int64_t band, int64_t k, int64_t g, float* out) {
+void tile(const int8_t* q, int64_t kp, const float* xg, const uint8_t* w, const uint16_t* sz, int64_t band, int64_t k,
+          int64_t g, float* out) {
   const int64_t groups = k / g, per_group = g / 8;
   const __m512 k128 = _mm512_set1_ps(128.0f);
   for (int i = 0; i < TB * 64; i += 16) _mm512_store_ps(out + i, _mm512_setzero_ps());
