@@ -262,22 +262,24 @@ def _flat(items) -> list:
     return out
 
 
-def _repeated_suffix(before: list, following, limit: int) -> tuple[list, int] | None:
-    """(S, k) where `following` is (S X)* and X is the last k (<= limit) items of `before` (groups spelled out on
-    both sides): a separated list `X (S X)*` (JSON's arrays and objects, GBNF's `value ("," ws value)*`), whose
-    repeats can loop back into X's copy instead of each building their own; None otherwise. Nested lists then
-    cost one copy of their item a level, not two (JSON nested d levels: the automaton grows as 2^d, not 4^d)."""
-    if following[0] != "rep" or following[2:] != (0, None):
+def _repeated_suffix(items: list, i: int, limit: int) -> tuple[list, int] | None:
+    """(S, k) where items[i + 1] is (S X)* and X is items[i - k + 1 .. i] (k <= limit; groups spelled out on both
+    sides): a separated list `X (S X)*` (JSON's arrays and objects, GBNF's `value ("," ws value)*`), whose repeats
+    can loop back into X's copy instead of each building their own; None otherwise. Nested lists then cost one copy
+    of their item a level, not two (JSON nested d levels: the automaton grows as 2^d, not 4^d)."""
+    following = items[i + 1] if i + 1 < len(items) else None
+    if following is None or following[0] != "rep" or following[2:] != (0, None):
         return None
     body = _flat([following[1]])
     x: list = []
-    for k in range(1, min(len(before), limit) + 1):
-        x = _flat([before[-k]]) + x
+    found = None
+    for k in range(1, min(i + 1, limit) + 1):  # the longest X: the more the repeats share, the smaller the automaton
+        x = _flat([items[i - k + 1]]) + x
         if len(x) > len(body):
             break
         if body[len(body) - len(x) :] == x:
-            return body[: len(body) - len(x)], k
-    return None
+            found = body[: len(body) - len(x)], k
+    return found
 
 
 class _NFA:
@@ -313,7 +315,7 @@ class _NFA:
                 self.eps[end].append(s)
                 end = e
                 starts.append(s)
-                shared = _repeated_suffix(items[: i + 1], items[i + 1], len(starts)) if i + 1 < len(items) else None
+                shared = _repeated_suffix(items, i, len(starts))
                 if shared:  # X (S X)*, X the last k items: S loops back into X's copy
                     separator, k = shared
                     s2, e2 = self.build(("cat", separator))
@@ -332,17 +334,13 @@ class _NFA:
             return start, end
         _, item, lo, hi = node  # "rep"
         start = at = self.state()
-        if hi is None and lo >= 1:  # X{lo,}: lo - 1 copies, then one that loops back into itself
-            for _ in range(lo):
-                s, e = self.build(item)
-                self.eps[at].append(s)
-                at = e
-            self.eps[at].append(s)
-            return start, at
         for _ in range(lo):
             s, e = self.build(item)
             self.eps[at].append(s)
             at = e
+        if hi is None and lo:  # X{lo,}: the last of the lo copies loops back into itself
+            self.eps[at].append(s)
+            return start, at
         if hi is None:
             loop = self.state()
             self.eps[at].append(loop)

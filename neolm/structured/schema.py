@@ -143,7 +143,7 @@ class _Converter:
         inner = self.any_value(depth + 1)
         ws = self.ws
         array = rf"\[{ws}(?:{inner}(?:{ws},{ws}{inner})*)?{ws}\]"
-        member = f"(?:{STRING}{ws}:{ws}{inner})"  # one group: its repeats share it (regex._repeats_after)
+        member = f"{STRING}{ws}:{ws}{inner}"
         obj = rf"\{{{ws}(?:{member}(?:{ws},{ws}{member})*)?{ws}\}}"
         return "(?:" + "|".join([*scalars, array, obj]) + ")"
 
@@ -236,7 +236,7 @@ class _Converter:
             value = self.convert(extra, depth + 1)
             if value is None:
                 return rf"\{{{ws}\}}"
-            member = f"(?:{STRING}{ws}:{ws}{value})"  # one group: its repeats share it (regex._repeats_after)
+            member = f"{STRING}{ws}:{ws}{value}"
             return rf"\{{{ws}(?:{member}(?:{ws},{ws}{member})*)?{ws}\}}"
         required = set(schema.get("required", []))
         missing = required - set(properties)
