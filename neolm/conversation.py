@@ -14,7 +14,6 @@ a string of separate prompts:
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Iterator
 
@@ -185,9 +184,10 @@ class Conversation:
         """A finished reply as the assistant's message: its content and the calls it makes of the functions
         offered, up to the first of another (neolm.tool_calls: as the server reads them)."""
         fmt = self.calling
-        calls = [] if fmt is None else list(itertools.takewhile(lambda c: c.name in self.functions, fmt.calls(text)))
-        if not calls:
+        found = None if fmt is None else fmt.parse(text, self.functions)
+        if found is None:
             return {"role": "assistant", "content": text}
-        return {"role": "assistant", "content": fmt.content(text, fmt.start(text)) or "", "tool_calls": [
+        content, calls = found
+        return {"role": "assistant", "content": content or "", "tool_calls": [
             {"id": fmt.call_id(), "type": "function", "function": {"name": c.name, "arguments": c.as_json()}}
             for c in calls]}  # fmt: skip

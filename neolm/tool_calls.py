@@ -26,6 +26,7 @@ thus known as soon as it is whole, and a stream sends it then: what comes after 
 from __future__ import annotations
 
 import ast
+import itertools
 import json
 import keyword
 import math
@@ -77,15 +78,21 @@ class CallFormat:
         """The content of a reply whose calls begin at `at`."""
         return None
 
-    def parse(self, text: str) -> tuple[str | None, list[Call]] | None:
+    def parse(self, text: str, functions=None) -> tuple[str | None, list[Call]] | None:
         """(the reply's content, its calls) of a whole reply, or None where its first call does not parse (or it
-        has none)."""
-        calls = self.calls(text)
+        has none). functions: the names offered; the calls end before the first of another (`offered`)."""
+        calls = self.calls(text) if functions is None else offered(self.calls(text), functions)
         return (self.content(text, self.start(text)), calls) if calls else None
 
     def write(self, calls: list[Call]) -> str:
         """Calls as the model writes them (a conversation's earlier calls, in a transcript)."""
         raise NotImplementedError
+
+
+def offered(calls: list[Call], functions) -> list[Call]:
+    """The calls up to the first naming a function not in `functions` (the server and a Conversation answer
+    those and leave the rest of the reply as it is)."""
+    return list(itertools.takewhile(lambda c: c.name in functions, calls))
 
 
 def new_call_id() -> str:

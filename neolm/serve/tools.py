@@ -22,13 +22,12 @@ reply:
 
 from __future__ import annotations
 
-import itertools
 import json
 import re
 from dataclasses import dataclass
 
 from neolm.serve.errors import ApiError
-from neolm.tool_calls import Call, CallFormat, function_of, new_call_id
+from neolm.tool_calls import Call, CallFormat, function_of, new_call_id, offered
 
 
 @dataclass
@@ -60,13 +59,16 @@ class ToolChoice:
 
     def read(self, text: str) -> tuple[str | None, list[Call]]:
         """"auto": (the content, the calls answered) of a whole reply; without calls, the reply is text."""
-        calls = self.offered(self.auto.calls(text))
-        return (self.auto.content(text, self.auto.start(text)), calls) if calls else (text, [])
+        found = self.auto.parse(text, self.functions)
+        if found is None:
+            return text, []
+        content, calls = found
+        return content, calls if self.parallel else calls[:1]
 
     def offered(self, calls: list[Call]) -> list[Call]:
         """"auto": the calls answered of those the model wrote, those up to the first naming a function not offered
         (the first only without parallel_tool_calls)."""
-        calls = list(itertools.takewhile(lambda c: c.name in self.functions, calls))
+        calls = offered(calls, self.functions)
         return calls if self.parallel else calls[:1]
 
     def open(self) -> list[dict]:
