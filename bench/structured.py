@@ -10,7 +10,8 @@ Greedy decoding of a 32-token prompt, every row made to produce all its new toke
 cannot be completed in that many tokens), decode tokens/s over tokens 2..n as in bench.py. Schemas: "string", one
 string field of at least 1,000 characters (each count of characters is its own automaton state, so every token
 reaches a new one); "records", an array of at least 50 small objects (names of at most 8 characters, integers
-0..120, booleans; the 50 items unroll into 13,634 states). neolm's "cold" row is the first generation with a schema
+0..120, booleans; the 50 items unroll into 13,634 states); "tree", an array of at least 40 nodes, each a name and up
+to 3 nodes (a recursive $ref); "any", an array of at least 40 values of any JSON (items of every type). neolm's "cold" row is the first generation with a schema
 in a fresh process: the schema is compiled before it (its own column) and each state's allowed tokens are found as
 the state is reached; "warm" repeats the generation. "choosing a token ms": the mean time of a step's processing and
 pick (DecodeBatch._choose, where the constraint works), which the VM's drifting memory speed does not blur as it
@@ -41,6 +42,13 @@ SCHEMAS = {
                                          "age": {"type": "integer", "minimum": 0, "maximum": 120},
                                          "alive": {"type": "boolean"}}, "required": ["name", "age", "alive"]}}},
                 "required": ["people"]},
+    # recursive: followed with a stack of calls (neolm.structured.pushdown) since session 46
+    "tree": {"type": "object", "properties": {"nodes": {"type": "array", "minItems": 40, "items": {"$ref": "#/$defs/node"}}},
+             "required": ["nodes"], "$defs": {"node": {"type": "object", "properties": {
+                 "name": {"type": "string", "maxLength": 8},
+                 "kids": {"type": "array", "items": {"$ref": "#/$defs/node"}, "maxItems": 3}}, "required": ["name", "kids"]}}},
+    "any": {"type": "object", "properties": {"data": {"type": "array", "minItems": 40, "items": {"type": [
+        "object", "array", "string", "number", "boolean", "null"]}}}, "required": ["data"]},  # (llama-cpp-python 0.3.36 cannot read "items": true or {})
 }  # fmt: skip
 
 LLAMA = r"""
@@ -104,7 +112,7 @@ def run_neolm(args, prompt_ids) -> dict:
     lm = neolm.load(args.model)
     ids = prompt_ids(lm)
     out = {"free": neolm_row(lm, ids, args.new_tokens, None)}
-    for name, schema in SCHEMAS.items():
+    for name, schema in ((k, SCHEMAS[k]) for k in args.schemas.split(",")):
         structured._compiled.cache_clear()  # cold: compile the schema and find each state's tokens afresh
         structured.regex._compiled.cache_clear()
         t = time.perf_counter()
@@ -119,7 +127,7 @@ def run_neolm(args, prompt_ids) -> dict:
 
 def run_llama(args, text: str) -> dict:
     job = {"gguf": args.gguf, "threads": args.threads, "new": args.new_tokens, "prompt": text, "schemas": SCHEMAS,
-           "rows": ["free", *SCHEMAS]}  # fmt: skip
+           "rows": ["free", *args.schemas.split(",")]}  # fmt: skip
     done = subprocess.run([args.llama_python, "-c", LLAMA, json.dumps(job)], capture_output=True, text=True, check=False,
                           timeout=1800)  # fmt: skip
     if done.returncode != 0:
@@ -138,6 +146,7 @@ def main() -> None:
     p.add_argument("--llama-python", default=sys.executable, help="an interpreter with llama-cpp-python")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--schemas", default=",".join(SCHEMAS), help=f"comma-separated, of {', '.join(SCHEMAS)}")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", help="write the table here (markdown)")
     args = p.parse_args()

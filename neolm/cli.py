@@ -219,8 +219,8 @@ def _add_generation_args(p: argparse.ArgumentParser, chat: bool = False):
     shape.add_argument("--choice", action="append", metavar="TEXT",
                        help=f"{what} is one of these strings (repeat the option for each)")  # fmt: skip
     shape.add_argument("--grammar", metavar="GBNF",
-                       help=f"{what} matches this GBNF grammar's root rule (llama.cpp's format; recursive rules are "
-                       "unrolled 3 levels deep)")  # fmt: skip
+                       help=f"{what} matches this GBNF grammar's root rule (llama.cpp's format; recursive rules nest "
+                       "without limit, but a left-recursive one only 3 levels deep)")  # fmt: skip
     shape.add_argument("--grammar-file", metavar="FILE", help="--grammar, read from a file (e.g. llama.cpp's json.gbnf)")
     return knobs
 
@@ -276,9 +276,9 @@ def _generation_knobs(args) -> dict:
             raise NeolmError("--force-words: a phrase (or an alternative between |) is empty")
         knobs["force_words"] = [w.split("|") if "|" in w else w for w in words]
     if "structured_outputs" in knobs:  # and a bad schema or regex
-        from neolm.structured import compile_regex, spec_regex
+        from neolm.structured import spec_automaton
 
-        compile_regex(spec_regex(knobs["structured_outputs"])[0])
+        spec_automaton(knobs["structured_outputs"])
     if args.negative_prompt is not None:
         knobs["negative_prompt"] = args.negative_prompt
     if args.watermark or args.watermark_config is not None:

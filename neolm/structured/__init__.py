@@ -8,13 +8,15 @@ request fields into it):
     {"json_object": True}       any JSON object
     {"regex": pattern}          the output is a whole match of the pattern
     {"choice": ["yes", "no"]}   the output is one of the strings
-    {"grammar": gbnf}           the output matches a GBNF grammar's root rule (llama.cpp's format; recursion is
-                                unrolled a few levels: neolm.structured.grammar)
+    {"grammar": gbnf}           the output matches a GBNF grammar's root rule (llama.cpp's format:
+                                neolm.structured.grammar)
 
 with, for the JSON kinds, an optional "whitespace_pattern" (a regex; default "[ ]?": compact JSON, a space or none
 between its tokens). The spec is compiled against the tokenizer (compile(); LanguageModel.generation_config does it)
 into a Guide, a logits processor that rules out every token that would break the match and eos until the text is
-whole. The output matches when the sequence ends with eos; a sequence cut short by max_new_tokens is a prefix of
+whole. Grammars and schemas whose rules refer to themselves (JSON's values, a recursive $ref), and the values a
+schema leaves untyped, compile to rules that call each other, followed with a stack (neolm.structured.pushdown):
+the text nests as deep as it likes. The output matches when the sequence ends with eos; a sequence cut short by max_new_tokens is a prefix of
 a match.
 """
 
@@ -22,15 +24,20 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import re
 
 from neolm.errors import NeolmError
-from neolm.structured.grammar import grammar_regex
+from neolm.structured.grammar import grammar_regex, grammar_rules
 from neolm.structured.guide import Follower, Guide, Vocabulary
-from neolm.structured.regex import DFA, compile_regex
-from neolm.structured.schema import WHITESPACE, schema_regex
+from neolm.structured.pushdown import PushdownGuide
+from neolm.structured.regex import DFA, compile_regex, compile_rules
+from neolm.structured.schema import WHITESPACE, schema_regex, schema_rules
 
-__all__ = ["DFA", "Follower", "Guide", "check_spec", "compile", "compile_regex", "spec_regex"]
+__all__ = ["DFA", "Follower", "Guide", "PushdownGuide", "check_spec", "compile", "compile_regex", "spec_automaton",
+           "spec_regex"]  # fmt: skip
+
+log = logging.getLogger(__name__)
 
 KINDS = ("json", "json_object", "regex", "choice", "grammar")
 
@@ -59,21 +66,58 @@ def check_spec(spec) -> None:
         raise NeolmError("structured_outputs' whitespace_pattern must be a regex string")
 
 
+def spec_automaton(spec: dict) -> tuple[DFA, str]:
+    """The automaton a spec's output must match (rules that call each other for grammars and JSON schemas, see
+    compile_rules), and a short description of the spec. Rules that call themselves before reading anything (left
+    recursion: `expr ::= expr "+" term | term`) cannot be followed with a stack: their recursion is unrolled a few
+    levels instead (spec_regex)."""
+    check_spec(spec)
+    ws = spec.get("whitespace_pattern") or WHITESPACE
+    if spec.get("grammar") is not None:
+        rules = grammar_rules(spec["grammar"])
+    elif spec.get("json_object"):
+        rules = schema_rules({"type": "object"}, ws)
+    elif spec.get("json") is not None:
+        rules = schema_rules(spec["json"], ws)
+    else:
+        pattern, description = spec_regex(spec)
+        return compile_regex(pattern), description
+    dfa = compile_rules(rules)
+    rule = dfa.left_recursive() if dfa.calls else None
+    if rule is not None:
+        log.info("structured outputs: rule %d calls itself before reading anything; its recursion is unrolled", rule)
+        return compile_regex(spec_regex(spec)[0]), describe(spec)
+    return dfa, describe(spec)
+
+
 def spec_regex(spec: dict) -> tuple[str, str]:
-    """The regex a spec's output must match, and a short description of the spec."""
+    """The regex a spec's output must match, with recursion unrolled a few levels (see spec_automaton), and a short
+    description of the spec."""
     check_spec(spec)
     ws = spec.get("whitespace_pattern") or WHITESPACE
     if spec.get("regex") is not None:
-        return spec["regex"], f"regex {spec['regex'][:40]!r}"
+        pattern = spec["regex"]
+    elif spec.get("grammar") is not None:
+        pattern = grammar_regex(spec["grammar"])
+    elif spec.get("choice") is not None:
+        pattern = "(?:" + "|".join(re.escape(c) for c in spec["choice"]) + ")"
+    else:
+        pattern = schema_regex({"type": "object"} if spec.get("json_object") else spec["json"], ws)
+    return pattern, describe(spec)
+
+
+def describe(spec: dict) -> str:
+    """A short description of a spec, for logs and reprs."""
+    if spec.get("regex") is not None:
+        return f"regex {spec['regex'][:40]!r}"
     if spec.get("grammar") is not None:
-        return grammar_regex(spec["grammar"]), "a GBNF grammar"
+        return "a GBNF grammar"
     if spec.get("choice") is not None:
-        return "(?:" + "|".join(re.escape(c) for c in spec["choice"]) + ")", f"choice of {len(spec['choice'])}"
+        return f"choice of {len(spec['choice'])}"
     if spec.get("json_object"):
-        return schema_regex({"type": "object"}, ws), "a JSON object"
+        return "a JSON object"
     schema = spec["json"]
-    text = schema if isinstance(schema, str) else json.dumps(schema, sort_keys=False)
-    return schema_regex(schema, ws), f"JSON schema {text[:40]}"
+    return f"JSON schema {(schema if isinstance(schema, str) else json.dumps(schema, sort_keys=False))[:40]}"
 
 
 def compile(spec, tokenizer) -> Guide:
@@ -88,5 +132,5 @@ def compile(spec, tokenizer) -> Guide:
 
 @functools.lru_cache(maxsize=32)
 def _compiled(key: str, tokenizer) -> Guide:
-    pattern, description = spec_regex(json.loads(key))
-    return Guide(compile_regex(pattern), Vocabulary.of(tokenizer), description)
+    dfa, description = spec_automaton(json.loads(key))
+    return (PushdownGuide if dfa.calls else Guide)(dfa, Vocabulary.of(tokenizer), description)

@@ -1,5 +1,4 @@
-"""GBNF grammars (llama.cpp's format, which vLLM's guided_grammar also takes) as a regular expression, for structured
-outputs.
+"""GBNF grammars (llama.cpp's format, which vLLM's guided_grammar also takes) as rules for structured outputs.
 
     root   ::= answer " because " reason
     answer ::= "yes" | "no"
@@ -7,10 +6,12 @@ outputs.
 
 Rules are `name ::= ...`; the text must match `root`. Supported: "literals" (with \\n \\t \\r \\" \\\\ \\xHH \\uHHHH
 \\UHHHHHHHH), character classes [a-z] [^"\\\\], `.` (any character), rule names, ( groups ), alternatives |, and
-* + ? {m} {m,} {m,n} {,n}. A grammar is context-free and an automaton is not: a rule that refers to itself (through
-others or directly, as JSON's value does) is unrolled MAX_DEPTH times, and past that its recursive alternatives are
-left out, so the text matches a grammar nested at most that deep. Token references (<[id]>, <think>) raise
-NeolmError.
+* + ? {m} {m,} {m,n} {,n}. Each rule is written as a regex where it is used (grammar_rules), except a rule that
+refers to itself (through others or directly, as JSON's value does): a grammar is context-free and an automaton is
+not, so such a rule is a regex of its own that the others call (neolm.structured.pushdown follows the calls with a
+stack). A rule that calls itself before reading anything (left recursion) cannot be followed so; grammar_regex
+unrolls such grammars MAX_DEPTH times instead, their recursive alternatives left out past that. Token references
+(<[id]>, <think>) raise NeolmError.
 """
 
 from __future__ import annotations
@@ -184,13 +185,62 @@ def _class_char(c: str) -> str:
     return f"\\U{ord(c):08x}" if c in "\\]^-[" or not c.isprintable() else c
 
 
-def grammar_regex(text: str) -> str:
-    """The regex of the texts the GBNF grammar's root rule matches (recursion unrolled MAX_DEPTH times)."""
+def _parse(text: str) -> dict:
     if not isinstance(text, str):
         raise NeolmError(f"a grammar must be GBNF text, got {type(text).__name__}")
     rules = _Parser(text).rules()
     if "root" not in rules:
         raise NeolmError("the grammar has no root rule (root ::= ...)")
+    return rules
+
+
+def grammar_rules(text: str) -> list[str]:
+    """The GBNF grammar as compile_rules reads it: the root rule's regex first, then one for each rule that refers
+    to itself (directly or through others, as JSON's value), called with `(?&k)` from inside itself and wherever
+    it is used once found; every other rule is written out where it is used."""
+    rules = _parse(text)
+    frames = {"root": 0}  # rule name -> its place in the list
+    expanding: list[str] = []
+
+    def convert(node) -> str:
+        kind = node[0]
+        if kind == "lit":
+            return re.escape(node[1])
+        if kind == "cls":
+            return node[1]
+        if kind == "ref":
+            name = node[1]
+            if name not in rules:
+                raise NeolmError(f"the grammar refers to rule {name!r}, which it does not define")
+            if name in expanding and name not in frames:  # it refers to itself: called from here on
+                frames[name] = len(frames)
+            if name in frames:
+                return f"(?&{frames[name]})"
+            expanding.append(name)
+            try:
+                return convert(rules[name])
+            finally:
+                expanding.pop()
+        if kind == "seq":
+            return "(?:" + "".join(convert(item) for item in node[1]) + ")"
+        if kind == "alt":
+            return "(?:" + "|".join(convert(branch) for branch in node[1]) + ")"
+        _, item, lo, hi = node  # rep
+        return f"(?:{convert(item)}){{{lo},{'' if hi is None else hi}}}"
+
+    out: list[str] = []
+    while len(out) < len(frames):  # (converting one may find more)
+        name = list(frames)[len(out)]
+        expanding.append(name)
+        out.append(convert(rules[name]))
+        expanding.pop()
+    return out
+
+
+def grammar_regex(text: str) -> str:
+    """The regex of the texts the GBNF grammar's root rule matches, with recursion unrolled MAX_DEPTH times (for
+    grammars whose rules call themselves before reading anything, which grammar_rules' calls cannot follow)."""
+    rules = _parse(text)
     expanding: list[str] = []
 
     def convert(node) -> str | None:

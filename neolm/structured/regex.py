@@ -11,20 +11,22 @@ output (as re.fullmatch). The syntax is Python's `re` without what needs more th
 - `^` at the start and `$` at the end (the match is whole anyway).
 
 Back-references, look-arounds, word boundaries and inline flags raise NeolmError, as do patterns whose automaton
-would pass MAX_STATES states.
+would pass MAX_STATES states. compile_rules reads several patterns, which call each other with PCRE's `(?&k)`
+(grammars and JSON schemas whose rules recurse), into one automaton whose calls neolm.structured.pushdown follows.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from neolm.errors import NeolmError
 
 MAX_CODE = 0x10FFFF
 MAX_STATES = 50_000  # automaton states a pattern may have (a guard against {0,100000}-sized patterns)
 MAX_NFA = 400_000  # the nondeterministic automaton's states
+CALL = 256  # rule k's call is the symbol CALL + k, after the 256 bytes (compile_rules)
 
 _ANY = ((0, MAX_CODE),)
 _DIGIT = ((0x30, 0x39),)
@@ -57,10 +59,10 @@ def _complement(ranges) -> tuple[tuple[int, int], ...]:
 
 class _Parser:
     """Pattern text -> a tree of tuples: ("set", ranges), ("cat", [nodes]), ("alt", [nodes]), ("rep", node, lo, hi)
-    (hi None: no limit)."""
+    (hi None: no limit), and with `rules` ("call", k) for `(?&k)`, k < rules (compile_rules)."""
 
-    def __init__(self, pattern: str):
-        self.p, self.i = pattern, 0
+    def __init__(self, pattern: str, rules: int = 0):
+        self.p, self.i, self.rules = pattern, 0, rules
 
     def error(self, what: str) -> NeolmError:
         return NeolmError(f"regex {self.p!r}: {what} at position {self.i}")
@@ -130,6 +132,8 @@ class _Parser:
                 self.i += 2
             elif self.p.startswith("?P<", self.i):
                 self.i = self.p.index(">", self.i) + 1
+            elif self.p.startswith("?&", self.i) and self.rules:
+                return self.call()
             elif self.peek() == "?":
                 raise self.error("look-arounds, inline flags and conditionals are not supported")
             node = self.alternation()
@@ -154,6 +158,15 @@ class _Parser:
         if c == ")":
             raise self.error("unbalanced ')'")
         return ("set", ((ord(c), ord(c)),))
+
+    def call(self):
+        """`(?&k)` after its "(" (consumed): rule k read here (PCRE's syntax for a call of a group)."""
+        end = self.p.find(")", self.i)
+        name = self.p[self.i + 2 : end] if end > 0 else ""
+        if not name.isdigit() or int(name) >= self.rules:
+            raise self.error(f"(?&{name}) calls no rule (there are {self.rules})")
+        self.i = end + 1
+        return ("call", int(name))
 
     def escape(self) -> tuple[tuple[int, int], ...]:
         """The characters of the escape after a backslash (consumed)."""
@@ -297,6 +310,10 @@ class _NFA:
     def build(self, node) -> tuple[int, int]:
         """States (start, end) of a fragment that reads node's strings."""
         kind = node[0]
+        if kind == "call":  # a symbol of its own past the bytes: CALL + k
+            start, end = self.state(), self.state()
+            self.edges[start].append((CALL + node[1], CALL + node[1], end))
+            return start, end
         if kind == "set":
             start, end = self.state(), self.state()
             for seq in (s for lo, hi in node[1] for s in utf8_sequences(lo, hi)):
@@ -371,18 +388,36 @@ class _NFA:
 class DFA:
     """A deterministic automaton over bytes. Bytes fall into classes that every transition treats alike
     (classes[b]); table[s][c] is the state after a byte of class c in state s. State 0 is dead (no string from it
-    is accepted, and every byte keeps it there); 1 is the start. accepting[s]: whether a match may end at s."""
+    is accepted, and every byte keeps it there); 1 is the start. accepting[s]: whether a match may end at s.
+
+    Compiled from rules (compile_rules), it is a recursive transition network: rule k starts at starts[k] (rule 0,
+    the whole text, at 1), its states are its own, accepting where the rule may end, and call(s, k) is the state
+    that rule k's text leads to from s (read from the start of k, whose end then returns there), 0 where s calls
+    no k. Bytes never call (neolm.structured.pushdown follows the calls)."""
 
     classes: list[int]
     table: list[list[int]]
     accepting: list[bool]
+    starts: list[int] = field(default_factory=lambda: [1])
 
     @property
     def states(self) -> int:
         return len(self.table)
 
+    @property
+    def rules(self) -> int:
+        return len(self.starts)
+
+    @property
+    def calls(self) -> bool:
+        """Whether any state calls a rule (a DFA whose rules do not is an automaton of bytes alone)."""
+        return any(self.call(s, k) for s in range(self.states) for k in range(self.rules))
+
     def step(self, state: int, byte: int) -> int:
         return self.table[state][self.classes[byte]]
+
+    def call(self, state: int, rule: int) -> int:
+        return self.table[state][self.classes[CALL + rule]] if CALL + rule < len(self.classes) else 0
 
     def walk(self, state: int, data: bytes) -> int:
         table, classes = self.table, self.classes
@@ -393,25 +428,75 @@ class DFA:
     def fullmatch(self, data: bytes) -> bool:
         return self.accepting[self.walk(1, data)]
 
+    def left_recursive(self) -> int | None:
+        """A rule that can call itself before reading a byte (`a ::= a "x" | "y"`, or through rules that may read
+        nothing), which no stack of calls can follow; None where there is none."""
+        empty = self.empty_rules()
+        first = {k: {j for q in self._unread(s, empty) for j in range(self.rules) if self.call(q, j)}
+                 for k, s in enumerate(self.starts)}  # fmt: skip
+        for k in range(self.rules):  # k calls itself through the rules it calls first?
+            seen, todo = set(), list(first[k])
+            while todo:
+                j = todo.pop()
+                if j == k:
+                    return k
+                if j not in seen:
+                    seen.add(j)
+                    todo += first[j]
+        return None
+
+    def empty_rules(self) -> set[int]:
+        """The rules that may read nothing (and end), found from the ones that end at their start up."""
+        empty: set[int] = set()
+        while True:
+            found = {k for k, s in enumerate(self.starts) if any(self.accepting[q] for q in self._unread(s, empty))}
+            if found == empty:
+                return empty
+            empty = found
+
+    def _unread(self, state: int, empty: set[int]) -> set[int]:
+        """The states reached from `state` through calls of rules in `empty` alone (reading nothing)."""
+        seen, todo = {state}, [state]
+        while todo:
+            q = todo.pop()
+            for t in (self.call(q, k) for k in empty):
+                if t and t not in seen:
+                    seen.add(t)
+                    todo.append(t)
+        return seen
+
+
+def check_syntax(pattern: str) -> None:
+    """Raise NeolmError where compile_regex would refuse the pattern's syntax (a user's regex set inside generated
+    rules, where `(?&k)` would call a rule)."""
+    _Parser(pattern).parse()
+
 
 def compile_regex(pattern: str) -> DFA:
     """The pattern's DFA over UTF-8 bytes (NeolmError for what the module docstring lists as unsupported). The last
     32 patterns' automata are kept (do not change them)."""
     if not isinstance(pattern, str):
         raise NeolmError(f"a regex must be a string, got {type(pattern).__name__}")
-    return _compiled(pattern)
+    return _compiled((pattern,), False)
+
+
+def compile_rules(patterns) -> DFA:
+    """The DFA of rules (a recursive transition network: see DFA): patterns[k] is rule k's regex, in which `(?&j)`
+    reads a text of rule j. Rule 0 is the whole text. A rule whose every text would need endless calls (`a ::= "x"
+    a`) matches nothing, and so do its calls. Kept as compile_regex's automata are."""
+    return _compiled(tuple(patterns), True)
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(pattern: str) -> DFA:
+def _compiled(patterns: tuple[str, ...], calls: bool) -> DFA:
     nfa = _NFA()
-    start, accept = nfa.build(_Parser(pattern).parse())
-    cuts = sorted({0, 256} | {b for edges in nfa.edges for lo, hi, _ in edges for b in (lo, hi + 1)})
-    spans = list(itertools.pairwise(cuts))  # bytes that every edge treats alike: [lo, hi)
+    fragments = [nfa.build(_Parser(p, len(patterns) if calls else 0).parse()) for p in patterns]
+    top = CALL + len(patterns) if calls else CALL
+    cuts = sorted({0, top} | {b for edges in nfa.edges for lo, hi, _ in edges for b in (lo, hi + 1)})
+    spans = list(itertools.pairwise(cuts))  # symbols that every edge treats alike: [lo, hi)
     classes = [c for c, (lo, hi) in enumerate(spans) for _ in range(lo, hi)]
-    sets: dict[frozenset[int], int] = {frozenset(): 0}
-    order = [frozenset(), nfa.closure([start])]
-    sets[order[1]] = 1
+    order = [frozenset()] + [nfa.closure([start]) for start, _ in fragments]
+    sets: dict[frozenset[int], int] = {states: i for i, states in enumerate(order)}
     table: list[list[int]] = [[0] * len(spans)]
     while len(table) < len(order):  # each state's row, as states are found
         states, row = order[len(table)], [0] * len(spans)
@@ -428,15 +513,41 @@ def _compiled(pattern: str) -> DFA:
                 order.append(target)
             row[c] = sets[target]
         table.append(row)
-    accepting = [accept in states for states in order]
+    ends = {end for _, end in fragments}
+    accepting = [bool(states & ends) for states in order]
+    starts = list(range(1, len(patterns) + 1))
+    _prune_calls(table, accepting, [classes[CALL + k] if CALL + k < len(classes) else None for k in range(len(starts))],
+                 starts)  # fmt: skip
+    if table[1] == [0] * len(spans) and not accepting[1]:
+        if not calls:
+            raise NeolmError(f"regex {patterns[0]!r} matches no string")
+        raise NeolmError("the rules' root matches no string (each of its texts would need calls without end, or it has "
+                         "none)")  # fmt: skip
+    return DFA(classes, table, accepting, starts)
+
+
+def _prune_calls(table: list[list[int]], accepting: list[bool], columns: list[int | None], starts: list[int]) -> None:
+    """_prune, with the calls of rules that can never end (no text of theirs is finite: `a ::= "x" a`) cut too:
+    the rules that end are found from the ones that end without calls up (a least fixed point); `columns[k]` is
+    the class of rule k's call (None: no state calls it)."""
+    ending: set[int] = set()
+    cut = [c for c in columns if c is not None]
+    while cut:
+        view = [[0 if c in cut else t for c, t in enumerate(row)] for row in table]
+        live = _live(view, accepting)
+        found = {k for k, s in enumerate(starts) if s in live}
+        if found == ending:
+            break
+        ending = found
+        cut = [c for k, c in enumerate(columns) if c is not None and k not in ending]
+    for row in table:
+        for c in cut:
+            row[c] = 0
     _prune(table, accepting)
-    if not any(accepting):
-        raise NeolmError(f"regex {pattern!r} matches no string")
-    return DFA(classes, table, accepting)
 
 
-def _prune(table: list[list[int]], accepting: list[bool]) -> None:
-    """Send every transition into a state from which no accepting state can be reached to the dead state 0."""
+def _live(table: list[list[int]], accepting: list[bool]) -> set[int]:
+    """The states from which an accepting state can be reached."""
     back: list[set[int]] = [set() for _ in table]
     for s, row in enumerate(table):
         for t in set(row):
@@ -448,6 +559,12 @@ def _prune(table: list[list[int]], accepting: list[bool]) -> None:
             if s not in live:
                 live.add(s)
                 todo.append(s)
+    return live
+
+
+def _prune(table: list[list[int]], accepting: list[bool]) -> None:
+    """Send every transition into a state from which no accepting state can be reached to the dead state 0."""
+    live = _live(table, accepting)
     for s, row in enumerate(table):
         if any(t not in live for t in row):
             table[s] = [t if t in live else 0 for t in row]

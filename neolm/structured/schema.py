@@ -1,4 +1,4 @@
-"""JSON Schema as a regular expression over the JSON text that satisfies it (the approach of Outlines, which
+"""JSON Schema as regular expressions over the JSON text that satisfies it (the approach of Outlines, which
 vLLM and others use), for structured outputs.
 
 An object's properties come in the schema's order; required ones always, optional ones may be left out, and no
@@ -8,8 +8,11 @@ properties / required / additionalProperties, items / prefixItems / minItems / m
 pattern / format (date-time, date, time, uuid) on strings, minimum / maximum (and the exclusive ones) and
 multipleOf on integers and numbers (a bounded number, or a multiple, is written without an exponent:
 neolm.structured.ranges), anyOf / oneOf, allOf of
-one schema, and $ref into $defs / definitions. A recursive schema is unrolled MAX_REF_DEPTH times; past that its
-recursive branches are left out. Keywords that would constrain the output in ways the regex cannot express raise
+one schema, and $ref into $defs / definitions. A $ref that refers to itself, and any JSON value (where a schema
+leaves one untyped), are rules of their own that the others call (schema_rules: neolm.structured.pushdown follows
+the calls with a stack, so values nest as deep as they like); schema_regex unrolls them instead (recursive $refs
+MAX_REF_DEPTH times, any value MAX_DEPTH levels), for schemas whose $refs call themselves before reading anything.
+Keywords that would constrain the output in ways the regex cannot express raise
 NeolmError rather than being ignored.
 """
 
@@ -22,9 +25,10 @@ from decimal import Decimal
 
 from neolm.errors import NeolmError
 from neolm.structured.ranges import decimal_range, int_range, multiples, scaled
+from neolm.structured.regex import check_syntax
 
-MAX_DEPTH = 5  # nesting levels of any JSON value where a schema allows one (json_object: 2265 states, 0.3 s)
-MAX_REF_DEPTH = 3  # times a recursive $ref is unrolled (each level copies every recursive branch)
+MAX_DEPTH = 5  # schema_regex: nesting levels of any JSON value (json_object: 2265 states, 0.3 s)
+MAX_REF_DEPTH = 3  # schema_regex: times a recursive $ref is unrolled (each level copies every recursive branch)
 WHITESPACE = r"[ ]?"  # between a JSON text's tokens (Outlines' default): compact, with a space or none
 
 STRING_CHAR = r'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})'
@@ -53,8 +57,7 @@ def literal(value) -> str:
     return re.escape(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
 
 
-def schema_regex(schema, whitespace: str = WHITESPACE) -> str:
-    """The regex of the JSON texts that satisfy `schema` (a dict, a JSON string, or True for any value)."""
+def _read(schema):
     if isinstance(schema, str):
         try:
             schema = json.loads(schema)
@@ -62,16 +65,55 @@ def schema_regex(schema, whitespace: str = WHITESPACE) -> str:
             raise NeolmError(f"the JSON schema is not valid JSON: {e}") from None
     if not isinstance(schema, (dict, bool)):
         raise NeolmError(f"a JSON schema must be an object or a boolean, got {type(schema).__name__}")
+    return schema
+
+
+def schema_rules(schema, whitespace: str = WHITESPACE) -> list[str]:
+    """The JSON texts that satisfy `schema` as compile_rules reads them: the root's regex first, then one for each
+    $ref that refers to itself (directly or through others) and one for any JSON value (where the schema leaves a
+    value untyped), which the others call with `(?&k)`: values nest as deep as they like."""
+    schema = _read(schema)
+    converter = _Converter(schema if isinstance(schema, dict) else {}, whitespace, calls=True)
+    root = converter.convert(schema, 0)
+    if root is None:
+        raise NeolmError("the JSON schema admits no value")
+    out = [root]
+    while len(out) <= len(converter.frames):  # (converting one may find more)
+        ref = list(converter.frames)[len(out) - 1]
+        if ref is ANY:
+            out.append(converter.any_of(converter.call(ANY)))
+            continue
+        converter.expanding = [ref]
+        out.append(converter.convert(converter.resolve(ref), 0) or NOTHING)
+    return out
+
+
+def schema_regex(schema, whitespace: str = WHITESPACE) -> str:
+    """The regex of the JSON texts that satisfy `schema` (a dict, a JSON string, or True for any value), with any
+    value nested at most MAX_DEPTH levels and recursive $refs unrolled MAX_REF_DEPTH times (for schemas whose
+    $refs call themselves before reading anything, which schema_rules' calls cannot follow)."""
+    schema = _read(schema)
     out = _Converter(schema if isinstance(schema, dict) else {}, whitespace).convert(schema, 0)
     if out is None:
         raise NeolmError("the JSON schema admits no value")
     return out
 
 
+ANY = object()  # the frame of any JSON value
+NOTHING = r"[^\x00-\U0010ffff]"  # a rule no text matches (compile_rules then drops its calls)
+
+
 class _Converter:
-    def __init__(self, root: dict, ws: str):
+    def __init__(self, root: dict, ws: str, calls: bool = False):
         self.root, self.ws = root, ws
         self.expanding: list[str] = []  # the $refs being converted, outermost first
+        self.frames: dict | None = {} if calls else None  # with calls: $ref (or ANY) -> its rule, from 1
+
+    def call(self, key) -> str:
+        """The call of key's rule (added to the frames if new)."""
+        if key not in self.frames:
+            self.frames[key] = len(self.frames) + 1
+        return f"(?&{self.frames[key]})"
 
     def convert(self, schema, depth: int) -> str | None:
         """The schema's regex, or None where no value satisfies it (a recursive branch past MAX_REF_DEPTH)."""
@@ -86,6 +128,8 @@ class _Converter:
             raise NeolmError(f"JSON schema keywords not supported for structured outputs: {sorted(unknown)}")
         if "$ref" in schema:
             ref = schema["$ref"]
+            if self.frames is not None and (ref in self.frames or ref in self.expanding):  # it refers to itself
+                return self.call(ref)
             if self.expanding.count(ref) >= MAX_REF_DEPTH:  # a recursive schema, unrolled enough
                 return None
             self.expanding.append(ref)
@@ -136,11 +180,18 @@ class _Converter:
         return None if not kept else kept[0] if len(kept) == 1 else "(?:" + "|".join(kept) + ")"
 
     def any_value(self, depth: int) -> str:
-        """Any JSON value, nested at most MAX_DEPTH - depth levels deep."""
-        scalars = [STRING, NUMBER, "true", "false", "null"]
+        """Any JSON value: with calls, the call of its rule; else nested at most MAX_DEPTH - depth levels deep."""
+        if self.frames is not None:
+            return self.call(ANY)
         if depth >= MAX_DEPTH:
+            return self.any_of(None)
+        return self.any_of(self.any_value(depth + 1))
+
+    def any_of(self, inner: str | None) -> str:
+        """A JSON value whose arrays' items and objects' values are `inner` (None: scalars only)."""
+        scalars = [STRING, NUMBER, "true", "false", "null"]
+        if inner is None:
             return "(?:" + "|".join(scalars) + ")"
-        inner = self.any_value(depth + 1)
         ws = self.ws
         array = rf"\[{ws}(?:{inner}(?:{ws},{ws}{inner})*)?{ws}\]"
         member = f"{STRING}{ws}:{ws}{inner}"
@@ -159,6 +210,7 @@ class _Converter:
             pattern = schema["pattern"]
             if not isinstance(pattern, str):
                 raise NeolmError("a string's pattern must be a regex string")
+            check_syntax(pattern)  # alone: inside the rules, its `(?&k)` would call one
             return '"' + pattern.removeprefix("^").removesuffix("$") + '"'
         if "format" in schema:
             if schema["format"] not in FORMATS:

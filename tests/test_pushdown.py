@@ -1,0 +1,232 @@
+"""Structured outputs whose rules recurse (neolm.structured.pushdown): rules compiled to one automaton with calls,
+the allowed tokens against independent checks (a bracket counter; llama.cpp's json.gbnf unrolled deeper than any
+text it is shown), JSON nested far past the unrolled limits, the fallback for left recursion, and generation."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import jsonschema
+import numpy as np
+import pytest
+from test_structured import JSON_GBNF
+
+from neolm.errors import NeolmError
+from neolm.structured import PushdownGuide, compile, compile_regex, spec_automaton
+from neolm.structured import grammar as grammar_module
+from neolm.structured.grammar import grammar_regex
+from neolm.structured.guide import Guide, Vocabulary
+from neolm.structured.regex import compile_rules
+from neolm.tokenizer import Tokenizer
+
+TREE = {
+    "$defs": {"node": {"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "children": {"type": "array", "items": {"$ref": "#/$defs/node"}}}, "required": ["name", "children"]}},
+    "$ref": "#/$defs/node",
+}  # fmt: skip
+
+
+def walk(guide, tokenizer, text: str) -> int:
+    """The guide's state after the text's tokens, each checked to be allowed where it comes (0: one was not)."""
+    state = 1
+    for token in tokenizer.encode(text):
+        if not guide.allowed(state)[token]:
+            return 0
+        state = guide.advance(state, token)
+    return state
+
+
+def test_rules_compile_to_one_automaton_of_calls():
+    dfa = compile_rules([r"a(?&1)b|c", r"x(?&0)y|z"])  # rule 0 and rule 1 call each other
+    assert dfa.rules == 2 and dfa.starts == [1, 2] and dfa.calls and dfa.left_recursive() is None
+    after_a = dfa.step(1, ord("a"))
+    assert dfa.call(after_a, 1) and not dfa.call(after_a, 0) and not dfa.call(1, 1)
+    assert dfa.accepting[dfa.step(1, ord("c"))] and dfa.accepting[dfa.step(dfa.call(after_a, 1), ord("b"))]
+    assert compile_rules([r"(?&0)x|y"]).left_recursive() == 0
+    assert compile_rules([r"(?&1)x", r"(?&2)y|", r"(?&0)|q"]).left_recursive() is not None  # through an empty rule
+    assert compile_rules([r"(?&1)x", r"(?&2)y|", r"r(?&0)|q"]).left_recursive() is None
+    assert compile_rules([r"(?&1)x", r"y|"]).empty_rules() == {1}
+    # a rule no finite text matches is dropped, with every call of it
+    dfa = compile_rules([r"a(?&1)|b", r"x(?&1)"])
+    assert not dfa.calls and dfa.step(1, ord("a")) == 0 and dfa.fullmatch(b"b")
+    with pytest.raises(NeolmError, match="matches no string"):
+        compile_rules([r"a(?&0)"])
+    with pytest.raises(NeolmError, match="not supported"):  # a user's regex does not call
+        compile_regex(r"a(?&0)?b")
+    with pytest.raises(NeolmError, match="calls no rule"):
+        compile_rules([r"a(?&3)"])
+    with pytest.raises(NeolmError, match="not supported"):  # nor does a schema's pattern, set inside the rules
+        spec_automaton({"json": {"type": "string", "pattern": "(?&0)"}})
+    assert spec_automaton({"json": {"type": "string", "pattern": r"\(?&"}})[0].fullmatch(b'"&"')
+
+
+def test_balanced_brackets_against_a_counter():
+    """S ::= ("(" S ")")*: every state's allowed tokens and whether it may end, against a depth counter."""
+    tokens = [b"(", b")", b"((", b"))", b"()", b")(", b"(()", b"())", b"x", b"(x", b")))", b"((((", b"()()", b"((()))"]
+    guide = PushdownGuide(compile_rules([r"(?:\((?&0)\))*"]), Vocabulary(tokens), "brackets")
+
+    def depth(text: str) -> int | None:  # None: no balanced text starts with it
+        d = 0
+        for c in text:
+            d += {"(": 1, ")": -1}.get(c, -(10**9))
+            if d < 0:
+                return None
+        return d
+
+    rng = random.Random(0)
+    for _ in range(200):
+        text, state = "", 1
+        for _ in range(rng.randint(0, 14)):
+            expected = [depth(text + t.decode()) is not None for t in tokens]
+            assert guide.allowed(state).tolist() == expected, text
+            assert guide.accepting(state) == (depth(text) == 0), text
+            token = rng.choice([i for i, ok in enumerate(expected) if ok])
+            text, state = text + tokens[token].decode(), guide.advance(state, token)
+    assert walk_bytes(guide, b"((((((((((()))))))))))") and not walk_bytes(guide, b"(()))")
+
+
+def walk_bytes(guide, data: bytes) -> bool:
+    """Whether the guide, fed data one byte-token at a time, may end there."""
+    byte_token = {t: i for i, t in enumerate(guide.vocabulary.bytes)}
+    state = 1
+    for b in data:
+        state = guide.advance(state, byte_token[bytes([b])])
+    return bool(state) and guide.accepting(state)
+
+
+def nesting(data: bytes, deepest: bool = True) -> int:
+    """The deepest bracket nesting in JSON text, or (deepest=False) the brackets open at its end (strings
+    skipped)."""
+    most = depth = 0
+    quoted = escaped = False
+    for c in data.decode("utf-8", "replace"):
+        if quoted:
+            quoted, escaped = (c != '"' or escaped), (c == "\\" and not escaped)
+        elif c == '"':
+            quoted = True
+        elif c in "[{":
+            depth += 1
+            most = max(most, depth)
+        elif c in "]}":
+            depth -= 1
+    return most if deepest else depth
+
+
+def test_json_grammar_allows_what_a_deeper_unrolled_automaton_allows(monkeypatch):
+    """llama.cpp's json.gbnf with calls, against the same grammar unrolled six levels (a regex guide, itself checked
+    against brute force in test_structured): along JSON texts nested at most three deep, every token that cannot
+    take the text past four levels is allowed exactly when the unrolled guide allows it, and every token the
+    unrolled guide allows is allowed."""
+    tokenizer = Tokenizer.builtin("gpt-neox-20b")
+    vocabulary = Vocabulary.of(tokenizer)
+    guide = compile({"grammar": JSON_GBNF}, tokenizer)
+    assert isinstance(guide, PushdownGuide) and guide.dfa.rules == 3  # root, object and value
+    monkeypatch.setattr(grammar_module, "MAX_DEPTH", 6)
+    unrolled = Guide(compile_regex(grammar_regex(JSON_GBNF)), vocabulary, "json.gbnf unrolled")
+    assert unrolled.dfa.fullmatch(json.dumps({"a": [[[[{"b": 1}]]]]}).encode())  # six levels
+    opens = np.array([sum(piece.count(c) for c in b"[{") if piece else 0 for piece in vocabulary.bytes])
+    texts = ['{"a": [1, {"b": null}], "c": "x\\"y"}', '{\n "k": [[], {}],\n "q": -2.5e3}', '{"s": "[{"}']
+    checked = 0
+    for text in texts:
+        state, data = 1, b""
+        for token in tokenizer.encode(text):
+            allowed, reference = guide.allowed(state).numpy(), unrolled.allowed(unrolled.dfa.walk(1, data)).numpy()
+            strict = depth(data) + opens <= 4  # (a token's brackets all opening, strings or not)
+            assert (allowed[strict] == reference[strict]).all(), data
+            assert (allowed | ~reference).all(), data
+            checked += int(strict.sum())
+            state, data = guide.advance(state, token), data + vocabulary.bytes[token]
+        assert guide.accepting(state), text
+    assert checked > 1_000_000
+
+
+def depth(data: bytes) -> int:
+    """How many brackets are open at the end of JSON text (strings skipped)."""
+    return nesting(data, deepest=False)
+
+
+def test_recursive_schemas_and_untyped_values_nest_without_limit():
+    tokenizer = Tokenizer.builtin("gpt-neox-20b")
+    tree = compile({"json": TREE}, tokenizer)
+    assert isinstance(tree, PushdownGuide)
+    node: dict = {"name": "leaf", "children": []}
+    for i in range(12):  # past the three levels a recursive $ref was unrolled to
+        node = {"name": f"n{i}", "children": [node, {"name": "x", "children": []}] if i % 2 else [node]}
+    text = json.dumps(node)
+    jsonschema.validate(node, TREE)
+    state = walk(tree, tokenizer, text)
+    assert state and tree.accepting(state)
+    broken = text.replace('"x", "children": []', '"x"', 1)  # a required member left out, deep inside
+    state = walk(tree, tokenizer, broken)
+    assert not state or not tree.accepting(state)
+    any_object = compile({"json_object": True}, tokenizer)
+    deep = {"a": [[[[[[[[[[{"b": [{"c": [[1, "two", None]]}]}]]]]]]]]]]}  # 16 levels, past MAX_DEPTH's 5
+    for text in (json.dumps(deep), json.dumps(deep, separators=(",", ":"))):
+        state = walk(any_object, tokenizer, text)
+        assert state and any_object.accepting(state), text
+    for text in ('{"a": [[1]}', '{"a": [}', "[1]"):
+        state = walk(any_object, tokenizer, text)
+        assert not state or not any_object.accepting(state), text
+    assert any_object.dfa.states < 300  # (2,265 unrolled five levels)
+
+
+def test_left_recursion_falls_back_to_unrolling():
+    grammar = 'root ::= expr\nexpr ::= expr "+" term | term\nterm ::= "1" | "(" expr ")"'
+    dfa, _ = spec_automaton({"grammar": grammar})
+    assert not dfa.calls  # unrolled: left recursion cannot be followed with a stack
+    assert dfa.fullmatch(b"1+1+(1+1)") and not dfa.fullmatch(b"1+") and not dfa.fullmatch(b"(1")
+    with pytest.raises(NeolmError, match="left recursion"):
+        PushdownGuide(compile_rules([r"(?&0)x|y"]), Vocabulary([b"x", b"y"]), "left")
+    with pytest.raises(NeolmError, match="matches no string"):
+        spec_automaton({"grammar": 'root ::= x\nx ::= "a" x'})
+
+
+def test_generation_follows_recursive_schemas(lm):
+    schema = {"$defs": {"node": {"type": "object", "properties": {
+        "name": {"enum": ["king", "queen"]},
+        "kids": {"type": "array", "items": {"$ref": "#/$defs/node"}, "maxItems": 2}}, "required": ["name", "kids"]}},
+        "$ref": "#/$defs/node"}  # fmt: skip
+    spec = {"json": schema}
+    texts = lm.generate(["KING. Who rules?\n"] * 3, structured_outputs=spec, do_sample=True, seed=1,
+                        max_new_tokens=400)  # fmt: skip
+    texts += lm.generate("QUEEN.", structured_outputs=spec, num_beams=2, num_return_sequences=2, max_new_tokens=400)
+    for text in texts:
+        jsonschema.validate(json.loads(text), schema)
+    assert isinstance(json.loads(lm.generate("KING.", structured_outputs={"json_object": True}, do_sample=False,
+                                             max_new_tokens=400)), dict)  # fmt: skip
+    # a list in a list ... until a 0: the default model nests it 6 to 19 deep (past the three levels a recursive
+    # $ref was unrolled to) when the 0 is made likelier (it would nest past its token budget otherwise)
+    nested = {"$defs": {"n": {"anyOf": [{"type": "array", "items": {"$ref": "#/$defs/n"}, "minItems": 1,
+                                         "maxItems": 1}, {"const": 0}]}}, "$ref": "#/$defs/n"}  # fmt: skip
+    zero = [i for i in range(lm.tokenizer.vocab_size) if lm.tokenizer.token_bytes(i) in (b"0", b" 0")]
+    texts = lm.generate(["A"] * 4, structured_outputs={"json": nested}, do_sample=True, seed=0, max_new_tokens=200,
+                        sequence_bias={(i,): 4.0 for i in zero})  # fmt: skip
+    for text in texts:
+        jsonschema.validate(json.loads(text), nested)
+    assert min(nesting(t.encode()) for t in texts) >= 6, texts
+
+
+def test_pushdown_masks_match_single_token_walks():
+    """The vocabulary's walk at once (calls on stacks of its own, tokens that leave their rule walked on from the
+    actual stack) against each token walked alone, along random paths through json_object."""
+    tokenizer = Tokenizer.builtin("gpt2")
+    guide = compile({"json_object": True, "whitespace_pattern": r"[ \n]?"}, tokenizer)
+    rng = random.Random(3)
+    sample = rng.sample(range(guide.vocabulary.size), 2000)
+    for _ in range(2):
+        state, text = 1, b""
+        for steps in range(30):
+            allowed = guide.allowed(state).numpy()
+            for t in sample:
+                piece = guide.vocabulary.bytes[t]
+                assert allowed[t] == (bool(piece) and guide.advance(state, t) != 0), (state, piece)
+            if not allowed.any():  # the object is whole: eos alone
+                assert guide.accepting(state)
+                break
+            wanted = b'{["]},:' if steps > 20 else b'{["'  # (deeper first, then back up)
+            structural = [t for t in np.flatnonzero(allowed) if set(guide.vocabulary.bytes[t]) & set(wanted)]
+            token = rng.choice(structural or list(np.flatnonzero(allowed)))
+            state, text = guide.advance(state, int(token)), text + guide.vocabulary.bytes[token]
+        assert nesting(text) >= 4, text
