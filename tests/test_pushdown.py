@@ -208,25 +208,50 @@ def test_generation_follows_recursive_schemas(lm):
     assert min(nesting(t.encode()) for t in texts) >= 6, texts
 
 
-def test_pushdown_masks_match_single_token_walks():
+WS_GRAMMAR = r"""
+root  ::= "[" ws (value ("," ws value)*)? "]" ws
+value ::= ("[" ws (value ("," ws value)*)? "]" | "{" ws (str ":" ws value ("," ws str ":" ws value)*)? "}" | str
+          | [0-9]+) ws
+str   ::= "\"" [a-z ]* "\""
+ws    ::= ([ \t\n] ws)?
+"""  # whitespace as a rule that calls itself (as llama.cpp's json_arr.gbnf has it): a tail call, and empty
+LOOP_GRAMMAR = r"""
+root ::= item* "."
+item ::= "(" root ")" | opt
+opt  ::= "x"?
+"""  # a repeat of a rule that may read nothing: its call returns to where it began
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [{"json_object": True, "whitespace_pattern": r"[ \n]?"}, {"grammar": WS_GRAMMAR}, {"grammar": LOOP_GRAMMAR}],
+    ids=["json_object", "recursive-ws", "empty-loop"],
+)
+def test_pushdown_masks_match_single_token_walks(spec):
     """The vocabulary's walk at once (calls on stacks of its own, tokens that leave their rule walked on from the
-    actual stack) against each token walked alone, along random paths through json_object."""
+    actual stack) against each token walked alone, along random paths that go deep and come back."""
     tokenizer = Tokenizer.builtin("gpt2")
-    guide = compile({"json_object": True, "whitespace_pattern": r"[ \n]?"}, tokenizer)
+    guide = compile(spec, tokenizer)
+    assert isinstance(guide, PushdownGuide)
     rng = random.Random(3)
-    sample = rng.sample(range(guide.vocabulary.size), 2000)
+    structural = set(b'{}[]()",:.x0123456789 \n\t')
+    sample = rng.sample(range(guide.vocabulary.size), 2000)  # and every token made of these bytes alone
+    sample += [t for t, piece in enumerate(guide.vocabulary.bytes) if piece and set(piece) <= structural]
     for _ in range(2):
         state, text = 1, b""
         for steps in range(30):
             allowed = guide.allowed(state).numpy()
             for t in sample:
                 piece = guide.vocabulary.bytes[t]
-                assert allowed[t] == (bool(piece) and guide.advance(state, t) != 0), (state, piece)
-            if not allowed.any():  # the object is whole: eos alone
+                assert allowed[t] == (bool(piece) and guide.advance(state, t) != 0), (text, piece)
+            if not allowed.any():  # the text is whole: eos alone
                 assert guide.accepting(state)
                 break
-            wanted = b'{["]},:' if steps > 20 else b'{["'  # (deeper first, then back up)
-            structural = [t for t in np.flatnonzero(allowed) if set(guide.vocabulary.bytes[t]) & set(wanted)]
-            token = rng.choice(structural or list(np.flatnonzero(allowed)))
+            ids = np.flatnonzero(allowed)
+            plain = set(b'{["(:x1 ' if steps < 20 else b'{["(:x1 ]}),.')  # deeper first, then back up
+            going = set(b"{[(" if steps < 20 else b"]}).")
+            kinds = [[t for t in ids if set(guide.vocabulary.bytes[t]) <= plain], list(ids)]
+            kinds.insert(0, [t for t in kinds[0] if going & set(guide.vocabulary.bytes[t])])
+            token = rng.choice(next(k for k in kinds if k))
             state, text = guide.advance(state, int(token)), text + guide.vocabulary.bytes[token]
-        assert nesting(text) >= 4, text
+        assert nesting(text.replace(b"(", b"[").replace(b")", b"]")) >= 4, text

@@ -26,6 +26,7 @@ from neolm.errors import NeolmError
 from neolm.structured.guide import MASKS_KEPT, Guide, Vocabulary
 from neolm.structured.regex import DFA
 
+WALKS_KEPT = 1 << 16  # token ends walked on from a stack whose answer a guide keeps
 _BITS = 21  # a walk's threads are keyed as (token, state, stack) in 64 bits: states and stacks below 2**21
 
 
@@ -40,16 +41,21 @@ class PushdownGuide(Guide):
         if dfa.states >= 1 << _BITS:
             raise NeolmError(f"the rules are too large for structured outputs ({dfa.states:,} automaton states)")
         super().__init__(dfa, vocabulary, description)
-        self._calls = [[(dfa.starts[k], r) for k in range(dfa.rules) if (r := dfa.call(s, k))]
+        # state -> [(start of the rule it calls, state to return to)]; a call after which the rule can only end (a
+        # tail call: `ws ::= [ ] ws | `) returns where its caller would, and pushes nothing (its return state: 0)
+        final = [dfa.accepting[s] and not any(row) for s, row in enumerate(dfa.table)]
+        self._calls = [[(dfa.starts[k], 0 if final[r] else r) for k in range(dfa.rules) if (r := dfa.call(s, k))]
                        for s in range(dfa.states)]  # fmt: skip
         self._calling = np.array([bool(c) for c in self._calls])
         self._ending = np.array(dfa.accepting)
         # without rules that may read nothing, every call reads before its rule returns: a walk's closure (calls
-        # down, returns up) cannot come back to a thread it had, and needs no check for those
+        # down, returns up) cannot come back to a thread it had, and needs no check for those (with them, from its
+        # third round on: the first two are most of a closure, and repeats there only cost a little work)
         self._cycles = bool(dfa.empty_rules())
         self._up, self._back = [0], [0]  # stack n: the stack under its top (n=0: empty), the state its top returns to
         self._stacks: dict[tuple[int, int], int] = {}
         self._insides: OrderedDict[int, tuple[np.ndarray, ...]] = OrderedDict()
+        self._went: OrderedDict[tuple[frozenset, bytes], bool] = OrderedDict()  # _goes_on's answers, oldest first
 
     def __repr__(self) -> str:
         return f"PushdownGuide({self.description}, {self.dfa.states} states, {self.dfa.rules} rules)"
@@ -72,7 +78,7 @@ class PushdownGuide(Guide):
         return out
 
     def _push(self, stack: int, back: int) -> int:
-        return _push(self._up, self._back, self._stacks, stack, back)
+        return _push(self._up, self._back, self._stacks, stack, back) if back else stack
 
     def _walk(self, pairs, data: bytes) -> frozenset:
         table, classes = self.dfa.table, self.dfa.classes
@@ -82,6 +88,17 @@ class PushdownGuide(Guide):
             if not pairs:
                 break
         return frozenset(pairs)
+
+    def _goes_on(self, pairs: frozenset, rest: bytes) -> bool:
+        """Whether the readings `pairs` can read `rest` (kept: tokens share their ends, `",` `]]` `}\\n`, and texts
+        return to the same stacks)."""
+        key = (pairs, rest)
+        found = self._went.get(key)
+        if found is None:
+            found = self._went[key] = bool(self._walk(pairs, rest))
+            if len(self._went) > WALKS_KEPT:
+                self._went.popitem(last=False)
+        return found
 
     def _readable(self, pairs) -> np.ndarray:
         """(byte classes,) bool: the classes of the bytes that the readings `pairs` may read next."""
@@ -104,19 +121,18 @@ class PushdownGuide(Guide):
             return mask
         v = self.vocabulary
         allowed = np.zeros(v.size, dtype=bool)
-        for s, stack in self._closure(_pairs(state), calls=False):  # (the walks make the calls)
+        # every reading, with its returns and calls: a walk notes the tokens that leave its rule from their second
+        # byte on, so a return before the first byte (a called rule that may read nothing ending) is a reading here
+        for s, stack in self._closure(_pairs(state)):
             inside, tokens, at, then = self._inside(s)
             allowed |= inside
             if not stack:
                 continue
-            back, seen = frozenset({(self._back[stack], self._up[stack])}), {}
+            back = frozenset({(self._back[stack], self._up[stack])})
             go_on = self._readable(back)[then] & ~allowed[tokens]  # (most fail at their next byte: filtered at once)
             for token, j in zip(tokens[go_on].tolist(), at[go_on].tolist()):
                 if not allowed[token]:
-                    rest = v.bytes[token][j:]
-                    if rest not in seen:
-                        seen[rest] = bool(self._walk(back, rest))
-                    allowed[token] = seen[rest]
+                    allowed[token] = self._goes_on(back, v.bytes[token][j:])
         mask = torch.from_numpy(allowed)
         self._masks[state] = mask
         if len(self._masks) > MASKS_KEPT:
@@ -170,7 +186,7 @@ class PushdownGuide(Guide):
         walk's own (up, back, stacks: as the guide's); and the tokens of threads that may leave the rule (their
         stack is empty and the rule may end)."""
         t, s, k = tok, st, sk
-        parts, out, seen = [], [], None
+        parts, out, seen, rounds = [], [], None, 0
         while True:
             parts.append((t, s, k))
             more = []
@@ -186,14 +202,16 @@ class PushdownGuide(Guide):
                     at = s == u
                     kids, inverse = np.unique(k[at], return_inverse=True)
                     for start, ret in self._calls[u]:
-                        pushed = np.array([_push(up, back, stacks, x, ret) for x in kids.tolist()], dtype=np.int64)
+                        pushed = np.array([_push(up, back, stacks, x, ret) if ret else x for x in kids.tolist()],
+                                          dtype=np.int64)  # fmt: skip
                         more.append((t[at], np.full(len(inverse), start, dtype=np.int64), pushed[inverse]))
             if not more:
                 break
             if len(up) >= 1 << _BITS:
                 raise NeolmError("structured outputs: a token's walk nests its rules too deep")
             t, s, k = (np.concatenate(x) for x in zip(*more))
-            if self._cycles:  # a rule that may read nothing can return to where its call began: new threads only
+            rounds += 1
+            if self._cycles and rounds > 2:  # a rule that may read nothing can come back to where its call began
                 key, first = np.unique((t << (2 * _BITS)) | (s << _BITS) | k, return_index=True)
                 if seen is None:
                     seen = (tok << (2 * _BITS)) | (st << _BITS) | sk
