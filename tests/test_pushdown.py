@@ -1,15 +1,18 @@
 """Structured outputs whose rules recurse (neolm.structured.pushdown): rules compiled to one automaton with calls,
 the allowed tokens against independent checks (a bracket counter; llama.cpp's json.gbnf unrolled deeper than any
-text it is shown), JSON nested far past the unrolled limits, the fallback for left recursion, and generation."""
+text it is shown; the `regex` module's recursive patterns, matched partially), against each token walked alone, JSON
+nested far past the unrolled limits, the fallback for left recursion, and generation."""
 
 from __future__ import annotations
 
 import json
 import random
+import re
 
 import jsonschema
 import numpy as np
 import pytest
+import regex as partial_re  # matches partially, and follows recursive patterns: (?&name)
 from test_structured import JSON_GBNF
 
 from neolm.errors import NeolmError
@@ -255,3 +258,43 @@ def test_pushdown_masks_match_single_token_walks(spec):
             token = rng.choice(next(k for k in kinds if k))
             state, text = guide.advance(state, int(token)), text + guide.vocabulary.bytes[token]
         assert nesting(text.replace(b"(", b"[").replace(b")", b"]")) >= 4, text
+
+
+@pytest.mark.parametrize("grammar", [WS_GRAMMAR, LOOP_GRAMMAR, JSON_GBNF], ids=["recursive-ws", "empty-loop", "json"])
+def test_allowed_tokens_match_the_regex_modules_recursive_partial_match(grammar):
+    """An independent check of the calls and the stack: the grammar's rules as one pattern of the `regex` module
+    (its (?&name) calls, partial=True: whether the text can still become a match), against the allowed tokens and
+    whether the guide may end, along texts that nest; tokens that are not whole UTF-8 are left out."""
+    from neolm.structured.grammar import grammar_rules
+
+    rules = grammar_rules(grammar)
+    named = [re.sub(r"\(\?&(\d+)\)", r"(?&r\1)", rule) for rule in rules]
+    oracle = partial_re.compile("(?(DEFINE)" + "".join(f"(?<r{k}>{r})" for k, r in enumerate(named)) + ")(?&r0)")
+    tokenizer = Tokenizer.builtin("gpt2")
+    guide = compile({"grammar": grammar}, tokenizer)
+    texts = {
+        WS_GRAMMAR: '[ {"ab": [1, [[ ]], {"c":{"d": [7 ]} }]},\n  "x y" ]  ',
+        LOOP_GRAMMAR: "x(x((.)x.)(.).)xx.",
+        JSON_GBNF: '{"a": [{"b": [[{"c": [[]]}]]}, -2.5e3, "x\\"y"]}',
+    }[grammar]
+    pieces = {}
+    for t, piece in enumerate(guide.vocabulary.bytes):
+        try:
+            pieces[t] = piece.decode("utf-8") if piece else None
+        except UnicodeDecodeError:
+            pass
+    structural = [
+        t for t, text in pieces.items() if text and len(text) <= 3 and set(text) <= set('{}[]()",:.x0123456789 \n')
+    ]
+    sample = structural + random.Random(5).sample(sorted(pieces), 200)
+    state, done, checked = 1, "", 0
+    for token in tokenizer.encode(texts):
+        allowed = guide.allowed(state)
+        for t in sample:
+            if pieces.get(t):
+                expected = oracle.fullmatch(done + pieces[t], partial=True) is not None
+                assert bool(allowed[t]) == expected, (done, pieces[t])
+                checked += 1
+        assert guide.accepting(state) == (oracle.fullmatch(done) is not None), done
+        state, done = guide.advance(state, token), done + pieces[token]
+    assert guide.accepting(state) and checked > 10_000
