@@ -66,6 +66,39 @@ def test_required_tool_choice_answers_calls_of_the_tools(server):
     jsonschema.validate(json.loads(tool_call["function"]["arguments"]), SCHEMA_OF[name])
 
 
+NESTED_TOOLS = [  # parameters with $defs, as Pydantic writes them: both name theirs "Item"; "tree" refers to itself
+    {"type": "function", "function": {"name": "tree", "parameters": {"type": "object", "properties": {
+        "label": {"$ref": "#/$defs/Item"}, "kids": {"type": "array", "items": {"$ref": "#"}, "maxItems": 2}},
+        "required": ["label", "kids"], "$defs": {"Item": {"enum": ["a", "b"]}}}}},
+    {"type": "function", "function": {"name": "count", "parameters": {"type": "object", "properties": {
+        "n": {"$ref": "#/$defs/Item"}}, "required": ["n"], "$defs": {"Item": {"type": "integer", "minimum": 0,
+                                                                               "maximum": 9}}}}},
+]  # fmt: skip
+
+
+def test_required_tool_calls_keep_each_tool_s_own_defs(server):
+    """A "required" answer is held to one schema for all the tools: each tool's $defs move into it under names of
+    their own, and its $refs with them ("#": the tool's parameters)."""
+    from neolm.serve.tools import required_schema
+
+    schema = required_schema({t["function"]["name"]: t["function"]["parameters"] for t in NESTED_TOOLS})
+    assert sorted(schema["$defs"]) == ["tool0", "tool0-defs-Item", "tool1-defs-Item"]
+    good = [{"name": "tree", "parameters": {"label": "a", "kids": [{"label": "b", "kids": []}]}},
+            {"name": "count", "parameters": {"n": 7}}]  # fmt: skip
+    jsonschema.validate(good, schema)
+    for bad in ({"name": "tree", "parameters": {"label": "c", "kids": []}},
+                {"name": "tree", "parameters": {"label": "a", "kids": [{"label": 1, "kids": []}]}},
+                {"name": "count", "parameters": {"n": "a"}}):  # fmt: skip
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate([bad], schema)
+    status, body = call(server, "/v1/chat/completions", TOOL_CHAT | {"tools": NESTED_TOOLS, "tool_choice": "required"})
+    assert status == 200, body
+    calls = body["choices"][0]["message"]["tool_calls"]
+    own = {t["function"]["name"]: t["function"]["parameters"] for t in NESTED_TOOLS}
+    for tool_call in calls:
+        jsonschema.validate(json.loads(tool_call["function"]["arguments"]), own[tool_call["function"]["name"]])
+
+
 def test_required_tool_calls_stream_as_they_are_written(server):
     """A "required" call opens (id, type, name, no arguments) once its name is written, then its arguments come in
     pieces as the model writes them, adding up to the whole answer's; the last chunk only ends the choice."""

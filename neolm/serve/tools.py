@@ -204,6 +204,52 @@ def _call(name: str, arguments: str, ids: CallFormat | None) -> dict:
     }
 
 
+def required_schema(functions: dict[str, dict], parallel: bool = True) -> dict:
+    """vLLM's schema for tool_choice "required": an array of {"name", "parameters"} objects, each one tool's name and
+    its parameters (one item only without `parallel`). A tool's parameters may refer to their own `$defs` (as
+    Pydantic writes them) or to themselves ("#"): those move to the array's `$defs`, under names of each tool's own
+    (two tools may each have an "Item"), and its $refs are written to match."""
+    defs, calls = {}, []
+    for i, (name, parameters) in enumerate(functions.items()):
+        moved = {}  # a $ref in this tool's parameters -> where it points in the array's schema
+        for key in ("definitions", "$defs"):
+            for def_name in parameters.get(key) or {}:
+                moved[f"#/{key}/{def_name}"] = f"#/$defs/tool{i}-{key.strip('$')}-{def_name}"
+        moved["#"] = f"#/$defs/tool{i}"
+        own = {k: v for k, v in parameters.items() if k not in ("definitions", "$defs")}
+        for key in ("definitions", "$defs"):
+            for def_name, sub in (parameters.get(key) or {}).items():
+                defs[moved[f"#/{key}/{def_name}"].removeprefix("#/$defs/")] = _refs_moved(sub, moved)
+        if _refers(parameters, "#"):
+            defs[f"tool{i}"] = _refs_moved(own, moved)
+        calls.append({"type": "object", "properties": {"name": {"const": name}, "parameters": _refs_moved(own, moved)},
+                      "required": ["name", "parameters"]})  # fmt: skip
+    schema = {"type": "array", "items": {"anyOf": calls}, "minItems": 1}
+    if not parallel:
+        schema["maxItems"] = 1
+    if defs:
+        schema["$defs"] = defs
+    return schema
+
+
+def _refs_moved(node, moved: dict[str, str]):
+    """A copy of a schema (part) with each "$ref" that `moved` names written as it says."""
+    if isinstance(node, list):
+        return [_refs_moved(x, moved) for x in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _refs_moved(v, moved) for k, v in node.items()}
+    if isinstance(node.get("$ref"), str):
+        out["$ref"] = moved.get(node["$ref"], node["$ref"])
+    return out
+
+
+def _refers(node, ref: str) -> bool:
+    if isinstance(node, list):
+        return any(_refers(x, ref) for x in node)
+    return isinstance(node, dict) and (node.get("$ref") == ref or any(_refers(v, ref) for v in node.values()))
+
+
 def parse(body: dict, auto: CallFormat | None) -> tuple[list[dict] | None, ToolChoice | None, dict]:
     """(the tools for the chat template or None, how to answer or None for text, structured_outputs arguments);
     `auto`: the chat format's tool-call format (None: tool_choice "auto" is refused), which also makes the calls'
@@ -237,11 +283,7 @@ def parse(body: dict, auto: CallFormat | None) -> tuple[list[dict] | None, ToolC
     if choice == "none":
         return tools, None, {}
     if choice == "required":
-        calls = [{"type": "object", "properties": {"name": {"const": name}, "parameters": parameters},
-                  "required": ["name", "parameters"]} for name, parameters in functions.items()]  # fmt: skip
-        schema = {"type": "array", "items": {"anyOf": calls}, "minItems": 1}
-        if body.get("parallel_tool_calls") is False:
-            schema["maxItems"] = 1
+        schema = required_schema(functions, parallel=body.get("parallel_tool_calls") is not False)
         return tools, ToolChoice(functions=tuple(functions), ids=auto), {"structured_outputs": {"json": schema}}
     name = (choice.get("function") or {}).get("name") if isinstance(choice, dict) else None
     if name is None:
