@@ -20,10 +20,10 @@ from test_serve import call
 
 import neolm
 from neolm.errors import NeolmError
-from neolm.structured import compile, compile_regex, spec_regex
+from neolm.structured import PushdownGuide, compile, compile_regex, compile_rules, spec_regex
 from neolm.structured.guide import Guide, Vocabulary
 from neolm.structured.ranges import MAX_LISTED, decimal_range, int_range, multiples
-from neolm.structured.schema import schema_regex
+from neolm.structured.schema import schema_regex, schema_rules
 from neolm.tokenizer import Tokenizer
 
 PATTERNS = [
@@ -172,6 +172,10 @@ SCHEMAS = [
     {"type": "object", "properties": {"p": {"type": "number", "minimum": 0, "maximum": 1},
                                       "t": {"type": "number", "exclusiveMinimum": -2.5, "exclusiveMaximum": 0.75}},
      "required": ["p"]},
+    {"oneOf": [{"type": "object", "properties": {"kind": {"const": "a"}, "x": {"type": "integer"}},
+                "required": ["kind", "x"]}, {"type": "object", "properties": {"kind": {"const": "b"}},
+                                             "required": ["kind"]}],
+     "discriminator": {"propertyName": "kind"}},  # (Pydantic's discriminated union: an annotation on the oneOf)
     {"type": "object", "properties": {"price": {"type": "number", "multipleOf": 0.25, "minimum": 0},
                                       "n": {"type": "integer", "multipleOf": 5, "exclusiveMaximum": 100},
                                       "i": {"type": "integer", "multipleOf": 2.5}}},
@@ -185,7 +189,8 @@ VALUES = [
     "a", None, 7, "é\"\\\n", 1.25, True, {"p": 0.5}, {"p": 1.0}, {"p": 1.5}, {"p": 0, "t": -2.5},
     {"p": 1, "t": -2.4999}, {"p": 0.25, "t": 0.75}, {"p": 0.999, "t": 0.7499}, {"p": 1, "t": 0},
     {"price": 2.75, "n": 95}, {"price": 2.7}, {"price": -0.25}, {"price": 1000, "n": -5}, {"n": 100}, {"n": 7},
-    {"i": 3}, {"i": -10}, {"i": 5}, {"i": 2.5}, {"n": 0, "i": 0},
+    {"i": 3}, {"i": -10}, {"i": 5}, {"i": 2.5}, {"n": 0, "i": 0}, {"kind": "a", "x": 1}, {"kind": "b"},
+    {"kind": "c"}, {"kind": "a"}, {"kind": "b", "x": 1},
 ]  # fmt: skip
 
 
@@ -205,23 +210,69 @@ def strict(schema):
 @pytest.mark.parametrize("index", range(len(SCHEMAS)))
 def test_schema_regexes_match_the_json_that_satisfies_the_schema(index):
     """Compact JSON of each value (keys in the schema's order, as the regex writes them) matches the schema's regex
-    exactly when jsonschema finds the value valid under the schema made strict (no keys it does not name)."""
+    (recursion unrolled) and its rules (recursion as calls) exactly when jsonschema finds the value valid under the
+    schema made strict (no keys it does not name)."""
     schema = SCHEMAS[index]
     pattern = re.compile(schema_regex(schema, whitespace=""))
     order = list(schema.get("properties", {}))
     validator = jsonschema.Draft202012Validator(
         strict(schema), format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER
     )
+    dfa = compile_rules(schema_rules(schema, whitespace=""))  # (what generation uses: recursion as calls)
+    rules = PushdownGuide(dfa, Vocabulary([bytes([b]) for b in range(256)]), "rules") if dfa.calls else dfa
     for value in VALUES:
         if isinstance(value, dict) and order and set(value) <= set(order):
             value = {k: value[k] for k in order if k in value}
         text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
         valid = validator.is_valid(value)
         assert bool(pattern.fullmatch(text)) == valid, (schema, text)
+        assert rules.fullmatch(text.encode()) == valid, (schema, text)
+
+
+def test_string_formats_match_what_their_validators_take():
+    """ipv4 and ipv6 against Python's ipaddress on random strings and on addresses written every way it writes them;
+    email against addresses mail validators take and refuse; and each within jsonschema's format checks."""
+    import ipaddress
+
+    from neolm.structured.schema import FORMATS
+
+    rng = random.Random(0)
+    for name, parse, alphabet in (("ipv4", ipaddress.IPv4Address, "0123456789."),
+                                  ("ipv6", ipaddress.IPv6Address, "0123456789abcdefABCDEF:.")):  # fmt: skip
+        pattern = re.compile(FORMATS[name])
+        for _ in range(20_000):
+            text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 24)))
+            try:
+                valid = bool(parse(text))
+            except ValueError:
+                valid = False
+            assert bool(pattern.fullmatch(text)) == valid, (name, text)
+        for _ in range(2000):
+            if name == "ipv4":
+                address = ipaddress.IPv4Address(rng.randrange(2**32))
+                texts = [str(address)]
+            else:
+                words = [rng.choice([0, 0, rng.randrange(65536)]) for _ in range(8)]
+                address = ipaddress.IPv6Address(":".join(f"{w:x}" for w in words))
+                texts = [str(address), address.exploded, ":".join(f"{w:X}" for w in words),
+                         f"::ffff:{ipaddress.IPv4Address(rng.randrange(2**32))}"]  # fmt: skip
+            assert all(pattern.fullmatch(t) for t in texts), texts
+    email = re.compile(FORMATS["email"])
+    for text in ["a@b.co", "first.last+tag@sub.example.org", "x_y!#$%&'*/=?^`{|}~-@a-b.io", "Z9@x1.y2.museum"]:
+        assert email.fullmatch(text), text
+    for text in ["a@b", "a..b@c.com", ".a@b.com", "a.@b.com", "a@-b.com", "a@b-.com", "a b@c.com", "@b.com",
+                 "a@b.1com", "a@b..com", "a@b.com.", f"a@{'b' * 64}.com", "é@b.com", 'a"b@c.com']:  # fmt: skip
+        assert not email.fullmatch(text), text
+    checker = jsonschema.Draft202012Validator.FORMAT_CHECKER
+    for name, text in [("ipv4", "10.0.0.255"), ("ipv6", "2001:db8::ff00:42:8329"), ("email", "a.b@c.de")]:
+        jsonschema.validate(text, {"type": "string", "format": name}, format_checker=checker)
+        assert re.fullmatch(schema_regex({"type": "string", "format": name}), json.dumps(text))
 
 
 @pytest.mark.parametrize("schema, needle", [
-    ({"type": "string", "format": "email"}, "format 'email'"),
+    ({"type": "string", "format": "hostname"}, "format 'hostname'"),
+    ({"type": "string", "pattern": "a+", "maxLength": 3}, "pattern and minLength/maxLength"),
+    ({"type": "string", "format": "email", "minLength": 3}, "format and minLength/maxLength"),
     ({"type": "number", "minimum": 2, "exclusiveMaximum": 2}, "no number lies"),
     ({"type": "number", "maximum": "3"}, "finite number"), ({"type": "number", "multipleOf": 0}, "> 0"),
     ({"type": "integer", "multipleOf": 7}, "needs a minimum and a maximum"),
@@ -390,7 +441,7 @@ def _events(text: str) -> list:
     ({"response_format": {"type": "json_schema"}}, "response_format", "json_schema.schema"),
     ({"response_format": {"type": "xml"}}, "response_format", "text, json_object or json_schema"),
     ({"guided_regex": "(a"}, None, "missing ')'"),
-    ({"guided_json": {"type": "string", "format": "email"}}, None, "format 'email'"),
+    ({"guided_json": {"type": "string", "format": "hostname"}}, None, "format 'hostname'"),
     ({"structured_outputs": {"choice": []}}, "structured_outputs", "non-empty list"),
 ])  # fmt: skip
 def test_server_refuses_structured_outputs_it_cannot_honour(server, fields, param, needle):

@@ -16,8 +16,8 @@ between its tokens). The spec is compiled against the tokenizer (compile(); Lang
 into a Guide, a logits processor that rules out every token that would break the match and eos until the text is
 whole. Grammars and schemas whose rules refer to themselves (JSON's values, a recursive $ref), and the values a
 schema leaves untyped, compile to rules that call each other, followed with a stack (neolm.structured.pushdown):
-the text nests as deep as it likes. The output matches when the sequence ends with eos; a sequence cut short by max_new_tokens is a prefix of
-a match.
+the text nests as deep as it likes. The output matches when the sequence ends with eos; a sequence cut short by
+max_new_tokens is a prefix of a match.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from neolm.structured.pushdown import PushdownGuide
 from neolm.structured.regex import DFA, compile_regex, compile_rules
 from neolm.structured.schema import WHITESPACE, schema_regex, schema_rules
 
-__all__ = ["DFA", "Follower", "Guide", "PushdownGuide", "check_spec", "compile", "compile_regex", "spec_automaton",
-           "spec_regex"]  # fmt: skip
+__all__ = ["DFA", "Follower", "Guide", "PushdownGuide", "check_spec", "compile", "compile_regex", "compile_rules",
+           "spec_automaton", "spec_regex"]  # fmt: skip
 
 log = logging.getLogger(__name__)
 

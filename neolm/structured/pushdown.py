@@ -114,6 +114,10 @@ class PushdownGuide(Guide):
     def accepting(self, state: frozenset | int) -> bool:
         return any(stack == 0 and self.dfa.accepting[s] for s, stack in self._closure(_pairs(state)))
 
+    def fullmatch(self, data: bytes) -> bool:
+        """Whether the rules match `data` whole (as DFA.fullmatch)."""
+        return self.accepting(self._walk(START, data) or 0)
+
     def allowed(self, state: frozenset | int) -> torch.Tensor:
         mask = self._masks.get(state)
         if mask is not None:

@@ -532,8 +532,11 @@ def _prune_calls(table: list[list[int]], accepting: list[bool], columns: list[in
     the class of rule k's call (None: no state calls it)."""
     ending: set[int] = set()
     cut = [c for c in columns if c is not None]
+    calling = [s for s, row in enumerate(table) if any(row[c] for c in cut)]  # (the rows a cut changes)
     while cut:
-        view = [[0 if c in cut else t for c, t in enumerate(row)] for row in table]
+        view = list(table)
+        for s in calling:
+            view[s] = [0 if c in cut else t for c, t in enumerate(table[s])]
         live = _live(view, accepting)
         found = {k for k, s in enumerate(starts) if s in live}
         if found == ending:

@@ -5,14 +5,14 @@ An object's properties come in the schema's order; required ones always, optiona
 other keys appear (as OpenAI's strict mode) unless the schema has no "properties", when additionalProperties (a
 schema, or true/absent: any value) gives the values of any keys. Supported: type (one or a list), enum, const,
 properties / required / additionalProperties, items / prefixItems / minItems / maxItems, minLength / maxLength /
-pattern / format (date-time, date, time, uuid) on strings, minimum / maximum (and the exclusive ones) and
-multipleOf on integers and numbers (a bounded number, or a multiple, is written without an exponent:
-neolm.structured.ranges), anyOf / oneOf, allOf of
-one schema, and $ref into $defs / definitions. A $ref that refers to itself, and any JSON value (where a schema
-leaves one untyped), are rules of their own that the others call (schema_rules: neolm.structured.pushdown follows
-the calls with a stack, so values nest as deep as they like); schema_regex unrolls them instead (recursive $refs
-MAX_REF_DEPTH times, any value MAX_DEPTH levels), for schemas whose $refs call themselves before reading anything.
-Keywords that would constrain the output in ways the regex cannot express raise
+pattern / format (date-time, date, time, uuid, ipv4, ipv6, email) on strings (a length bound with a pattern or
+format is refused), minimum / maximum (and the exclusive ones) and multipleOf on integers and numbers (a bounded
+number, or a multiple, is written without an exponent: neolm.structured.ranges), anyOf / oneOf (OpenAPI's
+discriminator read past), allOf of one schema, and $ref into $defs / definitions. A $ref that refers to itself,
+and any JSON value (where a schema leaves one untyped), are rules of their own that the others call (schema_rules:
+neolm.structured.pushdown follows the calls with a stack, so values nest as deep as they like); schema_regex unrolls
+them instead (recursive $refs MAX_REF_DEPTH times, any value MAX_DEPTH levels), for schemas whose $refs call
+themselves before reading anything. Keywords that would constrain the output in ways the regex cannot express raise
 NeolmError rather than being ignored.
 """
 
@@ -35,16 +35,33 @@ STRING_CHAR = r'(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})'
 STRING = f'"{STRING_CHAR}*"'
 INTEGER = r"-?(?:0|[1-9][0-9]*)"
 NUMBER = r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?"
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"  # 0-255, no leading zeros (as ipaddress reads them)
+_IPV4 = rf"(?:{_OCTET}\.){{3}}{_OCTET}"
+_H16 = r"[0-9A-Fa-f]{1,4}"
+_LS32 = rf"(?:{_H16}:{_H16}|{_IPV4})"
+_IPV6 = "(?:" + "|".join([  # RFC 3986's IPv6address: eight groups of 16 bits, a run of zero groups as "::" once
+    rf"(?:{_H16}:){{6}}{_LS32}", rf"::(?:{_H16}:){{5}}{_LS32}", rf"(?:{_H16})?::(?:{_H16}:){{4}}{_LS32}",
+    *(rf"(?:(?:{_H16}:){{0,{n - 1}}}{_H16})?::(?:{_H16}:){{{5 - n}}}{_LS32}" for n in (2, 3)),
+    rf"(?:(?:{_H16}:){{0,3}}{_H16})?::{_H16}:{_LS32}", rf"(?:(?:{_H16}:){{0,4}}{_H16})?::{_LS32}",
+    rf"(?:(?:{_H16}:){{0,5}}{_H16})?::{_H16}", rf"(?:(?:{_H16}:){{0,6}}{_H16})?::"]) + ")"  # fmt: skip
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 FORMATS = {
     "date-time": r"[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])T(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
     r"(?:\.[0-9]+)?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])",
     "date": r"[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])",
     "time": r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]+)?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])?",
     "uuid": r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
+    "ipv4": _IPV4,
+    "ipv6": _IPV6,
+    # an RFC 5322 dot-atom, at a domain of letter-digit-hyphen labels (at most 63 characters, no hyphen at either
+    # end) with a top-level label that starts with a letter: what mail validators take (Pydantic's EmailStr)
+    "email": rf"{_ATEXT}+(?:\.{_ATEXT}+)*@(?:{_LABEL}\.)+[A-Za-z](?:[A-Za-z0-9-]{{0,61}}[A-Za-z0-9])?",
 }
 # keywords that only annotate (or that no output violates when the rest holds): read past
+# (OpenAPI's discriminator sits on a oneOf whose branches' const properties already tell them apart)
 _ANNOTATIONS = {"title", "description", "examples", "default", "$schema", "$id", "$comment", "$defs", "definitions",
-                "deprecated", "readOnly", "writeOnly", "strict", "name"}  # fmt: skip
+                "deprecated", "readOnly", "writeOnly", "strict", "name", "discriminator"}  # fmt: skip
 _KNOWN = {
     "type", "enum", "const", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems",
     "maxItems", "minLength", "maxLength", "pattern", "format", "minimum", "maximum", "exclusiveMinimum",
@@ -206,6 +223,10 @@ class _Converter:
         return lo, hi
 
     def string(self, schema, depth: int) -> str:
+        shaped = [k for k in ("pattern", "format") if k in schema]
+        if shaped and {"minLength", "maxLength"} & set(schema):  # (a length bound on a regex: an intersection)
+            raise NeolmError(f"a string with {shaped[0]} and minLength/maxLength is not supported for structured "
+                             "outputs: bound the length inside the pattern")  # fmt: skip
         if "pattern" in schema:
             pattern = schema["pattern"]
             if not isinstance(pattern, str):
