@@ -10,8 +10,9 @@ Greedy decoding of a 32-token prompt, every row made to produce all its new toke
 cannot be completed in that many tokens), decode tokens/s over tokens 2..n as in bench.py. Schemas: "string", one
 string field of at least 1,000 characters (each count of characters is its own automaton state, so every token
 reaches a new one); "records", an array of at least 50 small objects (names of at most 8 characters, integers
-0..120, booleans; the 50 items unroll into 13,634 states); "tree", an array of at least 40 nodes, each a name and up
-to 3 nodes (a recursive $ref); "any", an array of at least 40 values of any JSON (items of every type). neolm's "cold" row is the first generation with a schema
+0..120, booleans; 483 states since session 46, each item a call of one rule; 13,368 written out before); "tree", an
+array of at least 40 nodes, each a name and up to 3 nodes (a recursive $ref); "any", an array of at least 40 values
+of any JSON (items of every type). neolm's "cold" row is the first generation with a schema
 in a fresh process: the schema is compiled before it (its own column) and each state's allowed tokens are found as
 the state is reached; "warm" repeats the generation. "choosing a token ms": the mean time of a step's processing and
 pick (DecodeBatch._choose, where the constraint works), which the VM's drifting memory speed does not blur as it
@@ -43,12 +44,15 @@ SCHEMAS = {
                                          "alive": {"type": "boolean"}}, "required": ["name", "age", "alive"]}}},
                 "required": ["people"]},
     # recursive: followed with a stack of calls (neolm.structured.pushdown) since session 46
-    "tree": {"type": "object", "properties": {"nodes": {"type": "array", "minItems": 40, "items": {"$ref": "#/$defs/node"}}},
+    "tree": {"type": "object", "properties": {"nodes": {"type": "array", "minItems": 40,
+                                                        "items": {"$ref": "#/$defs/node"}}},
              "required": ["nodes"], "$defs": {"node": {"type": "object", "properties": {
                  "name": {"type": "string", "maxLength": 8},
-                 "kids": {"type": "array", "items": {"$ref": "#/$defs/node"}, "maxItems": 3}}, "required": ["name", "kids"]}}},
+                 "kids": {"type": "array", "items": {"$ref": "#/$defs/node"}, "maxItems": 3}},
+                 "required": ["name", "kids"]}}},
+    # (every type listed: llama-cpp-python 0.3.36 cannot read "items": true or {})
     "any": {"type": "object", "properties": {"data": {"type": "array", "minItems": 40, "items": {"type": [
-        "object", "array", "string", "number", "boolean", "null"]}}}, "required": ["data"]},  # (llama-cpp-python 0.3.36 cannot read "items": true or {})
+        "object", "array", "string", "number", "boolean", "null"]}}}, "required": ["data"]},
 }  # fmt: skip
 
 LLAMA = r"""

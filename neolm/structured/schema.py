@@ -100,9 +100,55 @@ def schema_rules(schema, whitespace: str = WHITESPACE) -> list[str]:
         if ref is ANY:
             out.append(converter.any_of(converter.call(ANY)))
             continue
+        if isinstance(ref, tuple):  # (ITEM, its regex)
+            out.append(ref[1])
+            continue
         converter.expanding = [ref]
         out.append(converter.convert(converter.resolve(ref), 0) or NOTHING)
     return out
+
+
+def _recursive_refs(root: dict) -> set[str]:
+    """The $refs of the schema that can lead back to themselves (through the $refs inside what they point to)."""
+
+    def refs_in(node, top: bool = False) -> set[str]:
+        if isinstance(node, list):
+            return set().union(*(refs_in(x) for x in node))
+        if not isinstance(node, dict):
+            return set()
+        found = {node["$ref"]} if isinstance(node.get("$ref"), str) else set()
+        for key, value in node.items():
+            if not (top and key in ("$defs", "definitions")):  # (the root's definitions are not used where they are)
+                found |= refs_in(value)
+        return found
+
+    def target(ref: str):
+        if ref == "#":
+            return root
+        for prefix in ("#/$defs/", "#/definitions/"):
+            if ref.startswith(prefix):
+                return root.get(prefix[2:-1], {}).get(ref[len(prefix) :])
+        return None  # (convert's resolve says what is wrong with it)
+
+    inside = {}
+    todo = list(refs_in(root, top=True))
+    while todo:
+        ref = todo.pop()
+        if ref not in inside:
+            inside[ref] = refs_in(target(ref), top=ref == "#")
+            todo += inside[ref]
+    recursive = set()
+    for ref, refs in inside.items():
+        seen, stack = set(), list(refs)
+        while stack:
+            other = stack.pop()
+            if other == ref:
+                recursive.add(ref)
+                break
+            if other not in seen and other in inside:
+                seen.add(other)
+                stack += inside[other]
+    return recursive
 
 
 def schema_regex(schema, whitespace: str = WHITESPACE) -> str:
@@ -117,6 +163,10 @@ def schema_regex(schema, whitespace: str = WHITESPACE) -> str:
 
 
 ANY = object()  # the frame of any JSON value
+ITEM = object()  # (ITEM, regex): the frame of an array's item counted more than twice (minItems / maxItems)
+ITEM_RULE = 64  # an item regex this long or longer, counted more than twice, becomes a rule that each count calls
+# (records of 3 fields, 50 of them: 13,368 states written out, 800 called); a string's characters stay written out
+# (a call for each character would push and pop at every byte)
 NOTHING = r"[^\x00-\U0010ffff]"  # a rule no text matches (compile_rules then drops its calls)
 
 
@@ -124,7 +174,8 @@ class _Converter:
     def __init__(self, root: dict, ws: str, calls: bool = False):
         self.root, self.ws = root, ws
         self.expanding: list[str] = []  # the $refs being converted, outermost first
-        self.frames: dict | None = {} if calls else None  # with calls: $ref (or ANY) -> its rule, from 1
+        self.frames: dict | None = {} if calls else None  # with calls: $ref (or ANY, or ITEM) -> its rule, from 1
+        self.recursive = _recursive_refs(root) if calls else set()  # (called wherever used, never written out)
 
     def call(self, key) -> str:
         """The call of key's rule (added to the frames if new)."""
@@ -145,7 +196,7 @@ class _Converter:
             raise NeolmError(f"JSON schema keywords not supported for structured outputs: {sorted(unknown)}")
         if "$ref" in schema:
             ref = schema["$ref"]
-            if self.frames is not None and (ref in self.frames or ref in self.expanding):  # it refers to itself
+            if self.frames is not None and (ref in self.frames or ref in self.recursive or ref in self.expanding):
                 return self.call(ref)
             if self.expanding.count(ref) >= MAX_REF_DEPTH:  # a recursive schema, unrolled enough
                 return None
@@ -274,6 +325,8 @@ class _Converter:
         items = schema.get("items", True)
         item = None if items is False else self.convert(items, depth + 1)
         lo, hi = self._count(schema, "minItems", "maxItems")
+        if self.frames is not None and item is not None and len(item) >= ITEM_RULE and max(lo, hi or 0) > 2:
+            item = self.call((ITEM, item))  # one copy of the item's states, however many items are counted
         sep = f"{ws},{ws}"
         options = []
         for k in range(len(fixed) + 1):  # k of the fixed items written
