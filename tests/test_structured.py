@@ -176,6 +176,9 @@ SCHEMAS = [
                 "required": ["kind", "x"]}, {"type": "object", "properties": {"kind": {"const": "b"}},
                                              "required": ["kind"]}],
      "discriminator": {"propertyName": "kind"}},  # (Pydantic's discriminated union: an annotation on the oneOf)
+    {"type": "object", "propertyNames": {"pattern": "^[a-z]{1,3}$"}, "additionalProperties": {"type": "boolean"}},
+    {"type": "object", "propertyNames": {"enum": ["p", "kind"]}, "additionalProperties": {"type": "number"}},
+    {"type": "object", "patternProperties": {"^x[0-9]$": {"type": "boolean"}}, "additionalProperties": False},
     {"type": "object", "properties": {"price": {"type": "number", "multipleOf": 0.25, "minimum": 0},
                                       "n": {"type": "integer", "multipleOf": 5, "exclusiveMaximum": 100},
                                       "i": {"type": "integer", "multipleOf": 2.5}}},
@@ -190,7 +193,8 @@ VALUES = [
     {"p": 1, "t": -2.4999}, {"p": 0.25, "t": 0.75}, {"p": 0.999, "t": 0.7499}, {"p": 1, "t": 0},
     {"price": 2.75, "n": 95}, {"price": 2.7}, {"price": -0.25}, {"price": 1000, "n": -5}, {"n": 100}, {"n": 7},
     {"i": 3}, {"i": -10}, {"i": 5}, {"i": 2.5}, {"n": 0, "i": 0}, {"kind": "a", "x": 1}, {"kind": "b"},
-    {"kind": "c"}, {"kind": "a"}, {"kind": "b", "x": 1},
+    {"kind": "c"}, {"kind": "a"}, {"kind": "b", "x": 1}, {"ab": True, "c": False}, {"abcd": True}, {"AB": True}, {"x1": True},
+    {"x1": True, "x23": False}, {"y": True}, {"x9": 1},
 ]  # fmt: skip
 
 
@@ -278,6 +282,8 @@ def test_string_formats_match_what_their_validators_take():
     ({"type": "integer", "multipleOf": 7}, "needs a minimum and a maximum"),
     ({"type": "integer", "multipleOf": 5, "minimum": 1, "maximum": 4}, "no multiple of 5"),
     ({"type": "object", "patternProperties": {}}, "patternProperties"), ({"allOf": [{}, {}]}, "allOf"),
+    ({"type": "object", "properties": {"a": {}}, "patternProperties": {"b": {}}}, "objects without properties"),
+    ({"type": "object", "propertyNames": {"enum": [1]}}, "must list strings"),
     ({"$ref": "#/$defs/missing"}, "$ref"), ({"type": "integer", "minimum": 5, "maximum": 1}, "no integer"),
     ("{not json", "not valid JSON"), ({"type": "tuple"}, "unknown JSON schema type"), (False, "admits no value"),
 ])  # fmt: skip

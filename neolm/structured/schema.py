@@ -4,12 +4,13 @@ vLLM and others use), for structured outputs.
 An object's properties come in the schema's order; required ones always, optional ones may be left out, and no
 other keys appear (as OpenAI's strict mode) unless the schema has no "properties", when additionalProperties (a
 schema, or true/absent: any value) gives the values of any keys. Supported: type (one or a list), enum, const,
-properties / required / additionalProperties, items / prefixItems / minItems / maxItems, minLength / maxLength /
-pattern / format (date-time, date, time, uuid, ipv4, ipv6, email) on strings (a length bound with a pattern or
-format is refused), minimum / maximum (and the exclusive ones) and multipleOf on integers and numbers (a bounded
-number, or a multiple, is written without an exponent: neolm.structured.ranges), anyOf / oneOf (OpenAPI's
-discriminator read past), allOf of one schema, and $ref into $defs / definitions. A $ref that refers to itself,
-and any JSON value (where a schema leaves one untyped), are rules of their own that the others call (schema_rules:
+properties / required / additionalProperties (and a map's propertyNames, or patternProperties with one pattern),
+items / prefixItems / minItems / maxItems, minLength / maxLength / pattern / format (date-time, date, time, uuid,
+ipv4, ipv6, email) on strings (a length bound with a pattern or format is refused), minimum / maximum (and the
+exclusive ones) and multipleOf on integers and numbers (a bounded number, or a multiple, is written without an
+exponent: neolm.structured.ranges), anyOf / oneOf (OpenAPI's discriminator read past), allOf of one schema, and $ref
+into $defs / definitions. A $ref that refers to itself, any JSON value (where a schema leaves one untyped) and an
+array's long item counted more than twice are rules of their own that the others call (schema_rules:
 neolm.structured.pushdown follows the calls with a stack, so values nest as deep as they like); schema_regex unrolls
 them instead (recursive $refs MAX_REF_DEPTH times, any value MAX_DEPTH levels), for schemas whose $refs call
 themselves before reading anything. Keywords that would constrain the output in ways the regex cannot express raise
@@ -65,7 +66,7 @@ _ANNOTATIONS = {"title", "description", "examples", "default", "$schema", "$id",
 _KNOWN = {
     "type", "enum", "const", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems",
     "maxItems", "minLength", "maxLength", "pattern", "format", "minimum", "maximum", "exclusiveMinimum",
-    "exclusiveMaximum", "multipleOf", "anyOf", "oneOf", "allOf", "$ref",
+    "exclusiveMaximum", "multipleOf", "anyOf", "oneOf", "allOf", "$ref", "propertyNames", "patternProperties",
 }  # fmt: skip
 
 
@@ -315,6 +316,25 @@ class _Converter:
             return NUMBER
         return decimal_range(lo, lo_open, hi, hi_open)
 
+    def map_keys(self, schema) -> tuple[str | None, object]:
+        """A map's keys (regex of the JSON string, None: no string can be one) and their values' schema: the keys
+        of propertyNames' schema (a string's, any string without it), or those of patternProperties' one pattern,
+        whose schema the values then follow (the keys written are those the pattern matches whole; other keys,
+        which additionalProperties would govern, are not written)."""
+        names = schema.get("propertyNames", True)
+        if names is not True and not isinstance(names, dict):
+            raise NeolmError("propertyNames must be a schema (an object)")
+        key = STRING if names in (True, {}) else self.convert({"type": "string", **names}, 0)
+        if names not in (True, {}) and any(not isinstance(v, str) for v in names.get("enum", [])):
+            raise NeolmError("propertyNames' enum must list strings (a key is a string)")
+        patterns = schema.get("patternProperties")
+        if patterns is None:
+            return key, schema.get("additionalProperties", True)
+        if not isinstance(patterns, dict) or len(patterns) != 1 or "propertyNames" in schema:
+            raise NeolmError("patternProperties is supported with one pattern, without propertyNames")
+        ((pattern, values),) = patterns.items()
+        return self.string({"type": "string", "pattern": pattern}, 0), values
+
     def array(self, schema, depth: int) -> str | None:
         """prefixItems' schemas for the first items (each may be left out with all after it, down to minItems),
         then items' for the rest."""
@@ -355,15 +375,17 @@ class _Converter:
     def object(self, schema, depth: int) -> str | None:
         ws = self.ws
         properties = schema.get("properties")
-        if not properties:  # a map: any keys, values of additionalProperties
-            extra = schema.get("additionalProperties", True)
+        if not properties:  # a map: keys of propertyNames (any string), values of additionalProperties
+            key, extra = self.map_keys(schema)
             if extra is False:
                 return rf"\{{{ws}\}}"
             value = self.convert(extra, depth + 1)
-            if value is None:
+            if value is None or key is None:
                 return rf"\{{{ws}\}}"
-            member = f"{STRING}{ws}:{ws}{value}"
+            member = f"{key}{ws}:{ws}{value}"
             return rf"\{{{ws}(?:{member}(?:{ws},{ws}{member})*)?{ws}\}}"
+        if "patternProperties" in schema:
+            raise NeolmError("patternProperties is supported on objects without properties only")
         required = set(schema.get("required", []))
         missing = required - set(properties)
         if missing:
