@@ -179,6 +179,9 @@ SCHEMAS = [
     {"type": "object", "propertyNames": {"pattern": "^[a-z]{1,3}$"}, "additionalProperties": {"type": "boolean"}},
     {"type": "object", "propertyNames": {"enum": ["p", "kind"]}, "additionalProperties": {"type": "number"}},
     {"type": "object", "patternProperties": {"^x[0-9]$": {"type": "boolean"}}, "additionalProperties": False},
+    {"type": "object", "additionalProperties": {"type": "boolean"}, "minProperties": 1, "maxProperties": 2},
+    {"type": "object", "properties": {"kind": {"type": "string"}, "x": {"type": "integer"}}, "required": ["kind"],
+     "minProperties": 1, "maxProperties": 2},  # (bounds that always hold)
     {"type": "object", "properties": {"price": {"type": "number", "multipleOf": 0.25, "minimum": 0},
                                       "n": {"type": "integer", "multipleOf": 5, "exclusiveMaximum": 100},
                                       "i": {"type": "integer", "multipleOf": 2.5}}},
@@ -233,6 +236,18 @@ def test_schema_regexes_match_the_json_that_satisfies_the_schema(index):
         assert rules.fullmatch(text.encode()) == valid, (schema, text)
 
 
+def test_openapi_nullable_admits_null_as_well():
+    """OpenAPI 3.0's nullable (which jsonschema does not know): the schema's values, and null with nullable true."""
+    for schema, texts, refused in [
+        ({"type": "string", "maxLength": 2, "nullable": True}, ['"ab"', "null"], ['"abc"', "1"]),
+        ({"type": "integer", "nullable": False}, ["7"], ["null"]),
+        ({"type": "object", "properties": {"a": {"type": "boolean", "nullable": True}}, "required": ["a"]},
+         ['{"a":true}', '{"a":null}'], ['{"a":1}']),
+    ]:  # fmt: skip
+        pattern = re.compile(schema_regex(schema, whitespace=""))
+        assert all(pattern.fullmatch(t) for t in texts) and not any(pattern.fullmatch(t) for t in refused), schema
+
+
 def test_string_formats_match_what_their_validators_take():
     """ipv4 and ipv6 against Python's ipaddress on random strings and on addresses written every way it writes them;
     email against addresses mail validators take and refuse; and each within jsonschema's format checks."""
@@ -284,6 +299,8 @@ def test_string_formats_match_what_their_validators_take():
     ({"type": "object", "patternProperties": {}}, "patternProperties"), ({"allOf": [{}, {}]}, "allOf"),
     ({"type": "object", "properties": {"a": {}}, "patternProperties": {"b": {}}}, "objects without properties"),
     ({"type": "object", "propertyNames": {"enum": [1]}}, "must list strings"),
+    ({"type": "object", "minProperties": 2}, "keys could repeat"),
+    ({"type": "object", "properties": {"a": {}}, "minProperties": 1}, "minProperties / maxProperties"),
     ({"$ref": "#/$defs/missing"}, "$ref"), ({"type": "integer", "minimum": 5, "maximum": 1}, "no integer"),
     ("{not json", "not valid JSON"), ({"type": "tuple"}, "unknown JSON schema type"), (False, "admits no value"),
 ])  # fmt: skip

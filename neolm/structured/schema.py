@@ -1,20 +1,20 @@
 """JSON Schema as regular expressions over the JSON text that satisfies it (the approach of Outlines, which
 vLLM and others use), for structured outputs.
 
-An object's properties come in the schema's order; required ones always, optional ones may be left out, and no
-other keys appear (as OpenAI's strict mode) unless the schema has no "properties", when additionalProperties (a
-schema, or true/absent: any value) gives the values of any keys. Supported: type (one or a list), enum, const,
-properties / required / additionalProperties (and a map's propertyNames, or patternProperties with one pattern),
-items / prefixItems / minItems / maxItems, minLength / maxLength / pattern / format (date-time, date, time, uuid,
-ipv4, ipv6, email) on strings (a length bound with a pattern or format is refused), minimum / maximum (and the
-exclusive ones) and multipleOf on integers and numbers (a bounded number, or a multiple, is written without an
-exponent: neolm.structured.ranges), anyOf / oneOf (OpenAPI's discriminator read past), allOf of one schema, and $ref
-into $defs / definitions. A $ref that refers to itself, any JSON value (where a schema leaves one untyped) and an
-array's long item counted more than twice are rules of their own that the others call (schema_rules:
-neolm.structured.pushdown follows the calls with a stack, so values nest as deep as they like); schema_regex unrolls
-them instead (recursive $refs MAX_REF_DEPTH times, any value MAX_DEPTH levels), for schemas whose $refs call
-themselves before reading anything. Keywords that would constrain the output in ways the regex cannot express raise
-NeolmError rather than being ignored.
+An object's properties come in the schema's order; required ones always, optional ones may be left out, and no other
+keys appear (as OpenAI's strict mode) unless the schema has no "properties", when additionalProperties (a schema, or
+true/absent: any value) gives the values of any keys. Supported: type (one or a list), enum, const, properties /
+required / additionalProperties (and a map's propertyNames or patternProperties with one pattern, and minProperties /
+maxProperties), nullable (OpenAPI 3.0's), items / prefixItems / minItems / maxItems, minLength / maxLength / pattern /
+format (date-time, date, time, uuid, ipv4, ipv6, email) on strings (a length bound with a pattern or format is
+refused), minimum / maximum (and the exclusive ones) and multipleOf on integers and numbers (a bounded number, or a
+multiple, is written without an exponent: neolm.structured.ranges), anyOf / oneOf (OpenAPI's discriminator read past),
+allOf of one schema, and $ref into $defs / definitions. A $ref that refers to itself, any JSON value (where a schema
+leaves one untyped) and an array's long item counted more than twice are rules of their own that the others call
+(schema_rules: neolm.structured.pushdown follows the calls with a stack, so values nest as deep as they like);
+schema_regex unrolls them instead (recursive $refs MAX_REF_DEPTH times, any value MAX_DEPTH levels), for schemas whose
+$refs call themselves before reading anything. Keywords that would constrain the output in ways the regex cannot
+express raise NeolmError rather than being ignored.
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ _KNOWN = {
     "type", "enum", "const", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems",
     "maxItems", "minLength", "maxLength", "pattern", "format", "minimum", "maximum", "exclusiveMinimum",
     "exclusiveMaximum", "multipleOf", "anyOf", "oneOf", "allOf", "$ref", "propertyNames", "patternProperties",
+    "minProperties", "maxProperties", "nullable",
 }  # fmt: skip
 
 
@@ -195,6 +196,9 @@ class _Converter:
         unknown = set(schema) - _KNOWN - _ANNOTATIONS
         if unknown:
             raise NeolmError(f"JSON schema keywords not supported for structured outputs: {sorted(unknown)}")
+        if "nullable" in schema:  # OpenAPI 3.0's: null as well
+            rest = {k: v for k, v in schema.items() if k != "nullable"}
+            return self.alternatives([self.convert(rest, depth), "null" if schema["nullable"] is True else None])
         if "$ref" in schema:
             ref = schema["$ref"]
             if self.frames is not None and (ref in self.frames or ref in self.recursive or ref in self.expanding):
@@ -382,14 +386,24 @@ class _Converter:
             value = self.convert(extra, depth + 1)
             if value is None or key is None:
                 return rf"\{{{ws}\}}"
+            lo, hi = self._count(schema, "minProperties", "maxProperties")
+            if lo > 1:  # (an automaton cannot keep the keys apart, and a key written twice is one property)
+                raise NeolmError("minProperties above 1 is not supported on a map: its keys could repeat")
+            if hi == 0:
+                return rf"\{{{ws}\}}" if lo == 0 else None
             member = f"{key}{ws}:{ws}{value}"
-            return rf"\{{{ws}(?:{member}(?:{ws},{ws}{member})*)?{ws}\}}"
+            more = f"(?:{ws},{ws}{member}){{{max(lo - 1, 0)},{'' if hi is None else hi - 1}}}"
+            return rf"\{{{ws}(?:{member}{more}){'' if lo else '?'}{ws}\}}"
         if "patternProperties" in schema:
             raise NeolmError("patternProperties is supported on objects without properties only")
         required = set(schema.get("required", []))
         missing = required - set(properties)
         if missing:
             raise NeolmError(f"required properties without a schema: {sorted(missing)}")
+        lo, hi = self._count(schema, "minProperties", "maxProperties")
+        if lo > len(required) or (hi is not None and hi < len(properties)):  # (only bounds that always hold)
+            raise NeolmError("minProperties / maxProperties are supported on objects with properties only where "
+                             "the required properties and all of them lie within them")  # fmt: skip
         members = []  # (regex or None, required)
         for name, sub in properties.items():
             value = self.convert(sub, depth + 1)
