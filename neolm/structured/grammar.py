@@ -199,41 +199,13 @@ def grammar_rules(text: str) -> list[str]:
     to itself (directly or through others, as JSON's value), called with `(?&k)` from inside itself and wherever
     it is used once found; every other rule is written out where it is used."""
     rules = _parse(text)
-    frames = {"root": 0}  # rule name -> its place in the list
-    expanding: list[str] = []
-
-    def convert(node) -> str:
-        kind = node[0]
-        if kind == "lit":
-            return re.escape(node[1])
-        if kind == "cls":
-            return node[1]
-        if kind == "ref":
-            name = node[1]
-            if name not in rules:
-                raise NeolmError(f"the grammar refers to rule {name!r}, which it does not define")
-            if name in expanding and name not in frames:  # it refers to itself: called from here on
-                frames[name] = len(frames)
-            if name in frames:
-                return f"(?&{frames[name]})"
-            expanding.append(name)
-            try:
-                return convert(rules[name])
-            finally:
-                expanding.pop()
-        if kind == "seq":
-            return "(?:" + "".join(convert(item) for item in node[1]) + ")"
-        if kind == "alt":
-            return "(?:" + "|".join(convert(branch) for branch in node[1]) + ")"
-        _, item, lo, hi = node  # rep
-        return f"(?:{convert(item)}){{{lo},{'' if hi is None else hi}}}"
-
+    writer = _Writer(rules, calls=True)
     out: list[str] = []
-    while len(out) < len(frames):  # (converting one may find more)
-        name = list(frames)[len(out)]
-        expanding.append(name)
-        out.append(convert(rules[name]))
-        expanding.pop()
+    while len(out) < len(writer.frames):  # (writing one may find more)
+        name = list(writer.frames)[len(out)]
+        writer.expanding.append(name)
+        out.append(writer.write(rules[name]))
+        writer.expanding.pop()
     return out
 
 
@@ -241,38 +213,53 @@ def grammar_regex(text: str) -> str:
     """The regex of the texts the GBNF grammar's root rule matches, with recursion unrolled MAX_DEPTH times (for
     grammars whose rules call themselves before reading anything, which grammar_rules' calls cannot follow)."""
     rules = _parse(text)
-    expanding: list[str] = []
+    out = _Writer(rules, calls=False).write(rules["root"])
+    if out is None:
+        raise NeolmError(f"the grammar's root matches nothing within {MAX_DEPTH} levels of recursion")
+    return out
 
-    def convert(node) -> str | None:
+
+class _Writer:
+    """Parsed rules written as regexes. With calls, a rule that refers to itself is called (`(?&k)`, k its place
+    in `frames`) from where that is found on; without, recursion is unrolled MAX_DEPTH times, and a node that can
+    only recurse deeper is written as None (no text)."""
+
+    def __init__(self, rules: dict, calls: bool):
+        self.rules, self.expanding = rules, []  # (the rules being written out, outermost first)
+        self.frames: dict[str, int] | None = {"root": 0} if calls else None
+
+    def write(self, node) -> str | None:
         kind = node[0]
         if kind == "lit":
             return re.escape(node[1])
         if kind == "cls":
             return node[1]
         if kind == "ref":
-            name = node[1]
-            if name not in rules:
-                raise NeolmError(f"the grammar refers to rule {name!r}, which it does not define")
-            if expanding.count(name) >= MAX_DEPTH:
-                return None
-            expanding.append(name)
-            try:
-                return convert(rules[name])
-            finally:
-                expanding.pop()
+            return self.ref(node[1])
         if kind == "seq":
-            parts = [convert(item) for item in node[1]]
+            parts = [self.write(item) for item in node[1]]
             return None if None in parts else "(?:" + "".join(parts) + ")"
         if kind == "alt":
-            kept = [p for p in (convert(branch) for branch in node[1]) if p is not None]
+            kept = [p for p in (self.write(branch) for branch in node[1]) if p is not None]
             return "(?:" + "|".join(kept) + ")" if kept else None
         _, item, lo, hi = node  # rep
-        body = convert(item)
+        body = self.write(item)
         if body is None:
             return "" if lo == 0 else None
         return f"(?:{body}){{{lo},{'' if hi is None else hi}}}"
 
-    out = convert(rules["root"])
-    if out is None:
-        raise NeolmError(f"the grammar's root matches nothing within {MAX_DEPTH} levels of recursion")
-    return out
+    def ref(self, name: str) -> str | None:
+        if name not in self.rules:
+            raise NeolmError(f"the grammar refers to rule {name!r}, which it does not define")
+        if self.frames is not None:
+            if name in self.expanding and name not in self.frames:  # it refers to itself: called from here on
+                self.frames[name] = len(self.frames)
+            if name in self.frames:
+                return f"(?&{self.frames[name]})"
+        elif self.expanding.count(name) >= MAX_DEPTH:
+            return None
+        self.expanding.append(name)
+        try:
+            return self.write(self.rules[name])
+        finally:
+            self.expanding.pop()
