@@ -63,12 +63,14 @@ class ToolChoice:
         if found is None:
             return text, []
         content, calls = found
-        return content, calls if self.parallel else calls[:1]
+        return content, self._answered(calls)
 
     def offered(self, calls: list[Call]) -> list[Call]:
         """"auto": the calls answered of those the model wrote, those up to the first naming a function not offered
         (the first only without parallel_tool_calls)."""
-        calls = offered(calls, self.functions)
+        return self._answered(offered(calls, self.functions))
+
+    def _answered(self, calls: list[Call]) -> list[Call]:
         return calls if self.parallel else calls[:1]
 
     def open(self) -> list[dict]:
@@ -220,9 +222,10 @@ def required_schema(functions: dict[str, dict], parallel: bool = True) -> dict:
         for key in ("definitions", "$defs"):
             for def_name, sub in (parameters.get(key) or {}).items():
                 defs[moved[f"#/{key}/{def_name}"].removeprefix("#/$defs/")] = _refs_moved(sub, moved)
+        own = _refs_moved(own, moved)
         if _refers(parameters, "#"):
-            defs[f"tool{i}"] = _refs_moved(own, moved)
-        calls.append({"type": "object", "properties": {"name": {"const": name}, "parameters": _refs_moved(own, moved)},
+            defs[f"tool{i}"] = own
+        calls.append({"type": "object", "properties": {"name": {"const": name}, "parameters": own},
                       "required": ["name", "parameters"]})  # fmt: skip
     schema = {"type": "array", "items": {"anyOf": calls}, "minItems": 1}
     if not parallel:

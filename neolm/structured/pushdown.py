@@ -62,13 +62,13 @@ class PushdownGuide(Guide):
 
     # the stacks and the sets of readings
 
-    def _closure(self, pairs, calls: bool = True) -> set[tuple[int, int]]:
-        """The readings `pairs` stand for before their next byte: every return of a rule that may end, and (calls)
-        every call from a state that makes one."""
+    def _closure(self, pairs) -> set[tuple[int, int]]:
+        """The readings `pairs` stand for before their next byte: every return of a rule that may end, and every
+        call from a state that makes one."""
         out, todo = set(pairs), list(pairs)
         while todo:
             state, stack = todo.pop()
-            more = [(start, self._push(stack, back)) for start, back in self._calls[state]] if calls else []
+            more = [(start, self._push(stack, back)) for start, back in self._calls[state]]
             if stack and self.dfa.accepting[state]:
                 more.append((self._back[stack], self._up[stack]))
             for pair in more:
@@ -78,7 +78,7 @@ class PushdownGuide(Guide):
         return out
 
     def _push(self, stack: int, back: int) -> int:
-        return _push(self._up, self._back, self._stacks, stack, back) if back else stack
+        return _push(self._up, self._back, self._stacks, stack, back)
 
     def _walk(self, pairs, data: bytes) -> frozenset:
         table, classes = self.dfa.table, self.dfa.classes
@@ -206,8 +206,7 @@ class PushdownGuide(Guide):
                     at = s == u
                     kids, inverse = np.unique(k[at], return_inverse=True)
                     for start, ret in self._calls[u]:
-                        pushed = np.array([_push(up, back, stacks, x, ret) if ret else x for x in kids.tolist()],
-                                          dtype=np.int64)  # fmt: skip
+                        pushed = np.array([_push(up, back, stacks, x, ret) for x in kids.tolist()], dtype=np.int64)
                         more.append((t[at], np.full(len(inverse), start, dtype=np.int64), pushed[inverse]))
             if not more:
                 break
@@ -243,6 +242,9 @@ def _pairs(state: frozenset | int) -> frozenset:
 
 
 def _push(up: list, back: list, stacks: dict, stack: int, ret: int) -> int:
+    """The stack `stack` with `ret` pushed, interned in (up, back, stacks); a tail call (ret 0) pushes nothing."""
+    if not ret:
+        return stack
     key = (stack, ret)
     found = stacks.get(key)
     if found is None:

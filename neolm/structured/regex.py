@@ -408,9 +408,9 @@ class DFA:
     def rules(self) -> int:
         return len(self.starts)
 
-    @property
+    @functools.cached_property
     def calls(self) -> bool:
-        """Whether any state calls a rule (a DFA whose rules do not is an automaton of bytes alone)."""
+        """Whether any state calls a rule (a DFA whose rules do not is an automaton of bytes alone); found once."""
         return any(self.call(s, k) for s in range(self.states) for k in range(self.rules))
 
     def step(self, state: int, byte: int) -> int:

@@ -124,20 +124,12 @@ def _recursive_refs(root: dict) -> set[str]:
                 found |= refs_in(value)
         return found
 
-    def target(ref: str):
-        if ref == "#":
-            return root
-        for prefix in ("#/$defs/", "#/definitions/"):
-            if ref.startswith(prefix):
-                return root.get(prefix[2:-1], {}).get(ref[len(prefix) :])
-        return None  # (convert's resolve says what is wrong with it)
-
     inside = {}
     todo = list(refs_in(root, top=True))
     while todo:
         ref = todo.pop()
         if ref not in inside:
-            inside[ref] = refs_in(target(ref), top=ref == "#")
+            inside[ref] = refs_in(_target(root, ref), top=ref == "#")  # (None: convert's resolve says why)
             todo += inside[ref]
     recursive = set()
     for ref, refs in inside.items():
@@ -151,6 +143,18 @@ def _recursive_refs(root: dict) -> set[str]:
                 seen.add(other)
                 stack += inside[other]
     return recursive
+
+
+def _target(root: dict, ref) -> dict | None:
+    """What a $ref points to ("#", or into the root's $defs or definitions); None where that is nothing."""
+    if ref == "#":
+        return root
+    for prefix in ("#/$defs/", "#/definitions/"):
+        if isinstance(ref, str) and ref.startswith(prefix):
+            found = root.get(prefix[2:-1], {}).get(ref[len(prefix) :])
+            if found is not None:
+                return found
+    return None
 
 
 def schema_regex(schema, whitespace: str = WHITESPACE) -> str:
@@ -167,7 +171,7 @@ def schema_regex(schema, whitespace: str = WHITESPACE) -> str:
 ANY = object()  # the frame of any JSON value
 ITEM = object()  # (ITEM, regex): the frame of an array's item counted more than twice (minItems / maxItems)
 ITEM_RULE = 64  # an item regex this long or longer, counted more than twice, becomes a rule that each count calls
-# (records of 3 fields, 50 of them: 13,368 states written out, 800 called); a string's characters stay written out
+# (records of 3 fields, 50 of them: 13,368 states written out, 483 called); a string's characters stay written out
 # (a call for each character would push and pop at every byte)
 NOTHING = r"[^\x00-\U0010ffff]"  # a rule no text matches (compile_rules then drops its calls)
 
@@ -238,14 +242,10 @@ class _Converter:
         return makers[kind](schema, depth)
 
     def resolve(self, ref) -> dict:
-        for prefix in ("#/$defs/", "#/definitions/"):
-            if isinstance(ref, str) and ref.startswith(prefix):
-                found = self.root.get(prefix[2:-1], {}).get(ref[len(prefix) :])
-                if found is not None:
-                    return found
-        if ref == "#":
-            return self.root
-        raise NeolmError(f"$ref {ref!r} is not in the schema's $defs or definitions")
+        found = _target(self.root, ref)
+        if found is None:
+            raise NeolmError(f"$ref {ref!r} is not in the schema's $defs or definitions")
+        return found
 
     @staticmethod
     def alternatives(parts: list[str | None]) -> str | None:
