@@ -1,7 +1,7 @@
 """Structured outputs whose rules recurse (neolm.structured.pushdown): rules compiled to one automaton with calls,
 the allowed tokens against independent checks (a bracket counter; llama.cpp's json.gbnf unrolled deeper than any
 text it is shown; the `regex` module's recursive patterns, matched partially), against each token walked alone, JSON
-nested far past the unrolled limits, the fallback for left recursion, and generation."""
+nested far past the unrolled limits, and generation."""
 
 from __future__ import annotations
 
@@ -175,11 +175,8 @@ def test_recursive_schemas_and_untyped_values_nest_without_limit():
     assert any_object.dfa.states < 300  # (2,265 unrolled five levels)
 
 
-def test_left_recursion_falls_back_to_unrolling():
-    grammar = 'root ::= expr\nexpr ::= expr "+" term | term\nterm ::= "1" | "(" expr ")"'
-    dfa, _ = spec_automaton({"grammar": grammar})
-    assert not dfa.calls  # unrolled: left recursion cannot be followed with a stack
-    assert dfa.fullmatch(b"1+1+(1+1)") and not dfa.fullmatch(b"1+") and not dfa.fullmatch(b"(1")
+def test_the_guide_refuses_left_recursion():
+    # (grammars have theirs rewritten first, or unrolled: tests/test_leftrec.py)
     with pytest.raises(NeolmError, match="left recursion"):
         PushdownGuide(compile_rules([r"(?&0)x|y"]), Vocabulary([b"x", b"y"]), "left")
     with pytest.raises(NeolmError, match="matches no string"):

@@ -69,8 +69,8 @@ def check_spec(spec) -> None:
 def spec_automaton(spec: dict) -> tuple[DFA, str]:
     """The automaton a spec's output must match (rules that call each other for grammars and JSON schemas, see
     compile_rules), and a short description of the spec. Rules that call themselves before reading anything (left
-    recursion: `expr ::= expr "+" term | term`) cannot be followed with a stack: their recursion is unrolled a few
-    levels instead (spec_regex)."""
+    recursion: `expr ::= expr "+" term | term`) cannot be followed with a stack: grammar_rules rewrites them; a
+    schema's ($ref: a, in a's anyOf) has its recursion unrolled a few levels instead (spec_regex)."""
     check_spec(spec)
     ws = spec.get("whitespace_pattern") or WHITESPACE
     if spec.get("grammar") is not None:

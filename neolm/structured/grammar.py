@@ -9,8 +9,10 @@ Rules are `name ::= ...`; the text must match `root`. Supported: "literals" (wit
 * + ? {m} {m,} {m,n} {,n}. Each rule is written as a regex where it is used (grammar_rules), except a rule that
 refers to itself (through others or directly, as JSON's value does): a grammar is context-free and an automaton is
 not, so such a rule is a regex of its own that the others call (neolm.structured.pushdown follows the calls with a
-stack). A rule that calls itself before reading anything (left recursion) cannot be followed so; grammar_regex
-unrolls such grammars MAX_DEPTH times instead, their recursive alternatives left out past that. Token references
+stack). A rule that calls itself before reading anything (left recursion: `expr ::= expr "+" term | term`) cannot
+be followed so: such rules are first rewritten into rules that read the same texts without it (neolm.structured.
+leftrec: `expr ::= term ("+" term)*`), or refused where that would grow too large. grammar_regex writes a grammar
+with its recursion unrolled MAX_DEPTH times instead, its recursive alternatives left out past that. Token references
 (<[id]>, <think>) raise NeolmError.
 """
 
@@ -19,8 +21,12 @@ from __future__ import annotations
 import re
 
 from neolm.errors import NeolmError
+from neolm.structured import leftrec
+from neolm.structured.leftrec import without_left_recursion
 
 MAX_DEPTH = 3  # times a recursive rule is unrolled
+NOTHING = r"[^\s\S]"  # the regex of a rule that matches no text
+INLINE_MAX = 2_000  # nodes of a rule written out where it is used: past that, it is called (`(?&k)`) instead
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\", "[": "[", "]": "]", "-": "-", "^": "^"}
 
@@ -197,14 +203,19 @@ def _parse(text: str) -> dict:
 def grammar_rules(text: str) -> list[str]:
     """The GBNF grammar as compile_rules reads it: the root rule's regex first, then one for each rule that refers
     to itself (directly or through others, as JSON's value), called with `(?&k)` from inside itself and wherever
-    it is used once found; every other rule is written out where it is used."""
-    rules = _parse(text)
+    it is used once found, and so is one too long to copy (INLINE_MAX); every other rule is written out where it is
+    used. Left recursion is rewritten first (neolm.structured.leftrec)."""
+    rules = without_left_recursion(_parse(text))
+    if rules is None:
+        raise NeolmError(f"the grammar's left recursion is too large to rewrite (over {leftrec.MAX_NODES:,} nodes): "
+                         "let its recursive rules read something before they call one another")  # fmt: skip
     writer = _Writer(rules, calls=True)
     out: list[str] = []
     while len(out) < len(writer.frames):  # (writing one may find more)
         name = list(writer.frames)[len(out)]
         writer.expanding.append(name)
-        out.append(writer.write(rules[name]))
+        body = writer.write(rules[name])
+        out.append(NOTHING if body is None else body)
         writer.expanding.pop()
     return out
 
@@ -227,6 +238,8 @@ class _Writer:
     def __init__(self, rules: dict, calls: bool):
         self.rules, self.expanding = rules, []  # (the rules being written out, outermost first)
         self.frames: dict[str, int] | None = {"root": 0} if calls else None
+        sizes: dict[str, int] = {}
+        self.large = {name for name in rules if calls and _written_size(("ref", name), rules, sizes) > INLINE_MAX}
 
     def write(self, node) -> str | None:
         kind = node[0]
@@ -238,7 +251,7 @@ class _Writer:
             return self.ref(node[1])
         if kind == "seq":
             parts = [self.write(item) for item in node[1]]
-            return None if None in parts else "(?:" + "".join(parts) + ")"
+            return None if None in parts else "(?:" + "".join(parts) + ")" if any(parts) else ""
         if kind == "alt":
             kept = [p for p in (self.write(branch) for branch in node[1]) if p is not None]
             return "(?:" + "|".join(kept) + ")" if kept else None
@@ -246,14 +259,16 @@ class _Writer:
         body = self.write(item)
         if body is None:
             return "" if lo == 0 else None
+        if not body:  # (the empty text, however often)
+            return ""
         return f"(?:{body}){{{lo},{'' if hi is None else hi}}}"
 
     def ref(self, name: str) -> str | None:
         if name not in self.rules:
             raise NeolmError(f"the grammar refers to rule {name!r}, which it does not define")
         if self.frames is not None:
-            if name in self.expanding and name not in self.frames:  # it refers to itself: called from here on
-                self.frames[name] = len(self.frames)
+            if (name in self.expanding or name in self.large) and name not in self.frames:  # called from here on
+                self.frames[name] = len(self.frames)  # (it refers to itself, or is too long to copy everywhere)
             if name in self.frames:
                 return f"(?&{self.frames[name]})"
         elif self.expanding.count(name) >= MAX_DEPTH:
@@ -263,3 +278,18 @@ class _Writer:
             return self.write(self.rules[name])
         finally:
             self.expanding.pop()
+
+
+def _written_size(node, rules: dict, sizes: dict) -> int:
+    """About how many nodes a node is once the rules it uses are written out where they are used (a rule being
+    measured counts 1 where it meets itself); sizes keeps each rule's."""
+    kind = node[0]
+    if kind == "ref":
+        name = node[1]
+        if name not in sizes:
+            sizes[name] = 1  # (while measured)
+            sizes[name] = _written_size(rules[name], rules, sizes) if name in rules else 1
+        return sizes[name]
+    if kind in ("alt", "seq"):
+        return 1 + sum(_written_size(n, rules, sizes) for n in node[1])
+    return 1 + _written_size(node[1], rules, sizes) if kind == "rep" else 1
