@@ -236,6 +236,31 @@ def test_schema_regexes_match_the_json_that_satisfies_the_schema(index):
         assert rules.fullmatch(text.encode()) == valid, (schema, text)
 
 
+@pytest.mark.parametrize("pattern", [r"^.{3}$", r'^[^x]+$', r'^a"b\\c$', r"^[a-c]+( [a-c]+)*$",
+                                     r"^[\x00-\x1f]?[a-c\u00e9]*[^a-z]$"])
+def test_patterns_are_about_the_string_s_value(pattern):
+    """A pattern reads the string's value, and the JSON text holds it escaped where JSON needs: `.` and [^x] do not
+    let a bare " or \\ or a control character into the text (which would not be JSON), and a " in the pattern is
+    written \\". The canonical texts (json.dumps') of random strings match exactly when jsonschema finds them
+    valid, and no raw text that is not such a JSON string matches."""
+    schema = {"type": "string", "pattern": pattern}
+    dfa = compile_rules(schema_rules(schema, whitespace=""))
+    regex = re.compile(schema_regex(schema, whitespace=""))
+    # (ECMA-262's $, which JSON Schema means, is the end alone; Python's also matches before a last newline)
+    validator = jsonschema.Draft202012Validator({"type": "string", "pattern": pattern.removesuffix("$") + r"\Z"})
+    rng = random.Random(pattern)
+    alphabet = ["a", "b", "c", "x", "\u00e9", " ", '"', "\\", "\n", "\x01", "\t", "/", "-"]
+    for _ in range(3000):
+        value = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 5)))
+        text = json.dumps(value, ensure_ascii=False)
+        valid = validator.is_valid(value)
+        assert dfa.fullmatch(text.encode()) == valid and bool(regex.fullmatch(text)) == valid, (pattern, text)
+        raw = '"' + value + '"'  # the characters unescaped: often not JSON
+        if dfa.fullmatch(raw.encode()):
+            assert validator.is_valid(json.loads(raw)), (pattern, raw)
+    assert any(validator.is_valid(v) for v in ("abc", 'a"b\\c', "ab c", "\x01ab-"))
+
+
 def test_openapi_nullable_admits_null_as_well():
     """OpenAPI 3.0's nullable (which jsonschema does not know): the schema's values, and null with nullable true."""
     for schema, texts, refused in [

@@ -23,9 +23,9 @@ import re
 from neolm.errors import NeolmError
 from neolm.structured import leftrec
 from neolm.structured.leftrec import without_left_recursion
+from neolm.structured.regex import NOTHING
 
 MAX_DEPTH = 3  # times a recursive rule is unrolled
-NOTHING = r"[^\s\S]"  # the regex of a rule that matches no text
 INLINE_MAX = 2_000  # nodes of a rule written out where it is used: past that, it is called (`(?&k)`) instead
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\", "[": "[", "]": "]", "-": "-", "^": "^"}

@@ -27,6 +27,7 @@ MAX_CODE = 0x10FFFF
 MAX_STATES = 50_000  # automaton states a pattern may have (a guard against {0,100000}-sized patterns)
 MAX_NFA = 400_000  # the nondeterministic automaton's states
 CALL = 256  # rule k's call is the symbol CALL + k, after the 256 bytes (compile_rules)
+NOTHING = r"[^\s\S]"  # a regex that matches no text
 
 _ANY = ((0, MAX_CODE),)
 _DIGIT = ((0x30, 0x39),)
@@ -464,6 +465,37 @@ class DFA:
                     seen.add(t)
                     todo.append(t)
         return seen
+
+
+def class_text(ranges) -> str:
+    """Code point ranges as a regex class (NOTHING where there are none)."""
+    if not ranges:
+        return NOTHING
+    return "[" + "".join(f"\\U{lo:08x}" + (f"-\\U{hi:08x}" if hi > lo else "") for lo, hi in ranges) + "]"
+
+
+def minus(ranges, taken) -> tuple[tuple[int, int], ...]:
+    """The code points of `ranges` that are not in `taken`."""
+    return _complement(list(_complement(ranges)) + list(taken))
+
+
+def rewrite_sets(pattern: str, write_set) -> str:
+    """The pattern as regex text in which each set of characters it reads at one place (a literal, a class, `.`,
+    an escape) is write_set(its code point ranges): a regex of their encodings, where the pattern is about texts
+    that the output holds encoded (a JSON string's characters)."""
+
+    def write(node) -> str:
+        kind = node[0]
+        if kind == "set":
+            return write_set(node[1])
+        if kind == "cat":
+            return "(?:" + "".join(write(n) for n in node[1]) + ")" if node[1] else ""
+        if kind == "alt":
+            return "(?:" + "|".join(write(n) for n in node[1]) + ")"
+        _, item, lo, hi = node  # rep (never of nothing: the parser refuses that)
+        return f"(?:{write(item)}){{{lo},{'' if hi is None else hi}}}"
+
+    return write(_Parser(pattern).parse())
 
 
 def check_syntax(pattern: str) -> None:

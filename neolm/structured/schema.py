@@ -7,9 +7,10 @@ true/absent: any value) gives the values of any keys. Supported: type (one or a 
 required / additionalProperties (and a map's propertyNames or patternProperties with one pattern, and minProperties /
 maxProperties), nullable (OpenAPI 3.0's), items / prefixItems / minItems / maxItems, minLength / maxLength / pattern /
 format (date-time, date, time, uuid, ipv4, ipv6, email) on strings (a length bound with a pattern or format is
-refused), minimum / maximum (and the exclusive ones) and multipleOf on integers and numbers (a bounded number, or a
-multiple, is written without an exponent: neolm.structured.ranges), anyOf / oneOf (OpenAPI's discriminator read past),
-allOf of one schema, and $ref into $defs / definitions. A $ref that refers to itself, any JSON value (where a schema
+refused; a pattern matches the whole value, as Outlines reads it, and reads the value, not its JSON text: `.` takes
+a `"` only as \\", never bare), minimum / maximum (and the exclusive ones) and multipleOf on integers and numbers (a
+bounded number, or a multiple, is written without an exponent: neolm.structured.ranges), anyOf / oneOf (OpenAPI's
+discriminator read past), allOf of one schema, and $ref into $defs / definitions. A $ref that refers to itself, any JSON value (where a schema
 leaves one untyped) and an array's long item counted more than twice are rules of their own that the others call
 (schema_rules: neolm.structured.pushdown follows the calls with a stack, so values nest as deep as they like);
 schema_regex unrolls them instead (recursive $refs MAX_REF_DEPTH times, any value MAX_DEPTH levels), for schemas whose
@@ -26,7 +27,7 @@ from decimal import Decimal
 
 from neolm.errors import NeolmError
 from neolm.structured.ranges import decimal_range, int_range, multiples, scaled
-from neolm.structured.regex import check_syntax
+from neolm.structured.regex import NOTHING, class_text, minus, rewrite_sets
 
 MAX_DEPTH = 5  # schema_regex: nesting levels of any JSON value (json_object: 2265 states, 0.3 s)
 MAX_REF_DEPTH = 3  # schema_regex: times a recursive $ref is unrolled (each level copies every recursive branch)
@@ -59,6 +60,20 @@ FORMATS = {
     # end) with a top-level label that starts with a letter: what mail validators take (Pydantic's EmailStr)
     "email": rf"{_ATEXT}+(?:\.{_ATEXT}+)*@(?:{_LABEL}\.)+[A-Za-z](?:[A-Za-z0-9-]{{0,61}}[A-Za-z0-9])?",
 }
+# characters a JSON string holds escaped, and their escapes (short ones where JSON has one, as json.dumps writes them)
+_MUST_ESCAPE = ((0x00, 0x1F), (0x22, 0x22), (0x5C, 0x5C))
+_SHORT_ESCAPES = {0x22: r'\\"', 0x5C: r"\\\\", 0x08: r"\\b", 0x0C: r"\\f", 0x0A: r"\\n", 0x0D: r"\\r", 0x09: r"\\t"}
+
+
+def _json_chars(ranges) -> str:
+    """The regex of the characters in `ranges` as a JSON string holds them: as they are, or escaped where JSON
+    needs it (a pattern is about the string's value, so `"` in a pattern is written \\" in the JSON text)."""
+    escaped = [c for lo, hi in _MUST_ESCAPE for c in range(lo, hi + 1) if any(a <= c <= b for a, b in ranges)]
+    parts = ([class_text(minus(ranges, _MUST_ESCAPE))] if minus(ranges, _MUST_ESCAPE) else []) + [
+        _SHORT_ESCAPES.get(c, f"\\\\u{c:04x}") for c in escaped]  # fmt: skip
+    return "(?:" + "|".join(parts) + ")" if parts else NOTHING
+
+
 # keywords that only annotate (or that no output violates when the rest holds): read past
 # (OpenAPI's discriminator sits on a oneOf whose branches' const properties already tell them apart)
 _ANNOTATIONS = {"title", "description", "examples", "default", "$schema", "$id", "$comment", "$defs", "definitions",
@@ -173,7 +188,6 @@ ITEM = object()  # (ITEM, regex): the frame of an array's item counted more than
 ITEM_RULE = 64  # an item regex this long or longer, counted more than twice, becomes a rule that each count calls
 # (records of 3 fields, 50 of them: 13,368 states written out, 483 called); a string's characters stay written out
 # (a call for each character would push and pop at every byte)
-NOTHING = r"[^\x00-\U0010ffff]"  # a rule no text matches (compile_rules then drops its calls)
 
 
 class _Converter:
@@ -287,8 +301,7 @@ class _Converter:
             pattern = schema["pattern"]
             if not isinstance(pattern, str):
                 raise NeolmError("a string's pattern must be a regex string")
-            check_syntax(pattern)  # alone: inside the rules, its `(?&k)` would call one
-            return '"' + pattern.removeprefix("^").removesuffix("$") + '"'
+            return '"' + rewrite_sets(pattern, _json_chars) + '"'  # (parsed alone: in rules, `(?&k)` calls)
         if "format" in schema:
             if schema["format"] not in FORMATS:
                 raise NeolmError(f"string format {schema['format']!r} is not supported for structured outputs "
