@@ -25,8 +25,9 @@ def register(sub) -> dict:
         "(stream: server-sent events; logprobs, and with echo the prompt's), /v1/responses (the Responses API: "
         "stored responses continue with previous_response_id; GET and DELETE /v1/responses/ID, GET "
         "/v1/responses/ID/input_items; background responses, polled, or streamed and resumed with GET "
-        "/v1/responses/ID?stream=true&starting_after=N, and POST /v1/responses/ID/cancel), "
-        "/v1/embeddings, "
+        "/v1/responses/ID?stream=true&starting_after=N, and POST /v1/responses/ID/cancel), /v1/conversations "
+        "(OpenAI's Conversations API: conversations and their items, which responses with `conversation` read and "
+        "extend), /v1/embeddings, "
         "GET /v1/models, /health and /metrics "
         "(Prometheus), and vLLM's /tokenize, /detokenize and /tokenizer_info (lm-eval's local-completions scores "
         "through them). Any OpenAI client works, e.g. "
@@ -75,12 +76,14 @@ def register(sub) -> dict:
                      "default; docker stop's 10) so that every client gets an answer or an error, not a cut "
                      "connection; 0 ends them at once")  # fmt: skip
     net.add_argument("--responses-store", metavar="FILE",
-                     help="keep stored /v1/responses (store: true, the default) in this SQLite file, created if "
-                     "absent, so that previous_response_id, GET and background responses outlive a restart or a "
+                     help="keep stored /v1/responses (store: true, the default) and /v1/conversations in this SQLite "
+                     "file, created if absent, so that previous_response_id, conversations, GET and background "
+                     "responses outlive a restart or a "
                      "crash (a background response still running when the server stopped is 'failed' at the next "
                      "start); default: in memory, lost when the server stops")  # fmt: skip
     net.add_argument("--max-stored-responses", type=positive, metavar="N",
-                     help=f"stored responses kept, the least recently used dropped beyond (default {MAX_STORED:,} in "
+                     help=f"stored responses kept, and conversations, the least recently used of each dropped "
+                     f"beyond (default {MAX_STORED:,} in "
                      f"memory, {MAX_STORED_IN_FILE:,} with --responses-store)")  # fmt: skip
     net.add_argument("--max-batch", type=positive, default=8, help="sequences decoded together at most (default 8)")
     net.add_argument("--prefill-chunk", type=non_negative, default=DEFAULT_PREFILL_CHUNK, metavar="TOKENS",

@@ -7,6 +7,7 @@
   POST /v1/responses          OpenAI's Responses API, read as a chat completion (responses.py); GET and DELETE
        /v1/responses/{id}     a stored response; GET /v1/responses/{id}/input_items its request's input items;
                               POST /v1/responses/{id}/cancel stops a background one (background.py)
+       /v1/conversations...   OpenAI's Conversations API: conversations that responses continue (conversations.py)
   GET  /health                200 while the engine runs, with its counters (503 once drain() began); GET /version
   OPTIONS (any path)          CORS preflight: pages of the allowed origins (default: any) may call the API
   POST /tokenize, /detokenize, GET /tokenizer_info   vLLM's tokenizer routes (lm-eval's remote tokenizer uses them)
@@ -34,7 +35,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import neolm
 from neolm.embedding import embed
 from neolm.errors import NeolmError
-from neolm.serve import answer, embeddings, protocol, responses
+from neolm.serve import answer, conversations, embeddings, protocol, responses
 from neolm.serve.background import Background
 from neolm.serve.engine import DEFAULT_PREFILL_CHUNK, Engine, ShuttingDown
 from neolm.serve.protocol import ApiError
@@ -271,6 +272,8 @@ class Handler(BaseHTTPRequestHandler):
                 engine.metrics.render(self.server.model_name, engine.waiting, engine.lora_info()),
                 "text/plain; version=0.0.4; charset=utf-8",
             )
+        if _conversations(path):
+            return self._json(200, conversations.answer("GET", path, self.server.stored, None, self._query()))
         if path.startswith("/v1/responses/") and path.endswith("/input_items"):
             rid = path.removeprefix("/v1/responses/").removesuffix("/input_items")
             return self._json(200, responses.input_items(self.server.stored, rid, self._query()))
@@ -308,8 +311,10 @@ class Handler(BaseHTTPRequestHandler):
         return urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query, keep_blank_values=True)
 
     def _delete(self, path: str) -> None:
+        if _conversations(path):
+            return self._json(200, conversations.answer("DELETE", path, self.server.stored, None, self._query()))
         if not path.startswith("/v1/responses/"):
-            raise ApiError(404, f"no route DELETE {path}: try DELETE /v1/responses/{{id}}")
+            raise ApiError(404, f"no route DELETE {path}: try DELETE /v1/responses/{{id}} or /v1/conversations/{{id}}")
         self._json(200, self.server.stored.delete(path.removeprefix("/v1/responses/")))
 
     def _post(self, path: str) -> None:
@@ -318,6 +323,8 @@ class Handler(BaseHTTPRequestHandler):
         adapters = {"/v1/load_lora_adapter": self._load_lora, "/v1/unload_lora_adapter": self._unload_lora}
         if path == "/v1/embeddings":
             return self._embeddings(self._body())
+        if _conversations(path):
+            return self._json(200, conversations.answer("POST", path, self.server.stored, self._body(), self._query()))
         if path.startswith("/v1/responses/") and path.endswith("/cancel"):
             return self._json(200, self.server.background.cancel(path.removeprefix("/v1/responses/")
                                                                  .removesuffix("/cancel")))  # fmt: skip
@@ -327,7 +334,7 @@ class Handler(BaseHTTPRequestHandler):
             return adapters[path](self._body())
         if path not in kinds and path not in tools:
             raise ApiError(404, f"no route POST {path}: try /v1/completions, /v1/chat/completions, /v1/responses, "
-                           "/tokenize or /detokenize")  # fmt: skip
+                           "/v1/conversations, /tokenize or /detokenize")  # fmt: skip
         body = self._body()
         adapter = self.server.adapter(body.get("model") if isinstance(body, dict) else None, "model")
         if path in tools:
@@ -523,3 +530,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(payload)
+
+
+def _conversations(path: str) -> bool:
+    """Whether the path is the Conversations API's (neolm.serve.conversations)."""
+    return path == conversations.PREFIX or path.startswith(conversations.PREFIX + "/")

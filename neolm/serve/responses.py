@@ -8,7 +8,8 @@ output_text.delta, function_call_arguments.delta, ..., response.completed).
 Conversation state: with `store` (OpenAI's default: true) a response and the conversation that led to it are kept
 (neolm.serve.store: in memory, or in a file), so that `previous_response_id` continues it (its instructions are not
 carried over, as OpenAI's), GET /v1/responses/{id} returns it and GET /v1/responses/{id}/input_items the items it
-was generated from (earlier turns' included). Input items: messages (text content parts), and function_call /
+was generated from (earlier turns' included); `conversation` reads and extends one of neolm.serve.conversations
+instead. Input items: messages (text content parts), and function_call /
 function_call_output items (a call the model made and its result); reasoning items are passed over. With truncation
 "auto", a conversation that with its reply would overflow the model's context loses its oldest exchanges (a user
 message and what answered it; the instructions and leading system messages stay) until it fits, as OpenAI's drops
@@ -35,7 +36,7 @@ LOGPROBS = "message.output_text.logprobs"  # the `include` value that asks for t
 FIELDS = {"model", "input", "instructions", "max_output_tokens", "temperature", "top_p", "stream", "tools",
           "tool_choice", "parallel_tool_calls", "text", "store", "metadata", "previous_response_id", "user",
           "truncation", "include", "top_logprobs", "reasoning", "service_tier", "background", "max_tool_calls",
-          "safety_identifier", "prompt_cache_key", "stream_options",
+          "safety_identifier", "prompt_cache_key", "stream_options", "conversation",
           # vLLM's sampling extras, as its chat completions take them
           "seed", "top_k", "min_p", "repetition_penalty", "stop", "min_tokens"}  # fmt: skip
 NAMES = {"messages": "input", "max_completion_tokens": "max_output_tokens", "response_format": "text"}
@@ -65,16 +66,21 @@ class Turn:
         self.dropped = 0  # messages truncation "auto" left out of the prompt
         self.store = body.get("store") is not False
         earlier, items = [], []
+        self.conversation = _conversation_id(body)  # (neolm.serve.conversations)
         if body.get("previous_response_id") is not None:
             response, earlier, items = store.get(body["previous_response_id"], "previous_response_id")
             if response["status"] in ("queued", "in_progress"):
                 raise ApiError(400, f"response {response['id']!r} is still being generated (background): continue "
                                "it once it has ended", "previous_response_id")  # fmt: skip
             items = items + response["output"]  # (the earlier turns' items, then what answered them)
+        elif self.conversation is not None:
+            items = store.conversation(self.conversation, "conversation")[1]
+            earlier = _messages(items) if items else []
         if "input" not in body:
             raise ApiError(400, "'input' is required: a string or a list of input items", "input")
         self.messages = earlier + _messages(body["input"])
-        self.items = items + _input_items(body["input"])  # the conversation's items: GET .../input_items lists them
+        self.added = _input_items(body["input"])  # (the request's items: a conversation gets them once answered)
+        self.items = items + self.added  # the conversation's items: GET .../input_items lists them
         instructions = protocol.field_of(body, "instructions", (str,))
         system = [{"role": "system", "content": instructions}] if instructions else []
         chat = {k: body[k] for k in PASSED if body.get(k) is not None}
@@ -123,6 +129,7 @@ class Turn:
             "tools": body.get("tools") or [], "truncation": self.truncation, "user": body.get("user"),
             "metadata": body.get("metadata") or {}, "usage": None if usage is None else _usage(usage),
             "background": self.background, "max_tool_calls": body.get("max_tool_calls"),
+            "conversation": None if self.conversation is None else {"id": self.conversation},
         }  # fmt: skip
 
     def answer(self, chat_answer: dict, gc) -> dict:
@@ -139,9 +146,17 @@ class Turn:
         return self.response(chat_answer["model"], output, chat_answer["usage"], choice["finish_reason"], gc)
 
     def keep(self, response: dict, store: Store) -> None:
-        """Store the response (with the conversation it ends), if the request asked for it."""
+        """Store the response (with the conversation it ends), if the request asked for it; add the request's items
+        and the response's output to its `conversation` (an answer, whole or cut short: not a failed one)."""
         if self.store:
             store.put(response, self.messages + _replies(response["output"]), self.items)
+        if self.conversation is not None and response["status"] in ("completed", "incomplete"):
+            added = self.added + response["output"]
+            try:
+                store.edit_conversation(self.conversation, lambda _, items: items.extend(added))
+            except ApiError:  # (deleted while the response was generated)
+                log.warning("conversation %s was deleted before response %s ended: its items are not kept",
+                            self.conversation, response["id"])  # fmt: skip
 
 
 def failed(response: dict, error: dict) -> dict:
@@ -157,10 +172,15 @@ def cancelled(response: dict) -> dict:
 
 def input_items(store: Store, rid: str, query: dict[str, list[str]]) -> dict:
     """GET /v1/responses/{id}/input_items: the items the stored response was generated from (with
-    previous_response_id, the earlier turns' input and output items first, then its request's), as OpenAI's list:
-    `order` asc or desc (the default), `limit` 1-100 (20), `after` / `before` an item id."""
+    previous_response_id, the earlier turns' input and output items first, then its request's), a page of them."""
     items = store.get(rid)[2]
     protocol.known_params(query, {"order", "limit", "after", "before", "include"})
+    return page(items, query, f"response {rid!r}")
+
+
+def page(items: list[dict], query: dict[str, list[str]], where: str) -> dict:
+    """A page of items (those of `where`) as OpenAI's list: `order` asc or desc (the default), `limit` 1-100 (20),
+    `after` / `before` an item id."""
     order = query.get("order", ["desc"])[-1]
     if order not in ("asc", "desc"):
         raise ApiError(400, f"order must be 'asc' or 'desc', got {order!r}", "order")
@@ -172,11 +192,36 @@ def input_items(store: Store, rid: str, query: dict[str, list[str]]) -> dict:
         if name in query:
             ids, at = [item["id"] for item in items], query[name][-1]
             if at not in ids:
-                raise ApiError(400, f"{name}: no input item {at!r} in response {rid!r}", name)
+                raise ApiError(400, f"{name}: no item {at!r} in {where}", name)
             items = items[ids.index(at) + 1 :] if name == "after" else items[: ids.index(at)]
     page = items[: int(limit)]
     return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
             "last_id": page[-1]["id"] if page else None, "has_more": len(items) > len(page)}  # fmt: skip
+
+
+def _conversation_id(body) -> str | None:
+    """The request's `conversation` (its id, or {"id": its id}); None without one."""
+    given = body.get("conversation")
+    if given is None:
+        return None
+    if body.get("previous_response_id") is not None:
+        raise ApiError(400, "'conversation' and 'previous_response_id' cannot both be given: a conversation holds "
+                       "its earlier turns", "conversation")  # fmt: skip
+    cid = given.get("id") if isinstance(given, dict) else given
+    if not isinstance(cid, str):
+        raise ApiError(400, f"'conversation' must be a conversation's id or {{\"id\": its id}}, got {given!r}"[:200],
+                       "conversation")  # fmt: skip
+    return cid
+
+
+def check_items(given: list, param: str) -> list[dict]:
+    """Items given under `param` (a conversation's), checked as a request's input is, with ids."""
+    try:
+        _messages(given)
+    except ApiError as e:
+        e.message, e.param = e.message.replace("input[", f"{param}["), param
+        raise
+    return _input_items(given)
 
 
 def _input_items(given) -> list[dict]:

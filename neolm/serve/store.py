@@ -1,6 +1,7 @@
 """Where the Responses API keeps stored responses (`store: true`): each response with the conversation it ends (the
 chat messages a later turn continues, instructions left out) and its request's input items (GET
-/v1/responses/{id}/input_items lists them). The least recently used are dropped beyond `size`.
+/v1/responses/{id}/input_items lists them); and the Conversations API's conversations (neolm.serve.conversations):
+each with its items. The least recently used of each are dropped beyond `size`.
 
 - Store: in memory, lost when the server stops (the default, as vLLM's);
 - FileStore: a SQLite file (neolm serve --responses-store FILE), so that conversations continue across restarts
@@ -17,6 +18,7 @@ import os
 import sqlite3
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 
 from neolm.errors import NeolmError
 from neolm.serve.errors import ApiError
@@ -26,23 +28,62 @@ log = logging.getLogger(__name__)
 MAX_STORED = 1000  # responses kept in memory
 MAX_STORED_IN_FILE = 100_000  # responses kept in a FileStore
 Entry = tuple[dict, list[dict], list[dict]]  # (the Response, its conversation's messages, its input items)
+Conversation = tuple[dict, list[dict]]  # (the Conversation object, its items)
 
 
 class Store:
-    """Stored responses in memory: id -> (the Response, the conversation it ends, its request's input items)."""
+    """Stored responses in memory: id -> (the Response, the conversation it ends, its request's input items); and
+    conversations: id -> (the Conversation, its items)."""
 
     def __init__(self, size: int = MAX_STORED):
         self.size, self._lock = size, threading.Lock()
         self._items: OrderedDict[str, Entry] = OrderedDict()
+        self._conversations: OrderedDict[str, Conversation] = OrderedDict()
 
     where = "in memory"
 
     def put(self, response: dict, messages: list[dict], inputs: list[dict]) -> None:
         with self._lock:
-            self._items[response["id"]] = (response, messages, inputs)
-            self._items.move_to_end(response["id"])
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
+            self._keep(self._items, response["id"], (response, messages, inputs))
+
+    def _keep(self, table: OrderedDict, key: str, value) -> None:
+        table[key] = value
+        table.move_to_end(key)
+        while len(table) > self.size:
+            table.popitem(last=False)
+
+    def put_conversation(self, conversation: dict, items: list[dict]) -> None:
+        with self._lock:
+            self._keep(self._conversations, conversation["id"], (conversation, items))
+
+    def conversation(self, cid: str, param: str | None = None) -> Conversation:
+        with self._lock:
+            if cid not in self._conversations:
+                raise self._no_conversation(cid, param)
+            self._conversations.move_to_end(cid)
+            conversation, items = self._conversations[cid]
+            return dict(conversation), list(items)
+
+    def edit_conversation(self, cid: str, edit: Callable[[dict, list[dict]], object], param: str | None = None):
+        """edit(conversation, items), which changes them in place, done with no other change to them in between (a
+        response's items added while a client adds its own); what it returns."""
+        with self._lock:
+            if cid not in self._conversations:
+                raise self._no_conversation(cid, param)
+            conversation, items = self._conversations[cid]
+            result = edit(conversation, items)
+            self._keep(self._conversations, cid, (conversation, items))
+            return result
+
+    def delete_conversation(self, cid: str) -> dict:
+        with self._lock:
+            if self._conversations.pop(cid, None) is None:
+                raise self._no_conversation(cid)
+        return {"id": cid, "object": "conversation.deleted", "deleted": True}
+
+    def _no_conversation(self, cid: str, param: str | None = None) -> ApiError:
+        return ApiError(404, f"no conversation with id {cid!r} (conversations are kept {self.where}, the last "
+                        f"{self.size:,} used)", param, kind="not_found_error")  # fmt: skip
 
     def get(self, rid: str, param: str | None = None) -> Entry:
         with self._lock:
@@ -88,6 +129,8 @@ class FileStore(Store):
                              "status TEXT NOT NULL, response TEXT NOT NULL, messages TEXT NOT NULL, "
                              "inputs TEXT NOT NULL)")  # fmt: skip
             self._db.execute("CREATE INDEX IF NOT EXISTS responses_used ON responses (used)")
+            self._db.execute("CREATE TABLE IF NOT EXISTS conversations (id TEXT PRIMARY KEY, used INTEGER NOT NULL, "
+                             "conversation TEXT NOT NULL, items TEXT NOT NULL)")  # fmt: skip
             self._db.execute(f"PRAGMA user_version = {SCHEMA}")
             self._used = self._db.execute("SELECT COALESCE(MAX(used), 0) FROM responses").fetchone()[0]
             self._count = self._db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
@@ -138,6 +181,42 @@ class FileStore(Store):
                 raise self._missing(rid)
             self._count -= 1
         return {"id": rid, "object": "response.deleted", "deleted": True}
+
+    def put_conversation(self, conversation: dict, items: list[dict]) -> None:
+        with self._lock:
+            self._put_conversation(conversation, items)
+
+    def _put_conversation(self, conversation: dict, items: list[dict]) -> None:
+        self._used += 1
+        self._db.execute("INSERT OR REPLACE INTO conversations VALUES (?, ?, ?, ?)",
+                         (conversation["id"], self._used, json.dumps(conversation), json.dumps(items)))  # fmt: skip
+        beyond = "SELECT id FROM conversations ORDER BY used DESC LIMIT -1 OFFSET ?"  # (the least recently used)
+        self._db.execute(f"DELETE FROM conversations WHERE id IN ({beyond})", (self.size,))
+
+    def conversation(self, cid: str, param: str | None = None) -> Conversation:
+        with self._lock:
+            return self._conversation(cid, param)
+
+    def _conversation(self, cid: str, param: str | None) -> Conversation:
+        row = self._db.execute("SELECT conversation, items FROM conversations WHERE id = ?", (cid,)).fetchone()
+        if row is None:
+            raise self._no_conversation(cid, param)
+        self._used += 1
+        self._db.execute("UPDATE conversations SET used = ? WHERE id = ?", (self._used, cid))
+        return json.loads(row[0]), json.loads(row[1])
+
+    def edit_conversation(self, cid: str, edit: Callable[[dict, list[dict]], object], param: str | None = None):
+        with self._lock:
+            conversation, items = self._conversation(cid, param)
+            result = edit(conversation, items)
+            self._put_conversation(conversation, items)
+            return result
+
+    def delete_conversation(self, cid: str) -> dict:
+        with self._lock:
+            if self._db.execute("DELETE FROM conversations WHERE id = ?", (cid,)).rowcount == 0:
+                raise self._no_conversation(cid)
+        return {"id": cid, "object": "conversation.deleted", "deleted": True}
 
     def close(self) -> None:
         with self._lock:
