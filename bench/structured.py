@@ -12,7 +12,9 @@ string field of at least 1,000 characters (each count of characters is its own a
 reaches a new one); "records", an array of at least 50 small objects (names of at most 8 characters, integers
 0..120, booleans; 483 states since session 46, each item a call of one rule; 13,368 written out before); "tree", an
 array of at least 40 nodes, each a name and up to 3 nodes (a recursive $ref); "any", an array of at least 40 values
-of any JSON (items of every type). neolm's "cold" row is the first generation with a schema
+of any JSON (items of every type); "arith" (a GBNF grammar, not in the default --schemas), 200 arithmetic
+expressions, left-recursive for neolm and the same written right-recursively for llama.cpp (which refuses left
+recursion), and "arith-right" the right-recursive one for both. neolm's "cold" row is the first generation with a schema
 in a fresh process: the schema is compiled before it (its own column) and each state's allowed tokens are found as
 the state is reached; "warm" repeats the generation. "choosing a token ms": the mean time of a step's processing and
 pick (DecodeBatch._choose, where the constraint works), which the VM's drifting memory speed does not blur as it
@@ -54,6 +56,23 @@ SCHEMAS = {
     "any": {"type": "object", "properties": {"data": {"type": "array", "minItems": 40, "items": {"type": [
         "object", "array", "string", "number", "boolean", "null"]}}}, "required": ["data"]},
 }  # fmt: skip
+# GBNF grammars: (neolm's, llama.cpp's). llama.cpp refuses left recursion, so it gets the same language written
+# right-recursively; neolm reads the left-recursive one, rewritten (neolm.structured.leftrec: session 47), and the
+# "-right" row the right-recursive one, the rewrite's cost. 200 expressions cannot be written in 128 tokens.
+_ARITH = 'term ::= term ("*" | "/") factor | factor\nfactor ::= [0-9]+ | "(" expr ")" | "-" factor'
+_ARITH_RIGHT = 'term ::= factor (("*" | "/") factor)*\nfactor ::= [0-9]+ | "(" expr ")" | "-" factor'
+GRAMMARS = {
+    "arith": ('root ::= (expr ";"){200}\nexpr ::= expr ("+" | "-") term | term\n' + _ARITH,
+              'root ::= (expr ";"){200}\nexpr ::= term (("+" | "-") term)*\n' + _ARITH_RIGHT),
+    "arith-right": ('root ::= (expr ";"){200}\nexpr ::= term (("+" | "-") term)*\n' + _ARITH_RIGHT,) * 2,
+}  # fmt: skip
+ROWS = [*SCHEMAS, *GRAMMARS]
+
+
+def spec(name: str) -> dict:
+    """neolm's structured_outputs of a row."""
+    return {"grammar": GRAMMARS[name][0]} if name in GRAMMARS else {"json": SCHEMAS[name]}
+
 
 LLAMA = r"""
 import json, sys, time
@@ -64,7 +83,11 @@ llm = Llama(model_path=args["gguf"], n_threads=args["threads"], n_threads_batch=
 eos = llm.token_eos()
 out = {}
 for name in args["rows"]:
-    grammar = None if name == "free" else LlamaGrammar.from_json_schema(json.dumps(args["schemas"][name]), verbose=False)
+    if name in args["grammars"]:
+        grammar = LlamaGrammar.from_string(args["grammars"][name], verbose=False)
+    else:
+        grammar = None if name == "free" else LlamaGrammar.from_json_schema(json.dumps(args["schemas"][name]),
+                                                                            verbose=False)
     llm.reset()
     stamps, text = [], ""
     for chunk in llm.create_completion(args["prompt"], max_tokens=args["new"], temperature=0.0, stream=True,
@@ -116,14 +139,14 @@ def run_neolm(args, prompt_ids) -> dict:
     lm = neolm.load(args.model)
     ids = prompt_ids(lm)
     out = {"free": neolm_row(lm, ids, args.new_tokens, None)}
-    for name, schema in ((k, SCHEMAS[k]) for k in args.schemas.split(",")):
+    for name in args.schemas.split(","):
         structured._compiled.cache_clear()  # cold: compile the schema and find each state's tokens afresh
         structured.regex._compiled.cache_clear()
         t = time.perf_counter()
-        guide = structured.compile({"json": schema}, lm.tokenizer)
+        guide = structured.compile(spec(name), lm.tokenizer)
         compile_s = time.perf_counter() - t
-        out[f"{name} cold"] = neolm_row(lm, ids, args.new_tokens, {"json": schema}) | {"compile_s": compile_s}
-        out[f"{name} warm"] = neolm_row(lm, ids, args.new_tokens, {"json": schema})
+        out[f"{name} cold"] = neolm_row(lm, ids, args.new_tokens, spec(name)) | {"compile_s": compile_s}
+        out[f"{name} warm"] = neolm_row(lm, ids, args.new_tokens, spec(name))
         out[f"{name} warm"]["states"] = guide.dfa.states
         out[f"{name} warm"]["states_found"] = len(guide._masks)
     return out
@@ -131,7 +154,7 @@ def run_neolm(args, prompt_ids) -> dict:
 
 def run_llama(args, text: str) -> dict:
     job = {"gguf": args.gguf, "threads": args.threads, "new": args.new_tokens, "prompt": text, "schemas": SCHEMAS,
-           "rows": ["free", *args.schemas.split(",")]}  # fmt: skip
+           "grammars": {k: v[1] for k, v in GRAMMARS.items()}, "rows": ["free", *args.schemas.split(",")]}  # fmt: skip
     done = subprocess.run([args.llama_python, "-c", LLAMA, json.dumps(job)], capture_output=True, text=True, check=False,
                           timeout=1800)  # fmt: skip
     if done.returncode != 0:
@@ -150,7 +173,7 @@ def main() -> None:
     p.add_argument("--llama-python", default=sys.executable, help="an interpreter with llama-cpp-python")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--schemas", default=",".join(SCHEMAS), help=f"comma-separated, of {', '.join(SCHEMAS)}")
+    p.add_argument("--schemas", default=",".join(SCHEMAS), help=f"comma-separated, of {', '.join(ROWS)}")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", help="write the table here (markdown)")
     args = p.parse_args()

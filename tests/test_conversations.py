@@ -90,13 +90,14 @@ def test_responses_continue_a_conversation_and_add_to_it(server):
     assert output_text(second) == chat["choices"][0]["message"]["content"]
     items = send(server, "GET", f"/v1/conversations/{cid}/items?order=asc")[1]["data"]
     assert items[3]["content"][0]["text"] == "And the queen?" and items[4:] == second["output"]
+    assert [item["type"] for item in second["output"]] == ["message"]  # (even an empty reply, as unstreamed)
     # a function call and its output, as items, are read as the chat's tool messages
     call_item = {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'}
     output = {"type": "function_call_output", "call_id": "call_1", "output": "Sunny, 21 C"}
     assert send(server, "POST", f"/v1/conversations/{cid}/items", {"items": [call_item, output]})[0] == 200
     status, _ = call(server, "/v1/responses", GREEDY | {"conversation": cid, "input": "So?", "max_output_tokens": 4})
     assert status == 200
-    assert len(send(server, "GET", f"/v1/conversations/{cid}/items?limit=100")[1]["data"]) >= 8
+    assert len(send(server, "GET", f"/v1/conversations/{cid}/items?limit=100")[1]["data"]) == 9
 
 
 @pytest.mark.parametrize("path, body, status, param, needle", [

@@ -329,7 +329,8 @@ class Events:
         cancelled background response, response.incomplete with status "cancelled"). The response is stored, a
         failed one only in the background (where it is polled)."""
         self.stopped = stopped
-        events = self._close()
+        empty = not self.output and self.error is None  # (an empty reply: one empty message, as unstreamed)
+        events = [*(self._open_message() if empty else []), *self._close()]
         response = self.turn.response(self.model, self.output, self.usage, self.reason or "stop", self.gc)
         if self.error is not None:
             response = failed(response, self.error)
@@ -348,15 +349,17 @@ class Events:
     def _at(self) -> dict:
         return {"item_id": self.open["id"], "output_index": len(self.output) - 1}
 
+    def _open_message(self) -> list[dict]:
+        """A new assistant message opened: its output_item.added and content_part.added."""
+        events = self._close()
+        self._add(_message(f"msg_{uuid.uuid4().hex}", [_text_part("", None)], "in_progress"))
+        return [*events, self._event("response.output_item.added", output_index=len(self.output) - 1,
+                                     item=self.open | {"content": []}),
+                self._event("response.content_part.added", **self._at(), content_index=0,
+                            part=_text_part("", None))]  # fmt: skip
+
     def _text(self, text: str, entries: list[dict]) -> list[dict]:
-        events = []
-        if self.open is None or self.open["type"] != "message":
-            events += self._close()
-            self._add(_message(f"msg_{uuid.uuid4().hex}", [_text_part("", None)], "in_progress"))
-            events.append(self._event("response.output_item.added", output_index=len(self.output) - 1,
-                                      item=self.open | {"content": []}))  # fmt: skip
-            events.append(self._event("response.content_part.added", **self._at(), content_index=0,
-                                      part=_text_part("", None)))  # fmt: skip
+        events = self._open_message() if self.open is None or self.open["type"] != "message" else []
         self.open["content"][0]["text"] += text
         self.logprobs += entries
         return [*events, self._event("response.output_text.delta", **self._at(), content_index=0, delta=text,

@@ -221,8 +221,8 @@ def grammar_rules(text: str) -> list[str]:
 
 
 def grammar_regex(text: str) -> str:
-    """The regex of the texts the GBNF grammar's root rule matches, with recursion unrolled MAX_DEPTH times (for
-    grammars whose rules call themselves before reading anything, which grammar_rules' calls cannot follow)."""
+    """The regex of the texts the GBNF grammar's root rule matches, with recursion unrolled MAX_DEPTH times
+    (spec_regex's plain regex of a grammar; generation uses grammar_rules, whose calls follow any depth)."""
     rules = _parse(text)
     out = _Writer(rules, calls=False).write(rules["root"])
     if out is None:
