@@ -135,7 +135,13 @@ def test_stores_keep_the_most_recently_used_conversations(kind, tmp_path):
     if kind == "file":  # (and the file keeps them when opened again)
         store.close()
         store = make()
-        assert store.conversation("c")[1] == [{"id": "c1"}] and store.conversation("a")[1][-1] == {"id": "a2"}
+        assert store.conversation("a")[1][-1] == {"id": "a2"}  # (a used last: c, used before, goes for d)
+        store.put_conversation({"id": "d", "metadata": {}}, [])
+        assert store.conversation("a") and store.conversation("d")
+        with pytest.raises(ApiError, match="no conversation"):
+            store.conversation("c")
+        store.put_conversation({"id": "c", "metadata": {}}, [{"id": "c1"}])
+        assert store.conversation("c")[1] == [{"id": "c1"}]
     assert store.delete_conversation("c")["deleted"]
     with pytest.raises(ApiError):
         store.delete_conversation("c")

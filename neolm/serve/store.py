@@ -131,9 +131,12 @@ class FileStore(Store):
             self._db.execute("CREATE INDEX IF NOT EXISTS responses_used ON responses (used)")
             self._db.execute("CREATE TABLE IF NOT EXISTS conversations (id TEXT PRIMARY KEY, used INTEGER NOT NULL, "
                              "conversation TEXT NOT NULL, items TEXT NOT NULL)")  # fmt: skip
+            self._db.execute("CREATE INDEX IF NOT EXISTS conversations_used ON conversations (used)")
             self._db.execute(f"PRAGMA user_version = {SCHEMA}")
-            self._used = self._db.execute("SELECT COALESCE(MAX(used), 0) FROM responses").fetchone()[0]
+            self._used = self._db.execute("SELECT MAX(COALESCE((SELECT MAX(used) FROM responses), 0), "
+                                          "COALESCE((SELECT MAX(used) FROM conversations), 0))").fetchone()[0]  # fmt: skip
             self._count = self._db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+            self._conversation_count = self._db.execute("SELECT COUNT(*) FROM conversations").fetchone()[0]
         except sqlite3.Error as e:
             raise NeolmError(f"cannot keep responses in {self.path}: {e} (it must be a SQLite file neolm made, in a "
                              "folder that exists and can be written)") from None  # fmt: skip
@@ -187,11 +190,16 @@ class FileStore(Store):
             self._put_conversation(conversation, items)
 
     def _put_conversation(self, conversation: dict, items: list[dict]) -> None:
+        cid = conversation["id"]
         self._used += 1
+        known = self._db.execute("SELECT 1 FROM conversations WHERE id = ?", (cid,)).fetchone() is not None
         self._db.execute("INSERT OR REPLACE INTO conversations VALUES (?, ?, ?, ?)",
-                         (conversation["id"], self._used, json.dumps(conversation), json.dumps(items)))  # fmt: skip
-        beyond = "SELECT id FROM conversations ORDER BY used DESC LIMIT -1 OFFSET ?"  # (the least recently used)
-        self._db.execute(f"DELETE FROM conversations WHERE id IN ({beyond})", (self.size,))
+                         (cid, self._used, json.dumps(conversation), json.dumps(items)))  # fmt: skip
+        self._conversation_count += not known
+        if self._conversation_count > self.size:  # the least recently used go
+            oldest, extra = "SELECT id FROM conversations ORDER BY used LIMIT ?", self._conversation_count - self.size
+            self._db.execute(f"DELETE FROM conversations WHERE id IN ({oldest})", (extra,))
+            self._conversation_count = self.size
 
     def conversation(self, cid: str, param: str | None = None) -> Conversation:
         with self._lock:
@@ -216,6 +224,7 @@ class FileStore(Store):
         with self._lock:
             if self._db.execute("DELETE FROM conversations WHERE id = ?", (cid,)).rowcount == 0:
                 raise self._no_conversation(cid)
+            self._conversation_count -= 1
         return {"id": cid, "object": "conversation.deleted", "deleted": True}
 
     def close(self) -> None:
