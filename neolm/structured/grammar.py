@@ -22,7 +22,6 @@ import re
 
 from neolm.errors import NeolmError
 from neolm.structured import leftrec
-from neolm.structured.leftrec import without_left_recursion
 from neolm.structured.regex import NOTHING
 
 MAX_DEPTH = 3  # times a recursive rule is unrolled
@@ -205,7 +204,7 @@ def grammar_rules(text: str) -> list[str]:
     to itself (directly or through others, as JSON's value), called with `(?&k)` from inside itself and wherever
     it is used once found, and so is one too long to copy (INLINE_MAX); every other rule is written out where it is
     used. Left recursion is rewritten first (neolm.structured.leftrec)."""
-    rules = without_left_recursion(_parse(text))
+    rules = leftrec.without_left_recursion(_parse(text))
     if rules is None:
         raise NeolmError(f"the grammar's left recursion is too large to rewrite (over {leftrec.MAX_NODES:,} nodes): "
                          "let its recursive rules read something before they call one another")  # fmt: skip
@@ -239,7 +238,7 @@ class _Writer:
         self.rules, self.expanding = rules, []  # (the rules being written out, outermost first)
         self.frames: dict[str, int] | None = {"root": 0} if calls else None
         sizes: dict[str, int] = {}
-        self.large = {name for name in rules if calls and _written_size(("ref", name), rules, sizes) > INLINE_MAX}
+        self.large = {name for name in rules if calls and leftrec.size(("ref", name), rules, sizes) > INLINE_MAX}
 
     def write(self, node) -> str | None:
         kind = node[0]
@@ -278,18 +277,3 @@ class _Writer:
             return self.write(self.rules[name])
         finally:
             self.expanding.pop()
-
-
-def _written_size(node, rules: dict, sizes: dict) -> int:
-    """About how many nodes a node is once the rules it uses are written out where they are used (a rule being
-    measured counts 1 where it meets itself); sizes keeps each rule's."""
-    kind = node[0]
-    if kind == "ref":
-        name = node[1]
-        if name not in sizes:
-            sizes[name] = 1  # (while measured)
-            sizes[name] = _written_size(rules[name], rules, sizes) if name in rules else 1
-        return sizes[name]
-    if kind in ("alt", "seq"):
-        return 1 + sum(_written_size(n, rules, sizes) for n in node[1])
-    return 1 + _written_size(node[1], rules, sizes) if kind == "rep" else 1

@@ -33,11 +33,21 @@ def _seq(items: list):
     return EMPTY if not items else items[0] if len(items) == 1 else ("seq", items)
 
 
-def _size(node) -> int:
+def size(node, rules: dict | None = None, sizes: dict | None = None) -> int:
+    """How many nodes a node is; with `rules`, about how many once the rules it calls are written out where they
+    are called (a rule being measured counts 1 where it meets itself; `sizes` keeps each rule's)."""
     kind = node[0]
+    if kind == "ref":
+        name = node[1]
+        if rules is None or name not in rules:
+            return 1
+        if name not in sizes:
+            sizes[name] = 1  # (while measured)
+            sizes[name] = size(rules[name], rules, sizes)
+        return sizes[name]
     if kind in ("alt", "seq"):
-        return 1 + sum(_size(n) for n in node[1])
-    return 1 + _size(node[1]) if kind == "rep" else 1
+        return 1 + sum(size(n, rules, sizes) for n in node[1])
+    return 1 + size(node[1], rules, sizes) if kind == "rep" else 1
 
 
 class _Rewriter:
@@ -187,17 +197,17 @@ class _Rewriter:
             self.rules[name] = ("rep", ("ref", name + "+"), 0, 1)
         for i, name in enumerate(order):
             body = self.rules[name]
-            others = sum(_size(b) for other, b in self.rules.items() if other != name)
+            others = sum(size(b) for other, b in self.rules.items() if other != name)
             for earlier in order[:i]:  # calls of earlier rules that lead: their bodies instead
                 d, r = self.split(body, earlier)
                 if d is not None:
                     body = _alt([_seq([self.rules[earlier], d]), r]) or ("alt", [])
-                    if others + _size(body) > MAX_NODES:
+                    if others + size(body) > MAX_NODES:
                         raise OverflowError
             d, r = self.split(body, name)  # A = A d | r  ->  A = r d*
             if d is not None:
                 body = _seq([r, ("rep", d, 0, None)]) if r is not None else ("alt", [])
-            if others + _size(body) > MAX_NODES:
+            if others + size(body) > MAX_NODES:
                 raise OverflowError
             self.rules[name] = body
 

@@ -498,12 +498,6 @@ def rewrite_sets(pattern: str, write_set) -> str:
     return write(_Parser(pattern).parse())
 
 
-def check_syntax(pattern: str) -> None:
-    """Raise NeolmError where compile_regex would refuse the pattern's syntax (a user's regex set inside generated
-    rules, where `(?&k)` would call a rule)."""
-    _Parser(pattern).parse()
-
-
 def compile_regex(pattern: str) -> DFA:
     """The pattern's DFA over UTF-8 bytes (NeolmError for what the module docstring lists as unsupported). The last
     32 patterns' automata are kept (do not change them)."""

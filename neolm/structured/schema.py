@@ -10,8 +10,8 @@ format (date-time, date, time, uuid, ipv4, ipv6, email) on strings (a length bou
 refused; a pattern matches the whole value, as Outlines reads it, and reads the value, not its JSON text: `.` takes
 a `"` only as \\", never bare), minimum / maximum (and the exclusive ones) and multipleOf on integers and numbers (a
 bounded number, or a multiple, is written without an exponent: neolm.structured.ranges), anyOf / oneOf (OpenAPI's
-discriminator read past), allOf of one schema, and $ref into $defs / definitions. A $ref that refers to itself, any JSON value (where a schema
-leaves one untyped) and an array's long item counted more than twice are rules of their own that the others call
+discriminator read past), allOf of one schema, and $ref into $defs / definitions. A $ref that refers to itself, any
+JSON value (where a schema leaves one untyped) and an array's long item counted more than twice are rules of their own that the others call
 (schema_rules: neolm.structured.pushdown follows the calls with a stack, so values nest as deep as they like);
 schema_regex unrolls them instead (recursive $refs MAX_REF_DEPTH times, any value MAX_DEPTH levels), for schemas whose
 $refs call themselves before reading anything. Keywords that would constrain the output in ways the regex cannot
@@ -68,9 +68,9 @@ _SHORT_ESCAPES = {0x22: r'\\"', 0x5C: r"\\\\", 0x08: r"\\b", 0x0C: r"\\f", 0x0A:
 def _json_chars(ranges) -> str:
     """The regex of the characters in `ranges` as a JSON string holds them: as they are, or escaped where JSON
     needs it (a pattern is about the string's value, so `"` in a pattern is written \\" in the JSON text)."""
+    raw = minus(ranges, _MUST_ESCAPE)
     escaped = [c for lo, hi in _MUST_ESCAPE for c in range(lo, hi + 1) if any(a <= c <= b for a, b in ranges)]
-    parts = ([class_text(minus(ranges, _MUST_ESCAPE))] if minus(ranges, _MUST_ESCAPE) else []) + [
-        _SHORT_ESCAPES.get(c, f"\\\\u{c:04x}") for c in escaped]  # fmt: skip
+    parts = ([class_text(raw)] if raw else []) + [_SHORT_ESCAPES.get(c, f"\\\\u{c:04x}") for c in escaped]
     return "(?:" + "|".join(parts) + ")" if parts else NOTHING
 
 
