@@ -23,7 +23,7 @@ import uuid
 
 from neolm.serve import protocol
 from neolm.serve.errors import ApiError
-from neolm.serve.responses import check_items, page
+from neolm.serve.responses import check_items, listing, page
 from neolm.serve.store import Store
 
 MAX_ADDED = 20  # items a request may add (OpenAI's limit)
@@ -50,9 +50,13 @@ def answer(method: str, path: str, store: Store, body, query: dict[str, list[str
             return page(store.conversation(parts[0])[1], query, f"conversation {parts[0]!r}")
         if method == "POST":
             return add_items(store, parts[0], body)
-    if len(parts) == 3 and parts[1] == "items" and method in ("GET", "DELETE"):
+    if len(parts) == 3 and parts[1] == "items":
         cid, iid = parts[0], parts[2]
-        return store.edit_conversation(cid, lambda conversation, items: _item(conversation, items, iid, method))
+        if method == "GET":  # (a read: the store writes nothing back)
+            conversation, items = store.conversation(cid)
+            return items[_at(conversation, items, iid)]
+        if method == "DELETE":
+            return store.edit_conversation(cid, lambda conversation, items: _delete_item(conversation, items, iid))
     raise ApiError(404, f"no route {method} {path}: try POST /v1/conversations, GET/POST/DELETE "
                    "/v1/conversations/{id}, GET/POST /v1/conversations/{id}/items or GET/DELETE "
                    "/v1/conversations/{id}/items/{item_id}")  # fmt: skip
@@ -74,8 +78,7 @@ def add_items(store: Store, cid: str, body) -> dict:
         raise ApiError(400, "'items' is required: a list of up to 20 items", "items")
     added = _items(body["items"])
     store.edit_conversation(cid, lambda _, items: items.extend(added))
-    return {"object": "list", "data": added, "first_id": added[0]["id"] if added else None,
-            "last_id": added[-1]["id"] if added else None, "has_more": False}  # fmt: skip
+    return listing(added)
 
 
 def _items(given) -> list[dict]:
@@ -96,12 +99,15 @@ def _set_metadata(conversation: dict, body) -> dict:
     return conversation
 
 
-def _item(conversation: dict, items: list[dict], iid: str, method: str) -> dict:
-    """GET: the item with id `iid`; DELETE: the conversation, the item gone from it."""
+def _at(conversation: dict, items: list[dict], iid: str) -> int:
+    """The place of the item with id `iid` among the conversation's items."""
     at = next((i for i, item in enumerate(items) if item.get("id") == iid), None)
     if at is None:
         raise ApiError(404, f"no item {iid!r} in conversation {conversation['id']!r}", kind="not_found_error")
-    if method == "GET":
-        return items[at]
-    del items[at]
+    return at
+
+
+def _delete_item(conversation: dict, items: list[dict], iid: str) -> dict:
+    """The conversation, the item with id `iid` gone from its items."""
+    del items[_at(conversation, items, iid)]
     return conversation

@@ -194,9 +194,13 @@ def page(items: list[dict], query: dict[str, list[str]], where: str) -> dict:
             if at not in ids:
                 raise ApiError(400, f"{name}: no item {at!r} in {where}", name)
             items = items[ids.index(at) + 1 :] if name == "after" else items[: ids.index(at)]
-    page = items[: int(limit)]
-    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
-            "last_id": page[-1]["id"] if page else None, "has_more": len(items) > len(page)}  # fmt: skip
+    return listing(items[: int(limit)], has_more=len(items) > int(limit))
+
+
+def listing(items: list[dict], has_more: bool = False) -> dict:
+    """Items as OpenAI lists them: data, the first and last ids, and whether more follow."""
+    return {"object": "list", "data": items, "first_id": items[0]["id"] if items else None,
+            "last_id": items[-1]["id"] if items else None, "has_more": has_more}  # fmt: skip
 
 
 def _conversation_id(body) -> str | None:

@@ -46,11 +46,14 @@ class Store:
         with self._lock:
             self._keep(self._items, response["id"], (response, messages, inputs))
 
-    def _keep(self, table: OrderedDict, key: str, value) -> None:
-        table[key] = value
-        table.move_to_end(key)
-        while len(table) > self.size:
-            table.popitem(last=False)
+    def get(self, rid: str, param: str | None = None) -> Entry:
+        with self._lock:
+            return self._find(self._items, rid, self._missing(rid, param))
+
+    def delete(self, rid: str) -> dict:
+        with self._lock:
+            self._drop(self._items, rid, self._missing(rid))
+        return {"id": rid, "object": "response.deleted", "deleted": True}
 
     def put_conversation(self, conversation: dict, items: list[dict]) -> None:
         with self._lock:
@@ -58,55 +61,54 @@ class Store:
 
     def conversation(self, cid: str, param: str | None = None) -> Conversation:
         with self._lock:
-            if cid not in self._conversations:
-                raise self._no_conversation(cid, param)
-            self._conversations.move_to_end(cid)
-            conversation, items = self._conversations[cid]
+            conversation, items = self._find(self._conversations, cid, self._no_conversation(cid, param))
             return dict(conversation), list(items)
 
     def edit_conversation(self, cid: str, edit: Callable[[dict, list[dict]], object], param: str | None = None):
         """edit(conversation, items), which changes them in place, done with no other change to them in between (a
         response's items added while a client adds its own); what it returns."""
         with self._lock:
-            if cid not in self._conversations:
-                raise self._no_conversation(cid, param)
-            conversation, items = self._conversations[cid]
-            result = edit(conversation, items)
-            self._keep(self._conversations, cid, (conversation, items))
-            return result
+            conversation, items = self._find(self._conversations, cid, self._no_conversation(cid, param))
+            return edit(conversation, items)  # (changed in place: already kept)
 
     def delete_conversation(self, cid: str) -> dict:
         with self._lock:
-            if self._conversations.pop(cid, None) is None:
-                raise self._no_conversation(cid)
+            self._drop(self._conversations, cid, self._no_conversation(cid))
         return {"id": cid, "object": "conversation.deleted", "deleted": True}
-
-    def _no_conversation(self, cid: str, param: str | None = None) -> ApiError:
-        return ApiError(404, f"no conversation with id {cid!r} (conversations are kept {self.where}, the last "
-                        f"{self.size:,} used)", param, kind="not_found_error")  # fmt: skip
-
-    def get(self, rid: str, param: str | None = None) -> Entry:
-        with self._lock:
-            if rid not in self._items:
-                raise self._missing(rid, param)
-            self._items.move_to_end(rid)
-            return self._items[rid]
-
-    def delete(self, rid: str) -> dict:
-        with self._lock:
-            if self._items.pop(rid, None) is None:
-                raise self._missing(rid)
-        return {"id": rid, "object": "response.deleted", "deleted": True}
 
     def close(self) -> None:
         pass
+
+    # one table (responses or conversations): kept in order of use, the least recently used dropped beyond size
+    def _keep(self, table: OrderedDict, key: str, value) -> None:
+        table[key] = value
+        table.move_to_end(key)
+        while len(table) > self.size:
+            table.popitem(last=False)
+
+    @staticmethod
+    def _find(table: OrderedDict, key: str, missing: ApiError):
+        if key not in table:
+            raise missing
+        table.move_to_end(key)
+        return table[key]
+
+    @staticmethod
+    def _drop(table: OrderedDict, key: str, missing: ApiError) -> None:
+        if table.pop(key, None) is None:
+            raise missing
 
     def _missing(self, rid: str, param: str | None = None) -> ApiError:
         return ApiError(404, f"no response with id {rid!r} is stored (responses are kept {self.where}, the last "
                         f"{self.size:,}, with store: true)", param, kind="not_found_error")  # fmt: skip
 
+    def _no_conversation(self, cid: str, param: str | None = None) -> ApiError:
+        return ApiError(404, f"no conversation with id {cid!r} (conversations are kept {self.where}, the last "
+                        f"{self.size:,} used)", param, kind="not_found_error")  # fmt: skip
+
 
 SCHEMA = 1  # the file's PRAGMA user_version: the layout below
+TABLES = ("responses", "conversations")
 
 
 class FileStore(Store):
@@ -133,15 +135,14 @@ class FileStore(Store):
                              "conversation TEXT NOT NULL, items TEXT NOT NULL)")  # fmt: skip
             self._db.execute("CREATE INDEX IF NOT EXISTS conversations_used ON conversations (used)")
             self._db.execute(f"PRAGMA user_version = {SCHEMA}")
-            self._used = self._db.execute("SELECT MAX(COALESCE((SELECT MAX(used) FROM responses), 0), "
-                                          "COALESCE((SELECT MAX(used) FROM conversations), 0))").fetchone()[0]  # fmt: skip
-            self._count = self._db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
-            self._conversation_count = self._db.execute("SELECT COUNT(*) FROM conversations").fetchone()[0]
+            # (uses count on from the last of either table's)
+            self._used = max(self._db.execute(f"SELECT COALESCE(MAX(used), 0) FROM {t}").fetchone()[0] for t in TABLES)
+            self._counts = {t: self._db.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in TABLES}
         except sqlite3.Error as e:
             raise NeolmError(f"cannot keep responses in {self.path}: {e} (it must be a SQLite file neolm made, in a "
                              "folder that exists and can be written)") from None  # fmt: skip
         self._fail_unfinished()
-        log.info("responses stored in %s: %d kept (at most %d)", self.path, self._count, self.size)
+        log.info("responses stored in %s: %d kept (at most %d)", self.path, self._counts["responses"], self.size)
 
     def _fail_unfinished(self) -> None:
         """Background responses the last server left "queued" or "in_progress": stored "failed"."""
@@ -157,75 +158,66 @@ class FileStore(Store):
                         len(rows), "s" * (len(rows) > 1), self.path, "were" if len(rows) > 1 else "was")  # fmt: skip
 
     def put(self, response: dict, messages: list[dict], inputs: list[dict]) -> None:
-        rid = response["id"]
         row = (response["status"], json.dumps(response), json.dumps(messages), json.dumps(inputs))
         with self._lock:
-            self._used += 1
-            known = self._db.execute("SELECT 1 FROM responses WHERE id = ?", (rid,)).fetchone() is not None
-            self._db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?, ?, ?)", (rid, self._used, *row))
-            self._count += not known
-            if self._count > self.size:  # the least recently used go
-                self._db.execute("DELETE FROM responses WHERE id IN (SELECT id FROM responses ORDER BY used LIMIT ?)",
-                                 (self._count - self.size,))  # fmt: skip
-                self._count = self.size
+            self._insert("responses", response["id"], row)
 
     def get(self, rid: str, param: str | None = None) -> Entry:
         with self._lock:
-            row = self._db.execute("SELECT response, messages, inputs FROM responses WHERE id = ?", (rid,)).fetchone()
-            if row is None:
-                raise self._missing(rid, param)
-            self._used += 1
-            self._db.execute("UPDATE responses SET used = ? WHERE id = ?", (self._used, rid))
+            row = self._row("responses", "response, messages, inputs", rid, self._missing(rid, param))
         return tuple(json.loads(text) for text in row)
 
     def delete(self, rid: str) -> dict:
         with self._lock:
-            if self._db.execute("DELETE FROM responses WHERE id = ?", (rid,)).rowcount == 0:
-                raise self._missing(rid)
-            self._count -= 1
+            self._remove("responses", rid, self._missing(rid))
         return {"id": rid, "object": "response.deleted", "deleted": True}
 
     def put_conversation(self, conversation: dict, items: list[dict]) -> None:
         with self._lock:
-            self._put_conversation(conversation, items)
-
-    def _put_conversation(self, conversation: dict, items: list[dict]) -> None:
-        cid = conversation["id"]
-        self._used += 1
-        known = self._db.execute("SELECT 1 FROM conversations WHERE id = ?", (cid,)).fetchone() is not None
-        self._db.execute("INSERT OR REPLACE INTO conversations VALUES (?, ?, ?, ?)",
-                         (cid, self._used, json.dumps(conversation), json.dumps(items)))  # fmt: skip
-        self._conversation_count += not known
-        if self._conversation_count > self.size:  # the least recently used go
-            oldest, extra = "SELECT id FROM conversations ORDER BY used LIMIT ?", self._conversation_count - self.size
-            self._db.execute(f"DELETE FROM conversations WHERE id IN ({oldest})", (extra,))
-            self._conversation_count = self.size
+            self._insert("conversations", conversation["id"], (json.dumps(conversation), json.dumps(items)))
 
     def conversation(self, cid: str, param: str | None = None) -> Conversation:
         with self._lock:
-            return self._conversation(cid, param)
-
-    def _conversation(self, cid: str, param: str | None) -> Conversation:
-        row = self._db.execute("SELECT conversation, items FROM conversations WHERE id = ?", (cid,)).fetchone()
-        if row is None:
-            raise self._no_conversation(cid, param)
-        self._used += 1
-        self._db.execute("UPDATE conversations SET used = ? WHERE id = ?", (self._used, cid))
+            row = self._row("conversations", "conversation, items", cid, self._no_conversation(cid, param))
         return json.loads(row[0]), json.loads(row[1])
 
     def edit_conversation(self, cid: str, edit: Callable[[dict, list[dict]], object], param: str | None = None):
         with self._lock:
-            conversation, items = self._conversation(cid, param)
+            row = self._row("conversations", "conversation, items", cid, self._no_conversation(cid, param))
+            conversation, items = json.loads(row[0]), json.loads(row[1])
             result = edit(conversation, items)
-            self._put_conversation(conversation, items)
+            self._insert("conversations", cid, (json.dumps(conversation), json.dumps(items)))
             return result
 
     def delete_conversation(self, cid: str) -> dict:
         with self._lock:
-            if self._db.execute("DELETE FROM conversations WHERE id = ?", (cid,)).rowcount == 0:
-                raise self._no_conversation(cid)
-            self._conversation_count -= 1
+            self._remove("conversations", cid, self._no_conversation(cid))
         return {"id": cid, "object": "conversation.deleted", "deleted": True}
+
+    # one table (responses or conversations), under the lock: rows carry their last use, the least recently used
+    # dropped beyond size
+    def _insert(self, table: str, key: str, row: tuple) -> None:
+        self._used += 1
+        known = self._db.execute(f"SELECT 1 FROM {table} WHERE id = ?", (key,)).fetchone() is not None
+        self._db.execute(f"INSERT OR REPLACE INTO {table} VALUES (?, ?{', ?' * len(row)})", (key, self._used, *row))
+        self._counts[table] += not known
+        if self._counts[table] > self.size:
+            oldest = f"SELECT id FROM {table} ORDER BY used LIMIT ?"
+            self._db.execute(f"DELETE FROM {table} WHERE id IN ({oldest})", (self._counts[table] - self.size,))
+            self._counts[table] = self.size
+
+    def _row(self, table: str, columns: str, key: str, missing: ApiError) -> tuple:
+        row = self._db.execute(f"SELECT {columns} FROM {table} WHERE id = ?", (key,)).fetchone()
+        if row is None:
+            raise missing
+        self._used += 1
+        self._db.execute(f"UPDATE {table} SET used = ? WHERE id = ?", (self._used, key))
+        return row
+
+    def _remove(self, table: str, key: str, missing: ApiError) -> None:
+        if self._db.execute(f"DELETE FROM {table} WHERE id = ?", (key,)).rowcount == 0:
+            raise missing
+        self._counts[table] -= 1
 
     def close(self) -> None:
         with self._lock:
