@@ -264,9 +264,14 @@ class DecodeBatch:
     """
 
     def __init__(self, model: GPT, decode: Callable[[list[int]], str] | None = None, compact: bool = True,
-                 adapters: AdapterSet | None = None):  # fmt: skip
+                 adapters: AdapterSet | None = None, guesser: Callable | None = None):  # fmt: skip
         self.model, self.decode, self.compact = model, decode, compact
         self.adapters = adapters  # the model's LoRA adapters: each sequence runs with the one it was added with
+        # guesser(gc, picker, max_len) -> a guesser of neolm.speculative (guess, update): steps() runs a round of
+        # assisted generation whenever one sequence decodes alone
+        self.guesser = guesser
+        self._guessing: tuple[int, object, object] | None = None  # (sequence id, its Picker, its guesser)
+        self.guessed = self.kept = self.rounds = 0  # guessed tokens, those kept, and rounds, so far
         self.device = model.ln_f.weight.device
         self.groups: list[_Group] = []
         self.rows: _Rows | None = None
@@ -422,7 +427,8 @@ class DecodeBatch:
         prompted = prompt_tokens(seqs, vocab, self.device) if gc.encoder_repetition_penalty != 1.0 else None
         if gc.presence_penalty or gc.frequency_penalty:
             made = torch.zeros(len(seqs), vocab, dtype=torch.int32, device=self.device)
-        history = gc.stop_strings or gc.stopping_criteria or self.groups[prefill.group].processors.needs.tokens
+        history = (gc.stop_strings or gc.stopping_criteria or self.groups[prefill.group].processors.needs.tokens
+                   or self.guesser is not None)  # fmt: skip
         new = _Rows(
             prefill.ids, [prefill.group] * len(seqs), prefill.k,
             [list(p) for p in seqs] if history else [None] * len(seqs), [len(p) for p in seqs],
@@ -569,21 +575,106 @@ class DecodeBatch:
         """Feed the last step's tokens: the cache advances a slot and every row gets its next logits."""
         if self._fed is None:
             return
-        token, self._fed = self._fed, None
+        token = self._take_fed()
         r = self.rows
-        if r.seen is not None:
-            r.seen[torch.arange(len(token), device=self.device), token] = True
-        if r.made is not None:
-            r.made[torch.arange(len(token), device=self.device), token] += 1
-        dead = r.done.count(True) if self.compact else 0
-        if dead and dead >= len(r.done) - dead:  # as many finished rows as live ones: drop them
-            token = token[self._rebuild()]
-            r = self.rows
         r.positions = r.positions + 1
         with _adapted(self.adapters, r.adapter):
             r.logits = self.model(token[:, None], r.positions, self.cache)[:, -1].float()
         if self.guidance is not None:
             self.guidance.feed(token)
+
+    def _take_fed(self) -> torch.Tensor:
+        """The last step's tokens (N,), now counted in the tables of tokens seen and made; finished rows are
+        dropped first when they are as many as the live ones (`compact`)."""
+        token, self._fed = self._fed, None
+        self._count(token)
+        r = self.rows
+        dead = r.done.count(True) if self.compact else 0
+        if dead and dead >= len(r.done) - dead:  # as many finished rows as live ones: drop them
+            token = token[self._rebuild()]
+        return token
+
+    def _count(self, token: torch.Tensor) -> None:
+        """Each row's token (N,) joins the tokens it holds (repetition_penalty) and has made (presence/frequency)."""
+        r = self.rows
+        if r.seen is not None:
+            r.seen[torch.arange(len(token), device=self.device), token] = True
+        if r.made is not None:
+            r.made[torch.arange(len(token), device=self.device), token] += 1
+
+    def steps(self) -> list[Step]:
+        """[step()], or, when one sequence decodes alone and the batch has a guesser, a round of assisted generation
+        (neolm.speculative): its guesses and its newest token read in one forward, and 1 to guesses + 1 tokens kept,
+        a Step each. Greedy, they are its greedy tokens (a forward of several positions rounds otherwise than
+        one-token steps, so a near-tie may go the other way); sampled, draws from its distribution. Seeded
+        sampling (which must repeat what plain decoding draws) and classifier-free guidance always step."""
+        r = self.rows
+        if self.guesser is None or self._fed is None or self.guidance is not None or self.live != 1:
+            return [self.step()]
+        row = r.done.index(False)  # (with `compact`, the finished rows leave as the round begins)
+        group, room = self.groups[r.group[row]], r.budgets[row] - r.counts[row]  # room: tokens it may still make
+        if (len(r.ids) > 1 and not self.compact) or room < 2 or (group.gc.do_sample and group.gc.seed is not None):
+            return [self.step()]
+        if self._guessing is None or self._guessing[0] != r.ids[row]:
+            from neolm.speculative import Picker  # (it builds on this module)
+
+            picker = Picker(group.gc, group.processors, r.lengths[row], r.budgets[row], self.model.config.vocab_size,
+                            self.device, self.generator, r.prompt[row])  # fmt: skip
+            self._guessing = (r.ids[row], picker, self.guesser(group.gc, picker, r.lengths[row] + r.budgets[row]))
+        guesses, q = self._guessing[2].guess(r.histories[row], min(room, self.cache.max_len - self.cache.length) - 1)
+        if not guesses:  # (a plain step costs less than a round of one position)
+            return [self.step()]
+        return self._guess_round(group, guesses, q)
+
+    @torch.inference_mode()
+    def _guess_round(self, group: _Group, guesses: list[int], q: torch.Tensor | None) -> list[Step]:
+        """The round of the live row's guesses (q: the draft's probabilities of them, when sampled)."""
+        token = self._take_fed()
+        r, gc = self.rows, group.gc  # (one row)
+        history = r.histories[0]
+        _, picker, guesser = self._guessing
+        start = self.cache.length
+        x = torch.cat((token, torch.tensor(guesses, dtype=torch.long, device=self.device)))[None]  # (1, 1 + c)
+        positions = r.positions + torch.arange(1, x.shape[1] + 1, device=self.device)
+        with _adapted(self.adapters, r.adapter):
+            logits = self.model(x, positions, self.cache)[0].float()  # (1 + c, V)
+        raw = torch.log_softmax(logits, dim=-1) if r.k[0] is not None else None  # before processing touches them
+        kept_logits = logits.clone() if self.keep_logits else None
+        scores = picker.scores(logits, history, guesses)
+        new = picker.keep(scores, guesses, q)
+        guesser.update(len(new) - 1, len(guesses))
+        self.rounds, self.guessed, self.kept = self.rounds + 1, self.guessed + len(guesses), self.kept + len(new) - 1
+        steps, criteria, now = [], gc.stopping_criteria, time.monotonic()
+        for j, chosen in enumerate(new):
+            r.counts[0] += 1
+            history.append(chosen)
+            if (
+                chosen in group.eos_ids
+                or (group.stops is not None and group.stops.hit(history))
+                or (criteria and criteria_met(criteria, history, scores[j]))
+            ):
+                end = "stop"
+            else:
+                end = "length" if r.counts[0] >= r.budgets[0] or now > r.deadlines[0] else None
+            logprobs = None
+            if raw is not None:
+                top = torch.topk(raw[j], r.k[0]) if r.k[0] else None
+                logprobs = TokenLogprobs([float(raw[j, chosen])], [top.indices.tolist() if top else []],
+                                         [top.values.tolist() if top else []])  # fmt: skip
+            steps.append(Step(r.ids, [chosen], [end], logprobs, None if kept_logits is None else kept_logits[j : j + 1],
+                              scores[j : j + 1] if self.keep_scores else None))  # fmt: skip
+            if end is not None:
+                break
+        made = len(steps)  # the fed token and the kept guesses before the last token made are in the cache
+        self.cache.length = start + made
+        r.positions = r.positions + made
+        for kept in new[: made - 1]:  # (the last is counted when it is fed)
+            self._count(torch.tensor([kept], device=self.device))
+        r.done[0] = steps[-1].ends[0] is not None
+        r.logits = None
+        if not r.done[0]:
+            self._fed = torch.tensor([new[made - 1]], device=self.device)
+        return steps
 
 
 def iter_generate(

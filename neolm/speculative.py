@@ -118,23 +118,29 @@ class Picker:
 
 
 class PromptLookup:
-    """Guesses from the sequence itself: what followed the first earlier occurrence of its last n-gram. The
+    """Guesses from the sequence itself: what followed the first earlier occurrence of its last n-gram (the
+    longest that occurred, of `smallest` to max_matching_ngram_size tokens; vLLM's prompt_lookup_min / _max). The
     n-grams seen are indexed as the sequence grows, so a guess costs the same at any length."""
 
-    def __init__(self, gc: GenerationConfig):
-        self.n, self.ngram = gc.prompt_lookup_num_tokens, gc.max_matching_ngram_size or DEFAULT_NGRAM
+    def __init__(self, n: int, ngram: int = DEFAULT_NGRAM, smallest: int = 1):
+        self.n, self.ngram, self.smallest = n, ngram, smallest  # guesses at most; n-gram sizes
         self.first: dict[tuple[int, ...], int] = {}  # n-gram (of 1 to self.ngram tokens) -> where it first starts
         self.indexed = [0] * (self.ngram + 1)  # by size: the n-grams starting before this are in `first`
+
+    @classmethod
+    def of(cls, gc: GenerationConfig) -> PromptLookup:
+        """transformers' prompt_lookup_num_tokens and max_matching_ngram_size."""
+        return cls(gc.prompt_lookup_num_tokens, gc.max_matching_ngram_size or DEFAULT_NGRAM)
 
     def guess(self, seq: list[int], limit: int) -> tuple[list[int], None]:
         limit = min(limit, self.n)
         if limit <= 0:
             return [], None
-        for size in range(1, self.ngram + 1):  # every n-gram followed by a token (not the tail itself)
+        for size in range(self.smallest, self.ngram + 1):  # every n-gram followed by a token (not the tail itself)
             for start in range(self.indexed[size], len(seq) - size):
                 self.first.setdefault(tuple(seq[start : start + size]), start)
             self.indexed[size] = max(self.indexed[size], len(seq) - size)
-        for size in range(min(self.ngram, len(seq) - 1), 0, -1):
+        for size in range(min(self.ngram, len(seq) - 1), self.smallest - 1, -1):
             start = self.first.get(tuple(seq[-size:]))
             if start is not None:
                 return seq[start + size : start + size + limit], None
@@ -295,7 +301,7 @@ def _tokens(model: GPT, prompt: list[int], gc: GenerationConfig, decode, assista
     elif assistant is not None:
         guesser = Assistant(assistant, gc, picker, len(prompt) + budget)
     else:
-        guesser = PromptLookup(gc)
+        guesser = PromptLookup.of(gc)
     cache = KVCache(config, 1, len(prompt) + budget, model.cache_dtype, device)
     if len(prompt) > 1:  # all but the last token, which each round feeds with its guesses
         prefill(model, torch.tensor([prompt[:-1]], device=device), cache, chunk=gc.prefill_chunk_size, last_only=True,

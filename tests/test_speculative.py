@@ -68,7 +68,7 @@ def test_prompt_lookup_gives_greedy_tokens_in_fewer_forwards(models, name):
 
 def lookup_rounds(prompt: list[int], out: list[int], budget: int, k: int, ngram: int) -> int:
     """How many forwards prompt lookup takes to make `out`: a round keeps the guesses that equal it, then one more."""
-    lookup = PromptLookup(GenerationConfig(prompt_lookup_num_tokens=k, max_matching_ngram_size=ngram))
+    lookup = PromptLookup.of(GenerationConfig(prompt_lookup_num_tokens=k, max_matching_ngram_size=ngram))
     seq, done, rounds = list(prompt), 0, 0
     while done < len(out):
         guesses, _ = lookup.guess(seq, budget - done - 1)
@@ -163,7 +163,7 @@ def test_the_kept_tokens_follow_the_models_distribution(assistant, weight):
 
 def test_prompt_lookup_guesses():
     def guess(seq: list[int], limit: int, **knobs) -> list[int]:
-        lookup = PromptLookup(GenerationConfig(prompt_lookup_num_tokens=3, **knobs))
+        lookup = PromptLookup.of(GenerationConfig(prompt_lookup_num_tokens=3, **knobs))
         return lookup.guess(seq, limit)[0]
 
     assert guess([1, 2, 3, 4, 5, 1, 2], 10) == [3, 4, 5]  # the last 2 tokens' first occurrence
@@ -172,7 +172,7 @@ def test_prompt_lookup_guesses():
     assert guess([9, 2, 3, 4, 5, 1, 2], 10, max_matching_ngram_size=1) == [3, 4, 5]
     assert guess([1, 2, 3], 10) == []  # nothing repeats: no guess (a plain step)
     assert guess([7, 8, 7, 8], 10) == [7, 8]  # up to the end of the sequence
-    lookup = PromptLookup(GenerationConfig(prompt_lookup_num_tokens=3, max_matching_ngram_size=3))
+    lookup = PromptLookup.of(GenerationConfig(prompt_lookup_num_tokens=3, max_matching_ngram_size=3))
     seq = [5, 6, 7, 8]
     assert lookup.guess(seq, 10) == ([], None)
     for token, expected in [(5, [6, 7, 8]), (6, [7, 8, 5]), (9, []), (5, [6, 7, 8]), (6, [7, 8, 5]), (9, [5, 6, 9])]:

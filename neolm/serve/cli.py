@@ -13,6 +13,7 @@ from neolm.cli import _add_model_args, load_model, non_negative, non_negative_fl
 from neolm.embedding import POOLINGS
 from neolm.errors import NeolmError
 from neolm.serve.engine import DEFAULT_PREFILL_CHUNK, MIN_PREFILL_CHUNK
+from neolm.serve.speculation import DEFAULT_LOOKUP_MAX, Speculation, guesser
 from neolm.serve.store import MAX_STORED, MAX_STORED_IN_FILE, FileStore, Store
 from neolm.tool_calls import FORMATS, FORMATS_HELP
 
@@ -91,6 +92,7 @@ def register(sub) -> dict:
                      f"long prompt delays the running sequences' next tokens by one chunk's forward, not its whole "
                      f"(default {DEFAULT_PREFILL_CHUNK}; at least {MIN_PREFILL_CHUNK}; 0: whole prompts). Chunks give "
                      "the same tokens as one forward")  # fmt: skip
+    _add_speculative_config(net)
     net.add_argument("--prefix-cache", type=non_negative, default=0, metavar="MB",
                      help="keep the keys and values of finished sequences, up to MB megabytes, so that a prompt "
                      "that begins with one (a chat's next turn resends the conversation; a system prompt or few-shot "
@@ -124,7 +126,21 @@ def register(sub) -> dict:
     run.add_argument("--prefill-chunk", type=non_negative, default=DEFAULT_PREFILL_CHUNK, metavar="TOKENS",
                      help=f"prompt tokens read a step while sequences decode (default {DEFAULT_PREFILL_CHUNK}; as "
                      "neolm serve)")  # fmt: skip
+    _add_speculative_config(run)
     return {"serve": cmd_serve, "batch": cmd_batch}
+
+
+def _add_speculative_config(group) -> None:
+    group.add_argument("--speculative-config", metavar="JSON",
+                       help="speculative decoding, as vLLM's: '{\"method\": \"ngram\", \"num_speculative_tokens\": 5, "
+                       "\"prompt_lookup_max\": 4}' guesses from n-grams of the prompt and text so far (prompt_lookup_min "
+                       f"default 1, _max {DEFAULT_LOOKUP_MAX}); '{{\"model\": \"EleutherAI/pythia-70m\", "
+                       "\"num_speculative_tokens\": 4}' from a smaller draft model (loaded with MODEL's --dtype and "
+                       "--quantize; another tokenizer guesses through text). The model checks a round's guesses in one "
+                       "forward, so each kept guess saves a step. Rounds run while one sequence decodes (then reading "
+                       "the weights bounds each step); batches of several step as without. Greedy requests keep their "
+                       "tokens (a near-tie can round the other way), sampled ones their distribution; seeded ones "
+                       "never speculate. /metrics counts guesses and those kept")  # fmt: skip
 
 
 def _add_lora_modules(group, who: str) -> None:
@@ -162,7 +178,8 @@ def lora_module(text: str) -> tuple[str, str]:
 
 
 def _load(args):
-    """The model, its adapters (--lora-modules) loaded, and its name in the API."""
+    """The model, its adapters (--lora-modules) loaded, its name in the API, and --speculative-config (read, and as
+    the engine's guesser)."""
     from neolm.api import DEFAULT_MODEL_NAME
 
     name = args.served_model_name or args.model or DEFAULT_MODEL_NAME
@@ -171,13 +188,24 @@ def _load(args):
     if clash:
         raise NeolmError(f"--lora-modules: each adapter needs a name of its own, not the model's ({name!r}) or "
                          f"another adapter's: {', '.join(clash)}")  # fmt: skip
+    spec = Speculation.parse(args.speculative_config) if args.speculative_config else None  # (before the slow load)
     lm = load_model(args)
+    guess = None
+    if spec is not None:
+        draft = load_model(args, spec.model) if spec.model else None
+        guess = guesser(spec, lm, draft)
     if args.tool_call_parser:
         lm.chat_format.tool_calls = FORMATS[args.tool_call_parser]
     for adapter, path in args.lora_modules:
         lm.load_adapter(path, adapter)
     lm.disable_adapters()  # a request names its adapter; the base model's run without
-    return lm, name
+    return lm, name, spec, guess
+
+
+def _tell_speculation(command: str, spec: Speculation | None) -> None:
+    if spec is not None:
+        print(f"neolm {command}: speculative decoding while one sequence decodes: {spec.describe()}", file=sys.stderr,
+              flush=True)  # fmt: skip
 
 
 def _store(args) -> Store:
@@ -191,9 +219,10 @@ def cmd_serve(args) -> int:
     from neolm.serve.http import Server
 
     store = _store(args)  # (a file that cannot be used: refused before the slow load)
-    lm, name = _load(args)
+    lm, name, spec, guess = _load(args)
     server = Server(lm, args.host, args.port, name, args.api_key, args.max_batch, args.prefill_chunk, args.prefix_cache,
-                    args.allow_runtime_lora_updating, args.allowed_origins, args.embedding_pooling, store)  # fmt: skip
+                    args.allow_runtime_lora_updating, args.allowed_origins, args.embedding_pooling, store,
+                    guess)  # fmt: skip
     host, port = server.server_address[:2]
 
     def on_sigterm(signum, frame) -> None:  # a graceful stop (docker stop, systemd, Kubernetes); again: at once
@@ -207,6 +236,7 @@ def cmd_serve(args) -> int:
     signal.signal(signal.SIGTERM, on_sigterm)
     print(f"neolm serve: {server.model_name} on http://{host}:{port}/v1 (Ctrl-C stops; SIGTERM finishes the requests "
           "taken, then stops)", file=sys.stderr, flush=True)  # fmt: skip
+    _tell_speculation("serve", spec)
     try:
         server.run()
     except KeyboardInterrupt:
@@ -237,8 +267,9 @@ def cmd_batch(args) -> int:
               file=sys.stderr)  # fmt: skip
     if not todo:
         return 0
-    lm, name = _load(args)
-    engine = Engine(lm, args.max_batch, args.prefill_chunk)
+    lm, name, spec, guess = _load(args)
+    engine = Engine(lm, args.max_batch, args.prefill_chunk, guesser=guess)
+    _tell_speculation("batch", spec)
     with tqdm(total=len(todo), unit="req", desc="batch", disable=not sys.stderr.isatty()) as bar:
         summary = run(lm, todo, args.output, name, engine, lambda record: bar.update())
     rate = summary.completion_tokens / summary.seconds if summary.seconds else 0.0

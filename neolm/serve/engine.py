@@ -140,7 +140,8 @@ class Engine:
     spinning, so every parallel region pays a wake-up. Decoding in a second thread after loading in the first
     ran the bundled model ~3x slower here (2 cores); run() in the loading thread keeps one team."""
 
-    def __init__(self, lm, max_batch: int = 8, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, prefix_cache_mb: int = 0):
+    def __init__(self, lm, max_batch: int = 8, prefill_chunk: int = DEFAULT_PREFILL_CHUNK, prefix_cache_mb: int = 0,
+                 guesser: Callable | None = None):  # fmt: skip
         if max_batch < 1:
             raise NeolmError(f"max_batch must be at least 1, got {max_batch}")
         if prefill_chunk and prefill_chunk < MIN_PREFILL_CHUNK:
@@ -149,6 +150,7 @@ class Engine:
         if prefix_cache_mb < 0:
             raise NeolmError(f"prefix_cache_mb must be >= 0 (0: off), got {prefix_cache_mb}")
         self.lm, self.max_batch, self.prefill_chunk = lm, max_batch, prefill_chunk
+        self.guesser = guesser  # speculative decoding while one sequence decodes (neolm.serve.speculation)
         self.prefixes = PrefixCache(prefix_cache_mb * 2**20) if prefix_cache_mb else None
         self._waiting: deque[Job] = deque()
         self._tasks: deque[tuple[Callable, Future]] = deque()  # call()'s, run between two steps
@@ -158,7 +160,7 @@ class Engine:
         self.stopped = 0  # requests ended by stop() (or close() without drain) before their answers were whole
         self.batches = 0  # prompt forwards (for /health)
         self.largest_batch = 0  # the most requests decoded together
-        self.metrics = Metrics()  # for GET /metrics
+        self.metrics = Metrics(speculating=guesser is not None)  # for GET /metrics
         self._thread: threading.Thread | None = None
 
     @property
@@ -319,7 +321,8 @@ class Engine:
                 continue
             try:
                 if not busy:
-                    batch = DecodeBatch(self.lm.model, self.lm.tokenizer.decode, adapters=self.lm.adapter_set)
+                    batch = DecodeBatch(self.lm.model, self.lm.tokenizer.decode, adapters=self.lm.adapter_set,
+                                        guesser=self.guesser)  # fmt: skip
                     owners, running = {}, []
                     reading = deque()
                     start, generated = time.perf_counter(), self.generated
@@ -487,8 +490,25 @@ class Engine:
         self.largest_batch = max(self.largest_batch, len(running))
 
     def _step(self, batch: DecodeBatch, owners: dict, running: list[Job]) -> None:
-        """One token for every sequence of the batch, sent to its job."""
-        step = batch.step()
+        """One token for every sequence of the batch (or a speculative round's tokens), sent to its job."""
+        before = batch.rounds, batch.guessed, batch.kept
+        steps = batch.steps()
+        self.metrics.speculated(batch.rounds - before[0], batch.guessed - before[1], batch.kept - before[2])
+        for step in steps:
+            self._send(batch, step, owners, running)
+        for job in [job for job in running if job.cancelled.is_set()]:  # its client went away
+            gone = [i for i, (owner, _) in owners.items() if owner is job]
+            batch.cancel(gone)
+            for i in gone:
+                del owners[i]
+            running.remove(job)
+            job._events.put(None)
+            self.metrics.finished["abort"] += len(gone)
+            self._note_running(running)
+            log.info("a request went away: its sequences stopped")
+
+    def _send(self, batch: DecodeBatch, step, owners: dict, running: list[Job]) -> None:
+        """A step's tokens, each to its job."""
         now = time.perf_counter()
         for row, (sequence, token, end) in enumerate(zip(step.ids, step.tokens, step.ends)):
             if token is None:
@@ -510,16 +530,6 @@ class Engine:
                 if self.prefixes is not None and job.gc.num_return_sequences == 1:  # keep its keys and values
                     self.prefixes.put(batch.row_cache(sequence), job.prompts[s] + job._tokens[s], job.adapter)
                 self._end(job, End(s, end, job._counts[s]), running)
-        for job in [job for job in running if job.cancelled.is_set()]:  # its client went away
-            gone = [i for i, (owner, _) in owners.items() if owner is job]
-            batch.cancel(gone)
-            for i in gone:
-                del owners[i]
-            running.remove(job)
-            job._events.put(None)
-            self.metrics.finished["abort"] += len(gone)
-            self._note_running(running)
-            log.info("a request went away: its sequences stopped")
 
     def _end(self, job: Job, event: End, running: list[Job]) -> None:
         job._events.put(event)

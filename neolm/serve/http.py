@@ -61,7 +61,7 @@ class Server(ThreadingHTTPServer):
                  api_key: str | None = None, max_batch: int = 8, prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
                  prefix_cache_mb: int = 0, runtime_lora: bool = False,
                  allowed_origins: tuple[str, ...] = ("*",), embedding_pooling: str = "last",
-                 store: Store | None = None):  # fmt: skip
+                 store: Store | None = None, guesser=None):  # fmt: skip
         self.lm = lm
         self.allowed_origins = tuple(allowed_origins)  # CORS: the web pages that may call the API ("*": any)
         self.embedding_pooling = embedding_pooling  # /v1/embeddings: neolm.embedding's "last" or "mean"
@@ -71,7 +71,7 @@ class Server(ThreadingHTTPServer):
         self.started = int(time.time())
         self.stored = store or Store()  # /v1/responses kept for previous_response_id and GET (closed with the server)
         self.background = Background(self.stored)  # background /v1/responses being generated
-        self.engine = Engine(lm, max_batch, prefill_chunk, prefix_cache_mb)
+        self.engine = Engine(lm, max_batch, prefill_chunk, prefix_cache_mb, guesser)  # (speculation's guesser)
         self.draining = False  # drain(): no new requests; those taken are answered
         self._answering = 0  # requests being answered now (not idle keep-alive connections)
         self._answered = threading.Condition()

@@ -36,7 +36,9 @@ class Histogram:
 
 
 class Metrics:
-    def __init__(self):
+    def __init__(self, speculating: bool = False):
+        self.speculating = speculating  # speculative decoding's counters are served (neolm.serve.speculation)
+        self.spec_drafts = self.spec_draft_tokens = self.spec_accepted = 0  # its rounds, guesses, guesses kept
         self.running = 0  # requests decoding
         self.running_adapters: set[int] = set()  # the LoRA adapters they use (neolm.multilora's indices)
         self.prompt_tokens = 0
@@ -46,6 +48,11 @@ class Metrics:
         self.finished = dict.fromkeys(REASONS, 0)  # sequences, by why they ended ("abort": the client went away)
         self.ttft = Histogram(TTFT_BUCKETS)  # request submitted -> its first token
         self.latency = Histogram(LATENCY_BUCKETS)  # request submitted -> its last sequence ended
+
+    def speculated(self, rounds: int, guessed: int, kept: int) -> None:
+        self.spec_drafts += rounds
+        self.spec_draft_tokens += guessed
+        self.spec_accepted += kept
 
     def render(self, model_name: str, waiting: int, lora: tuple[list[str], list[str], int] | None = None) -> str:
         """The text a Prometheus scrape gets; lora: the adapters running and waiting requests use, and how many
@@ -106,6 +113,14 @@ class Metrics:
         )
         metric("e2e_request_latency_seconds", "histogram", "From a request's arrival to its end.",
                self.latency.lines("neolm:e2e_request_latency_seconds", labels))  # fmt: skip
+        if self.speculating:
+            for name, about, value in (
+                ("spec_decode_num_drafts_total", "Speculative rounds (guesses checked in one forward).",
+                 self.spec_drafts),
+                ("spec_decode_num_draft_tokens_total", "Tokens guessed.", self.spec_draft_tokens),
+                ("spec_decode_num_accepted_tokens_total", "Guessed tokens the model kept.", self.spec_accepted),
+            ):  # fmt: skip
+                metric(name, "counter", about, [f"neolm:{name}{{{labels}}} {value}"])
         if lora is not None:  # as vLLM: the labels carry the names, the value is when they were read
             running, waiting_on, held = lora
             info = (f'max_lora="{held}",running_lora_adapters="{_escape(",".join(running))}",'
