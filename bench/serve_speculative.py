@@ -7,8 +7,7 @@
 
 Each row starts `neolm serve` (a fresh process) with one --config (LABEL=JSON; the row "off" has none), then:
 - alone: --requests streamed greedy completions one after another (distinct prompts of --prompt-tokens common
-  words, --max-tokens each, eos ignored through min_tokens): tokens per second over them, and the median gap
-  between a stream's tokens (a round's tokens come together, so the gaps are uneven: the median is the rounds');
+  words, --max-tokens each, eos ignored through min_tokens): tokens per second over them;
 - together: the same requests from --clients clients at once, where speculation stands aside: tokens per second;
 - the guesses made and kept (/metrics), and whether each reply's text equals the "off" row's.
 --rounds repeats every row, alternating the order. Not a test.
@@ -17,7 +16,6 @@ Each row starts `neolm serve` (a fresh process) with one --config (LABEL=JSON; t
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import platform
 import statistics
@@ -29,17 +27,16 @@ from report import publish
 from serve_load import complete, prompts, run_clients, start, stop, stream_events
 
 
-def streamed(base: str, prompt: str, max_tokens: int) -> tuple[str, int, list[float]]:
-    """One greedy streamed completion: its text, its tokens, and the gaps between its text's pieces (s)."""
+def streamed(base: str, prompt: str, max_tokens: int) -> tuple[str, int]:
+    """One greedy streamed completion: its text and its tokens."""
     body = {"prompt": prompt, "max_tokens": max_tokens, "min_tokens": max_tokens, "temperature": 0}
-    text, tokens, times = "", 0, []
+    text, tokens = "", 0
     for event in stream_events(f"{base}/completions", body):
         if event.get("usage"):
             tokens = event["usage"]["completion_tokens"]
-        elif event["choices"] and event["choices"][0]["text"]:
+        elif event["choices"]:
             text += event["choices"][0]["text"]
-            times.append(time.perf_counter())
-    return text, tokens, [b - a for a, b in itertools.pairwise(times)]
+    return text, tokens
 
 
 def counters(base: str) -> dict[str, float]:
@@ -55,27 +52,26 @@ def run(args, label: str, config: str | None) -> dict:
     try:
         complete(base, "Warm-up", 8)
         texts = prompts(args)[0]
-        began, tokens, gaps, replies = time.perf_counter(), 0, [], []
+        began, tokens, replies = time.perf_counter(), 0, []
         for prompt in texts:
-            text, n, between = streamed(base, prompt, args.max_tokens)
+            text, n = streamed(base, prompt, args.max_tokens)
             replies.append(text)
             tokens += n
-            gaps.extend(between)
         alone = tokens / (time.perf_counter() - began)
         spec = counters(base)
-        made = [0]
+        made: list[int] = []  # (appended to by the clients' threads)
 
         def client(c: int) -> None:
             for prompt in texts:
-                made[0] += complete(base, f"{prompt} ({c})", args.max_tokens)[1]
+                made.append(complete(base, f"{prompt} ({c})", args.max_tokens)[1])
 
         together = None
         if args.clients > 1:
             wall = run_clients(args.clients, client)
-            together = made[0] / wall
+            together = sum(made) / wall
     finally:
         stop(server)
-    return {"label": label, "alone_tok_s": alone, "itl_ms": 1e3 * statistics.median(gaps), "together_tok_s": together,
+    return {"label": label, "alone_tok_s": alone, "together_tok_s": together,
             "drafts": spec.get("spec_decode_num_drafts_total", 0), "guessed": spec.get("spec_decode_num_draft_tokens_total", 0),
             "kept": spec.get("spec_decode_num_accepted_tokens_total", 0), "replies": replies}  # fmt: skip
 
@@ -101,7 +97,7 @@ def main() -> None:
     runs = []
     for round_ in range(args.rounds):
         for label, config in rows if round_ % 2 == 0 else rows[::-1]:
-            runs.append(run(argparse.Namespace(**vars(args), load=[]), label, config))
+            runs.append(run(argparse.Namespace(**vars(args), load=[]), label, config) | {"round": round_})
             print({k: v for k, v in runs[-1].items() if k != "replies"}, file=sys.stderr)
     reference = next(r["replies"] for r in runs if r["label"] == "off")
     lines = [
@@ -114,34 +110,29 @@ def main() -> None:
         ),
         "",
         (
-            "| --speculative-config | alone tok/s | vs off | median gap between streamed tokens, ms | together tok/s "
-            "| vs off | guesses kept / made (rounds) | replies = off's |"
+            "| --speculative-config | alone tok/s | vs off | together tok/s | vs off | guesses kept / made (rounds) "
+            "| replies = off's |"
         ),
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|",
     ]
-    base = {}
+
+    def versus(mine: list[dict], key: str) -> str:  # the median [min-max] of the per-round ratios to "off"
+        ratios = [r[key] / o[key] for r in mine for o in runs if o["label"] == "off" and o["round"] == r["round"]
+                  and r[key] and o[key]]  # fmt: skip
+        return f"{statistics.median(ratios):.2f}x [{min(ratios):.2f}–{max(ratios):.2f}]" if ratios else ""
+
     for label, config in rows:
         mine = [r for r in runs if r["label"] == label]
 
-        def cell(key: str, mine=mine) -> tuple[str, float | None]:
+        def cell(key: str, mine=mine) -> str:
             values = [r[key] for r in mine if r[key] is not None]
-            if not values:
-                return "", None
-            mid = statistics.median(values)
-            return f"{mid:.2f} [{min(values):.2f}–{max(values):.2f}]", mid
+            return f"{statistics.median(values):.2f} [{min(values):.2f}–{max(values):.2f}]" if values else ""
 
-        alone, a = cell("alone_tok_s")
-        together, t = cell("together_tok_s")
-        base.setdefault("a", a)
-        base.setdefault("t", t)
         last = mine[-1]
         same = sum(x == y for r in mine for x, y in zip(r["replies"], reference))
         lines.append(
-            (
-                f"| {label}{f' `{config}`' if config else ''} | {alone} | {a / base['a']:.2f}x | "
-                f"{statistics.median(r['itl_ms'] for r in mine):.0f} | {together} | "
-            )
-            + (f"{t / base['t']:.2f}x" if t and base["t"] else "")
+            f"| {label}{f' `{config}`' if config else ''} | {cell('alone_tok_s')} | {versus(mine, 'alone_tok_s')} | "
+            f"{cell('together_tok_s')} | {versus(mine, 'together_tok_s')}"
             + " | "
             + (f"{last['kept']:.0f} / {last['guessed']:.0f} ({last['drafts']:.0f})" if config else "")
             + f" | {same}/{len(reference) * len(mine)} |"

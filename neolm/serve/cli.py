@@ -192,7 +192,8 @@ def _load(args):
     lm = load_model(args)
     guess = None
     if spec is not None:
-        draft = load_model(args, spec.model) if spec.model else None
+        # (the draft is loaded as MODEL is, but without MODEL's merged --adapter)
+        draft = load_model(argparse.Namespace(**{**vars(args), "adapter": None}), spec.model) if spec.model else None
         guess = guesser(spec, lm, draft)
     if args.tool_call_parser:
         lm.chat_format.tool_calls = FORMATS[args.tool_call_parser]

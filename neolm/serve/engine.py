@@ -7,7 +7,9 @@ sequence leaves the batch when it ends. A prompt joins once it has been read int
 that arrive together with equal settings share that read): while sequences decode, `prefill_chunk` prompt
 tokens a step between their steps (chunked prefill: a long prompt delays their next tokens by a chunk's
 forward, not its whole), else at once. Then it decodes a token per step with every other sequence, whatever
-their settings; each sequence gets exactly the tokens it would get alone. A seeded request (which
+their settings; each sequence gets exactly the tokens it would get alone. With a guesser (speculative decoding,
+neolm.serve.speculation), a sequence that decodes alone gets a round of guessed tokens checked per forward instead
+(DecodeBatch.steps). A seeded request (which
 must get what it would get alone with that seed) runs in a batch of its own; a beam search request runs alone
 too, as neolm.beam's search, and sends its hypotheses whole at the end. Each job's tokens go to its own
 queue as they are produced; the HTTP threads read them from there. A job may ask for log-probabilities: of
