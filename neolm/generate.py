@@ -602,6 +602,7 @@ class DecodeBatch:
         if r.made is not None:
             r.made[torch.arange(len(token), device=self.device), token] += 1
 
+    @torch.inference_mode()
     def steps(self) -> list[Step]:
         """[step()], or, when one sequence decodes alone and the batch has a guesser, a round of assisted generation
         (neolm.speculative): its guesses and its newest token read in one forward, and 1 to guesses + 1 tokens kept,
@@ -661,7 +662,7 @@ class DecodeBatch:
                 top = torch.topk(raw[j], r.k[0]) if r.k[0] else None
                 logprobs = TokenLogprobs([float(raw[j, chosen])], [top.indices.tolist() if top else []],
                                          [top.values.tolist() if top else []])  # fmt: skip
-            steps.append(Step(r.ids, [chosen], [end], logprobs, None if kept_logits is None else kept_logits[j : j + 1],
+            steps.append(Step(list(r.ids), [chosen], [end], logprobs, None if kept_logits is None else kept_logits[j : j + 1],
                               scores[j : j + 1] if self.keep_scores else None))  # fmt: skip
             if end is not None:
                 break
