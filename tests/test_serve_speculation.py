@@ -57,7 +57,9 @@ def test_ngram_rounds_give_the_plain_greedy_tokens(models, name):
     for knobs in cases:
         plain, _, plain_ends, _ = run(lm, [LOOP], max_new_tokens=40, do_sample=False, **knobs)
         with count_forwards(lm.model) as calls:
-            ours, _, ends, metrics = run(lm, [LOOP], guesser(NGRAM, lm), max_new_tokens=40, do_sample=False, **knobs)
+            ours, _, ends, metrics = run(
+                lm, [LOOP], guesser(NGRAM, lm, paced=False), max_new_tokens=40, do_sample=False, **knobs
+            )
         assert ours == plain and ends == plain_ends, knobs
         ref = lm.generate_ids([LOOP], max_new_tokens=40, do_sample=False, prompt_lookup_num_tokens=5,
                               max_matching_ngram_size=3, **knobs)[0]  # fmt: skip
@@ -78,7 +80,7 @@ def test_a_round_ends_where_plain_decoding_ends(models):
     """A draft model that is the model itself: every guess kept, so rounds make 6 tokens; a stop string, an eos
     token or the token budget that falls inside a round ends the sequence there, with the same reason."""
     lm = models["neox-parallel-pct25"]
-    draft = guesser(Speculation("draft_model", 5, "self"), lm, lm)
+    draft = guesser(Speculation("draft_model", 5, "self"), lm, lm, paced=False)
     free, _, _, _ = run(lm, [LOOP], max_new_tokens=30, do_sample=False)
     free = free[0]
     stop = lm.tokenizer.decode(free[:10])[-3:]  # text that ends inside token 10 (or before)
@@ -97,7 +99,7 @@ def test_a_round_ends_where_plain_decoding_ends(models):
 def test_log_probabilities_are_those_of_plain_steps(models):
     lm = models["neo"]
     plain, plain_scores, _, _ = run(lm, [LOOP], logprobs=3, max_new_tokens=24, do_sample=False)
-    ours, scores, _, metrics = run(lm, [LOOP], guesser(Speculation("draft_model", 4, "self"), lm, lm), logprobs=3,
+    ours, scores, _, metrics = run(lm, [LOOP], guesser(Speculation("draft_model", 4, "self"), lm, lm, paced=False), logprobs=3,
                                    max_new_tokens=24, do_sample=False)  # fmt: skip
     assert ours == plain and metrics.spec_accepted > 0
     for (p, top), (q, top_q) in zip(plain_scores[0], scores[0]):
@@ -112,7 +114,7 @@ def test_a_draft_model_of_another_tokenizer_guesses_through_text(models):
     assert not lm.tokenizer.same_vocabulary(draft.tokenizer)
     prompt = [lm.tokenizer.encode("KING. Long live the king! KING. Long live the king! KING.")]
     plain, _, _, _ = run(lm, prompt, max_new_tokens=24, do_sample=False)
-    ours, _, _, metrics = run(lm, prompt, guesser(Speculation("draft_model", 4, "neo"), lm, draft), max_new_tokens=24,
+    ours, _, _, metrics = run(lm, prompt, guesser(Speculation("draft_model", 4, "neo"), lm, draft, paced=False), max_new_tokens=24,
                               do_sample=False)  # fmt: skip
     assert ours == plain and metrics.spec_drafts > 0
 
@@ -126,7 +128,9 @@ def test_rounds_stop_while_others_decode_and_resume_when_alone(models):
     alone_a, alone_b = (
         lm.generate_ids([p], max_new_tokens=n, do_sample=False)[0] for p, n in ((LOOP, 60), (other, 12))
     )
-    batch = DecodeBatch(lm.model, lm.tokenizer.decode, guesser=guesser(Speculation("draft_model", 3, "self"), lm, lm))
+    batch = DecodeBatch(
+        lm.model, lm.tokenizer.decode, guesser=guesser(Speculation("draft_model", 3, "self"), lm, lm, paced=False)
+    )
     (a,) = batch.add([LOOP], gc_a)
     got, sizes = {}, []
 
@@ -154,7 +158,7 @@ def test_rounds_stop_while_others_decode_and_resume_when_alone(models):
 
 def test_sampling_speculates_and_seeded_sampling_does_not(models):
     lm = models["neox-parallel-pct25"]
-    draft = guesser(Speculation("draft_model", 4, "self"), lm, lm)
+    draft = guesser(Speculation("draft_model", 4, "self"), lm, lm, paced=False)
     ours, _, ends, metrics = run(lm, [LOOP], draft, max_new_tokens=30, do_sample=True, temperature=0.7)
     assert len(ours[0]) == 30 and ends[0] == ("length", 30) and metrics.spec_drafts > 0
     seeded, _, _, metrics = run(lm, [LOOP], draft, max_new_tokens=30, do_sample=True, temperature=0.7, seed=3)
@@ -171,7 +175,7 @@ def test_structured_outputs_speculate(lm):
     prompt = [lm.tokenizer.encode("KING. Speak, and say thy name. KING. Speak!\n")]
     knobs = {"max_new_tokens": 60, "do_sample": False, "structured_outputs": {"json": schema}}
     plain, _, _, _ = run(lm, prompt, **knobs)
-    ours, _, _, metrics = run(lm, prompt, guesser(NGRAM, lm), **knobs)
+    ours, _, _, metrics = run(lm, prompt, guesser(NGRAM, lm, paced=False), **knobs)
     assert ours == plain and metrics.spec_drafts > 0
     assert set(json.loads(lm.tokenizer.decode(ours[0]))) == {"name", "lines"}
 
@@ -183,7 +187,7 @@ def test_the_prefix_cache_keeps_what_a_speculating_sequence_read(lm):
 
     prompt = lm.tokenizer.encode("KING. Long live the king! KING. Long live the king! KING.")
     gc = lm.generation_config(max_new_tokens=23, do_sample=False)
-    engine = E(lm, prefix_cache_mb=64, guesser=guesser(NGRAM, lm))
+    engine = E(lm, prefix_cache_mb=64, guesser=guesser(NGRAM, lm, paced=False))
     engine.start()
     try:
         first = [e.token for e in engine.submit([prompt], gc) if isinstance(e, Token)]
@@ -198,7 +202,7 @@ def test_the_prefix_cache_keeps_what_a_speculating_sequence_read(lm):
 
 
 def test_the_server_speculates_and_counts_it(lm):
-    server = Server(lm, port=0, guesser=guesser(NGRAM, lm))
+    server = Server(lm, port=0, guesser=guesser(NGRAM, lm, paced=False))
     server.start()
     try:
         host, port = server.server_address[:2]
@@ -269,3 +273,57 @@ def test_neolm_batch_speculates(tmp_path, capsys):
     assert answer == neolm.load().generate(body["prompt"], max_new_tokens=30, do_sample=False)
     assert main(["batch", str(requests), str(tmp_path / "x.jsonl"), "--speculative-config", '{"method": "x"}']) == 1
     assert "method must be one of" in capsys.readouterr().err
+
+
+def test_rounds_wait_while_they_cost_more_than_steps():
+    """_Paced times rounds and steps per token made (from one guess() to the next): while a round's tokens cost more
+    than a step's it steps, with a round every PROBE_EVERY steps; once rounds pay again it guesses every time. Time
+    that other sequences' steps took (more tokens than the call could make) is not counted; nor is the first round."""
+    from neolm.serve.speculation import PROBE_EVERY, _Paced
+
+    class Fixed:
+        def guess(self, seq, limit):
+            return [7] * min(limit, 3), None
+
+        def update(self, kept, guessed):
+            pass
+
+    now = [0.0]
+    paced = _Paced(Fixed(), clock=lambda: now[0])
+    seq = [1] * 5
+    log = []
+
+    def call(round_s: float, kept: int = 0, step_s: float = 1.0) -> None:
+        """A guess(), then what the engine does with it: a round of its kept guesses and one more token, at round_s
+        a token, or a step of one token at step_s."""
+        guesses, _ = paced.guess(seq, 10)
+        made = kept + 1 if guesses else 1
+        log.append(bool(guesses))
+        seq.extend([2] * made)
+        now[0] += (round_s if guesses else step_s) * made
+
+    for _ in range(3 + 2 * (PROBE_EVERY + 1)):  # rounds at 3 s a token, steps at 1 s
+        call(3.0)
+    # the first round (not timed), the second (timed), a step (timed once rounds were), then a round as a probe
+    # after every PROBE_EVERY steps
+    assert log[:2] == [True, True]
+    assert log[2:] == ([False] * PROBE_EVERY + [True]) * 2 + [False], log
+    for _ in range(3 * (PROBE_EVERY + 1)):  # rounds that keep their 3 guesses, at 0.5 s a token: once the probes'
+        call(0.5, kept=3)  # times outweigh the old ones in the decayed sums, a round every time
+    assert log[-PROBE_EVERY:] == [True] * PROBE_EVERY, log
+    seq.extend([2] * 50)  # other sequences ran between two calls (50 tokens, 1000 s): not this one's time
+    now[0] += 1000.0
+    for _ in range(3):
+        call(0.5, kept=3)
+    assert log[-3:] == [True] * 3
+    assert _Paced(Fixed(), context=12).guess([1] * 10, 10)[0] == [7, 7]  # 12 - 10 tokens of the draft's context
+    assert _Paced(Fixed(), context=12).guess([1] * 12, 10)[0] == []
+
+
+def test_paced_rounds_give_the_same_tokens(lm):
+    """The bundled model (a step costs little more than its Python): paced rounds stand aside for steps and come
+    back as probes; whatever they choose, the tokens are plain decoding's."""
+    prompt = [lm.tokenizer.encode("KING. Long live the king! KING. Long live the king! KING.")]
+    plain, _, _, _ = run(lm, prompt, max_new_tokens=80, do_sample=False)
+    ours, _, _, metrics = run(lm, prompt, guesser(NGRAM, lm), max_new_tokens=80, do_sample=False)
+    assert ours == plain and metrics.spec_drafts >= 1

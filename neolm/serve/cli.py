@@ -138,7 +138,8 @@ def _add_speculative_config(group) -> None:
                        "\"num_speculative_tokens\": 4}' from a smaller draft model (loaded with MODEL's --dtype and "
                        "--quantize; another tokenizer guesses through text). The model checks a round's guesses in one "
                        "forward, so each kept guess saves a step. Rounds run while one sequence decodes (then reading "
-                       "the weights bounds each step); batches of several step as without. Greedy requests keep their "
+                       "the weights bounds each step) and while they pay (each sequence times its rounds against "
+                       "its plain steps); batches of several step as without. Greedy requests keep their "
                        "tokens (a near-tie can round the other way), sampled ones their distribution; seeded ones "
                        "never speculate. /metrics counts guesses and those kept")  # fmt: skip
 

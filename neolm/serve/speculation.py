@@ -11,7 +11,10 @@ tokenizer guesses through text: neolm.universal). The model checks the guesses i
 Rounds run while one sequence decodes alone (DecodeBatch.steps), where decoding is bound by reading the weights and
 a guess kept is a step saved; a batch of several decodes a token per step as without speculation (vLLM's
 disable_by_batch_size at 2). Greedy requests get their greedy tokens, sampled ones draws from their distribution;
-seeded sampling never speculates, so that a seed gives what it gives without.
+seeded sampling never speculates, so that a seed gives what it gives without. Rounds run while they pay: a
+sequence's rounds and plain steps are timed per token made, and while rounds cost more, it steps, with a round every
+PROBE_EVERY steps to look again (_Paced; the rule of dynamic speculation lengths), so that a small model or text the
+guesses miss decodes at about plain speed.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,6 +34,8 @@ log = logging.getLogger(__name__)
 
 METHODS = ("ngram", "draft_model")
 KEYS = ("method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+DECAY = 0.8  # _Paced: the weight of a round's or step's time in its sum, a measurement later
+PROBE_EVERY = 8  # steps, at most, between two rounds while rounds cost more than steps (_Paced)
 DEFAULT_LOOKUP_MAX = 5  # n-gram sizes looked up, longest first (vLLM's default when neither bound is given)
 
 
@@ -85,12 +91,14 @@ class Speculation:
         return f"draft model {self.model}, {self.num_speculative_tokens} guesses a round"
 
 
-def guesser(spec: Speculation, lm, draft=None) -> Callable[[GenerationConfig, Picker, int], object]:
+def guesser(spec: Speculation, lm, draft=None, paced: bool = True) -> Callable[[GenerationConfig, Picker, int], object]:
     """DecodeBatch's guesser(gc, picker, max_len) for `lm` (a neolm.LanguageModel): a sequence's guesser of
-    neolm.speculative. draft: the draft model (a LanguageModel) of the draft_model method."""
+    neolm.speculative. draft: the draft model (a LanguageModel) of the draft_model method. paced: rounds only
+    while they pay (_Paced); else a round whenever there are guesses."""
     k = spec.num_speculative_tokens
     if spec.method == "ngram":
-        return lambda gc, picker, max_len: PromptLookup(k, spec.prompt_lookup_max, spec.prompt_lookup_min)
+        return lambda gc, picker, max_len: _Paced(PromptLookup(k, spec.prompt_lookup_max, spec.prompt_lookup_min),
+                                                  paced=paced)  # fmt: skip
     if draft is None:
         raise NeolmError("the draft_model method needs its draft model")
 
@@ -102,27 +110,56 @@ def guesser(spec: Speculation, lm, draft=None) -> Callable[[GenerationConfig, Pi
         if draft.config.n_positions < lm.config.n_positions:
             log.warning("the draft model's context (%d tokens) is shorter than the model's (%d): sequences longer "
                         "than it decode without guesses", draft.config.n_positions, lm.config.n_positions)  # fmt: skip
-        return lambda gc, picker, max_len: _DraftGuesser(Assistant(draft.model, settings(gc), picker, min(
-            max_len, draft.config.n_positions)))  # fmt: skip
+        context = draft.config.n_positions
+        return lambda gc, picker, max_len: _Paced(Assistant(draft.model, settings(gc), picker, min(max_len, context)),
+                                                  min(max_len, context), paced)  # fmt: skip
     from neolm.universal import TextGuesser, Universal
 
     log.info("the draft model has another tokenizer than the model: its guesses are carried over as text")
     universal = Universal(draft.model, draft.tokenizer, lm.tokenizer)
-    return lambda gc, picker, max_len: TextGuesser(universal, settings(gc), picker.processors.eos_ids,
-                                                   lm.config.vocab_size, max_len, picker)  # fmt: skip
+    return lambda gc, picker, max_len: _Paced(TextGuesser(universal, settings(gc), picker.processors.eos_ids,
+                                                          lm.config.vocab_size, max_len, picker), paced=paced)  # fmt: skip
 
 
-class _DraftGuesser:
-    """An Assistant that stops guessing once the sequence outgrows the draft model's cache (its context)."""
+class _Paced:
+    """A sequence's guesser that guesses only while rounds pay: it times each round and each plain step (from one
+    guess() call to the next: the guessing, the forward, the checks and the engine's sending alike) per token
+    made, in sums that decay by DECAY a measurement, and guesses while a round's tokens cost no more than a step's.
+    When they cost more (a small model, whose steps are not bound by reading its weights; text the guesses miss),
+    rounds wait, and one runs every PROBE_EVERY steps to see whether they pay again. The first round is not timed
+    (a draft reads the prompt in it), and a step is timed once rounds have been. It guesses nothing past `context`
+    tokens (a draft model's)."""
 
-    def __init__(self, assistant: Assistant):
-        self.assistant = assistant
+    def __init__(self, inner, context: int | None = None, paced: bool = True,
+                 clock: Callable[[], float] = time.perf_counter):  # fmt: skip
+        self.inner, self.context, self.paced, self.clock = inner, context, paced, clock
+        self.sums = {True: [0.0, 0.0], False: [0.0, 0.0]}  # round?: decayed [seconds, tokens]
+        self.rounds = 0  # rounds run
+        self.waited = 0  # steps since the last round
+        self.last: tuple[float, int, int] | None = None  # the last call's (time, tokens so far, guesses)
 
     def guess(self, seq: list[int], limit: int):
-        room = self.assistant.cache.max_len - len(seq)
-        if room < 1:
-            return [], None
-        return self.assistant.guess(seq, min(limit, room))
+        now = self.clock()
+        if self.last is not None:
+            began, length, guessed = self.last
+            made = len(seq) - length  # (more than the call could make: other sequences ran between, not timed)
+            if 0 < made <= guessed + 1 and (not guessed or self.rounds > 1):
+                spent = self.sums[bool(guessed)]
+                spent[0], spent[1] = spent[0] * DECAY + now - began, spent[1] * DECAY + made
+        if self.context is not None:
+            limit = min(limit, self.context - len(seq))
+        guesses, q = self.inner.guess(seq, limit) if limit >= 1 and self._pays() else ([], None)
+        self.rounds, self.waited = (self.rounds + 1, 0) if guesses else (self.rounds, self.waited + 1)
+        self.last = (now, len(seq), len(guesses))
+        return guesses, q
+
+    def _pays(self) -> bool:
+        (round_s, round_n), (step_s, step_n) = self.sums[True], self.sums[False]
+        if not self.paced or not round_n or self.waited >= PROBE_EVERY:
+            return True  # not timed yet, or a probe
+        if not step_n:
+            return False  # time a step once
+        return round_s / round_n <= step_s / step_n
 
     def update(self, kept: int, guessed: int) -> None:
-        self.assistant.update(kept, guessed)
+        self.inner.update(kept, guessed)
