@@ -36,7 +36,7 @@ METHODS = ("ngram", "draft_model")
 KEYS = ("method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
 DECAY = 0.8  # _Paced: the weight of a round's or step's time in its sum, a measurement later
 PROBE_EVERY = 8  # steps, at most, between two rounds while rounds cost more than steps (_Paced)
-DEFAULT_LOOKUP_MAX = 5  # n-gram sizes looked up, longest first (vLLM's default when neither bound is given)
+DEFAULT_LOOKUP_MAX = 5  # the longest n-gram looked up when prompt_lookup_max is not given
 
 
 @dataclass(frozen=True)
