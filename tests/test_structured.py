@@ -23,6 +23,7 @@ from neolm.errors import NeolmError
 from neolm.structured import PushdownGuide, compile, compile_regex, compile_rules, spec_regex
 from neolm.structured.guide import Guide, Vocabulary
 from neolm.structured.ranges import MAX_LISTED, decimal_range, int_range, multiples
+from neolm.structured.regex import length_range
 from neolm.structured.schema import schema_regex, schema_rules
 from neolm.tokenizer import Tokenizer
 
@@ -185,6 +186,9 @@ SCHEMAS = [
     {"type": "object", "properties": {"price": {"type": "number", "multipleOf": 0.25, "minimum": 0},
                                       "n": {"type": "integer", "multipleOf": 5, "exclusiveMaximum": 100},
                                       "i": {"type": "integer", "multipleOf": 2.5}}},
+    {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{2}(-[0-9]{1,3})?$", "minLength": 1,
+                                               "maxLength": 6},
+                                      "id": {"type": "string", "format": "uuid", "minLength": 36, "maxLength": 36}}},
 ]  # fmt: skip
 VALUES = [
     {"name": "Ann", "age": 31}, {"name": "Annabel", "age": 31}, {"name": "Ann", "age": 151}, {"name": "Ann"},
@@ -197,7 +201,8 @@ VALUES = [
     {"price": 2.75, "n": 95}, {"price": 2.7}, {"price": -0.25}, {"price": 1000, "n": -5}, {"n": 100}, {"n": 7},
     {"i": 3}, {"i": -10}, {"i": 5}, {"i": 2.5}, {"n": 0, "i": 0}, {"kind": "a", "x": 1}, {"kind": "b"},
     {"kind": "c"}, {"kind": "a"}, {"kind": "b", "x": 1}, {"ab": True, "c": False}, {"abcd": True}, {"AB": True}, {"x1": True},
-    {"x1": True, "x23": False}, {"y": True}, {"x9": 1},
+    {"x1": True, "x23": False}, {"y": True}, {"x9": 1}, {"code": "AB"}, {"code": "AB-123"}, {"code": "AB-1234"},
+    {"code": "A"}, {"code": "ab"}, {"id": "123e4567-e89b-12d3-a456-426614174000"}, {"id": "123e4567"},
 ]  # fmt: skip
 
 
@@ -234,6 +239,21 @@ def test_schema_regexes_match_the_json_that_satisfies_the_schema(index):
         valid = validator.is_valid(value)
         assert bool(pattern.fullmatch(text)) == valid, (schema, text)
         assert rules.fullmatch(text.encode()) == valid, (schema, text)
+
+
+@pytest.mark.parametrize("pattern, reach", [
+    ("abc", (3, 3)), ("[a-z]+", (1, None)), ("^[a-z]{2,5}$", (2, 5)), ("(ab|c)?d{3}", (3, 5)), ("x*", (0, None)),
+    ("a{0}", (0, 0)), (r"[^\s\S]|ab", (2, 2)), (r"[^\s\S]", None), (r"(?:[^\s\S])?b", (1, 1)), ("a(b|cd)*e", (2, None)),
+    ("\u00e9{2}", (2, 2)), (r"\d{4}-\d{2}", (7, 7)), ("(a|bc){2,3}", (2, 6)),
+])  # fmt: skip
+def test_length_ranges_of_patterns(pattern, reach):
+    """The fewest and most characters of the texts a pattern matches (what a minLength / maxLength beside it is
+    checked against); brute force over short texts agrees where the pattern is bounded."""
+    assert length_range(pattern) == reach
+    if reach is not None and reach[1] is not None and reach[1] <= 5:
+        lengths = {n for n in range(reach[1] + 2) for t in itertools.product("abcde-0\u00e9", repeat=n)
+                   if re.fullmatch(pattern, "".join(t))}  # fmt: skip
+        assert lengths and (min(lengths), max(lengths)) == reach
 
 
 @pytest.mark.parametrize("pattern", [r"^.{3}$", r'^[^x]+$', r'^a"b\\c$', r"^[a-c]+( [a-c]+)*$",
@@ -316,7 +336,8 @@ def test_string_formats_match_what_their_validators_take():
 @pytest.mark.parametrize("schema, needle", [
     ({"type": "string", "format": "hostname"}, "format 'hostname'"),
     ({"type": "string", "pattern": "a+", "maxLength": 3}, "pattern and minLength/maxLength"),
-    ({"type": "string", "format": "email", "minLength": 3}, "format and minLength/maxLength"),
+    ({"type": "string", "pattern": "^[a-z]{2,4}$", "minLength": 3}, "at least 2 and at most 4 characters"),
+    ({"type": "string", "format": "email", "maxLength": 254}, "format and minLength/maxLength"),
     ({"type": "number", "minimum": 2, "exclusiveMaximum": 2}, "no number lies"),
     ({"type": "number", "maximum": "3"}, "finite number"), ({"type": "number", "multipleOf": 0}, "> 0"),
     ({"type": "integer", "multipleOf": 7}, "needs a minimum and a maximum"),

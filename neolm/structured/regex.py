@@ -498,6 +498,36 @@ def rewrite_sets(pattern: str, write_set) -> str:
     return write(_Parser(pattern).parse())
 
 
+def length_range(pattern: str) -> tuple[int, int | None] | None:
+    """The fewest and most characters (None: no most) of the texts the pattern matches; None if it matches none."""
+
+    def walk(node) -> tuple[int, int | None] | None:
+        kind = node[0]
+        if kind == "set":
+            return (1, 1) if node[1] else None
+        if kind == "cat":
+            lo, hi = 0, 0
+            for item in node[1]:
+                part = walk(item)
+                if part is None:
+                    return None
+                lo, hi = lo + part[0], None if hi is None or part[1] is None else hi + part[1]
+            return lo, hi
+        if kind == "alt":
+            parts = [part for part in map(walk, node[1]) if part is not None]
+            if not parts:
+                return None
+            return min(p[0] for p in parts), None if any(p[1] is None for p in parts) else max(p[1] for p in parts)
+        _, item, lo, hi = node
+        part = walk(item)
+        if part is None:
+            return (0, 0) if lo == 0 else None
+        most = None if (part[1] is None and hi != 0) or hi is None else (part[1] or 0) * hi
+        return part[0] * lo, most
+
+    return walk(_Parser(pattern).parse())
+
+
 def compile_regex(pattern: str) -> DFA:
     """The pattern's DFA over UTF-8 bytes (NeolmError for what the module docstring lists as unsupported). The last
     32 patterns' automata are kept (do not change them)."""

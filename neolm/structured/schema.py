@@ -6,8 +6,8 @@ keys appear (as OpenAI's strict mode) unless the schema has no "properties", whe
 true/absent: any value) gives the values of any keys. Supported: type (one or a list), enum, const, properties /
 required / additionalProperties (and a map's propertyNames or patternProperties with one pattern, and minProperties /
 maxProperties), nullable (OpenAPI 3.0's), items / prefixItems / minItems / maxItems, minLength / maxLength / pattern /
-format (date-time, date, time, uuid, ipv4, ipv6, email) on strings (a length bound with a pattern or format is
-refused; a pattern matches the whole value, as Outlines reads it, and reads the value, not its JSON text: `.` takes
+format (date-time, date, time, uuid, ipv4, ipv6, email) on strings (a length bound beside a pattern or format only
+where every text it matches keeps it, else refused; a pattern matches the whole value, as Outlines reads it, and reads the value, not its JSON text: `.` takes
 a `"` only as \\", never bare), minimum / maximum (and the exclusive ones) and multipleOf on integers and numbers (a
 bounded number, or a multiple, is written without an exponent: neolm.structured.ranges), anyOf / oneOf (OpenAPI's
 discriminator read past), allOf of one schema, and $ref into $defs / definitions. A $ref that refers to itself, any
@@ -27,7 +27,7 @@ from decimal import Decimal
 
 from neolm.errors import NeolmError
 from neolm.structured.ranges import decimal_range, int_range, multiples, scaled
-from neolm.structured.regex import NOTHING, class_text, minus, rewrite_sets
+from neolm.structured.regex import NOTHING, class_text, length_range, minus, rewrite_sets
 
 MAX_DEPTH = 5  # schema_regex: nesting levels of any JSON value (json_object: 2265 states, 0.3 s)
 MAX_REF_DEPTH = 3  # schema_regex: times a recursive $ref is unrolled (each level copies every recursive branch)
@@ -293,24 +293,38 @@ class _Converter:
         return lo, hi
 
     def string(self, schema, depth: int) -> str:
-        shaped = [k for k in ("pattern", "format") if k in schema]
-        if shaped and {"minLength", "maxLength"} & set(schema):  # (a length bound on a regex: an intersection)
-            raise NeolmError(f"a string with {shaped[0]} and minLength/maxLength is not supported for structured "
-                             "outputs: bound the length inside the pattern")  # fmt: skip
         if "pattern" in schema:
             pattern = schema["pattern"]
             if not isinstance(pattern, str):
                 raise NeolmError("a string's pattern must be a regex string")
+            self._implied_length(schema, pattern, "pattern")
             return '"' + rewrite_sets(pattern, _json_chars) + '"'  # (parsed alone: in rules, `(?&k)` calls)
         if "format" in schema:
             if schema["format"] not in FORMATS:
                 raise NeolmError(f"string format {schema['format']!r} is not supported for structured outputs "
                                  f"(supported: {', '.join(FORMATS)})")  # fmt: skip
+            self._implied_length(schema, FORMATS[schema["format"]], "format")
             return f'"{FORMATS[schema["format"]]}"'
         lo, hi = self._count(schema, "minLength", "maxLength")
         if lo == 0 and hi is None:
             return STRING
         return f'"{STRING_CHAR}{{{lo},{"" if hi is None else hi}}}"'
+
+    def _implied_length(self, schema, pattern: str, shaped: str) -> None:
+        """minLength / maxLength beside a pattern or format are read past where every text it matches keeps them
+        (Pydantic's min_length=1 beside a pattern); others are refused (a length bound on a regex is an
+        intersection of two automata, which these regexes do not write)."""
+        if not {"minLength", "maxLength"} & set(schema):
+            return
+        lo, hi = self._count(schema, "minLength", "maxLength")
+        reach = length_range(pattern)
+        if reach is None or (lo <= reach[0] and hi is None) or (lo <= reach[0] and reach[1] is not None
+                                                                 and reach[1] <= hi):  # fmt: skip
+            return
+        most = "any number of" if reach[1] is None else f"at most {reach[1]}"
+        raise NeolmError(f"a string with {shaped} and minLength/maxLength is supported for structured outputs only "
+                         f"where the {shaped} keeps the bounds (its texts have at least {reach[0]} and {most} "
+                         f"characters): bound the length inside the pattern")  # fmt: skip
 
     def integer(self, schema, depth: int) -> str:
         lo, lo_open, hi, hi_open = _bounds(schema)
