@@ -502,19 +502,7 @@ class DecodeBatch:
                 ends.append(None)
                 fed.append(group.pad)
                 continue
-            r.counts[row] += 1
-            history = r.histories[row]
-            if history is not None:
-                history.append(token)
-            criteria = group.gc.stopping_criteria
-            if (
-                token in group.eos_ids
-                or (group.stops is not None and group.stops.hit(history))
-                or (criteria and criteria_met(criteria, history, processed[row]))
-            ):
-                ends.append("stop")
-            else:
-                ends.append("length" if r.counts[row] >= r.budgets[row] or now > r.deadlines[row] else None)
+            ends.append(self._made(group, row, token, None if processed is None else processed[row], now))
             r.done[row] = ends[-1] is not None
             tokens.append(token)
             fed.append(token)
@@ -528,6 +516,23 @@ class DecodeBatch:
         if not all(r.done):
             self._fed = torch.tensor(fed, device=self.device)
         return Step(r.ids, tokens, ends, scores, logits, processed if self.keep_scores else None)
+
+    def _made(self, group: _Group, row: int, token: int, scores: torch.Tensor | None, now: float) -> str | None:
+        """Row `row` made `token`, picked from processed scores (V,) (None where no stopping criterion reads them):
+        it is counted and joins the row's history. Returns why the sequence ends with it: "stop" (an eos token, a
+        stop string, a stopping criterion), "length" (its budget, or max_time's deadline passed at `now`), or None."""
+        r, criteria = self.rows, group.gc.stopping_criteria
+        r.counts[row] += 1
+        history = r.histories[row]
+        if history is not None:
+            history.append(token)
+        if (
+            token in group.eos_ids
+            or (group.stops is not None and group.stops.hit(history))
+            or (criteria and criteria_met(criteria, history, scores))
+        ):
+            return "stop"
+        return "length" if r.counts[row] >= r.budgets[row] or now > r.deadlines[row] else None
 
     def _choose(self, keep_scores: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Each row's next token (N,), from its group's processing and pick (rows that are done: anything), and
@@ -631,8 +636,7 @@ class DecodeBatch:
     def _guess_round(self, group: _Group, guesses: list[int], q: torch.Tensor | None) -> list[Step]:
         """The round of the live row's guesses (q: the draft's probabilities of them, when sampled)."""
         token = self._take_fed()
-        r, gc = self.rows, group.gc  # (one row)
-        history = r.histories[0]
+        r = self.rows  # (one row)
         _, picker, guesser = self._guessing
         start = self.cache.length
         x = torch.cat((token, torch.tensor(guesses, dtype=torch.long, device=self.device)))[None]  # (1, 1 + c)
@@ -641,22 +645,13 @@ class DecodeBatch:
             logits = self.model(x, positions, self.cache)[0].float()  # (1 + c, V)
         raw = torch.log_softmax(logits, dim=-1) if r.k[0] is not None else None  # before processing touches them
         kept_logits = logits.clone() if self.keep_logits else None
-        scores = picker.scores(logits, history, guesses)
+        scores = picker.scores(logits, r.histories[0], guesses)
         new = picker.keep(scores, guesses, q)
         guesser.update(len(new) - 1, len(guesses))
         self.rounds, self.guessed, self.kept = self.rounds + 1, self.guessed + len(guesses), self.kept + len(new) - 1
-        steps, criteria, now = [], gc.stopping_criteria, time.monotonic()
+        steps, now = [], time.monotonic()
         for j, chosen in enumerate(new):
-            r.counts[0] += 1
-            history.append(chosen)
-            if (
-                chosen in group.eos_ids
-                or (group.stops is not None and group.stops.hit(history))
-                or (criteria and criteria_met(criteria, history, scores[j]))
-            ):
-                end = "stop"
-            else:
-                end = "length" if r.counts[0] >= r.budgets[0] or now > r.deadlines[0] else None
+            end = self._made(group, 0, chosen, scores[j], now)
             logprobs = None
             if raw is not None:
                 top = torch.topk(raw[j], r.k[0]) if r.k[0] else None
