@@ -657,7 +657,8 @@ class DecodeBatch:
                 top = torch.topk(raw[j], r.k[0]) if r.k[0] else None
                 logprobs = TokenLogprobs([float(raw[j, chosen])], [top.indices.tolist() if top else []],
                                          [top.values.tolist() if top else []])  # fmt: skip
-            steps.append(Step(list(r.ids), [chosen], [end], logprobs, None if kept_logits is None else kept_logits[j : j + 1],
+            steps.append(Step(list(r.ids), [chosen], [end], logprobs,
+                              None if kept_logits is None else kept_logits[j : j + 1],
                               scores[j : j + 1] if self.keep_scores else None))  # fmt: skip
             if end is not None:
                 break

@@ -118,7 +118,8 @@ def guesser(spec: Speculation, lm, draft=None, paced: bool = True) -> Callable[[
     log.info("the draft model has another tokenizer than the model: its guesses are carried over as text")
     universal = Universal(draft.model, draft.tokenizer, lm.tokenizer)
     return lambda gc, picker, max_len: _Paced(TextGuesser(universal, settings(gc), picker.processors.eos_ids,
-                                                          lm.config.vocab_size, max_len, picker), paced=paced)  # fmt: skip
+                                                          lm.config.vocab_size, max_len, picker),
+                                              paced=paced)  # fmt: skip
 
 
 class _Paced:

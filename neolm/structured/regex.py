@@ -520,10 +520,9 @@ def length_range(pattern: str) -> tuple[int, int | None] | None:
             return min(p[0] for p in parts), None if any(p[1] is None for p in parts) else max(p[1] for p in parts)
         _, item, lo, hi = node
         part = walk(item)
-        if part is None:
+        if part is None or hi == 0:  # (read no times: only the empty text)
             return (0, 0) if lo == 0 else None
-        most = None if (part[1] is None and hi != 0) or hi is None else (part[1] or 0) * hi
-        return part[0] * lo, most
+        return part[0] * lo, None if hi is None or part[1] is None else part[1] * hi
 
     return walk(_Parser(pattern).parse())
 

@@ -7,11 +7,12 @@ true/absent: any value) gives the values of any keys. Supported: type (one or a 
 required / additionalProperties (and a map's propertyNames or patternProperties with one pattern, and minProperties /
 maxProperties), nullable (OpenAPI 3.0's), items / prefixItems / minItems / maxItems, minLength / maxLength / pattern /
 format (date-time, date, time, uuid, ipv4, ipv6, email) on strings (a length bound beside a pattern or format only
-where every text it matches keeps it, else refused; a pattern matches the whole value, as Outlines reads it, and reads the value, not its JSON text: `.` takes
-a `"` only as \\", never bare), minimum / maximum (and the exclusive ones) and multipleOf on integers and numbers (a
-bounded number, or a multiple, is written without an exponent: neolm.structured.ranges), anyOf / oneOf (OpenAPI's
-discriminator read past), allOf of one schema, and $ref into $defs / definitions. A $ref that refers to itself, any
-JSON value (where a schema leaves one untyped) and an array's long item counted more than twice are rules of their own that the others call
+where every text it matches keeps it, else refused; a pattern matches the whole value, as Outlines reads it, and
+reads the value, not its JSON text: `.` takes a `"` only as \\", never bare), minimum / maximum (and the exclusive
+ones) and multipleOf on integers and numbers (a bounded number, or a multiple, is written without an exponent:
+neolm.structured.ranges), anyOf / oneOf (OpenAPI's discriminator read past), allOf of one schema, and $ref into
+$defs / definitions. A $ref that refers to itself, any JSON value (where a schema leaves one untyped) and an array's
+long item counted more than twice are rules of their own that the others call
 (schema_rules: neolm.structured.pushdown follows the calls with a stack, so values nest as deep as they like);
 schema_regex unrolls them instead (recursive $refs MAX_REF_DEPTH times, any value MAX_DEPTH levels), for schemas whose
 $refs call themselves before reading anything. Keywords that would constrain the output in ways the regex cannot
@@ -318,8 +319,7 @@ class _Converter:
             return
         lo, hi = self._count(schema, "minLength", "maxLength")
         reach = length_range(pattern)
-        if reach is None or (lo <= reach[0] and hi is None) or (lo <= reach[0] and reach[1] is not None
-                                                                 and reach[1] <= hi):  # fmt: skip
+        if reach is None or (lo <= reach[0] and (hi is None or (reach[1] is not None and reach[1] <= hi))):
             return
         most = "any number of" if reach[1] is None else f"at most {reach[1]}"
         raise NeolmError(f"a string with {shaped} and minLength/maxLength is supported for structured outputs only "
