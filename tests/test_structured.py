@@ -189,6 +189,10 @@ SCHEMAS = [
     {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{2}(-[0-9]{1,3})?$", "minLength": 1,
                                                "maxLength": 6},
                                       "id": {"type": "string", "format": "uuid", "minLength": 36, "maxLength": 36}}},
+    {"type": "object", "properties": {"when": {"type": "string", "format": "date-time"},
+                                      "host": {"type": "string", "format": "hostname"},
+                                      "link": {"type": "string", "format": "uri", "minLength": 1},
+                                      "wait": {"type": "string", "format": "duration"}}},
 ]  # fmt: skip
 VALUES = [
     {"name": "Ann", "age": 31}, {"name": "Annabel", "age": 31}, {"name": "Ann", "age": 151}, {"name": "Ann"},
@@ -203,6 +207,9 @@ VALUES = [
     {"kind": "c"}, {"kind": "a"}, {"kind": "b", "x": 1}, {"ab": True, "c": False}, {"abcd": True}, {"AB": True}, {"x1": True},
     {"x1": True, "x23": False}, {"y": True}, {"x9": 1}, {"code": "AB"}, {"code": "AB-123"}, {"code": "AB-1234"},
     {"code": "A"}, {"code": "ab"}, {"id": "123e4567-e89b-12d3-a456-426614174000"}, {"id": "123e4567"},
+    {"when": "2024-02-29T23:59:59.5+05:30", "host": "api.example.com"}, {"when": "2023-02-29T00:00:00Z"},
+    {"when": "2024-01-01T12:00:00"}, {"host": "-a.com"}, {"link": "https://example.com/a?b=c#d", "wait": "P1DT2H"},
+    {"link": "example com"}, {"wait": "1D"}, {"wait": "P1DT"},
 ]  # fmt: skip
 
 
@@ -293,14 +300,39 @@ def test_openapi_nullable_admits_null_as_well():
         assert all(pattern.fullmatch(t) for t in texts) and not any(pattern.fullmatch(t) for t in refused), schema
 
 
+def _format_text(dfa, rng: random.Random) -> str | None:
+    """A random text of a format's automaton (printable ASCII), or None if the walk strands."""
+    state, out, stop = 1, [], rng.choice([0.02, 0.1, 0.3])
+    for _ in range(200):
+        if dfa.accepting[state] and rng.random() < stop:
+            break
+        choices = [b for b in range(32, 127) if dfa.step(state, b)]
+        if not choices:
+            break
+        out.append(rng.choice(choices))
+        state = dfa.step(state, out[-1])
+    return bytes(out).decode() if dfa.accepting[state] else None
+
+
 def test_string_formats_match_what_their_validators_take():
-    """ipv4 and ipv6 against Python's ipaddress on random strings and on addresses written every way it writes them;
-    email against addresses mail validators take and refuse; and each within jsonschema's format checks."""
+    """Every format's texts (random walks of its automaton) pass jsonschema's format check (fqdn, isoduration,
+    rfc3339-validator, rfc3986-validator, jsonpointer: its format-nongpl extra). Exactly its texts, on random
+    strings: ipv4 and ipv6 (Python's ipaddress, and every way it writes an address), date, date-time and time (each
+    month's days, leap years; time needs its offset). hostname, uri and the rest against texts their validators
+    take and refuse."""
     import ipaddress
 
     from neolm.structured.schema import FORMATS
 
+    checker = jsonschema.Draft202012Validator.FORMAT_CHECKER
     rng = random.Random(0)
+    for name, pattern in FORMATS.items():
+        dfa = compile_regex(pattern)
+        texts = [t for t in (_format_text(dfa, rng) for _ in range(300)) if t is not None]
+        assert len(texts) > 200, name
+        in_json = re.compile(schema_regex({"type": "string", "format": name}))
+        for text in texts:
+            assert checker.conforms(text, name) and in_json.fullmatch(json.dumps(text)), (name, text)
     for name, parse, alphabet in (("ipv4", ipaddress.IPv4Address, "0123456789."),
                                   ("ipv6", ipaddress.IPv6Address, "0123456789abcdefABCDEF:.")):  # fmt: skip
         pattern = re.compile(FORMATS[name])
@@ -321,20 +353,53 @@ def test_string_formats_match_what_their_validators_take():
                 texts = [str(address), address.exploded, ":".join(f"{w:X}" for w in words),
                          f"::ffff:{ipaddress.IPv4Address(rng.randrange(2**32))}"]  # fmt: skip
             assert all(pattern.fullmatch(t) for t in texts), texts
+    date = re.compile(FORMATS["date"])
+    years = [0, 1, 4, 99, 100, 104, 400, 1600, 1700, 1900, 2000, 2023, 2024, 2100, 2400, 9996, 9999]
+    for year in years + [rng.randrange(10000) for _ in range(20)]:
+        for month, day in itertools.product(range(14), range(33)):
+            text = f"{year:04d}-{month:02d}-{day:02d}"
+            assert bool(date.fullmatch(text)) == checker.conforms(text, "date"), text
+    for name, alphabet, length in (("time", "0125679:.Z+-", (5, 16)), ("date-time", "0129:.Z+-T", (18, 26))):
+        pattern = re.compile(FORMATS[name])
+        for _ in range(5000):
+            text = "".join(rng.choice(alphabet) for _ in range(rng.randint(*length)))
+            if rng.random() < 0.5:  # (random characters rarely make a whole time; these do, or nearly)
+                text = rng.choice(["23:59:59", "00:00:60", "24:00:00", "12:30:00.5"]) + rng.choice(
+                    ["Z", "+05:30", "-23:59", "+24:00", "", "z", "+0530"])  # fmt: skip
+                text = (rng.choice(["2024-02-29T", "2023-02-29T", "2023-04-31T", "0000-01-01T"]) + text
+                        if name == "date-time" else text)  # fmt: skip
+            assert bool(pattern.fullmatch(text)) == checker.conforms(text, name) or text != text.upper(), text
     email = re.compile(FORMATS["email"])
     for text in ["a@b.co", "first.last+tag@sub.example.org", "x_y!#$%&'*/=?^`{|}~-@a-b.io", "Z9@x1.y2.museum"]:
         assert email.fullmatch(text), text
     for text in ["a@b", "a..b@c.com", ".a@b.com", "a.@b.com", "a@-b.com", "a@b-.com", "a b@c.com", "@b.com",
                  "a@b.1com", "a@b..com", "a@b.com.", f"a@{'b' * 64}.com", "é@b.com", 'a"b@c.com']:  # fmt: skip
         assert not email.fullmatch(text), text
-    checker = jsonschema.Draft202012Validator.FORMAT_CHECKER
-    for name, text in [("ipv4", "10.0.0.255"), ("ipv6", "2001:db8::ff00:42:8329"), ("email", "a.b@c.de")]:
-        jsonschema.validate(text, {"type": "string", "format": name}, format_checker=checker)
-        assert re.fullmatch(schema_regex({"type": "string", "format": name}), json.dumps(text))
+    for name, good, bad in [
+        ("duration", ["P1Y", "P1Y2M", "P1Y2M3DT4H5M6S", "P3D", "PT36H", "PT1M", "PT10S", "P2W", "P1DT1S", "P0D"],
+         ["P", "PT", "P1Y2D", "PT1H5S", "P1.5Y", "P1W2D", "1Y", "P1DT", "p1d", "P-1D"]),
+        ("hostname", ["localhost", "example.com", "a-b.c9.example.co.uk", "x1.y2", f"{'a' * 41}.com"],
+         ["", "-a.com", "a-.com", "a..com", "a.com.", "1.2.3.4", "a.1com", "a_b.com", "é.com", f"{'a' * 42}.com",
+          "a.b.c.d.e.f.com"]),
+        ("uri", ["https://example.com/a/b?c=d&e#f", "mailto:a@b.org", "urn:isbn:0451450523", "file:///etc/hosts",
+                 "http://[::1]:8080/", "http://u:p@h:1/%7Ea", "a:", "ftp://1.2.3.4/x", "tel:+1-816-555-1212"],
+         ["example.com", "/a/b", "1http://x", "http://a b", "http://x/%zz", "http://[::1/", "://x", 'a:"b', "a:\\b"]),
+        ("uri-reference", ["https://example.com", "/a/b?c", "../x#y", "//host/p", "", "?q", "#frag", "a/b:c"],
+         ["a b", "%", "http://[x]/", "a:b c", "x#y#z"]),
+        ("json-pointer", ["", "/", "/a/b", "/a~0b/c~1d", '/"q"\\/é', "/ "], ["a", "/a~2", "/~", "a/b"]),
+    ]:  # fmt: skip
+        pattern = re.compile(FORMATS[name])
+        for text in good:
+            assert pattern.fullmatch(text) and checker.conforms(text, name), (name, text)
+        for text in bad:
+            assert not pattern.fullmatch(text), (name, text)
+    # (a whole hostname stays within 253 characters: 6 labels of 41)
+    assert length_range(FORMATS["hostname"]) == (1, 6 * 41 + 5) and 6 * 41 + 5 <= 253
 
 
 @pytest.mark.parametrize("schema, needle", [
-    ({"type": "string", "format": "hostname"}, "format 'hostname'"),
+    ({"type": "string", "format": "idn-hostname"}, "format 'idn-hostname'"),
+    ({"type": "string", "format": "date", "pattern": "^2024"}, "both pattern and format"),
     ({"type": "string", "pattern": "a+", "maxLength": 3}, "pattern and minLength/maxLength"),
     ({"type": "string", "pattern": "^[a-z]{2,4}$", "minLength": 3}, "at least 2 and at most 4 characters"),
     ({"type": "string", "format": "email", "maxLength": 254}, "format and minLength/maxLength"),
@@ -387,13 +452,13 @@ def test_generated_json_satisfies_its_schema(lm):
         "name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0, "maximum": 120},
         "tags": {"type": "array", "items": {"enum": ["king", "queen", "fool"]}, "maxItems": 2},
         "alive": {"type": "boolean"}, "score": {"type": "number", "exclusiveMinimum": 0, "maximum": 10},
-        "stake": {"type": "number", "multipleOf": 0.25, "minimum": 0}},
-        "required": ["name", "age", "tags", "score", "stake"]}  # fmt: skip
+        "stake": {"type": "number", "multipleOf": 0.25, "minimum": 0}, "born": {"type": "string", "format": "date"},
+        "at": {"type": "string", "format": "ipv4"}}, "required": ["name", "age", "tags", "score", "stake", "born", "at"]}  # fmt: skip
     texts = lm.generate(["KING. Who is he?\n"] * 4, structured_outputs={"json": schema}, do_sample=True, seed=0,
                         max_new_tokens=300)  # fmt: skip
     texts.append(lm.generate("KING.", structured_outputs={"json": schema}, do_sample=False, max_new_tokens=300))
     for text in texts:
-        jsonschema.validate(json.loads(text), schema)
+        jsonschema.validate(json.loads(text), schema, format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER)
 
 
 def test_every_generation_mode_keeps_to_the_structure(lm):
@@ -510,7 +575,7 @@ def _events(text: str) -> list:
     ({"response_format": {"type": "json_schema"}}, "response_format", "json_schema.schema"),
     ({"response_format": {"type": "xml"}}, "response_format", "text, json_object or json_schema"),
     ({"guided_regex": "(a"}, None, "missing ')'"),
-    ({"guided_json": {"type": "string", "format": "hostname"}}, None, "format 'hostname'"),
+    ({"guided_json": {"type": "string", "format": "idn-email"}}, None, "format 'idn-email'"),
     ({"structured_outputs": {"choice": []}}, "structured_outputs", "non-empty list"),
 ])  # fmt: skip
 def test_server_refuses_structured_outputs_it_cannot_honour(server, fields, param, needle):

@@ -6,9 +6,10 @@ keys appear (as OpenAI's strict mode) unless the schema has no "properties", whe
 true/absent: any value) gives the values of any keys. Supported: type (one or a list), enum, const, properties /
 required / additionalProperties (and a map's propertyNames or patternProperties with one pattern, and minProperties /
 maxProperties), nullable (OpenAPI 3.0's), items / prefixItems / minItems / maxItems, minLength / maxLength / pattern /
-format (date-time, date, time, uuid, ipv4, ipv6, email) on strings (a length bound beside a pattern or format only
-where every text it matches keeps it, else refused; a pattern matches the whole value, as Outlines reads it, and
-reads the value, not its JSON text: `.` takes a `"` only as \\", never bare), minimum / maximum (and the exclusive
+format (FORMATS: date-time, date, time, duration, uuid, ipv4, ipv6, hostname, email, uri, uri-reference, json-pointer)
+on strings (a length bound beside a pattern or format only where every text it matches keeps it, else refused, as is a
+pattern beside a format; a pattern matches the whole value, as Outlines reads it, and reads the value, not its JSON
+text: `.` takes a `"` only as \\", never bare), minimum / maximum (and the exclusive
 ones) and multipleOf on integers and numbers (a bounded number, or a multiple, is written without an exponent:
 neolm.structured.ranges), anyOf / oneOf (OpenAPI's discriminator read past), allOf of one schema, and $ref into
 $defs / definitions. A $ref that refers to itself, any JSON value (where a schema leaves one untyped) and an array's
@@ -49,17 +50,50 @@ _IPV6 = "(?:" + "|".join([  # RFC 3986's IPv6address: eight groups of 16 bits, a
     rf"(?:(?:{_H16}:){{0,5}}{_H16})?::{_H16}", rf"(?:(?:{_H16}:){{0,6}}{_H16})?::"]) + ")"  # fmt: skip
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-FORMATS = {
-    "date-time": r"[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])T(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9]"
-    r"(?:\.[0-9]+)?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])",
-    "date": r"[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])",
-    "time": r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]+)?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])?",
+# dates as RFC 3339 validators and datetime.date read them: years 0001-9999, each month's days, February's 29th in
+# leap years (divisible by 4, and by 400 where by 100)
+_YEAR = r"(?:[1-9][0-9]{3}|0[1-9][0-9]{2}|00[1-9][0-9]|000[1-9])"
+_LEAP_YEAR = r"(?:[0-9]{2}(?:0[48]|[2468][048]|[13579][26])|(?:0[48]|[2468][048]|[13579][26])00)"
+_MONTH_DAY = (r"(?:(?:0[13578]|1[02])-(?:0[1-9]|[12][0-9]|3[01])|(?:0[469]|11)-(?:0[1-9]|[12][0-9]|30)"
+              r"|02-(?:0[1-9]|1[0-9]|2[0-8]))")  # fmt: skip
+_DATE = rf"(?:{_YEAR}-{_MONTH_DAY}|{_LEAP_YEAR}-02-29)"
+# RFC 3339's full-time: the offset is not optional (a leap second's :60 is left out, as its validators do)
+_TIME = r"(?:[01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](?:\.[0-9]+)?(?:Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])"
+# RFC 3339's duration (its appendix A): a unit may be left out only from the end (P1Y2M, not P1Y2D)
+_T_PART = r"T(?:[0-9]+H(?:[0-9]+M(?:[0-9]+S)?)?|[0-9]+M(?:[0-9]+S)?|[0-9]+S)"
+_DURATION = rf"P(?:(?:[0-9]+D|[0-9]+M(?:[0-9]+D)?|[0-9]+Y(?:[0-9]+M(?:[0-9]+D)?)?)(?:{_T_PART})?|{_T_PART}|[0-9]+W)"
+# RFC 1123 host names, of at most 6 labels of at most 41 letters, digits and hyphens (so never past the 253
+# characters a name may have; a label has at most 63), the last starting with a letter (not an IPv4 address's)
+_HOST_LABEL = r"(?:[A-Za-z0-9-]{0,39}[A-Za-z0-9])?"
+_HOSTNAME = rf"(?:[A-Za-z0-9]{_HOST_LABEL}\.){{0,5}}[A-Za-z]{_HOST_LABEL}"
+# RFC 3986's URI and URI-reference (its appendix A); an IPv4 host is one of reg-name's texts
+_PCT = r"%[0-9A-Fa-f]{2}"
+_SUB = r"!$&'()*+,;="  # sub-delims
+_PCHAR = rf"(?:[A-Za-z0-9._~{_SUB}:@\-]|{_PCT})"
+_AUTHORITY = (rf"(?:(?:[A-Za-z0-9._~{_SUB}:\-]|{_PCT})*@)?"  # userinfo
+              rf"(?:\[(?:{_IPV6}|v[0-9A-Fa-f]+\.[A-Za-z0-9._~{_SUB}:\-]+)\]|(?:[A-Za-z0-9._~{_SUB}\-]|{_PCT})*)"
+              r"(?::[0-9]*)?")  # fmt: skip
+_SEGMENTS = rf"(?:/{_PCHAR}*)*"
+_NET_OR_ABSOLUTE = rf"//{_AUTHORITY}{_SEGMENTS}|/(?:{_PCHAR}+{_SEGMENTS})?"
+_QUERY = rf"(?:[A-Za-z0-9._~{_SUB}:@/?\-]|{_PCT})*"
+_QUERY_FRAGMENT = rf"(?:\?{_QUERY})?(?:#{_QUERY})?"
+_URI = rf"[A-Za-z][A-Za-z0-9+.\-]*:(?:{_NET_OR_ABSOLUTE}|{_PCHAR}+{_SEGMENTS})?{_QUERY_FRAGMENT}"
+_RELATIVE_REF = rf"(?:{_NET_OR_ABSOLUTE}|(?:[A-Za-z0-9._~{_SUB}@\-]|{_PCT})+{_SEGMENTS})?{_QUERY_FRAGMENT}"
+FORMATS = {  # the values of each string format (as a pattern: of the value, not of its JSON text)
+    "date-time": rf"{_DATE}T{_TIME}",
+    "date": _DATE,
+    "time": _TIME,
+    "duration": _DURATION,
     "uuid": r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}",
     "ipv4": _IPV4,
     "ipv6": _IPV6,
+    "hostname": _HOSTNAME,
     # an RFC 5322 dot-atom, at a domain of letter-digit-hyphen labels (at most 63 characters, no hyphen at either
     # end) with a top-level label that starts with a letter: what mail validators take (Pydantic's EmailStr)
     "email": rf"{_ATEXT}+(?:\.{_ATEXT}+)*@(?:{_LABEL}\.)+[A-Za-z](?:[A-Za-z0-9-]{{0,61}}[A-Za-z0-9])?",
+    "uri": _URI,
+    "uri-reference": rf"(?:{_URI}|{_RELATIVE_REF})",
+    "json-pointer": r"(?:/(?:[^~/]|~[01])*)*",  # RFC 6901 (any character but ~ and /, which are written ~0 and ~1)
 }
 # characters a JSON string holds escaped, and their escapes (short ones where JSON has one, as json.dumps writes them)
 _MUST_ESCAPE = ((0x00, 0x1F), (0x22, 0x22), (0x5C, 0x5C))
@@ -294,6 +328,9 @@ class _Converter:
         return lo, hi
 
     def string(self, schema, depth: int) -> str:
+        if "pattern" in schema and "format" in schema:  # (a text in both: an intersection, as with length bounds)
+            raise NeolmError("a string with both pattern and format is not supported for structured outputs: write "
+                             "the format into the pattern")  # fmt: skip
         if "pattern" in schema:
             pattern = schema["pattern"]
             if not isinstance(pattern, str):
@@ -305,7 +342,7 @@ class _Converter:
                 raise NeolmError(f"string format {schema['format']!r} is not supported for structured outputs "
                                  f"(supported: {', '.join(FORMATS)})")  # fmt: skip
             self._implied_length(schema, FORMATS[schema["format"]], "format")
-            return f'"{FORMATS[schema["format"]]}"'
+            return '"' + rewrite_sets(FORMATS[schema["format"]], _json_chars) + '"'
         lo, hi = self._count(schema, "minLength", "maxLength")
         if lo == 0 and hi is None:
             return STRING
