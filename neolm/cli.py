@@ -214,8 +214,8 @@ def _add_generation_args(p: argparse.ArgumentParser, chat: bool = False):
                        "properties in the schema's order, no keys it does not name")  # fmt: skip
     shape.add_argument("--json-object", action="store_true", default=None, help=f"{what} is a JSON object")
     shape.add_argument("--regex", metavar="PATTERN",
-                       help=f"{what} matches this regular expression whole (Python syntax, no look-arounds or "
-                       "back-references)")  # fmt: skip
+                       help=f"{what} matches this regular expression whole (Python syntax; look-aheads, but no "
+                       "look-behinds or back-references)")  # fmt: skip
     shape.add_argument("--choice", action="append", metavar="TEXT",
                        help=f"{what} is one of these strings (repeat the option for each)")  # fmt: skip
     shape.add_argument("--grammar", metavar="GBNF",

@@ -8,9 +8,10 @@ output (as re.fullmatch). The syntax is Python's `re` without what needs more th
   but a newline), classes `[a-z_]`, `[^"\\\\]`, and \\d \\w \\s (ASCII, as JSON Schema's regexes) with \\D \\W \\S;
 - groups `(...)`, `(?:...)`, `(?P<name>...)`, alternation `|`, and `* + ? {n} {n,} {,m} {n,m}` (lazy forms too:
   the set of strings matched is the same);
-- `^` at the start and `$` at the end (the match is whole anyway).
+- `^` at the start and `$` at the end (the match is whole anyway);
+- look-aheads `(?=...)` and `(?!...)`, not nested (the automaton runs each as an obligation beside the pattern).
 
-Back-references, look-arounds, word boundaries and inline flags raise NeolmError, as do patterns whose automaton
+Back-references, look-behinds, word boundaries and inline flags raise NeolmError, as do patterns whose automaton
 would pass MAX_STATES states. compile_rules reads several patterns, which call each other with PCRE's `(?&k)`
 (grammars and JSON schemas whose rules recurse), into one automaton whose calls neolm.structured.pushdown follows.
 """
@@ -60,10 +61,12 @@ def _complement(ranges) -> tuple[tuple[int, int], ...]:
 
 class _Parser:
     """Pattern text -> a tree of tuples: ("set", ranges), ("cat", [nodes]), ("alt", [nodes]), ("rep", node, lo, hi)
-    (hi None: no limit), and with `rules` ("call", k) for `(?&k)`, k < rules (compile_rules)."""
+    (hi None: no limit), ("look", positive, node) for `(?=...)` / `(?!...)`, and with `rules` ("call", k) for
+    `(?&k)`, k < rules (compile_rules)."""
 
     def __init__(self, pattern: str, rules: int = 0):
         self.p, self.i, self.rules = pattern, 0, rules
+        self.looking = False  # inside a look-ahead
 
     def error(self, what: str) -> NeolmError:
         return NeolmError(f"regex {self.p!r}: {what} at position {self.i}")
@@ -104,7 +107,7 @@ class _Parser:
                 self.i += 1
             elif self.peek() == "+":
                 raise self.error("possessive quantifiers are not supported")
-            if node == ("cat", []):
+            if node == ("cat", []) or node[0] == "look":
                 raise self.error("nothing to repeat")
             node = ("rep", node, lo, hi)
 
@@ -135,8 +138,10 @@ class _Parser:
                 self.i = self.p.index(">", self.i) + 1
             elif self.p.startswith("?&", self.i) and self.rules:
                 return self.call()
+            elif self.p.startswith(("?=", "?!"), self.i):
+                return self.look()
             elif self.peek() == "?":
-                raise self.error("look-arounds, inline flags and conditionals are not supported")
+                raise self.error("look-behinds, inline flags and conditionals are not supported")
             node = self.alternation()
             if self.peek() != ")":
                 raise self.error("missing ')'")
@@ -160,8 +165,25 @@ class _Parser:
             raise self.error("unbalanced ')'")
         return ("set", ((ord(c), ord(c)),))
 
+    def look(self):
+        """`(?=X)` or `(?!X)` after its "(" (consumed): ("look", positive, X), which reads nothing but holds where
+        some text that follows starts with a match of X (positive), or where none does."""
+        if self.looking:
+            raise self.error("a look-ahead inside a look-ahead is not supported")
+        positive = self.p[self.i + 1] == "="
+        self.i += 2
+        self.looking = True
+        node = self.alternation()
+        self.looking = False
+        if self.peek() != ")":
+            raise self.error("missing ')'")
+        self.i += 1
+        return ("look", positive, node)
+
     def call(self):
         """`(?&k)` after its "(" (consumed): rule k read here (PCRE's syntax for a call of a group)."""
+        if self.looking:
+            raise self.error("a rule's call inside a look-ahead is not supported")
         end = self.p.find(")", self.i)
         name = self.p[self.i + 2 : end] if end > 0 else ""
         if not name.isdigit() or int(name) >= self.rules:
@@ -300,6 +322,9 @@ class _NFA:
     def __init__(self):
         self.edges: list[list[tuple[int, int, int]]] = []  # state -> (byte lo, byte hi, next state)
         self.eps: list[list[int]] = []
+        # state -> (positive, X's start, X's end, next state): a move that reads nothing and leaves the look-ahead
+        # on X behind it as an obligation on the text that follows (_determinize_looking)
+        self.looks: dict[int, list[tuple[bool, int, int, int]]] = {}
 
     def state(self) -> int:
         if len(self.edges) >= MAX_NFA:
@@ -314,6 +339,11 @@ class _NFA:
         if kind == "call":  # a symbol of its own past the bytes: CALL + k
             start, end = self.state(), self.state()
             self.edges[start].append((CALL + node[1], CALL + node[1], end))
+            return start, end
+        if kind == "look":
+            x_start, x_end = self.build(node[2])  # (reached only through the obligation)
+            start, end = self.state(), self.state()
+            self.looks.setdefault(start, []).append((node[1], x_start, x_end, end))
             return start, end
         if kind == "set":
             start, end = self.state(), self.state()
@@ -492,6 +522,8 @@ def rewrite_sets(pattern: str, write_set) -> str:
             return "(?:" + "".join(write(n) for n in node[1]) + ")" if node[1] else ""
         if kind == "alt":
             return "(?:" + "|".join(write(n) for n in node[1]) + ")"
+        if kind == "look":
+            return ("(?=" if node[1] else "(?!") + write(node[2]) + ")"
         _, item, lo, hi = node  # rep (never of nothing: the parser refuses that)
         return f"(?:{write(item)}){{{lo},{'' if hi is None else hi}}}"
 
@@ -499,10 +531,13 @@ def rewrite_sets(pattern: str, write_set) -> str:
 
 
 def length_range(pattern: str) -> tuple[int, int | None] | None:
-    """The fewest and most characters (None: no most) of the texts the pattern matches; None if it matches none."""
+    """The fewest and most characters (None: no most) of the texts the pattern matches; None if it matches none
+    (as if each look-ahead held: a pattern whose look-aheads never hold has a range too)."""
 
     def walk(node) -> tuple[int, int | None] | None:
         kind = node[0]
+        if kind == "look":
+            return (0, 0)
         if kind == "set":
             return (1, 1) if node[1] else None
         if kind == "cat":
@@ -550,16 +585,17 @@ def _compiled(patterns: tuple[str, ...], calls: bool) -> DFA:
     cuts = sorted({0, top} | {b for edges in nfa.edges for lo, hi, _ in edges for b in (lo, hi + 1)})
     spans = list(itertools.pairwise(cuts))  # symbols that every edge treats alike: [lo, hi)
     classes = [c for c, (lo, hi) in enumerate(spans) for _ in range(lo, hi)]
-    order = [frozenset()] + [nfa.closure([start]) for start, _ in fragments]
-    sets: dict[frozenset[int], int] = {states: i for i, states in enumerate(order)}
+    ends = {end for _, end in fragments}
+    subsets = _Looking(nfa) if nfa.looks else _Subsets(nfa)
+    order = [frozenset()] + [subsets.first(start) for start, _ in fragments]
+    sets: dict[frozenset, int] = {states: i for i, states in enumerate(order)}
     table: list[list[int]] = [[0] * len(spans)]
     while len(table) < len(order):  # each state's row, as states are found
         states, row = order[len(table)], [0] * len(spans)
         for c, (lo, _) in enumerate(spans):
-            moved = {t for s in states for blo, bhi, t in nfa.edges[s] if blo <= lo <= bhi}
-            if not moved:
+            target = subsets.move(states, lo)
+            if target is None:
                 continue
-            target = nfa.closure(moved)
             if target not in sets:
                 if len(order) >= MAX_STATES:
                     raise NeolmError(f"the pattern is too large for structured outputs (over {MAX_STATES:,} "
@@ -568,8 +604,7 @@ def _compiled(patterns: tuple[str, ...], calls: bool) -> DFA:
                 order.append(target)
             row[c] = sets[target]
         table.append(row)
-    ends = {end for _, end in fragments}
-    accepting = [bool(states & ends) for states in order]
+    accepting = [subsets.accepts(states, ends) for states in order]
     starts = list(range(1, len(patterns) + 1))
     _prune_calls(table, accepting, [classes[CALL + k] if CALL + k < len(classes) else None for k in range(len(starts))],
                  starts)  # fmt: skip
@@ -579,6 +614,109 @@ def _compiled(patterns: tuple[str, ...], calls: bool) -> DFA:
         raise NeolmError("the rules' root matches no string (each of its texts would need calls without end, or it has "
                          "none)")  # fmt: skip
     return DFA(classes, table, accepting, starts)
+
+
+class _Subsets:
+    """The subset construction: a state of the DFA is a set of NFA states, closed under ε-moves."""
+
+    def __init__(self, nfa: _NFA):
+        self.nfa = nfa
+
+    def first(self, start: int) -> frozenset[int]:
+        return self.nfa.closure([start])
+
+    def move(self, states: frozenset[int], symbol: int) -> frozenset[int] | None:
+        """The DFA state after reading `symbol` (None: no NFA state reads it)."""
+        moved = {t for s in states for lo, hi, t in self.nfa.edges[s] if lo <= symbol <= hi}
+        return self.nfa.closure(moved) if moved else None
+
+    def accepts(self, states: frozenset[int], ends: set[int]) -> bool:
+        return not ends.isdisjoint(states)
+
+
+class _Looking(_Subsets):
+    """The subset construction where the pattern has look-aheads. An obligation (positive, X's end, X's NFA states
+    so far) is a look-ahead on X still undecided by the text read since it was passed: a positive one holds once X
+    reaches its end (and fails where X can read no further, or the text ends first); a negative one fails once X
+    reaches its end, and holds where X can read no further or the text ends. A state of the DFA is a set of pairs
+    (obligations, NFA states): the pattern's paths that have passed look-aheads with those obligations, none of
+    them failed yet."""
+
+    def __init__(self, nfa: _NFA):
+        super().__init__(nfa)
+        self._closures: dict[frozenset[int], frozenset[int]] = {}
+        self._steps: dict[tuple[frozenset[int], int], frozenset[int]] = {}
+        self._lookers = set(nfa.looks)  # the states a look-ahead leaves from
+
+    def _step(self, states: frozenset[int], symbol: int) -> frozenset[int]:
+        """The NFA states a symbol leads to from `states` (no ε-moves); kept, as the same sets recur at every
+        count of a bounded length."""
+        key = (states, symbol)
+        if key not in self._steps:
+            self._steps[key] = frozenset(t for s in states for lo, hi, t in self.nfa.edges[s] if lo <= symbol <= hi)
+        return self._steps[key]
+
+    def _closure(self, states: frozenset[int]) -> frozenset[int]:
+        if states not in self._closures:
+            self._closures[states] = self.nfa.closure(states)
+        return self._closures[states]
+
+    def first(self, start: int) -> frozenset:
+        return self.closure({frozenset(): {start}})
+
+    def closure(self, paths: dict) -> frozenset:
+        """paths (obligations -> NFA states) and what ε-moves reach from them; passing a look-ahead adds its
+        obligation."""
+        done: dict[frozenset, set[int]] = {}
+        while paths:
+            obligations, states = paths.popitem()
+            new = frozenset(states - done.get(obligations, set()))
+            if not new:
+                continue
+            reached = self._closure(new)
+            done.setdefault(obligations, set()).update(reached)
+            for s in self._lookers.intersection(reached):
+                for positive, x_start, x_end, t in self.nfa.looks[s]:
+                    x = self._closure(frozenset([x_start]))
+                    if x_end not in x:
+                        paths.setdefault(obligations | {(positive, x_end, x)}, set()).add(t)
+                    elif positive:  # X matches the empty text: it holds at once (a negative one fails at once)
+                        paths.setdefault(obligations, set()).add(t)
+        return frozenset((obligations, frozenset(states)) for obligations, states in done.items())
+
+    def move(self, state: frozenset, symbol: int) -> frozenset | None:
+        """The DFA state after reading `symbol` (None: no path lives)."""
+        paths: dict[frozenset, set[int]] = {}
+        for obligations, states in state:
+            moved = self._step(states, symbol)
+            if not moved:
+                continue
+            if obligations and symbol >= CALL:
+                raise NeolmError("a look-ahead must be decided before a rule is called (it reads only its own "
+                                 "pattern's text)")  # fmt: skip
+            kept = self._obligations(obligations, symbol)
+            if kept is not None:
+                paths.setdefault(kept, set()).update(moved)
+        return self.closure(paths) if paths else None
+
+    def accepts(self, state: frozenset, ends: set[int]) -> bool:
+        """Whether the text may end here: a path at an end with no positive look-ahead left undecided."""
+        return any(not any(o[0] for o in obligations) and not ends.isdisjoint(states) for obligations, states in state)
+
+    def _obligations(self, obligations: frozenset, symbol: int) -> frozenset | None:
+        """The obligations still undecided after `symbol`; None if one has failed."""
+        kept = set()
+        for positive, x_end, x in obligations:
+            after = self._closure(self._step(x, symbol))
+            if x_end in after:  # X has matched: a positive look-ahead holds, a negative one fails
+                if not positive:
+                    return None
+            elif not after:  # X can match no more
+                if positive:
+                    return None
+            else:
+                kept.add((positive, x_end, after))
+        return frozenset(kept)
 
 
 def _prune_calls(table: list[list[int]], accepting: list[bool], columns: list[int | None], starts: list[int]) -> None:

@@ -7,9 +7,9 @@ true/absent: any value) gives the values of any keys. Supported: type (one or a 
 required / additionalProperties (and a map's propertyNames or patternProperties with one pattern, and minProperties /
 maxProperties), nullable (OpenAPI 3.0's), items / prefixItems / minItems / maxItems, minLength / maxLength / pattern /
 format (FORMATS: date-time, date, time, duration, uuid, ipv4, ipv6, hostname, email, uri, uri-reference, json-pointer)
-on strings (a length bound beside a pattern or format only where every text it matches keeps it, else refused, as is a
-pattern beside a format; a pattern matches the whole value, as Outlines reads it, and reads the value, not its JSON
-text: `.` takes a `"` only as \\", never bare), minimum / maximum (and the exclusive
+on strings (a length bound beside a pattern or format is a look-ahead that counts the string's characters, where the
+pattern does not keep it already; a pattern beside a format is refused; a pattern matches the whole value, as
+Outlines reads it, and reads the value, not its JSON text: `.` takes a `"` only as \\", never bare), minimum / maximum (and the exclusive
 ones) and multipleOf on integers and numbers (a bounded number, or a multiple, is written without an exponent:
 neolm.structured.ranges), anyOf / oneOf (OpenAPI's discriminator read past), allOf of one schema, and $ref into
 $defs / definitions. A $ref that refers to itself, any JSON value (where a schema leaves one untyped) and an array's
@@ -29,7 +29,7 @@ from decimal import Decimal
 
 from neolm.errors import NeolmError
 from neolm.structured.ranges import decimal_range, int_range, multiples, scaled
-from neolm.structured.regex import NOTHING, class_text, length_range, minus, rewrite_sets
+from neolm.structured.regex import MAX_STATES, NOTHING, class_text, compile_regex, length_range, minus, rewrite_sets
 
 MAX_DEPTH = 5  # schema_regex: nesting levels of any JSON value (json_object: 2265 states, 0.3 s)
 MAX_REF_DEPTH = 3  # schema_regex: times a recursive $ref is unrolled (each level copies every recursive branch)
@@ -335,33 +335,37 @@ class _Converter:
             pattern = schema["pattern"]
             if not isinstance(pattern, str):
                 raise NeolmError("a string's pattern must be a regex string")
-            self._implied_length(schema, pattern, "pattern")
-            return '"' + rewrite_sets(pattern, _json_chars) + '"'  # (parsed alone: in rules, `(?&k)` calls)
-        if "format" in schema:
+        elif "format" in schema:
             if schema["format"] not in FORMATS:
                 raise NeolmError(f"string format {schema['format']!r} is not supported for structured outputs "
                                  f"(supported: {', '.join(FORMATS)})")  # fmt: skip
-            self._implied_length(schema, FORMATS[schema["format"]], "format")
-            return '"' + rewrite_sets(FORMATS[schema["format"]], _json_chars) + '"'
-        lo, hi = self._count(schema, "minLength", "maxLength")
-        if lo == 0 and hi is None:
-            return STRING
-        return f'"{STRING_CHAR}{{{lo},{"" if hi is None else hi}}}"'
+            pattern = FORMATS[schema["format"]]
+        else:
+            lo, hi = self._count(schema, "minLength", "maxLength")
+            if lo == 0 and hi is None:
+                return STRING
+            return f'"{STRING_CHAR}{{{lo},{"" if hi is None else hi}}}"'
+        written = rewrite_sets(pattern, _json_chars)  # (parsed alone: in rules, `(?&k)` calls)
+        return '"' + self._length_bound(schema, pattern, written) + written + '"'
 
-    def _implied_length(self, schema, pattern: str, shaped: str) -> None:
-        """minLength / maxLength beside a pattern or format are read past where every text it matches keeps them
-        (Pydantic's min_length=1 beside a pattern); others are refused (a length bound on a regex is an
-        intersection of two automata, which these regexes do not write)."""
+    def _length_bound(self, schema, pattern: str, written: str) -> str:
+        """minLength / maxLength beside a pattern or format (`written`: as the JSON text holds it): nothing where
+        every text the pattern matches keeps them (Pydantic's min_length=1 beside a pattern), else a look-ahead
+        that counts the string's characters up to its closing quote (an escape such as \\n is one). Refused where
+        the automaton would pass MAX_STATES states (about the pattern's states times the counts)."""
         if not {"minLength", "maxLength"} & set(schema):
-            return
+            return ""
         lo, hi = self._count(schema, "minLength", "maxLength")
         reach = length_range(pattern)
         if reach is None or (lo <= reach[0] and (hi is None or (reach[1] is not None and reach[1] <= hi))):
-            return
-        most = "any number of" if reach[1] is None else f"at most {reach[1]}"
-        raise NeolmError(f"a string with {shaped} and minLength/maxLength is supported for structured outputs only "
-                         f"where the {shaped} keeps the bounds (its texts have at least {reach[0]} and {most} "
-                         f"characters): bound the length inside the pattern")  # fmt: skip
+            return ""
+        counts = (lo if hi is None else hi) + 1
+        states = compile_regex(written).states
+        if states * counts > MAX_STATES:
+            raise NeolmError(f"a pattern or format of {states} automaton states with minLength/maxLength up to "
+                             f"{counts - 1} is too large for structured outputs (about {states * counts:,} states, over "
+                             f"{MAX_STATES:,}): lower the bound, or bound the length inside the pattern")  # fmt: skip
+        return f'(?={STRING_CHAR}{{{lo},{"" if hi is None else hi}}}")'
 
     def integer(self, schema, depth: int) -> str:
         lo, lo_open, hi, hi_open = _bounds(schema)
