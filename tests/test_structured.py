@@ -71,7 +71,8 @@ def test_automaton_accepts_what_re_fullmatch_accepts(pattern):
 
 @pytest.mark.parametrize("pattern, needle", [
     (r"(?<=a)b", "look-behinds"), (r"(?=(?=a))a", "inside a look-ahead"), (r"(?=a)*a", "nothing to repeat"),
-    (r"(?=a)b", "matches no string"), (r"(a)\1", "back-references"), (r"\bword", "word boundaries"), ("(a", "missing ')'"),
+    (r"(?=a)b", "matches no string"), (r"(a)\1", "back-references"), (r"\bword", "word boundaries"),
+    ("(a", "missing ')'"),
     ("a)", "unbalanced"), ("*a", "nothing to repeat"), ("[a", "missing ']'"), ("a{3,1}", "minimum exceeds"),
     (r"[z-a]", "comes before"), ("a^b", "'^'"), ("a++", "possessive"), ("a{0,100000}", "too large"), ("[^\\x00-\\U0010ffff]", "no string"),
 ])  # fmt: skip
@@ -465,7 +466,8 @@ def test_generated_json_satisfies_its_schema(lm):
         "tags": {"type": "array", "items": {"enum": ["king", "queen", "fool"]}, "maxItems": 2},
         "alive": {"type": "boolean"}, "score": {"type": "number", "exclusiveMinimum": 0, "maximum": 10},
         "stake": {"type": "number", "multipleOf": 0.25, "minimum": 0}, "born": {"type": "string", "format": "date"},
-        "at": {"type": "string", "format": "ipv4"}, "alias": {"type": "string", "pattern": "^[A-Z][a-z]+$", "maxLength": 8},
+        "at": {"type": "string", "format": "ipv4"},
+        "alias": {"type": "string", "pattern": "^[A-Z][a-z]+$", "maxLength": 8},
         "pin": {"type": "string", "pattern": "^(?=.*[0-9])[a-z0-9]{4,6}$"}},
         "required": ["name", "age", "tags", "score", "stake", "born", "at", "alias", "pin"]}  # fmt: skip
     texts = lm.generate(["KING. Who is he?\n"] * 4, structured_outputs={"json": schema}, do_sample=True, seed=0,

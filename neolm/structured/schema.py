@@ -9,11 +9,11 @@ maxProperties), nullable (OpenAPI 3.0's), items / prefixItems / minItems / maxIt
 format (FORMATS: date-time, date, time, duration, uuid, ipv4, ipv6, hostname, email, uri, uri-reference, json-pointer)
 on strings (a length bound beside a pattern or format is a look-ahead that counts the string's characters, where the
 pattern does not keep it already; a pattern beside a format is refused; a pattern matches the whole value, as
-Outlines reads it, and reads the value, not its JSON text: `.` takes a `"` only as \\", never bare), minimum / maximum (and the exclusive
-ones) and multipleOf on integers and numbers (a bounded number, or a multiple, is written without an exponent:
-neolm.structured.ranges), anyOf / oneOf (OpenAPI's discriminator read past), allOf of one schema, and $ref into
-$defs / definitions. A $ref that refers to itself, any JSON value (where a schema leaves one untyped) and an array's
-long item counted more than twice are rules of their own that the others call
+Outlines reads it, and reads the value, not its JSON text: `.` takes a `"` only as \\", never bare), minimum /
+maximum (and the exclusive ones) and multipleOf on integers and numbers (a bounded number, or a multiple, is written
+without an exponent: neolm.structured.ranges), anyOf / oneOf (OpenAPI's discriminator read past), allOf of one
+schema, and $ref into $defs / definitions. A $ref that refers to itself, any JSON value (where a schema leaves one
+untyped) and an array's long item counted more than twice are rules of their own that the others call
 (schema_rules: neolm.structured.pushdown follows the calls with a stack, so values nest as deep as they like);
 schema_regex unrolls them instead (recursive $refs MAX_REF_DEPTH times, any value MAX_DEPTH levels), for schemas whose
 $refs call themselves before reading anything. Keywords that would constrain the output in ways the regex cannot
@@ -363,8 +363,9 @@ class _Converter:
         states = compile_regex(written).states
         if states * counts > MAX_STATES:
             raise NeolmError(f"a pattern or format of {states} automaton states with minLength/maxLength up to "
-                             f"{counts - 1} is too large for structured outputs (about {states * counts:,} states, over "
-                             f"{MAX_STATES:,}): lower the bound, or bound the length inside the pattern")  # fmt: skip
+                             f"{counts - 1} is too large for structured outputs (about {states * counts:,} states, "
+                             f"over {MAX_STATES:,}): lower the bound, or bound the length inside the "
+                             "pattern")  # fmt: skip
         return f'(?={STRING_CHAR}{{{lo},{"" if hi is None else hi}}}")'
 
     def integer(self, schema, depth: int) -> str:
