@@ -186,7 +186,8 @@ class FileStore(Store):
             row = self._row("conversations", "conversation, items", cid, self._no_conversation(cid, param))
             conversation, items = json.loads(row[0]), json.loads(row[1])
             result = edit(conversation, items)
-            self._insert("conversations", cid, (json.dumps(conversation), json.dumps(items)))
+            self._db.execute("UPDATE conversations SET conversation = ?, items = ? WHERE id = ?",
+                             (json.dumps(conversation), json.dumps(items), cid))  # (its use: counted by _row)
             return result
 
     def delete_conversation(self, cid: str) -> dict:

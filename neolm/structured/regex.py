@@ -323,7 +323,7 @@ class _NFA:
         self.edges: list[list[tuple[int, int, int]]] = []  # state -> (byte lo, byte hi, next state)
         self.eps: list[list[int]] = []
         # state -> (positive, X's start, X's end, next state): a move that reads nothing and leaves the look-ahead
-        # on X behind it as an obligation on the text that follows (_determinize_looking)
+        # on X behind it as an obligation on the text that follows (_Looking)
         self.looks: dict[int, list[tuple[bool, int, int, int]]] = {}
 
     def state(self) -> int:
@@ -627,8 +627,12 @@ class _Subsets:
 
     def move(self, states: frozenset[int], symbol: int) -> frozenset[int] | None:
         """The DFA state after reading `symbol` (None: no NFA state reads it)."""
-        moved = {t for s in states for lo, hi, t in self.nfa.edges[s] if lo <= symbol <= hi}
+        moved = self._step(states, symbol)
         return self.nfa.closure(moved) if moved else None
+
+    def _step(self, states: frozenset[int], symbol: int) -> frozenset[int]:
+        """The NFA states a symbol leads to from `states` (no ε-moves)."""
+        return frozenset(t for s in states for lo, hi, t in self.nfa.edges[s] if lo <= symbol <= hi)
 
     def accepts(self, states: frozenset[int], ends: set[int]) -> bool:
         return not ends.isdisjoint(states)
@@ -649,11 +653,10 @@ class _Looking(_Subsets):
         self._lookers = set(nfa.looks)  # the states a look-ahead leaves from
 
     def _step(self, states: frozenset[int], symbol: int) -> frozenset[int]:
-        """The NFA states a symbol leads to from `states` (no ε-moves); kept, as the same sets recur at every
-        count of a bounded length."""
+        """_Subsets._step, kept: the same sets recur at every count of a bounded length."""
         key = (states, symbol)
         if key not in self._steps:
-            self._steps[key] = frozenset(t for s in states for lo, hi, t in self.nfa.edges[s] if lo <= symbol <= hi)
+            self._steps[key] = super()._step(states, symbol)
         return self._steps[key]
 
     def _closure(self, states: frozenset[int]) -> frozenset[int]:

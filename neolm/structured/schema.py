@@ -68,17 +68,17 @@ _HOST_LABEL = r"(?:[A-Za-z0-9-]{0,39}[A-Za-z0-9])?"
 _HOSTNAME = rf"(?:[A-Za-z0-9]{_HOST_LABEL}\.){{0,5}}[A-Za-z]{_HOST_LABEL}"
 # RFC 3986's URI and URI-reference (its appendix A); an IPv4 host is one of reg-name's texts
 _PCT = r"%[0-9A-Fa-f]{2}"
-_SUB = r"!$&'()*+,;="  # sub-delims
-_PCHAR = rf"(?:[A-Za-z0-9._~{_SUB}:@\-]|{_PCT})"
-_AUTHORITY = (rf"(?:(?:[A-Za-z0-9._~{_SUB}:\-]|{_PCT})*@)?"  # userinfo
-              rf"(?:\[(?:{_IPV6}|v[0-9A-Fa-f]+\.[A-Za-z0-9._~{_SUB}:\-]+)\]|(?:[A-Za-z0-9._~{_SUB}\-]|{_PCT})*)"
+_PLAIN = r"A-Za-z0-9._~\-!$&'()*+,;="  # (inside a class) unreserved and sub-delims: what reg-name reads unencoded
+_PCHAR = rf"(?:[{_PLAIN}:@]|{_PCT})"
+_AUTHORITY = (rf"(?:(?:[{_PLAIN}:]|{_PCT})*@)?"  # userinfo
+              rf"(?:\[(?:{_IPV6}|v[0-9A-Fa-f]+\.[{_PLAIN}:]+)\]|(?:[{_PLAIN}]|{_PCT})*)"  # IP-literal, or reg-name
               r"(?::[0-9]*)?")  # fmt: skip
 _SEGMENTS = rf"(?:/{_PCHAR}*)*"
 _NET_OR_ABSOLUTE = rf"//{_AUTHORITY}{_SEGMENTS}|/(?:{_PCHAR}+{_SEGMENTS})?"
-_QUERY = rf"(?:[A-Za-z0-9._~{_SUB}:@/?\-]|{_PCT})*"
+_QUERY = rf"(?:[{_PLAIN}:@/?]|{_PCT})*"
 _QUERY_FRAGMENT = rf"(?:\?{_QUERY})?(?:#{_QUERY})?"
 _URI = rf"[A-Za-z][A-Za-z0-9+.\-]*:(?:{_NET_OR_ABSOLUTE}|{_PCHAR}+{_SEGMENTS})?{_QUERY_FRAGMENT}"
-_RELATIVE_REF = rf"(?:{_NET_OR_ABSOLUTE}|(?:[A-Za-z0-9._~{_SUB}@\-]|{_PCT})+{_SEGMENTS})?{_QUERY_FRAGMENT}"
+_RELATIVE_REF = rf"(?:{_NET_OR_ABSOLUTE}|(?:[{_PLAIN}@]|{_PCT})+{_SEGMENTS})?{_QUERY_FRAGMENT}"
 FORMATS = {  # the values of each string format (as a pattern: of the value, not of its JSON text)
     "date-time": rf"{_DATE}T{_TIME}",
     "date": _DATE,
@@ -98,6 +98,11 @@ FORMATS = {  # the values of each string format (as a pattern: of the value, not
 # characters a JSON string holds escaped, and their escapes (short ones where JSON has one, as json.dumps writes them)
 _MUST_ESCAPE = ((0x00, 0x1F), (0x22, 0x22), (0x5C, 0x5C))
 _SHORT_ESCAPES = {0x22: r'\\"', 0x5C: r"\\\\", 0x08: r"\\b", 0x0C: r"\\f", 0x0A: r"\\n", 0x0D: r"\\r", 0x09: r"\\t"}
+
+
+def _chars(lo: int, hi: int | None) -> str:
+    """lo to hi (None: any number of) characters of a JSON string, as its text holds them."""
+    return f'{STRING_CHAR}{{{lo},{"" if hi is None else hi}}}'
 
 
 def _json_chars(ranges) -> str:
@@ -342,9 +347,7 @@ class _Converter:
             pattern = FORMATS[schema["format"]]
         else:
             lo, hi = self._count(schema, "minLength", "maxLength")
-            if lo == 0 and hi is None:
-                return STRING
-            return f'"{STRING_CHAR}{{{lo},{"" if hi is None else hi}}}"'
+            return STRING if lo == 0 and hi is None else f'"{_chars(lo, hi)}"'
         written = rewrite_sets(pattern, _json_chars)  # (parsed alone: in rules, `(?&k)` calls)
         return '"' + self._length_bound(schema, pattern, written) + written + '"'
 
@@ -366,7 +369,7 @@ class _Converter:
                              f"{counts - 1} is too large for structured outputs (about {states * counts:,} states, "
                              f"over {MAX_STATES:,}): lower the bound, or bound the length inside the "
                              "pattern")  # fmt: skip
-        return f'(?={STRING_CHAR}{{{lo},{"" if hi is None else hi}}}")'
+        return f'(?={_chars(lo, hi)}")'
 
     def integer(self, schema, depth: int) -> str:
         lo, lo_open, hi, hi_open = _bounds(schema)
